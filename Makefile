@@ -1,0 +1,57 @@
+# aigw: `make run` (demo) and `make test` (every test) do all set-up on Debian 12.
+# Missing Debian packages are installed with apt-get when root; otherwise the one
+# `sudo apt-get install ...` line is printed and make stops.
+
+DEPS := meson ninja-build pkg-config gcc libc6-dev libuv1-dev libmbedtls-dev libinih-dev \
+        node-llhttp libcmocka-dev libjsmn-dev python3 openssl curl clang-format \
+        libclang-rt-14-dev
+BENCH_DEPS := wrk haproxy nginx-light
+
+BUILD := build
+ASAN_BUILD := build-asan
+MESON_OPTS := --buildtype=debugoptimized
+ASAN_OPTS := --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false
+
+SRC_DIRS := cmd core balancer health shm test/unit test/mock test/fuzz
+
+.PHONY: all deps bench-deps build asan run test unit integration bench fmt fmt-check clean
+
+all: build
+
+deps:
+	@./test/deps.sh $(DEPS)
+
+bench-deps:
+	@./test/deps.sh $(DEPS) $(BENCH_DEPS)
+
+$(BUILD)/build.ninja:
+	meson setup $(BUILD) $(MESON_OPTS)
+
+$(ASAN_BUILD)/build.ninja:
+	meson setup $(ASAN_BUILD) $(ASAN_OPTS)
+
+build: deps $(BUILD)/build.ninja
+	ninja -C $(BUILD)
+
+asan: deps $(ASAN_BUILD)/build.ninja
+	ninja -C $(ASAN_BUILD)
+
+run: build
+	./test/mock/demo.sh $(BUILD)
+
+# Every test: format check, unit tests and integration tests on the optimised build and again
+# on the ASan+UBSan build. Ends with "N passed, N failed".
+test: build asan
+	./test/run.sh $(BUILD) $(ASAN_BUILD)
+
+bench: bench-deps build
+	./test/bench/bench.sh $(BUILD)
+
+fmt:
+	find $(SRC_DIRS) -name '*.[ch]' | xargs clang-format -i
+
+fmt-check:
+	find $(SRC_DIRS) -name '*.[ch]' | xargs clang-format --dry-run --Werror
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD)

@@ -1,0 +1,106 @@
+/* Configuration: the INI file parsed into plain structs (see etc/demo.ini for every key). */
+#ifndef AIGW_CORE_CONF_H
+#define AIGW_CORE_CONF_H
+
+#include <stdint.h>
+#include <sys/socket.h>
+
+#define CONF_NAME_MAX 64
+#define CONF_HOST_MAX 256
+#define CONF_PATH_MAX 256
+#define CONF_EXPECT_MAX 8
+
+enum balance_algo {
+    BALANCE_ROUNDROBIN = 0, /* smooth weighted round robin (nginx) */
+};
+
+enum log_level {
+    LOG_LVL_ERR = 0,
+    LOG_LVL_WARN,
+    LOG_LVL_INFO,
+    LOG_LVL_DEBUG,
+};
+
+/* A parsed http:// or https:// URL: host, port and an optional path prefix ("/v1"). */
+struct url {
+    int tls;                   /* 1 for https */
+    char host[CONF_HOST_MAX];  /* without brackets for IPv6 literals */
+    uint16_t port;             /* explicit or 80/443 */
+    char prefix[CONF_PATH_MAX]; /* "" or "/v1": never ends with '/' */
+};
+
+struct conf_global {
+    int workers;                /* "auto" resolves to the number of CPUs */
+    char admin_socket[108];     /* unix socket path; relative to the working directory */
+    enum log_level log_level;
+    uint64_t hard_stop_after_ms; /* graceful stop gives up after this */
+};
+
+struct conf_listen {
+    char name[CONF_NAME_MAX];
+    struct sockaddr_storage addr; /* from bind = HOST:PORT */
+    socklen_t addr_len;
+    char bind[CONF_HOST_MAX + 8]; /* as written, for logs */
+    int pool;                     /* index into conf.pools: where requests go */
+    int backlog;
+    uint32_t max_header_size;   /* bytes of request line + headers, else 431 */
+    uint32_t max_headers;       /* header count, else 431 */
+    uint64_t max_body_size;     /* else 413 */
+    uint64_t client_header_timeout_ms; /* whole request head must arrive in this */
+    uint64_t client_body_timeout_ms;   /* gap between body reads */
+    uint64_t keepalive_timeout_ms;     /* idle client connection between requests */
+    int file_line;                     /* where the section starts, for messages */
+};
+
+struct conf_pool {
+    char name[CONF_NAME_MAX];
+    enum balance_algo balance;
+    int check;                           /* active checks on (1) or off (0) */
+    int check_method_head;               /* 1 = HEAD, 0 = GET */
+    char check_path[CONF_PATH_MAX];      /* "" = backend prefix + "/models" */
+    int check_expect[CONF_EXPECT_MAX];   /* accepted statuses */
+    int n_check_expect;
+    uint64_t check_interval_ms;
+    uint64_t check_timeout_ms;
+    int rise, fall;
+    uint64_t connect_timeout_ms;    /* TCP + TLS handshake to a backend */
+    uint64_t first_byte_timeout_ms; /* request sent -> response head */
+    uint64_t idle_timeout_ms;       /* gap between two upstream reads once streaming */
+    uint64_t pool_idle_timeout_ms;  /* an idle pooled upstream connection is closed after this */
+    int first_backend, n_backends;  /* backends of a pool are contiguous in conf.backends */
+    int file_line;
+};
+
+struct conf_backend {
+    char name[CONF_NAME_MAX];
+    int pool;          /* index into conf.pools */
+    struct url url;
+    int weight;        /* 0..256; 0 takes no traffic */
+    char *api_key;     /* resolved secret or NULL; sent as "Authorization: Bearer KEY" */
+    int tls_verify;    /* verify the backend's certificate (default yes) */
+    char *ca_file;     /* CA bundle; NULL = the system bundle */
+    int keepalive;     /* idle upstream connections kept per worker; 0 = close after each */
+    int file_line;
+};
+
+struct conf {
+    char *path; /* the file it was read from */
+    struct conf_global global;
+    struct conf_listen *listens;
+    int n_listens;
+    struct conf_pool *pools;
+    int n_pools;
+    struct conf_backend *backends; /* sorted by pool */
+    int n_backends;
+};
+
+/* Reads and checks a config file. On error returns -EINVAL (or -errno for I/O) and sets *err
+ * to a malloc'd "FILE:LINE: key 'K': what is wrong" message for the caller to print and free. */
+int conf_load(const char *path, struct conf **out, char **err);
+void conf_free(struct conf *conf);
+
+/* Lookups by section name; -1 when absent. */
+int conf_backend_find(const struct conf *conf, const char *name);
+int conf_pool_find(const struct conf *conf, const char *name);
+
+#endif

@@ -1,0 +1,62 @@
+/* mbedTLS client side, for upstream connections and health checks, on non-blocking fds. */
+#ifndef AIGW_CORE_TLS_H
+#define AIGW_CORE_TLS_H
+
+#include <errno.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+#include <mbedtls/ssl.h>
+#include <mbedtls/x509_crt.h>
+
+#define TLS_SYSTEM_CA_FILE "/etc/ssl/certs/ca-certificates.crt"
+
+/* Return codes of the non-blocking calls below besides byte counts and -errno. */
+#define TLS_WANT_READ (-EAGAIN)       /* wait for the fd to be readable, call again */
+#define TLS_WANT_WRITE (-EINPROGRESS) /* wait for the fd to be writable, call again */
+
+/* Once per process (after fork): seeds the process's random generator. 0 or -errno. */
+int tls_global_init(void);
+
+/* Per backend, per process: configuration, CA chain, and the last session for resumption. */
+struct tls_client {
+    mbedtls_ssl_config conf;
+    mbedtls_x509_crt ca;
+    mbedtls_ssl_session session; /* valid when has_session */
+    int has_session;
+    char sni[256];
+};
+
+/* sni: the backend's host name (also the name verified in its certificate).
+ * ca_file: NULL = TLS_SYSTEM_CA_FILE. verify: 0 skips verification (tls_verify = no).
+ * Returns 0 or a negative code with *err set to a malloc'd message. */
+int tls_client_init(struct tls_client *t, const char *sni, const char *ca_file, int verify,
+                    char **err);
+void tls_client_free(struct tls_client *t);
+
+/* One TLS connection over a connected non-blocking socket. */
+struct tls_conn {
+    mbedtls_ssl_context ssl;
+    struct tls_client *cli;
+    int fd;
+    int handshake_done;
+};
+
+/* Prepares c for fd, offering the cached session of cli for resumption. 0 or -errno. */
+int tls_conn_init(struct tls_conn *c, struct tls_client *cli, int fd);
+/* 0 when done (and the session is cached in cli), TLS_WANT_READ/WRITE, or another negative
+ * value on failure (tls_strerror explains it; certificate failures name the reason). */
+int tls_conn_handshake(struct tls_conn *c);
+/* Bytes read (> 0), 0 on a clean close, TLS_WANT_READ/WRITE, or another negative on error. */
+ssize_t tls_conn_read(struct tls_conn *c, void *buf, size_t len);
+/* Bytes written (> 0), TLS_WANT_READ/WRITE, or another negative on error. mbedTLS requires a
+ * call that returned WANT_* to be repeated with the same buffer and length. */
+ssize_t tls_conn_write(struct tls_conn *c, const void *buf, size_t len);
+/* Bytes already decrypted and waiting inside mbedTLS (read them before polling again). */
+size_t tls_conn_pending(const struct tls_conn *c);
+void tls_conn_free(struct tls_conn *c);
+
+/* Text for a failed call's return value (and the verify flags when it was a certificate). */
+const char *tls_strerror(const struct tls_conn *c, int ret, char *buf, size_t len);
+
+#endif

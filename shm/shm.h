@@ -1,0 +1,166 @@
+/* The shared-memory segment: backend state written by the health checker and the master,
+ * per-worker counters written by each worker, read by everyone. Only shm/ knows the layout;
+ * other modules go through the accessors below. No pointers inside the segment, no locks:
+ * C11 atomics, one writer per field. */
+#ifndef AIGW_SHM_SHM_H
+#define AIGW_SHM_SHM_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define SHM_MAGIC 0x31304d5357474941ULL /* "AIGWSM01" little-endian */
+#define SHM_LAYOUT_VERSION 1
+#define SHM_CACHELINE 64
+
+/* Health state, written only by the health checker. */
+enum backend_state {
+    BACKEND_UP = 0,
+    BACKEND_DOWN = 1,
+};
+
+/* Operator state, written only by the master. */
+enum backend_admin {
+    BACKEND_READY = 0,
+    BACKEND_DRAIN = 1, /* no new requests, in-flight ones finish */
+    BACKEND_MAINT = 2, /* out of service, checks paused */
+};
+
+/* Why the state last changed. */
+enum backend_reason {
+    REASON_NONE = 0,     /* initial state */
+    REASON_CHECK_OK,     /* active check passed rise times */
+    REASON_CHECK_STATUS, /* unexpected HTTP status */
+    REASON_CHECK_TIMEOUT,
+    REASON_CHECK_CONNECT, /* connect refused / unreachable / DNS */
+    REASON_CHECK_TLS,     /* handshake or certificate failure */
+    REASON_CHECK_PROTO,   /* malformed HTTP response */
+    REASON_COUNT
+};
+
+/* One per backend, indexed like conf.backends. */
+struct shm_backend {
+    _Atomic uint32_t state;        /* enum backend_state; writer: health */
+    _Atomic uint32_t reason;       /* enum backend_reason of the last change; writer: health */
+    _Atomic uint32_t admin;        /* enum backend_admin; writer: master */
+    _Atomic uint32_t weight_cfg;   /* configured weight; writer: master */
+    _Atomic uint32_t weight_eff;   /* weight the balancer uses; writer: health */
+    _Atomic int32_t check_status;  /* last check: HTTP status, or -errno (-ETIMEDOUT...) */
+    _Atomic uint32_t check_us;     /* last check duration, microseconds */
+    _Atomic uint64_t check_at_ns;  /* monotonic time of the last check, 0 = never */
+    _Atomic uint64_t since_ns;     /* monotonic time of the last state change */
+    _Atomic uint64_t transitions;  /* state changes so far */
+} __attribute__((aligned(SHM_CACHELINE)));
+
+/* Per-(worker, backend) counters; writer: that worker only. */
+struct shm_wb {
+    _Atomic int32_t active;     /* requests in flight to this backend */
+    _Atomic uint64_t requests;  /* requests sent */
+    _Atomic uint64_t failures;  /* connect/TLS/timeout/reset/5xx */
+    _Atomic uint64_t bytes_in;  /* response bytes from the backend */
+    _Atomic uint64_t bytes_out; /* request bytes to the backend */
+} __attribute__((aligned(SHM_CACHELINE)));
+
+/* Per-worker slot header; writer: that worker (pid etc. by the master before fork). */
+struct shm_worker {
+    _Atomic int32_t pid;
+    _Atomic uint32_t conns;    /* open client connections */
+    _Atomic uint64_t requests; /* client requests answered */
+} __attribute__((aligned(SHM_CACHELINE)));
+
+struct shm_header {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t generation;
+    uint32_t n_backends;
+    uint32_t n_workers;
+    uint64_t size;
+    uint64_t off_backends; /* byte offsets from the segment start */
+    uint64_t off_workers;
+    uint64_t off_wb; /* n_workers * n_backends shm_wb, worker-major */
+};
+
+/* Process-local handle to a mapped segment. */
+struct shm {
+    void *base;
+    size_t size;
+    int fd;
+    struct shm_header *hdr;
+};
+
+/* Creates and maps a zeroed segment (memfd + MAP_SHARED) that forked children inherit.
+ * Returns 0 or -errno. */
+int shm_create(struct shm *shm, uint32_t n_backends, uint32_t n_workers, uint32_t generation);
+void shm_destroy(struct shm *shm);
+
+static inline uint32_t shm_n_backends(const struct shm *shm)
+{
+    return shm->hdr->n_backends;
+}
+
+static inline uint32_t shm_n_workers(const struct shm *shm)
+{
+    return shm->hdr->n_workers;
+}
+
+static inline struct shm_backend *shm_backend(const struct shm *shm, uint32_t b)
+{
+    return (struct shm_backend *)((char *)shm->base + shm->hdr->off_backends) + b;
+}
+
+static inline struct shm_worker *shm_worker(const struct shm *shm, uint32_t w)
+{
+    return (struct shm_worker *)((char *)shm->base + shm->hdr->off_workers) + w;
+}
+
+static inline struct shm_wb *shm_wb(const struct shm *shm, uint32_t w, uint32_t b)
+{
+    return (struct shm_wb *)((char *)shm->base + shm->hdr->off_wb) +
+           (size_t)w * shm->hdr->n_backends + b;
+}
+
+/* Single-writer counter bump: a relaxed load + store, no locked instruction. */
+static inline void shm_counter_add(_Atomic uint64_t *c, uint64_t v)
+{
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + v,
+                          memory_order_relaxed);
+}
+
+static inline void shm_gauge_add(_Atomic int32_t *g, int32_t v)
+{
+    atomic_store_explicit(g, atomic_load_explicit(g, memory_order_relaxed) + v,
+                          memory_order_relaxed);
+}
+
+static inline enum backend_state shm_backend_state(const struct shm *shm, uint32_t b)
+{
+    return (enum backend_state)atomic_load_explicit(&shm_backend(shm, b)->state,
+                                                    memory_order_acquire);
+}
+
+/* A backend takes new requests: UP, READY, weight > 0. */
+int shm_backend_eligible(const struct shm *shm, uint32_t b);
+
+/* Health checker: record a state change (also stamps since_ns, reason, transitions). */
+void shm_backend_set_state(struct shm *shm, uint32_t b, enum backend_state st,
+                           enum backend_reason why, uint64_t now_ns);
+/* Health checker: record the outcome of one active check. */
+void shm_backend_set_check(struct shm *shm, uint32_t b, int32_t status, uint32_t dur_us,
+                           uint64_t now_ns);
+
+/* Sums of the per-worker counters of one backend. */
+struct shm_backend_totals {
+    int64_t active;
+    uint64_t requests, failures, bytes_in, bytes_out;
+};
+void shm_backend_totals(const struct shm *shm, uint32_t b, struct shm_backend_totals *t);
+
+/* Master: zero a dead worker's slot and counters' gauges before its replacement starts.
+ * Cumulative counters (requests, failures, bytes) are kept; active gauges are zeroed. */
+void shm_worker_reset(struct shm *shm, uint32_t w);
+
+const char *shm_state_str(enum backend_state st);
+const char *shm_admin_str(enum backend_admin a);
+const char *shm_reason_str(enum backend_reason r);
+
+#endif
