@@ -9,8 +9,8 @@
 
 /* What the balancer knows of one backend at pick time (built by the worker from shm). */
 struct balancer_cand {
-    int weight;      /* effective weight; 0 = never picked */
-    int32_t active;  /* in-flight requests over all workers */
+    int weight;       /* effective weight; 0 = never picked */
+    int32_t active;   /* in-flight requests over all workers */
     uint8_t eligible; /* UP, READY, not excluded for any other reason */
     uint8_t tried;    /* already tried for this request: skip */
 };

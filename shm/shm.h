@@ -9,9 +9,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SHM_MAGIC 0x31304d5357474941ULL /* "AIGWSM01" little-endian */
+#define SHM_MAGIC          0x31304d5357474941ULL /* "AIGWSM01" little-endian */
 #define SHM_LAYOUT_VERSION 1
-#define SHM_CACHELINE 64
+#define SHM_CACHELINE      64
 
 /* Health state, written only by the health checker. */
 enum backend_state {
@@ -40,16 +40,16 @@ enum backend_reason {
 
 /* One per backend, indexed like conf.backends. */
 struct shm_backend {
-    _Atomic uint32_t state;        /* enum backend_state; writer: health */
-    _Atomic uint32_t reason;       /* enum backend_reason of the last change; writer: health */
-    _Atomic uint32_t admin;        /* enum backend_admin; writer: master */
-    _Atomic uint32_t weight_cfg;   /* configured weight; writer: master */
-    _Atomic uint32_t weight_eff;   /* weight the balancer uses; writer: health */
-    _Atomic int32_t check_status;  /* last check: HTTP status, or -errno (-ETIMEDOUT...) */
-    _Atomic uint32_t check_us;     /* last check duration, microseconds */
-    _Atomic uint64_t check_at_ns;  /* monotonic time of the last check, 0 = never */
-    _Atomic uint64_t since_ns;     /* monotonic time of the last state change */
-    _Atomic uint64_t transitions;  /* state changes so far */
+    _Atomic uint32_t state;       /* enum backend_state; writer: health */
+    _Atomic uint32_t reason;      /* enum backend_reason of the last change; writer: health */
+    _Atomic uint32_t admin;       /* enum backend_admin; writer: master */
+    _Atomic uint32_t weight_cfg;  /* configured weight; writer: master */
+    _Atomic uint32_t weight_eff;  /* weight the balancer uses; writer: health */
+    _Atomic int32_t check_status; /* last check: HTTP status, or -errno (-ETIMEDOUT...) */
+    _Atomic uint32_t check_us;    /* last check duration, microseconds */
+    _Atomic uint64_t check_at_ns; /* monotonic time of the last check, 0 = never */
+    _Atomic uint64_t since_ns;    /* monotonic time of the last state change */
+    _Atomic uint64_t transitions; /* state changes so far */
 } __attribute__((aligned(SHM_CACHELINE)));
 
 /* Per-(worker, backend) counters; writer: that worker only. */
