@@ -12,6 +12,12 @@
 
 enum balance_algo {
     BALANCE_ROUNDROBIN = 0, /* smooth weighted round robin (nginx) */
+    BALANCE_LEAST_CONN,     /* fewest in-flight requests per unit of weight */
+    BALANCE_P2C,            /* power of two choices on peak-EWMA latency x (in-flight + 1) */
+    BALANCE_RANDOM,         /* weighted random */
+    BALANCE_HASH,           /* consistent hashing with bounded load on a request key */
+    BALANCE_FIRST,          /* first usable backend in configuration order */
+    BALANCE_COUNT
 };
 
 enum log_level {
