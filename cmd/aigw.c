@@ -1,5 +1,76 @@
-/* placeholder */
-int main(void)
+/* aigw: the gateway's entry point. Checks (-t) or loads the configuration and runs the master. */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/conf.h"
+#include "core/log.h"
+#include "core/master.h"
+
+#ifndef AIGW_VERSION
+#define AIGW_VERSION "unknown"
+#endif
+
+static void usage(FILE *out)
 {
-    return 1;
+    fprintf(out, "usage: aigw [-t] -c FILE\n"
+                 "  -c FILE  configuration file (INI, see etc/demo.ini)\n"
+                 "  -t       check the configuration and exit (0 = valid, 1 = not)\n"
+                 "  -v       print the version and exit\n"
+                 "  -h       print this help and exit\n");
+}
+
+int main(int argc, char **argv)
+{
+    const char *path = NULL;
+    struct conf *conf = NULL;
+    char *err = NULL;
+    int test = 0, opt;
+
+    while ((opt = getopt(argc, argv, "c:thv")) != -1) {
+        switch (opt) {
+        case 'c':
+            path = optarg;
+            break;
+        case 't':
+            test = 1;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        case 'v':
+            printf("aigw %s\n", AIGW_VERSION);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (!path || optind != argc) {
+        if (optind != argc)
+            fprintf(stderr, "aigw: unexpected argument '%s'\n", argv[optind]);
+        else
+            fprintf(stderr, "aigw: missing -c FILE\n");
+        usage(stderr);
+        return 2;
+    }
+
+    if (conf_load(path, &conf, &err) < 0) {
+        fprintf(stderr, "%s\n", err ? err : "aigw: cannot load the configuration");
+        free(err);
+        return 1;
+    }
+    if (test) {
+        printf("configuration file %s is valid\n", path);
+        conf_free(conf);
+        return 0;
+    }
+
+    log_init("master", conf->global.log_level);
+    /* A client or upstream that closes early must cost an EPIPE, not the process. */
+    signal(SIGPIPE, SIG_IGN);
+    return master_run(conf);
 }

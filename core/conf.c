@@ -1,1 +1,1223 @@
-/* placeholder: replaced by the module's implementation */
+/* Configuration: reads the INI file with inih into struct conf; every error names file, line and
+ * key. */
+#include "core/conf.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ini.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "balancer/balancer.h"
+#include "core/url.h"
+#include "core/util.h"
+
+#define CONF_WORKERS_MAX 64
+#define CONF_SECRET_MAX  4096
+#define CONF_DAY_MS      (86400ull * 1000)
+
+enum conf_kind {
+    CONF_KIND_NONE = 0,
+    CONF_KIND_GLOBAL,
+    CONF_KIND_LISTEN,
+    CONF_KIND_POOL,
+    CONF_KIND_BACKEND,
+};
+
+static const char *const conf_kind_names[] = {
+    [CONF_KIND_NONE] = "",     [CONF_KIND_GLOBAL] = "global",   [CONF_KIND_LISTEN] = "listen",
+    [CONF_KIND_POOL] = "pool", [CONF_KIND_BACKEND] = "backend",
+};
+
+/* A pool reference by name, resolved once every pool is known (a backend may precede its pool). */
+struct conf_ref {
+    char pool[CONF_NAME_MAX]; /* "" when the key was not given */
+    int line;
+};
+
+/* State of one conf_load: the reader and the handler share it through inih's user pointer. */
+struct conf_parse {
+    const char *path;
+    char *dir; /* the config file's directory, for relative file: and ca_file paths */
+    FILE *f;
+    char *buf; /* the current raw line (getline) */
+    size_t cap;
+    int line; /* number of the line inih is handling */
+    struct conf *conf;
+    struct conf_ref *listen_refs, *backend_refs;
+    int cap_listens, cap_pools, cap_backends;
+    int global_line;
+
+    /* The section being read. */
+    enum conf_kind kind;
+    int idx;                       /* index in the conf array of its kind */
+    char sect[CONF_NAME_MAX + 16]; /* "backend a", for messages */
+    int sect_line;
+    int key_line[32]; /* line where each key of the section's table was set; 0 = not yet */
+
+    char *err;
+    int err_line;
+};
+
+static void conf_verr(struct conf_parse *p, int line, const char *key, const char *fmt, va_list ap)
+{
+    char msg[512], where[CONF_NAME_MAX + 128] = "";
+    int n;
+
+    if (p->err)
+        return;
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    if (p->sect[0] && key)
+        snprintf(where, sizeof(where), " [%s] key '%s':", p->sect, key);
+    else if (p->sect[0])
+        snprintf(where, sizeof(where), " [%s]:", p->sect);
+    else if (key)
+        snprintf(where, sizeof(where), " key '%s':", key);
+    if (line > 0)
+        n = asprintf(&p->err, "%s:%d:%s %s", p->path, line, where, msg);
+    else
+        n = asprintf(&p->err, "%s:%s %s", p->path, where, msg);
+    if (n < 0)
+        p->err = NULL;
+    p->err_line = line > 0 ? line : 1;
+    if (!p->err) /* out of memory: still fail, with a static-free fallback */
+        p->err = strdup("out of memory");
+}
+
+/* Records the first error: "FILE:LINE: [kind NAME] key 'KEY': message". */
+__attribute__((format(printf, 4, 5))) static void conf_err(struct conf_parse *p, int line,
+                                                           const char *key, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    conf_verr(p, line, key, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- key tables ---- */
+
+enum conf_type {
+    CONF_T_DURATION = 0, /* uint64_t ms */
+    CONF_T_SIZE32,       /* uint32_t bytes */
+    CONF_T_SIZE64,       /* uint64_t bytes */
+    CONF_T_INT,          /* int */
+    CONF_T_UINT32,       /* uint32_t count */
+    CONF_T_BOOL,         /* int 0/1 */
+    CONF_T_CUSTOM,       /* handled by the section's own function */
+};
+
+struct conf_key {
+    const char *name;
+    enum conf_type type;
+    size_t off;
+    uint64_t min, max;
+};
+
+#define KEY(s, field, t, lo, hi)                                                                   \
+    {                                                                                              \
+#field, t, offsetof(struct s, field), lo, hi                                               \
+    }
+#define KEY_DUR(s, field, lo, hi)                                                                  \
+    {                                                                                              \
+#field, CONF_T_DURATION, offsetof(struct s, field##_ms), lo, hi                            \
+    }
+#define KEY_CUSTOM(name)                                                                           \
+    {                                                                                              \
+        name, CONF_T_CUSTOM, 0, 0, 0                                                               \
+    }
+
+static const struct conf_key conf_global_keys[] = {
+    KEY_CUSTOM("workers"),   KEY_CUSTOM("admin_socket"),
+    KEY_CUSTOM("log_level"), KEY_DUR(conf_global, hard_stop_after, 0, 7 * CONF_DAY_MS),
+    {NULL, 0, 0, 0, 0},
+};
+
+static const struct conf_key conf_listen_keys[] = {
+    KEY_CUSTOM("bind"),
+    KEY_CUSTOM("pool"),
+    KEY(conf_listen, backlog, CONF_T_INT, 1, 65535),
+    KEY(conf_listen, max_header_size, CONF_T_SIZE32, 256, 1u << 20),
+    KEY(conf_listen, max_headers, CONF_T_UINT32, 1, 1000),
+    KEY(conf_listen, max_body_size, CONF_T_SIZE64, 0, 1ull << 40),
+    KEY_DUR(conf_listen, client_header_timeout, 1, 7 * CONF_DAY_MS),
+    KEY_DUR(conf_listen, client_body_timeout, 1, 7 * CONF_DAY_MS),
+    KEY_DUR(conf_listen, keepalive_timeout, 1, 7 * CONF_DAY_MS),
+    {NULL, 0, 0, 0, 0},
+};
+
+static const struct conf_key conf_pool_keys[] = {
+    KEY_CUSTOM("balance"),
+    KEY(conf_pool, check, CONF_T_BOOL, 0, 1),
+    KEY_CUSTOM("check_method"),
+    KEY_CUSTOM("check_path"),
+    KEY_CUSTOM("check_expect"),
+    KEY_DUR(conf_pool, check_interval, 10, 7 * CONF_DAY_MS),
+    KEY_DUR(conf_pool, check_timeout, 1, 7 * CONF_DAY_MS),
+    KEY(conf_pool, rise, CONF_T_INT, 1, 1000),
+    KEY(conf_pool, fall, CONF_T_INT, 1, 1000),
+    KEY_DUR(conf_pool, connect_timeout, 1, 7 * CONF_DAY_MS),
+    KEY_DUR(conf_pool, first_byte_timeout, 1, 7 * CONF_DAY_MS),
+    KEY_DUR(conf_pool, idle_timeout, 1, 7 * CONF_DAY_MS),
+    KEY_DUR(conf_pool, pool_idle_timeout, 1, 7 * CONF_DAY_MS),
+    {NULL, 0, 0, 0, 0},
+};
+
+static const struct conf_key conf_backend_keys[] = {
+    KEY_CUSTOM("pool"),
+    KEY_CUSTOM("url"),
+    KEY(conf_backend, weight, CONF_T_INT, 0, 256),
+    KEY_CUSTOM("api_key"),
+    KEY(conf_backend, tls_verify, CONF_T_BOOL, 0, 1),
+    KEY_CUSTOM("ca_file"),
+    KEY_CUSTOM("keepalive"),
+    {NULL, 0, 0, 0, 0},
+};
+
+static const struct conf_key *const conf_kind_keys[] = {
+    [CONF_KIND_NONE] = NULL,
+    [CONF_KIND_GLOBAL] = conf_global_keys,
+    [CONF_KIND_LISTEN] = conf_listen_keys,
+    [CONF_KIND_POOL] = conf_pool_keys,
+    [CONF_KIND_BACKEND] = conf_backend_keys,
+};
+
+/* "1500" -> "1500ms", "60000" -> "1m": ranges in messages read like the values users write. */
+static void conf_fmt_ms(char *buf, size_t len, uint64_t ms)
+{
+    if (ms && ms % (3600 * 1000) == 0)
+        snprintf(buf, len, "%lluh", (unsigned long long)(ms / (3600 * 1000)));
+    else if (ms && ms % (60 * 1000) == 0)
+        snprintf(buf, len, "%llum", (unsigned long long)(ms / (60 * 1000)));
+    else if (ms && ms % 1000 == 0)
+        snprintf(buf, len, "%llus", (unsigned long long)(ms / 1000));
+    else
+        snprintf(buf, len, "%llums", (unsigned long long)ms);
+}
+
+static void conf_fmt_size(char *buf, size_t len, uint64_t v)
+{
+    if (v && v % (1ull << 30) == 0)
+        snprintf(buf, len, "%llug", (unsigned long long)(v >> 30));
+    else if (v && v % (1ull << 20) == 0)
+        snprintf(buf, len, "%llum", (unsigned long long)(v >> 20));
+    else if (v && v % (1ull << 10) == 0)
+        snprintf(buf, len, "%lluk", (unsigned long long)(v >> 10));
+    else
+        snprintf(buf, len, "%llu", (unsigned long long)v);
+}
+
+/* Sets a plain (non-custom) key into obj. */
+static void conf_set_typed(struct conf_parse *p, const struct conf_key *k, void *obj,
+                           const char *val)
+{
+    char *field = (char *)obj + k->off;
+    char lo[32], hi[32];
+    uint64_t v;
+    long l;
+    int r;
+
+    switch (k->type) {
+    case CONF_T_DURATION:
+        if (util_parse_duration_ms(val, &v) < 0) {
+            conf_err(p, p->line, k->name,
+                     "'%s' is not a duration (expected a whole number with a unit ms, s, m, h or "
+                     "d, e.g. 250ms or 5s; a bare number is seconds)",
+                     val);
+            return;
+        }
+        if (v < k->min || v > k->max) {
+            conf_fmt_ms(lo, sizeof(lo), k->min);
+            conf_fmt_ms(hi, sizeof(hi), k->max);
+            conf_err(p, p->line, k->name, "'%s' is out of range %s..%s", val, lo, hi);
+            return;
+        }
+        *(uint64_t *)field = v;
+        return;
+    case CONF_T_SIZE32:
+    case CONF_T_SIZE64:
+        if (util_parse_size(val, &v) < 0) {
+            conf_err(p, p->line, k->name,
+                     "'%s' is not a size (expected bytes with an optional k, m or g suffix, e.g. "
+                     "16k or 8m)",
+                     val);
+            return;
+        }
+        if (v < k->min || v > k->max) {
+            conf_fmt_size(lo, sizeof(lo), k->min);
+            conf_fmt_size(hi, sizeof(hi), k->max);
+            conf_err(p, p->line, k->name, "'%s' is out of range %s..%s", val, lo, hi);
+            return;
+        }
+        if (k->type == CONF_T_SIZE32)
+            *(uint32_t *)field = (uint32_t)v;
+        else
+            *(uint64_t *)field = v;
+        return;
+    case CONF_T_INT:
+    case CONF_T_UINT32:
+        r = util_parse_int(val, (long)k->min, (long)k->max, &l);
+        if (r == -ERANGE) {
+            conf_err(p, p->line, k->name, "'%s' is out of range %llu..%llu", val,
+                     (unsigned long long)k->min, (unsigned long long)k->max);
+            return;
+        }
+        if (r < 0) {
+            conf_err(p, p->line, k->name, "'%s' is not a number (expected an integer %llu..%llu)",
+                     val, (unsigned long long)k->min, (unsigned long long)k->max);
+            return;
+        }
+        if (k->type == CONF_T_INT)
+            *(int *)field = (int)l;
+        else
+            *(uint32_t *)field = (uint32_t)l;
+        return;
+    case CONF_T_BOOL:
+        r = util_parse_bool(val);
+        if (r < 0) {
+            conf_err(p, p->line, k->name,
+                     "'%s' is not a boolean (expected yes, no, on, off, true, false, 1 or 0)", val);
+            return;
+        }
+        *(int *)field = r;
+        return;
+    case CONF_T_CUSTOM:
+        return;
+    }
+}
+
+/* ---- custom values ---- */
+
+/* Makes a path relative to the config file's directory, as users expect of paths in a config. */
+static char *conf_path_resolve(struct conf_parse *p, const char *path)
+{
+    char *out;
+
+    if (path[0] == '/' || !p->dir)
+        return strdup(path);
+    if (asprintf(&out, "%s/%s", p->dir, path) < 0)
+        return NULL;
+    return out;
+}
+
+/* An API key goes into an HTTP header: refuse bytes that would break or split it. */
+static int conf_secret_ok(const char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s <= ' ' || *s == 0x7f)
+            return 0;
+    return 1;
+}
+
+/* Resolves api_key = env:VAR | file:PATH | literal. The secret never appears in a message. */
+static void conf_set_api_key(struct conf_parse *p, struct conf_backend *b, const char *val)
+{
+    const char *key = "api_key";
+    char *secret = NULL, *path = NULL;
+    int fd = -1;
+
+    if (!strncmp(val, "env:", 4)) {
+        const char *var = val + 4, *env;
+
+        if (!var[0]) {
+            conf_err(p, p->line, key, "'env:' names no variable (expected env:VAR)");
+            goto out;
+        }
+        env = getenv(var);
+        if (!env || !env[0]) {
+            conf_err(p, p->line, key, "environment variable %s is %s (expected the API key in it)",
+                     var, env ? "empty" : "not set");
+            goto out;
+        }
+        secret = strdup(env);
+    } else if (!strncmp(val, "file:", 5)) {
+        char buf[CONF_SECRET_MAX + 1];
+        size_t len = 0;
+        ssize_t n;
+
+        if (!val[5]) {
+            conf_err(p, p->line, key, "'file:' names no file (expected file:PATH)");
+            goto out;
+        }
+        path = conf_path_resolve(p, val + 5);
+        if (!path) {
+            conf_err(p, p->line, key, "out of memory");
+            goto out;
+        }
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd == -1) {
+            conf_err(p, p->line, key, "cannot read %s: %s", path, strerror(errno));
+            goto out;
+        }
+        while (len < sizeof(buf) - 1) {
+            n = read(fd, buf + len, sizeof(buf) - 1 - len);
+            if (n == -1 && errno == EINTR)
+                continue;
+            if (n == -1) {
+                conf_err(p, p->line, key, "cannot read %s: %s", path, strerror(errno));
+                goto out;
+            }
+            if (n == 0)
+                break;
+            len += (size_t)n;
+        }
+        if (len == sizeof(buf) - 1) {
+            conf_err(p, p->line, key, "%s is larger than %d bytes (expected just the API key)",
+                     path, CONF_SECRET_MAX - 1);
+            goto out;
+        }
+        /* Editors add a final newline; keys never end in whitespace. */
+        while (len > 0 && (buf[len - 1] == '\n' || buf[len - 1] == '\r' || buf[len - 1] == ' ' ||
+                           buf[len - 1] == '\t'))
+            len--;
+        buf[len] = '\0';
+        if (len == 0 || memchr(buf, '\0', len)) {
+            conf_err(p, p->line, key, "%s %s (expected the API key on one line)", path,
+                     len ? "contains a NUL byte" : "is empty");
+            goto out;
+        }
+        secret = strdup(buf);
+        memset(buf, 0, sizeof(buf));
+    } else {
+        if (!val[0]) {
+            conf_err(p, p->line, key, "empty value (expected env:VAR, file:PATH or the key)");
+            goto out;
+        }
+        secret = strdup(val);
+    }
+    if (!secret) {
+        conf_err(p, p->line, key, "out of memory");
+        goto out;
+    }
+    if (!conf_secret_ok(secret)) {
+        conf_err(p, p->line, key,
+                 "the key contains a space or control character (expected a single token)");
+        goto out;
+    }
+    free(b->api_key);
+    b->api_key = secret;
+    secret = NULL;
+out:
+    if (fd != -1)
+        close(fd);
+    free(secret);
+    free(path);
+}
+
+/* bind = HOST:PORT | [V6]:PORT | *:PORT, numeric only: no DNS lookups at config time. */
+static void conf_set_bind(struct conf_parse *p, struct conf_listen *l, const char *val)
+{
+    const char *key = "bind", *colon, *host = val;
+    char hostbuf[INET6_ADDRSTRLEN + 1];
+    struct addrinfo hints, *ai = NULL;
+    size_t hlen;
+    long port;
+    int r;
+
+    if (val[0] == '[') {
+        const char *end = strchr(val, ']');
+
+        if (!end || end[1] != ':') {
+            conf_err(p, p->line, key, "'%s' is not an address (expected HOST:PORT or [IPv6]:PORT)",
+                     val);
+            return;
+        }
+        host = val + 1;
+        hlen = (size_t)(end - host);
+        colon = end + 1;
+    } else {
+        colon = strrchr(val, ':');
+        if (!colon || memchr(val, ':', (size_t)(colon - val))) {
+            conf_err(p, p->line, key,
+                     "'%s' is not an address (expected HOST:PORT, *:PORT or [IPv6]:PORT)", val);
+            return;
+        }
+        hlen = (size_t)(colon - val);
+    }
+    r = util_parse_int(colon + 1, 1, 65535, &port);
+    if (r < 0) {
+        conf_err(p, p->line, key, "'%s' has %s port '%s' (expected 1..65535)", val,
+                 r == -ERANGE ? "an out of range" : "an invalid", colon + 1);
+        return;
+    }
+    if (hlen == 0 || hlen >= sizeof(hostbuf)) {
+        conf_err(p, p->line, key, "'%s' has no valid host (expected an IP address or *)", val);
+        return;
+    }
+    memcpy(hostbuf, host, hlen);
+    hostbuf[hlen] = '\0';
+    if (!strcmp(hostbuf, "*"))
+        strcpy(hostbuf, "0.0.0.0");
+
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = val[0] == '[' ? AF_INET6 : AF_INET;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV | AI_PASSIVE;
+    r = getaddrinfo(hostbuf, colon + 1, &hints, &ai);
+    if (r != 0 || !ai || ai->ai_addrlen > sizeof(l->addr)) {
+        conf_err(p, p->line, key,
+                 "'%s' is not a numeric %s address (expected e.g. 127.0.0.1:8080, *:8080 or "
+                 "[::1]:8080; host names are not resolved)",
+                 val, val[0] == '[' ? "IPv6" : "IPv4");
+        goto out;
+    }
+    memcpy(&l->addr, ai->ai_addr, ai->ai_addrlen);
+    l->addr_len = ai->ai_addrlen;
+    snprintf(l->bind, sizeof(l->bind), "%s", val);
+out:
+    if (ai)
+        freeaddrinfo(ai);
+}
+
+static void conf_set_expect(struct conf_parse *p, struct conf_pool *pl, const char *val)
+{
+    char buf[256], *tok, *save = NULL;
+    int n = 0;
+    long code;
+
+    if (strlen(val) >= sizeof(buf)) {
+        conf_err(p, p->line, "check_expect", "value too long (expected up to %d status codes)",
+                 CONF_EXPECT_MAX);
+        return;
+    }
+    strcpy(buf, val);
+    for (tok = strtok_r(buf, ", \t", &save); tok; tok = strtok_r(NULL, ", \t", &save)) {
+        int r = util_parse_int(tok, 100, 599, &code);
+
+        if (r < 0) {
+            conf_err(p, p->line, "check_expect",
+                     "'%s' %s (expected HTTP statuses 100..599, e.g. "
+                     "200 or 200,204)",
+                     tok, r == -ERANGE ? "is out of range 100..599" : "is not a status code");
+            return;
+        }
+        if (n == CONF_EXPECT_MAX) {
+            conf_err(p, p->line, "check_expect", "'%s' lists more than %d statuses", val,
+                     CONF_EXPECT_MAX);
+            return;
+        }
+        pl->check_expect[n++] = (int)code;
+    }
+    if (n == 0) {
+        conf_err(p, p->line, "check_expect", "empty value (expected HTTP statuses, e.g. 200,204)");
+        return;
+    }
+    pl->n_check_expect = n;
+}
+
+static int conf_copy_str(struct conf_parse *p, const char *key, char *dst, size_t len,
+                         const char *val, const char *expect)
+{
+    if (!val[0] || strlen(val) >= len) {
+        conf_err(p, p->line, key, "%s value (expected %s of 1..%zu characters)",
+                 val[0] ? "too long a" : "empty", expect, len - 1);
+        return -EINVAL;
+    }
+    memcpy(dst, val, strlen(val) + 1);
+    return 0;
+}
+
+static void conf_global_custom(struct conf_parse *p, const char *key, const char *val)
+{
+    struct conf_global *g = &p->conf->global;
+
+    if (!strcmp(key, "workers")) {
+        long n;
+        int r;
+
+        if (!strcmp(val, "auto")) {
+            long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+
+            g->workers = cpus < 1 ? 1 : cpus > CONF_WORKERS_MAX ? CONF_WORKERS_MAX : (int)cpus;
+            return;
+        }
+        r = util_parse_int(val, 1, CONF_WORKERS_MAX, &n);
+        if (r < 0) {
+            conf_err(p, p->line, key, "'%s' %s (expected auto or 1..%d)", val,
+                     r == -ERANGE ? "is out of range" : "is not a number", CONF_WORKERS_MAX);
+            return;
+        }
+        g->workers = (int)n;
+    } else if (!strcmp(key, "admin_socket")) {
+        conf_copy_str(p, key, g->admin_socket, sizeof(g->admin_socket), val, "a unix socket path");
+    } else if (!strcmp(key, "log_level")) {
+        static const char *const names[] = {"err", "warn", "info", "debug"};
+
+        for (size_t i = 0; i < ARRAY_SIZE(names); i++) {
+            if (!strcmp(val, names[i])) {
+                g->log_level = (enum log_level)i;
+                return;
+            }
+        }
+        conf_err(p, p->line, key, "unknown level '%s' (expected err, warn, info or debug)", val);
+    }
+}
+
+static void conf_listen_custom(struct conf_parse *p, const char *key, const char *val)
+{
+    struct conf_listen *l = &p->conf->listens[p->idx];
+
+    if (!strcmp(key, "bind")) {
+        conf_set_bind(p, l, val);
+    } else if (!strcmp(key, "pool")) {
+        struct conf_ref *ref = &p->listen_refs[p->idx];
+
+        if (conf_copy_str(p, key, ref->pool, sizeof(ref->pool), val, "a pool name") == 0)
+            ref->line = p->line;
+    }
+}
+
+static void conf_pool_custom(struct conf_parse *p, const char *key, const char *val)
+{
+    struct conf_pool *pl = &p->conf->pools[p->idx];
+
+    if (!strcmp(key, "balance")) {
+        int algo = balancer_algo_find(val);
+
+        if (algo >= 0) {
+            pl->balance = (enum balance_algo)algo;
+            return;
+        }
+        conf_err(p, p->line, key, "unknown algorithm '%s' (expected one of %s)", val,
+                 balancer_algo_list());
+    } else if (!strcmp(key, "check_method")) {
+        if (!strcmp(val, "GET") || !strcmp(val, "HEAD")) {
+            pl->check_method_head = val[0] == 'H';
+            return;
+        }
+        conf_err(p, p->line, key, "unknown method '%s' (expected GET or HEAD)", val);
+    } else if (!strcmp(key, "check_path")) {
+        if (val[0] != '/' || strpbrk(val, " \t\r\n")) {
+            conf_err(p, p->line, key, "'%s' is not a path (expected a path starting with '/')",
+                     val);
+            return;
+        }
+        conf_copy_str(p, key, pl->check_path, sizeof(pl->check_path), val, "a path");
+    } else if (!strcmp(key, "check_expect")) {
+        conf_set_expect(p, pl, val);
+    }
+}
+
+static void conf_backend_custom(struct conf_parse *p, const char *key, const char *val)
+{
+    struct conf_backend *b = &p->conf->backends[p->idx];
+
+    if (!strcmp(key, "pool")) {
+        struct conf_ref *ref = &p->backend_refs[p->idx];
+
+        if (conf_copy_str(p, key, ref->pool, sizeof(ref->pool), val, "a pool name") == 0)
+            ref->line = p->line;
+    } else if (!strcmp(key, "url")) {
+        const char *why;
+
+        if (url_parse(val, &b->url, &why) < 0) {
+            /* user@... may carry a password: don't echo it. */
+            if (strchr(val, '@'))
+                conf_err(p, p->line, key,
+                         "invalid URL: %s (expected http[s]://host[:port][/prefix])", why);
+            else
+                conf_err(p, p->line, key,
+                         "'%s' is not a valid URL: %s (expected http[s]://host[:port][/prefix])",
+                         val, why);
+        }
+    } else if (!strcmp(key, "api_key")) {
+        conf_set_api_key(p, b, val);
+    } else if (!strcmp(key, "ca_file")) {
+        char *path;
+
+        if (!val[0]) {
+            conf_err(p, p->line, key, "empty value (expected the path of a CA bundle)");
+            return;
+        }
+        path = conf_path_resolve(p, val);
+        if (!path) {
+            conf_err(p, p->line, key, "out of memory");
+            return;
+        }
+        if (access(path, R_OK) == -1) {
+            conf_err(p, p->line, key, "cannot read %s: %s", path, strerror(errno));
+            free(path);
+            return;
+        }
+        free(b->ca_file);
+        b->ca_file = path;
+    } else if (!strcmp(key, "keepalive")) {
+        long n;
+        int r = util_parse_bool(val);
+
+        /* "yes" means the default number of connections, "no" none at all. */
+        if (r >= 0 && strcmp(val, "1") != 0) {
+            b->keepalive = r ? 32 : 0;
+            return;
+        }
+        r = util_parse_int(val, 0, 4096, &n);
+        if (r < 0) {
+            conf_err(p, p->line, key, "'%s' %s (expected yes, no or a count 0..4096)", val,
+                     r == -ERANGE ? "is out of range" : "is not a number");
+            return;
+        }
+        b->keepalive = (int)n;
+    }
+}
+
+/* ---- sections ---- */
+
+static int conf_name_ok(const char *s)
+{
+    size_t n = 0;
+
+    for (; s[n]; n++) {
+        char c = s[n];
+
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '.' || c == '-'))
+            return 0;
+    }
+    return n > 0 && n < CONF_NAME_MAX;
+}
+
+/* Makes room for element n in *a (and in the parallel array *b when given); zeroes it. */
+static int conf_grow(void **a, size_t ea, void **b, size_t eb, int *cap, int n)
+{
+    if (n == *cap) {
+        int ncap = *cap ? *cap * 2 : 4;
+        void *na = realloc(*a, (size_t)ncap * ea), *nb;
+
+        if (!na)
+            return -ENOMEM;
+        *a = na;
+        if (b) {
+            nb = realloc(*b, (size_t)ncap * eb);
+            if (!nb)
+                return -ENOMEM;
+            *b = nb;
+        }
+        *cap = ncap;
+    }
+    memset((char *)*a + (size_t)n * ea, 0, ea);
+    if (b)
+        memset((char *)*b + (size_t)n * eb, 0, eb);
+    return 0;
+}
+
+/* At the end of a section: report a missing required key at the section's line. */
+static void conf_section_end(struct conf_parse *p)
+{
+    const struct conf_key *keys = conf_kind_keys[p->kind];
+
+    if (!keys)
+        return;
+    if (p->kind == CONF_KIND_LISTEN && !p->key_line[0]) /* bind */
+        conf_err(p, p->sect_line, "bind", "missing (required, e.g. bind = 127.0.0.1:8080)");
+    else if (p->kind == CONF_KIND_BACKEND && !p->key_line[1]) /* url */
+        conf_err(p, p->sect_line, "url", "missing (required, e.g. url = http://127.0.0.1:9101/v1)");
+}
+
+static void conf_defaults_listen(struct conf_listen *l)
+{
+    l->backlog = 511;
+    l->max_header_size = 16 * 1024;
+    l->max_headers = 100;
+    l->max_body_size = 8ull << 20;
+    l->client_header_timeout_ms = 10 * 1000;
+    l->client_body_timeout_ms = 30 * 1000;
+    l->keepalive_timeout_ms = 75 * 1000;
+    l->pool = -1;
+}
+
+static void conf_defaults_pool(struct conf_pool *pl)
+{
+    pl->balance = BALANCE_ROUNDROBIN;
+    pl->check = 1;
+    pl->check_method_head = 0;
+    pl->check_expect[0] = 200;
+    pl->n_check_expect = 1;
+    pl->check_interval_ms = 5 * 1000;
+    pl->check_timeout_ms = 2 * 1000;
+    pl->rise = 2;
+    pl->fall = 3;
+    pl->connect_timeout_ms = 5 * 1000;
+    pl->first_byte_timeout_ms = 120 * 1000;
+    pl->idle_timeout_ms = 120 * 1000;
+    pl->pool_idle_timeout_ms = 60 * 1000;
+}
+
+static void conf_defaults_backend(struct conf_backend *b)
+{
+    b->pool = -1;
+    b->weight = 1;
+    b->tls_verify = 1;
+    b->keepalive = 32;
+}
+
+/* Handles a "[kind NAME]" line seen by the reader (inih truncates long section names, and with
+ * this build never calls the handler for an empty section, so sections are tracked here). */
+static void conf_section_begin(struct conf_parse *p, char *s)
+{
+    struct conf *c = p->conf;
+    char *end = strchr(s, ']'), *kind, *name, *rest;
+    enum conf_kind k = CONF_KIND_NONE;
+    int dup = -1, r = 0;
+
+    conf_section_end(p);
+    if (p->err)
+        return;
+    p->kind = CONF_KIND_NONE;
+    p->sect[0] = '\0';
+    p->sect_line = p->line;
+    memset(p->key_line, 0, sizeof(p->key_line));
+
+    if (!end) {
+        conf_err(p, p->line, NULL, "section header without ']' (expected [kind NAME])");
+        return;
+    }
+    rest = end + 1 + strspn(end + 1, " \t\r\n");
+    if (*rest && *rest != ';' && *rest != '#') {
+        conf_err(p, p->line, NULL, "unexpected text after ']' (expected a comment or nothing)");
+        return;
+    }
+    *end = '\0';
+    kind = s + 1 + strspn(s + 1, " \t");
+    name = kind + strcspn(kind, " \t");
+    if (*name) {
+        *name++ = '\0';
+        name += strspn(name, " \t");
+        for (char *t = name + strlen(name); t > name && (t[-1] == ' ' || t[-1] == '\t');)
+            *--t = '\0';
+    }
+    for (int i = CONF_KIND_GLOBAL; i <= CONF_KIND_BACKEND; i++)
+        if (!strcmp(kind, conf_kind_names[i]))
+            k = (enum conf_kind)i;
+    if (k == CONF_KIND_NONE) {
+        conf_err(p, p->line, NULL,
+                 "unknown section [%s%s%s] (expected [global], [listen NAME], [pool NAME] or "
+                 "[backend NAME])",
+                 kind, *name ? " " : "", name);
+        return;
+    }
+    if (k == CONF_KIND_GLOBAL) {
+        snprintf(p->sect, sizeof(p->sect), "global");
+        if (*name) {
+            conf_err(p, p->line, NULL, "takes no name (expected [global])");
+            return;
+        }
+        if (p->global_line) {
+            conf_err(p, p->line, NULL, "appears twice (first at line %d)", p->global_line);
+            return;
+        }
+        p->global_line = p->line;
+        p->kind = k;
+        return;
+    }
+    snprintf(p->sect, sizeof(p->sect), "%s %.*s", kind, CONF_NAME_MAX, name);
+    if (!conf_name_ok(name)) {
+        conf_err(p, p->line, NULL,
+                 "invalid name '%.*s' (expected 1..%d characters of A-Z a-z 0-9 _ . -)",
+                 CONF_NAME_MAX, name, CONF_NAME_MAX - 1);
+        return;
+    }
+    switch (k) {
+    case CONF_KIND_LISTEN:
+        for (int i = 0; i < c->n_listens; i++)
+            if (!strcmp(c->listens[i].name, name))
+                dup = c->listens[i].file_line;
+        break;
+    case CONF_KIND_POOL:
+        for (int i = 0; i < c->n_pools; i++)
+            if (!strcmp(c->pools[i].name, name))
+                dup = c->pools[i].file_line;
+        break;
+    default:
+        for (int i = 0; i < c->n_backends; i++)
+            if (!strcmp(c->backends[i].name, name))
+                dup = c->backends[i].file_line;
+        break;
+    }
+    if (dup >= 0) {
+        conf_err(p, p->line, NULL, "duplicate %s name (first defined at line %d)", kind, dup);
+        return;
+    }
+    switch (k) {
+    case CONF_KIND_LISTEN:
+        r = conf_grow((void **)&c->listens, sizeof(*c->listens), (void **)&p->listen_refs,
+                      sizeof(*p->listen_refs), &p->cap_listens, c->n_listens);
+        if (r < 0)
+            break;
+        p->idx = c->n_listens++;
+        conf_defaults_listen(&c->listens[p->idx]);
+        snprintf(c->listens[p->idx].name, CONF_NAME_MAX, "%s", name);
+        c->listens[p->idx].file_line = p->line;
+        break;
+    case CONF_KIND_POOL:
+        r = conf_grow((void **)&c->pools, sizeof(*c->pools), NULL, 0, &p->cap_pools, c->n_pools);
+        if (r < 0)
+            break;
+        p->idx = c->n_pools++;
+        conf_defaults_pool(&c->pools[p->idx]);
+        snprintf(c->pools[p->idx].name, CONF_NAME_MAX, "%s", name);
+        c->pools[p->idx].file_line = p->line;
+        break;
+    default:
+        r = conf_grow((void **)&c->backends, sizeof(*c->backends), (void **)&p->backend_refs,
+                      sizeof(*p->backend_refs), &p->cap_backends, c->n_backends);
+        if (r < 0)
+            break;
+        p->idx = c->n_backends++;
+        conf_defaults_backend(&c->backends[p->idx]);
+        snprintf(c->backends[p->idx].name, CONF_NAME_MAX, "%s", name);
+        c->backends[p->idx].file_line = p->line;
+        break;
+    }
+    if (r < 0) {
+        conf_err(p, p->line, NULL, "out of memory");
+        return;
+    }
+    p->kind = k;
+}
+
+/* inih handler: one "key = value" of the current section (sections are tracked by the reader). */
+static int conf_handler(void *user, const char *section, const char *key, const char *val)
+{
+    struct conf_parse *p = user;
+    const struct conf_key *keys = conf_kind_keys[p->kind];
+    const struct conf_key *k;
+    char known[256];
+    size_t len = 0;
+    void *obj = NULL;
+    int ki;
+
+    (void)section;
+    if (p->err)
+        return 0;
+    if (!p->sect[0]) {
+        conf_err(p, p->line, key,
+                 "outside any section (expected [global], [listen NAME], "
+                 "[pool NAME] or [backend NAME] before it)");
+        return 0;
+    }
+    if (!keys) /* the section itself was bad: already reported */
+        return 0;
+    for (ki = 0, k = keys; k->name; k++, ki++)
+        if (!strcmp(k->name, key))
+            break;
+    if (!k->name) {
+        known[0] = '\0';
+        for (k = keys; k->name; k++)
+            len += (size_t)snprintf(known + len, len < sizeof(known) ? sizeof(known) - len : 0,
+                                    "%s%s", k == keys ? "" : ", ", k->name);
+        conf_err(p, p->line, key, "unknown key (expected one of %s)", known);
+        return 0;
+    }
+    if (p->key_line[ki]) {
+        conf_err(p, p->line, key, "set twice (first at line %d)", p->key_line[ki]);
+        return 0;
+    }
+    p->key_line[ki] = p->line;
+
+    switch (p->kind) {
+    case CONF_KIND_GLOBAL:
+        obj = &p->conf->global;
+        if (k->type == CONF_T_CUSTOM)
+            conf_global_custom(p, key, val);
+        break;
+    case CONF_KIND_LISTEN:
+        obj = &p->conf->listens[p->idx];
+        if (k->type == CONF_T_CUSTOM)
+            conf_listen_custom(p, key, val);
+        break;
+    case CONF_KIND_POOL:
+        obj = &p->conf->pools[p->idx];
+        if (k->type == CONF_T_CUSTOM)
+            conf_pool_custom(p, key, val);
+        break;
+    case CONF_KIND_BACKEND:
+        obj = &p->conf->backends[p->idx];
+        if (k->type == CONF_T_CUSTOM)
+            conf_backend_custom(p, key, val);
+        break;
+    default:
+        break;
+    }
+    if (k->type != CONF_T_CUSTOM && obj)
+        conf_set_typed(p, k, obj, val);
+    return p->err ? 0 : 1;
+}
+
+/* inih reader: hands inih one line at a time so the handler knows the line number, strips
+ * leading blanks (this inih build would take an indented line for a continuation of the previous
+ * value) and handles section headers itself. Returning NULL stops the parse after an error. */
+static char *conf_reader(char *str, int num, void *stream)
+{
+    struct conf_parse *p = stream;
+    ssize_t n;
+    char *s;
+    size_t len;
+
+    if (p->err)
+        return NULL;
+    n = getline(&p->buf, &p->cap, p->f);
+    if (n == -1)
+        return NULL;
+    p->line++;
+    s = p->buf;
+    if ((size_t)n != strlen(s)) {
+        conf_err(p, p->line, NULL, "line contains a NUL byte");
+        return NULL;
+    }
+    if (p->line == 1 && !strncmp(s, "\xEF\xBB\xBF", 3))
+        s += 3; /* UTF-8 byte order mark */
+    s += strspn(s, " \t");
+    if (*s == '[') {
+        conf_section_begin(p, s);
+        if (p->err)
+            return NULL;
+        /* inih only needs to see a section line; the name it keeps is never used. */
+        s = "[s]\n";
+    }
+    len = strlen(s);
+    if (len >= (size_t)num) {
+        conf_err(p, p->line, NULL, "line is longer than %d characters", num - 2);
+        return NULL;
+    }
+    memcpy(str, s, len + 1);
+    return str;
+}
+
+/* Two binds collide when they share family and port and an address (a wildcard covers all). */
+static int conf_addr_overlap(const struct conf_listen *a, const struct conf_listen *b)
+{
+    if (a->addr.ss_family != b->addr.ss_family)
+        return 0;
+    if (a->addr.ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const void *)&a->addr, *y = (const void *)&b->addr;
+
+        return x->sin_port == y->sin_port &&
+               (x->sin_addr.s_addr == y->sin_addr.s_addr || x->sin_addr.s_addr == INADDR_ANY ||
+                y->sin_addr.s_addr == INADDR_ANY);
+    }
+    if (a->addr.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *x = (const void *)&a->addr, *y = (const void *)&b->addr;
+
+        return x->sin6_port == y->sin6_port &&
+               (IN6_ARE_ADDR_EQUAL(&x->sin6_addr, &y->sin6_addr) ||
+                IN6_IS_ADDR_UNSPECIFIED(&x->sin6_addr) || IN6_IS_ADDR_UNSPECIFIED(&y->sin6_addr));
+    }
+    return 0;
+}
+
+/* Resolves pool names, checks the cross-section rules and groups backends by pool. */
+static void conf_finish(struct conf_parse *p)
+{
+    struct conf *c = p->conf;
+    struct conf_backend *sorted;
+    char pools[256];
+    size_t len = 0;
+    int n = 0;
+
+    if (c->n_listens == 0) {
+        conf_err(p, 0, NULL, "no [listen NAME] section (expected at least one)");
+        return;
+    }
+    if (c->n_pools == 0) {
+        conf_err(p, 0, NULL, "no [pool NAME] section (expected at least one)");
+        return;
+    }
+    if (c->n_backends == 0) {
+        conf_err(p, 0, NULL, "no [backend NAME] section (expected at least one)");
+        return;
+    }
+    pools[0] = '\0';
+    for (int i = 0; i < c->n_pools; i++)
+        len += (size_t)snprintf(pools + len, len < sizeof(pools) ? sizeof(pools) - len : 0, "%s%s",
+                                i ? ", " : "", c->pools[i].name);
+
+    for (int i = 0; i < c->n_backends; i++) {
+        struct conf_backend *b = &c->backends[i];
+        struct conf_ref *ref = &p->backend_refs[i];
+
+        snprintf(p->sect, sizeof(p->sect), "backend %s", b->name);
+        if (!ref->pool[0]) {
+            if (c->n_pools > 1) {
+                conf_err(p, b->file_line, "pool",
+                         "missing (required when there are several pools: %s)", pools);
+                return;
+            }
+            b->pool = 0;
+        } else if ((b->pool = conf_pool_find(c, ref->pool)) < 0) {
+            conf_err(p, ref->line, "pool", "unknown pool '%s' (expected one of %s)", ref->pool,
+                     pools);
+            return;
+        }
+    }
+    for (int i = 0; i < c->n_listens; i++) {
+        struct conf_listen *l = &c->listens[i];
+        struct conf_ref *ref = &p->listen_refs[i];
+
+        snprintf(p->sect, sizeof(p->sect), "listen %s", l->name);
+        if (!ref->pool[0]) {
+            l->pool = 0;
+        } else if ((l->pool = conf_pool_find(c, ref->pool)) < 0) {
+            conf_err(p, ref->line, "pool", "unknown pool '%s' (expected one of %s)", ref->pool,
+                     pools);
+            return;
+        }
+        for (int j = 0; j < i; j++) {
+            if (conf_addr_overlap(&c->listens[j], l)) {
+                conf_err(p, l->file_line, "bind",
+                         "%s conflicts with [listen %s] bind = %s (line %d)", l->bind,
+                         c->listens[j].name, c->listens[j].bind, c->listens[j].file_line);
+                return;
+            }
+        }
+    }
+
+    /* Stable grouping by pool: each pool's backends contiguous, in file order. */
+    sorted = malloc((size_t)c->n_backends * sizeof(*sorted));
+    if (!sorted) {
+        conf_err(p, 0, NULL, "out of memory");
+        return;
+    }
+    for (int i = 0; i < c->n_pools; i++) {
+        struct conf_pool *pl = &c->pools[i];
+
+        pl->first_backend = n;
+        for (int j = 0; j < c->n_backends; j++)
+            if (c->backends[j].pool == i)
+                sorted[n++] = c->backends[j];
+        pl->n_backends = n - pl->first_backend;
+        if (pl->n_backends == 0) {
+            free(sorted);
+            p->sect[0] = '\0';
+            snprintf(p->sect, sizeof(p->sect), "pool %s", pl->name);
+            conf_err(p, pl->file_line, NULL,
+                     "has no backend (expected at least one [backend NAME] with pool = %s)",
+                     pl->name);
+            return;
+        }
+    }
+    free(c->backends);
+    c->backends = sorted;
+}
+
+static void conf_global_defaults(struct conf_global *g)
+{
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+
+    g->workers = cpus < 1 ? 1 : cpus > CONF_WORKERS_MAX ? CONF_WORKERS_MAX : (int)cpus;
+    snprintf(g->admin_socket, sizeof(g->admin_socket), "aigw.sock");
+    g->log_level = LOG_LVL_INFO;
+    g->hard_stop_after_ms = 30 * 1000;
+}
+
+int conf_load(const char *path, struct conf **out, char **err)
+{
+    struct conf_parse p;
+    struct conf *c;
+    const char *slash;
+    int ret = 0, r;
+
+    *out = NULL;
+    *err = NULL;
+    memset(&p, 0, sizeof(p));
+    p.path = path;
+    c = calloc(1, sizeof(*c));
+    if (!c || !(c->path = strdup(path))) {
+        free(c);
+        *err = strdup("out of memory");
+        return -ENOMEM;
+    }
+    p.conf = c;
+    conf_global_defaults(&c->global);
+
+    slash = strrchr(path, '/');
+    if (slash)
+        p.dir = strndup(path, slash == path ? 1 : (size_t)(slash - path));
+
+    p.f = fopen(path, "re");
+    if (!p.f) {
+        ret = -errno;
+        if (asprintf(err, "%s: cannot open: %s", path, strerror(errno)) < 0)
+            *err = NULL;
+        goto out;
+    }
+    r = ini_parse_stream(conf_reader, &p, conf_handler, &p);
+    if (!p.err && ferror(p.f)) {
+        ret = -EIO;
+        if (asprintf(err, "%s:%d: read error", path, p.line + 1) < 0)
+            *err = NULL;
+        goto out;
+    }
+    /* inih's own syntax errors (a line without '=') come back as a line number. */
+    if (r > 0 && (!p.err || r < p.err_line)) {
+        free(p.err);
+        p.err = NULL;
+        p.sect[0] = '\0';
+        conf_err(&p, r, NULL, "syntax error (expected 'key = value', '[kind NAME]' or a comment)");
+    } else if (r < 0 && !p.err) {
+        conf_err(&p, p.line, NULL, "out of memory");
+    }
+    if (!p.err)
+        conf_section_end(&p);
+    if (!p.err) {
+        p.sect[0] = '\0';
+        conf_finish(&p);
+    }
+    if (p.err) {
+        ret = -EINVAL;
+        *err = p.err;
+        p.err = NULL;
+        goto out;
+    }
+    *out = c;
+    c = NULL;
+out:
+    if (p.f)
+        fclose(p.f);
+    free(p.buf);
+    free(p.dir);
+    free(p.listen_refs);
+    free(p.backend_refs);
+    conf_free(c);
+    return ret;
+}
+
+void conf_free(struct conf *conf)
+{
+    if (!conf)
+        return;
+    for (int i = 0; i < conf->n_backends; i++) {
+        if (conf->backends[i].api_key) {
+            memset(conf->backends[i].api_key, 0, strlen(conf->backends[i].api_key));
+            free(conf->backends[i].api_key);
+        }
+        free(conf->backends[i].ca_file);
+    }
+    free(conf->backends);
+    free(conf->pools);
+    free(conf->listens);
+    free(conf->path);
+    free(conf);
+}
+
+int conf_backend_find(const struct conf *conf, const char *name)
+{
+    for (int i = 0; i < conf->n_backends; i++)
+        if (!strcmp(conf->backends[i].name, name))
+            return i;
+    return -1;
+}
+
+int conf_pool_find(const struct conf *conf, const char *name)
+{
+    for (int i = 0; i < conf->n_pools; i++)
+        if (!strcmp(conf->pools[i].name, name))
+            return i;
+    return -1;
+}

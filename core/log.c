@@ -1,1 +1,83 @@
-/* placeholder: replaced by the module's implementation */
+/* Logging to stderr: one timestamped line per message, written with a single write(2). */
+#include "core/log.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define LOG_LINE_MAX 2048
+
+enum log_level log_level_cur = LOG_LVL_INFO;
+
+static char log_role[16] = "aigw";
+static pid_t log_pid;
+
+static const char *const log_level_names[] = {
+    [LOG_LVL_ERR] = "err",
+    [LOG_LVL_WARN] = "warn",
+    [LOG_LVL_INFO] = "info",
+    [LOG_LVL_DEBUG] = "debug",
+};
+
+void log_init(const char *role, enum log_level level)
+{
+    log_level_cur = level;
+    log_set_role(role);
+}
+
+/* Also refreshes the cached pid: children call this right after fork. */
+void log_set_role(const char *role)
+{
+    snprintf(log_role, sizeof(log_role), "%s", role ? role : "aigw");
+    log_pid = getpid();
+}
+
+void log_msg(enum log_level level, const char *fmt, ...)
+{
+    char buf[LOG_LINE_MAX];
+    int saved_errno = errno;
+    struct timespec ts;
+    struct tm tm;
+    size_t len;
+    va_list ap;
+    int n;
+
+    if (level > log_level_cur)
+        return;
+    if (!log_pid)
+        log_pid = getpid();
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    n = snprintf(buf, sizeof(buf),
+                 "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ aigw[%d] %s %s: ", tm.tm_year + 1900,
+                 tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
+                 (int)log_pid, log_role,
+                 (unsigned)level < sizeof(log_level_names) / sizeof(log_level_names[0])
+                     ? log_level_names[level]
+                     : "?");
+    len = n > 0 ? (size_t)n : 0;
+
+    va_start(ap, fmt);
+    errno = saved_errno; /* so "%m" in fmt reports the caller's errno */
+    n = vsnprintf(buf + len, sizeof(buf) - len, fmt, ap);
+    va_end(ap);
+    if (n > 0)
+        len += (size_t)n;
+    /* Keep room for the newline; mark a cut message so nobody mistakes it for the whole one. */
+    if (len > sizeof(buf) - 2) {
+        len = sizeof(buf) - 5;
+        memcpy(buf + len, "...", 3);
+        len += 3;
+    }
+    while (len > 0 && buf[len - 1] == '\n')
+        len--;
+    buf[len++] = '\n';
+
+    /* One write per line: lines of concurrent processes sharing stderr never interleave. */
+    while (write(STDERR_FILENO, buf, len) == -1 && errno == EINTR)
+        ;
+    errno = saved_errno;
+}
