@@ -1,0 +1,387 @@
+#!/bin/bash
+# make bench: aigw, HAProxy and nginx in front of the same aigw-mock, loaded by wrk in one run on
+# one machine; prints req/s, p50, p99 and the ratio to HAProxy, and writes BUILD/bench/results.txt.
+#
+# usage: test/bench/bench.sh [BUILD_DIR]            (default build)
+# env:   BENCH_DURATION=10s  measured wrk run per target and connection count (Ns or Nm)
+#        BENCH_WARMUP=2s     unmeasured wrk run before each measured one (0 = none)
+#        BENCH_CONNS="50 256"
+#        BENCH_PORT=18400    first of four consecutive loopback ports (mock, aigw, haproxy, nginx)
+#        BENCH_BODY_BYTES=600  wanted size of the mock's chat.completion body
+#        BENCH_PROXY_CPU=1 BENCH_LOAD_CPU=0   taskset CPUs (proxy; wrk + mock); "" = no pinning
+#        BENCH_MOCK=PATH     mock binary (default BUILD/test/mock/aigw-mock)
+#        BENCH_REQUIRE_AIGW=1  fail instead of skipping the aigw leg when aigw does not answer
+set -u
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT" || exit 1
+BUILD=${1:-build}
+BENCH_DIR=$ROOT/test/bench
+
+DURATION=${BENCH_DURATION:-10s}
+WARMUP=${BENCH_WARMUP:-2s}
+CONNS=${BENCH_CONNS:-50 256}
+PORT0=${BENCH_PORT:-18400}
+BODY_BYTES=${BENCH_BODY_BYTES:-600}
+MOCK=${BENCH_MOCK:-$BUILD/test/mock/aigw-mock}
+AIGW=$BUILD/cmd/aigw
+OUT_DIR=$BUILD/bench
+RESULTS=$OUT_DIR/results.txt
+
+MOCK_PORT=$PORT0
+AIGW_PORT=$((PORT0 + 1))
+HAPROXY_PORT=$((PORT0 + 2))
+NGINX_PORT=$((PORT0 + 3))
+
+REQ_BODY='{"model":"demo","messages":[{"role":"user","content":"hi"}]}'
+REQ_PATH=/v1/chat/completions
+
+die() {
+    echo "bench: $*" >&2
+    exit 1
+}
+
+# Durations as wrk takes them ("10s", "1m", "2"): seconds, to bound every wrk run with timeout(1).
+secs() {
+    case $1 in
+    *m) echo $((${1%m} * 60)) ;;
+    *s) echo "${1%s}" ;;
+    *) echo "$1" ;;
+    esac
+}
+for d in "$DURATION" "$WARMUP"; do
+    [[ $d =~ ^[0-9]+[sm]?$ ]] || die "bad duration '$d' (want Ns or Nm)"
+done
+[ "$(secs "$DURATION")" -gt 0 ] || die "BENCH_DURATION must be > 0"
+
+# --- processes: every one we start is remembered and killed, with its children, on exit --------
+
+TMP=$(mktemp -d /tmp/aigw-bench.XXXXXX) || die "mktemp failed"
+PIDS=()
+
+descendants() {
+    local c
+    for c in $(pgrep -P "$1" 2>/dev/null); do
+        echo "$c"
+        descendants "$c"
+    done
+}
+
+cleanup() {
+    local all=() p
+    for p in "${PIDS[@]}"; do
+        # shellcheck disable=SC2207 # pids: one word each
+        all+=("$p" $(descendants "$p"))
+    done
+    for p in "${all[@]}"; do kill -TERM "$p" 2>/dev/null; done
+    for _ in $(seq 30); do
+        local alive=0
+        for p in "${all[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        [ $alive = 0 ] && break
+        sleep 0.1
+    done
+    for p in "${all[@]}"; do kill -KILL "$p" 2>/dev/null; done
+    wait 2>/dev/null
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Pinning: the proxy under test gets a core of its own; wrk and the mock share the other one.
+NCPU=$(nproc)
+if [ "$NCPU" -ge 2 ]; then
+    PROXY_CPU=${BENCH_PROXY_CPU-1}
+    LOAD_CPU=${BENCH_LOAD_CPU-0}
+else
+    PROXY_CPU=${BENCH_PROXY_CPU-}
+    LOAD_CPU=${BENCH_LOAD_CPU-}
+fi
+pin() {
+    if [ -n "$1" ]; then echo "taskset -c $1"; fi
+}
+PIN_PROXY=$(pin "$PROXY_CPU")
+PIN_LOAD=$(pin "$LOAD_CPU")
+
+# start NAME CMD...: runs CMD in the background, output to $TMP/NAME.log; sets START_PID.
+start() {
+    local name=$1
+    shift
+    "$@" >"$TMP/$name.log" 2>&1 &
+    START_PID=$!
+    PIDS+=("$START_PID")
+}
+
+log_tail() {
+    [ -f "$TMP/$1.log" ] && sed 's/^/    /' "$TMP/$1.log" | tail -n 15 >&2
+}
+
+# wait_port PID PORT: until something accepts on 127.0.0.1:PORT (5 s), while PID lives.
+wait_port() {
+    for _ in $(seq 50); do
+        kill -0 "$1" 2>/dev/null || return 1
+        if (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+port_free() {
+    [ -z "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]
+}
+
+# check_target PORT: one request as wrk sends it; sets CHECK_MSG; succeeds on a 200
+# chat.completion JSON body. Sets CHECK_SIZE to the body size.
+check_target() {
+    local out code
+    out=$(curl -sS -m 5 -o "$TMP/check.body" -w '%{http_code} %{size_download}' -X POST \
+        -H 'Content-Type: application/json' --data "$REQ_BODY" \
+        "http://127.0.0.1:$1$REQ_PATH" 2>&1)
+    code=${out%% *}
+    CHECK_SIZE=${out##* }
+    if [ "$code" != 200 ]; then
+        CHECK_MSG="POST $REQ_PATH: ${out} $(head -c 300 "$TMP/check.body" 2>/dev/null)"
+        return 1
+    fi
+    if ! grep -q '"chat.completion"' "$TMP/check.body"; then
+        CHECK_MSG="POST $REQ_PATH: 200 but not a chat.completion: $(head -c 300 "$TMP/check.body")"
+        return 1
+    fi
+    CHECK_MSG=ok
+    return 0
+}
+
+# --- preconditions -------------------------------------------------------------------------------
+
+for t in wrk haproxy nginx curl taskset pgrep ss; do
+    command -v $t >/dev/null || die "$t not found (make bench-deps installs it)"
+done
+[ -x "$MOCK" ] || die "mock not found: $MOCK (ninja -C $BUILD)"
+for p in $MOCK_PORT $AIGW_PORT $HAPROXY_PORT $NGINX_PORT; do
+    port_free "$p" || die "port 127.0.0.1:$p is in use (set BENCH_PORT to another base)"
+done
+mkdir -p "$OUT_DIR" || die "cannot create $OUT_DIR"
+
+# --- mock: sized so that a chat.completion body is about BODY_BYTES ------------------------------
+
+start_mock() {
+    start mock $PIN_LOAD "$MOCK" --listen "127.0.0.1:$MOCK_PORT" --name bench \
+        --created 1700000000 --content-bytes "$1"
+    MOCK_PID=$START_PID
+    wait_port "$MOCK_PID" "$MOCK_PORT" || {
+        log_tail mock
+        die "aigw-mock did not start on 127.0.0.1:$MOCK_PORT"
+    }
+}
+stop_pid() {
+    kill -TERM "$1" 2>/dev/null
+    wait "$1" 2>/dev/null
+}
+
+start_mock 64
+check_target "$MOCK_PORT" || die "aigw-mock does not answer: $CHECK_MSG"
+# The body grows one byte per content byte; restart once with the size that hits the target.
+content=$((64 + BODY_BYTES - CHECK_SIZE))
+if [ "$content" -ne 64 ] && [ "$content" -gt 0 ]; then
+    stop_pid "$MOCK_PID"
+    start_mock "$content"
+    check_target "$MOCK_PORT" || die "aigw-mock does not answer: $CHECK_MSG"
+fi
+RESP_SIZE=$CHECK_SIZE
+echo "mock: 127.0.0.1:$MOCK_PORT, --content-bytes $content, chat.completion body $RESP_SIZE bytes"
+
+# --- proxies -------------------------------------------------------------------------------------
+
+fill() {
+    sed -e "s|@PORT@|$2|g" -e "s|@MOCK_PORT@|$MOCK_PORT|g" -e "s|@TMP@|$TMP|g" \
+        "$BENCH_DIR/$1" >"$TMP/$1"
+}
+
+declare -A PROXY_PID PROXY_PORT
+TARGETS=(mock)
+PROXY_PID[mock]=$MOCK_PID
+PROXY_PORT[mock]=$MOCK_PORT
+AIGW_SKIP=""
+
+fill haproxy.cfg "$HAPROXY_PORT"
+haproxy -c -q -f "$TMP/haproxy.cfg" >"$TMP/haproxy-check.log" 2>&1 || {
+    log_tail haproxy-check
+    die "haproxy rejects $BENCH_DIR/haproxy.cfg"
+}
+start haproxy $PIN_PROXY haproxy -db -f "$TMP/haproxy.cfg"
+PROXY_PID[haproxy]=$START_PID
+PROXY_PORT[haproxy]=$HAPROXY_PORT
+wait_port "$START_PID" "$HAPROXY_PORT" || {
+    log_tail haproxy
+    die "haproxy did not start on 127.0.0.1:$HAPROXY_PORT"
+}
+check_target "$HAPROXY_PORT" || die "haproxy does not proxy: $CHECK_MSG"
+TARGETS+=(haproxy)
+
+fill nginx.conf "$NGINX_PORT"
+nginx -q -t -p "$TMP" -c "$TMP/nginx.conf" >"$TMP/nginx-check.log" 2>&1 || {
+    log_tail nginx-check
+    die "nginx rejects $BENCH_DIR/nginx.conf"
+}
+start nginx $PIN_PROXY nginx -p "$TMP" -c "$TMP/nginx.conf"
+PROXY_PID[nginx]=$START_PID
+PROXY_PORT[nginx]=$NGINX_PORT
+wait_port "$START_PID" "$NGINX_PORT" || {
+    log_tail nginx
+    die "nginx did not start on 127.0.0.1:$NGINX_PORT"
+}
+check_target "$NGINX_PORT" || die "nginx does not proxy: $CHECK_MSG"
+TARGETS+=(nginx)
+
+# aigw is skipped, not fatal, while it does not work yet (unless BENCH_REQUIRE_AIGW=1).
+aigw_leg() {
+    local msg rc
+    [ -x "$AIGW" ] || {
+        AIGW_SKIP="$AIGW not built"
+        return 1
+    }
+    fill aigw.ini "$AIGW_PORT"
+    msg=$("$AIGW" -t -c "$TMP/aigw.ini" 2>&1)
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        AIGW_SKIP="aigw -t -c aigw.ini exits $rc: ${msg:-(no output)}"
+        AIGW_SKIP=$(echo "$AIGW_SKIP" | head -n 3 | tr '\n' ' ')
+        return 1
+    fi
+    # aigw resolves admin_socket against its cwd; run it from the temporary directory.
+    start aigw bash -c "cd '$TMP' && exec $PIN_PROXY '$(realpath "$AIGW")' -c '$TMP/aigw.ini'"
+    PROXY_PID[aigw]=$START_PID
+    PROXY_PORT[aigw]=$AIGW_PORT
+    if ! wait_port "$START_PID" "$AIGW_PORT"; then
+        AIGW_SKIP="not listening on 127.0.0.1:$AIGW_PORT: $(tail -n 3 "$TMP/aigw.log" | tr '\n' ' ')"
+        return 1
+    fi
+    if ! check_target "$AIGW_PORT"; then
+        AIGW_SKIP=$CHECK_MSG
+        return 1
+    fi
+    TARGETS+=(aigw)
+}
+if ! aigw_leg; then
+    echo "bench: aigw not working: $AIGW_SKIP" >&2
+    [ "${BENCH_REQUIRE_AIGW:-0}" = 1 ] && exit 1
+    [ -n "${PROXY_PID[aigw]:-}" ] && stop_pid "${PROXY_PID[aigw]}"
+fi
+
+# --- load ----------------------------------------------------------------------------------------
+
+CLK_TCK=$(getconf CLK_TCK)
+
+# CPU ticks (user + system) used so far by a process and its children still alive.
+cpu_ticks() {
+    local p sum=0 st
+    for p in "$1" $(descendants "$1"); do
+        st=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+        st=${st##*) }
+        set -- $st
+        sum=$((sum + ${12} + ${13}))
+    done
+    echo $sum
+}
+
+# run_wrk TARGET CONNS DURATION OUTFILE
+run_wrk() {
+    local limit=$(($(secs "$3") + 30))
+    timeout -k 5 "$limit" $PIN_LOAD wrk -t1 -c"$2" -d"$3" --latency -s "$BENCH_DIR/chat.lua" \
+        "http://127.0.0.1:${PROXY_PORT[$1]}$REQ_PATH" >"$4" 2>&1
+}
+
+declare -A RPS P50 P99 CPU ERR
+GIT_REV=$(git describe --always --dirty 2>/dev/null || echo unknown)
+{
+    echo "# aigw make bench, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $GIT_REV"
+    echo "# $(uname -srm), $NCPU CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'))"
+    echo "# proxy CPU: ${PROXY_CPU:-any}, wrk + mock CPU: ${LOAD_CPU:-any}"
+    echo "# wrk -t1 -cN -d$DURATION --latency (warm-up $WARMUP), POST $REQ_PATH ${#REQ_BODY} bytes,"
+    echo "# response body $RESP_SIZE bytes; $(wrk -v 2>&1 | head -n1 | cut -d' ' -f1-2); $(haproxy -v | head -n1 | cut -d' ' -f1-3); $(nginx -v 2>&1)"
+    [ -n "$AIGW_SKIP" ] && echo "# aigw not working: $AIGW_SKIP"
+} >"$TMP/header"
+
+: >"$TMP/raw"
+FAILED=0
+for c in $CONNS; do
+    for t in "${TARGETS[@]}"; do
+        echo "bench: $t, $c connections, $DURATION ..." >&2
+        if [ "$(secs "$WARMUP")" -gt 0 ]; then
+            run_wrk "$t" "$c" "$WARMUP" "$TMP/warmup.out"
+        fi
+        t0=$(cpu_ticks "${PROXY_PID[$t]}")
+        run_wrk "$t" "$c" "$DURATION" "$TMP/wrk.out"
+        rc=$?
+        t1=$(cpu_ticks "${PROXY_PID[$t]}")
+        {
+            echo "## $t, $c connections (wrk exit $rc)"
+            cat "$TMP/wrk.out"
+            echo
+        } >>"$TMP/raw"
+        line=$(grep '^BENCH ' "$TMP/wrk.out")
+        if [ $rc -ne 0 ] || [ -z "$line" ]; then
+            echo "bench: wrk failed against $t ($c connections), exit $rc:" >&2
+            sed 's/^/    /' "$TMP/wrk.out" | tail -n 10 >&2
+            FAILED=1
+            continue
+        fi
+        declare -A f=()
+        for kv in ${line#BENCH }; do f[${kv%%=*}]=${kv#*=}; done
+        k="$t:$c"
+        RPS[$k]=$(awk -v n="${f[requests]}" -v d="${f[duration_us]}" 'BEGIN { printf "%.0f", n * 1e6 / d }')
+        P50[$k]=$(awk -v u="${f[p50_us]}" 'BEGIN { printf "%.2fms", u / 1000 }')
+        P99[$k]=$(awk -v u="${f[p99_us]}" 'BEGIN { printf "%.2fms", u / 1000 }')
+        CPU[$k]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v d="${f[duration_us]}" \
+            'BEGIN { printf "%.0f%%", t / hz * 100 / (d / 1e6) }')
+        errs=$((f[status] + f[connect] + f[read] + f[write] + f[timeout]))
+        ERR[$k]=$errs
+        if [ "$errs" -gt 0 ]; then
+            echo "bench: $t ($c connections): ${f[status]} non-2xx/3xx responses, socket errors" \
+                "connect ${f[connect]} read ${f[read]} write ${f[write]} timeout ${f[timeout]}" >&2
+            FAILED=1
+        fi
+    done
+done
+
+# --- report --------------------------------------------------------------------------------------
+
+{
+    printf '%-8s %6s %10s %9s %9s %11s %6s %7s\n' target conns req/s p50 p99 vs-haproxy cpu errors
+    for c in $CONNS; do
+        for t in mock haproxy nginx aigw; do
+            k="$t:$c"
+            if [ "$t" = aigw ] && [ -n "$AIGW_SKIP" ]; then
+                printf '%-8s %6s %s\n' aigw "$c" "skipped: aigw not working (figures pending)"
+                continue
+            fi
+            [ -n "${RPS[$k]:-}" ] || {
+                printf '%-8s %6s %s\n' "$t" "$c" "failed (see raw output)"
+                continue
+            }
+            ratio=-
+            [ -n "${RPS[haproxy:$c]:-}" ] &&
+                ratio=$(awk -v a="${RPS[$k]}" -v b="${RPS[haproxy:$c]}" 'BEGIN { printf "%.2f", a / b }')
+            name=$t
+            [ "$t" = mock ] && name=direct
+            printf '%-8s %6s %10s %9s %9s %11s %6s %7s\n' "$name" "$c" "${RPS[$k]}" "${P50[$k]}" \
+                "${P99[$k]}" "$ratio" "${CPU[$k]}" "${ERR[$k]}"
+        done
+    done
+} >"$TMP/table"
+
+{
+    cat "$TMP/header"
+    echo
+    cat "$TMP/table"
+    echo
+    echo "# raw wrk output"
+    cat "$TMP/raw"
+} >"$RESULTS"
+
+echo
+cat "$TMP/header" "$TMP/table"
+echo "(direct = wrk straight to the mock; cpu = the target's processes, % of one core;"
+echo " raw output in $RESULTS)"
+[ -n "$AIGW_SKIP" ] && echo "aigw not working: $AIGW_SKIP" >&2
+[ $FAILED = 0 ] || die "errors during the run (see above)"
+exit 0
