@@ -1,5 +1,165 @@
-/* placeholder */
-int main(void)
+/* aigwctl: sends one command to the aigw master over its admin socket and prints the answer. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "core/conf.h"
+
+#define DEFAULT_SOCKET  "aigw.sock"
+#define REPLY_TIMEOUT_S 10 /* a master that accepts but never answers must not hang us */
+
+static void usage(FILE *f)
 {
-    return 1;
+    fprintf(f, "usage: aigwctl [-s SOCKET | -c CONFIG] [--json] COMMAND\n"
+               "commands:\n"
+               "  show backends [--json]  backend state, weights and counters\n"
+               "  show proc [--json]      master, health checker and workers\n"
+               "  help                    commands the master knows\n"
+               "SOCKET defaults to " DEFAULT_SOCKET "; with -c it is the config's admin_socket.\n");
+}
+
+static int write_all(int fd, const char *p, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = write(fd, p, len);
+        if (n == -1 && errno == EINTR)
+            continue;
+        if (n == -1)
+            return -errno;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Sends `line`, copies the whole answer to stdout. Returns 0 when the answer is not an error,
+ * 1 otherwise (message already printed). */
+static int ctl_send(const char *path, const char *line)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    struct timeval tv = {.tv_sec = REPLY_TIMEOUT_S};
+    char buf[8192];
+    size_t total = 0;
+    int fd, rc = 1, is_error = 0;
+
+    if (strlen(path) >= sizeof(sa.sun_path)) {
+        fprintf(stderr, "aigwctl: socket path too long: %s\n", path);
+        return 1;
+    }
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd == -1) {
+        fprintf(stderr, "aigwctl: socket: %s\n", strerror(errno));
+        return 1;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == -1) {
+        fprintf(stderr, "aigwctl: cannot reach the aigw master at %s: %s (is aigw running?)\n",
+                path, strerror(errno));
+        goto out;
+    }
+    int err = write_all(fd, line, strlen(line));
+    if (!err)
+        err = write_all(fd, "\n", 1);
+    if (err) {
+        fprintf(stderr, "aigwctl: cannot send to %s: %s\n", path, strerror(-err));
+        goto out;
+    }
+    for (;;) {
+        ssize_t n = read(fd, buf, sizeof(buf));
+        if (n == -1 && errno == EINTR)
+            continue;
+        if (n == -1) {
+            fprintf(stderr, "aigwctl: no answer from the aigw master at %s: %s\n", path,
+                    errno == EAGAIN ? "timed out" : strerror(errno));
+            goto out;
+        }
+        if (n == 0)
+            break;
+        if (total == 0 && n >= 6 && !memcmp(buf, "error:", 6))
+            is_error = 1;
+        fwrite(buf, 1, (size_t)n, stdout);
+        total += (size_t)n;
+    }
+    if (total == 0) {
+        fprintf(stderr,
+                "aigwctl: the aigw master at %s closed the connection without an "
+                "answer\n",
+                path);
+        goto out;
+    }
+    rc = is_error;
+out:
+    close(fd);
+    if (fflush(stdout) == EOF)
+        rc = 1;
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    const char *sock = NULL, *config = NULL;
+    char line[256] = "";
+    int json = 0, nwords = 0, rc;
+    struct conf *conf = NULL;
+
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if ((!strcmp(a, "-s") || !strcmp(a, "-c")) && i + 1 < argc) {
+            if (a[1] == 's')
+                sock = argv[++i];
+            else
+                config = argv[++i];
+        } else if (!strcmp(a, "--json") || !strcmp(a, "-j")) {
+            json = 1;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            return 0;
+        } else if (a[0] == '-') {
+            fprintf(stderr, "aigwctl: unknown or incomplete option '%s'\n", a);
+            usage(stderr);
+            return 1;
+        } else {
+            /* Command words are joined into the one line the master reads. */
+            if (strlen(line) + strlen(a) + 2 + sizeof(" json") > sizeof(line)) {
+                fprintf(stderr, "aigwctl: command too long\n");
+                return 1;
+            }
+            if (nwords++)
+                strcat(line, " ");
+            strcat(line, a);
+        }
+    }
+    if (!nwords) {
+        usage(stderr);
+        return 1;
+    }
+    if (sock && config) {
+        fprintf(stderr, "aigwctl: give either -s SOCKET or -c CONFIG, not both\n");
+        return 1;
+    }
+    if (json)
+        strcat(line, " json"); /* fits: the word loop keeps room for it */
+
+    if (config) {
+        char *err = NULL;
+        if (conf_load(config, &conf, &err) < 0) {
+            fprintf(stderr, "aigwctl: %s\n", err ? err : "cannot read the configuration");
+            free(err);
+            return 1;
+        }
+        sock = conf->global.admin_socket;
+    }
+    if (!sock)
+        sock = DEFAULT_SOCKET;
+    rc = ctl_send(sock, line);
+    if (conf)
+        conf_free(conf);
+    return rc;
 }

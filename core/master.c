@@ -1,1 +1,768 @@
-/* placeholder: replaced by the module's implementation */
+/* The master process: binds and holds the listeners, creates shm, forks the health checker and
+ * the workers, restarts the ones that die, stops them on SIGTERM/SIGINT, answers aigwctl. */
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <uv.h>
+
+#include "core/admin.h"
+#include "core/log.h"
+#include "core/master.h"
+#include "core/util.h"
+#include "core/worker.h"
+#include "health/health.h"
+#include "shm/shm.h"
+
+#define ADMIN_LINE_MAX      1024 /* longest admin command line accepted */
+#define ADMIN_IDLE_MS       5000 /* an admin client that sends nothing is dropped */
+#define RESTART_FAST_MS     3000 /* a child dying sooner than this after start is crash-looping */
+#define RESTART_BACKOFF_MS  100  /* first delayed restart; doubles while it keeps crashing */
+#define RESTART_BACKOFF_MAX 1000 /* never wait longer than this to restart */
+#define FAST_STOP_MS        1000 /* SIGINT: children still alive after this get SIGKILL */
+
+enum master_stop {
+    STOP_NONE = 0,
+    STOP_GRACEFUL, /* SIGTERM: children finish in-flight work */
+    STOP_FAST,     /* SIGINT: children close everything at once */
+};
+
+/* One supervised child: the health checker or a worker slot. */
+struct child {
+    const char *role;      /* "health" or "worker" */
+    int slot;              /* worker slot, -1 for the health checker */
+    pid_t pid;             /* 0 while not running */
+    uint64_t started_ms;   /* wall clock of the last fork, for show proc */
+    uint64_t started_mono; /* monotonic ms of the last fork, to spot crash loops */
+    unsigned restarts;
+    unsigned fast_deaths; /* consecutive deaths soon after start */
+    int pending;          /* waiting to be (re)started at restart_at */
+    uint64_t restart_at;  /* monotonic ms */
+};
+
+/* An aigwctl connection: one line in, one answer out, then close. */
+struct admin_client {
+    uv_pipe_t pipe;
+    uv_timer_t timer;
+    uv_write_t wr;
+    char *out;
+    size_t len;
+    int open_handles; /* freed when both handles have closed */
+    char line[ADMIN_LINE_MAX + 1];
+};
+
+/* The master's state: one per process, static so signal and fork paths can reach it. */
+static struct master {
+    uv_loop_t loop;
+    int loop_ready; /* the loop exists: children must release it */
+    struct conf *conf;
+    struct shm shm;
+    int shm_ready;
+    int *fds; /* listening sockets, fds[slot * n_listens + listen] */
+    int n_fds;
+    struct child *children; /* [0] health, [1 + slot] workers */
+    int n_children;
+    uv_signal_t sig_chld, sig_term, sig_int, sig_hup;
+    uv_pipe_t admin;
+    uv_timer_t restart_timer, stop_timer;
+    enum master_stop stopping;
+    int done;
+    uint64_t started_ms;
+    char admin_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+} M;
+
+static const char *child_name(const struct child *c, char *buf, size_t size)
+{
+    if (c->slot >= 0)
+        snprintf(buf, size, "worker %d", c->slot);
+    else
+        snprintf(buf, size, "%s", c->role);
+    return buf;
+}
+
+/* ---- listeners ---- */
+
+static int addr_port(const struct sockaddr_storage *ss)
+{
+    if (ss->ss_family == AF_INET)
+        return ntohs(((const struct sockaddr_in *)ss)->sin_port);
+    if (ss->ss_family == AF_INET6)
+        return ntohs(((const struct sockaddr_in6 *)ss)->sin6_port);
+    return -1;
+}
+
+static void addr_set_port(struct sockaddr_storage *ss, int port)
+{
+    if (ss->ss_family == AF_INET)
+        ((struct sockaddr_in *)ss)->sin_port = htons((uint16_t)port);
+    else if (ss->ss_family == AF_INET6)
+        ((struct sockaddr_in6 *)ss)->sin6_port = htons((uint16_t)port);
+}
+
+/* One listening socket with SO_REUSEPORT so each worker slot has its own accept queue.
+ * With `reuseport` 0 it only checks that nobody else holds the address. */
+static int listener_open(const struct conf_listen *l, const struct sockaddr_storage *addr,
+                         int backlog, int reuseport, int *out)
+{
+    int one = 1, err;
+    int fd = socket(addr->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd == -1)
+        return -errno;
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == -1)
+        goto fail;
+    if (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) == -1)
+        goto fail;
+    if (addr->ss_family == AF_INET6 &&
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) == -1)
+        goto fail;
+    if (bind(fd, (const struct sockaddr *)addr, l->addr_len) == -1)
+        goto fail;
+    if (reuseport && listen(fd, backlog) == -1)
+        goto fail;
+    *out = fd;
+    return 0;
+fail:
+    err = -errno;
+    close(fd);
+    return err;
+}
+
+/* Binds every [listen] once per worker slot. Returns 0, or -errno after logging which address
+ * failed and why (nothing has been forked yet, so the caller just exits). */
+static int listeners_bind(struct conf *conf, int workers)
+{
+    int n = conf->n_listens * workers;
+    M.fds = malloc(sizeof(int) * (size_t)(n ? n : 1));
+    if (!M.fds)
+        return -ENOMEM;
+    for (int i = 0; i < n; i++)
+        M.fds[i] = -1;
+    M.n_fds = n;
+
+    for (int li = 0; li < conf->n_listens; li++) {
+        const struct conf_listen *l = &conf->listens[li];
+        struct sockaddr_storage addr = l->addr;
+        int backlog = l->backlog > 0 ? l->backlog : 511;
+        int rc, probe;
+
+        /* SO_REUSEPORT would let us share a port another process (another aigw) already
+         * listens on: a plain bind first turns that into a clear "address in use". */
+        if (addr_port(&addr) != 0) {
+            rc = listener_open(l, &addr, backlog, 0, &probe);
+            if (rc < 0) {
+                log_err("cannot bind %s (listen %s): %s", l->bind, l->name, strerror(-rc));
+                return rc;
+            }
+            close(probe);
+        }
+        for (int s = 0; s < workers; s++) {
+            int *fd = &M.fds[s * conf->n_listens + li];
+            rc = listener_open(l, &addr, backlog, 1, fd);
+            if (rc < 0) {
+                log_err("cannot bind %s (listen %s): %s", l->bind, l->name, strerror(-rc));
+                return rc;
+            }
+            /* Port 0 picks an ephemeral port: the other slots must share that one. */
+            if (addr_port(&addr) == 0) {
+                struct sockaddr_storage got;
+                socklen_t len = sizeof(got);
+                if (getsockname(*fd, (struct sockaddr *)&got, &len) == 0)
+                    addr_set_port(&addr, addr_port(&got));
+            }
+        }
+        log_info("listening on %s (listen %s, %d sockets, backlog %d)", l->bind, l->name, workers,
+                 backlog);
+    }
+    return 0;
+}
+
+static void listeners_close(void)
+{
+    for (int i = 0; i < M.n_fds; i++) {
+        if (M.fds[i] >= 0)
+            close(M.fds[i]);
+        M.fds[i] = -1;
+    }
+}
+
+/* ---- admin socket ---- */
+
+static void admin_client_closed(uv_handle_t *h)
+{
+    struct admin_client *c = h->data;
+    if (--c->open_handles == 0) {
+        free(c->out);
+        free(c);
+    }
+}
+
+static void admin_client_close(struct admin_client *c)
+{
+    if (!uv_is_closing((uv_handle_t *)&c->pipe))
+        uv_close((uv_handle_t *)&c->pipe, admin_client_closed);
+    if (!uv_is_closing((uv_handle_t *)&c->timer))
+        uv_close((uv_handle_t *)&c->timer, admin_client_closed);
+}
+
+static void admin_client_written(uv_write_t *req, int status)
+{
+    admin_client_close(req->data);
+}
+
+/* The process list as show proc reports it: master, health, then the workers. */
+static int admin_procs(struct admin_proc *procs, int max)
+{
+    int n = 0;
+    procs[n++] = (struct admin_proc){"master", -1, (int)getpid(), M.started_ms, 0};
+    for (int i = 0; i < M.n_children && n < max; i++) {
+        const struct child *c = &M.children[i];
+        procs[n++] = (struct admin_proc){c->role, c->slot, (int)c->pid, c->started_ms, c->restarts};
+    }
+    return n;
+}
+
+/* Answers the line read so far, or with `error` when there is one, then closes. */
+static void admin_client_answer(struct admin_client *c, const char *error)
+{
+    int max = M.n_children + 1;
+    struct admin_proc *procs = calloc((size_t)max, sizeof(*procs));
+    char *out = NULL;
+    size_t len = 0;
+    int rc = -ENOMEM;
+
+    uv_read_stop((uv_stream_t *)&c->pipe);
+    if (error) {
+        out = strdup(error);
+        len = out ? strlen(out) : 0;
+        rc = out ? -EINVAL : -ENOMEM;
+    } else if (procs) {
+        rc = admin_exec(c->line, M.conf, &M.shm, procs, admin_procs(procs, max), &out, &len);
+    }
+    free(procs);
+    if (rc == -ENOMEM || !out) {
+        static const char oom[] = "error: out of memory\n";
+        free(out);
+        out = strdup(oom);
+        len = out ? sizeof(oom) - 1 : 0;
+    }
+    if (!out) {
+        admin_client_close(c);
+        return;
+    }
+    log_debug("admin: '%s'", c->line);
+    c->out = out;
+    uv_buf_t buf = uv_buf_init(out, (unsigned)len);
+    c->wr.data = c;
+    if (uv_write(&c->wr, (uv_stream_t *)&c->pipe, &buf, 1, admin_client_written) < 0)
+        admin_client_close(c);
+}
+
+static void admin_client_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf)
+{
+    struct admin_client *c = h->data;
+    *buf = uv_buf_init(c->line + c->len, (unsigned)(ADMIN_LINE_MAX - c->len));
+}
+
+static void admin_client_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    struct admin_client *c = s->data;
+    if (nread == UV_EOF && c->len > 0) { /* a last line without '\n' still counts */
+        c->line[c->len] = '\0';
+        admin_client_answer(c, NULL);
+        return;
+    }
+    if (nread < 0) {
+        admin_client_close(c);
+        return;
+    }
+    char *nl = memchr(c->line + c->len, '\n', (size_t)nread);
+    c->len += (size_t)nread;
+    if (nl) {
+        *nl = '\0';
+        admin_client_answer(c, NULL);
+    } else if (c->len >= ADMIN_LINE_MAX) {
+        /* Refuse rather than run a truncated command. */
+        admin_client_answer(c, "error: command line too long\n");
+    }
+}
+
+static void admin_client_timeout(uv_timer_t *t)
+{
+    struct admin_client *c = t->data;
+    log_debug("admin: client idle for %d ms, closing", ADMIN_IDLE_MS);
+    admin_client_close(c);
+}
+
+static void admin_on_connection(uv_stream_t *server, int status)
+{
+    if (status < 0)
+        return;
+    struct admin_client *c = calloc(1, sizeof(*c));
+    if (!c)
+        return;
+    uv_pipe_init(&M.loop, &c->pipe, 0);
+    uv_timer_init(&M.loop, &c->timer);
+    c->pipe.data = c->timer.data = c;
+    c->open_handles = 2;
+    if (uv_accept(server, (uv_stream_t *)&c->pipe) < 0 ||
+        uv_read_start((uv_stream_t *)&c->pipe, admin_client_alloc, admin_client_read) < 0) {
+        admin_client_close(c);
+        return;
+    }
+    uv_timer_start(&c->timer, admin_client_timeout, ADMIN_IDLE_MS, 0);
+}
+
+/* Binds the admin socket (mode 0600). A live master already answering there is an error; a
+ * stale socket file left by a killed master is replaced. The socket is made by hand and
+ * handed to libuv with uv_pipe_open so that closing the handle (in children too) never
+ * unlinks the path: only the master removes it, when it stops. */
+static int admin_listen(const char *path)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    struct stat st;
+    int fd = -1, rc;
+
+    if (strlen(path) >= sizeof(sa.sun_path)) {
+        log_err("admin socket path too long: %s", path);
+        return -ENAMETOOLONG;
+    }
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) {
+            log_err("admin socket %s exists and is not a socket", path);
+            return -EEXIST;
+        }
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd == -1)
+            return -errno;
+        rc = connect(fd, (struct sockaddr *)&sa, sizeof(sa));
+        close(fd);
+        fd = -1;
+        if (rc == 0) {
+            log_err("another aigw is running on %s", path);
+            return -EADDRINUSE;
+        }
+        log_info("removing stale admin socket %s", path);
+        if (unlink(path) == -1 && errno != ENOENT) {
+            rc = -errno;
+            log_err("cannot remove stale admin socket %s: %s", path, strerror(-rc));
+            return rc;
+        }
+    }
+
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd == -1)
+        return -errno;
+    mode_t old = umask(0177); /* no window in which the socket is open to others */
+    rc = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
+    umask(old);
+    if (rc == -1) {
+        rc = -errno;
+        log_err("cannot bind admin socket %s: %s", path, strerror(-rc));
+        goto fail;
+    }
+    snprintf(M.admin_path, sizeof(M.admin_path), "%s", path);
+    if (chmod(path, 0600) == -1) {
+        rc = -errno;
+        log_err("cannot chmod admin socket %s: %s", path, strerror(-rc));
+        goto fail;
+    }
+    uv_pipe_init(&M.loop, &M.admin, 0);
+    rc = uv_pipe_open(&M.admin, fd);
+    if (rc < 0)
+        goto fail;
+    fd = -1; /* the handle owns it now */
+    rc = uv_listen((uv_stream_t *)&M.admin, 16, admin_on_connection);
+    if (rc < 0) {
+        log_err("cannot listen on admin socket %s: %s", path, uv_strerror(rc));
+        goto fail;
+    }
+    return 0;
+fail:
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
+
+/* ---- children ---- */
+
+static void child_after_fork_walk(uv_handle_t *h, void *arg)
+{
+    if (!uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
+void master_child_after_fork(void)
+{
+    static const int sigs[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
+    sigset_t none;
+
+    if (M.loop_ready) {
+        /* libuv's signal handling is process-wide: the inherited loop must be re-armed for
+         * this process, then torn down, so its handlers and signal pipe stop existing here. */
+        uv_loop_fork(&M.loop);
+        uv_walk(&M.loop, child_after_fork_walk, NULL);
+        uv_run(&M.loop, UV_RUN_DEFAULT);
+        uv_loop_close(&M.loop);
+        M.loop_ready = 0;
+    }
+    M.admin_path[0] = '\0'; /* the socket file is the master's to remove */
+    for (size_t i = 0; i < ARRAY_SIZE(sigs); i++)
+        signal(sigs[i], SIG_DFL);
+    /* SIGPIPE stays ignored: a network process must get EPIPE, not die, on a closed peer. */
+    signal(SIGPIPE, SIG_IGN);
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+/* Child side of a fork: release what belongs to the master, then run the role. */
+static void __attribute__((noreturn)) child_run(struct child *c, pid_t master)
+{
+    char name[32];
+    int rc;
+
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != master) /* the master died before prctl took effect */
+        _exit(0);
+    log_set_role(child_name(c, name, sizeof(name)));
+    /* Keep only this slot's listening sockets (the master keeps all of them). */
+    for (int i = 0; i < M.n_fds; i++) {
+        int mine = c->slot >= 0 && i / M.conf->n_listens == c->slot;
+        if (!mine && M.fds[i] >= 0) {
+            close(M.fds[i]);
+            M.fds[i] = -1;
+        }
+    }
+    master_child_after_fork();
+    if (c->slot >= 0)
+        rc = worker_main(M.conf, &M.shm, c->slot, &M.fds[c->slot * M.conf->n_listens]);
+    else
+        rc = health_main(M.conf, &M.shm);
+    _exit(rc);
+}
+
+static void child_spawn(struct child *c)
+{
+    char name[32];
+    sigset_t all, old;
+    pid_t master = getpid();
+
+    c->pending = 0;
+    if (c->slot >= 0)
+        shm_worker_reset(&M.shm, (uint32_t)c->slot);
+
+    /* Signals stay blocked across fork: a signal reaching the child before it dropped the
+     * master's libuv handlers would be written into the master's signal pipe. */
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, &old);
+    pid_t pid = fork();
+    if (pid == 0)
+        child_run(c, master);
+    sigprocmask(SIG_SETMASK, &old, NULL);
+
+    if (pid == -1) {
+        log_err("cannot fork %s: %s; retrying in %d ms", child_name(c, name, sizeof(name)),
+                strerror(errno), RESTART_BACKOFF_MAX);
+        c->pending = 1;
+        c->restart_at = time_mono_ms() + RESTART_BACKOFF_MAX;
+        return;
+    }
+    c->pid = pid;
+    c->started_ms = time_real_ms();
+    c->started_mono = time_mono_ms();
+    if (c->slot >= 0)
+        atomic_store_explicit(&shm_worker(&M.shm, (uint32_t)c->slot)->pid, pid,
+                              memory_order_release);
+    log_info("%s started (pid %d)", child_name(c, name, sizeof(name)), (int)pid);
+}
+
+static void restart_timer_fired(uv_timer_t *t)
+{
+    uv_stop(&M.loop); /* forks happen outside uv_run, see master_run */
+}
+
+/* Starts every child whose restart is due and arms the timer for the next one. Runs outside
+ * uv_run so a child never inherits a loop in the middle of a callback. */
+static void children_spawn_due(void)
+{
+    uint64_t now = time_mono_ms(), next = 0;
+
+    if (M.stopping)
+        return;
+    for (int i = 0; i < M.n_children; i++) {
+        struct child *c = &M.children[i];
+        if (c->pending && c->restart_at <= now)
+            child_spawn(c);
+        if (c->pending && (!next || c->restart_at < next))
+            next = c->restart_at;
+    }
+    if (next)
+        uv_timer_start(&M.restart_timer, restart_timer_fired, next > now ? next - now : 0, 0);
+}
+
+static int children_alive(void)
+{
+    int n = 0;
+    for (int i = 0; i < M.n_children; i++)
+        n += M.children[i].pid > 0;
+    return n;
+}
+
+static void children_signal(int sig)
+{
+    for (int i = 0; i < M.n_children; i++)
+        if (M.children[i].pid > 0)
+            kill(M.children[i].pid, sig);
+}
+
+/* Logs a child's end and, unless stopping, schedules its restart: at once the first time, with
+ * a doubling delay while it keeps dying soon after starting. */
+static void child_exited(struct child *c, int status)
+{
+    char name[32], how[64];
+    uint64_t now = time_mono_ms();
+
+    child_name(c, name, sizeof(name));
+    if (WIFSIGNALED(status))
+        snprintf(how, sizeof(how), "killed by signal %d%s", WTERMSIG(status),
+                 WCOREDUMP(status) ? " (core dumped)" : "");
+    else
+        snprintf(how, sizeof(how), "exited with code %d", WEXITSTATUS(status));
+    pid_t pid = c->pid;
+    c->pid = 0;
+    if (c->slot >= 0)
+        atomic_store_explicit(&shm_worker(&M.shm, (uint32_t)c->slot)->pid, 0, memory_order_release);
+
+    if (M.stopping) {
+        log_info("%s (pid %d) %s", name, (int)pid, how);
+        return;
+    }
+
+    if (now - c->started_mono < RESTART_FAST_MS)
+        c->fast_deaths++;
+    else
+        c->fast_deaths = 0;
+    uint64_t delay = 0;
+    if (c->fast_deaths > 1) {
+        delay = RESTART_BACKOFF_MS;
+        for (unsigned k = 2; k < c->fast_deaths && delay < RESTART_BACKOFF_MAX; k++)
+            delay *= 2;
+        if (delay > RESTART_BACKOFF_MAX)
+            delay = RESTART_BACKOFF_MAX;
+    }
+    if (delay)
+        log_warn("%s (pid %d) %s; restarting in %llu ms", name, (int)pid, how,
+                 (unsigned long long)delay);
+    else
+        log_warn("%s (pid %d) %s; restarting", name, (int)pid, how);
+    c->restarts++;
+    c->pending = 1;
+    c->restart_at = now + delay;
+    uv_stop(&M.loop);
+}
+
+static void on_sigchld(uv_signal_t *h, int sig)
+{
+    int status;
+    pid_t pid;
+
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        for (int i = 0; i < M.n_children; i++) {
+            if (M.children[i].pid == pid) {
+                child_exited(&M.children[i], status);
+                break;
+            }
+        }
+    }
+    if (M.stopping && children_alive() == 0) {
+        M.done = 1;
+        uv_stop(&M.loop);
+    }
+}
+
+static void stop_timer_fired(uv_timer_t *t)
+{
+    int n = children_alive();
+    if (!n)
+        return;
+    if (M.stopping == STOP_GRACEFUL)
+        log_warn("hard_stop_after (%llu ms) reached: killing %d remaining children",
+                 (unsigned long long)M.conf->global.hard_stop_after_ms, n);
+    else
+        log_warn("fast stop: killing %d children still running", n);
+    children_signal(SIGKILL);
+}
+
+static void master_stop(enum master_stop how)
+{
+    if (M.stopping == STOP_FAST || M.stopping == how)
+        return; /* already doing this, or something faster */
+    M.stopping = how;
+    listeners_close(); /* the workers keep theirs until they exit */
+    uv_timer_stop(&M.restart_timer);
+    for (int i = 0; i < M.n_children; i++)
+        M.children[i].pending = 0;
+    uv_timer_stop(&M.stop_timer);
+
+    int n = children_alive();
+    if (how == STOP_GRACEFUL) {
+        log_info("graceful stop: stopped accepting, asking %d children to finish", n);
+        children_signal(SIGTERM);
+        if (M.conf->global.hard_stop_after_ms)
+            uv_timer_start(&M.stop_timer, stop_timer_fired, M.conf->global.hard_stop_after_ms, 0);
+    } else {
+        log_info("fast stop: closing %d children", n);
+        children_signal(SIGINT);
+        uv_timer_start(&M.stop_timer, stop_timer_fired, FAST_STOP_MS, 0);
+    }
+    if (n == 0) {
+        M.done = 1;
+        uv_stop(&M.loop);
+    }
+}
+
+static void on_signal(uv_signal_t *h, int sig)
+{
+    if (sig == SIGTERM) {
+        log_info("SIGTERM received");
+        master_stop(STOP_GRACEFUL);
+    } else if (sig == SIGINT) {
+        log_info("SIGINT received");
+        master_stop(STOP_FAST);
+    } else if (sig == SIGHUP) {
+        log_warn("SIGHUP received: configuration reload is not supported yet; ignored");
+    }
+}
+
+/* Only admin client handles carry data (their struct admin_client); the master's own handles
+ * are static. */
+static void master_close_walk(uv_handle_t *h, void *arg)
+{
+    if (uv_is_closing(h))
+        return;
+    if (h->data)
+        admin_client_close(h->data);
+    else
+        uv_close(h, NULL);
+}
+
+static int master_setup(struct conf *conf)
+{
+    int rc, workers = conf->global.workers > 0 ? conf->global.workers : 1;
+
+    M.conf = conf;
+    M.started_ms = time_real_ms();
+    signal(SIGPIPE, SIG_IGN); /* an aigwctl that hangs up must not kill the master */
+
+    rc = uv_loop_init(&M.loop);
+    if (rc < 0) {
+        log_err("cannot create the event loop: %s", uv_strerror(rc));
+        return rc;
+    }
+    M.loop_ready = 1;
+    uv_timer_init(&M.loop, &M.restart_timer);
+    uv_timer_init(&M.loop, &M.stop_timer);
+
+    rc = admin_listen(conf->global.admin_socket);
+    if (rc < 0)
+        return rc;
+    rc = listeners_bind(conf, workers);
+    if (rc < 0)
+        return rc;
+
+    rc = shm_create(&M.shm, (uint32_t)conf->n_backends, (uint32_t)workers, 1);
+    if (rc < 0) {
+        log_err("cannot create the shared memory segment: %s", strerror(-rc));
+        return rc;
+    }
+    M.shm_ready = 1;
+    for (int b = 0; b < conf->n_backends; b++) {
+        struct shm_backend *sb = shm_backend(&M.shm, (uint32_t)b);
+        uint32_t w = (uint32_t)conf->backends[b].weight;
+        atomic_store_explicit(&sb->weight_cfg, w, memory_order_relaxed);
+        atomic_store_explicit(&sb->weight_eff, w, memory_order_relaxed);
+        atomic_store_explicit(&sb->admin, BACKEND_READY, memory_order_relaxed);
+    }
+
+    M.n_children = 1 + workers;
+    M.children = calloc((size_t)M.n_children, sizeof(*M.children));
+    if (!M.children)
+        return -ENOMEM;
+    uint64_t now = time_mono_ms();
+    for (int i = 0; i < M.n_children; i++) {
+        struct child *c = &M.children[i];
+        c->role = i == 0 ? "health" : "worker";
+        c->slot = i - 1;
+        c->pending = 1;
+        c->restart_at = now;
+    }
+
+    uv_signal_init(&M.loop, &M.sig_chld);
+    uv_signal_init(&M.loop, &M.sig_term);
+    uv_signal_init(&M.loop, &M.sig_int);
+    uv_signal_init(&M.loop, &M.sig_hup);
+    uv_signal_start(&M.sig_chld, on_sigchld, SIGCHLD);
+    uv_signal_start(&M.sig_term, on_signal, SIGTERM);
+    uv_signal_start(&M.sig_int, on_signal, SIGINT);
+    uv_signal_start(&M.sig_hup, on_signal, SIGHUP);
+
+    log_info("aigw master started (pid %d): %d workers, %d listeners, admin socket %s",
+             (int)getpid(), workers, conf->n_listens, conf->global.admin_socket);
+    return 0;
+}
+
+static void master_teardown(void)
+{
+    listeners_close();
+    free(M.fds);
+    M.fds = NULL;
+    M.n_fds = 0;
+    if (M.loop_ready) {
+        uv_walk(&M.loop, master_close_walk, NULL);
+        uv_run(&M.loop, UV_RUN_DEFAULT);
+        uv_loop_close(&M.loop);
+        M.loop_ready = 0;
+    }
+    if (M.admin_path[0]) {
+        unlink(M.admin_path);
+        M.admin_path[0] = '\0';
+    }
+    if (M.shm_ready)
+        shm_destroy(&M.shm);
+    M.shm_ready = 0;
+    free(M.children);
+    M.children = NULL;
+    M.n_children = 0;
+}
+
+int master_run(struct conf *conf)
+{
+    int rc = master_setup(conf);
+    if (rc < 0) {
+        master_teardown();
+        conf_free(conf);
+        return 1;
+    }
+    for (;;) {
+        children_spawn_due();
+        if (M.done)
+            break;
+        uv_run(&M.loop, UV_RUN_DEFAULT);
+    }
+    log_info("all children stopped; master exiting");
+    master_teardown();
+    conf_free(conf);
+    M.conf = NULL;
+    return 0;
+}
