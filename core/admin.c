@@ -102,6 +102,7 @@ struct backend_row {
     int checked;
     int32_t check_status;
     uint32_t check_us;
+    char check[32]; /* check_status as the table shows it */
 };
 
 static void backend_row_read(const struct conf *conf, const struct shm *shm, int i,
@@ -138,32 +139,40 @@ static void show_backends(struct abuf *b, const struct conf *conf, const struct 
     if ((uint32_t)n > shm_n_backends(shm))
         n = (int)shm_n_backends(shm);
 
-    int wpool = 4, wname = 4;
+    /* Rows are read first so every column is as wide as its longest cell. */
+    struct backend_row *rows = calloc(n ? (size_t)n : 1, sizeof(*rows));
+    if (!rows) {
+        b->failed = 1;
+        return;
+    }
+    int wpool = 4, wname = 4, wcheck = 5, wreason = 6;
     for (int i = 0; i < n; i++) {
-        const struct conf_backend *cb = &conf->backends[i];
-        if (cb->pool >= 0 && cb->pool < conf->n_pools)
-            wpool = width(wpool, conf->pools[cb->pool].name);
-        wname = width(wname, cb->name);
+        struct backend_row *r = &rows[i];
+        backend_row_read(conf, shm, i, r);
+        check_format(r->checked, r->check_status, r->check, sizeof(r->check));
+        wpool = width(wpool, r->pool);
+        wname = width(wname, r->name);
+        wcheck = width(wcheck, r->check);
+        wreason = width(wreason, r->reason);
     }
 
-    abuf_printf(b, "%-*s  %-*s  %-5s  %-5s  %6s  %6s  %10s  %10s  %-9s  %13s  %-13s  %s\n", wpool,
+    abuf_printf(b, "%-*s  %-*s  %-5s  %-5s  %6s  %6s  %10s  %10s  %-*s  %13s  %-*s  %s\n", wpool,
                 "POOL", wname, "NAME", "STATE", "ADMIN", "WEIGHT", "ACTIVE", "REQUESTS", "FAILURES",
-                "CHECK", "LAST_CHECK_MS", "REASON", "URL");
+                wcheck, "CHECK", "LAST_CHECK_MS", wreason, "REASON", "URL");
     for (int i = 0; i < n; i++) {
-        struct backend_row r;
-        char check[32], ms[32];
-        backend_row_read(conf, shm, i, &r);
-        check_format(r.checked, r.check_status, check, sizeof(check));
-        if (r.checked)
-            snprintf(ms, sizeof(ms), "%u.%u", r.check_us / 1000, r.check_us % 1000 / 100);
+        const struct backend_row *r = &rows[i];
+        char ms[32];
+        if (r->checked)
+            snprintf(ms, sizeof(ms), "%u.%u", r->check_us / 1000, r->check_us % 1000 / 100);
         else
             snprintf(ms, sizeof(ms), "-");
-        abuf_printf(b,
-                    "%-*s  %-*s  %-5s  %-5s  %6u  %6lld  %10llu  %10llu  %-9s  %13s  %-13s  %s\n",
-                    wpool, r.pool, wname, r.name, r.state, r.admin, r.weight, (long long)r.t.active,
-                    (unsigned long long)r.t.requests, (unsigned long long)r.t.failures, check, ms,
-                    r.reason, r.url);
+        abuf_printf(b, "%-*s  %-*s  %-5s  %-5s  %6u  %6lld  %10llu  %10llu  %-*s  %13s  %-*s  %s\n",
+                    wpool, r->pool, wname, r->name, r->state, r->admin, r->weight,
+                    (long long)r->t.active, (unsigned long long)r->t.requests,
+                    (unsigned long long)r->t.failures, wcheck, r->check, ms, wreason, r->reason,
+                    r->url);
     }
+    free(rows);
 }
 
 static void show_backends_json(struct abuf *b, const struct conf *conf, const struct shm *shm)

@@ -1,0 +1,359 @@
+/* Unit tests for admin_exec: tables and JSON over a real shm segment and a hand-built conf. */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#define JSMN_STATIC
+#include <jsmn.h>
+
+#include "core/admin.h"
+
+/* Two pools, three backends, two workers. */
+struct fixture {
+    struct conf conf;
+    struct conf_pool pools[2];
+    struct conf_backend backends[3];
+    struct shm shm;
+};
+
+static void backend_init(struct conf_backend *b, const char *name, int pool, int tls,
+                         const char *host, uint16_t port, const char *prefix, int weight)
+{
+    snprintf(b->name, sizeof(b->name), "%s", name);
+    b->pool = pool;
+    b->url.tls = tls;
+    snprintf(b->url.host, sizeof(b->url.host), "%s", host);
+    b->url.port = port;
+    snprintf(b->url.prefix, sizeof(b->url.prefix), "%s", prefix);
+    b->weight = weight;
+}
+
+static int setup(void **state)
+{
+    struct fixture *f = calloc(1, sizeof(*f));
+    assert_non_null(f);
+    snprintf(f->pools[0].name, sizeof(f->pools[0].name), "chat");
+    f->pools[0].first_backend = 0;
+    f->pools[0].n_backends = 2;
+    snprintf(f->pools[1].name, sizeof(f->pools[1].name), "embeddings-pool");
+    f->pools[1].first_backend = 2;
+    f->pools[1].n_backends = 1;
+    backend_init(&f->backends[0], "a1", 0, 0, "127.0.0.1", 9101, "/v1", 3);
+    backend_init(&f->backends[1], "a2-with-a-long-name", 0, 1, "::1", 443, "/openai/v1", 1);
+    backend_init(&f->backends[2], "e1", 1, 0, "127.0.0.1", 9103, "", 0);
+    f->conf.pools = f->pools;
+    f->conf.n_pools = 2;
+    f->conf.backends = f->backends;
+    f->conf.n_backends = 3;
+    snprintf(f->conf.global.admin_socket, sizeof(f->conf.global.admin_socket), "aigw.sock");
+
+    assert_int_equal(shm_create(&f->shm, 3, 2, 1), 0);
+    for (uint32_t b = 0; b < 3; b++) {
+        atomic_store(&shm_backend(&f->shm, b)->weight_cfg, (uint32_t)f->backends[b].weight);
+        atomic_store(&shm_backend(&f->shm, b)->weight_eff, (uint32_t)f->backends[b].weight);
+    }
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    struct fixture *f = *state;
+    shm_destroy(&f->shm);
+    free(f);
+    return 0;
+}
+
+static char *run(struct fixture *f, const char *line, const struct admin_proc *procs, int n,
+                 int expect_rc)
+{
+    char *out = NULL;
+    size_t len = 0;
+    int rc = admin_exec(line, &f->conf, &f->shm, procs, n, &out, &len);
+    assert_int_equal(rc, expect_rc);
+    assert_non_null(out);
+    assert_int_equal(strlen(out), len); /* NUL-terminated, length consistent */
+    return out;
+}
+
+/* Parsed JSON: tokens over the text. */
+struct json {
+    const char *s;
+    jsmntok_t tok[512];
+    int n;
+};
+
+static void json_parse(struct json *j, const char *s)
+{
+    jsmn_parser p;
+    jsmn_init(&p);
+    j->s = s;
+    j->n = jsmn_parse(&p, s, strlen(s), j->tok, 512);
+    assert_true(j->n > 0);
+}
+
+/* Index of the token after token i, skipping its whole subtree. */
+static int json_skip(const struct json *j, int i)
+{
+    int end = i + 1;
+    for (int k = 0; k < j->tok[i].size; k++)
+        end = json_skip(j, end);
+    return end;
+}
+
+/* The value token of `key` in the object at token `obj`, or -1. */
+static int json_get(const struct json *j, int obj, const char *key)
+{
+    assert_int_equal(j->tok[obj].type, JSMN_OBJECT);
+    int i = obj + 1;
+    for (int k = 0; k < j->tok[obj].size; k++) {
+        const jsmntok_t *t = &j->tok[i];
+        if (t->type == JSMN_STRING && (size_t)(t->end - t->start) == strlen(key) &&
+            !memcmp(j->s + t->start, key, strlen(key)))
+            return i + 1;
+        i = json_skip(j, i + 1);
+    }
+    return -1;
+}
+
+/* The i-th element of the array at token `arr`. */
+static int json_elem(const struct json *j, int arr, int idx)
+{
+    assert_int_equal(j->tok[arr].type, JSMN_ARRAY);
+    assert_true(idx < j->tok[arr].size);
+    int i = arr + 1;
+    while (idx-- > 0)
+        i = json_skip(j, i);
+    return i;
+}
+
+static void assert_json_text(const struct json *j, int obj, const char *key, const char *want)
+{
+    int v = json_get(j, obj, key);
+    assert_true(v > 0);
+    char buf[512];
+    int len = j->tok[v].end - j->tok[v].start;
+    assert_true(len < (int)sizeof(buf));
+    memcpy(buf, j->s + j->tok[v].start, (size_t)len);
+    buf[len] = '\0';
+    assert_string_equal(buf, want);
+}
+
+static void test_backends_json(void **state)
+{
+    struct fixture *f = *state;
+
+    /* Counters are summed over both workers' slots. */
+    atomic_store(&shm_wb(&f->shm, 0, 0)->active, 2);
+    atomic_store(&shm_wb(&f->shm, 1, 0)->active, 3);
+    atomic_store(&shm_wb(&f->shm, 0, 0)->requests, 100);
+    atomic_store(&shm_wb(&f->shm, 1, 0)->requests, 23);
+    atomic_store(&shm_wb(&f->shm, 1, 0)->failures, 7);
+    shm_backend_set_state(&f->shm, 1, BACKEND_DOWN, REASON_CHECK_TIMEOUT, 1000);
+    shm_backend_set_check(&f->shm, 1, -ETIMEDOUT, 2000500, 1000);
+    shm_backend_set_check(&f->shm, 0, 200, 12345, 1000);
+    atomic_store(&shm_backend(&f->shm, 2)->admin, BACKEND_MAINT);
+    atomic_store(&shm_backend(&f->shm, 0)->weight_eff, 2); /* effective, not configured */
+
+    char *out = run(f, "show backends json", NULL, 0, 0);
+    struct json j;
+    json_parse(&j, out);
+    assert_int_equal(j.tok[0].type, JSMN_ARRAY);
+    assert_int_equal(j.tok[0].size, 3);
+
+    int b0 = json_elem(&j, 0, 0), b1 = json_elem(&j, 0, 1), b2 = json_elem(&j, 0, 2);
+    assert_json_text(&j, b0, "pool", "chat");
+    assert_json_text(&j, b0, "name", "a1");
+    assert_json_text(&j, b0, "url", "http://127.0.0.1:9101/v1");
+    assert_json_text(&j, b0, "state", "UP");
+    assert_json_text(&j, b0, "admin", "READY");
+    assert_json_text(&j, b0, "weight", "2");
+    assert_json_text(&j, b0, "active", "5");
+    assert_json_text(&j, b0, "requests", "123");
+    assert_json_text(&j, b0, "failures", "7");
+    assert_json_text(&j, b0, "check_ms", "12.345");
+    assert_json_text(&j, b0, "check_status", "200");
+    assert_json_text(&j, b0, "reason", "none");
+
+    assert_json_text(&j, b1, "url", "https://[::1]:443/openai/v1");
+    assert_json_text(&j, b1, "state", "DOWN");
+    assert_json_text(&j, b1, "reason", "check timeout");
+    assert_json_text(&j, b1, "check_ms", "2000.500");
+    char status[16];
+    snprintf(status, sizeof(status), "%d", -ETIMEDOUT);
+    assert_json_text(&j, b1, "check_status", status);
+
+    assert_json_text(&j, b2, "pool", "embeddings-pool");
+    assert_json_text(&j, b2, "admin", "MAINT");
+    assert_json_text(&j, b2, "weight", "0");
+    assert_json_text(&j, b2, "check_ms", "null");
+    assert_json_text(&j, b2, "check_status", "null");
+    assert_json_text(&j, b2, "requests", "0");
+    free(out);
+
+    /* "--json" is the same command. */
+    char *out2 = run(f, "show backends --json", NULL, 0, 0);
+    out = run(f, "show backends json", NULL, 0, 0);
+    assert_string_equal(out, out2);
+    free(out);
+    free(out2);
+}
+
+/* Offset of column `name` in the header line. */
+static int column(const char *header, const char *name)
+{
+    const char *p = strstr(header, name);
+    assert_non_null(p);
+    return (int)(p - header);
+}
+
+static void test_backends_table(void **state)
+{
+    struct fixture *f = *state;
+    atomic_store(&shm_wb(&f->shm, 1, 2)->requests, 42);
+    shm_backend_set_state(&f->shm, 2, BACKEND_DOWN, REASON_CHECK_CONNECT, 1000);
+    shm_backend_set_check(&f->shm, 2, -ECONNREFUSED, 1500, 1000);
+
+    char *out = run(f, "show backends", NULL, 0, 0);
+    char *lines[8];
+    int n = 0;
+    for (char *save = NULL, *l = strtok_r(out, "\n", &save); l && n < 8;
+         l = strtok_r(NULL, "\n", &save))
+        lines[n++] = l;
+    assert_int_equal(n, 4); /* header + 3 backends */
+
+    const char *cols[] = {"POOL", "NAME", "STATE", "ADMIN", "CHECK ", "REASON", "URL"};
+    int pos[7];
+    for (int i = 0; i < 7; i++)
+        pos[i] = column(lines[0], cols[i]);
+    for (int i = 1; i < 7; i++)
+        assert_true(pos[i] > pos[i - 1]);
+
+    /* Left-aligned cells start exactly under their header in every row. */
+    const char *e1[] = {
+        "embeddings-pool",      "e1", "DOWN", "READY", "ECONNREFUSED", "check connect failed",
+        "http://127.0.0.1:9103"};
+    for (int i = 0; i < 7; i++)
+        assert_memory_equal(lines[3] + pos[i], e1[i], strlen(e1[i]));
+    assert_memory_equal(lines[2] + pos[1], "a2-with-a-long-name", 19);
+    assert_memory_equal(lines[1] + pos[4], "-", 1); /* never checked */
+    assert_non_null(strstr(lines[3], " 42 "));
+    assert_non_null(strstr(lines[3], " 1.5 ")); /* LAST_CHECK_MS */
+    assert_string_equal(lines[3] + pos[6], "http://127.0.0.1:9103");
+    free(out);
+}
+
+static void test_proc(void **state)
+{
+    struct fixture *f = *state;
+    struct admin_proc procs[] = {
+        {"master", -1, 100, 1795672807000ULL, 0},
+        {"health", -1, 101, 1795672807500ULL, 2},
+        {"worker", 0, 102, 1795672808999ULL, 0},
+        {"worker", 1, 0, 1795672807000ULL, 5}, /* being restarted */
+    };
+
+    char *out = run(f, "show proc json", procs, 4, 0);
+    struct json j;
+    json_parse(&j, out);
+    assert_int_equal(j.tok[0].type, JSMN_ARRAY);
+    assert_int_equal(j.tok[0].size, 4);
+    int m = json_elem(&j, 0, 0), h = json_elem(&j, 0, 1), w0 = json_elem(&j, 0, 2),
+        w1 = json_elem(&j, 0, 3);
+    assert_json_text(&j, m, "role", "master");
+    assert_json_text(&j, m, "slot", "-1");
+    assert_json_text(&j, m, "pid", "100");
+    assert_json_text(&j, m, "started", "1795672807");
+    assert_json_text(&j, h, "role", "health");
+    assert_json_text(&j, h, "restarts", "2");
+    assert_json_text(&j, w0, "slot", "0");
+    assert_json_text(&j, w0, "started", "1795672808"); /* seconds, truncated */
+    assert_json_text(&j, w1, "slot", "1");
+    assert_json_text(&j, w1, "pid", "0");
+    assert_json_text(&j, w1, "restarts", "5");
+    free(out);
+
+    out = run(f, "  show   proc \r", procs, 4, 0);
+    assert_non_null(strstr(out, "ROLE"));
+    assert_non_null(strstr(out, "RESTARTS"));
+    assert_non_null(strstr(out, "2026-11-26T06:00:07Z"));
+    char *w1line = strstr(out, "worker     1");
+    assert_non_null(w1line);
+    assert_non_null(strstr(w1line, " - ")); /* no pid while restarting */
+    int lines = 0;
+    for (const char *p = out; *p; p++)
+        lines += *p == '\n';
+    assert_int_equal(lines, 5);
+    free(out);
+}
+
+static void test_errors_and_help(void **state)
+{
+    struct fixture *f = *state;
+    const char *bad[] = {
+        "",          "show", "show nothing", "show backends xml", "show proc json extra",
+        "SHOW proc", "halt"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char *out = run(f, bad[i], NULL, 0, -EINVAL);
+        assert_memory_equal(out, "error:", 6);
+        free(out);
+    }
+    char *out = run(f, "help", NULL, 0, 0);
+    assert_non_null(strstr(out, "show backends"));
+    assert_non_null(strstr(out, "show proc"));
+    free(out);
+}
+
+static void test_json_escaping(void **state)
+{
+    struct fixture *f = *state;
+    /* Config names are restricted, but the output must stay valid JSON whatever they hold. */
+    snprintf(f->backends[0].name, sizeof(f->backends[0].name), "q\"b\\s\x01\n");
+    char *out = run(f, "show backends json", NULL, 0, 0);
+    assert_non_null(strstr(out, "\"name\":\"q\\\"b\\\\s\\u0001\\n\""));
+    struct json j;
+    json_parse(&j, out);
+    assert_int_equal(j.tok[0].size, 3);
+    free(out);
+
+    struct admin_proc p = {"work\"er", 0, 1, 0, 0};
+    out = run(f, "show proc json", &p, 1, 0);
+    assert_non_null(strstr(out, "\"role\":\"work\\\"er\""));
+    free(out);
+}
+
+static void test_no_backends(void **state)
+{
+    struct fixture *f = *state;
+    f->conf.n_backends = 0;
+    char *out = run(f, "show backends json", NULL, 0, 0);
+    assert_string_equal(out, "[]\n");
+    free(out);
+    out = run(f, "show proc json", NULL, 0, 0);
+    assert_string_equal(out, "[]\n");
+    free(out);
+    out = run(f, "show backends", NULL, 0, 0);
+    assert_non_null(strstr(out, "POOL"));
+    assert_ptr_equal(strchr(out, '\n') + 1, out + strlen(out)); /* the header line only */
+    free(out);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_backends_json, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_backends_table, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_proc, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_errors_and_help, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_json_escaping, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_no_backends, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
