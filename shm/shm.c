@@ -73,7 +73,9 @@ int shm_backend_eligible(const struct shm *shm, uint32_t b)
 {
     const struct shm_backend *be = shm_backend(shm, b);
 
-    return atomic_load_explicit(&be->state, memory_order_acquire) == BACKEND_UP &&
+    uint32_t st = atomic_load_explicit(&be->state, memory_order_acquire);
+
+    return (st == BACKEND_UP || st == BACKEND_DEGRADED) &&
            atomic_load_explicit(&be->admin, memory_order_acquire) == BACKEND_READY &&
            atomic_load_explicit(&be->weight_eff, memory_order_relaxed) > 0;
 }
@@ -127,6 +129,8 @@ void shm_worker_reset(struct shm *shm, uint32_t w)
      * active connections would stay counted for ever. */
     for (b = 0; b < shm->hdr->n_backends; b++)
         atomic_store_explicit(&shm_wb(shm, w, b)->active, 0, memory_order_relaxed);
+    for (b = 0; b < shm->hdr->n_backends; b++)
+        atomic_store_explicit(&shm_wb(shm, w, b)->trials, 0, memory_order_seq_cst);
     atomic_store_explicit(&sw->conns, 0, memory_order_relaxed);
     atomic_store_explicit(&sw->pid, 0, memory_order_relaxed);
 }
@@ -138,6 +142,8 @@ const char *shm_state_str(enum backend_state st)
         return "UP";
     case BACKEND_DOWN:
         return "DOWN";
+    case BACKEND_DEGRADED:
+        return "DEGRADED";
     }
     return "?";
 }
@@ -165,7 +171,186 @@ const char *shm_reason_str(enum backend_reason r)
         [REASON_CHECK_CONNECT] = "check connect failed",
         [REASON_CHECK_TLS] = "check TLS failed",
         [REASON_CHECK_PROTO] = "check bad response",
+        [REASON_PASSIVE] = "passive",
+        [REASON_AUTH] = "auth",
+        [REASON_CHECK_SLOW] = "check slow",
+        [REASON_ERROR_RATIO] = "error ratio",
+        [REASON_LIVE_OK] = "live request ok",
     };
 
     return (unsigned)r < REASON_COUNT ? names[r] : "?";
+}
+
+void shm_wb_record_ok(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns, uint64_t latency_ns)
+{
+    struct shm_wb *wb = shm_wb(shm, w, b);
+    uint64_t e = atomic_load_explicit(&wb->ewma_ns, memory_order_relaxed);
+
+    /* Peak EWMA: a slower sample is taken at once, a faster one pulls it down by 1/8, so a
+     * backend that slows down is avoided at once and trusted again gradually. */
+    if (latency_ns) {
+        e = (e == 0 || latency_ns > e) ? latency_ns : e - (e - latency_ns) / 8;
+        atomic_store_explicit(&wb->ewma_ns, e, memory_order_relaxed);
+    }
+    shm_counter_add(&wb->ok, 1);
+    atomic_store_explicit(&wb->last_ok_ns, now_ns, memory_order_release);
+}
+
+void shm_wb_record_fail(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns)
+{
+    struct shm_wb *wb = shm_wb(shm, w, b);
+    uint32_t pos = atomic_load_explicit(&wb->fail_pos, memory_order_relaxed);
+
+    atomic_store_explicit(&wb->fail_ring[pos % SHM_FAIL_RING], now_ns, memory_order_relaxed);
+    atomic_store_explicit(&wb->fail_pos, pos + 1, memory_order_release);
+    shm_counter_add(&wb->failures, 1);
+}
+
+uint32_t shm_backend_failures_since(const struct shm *shm, uint32_t b, uint64_t since_ns)
+{
+    uint32_t w, i, n = 0;
+
+    for (w = 0; w < shm->hdr->n_workers; w++) {
+        const struct shm_wb *wb = shm_wb(shm, w, b);
+
+        for (i = 0; i < SHM_FAIL_RING; i++) {
+            uint64_t t = atomic_load_explicit(&wb->fail_ring[i], memory_order_relaxed);
+
+            if (t && t > since_ns)
+                n++;
+        }
+    }
+    return n;
+}
+
+uint64_t shm_backend_last_ok(const struct shm *shm, uint32_t b)
+{
+    uint64_t m = 0;
+    uint32_t w;
+
+    for (w = 0; w < shm->hdr->n_workers; w++) {
+        uint64_t t = atomic_load_explicit(&shm_wb(shm, w, b)->last_ok_ns, memory_order_acquire);
+
+        if (t > m)
+            m = t;
+    }
+    return m;
+}
+
+uint64_t shm_backend_cool_until(const struct shm *shm, uint32_t b)
+{
+    uint64_t m = 0;
+    uint32_t w;
+
+    for (w = 0; w < shm->hdr->n_workers; w++) {
+        uint64_t t = atomic_load_explicit(&shm_wb(shm, w, b)->cool_until_ns, memory_order_relaxed);
+
+        if (t > m)
+            m = t;
+    }
+    return m;
+}
+
+uint64_t shm_backend_ewma(const struct shm *shm, uint32_t b)
+{
+    uint64_t sum = 0, n = 0;
+    uint32_t w;
+
+    for (w = 0; w < shm->hdr->n_workers; w++) {
+        uint64_t e = atomic_load_explicit(&shm_wb(shm, w, b)->ewma_ns, memory_order_relaxed);
+
+        if (e) {
+            sum += e;
+            n++;
+        }
+    }
+    return n ? sum / n : 0;
+}
+
+void shm_backend_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint64_t *failed)
+{
+    uint32_t w;
+
+    *ok = *failed = 0;
+    for (w = 0; w < shm->hdr->n_workers; w++) {
+        *ok += atomic_load_explicit(&shm_wb(shm, w, b)->ok, memory_order_relaxed);
+        *failed += atomic_load_explicit(&shm_wb(shm, w, b)->failures, memory_order_relaxed);
+    }
+}
+
+int32_t shm_trials_in_flight(const struct shm *shm, uint32_t b)
+{
+    int32_t n = 0;
+    uint32_t w;
+
+    for (w = 0; w < shm->hdr->n_workers; w++)
+        n += atomic_load_explicit(&shm_wb(shm, w, b)->trials, memory_order_seq_cst);
+    return n;
+}
+
+int shm_trial_acquire(struct shm *shm, uint32_t w, uint32_t b, int32_t limit)
+{
+    _Atomic int32_t *mine = &shm_wb(shm, w, b)->trials;
+    int32_t cur = atomic_load_explicit(mine, memory_order_relaxed);
+
+    /* Sequentially consistent store then loads: of two workers racing, at least one sees
+     * the other's claim, so together they never go over the limit. */
+    atomic_store_explicit(mine, cur + 1, memory_order_seq_cst);
+    if (shm_trials_in_flight(shm, b) <= limit)
+        return 1;
+    atomic_store_explicit(mine, cur, memory_order_seq_cst);
+    return 0;
+}
+
+void shm_trial_release(struct shm *shm, uint32_t w, uint32_t b)
+{
+    _Atomic int32_t *mine = &shm_wb(shm, w, b)->trials;
+    int32_t cur = atomic_load_explicit(mine, memory_order_relaxed);
+
+    if (cur > 0)
+        atomic_store_explicit(mine, cur - 1, memory_order_seq_cst);
+}
+
+void shm_backend_set_breaker(struct shm *shm, uint32_t b, enum breaker_state st, uint64_t until_ns,
+                             uint64_t open_ns)
+{
+    struct shm_backend *be = shm_backend(shm, b);
+
+    atomic_store_explicit(&be->breaker_until_ns, until_ns, memory_order_relaxed);
+    atomic_store_explicit(&be->breaker_open_ns, open_ns, memory_order_relaxed);
+    atomic_store_explicit(&be->breaker, (uint32_t)st, memory_order_release);
+}
+
+void shm_backend_breaker_cmd(struct shm *shm, uint32_t b, enum breaker_cmd cmd)
+{
+    struct shm_backend *be = shm_backend(shm, b);
+
+    atomic_store_explicit(&be->breaker_cmd, (uint32_t)cmd, memory_order_relaxed);
+    atomic_store_explicit(&be->breaker_cmd_seq,
+                          atomic_load_explicit(&be->breaker_cmd_seq, memory_order_relaxed) + 1,
+                          memory_order_release);
+}
+
+enum breaker_cmd shm_backend_breaker_cmd_take(struct shm *shm, uint32_t b)
+{
+    struct shm_backend *be = shm_backend(shm, b);
+    uint32_t seq = atomic_load_explicit(&be->breaker_cmd_seq, memory_order_acquire);
+
+    if (seq == atomic_load_explicit(&be->breaker_cmd_done, memory_order_relaxed))
+        return BREAKER_CMD_NONE;
+    atomic_store_explicit(&be->breaker_cmd_done, seq, memory_order_relaxed);
+    return (enum breaker_cmd)atomic_load_explicit(&be->breaker_cmd, memory_order_relaxed);
+}
+
+const char *shm_breaker_str(enum breaker_state st)
+{
+    switch (st) {
+    case BREAKER_CLOSED:
+        return "closed";
+    case BREAKER_OPEN:
+        return "open";
+    case BREAKER_HALF_OPEN:
+        return "half-open";
+    }
+    return "?";
 }

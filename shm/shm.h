@@ -17,6 +17,7 @@
 enum backend_state {
     BACKEND_UP = 0,
     BACKEND_DOWN = 1,
+    BACKEND_DEGRADED = 2, /* serving, at a reduced effective weight */
 };
 
 /* Operator state, written only by the master. */
@@ -35,8 +36,30 @@ enum backend_reason {
     REASON_CHECK_CONNECT, /* connect refused / unreachable / DNS */
     REASON_CHECK_TLS,     /* handshake or certificate failure */
     REASON_CHECK_PROTO,   /* malformed HTTP response */
+    REASON_PASSIVE,       /* max_fails live-traffic failures within fail_timeout */
+    REASON_AUTH,          /* the upstream answered 401/403: its key is bad */
+    REASON_CHECK_SLOW,    /* checks pass but slower than degraded_latency */
+    REASON_ERROR_RATIO,   /* live error ratio above degraded_error_ratio */
+    REASON_LIVE_OK,       /* a live request succeeded after a passive DOWN (checks off) */
     REASON_COUNT
 };
+
+/* Circuit breaker, written only by the health checker. */
+enum breaker_state {
+    BREAKER_CLOSED = 0,
+    BREAKER_OPEN = 1,      /* no requests until breaker_until_ns */
+    BREAKER_HALF_OPEN = 2, /* a few trial requests in flight decide */
+};
+
+/* Operator commands on a breaker, written by the master, carried out by the health
+ * checker (the only writer of breaker state). */
+enum breaker_cmd {
+    BREAKER_CMD_NONE = 0,
+    BREAKER_CMD_RESET = 1, /* force closed */
+    BREAKER_CMD_OPEN = 2,  /* force open */
+};
+
+#define SHM_FAIL_RING 32 /* failure times kept per (worker, backend) */
 
 /* One per backend, indexed like conf.backends. */
 struct shm_backend {
@@ -50,15 +73,33 @@ struct shm_backend {
     _Atomic uint64_t check_at_ns; /* monotonic time of the last check, 0 = never */
     _Atomic uint64_t since_ns;    /* monotonic time of the last state change */
     _Atomic uint64_t transitions; /* state changes so far */
+    /* circuit breaker; writer: health */
+    _Atomic uint32_t breaker;          /* enum breaker_state */
+    _Atomic uint32_t breaker_cmd_done; /* last breaker_cmd_seq carried out */
+    _Atomic uint64_t breaker_until_ns; /* OPEN: when it turns half-open */
+    _Atomic uint64_t breaker_open_ns;  /* length of the current/last open period */
+    _Atomic uint64_t ewma_check_us;    /* smoothed active-check duration; writer: health */
+    /* operator requests; writer: master */
+    _Atomic uint32_t breaker_cmd;     /* enum breaker_cmd */
+    _Atomic uint32_t breaker_cmd_seq; /* bumped with each command */
 } __attribute__((aligned(SHM_CACHELINE)));
 
 /* Per-(worker, backend) counters; writer: that worker only. */
 struct shm_wb {
-    _Atomic int32_t active;     /* requests in flight to this backend */
-    _Atomic uint64_t requests;  /* requests sent */
-    _Atomic uint64_t failures;  /* connect/TLS/timeout/reset/5xx */
-    _Atomic uint64_t bytes_in;  /* response bytes from the backend */
-    _Atomic uint64_t bytes_out; /* request bytes to the backend */
+    _Atomic int32_t active;         /* requests in flight to this backend */
+    _Atomic uint64_t requests;      /* requests sent */
+    _Atomic uint64_t failures;      /* connect/TLS/timeout/reset/5xx */
+    _Atomic uint64_t bytes_in;      /* response bytes from the backend */
+    _Atomic uint64_t bytes_out;     /* request bytes to the backend */
+    _Atomic uint64_t ok;            /* responses that were not failures */
+    _Atomic uint64_t retries;       /* requests re-sent to another backend after this one failed */
+    _Atomic uint64_t auth_failures; /* 401/403 answers: the backend's key is bad */
+    _Atomic uint64_t last_ok_ns;    /* time of the last success */
+    _Atomic uint64_t cool_until_ns; /* 429: no requests before this time */
+    _Atomic uint64_t ewma_ns;       /* peak-EWMA of response-head latency */
+    _Atomic int32_t trials;         /* breaker/passive trial requests in flight */
+    _Atomic uint32_t fail_pos;      /* next slot of fail_ring */
+    _Atomic uint64_t fail_ring[SHM_FAIL_RING]; /* times of the latest failures */
 } __attribute__((aligned(SHM_CACHELINE)));
 
 /* Per-worker slot header; writer: that worker (pid etc. by the master before fork). */
@@ -138,8 +179,42 @@ static inline enum backend_state shm_backend_state(const struct shm *shm, uint32
                                                     memory_order_acquire);
 }
 
-/* A backend takes new requests: UP, READY, weight > 0. */
+/* A backend takes new requests: UP (or DEGRADED), READY, weight > 0. Breaker, cooling and
+ * trial admission are the worker's further checks (see below). */
 int shm_backend_eligible(const struct shm *shm, uint32_t b);
+
+/* Worker w records the outcome of one request to b (at most one of these per request). */
+void shm_wb_record_ok(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns,
+                      uint64_t latency_ns);
+void shm_wb_record_fail(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns);
+
+/* Failures of b recorded by all workers after `since_ns` (at most SHM_FAIL_RING per worker). */
+uint32_t shm_backend_failures_since(const struct shm *shm, uint32_t b, uint64_t since_ns);
+/* Latest success of b over all workers (0 = none). */
+uint64_t shm_backend_last_ok(const struct shm *shm, uint32_t b);
+/* b is cooling (429) until this time (0 = not cooling). */
+uint64_t shm_backend_cool_until(const struct shm *shm, uint32_t b);
+/* Peak-EWMA latency of b: the mean of the workers' figures (0 = none yet). */
+uint64_t shm_backend_ewma(const struct shm *shm, uint32_t b);
+/* Sum of the workers' cumulative ok / failure counters of b. */
+void shm_backend_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint64_t *failed);
+
+/* Worker w asks for one of at most `limit` trial requests in flight to b over all workers.
+ * It counts itself first and then sums: two workers racing both see each other and back
+ * off, so the limit is never exceeded. Returns 1 when admitted (release it when done). */
+int shm_trial_acquire(struct shm *shm, uint32_t w, uint32_t b, int32_t limit);
+void shm_trial_release(struct shm *shm, uint32_t w, uint32_t b);
+int32_t shm_trials_in_flight(const struct shm *shm, uint32_t b);
+
+/* Health checker: breaker changes. */
+void shm_backend_set_breaker(struct shm *shm, uint32_t b, enum breaker_state st, uint64_t until_ns,
+                             uint64_t open_ns);
+/* Master: ask the health checker to reset/open a breaker. */
+void shm_backend_breaker_cmd(struct shm *shm, uint32_t b, enum breaker_cmd cmd);
+/* Health checker: the pending command of b (BREAKER_CMD_NONE when none), marked done. */
+enum breaker_cmd shm_backend_breaker_cmd_take(struct shm *shm, uint32_t b);
+
+const char *shm_breaker_str(enum breaker_state st);
 
 /* Health checker: record a state change (also stamps since_ns, reason, transitions). */
 void shm_backend_set_state(struct shm *shm, uint32_t b, enum backend_state st,

@@ -4,6 +4,7 @@
 #include <stddef.h>
 #include <errno.h>
 #include <stdint.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -124,6 +125,124 @@ static void test_eligibility(void **state)
     shm_destroy(&shm);
 }
 
+static void test_outcomes_and_failure_window(void **state)
+{
+    struct shm shm;
+    uint64_t ok, failed;
+
+    assert_int_equal(shm_create(&shm, 2, 2, 1), 0);
+    shm_wb_record_fail(&shm, 0, 0, 100);
+    shm_wb_record_fail(&shm, 1, 0, 200);
+    shm_wb_record_ok(&shm, 0, 0, 250, 5000);
+    shm_wb_record_fail(&shm, 1, 0, 300);
+    shm_wb_record_fail(&shm, 0, 1, 400); /* another backend */
+    assert_int_equal(shm_backend_failures_since(&shm, 0, 0), 3);
+    assert_int_equal(shm_backend_failures_since(&shm, 0, 150), 2);
+    /* consecutive failures = those after the latest success of any worker */
+    assert_int_equal(shm_backend_last_ok(&shm, 0), 250);
+    assert_int_equal(shm_backend_failures_since(&shm, 0, shm_backend_last_ok(&shm, 0)), 1);
+    shm_backend_outcomes(&shm, 0, &ok, &failed);
+    assert_int_equal(ok, 1);
+    assert_int_equal(failed, 3);
+    /* The ring keeps the latest SHM_FAIL_RING failures of a worker. */
+    for (int i = 0; i < SHM_FAIL_RING + 5; i++)
+        shm_wb_record_fail(&shm, 0, 1, 1000 + (uint64_t)i);
+    assert_int_equal(shm_backend_failures_since(&shm, 1, 0), SHM_FAIL_RING);
+    assert_int_equal(shm_backend_failures_since(&shm, 1, 1000 + SHM_FAIL_RING + 2), 2);
+    shm_destroy(&shm);
+}
+
+static void test_peak_ewma_and_cooling(void **state)
+{
+    struct shm shm;
+
+    assert_int_equal(shm_create(&shm, 1, 2, 1), 0);
+    assert_int_equal(shm_backend_ewma(&shm, 0), 0);
+    shm_wb_record_ok(&shm, 0, 0, 1, 800);
+    assert_int_equal(shm_backend_ewma(&shm, 0), 800);
+    shm_wb_record_ok(&shm, 0, 0, 2, 8000); /* slower: taken at once */
+    assert_int_equal(shm_backend_ewma(&shm, 0), 8000);
+    shm_wb_record_ok(&shm, 0, 0, 3, 0 + 800); /* faster: 1/8 of the way down */
+    assert_int_equal(shm_backend_ewma(&shm, 0), 8000 - 7200 / 8);
+    shm_wb_record_ok(&shm, 1, 0, 4, 1000); /* mean over the workers that measured */
+    assert_int_equal(shm_backend_ewma(&shm, 0), (8000 - 900 + 1000) / 2);
+
+    assert_int_equal(shm_backend_cool_until(&shm, 0), 0);
+    atomic_store(&shm_wb(&shm, 1, 0)->cool_until_ns, 5000);
+    atomic_store(&shm_wb(&shm, 0, 0)->cool_until_ns, 3000);
+    assert_int_equal(shm_backend_cool_until(&shm, 0), 5000);
+    shm_destroy(&shm);
+}
+
+/* Trial admission is exact across processes: two children each try many times to hold a
+ * trial while the other might; the limit of 1 is never exceeded. */
+static void test_trials_never_exceed_limit(void **state)
+{
+    struct shm shm;
+    pid_t pids[2];
+    int status;
+    /* Admitted trials, counted apart from the gauges (which also show tentative claims). */
+    _Atomic int *admitted =
+        mmap(NULL, sizeof(*admitted), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+
+    assert_true(admitted != MAP_FAILED);
+    *admitted = 0;
+    assert_int_equal(shm_create(&shm, 1, 3, 1), 0);
+    for (int w = 0; w < 2; w++) {
+        pids[w] = fork();
+        assert_true(pids[w] >= 0);
+        if (pids[w] == 0) {
+            int bad = 0;
+
+            for (int i = 0; i < 200000; i++) {
+                if (shm_trial_acquire(&shm, (uint32_t)w, 0, 1)) {
+                    if (atomic_fetch_add(admitted, 1) != 0)
+                        bad = 1;
+                    atomic_fetch_sub(admitted, 1);
+                    shm_trial_release(&shm, (uint32_t)w, 0);
+                }
+            }
+            _exit(bad);
+        }
+    }
+    for (int w = 0; w < 2; w++) {
+        assert_int_equal(waitpid(pids[w], &status, 0), pids[w]);
+        assert_true(WIFEXITED(status));
+        assert_int_equal(WEXITSTATUS(status), 0);
+    }
+    assert_int_equal(shm_trials_in_flight(&shm, 0), 0);
+    /* A dead worker's trials are given back by the slot reset. */
+    assert_true(shm_trial_acquire(&shm, 2, 0, 2));
+    assert_true(shm_trial_acquire(&shm, 2, 0, 2));
+    assert_false(shm_trial_acquire(&shm, 0, 0, 2));
+    shm_worker_reset(&shm, 2);
+    assert_true(shm_trial_acquire(&shm, 0, 0, 2));
+    shm_destroy(&shm);
+}
+
+static void test_breaker_fields_and_commands(void **state)
+{
+    struct shm shm;
+
+    assert_int_equal(shm_create(&shm, 1, 1, 1), 0);
+    assert_int_equal(shm_backend(&shm, 0)->breaker, BREAKER_CLOSED);
+    assert_int_equal(shm_backend_breaker_cmd_take(&shm, 0), BREAKER_CMD_NONE);
+    shm_backend_breaker_cmd(&shm, 0, BREAKER_CMD_OPEN);
+    assert_int_equal(shm_backend_breaker_cmd_take(&shm, 0), BREAKER_CMD_OPEN);
+    assert_int_equal(shm_backend_breaker_cmd_take(&shm, 0), BREAKER_CMD_NONE); /* once */
+    shm_backend_set_breaker(&shm, 0, BREAKER_OPEN, 77, 10);
+    assert_int_equal(shm_backend(&shm, 0)->breaker, BREAKER_OPEN);
+    assert_int_equal(shm_backend(&shm, 0)->breaker_until_ns, 77);
+    assert_string_equal(shm_breaker_str(BREAKER_HALF_OPEN), "half-open");
+    /* DEGRADED still takes traffic */
+    atomic_store(&shm_backend(&shm, 0)->weight_eff, 1);
+    shm_backend_set_state(&shm, 0, BACKEND_DEGRADED, REASON_CHECK_SLOW, 5);
+    assert_true(shm_backend_eligible(&shm, 0));
+    assert_string_equal(shm_state_str(BACKEND_DEGRADED), "DEGRADED");
+    assert_string_equal(shm_reason_str(REASON_PASSIVE), "passive");
+    shm_destroy(&shm);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -132,6 +251,10 @@ int main(void)
         cmocka_unit_test(test_shared_across_fork),
         cmocka_unit_test(test_totals_and_worker_reset),
         cmocka_unit_test(test_eligibility),
+        cmocka_unit_test(test_outcomes_and_failure_window),
+        cmocka_unit_test(test_peak_ewma_and_cooling),
+        cmocka_unit_test(test_trials_never_exceed_limit),
+        cmocka_unit_test(test_breaker_fields_and_commands),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
