@@ -1,0 +1,213 @@
+"""Proxying: answers identical to the upstream's, SSE timing kept, upstream keep-alive reuse,
+request rewriting (Host, X-Forwarded-*, request id, API key, hop-by-hop headers)."""
+
+import re
+
+from harness import SseRecorder, chat, chat_body, check, request
+
+
+def _compare_stream(direct, via):
+    check(via.status == 200, f"stream via aigw: status {via.status}: {via!r}")
+    ct = (via.header("content-type") or "").lower()
+    check(ct.startswith("text/event-stream"), f"stream via aigw: content-type {ct!r}")
+    check(via.body.rstrip(b"\n").endswith(b"data: [DONE]"),
+          f"stream via aigw does not end with data: [DONE]: ...{via.body[-120:]!r}")
+    check(via.body == direct.body,
+          f"SSE body differs from the mock's direct one:\n direct {direct.body[:400]!r}\n"
+          f" via    {via.body[:400]!r}")
+
+
+def test_nonstream_identical(env):
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1)
+    body = chat_body("What is the capital of France?", max_tokens=16)
+    direct = chat(m.port, body)
+    check(direct.status == 200, f"mock direct: {direct!r}")
+    via = chat(gw.port, body)
+    check(via.status == 200, f"via aigw: status {via.status}: {via!r}")
+    ct = (via.header("content-type") or "").lower()
+    check(ct.startswith("application/json"), f"via aigw: content-type {ct!r}")
+    check(via.body == direct.body,
+          f"body differs from the mock's direct one:\n direct {direct.body[:300]!r}\n"
+          f" via    {via.body[:300]!r}")
+    check(via.header("x-mock-name") == "m1", f"x-mock-name {via.header('x-mock-name')!r}")
+
+
+def test_stream_identical(env):
+    m = env.mock("m1", "--chunks", 6, "--chunk-interval", "5ms")
+    gw = env.gateway([m], workers=1)
+    body = chat_body("Count to six.", stream=True)
+    direct = chat(m.port, body)
+    check(direct.status == 200 and b"[DONE]" in direct.body, f"mock direct: {direct!r}")
+    _compare_stream(direct, chat(gw.port, body))
+    # with the usage chunk too
+    body = chat_body("Count to six.", stream=True, stream_options={"include_usage": True})
+    direct = chat(m.port, body)
+    check(b'"usage"' in direct.body, f"mock sent no usage chunk: {direct.body[-300:]!r}")
+    _compare_stream(direct, chat(gw.port, body))
+
+
+def test_stream_chunk_timing(env):
+    m = env.mock("m1", "--chunks", 6, "--chunk-interval", "200ms")
+    gw = env.gateway([m], workers=1)
+    rec = SseRecorder()
+    r = chat(gw.port, chat_body("Slowly.", stream=True), on_body=rec, timeout=15)
+    check(r.status == 200, f"status {r.status}: {r!r}")
+    data = [(t, ev) for t, ev in rec.events if ev.startswith(b"data: {")]
+    check(len(data) >= 6, f"expected >= 6 data events, got {len(data)}: {r.body[:300]!r}")
+    times = [t for t, _ in data[:6]]
+    gaps = [round((b - a) * 1000) for a, b in zip(times, times[1:])]
+    check(all(g >= 150 for g in gaps),
+          f"SSE events not spaced ~200ms apart (buffered?): gaps in ms {gaps}")
+    # the first token must not wait for the whole answer either
+    first = round((times[0] - r.head_time) * 1000)
+    check(first < 900, f"first event arrived {first}ms after the head")
+
+
+def test_chunk_interval_header(env):
+    """x-mock-chunk-interval reaches the upstream and the timing survives the proxy."""
+    m = env.mock("m1", "--chunks", 4)
+    gw = env.gateway([m], workers=1)
+    rec = SseRecorder()
+    r = chat(gw.port, chat_body("Slowly.", stream=True), {"x-mock-chunk-interval": "200ms"},
+             on_body=rec, timeout=15)
+    check(r.status == 200, f"status {r.status}: {r!r}")
+    times = [t for t, ev in rec.events if ev.startswith(b"data: {")][:4]
+    check(len(times) == 4, f"expected 4 data events, got {len(times)}")
+    gaps = [round((b - a) * 1000) for a, b in zip(times, times[1:])]
+    check(all(g >= 150 for g in gaps), f"gaps in ms {gaps}, expected each >= 150")
+
+
+def test_upstream_keepalive_reuse(env):
+    m = env.mock("m1")
+    # no health checks: they would open their own connections to the mock
+    gw = env.gateway([m], workers=1, pool={"check": "no"})
+    n = 20
+    before = m.stats()
+    for i in range(n):
+        r = chat(gw.port, chat_body(f"request {i}"))
+        check(r.status == 200, f"request {i}: {r!r}")
+    after = m.stats()
+    # each stats call is itself one connection and one request to the mock
+    conns = after["connections"] - before["connections"] - 1
+    reqs = after["requests"] - before["requests"]
+    check(n <= reqs <= n + 1, f"mock saw {reqs} new requests, expected {n}")
+    check(conns == 1,
+          f"{n} sequential requests through 1 worker used {conns} upstream connections, "
+          f"expected 1 (keep-alive reuse)")
+
+
+def test_keepalive_zero_closes(env):
+    """keepalive = 0 on the backend: every request opens its own upstream connection."""
+    m = env.mock("m1")
+    gw = env.gateway([("m1", m, {"keepalive": 0})], workers=1, pool={"check": "no"})
+    before = m.stats()
+    for i in range(4):
+        r = chat(gw.port, chat_body(f"request {i}"))
+        check(r.status == 200, f"request {i}: {r!r}")
+    after = m.stats()
+    conns = after["connections"] - before["connections"] - 1
+    check(conns == 4, f"keepalive=0: 4 requests used {conns} upstream connections, expected 4")
+
+
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def test_request_rewriting(env):
+    m = env.mock("m1", "--api-key", "sk-backend")
+    gw = env.gateway([("m1", m, {"api_key": "sk-backend"})], workers=1, pool={"check": "no"})
+    body = chat_body("rewrite me")
+    r = chat(gw.port, body, [
+        ("Authorization", "Bearer sk-client"),
+        ("Connection", "keep-alive, X-Hop"),
+        ("Keep-Alive", "timeout=123"),
+        ("TE", "trailers"),
+        ("Proxy-Connection", "keep-alive"),
+        ("X-Custom", "kept-value"),
+        ("User-Agent", "aigw-it/1"),
+    ])
+    check(r.status == 200, f"status {r.status} (401 = the backend key was not sent): {r!r}")
+    last = m.last()
+    h = last["headers"]
+    problems = []
+    if last.get("method") != "POST" or last.get("path") != "/v1/chat/completions":
+        problems.append(f"method/path {last.get('method')} {last.get('path')}")
+    if last.get("body") != body.decode():
+        problems.append(f"body changed: {last.get('body')!r}")
+    if h.get("host") != f"127.0.0.1:{m.port}":
+        problems.append(f"host {h.get('host')!r}, expected '127.0.0.1:{m.port}'")
+    for k, want in (("x-forwarded-for", "127.0.0.1"), ("x-real-ip", "127.0.0.1"),
+                    ("x-forwarded-proto", "http"), ("authorization", "Bearer sk-backend"),
+                    ("x-custom", "kept-value"), ("user-agent", "aigw-it/1")):
+        if h.get(k) != want:
+            problems.append(f"{k}: {h.get(k)!r}, expected {want!r}")
+    rid = h.get("x-request-id", "")
+    if not HEX32.match(rid):
+        problems.append(f"x-request-id {rid!r} is not 32 lower-case hex digits")
+    if "x-hop" in h.get("connection", "").lower():
+        problems.append(f"client's Connection header forwarded: {h.get('connection')!r}")
+    for k in ("keep-alive", "te", "proxy-connection"):
+        if k in h:
+            problems.append(f"hop-by-hop header {k}: {h[k]!r} forwarded")
+    if r.header("x-request-id") != rid:
+        problems.append(f"response x-request-id {r.header('x-request-id')!r} != upstream's {rid!r}")
+    check(not problems, "; ".join(problems))
+
+
+def test_request_id_kept(env):
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1, pool={"check": "no"})
+    mine = "0123456789abcdef0123456789abcdef"
+    r = chat(gw.port, headers={"X-Request-Id": mine})
+    check(r.status == 200, f"status {r.status}: {r!r}")
+    got = m.last()["headers"].get("x-request-id")
+    check(got == mine, f"upstream saw x-request-id {got!r}, expected the client's {mine!r}")
+    check(r.header("x-request-id") == mine,
+          f"response x-request-id {r.header('x-request-id')!r}, expected {mine!r}")
+    # two requests without one get different ids
+    ids = set()
+    for _ in range(2):
+        chat(gw.port)
+        ids.add(m.last()["headers"].get("x-request-id"))
+    check(len(ids) == 2 and all(i and HEX32.match(i) for i in ids), f"generated ids {ids}")
+
+
+def test_backend_key_added(env):
+    """A client that sends no Authorization: the backend's key is still added."""
+    m = env.mock("m1", "--api-key", "sk-backend")
+    gw = env.gateway([("m1", m, {"api_key": "sk-backend"})], workers=1, pool={"check": "no"})
+    r = chat(gw.port)  # no client Authorization at all: the gateway still adds the backend's
+    check(r.status == 200, f"status {r.status}: {r!r}")
+    check(m.last()["headers"].get("authorization") == "Bearer sk-backend",
+          f"authorization {m.last()['headers'].get('authorization')!r}")
+
+
+def test_path_prefix_mapping(env):
+    m = env.mock("m1")
+    # the mock answers only under /v1: a backend prefix /v1 maps /v1/models -> /v1/models
+    gw = env.gateway([m], workers=1, pool={"check": "no"})
+    r = request(gw.port, "GET", "/v1/models")
+    check(r.status == 200, f"GET /v1/models via aigw: {r!r}")
+    check(m.last()["path"] == "/v1/models", f"upstream path {m.last()['path']!r}")
+    check(b'"object"' in r.body, f"models body {r.body[:200]!r}")
+
+
+def test_roundrobin_spreads(env):
+    a = env.mock("a")
+    b = env.mock("b")
+    gw = env.gateway([a, b], workers=1, pool={"check": "no"})
+    names = []
+    for i in range(6):
+        r = chat(gw.port, chat_body(f"rr {i}"))
+        check(r.status == 200, f"request {i}: {r!r}")
+        names.append(r.header("x-mock-name"))
+    check(names.count("a") == 3 and names.count("b") == 3,
+          f"roundrobin over two equal backends gave {names}")
+
+
+def test_weight_zero_takes_nothing(env):
+    a = env.mock("a")
+    b = env.mock("b")
+    gw = env.gateway([("a", a, {"weight": 0}), b], workers=1, pool={"check": "no"})
+    names = [chat(gw.port, chat_body(f"w {i}")).header("x-mock-name") for i in range(4)]
+    check(names == ["b"] * 4, f"weight 0 backend got traffic: {names}")
