@@ -1,0 +1,396 @@
+/* Unit tests of the health checker: rise/fall, request text, status judgement, and one active
+ * check end to end against an in-process loopback server. */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <uv.h>
+
+#include "health/check.h"
+#include "health/health.h"
+
+/* Feeds a sequence of results ('+' pass, '-' fail) and returns the positions (1-based) of the
+ * state changes as a string of digits, e.g. "3" when the third result flipped the state. */
+static void rf_run(const char *seq, enum backend_state start, int rise, int fall, char *changes,
+                   enum backend_state *end)
+{
+    struct health_rf rf = {0};
+    enum backend_state st = start;
+    char *p = changes;
+
+    for (int i = 0; seq[i]; i++)
+        if (health_rf_on_result(&rf, &st, seq[i] == '+', rise, fall))
+            *p++ = (char)('1' + i);
+    *p = '\0';
+    *end = st;
+}
+
+static void test_rf_fall_after_consecutive_failures(void **state)
+{
+    char ch[32];
+    enum backend_state st;
+
+    rf_run("--", BACKEND_UP, 2, 3, ch, &st);
+    assert_string_equal(ch, "");
+    assert_int_equal(st, BACKEND_UP);
+    rf_run("---", BACKEND_UP, 2, 3, ch, &st);
+    assert_string_equal(ch, "3");
+    assert_int_equal(st, BACKEND_DOWN);
+    /* Further failures while DOWN change nothing. */
+    rf_run("-----", BACKEND_UP, 2, 3, ch, &st);
+    assert_string_equal(ch, "3");
+    assert_int_equal(st, BACKEND_DOWN);
+}
+
+static void test_rf_pass_resets_fail_streak(void **state)
+{
+    char ch[32];
+    enum backend_state st;
+
+    rf_run("--+--+--", BACKEND_UP, 2, 3, ch, &st);
+    assert_string_equal(ch, "");
+    assert_int_equal(st, BACKEND_UP);
+    rf_run("--+---", BACKEND_UP, 2, 3, ch, &st);
+    assert_string_equal(ch, "6");
+    assert_int_equal(st, BACKEND_DOWN);
+}
+
+static void test_rf_rise_after_consecutive_passes(void **state)
+{
+    char ch[32];
+    enum backend_state st;
+
+    rf_run("+", BACKEND_DOWN, 2, 3, ch, &st);
+    assert_string_equal(ch, "");
+    assert_int_equal(st, BACKEND_DOWN);
+    rf_run("+-+-+", BACKEND_DOWN, 2, 3, ch, &st);
+    assert_string_equal(ch, "");
+    assert_int_equal(st, BACKEND_DOWN);
+    rf_run("+-++", BACKEND_DOWN, 2, 3, ch, &st);
+    assert_string_equal(ch, "4");
+    assert_int_equal(st, BACKEND_UP);
+}
+
+static void test_rf_full_cycle(void **state)
+{
+    char ch[32];
+    enum backend_state st;
+
+    /* down after 2, up after 3, down again after 2: streaks start afresh after each change. */
+    rf_run("+--+-+++--", BACKEND_UP, 3, 2, ch, &st);
+    assert_string_equal(ch, "38:");
+    assert_int_equal(st, BACKEND_DOWN);
+}
+
+static void test_rf_one_and_zero_thresholds(void **state)
+{
+    char ch[32];
+    enum backend_state st;
+
+    rf_run("-+-+", BACKEND_UP, 1, 1, ch, &st);
+    assert_string_equal(ch, "1234");
+    assert_int_equal(st, BACKEND_UP);
+    /* 0 is treated as 1 rather than flapping or never changing. */
+    rf_run("-+", BACKEND_UP, 0, 0, ch, &st);
+    assert_string_equal(ch, "12");
+}
+
+static void test_status_expected(void **state)
+{
+    const int exp[] = {200, 204};
+
+    assert_true(check_status_expected(200, exp, 2));
+    assert_true(check_status_expected(204, exp, 2));
+    assert_false(check_status_expected(201, exp, 2));
+    assert_false(check_status_expected(503, exp, 2));
+    assert_false(check_status_expected(200, exp, 0));
+}
+
+static void test_build_request(void **state)
+{
+    char buf[512];
+    int n;
+
+    n = check_build_request(buf, sizeof(buf), 0, "/v1/models", "127.0.0.1", 9101, 0, NULL);
+    assert_string_equal(buf, "GET /v1/models HTTP/1.1\r\n"
+                             "Host: 127.0.0.1:9101\r\n"
+                             "User-Agent: aigw-health\r\n"
+                             "Accept: */*\r\n"
+                             "Connection: close\r\n\r\n");
+    assert_int_equal(n, (int)strlen(buf));
+
+    n = check_build_request(buf, sizeof(buf), 1, "/models", "api.example.com", 443, 1, "sk-1");
+    assert_string_equal(buf, "HEAD /models HTTP/1.1\r\n"
+                             "Host: api.example.com\r\n"
+                             "Authorization: Bearer sk-1\r\n"
+                             "User-Agent: aigw-health\r\n"
+                             "Accept: */*\r\n"
+                             "Connection: close\r\n\r\n");
+    assert_int_equal(n, (int)strlen(buf));
+
+    /* Port 80 is the default only for http; IPv6 literals are bracketed. */
+    check_build_request(buf, sizeof(buf), 0, "/h", "::1", 80, 1, NULL);
+    assert_non_null(strstr(buf, "\r\nHost: [::1]:80\r\n"));
+    check_build_request(buf, sizeof(buf), 0, "/h", "::1", 80, 0, NULL);
+    assert_non_null(strstr(buf, "\r\nHost: [::1]\r\n"));
+
+    assert_int_equal(check_build_request(buf, 40, 0, "/v1/models", "h", 1, 0, NULL), -ENOSPC);
+}
+
+/* A loopback server in the test's own loop: answers each connection with `reply` (or stays
+ * silent when reply is NULL) and keeps the request it got. */
+struct srv {
+    uv_tcp_t tcp;
+    const char *reply;
+    char got[1024];
+    size_t got_len;
+    int port;
+};
+
+struct srv_conn {
+    uv_tcp_t tcp;
+    struct srv *srv;
+    uv_write_t wr;
+};
+
+static void srv_alloc(uv_handle_t *h, size_t sz, uv_buf_t *b)
+{
+    static char mem[4096];
+
+    b->base = mem;
+    b->len = sizeof(mem);
+}
+
+static void srv_conn_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+static void srv_written(uv_write_t *w, int status)
+{
+    struct srv_conn *c = w->data;
+
+    uv_close((uv_handle_t *)&c->tcp, srv_conn_closed);
+}
+
+static void srv_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
+{
+    struct srv_conn *c = s->data;
+    struct srv *srv = c->srv;
+    uv_buf_t out;
+
+    if (n < 0) {
+        uv_close((uv_handle_t *)&c->tcp, srv_conn_closed);
+        return;
+    }
+    if (n > 0 && srv->got_len + (size_t)n < sizeof(srv->got)) {
+        memcpy(srv->got + srv->got_len, b->base, (size_t)n);
+        srv->got_len += (size_t)n;
+        srv->got[srv->got_len] = '\0';
+    }
+    if (!strstr(srv->got, "\r\n\r\n") || !srv->reply)
+        return;
+    uv_read_stop(s);
+    out = uv_buf_init((char *)srv->reply, (unsigned)strlen(srv->reply));
+    c->wr.data = c;
+    uv_write(&c->wr, s, &out, 1, srv_written);
+}
+
+static void srv_on_conn(uv_stream_t *l, int status)
+{
+    struct srv *srv = l->data;
+    struct srv_conn *c = calloc(1, sizeof(*c));
+
+    assert_non_null(c);
+    c->srv = srv;
+    uv_tcp_init(l->loop, &c->tcp);
+    c->tcp.data = c;
+    assert_int_equal(uv_accept(l, (uv_stream_t *)&c->tcp), 0);
+    uv_read_start((uv_stream_t *)&c->tcp, srv_alloc, srv_read);
+}
+
+static void srv_start(uv_loop_t *loop, struct srv *srv, const char *reply)
+{
+    struct sockaddr_in sa;
+    struct sockaddr_storage ss;
+    int len = sizeof(ss);
+
+    memset(srv, 0, sizeof(*srv));
+    srv->reply = reply;
+    uv_ip4_addr("127.0.0.1", 0, &sa);
+    assert_int_equal(uv_tcp_init(loop, &srv->tcp), 0);
+    srv->tcp.data = srv;
+    assert_int_equal(uv_tcp_bind(&srv->tcp, (struct sockaddr *)&sa, 0), 0);
+    assert_int_equal(uv_listen((uv_stream_t *)&srv->tcp, 16, srv_on_conn), 0);
+    uv_tcp_getsockname(&srv->tcp, (struct sockaddr *)&ss, &len);
+    srv->port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+}
+
+static void close_walk(uv_handle_t *h, void *arg)
+{
+    if (!uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
+struct run {
+    struct check_result res;
+    int calls;
+};
+
+static void on_done(struct check *ck, const struct check_result *res)
+{
+    struct run *r = ck->data;
+
+    r->res = *res;
+    r->calls++;
+}
+
+/* Runs one check against 127.0.0.1:port (or the server when srv is set) and returns its result. */
+static void run_check(const char *reply, int use_srv, uint16_t port, uint64_t timeout_ms, int head,
+                      struct run *r, char *got, size_t got_len)
+{
+    static const int expect[] = {200, 204};
+    uv_loop_t loop;
+    struct srv srv;
+    struct check ck;
+    struct check_spec spec;
+    char req[512];
+
+    memset(r, 0, sizeof(*r));
+    assert_int_equal(uv_loop_init(&loop), 0);
+    if (use_srv) {
+        srv_start(&loop, &srv, reply);
+        port = (uint16_t)srv.port;
+    }
+    memset(&spec, 0, sizeof(spec));
+    spec.host = "127.0.0.1";
+    spec.port = port;
+    spec.request = req;
+    spec.request_len = (size_t)check_build_request(req, sizeof(req), head, "/v1/models",
+                                                   "127.0.0.1", port, 0, "k");
+    spec.expect = expect;
+    spec.n_expect = 2;
+    spec.timeout_ms = timeout_ms;
+    assert_int_equal(check_init(&ck, &loop, &spec, on_done, r), 0);
+    assert_int_equal(check_start(&ck), 0);
+    assert_int_equal(check_start(&ck), -EBUSY);
+    /* The result is never reported from inside check_start. */
+    assert_int_equal(r->calls, 0);
+    while (r->calls == 0 && uv_run(&loop, UV_RUN_ONCE))
+        ;
+    assert_int_equal(r->calls, 1);
+    assert_false(check_running(&ck));
+    if (got && use_srv)
+        snprintf(got, got_len, "%s", srv.got);
+    check_close(&ck);
+    uv_walk(&loop, close_walk, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+}
+
+static void test_check_pass(void **state)
+{
+    struct run r;
+    char got[1024];
+
+    run_check("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 1, 0, 2000, 0, &r, got,
+              sizeof(got));
+    assert_true(r.res.ok);
+    assert_int_equal(r.res.status, 200);
+    assert_int_equal(r.res.why, REASON_CHECK_OK);
+    assert_true(r.res.dur_us < 2000000);
+    assert_non_null(strstr(got, "GET /v1/models HTTP/1.1\r\n"));
+    assert_non_null(strstr(got, "\r\nAuthorization: Bearer k\r\n"));
+    assert_non_null(strstr(got, "\r\nUser-Agent: aigw-health\r\n"));
+}
+
+static void test_check_head_without_length(void **state)
+{
+    struct run r;
+
+    /* A HEAD answer announces a body it doesn't send: the status line is all that counts. */
+    run_check("HTTP/1.1 204 No Content\r\nContent-Length: 100\r\n\r\n", 1, 0, 2000, 1, &r, NULL, 0);
+    assert_true(r.res.ok);
+    assert_int_equal(r.res.status, 204);
+}
+
+static void test_check_bad_status(void **state)
+{
+    struct run r;
+
+    run_check("HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n", 1, 0, 2000, 0, &r, NULL, 0);
+    assert_false(r.res.ok);
+    assert_int_equal(r.res.status, 503);
+    assert_int_equal(r.res.why, REASON_CHECK_STATUS);
+    assert_non_null(strstr(r.res.detail, "503"));
+}
+
+static void test_check_garbage(void **state)
+{
+    struct run r;
+
+    run_check("SSH-2.0-OpenSSH_9.2\r\n\r\n", 1, 0, 2000, 0, &r, NULL, 0);
+    assert_false(r.res.ok);
+    assert_int_equal(r.res.why, REASON_CHECK_PROTO);
+    assert_int_equal(r.res.status, -EBADMSG);
+}
+
+static void test_check_timeout(void **state)
+{
+    struct run r;
+
+    run_check(NULL, 1, 0, 150, 0, &r, NULL, 0);
+    assert_false(r.res.ok);
+    assert_int_equal(r.res.why, REASON_CHECK_TIMEOUT);
+    assert_int_equal(r.res.status, -ETIMEDOUT);
+    assert_true(r.res.dur_us >= 140000);
+    assert_non_null(strstr(r.res.detail, "waiting for the response"));
+}
+
+static void test_check_refused(void **state)
+{
+    struct run r;
+    uv_loop_t loop;
+    struct srv srv;
+    uint16_t port;
+
+    /* Find a free port, then close it so nothing listens there. */
+    assert_int_equal(uv_loop_init(&loop), 0);
+    srv_start(&loop, &srv, NULL);
+    port = (uint16_t)srv.port;
+    uv_close((uv_handle_t *)&srv.tcp, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uv_loop_close(&loop);
+
+    run_check(NULL, 0, port, 2000, 0, &r, NULL, 0);
+    assert_false(r.res.ok);
+    assert_int_equal(r.res.why, REASON_CHECK_CONNECT);
+    assert_int_equal(r.res.status, -ECONNREFUSED);
+    assert_non_null(strstr(r.res.detail, "connect refused (127.0.0.1:"));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_rf_fall_after_consecutive_failures),
+        cmocka_unit_test(test_rf_pass_resets_fail_streak),
+        cmocka_unit_test(test_rf_rise_after_consecutive_passes),
+        cmocka_unit_test(test_rf_full_cycle),
+        cmocka_unit_test(test_rf_one_and_zero_thresholds),
+        cmocka_unit_test(test_status_expected),
+        cmocka_unit_test(test_build_request),
+        cmocka_unit_test(test_check_pass),
+        cmocka_unit_test(test_check_head_without_length),
+        cmocka_unit_test(test_check_bad_status),
+        cmocka_unit_test(test_check_garbage),
+        cmocka_unit_test(test_check_timeout),
+        cmocka_unit_test(test_check_refused),
+    };
+
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
