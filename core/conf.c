@@ -40,6 +40,7 @@ static const char *const conf_kind_names[] = {
 struct conf_ref {
     char pool[CONF_NAME_MAX]; /* "" when the key was not given */
     int line;
+    int bind_line; /* listen: where bind was set, for the duplicate check */
 };
 
 /* State of one conf_load: the reader and the handler share it through inih's user pointer. */
@@ -540,8 +541,9 @@ static void conf_global_custom(struct conf_parse *p, const char *key, const char
         }
         r = util_parse_int(val, 1, CONF_WORKERS_MAX, &n);
         if (r < 0) {
-            conf_err(p, p->line, key, "'%s' %s (expected auto or 1..%d)", val,
-                     r == -ERANGE ? "is out of range" : "is not a number", CONF_WORKERS_MAX);
+            conf_err(p, p->line, key, "'%s' %s 1..%d (expected auto or 1..%d)", val,
+                     r == -ERANGE ? "is out of range" : "is not a number in", CONF_WORKERS_MAX,
+                     CONF_WORKERS_MAX);
             return;
         }
         g->workers = (int)n;
@@ -566,6 +568,7 @@ static void conf_listen_custom(struct conf_parse *p, const char *key, const char
 
     if (!strcmp(key, "bind")) {
         conf_set_bind(p, l, val);
+        p->listen_refs[p->idx].bind_line = p->line;
     } else if (!strcmp(key, "pool")) {
         struct conf_ref *ref = &p->listen_refs[p->idx];
 
@@ -660,7 +663,7 @@ static void conf_backend_custom(struct conf_parse *p, const char *key, const cha
         r = util_parse_int(val, 0, 4096, &n);
         if (r < 0) {
             conf_err(p, p->line, key, "'%s' %s (expected yes, no or a count 0..4096)", val,
-                     r == -ERANGE ? "is out of range" : "is not a number");
+                     r == -ERANGE ? "is out of range 0..4096" : "is not a number");
             return;
         }
         b->keepalive = (int)n;
@@ -1070,7 +1073,7 @@ static void conf_finish(struct conf_parse *p)
         }
         for (int j = 0; j < i; j++) {
             if (conf_addr_overlap(&c->listens[j], l)) {
-                conf_err(p, l->file_line, "bind",
+                conf_err(p, ref->bind_line, "bind",
                          "%s conflicts with [listen %s] bind = %s (line %d)", l->bind,
                          c->listens[j].name, c->listens[j].bind, c->listens[j].file_line);
                 return;
