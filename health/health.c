@@ -55,7 +55,8 @@ int health_rf_on_result(struct health_rf *rf, enum backend_state *st, int ok, in
         rise = 1;
     if (fall < 1)
         fall = 1;
-    if (*st == BACKEND_UP) {
+    /* DEGRADED still serves: its failures count toward DOWN like UP's. */
+    if (*st != BACKEND_DOWN) {
         rf->ok_streak = 0;
         if (ok) {
             rf->fail_streak = 0;
@@ -256,7 +257,6 @@ int health_main(struct conf *conf, struct shm *shm)
     memset(&h, 0, sizeof(h));
     h.conf = conf;
     h.shm = shm;
-    log_set_role("health");
     srandom((unsigned)getpid() ^ (unsigned)time_mono_ns());
     ret = tls_global_init();
     if (ret < 0) {
