@@ -60,8 +60,9 @@ format_check() {
     else
         {
             echo "not clang-formatted (run 'make fmt'):"
-            grep -o '^[^: ]*\.[ch]:' "$TMP/format.out" | tr -d : | sort -u | head -n 20
-            grep -v '^[^: ]*\.[ch]:' "$TMP/format.out" | grep -v '^ ' | head -n 5
+            grep -o '^[^: ]*\.[ch]:[0-9]*:' "$TMP/format.out" | cut -d: -f1 | sort -u | head -n 20
+            # anything else clang-format said (it failing to run at all, say)
+            grep -q '^[^: ]*\.[ch]:[0-9]*:' "$TMP/format.out" || head -n 5 "$TMP/format.out"
         } >"$TMP/format.reason"
         fail format "$TMP/format.reason" 30
     fi
