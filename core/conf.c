@@ -88,7 +88,7 @@ static void conf_verr(struct conf_parse *p, int line, const char *key, const cha
     if (n < 0)
         p->err = NULL;
     p->err_line = line > 0 ? line : 1;
-    if (!p->err) /* out of memory: still fail, with a static-free fallback */
+    if (!p->err) /* out of memory: err_line still marks the load as failed */
         p->err = strdup("out of memory");
 }
 
@@ -710,16 +710,20 @@ static int conf_grow(void **a, size_t ea, void **b, size_t eb, int *cap, int n)
     return 0;
 }
 
+static int conf_key_index(const struct conf_key *keys, const char *name)
+{
+    for (int i = 0; keys[i].name; i++)
+        if (!strcmp(keys[i].name, name))
+            return i;
+    return -1;
+}
+
 /* At the end of a section: report a missing required key at the section's line. */
 static void conf_section_end(struct conf_parse *p)
 {
-    const struct conf_key *keys = conf_kind_keys[p->kind];
-
-    if (!keys)
-        return;
-    if (p->kind == CONF_KIND_LISTEN && !p->key_line[0]) /* bind */
+    if (p->kind == CONF_KIND_LISTEN && !p->key_line[conf_key_index(conf_listen_keys, "bind")])
         conf_err(p, p->sect_line, "bind", "missing (required, e.g. bind = 127.0.0.1:8080)");
-    else if (p->kind == CONF_KIND_BACKEND && !p->key_line[1]) /* url */
+    else if (p->kind == CONF_KIND_BACKEND && !p->key_line[conf_key_index(conf_backend_keys, "url")])
         conf_err(p, p->sect_line, "url", "missing (required, e.g. url = http://127.0.0.1:9101/v1)");
 }
 
@@ -1172,7 +1176,7 @@ int conf_load(const char *path, struct conf **out, char **err)
         p.sect[0] = '\0';
         conf_finish(&p);
     }
-    if (p.err) {
+    if (p.err || p.err_line) {
         ret = -EINVAL;
         *err = p.err;
         p.err = NULL;
