@@ -46,7 +46,8 @@ struct conf_ref {
 /* State of one conf_load: the reader and the handler share it through inih's user pointer. */
 struct conf_parse {
     const char *path;
-    char *dir; /* the config file's directory, for relative file: and ca_file paths */
+    unsigned flags; /* CONF_LOAD_* */
+    char *dir;      /* the config file's directory, for relative file: and ca_file paths */
     FILE *f;
     char *buf; /* the current raw line (getline) */
     size_t cap;
@@ -323,6 +324,9 @@ static void conf_set_api_key(struct conf_parse *p, struct conf_backend *b, const
     const char *key = "api_key";
     char *secret = NULL, *path = NULL;
     int fd = -1;
+
+    if (p->flags & CONF_LOAD_NO_SECRETS)
+        return;
 
     if (!strncmp(val, "env:", 4)) {
         const char *var = val + 4, *env;
@@ -1125,6 +1129,11 @@ static void conf_global_defaults(struct conf_global *g)
 
 int conf_load(const char *path, struct conf **out, char **err)
 {
+    return conf_load_flags(path, 0, out, err);
+}
+
+int conf_load_flags(const char *path, unsigned flags, struct conf **out, char **err)
+{
     struct conf_parse p;
     struct conf *c;
     const char *slash;
@@ -1134,6 +1143,7 @@ int conf_load(const char *path, struct conf **out, char **err)
     *err = NULL;
     memset(&p, 0, sizeof(p));
     p.path = path;
+    p.flags = flags;
     c = calloc(1, sizeof(*c));
     if (!c || !(c->path = strdup(path))) {
         free(c);

@@ -103,6 +103,12 @@ struct conf {
 /* Reads and checks a config file. On error returns -EINVAL (or -errno for I/O) and sets *err
  * to a malloc'd "FILE:LINE: key 'K': what is wrong" message for the caller to print and free. */
 int conf_load(const char *path, struct conf **out, char **err);
+
+/* conf_load with options. CONF_LOAD_NO_SECRETS leaves every api_key NULL without reading
+ * env:/file: sources: for tools (aigwctl -c) that need only the layout and the admin socket,
+ * run from a shell that may lack the gateway's environment or file permissions. */
+#define CONF_LOAD_NO_SECRETS 0x1u
+int conf_load_flags(const char *path, unsigned flags, struct conf **out, char **err);
 void conf_free(struct conf *conf);
 
 /* Lookups by section name; -1 when absent. */

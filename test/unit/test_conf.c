@@ -452,6 +452,26 @@ static void test_indent_and_long_lines(void **state)
     load_bad(text, 6, "longer than", NULL);
 }
 
+/* aigwctl -c reads the layout without the gateway's secrets. */
+static void test_no_secrets_flag(void **state)
+{
+    struct conf *c = NULL;
+    char *err = NULL;
+
+    unsetenv("AIGW_TEST_UNSET_VAR");
+    write_file(ini_path, BASE "api_key = env:AIGW_TEST_UNSET_VAR\n[backend b]\nurl = http://h\n"
+                              "api_key = file:no-such-file\n");
+    assert_int_equal(conf_load_flags(ini_path, CONF_LOAD_NO_SECRETS, &c, &err), 0);
+    assert_null(err);
+    assert_int_equal(c->n_backends, 2);
+    assert_null(c->backends[0].api_key);
+    assert_null(c->backends[1].api_key);
+    conf_free(c);
+    assert_int_equal(conf_load_flags(ini_path, 0, &c, &err), -EINVAL);
+    assert_non_null(strstr(err, ":6: [backend a] key 'api_key'"));
+    free(err);
+}
+
 static void test_missing_file(void **state)
 {
     struct conf *c = (void *)1;
@@ -480,6 +500,7 @@ int main(void)
         cmocka_unit_test(test_err_duplicates),
         cmocka_unit_test(test_err_structure),
         cmocka_unit_test(test_indent_and_long_lines),
+        cmocka_unit_test(test_no_secrets_flag),
         cmocka_unit_test(test_missing_file),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
