@@ -5,9 +5,9 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
-#define CONF_NAME_MAX 64
-#define CONF_HOST_MAX 256
-#define CONF_PATH_MAX 256
+#define CONF_NAME_MAX   64
+#define CONF_HOST_MAX   256
+#define CONF_PATH_MAX   256
 #define CONF_EXPECT_MAX 8
 
 enum balance_algo {
@@ -29,15 +29,15 @@ enum log_level {
 
 /* A parsed http:// or https:// URL: host, port and an optional path prefix ("/v1"). */
 struct url {
-    int tls;                   /* 1 for https */
-    char host[CONF_HOST_MAX];  /* without brackets for IPv6 literals */
-    uint16_t port;             /* explicit or 80/443 */
+    int tls;                    /* 1 for https */
+    char host[CONF_HOST_MAX];   /* without brackets for IPv6 literals */
+    uint16_t port;              /* explicit or 80/443 */
     char prefix[CONF_PATH_MAX]; /* "" or "/v1": never ends with '/' */
 };
 
 struct conf_global {
-    int workers;                /* "auto" resolves to the number of CPUs */
-    char admin_socket[108];     /* unix socket path; relative to the working directory */
+    int workers;            /* "auto" resolves to the number of CPUs */
+    char admin_socket[108]; /* unix socket path; relative to the working directory */
     enum log_level log_level;
     uint64_t hard_stop_after_ms; /* graceful stop gives up after this */
 };
@@ -49,9 +49,9 @@ struct conf_listen {
     char bind[CONF_HOST_MAX + 8]; /* as written, for logs */
     int pool;                     /* index into conf.pools: where requests go */
     int backlog;
-    uint32_t max_header_size;   /* bytes of request line + headers, else 431 */
-    uint32_t max_headers;       /* header count, else 431 */
-    uint64_t max_body_size;     /* else 413 */
+    uint32_t max_header_size;          /* bytes of request line + headers, else 431 */
+    uint32_t max_headers;              /* header count, else 431 */
+    uint64_t max_body_size;            /* else 413 */
     uint64_t client_header_timeout_ms; /* whole request head must arrive in this */
     uint64_t client_body_timeout_ms;   /* gap between body reads */
     uint64_t keepalive_timeout_ms;     /* idle client connection between requests */
@@ -61,10 +61,10 @@ struct conf_listen {
 struct conf_pool {
     char name[CONF_NAME_MAX];
     enum balance_algo balance;
-    int check;                           /* active checks on (1) or off (0) */
-    int check_method_head;               /* 1 = HEAD, 0 = GET */
-    char check_path[CONF_PATH_MAX];      /* "" = backend prefix + "/models" */
-    int check_expect[CONF_EXPECT_MAX];   /* accepted statuses */
+    int check;                         /* active checks on (1) or off (0) */
+    int check_method_head;             /* 1 = HEAD, 0 = GET */
+    char check_path[CONF_PATH_MAX];    /* "" = backend prefix + "/models" */
+    int check_expect[CONF_EXPECT_MAX]; /* accepted statuses */
     int n_check_expect;
     uint64_t check_interval_ms;
     uint64_t check_timeout_ms;
@@ -79,13 +79,13 @@ struct conf_pool {
 
 struct conf_backend {
     char name[CONF_NAME_MAX];
-    int pool;          /* index into conf.pools */
+    int pool; /* index into conf.pools */
     struct url url;
-    int weight;        /* 0..256; 0 takes no traffic */
-    char *api_key;     /* resolved secret or NULL; sent as "Authorization: Bearer KEY" */
-    int tls_verify;    /* verify the backend's certificate (default yes) */
-    char *ca_file;     /* CA bundle; NULL = the system bundle */
-    int keepalive;     /* idle upstream connections kept per worker; 0 = close after each */
+    int weight;     /* 0..256; 0 takes no traffic */
+    char *api_key;  /* resolved secret or NULL; sent as "Authorization: Bearer KEY" */
+    int tls_verify; /* verify the backend's certificate (default yes) */
+    char *ca_file;  /* CA bundle; NULL = the system bundle */
+    int keepalive;  /* idle upstream connections kept per worker; 0 = close after each */
     int file_line;
 };
 
