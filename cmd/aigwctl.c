@@ -149,7 +149,9 @@ int main(int argc, char **argv)
 
     if (config) {
         char *err = NULL;
-        if (conf_load(config, &conf, &err) < 0) {
+        /* Only admin_socket matters here: the operator running aigwctl may not be allowed to
+         * read the backends' API keys. */
+        if (conf_load_flags(config, CONF_LOAD_NO_SECRETS, &conf, &err) < 0) {
             fprintf(stderr, "aigwctl: %s\n", err ? err : "cannot read the configuration");
             free(err);
             return 1;
