@@ -95,7 +95,7 @@ static void check_format(int checked, int32_t status, char *out, size_t size)
 
 /* Everything one backend row shows, read once from shm. */
 struct backend_row {
-    const char *pool, *name, *state, *admin, *reason;
+    const char *pool, *name, *state, *admin, *breaker, *reason;
     char url[CONF_HOST_MAX + CONF_PATH_MAX + 32];
     uint32_t weight;
     struct shm_backend_totals t;
@@ -117,6 +117,8 @@ static void backend_row_read(const struct conf *conf, const struct shm *shm, int
     r->state = shm_state_str(shm_backend_state(shm, (uint32_t)i));
     r->admin =
         shm_admin_str((enum backend_admin)atomic_load_explicit(&sb->admin, memory_order_relaxed));
+    r->breaker = shm_breaker_str(
+        (enum breaker_state)atomic_load_explicit(&sb->breaker, memory_order_relaxed));
     r->reason = shm_reason_str(
         (enum backend_reason)atomic_load_explicit(&sb->reason, memory_order_relaxed));
     r->weight = atomic_load_explicit(&sb->weight_eff, memory_order_relaxed);
@@ -145,20 +147,23 @@ static void show_backends(struct abuf *b, const struct conf *conf, const struct 
         b->failed = 1;
         return;
     }
-    int wpool = 4, wname = 4, wcheck = 5, wreason = 6;
+    int wpool = 4, wname = 4, wstate = 5, wbreaker = 7, wcheck = 5, wreason = 6;
     for (int i = 0; i < n; i++) {
         struct backend_row *r = &rows[i];
         backend_row_read(conf, shm, i, r);
         check_format(r->checked, r->check_status, r->check, sizeof(r->check));
         wpool = width(wpool, r->pool);
         wname = width(wname, r->name);
+        wstate = width(wstate, r->state);
+        wbreaker = width(wbreaker, r->breaker);
         wcheck = width(wcheck, r->check);
         wreason = width(wreason, r->reason);
     }
 
-    abuf_printf(b, "%-*s  %-*s  %-5s  %-5s  %6s  %6s  %10s  %10s  %-*s  %13s  %-*s  %s\n", wpool,
-                "POOL", wname, "NAME", "STATE", "ADMIN", "WEIGHT", "ACTIVE", "REQUESTS", "FAILURES",
-                wcheck, "CHECK", "LAST_CHECK_MS", wreason, "REASON", "URL");
+    abuf_printf(b, "%-*s  %-*s  %-*s  %-5s  %-*s  %6s  %6s  %10s  %10s  %-*s  %13s  %-*s  %s\n",
+                wpool, "POOL", wname, "NAME", wstate, "STATE", "ADMIN", wbreaker, "BREAKER",
+                "WEIGHT", "ACTIVE", "REQUESTS", "FAILURES", wcheck, "CHECK", "LAST_CHECK_MS",
+                wreason, "REASON", "URL");
     for (int i = 0; i < n; i++) {
         const struct backend_row *r = &rows[i];
         char ms[32];
@@ -166,11 +171,13 @@ static void show_backends(struct abuf *b, const struct conf *conf, const struct 
             snprintf(ms, sizeof(ms), "%u.%u", r->check_us / 1000, r->check_us % 1000 / 100);
         else
             snprintf(ms, sizeof(ms), "-");
-        abuf_printf(b, "%-*s  %-*s  %-5s  %-5s  %6u  %6lld  %10llu  %10llu  %-*s  %13s  %-*s  %s\n",
-                    wpool, r->pool, wname, r->name, r->state, r->admin, r->weight,
-                    (long long)r->t.active, (unsigned long long)r->t.requests,
-                    (unsigned long long)r->t.failures, wcheck, r->check, ms, wreason, r->reason,
-                    r->url);
+        abuf_printf(b,
+                    "%-*s  %-*s  %-*s  %-5s  %-*s  %6u  %6lld  %10llu  %10llu  %-*s  %13s  %-*s  "
+                    "%s\n",
+                    wpool, r->pool, wname, r->name, wstate, r->state, r->admin, wbreaker,
+                    r->breaker, r->weight, (long long)r->t.active,
+                    (unsigned long long)r->t.requests, (unsigned long long)r->t.failures, wcheck,
+                    r->check, ms, wreason, r->reason, r->url);
     }
     free(rows);
 }
@@ -195,6 +202,8 @@ static void show_backends_json(struct abuf *b, const struct conf *conf, const st
         abuf_json_str(b, r.state);
         abuf_printf(b, ",\"admin\":");
         abuf_json_str(b, r.admin);
+        abuf_printf(b, ",\"breaker\":");
+        abuf_json_str(b, r.breaker);
         abuf_printf(b, ",\"weight\":%u,\"active\":%lld,\"requests\":%llu,\"failures\":%llu",
                     r.weight, (long long)r.t.active, (unsigned long long)r.t.requests,
                     (unsigned long long)r.t.failures);

@@ -174,6 +174,7 @@ static void test_backends_json(void **state)
     assert_json_text(&j, b0, "url", "http://127.0.0.1:9101/v1");
     assert_json_text(&j, b0, "state", "UP");
     assert_json_text(&j, b0, "admin", "READY");
+    assert_json_text(&j, b0, "breaker", "closed");
     assert_json_text(&j, b0, "weight", "2");
     assert_json_text(&j, b0, "active", "5");
     assert_json_text(&j, b0, "requests", "123");
@@ -220,6 +221,8 @@ static void test_backends_table(void **state)
     atomic_store(&shm_wb(&f->shm, 1, 2)->requests, 42);
     shm_backend_set_state(&f->shm, 2, BACKEND_DOWN, REASON_CHECK_CONNECT, 1000);
     shm_backend_set_check(&f->shm, 2, -ECONNREFUSED, 1500, 1000);
+    shm_backend_set_breaker(&f->shm, 2, BREAKER_HALF_OPEN, 0, 0);
+    shm_backend_set_state(&f->shm, 0, BACKEND_DEGRADED, REASON_CHECK_SLOW, 1000);
 
     char *out = run(f, "show backends", NULL, 0, 0);
     char *lines[8];
@@ -229,24 +232,31 @@ static void test_backends_table(void **state)
         lines[n++] = l;
     assert_int_equal(n, 4); /* header + 3 backends */
 
-    const char *cols[] = {"POOL", "NAME", "STATE", "ADMIN", "CHECK ", "REASON", "URL"};
-    int pos[7];
-    for (int i = 0; i < 7; i++)
+    const char *cols[] = {"POOL", "NAME", "STATE", "ADMIN", "BREAKER", "CHECK ", "REASON", "URL"};
+    int pos[8];
+    for (int i = 0; i < 8; i++)
         pos[i] = column(lines[0], cols[i]);
-    for (int i = 1; i < 7; i++)
+    for (int i = 1; i < 8; i++)
         assert_true(pos[i] > pos[i - 1]);
 
     /* Left-aligned cells start exactly under their header in every row. */
-    const char *e1[] = {
-        "embeddings-pool",      "e1", "DOWN", "READY", "ECONNREFUSED", "check connect failed",
-        "http://127.0.0.1:9103"};
-    for (int i = 0; i < 7; i++)
+    const char *e1[] = {"embeddings-pool",
+                        "e1",
+                        "DOWN",
+                        "READY",
+                        "half-open",
+                        "ECONNREFUSED",
+                        "check connect failed",
+                        "http://127.0.0.1:9103"};
+    for (int i = 0; i < 8; i++)
         assert_memory_equal(lines[3] + pos[i], e1[i], strlen(e1[i]));
     assert_memory_equal(lines[2] + pos[1], "a2-with-a-long-name", 19);
-    assert_memory_equal(lines[1] + pos[4], "-", 1); /* never checked */
+    assert_memory_equal(lines[1] + pos[2], "DEGRADED", 8);
+    assert_memory_equal(lines[1] + pos[4], "closed", 6);
+    assert_memory_equal(lines[1] + pos[5], "-", 1); /* never checked */
     assert_non_null(strstr(lines[3], " 42 "));
     assert_non_null(strstr(lines[3], " 1.5 ")); /* LAST_CHECK_MS */
-    assert_string_equal(lines[3] + pos[6], "http://127.0.0.1:9103");
+    assert_string_equal(lines[3] + pos[7], "http://127.0.0.1:9103");
     free(out);
 }
 
