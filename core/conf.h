@@ -9,6 +9,24 @@
 #define CONF_HOST_MAX   256
 #define CONF_PATH_MAX   256
 #define CONF_EXPECT_MAX 8
+#define CONF_STATUS_MAX 16
+
+/* What counts as a failure (fail_on) or may be retried (retry_on): a bit set. */
+enum conf_cond {
+    COND_CONNECT = 1 << 0, /* connect-failure: refused, unreachable, connect timeout */
+    COND_TLS = 1 << 1,     /* tls: handshake or certificate failure */
+    COND_TIMEOUT = 1 << 2, /* timeout: no response head in time (first_byte/try timeout) */
+    COND_RESET = 1 << 3,   /* reset: connection closed or reset before a complete head */
+    COND_5XX = 1 << 4,     /* 5xx: any 500..599 answer */
+    COND_429 = 1 << 5,     /* 429: rate limited (for retry_on; never a breaker failure) */
+};
+
+/* Where the hash balancer finds a request's key. */
+enum conf_hash_src {
+    HASH_NONE = 0,
+    HASH_HEADER, /* header:NAME */
+    HASH_JSON,   /* json:FIELD, a top-level string field of the body (prompt_cache_key, user) */
+};
 
 enum balance_algo {
     BALANCE_ROUNDROBIN = 0, /* smooth weighted round robin (nginx) */
@@ -73,7 +91,51 @@ struct conf_pool {
     uint64_t first_byte_timeout_ms; /* request sent -> response head */
     uint64_t idle_timeout_ms;       /* gap between two upstream reads once streaming */
     uint64_t pool_idle_timeout_ms;  /* an idle pooled upstream connection is closed after this */
-    int first_backend, n_backends;  /* backends of a pool are contiguous in conf.backends */
+
+    /* balancing */
+    enum conf_hash_src hash_src;   /* hash_key = header:NAME | json:FIELD */
+    char hash_name[CONF_NAME_MAX]; /* the header or field name */
+    uint32_t hash_load_pct;        /* hash_balance_factor: bounded load, % of average (125) */
+
+    /* check cadence and DEGRADED */
+    uint64_t check_fastinter_ms;  /* while a rise/fall streak is under way (= interval) */
+    uint64_t check_downinter_ms;  /* while DOWN (= interval) */
+    uint32_t check_jitter_pct;    /* +- jitter on every interval (10) */
+    uint64_t degraded_latency_ms; /* checks slower than this: DEGRADED (0 = off) */
+    uint32_t degraded_error_pct;  /* live error ratio above this %: DEGRADED (0 = off) */
+    uint32_t degraded_weight_pct; /* a DEGRADED backend's share of its weight (50) */
+    uint64_t slowstart_ms;        /* ramp a recovered backend's weight over this (0 = off) */
+
+    /* passive detection */
+    uint32_t max_fails; /* failures within fail_timeout that mark DOWN (0 = off) */
+    uint64_t fail_timeout_ms;
+    uint32_t fail_on;                    /* enum conf_cond bits counted as failures */
+    int fail_on_status[CONF_STATUS_MAX]; /* extra statuses counted as failures */
+    int n_fail_on_status;
+
+    /* circuit breaker */
+    uint32_t breaker_failures; /* consecutive failures that open it (0 = off) */
+    uint64_t breaker_open_for_ms;
+    uint64_t breaker_open_max_ms;
+    uint32_t breaker_half_open_calls; /* trial requests in flight over all workers */
+    uint32_t breaker_successes;       /* trial successes that close it */
+
+    /* retries */
+    uint32_t retries;  /* extra tries after the first (another backend each) */
+    uint32_t retry_on; /* enum conf_cond bits that may be retried */
+    int retry_on_status[CONF_STATUS_MAX];
+    int n_retry_on_status;
+    uint64_t retry_backoff_base_ms; /* retry_backoff = BASE..MAX xMULT, full jitter */
+    uint64_t retry_backoff_max_ms;
+    uint32_t retry_backoff_mult_x100; /* multiplier x 100 (x2 = 200) */
+    uint32_t retry_budget_pct;        /* retries as a % of requests over 10 s (20) */
+    uint32_t retry_budget_min;        /* retries per second always allowed (10) */
+    uint64_t try_timeout_ms;          /* one try, send to response head (0 = first_byte) */
+    uint64_t request_timeout_ms;      /* all tries together, to the response head (0 = off) */
+
+    int expose_headers; /* x-aigw-backend / x-aigw-attempts (yes) */
+
+    int first_backend, n_backends; /* backends of a pool are contiguous in conf.backends */
     int file_line;
 };
 
@@ -81,11 +143,17 @@ struct conf_backend {
     char name[CONF_NAME_MAX];
     int pool; /* index into conf.pools */
     struct url url;
-    int weight;     /* 0..256; 0 takes no traffic */
-    char *api_key;  /* resolved secret or NULL; sent as "Authorization: Bearer KEY" */
-    int tls_verify; /* verify the backend's certificate (default yes) */
-    char *ca_file;  /* CA bundle; NULL = the system bundle */
-    int keepalive;  /* idle upstream connections kept per worker; 0 = close after each */
+    int weight;               /* 0..256; 0 takes no traffic */
+    char *api_key;            /* resolved secret or NULL; sent as "Authorization: Bearer KEY" */
+    int tls_verify;           /* verify the backend's certificate (default yes) */
+    char *ca_file;            /* CA bundle; NULL = the system bundle */
+    int keepalive;            /* idle upstream connections kept per worker; 0 = close after each */
+    int backup;               /* only used when no primary backend of the pool is usable */
+    uint32_t max_conns;       /* in-flight requests over all workers; 0 = unlimited */
+    uint64_t slowstart_ms;    /* per-backend override of the pool's (defaults to it) */
+    uint32_t max_fails;       /* per-backend override of the pool's (defaults to it) */
+    uint64_t fail_timeout_ms; /* per-backend override of the pool's (defaults to it) */
+    uint64_t name_hash;       /* balancer_hash of the name: its identity on the hash ring */
     int file_line;
 };
 
