@@ -11,6 +11,7 @@
 #include <cmocka.h>
 #include <uv.h>
 
+#include "core/tls.h"
 #include "health/check.h"
 #include "health/health.h"
 
@@ -374,6 +375,44 @@ static void test_check_refused(void **state)
     assert_non_null(strstr(r.res.detail, "connect refused (127.0.0.1:"));
 }
 
+static void test_tls_client_init_errors(void **state)
+{
+    struct tls_client t;
+    char *err = NULL;
+
+    /* A missing CA file is named with the system's reason. */
+    assert_int_not_equal(tls_client_init(&t, "localhost", "/nonexistent/ca.pem", 1, &err), 0);
+    assert_non_null(err);
+    assert_non_null(strstr(err, "/nonexistent/ca.pem"));
+    assert_non_null(strstr(err, "No such file"));
+    free(err);
+    err = NULL;
+
+    /* A file that holds no certificate gets mbedTLS's reason. */
+    assert_int_not_equal(tls_client_init(&t, "localhost", "/dev/null", 1, &err), 0);
+    assert_non_null(err);
+    assert_non_null(strstr(err, "/dev/null"));
+    free(err);
+    err = NULL;
+
+    /* Without verification no CA file is read at all. */
+    assert_int_equal(tls_client_init(&t, "localhost", "/nonexistent/ca.pem", 0, &err), 0);
+    assert_null(err);
+    assert_string_equal(t.sni, "localhost");
+    assert_false(t.has_session);
+    tls_client_free(&t);
+}
+
+static void test_tls_strerror(void **state)
+{
+    char buf[256];
+
+    assert_non_null(
+        strstr(tls_strerror(NULL, MBEDTLS_ERR_SSL_FATAL_ALERT_MESSAGE, buf, sizeof(buf)), "alert"));
+    assert_string_equal(tls_strerror(NULL, TLS_WANT_READ, buf, sizeof(buf)),
+                        "TLS operation would block");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -390,6 +429,8 @@ int main(void)
         cmocka_unit_test(test_check_garbage),
         cmocka_unit_test(test_check_timeout),
         cmocka_unit_test(test_check_refused),
+        cmocka_unit_test(test_tls_client_init_errors),
+        cmocka_unit_test(test_tls_strerror),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
