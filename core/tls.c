@@ -23,6 +23,7 @@
 static mbedtls_entropy_context tls_entropy;
 static mbedtls_ctr_drbg_context tls_drbg;
 static int tls_seeded;
+static pid_t tls_seed_pid; /* a child that forgot tls_global_init must not reuse its parent's */
 
 /* Parsed CA bundles shared by every tls_client of the process that names the same file:
  * the system bundle is ~150 certificates, too much to hold once per backend. */
@@ -59,6 +60,7 @@ int tls_global_init(void)
         return -EIO;
     }
     tls_seeded = 1;
+    tls_seed_pid = getpid();
     return 0;
 }
 
@@ -231,7 +233,7 @@ int tls_client_init(struct tls_client *t, const char *sni, const char *ca_file, 
     mbedtls_ssl_session_init(&t->session);
     *err = NULL;
 
-    if (!tls_seeded && tls_global_init() != 0) {
+    if ((!tls_seeded || tls_seed_pid != getpid()) && tls_global_init() != 0) {
         *err = strdup("cannot seed the TLS random generator");
         ret = -EIO;
         goto out;
