@@ -208,8 +208,9 @@ static void show_backends_json(struct abuf *b, const struct conf *conf, const st
                     r.weight, (long long)r.t.active, (unsigned long long)r.t.requests,
                     (unsigned long long)r.t.failures);
         if (r.checked)
-            abuf_printf(b, ",\"check_ms\":%u.%03u,\"check_status\":%d", r.check_us / 1000,
-                        r.check_us % 1000, r.check_status);
+            /* Whole milliseconds, rounded: consumers expect an integer here. */
+            abuf_printf(b, ",\"check_ms\":%u,\"check_status\":%d", (r.check_us + 500) / 1000,
+                        r.check_status);
         else
             abuf_printf(b, ",\"check_ms\":null,\"check_status\":null");
         abuf_printf(b, ",\"reason\":");
