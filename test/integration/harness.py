@@ -23,6 +23,8 @@ GEN_CERTS = os.path.join(ROOT, "test", "mock", "gen-certs.sh")
 CREATED = "1700000000"
 
 SANITIZER_PATTERNS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer")
+# the master logging a child that crashed (tests kill with SIGKILL only)
+CRASH_RE = re.compile(r"killed by signal (4|6|7|8|11|SIG(ILL|ABRT|BUS|FPE|SEGV))\b")
 
 
 class Skip(Exception):
@@ -191,6 +193,7 @@ class Proc:
             if any(p in line for p in SANITIZER_PATTERNS):
                 out.extend(lines[i : i + 12])
                 break
+        out.extend(line for line in lines if CRASH_RE.search(line))
         return out
 
     def close(self):
@@ -343,6 +346,10 @@ class Conn:
             if r.status == 100 and skip_continue:
                 continue
             break
+        return self.read_body(r, method, on_body)
+
+    def read_body(self, r, method="POST", on_body=None):
+        """Reads the body of the response whose head read_head() returned; fills r.body."""
         if 100 <= r.status < 200 or r.status in (204, 304) or method == "HEAD":
             r.end_time = time.monotonic()
             return r
@@ -796,7 +803,8 @@ class Env:
         for p in self.procs:
             lines = p.sanitizer_reports()
             if lines:
-                out.append(f"sanitizer report in {p.name} log ({os.path.basename(p.log_path)}):")
+                out.append(f"crash or sanitizer report in {p.name} log "
+                           f"({os.path.basename(p.log_path)}):")
                 out.extend("  " + ln for ln in lines)
         return out
 

@@ -91,7 +91,7 @@ def test_upstream_keepalive_reuse(env):
     # each stats call is itself one connection and one request to the mock
     conns = after["connections"] - before["connections"] - 1
     reqs = after["requests"] - before["requests"]
-    check(n <= reqs <= n + 1, f"mock saw {reqs} new requests, expected {n}")
+    check(reqs == n, f"mock saw {reqs} new requests, expected {n}")
     check(conns == 1,
           f"{n} sequential requests through 1 worker used {conns} upstream connections, "
           f"expected 1 (keep-alive reuse)")
