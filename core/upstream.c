@@ -1,1 +1,910 @@
-/* placeholder: replaced by the module's implementation */
+/* Upstream connections of one worker: keep-alive pools per backend, non-blocking connect and
+ * TLS on a raw fd watched by uv_poll, request sending with writev, response parsing with
+ * llhttp, and the accounting of each exchange in this worker's shm slot. */
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <llhttp.h>
+
+#include "core/log.h"
+#include "core/upstream.h"
+
+enum uc_state {
+    UC_CONNECTING = 0,
+    UC_HANDSHAKE,
+    UC_SENDING,
+    UC_WAIT_HEAD, /* request sent, response head not complete */
+    UC_BODY,      /* head handed over, streaming the body */
+    UC_PAUSED,    /* the client's socket is full: not reading */
+    UC_IDLE,      /* in the backend's keep-alive pool */
+    UC_CLOSED,
+};
+
+/* What a run of the response parser stopped at. */
+enum parse_ev {
+    PARSE_MORE = 0, /* consumed everything, message not complete */
+    PARSE_HEAD,     /* paused right after the head */
+    PARSE_DONE,     /* paused right after the message */
+    PARSE_ERR,
+};
+
+struct upconn {
+    uv_poll_t poll;
+    uv_timer_t timer;
+    struct upstream *up;
+    struct up_backend *be;
+    struct upstream_req *rq;    /* NULL while idle */
+    struct upconn *prev, *next; /* idle list, or free list (next) */
+    int fd;
+    enum uc_state state;
+    int events;  /* uv_poll events currently requested */
+    int handles; /* open libuv handles, the struct is recycled when 0 */
+    uint8_t tls_on, reused, got_bytes, head_done, complete, extra, hstate, ev;
+    struct tls_conn tls;
+    llhttp_t parser;
+    char *buf;
+    size_t rlen;              /* bytes of the response head gathered in buf */
+    size_t seg0, total, sent; /* request bytes: buf[0, seg0) then body, total in all */
+    struct proxy_hdr *hdrs;   /* at the tail of buf */
+    uint32_t n_hdrs;
+    const char *reason;
+    size_t reason_len;
+};
+
+static llhttp_settings_t resp_settings;
+
+/* ---- buffers ---- */
+
+void bufpool_init(struct bufpool *bp, size_t size, uint32_t max_free)
+{
+    bp->free = NULL;
+    bp->size = size;
+    bp->n_free = 0;
+    bp->max_free = max_free;
+}
+
+void *bufpool_get(struct bufpool *bp)
+{
+    void *p = bp->free;
+    if (p) {
+        bp->free = *(void **)p;
+        bp->n_free--;
+        return p;
+    }
+    return malloc(bp->size);
+}
+
+void bufpool_put(struct bufpool *bp, void *p)
+{
+    if (!p)
+        return;
+    if (bp->n_free >= bp->max_free) {
+        free(p);
+        return;
+    }
+    *(void **)p = bp->free;
+    bp->free = p;
+    bp->n_free++;
+}
+
+void bufpool_free(struct bufpool *bp)
+{
+    while (bp->free) {
+        void *p = bp->free;
+        bp->free = *(void **)p;
+        free(p);
+    }
+    bp->n_free = 0;
+}
+
+const char *upstream_strerror(enum upstream_err e)
+{
+    switch (e) {
+    case UPSTREAM_OK:
+        return "ok";
+    case UPSTREAM_ECONNECT:
+        return "connect failed";
+    case UPSTREAM_ETLS:
+        return "TLS failure";
+    case UPSTREAM_ETIMEOUT:
+        return "timeout";
+    case UPSTREAM_ERESET:
+        return "connection closed by backend";
+    case UPSTREAM_EPROTO:
+        return "invalid response";
+    case UPSTREAM_ECLIENT:
+        return "client gone";
+    case UPSTREAM_ENOMEM:
+        return "out of memory";
+    }
+    return "?";
+}
+
+/* ---- accounting ---- */
+
+static void acct_begin(struct upstream *up, struct upstream_req *rq)
+{
+    struct shm_wb *wb = shm_wb(up->shm, (uint32_t)up->slot, (uint32_t)rq->backend);
+    shm_gauge_add(&wb->active, 1);
+    shm_counter_add(&wb->requests, 1);
+}
+
+static void acct_end(struct upstream *up, struct upstream_req *rq, enum upstream_err err)
+{
+    struct shm_wb *wb = shm_wb(up->shm, (uint32_t)up->slot, (uint32_t)rq->backend);
+    shm_gauge_add(&wb->active, -1);
+    if (err == UPSTREAM_ECLIENT)
+        up->aborts++;
+    else if (err != UPSTREAM_OK || rq->status >= 500)
+        shm_counter_add(&wb->failures, 1);
+}
+
+/* ---- connection lifecycle ---- */
+
+static void conn_handle_closed(uv_handle_t *h)
+{
+    struct upconn *u = h->data;
+    if (--u->handles > 0)
+        return;
+    u->next = u->up->free_conns;
+    u->up->free_conns = u;
+}
+
+static void poll_set(struct upconn *u, int events);
+
+static void idle_unlink(struct upconn *u)
+{
+    struct up_backend *be = u->be;
+    if (u->prev)
+        u->prev->next = u->next;
+    else
+        be->idle = u->next;
+    if (u->next)
+        u->next->prev = u->prev;
+    u->prev = u->next = NULL;
+    be->n_idle--;
+}
+
+static void conn_close(struct upconn *u)
+{
+    struct upstream *up = u->up;
+    if (u->state == UC_CLOSED)
+        return;
+    if (u->state == UC_IDLE)
+        idle_unlink(u);
+    u->state = UC_CLOSED;
+    uv_close((uv_handle_t *)&u->poll, conn_handle_closed);
+    uv_close((uv_handle_t *)&u->timer, conn_handle_closed);
+    if (u->tls_on)
+        tls_conn_free(&u->tls);
+    close(u->fd);
+    bufpool_put(up->bufs, u->buf);
+    u->buf = NULL;
+    if (u->rq)
+        u->rq->conn = NULL;
+    u->rq = NULL;
+    up->n_conns--;
+}
+
+static void on_poll(uv_poll_t *h, int status, int events);
+static void on_timer(uv_timer_t *t);
+
+static void poll_set(struct upconn *u, int events)
+{
+    if (events == u->events)
+        return;
+    u->events = events;
+    if (events)
+        uv_poll_start(&u->poll, events, on_poll);
+    else
+        uv_poll_stop(&u->poll);
+}
+
+static void timer_set(struct upconn *u, uint64_t ms)
+{
+    uv_timer_start(&u->timer, on_timer, ms, 0);
+}
+
+/* Ends the exchange of u->rq: accounting, connection pooled or closed, then on_end. Nothing
+ * may touch u or rq after this returns. */
+static void exchange_end(struct upconn *u, enum upstream_err err, int reusable)
+{
+    struct upstream *up = u->up;
+    struct upstream_req *rq = u->rq;
+    struct up_backend *be = u->be;
+
+    acct_end(up, rq, err);
+    rq->conn = NULL;
+    u->rq = NULL;
+    if (reusable && err == UPSTREAM_OK && !up->draining && be->n_idle < be->cb->keepalive) {
+        bufpool_put(up->bufs, u->buf);
+        u->buf = NULL;
+        u->state = UC_IDLE;
+        u->reused = 1;
+        u->prev = NULL;
+        u->next = be->idle;
+        if (be->idle)
+            be->idle->prev = u;
+        be->idle = u;
+        be->n_idle++;
+        poll_set(u, UV_READABLE);
+        timer_set(u, be->cp->pool_idle_timeout_ms);
+    } else {
+        conn_close(u);
+    }
+    rq->ops->on_end(rq->ctx, err);
+}
+
+static struct upconn *conn_new(struct upstream *up, struct up_backend *be, int fd)
+{
+    struct upconn *u = up->free_conns;
+    if (u)
+        up->free_conns = u->next;
+    else if (!(u = malloc(sizeof(*u))))
+        return NULL;
+    memset(u, 0, sizeof(*u));
+    u->up = up;
+    u->be = be;
+    u->fd = fd;
+    if (uv_poll_init(up->loop, &u->poll, fd) != 0) {
+        u->next = up->free_conns;
+        up->free_conns = u;
+        return NULL;
+    }
+    uv_timer_init(up->loop, &u->timer);
+    u->poll.data = u;
+    u->timer.data = u;
+    u->handles = 2;
+    up->n_conns++;
+    return u;
+}
+
+/* Opens a new connection for rq (the answer comes through the poll callback). */
+static int conn_connect(struct upstream *up, struct upstream_req *rq)
+{
+    struct up_backend *be = &up->backends[rq->backend];
+    int one = 1;
+
+    if (!be->addr_len)
+        return -UPSTREAM_ECONNECT;
+    if (be->cb->url.tls && !be->tls_ok)
+        return -UPSTREAM_ETLS;
+    int fd = socket(be->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd == -1)
+        return -UPSTREAM_ECONNECT;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (connect(fd, (struct sockaddr *)&be->addr, be->addr_len) == -1 && errno != EINPROGRESS) {
+        log_debug("backend %s: connect: %s", be->cb->name, strerror(errno));
+        close(fd);
+        return -UPSTREAM_ECONNECT;
+    }
+    struct upconn *u = conn_new(up, be, fd);
+    if (!u) {
+        close(fd);
+        return -UPSTREAM_ENOMEM;
+    }
+    u->buf = bufpool_get(up->bufs);
+    if (!u->buf) {
+        conn_close(u);
+        return -UPSTREAM_ENOMEM;
+    }
+    u->rq = rq;
+    rq->conn = u;
+    u->state = UC_CONNECTING;
+    poll_set(u, UV_WRITABLE);
+    timer_set(u, be->cp->connect_timeout_ms);
+    return 0;
+}
+
+/* ---- sending ---- */
+
+static int conn_send(struct upconn *u)
+{
+    struct upstream_req *rq = u->rq;
+    struct shm_wb *wb = shm_wb(u->up->shm, (uint32_t)u->up->slot, (uint32_t)rq->backend);
+    uint64_t before = u->sent;
+    int ret = 0;
+
+    while (u->sent < u->total) {
+        ssize_t n;
+        if (u->tls_on) {
+            const char *p;
+            size_t l;
+            if (u->sent < u->seg0) {
+                p = u->buf + u->sent;
+                l = u->seg0 - u->sent;
+            } else {
+                p = rq->body + (u->sent - u->seg0);
+                l = u->total - u->sent;
+            }
+            n = tls_conn_write(&u->tls, p, l);
+            if (n == TLS_WANT_READ || n == TLS_WANT_WRITE) {
+                poll_set(u, n == TLS_WANT_READ ? UV_READABLE : UV_WRITABLE);
+                goto out;
+            }
+            if (n < 0) {
+                ret = -UPSTREAM_ERESET;
+                goto out;
+            }
+        } else {
+            struct iovec iov[2];
+            int cnt = 0;
+            if (u->sent < u->seg0) {
+                iov[cnt].iov_base = u->buf + u->sent;
+                iov[cnt++].iov_len = u->seg0 - u->sent;
+                if (u->total > u->seg0) {
+                    iov[cnt].iov_base = (void *)rq->body;
+                    iov[cnt++].iov_len = u->total - u->seg0;
+                }
+            } else {
+                iov[cnt].iov_base = (void *)(rq->body + (u->sent - u->seg0));
+                iov[cnt++].iov_len = u->total - u->sent;
+            }
+            n = writev(u->fd, iov, cnt);
+            if (n == -1) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN) {
+                    poll_set(u, UV_WRITABLE);
+                    goto out;
+                }
+                ret = -UPSTREAM_ERESET;
+                goto out;
+            }
+        }
+        u->sent += (size_t)n;
+    }
+    /* all sent: wait for the response head */
+    u->state = UC_WAIT_HEAD;
+    poll_set(u, UV_READABLE);
+out:
+    if (u->sent > before)
+        shm_counter_add(&wb->bytes_out, u->sent - before);
+    return ret;
+}
+
+/* Builds the request into the connection's buffer and starts sending it. */
+static int conn_begin(struct upconn *u)
+{
+    struct upstream *up = u->up;
+    struct upstream_req *rq = u->rq;
+
+    if (!u->buf && !(u->buf = bufpool_get(up->bufs)))
+        return -UPSTREAM_ENOMEM;
+    u->hdrs = (struct proxy_hdr *)(u->buf + up->data_size);
+    int n = rq->ops->build_head(rq->ctx, u->be->cb, u->buf, up->data_size);
+    if (n < 0)
+        return -UPSTREAM_ENOMEM;
+    u->seg0 = (size_t)n;
+    u->total = (size_t)n + rq->body_len;
+    u->sent = 0;
+    /* TLS: one record for head and body when they fit together */
+    if (u->tls_on && rq->body_len && u->total <= up->data_size) {
+        memcpy(u->buf + n, rq->body, rq->body_len);
+        u->seg0 = u->total;
+    }
+    llhttp_init(&u->parser, HTTP_RESPONSE, &resp_settings);
+    u->parser.data = u;
+    u->rlen = 0;
+    u->got_bytes = u->head_done = u->complete = u->extra = 0;
+    u->n_hdrs = 0;
+    u->hstate = 0;
+    u->state = UC_SENDING;
+    timer_set(u, u->be->cp->first_byte_timeout_ms);
+    return conn_send(u);
+}
+
+/* An exchange failed after it started: retry once on a fresh connection when a pooled one
+ * broke before any response byte, else report it. */
+static void conn_fail(struct upconn *u, enum upstream_err err)
+{
+    struct upstream *up = u->up;
+    struct upstream_req *rq = u->rq;
+
+    if (err == UPSTREAM_ERESET && u->reused && !u->got_bytes && !rq->retried) {
+        log_debug("backend %s: pooled connection closed, reconnecting", u->be->cb->name);
+        conn_close(u);
+        rq->retried = 1;
+        int r = conn_connect(up, rq);
+        if (r == 0)
+            return;
+        /* no connection to report through: account and end here */
+        acct_end(up, rq, (enum upstream_err) - r);
+        rq->ops->on_end(rq->ctx, (enum upstream_err) - r);
+        return;
+    }
+    log_debug("backend %s: %s", u->be->cb->name, upstream_strerror(err));
+    exchange_end(u, err, 0);
+}
+
+/* ---- receiving ---- */
+
+static int on_msg_begin(llhttp_t *p)
+{
+    struct upconn *u = p->data;
+    u->n_hdrs = 0;
+    u->hstate = 0;
+    u->reason = NULL;
+    u->reason_len = 0;
+    return 0;
+}
+
+static int on_status(llhttp_t *p, const char *at, size_t len)
+{
+    struct upconn *u = p->data;
+    if (!u->reason)
+        u->reason = at;
+    u->reason_len += len;
+    return 0;
+}
+
+static int on_hfield(llhttp_t *p, const char *at, size_t len)
+{
+    struct upconn *u = p->data;
+    if (u->hstate != 1) {
+        if (u->n_hdrs >= u->up->max_hdrs)
+            return -1;
+        struct proxy_hdr *h = &u->hdrs[u->n_hdrs++];
+        h->name = at;
+        h->name_len = (uint32_t)len;
+        h->value = at;
+        h->value_len = 0;
+        u->hstate = 1;
+    } else {
+        u->hdrs[u->n_hdrs - 1].name_len += (uint32_t)len;
+    }
+    return 0;
+}
+
+static int on_hvalue(llhttp_t *p, const char *at, size_t len)
+{
+    struct upconn *u = p->data;
+    struct proxy_hdr *h = &u->hdrs[u->n_hdrs - 1];
+    if (u->hstate != 2) {
+        h->value = at;
+        h->value_len = (uint32_t)len;
+        u->hstate = 2;
+    } else {
+        h->value_len += (uint32_t)len;
+    }
+    return 0;
+}
+
+static int on_headers_done(llhttp_t *p)
+{
+    struct upconn *u = p->data;
+    u->ev = PARSE_HEAD;
+    /* 1xx and HEAD responses have no body: let the message complete right away */
+    if ((p->status_code >= 100 && p->status_code < 200) || u->rq->head_only)
+        return 1;
+    return HPE_PAUSED;
+}
+
+static int on_msg_done(llhttp_t *p)
+{
+    struct upconn *u = p->data;
+    u->ev = PARSE_DONE;
+    return HPE_PAUSED;
+}
+
+static enum parse_ev parse(struct upconn *u, const char *p, size_t n, const char **stop)
+{
+    u->ev = PARSE_MORE;
+    llhttp_errno_t e = llhttp_execute(&u->parser, p, n);
+    if (e == HPE_OK)
+        return PARSE_MORE;
+    if (e != HPE_PAUSED)
+        return PARSE_ERR;
+    *stop = llhttp_get_error_pos(&u->parser);
+    return (enum parse_ev)u->ev;
+}
+
+/* After the client side took bytes: 1 when u must not be touched any more (handed back,
+ * paused or closed), 0 to keep reading. */
+static int after_hand(struct upconn *u, int ret)
+{
+    if (ret < 0) {
+        exchange_end(u, UPSTREAM_ECLIENT, 0);
+        return 1;
+    }
+    if (ret == 1) {
+        u->state = UC_PAUSED;
+        poll_set(u, 0);
+        uv_timer_stop(&u->timer);
+        return 1;
+    }
+    if (u->complete) {
+        exchange_end(u, UPSTREAM_OK, !u->extra && llhttp_should_keep_alive(&u->parser));
+        return 1;
+    }
+    u->rlen = 0;
+    return 0;
+}
+
+/* Bytes just read at buf + rlen. Returns 1 when u must not be touched any more. */
+static int on_data(struct upconn *u, const char *data, size_t n)
+{
+    const char *p = data, *end = data + n, *stop = end, *bend;
+    enum parse_ev ev;
+
+    if (u->head_done) {
+        ev = parse(u, p, n, &stop);
+        if (ev == PARSE_ERR) {
+            exchange_end(u, UPSTREAM_EPROTO, 0);
+            return 1;
+        }
+        u->complete = ev == PARSE_DONE;
+        bend = u->complete ? stop : end;
+        u->extra = bend < end;
+        if (!u->complete)
+            timer_set(u, u->be->cp->idle_timeout_ms);
+        struct upstream_req *rq = u->rq;
+        return after_hand(u, rq->ops->on_body(rq->ctx, p, (size_t)(bend - p), u->complete));
+    }
+
+    u->rlen += n;
+    for (;;) {
+        ev = parse(u, p, (size_t)(end - p), &stop);
+        if (ev == PARSE_ERR) {
+            conn_fail(u, UPSTREAM_EPROTO);
+            return 1;
+        }
+        if (ev == PARSE_MORE)
+            return 0;
+        int status = u->parser.status_code;
+        if (status == 101) {
+            conn_fail(u, UPSTREAM_EPROTO);
+            return 1;
+        }
+        if (status >= 200)
+            break;
+        /* 1xx: drop it and parse what follows from the buffer's start */
+        llhttp_resume(&u->parser);
+        size_t rest = (size_t)(end - stop);
+        memmove(u->buf, stop, rest);
+        u->rlen = rest;
+        p = u->buf;
+        end = p + rest;
+        if (!rest)
+            return 0;
+    }
+
+    struct upstream_req *rq = u->rq;
+    struct upstream_resp r;
+    rq->status = u->parser.status_code;
+    r.status = rq->status;
+    r.reason = u->reason ? u->reason : "";
+    r.reason_len = u->reason_len;
+    r.hdrs = u->hdrs;
+    r.n_hdrs = u->n_hdrs;
+    r.chunked = (u->parser.flags & F_CHUNKED) != 0;
+    r.until_close = !rq->head_only && llhttp_message_needs_eof(&u->parser);
+    u->head_done = 1;
+    u->state = UC_BODY;
+
+    const char *body = stop;
+    if (ev == PARSE_HEAD) {
+        llhttp_resume(&u->parser);
+        ev = parse(u, body, (size_t)(end - body), &stop);
+        if (ev == PARSE_ERR) {
+            conn_fail(u, UPSTREAM_EPROTO);
+            return 1;
+        }
+    }
+    u->complete = ev == PARSE_DONE;
+    bend = u->complete ? stop : end;
+    u->extra = bend < end;
+    if (!u->complete)
+        timer_set(u, u->be->cp->idle_timeout_ms);
+    return after_hand(u, rq->ops->on_head(rq->ctx, &r, body, (size_t)(bend - body), u->complete));
+}
+
+static ssize_t io_read(struct upconn *u, char *buf, size_t len)
+{
+    if (u->tls_on)
+        return tls_conn_read(&u->tls, buf, len);
+    ssize_t n;
+    do
+        n = read(u->fd, buf, len);
+    while (n == -1 && errno == EINTR);
+    return n == -1 ? -errno : n;
+}
+
+static void conn_read(struct upconn *u)
+{
+    struct shm_wb *wb = shm_wb(u->up->shm, (uint32_t)u->up->slot, (uint32_t)u->be->index);
+
+    for (;;) {
+        if (!u->head_done && u->rlen >= u->up->data_size) {
+            conn_fail(u, UPSTREAM_EPROTO); /* response head larger than a buffer */
+            return;
+        }
+        ssize_t n = io_read(u, u->buf + u->rlen, u->up->data_size - u->rlen);
+        if (n == TLS_WANT_READ)
+            return;
+        if (n == TLS_WANT_WRITE) {
+            poll_set(u, UV_READABLE | UV_WRITABLE);
+            return;
+        }
+        if (n <= 0) {
+            if (n == 0 && u->head_done && llhttp_message_needs_eof(&u->parser)) {
+                /* close-delimited body: the close is its end */
+                llhttp_finish(&u->parser);
+                u->complete = 1;
+                struct upstream_req *rq = u->rq;
+                after_hand(u, rq->ops->on_body(rq->ctx, u->buf, 0, 1));
+                return;
+            }
+            if (u->head_done)
+                exchange_end(u, UPSTREAM_ERESET, 0);
+            else
+                conn_fail(u, UPSTREAM_ERESET);
+            return;
+        }
+        u->got_bytes = 1;
+        shm_counter_add(&wb->bytes_in, (uint64_t)n);
+        if (on_data(u, u->buf + u->rlen, (size_t)n))
+            return;
+        /* one read per poll event, except bytes mbedTLS already decrypted */
+        if (!u->tls_on || tls_conn_pending(&u->tls) == 0)
+            return;
+    }
+}
+
+/* ---- event handlers ---- */
+
+static void conn_handshake(struct upconn *u)
+{
+    int r = tls_conn_handshake(&u->tls);
+    if (r == TLS_WANT_READ || r == TLS_WANT_WRITE) {
+        poll_set(u, r == TLS_WANT_READ ? UV_READABLE : UV_WRITABLE);
+        return;
+    }
+    if (r != 0) {
+        char why[256];
+        log_warn("backend %s: TLS handshake: %s", u->be->cb->name,
+                 tls_strerror(&u->tls, r, why, sizeof(why)));
+        exchange_end(u, UPSTREAM_ETLS, 0);
+        return;
+    }
+    r = conn_begin(u);
+    if (r < 0)
+        conn_fail(u, (enum upstream_err) - r);
+}
+
+static void on_poll(uv_poll_t *h, int status, int events)
+{
+    struct upconn *u = h->data;
+    int err = 0;
+    socklen_t len = sizeof(err);
+
+    switch (u->state) {
+    case UC_CONNECTING:
+        if (status < 0 || getsockopt(u->fd, SOL_SOCKET, SO_ERROR, &err, &len) == -1 || err) {
+            log_debug("backend %s: connect: %s", u->be->cb->name,
+                      strerror(err          ? err
+                               : status < 0 ? -status
+                                            : errno));
+            exchange_end(u, UPSTREAM_ECONNECT, 0);
+            return;
+        }
+        if (u->be->cb->url.tls) {
+            if (tls_conn_init(&u->tls, &u->be->tls, u->fd) != 0) {
+                exchange_end(u, UPSTREAM_ETLS, 0);
+                return;
+            }
+            u->tls_on = 1;
+            u->state = UC_HANDSHAKE;
+            conn_handshake(u);
+            return;
+        }
+        if ((err = conn_begin(u)) < 0)
+            conn_fail(u, (enum upstream_err) - err);
+        return;
+    case UC_HANDSHAKE:
+        conn_handshake(u);
+        return;
+    case UC_SENDING:
+        if ((err = conn_send(u)) < 0)
+            conn_fail(u, (enum upstream_err) - err);
+        return;
+    case UC_WAIT_HEAD:
+    case UC_BODY:
+        conn_read(u);
+        return;
+    case UC_IDLE:
+        /* an idle pooled connection became readable: the backend closed it (or misbehaved) */
+        conn_close(u);
+        return;
+    case UC_PAUSED:
+    case UC_CLOSED:
+        poll_set(u, 0);
+        return;
+    }
+}
+
+static void on_timer(uv_timer_t *t)
+{
+    struct upconn *u = t->data;
+    switch (u->state) {
+    case UC_IDLE:
+        conn_close(u);
+        return;
+    case UC_CONNECTING:
+    case UC_HANDSHAKE:
+    case UC_SENDING:
+    case UC_WAIT_HEAD:
+    case UC_BODY:
+        log_debug("backend %s: timeout in state %d", u->be->cb->name, (int)u->state);
+        exchange_end(u, UPSTREAM_ETIMEOUT, 0);
+        return;
+    case UC_PAUSED:
+    case UC_CLOSED:
+        return;
+    }
+}
+
+/* ---- public ---- */
+
+int upstream_start(struct upstream *up, struct upstream_req *rq)
+{
+    struct up_backend *be = &up->backends[rq->backend];
+
+    rq->conn = NULL;
+    rq->retried = 0;
+    rq->status = 0;
+    acct_begin(up, rq);
+    struct upconn *u = be->idle;
+    if (u) {
+        idle_unlink(u);
+        u->state = UC_SENDING;
+        u->rq = rq;
+        rq->conn = u;
+        int r = conn_begin(u);
+        if (r == 0)
+            return 0;
+        conn_close(u);
+        if (r != -UPSTREAM_ERESET) {
+            acct_end(up, rq, (enum upstream_err) - r);
+            return r;
+        }
+        rq->retried = 1;
+    }
+    int r = conn_connect(up, rq);
+    if (r < 0)
+        acct_end(up, rq, (enum upstream_err) - r);
+    return r;
+}
+
+void upstream_resume(struct upstream_req *rq)
+{
+    struct upconn *u = rq->conn;
+    if (!u || u->state != UC_PAUSED)
+        return;
+    u->state = UC_BODY;
+    if (u->complete) {
+        exchange_end(u, UPSTREAM_OK, !u->extra && llhttp_should_keep_alive(&u->parser));
+        return;
+    }
+    u->rlen = 0;
+    poll_set(u, UV_READABLE);
+    timer_set(u, u->be->cp->idle_timeout_ms);
+    if (u->tls_on && tls_conn_pending(&u->tls))
+        conn_read(u);
+}
+
+void upstream_abort(struct upstream_req *rq)
+{
+    struct upconn *u = rq->conn;
+    if (!u)
+        return;
+    acct_end(u->up, rq, UPSTREAM_ECLIENT);
+    conn_close(u);
+    rq->conn = NULL;
+}
+
+static int resolve(struct up_backend *be)
+{
+    struct addrinfo hints, *res = NULL, *ai, *pick = NULL;
+    char port[8];
+
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    snprintf(port, sizeof(port), "%u", be->cb->url.port);
+    int r = getaddrinfo(be->cb->url.host, port, &hints, &res);
+    if (r != 0) {
+        log_err("backend %s: cannot resolve %s: %s", be->cb->name, be->cb->url.host,
+                gai_strerror(r));
+        return -EHOSTUNREACH;
+    }
+    /* IPv4 first: "localhost" often lists ::1 first while servers listen on 127.0.0.1 */
+    for (ai = res; ai; ai = ai->ai_next)
+        if (ai->ai_family == AF_INET) {
+            pick = ai;
+            break;
+        }
+    if (!pick)
+        pick = res;
+    memcpy(&be->addr, pick->ai_addr, pick->ai_addrlen);
+    be->addr_len = pick->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
+int upstream_init(struct upstream *up, uv_loop_t *loop, const struct conf *conf, struct shm *shm,
+                  int slot, struct bufpool *bufs, size_t data_size, uint32_t max_hdrs)
+{
+    memset(up, 0, sizeof(*up));
+    up->loop = loop;
+    up->conf = conf;
+    up->shm = shm;
+    up->slot = slot;
+    up->bufs = bufs;
+    up->data_size = data_size;
+    up->max_hdrs = max_hdrs;
+    up->n_backends = conf->n_backends;
+
+    llhttp_settings_init(&resp_settings);
+    resp_settings.on_message_begin = on_msg_begin;
+    resp_settings.on_status = on_status;
+    resp_settings.on_header_field = on_hfield;
+    resp_settings.on_header_value = on_hvalue;
+    resp_settings.on_headers_complete = on_headers_done;
+    resp_settings.on_message_complete = on_msg_done;
+
+    up->backends = calloc((size_t)(conf->n_backends ? conf->n_backends : 1), sizeof(*up->backends));
+    if (!up->backends)
+        return -ENOMEM;
+    for (int i = 0; i < conf->n_backends; i++) {
+        struct up_backend *be = &up->backends[i];
+        be->cb = &conf->backends[i];
+        be->cp = &conf->pools[be->cb->pool];
+        be->index = i;
+        resolve(be);
+        if (be->cb->url.tls) {
+            char *err = NULL;
+            if (tls_client_init(&be->tls, be->cb->url.host, be->cb->ca_file, be->cb->tls_verify,
+                                &err) == 0) {
+                be->tls_ok = 1;
+            } else {
+                log_err("backend %s: TLS setup: %s", be->cb->name, err ? err : "failed");
+                free(err);
+            }
+        }
+    }
+    return 0;
+}
+
+void upstream_drain(struct upstream *up)
+{
+    up->draining = 1;
+    for (int i = 0; i < up->n_backends; i++)
+        while (up->backends[i].idle)
+            conn_close(up->backends[i].idle);
+}
+
+void upstream_free(struct upstream *up)
+{
+    if (!up->backends)
+        return;
+    for (int i = 0; i < up->n_backends; i++)
+        if (up->backends[i].tls_ok)
+            tls_client_free(&up->backends[i].tls);
+    free(up->backends);
+    up->backends = NULL;
+    while (up->free_conns) {
+        struct upconn *u = up->free_conns;
+        up->free_conns = u->next;
+        free(u);
+    }
+}

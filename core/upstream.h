@@ -1,0 +1,132 @@
+/* Upstream side of one worker: per-backend keep-alive connection pools, connect + TLS, sending
+ * the request, parsing the response with llhttp and handing it to the client side as it
+ * arrives. Also the worker's buffer pool, shared with the client side. */
+#ifndef AIGW_CORE_UPSTREAM_H
+#define AIGW_CORE_UPSTREAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include <uv.h>
+
+#include "core/conf.h"
+#include "core/proxy.h"
+#include "core/tls.h"
+#include "shm/shm.h"
+
+/* Fixed-size buffers taken when data arrives and given back when a connection goes idle. */
+struct bufpool {
+    void *free;        /* singly linked through the first bytes of each buffer */
+    size_t size;       /* bytes per buffer */
+    uint32_t n_free;   /* buffers on the free list */
+    uint32_t max_free; /* beyond this, returned buffers are freed */
+};
+
+void bufpool_init(struct bufpool *bp, size_t size, uint32_t max_free);
+void *bufpool_get(struct bufpool *bp); /* NULL when out of memory */
+void bufpool_put(struct bufpool *bp, void *p);
+void bufpool_free(struct bufpool *bp);
+
+/* Why an exchange with a backend failed. */
+enum upstream_err {
+    UPSTREAM_OK = 0,
+    UPSTREAM_ECONNECT, /* refused, unreachable, no address */
+    UPSTREAM_ETLS,     /* handshake or certificate failure */
+    UPSTREAM_ETIMEOUT, /* connect, first byte or idle timeout */
+    UPSTREAM_ERESET,   /* closed or reset by the backend */
+    UPSTREAM_EPROTO,   /* malformed response */
+    UPSTREAM_ECLIENT,  /* the client side gave up (on_head/on_body returned < 0) */
+    UPSTREAM_ENOMEM,
+};
+
+const char *upstream_strerror(enum upstream_err e);
+
+/* A parsed response head; spans point into the connection's buffer and live until the
+ * callback returns. */
+struct upstream_resp {
+    int status;
+    const char *reason;
+    size_t reason_len;
+    const struct proxy_hdr *hdrs;
+    size_t n_hdrs;
+    int chunked;     /* body is chunk-encoded; bytes pass through with their framing */
+    int until_close; /* body ends when the backend closes: the client connection must close */
+};
+
+/* Callbacks into the client side. on_head / on_body return 0 when the bytes were written to
+ * the client, 1 when a write is pending (reading stops until upstream_resume), or < 0 when the
+ * client is gone (the backend connection is closed, then on_end(UPSTREAM_ECLIENT)). */
+struct upstream_ops {
+    /* Writes the request head for backend `be` into buf; returns its length or < 0. */
+    int (*build_head)(void *ctx, const struct conf_backend *be, char *buf, size_t cap);
+    /* The response head with the first body bytes (n may be 0); complete = response ended. */
+    int (*on_head)(void *ctx, const struct upstream_resp *r, const char *body, size_t n,
+                   int complete);
+    int (*on_body)(void *ctx, const char *p, size_t n, int complete);
+    /* Called once per started exchange that did not fail synchronously; err = UPSTREAM_OK
+     * after a complete response. The request may be reused from inside this call. */
+    void (*on_end)(void *ctx, enum upstream_err err);
+};
+
+struct upconn;
+
+/* One request to one backend; owned by the client side, stable while the exchange runs. */
+struct upstream_req {
+    const struct upstream_ops *ops;
+    void *ctx;
+    const char *body; /* stays valid until on_end */
+    size_t body_len;
+    int head_only; /* HEAD request: the response has no body */
+    int backend;   /* index into conf.backends */
+    struct upconn *conn;
+    int retried; /* a reused connection failed and a fresh one was opened */
+    int status;  /* response status once known */
+};
+
+/* Per-worker, per-backend state. */
+struct up_backend {
+    const struct conf_backend *cb;
+    const struct conf_pool *cp;
+    int index;
+    struct sockaddr_storage addr;
+    socklen_t addr_len; /* 0 = unresolved */
+    struct tls_client tls;
+    int tls_ok;          /* tls initialised */
+    struct upconn *idle; /* pooled idle connections, most recent first */
+    int n_idle;
+};
+
+struct upstream {
+    uv_loop_t *loop;
+    const struct conf *conf;
+    struct shm *shm;
+    int slot;
+    struct bufpool *bufs;
+    size_t data_size; /* usable bytes of a buffer; the tail holds header spans */
+    uint32_t max_hdrs;
+    struct up_backend *backends;
+    int n_backends;
+    struct upconn *free_conns;
+    int n_conns;     /* open connections */
+    int draining;    /* no more pooling */
+    uint64_t aborts; /* exchanges cut because the client went away */
+};
+
+/* Resolves backend addresses and prepares TLS clients. 0 or -errno. */
+int upstream_init(struct upstream *up, uv_loop_t *loop, const struct conf *conf, struct shm *shm,
+                  int slot, struct bufpool *bufs, size_t data_size, uint32_t max_hdrs);
+/* Closes idle pooled connections and stops pooling (graceful stop). */
+void upstream_drain(struct upstream *up);
+/* Frees what upstream_init set up; every connection must be closed (after the loop ran). */
+void upstream_free(struct upstream *up);
+
+/* Starts rq on backend rq->backend: a pooled connection (sent at once) or a new one. Returns 0
+ * (on_end will follow) or a negative upstream_err when it failed at once (no callback). */
+int upstream_start(struct upstream *up, struct upstream_req *rq);
+/* The client drained a pending write: continue reading the response. */
+void upstream_resume(struct upstream_req *rq);
+/* The client went away: close the backend connection, no callback. */
+void upstream_abort(struct upstream_req *rq);
+
+#endif
