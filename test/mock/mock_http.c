@@ -1,5 +1,5 @@
 /* aigw-mock HTTP layer: llhttp callbacks, routing, faults, OpenAI-shaped JSON bodies and SSE
- * streams. Bodies are built with snprintf into per-connection buffers and sent as one write. */
+ * streams. Bodies are built into per-connection buffers and sent as one write. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -295,6 +295,54 @@ static uint64_t fnv1a64(const char *p, size_t n)
     return h;
 }
 
+/* Append-only formatting into a fixed buffer, cheaper than snprintf on the request path. The
+ * buffers are sized for the longest output; overflow truncates. */
+struct fmt {
+    char *p;
+    char *end;
+};
+
+static void fmt_mem(struct fmt *f, const char *s, size_t n)
+{
+    size_t room = (size_t)(f->end - f->p);
+
+    if (n > room)
+        n = room;
+    memcpy(f->p, s, n);
+    f->p += n;
+}
+
+#define FMT_LIT(f, s) fmt_mem((f), (s), sizeof(s) - 1)
+
+static void fmt_str(struct fmt *f, const char *s)
+{
+    fmt_mem(f, s, strlen(s));
+}
+
+static void fmt_u64(struct fmt *f, uint64_t v)
+{
+    char b[20];
+    int i = 20;
+
+    do {
+        b[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    fmt_mem(f, b + i, (size_t)(20 - i));
+}
+
+static void fmt_hex16(struct fmt *f, uint64_t v)
+{
+    static const char hex[] = "0123456789abcdef";
+    char b[16];
+
+    for (int i = 15; i >= 0; i--) {
+        b[i] = hex[v & 15];
+        v >>= 4;
+    }
+    fmt_mem(f, b, 16);
+}
+
 static long long mock_created(const struct mock_server *srv)
 {
     return srv->opts.created >= 0 ? (long long)srv->opts.created : (long long)time(NULL);
@@ -366,13 +414,23 @@ static void send_simple(struct mock_conn *c, int status, const char *ctype, cons
 
     for (unsigned i = 0; i < nbody; i++)
         blen += body[i].len;
-    hl = snprintf(c->head, sizeof(c->head),
-                  "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                  "x-mock-name: %s\r\n%s%s\r\n",
-                  status, http_reason(status), ctype, blen, c->srv->opts.name, extra ? extra : "",
-                  conn_header(c));
-    if (hl < 0 || (size_t)hl >= sizeof(c->head))
-        hl = (int)sizeof(c->head) - 1;
+    struct fmt f = {c->head, c->head + sizeof(c->head)};
+    FMT_LIT(&f, "HTTP/1.1 ");
+    fmt_u64(&f, (uint64_t)status);
+    FMT_LIT(&f, " ");
+    fmt_str(&f, http_reason(status));
+    FMT_LIT(&f, "\r\nContent-Type: ");
+    fmt_str(&f, ctype);
+    FMT_LIT(&f, "\r\nContent-Length: ");
+    fmt_u64(&f, blen);
+    FMT_LIT(&f, "\r\nx-mock-name: ");
+    fmt_str(&f, c->srv->opts.name);
+    FMT_LIT(&f, "\r\n");
+    if (extra)
+        fmt_str(&f, extra);
+    fmt_str(&f, conn_header(c));
+    FMT_LIT(&f, "\r\n");
+    hl = (int)(f.p - c->head);
     bufs[0] = uv_buf_init(c->head, (unsigned)hl);
     if (c->req.method != HTTP_HEAD) {
         for (unsigned i = 0; i < nbody && i < 4; i++)
@@ -773,26 +831,35 @@ static void chat_completions(struct mock_conn *c)
         model_len = q.model_len;
     }
     rs->prompt_tokens = (unsigned)((r->body.len + 3) / 4);
-    n = snprintf(rs->pfx, sizeof(rs->pfx),
-                 "{\"id\":\"chatcmpl-%016llx\",\"object\":\"chat.completion%s\",\"created\":%lld,"
-                 "\"model\":\"%.*s\",\"choices\":[",
-                 (unsigned long long)fnv1a64(r->body.p, r->body.len), q.stream ? ".chunk" : "",
-                 mock_created(srv), (int)model_len, model);
-    rs->pfx_len = (size_t)n;
+    struct fmt f = {rs->pfx, rs->pfx + sizeof(rs->pfx)};
+    FMT_LIT(&f, "{\"id\":\"chatcmpl-");
+    fmt_hex16(&f, fnv1a64(r->body.p, r->body.len));
+    if (q.stream)
+        FMT_LIT(&f, "\",\"object\":\"chat.completion.chunk\",\"created\":");
+    else
+        FMT_LIT(&f, "\",\"object\":\"chat.completion\",\"created\":");
+    fmt_u64(&f, (uint64_t)mock_created(srv));
+    FMT_LIT(&f, ",\"model\":\"");
+    fmt_mem(&f, model, model_len);
+    FMT_LIT(&f, "\",\"choices\":[");
+    rs->pfx_len = (size_t)(f.p - rs->pfx);
 
     if (!q.stream) {
         uv_buf_t body[3];
-        int tl = snprintf(c->tail, sizeof(c->tail),
-                          "\"},\"logprobs\":null,\"finish_reason\":\"stop\"}],"
-                          "\"usage\":{\"prompt_tokens\":%u,\"completion_tokens\":%u,"
-                          "\"total_tokens\":%u}}",
-                          rs->prompt_tokens, srv->words, rs->prompt_tokens + srv->words);
+        struct fmt t = {c->tail, c->tail + sizeof(c->tail)};
+        FMT_LIT(&t, "\"},\"logprobs\":null,\"finish_reason\":\"stop\"}],"
+                    "\"usage\":{\"prompt_tokens\":");
+        fmt_u64(&t, rs->prompt_tokens);
+        FMT_LIT(&t, ",\"completion_tokens\":");
+        fmt_u64(&t, srv->words);
+        FMT_LIT(&t, ",\"total_tokens\":");
+        fmt_u64(&t, (uint64_t)rs->prompt_tokens + srv->words);
+        FMT_LIT(&t, "}}");
         /* The message head goes after the shared prefix, in the same buffer. */
-        n = snprintf(rs->pfx + rs->pfx_len, sizeof(rs->pfx) - rs->pfx_len,
-                     "{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"");
-        body[0] = uv_buf_init(rs->pfx, (unsigned)(rs->pfx_len + (size_t)n));
+        FMT_LIT(&f, "{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"");
+        body[0] = uv_buf_init(rs->pfx, (unsigned)(f.p - rs->pfx));
         body[1] = uv_buf_init(srv->content, (unsigned)srv->content_len);
-        body[2] = uv_buf_init(c->tail, (unsigned)tl);
+        body[2] = uv_buf_init(c->tail, (unsigned)(t.p - c->tail));
         send_simple(c, 200, "application/json", NULL, body, 3);
         return;
     }

@@ -8,7 +8,7 @@
 
 #include "mock.h"
 
-static const char *tls_alpn[] = {"http/1.1", NULL};
+static const char *tls_alpn[] = {"http/1.1", "http/1.0", NULL};
 
 int tls_srv_init(struct mock_tls_srv *t, const char *cert, const char *key, char *err,
                  size_t errlen)
@@ -31,11 +31,11 @@ int tls_srv_init(struct mock_tls_srv *t, const char *cert, const char *key, char
                               (const unsigned char *)pers, sizeof(pers) - 1);
     if (r != 0)
         goto out;
-    what = cert;
+    what = "cannot load certificate";
     r = mbedtls_x509_crt_parse_file(&t->crt, cert);
     if (r != 0)
         goto out;
-    what = key;
+    what = "cannot load key";
     r = mbedtls_pk_parse_keyfile(&t->key, key, NULL);
     if (r != 0)
         goto out;
