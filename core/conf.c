@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "balancer/balancer.h"
@@ -22,6 +23,11 @@
 #define CONF_WORKERS_MAX 64
 #define CONF_SECRET_MAX  4096
 #define CONF_DAY_MS      (86400ull * 1000)
+#define CONF_KEYS_MAX    64 /* keys of the largest section table */
+#define CONF_FAIL_RING   32 /* the per-worker failure ring bounds max_fails and breaker_failures */
+
+#define CONF_FAIL_ON_DEFAULT  (COND_CONNECT | COND_TLS | COND_TIMEOUT | COND_RESET | COND_5XX)
+#define CONF_RETRY_ON_DEFAULT (COND_CONNECT | COND_TIMEOUT | COND_RESET | COND_5XX | COND_429)
 
 enum conf_kind {
     CONF_KIND_NONE = 0,
@@ -41,6 +47,9 @@ struct conf_ref {
     char pool[CONF_NAME_MAX]; /* "" when the key was not given */
     int line;
     int bind_line; /* listen: where bind was set, for the duplicate check */
+    /* backend: which per-backend overrides were set; the others take the pool's values once the
+     * pool is known (it may come later in the file). */
+    int set_slowstart, set_max_fails, set_fail_timeout;
 };
 
 /* State of one conf_load: the reader and the handler share it through inih's user pointer. */
@@ -62,7 +71,7 @@ struct conf_parse {
     int idx;                       /* index in the conf array of its kind */
     char sect[CONF_NAME_MAX + 16]; /* "backend a", for messages */
     int sect_line;
-    int key_line[32]; /* line where each key of the section's table was set; 0 = not yet */
+    int key_line[CONF_KEYS_MAX]; /* line where each key of the table was set; 0 = not yet */
 
     char *err;
     int err_line;
@@ -70,7 +79,7 @@ struct conf_parse {
 
 static void conf_verr(struct conf_parse *p, int line, const char *key, const char *fmt, va_list ap)
 {
-    char msg[512], where[CONF_NAME_MAX + 128] = "";
+    char msg[1024], where[CONF_NAME_MAX + 128] = "";
     int n;
 
     if (p->err)
@@ -113,6 +122,7 @@ enum conf_type {
     CONF_T_INT,          /* int */
     CONF_T_UINT32,       /* uint32_t count */
     CONF_T_BOOL,         /* int 0/1 */
+    CONF_T_PERCENT,      /* uint32_t percent: "25%", "25" or "0.25" */
     CONF_T_CUSTOM,       /* handled by the section's own function */
 };
 
@@ -130,6 +140,11 @@ struct conf_key {
 #define KEY_DUR(s, field, lo, hi)                                                                  \
     {                                                                                              \
 #field, CONF_T_DURATION, offsetof(struct s, field##_ms), lo, hi                            \
+    }
+/* A key whose name differs from its field's. */
+#define KEY_AS(name, s, field, t, lo, hi)                                                          \
+    {                                                                                              \
+        name, t, offsetof(struct s, field), lo, hi                                                 \
     }
 #define KEY_CUSTOM(name)                                                                           \
     {                                                                                              \
@@ -167,8 +182,38 @@ static const struct conf_key conf_pool_keys[] = {
     KEY(conf_pool, fall, CONF_T_INT, 1, 1000),
     KEY_DUR(conf_pool, connect_timeout, 1, 7 * CONF_DAY_MS),
     KEY_DUR(conf_pool, first_byte_timeout, 1, 7 * CONF_DAY_MS),
-    KEY_DUR(conf_pool, idle_timeout, 1, 7 * CONF_DAY_MS),
+    KEY_AS("stream_idle_timeout", conf_pool, idle_timeout_ms, CONF_T_DURATION, 1, 7 * CONF_DAY_MS),
     KEY_DUR(conf_pool, pool_idle_timeout, 1, 7 * CONF_DAY_MS),
+    /* balancing */
+    KEY_CUSTOM("hash_key"),
+    KEY_AS("hash_balance_factor", conf_pool, hash_load_pct, CONF_T_PERCENT, 101, 1000),
+    /* check cadence and DEGRADED */
+    KEY_DUR(conf_pool, check_fastinter, 10, 7 * CONF_DAY_MS),
+    KEY_DUR(conf_pool, check_downinter, 10, 7 * CONF_DAY_MS),
+    KEY_AS("check_jitter", conf_pool, check_jitter_pct, CONF_T_PERCENT, 0, 50),
+    KEY_DUR(conf_pool, degraded_latency, 0, 7 * CONF_DAY_MS),
+    KEY_AS("degraded_error_ratio", conf_pool, degraded_error_pct, CONF_T_PERCENT, 0, 100),
+    KEY(conf_pool, degraded_weight_pct, CONF_T_PERCENT, 1, 100),
+    KEY_DUR(conf_pool, slowstart, 0, 7 * CONF_DAY_MS),
+    /* passive detection */
+    KEY(conf_pool, max_fails, CONF_T_UINT32, 0, CONF_FAIL_RING),
+    KEY_DUR(conf_pool, fail_timeout, 1, 7 * CONF_DAY_MS),
+    KEY_CUSTOM("fail_on"),
+    /* circuit breaker */
+    KEY(conf_pool, breaker_failures, CONF_T_UINT32, 0, CONF_FAIL_RING),
+    KEY_DUR(conf_pool, breaker_open_for, 1, 7 * CONF_DAY_MS),
+    KEY_DUR(conf_pool, breaker_open_max, 1, 7 * CONF_DAY_MS),
+    KEY(conf_pool, breaker_half_open_calls, CONF_T_UINT32, 1, 1000),
+    KEY(conf_pool, breaker_successes, CONF_T_UINT32, 1, 1000),
+    /* retries */
+    KEY(conf_pool, retries, CONF_T_UINT32, 0, 10),
+    KEY_CUSTOM("retry_on"),
+    KEY_CUSTOM("retry_backoff"),
+    KEY_AS("retry_budget", conf_pool, retry_budget_pct, CONF_T_PERCENT, 0, 100),
+    KEY(conf_pool, retry_budget_min, CONF_T_UINT32, 0, 10000),
+    KEY_DUR(conf_pool, try_timeout, 0, 7 * CONF_DAY_MS),
+    KEY_DUR(conf_pool, request_timeout, 0, 7 * CONF_DAY_MS),
+    KEY(conf_pool, expose_headers, CONF_T_BOOL, 0, 1),
     {NULL, 0, 0, 0, 0},
 };
 
@@ -180,8 +225,18 @@ static const struct conf_key conf_backend_keys[] = {
     KEY(conf_backend, tls_verify, CONF_T_BOOL, 0, 1),
     KEY_CUSTOM("ca_file"),
     KEY_CUSTOM("keepalive"),
+    KEY(conf_backend, backup, CONF_T_BOOL, 0, 1),
+    KEY(conf_backend, max_conns, CONF_T_UINT32, 0, 1000000),
+    KEY_DUR(conf_backend, slowstart, 0, 7 * CONF_DAY_MS),
+    KEY(conf_backend, max_fails, CONF_T_UINT32, 0, CONF_FAIL_RING),
+    KEY_DUR(conf_backend, fail_timeout, 1, 7 * CONF_DAY_MS),
     {NULL, 0, 0, 0, 0},
 };
+
+/* key_line has a slot for every key of a table (the NULL terminator counts one too many). */
+_Static_assert(ARRAY_SIZE(conf_pool_keys) <= CONF_KEYS_MAX + 1, "raise CONF_KEYS_MAX");
+_Static_assert(ARRAY_SIZE(conf_backend_keys) <= CONF_KEYS_MAX + 1, "raise CONF_KEYS_MAX");
+_Static_assert(ARRAY_SIZE(conf_listen_keys) <= CONF_KEYS_MAX + 1, "raise CONF_KEYS_MAX");
 
 static const struct conf_key *const conf_kind_keys[] = {
     [CONF_KIND_NONE] = NULL,
@@ -290,6 +345,25 @@ static void conf_set_typed(struct conf_parse *p, const struct conf_key *k, void 
         }
         *(int *)field = r;
         return;
+    case CONF_T_PERCENT: {
+        uint32_t pct;
+
+        r = util_parse_percent(val, &pct);
+        if (r == -EINVAL) {
+            conf_err(p, p->line, k->name,
+                     "'%s' is not a percentage (expected a whole percent like 25%% or 25, or a "
+                     "ratio like 0.25)",
+                     val);
+            return;
+        }
+        if (r < 0 || pct < k->min || pct > k->max) {
+            conf_err(p, p->line, k->name, "'%s' is out of range %llu%%..%llu%%", val,
+                     (unsigned long long)k->min, (unsigned long long)k->max);
+            return;
+        }
+        *(uint32_t *)field = pct;
+        return;
+    }
     case CONF_T_CUSTOM:
         return;
     }
@@ -517,6 +591,161 @@ static void conf_set_expect(struct conf_parse *p, struct conf_pool *pl, const ch
     pl->n_check_expect = n;
 }
 
+/* An HTTP header name: one or more RFC 9110 token characters. */
+static int conf_header_name_ok(const char *s)
+{
+    if (!*s)
+        return 0;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+              strchr("!#$%&'*+-.^_`|~", *s)))
+            return 0;
+    return 1;
+}
+
+/* hash_key = header:NAME | json:FIELD. Whether balance = hash is checked at the section's end:
+ * balance may come after it. */
+static void conf_set_hash_key(struct conf_parse *p, struct conf_pool *pl, const char *val)
+{
+    const char *key = "hash_key", *name;
+    enum conf_hash_src src;
+
+    if (!strncmp(val, "header:", 7)) {
+        src = HASH_HEADER;
+        name = val + 7;
+        if (!conf_header_name_ok(name)) {
+            conf_err(p, p->line, key,
+                     "'%s' has an invalid header name (expected header:NAME, NAME a header "
+                     "token such as x-session-id)",
+                     val);
+            return;
+        }
+    } else if (!strncmp(val, "json:", 5)) {
+        src = HASH_JSON;
+        name = val + 5;
+        if (!name[0] || name[strspn(name, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                          "0123456789_.-")]) {
+            conf_err(p, p->line, key,
+                     "'%s' has an invalid field name (expected json:FIELD, FIELD of A-Z a-z 0-9 "
+                     "_ . - such as prompt_cache_key)",
+                     val);
+            return;
+        }
+    } else {
+        conf_err(p, p->line, key,
+                 "'%s' is not a hash key (expected header:NAME or json:FIELD, e.g. "
+                 "header:x-session-id or json:prompt_cache_key)",
+                 val);
+        return;
+    }
+    if (strlen(name) >= sizeof(pl->hash_name)) {
+        conf_err(p, p->line, key, "name too long (expected 1..%zu characters after '%.*s')",
+                 sizeof(pl->hash_name) - 1, (int)(name - val), val);
+        return;
+    }
+    pl->hash_src = src;
+    memcpy(pl->hash_name, name, strlen(name) + 1);
+}
+
+/* fail_on / retry_on: condition names and statuses 400..599, comma or blank separated. A 429 is
+ * a retry condition only: rate limiting says nothing about a backend's health. */
+static void conf_set_conds(struct conf_parse *p, const char *key, const char *val, int allow_429,
+                           uint32_t *bits, int *statuses, int *n_statuses)
+{
+    static const struct {
+        const char *name;
+        uint32_t bit;
+    } names[] = {
+        {"connect-failure", COND_CONNECT},
+        {"tls", COND_TLS},
+        {"timeout", COND_TIMEOUT},
+        {"reset", COND_RESET},
+        {"5xx", COND_5XX},
+    };
+    const char *expect = allow_429 ? "connect-failure, tls, timeout, reset, 5xx, 429 or a status "
+                                     "400..599"
+                                   : "connect-failure, tls, timeout, reset, 5xx or a status "
+                                     "400..599 other than 429";
+    char buf[256], *tok, *save = NULL;
+    int st[CONF_STATUS_MAX], n = 0, any = 0;
+    uint32_t b = 0;
+
+    if (strlen(val) >= sizeof(buf)) {
+        conf_err(p, p->line, key, "value too long (expected up to %zu characters)",
+                 sizeof(buf) - 1);
+        return;
+    }
+    strcpy(buf, val);
+    for (tok = strtok_r(buf, ", \t", &save); tok; tok = strtok_r(NULL, ", \t", &save)) {
+        size_t i;
+        long code;
+        int r;
+
+        any = 1;
+        for (i = 0; i < ARRAY_SIZE(names); i++)
+            if (!strcasecmp(tok, names[i].name))
+                break;
+        if (i < ARRAY_SIZE(names)) {
+            b |= names[i].bit;
+            continue;
+        }
+        r = util_parse_int(tok, 400, 599, &code);
+        if (r == -EINVAL) {
+            conf_err(p, p->line, key, "unknown condition '%s' (expected %s)", tok, expect);
+            return;
+        }
+        if (r < 0) {
+            conf_err(p, p->line, key, "status '%s' is out of range 400..599 (expected %s)", tok,
+                     expect);
+            return;
+        }
+        if (code == 429) {
+            if (!allow_429) {
+                conf_err(p, p->line, key,
+                         "429 may not be listed: a 429 is never a failure (the backend is "
+                         "rate limiting, not failing; retry it with retry_on)");
+                return;
+            }
+            b |= COND_429;
+            continue;
+        }
+        for (i = 0; i < (size_t)n; i++)
+            if (st[i] == (int)code)
+                break;
+        if (i < (size_t)n)
+            continue;
+        if (n == CONF_STATUS_MAX) {
+            conf_err(p, p->line, key, "'%s' lists more than %d statuses", val, CONF_STATUS_MAX);
+            return;
+        }
+        st[n++] = (int)code;
+    }
+    if (!any) {
+        conf_err(p, p->line, key, "empty value (expected a list of %s)", expect);
+        return;
+    }
+    *bits = b;
+    memcpy(statuses, st, (size_t)n * sizeof(*st));
+    *n_statuses = n;
+}
+
+static void conf_set_backoff(struct conf_parse *p, struct conf_pool *pl, const char *val)
+{
+    int r = util_parse_backoff(val, &pl->retry_backoff_base_ms, &pl->retry_backoff_max_ms,
+                               &pl->retry_backoff_mult_x100);
+
+    if (r == -ERANGE)
+        conf_err(p, p->line, "retry_backoff",
+                 "'%s' is out of range (expected BASE <= MAX and a multiplier x1..x100, e.g. "
+                 "25ms..1s x2)",
+                 val);
+    else if (r < 0)
+        conf_err(p, p->line, "retry_backoff",
+                 "'%s' is not a back-off (expected BASE..MAX xMULT, two durations and a "
+                 "multiplier with up to 2 decimals, e.g. 25ms..1s x2 or 100ms..5s x1.5)",
+                 val);
+}
+
 static int conf_copy_str(struct conf_parse *p, const char *key, char *dst, size_t len,
                          const char *val, const char *expect)
 {
@@ -609,6 +838,14 @@ static void conf_pool_custom(struct conf_parse *p, const char *key, const char *
         conf_copy_str(p, key, pl->check_path, sizeof(pl->check_path), val, "a path");
     } else if (!strcmp(key, "check_expect")) {
         conf_set_expect(p, pl, val);
+    } else if (!strcmp(key, "hash_key")) {
+        conf_set_hash_key(p, pl, val);
+    } else if (!strcmp(key, "fail_on")) {
+        conf_set_conds(p, key, val, 0, &pl->fail_on, pl->fail_on_status, &pl->n_fail_on_status);
+    } else if (!strcmp(key, "retry_on")) {
+        conf_set_conds(p, key, val, 1, &pl->retry_on, pl->retry_on_status, &pl->n_retry_on_status);
+    } else if (!strcmp(key, "retry_backoff")) {
+        conf_set_backoff(p, pl, val);
     }
 }
 
@@ -722,13 +959,75 @@ static int conf_key_index(const struct conf_key *keys, const char *name)
     return -1;
 }
 
-/* At the end of a section: report a missing required key at the section's line. */
+/* Line where key NAME of the current section was set, 0 if it was not. */
+static int conf_key_line(const struct conf_parse *p, const struct conf_key *keys, const char *name)
+{
+    return p->key_line[conf_key_index(keys, name)];
+}
+
+/* A pool's keys that depend on each other, once all of them are read (any order in the file). */
+static void conf_pool_end(struct conf_parse *p)
+{
+    struct conf_pool *pl = &p->conf->pools[p->idx];
+    const struct conf_key *keys = conf_pool_keys;
+    char a[32], b[32];
+    int line;
+
+    if (!conf_key_line(p, keys, "check_fastinter"))
+        pl->check_fastinter_ms = pl->check_interval_ms;
+    if (!conf_key_line(p, keys, "check_downinter"))
+        pl->check_downinter_ms = pl->check_interval_ms;
+    line = conf_key_line(p, keys, "hash_key");
+    if (line && pl->balance != BALANCE_HASH) {
+        conf_err(p, line, "hash_key", "hash_key needs balance = hash (balance is %s)",
+                 balancer_algo_name(pl->balance));
+        return;
+    }
+    if (pl->breaker_open_max_ms < pl->breaker_open_for_ms) {
+        conf_fmt_ms(a, sizeof(a), pl->breaker_open_for_ms);
+        conf_fmt_ms(b, sizeof(b), pl->breaker_open_max_ms);
+        line = conf_key_line(p, keys, "breaker_open_max");
+        if (line)
+            conf_err(p, line, "breaker_open_max",
+                     "%s is less than breaker_open_for = %s (expected breaker_open_max >= "
+                     "breaker_open_for)",
+                     b, a);
+        else
+            conf_err(p, conf_key_line(p, keys, "breaker_open_for"), "breaker_open_for",
+                     "%s is more than breaker_open_max = %s, its default (expected "
+                     "breaker_open_for <= breaker_open_max; raise breaker_open_max too)",
+                     a, b);
+    }
+}
+
+/* At the end of a section: report a missing required key at the section's line, check keys that
+ * depend on each other, note which backend overrides were given. */
 static void conf_section_end(struct conf_parse *p)
 {
-    if (p->kind == CONF_KIND_LISTEN && !p->key_line[conf_key_index(conf_listen_keys, "bind")])
-        conf_err(p, p->sect_line, "bind", "missing (required, e.g. bind = 127.0.0.1:8080)");
-    else if (p->kind == CONF_KIND_BACKEND && !p->key_line[conf_key_index(conf_backend_keys, "url")])
-        conf_err(p, p->sect_line, "url", "missing (required, e.g. url = http://127.0.0.1:9101/v1)");
+    struct conf_ref *ref;
+
+    switch (p->kind) {
+    case CONF_KIND_LISTEN:
+        if (!conf_key_line(p, conf_listen_keys, "bind"))
+            conf_err(p, p->sect_line, "bind", "missing (required, e.g. bind = 127.0.0.1:8080)");
+        break;
+    case CONF_KIND_POOL:
+        conf_pool_end(p);
+        break;
+    case CONF_KIND_BACKEND:
+        if (!conf_key_line(p, conf_backend_keys, "url")) {
+            conf_err(p, p->sect_line, "url",
+                     "missing (required, e.g. url = http://127.0.0.1:9101/v1)");
+            break;
+        }
+        ref = &p->backend_refs[p->idx];
+        ref->set_slowstart = conf_key_line(p, conf_backend_keys, "slowstart") > 0;
+        ref->set_max_fails = conf_key_line(p, conf_backend_keys, "max_fails") > 0;
+        ref->set_fail_timeout = conf_key_line(p, conf_backend_keys, "fail_timeout") > 0;
+        break;
+    default:
+        break;
+    }
 }
 
 static void conf_defaults_listen(struct conf_listen *l)
@@ -758,6 +1057,39 @@ static void conf_defaults_pool(struct conf_pool *pl)
     pl->first_byte_timeout_ms = 120 * 1000;
     pl->idle_timeout_ms = 120 * 1000;
     pl->pool_idle_timeout_ms = 60 * 1000;
+
+    pl->hash_src = HASH_NONE;
+    pl->hash_load_pct = 125;
+    /* check_fastinter and check_downinter follow check_interval: set at the section's end. */
+    pl->check_jitter_pct = 10;
+    pl->degraded_latency_ms = 0;
+    pl->degraded_error_pct = 0;
+    pl->degraded_weight_pct = 50;
+    pl->slowstart_ms = 0;
+
+    pl->max_fails = 3;
+    pl->fail_timeout_ms = 10 * 1000;
+    pl->fail_on = CONF_FAIL_ON_DEFAULT;
+    pl->n_fail_on_status = 0;
+
+    pl->breaker_failures = 5;
+    pl->breaker_open_for_ms = 5 * 1000;
+    pl->breaker_open_max_ms = 60 * 1000;
+    pl->breaker_half_open_calls = 1;
+    pl->breaker_successes = 2;
+
+    pl->retries = 1;
+    pl->retry_on = CONF_RETRY_ON_DEFAULT;
+    pl->n_retry_on_status = 0;
+    pl->retry_backoff_base_ms = 25;
+    pl->retry_backoff_max_ms = 1000;
+    pl->retry_backoff_mult_x100 = 200;
+    pl->retry_budget_pct = 20;
+    pl->retry_budget_min = 10;
+    pl->try_timeout_ms = 0;
+    pl->request_timeout_ms = 0;
+
+    pl->expose_headers = 1;
 }
 
 static void conf_defaults_backend(struct conf_backend *b)
@@ -766,6 +1098,9 @@ static void conf_defaults_backend(struct conf_backend *b)
     b->weight = 1;
     b->tls_verify = 1;
     b->keepalive = 32;
+    b->backup = 0;
+    b->max_conns = 0;
+    /* slowstart, max_fails and fail_timeout come from the pool in conf_finish unless set. */
 }
 
 /* Handles a "[kind NAME]" line seen by the reader (inih truncates long section names, and with
@@ -899,7 +1234,7 @@ static int conf_handler(void *user, const char *section, const char *key, const 
     struct conf_parse *p = user;
     const struct conf_key *keys = conf_kind_keys[p->kind];
     const struct conf_key *k;
-    char known[256];
+    char known[1024];
     size_t len = 0;
     void *obj = NULL;
     int ki;
@@ -919,6 +1254,10 @@ static int conf_handler(void *user, const char *section, const char *key, const 
         if (!strcmp(k->name, key))
             break;
     if (!k->name) {
+        if (p->kind == CONF_KIND_POOL && !strcmp(key, "idle_timeout")) {
+            conf_err(p, p->line, key, "unknown key (renamed to stream_idle_timeout)");
+            return 0;
+        }
         known[0] = '\0';
         for (k = keys; k->name; k++)
             len += (size_t)snprintf(known + len, len < sizeof(known) ? sizeof(known) - len : 0,
@@ -1066,6 +1405,14 @@ static void conf_finish(struct conf_parse *p)
                      pools);
             return;
         }
+        /* Overrides not given take the pool's values. */
+        if (!ref->set_slowstart)
+            b->slowstart_ms = c->pools[b->pool].slowstart_ms;
+        if (!ref->set_max_fails)
+            b->max_fails = c->pools[b->pool].max_fails;
+        if (!ref->set_fail_timeout)
+            b->fail_timeout_ms = c->pools[b->pool].fail_timeout_ms;
+        b->name_hash = balancer_hash(b->name, strlen(b->name));
     }
     for (int i = 0; i < c->n_listens; i++) {
         struct conf_listen *l = &c->listens[i];
@@ -1097,6 +1444,7 @@ static void conf_finish(struct conf_parse *p)
     }
     for (int i = 0; i < c->n_pools; i++) {
         struct conf_pool *pl = &c->pools[i];
+        int primaries = 0;
 
         pl->first_backend = n;
         for (int j = 0; j < c->n_backends; j++)
@@ -1110,6 +1458,16 @@ static void conf_finish(struct conf_parse *p)
             conf_err(p, pl->file_line, NULL,
                      "has no backend (expected at least one [backend NAME] with pool = %s)",
                      pl->name);
+            return;
+        }
+        for (int j = pl->first_backend; j < n; j++)
+            primaries += !sorted[j].backup;
+        if (primaries == 0) {
+            free(sorted);
+            snprintf(p->sect, sizeof(p->sect), "pool %s", pl->name);
+            conf_err(p, pl->file_line, NULL,
+                     "has no primary backend (every backend of the pool has backup = yes; "
+                     "expected at least one with backup = no)");
             return;
         }
     }

@@ -159,6 +159,99 @@ int util_parse_int(const char *s, long min, long max, long *out)
     return 0;
 }
 
+/* Reads "D[.F]" (F: 1 or 2 digits) as D x 100 + F scaled to hundredths; returns the first
+ * character after it or NULL. Used for ratios and multipliers, which are exact in hundredths. */
+static const char *parse_hundredths(const char *s, uint64_t *out)
+{
+    uint64_t v, frac = 0;
+    const char *p = parse_digits(s, &v);
+
+    if (!p || v > UINT64_MAX / 100 - 100)
+        return NULL;
+    if (*p == '.') {
+        const char *q = p + 1;
+
+        if (!(q[0] >= '0' && q[0] <= '9'))
+            return NULL;
+        frac = (uint64_t)(q[0] - '0') * 10;
+        q++;
+        if (*q >= '0' && *q <= '9')
+            frac += (uint64_t)(*q++ - '0');
+        if (*q >= '0' && *q <= '9')
+            return NULL; /* a third decimal would be silently dropped */
+        p = q;
+    }
+    *out = v * 100 + frac;
+    return p;
+}
+
+int util_parse_percent(const char *s, uint32_t *out_pct)
+{
+    uint64_t v;
+    const char *p;
+
+    if (!s || !(p = parse_digits(s, &v)))
+        return -EINVAL;
+    if (*p == '.') {
+        /* A ratio: its hundredths are the percentage. */
+        p = parse_hundredths(s, &v);
+        if (!p || *p != '\0')
+            return -EINVAL;
+    } else if (*p == '%') {
+        if (p[1] != '\0')
+            return -EINVAL;
+    } else if (*p != '\0') {
+        return -EINVAL;
+    }
+    if (v > UINT32_MAX)
+        return -ERANGE;
+    *out_pct = (uint32_t)v;
+    return 0;
+}
+
+int util_parse_backoff(const char *s, uint64_t *base_ms, uint64_t *max_ms, uint32_t *mult_x100)
+{
+    char part[32];
+    const char *dots, *p, *end;
+    uint64_t base, max, mult;
+    size_t n;
+
+    if (!s || !(dots = strstr(s, "..")))
+        return -EINVAL;
+    /* BASE: everything before "..", trailing blanks dropped. */
+    n = (size_t)(dots - s);
+    while (n > 0 && (s[n - 1] == ' ' || s[n - 1] == '\t'))
+        n--;
+    if (n == 0 || n >= sizeof(part))
+        return -EINVAL;
+    memcpy(part, s, n);
+    part[n] = '\0';
+    if (util_parse_duration_ms(part, &base) < 0)
+        return -EINVAL;
+    /* MAX: after ".." and blanks, up to the blanks or the 'x' before MULT. */
+    p = dots + 2 + strspn(dots + 2, " \t");
+    end = p + strcspn(p, " \txX");
+    n = (size_t)(end - p);
+    if (n == 0 || n >= sizeof(part))
+        return -EINVAL;
+    memcpy(part, p, n);
+    part[n] = '\0';
+    if (util_parse_duration_ms(part, &max) < 0)
+        return -EINVAL;
+    p = end + strspn(end, " \t");
+    if (*p != 'x' && *p != 'X')
+        return -EINVAL;
+    p = parse_hundredths(p + 1, &mult);
+    if (!p || *p != '\0')
+        return -EINVAL;
+    if (base > max || mult < 100 || mult > 100 * 100)
+        return -ERANGE;
+    *base_ms = base;
+    *max_ms = max;
+    *mult_x100 = (uint32_t)mult;
+    return 0;
+}
+
 int util_span_ieq(const char *p, size_t len, const char *s)
 {
     size_t n = strlen(s);

@@ -21,6 +21,19 @@ int util_parse_size(const char *s, uint64_t *out);
 int util_parse_bool(const char *s);
 /* Decimal integer within [min, max]. 0 or -EINVAL / -ERANGE. */
 int util_parse_int(const char *s, long min, long max, long *out);
+/* A percentage as a whole number of percent. Accepted forms, nothing else (no sign, no blanks):
+ *   "25%"  whole percent with a '%' sign       -> 25
+ *   "25"   a bare whole number is percent too  -> 25
+ *   "0.25" a number with a '.' is a ratio, 1 or 2 decimals ("0.5" -> 50, "1.25" -> 125)
+ * So "1" is 1 % and "1.0" is 100 %; "25.5%", ".25", "5." and "0.255" are refused (-EINVAL).
+ * A value above UINT32_MAX percent is -ERANGE. The caller checks its own range. */
+int util_parse_percent(const char *s, uint32_t *out_pct);
+/* A retry back-off "BASE..MAX xMULT", e.g. "25ms..1s x2" or "100ms .. 5s x1.5": BASE and MAX are
+ * durations as util_parse_duration_ms reads them (a bare number is seconds), blanks
+ * (space, tab) are allowed around ".." and before 'x' (or 'X'), MULT is a decimal with up to 2
+ * decimals ("2", "1.5", "1.25"), returned x 100. 0, -EINVAL when the text is not of this form,
+ * -ERANGE when BASE > MAX or MULT is outside 1..100. */
+int util_parse_backoff(const char *s, uint64_t *base_ms, uint64_t *max_ms, uint32_t *mult_x100);
 
 /* Case-insensitive compare of a (ptr, len) span with a NUL-terminated string. */
 int util_span_ieq(const char *p, size_t len, const char *s);

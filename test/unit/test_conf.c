@@ -1,5 +1,6 @@
 /* Unit tests of conf_load on files written by the test: resolved values, defaults, backend
- * grouping, and the exact "FILE:LINE: [section] key 'K':" of each kind of error. */
+ * grouping, and the exact "FILE:LINE: [section] key 'K':" of each kind of error; and of the
+ * percentage and back-off parsers behind the resilience keys. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -14,7 +15,9 @@
 
 #include <cmocka.h>
 
+#include "balancer/balancer.h"
 #include "core/conf.h"
+#include "core/util.h"
 
 static char dir[64];
 static char ini_path[128];
@@ -146,7 +149,7 @@ static void test_full_valid(void **state)
                 "fall = 7\n"
                 "connect_timeout = 1s\n"
                 "first_byte_timeout = 30s\n"
-                "idle_timeout = 45s\n"
+                "stream_idle_timeout = 45s\n"
                 "pool_idle_timeout = 10s\n"
                 "[backend b1]\n"
                 "pool = second\n"
@@ -472,6 +475,468 @@ static void test_no_secrets_flag(void **state)
     free(err);
 }
 
+/* A pool whose keys a test appends from line 4 on; BACKEND_A closes it. */
+#define POOL_HEAD                                                                                  \
+    "[listen main]\n"                                                                              \
+    "bind = 127.0.0.1:8080\n"                                                                      \
+    "[pool p]\n"
+#define BACKEND_A                                                                                  \
+    "[backend a]\n"                                                                                \
+    "url = http://127.0.0.1:9101/v1\n"
+
+static void test_resilience_defaults(void **state)
+{
+    struct conf *c = load_ok(BASE);
+    const struct conf_pool *pl = &c->pools[0];
+    const struct conf_backend *b = &c->backends[0];
+
+    assert_int_equal(pl->hash_src, HASH_NONE);
+    assert_string_equal(pl->hash_name, "");
+    assert_int_equal(pl->hash_load_pct, 125);
+    assert_int_equal(pl->check_fastinter_ms, 5000); /* = check_interval */
+    assert_int_equal(pl->check_downinter_ms, 5000);
+    assert_int_equal(pl->check_jitter_pct, 10);
+    assert_int_equal(pl->degraded_latency_ms, 0);
+    assert_int_equal(pl->degraded_error_pct, 0);
+    assert_int_equal(pl->degraded_weight_pct, 50);
+    assert_int_equal(pl->slowstart_ms, 0);
+    assert_int_equal(pl->max_fails, 3);
+    assert_int_equal(pl->fail_timeout_ms, 10000);
+    assert_int_equal(pl->fail_on, COND_CONNECT | COND_TLS | COND_TIMEOUT | COND_RESET | COND_5XX);
+    assert_int_equal(pl->n_fail_on_status, 0);
+    assert_int_equal(pl->breaker_failures, 5);
+    assert_int_equal(pl->breaker_open_for_ms, 5000);
+    assert_int_equal(pl->breaker_open_max_ms, 60000);
+    assert_int_equal(pl->breaker_half_open_calls, 1);
+    assert_int_equal(pl->breaker_successes, 2);
+    assert_int_equal(pl->retries, 1);
+    assert_int_equal(pl->retry_on, COND_CONNECT | COND_TIMEOUT | COND_RESET | COND_5XX | COND_429);
+    assert_int_equal(pl->n_retry_on_status, 0);
+    assert_int_equal(pl->retry_backoff_base_ms, 25);
+    assert_int_equal(pl->retry_backoff_max_ms, 1000);
+    assert_int_equal(pl->retry_backoff_mult_x100, 200);
+    assert_int_equal(pl->retry_budget_pct, 20);
+    assert_int_equal(pl->retry_budget_min, 10);
+    assert_int_equal(pl->try_timeout_ms, 0);
+    assert_int_equal(pl->request_timeout_ms, 0);
+    assert_int_equal(pl->idle_timeout_ms, 120000);
+    assert_int_equal(pl->expose_headers, 1);
+
+    assert_int_equal(b->backup, 0);
+    assert_int_equal(b->max_conns, 0);
+    assert_int_equal(b->slowstart_ms, 0);
+    assert_int_equal(b->max_fails, 3);
+    assert_int_equal(b->fail_timeout_ms, 10000);
+    assert_true(b->name_hash == balancer_hash("a", 1));
+    conf_free(c);
+}
+
+static void test_resilience_valid(void **state)
+{
+    struct conf *c = load_ok(POOL_HEAD "balance = hash\n"
+                                       "hash_key = header:X-Session-Id\n"
+                                       "hash_balance_factor = 1.5\n"
+                                       "check_interval = 3s\n"
+                                       "check_fastinter = 500ms\n"
+                                       "check_jitter = 0%\n"
+                                       "degraded_latency = 800ms\n"
+                                       "degraded_error_ratio = 0.25\n"
+                                       "degraded_weight_pct = 30%\n"
+                                       "slowstart = 30s\n"
+                                       "max_fails = 32\n"
+                                       "fail_timeout = 1m\n"
+                                       "fail_on = timeout, 5xx 404,404 418\n"
+                                       "breaker_failures = 0\n"
+                                       "breaker_open_for = 2s\n"
+                                       "breaker_open_max = 2s\n"
+                                       "breaker_half_open_calls = 1000\n"
+                                       "breaker_successes = 7\n"
+                                       "retries = 10\n"
+                                       "retry_on = TLS,429 503\n"
+                                       "retry_backoff = 10ms .. 2s x1.25\n"
+                                       "retry_budget = 0\n"
+                                       "retry_budget_min = 10000\n"
+                                       "try_timeout = 15s\n"
+                                       "request_timeout = 1m\n"
+                                       "stream_idle_timeout = 5m\n"
+                                       "expose_headers = no\n"
+                                       "[pool q]\n"
+                                       "balance = hash\n"
+                                       "hash_key = json:prompt_cache_key\n"
+                                       "hash_balance_factor = 101%\n"
+                                       "check_downinter = 10s\n"
+                                       "check_jitter = 50\n"
+                                       "degraded_error_ratio = 100%\n"
+                                       "degraded_weight_pct = 1\n"
+                                       "retry_budget = 1.0\n"
+                                       "retry_on = 5xx\n"
+                                       "retry_backoff = 0ms..0ms x1\n"
+                                       "[pool r]\n"
+                                       "balance = hash\n" BACKEND_A "pool = p\n"
+                                       "[backend b]\n"
+                                       "pool = q\n"
+                                       "url = http://h\n"
+                                       "backup = yes\n"
+                                       "max_conns = 1000000\n"
+                                       "[backend c]\n"
+                                       "pool = q\n"
+                                       "url = http://h\n"
+                                       "[backend d]\n"
+                                       "pool = r\n"
+                                       "url = http://h\n");
+    const struct conf_pool *p = &c->pools[0], *q = &c->pools[1], *r = &c->pools[2];
+
+    assert_int_equal(p->hash_src, HASH_HEADER);
+    assert_string_equal(p->hash_name, "X-Session-Id");
+    assert_int_equal(p->hash_load_pct, 150);
+    assert_int_equal(p->check_fastinter_ms, 500);
+    assert_int_equal(p->check_downinter_ms, 3000); /* follows check_interval */
+    assert_int_equal(p->check_jitter_pct, 0);
+    assert_int_equal(p->degraded_latency_ms, 800);
+    assert_int_equal(p->degraded_error_pct, 25);
+    assert_int_equal(p->degraded_weight_pct, 30);
+    assert_int_equal(p->slowstart_ms, 30000);
+    assert_int_equal(p->max_fails, 32);
+    assert_int_equal(p->fail_timeout_ms, 60000);
+    /* A given list replaces the default; statuses once each. */
+    assert_int_equal(p->fail_on, COND_TIMEOUT | COND_5XX);
+    assert_int_equal(p->n_fail_on_status, 2);
+    assert_int_equal(p->fail_on_status[0], 404);
+    assert_int_equal(p->fail_on_status[1], 418);
+    assert_int_equal(p->breaker_failures, 0);
+    assert_int_equal(p->breaker_open_for_ms, 2000);
+    assert_int_equal(p->breaker_open_max_ms, 2000);
+    assert_int_equal(p->breaker_half_open_calls, 1000);
+    assert_int_equal(p->breaker_successes, 7);
+    assert_int_equal(p->retries, 10);
+    /* 429 written as a status is the 429 condition, not a status. */
+    assert_int_equal(p->retry_on, COND_TLS | COND_429);
+    assert_int_equal(p->n_retry_on_status, 1);
+    assert_int_equal(p->retry_on_status[0], 503);
+    assert_int_equal(p->retry_backoff_base_ms, 10);
+    assert_int_equal(p->retry_backoff_max_ms, 2000);
+    assert_int_equal(p->retry_backoff_mult_x100, 125);
+    assert_int_equal(p->retry_budget_pct, 0);
+    assert_int_equal(p->retry_budget_min, 10000);
+    assert_int_equal(p->try_timeout_ms, 15000);
+    assert_int_equal(p->request_timeout_ms, 60000);
+    assert_int_equal(p->idle_timeout_ms, 300000);
+    assert_int_equal(p->expose_headers, 0);
+
+    assert_int_equal(q->hash_src, HASH_JSON);
+    assert_string_equal(q->hash_name, "prompt_cache_key");
+    assert_int_equal(q->hash_load_pct, 101);
+    assert_int_equal(q->check_fastinter_ms, 5000);
+    assert_int_equal(q->check_downinter_ms, 10000);
+    assert_int_equal(q->check_jitter_pct, 50);
+    assert_int_equal(q->degraded_error_pct, 100);
+    assert_int_equal(q->degraded_weight_pct, 1);
+    assert_int_equal(q->retry_budget_pct, 100);
+    assert_int_equal(q->retry_on, COND_5XX);
+    assert_int_equal(q->n_retry_on_status, 0);
+    assert_int_equal(q->retry_backoff_base_ms, 0);
+    assert_int_equal(q->retry_backoff_max_ms, 0);
+    assert_int_equal(q->retry_backoff_mult_x100, 100);
+    /* balance = hash without a hash_key is fine: keyless requests go by weighted random. */
+    assert_int_equal(r->balance, BALANCE_HASH);
+    assert_int_equal(r->hash_src, HASH_NONE);
+
+    /* q = b (backup) c (primary). */
+    assert_int_equal(q->n_backends, 2);
+    assert_string_equal(c->backends[q->first_backend].name, "b");
+    assert_int_equal(c->backends[q->first_backend].backup, 1);
+    assert_int_equal(c->backends[q->first_backend].max_conns, 1000000);
+    assert_int_equal(c->backends[q->first_backend + 1].backup, 0);
+    /* Every backend's ring identity is the hash of its name, wherever it was sorted to. */
+    for (int i = 0; i < c->n_backends; i++)
+        assert_true(c->backends[i].name_hash ==
+                    balancer_hash(c->backends[i].name, strlen(c->backends[i].name)));
+    assert_true(c->backends[0].name_hash != c->backends[1].name_hash);
+    conf_free(c);
+}
+
+/* Per-backend slowstart / max_fails / fail_timeout: a backend that doesn't set one takes its own
+ * pool's value, whether the pool comes before or after it in the file. */
+static void test_backend_overrides(void **state)
+{
+    struct conf *c = load_ok("[listen main]\n"
+                             "bind = 127.0.0.1:8080\n"
+                             "[backend early]\n" /* before its pool */
+                             "pool = late\n"
+                             "url = http://h\n"
+                             "[backend early_own]\n"
+                             "pool = late\n"
+                             "url = http://h\n"
+                             "slowstart = 1s\n"
+                             "max_fails = 0\n"
+                             "fail_timeout = 2s\n"
+                             "[pool first]\n"
+                             "slowstart = 5s\n"
+                             "max_fails = 7\n"
+                             "fail_timeout = 20s\n"
+                             "[pool late]\n"
+                             "slowstart = 9s\n"
+                             "max_fails = 11\n"
+                             "fail_timeout = 33s\n"
+                             "[backend after]\n"
+                             "pool = first\n"
+                             "url = http://h\n"
+                             "[backend after_part]\n"
+                             "pool = first\n"
+                             "url = http://h\n"
+                             "max_fails = 1\n");
+    const struct conf_backend *b;
+
+    b = &c->backends[conf_backend_find(c, "early")];
+    assert_int_equal(b->slowstart_ms, 9000);
+    assert_int_equal(b->max_fails, 11);
+    assert_int_equal(b->fail_timeout_ms, 33000);
+    b = &c->backends[conf_backend_find(c, "early_own")];
+    assert_int_equal(b->slowstart_ms, 1000);
+    assert_int_equal(b->max_fails, 0);
+    assert_int_equal(b->fail_timeout_ms, 2000);
+    b = &c->backends[conf_backend_find(c, "after")];
+    assert_int_equal(b->slowstart_ms, 5000);
+    assert_int_equal(b->max_fails, 7);
+    assert_int_equal(b->fail_timeout_ms, 20000);
+    b = &c->backends[conf_backend_find(c, "after_part")];
+    assert_int_equal(b->slowstart_ms, 5000);
+    assert_int_equal(b->max_fails, 1);
+    assert_int_equal(b->fail_timeout_ms, 20000);
+    conf_free(c);
+}
+
+static void test_err_resilience_values(void **state)
+{
+    /* Percentages: form and range, with the key's range in the message. */
+    load_bad(POOL_HEAD "check_jitter = 51%\n", 4,
+             "[pool p] key 'check_jitter': '51%' is out of range 0%..50%", NULL);
+    load_bad(POOL_HEAD "check_jitter = ten\n", 4,
+             "[pool p] key 'check_jitter': 'ten' is not a percentage", NULL);
+    load_bad(POOL_HEAD "check_jitter = 10 %\n", 4, "key 'check_jitter'", "not a percentage", NULL);
+    load_bad(POOL_HEAD "degraded_error_ratio = 1.01\n", 4,
+             "key 'degraded_error_ratio': '1.01' is out of range 0%..100%", NULL);
+    load_bad(POOL_HEAD "degraded_error_ratio = 0.255\n", 4, "key 'degraded_error_ratio'",
+             "not a percentage", NULL);
+    load_bad(POOL_HEAD "degraded_weight_pct = 0\n", 4,
+             "key 'degraded_weight_pct': '0' is out of range 1%..100%", NULL);
+    load_bad(POOL_HEAD "hash_balance_factor = 100\n", 4,
+             "key 'hash_balance_factor': '100' is out of range 101%..1000%", NULL);
+    load_bad(POOL_HEAD "retry_budget = 101%\n", 4, "key 'retry_budget'", "0%..100%", NULL);
+    load_bad(POOL_HEAD "retry_budget = -5%\n", 4, "key 'retry_budget'", "not a percentage", NULL);
+    /* Counts and durations. */
+    load_bad(POOL_HEAD "max_fails = 33\n", 4,
+             "[pool p] key 'max_fails': '33' is out of range 0..32", NULL);
+    load_bad(POOL_HEAD "breaker_failures = 33\n", 4, "key 'breaker_failures'", "0..32", NULL);
+    load_bad(POOL_HEAD "breaker_half_open_calls = 0\n", 4, "key 'breaker_half_open_calls'",
+             "1..1000", NULL);
+    load_bad(POOL_HEAD "breaker_successes = 1001\n", 4, "key 'breaker_successes'", "1..1000", NULL);
+    load_bad(POOL_HEAD "retries = 11\n", 4, "key 'retries': '11' is out of range 0..10", NULL);
+    load_bad(POOL_HEAD "retry_budget_min = 10001\n", 4, "key 'retry_budget_min'", "0..10000", NULL);
+    load_bad(POOL_HEAD "fail_timeout = 0\n", 4, "key 'fail_timeout': '0' is out of range", NULL);
+    load_bad(POOL_HEAD "check_fastinter = 5ms\n", 4, "key 'check_fastinter'", "10ms..168h", NULL);
+    load_bad(POOL_HEAD "check_downinter = soon\n", 4, "key 'check_downinter'", "not a duration",
+             NULL);
+    load_bad(POOL_HEAD "slowstart = 1w\n", 4, "key 'slowstart'", "not a duration", NULL);
+    load_bad(POOL_HEAD "degraded_latency = 1x\n", 4, "key 'degraded_latency'", NULL);
+    load_bad(POOL_HEAD "try_timeout = -1\n", 4, "key 'try_timeout'", NULL);
+    load_bad(POOL_HEAD "request_timeout = 8d\n", 4, "key 'request_timeout'", "0ms..168h", NULL);
+    load_bad(POOL_HEAD "expose_headers = maybe\n", 4, "key 'expose_headers'", "not a boolean",
+             NULL);
+    load_bad(POOL_HEAD "check = yes\ncheck = no\n", 5, "key 'check': set twice", NULL);
+    /* Backend keys. */
+    load_bad(BASE "backup = sometimes\n", 6, "[backend a] key 'backup'", "not a boolean", NULL);
+    load_bad(BASE "max_conns = 1000001\n", 6, "[backend a] key 'max_conns'", "0..1000000", NULL);
+    load_bad(BASE "max_fails = 40\n", 6, "[backend a] key 'max_fails'", "0..32", NULL);
+    load_bad(BASE "slowstart = x\n", 6, "[backend a] key 'slowstart'", NULL);
+    load_bad(BASE "fail_timeout = 0ms\n", 6, "[backend a] key 'fail_timeout'", NULL);
+}
+
+static void test_err_conditions(void **state)
+{
+    load_bad(POOL_HEAD "\nfail_on = 5xx, 429\n", 5,
+             "[pool p] key 'fail_on': 429 may not be listed: a 429 is never a failure", NULL);
+    load_bad(POOL_HEAD "fail_on = connect-failure reboot\n", 4,
+             "key 'fail_on': unknown condition 'reboot'", "connect-failure, tls", NULL);
+    load_bad(POOL_HEAD "fail_on = 399\n", 4, "key 'fail_on': status '399' is out of range 400..599",
+             NULL);
+    load_bad(POOL_HEAD "fail_on = 600\n", 4, "key 'fail_on'", "400..599", NULL);
+    load_bad(POOL_HEAD "fail_on = ,\n", 4, "key 'fail_on': empty value", NULL);
+    load_bad(POOL_HEAD "fail_on = 400 401 402 403 404 405 406 407 408 409 410 411 412 413 414 415 "
+                       "416\n",
+             4, "key 'fail_on'", "more than 16", NULL);
+    load_bad(POOL_HEAD "retry_on = timeout 5xx 200\n", 4, "key 'retry_on': status '200'",
+             "400..599", NULL);
+    load_bad(POOL_HEAD "retry_on = 4xx\n", 4, "key 'retry_on': unknown condition '4xx'", "429",
+             NULL);
+    /* The 429 rule only concerns fail_on. */
+    struct conf *c = load_ok(POOL_HEAD "retry_on = 429\n" BACKEND_A);
+
+    assert_int_equal(c->pools[0].retry_on, COND_429);
+    conf_free(c);
+}
+
+static void test_err_backoff(void **state)
+{
+    load_bad(POOL_HEAD "retry_backoff = 1s..25ms x2\n", 4,
+             "[pool p] key 'retry_backoff': '1s..25ms x2' is out of range", "BASE <= MAX", NULL);
+    load_bad(POOL_HEAD "retry_backoff = 25ms..1s x0.5\n", 4, "key 'retry_backoff'", "out of range",
+             NULL);
+    load_bad(POOL_HEAD "retry_backoff = 25ms..1s\n", 4,
+             "key 'retry_backoff': '25ms..1s' is not a back-off", "BASE..MAX xMULT", NULL);
+    load_bad(POOL_HEAD "retry_backoff = 25ms-1s x2\n", 4, "key 'retry_backoff'", "not a back-off",
+             NULL);
+    load_bad(POOL_HEAD "retry_backoff = 25ms..1s x1.125\n", 4, "key 'retry_backoff'",
+             "not a back-off", NULL);
+}
+
+static void test_err_breaker_open(void **state)
+{
+    /* Reported at breaker_open_max's line when it is set, whatever the order. */
+    load_bad(POOL_HEAD "breaker_open_max = 10s\n\nbreaker_open_for = 30s\n" BACKEND_A, 4,
+             "[pool p] key 'breaker_open_max': 10s is less than breaker_open_for = 30s", NULL);
+    load_bad(POOL_HEAD "breaker_open_for = 2s\nbreaker_open_max = 1500ms\n", 5,
+             "key 'breaker_open_max': 1500ms is less than breaker_open_for = 2s", NULL);
+    /* Else at breaker_open_for's, against the default 60s. */
+    load_bad(POOL_HEAD "retries = 2\nbreaker_open_for = 2m\n" BACKEND_A, 5,
+             "[pool p] key 'breaker_open_for': 2m is more than breaker_open_max = 1m", NULL);
+}
+
+static void test_err_hash_key(void **state)
+{
+    load_bad(POOL_HEAD "hash_key = header:x-user\n" BACKEND_A, 4,
+             "[pool p] key 'hash_key': hash_key needs balance = hash (balance is roundrobin)",
+             NULL);
+    load_bad(POOL_HEAD "hash_key = json:user\nbalance = least_conn\n", 4,
+             "key 'hash_key': hash_key needs balance = hash (balance is least_conn)", NULL);
+    load_bad(POOL_HEAD "balance = hash\nhash_key = cookie:sid\n", 5,
+             "key 'hash_key': 'cookie:sid' is not a hash key", "header:NAME or json:FIELD", NULL);
+    load_bad(POOL_HEAD "balance = hash\nhash_key = header:\n", 5, "key 'hash_key'",
+             "invalid header name", NULL);
+    load_bad(POOL_HEAD "balance = hash\nhash_key = header:x(y)\n", 5, "key 'hash_key'",
+             "invalid header name", NULL);
+    load_bad(POOL_HEAD "balance = hash\nhash_key = json:a b\n", 5, "key 'hash_key'",
+             "invalid field name", NULL);
+    load_bad(POOL_HEAD "balance = hash\nhash_key = json:\n", 5, "key 'hash_key'",
+             "invalid field name", NULL);
+    load_bad(POOL_HEAD "balance = hash\nhash_key = json:"
+                       "a123456789012345678901234567890123456789012345678901234567890123\n",
+             5, "key 'hash_key': name too long", NULL);
+    /* balance may follow hash_key. */
+    struct conf *c = load_ok(POOL_HEAD "hash_key = json:user\nbalance = hash\n" BACKEND_A);
+
+    assert_int_equal(c->pools[0].hash_src, HASH_JSON);
+    assert_string_equal(c->pools[0].hash_name, "user");
+    conf_free(c);
+}
+
+static void test_err_all_backup(void **state)
+{
+    load_bad(POOL_HEAD BACKEND_A "backup = yes\n[backend b]\nurl = http://h\nbackup = on\n", 3,
+             "[pool p]: has no primary backend", "backup = yes", NULL);
+    /* Only the pool without a primary is reported. */
+    load_bad(BASE "pool = p\n[pool q]\n[backend b]\npool = q\nurl = http://h\nbackup = yes\n", 7,
+             "[pool q]: has no primary backend", NULL);
+    struct conf *c = load_ok(POOL_HEAD BACKEND_A "backup = yes\n[backend b]\nurl = http://h\n");
+
+    assert_int_equal(c->backends[0].backup, 1);
+    assert_int_equal(c->backends[1].backup, 0);
+    conf_free(c);
+}
+
+static void test_renamed_idle_timeout(void **state)
+{
+    load_bad(POOL_HEAD "idle_timeout = 10s\n", 4,
+             "[pool p] key 'idle_timeout': unknown key (renamed to stream_idle_timeout)", NULL);
+    load_bad(POOL_HEAD "stream_idle_timeout = 0\n", 4, "key 'stream_idle_timeout'", "out of range",
+             NULL);
+    /* The unknown-key message lists every pool key, the last one included. */
+    load_bad(POOL_HEAD "retry_budgets = 5\n", 4, "key 'retry_budgets': unknown key",
+             "stream_idle_timeout", "retry_backoff", "expose_headers", NULL);
+}
+
+static void test_util_percent(void **state)
+{
+    static const struct {
+        const char *s;
+        uint32_t pct;
+    } ok[] = {
+        {"25%", 25},  {"25", 25},   {"0", 0},     {"0%", 0},     {"100%", 100},
+        {"0.25", 25}, {"0.5", 50},  {"1.0", 100}, {"1.25", 125}, {"0.05", 5},
+        {"1", 1},     {"125", 125}, {"2.5", 250}, {"007", 7},    {"4294967295", 4294967295u},
+    };
+    static const char *const bad[] = {"",   "%",     "25%%", "25 %", " 25", "25.5%", ".25",
+                                      "5.", "0.255", "-1",   "+1",   "1e2", "25pct", "0.2x"};
+    uint32_t v;
+
+    for (size_t i = 0; i < ARRAY_SIZE(ok); i++) {
+        v = 12345;
+        if (util_parse_percent(ok[i].s, &v) != 0)
+            fail_msg("'%s' refused", ok[i].s);
+        if (v != ok[i].pct)
+            fail_msg("'%s' -> %u, expected %u", ok[i].s, v, ok[i].pct);
+    }
+    for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+        v = 12345;
+        if (util_parse_percent(bad[i], &v) != -EINVAL)
+            fail_msg("'%s' accepted", bad[i]);
+        assert_int_equal(v, 12345);
+    }
+    assert_int_equal(util_parse_percent("4294967296", &v), -ERANGE);
+    assert_int_equal(util_parse_percent("42949672.96", &v), -ERANGE);
+    assert_int_equal(util_parse_percent(NULL, &v), -EINVAL);
+}
+
+static void test_util_backoff(void **state)
+{
+    static const struct {
+        const char *s;
+        uint64_t base, max;
+        uint32_t mult;
+    } ok[] = {
+        {"25ms..1s x2", 25, 1000, 200},      {"100ms .. 5s x1.5", 100, 5000, 150},
+        {"1..2 X1.25", 1000, 2000, 125},     {"0ms..0ms x1", 0, 0, 100},
+        {"1s..1s\tx1.0", 1000, 1000, 100},   {"25ms..1mx2", 25, 60000, 200},
+        {"5ms..1h x100", 5, 3600000, 10000}, {"25ms..1s x2.05", 25, 1000, 205},
+    };
+    static const char *const bad[] = {"",
+                                      "25ms..1s",
+                                      "25ms 1s x2",
+                                      "..1s x2",
+                                      "25ms.. x2",
+                                      "25ms..1s x",
+                                      "25ms..1s 2",
+                                      "25ms..1s x2 ",
+                                      "25ms..1s x1.125",
+                                      "25ms..1s x-2",
+                                      "25ms..1s x.5",
+                                      "25ms..1s..2s x2",
+                                      "25q..1s x2",
+                                      "25ms..1s y2"};
+    uint64_t base, max;
+    uint32_t mult;
+
+    for (size_t i = 0; i < ARRAY_SIZE(ok); i++) {
+        base = max = mult = 7;
+        if (util_parse_backoff(ok[i].s, &base, &max, &mult) != 0)
+            fail_msg("'%s' refused", ok[i].s);
+        if (base != ok[i].base || max != ok[i].max || mult != ok[i].mult)
+            fail_msg("'%s' -> %llu..%llu x%u", ok[i].s, (unsigned long long)base,
+                     (unsigned long long)max, mult);
+    }
+    for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+        base = max = mult = 7;
+        if (util_parse_backoff(bad[i], &base, &max, &mult) != -EINVAL)
+            fail_msg("'%s' not refused as malformed", bad[i]);
+        assert_true(base == 7 && max == 7 && mult == 7);
+    }
+    /* Well formed but impossible. */
+    assert_int_equal(util_parse_backoff("2s..1s x2", &base, &max, &mult), -ERANGE);
+    assert_int_equal(util_parse_backoff("1s..2s x0.99", &base, &max, &mult), -ERANGE);
+    assert_int_equal(util_parse_backoff("1s..2s x100.01", &base, &max, &mult), -ERANGE);
+    assert_int_equal(util_parse_backoff(NULL, &base, &max, &mult), -EINVAL);
+}
+
 static void test_missing_file(void **state)
 {
     struct conf *c = (void *)1;
@@ -502,6 +967,18 @@ int main(void)
         cmocka_unit_test(test_indent_and_long_lines),
         cmocka_unit_test(test_no_secrets_flag),
         cmocka_unit_test(test_missing_file),
+        cmocka_unit_test(test_resilience_defaults),
+        cmocka_unit_test(test_resilience_valid),
+        cmocka_unit_test(test_backend_overrides),
+        cmocka_unit_test(test_err_resilience_values),
+        cmocka_unit_test(test_err_conditions),
+        cmocka_unit_test(test_err_backoff),
+        cmocka_unit_test(test_err_breaker_open),
+        cmocka_unit_test(test_err_hash_key),
+        cmocka_unit_test(test_err_all_backup),
+        cmocka_unit_test(test_renamed_idle_timeout),
+        cmocka_unit_test(test_util_percent),
+        cmocka_unit_test(test_util_backoff),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
