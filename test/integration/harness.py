@@ -637,7 +637,7 @@ class Gateway:
         "fall": 2,
         "connect_timeout": "1s",
         "first_byte_timeout": "10s",
-        "idle_timeout": "10s",
+        "stream_idle_timeout": "10s",
     }
 
     def __init__(self, env, backends, workers=2, pool=None, listen=None, glob=None, start=True,
