@@ -1,5 +1,6 @@
-/* The health checker process: periodic active checks of every backend, rise/fall state, the
- * only writer of backend health in shm. One libuv loop; nothing here blocks it. */
+/* The health checker process: active checks with rise/fall, and every 25 ms an evaluation of
+ * what the workers recorded (breaker, passive detection, DEGRADED, effective weight). The only
+ * writer of backend health and breaker state in shm. One libuv loop; nothing here blocks it. */
 #include "health/health.h"
 
 #include <errno.h>
@@ -15,17 +16,31 @@
 #include "core/tls.h"
 #include "core/util.h"
 #include "health/check.h"
+#include "health/state.h"
+#include "health/stats.h"
 
 #define HEALTH_REQ_MAX 4096
+#define HEALTH_EVAL_MS 25
+#define MS_NS          1000000ULL
+
+/* Defaults for settings a config may leave at 0 where 0 would make no sense. */
+#define HEALTH_FAIL_TIMEOUT_MS       10000
+#define HEALTH_BREAKER_OPEN_MS       5000
+#define HEALTH_BREAKER_OPEN_MAX_MS   60000
+#define HEALTH_DEGRADED_WEIGHT_PCT   50
+#define HEALTH_DEGRADED_MIN_REQUESTS 10 /* the error ratio of fewer requests says little */
 
 struct health;
 
-/* One checked backend. */
+/* One backend: its active checks (when the pool has them) and its evaluated state. */
 struct hc_backend {
     struct health *h;
     uint32_t idx; /* index in conf.backends and shm */
     const struct conf_backend *cb;
     const struct conf_pool *pool;
+
+    /* active checks */
+    int checked; /* checks run for this backend */
     struct check ck;
     struct check_spec spec;
     struct tls_client tls;
@@ -36,7 +51,22 @@ struct hc_backend {
     int handles;         /* ck and tick are initialised (to be closed) */
     uint64_t started_ms; /* start of the last check, to keep the period independent of its length */
     struct health_rf rf;
+    uint64_t ewma_us; /* smoothed duration of passing checks, 0 = none since it came up */
+
+    /* decisions: configuration resolved once, state mirrored from what we wrote to shm */
+    struct health_breaker_cfg brc;
+    struct health_live_cfg lc;
+    struct health_cadence_cfg cad;
+    uint32_t half_open_calls;
+    uint32_t degraded_weight_pct;
+    uint64_t slowstart_ns;
+    struct health_breaker br;
+    struct health_window win;
     enum backend_state st;
+    enum backend_reason why;
+    uint64_t since_ns;    /* last state change */
+    uint64_t up_since_ns; /* last DOWN -> UP, for slow start (0 = none) */
+    uint64_t auth_seen;   /* 401/403 answers already acted on */
 };
 
 struct health {
@@ -44,9 +74,12 @@ struct health {
     struct conf *conf;
     struct shm *shm;
     uv_signal_t sigterm, sigint;
+    uv_timer_t eval;
+    int eval_open;
     struct hc_backend *b;
     int n;
     int stopping;
+    uint64_t rng; /* splitmix64 state, seeded per process */
 };
 
 int health_rf_on_result(struct health_rf *rf, enum backend_state *st, int ok, int rise, int fall)
@@ -80,12 +113,15 @@ int health_rf_on_result(struct health_rf *rf, enum backend_state *st, int ok, in
     return 1;
 }
 
-/* Uniform in [0, n). random() is fine: this only spreads timers. */
-static uint64_t health_rand(uint64_t n)
+/* splitmix64: this only spreads timers, it need not be strong; per process so that checkers
+ * of successive generations don't draw the same jitter. */
+static uint64_t health_rand(struct health *h)
 {
-    if (n == 0)
-        return 0;
-    return (((uint64_t)random() << 31) ^ (uint64_t)random()) % n;
+    uint64_t z = (h->rng += 0x9e3779b97f4a7c15ULL);
+
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
 }
 
 static void health_on_tick(uv_timer_t *t);
@@ -95,16 +131,49 @@ static void health_arm(struct hc_backend *hb, uint64_t delay_ms)
     uv_timer_start(&hb->tick, health_on_tick, delay_ms, 0);
 }
 
-/* Next start: one interval after the last start, moved by up to +-5% so that backends that
- * happened to align drift apart again. */
+/* A streak toward the other state is under way: check at the fast interval. */
+static int health_changing(const struct hc_backend *hb)
+{
+    return hb->st == BACKEND_DOWN ? hb->rf.ok_streak > 0 : hb->rf.fail_streak > 0;
+}
+
+/* Next start: the cadence's delay after the last start, so a slow check doesn't stretch the
+ * period. */
 static void health_arm_next(struct hc_backend *hb)
 {
-    uint64_t iv = hb->pool->check_interval_ms;
-    uint64_t spread = iv / 10;
-    uint64_t next = hb->started_ms + iv - spread / 2 + health_rand(spread + 1);
+    uint64_t delay =
+        health_next_check_ns(&hb->cad, hb->st, health_changing(hb), health_rand(hb->h)) / MS_NS;
+    uint64_t next = hb->started_ms + delay;
     uint64_t now = uv_now(&hb->h->loop);
 
     health_arm(hb, next > now ? next - now : 0);
+}
+
+/* Records a state change here and in shm. Entering or leaving DOWN starts the rise/fall
+ * streaks afresh (after a passive or auth DOWN, `rise` passing checks bring it back) and the
+ * check duration is measured afresh once it is back. */
+static void health_set_state(struct hc_backend *hb, enum backend_state st, enum backend_reason why,
+                             uint64_t now)
+{
+    struct shm_backend *sb = shm_backend(hb->h->shm, hb->idx);
+    int down_edge = (hb->st == BACKEND_DOWN) != (st == BACKEND_DOWN);
+
+    if (hb->st == BACKEND_DOWN && st != BACKEND_DOWN)
+        hb->up_since_ns = now;
+    if (st == BACKEND_DOWN && hb->st != BACKEND_DOWN) {
+        hb->ewma_us = 0;
+        atomic_store_explicit(&sb->ewma_check_us, 0, memory_order_relaxed);
+    }
+    hb->st = st;
+    hb->why = why;
+    hb->since_ns = now;
+    shm_backend_set_state(hb->h->shm, hb->idx, st, why, now);
+    if (down_edge) {
+        hb->rf.ok_streak = hb->rf.fail_streak = 0;
+        /* The cadence changes (check_downinter): re-plan an idle check. */
+        if (hb->checked && !hb->h->stopping && !check_running(&hb->ck))
+            health_arm_next(hb);
+    }
 }
 
 static void health_on_tick(uv_timer_t *t)
@@ -132,13 +201,19 @@ static void health_on_check(struct check *ck, const struct check_result *res)
     struct hc_backend *hb = ck->data;
     struct health *h = hb->h;
     uint64_t now = time_mono_ns();
-    int changed;
+    enum backend_state st = hb->st;
 
     shm_backend_set_check(h->shm, hb->idx, res->status, res->dur_us, now);
-    changed = health_rf_on_result(&hb->rf, &hb->st, res->ok, hb->pool->rise, hb->pool->fall);
-    if (changed) {
-        shm_backend_set_state(h->shm, hb->idx, hb->st, res->ok ? REASON_CHECK_OK : res->why, now);
-        if (hb->st == BACKEND_UP)
+    /* Only passing checks measure the backend's speed; a failing one says nothing of it (a
+     * timeout would only repeat check_timeout). Slowness is judged by the evaluation. */
+    if (res->ok) {
+        hb->ewma_us = health_ewma_add(hb->ewma_us, res->dur_us);
+        atomic_store_explicit(&shm_backend(h->shm, hb->idx)->ewma_check_us, hb->ewma_us,
+                              memory_order_relaxed);
+    }
+    if (health_rf_on_result(&hb->rf, &st, res->ok, hb->pool->rise, hb->pool->fall)) {
+        health_set_state(hb, st, res->ok ? REASON_CHECK_OK : res->why, now);
+        if (st == BACKEND_UP)
             log_info("backend %s/%s is UP: check passed %d times (%d in %u ms)", hb->pool->name,
                      hb->cb->name, hb->pool->rise < 1 ? 1 : hb->pool->rise, res->status,
                      res->dur_us / 1000);
@@ -155,19 +230,238 @@ static void health_on_check(struct check *ck, const struct check_result *res)
         health_arm_next(hb);
 }
 
-static int health_backend_init(struct health *h, struct hc_backend *hb, uint32_t idx)
+static void health_publish_breaker(struct hc_backend *hb)
+{
+    shm_backend_set_breaker(hb->h->shm, hb->idx, hb->br.st, hb->br.until_ns, hb->br.open_ns);
+}
+
+/* Operator commands first, then the breaker's own transitions. */
+static void health_eval_breaker(struct hc_backend *hb, uint64_t now, uint64_t ok, uint64_t failed,
+                                uint64_t last_ok)
+{
+    struct shm *shm = hb->h->shm;
+    const char *pool = hb->pool->name, *name = hb->cb->name;
+    enum breaker_cmd cmd = shm_backend_breaker_cmd_take(shm, hb->idx);
+    enum breaker_state was = hb->br.st;
+    uint64_t ok_base = hb->br.ok_base;
+    uint32_t consecutive = 0;
+
+    if (cmd != BREAKER_CMD_NONE) {
+        if (!health_breaker_command(&hb->br, &hb->brc, cmd, now, ok, failed))
+            return;
+        health_publish_breaker(hb);
+        if (hb->br.st == BREAKER_OPEN)
+            log_warn("backend %s/%s breaker open for %llu ms: opened by the operator", pool, name,
+                     (unsigned long long)(hb->br.open_ns / MS_NS));
+        else
+            log_info("backend %s/%s breaker closed: reset by the operator", pool, name);
+        return;
+    }
+    if (was == BREAKER_CLOSED) {
+        if (hb->brc.failures == 0)
+            return;
+        consecutive =
+            shm_backend_failures_since(shm, hb->idx, health_breaker_since(&hb->br, last_ok));
+    }
+    if (!health_breaker_eval(&hb->br, &hb->brc, now, consecutive, ok, failed))
+        return;
+    health_publish_breaker(hb);
+    switch (hb->br.st) {
+    case BREAKER_OPEN:
+        if (was == BREAKER_HALF_OPEN)
+            log_warn("backend %s/%s breaker open for %llu ms: trial request failed", pool, name,
+                     (unsigned long long)(hb->br.open_ns / MS_NS));
+        else
+            log_warn("backend %s/%s breaker open for %llu ms: %u consecutive failures", pool, name,
+                     (unsigned long long)(hb->br.open_ns / MS_NS), consecutive);
+        break;
+    case BREAKER_HALF_OPEN:
+        log_info("backend %s/%s breaker half-open: trying %u request%s", pool, name,
+                 hb->half_open_calls, hb->half_open_calls == 1 ? "" : "s");
+        break;
+    case BREAKER_CLOSED:
+        log_info("backend %s/%s breaker closed: %llu trial request%s succeeded", pool, name,
+                 (unsigned long long)(ok - ok_base), ok - ok_base == 1 ? "" : "s");
+        break;
+    }
+}
+
+static uint64_t health_auth_failures(const struct shm *shm, uint32_t b)
+{
+    uint64_t n = 0;
+
+    for (uint32_t w = 0; w < shm_n_workers(shm); w++)
+        n += atomic_load_explicit(&shm_wb(shm, w, b)->auth_failures, memory_order_relaxed);
+    return n;
+}
+
+/* Live traffic: passive DOWN, auth DOWN, DEGRADED and back. */
+static void health_eval_live(struct hc_backend *hb, uint64_t now, uint64_t ok, uint64_t failed,
+                             uint64_t last_ok)
+{
+    struct shm *shm = hb->h->shm;
+    const char *pool = hb->pool->name, *name = hb->cb->name;
+    struct health_live_in in;
+    enum backend_state st;
+    enum backend_reason why;
+    uint64_t from = now > hb->lc.fail_timeout_ns ? now - hb->lc.fail_timeout_ns : 0;
+
+    if (from < hb->since_ns)
+        from = hb->since_ns;
+    memset(&in, 0, sizeof(in));
+    in.st = hb->st;
+    in.reason = hb->why;
+    in.since_ns = hb->since_ns;
+    if (hb->lc.max_fails)
+        in.recent_failures = shm_backend_failures_since(shm, hb->idx, from);
+    in.last_ok_ns = last_ok;
+    in.auth_failures = health_auth_failures(shm, hb->idx);
+    in.auth_seen = hb->auth_seen;
+    in.check_us = hb->ewma_us;
+    health_window_update(&hb->win, now, ok, failed);
+    health_window_delta(&hb->win, now, ok, failed, &in.window_ok, &in.window_failed);
+
+    if (health_live_eval(&hb->lc, &in, now, &st, &why)) {
+        uint64_t total = in.window_ok + in.window_failed;
+
+        health_set_state(hb, st, why, now);
+        switch (why) {
+        case REASON_PASSIVE:
+            log_warn("backend %s/%s is DOWN: passive: %u failures within %llu ms", pool, name,
+                     in.recent_failures, (unsigned long long)(hb->lc.fail_timeout_ns / MS_NS));
+            break;
+        case REASON_AUTH:
+            log_warn("backend %s/%s is DOWN: auth: the upstream answered 401/403 — its api_key "
+                     "is bad",
+                     pool, name);
+            break;
+        case REASON_CHECK_SLOW:
+            log_warn("backend %s/%s is DEGRADED: check slow (%llu ms > %llu ms)", pool, name,
+                     (unsigned long long)(in.check_us / 1000),
+                     (unsigned long long)(hb->lc.degraded_latency_us / 1000));
+            break;
+        case REASON_ERROR_RATIO:
+            log_warn("backend %s/%s is DEGRADED: error ratio: %llu of %llu requests failed in "
+                     "the last %d s (%llu%% > %u%%)",
+                     pool, name, (unsigned long long)in.window_failed, (unsigned long long)total,
+                     HEALTH_WINDOW_SECS, (unsigned long long)(in.window_failed * 100 / total),
+                     hb->lc.degraded_error_pct);
+            break;
+        case REASON_LIVE_OK:
+            log_info("backend %s/%s is UP: a live request succeeded", pool, name);
+            break;
+        default:
+            log_info("backend %s/%s is %s: no longer degraded (check %llu ms, %llu of %llu "
+                     "requests failed in the last %d s)",
+                     pool, name, shm_state_str(st), (unsigned long long)(in.check_us / 1000),
+                     (unsigned long long)in.window_failed, (unsigned long long)total,
+                     HEALTH_WINDOW_SECS);
+            break;
+        }
+    }
+    /* While it is DOWN for its key, further 401/403 (trial requests) are the same news. */
+    if (hb->st == BACKEND_DOWN && hb->why == REASON_AUTH)
+        hb->auth_seen = in.auth_failures;
+}
+
+static void health_eval_weight(struct hc_backend *hb, uint64_t now)
+{
+    struct shm_backend *sb = shm_backend(hb->h->shm, hb->idx);
+    uint32_t cfg = atomic_load_explicit(&sb->weight_cfg, memory_order_relaxed);
+    uint32_t w = health_effective_weight(cfg, hb->st, hb->degraded_weight_pct, hb->up_since_ns,
+                                         hb->up_since_ns ? hb->slowstart_ns : 0, now);
+
+    if (atomic_load_explicit(&sb->weight_eff, memory_order_relaxed) != w)
+        atomic_store_explicit(&sb->weight_eff, w, memory_order_relaxed);
+}
+
+static void health_on_eval(uv_timer_t *t)
+{
+    struct health *h = t->data;
+    uint64_t now = time_mono_ns();
+
+    for (int i = 0; i < h->n; i++) {
+        struct hc_backend *hb = &h->b[i];
+        uint64_t ok, failed, last_ok;
+
+        shm_backend_outcomes(h->shm, hb->idx, &ok, &failed);
+        last_ok = shm_backend_last_ok(h->shm, hb->idx);
+        health_eval_breaker(hb, now, ok, failed, last_ok);
+        health_eval_live(hb, now, ok, failed, last_ok);
+        health_eval_weight(hb, now);
+    }
+}
+
+/* Resolves the settings of every backend (per-backend overrides are already folded into
+ * struct conf_backend) and takes over the state a previous checker left in shm. */
+static void health_backend_setup(struct health *h, struct hc_backend *hb, uint32_t idx)
 {
     const struct conf_backend *cb = &h->conf->backends[idx];
     const struct conf_pool *pool = &h->conf->pools[cb->pool];
-    char path[CONF_PATH_MAX + 16];
-    char *req;
-    int n, ret;
+    struct shm_backend *sb = shm_backend(h->shm, idx);
+    uint64_t ok, failed;
 
     hb->h = h;
     hb->idx = idx;
     hb->cb = cb;
     hb->pool = pool;
+
+    hb->brc.failures = pool->breaker_failures;
+    hb->brc.open_ns =
+        (pool->breaker_open_for_ms ? pool->breaker_open_for_ms : HEALTH_BREAKER_OPEN_MS) * MS_NS;
+    hb->brc.open_max_ns =
+        (pool->breaker_open_max_ms ? pool->breaker_open_max_ms : HEALTH_BREAKER_OPEN_MAX_MS) *
+        MS_NS;
+    if (hb->brc.open_max_ns < hb->brc.open_ns)
+        hb->brc.open_max_ns = hb->brc.open_ns;
+    hb->brc.successes = pool->breaker_successes ? pool->breaker_successes : 1;
+    hb->half_open_calls = pool->breaker_half_open_calls ? pool->breaker_half_open_calls : 1;
+
+    hb->lc.max_fails = cb->max_fails;
+    hb->lc.fail_timeout_ns =
+        (cb->fail_timeout_ms ? cb->fail_timeout_ms : HEALTH_FAIL_TIMEOUT_MS) * MS_NS;
+    hb->lc.checks = pool->check;
+    hb->lc.degraded_latency_us = pool->degraded_latency_ms * 1000;
+    hb->lc.degraded_error_pct = pool->degraded_error_pct;
+    hb->lc.degraded_min_requests = HEALTH_DEGRADED_MIN_REQUESTS;
+    hb->degraded_weight_pct =
+        pool->degraded_weight_pct ? pool->degraded_weight_pct : HEALTH_DEGRADED_WEIGHT_PCT;
+    hb->slowstart_ns = cb->slowstart_ms * MS_NS;
+
+    hb->cad.inter_ns = pool->check_interval_ms * MS_NS;
+    hb->cad.fastinter_ns = pool->check_fastinter_ms * MS_NS;
+    hb->cad.downinter_ns = pool->check_downinter_ms * MS_NS;
+    hb->cad.jitter_pct = pool->check_jitter_pct;
+
+    /* A restarted checker goes on from what shm says, not from a fresh UP. */
     hb->st = shm_backend_state(h->shm, idx);
+    hb->why = (enum backend_reason)atomic_load_explicit(&sb->reason, memory_order_relaxed);
+    hb->since_ns = atomic_load_explicit(&sb->since_ns, memory_order_relaxed);
+    hb->ewma_us = atomic_load_explicit(&sb->ewma_check_us, memory_order_relaxed);
+    health_breaker_init(&hb->br, &hb->brc);
+    hb->br.st = (enum breaker_state)atomic_load_explicit(&sb->breaker, memory_order_relaxed);
+    shm_backend_outcomes(h->shm, idx, &ok, &failed);
+    if (hb->br.st != BREAKER_CLOSED) {
+        uint64_t open_ns = atomic_load_explicit(&sb->breaker_open_ns, memory_order_relaxed);
+
+        hb->br.until_ns = atomic_load_explicit(&sb->breaker_until_ns, memory_order_relaxed);
+        if (open_ns)
+            hb->br.open_ns = open_ns;
+        hb->br.ok_base = ok;
+        hb->br.fail_base = failed;
+    }
+    /* Old 401/403 answers were acted on by whoever was here before. */
+    hb->auth_seen = health_auth_failures(h->shm, idx);
+}
+
+static int health_backend_init_checks(struct health *h, struct hc_backend *hb)
+{
+    const struct conf_backend *cb = hb->cb;
+    const struct conf_pool *pool = hb->pool;
+    char path[CONF_PATH_MAX + 16];
+    char *req;
+    int n, ret;
+
     ret = check_init(&hb->ck, &h->loop, &hb->spec, health_on_check, hb);
     if (ret < 0)
         return ret;
@@ -215,10 +509,11 @@ static int health_backend_init(struct health *h, struct hc_backend *hb, uint32_t
     hb->spec.expect = pool->check_expect;
     hb->spec.n_expect = pool->n_check_expect;
     hb->spec.timeout_ms = pool->check_timeout_ms;
+    hb->checked = 1;
 
     /* The first check comes soon, at a random point of the first tenth of the interval, so
      * that backends (and checkers of successive generations) don't check in lockstep. */
-    health_arm(hb, health_rand(pool->check_interval_ms / 10 + 1));
+    health_arm(hb, health_rand(h) % (pool->check_interval_ms / 10 + 1));
     return 0;
 }
 
@@ -235,6 +530,8 @@ static void health_stop(struct health *h)
         uv_close((uv_handle_t *)&hb->tick, NULL);
         check_close(&hb->ck);
     }
+    if (h->eval_open)
+        uv_close((uv_handle_t *)&h->eval, NULL);
     uv_close((uv_handle_t *)&h->sigterm, NULL);
     uv_close((uv_handle_t *)&h->sigint, NULL);
 }
@@ -249,6 +546,18 @@ static void health_on_signal(uv_signal_t *s, int signum)
     health_stop(h);
 }
 
+/* With checks off nothing would ever end a DOWN or a slow DEGRADED that came from checks (a
+ * reload may have turned them off); passive and auth DOWN end with a live success. */
+static void health_unchecked_state(struct hc_backend *hb, uint64_t now)
+{
+    int from_checks =
+        (hb->st == BACKEND_DOWN && hb->why != REASON_PASSIVE && hb->why != REASON_AUTH) ||
+        (hb->st == BACKEND_DEGRADED && hb->why == REASON_CHECK_SLOW);
+
+    if (from_checks)
+        health_set_state(hb, BACKEND_UP, REASON_NONE, now);
+}
+
 int health_main(struct conf *conf, struct shm *shm)
 {
     struct health h;
@@ -257,7 +566,7 @@ int health_main(struct conf *conf, struct shm *shm)
     memset(&h, 0, sizeof(h));
     h.conf = conf;
     h.shm = shm;
-    srandom((unsigned)getpid() ^ (unsigned)time_mono_ns());
+    h.rng = ((uint64_t)getpid() << 32) ^ time_mono_ns();
     ret = tls_global_init();
     if (ret < 0) {
         log_err("health checker: TLS init failed: %s", strerror(-ret));
@@ -273,6 +582,9 @@ int health_main(struct conf *conf, struct shm *shm)
     h.sigterm.data = h.sigint.data = &h;
     uv_signal_start(&h.sigterm, health_on_signal, SIGTERM);
     uv_signal_start(&h.sigint, health_on_signal, SIGINT);
+    uv_timer_init(&h.loop, &h.eval);
+    h.eval.data = &h;
+    h.eval_open = 1;
 
     h.b = calloc(conf->n_backends ? (size_t)conf->n_backends : 1, sizeof(*h.b));
     if (!h.b) {
@@ -281,23 +593,22 @@ int health_main(struct conf *conf, struct shm *shm)
     }
     h.n = conf->n_backends;
     for (int i = 0; i < conf->n_backends; i++) {
-        const struct conf_backend *cb = &conf->backends[i];
-        const struct conf_pool *pool = &conf->pools[cb->pool];
+        struct hc_backend *hb = &h.b[i];
 
-        if (!pool->check) {
-            /* Unchecked backends are always UP (a reload may have turned checks off). */
-            if (shm_backend_state(shm, (uint32_t)i) != BACKEND_UP)
-                shm_backend_set_state(shm, (uint32_t)i, BACKEND_UP, REASON_NONE, time_mono_ns());
+        health_backend_setup(&h, hb, (uint32_t)i);
+        if (!hb->pool->check) {
+            health_unchecked_state(hb, time_mono_ns());
             continue;
         }
-        ret = health_backend_init(&h, &h.b[i], (uint32_t)i);
+        ret = health_backend_init_checks(&h, hb);
         if (ret < 0) {
-            log_err("backend %s/%s: cannot set up health checks: %s", pool->name, cb->name,
+            log_err("backend %s/%s: cannot set up health checks: %s", hb->pool->name, hb->cb->name,
                     strerror(-ret));
             goto out;
         }
         checked++;
     }
+    uv_timer_start(&h.eval, health_on_eval, HEALTH_EVAL_MS, HEALTH_EVAL_MS);
     log_info("health checker started: %d of %d backends checked", checked, conf->n_backends);
     uv_run(&h.loop, UV_RUN_DEFAULT);
     rc = 0;

@@ -1,5 +1,5 @@
-/* Unit tests of the health checker: rise/fall, request text, status judgement, and one active
- * check end to end against an in-process loopback server. */
+/* Unit tests of the health checker: rise/fall, check EWMA and outcome window, request text,
+ * status judgement, and one active check end to end against an in-process loopback server. */
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -14,6 +14,7 @@
 #include "core/tls.h"
 #include "health/check.h"
 #include "health/health.h"
+#include "health/stats.h"
 
 /* Feeds a sequence of results ('+' pass, '-' fail) and returns the positions (1-based) of the
  * state changes as a string of digits, e.g. "3" when the third result flipped the state. */
@@ -141,6 +142,105 @@ static void test_build_request(void **state)
     assert_non_null(strstr(buf, "\r\nHost: [::1]\r\n"));
 
     assert_int_equal(check_build_request(buf, 40, 0, "/v1/models", "h", 1, 0, NULL), -ENOSPC);
+}
+
+#define SEC 1000000000ULL
+
+static void test_ewma_first_sample_and_smoothing(void **state)
+{
+    uint64_t a = health_ewma_add(0, 800000);
+
+    /* the first sample is taken as it is: a slow backend shows at its first check */
+    assert_int_equal(a, 800000);
+    /* a quarter of the way toward each new sample, both ways */
+    a = health_ewma_add(a, 400000);
+    assert_int_equal(a, 700000);
+    a = health_ewma_add(a, 1100000);
+    assert_int_equal(a, 800000);
+    /* one odd sample moves it little; a lasting change wins within a few */
+    a = health_ewma_add(100000, 1000000);
+    assert_int_equal(a, 325000);
+    for (int i = 0; i < 3; i++)
+        a = health_ewma_add(a, 1000000);
+    assert_true(a > 700000 && a < 1000000);
+    /* 0 means "no sample": a 0 us sample still leaves a figure */
+    assert_int_equal(health_ewma_add(0, 0), 1);
+    assert_true(health_ewma_add(3, 0) >= 1);
+}
+
+static void test_window_empty_and_filling(void **state)
+{
+    struct health_window w;
+    uint64_t ok, failed;
+
+    memset(&w, 0, sizeof(w));
+    health_window_delta(&w, 100 * SEC, 5, 5, &ok, &failed);
+    assert_int_equal(ok, 0);
+    assert_int_equal(failed, 0);
+    /* the snapshot of a second is its first update: later ones in that second don't move it */
+    health_window_update(&w, 100 * SEC, 10, 2);
+    health_window_update(&w, 100 * SEC + SEC / 2, 15, 3);
+    health_window_delta(&w, 100 * SEC + SEC / 2, 15, 3, &ok, &failed);
+    assert_int_equal(ok, 5);
+    assert_int_equal(failed, 1);
+    health_window_update(&w, 103 * SEC, 40, 10);
+    health_window_delta(&w, 103 * SEC, 40, 10, &ok, &failed);
+    assert_int_equal(ok, 30);
+    assert_int_equal(failed, 8);
+}
+
+static void test_window_slides(void **state)
+{
+    struct health_window w;
+    uint64_t ok = 0, failed = 0, wok, wfailed;
+
+    memset(&w, 0, sizeof(w));
+    /* 10 ok and 1 failure per second for 30 s, updated every 25 ms */
+    for (uint64_t t = 1000 * SEC; t < 1030 * SEC; t += SEC / 40) {
+        health_window_update(&w, t, ok, failed);
+        if (t % SEC == 0) {
+            ok += 10;
+            failed += 1;
+        }
+    }
+    /* now = 1029.975 s: the oldest snapshot in the window is 1019 s's, taken before that
+     * second's traffic: 11 seconds of it */
+    health_window_delta(&w, 1030 * SEC - SEC / 40, ok, failed, &wok, &wfailed);
+    assert_int_equal(wok, 110);
+    assert_int_equal(wfailed, 11);
+    /* traffic stops: it leaves the window as the seconds pass */
+    for (uint64_t t = 1030 * SEC; t < 1036 * SEC; t += SEC / 40)
+        health_window_update(&w, t, ok, failed);
+    health_window_delta(&w, 1036 * SEC - SEC / 40, ok, failed, &wok, &wfailed);
+    assert_int_equal(wok, 50);
+    assert_int_equal(wfailed, 5);
+    for (uint64_t t = 1036 * SEC; t < 1042 * SEC; t += SEC / 40)
+        health_window_update(&w, t, ok, failed);
+    health_window_delta(&w, 1042 * SEC - SEC / 40, ok, failed, &wok, &wfailed);
+    assert_int_equal(wok, 0);
+    assert_int_equal(wfailed, 0);
+}
+
+static void test_window_after_stall_and_reset(void **state)
+{
+    struct health_window w;
+    uint64_t wok, wfailed;
+
+    memset(&w, 0, sizeof(w));
+    health_window_update(&w, 50 * SEC, 100, 10);
+    health_window_update(&w, 51 * SEC, 200, 20);
+    /* the loop stalled for 30 s: every snapshot is too old, the window starts again */
+    health_window_delta(&w, 81 * SEC, 900, 90, &wok, &wfailed);
+    assert_int_equal(wok, 0);
+    assert_int_equal(wfailed, 0);
+    health_window_update(&w, 81 * SEC, 900, 90);
+    health_window_delta(&w, 82 * SEC, 950, 91, &wok, &wfailed);
+    assert_int_equal(wok, 50);
+    assert_int_equal(wfailed, 1);
+    /* totals that went backwards count as no traffic, not as a huge number */
+    health_window_delta(&w, 82 * SEC, 10, 1, &wok, &wfailed);
+    assert_int_equal(wok, 0);
+    assert_int_equal(wfailed, 0);
 }
 
 /* A loopback server in the test's own loop: answers each connection with `reply` (or stays
@@ -423,6 +523,10 @@ int main(void)
         cmocka_unit_test(test_rf_one_and_zero_thresholds),
         cmocka_unit_test(test_status_expected),
         cmocka_unit_test(test_build_request),
+        cmocka_unit_test(test_ewma_first_sample_and_smoothing),
+        cmocka_unit_test(test_window_empty_and_filling),
+        cmocka_unit_test(test_window_slides),
+        cmocka_unit_test(test_window_after_stall_and_reset),
         cmocka_unit_test(test_check_pass),
         cmocka_unit_test(test_check_head_without_length),
         cmocka_unit_test(test_check_bad_status),
