@@ -359,8 +359,10 @@ static void health_eval_live(struct hc_backend *hb, uint64_t now, uint64_t ok, u
             break;
         }
     }
-    /* While it is DOWN for its key, further 401/403 (trial requests) are the same news. */
-    if (hb->st == BACKEND_DOWN && hb->why == REASON_AUTH)
+    /* While it is DOWN for its key, further 401/403 (failed trials) are the same news; that
+     * includes those seen by the evaluation that brings it back. */
+    if ((in.st == BACKEND_DOWN && in.reason == REASON_AUTH) ||
+        (hb->st == BACKEND_DOWN && hb->why == REASON_AUTH))
         hb->auth_seen = in.auth_failures;
 }
 

@@ -6,12 +6,17 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 #include <uv.h>
 
 #include "core/tls.h"
+#include "core/util.h"
 #include "health/check.h"
 #include "health/health.h"
 #include "health/stats.h"
@@ -513,6 +518,191 @@ static void test_tls_strerror(void **state)
                         "TLS operation would block");
 }
 
+/* The checker process itself, checks off, with the workers' side simulated through the shm
+ * accessors the workers use: what it publishes for passive, auth, error-ratio and breaker
+ * events, operator commands and slow start. */
+enum { HP_PAS = 0, HP_AUTH, HP_ERR, HP_BRK, HP_N };
+
+static pid_t hp_child = -1;
+
+static int hp_teardown(void **state)
+{
+    int st;
+
+    if (hp_child > 0) {
+        kill(hp_child, SIGKILL);
+        waitpid(hp_child, &st, 0);
+        hp_child = -1;
+    }
+    return 0;
+}
+
+/* Field of backend b: 0 state, 1 breaker, 2 effective weight, 3 reason. */
+static uint32_t hp_get(const struct shm *shm, uint32_t b, int field)
+{
+    struct shm_backend *sb = shm_backend(shm, b);
+
+    switch (field) {
+    case 0:
+        return atomic_load(&sb->state);
+    case 1:
+        return atomic_load(&sb->breaker);
+    case 2:
+        return atomic_load(&sb->weight_eff);
+    default:
+        return atomic_load(&sb->reason);
+    }
+}
+
+/* Waits up to ms for the field to read want; returns the time it took (ms) or -1. */
+static int hp_wait(const struct shm *shm, uint32_t b, int field, uint32_t want, int ms)
+{
+    uint64_t t0 = time_mono_ms();
+
+    while (hp_get(shm, b, field) != want) {
+        if (time_mono_ms() - t0 > (uint64_t)ms)
+            return -1;
+        usleep(2000);
+    }
+    return (int)(time_mono_ms() - t0);
+}
+
+static void hp_ok(struct shm *shm, uint32_t w, uint32_t b, int n)
+{
+    for (int i = 0; i < n; i++)
+        shm_wb_record_ok(shm, w, b, time_mono_ns(), 1000000);
+}
+
+static void hp_fail(struct shm *shm, uint32_t w, uint32_t b, int n)
+{
+    for (int i = 0; i < n; i++)
+        shm_wb_record_fail(shm, w, b, time_mono_ns());
+}
+
+static void test_process_live_evaluation(void **state)
+{
+    static const char *names[HP_N] = {"pas", "auth", "err", "brk"};
+    struct conf_pool pools[2];
+    struct conf_backend be[HP_N];
+    struct conf conf;
+    struct shm shm;
+    int st, t;
+
+    memset(pools, 0, sizeof(pools));
+    memset(be, 0, sizeof(be));
+    memset(&conf, 0, sizeof(conf));
+    /* pool "live": passive detection and error ratio; pool "brk": breaker only */
+    snprintf(pools[0].name, sizeof(pools[0].name), "live");
+    pools[0].check_interval_ms = 1000;
+    pools[0].degraded_error_pct = 50;
+    pools[0].degraded_weight_pct = 50;
+    snprintf(pools[1].name, sizeof(pools[1].name), "brk");
+    pools[1].check_interval_ms = 1000;
+    pools[1].breaker_failures = 3;
+    pools[1].breaker_open_for_ms = 300;
+    pools[1].breaker_open_max_ms = 1000;
+    pools[1].breaker_successes = 2;
+    pools[1].breaker_half_open_calls = 1;
+    for (int i = 0; i < HP_N; i++) {
+        snprintf(be[i].name, sizeof(be[i].name), "%s", names[i]);
+        be[i].pool = i == HP_BRK;
+        be[i].weight = 10;
+        be[i].max_fails = i == HP_PAS || i == HP_AUTH ? 3 : 0;
+        be[i].fail_timeout_ms = 500;
+    }
+    be[HP_PAS].slowstart_ms = 400;
+    conf.pools = pools;
+    conf.n_pools = 2;
+    conf.backends = be;
+    conf.n_backends = HP_N;
+
+    assert_int_equal(shm_create(&shm, HP_N, 2, 1), 0);
+    for (uint32_t b = 0; b < HP_N; b++) {
+        atomic_store(&shm_backend(&shm, b)->weight_cfg, 10);
+        atomic_store(&shm_backend(&shm, b)->weight_eff, 10);
+    }
+    hp_child = fork();
+    assert_true(hp_child >= 0);
+    if (hp_child == 0)
+        _exit(health_main(&conf, &shm));
+
+    /* passive: max_fails failures from two workers together mark it DOWN... */
+    hp_fail(&shm, 0, HP_PAS, 2);
+    assert_int_equal(hp_wait(&shm, HP_PAS, 0, BACKEND_DOWN, 150), -1);
+    hp_fail(&shm, 1, HP_PAS, 1);
+    assert_true(hp_wait(&shm, HP_PAS, 0, BACKEND_DOWN, 1000) >= 0);
+    assert_int_equal(hp_get(&shm, HP_PAS, 3), REASON_PASSIVE);
+    /* ...and with checks off one live success (a trial) brings it back, weight from ~0 */
+    hp_ok(&shm, 1, HP_PAS, 1);
+    assert_true(hp_wait(&shm, HP_PAS, 0, BACKEND_UP, 1000) >= 0);
+    assert_int_equal(hp_get(&shm, HP_PAS, 3), REASON_LIVE_OK);
+    assert_true(hp_get(&shm, HP_PAS, 2) < 10);
+    t = hp_wait(&shm, HP_PAS, 2, 10, 1000);
+    assert_true(t >= 200 && t <= 600);
+    /* old failures don't count again after it came back */
+    hp_fail(&shm, 0, HP_PAS, 2);
+    assert_int_equal(hp_wait(&shm, HP_PAS, 0, BACKEND_DOWN, 150), -1);
+
+    /* auth: one 401/403 is enough */
+    atomic_store(&shm_wb(&shm, 1, HP_AUTH)->auth_failures, 1);
+    assert_true(hp_wait(&shm, HP_AUTH, 0, BACKEND_DOWN, 1000) >= 0);
+    assert_int_equal(hp_get(&shm, HP_AUTH, 3), REASON_AUTH);
+    atomic_store(&shm_wb(&shm, 1, HP_AUTH)->auth_failures, 2); /* a failed trial */
+    hp_ok(&shm, 0, HP_AUTH, 1);
+    assert_true(hp_wait(&shm, HP_AUTH, 0, BACKEND_UP, 1000) >= 0);
+    /* the 401 from before the success is not news */
+    assert_int_equal(hp_wait(&shm, HP_AUTH, 0, BACKEND_DOWN, 150), -1);
+
+    /* error ratio: 8 of 12 failed in the window: DEGRADED at half weight; then it recovers */
+    hp_ok(&shm, 0, HP_ERR, 4);
+    hp_fail(&shm, 1, HP_ERR, 8);
+    assert_true(hp_wait(&shm, HP_ERR, 0, BACKEND_DEGRADED, 1000) >= 0);
+    assert_int_equal(hp_get(&shm, HP_ERR, 3), REASON_ERROR_RATIO);
+    assert_true(hp_wait(&shm, HP_ERR, 2, 5, 200) >= 0);
+    hp_ok(&shm, 0, HP_ERR, 60);
+    assert_true(hp_wait(&shm, HP_ERR, 0, BACKEND_UP, 1000) >= 0);
+    assert_true(hp_wait(&shm, HP_ERR, 2, 10, 200) >= 0);
+
+    /* breaker: 3 consecutive failures open it; a success in between starts the count again */
+    hp_fail(&shm, 0, HP_BRK, 2);
+    hp_ok(&shm, 1, HP_BRK, 1);
+    hp_fail(&shm, 1, HP_BRK, 2);
+    assert_int_equal(hp_wait(&shm, HP_BRK, 1, BREAKER_OPEN, 150), -1);
+    hp_fail(&shm, 0, HP_BRK, 1);
+    assert_true(hp_wait(&shm, HP_BRK, 1, BREAKER_OPEN, 1000) >= 0);
+    assert_int_equal(atomic_load(&shm_backend(&shm, HP_BRK)->breaker_open_ns), 300000000ULL);
+    /* the breaker is not the backend's health */
+    assert_int_equal(hp_get(&shm, HP_BRK, 0), BACKEND_UP);
+    t = hp_wait(&shm, HP_BRK, 1, BREAKER_HALF_OPEN, 1000);
+    assert_true(t >= 200 && t <= 450);
+    /* a failed trial re-opens it for twice as long */
+    hp_fail(&shm, 1, HP_BRK, 1);
+    assert_true(hp_wait(&shm, HP_BRK, 1, BREAKER_OPEN, 1000) >= 0);
+    assert_int_equal(atomic_load(&shm_backend(&shm, HP_BRK)->breaker_open_ns), 600000000ULL);
+    t = hp_wait(&shm, HP_BRK, 1, BREAKER_HALF_OPEN, 1500);
+    assert_true(t >= 500 && t <= 750);
+    /* two trial successes close it */
+    hp_ok(&shm, 0, HP_BRK, 1);
+    assert_int_equal(hp_wait(&shm, HP_BRK, 1, BREAKER_CLOSED, 150), -1);
+    hp_ok(&shm, 1, HP_BRK, 1);
+    assert_true(hp_wait(&shm, HP_BRK, 1, BREAKER_CLOSED, 1000) >= 0);
+    /* operator commands */
+    shm_backend_breaker_cmd(&shm, HP_BRK, BREAKER_CMD_OPEN);
+    assert_true(hp_wait(&shm, HP_BRK, 1, BREAKER_OPEN, 1000) >= 0);
+    shm_backend_breaker_cmd(&shm, HP_BRK, BREAKER_CMD_RESET);
+    assert_true(hp_wait(&shm, HP_BRK, 1, BREAKER_CLOSED, 1000) >= 0);
+    assert_int_equal(atomic_load(&shm_backend(&shm, HP_BRK)->breaker_cmd_done),
+                     atomic_load(&shm_backend(&shm, HP_BRK)->breaker_cmd_seq));
+
+    /* it stops cleanly on SIGTERM */
+    assert_int_equal(kill(hp_child, SIGTERM), 0);
+    assert_int_equal(waitpid(hp_child, &st, 0), hp_child);
+    hp_child = -1;
+    assert_true(WIFEXITED(st));
+    assert_int_equal(WEXITSTATUS(st), 0);
+    shm_destroy(&shm);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -535,6 +725,7 @@ int main(void)
         cmocka_unit_test(test_check_refused),
         cmocka_unit_test(test_tls_client_init_errors),
         cmocka_unit_test(test_tls_strerror),
+        cmocka_unit_test_teardown(test_process_live_evaluation, hp_teardown),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
