@@ -177,15 +177,22 @@ stop_pid() {
     wait "$1" 2>/dev/null
 }
 
-start_mock 64
-check_target "$MOCK_PORT" || die "aigw-mock does not answer: $CHECK_MSG"
-# The body grows one byte per content byte; restart once with the size that hits the target.
-content=$((64 + BODY_BYTES - CHECK_SIZE))
-if [ "$content" -ne 64 ] && [ "$content" -gt 0 ]; then
-    stop_pid "$MOCK_PID"
+# The body grows about one byte per content byte (the token counts in "usage" grow too): a few
+# restarts with the corrected size land on the target or next to it.
+content=64
+for _ in 1 2 3; do
     start_mock "$content"
     check_target "$MOCK_PORT" || die "aigw-mock does not answer: $CHECK_MSG"
-fi
+    next=$((content + BODY_BYTES - CHECK_SIZE))
+    [ "$next" -lt 1 ] && next=1
+    [ "$next" = "$content" ] && break
+    stop_pid "$MOCK_PID"
+    content=$next
+done
+kill -0 "$MOCK_PID" 2>/dev/null || {
+    start_mock "$content"
+    check_target "$MOCK_PORT" || die "aigw-mock does not answer: $CHECK_MSG"
+}
 RESP_SIZE=$CHECK_SIZE
 echo "mock: 127.0.0.1:$MOCK_PORT, --content-bytes $content, chat.completion body $RESP_SIZE bytes"
 
@@ -290,12 +297,13 @@ run_wrk() {
         "http://127.0.0.1:${PROXY_PORT[$1]}$REQ_PATH" >"$4" 2>&1
 }
 
-declare -A RPS P50 P99 CPU ERR
+declare -A RPS P50 P99 CPU PERCPU ERR
 GIT_REV=$(git describe --always --dirty 2>/dev/null || echo unknown)
 {
     echo "# aigw make bench, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $GIT_REV"
     echo "# $(uname -srm), $NCPU CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'))"
-    echo "# proxy CPU: ${PROXY_CPU:-any}, wrk + mock CPU: ${LOAD_CPU:-any}"
+    echo "# proxy CPU: ${PROXY_CPU:-any}, wrk + mock CPU: ${LOAD_CPU:-any};" \
+        "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "# wrk -t1 -cN -d$DURATION --latency (warm-up $WARMUP), POST $REQ_PATH ${#REQ_BODY} bytes,"
     echo "# response body $RESP_SIZE bytes; $(wrk -v 2>&1 | head -n1 | cut -d' ' -f1-2); $(haproxy -v | head -n1 | cut -d' ' -f1-3); $(nginx -v 2>&1)"
     [ -n "$AIGW_SKIP" ] && echo "# aigw not working: $AIGW_SKIP"
@@ -333,6 +341,10 @@ for c in $CONNS; do
         P99[$k]=$(awk -v u="${f[p99_us]}" 'BEGIN { printf "%.2fms", u / 1000 }')
         CPU[$k]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v d="${f[duration_us]}" \
             'BEGIN { printf "%.0f%%", t / hz * 100 / (d / 1e6) }')
+        # Requests per second of the target's CPU time: compares efficiency even when the load
+        # side, not the proxy, is what limits req/s.
+        PERCPU[$k]=$(awk -v n="${f[requests]}" -v t=$((t1 - t0)) -v hz="$CLK_TCK" \
+            'BEGIN { if (t > 0) printf "%.0f", n * hz / t; else printf "-" }')
         errs=$((f[status] + f[connect] + f[read] + f[write] + f[timeout]))
         ERR[$k]=$errs
         if [ "$errs" -gt 0 ]; then
@@ -346,7 +358,8 @@ done
 # --- report --------------------------------------------------------------------------------------
 
 {
-    printf '%-8s %6s %10s %9s %9s %11s %6s %7s\n' target conns req/s p50 p99 vs-haproxy cpu errors
+    printf '%-8s %6s %10s %9s %9s %11s %6s %11s %7s\n' target conns req/s p50 p99 vs-haproxy cpu \
+        req/cpu-s errors
     for c in $CONNS; do
         for t in mock haproxy nginx aigw; do
             k="$t:$c"
@@ -363,8 +376,8 @@ done
                 ratio=$(awk -v a="${RPS[$k]}" -v b="${RPS[haproxy:$c]}" 'BEGIN { printf "%.2f", a / b }')
             name=$t
             [ "$t" = mock ] && name=direct
-            printf '%-8s %6s %10s %9s %9s %11s %6s %7s\n' "$name" "$c" "${RPS[$k]}" "${P50[$k]}" \
-                "${P99[$k]}" "$ratio" "${CPU[$k]}" "${ERR[$k]}"
+            printf '%-8s %6s %10s %9s %9s %11s %6s %11s %7s\n' "$name" "$c" "${RPS[$k]}" \
+                "${P50[$k]}" "${P99[$k]}" "$ratio" "${CPU[$k]}" "${PERCPU[$k]}" "${ERR[$k]}"
         done
     done
 } >"$TMP/table"
@@ -381,7 +394,7 @@ done
 echo
 cat "$TMP/header" "$TMP/table"
 echo "(direct = wrk straight to the mock; cpu = the target's processes, % of one core;"
-echo " raw output in $RESULTS)"
+echo " req/cpu-s = requests per second of the target's CPU time; raw output in $RESULTS)"
 [ -n "$AIGW_SKIP" ] && echo "aigw not working: $AIGW_SKIP" >&2
 [ $FAILED = 0 ] || die "errors during the run (see above)"
 exit 0
