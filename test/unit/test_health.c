@@ -523,7 +523,7 @@ static void test_tls_strerror(void **state)
  * events, operator commands and slow start. */
 enum { HP_PAS = 0, HP_AUTH, HP_ERR, HP_BRK, HP_N };
 
-static pid_t hp_child = -1;
+static pid_t hp_child = -1, hp_server = -1;
 
 static int hp_teardown(void **state)
 {
@@ -533,6 +533,11 @@ static int hp_teardown(void **state)
         kill(hp_child, SIGKILL);
         waitpid(hp_child, &st, 0);
         hp_child = -1;
+    }
+    if (hp_server > 0) {
+        kill(hp_server, SIGKILL);
+        waitpid(hp_server, &st, 0);
+        hp_server = -1;
     }
     return 0;
 }
@@ -703,6 +708,93 @@ static void test_process_live_evaluation(void **state)
     shm_destroy(&shm);
 }
 
+/* With checks on, a passive DOWN is ended by `rise` passing checks only (a live success does
+ * not), at the check_downinter cadence. */
+static void test_process_passive_with_checks(void **state)
+{
+    struct conf_pool pool;
+    struct conf_backend be;
+    struct conf conf;
+    struct shm shm;
+    struct srv srv;
+    uv_loop_t loop;
+    uint64_t t0;
+    int st, t;
+
+    /* the backend: a loopback server in its own process that always answers 200 */
+    assert_int_equal(uv_loop_init(&loop), 0);
+    srv_start(&loop, &srv, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    hp_server = fork();
+    assert_true(hp_server >= 0);
+    if (hp_server == 0) {
+        uv_run(&loop, UV_RUN_DEFAULT);
+        _exit(0);
+    }
+
+    memset(&pool, 0, sizeof(pool));
+    memset(&be, 0, sizeof(be));
+    memset(&conf, 0, sizeof(conf));
+    snprintf(pool.name, sizeof(pool.name), "p");
+    pool.check = 1;
+    pool.check_expect[0] = 200;
+    pool.n_check_expect = 1;
+    pool.check_interval_ms = 100;
+    pool.check_fastinter_ms = 50;
+    pool.check_downinter_ms = 400;
+    pool.check_timeout_ms = 500;
+    pool.rise = 2;
+    pool.fall = 2;
+    snprintf(be.name, sizeof(be.name), "b");
+    snprintf(be.url.host, sizeof(be.url.host), "127.0.0.1");
+    be.url.port = (uint16_t)srv.port;
+    be.weight = 1;
+    be.max_fails = 2;
+    be.fail_timeout_ms = 1000;
+    conf.pools = &pool;
+    conf.n_pools = 1;
+    conf.backends = &be;
+    conf.n_backends = 1;
+
+    assert_int_equal(shm_create(&shm, 1, 1, 1), 0);
+    atomic_store(&shm_backend(&shm, 0)->weight_cfg, 1);
+    atomic_store(&shm_backend(&shm, 0)->weight_eff, 1);
+    hp_child = fork();
+    assert_true(hp_child >= 0);
+    if (hp_child == 0)
+        _exit(health_main(&conf, &shm));
+
+    /* checks pass and measure the backend */
+    t0 = time_mono_ms();
+    while (atomic_load(&shm_backend(&shm, 0)->check_at_ns) == 0 && time_mono_ms() - t0 < 1000)
+        usleep(2000);
+    assert_int_equal(atomic_load(&shm_backend(&shm, 0)->check_status), 200);
+    assert_true(hp_wait(&shm, 0, 0, BACKEND_UP, 0) >= 0);
+
+    hp_fail(&shm, 0, 0, 2);
+    assert_true(hp_wait(&shm, 0, 0, BACKEND_DOWN, 1000) >= 0);
+    assert_int_equal(hp_get(&shm, 0, 3), REASON_PASSIVE);
+    /* the measure starts afresh once it is back */
+    assert_int_equal(atomic_load(&shm_backend(&shm, 0)->ewma_check_us), 0);
+    /* a live success does not end it while checks run... */
+    hp_ok(&shm, 0, 0, 1);
+    /* ...two passing checks do, the first one check_downinter after the last check */
+    t = hp_wait(&shm, 0, 0, BACKEND_UP, 2000);
+    assert_true(t >= 250 && t <= 1000);
+    assert_int_equal(hp_get(&shm, 0, 3), REASON_CHECK_OK);
+    assert_true(atomic_load(&shm_backend(&shm, 0)->ewma_check_us) > 0);
+
+    assert_int_equal(kill(hp_child, SIGTERM), 0);
+    assert_int_equal(waitpid(hp_child, &st, 0), hp_child);
+    hp_child = -1;
+    assert_true(WIFEXITED(st));
+    assert_int_equal(WEXITSTATUS(st), 0);
+    shm_destroy(&shm);
+    hp_teardown(state);
+    uv_walk(&loop, close_walk, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -726,6 +818,7 @@ int main(void)
         cmocka_unit_test(test_tls_client_init_errors),
         cmocka_unit_test(test_tls_strerror),
         cmocka_unit_test_teardown(test_process_live_evaluation, hp_teardown),
+        cmocka_unit_test_teardown(test_process_passive_with_checks, hp_teardown),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
