@@ -289,10 +289,10 @@ def test_ctl_show_backends(env):
     c = env.conn(gw.port, timeout=10)
     c.send(build_request("POST", "/v1/chat/completions", [("Content-Type", "application/json")],
                          chat_body("active", stream=True)))
-    c.read_head()
+    r = c.read_head()
     act = sum(be["active"] for be in gw.backends())
     check(act == 1, f"active during one stream: {act}")
-    r = c.read_response()
+    c.read_body(r)
     check(r.status == 200 and r.body.rstrip().endswith(b"data: [DONE]"), f"stream: {r!r}")
     wait_for(lambda: sum(be["active"] for be in gw.backends()) == 0, 4,
              "active back to 0 after the stream")
