@@ -67,6 +67,9 @@ struct hc_backend {
     uint64_t since_ns;    /* last state change */
     uint64_t up_since_ns; /* last DOWN -> UP, for slow start (0 = none) */
     uint64_t auth_seen;   /* 401/403 answers already acted on */
+    /* Failure total at the last evaluation. Failure counts over a window that only moves
+     * forward cannot grow without new failures, so the rings are scanned only when it moved. */
+    uint64_t failed_seen;
 };
 
 struct health {
@@ -258,7 +261,7 @@ static void health_eval_breaker(struct hc_backend *hb, uint64_t now, uint64_t ok
         return;
     }
     if (was == BREAKER_CLOSED) {
-        if (hb->brc.failures == 0)
+        if (hb->brc.failures == 0 || failed == hb->failed_seen)
             return;
         consecutive =
             shm_backend_failures_since(shm, hb->idx, health_breaker_since(&hb->br, last_ok));
@@ -312,7 +315,7 @@ static void health_eval_live(struct hc_backend *hb, uint64_t now, uint64_t ok, u
     in.st = hb->st;
     in.reason = hb->why;
     in.since_ns = hb->since_ns;
-    if (hb->lc.max_fails)
+    if (hb->lc.max_fails && failed != hb->failed_seen)
         in.recent_failures = shm_backend_failures_since(shm, hb->idx, from);
     in.last_ok_ns = last_ok;
     in.auth_failures = health_auth_failures(shm, hb->idx);
@@ -390,6 +393,7 @@ static void health_on_eval(uv_timer_t *t)
         last_ok = shm_backend_last_ok(h->shm, hb->idx);
         health_eval_breaker(hb, now, ok, failed, last_ok);
         health_eval_live(hb, now, ok, failed, last_ok);
+        hb->failed_seen = failed;
         health_eval_weight(hb, now);
     }
 }
@@ -454,6 +458,7 @@ static void health_backend_setup(struct health *h, struct hc_backend *hb, uint32
     }
     /* Old 401/403 answers were acted on by whoever was here before. */
     hb->auth_seen = health_auth_failures(h->shm, idx);
+    hb->failed_seen = UINT64_MAX; /* the first evaluation looks at the rings */
 }
 
 static int health_backend_init_checks(struct health *h, struct hc_backend *hb)
