@@ -193,7 +193,7 @@ class Proc:
             if any(p in line for p in SANITIZER_PATTERNS):
                 out.extend(lines[i : i + 12])
                 break
-        out.extend(line for line in lines if CRASH_RE.search(line))
+        out.extend(line for line in lines if CRASH_RE.search(line) and line not in out)
         return out
 
     def close(self):

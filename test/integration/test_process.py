@@ -5,6 +5,7 @@ import os
 import signal
 import stat
 import subprocess
+import threading
 import time
 
 from harness import (AIGW, AIGWCTL, SseRecorder, build_request, chat, chat_body, check,
@@ -26,6 +27,26 @@ def test_worker_killed_restarted(env):
     other = next(p for p in procs if p["role"] == "worker" and p["slot"] == 1)
     for i in range(4):
         check(chat(gw.port, chat_body(f"before {i}")).status == 200, f"request {i} before kill")
+    # a second client keeps sending while the worker dies: its request in flight on the dead
+    # worker may be lost, but no connection may be refused
+    bg = {"ok": 0, "refused": 0, "lost": [], "stop": False}
+
+    def background():
+        while not bg["stop"]:
+            try:
+                r = chat(gw.port, chat_body("background"), timeout=5)
+                if r.status == 200:
+                    bg["ok"] += 1
+                else:
+                    bg["lost"].append(f"status {r.status}")
+            except ConnectionRefusedError:
+                bg["refused"] += 1
+            except (OSError, AssertionError) as e:
+                bg["lost"].append(f"{e.__class__.__name__}: {e}")
+
+    t = threading.Thread(target=background)
+    t.start()
+    time.sleep(0.1)
     os.kill(victim["pid"], signal.SIGKILL)
     t_kill = time.monotonic()
     replaced, t_new, n = None, None, 0
@@ -42,6 +63,12 @@ def test_worker_killed_restarted(env):
             replaced = _new_pid(gw, "worker", 0, victim["pid"])
             if replaced:
                 t_new = time.monotonic() - t_kill
+    bg["stop"] = True
+    t.join(10)
+    check(bg["refused"] == 0, f"{bg['refused']} connections refused while a worker restarted")
+    check(len(bg["lost"]) <= 1 and bg["ok"] > 0,
+          f"background client: {bg['ok']} ok, lost {bg['lost'][:3]} (at most the one in flight "
+          f"on the killed worker may be lost)")
     check(replaced is not None, f"worker slot 0 not restarted 4s after kill -9: {gw.procs()}")
     check(t_new <= 1.5, f"worker slot 0 restarted only after {t_new:.2f}s (expected ~1s)")
     check(replaced["restarts"] == victim["restarts"] + 1,

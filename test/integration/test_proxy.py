@@ -211,3 +211,79 @@ def test_weight_zero_takes_nothing(env):
     gw = env.gateway([("a", a, {"weight": 0}), b], workers=1, pool={"check": "no"})
     names = [chat(gw.port, chat_body(f"w {i}")).header("x-mock-name") for i in range(4)]
     check(names == ["b"] * 4, f"weight 0 backend got traffic: {names}")
+
+
+def test_concurrent_clients(env):
+    """Many clients at once over two workers, streams and plain answers mixed, each on a
+    keep-alive connection: every answer is the upstream's, byte for byte."""
+    import threading
+
+    from harness import Conn, build_request
+
+    m = env.mock("m1", "--chunks", 4, "--chunk-interval", "10ms")
+    gw = env.gateway([m], workers=2, pool={"check": "no"})
+    bodies = [chat_body(f"client {i}", stream=(i % 2 == 0)) for i in range(8)]
+    want = [chat(m.port, b).body for b in bodies]
+    errors = []
+
+    def client(k):
+        try:
+            c = Conn(gw.port, timeout=10)
+            try:
+                for j in range(6):
+                    i = (k + j) % len(bodies)
+                    c.send(build_request("POST", "/v1/chat/completions",
+                                         [("Content-Type", "application/json")], bodies[i]))
+                    r = c.read_response()
+                    if r.status != 200 or r.body != want[i]:
+                        errors.append(f"client {k} request {j}: {r!r}")
+                        return
+            finally:
+                c.close()
+        except Exception as e:  # reported below
+            errors.append(f"client {k}: {e.__class__.__name__}: {e}")
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    check(not any(t.is_alive() for t in threads), "clients still running after 30s")
+    check(not errors, f"{len(errors)} of 16 clients failed; first: {errors[:2]}")
+
+
+def test_large_bodies(env):
+    """A 3 MB request and a 2 MB answer pass intact."""
+    m = env.mock("m1", "--content-bytes", 2000000)
+    gw = env.gateway([m], workers=1, pool={"check": "no"})
+    body = chat_body("z" * (3 << 20))
+    direct = chat(m.port, body, timeout=20)
+    check(direct.status == 200 and len(direct.body) > 2000000, f"mock direct: {len(direct.body)}")
+    via = chat(gw.port, body, timeout=20)
+    check(via.status == 200, f"status {via.status}: {via.body[:200]!r}")
+    check(m.last()["body"] == body.decode(), "3 MB request body changed on its way upstream")
+    check(via.body == direct.body, f"2 MB answer differs: {len(via.body)} vs {len(direct.body)}")
+    s = chat(gw.port, chat_body("big stream", stream=True), timeout=20)
+    d = chat(m.port, chat_body("big stream", stream=True), timeout=20)
+    check(s.body == d.body and len(s.body) > 2000000, f"2 MB stream differs ({len(s.body)})")
+
+
+def test_client_abort_mid_stream(env):
+    """A client that goes away mid-stream: the gateway lets go of the upstream request (active
+    back to 0) and keeps serving."""
+    from harness import build_request, wait_for
+
+    m = env.mock("m1", "--chunks", 20, "--chunk-interval", "100ms")
+    gw = env.gateway([m], workers=1)
+    c = env.conn(gw.port, timeout=10)
+    c.send(build_request("POST", "/v1/chat/completions", [("Content-Type", "application/json")],
+                         chat_body("abandon", stream=True)))
+    c.read_head()
+    check(sum(b["active"] for b in gw.backends()) == 1, f"active during stream: {gw.backends()}")
+    c.close()
+    wait_for(lambda: sum(b["active"] for b in gw.backends()) == 0, 2,
+             "active to drop to 0 after the client left")
+    wait_for(lambda: m.stats()["active"] <= 1, 2,
+             "the upstream stream connection to be closed (mock active <= 1: the stats call)")
+    r = chat(gw.port)
+    check(r.status == 200, f"request after an abandoned stream: {r!r}")
