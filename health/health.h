@@ -14,7 +14,6 @@ struct health_rf {
     int ok_streak;   /* consecutive passes while DOWN */
     int fail_streak; /* consecutive failures while UP */
 };
-int health_rf_on_result(struct health_rf *rf, enum backend_state *st, int ok, int rise,
-                        int fall);
+int health_rf_on_result(struct health_rf *rf, enum backend_state *st, int ok, int rise, int fall);
 
 #endif
