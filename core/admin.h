@@ -10,9 +10,9 @@
 
 /* A process as `show proc` lists it. */
 struct admin_proc {
-    const char *role; /* "master", "worker", "health" */
-    int slot;         /* worker slot, -1 otherwise */
-    int pid;          /* 0 while being restarted */
+    const char *role;    /* "master", "worker", "health" */
+    int slot;            /* worker slot, -1 otherwise */
+    int pid;             /* 0 while being restarted */
     uint64_t started_ms; /* wall clock, ms since the epoch */
     unsigned restarts;
 };

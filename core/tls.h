@@ -12,7 +12,7 @@
 #define TLS_SYSTEM_CA_FILE "/etc/ssl/certs/ca-certificates.crt"
 
 /* Return codes of the non-blocking calls below besides byte counts and -errno. */
-#define TLS_WANT_READ (-EAGAIN)       /* wait for the fd to be readable, call again */
+#define TLS_WANT_READ  (-EAGAIN)      /* wait for the fd to be readable, call again */
 #define TLS_WANT_WRITE (-EINPROGRESS) /* wait for the fd to be writable, call again */
 
 /* Once per process (after fork): seeds the process's random generator. 0 or -errno. */
