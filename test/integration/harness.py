@@ -123,6 +123,19 @@ def connect_refused(port):
 # Processes
 
 
+_all_procs = []
+
+
+def kill_everything():
+    """SIGKILL to every process group started by this run (the runner calls it when it is
+    itself being stopped, so nothing outlives it)."""
+    for p in _all_procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 class Proc:
     """A child process in its own process group, output to a log file."""
 
@@ -142,6 +155,7 @@ class Proc:
         )
         self.pid = self.p.pid
         self.scan_offset = 0
+        _all_procs.append(self)
 
     def alive(self):
         return self.p.poll() is None
@@ -652,11 +666,11 @@ class Gateway:
         g = {"workers": workers, "admin_socket": self.sock_path, "log_level": "info",
              "hard_stop_after": "5s"}
         g.update(glob or {})
-        lst = {"bind": f"127.0.0.1:{self.port}", "pool": "main"}
-        lst.update(listen or {})
+        self.listen = {"bind": None, "pool": "main"}
+        self.listen.update(listen or {})
         p = dict(self.DEFAULT_POOL)
         p.update(pool or {})
-        sections = [("global", g), ("listen main", lst), ("pool main", p)]
+        self.sections = [("global", g), ("listen main", self.listen), ("pool main", p)]
         self.backend_names = []
         for b in backends:
             if isinstance(b, Mock):
@@ -666,23 +680,42 @@ class Gateway:
                 url = url.url
             opts = {"pool": "main", "url": url}
             opts.update(extra)
-            sections.append((f"backend {bname}", opts))
+            self.sections.append((f"backend {bname}", opts))
             self.backend_names.append(bname)
-        self.conf_text = _ini(sections)
-        with open(self.conf_path, "w") as f:
-            f.write(self.conf_text)
+        self._write_conf()
         self.proc = None
         if start:
             self.start()
 
+    def _write_conf(self):
+        self.listen["bind"] = f"127.0.0.1:{self.port}"
+        self.conf_text = _ini(self.sections)
+        with open(self.conf_path, "w") as f:
+            f.write(self.conf_text)
+
     def start(self, wait=True):
         if not os.access(AIGW, os.X_OK):
             raise Fail(f"{AIGW} not built")
-        self.proc = Proc("aigw", [AIGW, "-c", self.conf_path], self.log_path, cwd=self.env.dir)
-        self.env.procs.append(self.proc)
-        self.env.gateways.append(self)
-        if wait:
-            self.wait_ready()
+        for attempt in range(3):
+            self.proc = Proc("aigw", [AIGW, "-c", self.conf_path], self.log_path,
+                             cwd=self.env.dir)
+            self.env.procs.append(self.proc)
+            if self not in self.env.gateways:
+                self.env.gateways.append(self)
+            if not wait:
+                return
+            try:
+                self.wait_ready()
+                return
+            except Fail:
+                # another run on this host took the port between the check and the bind
+                if self.proc.alive() or "in use" not in self.proc.log_text() or attempt == 2:
+                    raise
+                self.proc.close()
+                self.env.procs.remove(self.proc)
+                os.rename(self.log_path, f"{self.log_path}.{attempt}")
+                self.port = free_port()
+                self._write_conf()
 
     def wait_ready(self, timeout=15.0):
         def ready():

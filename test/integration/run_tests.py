@@ -102,7 +102,15 @@ def run_one(name, fn, prefix):
     return status
 
 
+def _stopped(signum, frame):
+    harness.kill_everything()
+    print(f"integration runner stopped by signal {signum}", flush=True)
+    os._exit(100)
+
+
 def main():
+    signal.signal(signal.SIGTERM, _stopped)
+    signal.signal(signal.SIGINT, _stopped)
     ap = argparse.ArgumentParser()
     ap.add_argument("--prefix", default="integration/")
     ap.add_argument("-k", action="append", default=[])
