@@ -844,7 +844,7 @@ class Env:
     def log_tails(self, n=12):
         out = []
         for p in self.procs:
-            tail = p.log_tail(n)
+            tail = p.log_tail(n if p.name == "aigw" else 2)
             if tail:
                 out.append(f"--- {os.path.basename(p.log_path)} (last {len(tail)} lines)")
                 out.extend(tail)
