@@ -729,12 +729,20 @@ class Gateway:
                 return False
             workers = [p for p in procs if p.get("role") == "worker" and p.get("pid")]
             health = [p for p in procs if p.get("role") == "health" and p.get("pid")]
-            return len(workers) == self.workers and len(health) == 1
+            want = self.workers
+            if want == "auto":
+                want = len(procs) - 2 if len(procs) - 2 in self.auto_counts() else -1
+            return len(workers) == want and len(health) == 1
 
         try:
             wait_for(ready, timeout, "aigw to listen and list all its workers", interval=0.05)
         except Fail as e:
             raise Fail(f"{e}; log: {' | '.join(self.proc.log_tail(10))}")
+
+    @staticmethod
+    def auto_counts():
+        """What workers = auto may resolve to: the CPUs online or the ones we may run on."""
+        return {os.cpu_count(), len(os.sched_getaffinity(0))}
 
     def ctl(self, *args, timeout=10.0, use_conf=False):
         if not os.access(AIGWCTL, os.X_OK):

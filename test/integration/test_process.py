@@ -354,6 +354,15 @@ def test_ctl_show_proc(env):
     check(r.returncode == 0 and '"master"' in r.stdout, f"aigwctl -c CONF: {r.stderr.strip()}")
 
 
+def test_workers_auto(env):
+    m = env.mock("m1")
+    gw = env.gateway([m], workers="auto")
+    n = len([p for p in gw.procs() if p["role"] == "worker"])
+    check(n in gw.auto_counts(), f"workers = auto started {n} workers, CPUs: {gw.auto_counts()}")
+    for i in range(2 * n):
+        check(chat(gw.port, chat_body(f"auto {i}")).status == 200, f"request {i}")
+
+
 def test_ctl_errors_and_socket_mode(env):
     m = env.mock("m1")
     gw = env.gateway([m], workers=1)

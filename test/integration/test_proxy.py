@@ -192,6 +192,21 @@ def test_path_prefix_mapping(env):
     check(b'"object"' in r.body, f"models body {r.body[:200]!r}")
 
 
+def test_path_prefix_other(env):
+    """url prefix /openai/v1: /v1/chat/completions goes upstream as
+    /openai/v1/chat/completions (whatever the mock answers there is passed through)."""
+    m = env.mock("m1")
+    gw = env.gateway([("m1", f"http://127.0.0.1:{m.port}/openai/v1", {})], workers=1,
+                     pool={"check": "no"})
+    r = chat(gw.port)
+    check(r.header("x-mock-name") == "m1", f"answer not from the upstream: {r!r}")
+    check(m.last()["path"] == "/openai/v1/chat/completions",
+          f"upstream path {m.last()['path']!r}, expected '/openai/v1/chat/completions'")
+    r = request(gw.port, "GET", "/v1/models?limit=2")
+    check(m.last()["path"] == "/openai/v1/models?limit=2",
+          f"upstream path with a query {m.last()['path']!r}")
+
+
 def test_roundrobin_spreads(env):
     a = env.mock("a")
     b = env.mock("b")
