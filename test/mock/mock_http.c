@@ -1009,6 +1009,8 @@ void http_on_request(struct mock_conn *c)
     size_t plen = path_len(r);
 
     resp_init(c);
+    /* Faults are for the OpenAI endpoints only; the mock's own answers are always whole. */
+    c->resp.f.reset_after = -1;
     if (r->too_large) {
         c->resp.keep_alive = 0;
         send_error(c, r->too_large, NULL, "invalid_request_error", NULL,
@@ -1021,6 +1023,7 @@ void http_on_request(struct mock_conn *c)
     }
     srv->requests++;
     last_record(srv, r);
+    c->resp.f.reset_after = srv->opts.fault.reset_after;
     apply_overrides(c);
     if (c->resp.f.stall) {
         c->resp.kind = MOCK_RESP_STALL;
@@ -1057,6 +1060,7 @@ void http_bad_request(struct mock_conn *c, int status)
     c->req.http_minor = 1;
     c->req.keep_alive = 0;
     resp_init(c);
+    c->resp.f.reset_after = -1;
     send_error(c, status, NULL, "invalid_request_error", NULL, "Malformed HTTP request: %s",
                llhttp_errno_name(llhttp_get_errno(&c->parser)));
 }
