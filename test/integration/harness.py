@@ -262,6 +262,7 @@ class Response:
         self.reason = ""
         self.headers = []  # [(name, value)] as received
         self.body = b""  # de-chunked
+        self.parts = []  # body pieces as they arrived (also when reading failed midway)
         self.chunked = False
         self.head_time = 0.0
         self.end_time = 0.0
@@ -367,7 +368,7 @@ class Conn:
         if 100 <= r.status < 200 or r.status in (204, 304) or method == "HEAD":
             r.end_time = time.monotonic()
             return r
-        body = []
+        body = r.parts = []  # kept on r so a caller sees what arrived before an error
 
         def emit(data):
             if data:
