@@ -6,6 +6,8 @@
 # env:   BENCH_DURATION=10s  measured wrk run per target and connection count (Ns or Nm)
 #        BENCH_WARMUP=2s     unmeasured wrk run before each measured one (0 = none)
 #        BENCH_CONNS="50 256"
+#        BENCH_REPEAT=3      measured runs per target and connection count; the median is reported
+#        BENCH_TARGETS="haproxy nginx aigw"  proxies to run (the direct line always runs)
 #        BENCH_PORT=18400    first of four consecutive loopback ports (mock, aigw, haproxy, nginx)
 #        BENCH_BODY_BYTES=600  wanted size of the mock's chat.completion body
 #        BENCH_PROXY_CPU=1 BENCH_LOAD_CPU=0   taskset CPUs (proxy; wrk + mock); "" = no pinning
@@ -21,6 +23,8 @@ BENCH_DIR=$ROOT/test/bench
 DURATION=${BENCH_DURATION:-10s}
 WARMUP=${BENCH_WARMUP:-2s}
 CONNS=${BENCH_CONNS:-50 256}
+REPEAT=${BENCH_REPEAT:-3}
+WANT=" ${BENCH_TARGETS:-haproxy nginx aigw} "
 PORT0=${BENCH_PORT:-18400}
 BODY_BYTES=${BENCH_BODY_BYTES:-600}
 MOCK=${BENCH_MOCK:-$BUILD/test/mock/aigw-mock}
@@ -53,6 +57,7 @@ for d in "$DURATION" "$WARMUP"; do
     [[ $d =~ ^[0-9]+[sm]?$ ]] || die "bad duration '$d' (want Ns or Nm)"
 done
 [ "$(secs "$DURATION")" -gt 0 ] || die "BENCH_DURATION must be > 0"
+[[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "bad BENCH_REPEAT '$REPEAT'"
 
 # --- processes: every one we start is remembered and killed, with its children, on exit --------
 
@@ -172,9 +177,13 @@ start_mock() {
         die "aigw-mock did not start on 127.0.0.1:$MOCK_PORT"
     }
 }
+# stop_pid PID: TERM to it and its children (taken first: once it is gone they are orphans).
 stop_pid() {
+    local p kids
+    kids=$(descendants "$1")
     kill -TERM "$1" 2>/dev/null
     wait "$1" 2>/dev/null
+    for p in $kids; do kill -KILL "$p" 2>/dev/null; done
 }
 
 # The body grows about one byte per content byte (the token counts in "usage" grow too): a few
@@ -209,35 +218,39 @@ PROXY_PID[mock]=$MOCK_PID
 PROXY_PORT[mock]=$MOCK_PORT
 AIGW_SKIP=""
 
-fill haproxy.cfg "$HAPROXY_PORT"
-haproxy -c -q -f "$TMP/haproxy.cfg" >"$TMP/haproxy-check.log" 2>&1 || {
-    log_tail haproxy-check
-    die "haproxy rejects $BENCH_DIR/haproxy.cfg"
+haproxy_leg() {
+    fill haproxy.cfg "$HAPROXY_PORT"
+    haproxy -c -q -f "$TMP/haproxy.cfg" >"$TMP/haproxy-check.log" 2>&1 || {
+        log_tail haproxy-check
+        die "haproxy rejects $BENCH_DIR/haproxy.cfg"
+    }
+    start haproxy $PIN_PROXY haproxy -db -f "$TMP/haproxy.cfg"
+    PROXY_PID[haproxy]=$START_PID
+    PROXY_PORT[haproxy]=$HAPROXY_PORT
+    wait_port "$START_PID" "$HAPROXY_PORT" || {
+        log_tail haproxy
+        die "haproxy did not start on 127.0.0.1:$HAPROXY_PORT"
+    }
+    check_target "$HAPROXY_PORT" || die "haproxy does not proxy: $CHECK_MSG"
+    TARGETS+=(haproxy)
 }
-start haproxy $PIN_PROXY haproxy -db -f "$TMP/haproxy.cfg"
-PROXY_PID[haproxy]=$START_PID
-PROXY_PORT[haproxy]=$HAPROXY_PORT
-wait_port "$START_PID" "$HAPROXY_PORT" || {
-    log_tail haproxy
-    die "haproxy did not start on 127.0.0.1:$HAPROXY_PORT"
-}
-check_target "$HAPROXY_PORT" || die "haproxy does not proxy: $CHECK_MSG"
-TARGETS+=(haproxy)
 
-fill nginx.conf "$NGINX_PORT"
-nginx -q -t -p "$TMP" -c "$TMP/nginx.conf" >"$TMP/nginx-check.log" 2>&1 || {
-    log_tail nginx-check
-    die "nginx rejects $BENCH_DIR/nginx.conf"
+nginx_leg() {
+    fill nginx.conf "$NGINX_PORT"
+    nginx -q -t -p "$TMP" -c "$TMP/nginx.conf" >"$TMP/nginx-check.log" 2>&1 || {
+        log_tail nginx-check
+        die "nginx rejects $BENCH_DIR/nginx.conf"
+    }
+    start nginx $PIN_PROXY nginx -p "$TMP" -c "$TMP/nginx.conf"
+    PROXY_PID[nginx]=$START_PID
+    PROXY_PORT[nginx]=$NGINX_PORT
+    wait_port "$START_PID" "$NGINX_PORT" || {
+        log_tail nginx
+        die "nginx did not start on 127.0.0.1:$NGINX_PORT"
+    }
+    check_target "$NGINX_PORT" || die "nginx does not proxy: $CHECK_MSG"
+    TARGETS+=(nginx)
 }
-start nginx $PIN_PROXY nginx -p "$TMP" -c "$TMP/nginx.conf"
-PROXY_PID[nginx]=$START_PID
-PROXY_PORT[nginx]=$NGINX_PORT
-wait_port "$START_PID" "$NGINX_PORT" || {
-    log_tail nginx
-    die "nginx did not start on 127.0.0.1:$NGINX_PORT"
-}
-check_target "$NGINX_PORT" || die "nginx does not proxy: $CHECK_MSG"
-TARGETS+=(nginx)
 
 # aigw is skipped, not fatal, while it does not work yet (unless BENCH_REQUIRE_AIGW=1).
 aigw_leg() {
@@ -268,7 +281,9 @@ aigw_leg() {
     fi
     TARGETS+=(aigw)
 }
-if ! aigw_leg; then
+[[ $WANT == *" haproxy "* ]] && haproxy_leg
+[[ $WANT == *" nginx "* ]] && nginx_leg
+if [[ $WANT == *" aigw "* ]] && ! aigw_leg; then
     echo "bench: aigw not working: $AIGW_SKIP" >&2
     [ "${BENCH_REQUIRE_AIGW:-0}" = 1 ] && exit 1
     [ -n "${PROXY_PID[aigw]:-}" ] && stop_pid "${PROXY_PID[aigw]}"
@@ -290,6 +305,15 @@ cpu_ticks() {
     echo $sum
 }
 
+# "BUSY TOTAL" jiffies of CPU $1 (all CPUs when empty) from /proc/stat; busy counts steal too,
+# so a busy proxy core with a target well under 100% shows contention on it.
+core_ticks() {
+    local l
+    l=$(grep "^cpu$1 " /proc/stat)
+    set -- $l
+    echo "$(($2 + $3 + $4 + $7 + $8 + $9)) $(($2 + $3 + $4 + $5 + $6 + $7 + $8 + $9))"
+}
+
 # run_wrk TARGET CONNS DURATION OUTFILE
 run_wrk() {
     local limit=$(($(secs "$3") + 30))
@@ -297,7 +321,6 @@ run_wrk() {
         "http://127.0.0.1:${PROXY_PORT[$1]}$REQ_PATH" >"$4" 2>&1
 }
 
-declare -A RPS P50 P99 CPU PERCPU ERR
 GIT_REV=$(git describe --always --dirty 2>/dev/null || echo unknown)
 {
     echo "# aigw make bench, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $GIT_REV"
@@ -311,90 +334,143 @@ GIT_REV=$(git describe --always --dirty 2>/dev/null || echo unknown)
 
 : >"$TMP/raw"
 FAILED=0
-for c in $CONNS; do
-    for t in "${TARGETS[@]}"; do
-        echo "bench: $t, $c connections, $DURATION ..." >&2
-        if [ "$(secs "$WARMUP")" -gt 0 ]; then
-            run_wrk "$t" "$c" "$WARMUP" "$TMP/warmup.out"
-        fi
-        t0=$(cpu_ticks "${PROXY_PID[$t]}")
-        run_wrk "$t" "$c" "$DURATION" "$TMP/wrk.out"
-        rc=$?
-        t1=$(cpu_ticks "${PROXY_PID[$t]}")
-        {
-            echo "## $t, $c connections (wrk exit $rc)"
-            cat "$TMP/wrk.out"
-            echo
-        } >>"$TMP/raw"
-        line=$(grep '^BENCH ' "$TMP/wrk.out")
-        if [ $rc -ne 0 ] || [ -z "$line" ]; then
-            echo "bench: wrk failed against $t ($c connections), exit $rc:" >&2
-            sed 's/^/    /' "$TMP/wrk.out" | tail -n 10 >&2
-            FAILED=1
-            continue
-        fi
-        declare -A f=()
-        for kv in ${line#BENCH }; do f[${kv%%=*}]=${kv#*=}; done
-        k="$t:$c"
-        RPS[$k]=$(awk -v n="${f[requests]}" -v d="${f[duration_us]}" 'BEGIN { printf "%.0f", n * 1e6 / d }')
-        P50[$k]=$(awk -v u="${f[p50_us]}" 'BEGIN { printf "%.2fms", u / 1000 }')
-        P99[$k]=$(awk -v u="${f[p99_us]}" 'BEGIN { printf "%.2fms", u / 1000 }')
-        CPU[$k]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v d="${f[duration_us]}" \
-            'BEGIN { printf "%.0f%%", t / hz * 100 / (d / 1e6) }')
-        # Requests per second of the target's CPU time: compares efficiency even when the load
-        # side, not the proxy, is what limits req/s.
-        PERCPU[$k]=$(awk -v n="${f[requests]}" -v t=$((t1 - t0)) -v hz="$CLK_TCK" \
-            'BEGIN { if (t > 0) printf "%.0f", n * hz / t; else printf "-" }')
-        errs=$((f[status] + f[connect] + f[read] + f[write] + f[timeout]))
-        ERR[$k]=$errs
-        if [ "$errs" -gt 0 ]; then
-            echo "bench: $t ($c connections): ${f[status]} non-2xx/3xx responses, socket errors" \
-                "connect ${f[connect]} read ${f[read]} write ${f[write]} timeout ${f[timeout]}" >&2
-            FAILED=1
-        fi
+# measure TARGET CONNS REP: one warm-up and one measured wrk run; stores the figures under
+# "TARGET:CONNS:REP" in the arrays below (rates and percentages already formatted).
+declare -A RPS P50 P99 CPU CORE PERCPU ERR
+measure() {
+    local t=$1 c=$2 k="$1:$2:$3" tcpu rc b0 a0 b1 a1 t0 t1 line kv errs
+    local -A f=()
+    echo "bench: $t, $c connections, $DURATION (run $3 of $REPEAT) ..." >&2
+    if [ "$(secs "$WARMUP")" -gt 0 ]; then
+        run_wrk "$t" "$c" "$WARMUP" "$TMP/warmup.out"
+    fi
+    tcpu=$PROXY_CPU
+    [ "$t" = mock ] && tcpu=$LOAD_CPU
+    read -r b0 a0 <<<"$(core_ticks "$tcpu")"
+    t0=$(cpu_ticks "${PROXY_PID[$t]}")
+    run_wrk "$t" "$c" "$DURATION" "$TMP/wrk.out"
+    rc=$?
+    t1=$(cpu_ticks "${PROXY_PID[$t]}")
+    read -r b1 a1 <<<"$(core_ticks "$tcpu")"
+    {
+        echo "## $t, $c connections, run $3 (wrk exit $rc)"
+        cat "$TMP/wrk.out"
+        echo
+    } >>"$TMP/raw"
+    line=$(grep '^BENCH ' "$TMP/wrk.out")
+    if [ $rc -ne 0 ] || [ -z "$line" ]; then
+        echo "bench: wrk failed against $t ($c connections), exit $rc:" >&2
+        sed 's/^/    /' "$TMP/wrk.out" | tail -n 10 >&2
+        FAILED=1
+        return
+    fi
+    for kv in ${line#BENCH }; do f[${kv%%=*}]=${kv#*=}; done
+    RPS[$k]=$(awk -v n="${f[requests]}" -v d="${f[duration_us]}" 'BEGIN { printf "%.0f", n * 1e6 / d }')
+    P50[$k]=$(awk -v u="${f[p50_us]}" 'BEGIN { printf "%.2fms", u / 1000 }')
+    P99[$k]=$(awk -v u="${f[p99_us]}" 'BEGIN { printf "%.2fms", u / 1000 }')
+    CPU[$k]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v d="${f[duration_us]}" \
+        'BEGIN { printf "%.0f%%", t / hz * 100 / (d / 1e6) }')
+    CORE[$k]=$(awk -v b=$((b1 - b0)) -v a=$((a1 - a0)) \
+        'BEGIN { if (a > 0) printf "%.0f%%", b * 100 / a; else printf "-" }')
+    # Requests per busy second of the proxy's core: compares efficiency even when the load side,
+    # not the proxy, limits req/s. The core's time rather than the process's, as the loopback
+    # receive path runs in softirq time that /proc/PID/stat does not charge to the process (a
+    # quarter of the core with HAProxy here). Meaningless for CPU 0, shared by wrk and the mock.
+    PERCPU[$k]=-
+    if [ "$t" != mock ]; then
+        PERCPU[$k]=$(awk -v n="${f[requests]}" -v b=$((b1 - b0)) -v hz="$CLK_TCK" \
+            'BEGIN { if (b > 0) printf "%.0f", n * hz / b; else printf "-" }')
+    fi
+    errs=$((f[status] + f[connect] + f[read] + f[write] + f[timeout]))
+    ERR[$k]=$errs
+    if [ "$errs" -gt 0 ]; then
+        echo "bench: $t ($c connections): ${f[status]} non-2xx/3xx responses, socket errors" \
+            "connect ${f[connect]} read ${f[read]} write ${f[write]} timeout ${f[timeout]}" >&2
+        FAILED=1
+    fi
+}
+
+# Repeats go round all targets in turn, so that a burst of other work on a shared machine hits
+# one run of each rather than every run of one.
+for r in $(seq "$REPEAT"); do
+    for c in $CONNS; do
+        for t in "${TARGETS[@]}"; do
+            measure "$t" "$c" "$r"
+        done
     done
 done
 
 # --- report --------------------------------------------------------------------------------------
 
+# median_run TARGET CONNS: the run whose req/s is the median of the target's runs (lower middle
+# for an even count); prints nothing when no run succeeded.
+median_run() {
+    local r
+    for r in $(seq "$REPEAT"); do
+        [ -n "${RPS[$1:$2:$r]:-}" ] && echo "${RPS[$1:$2:$r]} $r"
+    done | sort -n | awk '{ v[NR] = $2 } END { if (NR) print v[int((NR + 1) / 2)] }'
+}
+
+# spread TARGET CONNS: (max - min) / median of req/s over the runs, in %.
+spread() {
+    local r
+    for r in $(seq "$REPEAT"); do
+        [ -n "${RPS[$1:$2:$r]:-}" ] && echo "${RPS[$1:$2:$r]}"
+    done | sort -n | awk '{ v[NR] = $1 } END {
+        if (NR > 1) printf "%.0f%%", (v[NR] - v[1]) * 100 / v[int((NR + 1) / 2)]; else print "-" }'
+}
+
 {
-    printf '%-8s %6s %10s %9s %9s %11s %6s %11s %7s\n' target conns req/s p50 p99 vs-haproxy cpu \
-        req/cpu-s errors
+    printf '%-8s %6s %8s %7s %9s %9s %11s %5s %5s %10s %6s\n' target conns req/s spread p50 p99 \
+        vs-haproxy cpu core req/core-s errors
     for c in $CONNS; do
+        hr=$(median_run haproxy "$c")
         for t in mock haproxy nginx aigw; do
-            k="$t:$c"
+            [[ $t == mock || $WANT == *" $t "* ]] || continue
             if [ "$t" = aigw ] && [ -n "$AIGW_SKIP" ]; then
                 printf '%-8s %6s %s\n' aigw "$c" "skipped: aigw not working (figures pending)"
                 continue
             fi
-            [ -n "${RPS[$k]:-}" ] || {
+            mr=$(median_run "$t" "$c")
+            [ -n "$mr" ] || {
                 printf '%-8s %6s %s\n' "$t" "$c" "failed (see raw output)"
                 continue
             }
+            k="$t:$c:$mr"
             ratio=-
-            [ -n "${RPS[haproxy:$c]:-}" ] &&
-                ratio=$(awk -v a="${RPS[$k]}" -v b="${RPS[haproxy:$c]}" 'BEGIN { printf "%.2f", a / b }')
+            [ -n "$hr" ] &&
+                ratio=$(awk -v a="${RPS[$k]}" -v b="${RPS[haproxy:$c:$hr]}" 'BEGIN { printf "%.2f", a / b }')
+            errs=0
+            for r in $(seq "$REPEAT"); do errs=$((errs + ${ERR[$t:$c:$r]:-0})); done
             name=$t
             [ "$t" = mock ] && name=direct
-            printf '%-8s %6s %10s %9s %9s %11s %6s %11s %7s\n' "$name" "$c" "${RPS[$k]}" \
-                "${P50[$k]}" "${P99[$k]}" "$ratio" "${CPU[$k]}" "${PERCPU[$k]}" "${ERR[$k]}"
+            printf '%-8s %6s %8s %7s %9s %9s %11s %5s %5s %10s %6s\n' "$name" "$c" "${RPS[$k]}" \
+                "$(spread "$t" "$c")" "${P50[$k]}" "${P99[$k]}" "$ratio" "${CPU[$k]}" "${CORE[$k]}" \
+                "${PERCPU[$k]}" "$errs"
         done
     done
 } >"$TMP/table"
 
 {
+    echo "(median of $REPEAT runs by req/s, with that run's latency and CPU figures; spread = (max - min)"
+    echo " / median req/s; direct = wrk straight to the mock; cpu = the target's processes, % of one"
+    echo " core; core = how busy the target's CPU was, counting everything on it (for direct: CPU 0,"
+    echo " wrk + mock); req/core-s = requests per busy second of the proxy's core; errors = non-2xx/3xx"
+    echo " responses and socket errors, all runs)"
+} >"$TMP/legend"
+
+{
     cat "$TMP/header"
     echo
-    cat "$TMP/table"
+    cat "$TMP/table" "$TMP/legend"
     echo
     echo "# raw wrk output"
     cat "$TMP/raw"
 } >"$RESULTS"
 
 echo
-cat "$TMP/header" "$TMP/table"
-echo "(direct = wrk straight to the mock; cpu = the target's processes, % of one core;"
-echo " req/cpu-s = requests per second of the target's CPU time; raw output in $RESULTS)"
+cat "$TMP/header" "$TMP/table" "$TMP/legend"
+echo "raw output: $RESULTS"
 [ -n "$AIGW_SKIP" ] && echo "aigw not working: $AIGW_SKIP" >&2
 [ $FAILED = 0 ] || die "errors during the run (see above)"
 exit 0
