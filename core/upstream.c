@@ -48,6 +48,7 @@ struct upconn {
     int events;  /* uv_poll events currently requested */
     int handles; /* open libuv handles, the struct is recycled when 0 */
     uint8_t tls_on, reused, got_bytes, head_done, complete, extra, hstate, ev;
+    uint8_t perr; /* libuv reported POLLERR and stopped watching: read until it says why */
     struct tls_conn tls;
     llhttp_t parser;
     char *buf;
@@ -628,8 +629,13 @@ static void conn_read(struct upconn *u)
             return;
         }
         ssize_t n = io_read(u, u->buf + u->rlen, u->up->data_size - u->rlen);
-        if (n == TLS_WANT_READ)
+        if (n == TLS_WANT_READ) {
+            if (u->perr) {
+                u->perr = 0;
+                poll_set(u, UV_READABLE);
+            }
             return;
+        }
         if (n == TLS_WANT_WRITE) {
             poll_set(u, UV_READABLE | UV_WRITABLE);
             return;
@@ -653,8 +659,9 @@ static void conn_read(struct upconn *u)
         shm_counter_add(&wb->bytes_in, (uint64_t)n);
         if (on_data(u, u->buf + u->rlen, (size_t)n))
             return;
-        /* one read per poll event, except bytes mbedTLS already decrypted */
-        if (!u->tls_on || tls_conn_pending(&u->tls) == 0)
+        /* one read per poll event, except bytes mbedTLS already decrypted, or when the poll
+         * was stopped by an error that only a later read will report */
+        if (!u->perr && (!u->tls_on || tls_conn_pending(&u->tls) == 0))
             return;
     }
 }
@@ -686,6 +693,13 @@ static void on_poll(uv_poll_t *h, int status, int events)
     int err = 0;
     socklen_t len = sizeof(err);
 
+    if (status < 0) {
+        /* libuv stopped the handle (POLLERR): restart it on the next poll_set */
+        u->events = 0;
+        u->perr = 1;
+    } else {
+        u->perr = 0;
+    }
     switch (u->state) {
     case UC_CONNECTING:
         if (status < 0 || getsockopt(u->fd, SOL_SOCKET, SO_ERROR, &err, &len) == -1 || err) {
