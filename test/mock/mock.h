@@ -202,7 +202,8 @@ struct mock_server {
 
 /* mock_conn.c */
 void conn_on_connection(uv_stream_t *listener, int status);
-/* Sends bufs (header bytes and/or body); http_on_sent() runs when all of them are written. */
+/* Sends bufs (header bytes and/or body; bufs may be modified). http_on_sent() runs once all are
+ * written, possibly before conn_write() returns: callers do nothing after calling it. */
 void conn_write(struct mock_conn *c, uv_buf_t *bufs, unsigned n);
 /* Sends bufs without completion notice (100-continue). */
 void conn_write_nowait(struct mock_conn *c, const char *p, size_t n);
