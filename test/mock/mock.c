@@ -94,14 +94,17 @@ int mock_parse_long(const char *s, long min, long max, long *out)
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: aigw-mock --listen HOST:PORT [--name NAME] [--tls-cert FILE --tls-key FILE]\n"
-            "         [--chunks N (5)] [--chunk-interval DUR (20ms)] [--delay DUR (0)]\n"
-            "         [--status CODE] [--content-bytes N (64)] [--api-key KEY]\n"
-            "         [--created EPOCH] [--reset-after N] [--stall] [--retry-after SECS]\n"
-            "         [--verbose]\n"
-            "Per request: x-mock-status, x-mock-delay, x-mock-chunks, x-mock-chunk-interval,\n"
-            "x-mock-reset-after, x-mock-stall, x-mock-retry-after headers.\n");
+    fprintf(
+        f,
+        "usage: aigw-mock --listen HOST:PORT [--name NAME] [--tls-cert FILE --tls-key FILE]\n"
+        "         [--chunks N (5)] [--chunk-interval DUR (20ms)] [--delay DUR (0)]\n"
+        "         [--status CODE] [--content-bytes N (64)] [--api-key KEY]\n"
+        "         [--created EPOCH] [--reset-after N] [--stall] [--retry-after SECS]\n"
+        "         [--verbose]\n"
+        "Per request: x-mock-status, x-mock-delay, x-mock-chunks, x-mock-chunk-interval,\n"
+        "x-mock-reset-after, x-mock-stall, x-mock-retry-after headers; x-mock-retry-after-date: N\n"
+        "(Retry-After as an HTTP date N s ahead), x-mock-ratelimit-reset: DUR (a 429 carries\n"
+        "x-ratelimit-reset-requests: DUR).\n");
 }
 
 static int die_usage(const char *opt, const char *val)
@@ -196,6 +199,7 @@ int main(int argc, char **argv)
     o->fault.chunk_interval_ms = 20;
     o->fault.reset_after = -1;
     o->fault.retry_after = -1;
+    o->fault.ratelimit_reset_ms = -1;
     o->content_bytes = 64;
     o->created = -1;
 

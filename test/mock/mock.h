@@ -42,9 +42,11 @@ struct mock_fault {
     uint64_t delay_ms; /* before the response headers */
     unsigned chunks;   /* content deltas of a stream */
     uint64_t chunk_interval_ms;
-    int64_t reset_after; /* -1: off; else RST after that many body bytes */
-    int stall;           /* never answer */
-    int retry_after;     /* -1: no Retry-After header */
+    int64_t reset_after;        /* -1: off; else RST after that many body bytes */
+    int stall;                  /* never answer */
+    int retry_after;            /* -1: no Retry-After header */
+    int retry_after_date;       /* 1: send Retry-After as an HTTP date, retry_after seconds ahead */
+    int64_t ratelimit_reset_ms; /* -1: none; else x-ratelimit-reset-requests on a 429 */
 };
 
 struct mock_opts {

@@ -477,12 +477,34 @@ static void send_error(struct mock_conn *c, int status, const char *extra, const
 
 static void send_fault_status(struct mock_conn *c, int status)
 {
-    char extra[64] = "";
+    char extra[160] = "";
     const char *type = "server_error";
     const char *code = NULL;
+    size_t n = 0;
 
-    if ((status == 429 || status == 503) && c->resp.f.retry_after >= 0)
-        snprintf(extra, sizeof(extra), "Retry-After: %d\r\n", c->resp.f.retry_after);
+    if ((status == 429 || status == 503) && c->resp.f.retry_after >= 0) {
+        if (c->resp.f.retry_after_date) {
+            time_t at = time(NULL) + c->resp.f.retry_after;
+            struct tm tm;
+
+            gmtime_r(&at, &tm);
+            n = strftime(extra, sizeof(extra), "Retry-After: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
+        } else {
+            n = (size_t)snprintf(extra, sizeof(extra), "Retry-After: %d\r\n",
+                                 c->resp.f.retry_after);
+        }
+    }
+    /* OpenAI's own form: "x-ratelimit-reset-requests: 1s" / "20ms" */
+    if (status == 429 && c->resp.f.ratelimit_reset_ms >= 0 && n < sizeof(extra)) {
+        int64_t ms = c->resp.f.ratelimit_reset_ms;
+
+        if (ms % 1000 == 0)
+            snprintf(extra + n, sizeof(extra) - n, "x-ratelimit-reset-requests: %llds\r\n",
+                     (long long)(ms / 1000));
+        else
+            snprintf(extra + n, sizeof(extra) - n, "x-ratelimit-reset-requests: %lldms\r\n",
+                     (long long)ms);
+    }
     if (status == 429) {
         type = "requests";
         code = "rate_limit_exceeded";
@@ -979,6 +1001,11 @@ static void apply_overrides(struct mock_conn *c)
             f->reset_after = l;
         else if (IS("retry-after") && mock_parse_long(v, 0, 86400 * 365, &l) == 0)
             f->retry_after = (int)l;
+        else if (IS("retry-after-date") && mock_parse_long(v, 0, 86400 * 365, &l) == 0) {
+            f->retry_after = (int)l;
+            f->retry_after_date = 1;
+        } else if (IS("ratelimit-reset") && mock_parse_duration_ms(v, &ms) == 0)
+            f->ratelimit_reset_ms = (int64_t)ms;
         else if (IS("stall"))
             f->stall = !(strcmp(v, "0") == 0 || strcasecmp(v, "false") == 0 ||
                          strcasecmp(v, "no") == 0 || strcasecmp(v, "off") == 0);
