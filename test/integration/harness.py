@@ -779,8 +779,11 @@ class Gateway:
 
     def wait_state(self, name, state, timeout):
         t0 = time.monotonic()
-        wait_for(lambda: self.backend(name).get("state") == state, timeout,
-                 f"backend {name} to be {state}", interval=0.02)
+        try:
+            wait_for(lambda: self.backend(name).get("state") == state, timeout,
+                     f"backend {name} to be {state}", interval=0.02)
+        except Fail as e:
+            raise Fail(f"{e}; show backends: {self.backend(name)}")
         return time.monotonic() - t0
 
     def worker_pids(self):

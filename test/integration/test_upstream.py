@@ -190,3 +190,20 @@ def test_upstream_reset_mid_stream(env):
                      f"{time.monotonic() - t0:.1f}s (stream_idle_timeout is 10s)")
     check(False, f"upstream reset after 300 body bytes, yet the client got a well-terminated "
                  f"{r.status} response of {len(r.body)} bytes: ...{r.body[-120:]!r}")
+
+
+def test_passive_down_without_checks(env):
+    """Active checks off: failed requests alone (max_fails within fail_timeout) mark a backend
+    DOWN, and then nothing more is sent to it."""
+    a = env.mock("a")
+    b = env.mock("b")
+    gw = env.gateway([a, b], workers=1,
+                     pool={"check": "no", "max_fails": 2, "fail_timeout": "10s"})
+    a.kill()
+    for i in range(6):
+        chat(gw.port, chat_body(f"passive {i}"))  # some may fail while a is still UP
+    gw.wait_state("a", "DOWN", 2)
+    for i in range(6):
+        r = chat(gw.port, chat_body(f"after {i}"))
+        check(r.status == 200 and r.header("x-mock-name") == "b",
+              f"request {i} after a was marked DOWN passively: {r!r}")
