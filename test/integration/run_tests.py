@@ -4,7 +4,8 @@ with its own Env (temp dir, processes), one "PASS name" / "FAIL name" / "SKIP na
 Exit status = number of failures (capped at 100).
 
 usage: AIGW_BUILD=build run_tests.py [--prefix P] [-k SUBSTRING ...] [--list]
-  AIGW_IT_KEEP=1 keeps the temp dirs (configs, logs) of failed tests."""
+  AIGW_IT_KEEP=1 keeps the temp dirs (configs, logs) of failed tests.
+  AIGW_IT_TIMES=1 adds each test's duration to its line."""
 
 import argparse
 import glob
@@ -85,7 +86,8 @@ def run_one(name, fn, prefix):
         reasons = []
     reasons += san
     dt = time.monotonic() - t0
-    print(f"{status} {prefix}{name}" + (f"  ({dt:.1f}s)" if status == "PASS" else ""))
+    timing = f"  ({dt:.1f}s)" if os.environ.get("AIGW_IT_TIMES") else ""
+    print(f"{status} {prefix}{name}{timing}")
     if status == "FAIL":
         for line in reasons:
             print("    " + line)
