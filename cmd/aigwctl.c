@@ -15,12 +15,19 @@
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: aigwctl [-s SOCKET | -c CONFIG] [--json] COMMAND\n"
-               "commands:\n"
-               "  show backends [--json]  backend state, weights and counters\n"
-               "  show proc [--json]      master, health checker and workers\n"
-               "  help                    commands the master knows\n"
-               "SOCKET defaults to " DEFAULT_SOCKET "; with -c it is the config's admin_socket.\n");
+    fprintf(f,
+            "usage: aigwctl [-s SOCKET | -c CONFIG] [--json] show backends|show proc|breaker "
+            "reset|open BACKEND|help\n"
+            "commands:\n"
+            "  show backends [--json]  state, breaker, weights, latency and counters of each\n"
+            "                          backend\n"
+            "  show proc [--json]      master, health checker and workers\n"
+            "  breaker reset BACKEND   force the circuit breaker of BACKEND (NAME or POOL/NAME)\n"
+            "                          closed\n"
+            "  breaker open BACKEND    force it open for the pool's breaker_open_for\n"
+            "  help                    this list (answered by aigwctl, no master needed)\n"
+            "SOCKET defaults to " DEFAULT_SOCKET "; with -c it is the config's admin_socket.\n"
+            "Exits 0 on success, 1 when the master is unreachable or answers with an error.\n");
 }
 
 static int write_all(int fd, const char *p, size_t len)
@@ -139,6 +146,10 @@ int main(int argc, char **argv)
     if (!nwords) {
         usage(stderr);
         return 1;
+    }
+    if (!strcmp(line, "help")) {
+        usage(stdout);
+        return 0;
     }
     if (sock && config) {
         fprintf(stderr, "aigwctl: give either -s SOCKET or -c CONFIG, not both\n");

@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include "core/admin.h"
+#include "core/util.h"
 
 /* Growing output buffer; `failed` latches an allocation failure so callers check once. */
 struct abuf {
@@ -93,36 +94,66 @@ static void check_format(int checked, int32_t status, char *out, size_t size)
     }
 }
 
+/* Time left until `until_ns`, in whole milliseconds rounded up (so a state that is still on
+ * never shows 0); 0 when it has passed or is unset. */
+static uint64_t left_ms(uint64_t until_ns, uint64_t now_ns)
+{
+    return until_ns > now_ns ? (until_ns - now_ns + 999999) / 1000000 : 0;
+}
+
 /* Everything one backend row shows, read once from shm. */
 struct backend_row {
     const char *pool, *name, *state, *admin, *breaker, *reason;
     char url[CONF_HOST_MAX + CONF_PATH_MAX + 32];
-    uint32_t weight;
+    uint32_t weight, weight_cfg;
     struct shm_backend_totals t;
+    uint64_t retries;
+    uint64_t breaker_left_ms; /* OPEN: until half-open; 0 otherwise */
+    uint64_t cooling_ms;      /* 429 cool-down left, 0 = not cooling */
+    uint64_t ewma_ns;         /* peak-EWMA latency, 0 = no sample yet */
+    int changed;              /* the state changed at least once (since_s is known) */
+    uint64_t since_s;         /* seconds since the last state change */
     int checked;
     int32_t check_status;
     uint32_t check_us;
     char check[32]; /* check_status as the table shows it */
 };
 
-static void backend_row_read(const struct conf *conf, const struct shm *shm, int i,
+static void backend_row_read(const struct conf *conf, const struct shm *shm, int i, uint64_t now_ns,
                              struct backend_row *r)
 {
     const struct conf_backend *cb = &conf->backends[i];
     const struct shm_backend *sb = shm_backend(shm, (uint32_t)i);
+    uint32_t b = (uint32_t)i;
 
     r->pool = cb->pool >= 0 && cb->pool < conf->n_pools ? conf->pools[cb->pool].name : "?";
     r->name = cb->name;
     url_format(&cb->url, r->url, sizeof(r->url));
-    r->state = shm_state_str(shm_backend_state(shm, (uint32_t)i));
+    r->state = shm_state_str(shm_backend_state(shm, b));
     r->admin =
         shm_admin_str((enum backend_admin)atomic_load_explicit(&sb->admin, memory_order_relaxed));
-    r->breaker = shm_breaker_str(
-        (enum breaker_state)atomic_load_explicit(&sb->breaker, memory_order_relaxed));
+    enum breaker_state br =
+        (enum breaker_state)atomic_load_explicit(&sb->breaker, memory_order_acquire);
+    r->breaker = shm_breaker_str(br);
+    r->breaker_left_ms =
+        br == BREAKER_OPEN
+            ? left_ms(atomic_load_explicit(&sb->breaker_until_ns, memory_order_relaxed), now_ns)
+            : 0;
     r->reason = shm_reason_str(
         (enum backend_reason)atomic_load_explicit(&sb->reason, memory_order_relaxed));
     r->weight = atomic_load_explicit(&sb->weight_eff, memory_order_relaxed);
-    shm_backend_totals(shm, (uint32_t)i, &r->t);
+    r->weight_cfg = atomic_load_explicit(&sb->weight_cfg, memory_order_relaxed);
+    shm_backend_totals(shm, b, &r->t);
+    /* shm has no sum of the retries counter; it is read like shm_backend_totals reads the
+     * others, one relaxed load per worker slot. */
+    r->retries = 0;
+    for (uint32_t w = 0; w < shm_n_workers(shm); w++)
+        r->retries += atomic_load_explicit(&shm_wb(shm, w, b)->retries, memory_order_relaxed);
+    r->cooling_ms = left_ms(shm_backend_cool_until(shm, b), now_ns);
+    r->ewma_ns = shm_backend_ewma(shm, b);
+    uint64_t since = atomic_load_explicit(&sb->since_ns, memory_order_relaxed);
+    r->changed = since != 0;
+    r->since_s = since && now_ns > since ? (now_ns - since) / 1000000000 : 0;
     r->checked = atomic_load_explicit(&sb->check_at_ns, memory_order_acquire) != 0;
     r->check_status = atomic_load_explicit(&sb->check_status, memory_order_relaxed);
     r->check_us = atomic_load_explicit(&sb->check_us, memory_order_relaxed);
@@ -135,51 +166,129 @@ static int width(int cur, const char *s)
     return n > cur ? n : cur;
 }
 
+/* Milliseconds as the table shows a time left: "850ms", "12.3s", "4m05s". */
+static void ms_format(uint64_t ms, char *out, size_t size)
+{
+    if (ms < 1000)
+        snprintf(out, size, "%llums", (unsigned long long)ms);
+    else if (ms < 60000)
+        snprintf(out, size, "%llu.%llus", (unsigned long long)(ms / 1000),
+                 (unsigned long long)(ms % 1000 / 100));
+    else
+        snprintf(out, size, "%llum%02llus", (unsigned long long)(ms / 60000),
+                 (unsigned long long)(ms % 60000 / 1000));
+}
+
+/* Seconds as the SINCE column shows them: "42s", "12m05s", "3h07m", "5d04h". */
+static void secs_format(uint64_t s, char *out, size_t size)
+{
+    unsigned long long v = s;
+    if (v < 60)
+        snprintf(out, size, "%llus", v);
+    else if (v < 3600)
+        snprintf(out, size, "%llum%02llus", v / 60, v % 60);
+    else if (v < 86400)
+        snprintf(out, size, "%lluh%02llum", v / 3600, v % 3600 / 60);
+    else
+        snprintf(out, size, "%llud%02lluh", v / 86400, v % 86400 / 3600);
+}
+
+/* Nanoseconds as milliseconds with one decimal, rounded ("12.3"), printed from integers: no
+ * locale, no float rounding surprises. */
+static void tenths_format(uint64_t ns, char *out, size_t size)
+{
+    unsigned long long tenths = (ns + 50000) / 100000;
+    snprintf(out, size, "%llu.%llu", tenths / 10, tenths % 10);
+}
+
+/* Table cells other than the fixed-width numbers. */
+struct backend_cells {
+    char breaker[40]; /* "open 12.3s" */
+    char weight[24];  /* "eff/cfg" */
+    char cooling[24];
+    char ewma[32];
+    char since[24];
+    char ms[32]; /* last check duration */
+};
+
+static void backend_cells_format(const struct backend_row *r, struct backend_cells *c)
+{
+    if (r->breaker_left_ms) {
+        char left[24];
+        ms_format(r->breaker_left_ms, left, sizeof(left));
+        snprintf(c->breaker, sizeof(c->breaker), "%s %s", r->breaker, left);
+    } else {
+        snprintf(c->breaker, sizeof(c->breaker), "%s", r->breaker);
+    }
+    snprintf(c->weight, sizeof(c->weight), "%u/%u", r->weight, r->weight_cfg);
+    if (r->cooling_ms)
+        ms_format(r->cooling_ms, c->cooling, sizeof(c->cooling));
+    else
+        snprintf(c->cooling, sizeof(c->cooling), "-");
+    if (r->ewma_ns)
+        tenths_format(r->ewma_ns, c->ewma, sizeof(c->ewma));
+    else
+        snprintf(c->ewma, sizeof(c->ewma), "-");
+    if (r->changed)
+        secs_format(r->since_s, c->since, sizeof(c->since));
+    else
+        snprintf(c->since, sizeof(c->since), "-");
+    if (r->checked)
+        snprintf(c->ms, sizeof(c->ms), "%u.%u", r->check_us / 1000, r->check_us % 1000 / 100);
+    else
+        snprintf(c->ms, sizeof(c->ms), "-");
+}
+
 static void show_backends(struct abuf *b, const struct conf *conf, const struct shm *shm)
 {
     int n = conf->n_backends;
     if ((uint32_t)n > shm_n_backends(shm))
         n = (int)shm_n_backends(shm);
+    uint64_t now = time_mono_ns();
 
     /* Rows are read first so every column is as wide as its longest cell. */
     struct backend_row *rows = calloc(n ? (size_t)n : 1, sizeof(*rows));
-    if (!rows) {
+    struct backend_cells *cells = calloc(n ? (size_t)n : 1, sizeof(*cells));
+    if (!rows || !cells) {
         b->failed = 1;
-        return;
+        goto out;
     }
-    int wpool = 4, wname = 4, wstate = 5, wbreaker = 7, wcheck = 5, wreason = 6;
+    int wpool = 4, wname = 4, wstate = 5, wbreaker = 7, wweight = 6, wcheck = 5, wreason = 6;
     for (int i = 0; i < n; i++) {
         struct backend_row *r = &rows[i];
-        backend_row_read(conf, shm, i, r);
+        backend_row_read(conf, shm, i, now, r);
         check_format(r->checked, r->check_status, r->check, sizeof(r->check));
+        backend_cells_format(r, &cells[i]);
         wpool = width(wpool, r->pool);
         wname = width(wname, r->name);
         wstate = width(wstate, r->state);
-        wbreaker = width(wbreaker, r->breaker);
+        wbreaker = width(wbreaker, cells[i].breaker);
+        wweight = width(wweight, cells[i].weight);
         wcheck = width(wcheck, r->check);
         wreason = width(wreason, r->reason);
     }
 
-    abuf_printf(b, "%-*s  %-*s  %-*s  %-5s  %-*s  %6s  %6s  %10s  %10s  %-*s  %13s  %-*s  %s\n",
+    abuf_printf(b,
+                "%-*s  %-*s  %-*s  %-5s  %-*s  %*s  %6s  %7s  %8s  %10s  %10s  %8s  %-*s  %13s  "
+                "%7s  %-*s  %s\n",
                 wpool, "POOL", wname, "NAME", wstate, "STATE", "ADMIN", wbreaker, "BREAKER",
-                "WEIGHT", "ACTIVE", "REQUESTS", "FAILURES", wcheck, "CHECK", "LAST_CHECK_MS",
-                wreason, "REASON", "URL");
+                wweight, "WEIGHT", "ACTIVE", "COOLING", "EWMA_MS", "REQUESTS", "FAILURES",
+                "RETRIES", wcheck, "CHECK", "LAST_CHECK_MS", "SINCE", wreason, "REASON", "URL");
     for (int i = 0; i < n; i++) {
         const struct backend_row *r = &rows[i];
-        char ms[32];
-        if (r->checked)
-            snprintf(ms, sizeof(ms), "%u.%u", r->check_us / 1000, r->check_us % 1000 / 100);
-        else
-            snprintf(ms, sizeof(ms), "-");
+        const struct backend_cells *c = &cells[i];
         abuf_printf(b,
-                    "%-*s  %-*s  %-*s  %-5s  %-*s  %6u  %6lld  %10llu  %10llu  %-*s  %13s  %-*s  "
-                    "%s\n",
+                    "%-*s  %-*s  %-*s  %-5s  %-*s  %*s  %6lld  %7s  %8s  %10llu  %10llu  %8llu  "
+                    "%-*s  %13s  %7s  %-*s  %s\n",
                     wpool, r->pool, wname, r->name, wstate, r->state, r->admin, wbreaker,
-                    r->breaker, r->weight, (long long)r->t.active,
-                    (unsigned long long)r->t.requests, (unsigned long long)r->t.failures, wcheck,
-                    r->check, ms, wreason, r->reason, r->url);
+                    c->breaker, wweight, c->weight, (long long)r->t.active, c->cooling, c->ewma,
+                    (unsigned long long)r->t.requests, (unsigned long long)r->t.failures,
+                    (unsigned long long)r->retries, wcheck, r->check, c->ms, c->since, wreason,
+                    r->reason, r->url);
     }
+out:
     free(rows);
+    free(cells);
 }
 
 static void show_backends_json(struct abuf *b, const struct conf *conf, const struct shm *shm)
@@ -187,11 +296,12 @@ static void show_backends_json(struct abuf *b, const struct conf *conf, const st
     int n = conf->n_backends;
     if ((uint32_t)n > shm_n_backends(shm))
         n = (int)shm_n_backends(shm);
+    uint64_t now = time_mono_ns();
 
     abuf_printf(b, "[");
     for (int i = 0; i < n; i++) {
         struct backend_row r;
-        backend_row_read(conf, shm, i, &r);
+        backend_row_read(conf, shm, i, now, &r);
         abuf_printf(b, "%s\n  {\"pool\":", i ? "," : "");
         abuf_json_str(b, r.pool);
         abuf_printf(b, ",\"name\":");
@@ -204,9 +314,21 @@ static void show_backends_json(struct abuf *b, const struct conf *conf, const st
         abuf_json_str(b, r.admin);
         abuf_printf(b, ",\"breaker\":");
         abuf_json_str(b, r.breaker);
-        abuf_printf(b, ",\"weight\":%u,\"active\":%lld,\"requests\":%llu,\"failures\":%llu",
-                    r.weight, (long long)r.t.active, (unsigned long long)r.t.requests,
-                    (unsigned long long)r.t.failures);
+        abuf_printf(b,
+                    ",\"breaker_left_ms\":%llu,\"weight\":%u,\"weight_cfg\":%u,\"active\":%lld,"
+                    "\"cooling_ms\":%llu",
+                    (unsigned long long)r.breaker_left_ms, r.weight, r.weight_cfg,
+                    (long long)r.t.active, (unsigned long long)r.cooling_ms);
+        if (r.ewma_ns) {
+            char ewma[32];
+            tenths_format(r.ewma_ns, ewma, sizeof(ewma));
+            abuf_printf(b, ",\"ewma_ms\":%s", ewma);
+        } else {
+            abuf_printf(b, ",\"ewma_ms\":null");
+        }
+        abuf_printf(b, ",\"requests\":%llu,\"failures\":%llu,\"retries\":%llu",
+                    (unsigned long long)r.t.requests, (unsigned long long)r.t.failures,
+                    (unsigned long long)r.retries);
         if (r.checked)
             /* Whole milliseconds, rounded: consumers expect an integer here. */
             abuf_printf(b, ",\"check_ms\":%u,\"check_status\":%d", (r.check_us + 500) / 1000,
@@ -215,7 +337,10 @@ static void show_backends_json(struct abuf *b, const struct conf *conf, const st
             abuf_printf(b, ",\"check_ms\":null,\"check_status\":null");
         abuf_printf(b, ",\"reason\":");
         abuf_json_str(b, r.reason);
-        abuf_printf(b, "}");
+        if (r.changed)
+            abuf_printf(b, ",\"since_s\":%llu}", (unsigned long long)r.since_s);
+        else
+            abuf_printf(b, ",\"since_s\":null}");
     }
     abuf_printf(b, "%s]\n", n ? "\n" : "");
 }
@@ -260,14 +385,19 @@ static void show_proc_json(struct abuf *b, const struct admin_proc *procs, int n
     abuf_printf(b, "%s]\n", n ? "\n" : "");
 }
 
-static const char admin_help[] = "commands:\n"
-                                 "  show backends [json]  backend state, weights and counters\n"
-                                 "  show proc [json]      master, health checker and workers\n"
-                                 "  help                  this list\n";
+static const char admin_help[] =
+    "commands:\n"
+    "  show backends [json]     state, breaker, weights, latency and counters of each backend\n"
+    "  show proc [json]         master, health checker and workers\n"
+    "  breaker reset BACKEND    force the circuit breaker of BACKEND (NAME or POOL/NAME) closed\n"
+    "  breaker open BACKEND     force it open for the pool's breaker_open_for\n"
+    "  help                     this list\n";
+
+#define WORD_MAX (2 * CONF_NAME_MAX + 2) /* room for POOL/NAME */
 
 /* Splits the line into at most 4 blank-separated words; returns the word count, or 5 when
- * there are more (which no command accepts). */
-static int split_words(const char *line, char words[4][32])
+ * there are more or one is longer than any name (no command accepts either). */
+static int split_words(const char *line, char words[4][WORD_MAX])
 {
     int n = 0;
     const char *p = line;
@@ -280,11 +410,11 @@ static int split_words(const char *line, char words[4][32])
             return 5;
         size_t len = strcspn(p, " \t\r\n");
         if (len >= sizeof(words[0]))
-            len = sizeof(words[0]) - 1; /* too long for any keyword: still fails to match */
+            return 5; /* a truncated name could match another backend: refuse */
         memcpy(words[n], p, len);
         words[n][len] = '\0';
         n++;
-        p += strcspn(p, " \t\r\n");
+        p += len;
     }
 }
 
@@ -294,14 +424,88 @@ static int is_json(const char *w)
     return !strcmp(w, "json") || !strcmp(w, "--json");
 }
 
-int admin_exec(const char *line, const struct conf *conf, const struct shm *shm,
-               const struct admin_proc *procs, int n_procs, char **out, size_t *out_len)
+/* Backend index of "NAME" or "POOL/NAME", or -1. */
+static int backend_lookup(const struct conf *conf, const struct shm *shm, const char *arg)
+{
+    int n = conf->n_backends;
+    if ((uint32_t)n > shm_n_backends(shm))
+        n = (int)shm_n_backends(shm);
+    const char *slash = strchr(arg, '/');
+    for (int i = 0; i < n; i++) {
+        const struct conf_backend *cb = &conf->backends[i];
+        if (!strcmp(cb->name, arg))
+            return i;
+        if (slash && cb->pool >= 0 && cb->pool < conf->n_pools && !strcmp(cb->name, slash + 1) &&
+            strlen(conf->pools[cb->pool].name) == (size_t)(slash - arg) &&
+            !memcmp(conf->pools[cb->pool].name, arg, (size_t)(slash - arg)))
+            return i;
+    }
+    return -1;
+}
+
+/* "breaker reset|open BACKEND": the master asks, the health checker (the only writer of
+ * breaker state) carries it out on its next evaluation. */
+static int breaker_command(struct abuf *b, const struct conf *conf, struct shm *shm,
+                           const char *verb, const char *arg, int json,
+                           struct admin_pending *pending)
+{
+    enum breaker_cmd cmd = !strcmp(verb, "reset") ? BREAKER_CMD_RESET : BREAKER_CMD_OPEN;
+    int i = backend_lookup(conf, shm, arg);
+    if (i < 0) {
+        char echo[WORD_MAX];
+        size_t k = 0;
+        for (const char *p = arg; *p && k < sizeof(echo) - 1; p++)
+            echo[k++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
+        echo[k] = '\0';
+        abuf_printf(b, "error: no backend called '%s'\n", echo);
+        return -ENOENT;
+    }
+    const struct conf_backend *cb = &conf->backends[i];
+    const char *pool = cb->pool >= 0 && cb->pool < conf->n_pools ? conf->pools[cb->pool].name : "?";
+
+    shm_backend_breaker_cmd(shm, (uint32_t)i, cmd);
+    if (pending) {
+        pending->backend = i;
+        pending->seq = atomic_load_explicit(&shm_backend(shm, (uint32_t)i)->breaker_cmd_seq,
+                                            memory_order_relaxed);
+        pending->want = cmd == BREAKER_CMD_RESET ? BREAKER_CLOSED : BREAKER_OPEN;
+    }
+    if (json) {
+        abuf_printf(b, "{\"ok\":true,\"pool\":");
+        abuf_json_str(b, pool);
+        abuf_printf(b, ",\"name\":");
+        abuf_json_str(b, cb->name);
+        abuf_printf(b, ",\"breaker\":\"%s\"}\n", verb);
+    } else {
+        abuf_printf(b, "ok: breaker of %s/%s will be %s\n", pool, cb->name,
+                    cmd == BREAKER_CMD_RESET ? "reset" : "opened");
+    }
+    return 0;
+}
+
+int admin_pending_done(const struct shm *shm, const struct admin_pending *p)
+{
+    if (p->backend < 0 || (uint32_t)p->backend >= shm_n_backends(shm))
+        return 1;
+    const struct shm_backend *sb = shm_backend(shm, (uint32_t)p->backend);
+    uint32_t done = atomic_load_explicit(&sb->breaker_cmd_done, memory_order_acquire);
+    /* The checker marks the command done as it takes it and publishes the breaker just
+     * after: the state is checked too, so the answer never beats the change. */
+    return (int32_t)(done - p->seq) >= 0 &&
+           atomic_load_explicit(&sb->breaker, memory_order_acquire) == (uint32_t)p->want;
+}
+
+int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
+               const struct admin_proc *procs, int n_procs, struct admin_pending *pending,
+               char **out, size_t *out_len)
 {
     struct abuf b = {0};
-    char w[4][32];
+    char w[4][WORD_MAX];
     int rc = 0;
     int n = split_words(line, w);
 
+    if (pending)
+        *pending = (struct admin_pending){.backend = -1};
     if (n == 1 && !strcmp(w[0], "help")) {
         abuf_printf(&b, "%s", admin_help);
     } else if (n >= 2 && n <= 3 && !strcmp(w[0], "show") && (n == 2 || is_json(w[2])) &&
@@ -315,6 +519,9 @@ int admin_exec(const char *line, const struct conf *conf, const struct shm *shm,
             show_proc_json(&b, procs, n_procs);
         else
             show_proc(&b, procs, n_procs);
+    } else if (n >= 3 && n <= 4 && !strcmp(w[0], "breaker") &&
+               (!strcmp(w[1], "reset") || !strcmp(w[1], "open")) && (n == 3 || is_json(w[3]))) {
+        rc = breaker_command(&b, conf, shm, w[1], w[2], n == 4, pending);
     } else {
         /* Echo at most a short, printable prefix of what was sent. */
         char echo[64];
@@ -322,7 +529,10 @@ int admin_exec(const char *line, const struct conf *conf, const struct shm *shm,
         for (const char *p = line; *p && *p != '\n' && *p != '\r' && k < sizeof(echo) - 1; p++)
             echo[k++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
         echo[k] = '\0';
-        abuf_printf(&b, "error: unknown command '%s'; try 'help'\n", echo);
+        if (n >= 1 && !strcmp(w[0], "breaker"))
+            abuf_printf(&b, "error: usage: breaker reset|open BACKEND\n");
+        else
+            abuf_printf(&b, "error: unknown command '%s'; try 'help'\n", echo);
         rc = -EINVAL;
     }
 

@@ -17,10 +17,27 @@ struct admin_proc {
     unsigned restarts;
 };
 
-/* Runs one command line ("show backends", "show backends json", "show proc", "show proc
- * json", "help") and writes the answer into a malloc'd *out (length *out_len). Returns 0, or
- * -EINVAL for an unknown command (the answer then says so, starting with "error: "). */
-int admin_exec(const char *line, const struct conf *conf, const struct shm *shm,
-               const struct admin_proc *procs, int n_procs, char **out, size_t *out_len);
+/* A breaker command written to shm that the health checker has still to carry out. The
+ * master holds its answer back until admin_pending_done() says so (or a short deadline). */
+struct admin_pending {
+    int backend;             /* index into conf.backends; -1 = nothing to wait for */
+    uint32_t seq;            /* breaker_cmd_seq the command was written with */
+    enum breaker_state want; /* the state the command leads to */
+};
+
+/* Runs one command line and writes the answer into a malloc'd *out (length *out_len):
+ *   show backends [json], show proc [json], help,
+ *   breaker reset|open BACKEND (BACKEND = NAME or POOL/NAME; writes the request into shm for
+ *   the health checker, so shm is written to).
+ * `pending` (may be NULL) is set to the command to wait for, backend -1 when there is none.
+ * Returns 0, -EINVAL for an unknown command, -ENOENT for an unknown backend (the answer then
+ * says so, starting with "error: "), or -ENOMEM (no answer). */
+int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
+               const struct admin_proc *procs, int n_procs, struct admin_pending *pending,
+               char **out, size_t *out_len);
+
+/* 1 when the health checker has carried out the pending breaker command (its seq is done and
+ * the breaker is in the state the command leads to), else 0. */
+int admin_pending_done(const struct shm *shm, const struct admin_pending *p);
 
 #endif

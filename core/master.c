@@ -26,6 +26,8 @@
 
 #define ADMIN_LINE_MAX      1024 /* longest admin command line accepted */
 #define ADMIN_IDLE_MS       5000 /* an admin client that sends nothing is dropped */
+#define ADMIN_WAIT_MS       200  /* longest wait for the health checker to carry out a command */
+#define ADMIN_POLL_MS       5    /* how often the wait looks at shm */
 #define RESTART_FAST_MS     3000 /* a child dying sooner than this after start is crash-looping */
 #define RESTART_BACKOFF_MS  100  /* first delayed restart; doubles while it keeps crashing */
 #define RESTART_BACKOFF_MAX 1000 /* never wait longer than this to restart */
@@ -56,8 +58,11 @@ struct admin_client {
     uv_timer_t timer;
     uv_write_t wr;
     char *out;
-    size_t len;
-    int open_handles; /* freed when both handles have closed */
+    size_t out_len;
+    size_t len;                   /* of line */
+    struct admin_pending pending; /* breaker command the answer waits for */
+    uint64_t wait_until;          /* monotonic ms: answer anyway after this */
+    int open_handles;             /* freed when both handles have closed */
     char line[ADMIN_LINE_MAX + 1];
 };
 
@@ -231,6 +236,38 @@ static int admin_procs(struct admin_proc *procs, int max)
     return n;
 }
 
+static void admin_client_timeout(uv_timer_t *t)
+{
+    struct admin_client *c = t->data;
+    log_debug("admin: client idle for %d ms, closing", ADMIN_IDLE_MS);
+    admin_client_close(c);
+}
+
+static void admin_client_send(struct admin_client *c)
+{
+    uv_buf_t buf = uv_buf_init(c->out, (unsigned)c->out_len);
+    c->wr.data = c;
+    if (uv_write(&c->wr, (uv_stream_t *)&c->pipe, &buf, 1, admin_client_written) < 0)
+        admin_client_close(c);
+}
+
+/* Polls shm until the health checker has carried out the breaker command, so that a
+ * `show backends` right after the answer shows the new state. Never longer than
+ * ADMIN_WAIT_MS: a checker being restarted takes the command when it is back. */
+static void admin_client_wait(uv_timer_t *t)
+{
+    struct admin_client *c = t->data;
+    int done = admin_pending_done(&M.shm, &c->pending);
+    if (!done && time_mono_ms() < c->wait_until)
+        return;
+    /* Back to the idle timeout, which now bounds the write. */
+    uv_timer_start(&c->timer, admin_client_timeout, ADMIN_IDLE_MS, 0);
+    if (!done)
+        log_warn("admin: the health checker has not carried out '%s' within %d ms", c->line,
+                 ADMIN_WAIT_MS);
+    admin_client_send(c);
+}
+
 /* Answers the line read so far, or with `error` when there is one, then closes. */
 static void admin_client_answer(struct admin_client *c, const char *error)
 {
@@ -241,12 +278,14 @@ static void admin_client_answer(struct admin_client *c, const char *error)
     int rc = -ENOMEM;
 
     uv_read_stop((uv_stream_t *)&c->pipe);
+    c->pending.backend = -1;
     if (error) {
         out = strdup(error);
         len = out ? strlen(out) : 0;
         rc = out ? -EINVAL : -ENOMEM;
     } else if (procs) {
-        rc = admin_exec(c->line, M.conf, &M.shm, procs, admin_procs(procs, max), &out, &len);
+        rc = admin_exec(c->line, M.conf, &M.shm, procs, admin_procs(procs, max), &c->pending, &out,
+                        &len);
     }
     free(procs);
     if (rc == -ENOMEM || !out) {
@@ -261,10 +300,19 @@ static void admin_client_answer(struct admin_client *c, const char *error)
     }
     log_debug("admin: '%s'", c->line);
     c->out = out;
-    uv_buf_t buf = uv_buf_init(out, (unsigned)len);
-    c->wr.data = c;
-    if (uv_write(&c->wr, (uv_stream_t *)&c->pipe, &buf, 1, admin_client_written) < 0)
-        admin_client_close(c);
+    c->out_len = len;
+    if (rc == 0 && c->pending.backend >= 0) {
+        const struct conf_backend *cb = &M.conf->backends[c->pending.backend];
+        log_info("admin: breaker %s requested for backend %s/%s",
+                 c->pending.want == BREAKER_OPEN ? "open" : "reset", M.conf->pools[cb->pool].name,
+                 cb->name);
+        if (!admin_pending_done(&M.shm, &c->pending)) {
+            c->wait_until = time_mono_ms() + ADMIN_WAIT_MS;
+            uv_timer_start(&c->timer, admin_client_wait, ADMIN_POLL_MS, ADMIN_POLL_MS);
+            return;
+        }
+    }
+    admin_client_send(c);
 }
 
 static void admin_client_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf)
@@ -294,13 +342,6 @@ static void admin_client_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf
         /* Refuse rather than run a truncated command. */
         admin_client_answer(c, "error: command line too long\n");
     }
-}
-
-static void admin_client_timeout(uv_timer_t *t)
-{
-    struct admin_client *c = t->data;
-    log_debug("admin: client idle for %d ms, closing", ADMIN_IDLE_MS);
-    admin_client_close(c);
 }
 
 static void admin_on_connection(uv_stream_t *server, int status)

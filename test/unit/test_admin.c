@@ -14,6 +14,7 @@
 #include <jsmn.h>
 
 #include "core/admin.h"
+#include "core/util.h"
 
 /* Two pools, three backends, two workers. */
 struct fixture {
@@ -71,12 +72,26 @@ static int teardown(void **state)
     return 0;
 }
 
+/* admin_exec with the pending command it reports. */
+static char *run_pending(struct fixture *f, const char *line, int expect_rc,
+                         struct admin_pending *pending)
+{
+    char *out = NULL;
+    size_t len = 0;
+    pending->backend = 12345; /* admin_exec must always set it */
+    int rc = admin_exec(line, &f->conf, &f->shm, NULL, 0, pending, &out, &len);
+    assert_int_equal(rc, expect_rc);
+    assert_non_null(out);
+    assert_int_equal(strlen(out), len);
+    return out;
+}
+
 static char *run(struct fixture *f, const char *line, const struct admin_proc *procs, int n,
                  int expect_rc)
 {
     char *out = NULL;
     size_t len = 0;
-    int rc = admin_exec(line, &f->conf, &f->shm, procs, n, &out, &len);
+    int rc = admin_exec(line, &f->conf, &f->shm, procs, n, NULL, &out, &len);
     assert_int_equal(rc, expect_rc);
     assert_non_null(out);
     assert_int_equal(strlen(out), len); /* NUL-terminated, length consistent */
@@ -318,6 +333,8 @@ static void test_errors_and_help(void **state)
     char *out = run(f, "help", NULL, 0, 0);
     assert_non_null(strstr(out, "show backends"));
     assert_non_null(strstr(out, "show proc"));
+    assert_non_null(strstr(out, "breaker reset BACKEND"));
+    assert_non_null(strstr(out, "breaker open BACKEND"));
     free(out);
 }
 
@@ -355,6 +372,282 @@ static void test_no_backends(void **state)
     free(out);
 }
 
+/* The integer value of a JSON number token. */
+static long long json_int(const struct json *j, int obj, const char *key)
+{
+    int v = json_get(j, obj, key);
+    assert_true(v > 0);
+    assert_int_equal(j->tok[v].type, JSMN_PRIMITIVE);
+    char buf[32];
+    int len = j->tok[v].end - j->tok[v].start;
+    assert_true(len > 0 && len < (int)sizeof(buf));
+    memcpy(buf, j->s + j->tok[v].start, (size_t)len);
+    buf[len] = '\0';
+    char *end;
+    long long x = strtoll(buf, &end, 10);
+    assert_true(*end == '\0');
+    return x;
+}
+
+/* Sets breaker, cooling, latency, retries and state-change times on the fixture's backends:
+ * a1 open for 30 s more, cooling 8 s, EWMA 12.4 ms, changed 5 s ago;
+ * a2 half-open, EWMA from one worker only; e1 untouched. */
+static uint64_t resilience_state(struct fixture *f)
+{
+    uint64_t now = time_mono_ns();
+    const uint64_t s = 1000000000ULL;
+
+    shm_backend_set_breaker(&f->shm, 0, BREAKER_OPEN, now + 30 * s, 30 * s);
+    atomic_store(&shm_wb(&f->shm, 1, 0)->cool_until_ns, now + 8 * s);
+    atomic_store(&shm_wb(&f->shm, 0, 0)->cool_until_ns, now + 2 * s); /* the latest counts */
+    shm_wb_record_ok(&f->shm, 0, 0, now, 12300000);                   /* first sample: taken */
+    shm_wb_record_ok(&f->shm, 1, 0, now, 12500000);                   /* mean of workers */
+    atomic_store(&shm_wb(&f->shm, 0, 0)->retries, 4);
+    atomic_store(&shm_wb(&f->shm, 1, 0)->retries, 3);
+    shm_backend_set_state(&f->shm, 0, BACKEND_DEGRADED, REASON_CHECK_SLOW, now - 5 * s - s / 2);
+    atomic_store(&shm_backend(&f->shm, 0)->weight_eff, 1);
+
+    shm_backend_set_breaker(&f->shm, 1, BREAKER_HALF_OPEN, 0, 30 * s);
+    shm_wb_record_ok(&f->shm, 1, 1, now, 40);                         /* 40 ns: 0.0 ms, not null */
+    atomic_store(&shm_wb(&f->shm, 0, 1)->cool_until_ns, now - 1 * s); /* cooling is over */
+    return now;
+}
+
+static void test_backends_json_resilience(void **state)
+{
+    struct fixture *f = *state;
+    resilience_state(f);
+
+    char *out = run(f, "show backends json", NULL, 0, 0);
+    struct json j;
+    json_parse(&j, out);
+    assert_int_equal(j.tok[0].size, 3);
+    int b0 = json_elem(&j, 0, 0), b1 = json_elem(&j, 0, 1), b2 = json_elem(&j, 0, 2);
+
+    assert_json_text(&j, b0, "state", "DEGRADED");
+    assert_json_text(&j, b0, "breaker", "open");
+    long long left = json_int(&j, b0, "breaker_left_ms");
+    assert_true(left > 29000 && left <= 30000);
+    long long cool = json_int(&j, b0, "cooling_ms");
+    assert_true(cool > 7000 && cool <= 8000);
+    assert_json_text(&j, b0, "ewma_ms", "12.4");
+    assert_json_text(&j, b0, "weight", "1");
+    assert_json_text(&j, b0, "weight_cfg", "3");
+    assert_json_text(&j, b0, "retries", "7");
+    assert_json_text(&j, b0, "reason", "check slow");
+    assert_json_text(&j, b0, "since_s", "5");
+    /* The fields from before are all still there. */
+    const char *keys[] = {"pool",         "name",   "url",      "state",    "admin",
+                          "weight",       "active", "requests", "failures", "check_ms",
+                          "check_status", "reason", "breaker"};
+    for (size_t k = 0; k < sizeof(keys) / sizeof(keys[0]); k++)
+        assert_true(json_get(&j, b0, keys[k]) > 0);
+
+    assert_json_text(&j, b1, "breaker", "half-open");
+    assert_json_text(&j, b1, "breaker_left_ms", "0"); /* only an open breaker has time left */
+    assert_json_text(&j, b1, "cooling_ms", "0");
+    assert_json_text(&j, b1, "ewma_ms", "0.0");
+    assert_json_text(&j, b1, "retries", "0");
+    assert_json_text(&j, b1, "weight_cfg", "1");
+
+    assert_json_text(&j, b2, "breaker", "closed");
+    assert_json_text(&j, b2, "breaker_left_ms", "0");
+    assert_json_text(&j, b2, "cooling_ms", "0");
+    assert_json_text(&j, b2, "ewma_ms", "null");
+    assert_json_text(&j, b2, "since_s", "null"); /* never changed */
+    free(out);
+
+    /* An open breaker whose time has run out (the checker has not moved it on yet) shows 0. */
+    shm_backend_set_breaker(&f->shm, 0, BREAKER_OPEN, time_mono_ns() - 1000, 1000);
+    out = run(f, "show backends json", NULL, 0, 0);
+    json_parse(&j, out);
+    assert_json_text(&j, json_elem(&j, 0, 0), "breaker", "open");
+    assert_json_text(&j, json_elem(&j, 0, 0), "breaker_left_ms", "0");
+    free(out);
+}
+
+/* The cell of `row` under the header column that starts at `pos` (up to the next blank). */
+static void cell(const char *row, int pos, char *out, size_t size)
+{
+    size_t n = strcspn(row + pos, " ");
+    assert_true(n < size);
+    memcpy(out, row + pos, n);
+    out[n] = '\0';
+}
+
+/* The right-aligned cell that ends where the header column `name` ends. */
+static void rcell(const char *header, const char *row, const char *name, char *out, size_t size)
+{
+    int end = column(header, name) + (int)strlen(name);
+    int start = end;
+    while (start > 0 && row[start - 1] != ' ')
+        start--;
+    assert_true((size_t)(end - start) < size);
+    memcpy(out, row + start, (size_t)(end - start));
+    out[end - start] = '\0';
+}
+
+static void test_backends_table_resilience(void **state)
+{
+    struct fixture *f = *state;
+    resilience_state(f);
+    atomic_store(&shm_wb(&f->shm, 1, 2)->retries, 11);
+
+    char *out = run(f, "show backends", NULL, 0, 0);
+    char *lines[8];
+    int n = 0;
+    for (char *save = NULL, *l = strtok_r(out, "\n", &save); l && n < 8;
+         l = strtok_r(NULL, "\n", &save))
+        lines[n++] = l;
+    assert_int_equal(n, 4);
+    const char *h = lines[0];
+    const char *order[] = {"BREAKER",  "WEIGHT",  "ACTIVE", "COOLING",       "EWMA_MS", "REQUESTS",
+                           "FAILURES", "RETRIES", "CHECK ", "LAST_CHECK_MS", "SINCE",   "REASON"};
+    for (size_t i = 1; i < sizeof(order) / sizeof(order[0]); i++)
+        assert_true(column(h, order[i]) > column(h, order[i - 1]));
+
+    char c[64];
+    /* BREAKER: state and, when open, the time left ("open 29.9s"). */
+    cell(lines[1], column(h, "BREAKER"), c, sizeof(c));
+    assert_string_equal(c, "open");
+    const char *br = lines[1] + column(h, "BREAKER");
+    assert_true(!strncmp(br, "open 29.", 8) || !strncmp(br, "open 30.0s ", 11));
+    cell(lines[2], column(h, "BREAKER"), c, sizeof(c));
+    assert_string_equal(c, "half-open");
+    /* WEIGHT: effective/configured. */
+    rcell(h, lines[1], "WEIGHT", c, sizeof(c));
+    assert_string_equal(c, "1/3");
+    rcell(h, lines[3], "WEIGHT", c, sizeof(c));
+    assert_string_equal(c, "0/0");
+    rcell(h, lines[1], "COOLING", c, sizeof(c));
+    assert_true(!strncmp(c, "7.", 2) || !strcmp(c, "8.0s"));
+    assert_int_equal(c[strlen(c) - 1], 's');
+    rcell(h, lines[2], "COOLING", c, sizeof(c));
+    assert_string_equal(c, "-");
+    rcell(h, lines[1], "EWMA_MS", c, sizeof(c));
+    assert_string_equal(c, "12.4");
+    rcell(h, lines[3], "EWMA_MS", c, sizeof(c));
+    assert_string_equal(c, "-");
+    rcell(h, lines[1], "RETRIES", c, sizeof(c));
+    assert_string_equal(c, "7");
+    rcell(h, lines[3], "RETRIES", c, sizeof(c));
+    assert_string_equal(c, "11");
+    rcell(h, lines[1], "SINCE", c, sizeof(c));
+    assert_string_equal(c, "5s");
+    rcell(h, lines[3], "SINCE", c, sizeof(c));
+    assert_string_equal(c, "-");
+    free(out);
+
+    /* Longer times read as minutes / hours. */
+    uint64_t now = time_mono_ns();
+    const uint64_t s = 1000000000ULL;
+    shm_backend_set_breaker(&f->shm, 0, BREAKER_OPEN, now + 125 * s + s / 2, 200 * s);
+    /* Monotonic time starts at boot: hours back only on a host up for over an hour. */
+    uint64_t back = now > 3726 * s ? 3725 : 125;
+    shm_backend_set_state(&f->shm, 2, BACKEND_DOWN, REASON_CHECK_CONNECT, now - back * s - s / 2);
+    out = run(f, "show backends", NULL, 0, 0);
+    n = 0;
+    for (char *save = NULL, *l = strtok_r(out, "\n", &save); l && n < 8;
+         l = strtok_r(NULL, "\n", &save))
+        lines[n++] = l;
+    assert_int_equal(n, 4);
+    h = lines[0];
+    assert_memory_equal(lines[1] + column(h, "BREAKER"), "open 2m05s ", 11);
+    rcell(h, lines[3], "SINCE", c, sizeof(c));
+    assert_string_equal(c, back == 3725 ? "1h02m" : "2m05s");
+    free(out);
+}
+
+static void test_breaker_command(void **state)
+{
+    struct fixture *f = *state;
+    struct shm_backend *a1 = shm_backend(&f->shm, 0), *a2 = shm_backend(&f->shm, 1);
+    struct admin_pending p;
+
+    char *out = run_pending(f, "breaker reset a1", 0, &p);
+    assert_string_equal(out, "ok: breaker of chat/a1 will be reset\n");
+    free(out);
+    assert_int_equal(atomic_load(&a1->breaker_cmd), BREAKER_CMD_RESET);
+    assert_int_equal(atomic_load(&a1->breaker_cmd_seq), 1);
+    assert_int_equal(atomic_load(&a2->breaker_cmd_seq), 0);
+    assert_int_equal(p.backend, 0);
+    assert_int_equal(p.seq, 1);
+    assert_int_equal(p.want, BREAKER_CLOSED);
+    /* Done only once the checker has taken it; closed already, so that is enough. */
+    assert_int_equal(admin_pending_done(&f->shm, &p), 0);
+    assert_int_equal(shm_backend_breaker_cmd_take(&f->shm, 0), BREAKER_CMD_RESET);
+    assert_int_equal(admin_pending_done(&f->shm, &p), 1);
+
+    /* POOL/NAME; the answer waits for the breaker itself, not just the taken command. */
+    out = run_pending(f, "  breaker   open chat/a2-with-a-long-name ", 0, &p);
+    assert_string_equal(out, "ok: breaker of chat/a2-with-a-long-name will be opened\n");
+    free(out);
+    assert_int_equal(atomic_load(&a2->breaker_cmd), BREAKER_CMD_OPEN);
+    assert_int_equal(atomic_load(&a2->breaker_cmd_seq), 1);
+    assert_int_equal(p.backend, 1);
+    assert_int_equal(p.want, BREAKER_OPEN);
+    assert_int_equal(shm_backend_breaker_cmd_take(&f->shm, 1), BREAKER_CMD_OPEN);
+    assert_int_equal(admin_pending_done(&f->shm, &p), 0); /* taken, not yet published */
+    shm_backend_set_breaker(&f->shm, 1, BREAKER_OPEN, time_mono_ns() + 1000000000ULL, 1000000000);
+    assert_int_equal(admin_pending_done(&f->shm, &p), 1);
+
+    /* A second command bumps the sequence; the one before does not count as its completion. */
+    out = run_pending(f, "breaker open a1 json", 0, &p);
+    assert_string_equal(out,
+                        "{\"ok\":true,\"pool\":\"chat\",\"name\":\"a1\",\"breaker\":\"open\"}\n");
+    free(out);
+    assert_int_equal(atomic_load(&a1->breaker_cmd), BREAKER_CMD_OPEN);
+    assert_int_equal(atomic_load(&a1->breaker_cmd_seq), 2);
+    assert_int_equal(p.seq, 2);
+    shm_backend_set_breaker(&f->shm, 0, BREAKER_OPEN, 0, 0);
+    assert_int_equal(admin_pending_done(&f->shm, &p), 0); /* seq 2 not taken yet */
+
+    /* Unknown backends and wrong pools leave shm alone. */
+    const char *unknown[] = {"breaker open nosuch", "breaker reset embeddings-pool/a1",
+                             "breaker reset chat/", "breaker reset /a1", "breaker open chat/e1x"};
+    for (size_t i = 0; i < sizeof(unknown) / sizeof(unknown[0]); i++) {
+        out = run_pending(f, unknown[i], -ENOENT, &p);
+        assert_memory_equal(out, "error: no backend called '", 26);
+        assert_int_equal(p.backend, -1);
+        free(out);
+    }
+    out = run_pending(f, "breaker open nosuch", -ENOENT, &p);
+    assert_string_equal(out, "error: no backend called 'nosuch'\n");
+    free(out);
+    out = run_pending(f, "breaker open embeddings-pool/e1", 0, &p);
+    assert_int_equal(p.backend, 2);
+    free(out);
+    assert_int_equal(atomic_load(&a1->breaker_cmd_seq), 2);
+    assert_int_equal(atomic_load(&a2->breaker_cmd_seq), 1);
+
+    /* Malformed breaker commands. */
+    const char *bad[] = {"breaker",
+                         "breaker reset",
+                         "breaker close a1",
+                         "breaker reset a1 a2",
+                         "breaker open a1 xml",
+                         "BREAKER reset a1"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        out = run_pending(f, bad[i], -EINVAL, &p);
+        assert_memory_equal(out, "error:", 6);
+        assert_int_equal(p.backend, -1);
+        free(out);
+    }
+    /* A word longer than any POOL/NAME is refused, never truncated into another name. */
+    char line[400];
+    snprintf(line, sizeof(line), "breaker open a1%0300d", 0);
+    out = run_pending(f, line, -EINVAL, &p);
+    free(out);
+    assert_int_equal(atomic_load(&a1->breaker_cmd_seq), 2);
+
+    /* A show command has nothing to wait for. */
+    out = run_pending(f, "show backends", 0, &p);
+    assert_int_equal(p.backend, -1);
+    free(out);
+    struct admin_pending none = {.backend = -1};
+    assert_int_equal(admin_pending_done(&f->shm, &none), 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -364,6 +657,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_errors_and_help, setup, teardown),
         cmocka_unit_test_setup_teardown(test_json_escaping, setup, teardown),
         cmocka_unit_test_setup_teardown(test_no_backends, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_backends_json_resilience, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_backends_table_resilience, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_breaker_command, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
