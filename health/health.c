@@ -541,6 +541,10 @@ static void health_stop(struct health *h)
         uv_close((uv_handle_t *)&h->eval, NULL);
     uv_close((uv_handle_t *)&h->sigterm, NULL);
     uv_close((uv_handle_t *)&h->sigint, NULL);
+    /* Closing the last uv_signal handle puts the default action back; a Ctrl-C reaches us
+     * twice (the terminal's, then the master's), and the second must not kill us mid-exit. */
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGINT, SIG_IGN);
 }
 
 static void health_on_signal(uv_signal_t *s, int signum)
