@@ -35,6 +35,10 @@ class Fail(AssertionError):
     pass
 
 
+class Abort(Fail):
+    """A failure that ends a wait_for() at once (the thing waited for can no longer happen)."""
+
+
 def check(cond, msg):
     if not cond:
         raise Fail(msg)
@@ -49,6 +53,8 @@ def wait_for(pred, timeout, what, interval=0.02):
             v = pred()
             if v:
                 return v
+        except Abort:
+            raise
         except (OSError, ValueError, Fail) as e:
             last_exc = e
         if time.monotonic() >= deadline:
@@ -721,7 +727,7 @@ class Gateway:
     def wait_ready(self, timeout=15.0):
         def ready():
             if not self.proc.alive():
-                raise Fail(f"aigw exited with status {self.proc.p.returncode} while starting; "
+                raise Abort(f"aigw exited with status {self.proc.p.returncode} while starting; "
                            f"log: {' | '.join(self.proc.log_tail(10))}")
             if not port_accepts(self.port, 0.2):
                 return False
@@ -737,6 +743,8 @@ class Gateway:
 
         try:
             wait_for(ready, timeout, "aigw to listen and list all its workers", interval=0.05)
+        except Abort:
+            raise
         except Fail as e:
             raise Fail(f"{e}; log: {' | '.join(self.proc.log_tail(10))}")
 
