@@ -383,6 +383,8 @@ measure() {
     fi
     errs=$((f[status] + f[connect] + f[read] + f[write] + f[timeout]))
     ERR[$k]=$errs
+    echo "=> $t $c run $3: ${RPS[$k]} req/s, p50 ${P50[$k]}, p99 ${P99[$k]}, cpu ${CPU[$k]}," \
+        "core ${CORE[$k]}, ${PERCPU[$k]} req/core-s, $errs errors" >>"$TMP/raw"
     if [ "$errs" -gt 0 ]; then
         echo "bench: $t ($c connections): ${f[status]} non-2xx/3xx responses, socket errors" \
             "connect ${f[connect]} read ${f[read]} write ${f[write]} timeout ${f[timeout]}" >&2
