@@ -52,7 +52,6 @@ struct listener {
 struct client {
     uv_tcp_t tcp;
     uv_timer_t timer;
-    uv_write_t wreq;
     struct worker *w;
     const struct conf_listen *ln;
     struct client *prev, *next; /* worker's list of open clients, or free list (next) */
@@ -79,7 +78,7 @@ struct client {
     uint64_t body_len, body_cap;
     struct proxy_body_info info;
     struct upstream_req rq;
-    char *wbuf; /* head bytes of a pending write */
+    char *wbuf; /* only while a write waits: a pool buffer holding its uv_write_t and head */
     char ip[INET6_ADDRSTRLEN];
 };
 
@@ -233,6 +232,16 @@ static void client_linger(struct client *c)
 
 /* ---- writing ---- */
 
+/* A write that must wait keeps its uv_write_t and the unsent head bytes in a pool buffer, so
+ * that an idle connection carries neither. */
+#define WHEAD_OFF ((sizeof(uv_write_t) + 15) & ~(size_t)15)
+
+/* Room for a head built in the scratch buffer: it must fit behind a pending write's request. */
+static size_t head_cap(const struct worker *w)
+{
+    return w->bufs.size - WHEAD_OFF;
+}
+
 static void on_written(uv_write_t *req, int status)
 {
     struct client *c = req->data;
@@ -270,19 +279,20 @@ static int client_write(struct client *c, const char *head, size_t hl, const cha
         return -1;
     size_t done = r > 0 ? (size_t)r : 0;
     n = 0;
+    if (!(c->wbuf = bufpool_get(&c->w->bufs)))
+        return -1;
+    uv_write_t *req = (uv_write_t *)c->wbuf;
     if (done < hl) {
-        if (!(c->wbuf = bufpool_get(&c->w->bufs)) || hl - done > c->w->bufs.size)
-            return -1;
-        memcpy(c->wbuf, head + done, hl - done);
-        b[n++] = uv_buf_init(c->wbuf, (unsigned)(hl - done));
+        memcpy(c->wbuf + WHEAD_OFF, head + done, hl - done);
+        b[n++] = uv_buf_init(c->wbuf + WHEAD_OFF, (unsigned)(hl - done));
         done = 0;
     } else {
         done -= hl;
     }
     if (dl > done)
         b[n++] = uv_buf_init((char *)data + done, (unsigned)(dl - done));
-    c->wreq.data = c;
-    if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, b, n, on_written) != 0)
+    req->data = c;
+    if (uv_write(req, (uv_stream_t *)&c->tcp, b, n, on_written) != 0)
         return -1;
     c->writing = 1;
     return 1;
@@ -295,7 +305,7 @@ static void client_error(struct client *c, int status, const char *type, const c
     uv_timer_stop(&c->timer);
     c->state = CS_WAIT;
     c->resp_close = close || !c->keepalive || w->draining || c->close_after;
-    int n = proxy_build_error(w->scratch, w->bufs.size, status, type, code, msg, c->resp_close,
+    int n = proxy_build_error(w->scratch, head_cap(w), status, type, code, msg, c->resp_close,
                               retry_after, c->rid, c->rid_len);
     if (n < 0) {
         client_close(c);
@@ -487,7 +497,8 @@ static int client_on_head(struct client *c)
         }
         static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
         uv_buf_t b = uv_buf_init((char *)cont, sizeof(cont) - 1);
-        if (uv_try_write((uv_stream_t *)&c->tcp, &b, 1) != (int)b.len) {
+        /* a client that did not wait for it already sent body bytes: no need */
+        if (c->pos == c->len && uv_try_write((uv_stream_t *)&c->tcp, &b, 1) != (int)b.len) {
             client_close(c);
             return -1;
         }
@@ -640,7 +651,7 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
     r.http10_keepalive = c->http10 && !c->resp_close;
     r.request_id = c->rid;
     r.request_id_len = c->rid_len;
-    int hl = proxy_build_response_head(w->scratch, w->bufs.size, &r);
+    int hl = proxy_build_response_head(w->scratch, head_cap(w), &r);
     if (hl < 0)
         return -1;
     return client_write(c, w->scratch, (size_t)hl, body, n);
