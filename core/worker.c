@@ -43,6 +43,24 @@ enum cev {
 
 struct worker;
 
+/* Kinds of client timeouts; each listener has one queue per kind. */
+enum tkind {
+    T_HEADER = 0,
+    T_BODY,
+    T_KEEPALIVE,
+    T_KINDS,
+};
+
+/* Client timeouts without a uv_timer_t per connection: a FIFO of clients whose timeouts all
+ * have the same duration (so appending keeps it sorted by deadline) and one timer for its
+ * head. */
+struct tq {
+    uv_timer_t timer;
+    struct worker *w;
+    struct client *head, *tail;
+    uint64_t ms;
+};
+
 struct listener {
     uv_tcp_t tcp;
     struct worker *w;
@@ -51,9 +69,12 @@ struct listener {
 
 struct client {
     uv_tcp_t tcp;
-    uv_timer_t timer;
     struct worker *w;
     const struct conf_listen *ln;
+    int li;        /* listener index */
+    struct tq *tq; /* the timeout queue the client waits in, or NULL */
+    struct client *tprev, *tnext;
+    uint64_t deadline;          /* loop time (ms) the current timeout expires at */
     struct client *prev, *next; /* worker's list of open clients, or free list (next) */
     llhttp_t parser;
     char *buf; /* request bytes [0, len), parsed up to pos; NULL while idle */
@@ -91,6 +112,8 @@ struct worker {
     int n_listeners;
     uv_signal_t sigterm, sigint;
     uv_timer_t hard_stop;
+    struct tq *tqs; /* T_KINDS per listener, then the linger queue */
+    int n_tqs;
     int draining, stopping;
     struct bufpool bufs;
     size_t data_size; /* bytes of a buffer for data; header spans and the request id follow */
@@ -126,9 +149,8 @@ static void conns_add(struct worker *w, int d)
 
 /* ---- timers ---- */
 
-static void on_client_timer(uv_timer_t *t)
+static void on_client_timeout(struct client *c)
 {
-    struct client *c = t->data;
     switch (c->state) {
     case CS_HEAD:
     case CS_BODY:
@@ -146,9 +168,55 @@ static void on_client_timer(uv_timer_t *t)
     }
 }
 
-static void client_timer(struct client *c, uint64_t ms)
+static void client_timer_stop(struct client *c)
 {
-    uv_timer_start(&c->timer, on_client_timer, ms, 0);
+    struct tq *q = c->tq;
+    if (!q)
+        return;
+    if (c->tprev)
+        c->tprev->tnext = c->tnext;
+    else
+        q->head = c->tnext;
+    if (c->tnext)
+        c->tnext->tprev = c->tprev;
+    else
+        q->tail = c->tprev;
+    c->tq = NULL;
+    c->tprev = c->tnext = NULL;
+}
+
+static void on_tq(uv_timer_t *t)
+{
+    struct tq *q = t->data;
+    uint64_t now = uv_now(&q->w->loop);
+    struct client *c;
+    while ((c = q->head) && c->deadline <= now) {
+        client_timer_stop(c);
+        on_client_timeout(c);
+    }
+    if (q->head)
+        uv_timer_start(&q->timer, on_tq, q->head->deadline - now, 0);
+}
+
+static void client_timer_q(struct client *c, struct tq *q)
+{
+    client_timer_stop(c);
+    c->deadline = uv_now(&c->w->loop) + q->ms;
+    c->tq = q;
+    c->tprev = q->tail;
+    c->tnext = NULL;
+    if (q->tail) {
+        q->tail->tnext = c; /* the queue's timer runs for an earlier deadline already */
+    } else {
+        q->head = c;
+        uv_timer_start(&q->timer, on_tq, q->ms, 0);
+    }
+    q->tail = c;
+}
+
+static void client_timer(struct client *c, enum tkind k)
+{
+    client_timer_q(c, &c->w->tqs[c->li * T_KINDS + k]);
 }
 
 /* ---- buffers ---- */
@@ -210,7 +278,7 @@ static void client_close(struct client *c)
         c->next->prev = c->prev;
     w->n_clients--;
     conns_add(w, -1);
-    uv_close((uv_handle_t *)&c->timer, client_handle_closed);
+    client_timer_stop(c);
     uv_close((uv_handle_t *)&c->tcp, client_handle_closed);
 }
 
@@ -227,7 +295,7 @@ static void client_linger(struct client *c)
     c->state = CS_LINGER;
     client_free_body(c);
     client_drop_buf(c);
-    client_timer(c, LINGER_MS);
+    client_timer_q(c, &c->w->tqs[c->w->n_tqs - 1]);
 }
 
 /* ---- writing ---- */
@@ -302,7 +370,7 @@ static void client_error(struct client *c, int status, const char *type, const c
                          const char *msg, int close, int retry_after)
 {
     struct worker *w = c->w;
-    uv_timer_stop(&c->timer);
+    client_timer_stop(c);
     c->state = CS_WAIT;
     c->resp_close = close || !c->keepalive || w->draining || c->close_after;
     int n = proxy_build_error(w->scratch, head_cap(w), status, type, code, msg, c->resp_close,
@@ -518,7 +586,7 @@ static int client_on_head(struct client *c)
         c->body_heap = 0;
     }
     c->state = CS_BODY;
-    client_timer(c, ln->client_body_timeout_ms);
+    client_timer(c, T_BODY);
     return 0;
 }
 
@@ -759,7 +827,7 @@ static void client_dispatch(struct client *c)
 
     c->state = CS_WAIT;
     c->resp_started = 0;
-    uv_timer_stop(&c->timer);
+    client_timer_stop(c);
     if (c->err == 404) {
         client_error(c, 404, "invalid_request_error", "not_found", "unknown path", 0, 0);
         return;
@@ -809,7 +877,7 @@ static void client_request_done(struct client *c)
         c->pos = 0;
         c->state = CS_HEAD;
         llhttp_resume(&c->parser);
-        client_timer(c, c->ln->client_header_timeout_ms);
+        client_timer(c, T_HEADER);
         client_read_start(c);
         client_process(c);
         return;
@@ -821,7 +889,7 @@ static void client_request_done(struct client *c)
     llhttp_resume(&c->parser);
     client_drop_buf(c);
     c->state = CS_IDLE;
-    client_timer(c, c->ln->keepalive_timeout_ms);
+    client_timer(c, T_KEEPALIVE);
     client_read_start(c);
 }
 
@@ -884,10 +952,10 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
     case CS_IDLE:
         c->state = CS_HEAD;
         if (!c->fresh)
-            client_timer(c, c->ln->client_header_timeout_ms);
+            client_timer(c, T_HEADER);
         break;
     case CS_BODY:
-        client_timer(c, c->ln->client_body_timeout_ms);
+        client_timer(c, T_BODY);
         break;
     case CS_WAIT:
         /* pipelined bytes wait in the buffer; stop reading once it is full */
@@ -930,7 +998,7 @@ static void on_connection(uv_stream_t *server, int status)
     c->ln = &w->conf->listens[l->idx];
     uv_tcp_init(&w->loop, &c->tcp);
     c->tcp.data = c;
-    c->timer.data = c;
+    c->li = l->idx;
     c->handles = 1;
     if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
         /* another worker took it */
@@ -938,8 +1006,6 @@ static void on_connection(uv_stream_t *server, int status)
         uv_close((uv_handle_t *)&c->tcp, client_handle_closed);
         return;
     }
-    uv_timer_init(&w->loop, &c->timer);
-    c->handles = 2;
     uv_tcp_nodelay(&c->tcp, 1);
 
     struct sockaddr_storage ss;
@@ -962,7 +1028,7 @@ static void on_connection(uv_stream_t *server, int status)
     w->clients = c;
     w->n_clients++;
     conns_add(w, 1);
-    client_timer(c, c->ln->client_header_timeout_ms);
+    client_timer(c, T_HEADER);
     c->reading = 1;
     uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
 }
@@ -988,6 +1054,8 @@ static void worker_check_exit(struct worker *w)
         uv_close((uv_handle_t *)&w->sigterm, on_handle_closed_noop);
         uv_close((uv_handle_t *)&w->sigint, on_handle_closed_noop);
         uv_close((uv_handle_t *)&w->hard_stop, on_handle_closed_noop);
+        for (int i = 0; i < w->n_tqs; i++)
+            uv_close((uv_handle_t *)&w->tqs[i].timer, on_handle_closed_noop);
     }
 }
 
@@ -1063,6 +1131,25 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     w->sigterm.data = w->sigint.data = w->hard_stop.data = w;
     uv_signal_start(&w->sigterm, on_signal, SIGTERM);
     uv_signal_start(&w->sigint, on_signal, SIGINT);
+    int n_tqs = conf->n_listens * T_KINDS + 1;
+    if (!(w->tqs = calloc((size_t)n_tqs, sizeof(*w->tqs))))
+        return -ENOMEM;
+    for (int i = 0; i < n_tqs; i++) {
+        struct tq *q = &w->tqs[i];
+        const struct conf_listen *ln = &conf->listens[i / T_KINDS];
+        uv_timer_init(&w->loop, &q->timer);
+        q->timer.data = q;
+        q->w = w;
+        if (i == n_tqs - 1)
+            q->ms = LINGER_MS;
+        else if (i % T_KINDS == T_HEADER)
+            q->ms = ln->client_header_timeout_ms;
+        else if (i % T_KINDS == T_BODY)
+            q->ms = ln->client_body_timeout_ms;
+        else
+            q->ms = ln->keepalive_timeout_ms;
+    }
+    w->n_tqs = n_tqs;
     for (int i = 0; i < conf->n_listens; i++) {
         if (conf->listens[i].max_header_size + 1024 > data)
             data = conf->listens[i].max_header_size + 1024;
@@ -1125,6 +1212,7 @@ static void worker_teardown(struct worker *w)
     free(w->bal);
     free(w->cands);
     free(w->listeners);
+    free(w->tqs);
     upstream_free(&w->up);
     while (w->free_clients) {
         struct client *c = w->free_clients;
