@@ -48,7 +48,9 @@ struct upconn {
     int events;  /* uv_poll events currently requested */
     int handles; /* open libuv handles, the struct is recycled when 0 */
     uint8_t tls_on, reused, got_bytes, head_done, complete, extra, hstate, ev;
-    uint8_t perr; /* libuv reported POLLERR and stopped watching: read until it says why */
+    uint8_t perr;     /* libuv reported POLLERR and stopped watching: read until it says why */
+    uint8_t decoding; /* handing over the de-chunked body (rq->dechunk) */
+    char *wcur;       /* de-chunking: where the next body bytes go, in place */
     struct tls_conn tls;
     llhttp_t parser;
     char *buf;
@@ -395,7 +397,7 @@ static int conn_begin(struct upconn *u)
     llhttp_init(&u->parser, HTTP_RESPONSE, &resp_settings);
     u->parser.data = u;
     u->rlen = 0;
-    u->got_bytes = u->head_done = u->complete = u->extra = 0;
+    u->got_bytes = u->head_done = u->complete = u->extra = u->decoding = 0;
     u->n_hdrs = 0;
     u->hstate = 0;
     u->state = UC_SENDING;
@@ -489,6 +491,17 @@ static int on_headers_done(llhttp_t *p)
     return HPE_PAUSED;
 }
 
+static int on_body(llhttp_t *p, const char *at, size_t len)
+{
+    struct upconn *u = p->data;
+    if (u->decoding) {
+        /* chunk framing only ever shrinks the data: move body bytes down over it */
+        memmove(u->wcur, at, len);
+        u->wcur += len;
+    }
+    return 0;
+}
+
 static int on_msg_done(llhttp_t *p)
 {
     struct upconn *u = p->data;
@@ -537,6 +550,7 @@ static int on_data(struct upconn *u, const char *data, size_t n)
     enum parse_ev ev;
 
     if (u->head_done) {
+        u->wcur = (char *)p;
         ev = parse(u, p, n, &stop);
         if (ev == PARSE_ERR) {
             exchange_end(u, UPSTREAM_EPROTO, 0);
@@ -545,6 +559,8 @@ static int on_data(struct upconn *u, const char *data, size_t n)
         u->complete = ev == PARSE_DONE;
         bend = u->complete ? stop : end;
         u->extra = bend < end;
+        if (u->decoding)
+            bend = u->wcur;
         if (!u->complete)
             timer_set(u, u->be->cp->idle_timeout_ms);
         struct upstream_req *rq = u->rq;
@@ -588,10 +604,17 @@ static int on_data(struct upconn *u, const char *data, size_t n)
     r.n_hdrs = u->n_hdrs;
     r.chunked = (u->parser.flags & F_CHUNKED) != 0;
     r.until_close = !rq->head_only && llhttp_message_needs_eof(&u->parser);
+    u->decoding = r.chunked && rq->dechunk && !rq->head_only;
+    if (u->decoding) {
+        /* the client cannot take chunks: the body goes decoded, delimited by the close */
+        r.chunked = 0;
+        r.until_close = 1;
+    }
     u->head_done = 1;
     u->state = UC_BODY;
 
     const char *body = stop;
+    u->wcur = (char *)body;
     if (ev == PARSE_HEAD) {
         llhttp_resume(&u->parser);
         ev = parse(u, body, (size_t)(end - body), &stop);
@@ -603,6 +626,8 @@ static int on_data(struct upconn *u, const char *data, size_t n)
     u->complete = ev == PARSE_DONE;
     bend = u->complete ? stop : end;
     u->extra = bend < end;
+    if (u->decoding)
+        bend = u->wcur;
     if (!u->complete)
         timer_set(u, u->be->cp->idle_timeout_ms);
     return after_hand(u, rq->ops->on_head(rq->ctx, &r, body, (size_t)(bend - body), u->complete));
@@ -874,6 +899,7 @@ int upstream_init(struct upstream *up, uv_loop_t *loop, const struct conf *conf,
     resp_settings.on_header_field = on_hfield;
     resp_settings.on_header_value = on_hvalue;
     resp_settings.on_headers_complete = on_headers_done;
+    resp_settings.on_body = on_body;
     resp_settings.on_message_complete = on_msg_done;
 
     up->backends = calloc((size_t)(conf->n_backends ? conf->n_backends : 1), sizeof(*up->backends));

@@ -78,6 +78,7 @@ struct upstream_req {
     const char *body; /* stays valid until on_end */
     size_t body_len;
     int head_only; /* HEAD request: the response has no body */
+    int dechunk;   /* the client takes no chunked coding (HTTP/1.0): hand over decoded bytes */
     int backend;   /* index into conf.backends */
     struct upconn *conn;
     int retried; /* a reused connection failed and a fresh one was opened */

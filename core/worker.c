@@ -707,8 +707,7 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
     struct proxy_resp r;
 
     c->resp_started = 1;
-    c->resp_close = !c->keepalive || ur->until_close || w->draining || c->close_after ||
-                    (c->http10 && ur->chunked);
+    c->resp_close = !c->keepalive || ur->until_close || w->draining || c->close_after;
     r.status = ur->status;
     r.reason = ur->reason;
     r.reason_len = ur->reason_len;
@@ -852,6 +851,7 @@ static void client_dispatch(struct client *c)
     c->rq.body = c->body;
     c->rq.body_len = c->body_len;
     c->rq.head_only = c->head_method;
+    c->rq.dechunk = c->http10;
     c->rq.backend = b;
     int r = upstream_start(&w->up, &c->rq);
     if (r < 0)
