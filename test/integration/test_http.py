@@ -188,3 +188,19 @@ def test_keepalive_timeout(env):
     dt = time.monotonic() - t0
     check(0.3 <= dt, f"idle connection closed after {dt:.2f}s, before keepalive_timeout 500ms")
     check(c.buf == b"", f"data sent on an idle connection: {c.buf[:100]!r}")
+
+
+def test_http10_client_stream(env):
+    """An HTTP/1.0 client cannot read chunked framing: a stream reaches it close-delimited,
+    the same SSE bytes as the upstream's."""
+    m = env.mock("m1", "--chunks", 4, "--chunk-interval", "10ms")
+    gw = env.gateway([m], workers=1)
+    body = chat_body("old client", stream=True)
+    want = _direct(m, body).body
+    c = env.conn(gw.port)
+    c.send(build_request("POST", PATH, JSON, body).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+    r = c.read_response()
+    check(r.status == 200, f"HTTP/1.0 stream: {r!r}")
+    check(r.header("transfer-encoding") is None,
+          f"chunked answer to an HTTP/1.0 client: {r.headers}")
+    check(r.body == want, f"HTTP/1.0 stream body differs: {r.body[:200]!r}")
