@@ -184,6 +184,10 @@ stop_pid() {
     kill -TERM "$1" 2>/dev/null
     wait "$1" 2>/dev/null
     for p in $kids; do kill -KILL "$p" 2>/dev/null; done
+    # Forget it, so that cleanup never signals a recycled pid.
+    local keep=()
+    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
 }
 
 # The body grows about one byte per content byte (the token counts in "usage" grow too): a few
