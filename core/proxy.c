@@ -223,6 +223,17 @@ int proxy_build_request(char *buf, size_t cap, const struct proxy_req *r,
     return out_done(&o);
 }
 
+/* x-aigw-backend / x-aigw-attempts; nothing when backend is NULL. */
+static void out_via(struct out *o, const char *backend, int attempts)
+{
+    if (!backend)
+        return;
+    out_hdr(o, "x-aigw-backend", backend, strlen(backend));
+    out_str(o, "x-aigw-attempts: ");
+    out_u64(o, attempts > 0 ? (uint64_t)attempts : 0);
+    out_mem(o, "\r\n", 2);
+}
+
 int proxy_build_response_head(char *buf, size_t cap, const struct proxy_resp *r)
 {
     struct out o = {buf, 0, cap, 0};
@@ -240,11 +251,16 @@ int proxy_build_response_head(char *buf, size_t cap, const struct proxy_resp *r)
                : proxy_header_is_hop(r->hdrs, r->n_hdrs, i) ||
                      span_ieq(h->name, h->name_len, "x-request-id"))
             continue;
+        /* ours replace what an upstream (another aigw, say) said */
+        if (r->backend && (span_ieq(h->name, h->name_len, "x-aigw-backend") ||
+                           span_ieq(h->name, h->name_len, "x-aigw-attempts")))
+            continue;
         out_mem(&o, h->name, h->name_len);
         out_mem(&o, ": ", 2);
         out_mem(&o, h->value, h->value_len);
         out_mem(&o, "\r\n", 2);
     }
+    out_via(&o, r->backend, r->attempts);
     out_hdr(&o, "X-Request-Id", r->request_id, r->request_id_len);
     if (r->close)
         out_str(&o, "Connection: close\r\n");
@@ -324,6 +340,14 @@ int proxy_build_error(char *buf, size_t cap, int status, const char *type, const
                       const char *message, int close, int retry_after, const char *request_id,
                       size_t request_id_len)
 {
+    return proxy_build_error_via(buf, cap, status, type, code, message, close, retry_after,
+                                 request_id, request_id_len, NULL, 0);
+}
+
+int proxy_build_error_via(char *buf, size_t cap, int status, const char *type, const char *code,
+                          const char *message, int close, int retry_after, const char *request_id,
+                          size_t request_id_len, const char *backend, int attempts)
+{
     char body[1024];
     struct out b = {body, 0, sizeof(body), 0};
     out_str(&b, "{\"error\":{\"message\":\"");
@@ -349,11 +373,271 @@ int proxy_build_error(char *buf, size_t cap, int status, const char *type, const
         out_u64(&o, (uint64_t)retry_after);
         out_mem(&o, "\r\n", 2);
     }
+    out_via(&o, backend, attempts);
     if (request_id && request_id_len)
         out_hdr(&o, "X-Request-Id", request_id, request_id_len);
     out_str(&o, close ? "Connection: close\r\n\r\n" : "Connection: keep-alive\r\n\r\n");
     out_mem(&o, body, b.len);
     return out_done(&o);
+}
+
+size_t proxy_chunk_line(char out[20], size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    char tmp[16];
+    size_t i = sizeof(tmp), len = 0;
+    do {
+        tmp[--i] = hex[n & 15];
+        n >>= 4;
+    } while (n);
+    memcpy(out, tmp + i, sizeof(tmp) - i);
+    len = sizeof(tmp) - i;
+    out[len++] = '\r';
+    out[len++] = '\n';
+    return len;
+}
+
+int proxy_build_sse_error(char *buf, size_t cap, const char *prefix, const char *message,
+                          const char *code)
+{
+    char ev[1024];
+    struct out e = {ev, 0, sizeof(ev), 0};
+    out_str(&e, prefix);
+    out_str(&e, "event: error\ndata: {\"error\":{\"message\":\"");
+    out_json_str(&e, message);
+    out_str(&e, "\",\"type\":\"upstream_error\",\"code\":\"");
+    out_json_str(&e, code);
+    out_str(&e, "\"}}\n\n");
+    if (e.over)
+        return -ENOSPC;
+
+    struct out o = {buf, 0, cap, 0};
+    char line[20];
+    out_mem(&o, line, proxy_chunk_line(line, e.len));
+    out_mem(&o, ev, e.len);
+    out_str(&o, "\r\n0\r\n\r\n");
+    return out_done(&o);
+}
+
+int proxy_sse_newlines(int prev, const char *p, size_t n)
+{
+    int nl = 0;
+    for (size_t i = n; i > 0; i--) {
+        char ch = p[i - 1];
+        if (ch == '\r')
+            continue;
+        if (ch != '\n')
+            return nl;
+        if (++nl == 2)
+            return 2;
+    }
+    nl += prev;
+    return nl > 2 ? 2 : nl;
+}
+
+/* ---- 429 cool-down ---- */
+
+static int span_digits(const char *p, size_t n, int64_t *out)
+{
+    int64_t v = 0;
+    if (n == 0 || n > 15)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] < '0' || p[i] > '9')
+            return -1;
+        v = v * 10 + (p[i] - '0');
+    }
+    *out = v;
+    return 0;
+}
+
+/* Days from 1970-01-01 to y-m-d (proleptic Gregorian; Howard Hinnant's civil algorithm). */
+static int64_t days_from_civil(int64_t y, int64_t m, int64_t d)
+{
+    y -= m <= 2;
+    int64_t era = (y >= 0 ? y : y - 399) / 400;
+    int64_t yoe = y - era * 400;
+    int64_t doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+static int month_index(const char *p, size_t n)
+{
+    static const char *const mon[] = {"jan", "feb", "mar", "apr", "may", "jun",
+                                      "jul", "aug", "sep", "oct", "nov", "dec"};
+    if (n != 3)
+        return -1;
+    for (int i = 0; i < 12; i++)
+        if (span_ieq(p, 3, mon[i]))
+            return i + 1;
+    return -1;
+}
+
+/* Splits v into at most max words at blanks, commas and dashes (date separators). */
+static size_t date_words(const char *v, size_t len, const char **w, size_t *wl, size_t max)
+{
+    size_t n = 0, i = 0;
+    while (i < len && n < max) {
+        while (i < len && (v[i] == ' ' || v[i] == ',' || v[i] == '-'))
+            i++;
+        if (i == len)
+            break;
+        size_t s = i;
+        while (i < len && v[i] != ' ' && v[i] != ',' && v[i] != '-')
+            i++;
+        w[n] = v + s;
+        wl[n++] = i - s;
+    }
+    while (i < len && (v[i] == ' ' || v[i] == ','))
+        i++;
+    return i < len ? max + 1 : n;
+}
+
+/* "HH:MM:SS" -> seconds of the day, -1 when malformed. */
+static int64_t clock_secs(const char *p, size_t n)
+{
+    int64_t h, m, s;
+    if (n != 8 || p[2] != ':' || p[5] != ':' || span_digits(p, 2, &h) ||
+        span_digits(p + 3, 2, &m) || span_digits(p + 6, 2, &s) || h > 23 || m > 59 || s > 60)
+        return -1;
+    return h * 3600 + m * 60 + s;
+}
+
+/* An HTTP date as seconds since the epoch, or -1. */
+static int64_t http_date(const char *v, size_t len)
+{
+    const char *w[6];
+    size_t wl[6];
+    int64_t day, year, secs;
+    int mon;
+
+    /* IMF-fixdate "Sun, 06 Nov 1994 08:49:37 GMT", RFC 850 "Sunday, 06-Nov-94 08:49:37 GMT",
+     * asctime "Sun Nov  6 08:49:37 1994": a weekday, then day/month/year/clock in some order */
+    if (date_words(v, len, w, wl, 6) != 6) {
+        if (date_words(v, len, w, wl, 5) != 5)
+            return -1;
+        /* asctime: weekday month day clock year */
+        if ((mon = month_index(w[1], wl[1])) < 0 || span_digits(w[2], wl[2], &day) ||
+            (secs = clock_secs(w[3], wl[3])) < 0 || span_digits(w[4], wl[4], &year) || wl[4] != 4)
+            return -1;
+    } else {
+        if (!span_ieq(w[5], wl[5], "GMT") || span_digits(w[1], wl[1], &day) ||
+            (mon = month_index(w[2], wl[2])) < 0 || span_digits(w[3], wl[3], &year) ||
+            (secs = clock_secs(w[4], wl[4])) < 0)
+            return -1;
+        if (wl[3] == 2) /* RFC 850 two-digit year: the closest century */
+            year += year < 70 ? 2000 : 1900;
+        else if (wl[3] != 4)
+            return -1;
+    }
+    if (day < 1 || day > 31 || year < 1970)
+        return -1;
+    return days_from_civil(year, mon, day) * 86400 + secs;
+}
+
+int64_t proxy_retry_after_ms(const char *v, size_t len, int64_t now_s)
+{
+    int64_t s;
+    while (len && (*v == ' ' || *v == '\t')) {
+        v++;
+        len--;
+    }
+    while (len && (v[len - 1] == ' ' || v[len - 1] == '\t'))
+        len--;
+    if (span_digits(v, len, &s) == 0)
+        return s * 1000;
+    if ((s = http_date(v, len)) < 0)
+        return -1;
+    return s > now_s ? (s - now_s) * 1000 : 0;
+}
+
+int64_t proxy_duration_ms(const char *v, size_t len)
+{
+    static const struct {
+        const char *unit;
+        uint64_t ns;
+    } units[] = {
+        {"h", 3600000000000ULL}, {"ms", 1000000ULL}, {"m", 60000000000ULL},
+        {"s", 1000000000ULL},    {"us", 1000ULL},    {"ns", 1ULL},
+    };
+    uint64_t total = 0;
+    size_t i = 0;
+
+    while (len && (*v == ' ' || *v == '\t')) {
+        v++;
+        len--;
+    }
+    while (len && (v[len - 1] == ' ' || v[len - 1] == '\t'))
+        len--;
+    if (len == 0)
+        return -1;
+    while (i < len) {
+        uint64_t ip = 0, frac = 0, scale = 1;
+        size_t s = i;
+        while (i < len && v[i] >= '0' && v[i] <= '9' && i - s < 12)
+            ip = ip * 10 + (uint64_t)(v[i++] - '0');
+        int digits = i > s;
+        if (i < len && v[i] == '.') {
+            i++;
+            size_t f = i;
+            while (i < len && v[i] >= '0' && v[i] <= '9') {
+                if (i - f < 9) {
+                    frac = frac * 10 + (uint64_t)(v[i] - '0');
+                    scale *= 10;
+                }
+                i++;
+            }
+            digits |= i > f;
+        }
+        if (!digits || (i < len && v[i] >= '0' && v[i] <= '9'))
+            return -1;
+        size_t u = i;
+        while (i < len && ((v[i] >= 'a' && v[i] <= 'z') || (v[i] >= 'A' && v[i] <= 'Z')))
+            i++;
+        uint64_t ns = 0;
+        if (u == i) {
+            if (s != 0 || i != len)
+                return -1; /* a bare number only on its own: seconds */
+            ns = 1000000000ULL;
+        } else {
+            for (size_t k = 0; k < ARRAY_SIZE(units); k++)
+                if (span_ieq(v + u, i - u, units[k].unit)) {
+                    ns = units[k].ns;
+                    break;
+                }
+            if (!ns)
+                return -1;
+        }
+        total += ip * ns + frac * ns / scale;
+    }
+    return (int64_t)((total + 999999) / 1000000);
+}
+
+int64_t proxy_cool_ms(const struct proxy_hdr *hdrs, size_t n, int64_t now_s)
+{
+    int64_t ra = -1, ms = -1, reset = -1;
+    for (size_t i = 0; i < n; i++) {
+        const struct proxy_hdr *h = &hdrs[i];
+        int64_t v;
+        if (span_ieq(h->name, h->name_len, "retry-after-ms")) {
+            /* OpenAI's finer form: a number of milliseconds, maybe with a fraction; read as
+             * seconds, that is the ms figure x 1000 */
+            v = proxy_duration_ms(h->value, h->value_len);
+            if (v >= 0)
+                ms = (v + 999) / 1000;
+        } else if (span_ieq(h->name, h->name_len, "retry-after")) {
+            ra = proxy_retry_after_ms(h->value, h->value_len, now_s);
+        } else if (span_ieq(h->name, h->name_len, "x-ratelimit-reset-requests") ||
+                   span_ieq(h->name, h->name_len, "x-ratelimit-reset-tokens")) {
+            v = proxy_duration_ms(h->value, h->value_len);
+            if (v > reset)
+                reset = v;
+        }
+    }
+    if (ms >= 0)
+        return ms;
+    return ra >= 0 ? ra : reset;
 }
 
 /* splitmix64's finaliser: a bijection, so distinct counters give distinct ids. */
@@ -390,12 +674,21 @@ size_t proxy_token_size(void)
 int proxy_parse_body(const char *body, size_t len, void *tokens, unsigned ntok,
                      struct proxy_body_info *info)
 {
+    return proxy_parse_body_key(body, len, tokens, ntok, NULL, info);
+}
+
+int proxy_parse_body_key(const char *body, size_t len, void *tokens, unsigned ntok,
+                         const char *field, struct proxy_body_info *info)
+{
     jsmn_parser p;
     jsmntok_t *t = tokens;
+    size_t flen = field ? strlen(field) : 0;
 
     info->model = NULL;
     info->model_len = 0;
     info->stream = 0;
+    info->key = NULL;
+    info->key_len = 0;
     /* skip leading white space: jsmn would accept a primitive; aigw wants an object */
     size_t i0 = 0;
     while (i0 < len &&
@@ -429,6 +722,11 @@ int proxy_parse_body(const char *body, size_t len, void *tokens, unsigned ntok,
         } else if (k->type == JSMN_STRING && kl == 6 && memcmp(ks, "stream", 6) == 0) {
             info->stream = v->type == JSMN_PRIMITIVE && v->end - v->start == 4 &&
                            memcmp(body + v->start, "true", 4) == 0;
+        } else if (flen && k->type == JSMN_STRING && kl == flen && memcmp(ks, field, kl) == 0) {
+            if (v->type == JSMN_STRING) {
+                info->key = body + v->start;
+                info->key_len = (size_t)(v->end - v->start);
+            }
         }
         /* skip the value and everything nested in it */
         int end = v->end;

@@ -65,10 +65,13 @@ struct proxy_resp {
     int http10_keepalive; /* HTTP/1.0 client that keeps the connection: say so */
     const char *request_id;
     size_t request_id_len;
+    const char *backend; /* x-aigw-backend (NULL = no x-aigw-* headers) */
+    int attempts;        /* x-aigw-attempts */
 };
 
 /* Builds the client response head: hop-by-hop headers and the upstream's X-Request-Id are
- * dropped, X-Request-Id and Connection are added. Returns the length or -ENOSPC. */
+ * dropped, X-Request-Id and Connection are added, and with r->backend set x-aigw-backend and
+ * x-aigw-attempts replace any the upstream sent. Returns the length or -ENOSPC. */
 int proxy_build_response_head(char *buf, size_t cap, const struct proxy_resp *r);
 
 /* Builds a complete gateway error response with an OpenAI-shaped JSON body. retry_after > 0
@@ -76,6 +79,42 @@ int proxy_build_response_head(char *buf, size_t cap, const struct proxy_resp *r)
 int proxy_build_error(char *buf, size_t cap, int status, const char *type, const char *code,
                       const char *message, int close, int retry_after, const char *request_id,
                       size_t request_id_len);
+
+/* proxy_build_error after tries upstream: backend (NULL = none) and attempts go out as
+ * x-aigw-backend and x-aigw-attempts. */
+int proxy_build_error_via(char *buf, size_t cap, int status, const char *type, const char *code,
+                          const char *message, int close, int retry_after, const char *request_id,
+                          size_t request_id_len, const char *backend, int attempts);
+
+/* The end of an SSE stream whose upstream failed after the first byte reached the client, in
+ * chunked framing: one chunk holding `prefix` (newlines that end a partly sent event) and an
+ * `event: error` whose data is an OpenAI-shaped error with type "upstream_error" and `code`,
+ * then the last chunk. Returns the length or -ENOSPC. */
+int proxy_build_sse_error(char *buf, size_t cap, const char *prefix, const char *message,
+                          const char *code);
+
+/* Writes the chunk-size line for n bytes ("1a2\r\n") into out; returns its length. */
+size_t proxy_chunk_line(char out[20], size_t n);
+
+/* Newlines at the end of an SSE byte stream after p[0, n) was appended to one that ended with
+ * `prev` of them ('\r' ignored; at most 2: two end an event). */
+int proxy_sse_newlines(int prev, const char *p, size_t n);
+
+/* ---- 429: how long a rate-limited backend cools down ---- */
+
+/* A Retry-After value: delay-seconds, or an HTTP date (IMF-fixdate, RFC 850 or asctime form)
+ * taken against now_s (real time, seconds since the epoch; a past date is 0). Milliseconds,
+ * or -1 when the value is neither. */
+int64_t proxy_retry_after_ms(const char *v, size_t len, int64_t now_s);
+
+/* An OpenAI x-ratelimit-reset-* duration: "1s", "6m0s", "20ms", "1.5s", "1h2m3.5s", units h, m,
+ * s, ms, us, ns (a bare number is seconds). Milliseconds rounded up, or -1 when malformed. */
+int64_t proxy_duration_ms(const char *v, size_t len);
+
+/* The cool-down a 429 answer asks for, from its headers: retry-after-ms, else Retry-After,
+ * else the larger of x-ratelimit-reset-requests and x-ratelimit-reset-tokens. -1 when none
+ * of them says (the caller uses its default). */
+int64_t proxy_cool_ms(const struct proxy_hdr *hdrs, size_t n, int64_t now_s);
 
 /* Reason phrase for the statuses aigw makes itself ("Bad Gateway"); "Unknown" otherwise. */
 const char *proxy_status_reason(int status);
@@ -87,7 +126,9 @@ void proxy_request_id(char out[32], uint64_t seed1, uint64_t seed2, uint64_t cou
 struct proxy_body_info {
     const char *model; /* raw JSON string contents (escapes untouched) or NULL */
     size_t model_len;
-    int stream; /* "stream": true */
+    int stream;      /* "stream": true */
+    const char *key; /* proxy_parse_body_key: the asked-for top-level string field, or NULL */
+    size_t key_len;
 };
 
 /* Parses body as JSON with jsmn using tokens (ntok of them; callers keep and grow it). Returns 0
@@ -95,6 +136,11 @@ struct proxy_body_info {
  * too small (grow it and call again). */
 int proxy_parse_body(const char *body, size_t len, void *tokens, unsigned ntok,
                      struct proxy_body_info *info);
+
+/* proxy_parse_body that also finds the top-level string field `field` (NUL-terminated, NULL =
+ * none) for the hash balancer's json:FIELD key: info->key / key_len (raw contents). */
+int proxy_parse_body_key(const char *body, size_t len, void *tokens, unsigned ntok,
+                         const char *field, struct proxy_body_info *info);
 
 /* Bytes one token takes, for callers sizing the tokens array of proxy_parse_body. */
 size_t proxy_token_size(void);

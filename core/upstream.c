@@ -16,6 +16,7 @@
 
 #include "core/log.h"
 #include "core/upstream.h"
+#include "core/util.h"
 
 enum uc_state {
     UC_CONNECTING = 0,
@@ -140,14 +141,13 @@ static void acct_begin(struct upstream *up, struct upstream_req *rq)
     shm_counter_add(&wb->requests, 1);
 }
 
+/* Failures and successes are recorded by the client side, which knows the pool's fail_on. */
 static void acct_end(struct upstream *up, struct upstream_req *rq, enum upstream_err err)
 {
     struct shm_wb *wb = shm_wb(up->shm, (uint32_t)up->slot, (uint32_t)rq->backend);
     shm_gauge_add(&wb->active, -1);
     if (err == UPSTREAM_ECLIENT)
         up->aborts++;
-    else if (err != UPSTREAM_OK || rq->status >= 500)
-        shm_counter_add(&wb->failures, 1);
 }
 
 /* ---- connection lifecycle ---- */
@@ -303,7 +303,7 @@ static int conn_connect(struct upstream *up, struct upstream_req *rq)
     rq->conn = u;
     u->state = UC_CONNECTING;
     poll_set(u, UV_WRITABLE);
-    timer_set(u, be->cp->connect_timeout_ms);
+    timer_set(u, rq->connect_timeout_ms ? rq->connect_timeout_ms : be->cp->connect_timeout_ms);
     return 0;
 }
 
@@ -401,7 +401,7 @@ static int conn_begin(struct upconn *u)
     u->n_hdrs = 0;
     u->hstate = 0;
     u->state = UC_SENDING;
-    timer_set(u, u->be->cp->first_byte_timeout_ms);
+    timer_set(u, rq->head_timeout_ms ? rq->head_timeout_ms : u->be->cp->first_byte_timeout_ms);
     return conn_send(u);
 }
 
@@ -509,6 +509,18 @@ static int on_msg_done(llhttp_t *p)
     return HPE_PAUSED;
 }
 
+/* The response is a text/event-stream. */
+static int is_sse(const struct upconn *u)
+{
+    static const char sse[] = "text/event-stream";
+    for (uint32_t i = 0; i < u->n_hdrs; i++) {
+        const struct proxy_hdr *h = &u->hdrs[i];
+        if (util_span_ieq(h->name, h->name_len, "content-type"))
+            return h->value_len >= sizeof(sse) - 1 && util_span_ieq(h->value, sizeof(sse) - 1, sse);
+    }
+    return 0;
+}
+
 static enum parse_ev parse(struct upconn *u, const char *p, size_t n, const char **stop)
 {
     u->ev = PARSE_MORE;
@@ -604,11 +616,15 @@ static int on_data(struct upconn *u, const char *data, size_t n)
     r.n_hdrs = u->n_hdrs;
     r.chunked = (u->parser.flags & F_CHUNKED) != 0;
     r.until_close = !rq->head_only && llhttp_message_needs_eof(&u->parser);
+    r.rechunk = 0;
     u->decoding = r.chunked && rq->dechunk && !rq->head_only;
     if (u->decoding) {
         /* the client cannot take chunks: the body goes decoded, delimited by the close */
         r.chunked = 0;
         r.until_close = 1;
+    } else if (r.chunked && rq->rechunk_sse && !rq->head_only && is_sse(u)) {
+        u->decoding = 1;
+        r.rechunk = 1;
     }
     u->head_done = 1;
     u->state = UC_BODY;
@@ -778,7 +794,13 @@ static void on_timer(uv_timer_t *t)
         conn_close(u);
         return;
     case UC_CONNECTING:
+        log_debug("backend %s: connect timeout", u->be->cb->name);
+        exchange_end(u, UPSTREAM_ECONNECT, 0);
+        return;
     case UC_HANDSHAKE:
+        log_debug("backend %s: TLS handshake timeout", u->be->cb->name);
+        exchange_end(u, UPSTREAM_ETLS, 0);
+        return;
     case UC_SENDING:
     case UC_WAIT_HEAD:
     case UC_BODY:

@@ -31,9 +31,9 @@ void bufpool_free(struct bufpool *bp);
 /* Why an exchange with a backend failed. */
 enum upstream_err {
     UPSTREAM_OK = 0,
-    UPSTREAM_ECONNECT, /* refused, unreachable, no address */
-    UPSTREAM_ETLS,     /* handshake or certificate failure */
-    UPSTREAM_ETIMEOUT, /* connect, first byte or idle timeout */
+    UPSTREAM_ECONNECT, /* refused, unreachable, no address, connect timeout */
+    UPSTREAM_ETLS,     /* handshake (or its timeout) or certificate failure */
+    UPSTREAM_ETIMEOUT, /* first byte or idle timeout */
     UPSTREAM_ERESET,   /* closed or reset by the backend */
     UPSTREAM_EPROTO,   /* malformed response */
     UPSTREAM_ECLIENT,  /* the client side gave up (on_head/on_body returned < 0) */
@@ -52,6 +52,8 @@ struct upstream_resp {
     size_t n_hdrs;
     int chunked;     /* body is chunk-encoded; bytes pass through with their framing */
     int until_close; /* body ends when the backend closes: the client connection must close */
+    int rechunk;     /* chunked SSE handed over de-chunked (rq->rechunk_sse): the client side
+                        frames each piece itself, so it can end the stream cleanly any time */
 };
 
 /* Callbacks into the client side. on_head / on_body return 0 when the bytes were written to
@@ -77,9 +79,12 @@ struct upstream_req {
     void *ctx;
     const char *body; /* stays valid until on_end */
     size_t body_len;
-    int head_only; /* HEAD request: the response has no body */
-    int dechunk;   /* the client takes no chunked coding (HTTP/1.0): hand over decoded bytes */
-    int backend;   /* index into conf.backends */
+    int head_only;   /* HEAD request: the response has no body */
+    int dechunk;     /* the client takes no chunked coding (HTTP/1.0): hand over decoded bytes */
+    int rechunk_sse; /* a chunked text/event-stream answer is handed over de-chunked */
+    int backend;     /* index into conf.backends */
+    uint64_t connect_timeout_ms; /* connect + TLS handshake; 0 = the pool's connect_timeout */
+    uint64_t head_timeout_ms;    /* request sent -> response head; 0 = first_byte_timeout */
     struct upconn *conn;
     int retried; /* a reused connection failed and a fresh one was opened */
     int status;  /* response status once known */

@@ -15,15 +15,22 @@
 #include "balancer/balancer.h"
 #include "core/log.h"
 #include "core/proxy.h"
+#include "core/retry.h"
 #include "core/tls.h"
 #include "core/upstream.h"
 #include "core/util.h"
 #include "core/worker.h"
+#include "health/state.h"
 
-#define BUF_MIN       16384 /* smallest request/response buffer */
-#define LINGER_MS     2000  /* how long a closing connection drains what the client still sends */
-#define RID_MAX       128   /* longest client X-Request-Id kept as is */
-#define MAX_FREE_BUFS 1024  /* buffers kept for reuse beyond those in use */
+#define BUF_MIN         16384 /* smallest request/response buffer */
+#define LINGER_MS       2000  /* how long a closing connection drains what the client still sends */
+#define RID_MAX         128   /* longest client X-Request-Id kept as is */
+#define MAX_FREE_BUFS   1024  /* buffers kept for reuse beyond those in use */
+#define MAX_TRIES       11    /* the first try and at most 10 retries (conf bounds retries) */
+#define COOL_DEFAULT_MS 1000  /* a 429 that says nothing about when to come back */
+#define COOL_MAX_MS     3600000        /* a longer Retry-After is taken as this */
+#define AUTH_LOG_NS     10000000000ULL /* one "api_key is bad" warning per backend per 10 s */
+#define TAIL_TAIL_MAX   16 /* room kept behind a head for the bytes after a body piece */
 
 enum cstate {
     CS_IDLE = 0, /* between requests: no buffer unless pipelined bytes wait */
@@ -88,7 +95,8 @@ struct client {
     uint8_t hstate, ev, reading, writing;
     uint8_t keepalive, http10, head_method, resp_started, resp_close;
     uint8_t body_heap, has_body;
-    int err; /* status decided while parsing the request (404, 413, 431) */
+    uint8_t tries_on; /* a request is being forwarded: its struct tries is live */
+    int err;          /* status decided while parsing the request (404, 413, 431) */
     const char *url;
     size_t url_len;
     struct proxy_hdr *hdrs; /* at the tail of buf */
@@ -101,6 +109,26 @@ struct client {
     struct upstream_req rq;
     char *wbuf; /* only while a write waits: a pool buffer holding its uv_write_t and head */
     char ip[INET6_ADDRSTRLEN];
+};
+
+/* One request's tries. It lives in the tail of the client's buffer (held for the whole
+ * request), so an idle connection does not carry it. */
+struct tries {
+    uint64_t try_ns;     /* monotonic time the current try started */
+    uint64_t head_ns;    /* the current try's time to the response head */
+    uint64_t deadline;   /* loop time (ms) at which request_timeout passes; 0 = none */
+    uint64_t key;        /* hash balancer key */
+    int32_t trial;       /* backend whose trial slot the current try holds, or -1 */
+    int32_t last_err;    /* enum upstream_err of the last failed try */
+    int32_t last_status; /* status of the last answer consumed for a retry, or 0 */
+    uint8_t n;           /* tries started */
+    uint8_t has_key;
+    uint8_t discard;           /* the current answer is consumed, not forwarded: a retry follows */
+    uint8_t recorded;          /* the current try's outcome is in shm already */
+    uint8_t sse;               /* the answer is SSE, framed into chunks here */
+    uint8_t sse_nl;            /* newlines at the end of what the client got of it */
+    uint8_t sent;              /* body bytes reached the client */
+    uint32_t tried[MAX_TRIES]; /* backends of the tries, in order */
 };
 
 struct worker {
@@ -121,6 +149,11 @@ struct worker {
     struct upstream up;
     struct balancer *bal; /* per pool */
     struct balancer_cand *cands;
+    int32_t *cand_limit;          /* per candidate of a pick: trial limit, 0 = no trial needed */
+    struct retry_budget *budgets; /* per pool */
+    uint64_t *auth_log_ns;        /* per backend: the last "api_key is bad" warning */
+    struct tq retry_q;            /* clients waiting out a retry back-off, by due time */
+    size_t tries_off;             /* where struct tries sits in a client buffer */
     struct client *clients, *free_clients;
     int n_clients;
     void *tokens; /* jsmn tokens, grown on demand */
@@ -133,6 +166,8 @@ static llhttp_settings_t req_settings;
 
 static void client_process(struct client *c);
 static void client_close(struct client *c);
+static void client_try_end(struct client *c);
+static const struct upstream_ops client_ops;
 static void client_request_done(struct client *c);
 static void client_error(struct client *c, int status, const char *type, const char *code,
                          const char *msg, int close, int retry_after);
@@ -269,6 +304,10 @@ static void client_close(struct client *c)
         return;
     if (c->rq.conn)
         upstream_abort(&c->rq);
+    if (c->tries_on) {
+        client_try_end(c);
+        c->tries_on = 0;
+    }
     c->state = CS_CLOSED;
     if (c->prev)
         c->prev->next = c->next;
@@ -304,10 +343,11 @@ static void client_linger(struct client *c)
  * that an idle connection carries neither. */
 #define WHEAD_OFF ((sizeof(uv_write_t) + 15) & ~(size_t)15)
 
-/* Room for a head built in the scratch buffer: it must fit behind a pending write's request. */
+/* Room for a head built in the scratch buffer: it must fit behind a pending write's request,
+ * with a chunk-size line after it and the few bytes that may follow a body piece. */
 static size_t head_cap(const struct worker *w)
 {
-    return w->bufs.size - WHEAD_OFF;
+    return w->bufs.size - WHEAD_OFF - 20 - TAIL_TAIL_MAX;
 }
 
 static void on_written(uv_write_t *req, int status)
@@ -328,20 +368,24 @@ static void on_written(uv_write_t *req, int status)
         client_request_done(c); /* a response aigw made itself */
 }
 
-/* Writes head (copied if it must wait) then data (kept by the caller until the write ends).
- * 0 = all written, 1 = pending (on_written follows), -1 = the client is gone. */
-static int client_write(struct client *c, const char *head, size_t hl, const char *data, size_t dl)
+/* Writes head and tail (copied if they must wait; tail at most TAIL_TAIL_MAX bytes) around
+ * data (kept by the caller until the write ends), in one system call where the socket takes
+ * it. 0 = all written, 1 = pending (on_written follows), -1 = the client is gone. */
+static int client_write3(struct client *c, const char *head, size_t hl, const char *data, size_t dl,
+                         const char *tail, size_t tl)
 {
-    uv_buf_t b[2];
+    uv_buf_t b[3];
     unsigned n = 0;
     if (hl)
         b[n++] = uv_buf_init((char *)head, (unsigned)hl);
     if (dl)
         b[n++] = uv_buf_init((char *)data, (unsigned)dl);
+    if (tl)
+        b[n++] = uv_buf_init((char *)tail, (unsigned)tl);
     if (!n)
         return 0;
     int r = uv_try_write((uv_stream_t *)&c->tcp, b, n);
-    if (r == (int)(hl + dl))
+    if (r == (int)(hl + dl + tl))
         return 0;
     if (r < 0 && r != UV_EAGAIN)
         return -1;
@@ -350,15 +394,25 @@ static int client_write(struct client *c, const char *head, size_t hl, const cha
     if (!(c->wbuf = bufpool_get(&c->w->bufs)))
         return -1;
     uv_write_t *req = (uv_write_t *)c->wbuf;
+    char *copy = c->wbuf + WHEAD_OFF;
     if (done < hl) {
-        memcpy(c->wbuf + WHEAD_OFF, head + done, hl - done);
-        b[n++] = uv_buf_init(c->wbuf + WHEAD_OFF, (unsigned)(hl - done));
+        memcpy(copy, head + done, hl - done);
+        b[n++] = uv_buf_init(copy, (unsigned)(hl - done));
+        copy += hl - done;
         done = 0;
     } else {
         done -= hl;
     }
-    if (dl > done)
+    if (dl > done) {
         b[n++] = uv_buf_init((char *)data + done, (unsigned)(dl - done));
+        done = 0;
+    } else {
+        done -= dl;
+    }
+    if (tl > done) {
+        memcpy(copy, tail + done, tl - done);
+        b[n++] = uv_buf_init(copy, (unsigned)(tl - done));
+    }
     req->data = c;
     if (uv_write(req, (uv_stream_t *)&c->tcp, b, n, on_written) != 0)
         return -1;
@@ -366,15 +420,23 @@ static int client_write(struct client *c, const char *head, size_t hl, const cha
     return 1;
 }
 
-static void client_error(struct client *c, int status, const char *type, const char *code,
-                         const char *msg, int close, int retry_after)
+static int client_write(struct client *c, const char *head, size_t hl, const char *data, size_t dl)
+{
+    return client_write3(c, head, hl, data, dl, NULL, 0);
+}
+
+/* A gateway error; after tries upstream, backend (NULL = none) and attempts go out as
+ * x-aigw-backend / x-aigw-attempts. */
+static void client_error_via(struct client *c, int status, const char *type, const char *code,
+                             const char *msg, int close, int retry_after, const char *backend,
+                             int attempts)
 {
     struct worker *w = c->w;
     client_timer_stop(c);
     c->state = CS_WAIT;
     c->resp_close = close || !c->keepalive || w->draining || c->close_after;
-    int n = proxy_build_error(w->scratch, head_cap(w), status, type, code, msg, c->resp_close,
-                              retry_after, c->rid, c->rid_len);
+    int n = proxy_build_error_via(w->scratch, head_cap(w), status, type, code, msg, c->resp_close,
+                                  retry_after, c->rid, c->rid_len, backend, attempts);
     if (n < 0) {
         client_close(c);
         return;
@@ -384,6 +446,12 @@ static void client_error(struct client *c, int status, const char *type, const c
         client_close(c);
     else if (r == 0)
         client_request_done(c);
+}
+
+static void client_error(struct client *c, int status, const char *type, const char *code,
+                         const char *msg, int close, int retry_after)
+{
+    client_error_via(c, status, type, code, msg, close, retry_after, NULL, 0);
 }
 
 /* ---- request parsing ---- */
@@ -699,12 +767,447 @@ static int op_build_head(void *ctx, const struct conf_backend *be, char *buf, si
     return proxy_build_request(buf, cap, &r, be);
 }
 
+static struct tries *client_tries(const struct client *c)
+{
+    return (struct tries *)(c->buf + c->w->tries_off);
+}
+
+static const struct conf_pool *client_pool(const struct client *c)
+{
+    return &c->w->conf->pools[c->ln->pool];
+}
+
+/* Backend of the current (or last) try. */
+static uint32_t client_backend(const struct client *c)
+{
+    const struct tries *t = client_tries(c);
+    return t->tried[t->n - 1];
+}
+
+/* x-aigw-backend for a response after tries: NULL when the pool hides it or nothing was tried. */
+static const char *client_via(const struct client *c)
+{
+    if (!c->tries_on || client_tries(c)->n == 0 || !client_pool(c)->expose_headers)
+        return NULL;
+    return c->w->conf->backends[client_backend(c)].name;
+}
+
+static int client_attempts(const struct client *c)
+{
+    return c->tries_on ? client_tries(c)->n : 0;
+}
+
+/* The current try is over: give back its trial slot. */
+static void client_try_end(struct client *c)
+{
+    struct tries *t = client_tries(c);
+    if (t->trial >= 0)
+        shm_trial_release(c->w->shm, (uint32_t)c->w->slot, (uint32_t)t->trial);
+    t->trial = -1;
+}
+
+static int was_tried(const struct tries *t, uint32_t b)
+{
+    for (unsigned i = 0; i < t->n; i++)
+        if (t->tried[i] == b)
+            return 1;
+    return 0;
+}
+
+/* Fills w->cands / w->cand_limit for the client's pool from the shared view at `now`. Eligible:
+ * UP/DEGRADED, READY, weight > 0, breaker not open, not cooling; a half-open breaker or a
+ * passive DOWN with checks off (after fail_timeout) admits trial requests only. *cool_min: the
+ * earliest end of a cool-down among backends held back only by one (0 = none). */
+static uint32_t client_cands(struct client *c, uint64_t now, uint64_t *cool_min)
+{
+    struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    const struct tries *t = client_tries(c);
+    uint32_t nw = shm_n_workers(w->shm);
+
+    *cool_min = 0;
+    for (int i = 0; i < pool->n_backends; i++) {
+        uint32_t b = (uint32_t)(pool->first_backend + i);
+        const struct conf_backend *cb = &w->conf->backends[b];
+        struct shm_backend *sb = shm_backend(w->shm, b);
+        struct balancer_cand *k = &w->cands[i];
+        int64_t active = 0;
+        uint64_t cool = 0;
+        int32_t limit = 0;
+
+        for (uint32_t x = 0; x < nw; x++) {
+            const struct shm_wb *wb = shm_wb(w->shm, x, b);
+            uint64_t cu = atomic_load_explicit(&wb->cool_until_ns, memory_order_relaxed);
+            active += atomic_load_explicit(&wb->active, memory_order_relaxed);
+            if (cu > cool)
+                cool = cu;
+        }
+        int ok = shm_backend_eligible(w->shm, b);
+        if (!ok && !pool->check &&
+            atomic_load_explicit(&sb->admin, memory_order_relaxed) == BACKEND_READY) {
+            /* checks off: a live request is what brings a passive DOWN back, one at a time */
+            struct health_live_cfg lc = {0};
+            lc.max_fails = cb->max_fails;
+            lc.fail_timeout_ns = cb->fail_timeout_ms * 1000000ULL;
+            lc.checks = pool->check;
+            enum backend_state st = shm_backend_state(w->shm, b);
+            enum backend_reason why =
+                (enum backend_reason)atomic_load_explicit(&sb->reason, memory_order_relaxed);
+            uint64_t since = atomic_load_explicit(&sb->since_ns, memory_order_relaxed);
+            if (health_live_trial_allowed(&lc, st, why, since, now)) {
+                ok = 1;
+                limit = 1;
+            }
+        }
+        if (ok) {
+            uint32_t br = atomic_load_explicit(&sb->breaker, memory_order_acquire);
+            uint64_t until = atomic_load_explicit(&sb->breaker_until_ns, memory_order_relaxed);
+            if (br == BREAKER_OPEN && now < until)
+                ok = 0;
+            else if (br != BREAKER_CLOSED && !limit) /* half-open, or open and past its time */
+                limit = pool->breaker_half_open_calls ? (int32_t)pool->breaker_half_open_calls : 1;
+        }
+        if (ok && cool > now) {
+            ok = 0;
+            if (!*cool_min || cool < *cool_min)
+                *cool_min = cool;
+        }
+        k->weight = (int)atomic_load_explicit(&sb->weight_eff, memory_order_relaxed);
+        k->active = (int32_t)active;
+        k->eligible = (uint8_t)ok;
+        k->tried = (uint8_t)was_tried(t, b);
+        k->backup = (uint8_t)(cb->backup != 0);
+        k->max_conns = cb->max_conns;
+        k->ewma_ns = pool->balance == BALANCE_P2C ? shm_backend_ewma(w->shm, b) : 0;
+        k->id = cb->name_hash;
+        w->cand_limit[i] = limit;
+    }
+    return (uint32_t)pool->n_backends;
+}
+
+/* Picks a backend of the client's pool not tried yet for this request, taking a trial slot
+ * when it needs one (a refused one is skipped for this pick). -1 when none is usable. */
+static int client_pick(struct client *c, uint64_t now, uint64_t *cool_min)
+{
+    struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    struct tries *t = client_tries(c);
+    uint32_t n = client_cands(c, now, cool_min);
+    struct balancer_req req = {t->key, t->has_key};
+
+    for (uint32_t round = 0; round <= n; round++) {
+        int i = balancer_pick_req(&w->bal[c->ln->pool], w->cands, n, &req);
+        if (i < 0)
+            return -1;
+        uint32_t b = (uint32_t)(pool->first_backend + i);
+        if (!w->cand_limit[i]) {
+            t->trial = -1;
+            return (int)b;
+        }
+        if (shm_trial_acquire(w->shm, (uint32_t)w->slot, b, w->cand_limit[i])) {
+            t->trial = (int32_t)b;
+            return (int)b;
+        }
+        w->cands[i].tried = 1;
+    }
+    return -1;
+}
+
+/* Is a backend not tried yet usable for this request right now? */
+static int client_has_candidate(struct client *c, uint64_t now)
+{
+    uint64_t cool;
+    uint32_t n = client_cands(c, now, &cool);
+    for (uint32_t i = 0; i < n; i++)
+        if (balancer_usable(&c->w->cands[i], c->w->cands[i].backup))
+            return 1;
+    return 0;
+}
+
+/* May the request go to another backend after an outcome with cond / status? Nothing is
+ * retried once bytes reached the client, beyond `retries`, past the request deadline, without
+ * an untried usable backend, or over the worker's retry budget. */
+static int client_can_retry(struct client *c, uint32_t cond, int status, uint64_t now)
+{
+    struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    const struct tries *t = client_tries(c);
+
+    if (c->resp_started || t->n > pool->retries || t->n >= MAX_TRIES)
+        return 0;
+    if (!retry_is_retryable(pool, cond, status))
+        return 0;
+    if (t->deadline && uv_now(&w->loop) >= t->deadline)
+        return 0;
+    if (!client_has_candidate(c, now))
+        return 0;
+    if (!retry_budget_allow(&w->budgets[c->ln->pool], now, pool->retry_budget_pct,
+                            pool->retry_budget_min)) {
+        log_debug("request %.*s: no retry, the retry budget of pool %s is spent", (int)c->rid_len,
+                  c->rid, pool->name);
+        return 0;
+    }
+    return 1;
+}
+
+/* A retry will follow the current try, which failed on backend b: count it. */
+static void client_retry_commit(struct client *c, uint64_t now)
+{
+    struct worker *w = c->w;
+    uint32_t b = client_backend(c);
+    retry_budget_retry(&w->budgets[c->ln->pool], now);
+    shm_counter_add(&shm_wb(w->shm, (uint32_t)w->slot, b)->retries, 1);
+}
+
+static void client_try(struct client *c);
+
+static void on_retry_q(uv_timer_t *timer)
+{
+    struct tq *q = timer->data;
+    uint64_t now = uv_now(&q->w->loop);
+    struct client *c;
+    while ((c = q->head) && c->deadline <= now) {
+        client_timer_stop(c);
+        client_try(c);
+    }
+    if (q->head)
+        uv_timer_start(&q->timer, on_retry_q, q->head->deadline - now, 0);
+}
+
+/* Waits out the back-off before the next try: full jitter, capped by the request deadline. */
+static void client_retry_wait(struct client *c)
+{
+    struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    struct tries *t = client_tries(c);
+    struct tq *q = &w->retry_q;
+    uint64_t now = uv_now(&w->loop);
+    uint64_t d = retry_backoff_ms(pool, t->n, balancer_random(&w->bal[c->ln->pool], UINT64_MAX));
+
+    if (t->deadline && now + d > t->deadline)
+        d = t->deadline > now ? t->deadline - now : 0;
+    if (d == 0) {
+        client_try(c);
+        return;
+    }
+    /* sorted insert from the tail: back-offs are short, most go near the end */
+    client_timer_stop(c);
+    c->deadline = now + d;
+    c->tq = q;
+    struct client *after = q->tail;
+    while (after && after->deadline > c->deadline)
+        after = after->tprev;
+    c->tprev = after;
+    c->tnext = after ? after->tnext : q->head;
+    if (c->tnext)
+        c->tnext->tprev = c;
+    else
+        q->tail = c;
+    if (after) {
+        after->tnext = c;
+    } else {
+        q->head = c;
+        uv_timer_start(&q->timer, on_retry_q, d, 0);
+    }
+}
+
+static void client_gateway_error(struct client *c, enum upstream_err e)
+{
+    const char *via = client_via(c);
+    int n = client_attempts(c);
+    switch (e) {
+    case UPSTREAM_ETIMEOUT:
+        client_error_via(c, 504, "upstream_error", "upstream_timeout", "the upstream timed out", 0,
+                         0, via, n);
+        break;
+    case UPSTREAM_ETLS:
+        client_error_via(c, 502, "upstream_error", "upstream_tls_failed",
+                         "TLS handshake with the upstream failed", 0, 0, via, n);
+        break;
+    case UPSTREAM_ECONNECT:
+        client_error_via(c, 502, "upstream_error", "upstream_connect_failed",
+                         "could not connect to the upstream", 0, 0, via, n);
+        break;
+    case UPSTREAM_ERESET:
+        client_error_via(c, 502, "upstream_error", "upstream_reset",
+                         "the upstream closed the connection", 0, 0, via, n);
+        break;
+    default:
+        client_error_via(c, 502, "upstream_error", "upstream_bad_response",
+                         "invalid response from the upstream", 0, 0, via, n);
+        break;
+    }
+}
+
+/* No (further) try is possible: the client gets what the last one came to. */
+static void client_fail(struct client *c)
+{
+    struct tries *t = client_tries(c);
+    if (t->deadline && uv_now(&c->w->loop) >= t->deadline) {
+        client_error_via(c, 504, "upstream_error", "request_timeout",
+                         "the request timed out (request_timeout)", 0, 0, client_via(c), t->n);
+        return;
+    }
+    if (t->last_err == UPSTREAM_OK && t->last_status) {
+        /* an answer was consumed for a retry that then found no backend */
+        client_error_via(c, 502, "upstream_error", "upstream_error_status",
+                         "the upstream failed and no other backend could take the request", 0, 0,
+                         client_via(c), t->n);
+        return;
+    }
+    client_gateway_error(c, (enum upstream_err)t->last_err);
+}
+
+/* The current try failed before any response byte reached the client. */
+static void client_try_failed(struct client *c, enum upstream_err err)
+{
+    struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    struct tries *t = client_tries(c);
+    uint32_t b = client_backend(c);
+    uint64_t now = time_mono_ns();
+    uint32_t cond = retry_cond(err, 0);
+
+    if (retry_is_failure(pool, cond, 0))
+        shm_wb_record_fail(w->shm, (uint32_t)w->slot, b, now);
+    client_try_end(c);
+    t->last_err = err;
+    t->last_status = 0;
+    if (client_can_retry(c, cond, 0, now)) {
+        log_debug("request %.*s: backend %s: %s, retrying (try %u)", (int)c->rid_len, c->rid,
+                  w->conf->backends[b].name, upstream_strerror(err), t->n + 1);
+        client_retry_commit(c, now);
+        client_retry_wait(c);
+        return;
+    }
+    client_fail(c);
+}
+
+/* Sends the request to the next backend, or answers when there is none. */
+static void client_try(struct client *c)
+{
+    struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    struct tries *t = client_tries(c);
+    uint64_t now = time_mono_ns(), lnow = uv_now(&w->loop), cool_min;
+
+    if (t->deadline && lnow >= t->deadline) {
+        client_fail(c);
+        return;
+    }
+    int b = client_pick(c, now, &cool_min);
+    if (b < 0) {
+        if (cool_min) {
+            uint64_t left = cool_min > now ? cool_min - now : 0;
+            int secs = (int)((left + 999999999ULL) / 1000000000ULL);
+            client_error_via(c, 429, "requests", "rate_limit_exceeded",
+                             "every backend is rate limited: retry after the given time", 0,
+                             secs < 1 ? 1 : secs, client_via(c), t->n);
+        } else if (t->n) {
+            client_fail(c);
+        } else {
+            client_error(c, 503, "upstream_error", "no_backend_available",
+                         "no backend is available", 0, 1);
+        }
+        return;
+    }
+    t->tried[t->n++] = (uint32_t)b;
+    t->discard = t->recorded = t->sse = t->sent = 0;
+    t->sse_nl = 2;
+    t->try_ns = now;
+    c->rq.ops = &client_ops;
+    c->rq.ctx = c;
+    c->rq.body = c->body;
+    c->rq.body_len = c->body_len;
+    c->rq.head_only = c->head_method;
+    c->rq.dechunk = c->http10;
+    c->rq.rechunk_sse = !c->http10;
+    c->rq.backend = b;
+    c->rq.connect_timeout_ms = pool->connect_timeout_ms;
+    c->rq.head_timeout_ms =
+        pool->try_timeout_ms ? pool->try_timeout_ms : pool->first_byte_timeout_ms;
+    if (t->deadline) {
+        uint64_t left = t->deadline - lnow;
+        if (c->rq.connect_timeout_ms > left)
+            c->rq.connect_timeout_ms = left;
+        if (c->rq.head_timeout_ms > left)
+            c->rq.head_timeout_ms = left;
+    }
+    int r = upstream_start(&w->up, &c->rq);
+    if (r < 0)
+        client_try_failed(c, (enum upstream_err) - r);
+}
+
+/* A 429: backend b cools down for as long as the answer asks (1 s when it does not say). */
+static void client_cool(struct client *c, uint32_t b, const struct upstream_resp *ur, uint64_t now)
+{
+    struct worker *w = c->w;
+    int64_t ms = proxy_cool_ms(ur->hdrs, ur->n_hdrs, (int64_t)(time_real_ms() / 1000));
+    if (ms < 0)
+        ms = COOL_DEFAULT_MS;
+    if (ms > COOL_MAX_MS)
+        ms = COOL_MAX_MS;
+    _Atomic uint64_t *cu = &shm_wb(w->shm, (uint32_t)w->slot, b)->cool_until_ns;
+    uint64_t until = now + (uint64_t)ms * 1000000ULL;
+    if (until > atomic_load_explicit(cu, memory_order_relaxed))
+        atomic_store_explicit(cu, until, memory_order_relaxed);
+    log_debug("backend %s: 429, cooling for %lld ms", w->conf->backends[b].name, (long long)ms);
+}
+
+/* Records what the response head says about the backend: 429 cools it, 401/403 count against
+ * its key, a failure status is a failure; anything else is recorded as a success once the
+ * exchange completes. */
+static void client_head_outcome(struct client *c, const struct upstream_resp *ur, uint32_t cond,
+                                uint64_t now)
+{
+    struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    struct tries *t = client_tries(c);
+    uint32_t b = client_backend(c);
+    struct shm_wb *wb = shm_wb(w->shm, (uint32_t)w->slot, b);
+
+    if (ur->status == 429) {
+        client_cool(c, b, ur, now);
+        t->recorded = 1;
+        return;
+    }
+    if (ur->status == 401 || ur->status == 403) {
+        shm_counter_add(&wb->auth_failures, 1);
+        t->recorded = 1;
+        if (!w->auth_log_ns[b] || now - w->auth_log_ns[b] >= AUTH_LOG_NS) {
+            w->auth_log_ns[b] = now;
+            log_warn("backend %s answered %d: its api_key is bad", w->conf->backends[b].name,
+                     ur->status);
+        }
+    }
+    if (retry_is_failure(pool, cond, ur->status)) {
+        shm_wb_record_fail(w->shm, (uint32_t)w->slot, b, now);
+        t->recorded = 1;
+    }
+}
+
 static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *body, size_t n,
                       int complete)
 {
     struct client *c = ctx;
     struct worker *w = c->w;
+    struct tries *t = client_tries(c);
     struct proxy_resp r;
+    uint64_t now = time_mono_ns();
+    uint32_t cond = retry_cond(UPSTREAM_OK, ur->status);
+
+    t->head_ns = now - t->try_ns;
+    client_head_outcome(c, ur, cond, now);
+    if (ur->status >= 400 && client_can_retry(c, cond, ur->status, now)) {
+        /* consumed, not forwarded: the next backend answers instead */
+        log_debug("request %.*s: backend %s answered %d, retrying (try %u)", (int)c->rid_len,
+                  c->rid, w->conf->backends[client_backend(c)].name, ur->status, t->n + 1);
+        t->discard = 1;
+        t->last_err = UPSTREAM_OK;
+        t->last_status = ur->status;
+        client_retry_commit(c, now);
+        return 0;
+    }
 
     c->resp_started = 1;
     c->resp_close = !c->keepalive || ur->until_close || w->draining || c->close_after;
@@ -718,51 +1221,112 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
     r.http10_keepalive = c->http10 && !c->resp_close;
     r.request_id = c->rid;
     r.request_id_len = c->rid_len;
+    r.backend = client_via(c);
+    r.attempts = t->n;
     int hl = proxy_build_response_head(w->scratch, head_cap(w), &r);
     if (hl < 0)
         return -1;
-    return client_write(c, w->scratch, (size_t)hl, body, n);
+    if (n)
+        t->sent = 1;
+    if (!ur->rechunk)
+        return client_write(c, w->scratch, (size_t)hl, body, n);
+    /* SSE: each piece goes out as one chunk of ours */
+    t->sse = 1;
+    t->sse_nl = (uint8_t)proxy_sse_newlines(t->sse_nl, body, n);
+    if (n)
+        hl += (int)proxy_chunk_line(w->scratch + hl, n);
+    const char *tail = n ? (complete ? "\r\n0\r\n\r\n" : "\r\n") : (complete ? "0\r\n\r\n" : "");
+    return client_write3(c, w->scratch, (size_t)hl, body, n, tail, strlen(tail));
 }
 
 static int op_on_body(void *ctx, const char *p, size_t n, int complete)
 {
-    return client_write(ctx, NULL, 0, p, n);
+    struct client *c = ctx;
+    struct tries *t = client_tries(c);
+    if (t->discard)
+        return 0;
+    if (n)
+        t->sent = 1;
+    if (!t->sse)
+        return client_write(c, NULL, 0, p, n);
+    char line[20];
+    size_t ll = n ? proxy_chunk_line(line, n) : 0;
+    const char *tail = n ? (complete ? "\r\n0\r\n\r\n" : "\r\n") : (complete ? "0\r\n\r\n" : "");
+    t->sse_nl = (uint8_t)proxy_sse_newlines(t->sse_nl, p, n);
+    return client_write3(c, line, ll, p, n, tail, strlen(tail));
 }
 
-static void client_gateway_error(struct client *c, enum upstream_err e)
+/* The upstream failed after the response head went out. An SSE stream we frame ourselves gets
+ * an `event: error` and a clean end (never a silently truncated 200); anything else can only
+ * be cut. */
+static void client_stream_failed(struct client *c, enum upstream_err err)
 {
-    switch (e) {
-    case UPSTREAM_ETIMEOUT:
-        client_error(c, 504, "upstream_error", "upstream_timeout", "the upstream timed out", 0, 0);
-        break;
-    case UPSTREAM_ETLS:
-        client_error(c, 502, "upstream_error", "upstream_tls_failed",
-                     "TLS handshake with the upstream failed", 0, 0);
-        break;
-    case UPSTREAM_ECONNECT:
-        client_error(c, 502, "upstream_error", "upstream_connect_failed",
-                     "could not connect to the upstream", 0, 0);
-        break;
-    case UPSTREAM_ERESET:
-        client_error(c, 502, "upstream_error", "upstream_reset",
-                     "the upstream closed the connection", 0, 0);
-        break;
-    default:
-        client_error(c, 502, "upstream_error", "upstream_bad_response",
-                     "invalid response from the upstream", 0, 0);
-        break;
+    struct worker *w = c->w;
+    struct tries *t = client_tries(c);
+    int stalled = err == UPSTREAM_ETIMEOUT;
+
+    log_info("request %.*s: backend %s %s mid-stream", (int)c->rid_len, c->rid,
+             w->conf->backends[client_backend(c)].name, stalled ? "stalled" : "failed");
+    if (!t->sse || c->writing) {
+        client_close(c);
+        return;
     }
+    /* end an event the client got part of, so ours is not glued to it */
+    const char *prefix = t->sse_nl >= 2 ? "" : t->sse_nl == 1 ? "\n" : "\n\n";
+    int n = proxy_build_sse_error(
+        w->scratch, head_cap(w), prefix,
+        stalled ? "upstream stream stalled: no data within stream_idle_timeout"
+                : "upstream connection lost mid-stream",
+        stalled ? "upstream_stream_timeout" : "upstream_stream_interrupted");
+    if (n < 0) {
+        client_close(c);
+        return;
+    }
+    int r = client_write(c, w->scratch, (size_t)n, NULL, 0);
+    if (r < 0)
+        client_close(c);
+    else if (r == 0)
+        client_request_done(c);
 }
 
 static void op_on_end(void *ctx, enum upstream_err err)
 {
     struct client *c = ctx;
-    if (err == UPSTREAM_OK)
-        client_request_done(c);
-    else if (err == UPSTREAM_ECLIENT || c->resp_started)
-        client_close(c); /* bytes already went out: all that is left is to cut it */
-    else
-        client_gateway_error(c, err);
+    struct worker *w = c->w;
+    struct tries *t = client_tries(c);
+    uint64_t now = time_mono_ns();
+    uint32_t b = client_backend(c);
+
+    if (t->discard) {
+        /* the consumed answer is drained (or broke: the retry was decided anyway) */
+        client_try_end(c);
+        client_retry_wait(c);
+        return;
+    }
+    if (err == UPSTREAM_OK || (err == UPSTREAM_ECLIENT && c->resp_started)) {
+        /* a client that leaves mid-answer says nothing against the backend */
+        if (!t->recorded)
+            shm_wb_record_ok(w->shm, (uint32_t)w->slot, b, now, t->head_ns);
+        client_try_end(c);
+        if (err == UPSTREAM_OK)
+            client_request_done(c);
+        else
+            client_close(c);
+        return;
+    }
+    if (err == UPSTREAM_ECLIENT) {
+        client_try_end(c);
+        client_close(c);
+        return;
+    }
+    if (c->resp_started) {
+        if (!t->recorded)
+            shm_wb_record_fail(w->shm, (uint32_t)w->slot, b, now);
+        client_try_end(c);
+        client_stream_failed(c, err);
+        return;
+    }
+    client_try_failed(c, err);
 }
 
 static const struct upstream_ops client_ops = {
@@ -772,29 +1336,6 @@ static const struct upstream_ops client_ops = {
     .on_end = op_on_end,
 };
 
-/* Picks a backend of the listener's pool from the shared view; -1 when none is eligible. */
-static int client_pick(struct client *c)
-{
-    struct worker *w = c->w;
-    const struct conf_pool *pool = &w->conf->pools[c->ln->pool];
-    uint32_t nw = shm_n_workers(w->shm);
-
-    for (int i = 0; i < pool->n_backends; i++) {
-        uint32_t b = (uint32_t)(pool->first_backend + i);
-        struct balancer_cand *k = &w->cands[i];
-        int64_t active = 0;
-        for (uint32_t x = 0; x < nw; x++)
-            active += atomic_load_explicit(&shm_wb(w->shm, x, b)->active, memory_order_relaxed);
-        k->eligible = (uint8_t)shm_backend_eligible(w->shm, b);
-        k->weight =
-            (int)atomic_load_explicit(&shm_backend(w->shm, b)->weight_eff, memory_order_relaxed);
-        k->active = (int32_t)active;
-        k->tried = 0;
-    }
-    int i = balancer_pick(&w->bal[c->ln->pool], w->cands, (uint32_t)pool->n_backends);
-    return i < 0 ? -1 : pool->first_backend + i;
-}
-
 static int is_chat_completions(const struct client *c)
 {
     static const char path[] = "/v1/chat/completions";
@@ -802,12 +1343,15 @@ static int is_chat_completions(const struct client *c)
     return c->url_len >= n && memcmp(c->url, path, n) == 0 && (c->url_len == n || c->url[n] == '?');
 }
 
-/* Parses the JSON body for "model" and "stream"; -1 when it is not a JSON object. */
+/* Parses the JSON body for "model", "stream" and the pool's json:FIELD hash key; -1 when it is
+ * not a JSON object. */
 static int client_parse_body(struct client *c)
 {
     struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    const char *field = pool->hash_src == HASH_JSON ? pool->hash_name : NULL;
     for (;;) {
-        int r = proxy_parse_body(c->body, c->body_len, w->tokens, w->n_tokens, &c->info);
+        int r = proxy_parse_body_key(c->body, c->body_len, w->tokens, w->n_tokens, field, &c->info);
         if (r != -ENOMEM)
             return r == 0 ? 0 : -1;
         unsigned n = w->n_tokens ? w->n_tokens * 2 : 256;
@@ -834,28 +1378,34 @@ static void client_dispatch(struct client *c)
     c->info.model = NULL;
     c->info.model_len = 0;
     c->info.stream = 0;
+    c->info.key = NULL;
+    c->info.key_len = 0;
     int json_ok = c->body_len ? client_parse_body(c) == 0 : 0;
     if (!json_ok && c->parser.method == HTTP_POST && is_chat_completions(c)) {
         client_error(c, 400, "invalid_request_error", "invalid_json",
                      "the request body is not a JSON object", 0, 0);
         return;
     }
-    int b = client_pick(c);
-    if (b < 0) {
-        client_error(c, 503, "upstream_error", "no_backend_available", "no backend is available", 0,
-                     1);
-        return;
+
+    const struct conf_pool *pool = client_pool(c);
+    struct tries *t = client_tries(c);
+    memset(t, 0, sizeof(*t));
+    t->trial = -1;
+    if (pool->request_timeout_ms)
+        t->deadline = uv_now(&w->loop) + pool->request_timeout_ms;
+    if (pool->hash_src == HASH_HEADER) {
+        const struct proxy_hdr *h = find_hdr(c, pool->hash_name);
+        if (h && h->value_len) {
+            t->key = balancer_hash(h->value, h->value_len);
+            t->has_key = 1;
+        }
+    } else if (pool->hash_src == HASH_JSON && c->info.key) {
+        t->key = balancer_hash(c->info.key, c->info.key_len);
+        t->has_key = 1;
     }
-    c->rq.ops = &client_ops;
-    c->rq.ctx = c;
-    c->rq.body = c->body;
-    c->rq.body_len = c->body_len;
-    c->rq.head_only = c->head_method;
-    c->rq.dechunk = c->http10;
-    c->rq.backend = b;
-    int r = upstream_start(&w->up, &c->rq);
-    if (r < 0)
-        client_gateway_error(c, (enum upstream_err) - r);
+    c->tries_on = 1;
+    retry_budget_request(&w->budgets[c->ln->pool], time_mono_ns());
+    client_try(c);
 }
 
 /* The response went out: next pipelined request, or idle, or close. */
@@ -863,6 +1413,7 @@ static void client_request_done(struct client *c)
 {
     struct worker *w = c->w;
 
+    c->tries_on = 0;
     shm_counter_add(&shm_worker(w->shm, (uint32_t)w->slot)->requests, 1);
     client_free_body(c);
     c->fresh = 0;
@@ -1053,7 +1604,12 @@ static void worker_check_exit(struct worker *w)
     if (!uv_is_closing((uv_handle_t *)&w->sigterm)) {
         uv_close((uv_handle_t *)&w->sigterm, on_handle_closed_noop);
         uv_close((uv_handle_t *)&w->sigint, on_handle_closed_noop);
+        /* libuv put the default action back: a Ctrl-C reaches a worker twice (terminal and
+         * master), and the second must not kill it in the middle of its exit */
+        signal(SIGTERM, SIG_IGN);
+        signal(SIGINT, SIG_IGN);
         uv_close((uv_handle_t *)&w->hard_stop, on_handle_closed_noop);
+        uv_close((uv_handle_t *)&w->retry_q.timer, on_handle_closed_noop);
         for (int i = 0; i < w->n_tqs; i++)
             uv_close((uv_handle_t *)&w->tqs[i].timer, on_handle_closed_noop);
     }
@@ -1115,6 +1671,32 @@ static void settings_init(void)
     req_settings.on_message_complete = on_req_done;
 }
 
+/* Seeds a pool's balancer for this worker and moves it `slot` picks ahead over the configured
+ * backends, so that with light traffic the workers do not all start on the same backend. */
+static void balancer_start(struct balancer *bal, const struct conf *conf, int pool, int slot,
+                           uint64_t seed)
+{
+    const struct conf_pool *p = &conf->pools[pool];
+    struct balancer_cand cands[64];
+    uint32_t n = p->n_backends < 64 ? (uint32_t)p->n_backends : 64;
+
+    balancer_seed(bal, (seed ^ ((uint64_t)getpid() << 32) ^
+                        ((uint64_t)slot * 0x9e3779b97f4a7c15ULL) ^ (uint64_t)pool) |
+                           1);
+    if ((uint32_t)p->n_backends != n)
+        return;
+    memset(cands, 0, sizeof(cands));
+    for (uint32_t i = 0; i < n; i++) {
+        const struct conf_backend *cb = &conf->backends[p->first_backend + (int)i];
+        cands[i].weight = cb->weight;
+        cands[i].eligible = 1;
+        cands[i].backup = (uint8_t)(cb->backup != 0);
+        cands[i].id = cb->name_hash;
+    }
+    for (int k = 0; k < slot; k++)
+        balancer_pick(bal, cands, n);
+}
+
 static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, int slot,
                         const int *listen_fds)
 {
@@ -1128,6 +1710,9 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     uv_signal_init(&w->loop, &w->sigterm);
     uv_signal_init(&w->loop, &w->sigint);
     uv_timer_init(&w->loop, &w->hard_stop);
+    uv_timer_init(&w->loop, &w->retry_q.timer);
+    w->retry_q.timer.data = &w->retry_q;
+    w->retry_q.w = w;
     w->sigterm.data = w->sigint.data = w->hard_stop.data = w;
     uv_signal_start(&w->sigterm, on_signal, SIGTERM);
     uv_signal_start(&w->sigint, on_signal, SIGINT);
@@ -1158,7 +1743,9 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     }
     w->data_size = data;
     w->max_hdrs = max_hdrs;
-    bufpool_init(&w->bufs, data + max_hdrs * sizeof(struct proxy_hdr) + 64, MAX_FREE_BUFS);
+    /* a buffer: data, header spans, a generated request id, then a request's struct tries */
+    w->tries_off = (data + max_hdrs * sizeof(struct proxy_hdr) + 32 + 15) & ~(size_t)15;
+    bufpool_init(&w->bufs, w->tries_off + sizeof(struct tries), MAX_FREE_BUFS);
     if (!(w->scratch = malloc(w->bufs.size)))
         return -ENOMEM;
     if (getrandom(&w->rid_seed1, sizeof(w->rid_seed1), 0) != sizeof(w->rid_seed1) ||
@@ -1182,8 +1769,14 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
             return r;
     }
     w->cands = calloc((size_t)max_pool, sizeof(*w->cands));
-    if (!w->cands)
+    w->cand_limit = calloc((size_t)max_pool, sizeof(*w->cand_limit));
+    w->budgets = calloc((size_t)(conf->n_pools ? conf->n_pools : 1), sizeof(*w->budgets));
+    w->auth_log_ns =
+        calloc((size_t)(conf->n_backends ? conf->n_backends : 1), sizeof(*w->auth_log_ns));
+    if (!w->cands || !w->cand_limit || !w->budgets || !w->auth_log_ns)
         return -ENOMEM;
+    for (int i = 0; i < conf->n_pools; i++)
+        balancer_start(&w->bal[i], conf, i, slot, w->rid_seed1);
 
     w->listeners = calloc((size_t)(conf->n_listens ? conf->n_listens : 1), sizeof(*w->listeners));
     if (!w->listeners)
@@ -1211,6 +1804,9 @@ static void worker_teardown(struct worker *w)
             balancer_free(&w->bal[i]);
     free(w->bal);
     free(w->cands);
+    free(w->cand_limit);
+    free(w->budgets);
+    free(w->auth_log_ns);
     free(w->listeners);
     free(w->tqs);
     upstream_free(&w->up);

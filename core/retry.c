@@ -1,0 +1,98 @@
+/* Retry policy: outcome conditions, failure and retry decisions, back-off, retry budget. Pure
+ * functions; the worker brings the clock and the random numbers. */
+#include "core/retry.h"
+
+uint32_t retry_cond(enum upstream_err err, int status)
+{
+    switch (err) {
+    case UPSTREAM_OK:
+        break;
+    case UPSTREAM_ECONNECT:
+        return COND_CONNECT;
+    case UPSTREAM_ETLS:
+        return COND_TLS;
+    case UPSTREAM_ETIMEOUT:
+        return COND_TIMEOUT;
+    case UPSTREAM_ERESET:
+    case UPSTREAM_EPROTO: /* a garbled answer is the backend's fault like a cut one */
+        return COND_RESET;
+    case UPSTREAM_ECLIENT:
+    case UPSTREAM_ENOMEM:
+        return 0; /* not the backend's doing */
+    }
+    if (status == 429)
+        return COND_429;
+    if (status >= 500 && status <= 599)
+        return COND_5XX;
+    return 0;
+}
+
+static int status_listed(const int *st, int n, int status)
+{
+    for (int i = 0; i < n; i++)
+        if (st[i] == status)
+            return 1;
+    return 0;
+}
+
+int retry_is_failure(const struct conf_pool *p, uint32_t cond, int status)
+{
+    if (cond & COND_429)
+        return 0;
+    return (cond & p->fail_on) != 0 ||
+           (status > 0 && status_listed(p->fail_on_status, p->n_fail_on_status, status));
+}
+
+int retry_is_retryable(const struct conf_pool *p, uint32_t cond, int status)
+{
+    return (cond & p->retry_on) != 0 ||
+           (status > 0 && status_listed(p->retry_on_status, p->n_retry_on_status, status));
+}
+
+uint64_t retry_backoff_ms(const struct conf_pool *p, uint32_t n, uint64_t rnd)
+{
+    uint64_t cap = p->retry_backoff_base_ms;
+    for (uint32_t i = 1; i < n && cap < p->retry_backoff_max_ms; i++)
+        cap = cap * p->retry_backoff_mult_x100 / 100;
+    if (cap > p->retry_backoff_max_ms)
+        cap = p->retry_backoff_max_ms;
+    return cap ? rnd % (cap + 1) : 0;
+}
+
+static unsigned bucket(struct retry_budget *b, uint64_t now_ns)
+{
+    uint64_t s = now_ns / 1000000000ULL + 1;
+    unsigned i = (unsigned)(s % RETRY_BUDGET_SECS);
+    if (b->sec[i] != s) {
+        b->sec[i] = s;
+        b->requests[i] = 0;
+        b->retries[i] = 0;
+    }
+    return i;
+}
+
+void retry_budget_request(struct retry_budget *b, uint64_t now_ns)
+{
+    b->requests[bucket(b, now_ns)]++;
+}
+
+void retry_budget_retry(struct retry_budget *b, uint64_t now_ns)
+{
+    b->retries[bucket(b, now_ns)]++;
+}
+
+int retry_budget_allow(const struct retry_budget *b, uint64_t now_ns, uint32_t pct,
+                       uint32_t min_per_s)
+{
+    uint64_t s = now_ns / 1000000000ULL + 1, req = 0, ret = 0;
+    for (unsigned i = 0; i < RETRY_BUDGET_SECS; i++) {
+        if (b->sec[i] == 0 || b->sec[i] > s || b->sec[i] + RETRY_BUDGET_SECS <= s)
+            continue;
+        req += b->requests[i];
+        ret += b->retries[i];
+    }
+    uint64_t allowed = req * pct / 100;
+    if (allowed < (uint64_t)min_per_s * RETRY_BUDGET_SECS)
+        allowed = (uint64_t)min_per_s * RETRY_BUDGET_SECS;
+    return ret < allowed;
+}

@@ -1,0 +1,43 @@
+/* Retry policy as pure functions of their inputs and `now`: the conditions an outcome carries,
+ * whether it counts as a backend failure or may be retried, back-off delays with full jitter,
+ * and the retry budget (retries as a share of requests over the last 10 s). */
+#ifndef AIGW_CORE_RETRY_H
+#define AIGW_CORE_RETRY_H
+
+#include <stdint.h>
+
+#include "core/conf.h"
+#include "core/upstream.h"
+
+#define RETRY_BUDGET_SECS 10
+
+/* The enum conf_cond bits of one try's outcome: err (UPSTREAM_OK when an answer came) and the
+ * answer's status. 0 for an answer that is neither 5xx nor 429. */
+uint32_t retry_cond(enum upstream_err err, int status);
+
+/* Does the outcome count as a backend failure (pool fail_on, fail_on_status)? A 429 never
+ * does. */
+int retry_is_failure(const struct conf_pool *p, uint32_t cond, int status);
+
+/* May the outcome be retried on another backend (pool retry_on, retry_on_status)? */
+int retry_is_retryable(const struct conf_pool *p, uint32_t cond, int status);
+
+/* Delay before retry number n (1 = the first retry): full jitter, uniform in
+ * [0, min(max, base x mult^(n-1))] picked by rnd (any uniform 64-bit number). Milliseconds. */
+uint64_t retry_backoff_ms(const struct conf_pool *p, uint32_t n, uint64_t rnd);
+
+/* Requests and retries of one worker over the last RETRY_BUDGET_SECS, in 1 s buckets. */
+struct retry_budget {
+    uint64_t sec[RETRY_BUDGET_SECS]; /* which second (+1) each bucket counts; 0 = unused */
+    uint32_t requests[RETRY_BUDGET_SECS];
+    uint32_t retries[RETRY_BUDGET_SECS];
+};
+
+void retry_budget_request(struct retry_budget *b, uint64_t now_ns);
+void retry_budget_retry(struct retry_budget *b, uint64_t now_ns);
+/* A retry is allowed while the retries of the window stay below
+ * max(min_per_s x RETRY_BUDGET_SECS, pct % of the window's requests). */
+int retry_budget_allow(const struct retry_budget *b, uint64_t now_ns, uint32_t pct,
+                       uint32_t min_per_s);
+
+#endif
