@@ -1,5 +1,6 @@
-/* Unit tests for core/proxy.c: exact bytes of upstream request heads, client response heads and
- * gateway errors; hop-by-hop rules; request ids; JSON body fields. */
+/* Unit tests for core/proxy.c and core/retry.c: exact bytes of upstream request heads, client
+ * response heads, gateway errors and SSE error ends; hop-by-hop rules; request ids; JSON body
+ * fields; 429 cool-down headers; retry conditions, back-off and budget. */
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -11,6 +12,7 @@
 #include <cmocka.h>
 
 #include "core/proxy.h"
+#include "core/retry.h"
 
 #define H(n, v)                                                                                    \
     {                                                                                              \
@@ -339,6 +341,299 @@ static void test_parse_body(void **state)
     assert_int_equal(info.model_len, 1);
 }
 
+static void test_response_head_via(void **state)
+{
+    struct proxy_hdr h[] = {
+        H("Content-Type", "application/json"),
+        H("x-aigw-backend", "inner"),
+        H("X-AIGW-Attempts", "3"),
+    };
+    struct proxy_resp r = {
+        .status = 200,
+        .reason = "OK",
+        .reason_len = 2,
+        .hdrs = h,
+        .n_hdrs = 3,
+        .request_id = "rid",
+        .request_id_len = 3,
+        .backend = "b2",
+        .attempts = 2,
+    };
+    char buf[1024];
+    int n = proxy_build_response_head(buf, sizeof(buf), &r);
+    /* ours replace the upstream's */
+    assert_bytes(buf, n,
+                 "HTTP/1.1 200 OK\r\n"
+                 "Content-Type: application/json\r\n"
+                 "x-aigw-backend: b2\r\n"
+                 "x-aigw-attempts: 2\r\n"
+                 "X-Request-Id: rid\r\n"
+                 "\r\n");
+    /* hidden (expose_headers = no): the upstream's pass as they are */
+    r.backend = NULL;
+    n = proxy_build_response_head(buf, sizeof(buf), &r);
+    assert_bytes(buf, n,
+                 "HTTP/1.1 200 OK\r\n"
+                 "Content-Type: application/json\r\n"
+                 "x-aigw-backend: inner\r\n"
+                 "X-AIGW-Attempts: 3\r\n"
+                 "X-Request-Id: rid\r\n"
+                 "\r\n");
+}
+
+static void test_build_error_via(void **state)
+{
+    char buf[1024], want[1024];
+    int n = proxy_build_error_via(buf, sizeof(buf), 429, "requests", "rate_limit_exceeded", "slow",
+                                  0, 7, "r", 1, "a", 2);
+    const char *body = "{\"error\":{\"message\":\"slow\",\"type\":\"requests\",\"code\":\"rate_"
+                       "limit_exceeded\"}}\n";
+    snprintf(want, sizeof(want),
+             "HTTP/1.1 429 Too Many Requests\r\n"
+             "Content-Type: application/json\r\n"
+             "Content-Length: %zu\r\n"
+             "Retry-After: 7\r\n"
+             "x-aigw-backend: a\r\n"
+             "x-aigw-attempts: 2\r\n"
+             "X-Request-Id: r\r\n"
+             "Connection: keep-alive\r\n"
+             "\r\n%s",
+             strlen(body), body);
+    assert_bytes(buf, n, want);
+}
+
+static void test_sse_error(void **state)
+{
+    char buf[1024], line[20];
+    assert_int_equal(proxy_chunk_line(line, 0), 3);
+    assert_memory_equal(line, "0\r\n", 3);
+    assert_int_equal(proxy_chunk_line(line, 0x1a2f), 6);
+    assert_memory_equal(line, "1a2f\r\n", 6);
+
+    int n = proxy_build_sse_error(buf, sizeof(buf), "\n", "upstream lost \"x\"",
+                                  "upstream_stream_interrupted");
+    const char *ev = "\nevent: error\ndata: {\"error\":{\"message\":\"upstream lost \\\"x\\\"\","
+                     "\"type\":\"upstream_error\",\"code\":\"upstream_stream_interrupted\"}}\n\n";
+    char want[1024];
+    snprintf(want, sizeof(want), "%zx\r\n%s\r\n0\r\n\r\n", strlen(ev), ev);
+    assert_bytes(buf, n, want);
+    assert_int_equal(proxy_build_sse_error(buf, 30, "", "m", "c"), -ENOSPC);
+
+    /* newlines at the end of a stream: two end an event, '\r' does not count */
+    assert_int_equal(proxy_sse_newlines(2, "data: x", 7), 0);
+    assert_int_equal(proxy_sse_newlines(0, "data: x\n", 8), 1);
+    assert_int_equal(proxy_sse_newlines(0, "data: x\r\n\r\n", 11), 2);
+    assert_int_equal(proxy_sse_newlines(1, "\n", 1), 2);
+    assert_int_equal(proxy_sse_newlines(1, "", 0), 1);
+    assert_int_equal(proxy_sse_newlines(0, "\r", 1), 0);
+    assert_int_equal(proxy_sse_newlines(2, "\n\n\n", 3), 2);
+}
+
+static void test_retry_after(void **state)
+{
+    /* Sun, 06 Nov 1994 08:49:37 GMT = 784111777 */
+    const int64_t t = 784111777;
+    assert_int_equal(proxy_retry_after_ms("7", 1, t), 7000);
+    assert_int_equal(proxy_retry_after_ms(" 0 ", 3, t), 0);
+    assert_int_equal(proxy_retry_after_ms("120", 3, t), 120000);
+    const char *d = "Sun, 06 Nov 1994 08:49:47 GMT";
+    assert_int_equal(proxy_retry_after_ms(d, strlen(d), t), 10000);
+    d = "Sunday, 06-Nov-94 08:50:37 GMT";
+    assert_int_equal(proxy_retry_after_ms(d, strlen(d), t), 60000);
+    d = "Sun Nov  6 08:49:40 1994";
+    assert_int_equal(proxy_retry_after_ms(d, strlen(d), t), 3000);
+    /* a date in the past: now */
+    d = "Sun, 06 Nov 1994 08:49:00 GMT";
+    assert_int_equal(proxy_retry_after_ms(d, strlen(d), t), 0);
+    /* across a month and a leap day: Thu, 01 Mar 2024 00:00:00 GMT = 1709251200 */
+    d = "Fri, 01 Mar 2024 00:00:05 GMT";
+    assert_int_equal(proxy_retry_after_ms(d, strlen(d), 1709251200), 5000);
+    static const char *bad[] = {"",
+                                "-1",
+                                "1.5",
+                                "soon",
+                                "Sun, 06 Nov 1994 08:49:47 CET",
+                                "Sun, 06 Foo 1994 08:49:47 GMT",
+                                "Sun, 06 Nov 1994 08:49 GMT",
+                                "Sun, 06 Nov 1994 08:49:47 GMT extra"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        assert_int_equal(proxy_retry_after_ms(bad[i], strlen(bad[i]), t), -1);
+}
+
+static void test_duration(void **state)
+{
+    static const struct {
+        const char *s;
+        int64_t ms;
+    } ok[] = {
+        {"1s", 1000},     {"6m0s", 360000}, {"20ms", 20}, {"1.5s", 1500}, {"1h2m3.5s", 3723500},
+        {"0.25", 250},    {"500us", 1},     {"2", 2000},  {"0s", 0},      {" 3s ", 3000},
+        {"1m30s", 90000}, {"17.3ms", 18},   {"100ns", 1},
+    };
+    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++)
+        assert_int_equal(proxy_duration_ms(ok[i].s, strlen(ok[i].s)), ok[i].ms);
+    static const char *bad[] = {"", "s", "1x", "1s2", "1.s.", "-1s", ".s", "1 s"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        assert_int_equal(proxy_duration_ms(bad[i], strlen(bad[i])), -1);
+}
+
+static void test_cool_ms(void **state)
+{
+    struct proxy_hdr none[] = {H("Content-Type", "application/json")};
+    assert_int_equal(proxy_cool_ms(none, 1, 0), -1);
+    /* the larger of the two resets */
+    struct proxy_hdr resets[] = {
+        H("x-ratelimit-reset-requests", "20ms"),
+        H("x-ratelimit-reset-tokens", "6m0s"),
+    };
+    assert_int_equal(proxy_cool_ms(resets, 2, 0), 360000);
+    /* Retry-After wins over the resets, retry-after-ms over both */
+    struct proxy_hdr both[] = {
+        H("x-ratelimit-reset-tokens", "6m0s"),
+        H("Retry-After", "7"),
+        H("retry-after-ms", "1500"),
+    };
+    assert_int_equal(proxy_cool_ms(both, 2, 0), 7000);
+    assert_int_equal(proxy_cool_ms(both, 3, 0), 1500);
+    /* an unreadable Retry-After falls back to the resets */
+    struct proxy_hdr badra[] = {
+        H("Retry-After", "later"),
+        H("x-ratelimit-reset-requests", "1.5s"),
+    };
+    assert_int_equal(proxy_cool_ms(badra, 2, 0), 1500);
+}
+
+static void test_parse_body_key(void **state)
+{
+    char tok[64 * 32];
+    unsigned ntok = sizeof(tok) / proxy_token_size();
+    struct proxy_body_info info;
+
+    const char *b = "{\"messages\":[{\"prompt_cache_key\":\"inner\"}],\"model\":\"m\","
+                    "\"prompt_cache_key\":\"conv-42\",\"user\":7}";
+    assert_int_equal(proxy_parse_body_key(b, strlen(b), tok, ntok, "prompt_cache_key", &info), 0);
+    assert_int_equal(info.key_len, 7);
+    assert_memory_equal(info.key, "conv-42", 7);
+    assert_int_equal(info.model_len, 1);
+    /* only strings count; absent field, no field asked */
+    assert_int_equal(proxy_parse_body_key(b, strlen(b), tok, ntok, "user", &info), 0);
+    assert_null(info.key);
+    assert_int_equal(proxy_parse_body_key(b, strlen(b), tok, ntok, "nope", &info), 0);
+    assert_null(info.key);
+    assert_int_equal(proxy_parse_body(b, strlen(b), tok, ntok, &info), 0);
+    assert_null(info.key);
+}
+
+static void pool_init(struct conf_pool *p)
+{
+    memset(p, 0, sizeof(*p));
+    p->fail_on = COND_CONNECT | COND_TLS | COND_TIMEOUT | COND_RESET | COND_5XX;
+    p->retry_on = COND_CONNECT | COND_TIMEOUT | COND_RESET | COND_5XX | COND_429;
+    p->retry_backoff_base_ms = 25;
+    p->retry_backoff_max_ms = 1000;
+    p->retry_backoff_mult_x100 = 200;
+}
+
+static void test_retry_conditions(void **state)
+{
+    struct conf_pool p;
+    pool_init(&p);
+    assert_int_equal(retry_cond(UPSTREAM_ECONNECT, 0), COND_CONNECT);
+    assert_int_equal(retry_cond(UPSTREAM_ETLS, 0), COND_TLS);
+    assert_int_equal(retry_cond(UPSTREAM_ETIMEOUT, 0), COND_TIMEOUT);
+    assert_int_equal(retry_cond(UPSTREAM_ERESET, 0), COND_RESET);
+    assert_int_equal(retry_cond(UPSTREAM_EPROTO, 0), COND_RESET);
+    assert_int_equal(retry_cond(UPSTREAM_ECLIENT, 0), 0);
+    assert_int_equal(retry_cond(UPSTREAM_OK, 503), COND_5XX);
+    assert_int_equal(retry_cond(UPSTREAM_OK, 429), COND_429);
+    assert_int_equal(retry_cond(UPSTREAM_OK, 404), 0);
+    assert_int_equal(retry_cond(UPSTREAM_OK, 200), 0);
+
+    /* failures: default set; a client's 4xx and a 429 are not */
+    assert_true(retry_is_failure(&p, COND_5XX, 500));
+    assert_true(retry_is_failure(&p, COND_TIMEOUT, 0));
+    assert_false(retry_is_failure(&p, 0, 404));
+    assert_false(retry_is_failure(&p, COND_429, 429));
+    p.fail_on = COND_CONNECT;
+    assert_false(retry_is_failure(&p, COND_5XX, 502));
+    p.fail_on_status[p.n_fail_on_status++] = 502;
+    assert_true(retry_is_failure(&p, COND_5XX, 502));
+    assert_true(retry_is_failure(&p, 0, 502));
+    assert_false(retry_is_failure(&p, COND_5XX, 503));
+
+    /* retryable: retry_on bits and statuses */
+    assert_true(retry_is_retryable(&p, COND_429, 429));
+    assert_true(retry_is_retryable(&p, COND_CONNECT, 0));
+    assert_false(retry_is_retryable(&p, COND_TLS, 0));
+    assert_false(retry_is_retryable(&p, 0, 404));
+    p.retry_on = COND_CONNECT;
+    assert_false(retry_is_retryable(&p, COND_5XX, 503));
+    p.retry_on_status[p.n_retry_on_status++] = 503;
+    assert_true(retry_is_retryable(&p, COND_5XX, 503));
+    assert_false(retry_is_retryable(&p, COND_5XX, 500));
+}
+
+static void test_retry_backoff(void **state)
+{
+    struct conf_pool p;
+    pool_init(&p);
+    /* cap = min(max, base x mult^(n-1)): 25, 50, 100, ... 800, 1000, 1000; rnd picks in [0, cap] */
+    static const uint64_t caps[] = {25, 50, 100, 200, 400, 800, 1000, 1000};
+    for (uint32_t n = 1; n <= 8; n++) {
+        uint64_t cap = caps[n - 1];
+        assert_int_equal(retry_backoff_ms(&p, n, cap), cap);
+        assert_int_equal(retry_backoff_ms(&p, n, cap + 1), 0);
+        assert_int_equal(retry_backoff_ms(&p, n, 2 * cap + 1), cap);
+        assert_int_equal(retry_backoff_ms(&p, n, 7), 7 % (cap + 1));
+    }
+    /* x1.5 */
+    p.retry_backoff_mult_x100 = 150;
+    p.retry_backoff_base_ms = 100;
+    assert_int_equal(retry_backoff_ms(&p, 3, 225), 225);
+    assert_int_equal(retry_backoff_ms(&p, 3, 226), 0);
+    /* 0..0: immediate */
+    p.retry_backoff_base_ms = p.retry_backoff_max_ms = 0;
+    assert_int_equal(retry_backoff_ms(&p, 1, 12345), 0);
+    assert_int_equal(retry_backoff_ms(&p, 4, 12345), 0);
+}
+
+static void test_retry_budget(void **state)
+{
+    struct retry_budget b;
+    const uint64_t S = 1000000000ULL, t0 = 1000 * S;
+    memset(&b, 0, sizeof(b));
+
+    /* min 1/s over 10 s: 10 retries allowed with no requests at all */
+    for (int i = 0; i < 10; i++) {
+        assert_true(retry_budget_allow(&b, t0, 20, 1));
+        retry_budget_retry(&b, t0);
+    }
+    assert_false(retry_budget_allow(&b, t0, 20, 1));
+    /* 20 % of 100 requests = 20 > 10 */
+    for (int i = 0; i < 100; i++)
+        retry_budget_request(&b, t0 + S / 2);
+    for (int i = 0; i < 10; i++) {
+        assert_true(retry_budget_allow(&b, t0 + S / 2, 20, 1));
+        retry_budget_retry(&b, t0 + S / 2);
+    }
+    assert_false(retry_budget_allow(&b, t0 + S / 2, 20, 1));
+    /* 9 s later all of it still counts; after 10 s the window has moved past it */
+    assert_false(retry_budget_allow(&b, t0 + 9 * S, 20, 1));
+    assert_true(retry_budget_allow(&b, t0 + 10 * S, 20, 1));
+    /* budget 0 with min 0: never */
+    memset(&b, 0, sizeof(b));
+    for (int i = 0; i < 50; i++)
+        retry_budget_request(&b, t0);
+    assert_false(retry_budget_allow(&b, t0, 0, 0));
+    /* a reused bucket forgets the second it counted before */
+    memset(&b, 0, sizeof(b));
+    for (int i = 0; i < 10; i++)
+        retry_budget_retry(&b, t0);
+    assert_false(retry_budget_allow(&b, t0, 0, 1));
+    retry_budget_request(&b, t0 + 10 * S); /* same bucket, ten seconds on */
+    assert_true(retry_budget_allow(&b, t0 + 10 * S, 0, 1));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -350,6 +645,16 @@ int main(void)
         cmocka_unit_test(test_build_error),
         cmocka_unit_test(test_request_id),
         cmocka_unit_test(test_parse_body),
+        cmocka_unit_test(test_response_head_via),
+        cmocka_unit_test(test_build_error_via),
+        cmocka_unit_test(test_sse_error),
+        cmocka_unit_test(test_retry_after),
+        cmocka_unit_test(test_duration),
+        cmocka_unit_test(test_cool_ms),
+        cmocka_unit_test(test_parse_body_key),
+        cmocka_unit_test(test_retry_conditions),
+        cmocka_unit_test(test_retry_backoff),
+        cmocka_unit_test(test_retry_budget),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
