@@ -30,7 +30,7 @@
 #define COOL_DEFAULT_MS 1000  /* a 429 that says nothing about when to come back */
 #define COOL_MAX_MS     3600000        /* a longer Retry-After is taken as this */
 #define AUTH_LOG_NS     10000000000ULL /* one "api_key is bad" warning per backend per 10 s */
-#define TAIL_TAIL_MAX   16 /* room kept behind a head for the bytes after a body piece */
+#define WTAIL_MAX       16 /* room kept behind a head for the bytes after a body piece */
 
 enum cstate {
     CS_IDLE = 0, /* between requests: no buffer unless pipelined bytes wait */
@@ -347,7 +347,7 @@ static void client_linger(struct client *c)
  * with a chunk-size line after it and the few bytes that may follow a body piece. */
 static size_t head_cap(const struct worker *w)
 {
-    return w->bufs.size - WHEAD_OFF - 20 - TAIL_TAIL_MAX;
+    return w->bufs.size - WHEAD_OFF - 20 - WTAIL_MAX;
 }
 
 static void on_written(uv_write_t *req, int status)
@@ -368,7 +368,7 @@ static void on_written(uv_write_t *req, int status)
         client_request_done(c); /* a response aigw made itself */
 }
 
-/* Writes head and tail (copied if they must wait; tail at most TAIL_TAIL_MAX bytes) around
+/* Writes head and tail (copied if they must wait; tail at most WTAIL_MAX bytes) around
  * data (kept by the caller until the write ends), in one system call where the socket takes
  * it. 0 = all written, 1 = pending (on_written follows), -1 = the client is gone. */
 static int client_write3(struct client *c, const char *head, size_t hl, const char *data, size_t dl,
