@@ -917,10 +917,15 @@ static int client_pick(struct client *c, uint64_t now, uint64_t *cool_min)
 static int client_has_candidate(struct client *c, uint64_t now)
 {
     uint64_t cool;
+    struct worker *w = c->w;
     uint32_t n = client_cands(c, now, &cool);
-    for (uint32_t i = 0; i < n; i++)
-        if (balancer_usable(&c->w->cands[i], c->w->cands[i].backup))
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t b = (uint32_t)(client_pool(c)->first_backend + (int)i);
+        /* one that admits trials only counts while a trial slot is free */
+        if (balancer_usable(&w->cands[i], w->cands[i].backup) &&
+            (!w->cand_limit[i] || shm_trials_in_flight(w->shm, b) < w->cand_limit[i]))
             return 1;
+    }
     return 0;
 }
 
