@@ -3,6 +3,7 @@ HTTPS upstreams with a good and a wrong CA, all backends down, first-byte timeou
 errors passed through, retries before anything was sent."""
 
 import os
+import json
 import time
 
 from harness import assert_openai_error, build_request, chat, chat_body, check
@@ -166,8 +167,9 @@ def test_retry_before_first_byte(env):
 
 
 def test_upstream_reset_mid_stream(env):
-    """The upstream dies after part of a stream: the client must not get a complete-looking
-    response (no terminating chunk, no [DONE])."""
+    """The upstream dies after part of an SSE stream: the client must never get a silently
+    truncated 200. The gateway ends the stream with an `event: error` carrying an OpenAI-shaped
+    error and a clean end of the chunked body, and no [DONE]."""
     a = env.mock("a", "--chunks", 8, "--chunk-interval", "20ms")
     gw = env.gateway([a], workers=1, pool={"check": "no"})
     c = env.conn(gw.port, timeout=5)
@@ -182,14 +184,24 @@ def test_upstream_reset_mid_stream(env):
     t0 = time.monotonic()
     try:
         c.read_body(r)
-    except AssertionError:
-        return  # connection closed inside the body: what the client must see
+    except AssertionError as e:
+        check(False, f"upstream reset 300 bytes into an SSE stream: the client's response was "
+                     f"cut off ({e}) instead of ending with an error event")
     except TimeoutError:
         check(False, f"upstream reset 300 bytes into a stream: the client got the 200 head, "
                      f"then {sum(map(len, r.parts))} body bytes and no close for "
                      f"{time.monotonic() - t0:.1f}s (stream_idle_timeout is 10s)")
-    check(False, f"upstream reset after 300 body bytes, yet the client got a well-terminated "
-                 f"{r.status} response of {len(r.body)} bytes: ...{r.body[-120:]!r}")
+    body = r.body.decode("utf-8", "replace")
+    check("data: [DONE]" not in body, f"a cut stream must not end with [DONE]: ...{body[-200:]!r}")
+    idx = body.rfind("event: error\n")
+    check(idx >= 0, f"upstream reset after 300 body bytes, yet the client got a well-terminated "
+                    f"{r.status} response of {len(r.body)} bytes without an error event: "
+                    f"...{body[-160:]!r}")
+    data = body[idx:].split("\n", 2)[1]
+    check(data.startswith("data: "), f"error event without data line: {body[idx:]!r}")
+    err = json.loads(data[len("data: "):])
+    check(isinstance(err.get("error"), dict) and err["error"].get("message")
+          and err["error"].get("type"), f"error event is not OpenAI-shaped: {err!r}")
 
 
 def test_passive_down_without_checks(env):
