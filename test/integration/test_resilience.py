@@ -118,7 +118,7 @@ def test_passive_down_checks_on(env):
     b = env.mock("b")
     gw = env.gateway([a, b], workers=2,
                      pool=pool(CHECK_MOCK_STATS, balance="first", max_fails=3, fail_timeout="2s",
-                               check_interval="200ms", rise=2))
+                               check_interval="200ms", check_downinter="1s", rise=2))
     for i in range(3):
         r = chat(gw.port, chat_body(f"fail {i}"), headers={"x-mock-status": "500"})
         check(r.status == 500 and r.header("x-mock-name") == "a", f"failing request {i}: {r!r}")
@@ -128,24 +128,22 @@ def test_passive_down_checks_on(env):
     check(rec["reason"] == "passive", f"DOWN reason {rec['reason']!r}, expected 'passive': {rec}")
     line = log_has(gw, "a", "DOWN", "passive")
     check(line, "no log line says a is DOWN for a passive reason")
-    # while DOWN, live traffic goes elsewhere: the way back is the checks (rise 2), never a
-    # live trial
+    # while DOWN, live traffic goes elsewhere. The way back is the checks (rise 2, the first at
+    # check_downinter 1s), never a live trial: requests for 0.6 s all go to b
     c0 = live(a)
     cl = Client(gw.port)
     try:
-        while True:
-            rec = gw.backend("a")
-            if rec["state"] == "UP":
-                break
-            check(time.monotonic() - t_down < 4, f"a not UP again 4 s after the passive DOWN "
-                  f"although its checks pass: {rec}")
+        while time.monotonic() - t_down < 0.6:
             r = cl.chat(chat_body("while down"))
-            check(r.status == 200 and r.name == "b", f"request while a is DOWN: {r}")
+            check(r.status == 200 and r.name == "b", f"request while a is DOWN: {r}; a: "
+                  f"{gw.backend('a')}")
             time.sleep(0.02)
     finally:
         cl.close()
     check(live(a) == c0, f"a got {live(a) - c0} live requests while passively DOWN with "
           f"checks on")
+    rec = wait_backend(gw, "a", lambda r: r["state"] == "UP", 4,
+                       "UP again after its checks pass (check_downinter 1s, rise 2)")
     check(rec["reason"] == "check passed", f"a back UP with reason {rec['reason']!r}, expected "
           f"'check passed': {rec}")
     r = chat(gw.port, chat_body("back"))
@@ -244,12 +242,15 @@ def test_breaker_open_half_open_close(env):
     check(0 < rec["breaker_left_ms"] <= 800, f"breaker_left_ms of a fresh open: {rec}")
     check(rec["state"] == "UP", f"an open breaker is not a DOWN state: {rec}")
     check(log_has(gw, "a", "breaker open"), "no log line says a's breaker opened")
-    # open: nothing reaches a
+    # open: nothing reaches a (requests for at most 0.4 s of the 0.8 s open period)
     c0 = live(a)
+    t_open = time.monotonic()
     for i in range(6):
+        if i and time.monotonic() - t_open > 0.4:
+            break
         r = chat(gw.port, chat_body(f"open {i}"))
         check(r.status == 200 and r.header("x-mock-name") == "b",
-              f"request {i} while a's breaker is open: {r!r}")
+              f"request {i} while a's breaker is open: {r!r}; a: {gw.backend('a')}")
     check(live(a) == c0, f"{live(a) - c0} requests reached a while its breaker was open")
     rec = wait_backend(gw, "a", lambda r: r["breaker"] == "half-open", 1.5,
                        "half-open after breaker_open_for 800ms")
@@ -473,10 +474,12 @@ def test_429_cooling_and_failover(env):
     check(rec["state"] == "UP" and rec["breaker"] == "closed" and rec["failures"] == 0,
           f"a 429 is not a failure (max_fails 1, breaker_failures 1): {rec}")
     c0 = live(a)
-    res = run_load(gw.port, 20, 2, body=chat_body("cooling"))
-    check(not failed(res) and by_name(res) == {"b": 20},
+    t0 = time.monotonic()
+    res = run_load(gw.port, 20, 2, body=chat_body("cooling"), deadline=1.0)
+    check(res and not failed(res) and set(by_name(res)) == {"b"},
           f"while a is cooling: {by_name(res)}; {summary(res)}")
-    check(live(a) == c0, f"{live(a) - c0} requests went to a while it was cooling")
+    check(live(a) == c0 or time.monotonic() - t0 > 1.8,
+          f"{live(a) - c0} requests went to a while it was cooling")
     rec = wait_backend(gw, "a", lambda r: r["cooling_ms"] == 0, 2.5, "cooling over")
     r = chat(gw.port, chat_body("after cooling"))
     check(live(a) == c0 + 1, f"a got no request after its cooling ended: {r!r}")
