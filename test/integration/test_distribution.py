@@ -129,6 +129,31 @@ def test_hash_sticky_and_minimal_move(env):
           f"(expected about a third)")
 
 
+def test_hash_json_field_key(env):
+    """hash_key = json:prompt_cache_key: the key is a top-level string field of the body."""
+    a = env.mock("a")
+    b = env.mock("b")
+    gw = env.gateway([a, b], workers=2,
+                     pool=pool(balance="hash", hash_key="json:prompt_cache_key"))
+    seen = {}
+    cl = Client(gw.port)
+    try:
+        for rep in range(2):
+            for i in range(100):
+                key = f"conv-{i}"
+                r = cl.chat(chat_body(f"turn {rep}", prompt_cache_key=key))
+                check(r.status == 200 and not r.error, f"key {key}: {r}")
+                if rep == 0:
+                    seen[key] = r.name
+                else:
+                    check(r.name == seen[key], f"prompt_cache_key {key} went to {seen[key]}, "
+                          f"then to {r.name}")
+    finally:
+        cl.close()
+    n = sum(1 for v in seen.values() if v == "a")
+    check(20 <= n <= 80, f"100 prompt_cache_keys spread {n} to a, {100 - n} to b")
+
+
 def test_first_ordered_failover(env):
     a = env.mock("a")
     b = env.mock("b")
