@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 #define JSMN_STATIC
 #define JSMN_STRICT
@@ -32,6 +33,9 @@ static void out_str(struct out *o, const char *s)
 {
     out_mem(o, s, strlen(s));
 }
+
+/* A string literal: its length is known at compile time. */
+#define OUT_LIT(o, lit) out_mem(o, lit, sizeof(lit) - 1)
 
 static void out_u64(struct out *o, uint64_t v)
 {
@@ -79,17 +83,93 @@ int proxy_path_ok(const char *path, size_t len)
     return len >= 4 && memcmp(path, "/v1/", 4) == 0;
 }
 
+/* Header names the request path treats specially. */
+enum hname {
+    HN_OTHER = 0,
+    HN_TE, /* hop-by-hop: HN_TE .. HN_TRANSFER_ENCODING */
+    HN_TRAILER,
+    HN_UPGRADE,
+    HN_CONNECTION,
+    HN_KEEP_ALIVE,
+    HN_PROXY_CONNECTION,
+    HN_PROXY_AUTHORIZATION,
+    HN_TRANSFER_ENCODING,
+    HN_HOST,
+    HN_EXPECT,
+    HN_X_REAL_IP,
+    HN_X_REQUEST_ID,
+    HN_AUTHORIZATION,
+    HN_CONTENT_LENGTH,
+    HN_X_AIGW_BACKEND,
+    HN_X_FORWARDED_FOR,
+    HN_X_AIGW_ATTEMPTS,
+    HN_X_FORWARDED_PROTO,
+};
+
+static int is_hop(enum hname k)
+{
+    return k >= HN_TE && k <= HN_TRANSFER_ENCODING;
+}
+
+#define NAME_IS(p, len, lit) proxy_name_eq(p, len, lit, sizeof(lit) - 1)
+
+/* Sorts a header name into enum hname: the length picks the few candidates, so a header that
+ * matters to no one costs one switch (this runs for every header of every request and
+ * response). */
+static enum hname hname_of(const char *p, size_t len)
+{
+    switch (len) {
+    case 2:
+        return NAME_IS(p, len, "te") ? HN_TE : HN_OTHER;
+    case 4:
+        return NAME_IS(p, len, "host") ? HN_HOST : HN_OTHER;
+    case 6:
+        return NAME_IS(p, len, "expect") ? HN_EXPECT : HN_OTHER;
+    case 7:
+        if (NAME_IS(p, len, "trailer"))
+            return HN_TRAILER;
+        return NAME_IS(p, len, "upgrade") ? HN_UPGRADE : HN_OTHER;
+    case 9:
+        return NAME_IS(p, len, "x-real-ip") ? HN_X_REAL_IP : HN_OTHER;
+    case 10:
+        if (NAME_IS(p, len, "connection"))
+            return HN_CONNECTION;
+        return NAME_IS(p, len, "keep-alive") ? HN_KEEP_ALIVE : HN_OTHER;
+    case 12:
+        return NAME_IS(p, len, "x-request-id") ? HN_X_REQUEST_ID : HN_OTHER;
+    case 13:
+        return NAME_IS(p, len, "authorization") ? HN_AUTHORIZATION : HN_OTHER;
+    case 14:
+        if (NAME_IS(p, len, "content-length"))
+            return HN_CONTENT_LENGTH;
+        return NAME_IS(p, len, "x-aigw-backend") ? HN_X_AIGW_BACKEND : HN_OTHER;
+    case 15:
+        if (NAME_IS(p, len, "x-forwarded-for"))
+            return HN_X_FORWARDED_FOR;
+        return NAME_IS(p, len, "x-aigw-attempts") ? HN_X_AIGW_ATTEMPTS : HN_OTHER;
+    case 16:
+        return NAME_IS(p, len, "proxy-connection") ? HN_PROXY_CONNECTION : HN_OTHER;
+    case 17:
+        if (NAME_IS(p, len, "transfer-encoding"))
+            return HN_TRANSFER_ENCODING;
+        return NAME_IS(p, len, "x-forwarded-proto") ? HN_X_FORWARDED_PROTO : HN_OTHER;
+    case 19:
+        return NAME_IS(p, len, "proxy-authorization") ? HN_PROXY_AUTHORIZATION : HN_OTHER;
+    default:
+        return HN_OTHER;
+    }
+}
+
 int proxy_hop_by_hop(const char *name, size_t len)
 {
-    static const char *const hop[] = {
-        "connection", "keep-alive", "proxy-connection",    "te",
-        "trailer",    "upgrade",    "proxy-authorization", "transfer-encoding",
-    };
-    /* cheap length filter first: these are looked up for every forwarded header */
-    if (len < 2 || len > 19)
-        return 0;
-    for (size_t i = 0; i < ARRAY_SIZE(hop); i++)
-        if (span_ieq(name, len, hop[i]))
+    return is_hop(hname_of(name, len));
+}
+
+/* 1 when any of hdrs is a Connection header: only then can it list other names. */
+static int has_connection(const struct proxy_hdr *hdrs, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (hdrs[i].name_len == 10 && NAME_IS(hdrs[i].name, 10, "connection"))
             return 1;
     return 0;
 }
@@ -107,15 +187,8 @@ static int list_has(const char *v, size_t vlen, const char *name, size_t len)
         size_t e = i;
         while (e > s && (v[e - 1] == ' ' || v[e - 1] == '\t'))
             e--;
-        if (e - s == len && len > 0) {
-            char tmp[64];
-            if (len < sizeof(tmp)) {
-                memcpy(tmp, v + s, len);
-                tmp[len] = 0;
-                if (span_ieq(name, len, tmp))
-                    return 1;
-            }
-        }
+        if (e - s == len && len > 0 && strncasecmp(v + s, name, len) == 0)
+            return 1;
     }
     return 0;
 }
@@ -123,7 +196,7 @@ static int list_has(const char *v, size_t vlen, const char *name, size_t len)
 int proxy_conn_lists(const struct proxy_hdr *hdrs, size_t n, const char *name, size_t len)
 {
     for (size_t i = 0; i < n; i++)
-        if (span_ieq(hdrs[i].name, hdrs[i].name_len, "connection") &&
+        if (hdrs[i].name_len == 10 && NAME_IS(hdrs[i].name, 10, "connection") &&
             list_has(hdrs[i].value, hdrs[i].value_len, name, len))
             return 1;
     return 0;
@@ -154,72 +227,87 @@ int proxy_build_request(char *buf, size_t cap, const struct proxy_req *r,
 {
     struct out o = {buf, 0, cap, 0};
     int xff_seen = 0;
+    int conn = has_connection(r->hdrs, r->n_hdrs);
+    size_t ip_len = strlen(r->client_ip);
 
     out_mem(&o, r->method, r->method_len);
-    out_mem(&o, " ", 1);
+    OUT_LIT(&o, " ");
     out_str(&o, be->url.prefix);
     /* "/v1/REST" -> prefix + "/REST"; callers checked proxy_path_ok */
     if (r->path_len >= 3 && memcmp(r->path, "/v1", 3) == 0)
         out_mem(&o, r->path + 3, r->path_len - 3);
     else
         out_mem(&o, r->path, r->path_len);
-    out_str(&o, " HTTP/1.1\r\nHost: ");
+    OUT_LIT(&o, " HTTP/1.1\r\nHost: ");
     out_hostport(&o, &be->url);
-    out_mem(&o, "\r\n", 2);
+    OUT_LIT(&o, "\r\n");
 
     for (size_t i = 0; i < r->n_hdrs; i++) {
         const struct proxy_hdr *h = &r->hdrs[i];
-        if (proxy_header_is_hop(r->hdrs, r->n_hdrs, i))
+        enum hname k = hname_of(h->name, h->name_len);
+        if (is_hop(k))
             continue;
-        if (span_ieq(h->name, h->name_len, "host") ||
-            span_ieq(h->name, h->name_len, "content-length") ||
-            span_ieq(h->name, h->name_len, "expect") ||
-            span_ieq(h->name, h->name_len, "x-real-ip") ||
-            span_ieq(h->name, h->name_len, "x-forwarded-proto") ||
-            span_ieq(h->name, h->name_len, "x-request-id"))
+        if (conn && proxy_conn_lists(r->hdrs, r->n_hdrs, h->name, h->name_len))
             continue;
-        if (be->api_key && span_ieq(h->name, h->name_len, "authorization"))
+        switch (k) {
+        case HN_HOST:
+        case HN_CONTENT_LENGTH:
+        case HN_EXPECT:
+        case HN_X_REAL_IP:
+        case HN_X_FORWARDED_PROTO:
+        case HN_X_REQUEST_ID:
             continue;
-        if (span_ieq(h->name, h->name_len, "x-forwarded-for")) {
+        case HN_AUTHORIZATION:
+            if (be->api_key)
+                continue;
+            break;
+        case HN_X_FORWARDED_FOR:
             /* every X-Forwarded-For the client sent, joined, then the client itself */
             if (xff_seen)
                 continue;
             xff_seen = 1;
-            out_str(&o, "X-Forwarded-For: ");
+            OUT_LIT(&o, "X-Forwarded-For: ");
             for (size_t j = i; j < r->n_hdrs; j++) {
                 const struct proxy_hdr *x = &r->hdrs[j];
-                if (!span_ieq(x->name, x->name_len, "x-forwarded-for") || x->value_len == 0)
+                if (x->value_len == 0 || !NAME_IS(x->name, x->name_len, "x-forwarded-for"))
                     continue;
                 out_mem(&o, x->value, x->value_len);
-                out_mem(&o, ", ", 2);
+                OUT_LIT(&o, ", ");
             }
-            out_str(&o, r->client_ip);
-            out_mem(&o, "\r\n", 2);
+            out_mem(&o, r->client_ip, ip_len);
+            OUT_LIT(&o, "\r\n");
             continue;
+        default:
+            break;
         }
         out_mem(&o, h->name, h->name_len);
-        out_mem(&o, ": ", 2);
+        OUT_LIT(&o, ": ");
         out_mem(&o, h->value, h->value_len);
-        out_mem(&o, "\r\n", 2);
+        OUT_LIT(&o, "\r\n");
     }
-    if (!xff_seen)
-        out_hdr(&o, "X-Forwarded-For", r->client_ip, strlen(r->client_ip));
-    out_hdr(&o, "X-Real-IP", r->client_ip, strlen(r->client_ip));
-    out_str(&o, "X-Forwarded-Proto: http\r\n");
-    out_hdr(&o, "X-Request-Id", r->request_id, r->request_id_len);
+    if (!xff_seen) {
+        OUT_LIT(&o, "X-Forwarded-For: ");
+        out_mem(&o, r->client_ip, ip_len);
+        OUT_LIT(&o, "\r\n");
+    }
+    OUT_LIT(&o, "X-Real-IP: ");
+    out_mem(&o, r->client_ip, ip_len);
+    OUT_LIT(&o, "\r\nX-Forwarded-Proto: http\r\nX-Request-Id: ");
+    out_mem(&o, r->request_id, r->request_id_len);
+    OUT_LIT(&o, "\r\n");
     if (be->api_key) {
-        out_str(&o, "Authorization: Bearer ");
+        OUT_LIT(&o, "Authorization: Bearer ");
         out_str(&o, be->api_key);
-        out_mem(&o, "\r\n", 2);
+        OUT_LIT(&o, "\r\n");
     }
     if (r->has_body || r->body_len) {
-        out_str(&o, "Content-Length: ");
+        OUT_LIT(&o, "Content-Length: ");
         out_u64(&o, r->body_len);
-        out_mem(&o, "\r\n", 2);
+        OUT_LIT(&o, "\r\n");
     }
     if (be->keepalive == 0)
-        out_str(&o, "Connection: close\r\n");
-    out_mem(&o, "\r\n", 2);
+        OUT_LIT(&o, "Connection: close\r\n");
+    OUT_LIT(&o, "\r\n");
     return out_done(&o);
 }
 
@@ -228,45 +316,51 @@ static void out_via(struct out *o, const char *backend, int attempts)
 {
     if (!backend)
         return;
-    out_hdr(o, "x-aigw-backend", backend, strlen(backend));
-    out_str(o, "x-aigw-attempts: ");
+    OUT_LIT(o, "x-aigw-backend: ");
+    out_str(o, backend);
+    OUT_LIT(o, "\r\nx-aigw-attempts: ");
     out_u64(o, attempts > 0 ? (uint64_t)attempts : 0);
-    out_mem(o, "\r\n", 2);
+    OUT_LIT(o, "\r\n");
 }
 
 int proxy_build_response_head(char *buf, size_t cap, const struct proxy_resp *r)
 {
     struct out o = {buf, 0, cap, 0};
+    int conn = has_connection(r->hdrs, r->n_hdrs);
 
-    out_str(&o, "HTTP/1.1 ");
+    OUT_LIT(&o, "HTTP/1.1 ");
     out_u64(&o, (uint64_t)r->status);
-    out_mem(&o, " ", 1);
+    OUT_LIT(&o, " ");
     out_mem(&o, r->reason, r->reason_len);
-    out_mem(&o, "\r\n", 2);
+    OUT_LIT(&o, "\r\n");
     for (size_t i = 0; i < r->n_hdrs; i++) {
         const struct proxy_hdr *h = &r->hdrs[i];
+        enum hname k = hname_of(h->name, h->name_len);
         /* Transfer-Encoding stays when the body passes through with its chunk framing */
-        int te = span_ieq(h->name, h->name_len, "transfer-encoding");
-        if (te ? !r->keep_chunked
-               : proxy_header_is_hop(r->hdrs, r->n_hdrs, i) ||
-                     span_ieq(h->name, h->name_len, "x-request-id"))
+        if (k == HN_TRANSFER_ENCODING) {
+            if (!r->keep_chunked)
+                continue;
+        } else if (is_hop(k) || k == HN_X_REQUEST_ID ||
+                   (conn && proxy_conn_lists(r->hdrs, r->n_hdrs, h->name, h->name_len))) {
             continue;
+        }
         /* ours replace what an upstream (another aigw, say) said */
-        if (r->backend && (span_ieq(h->name, h->name_len, "x-aigw-backend") ||
-                           span_ieq(h->name, h->name_len, "x-aigw-attempts")))
+        if (r->backend && (k == HN_X_AIGW_BACKEND || k == HN_X_AIGW_ATTEMPTS))
             continue;
         out_mem(&o, h->name, h->name_len);
-        out_mem(&o, ": ", 2);
+        OUT_LIT(&o, ": ");
         out_mem(&o, h->value, h->value_len);
-        out_mem(&o, "\r\n", 2);
+        OUT_LIT(&o, "\r\n");
     }
     out_via(&o, r->backend, r->attempts);
-    out_hdr(&o, "X-Request-Id", r->request_id, r->request_id_len);
+    OUT_LIT(&o, "X-Request-Id: ");
+    out_mem(&o, r->request_id, r->request_id_len);
+    OUT_LIT(&o, "\r\n");
     if (r->close)
-        out_str(&o, "Connection: close\r\n");
+        OUT_LIT(&o, "Connection: close\r\n");
     else if (r->http10_keepalive)
-        out_str(&o, "Connection: keep-alive\r\n");
-    out_mem(&o, "\r\n", 2);
+        OUT_LIT(&o, "Connection: keep-alive\r\n");
+    OUT_LIT(&o, "\r\n");
     return out_done(&o);
 }
 

@@ -32,6 +32,22 @@ struct proxy_req {
     uint64_t body_len; /* de-chunked body length */
 };
 
+/* 1 when p[0, len) equals `lower` (lower_len bytes of lower-case letters, digits and '-'),
+ * ignoring ASCII case: the header-name test of the request path, without strlen or a call. */
+static inline int proxy_name_eq(const char *p, size_t len, const char *lower, size_t lower_len)
+{
+    if (len != lower_len)
+        return 0;
+    for (size_t i = 0; i < len; i++) {
+        char ch = p[i];
+        if (ch >= 'A' && ch <= 'Z')
+            ch = (char)(ch + ('a' - 'A'));
+        if (ch != lower[i])
+            return 0;
+    }
+    return 1;
+}
+
 /* 1 when the path is under /v1/ (the only paths aigw forwards). */
 int proxy_path_ok(const char *path, size_t len);
 

@@ -597,7 +597,15 @@ static int client_on_head(struct client *c)
     c->http10 = p->http_major == 1 && p->http_minor == 0;
     c->head_method = p->method == HTTP_HEAD;
 
-    const struct proxy_hdr *h = find_hdr(c, "x-request-id");
+    /* one pass for the two names the worker itself looks at */
+    const struct proxy_hdr *h = NULL, *expect = NULL;
+    for (uint32_t i = 0; i < c->n_hdrs; i++) {
+        const struct proxy_hdr *x = &c->hdrs[i];
+        if (x->name_len == 12 && !h && proxy_name_eq(x->name, 12, "x-request-id", 12))
+            h = x;
+        else if (x->name_len == 6 && !expect && proxy_name_eq(x->name, 6, "expect", 6))
+            expect = x;
+    }
     if (h && rid_ok(h->value, h->value_len)) {
         c->rid = h->value;
         c->rid_len = h->value_len;
@@ -619,7 +627,7 @@ static int client_on_head(struct client *c)
         return -1;
     }
     int body_coming = chunked || cl > 0;
-    h = find_hdr(c, "expect");
+    h = expect;
     if (h && body_coming && !c->http10) {
         if (!util_span_ieq(h->value, h->value_len, "100-continue")) {
             client_error(c, 417, "invalid_request_error", "expectation_failed",
