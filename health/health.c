@@ -155,6 +155,8 @@ static void health_arm_next(struct hc_backend *hb)
 /* Records a state change here and in shm. Entering or leaving DOWN starts the rise/fall
  * streaks afresh (after a passive or auth DOWN, `rise` passing checks bring it back) and the
  * check duration is measured afresh once it is back. */
+static void health_eval_weight(struct hc_backend *hb, uint64_t now);
+
 static void health_set_state(struct hc_backend *hb, enum backend_state st, enum backend_reason why,
                              uint64_t now)
 {
@@ -170,6 +172,9 @@ static void health_set_state(struct hc_backend *hb, enum backend_state st, enum 
     hb->st = st;
     hb->why = why;
     hb->since_ns = now;
+    /* The weight first: a worker that sees the backend back UP must see its slow-start
+     * weight too, not the full weight it had before it went DOWN. */
+    health_eval_weight(hb, now);
     shm_backend_set_state(hb->h->shm, hb->idx, st, why, now);
     if (down_edge) {
         hb->rf.ok_streak = hb->rf.fail_streak = 0;
@@ -607,6 +612,11 @@ int health_main(struct conf *conf, struct shm *shm)
         struct hc_backend *hb = &h.b[i];
 
         health_backend_setup(&h, hb, (uint32_t)i);
+        /* Every counter was 0 when the segment was made: a checker starting within the error
+         * window of that (the first start, or a quick restart) counts from there, so failures
+         * recorded before its first evaluation are not lost. */
+        if (time_mono_ns() - shm->hdr->created_ns < (uint64_t)HEALTH_WINDOW_SECS * 1000000000ULL)
+            health_window_update(&hb->win, shm->hdr->created_ns, 0, 0);
         if (!hb->pool->check) {
             health_unchecked_state(hb, time_mono_ns());
             continue;

@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "shm/shm.h"
@@ -51,6 +52,12 @@ int shm_create(struct shm *shm, uint32_t n_backends, uint32_t n_workers, uint32_
     hdr->off_backends = off_backends;
     hdr->off_workers = off_workers;
     hdr->off_wb = off_wb;
+    {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        hdr->created_ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    }
 
     shm->base = base;
     shm->size = size;

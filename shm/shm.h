@@ -118,7 +118,8 @@ struct shm_header {
     uint64_t size;
     uint64_t off_backends; /* byte offsets from the segment start */
     uint64_t off_workers;
-    uint64_t off_wb; /* n_workers * n_backends shm_wb, worker-major */
+    uint64_t off_wb;     /* n_workers * n_backends shm_wb, worker-major */
+    uint64_t created_ns; /* monotonic time of creation: every counter was 0 then */
 };
 
 /* Process-local handle to a mapped segment. */
