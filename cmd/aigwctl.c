@@ -16,8 +16,7 @@
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: aigwctl [-s SOCKET | -c CONFIG] [--json] show backends|show proc|breaker "
-            "reset|open BACKEND|help\n"
+            "usage: aigwctl [-s SOCKET | -c CONFIG] [--json] COMMAND\n"
             "commands:\n"
             "  show backends [--json]  state, breaker, weights, latency and counters of each\n"
             "                          backend\n"
@@ -25,6 +24,9 @@ static void usage(FILE *f)
             "  breaker reset BACKEND   force the circuit breaker of BACKEND (NAME or POOL/NAME)\n"
             "                          closed\n"
             "  breaker open BACKEND    force it open for the pool's breaker_open_for\n"
+            "  set backend BACKEND ready|drain|maint\n"
+            "                          operator state: drain takes no new requests (in-flight\n"
+            "                          ones finish), maint also pauses checks, ready serves again\n"
             "  help                    this list (answered by aigwctl, no master needed)\n"
             "SOCKET defaults to " DEFAULT_SOCKET "; with -c it is the config's admin_socket.\n"
             "Exits 0 on success, 1 when the master is unreachable or answers with an error.\n");
@@ -91,7 +93,8 @@ static int ctl_send(const char *path, const char *line)
             break;
         if (total == 0 && n >= 6 && !memcmp(buf, "error:", 6))
             is_error = 1;
-        fwrite(buf, 1, (size_t)n, stdout);
+        /* An error answer is a diagnostic: stderr, so scripts can capture stdout safely. */
+        fwrite(buf, 1, (size_t)n, is_error ? stderr : stdout);
         total += (size_t)n;
     }
     if (total == 0) {

@@ -4,9 +4,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include "core/admin.h"
+#include "core/log.h"
 #include "core/util.h"
 
 /* Growing output buffer; `failed` latches an allocation failure so callers check once. */
@@ -391,13 +393,19 @@ static const char admin_help[] =
     "  show proc [json]         master, health checker and workers\n"
     "  breaker reset BACKEND    force the circuit breaker of BACKEND (NAME or POOL/NAME) closed\n"
     "  breaker open BACKEND     force it open for the pool's breaker_open_for\n"
+    "  set backend BACKEND ready|drain|maint\n"
+    "                           operator state: drain takes no new requests (in-flight ones\n"
+    "                           finish), maint also pauses its checks, ready serves again\n"
     "  help                     this list\n";
 
 #define WORD_MAX (2 * CONF_NAME_MAX + 2) /* room for POOL/NAME */
 
-/* Splits the line into at most 4 blank-separated words; returns the word count, or 5 when
- * there are more or one is longer than any name (no command accepts either). */
-static int split_words(const char *line, char words[4][WORD_MAX])
+#define WORDS_MAX 5
+
+/* Splits the line into at most WORDS_MAX blank-separated words; returns the word count, or
+ * WORDS_MAX + 1 when there are more or one is longer than any name (no command accepts
+ * either). */
+static int split_words(const char *line, char words[WORDS_MAX][WORD_MAX])
 {
     int n = 0;
     const char *p = line;
@@ -406,11 +414,11 @@ static int split_words(const char *line, char words[4][WORD_MAX])
             p++;
         if (!*p)
             return n;
-        if (n == 4)
-            return 5;
+        if (n == WORDS_MAX)
+            return WORDS_MAX + 1;
         size_t len = strcspn(p, " \t\r\n");
         if (len >= sizeof(words[0]))
-            return 5; /* a truncated name could match another backend: refuse */
+            return WORDS_MAX + 1; /* a truncated name could match another backend: refuse */
         memcpy(words[n], p, len);
         words[n][len] = '\0';
         n++;
@@ -443,6 +451,18 @@ static int backend_lookup(const struct conf *conf, const struct shm *shm, const 
     return -1;
 }
 
+/* Prints "error: no backend called 'ARG'" with ARG made printable. */
+static void no_such_backend(struct abuf *b, const char *arg)
+{
+    char echo[WORD_MAX];
+    size_t k = 0;
+
+    for (const char *p = arg; *p && k < sizeof(echo) - 1; p++)
+        echo[k++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
+    echo[k] = '\0';
+    abuf_printf(b, "error: no backend called '%s'\n", echo);
+}
+
 /* "breaker reset|open BACKEND": the master asks, the health checker (the only writer of
  * breaker state) carries it out on its next evaluation. */
 static int breaker_command(struct abuf *b, const struct conf *conf, struct shm *shm,
@@ -452,12 +472,7 @@ static int breaker_command(struct abuf *b, const struct conf *conf, struct shm *
     enum breaker_cmd cmd = !strcmp(verb, "reset") ? BREAKER_CMD_RESET : BREAKER_CMD_OPEN;
     int i = backend_lookup(conf, shm, arg);
     if (i < 0) {
-        char echo[WORD_MAX];
-        size_t k = 0;
-        for (const char *p = arg; *p && k < sizeof(echo) - 1; p++)
-            echo[k++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
-        echo[k] = '\0';
-        abuf_printf(b, "error: no backend called '%s'\n", echo);
+        no_such_backend(b, arg);
         return -ENOENT;
     }
     const struct conf_backend *cb = &conf->backends[i];
@@ -483,6 +498,50 @@ static int breaker_command(struct abuf *b, const struct conf *conf, struct shm *
     return 0;
 }
 
+/* "set backend BACKEND ready|drain|maint": the operator state, whose only writer is the
+ * master. Workers stop picking a backend that is not READY at once; the health checker
+ * pauses the checks of one in MAINT. */
+static int set_backend_command(struct abuf *b, const struct conf *conf, struct shm *shm,
+                               const char *arg, const char *state, int json)
+{
+    static const char *const names[] = {
+        [BACKEND_READY] = "ready", [BACKEND_DRAIN] = "drain", [BACKEND_MAINT] = "maint"};
+    int i = backend_lookup(conf, shm, arg);
+    int st = -1;
+
+    for (int k = 0; k < (int)(sizeof(names) / sizeof(names[0])); k++)
+        if (!strcasecmp(state, names[k]))
+            st = k;
+    if (st < 0) {
+        abuf_printf(b, "error: usage: set backend BACKEND ready|drain|maint\n");
+        return -EINVAL;
+    }
+    if (i < 0) {
+        no_such_backend(b, arg);
+        return -ENOENT;
+    }
+    const struct conf_backend *cb = &conf->backends[i];
+    const char *pool = cb->pool >= 0 && cb->pool < conf->n_pools ? conf->pools[cb->pool].name : "?";
+    uint32_t was =
+        atomic_load_explicit(&shm_backend(shm, (uint32_t)i)->admin, memory_order_relaxed);
+
+    atomic_store_explicit(&shm_backend(shm, (uint32_t)i)->admin, (uint32_t)st,
+                          memory_order_release);
+    if (was != (uint32_t)st)
+        log_info("backend %s/%s set to %s by the operator (was %s)", pool, cb->name,
+                 shm_admin_str((enum backend_admin)st), shm_admin_str((enum backend_admin)was));
+    if (json) {
+        abuf_printf(b, "{\"ok\":true,\"pool\":");
+        abuf_json_str(b, pool);
+        abuf_printf(b, ",\"name\":");
+        abuf_json_str(b, cb->name);
+        abuf_printf(b, ",\"admin\":\"%s\"}\n", shm_admin_str((enum backend_admin)st));
+    } else {
+        abuf_printf(b, "ok: %s/%s is %s\n", pool, cb->name, shm_admin_str((enum backend_admin)st));
+    }
+    return 0;
+}
+
 int admin_pending_done(const struct shm *shm, const struct admin_pending *p)
 {
     if (p->backend < 0 || (uint32_t)p->backend >= shm_n_backends(shm))
@@ -500,7 +559,7 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
                char **out, size_t *out_len)
 {
     struct abuf b = {0};
-    char w[4][WORD_MAX];
+    char w[WORDS_MAX][WORD_MAX];
     int rc = 0;
     int n = split_words(line, w);
 
@@ -522,6 +581,9 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
     } else if (n >= 3 && n <= 4 && !strcmp(w[0], "breaker") &&
                (!strcmp(w[1], "reset") || !strcmp(w[1], "open")) && (n == 3 || is_json(w[3]))) {
         rc = breaker_command(&b, conf, shm, w[1], w[2], n == 4, pending);
+    } else if (n >= 4 && n <= 5 && !strcmp(w[0], "set") && !strcmp(w[1], "backend") &&
+               (n == 4 || is_json(w[4]))) {
+        rc = set_backend_command(&b, conf, shm, w[2], w[3], n == 5);
     } else {
         /* Echo at most a short, printable prefix of what was sent. */
         char echo[64];
@@ -531,6 +593,8 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
         echo[k] = '\0';
         if (n >= 1 && !strcmp(w[0], "breaker"))
             abuf_printf(&b, "error: usage: breaker reset|open BACKEND\n");
+        else if (n >= 1 && !strcmp(w[0], "set"))
+            abuf_printf(&b, "error: usage: set backend BACKEND ready|drain|maint\n");
         else
             abuf_printf(&b, "error: unknown command '%s'; try 'help'\n", echo);
         rc = -EINVAL;

@@ -648,6 +648,45 @@ static void test_breaker_command(void **state)
     assert_int_equal(admin_pending_done(&f->shm, &none), 1);
 }
 
+static void test_set_backend_state(void **state)
+{
+    struct fixture *f = *state;
+    struct shm_backend *a1 = shm_backend(&f->shm, 0), *a2 = shm_backend(&f->shm, 1);
+    char *out;
+
+    atomic_store(&a1->weight_eff, 1);
+    out = run(f, "set backend a1 drain", NULL, 0, 0);
+    assert_string_equal(out, "ok: chat/a1 is DRAIN\n");
+    free(out);
+    assert_int_equal(atomic_load(&a1->admin), BACKEND_DRAIN);
+    assert_int_equal(atomic_load(&a2->admin), BACKEND_READY);
+    assert_false(shm_backend_eligible(&f->shm, 0));
+
+    out = run(f, "set backend chat/a1 MAINT json", NULL, 0, 0);
+    assert_string_equal(out,
+                        "{\"ok\":true,\"pool\":\"chat\",\"name\":\"a1\",\"admin\":\"MAINT\"}\n");
+    free(out);
+    assert_int_equal(atomic_load(&a1->admin), BACKEND_MAINT);
+
+    out = run(f, "set backend a1 ready", NULL, 0, 0);
+    free(out);
+    assert_int_equal(atomic_load(&a1->admin), BACKEND_READY);
+    assert_true(shm_backend_eligible(&f->shm, 0));
+
+    /* Bad state, unknown backend, missing words: errors, nothing changed. */
+    out = run(f, "set backend a1 asleep", NULL, 0, -EINVAL);
+    assert_string_equal(out, "error: usage: set backend BACKEND ready|drain|maint\n");
+    free(out);
+    out = run(f, "set backend nosuch drain", NULL, 0, -ENOENT);
+    assert_string_equal(out, "error: no backend called 'nosuch'\n");
+    free(out);
+    out = run(f, "set backend a1", NULL, 0, -EINVAL);
+    assert_string_equal(out, "error: usage: set backend BACKEND ready|drain|maint\n");
+    free(out);
+    assert_int_equal(atomic_load(&a1->admin), BACKEND_READY);
+    assert_int_equal(atomic_load(&a2->admin), BACKEND_READY);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -660,6 +699,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_backends_json_resilience, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backends_table_resilience, setup, teardown),
         cmocka_unit_test_setup_teardown(test_breaker_command, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_set_backend_state, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
