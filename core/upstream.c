@@ -46,8 +46,10 @@ struct upconn {
     struct upconn *prev, *next; /* idle list, or free list (next) */
     int fd;
     enum uc_state state;
-    int events;  /* uv_poll events currently requested */
-    int handles; /* open libuv handles, the struct is recycled when 0 */
+    int events;        /* uv_poll events currently requested */
+    uint64_t due;      /* loop time (ms) the current timeout expires at; 0 = none */
+    uint64_t armed_at; /* loop time the uv timer fires at (<= due), 0 = not armed */
+    int handles;       /* open libuv handles, the struct is recycled when 0 */
     uint8_t tls_on, reused, got_bytes, head_done, complete, extra, hstate, ev;
     uint8_t perr;     /* libuv reported POLLERR and stopped watching: read until it says why */
     uint8_t decoding; /* handing over the de-chunked body (rq->dechunk) */
@@ -211,9 +213,23 @@ static void poll_set(struct upconn *u, int events)
         uv_poll_stop(&u->poll);
 }
 
+/* Timeouts are re-armed lazily: most moves push the deadline later (a request, a response
+ * piece, back to the pool), which only updates u->due; the uv timer armed for an earlier time
+ * fires, sees the deadline moved and re-arms for it. So a steady stream of requests on pooled
+ * connections touches the loop's timer heap about once per timeout period, not per event. */
 static void timer_set(struct upconn *u, uint64_t ms)
 {
+    uint64_t now = uv_now(u->up->loop);
+    u->due = now + ms;
+    if (u->armed_at && u->armed_at <= u->due)
+        return;
+    u->armed_at = u->due;
     uv_timer_start(&u->timer, on_timer, ms, 0);
+}
+
+static void timer_clear(struct upconn *u)
+{
+    u->due = 0; /* the armed timer, if any, finds nothing due */
 }
 
 /* Ends the exchange of u->rq: accounting, connection pooled or closed, then on_end. Nothing
@@ -544,7 +560,7 @@ static int after_hand(struct upconn *u, int ret)
     if (ret == 1) {
         u->state = UC_PAUSED;
         poll_set(u, 0);
-        uv_timer_stop(&u->timer);
+        timer_clear(u);
         return 1;
     }
     if (u->complete) {
@@ -789,6 +805,18 @@ static void on_poll(uv_poll_t *h, int status, int events)
 static void on_timer(uv_timer_t *t)
 {
     struct upconn *u = t->data;
+    uint64_t now = uv_now(u->up->loop);
+
+    u->armed_at = 0;
+    if (!u->due)
+        return;
+    if (now < u->due) {
+        /* the deadline moved on since the timer was armed */
+        u->armed_at = u->due;
+        uv_timer_start(&u->timer, on_timer, u->due - now, 0);
+        return;
+    }
+    u->due = 0;
     switch (u->state) {
     case UC_IDLE:
         conn_close(u);

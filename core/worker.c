@@ -66,6 +66,7 @@ struct tq {
     struct worker *w;
     struct client *head, *tail;
     uint64_t ms;
+    uint64_t armed_at; /* loop time the timer fires at, 0 = not armed */
 };
 
 struct listener {
@@ -225,12 +226,15 @@ static void on_tq(uv_timer_t *t)
     struct tq *q = t->data;
     uint64_t now = uv_now(&q->w->loop);
     struct client *c;
+    q->armed_at = 0;
     while ((c = q->head) && c->deadline <= now) {
         client_timer_stop(c);
         on_client_timeout(c);
     }
-    if (q->head)
+    if (q->head && !q->armed_at) {
+        q->armed_at = q->head->deadline;
         uv_timer_start(&q->timer, on_tq, q->head->deadline - now, 0);
+    }
 }
 
 static void client_timer_q(struct client *c, struct tq *q)
@@ -244,7 +248,12 @@ static void client_timer_q(struct client *c, struct tq *q)
         q->tail->tnext = c; /* the queue's timer runs for an earlier deadline already */
     } else {
         q->head = c;
-        uv_timer_start(&q->timer, on_tq, q->ms, 0);
+        /* a timer left armed from an earlier head fires first and re-arms for this one: a
+         * lone keep-alive client moving between queues does not touch the timer heap */
+        if (!q->armed_at || q->armed_at > c->deadline) {
+            q->armed_at = c->deadline;
+            uv_timer_start(&q->timer, on_tq, q->ms, 0);
+        }
     }
     q->tail = c;
 }
