@@ -75,40 +75,28 @@ struct listener {
     int idx;
 };
 
+/* One client connection. Only what an idle keep-alive connection needs lives here; the state
+ * of a request (parser, spans, body, upstream request, tries) is a struct creq in the tail of
+ * the pool buffer the connection holds while a request is active. */
 struct client {
     uv_tcp_t tcp;
     struct worker *w;
     const struct conf_listen *ln;
-    int li;        /* listener index */
     struct tq *tq; /* the timeout queue the client waits in, or NULL */
     struct client *tprev, *tnext;
     uint64_t deadline;          /* loop time (ms) the current timeout expires at */
     struct client *prev, *next; /* worker's list of open clients, or free list (next) */
-    llhttp_t parser;
-    char *buf; /* request bytes [0, len), parsed up to pos; NULL while idle */
+    char *buf;  /* request bytes [0, len), parsed up to pos, then a struct creq; NULL while idle */
+    char *wbuf; /* only while a write waits: a pool buffer holding its uv_write_t and head */
     uint32_t len, pos;
-    uint32_t head_end; /* offset just after the request head */
-    enum cstate state;
-    int handles;         /* open libuv handles; recycled at 0 */
+    uint16_t li;         /* listener index */
+    uint8_t state;       /* enum cstate */
+    uint8_t handles;     /* open libuv handles; recycled at 0 */
     uint8_t fresh;       /* no request yet on this connection */
     uint8_t eof;         /* the client shut its write side */
     uint8_t close_after; /* close once the current response is sent (graceful stop) */
-    uint8_t hstate, ev, reading, writing;
-    uint8_t keepalive, http10, head_method, resp_started, resp_close;
-    uint8_t body_heap, has_body;
+    uint8_t reading, writing;
     uint8_t tries_on; /* a request is being forwarded: its struct tries is live */
-    int err;          /* status decided while parsing the request (404, 413, 431) */
-    const char *url;
-    size_t url_len;
-    struct proxy_hdr *hdrs; /* at the tail of buf */
-    uint32_t n_hdrs;
-    const char *rid; /* X-Request-Id: the client's or generated */
-    size_t rid_len;
-    char *body; /* in buf at head_end, or malloc'd (body_heap) */
-    uint64_t body_len, body_cap;
-    struct proxy_body_info info;
-    struct upstream_req rq;
-    char *wbuf; /* only while a write waits: a pool buffer holding its uv_write_t and head */
     char ip[INET6_ADDRSTRLEN];
 };
 
@@ -130,6 +118,28 @@ struct tries {
     uint8_t sse_nl;            /* newlines at the end of what the client got of it */
     uint8_t sent;              /* body bytes reached the client */
     uint32_t tried[MAX_TRIES]; /* backends of the tries, in order */
+};
+
+/* The state of the request a client connection is on, in the tail of its buffer: set up
+ * when the buffer is taken, gone with it when the connection goes idle. */
+struct creq {
+    llhttp_t parser;
+    struct upstream_req rq;
+    struct proxy_body_info info;
+    const char *url;
+    size_t url_len;
+    struct proxy_hdr *hdrs; /* at the tail of the data part of buf */
+    const char *rid;        /* X-Request-Id: the client's or generated */
+    size_t rid_len;
+    char *body; /* in buf at head_end, or malloc'd (body_heap) */
+    uint64_t body_len, body_cap;
+    uint32_t n_hdrs;
+    uint32_t head_end; /* offset just after the request head */
+    int err;           /* status decided while parsing the request (404, 413, 431) */
+    uint8_t hstate, ev;
+    uint8_t keepalive, http10, head_method, resp_started, resp_close;
+    uint8_t body_heap, has_body;
+    struct tries tries;
 };
 
 struct worker {
@@ -154,7 +164,7 @@ struct worker {
     struct retry_budget *budgets; /* per pool */
     uint64_t *auth_log_ns;        /* per backend: the last "api_key is bad" warning */
     struct tq retry_q;            /* clients waiting out a retry back-off, by due time */
-    size_t tries_off;             /* where struct tries sits in a client buffer */
+    size_t creq_off;              /* where struct creq sits in a client buffer */
     struct client *clients, *free_clients;
     int n_clients;
     void *tokens; /* jsmn tokens, grown on demand */
@@ -164,6 +174,12 @@ struct worker {
 };
 
 static llhttp_settings_t req_settings;
+
+/* The request state of a client that holds a buffer. */
+static struct creq *client_creq(const struct client *c)
+{
+    return (struct creq *)(c->buf + c->w->creq_off);
+}
 
 static void client_process(struct client *c);
 static void client_close(struct client *c);
@@ -187,7 +203,7 @@ static void conns_add(struct worker *w, int d)
 
 static void on_client_timeout(struct client *c)
 {
-    switch (c->state) {
+    switch ((enum cstate)c->state) {
     case CS_HEAD:
     case CS_BODY:
         /* some of the request arrived, not all of it in time */
@@ -271,6 +287,13 @@ static void client_take_buf(struct client *c)
         return;
     c->buf = bufpool_get(&c->w->bufs);
     c->len = c->pos = 0;
+    if (!c->buf)
+        return;
+    /* a new request state: the buffer may come from another connection */
+    struct creq *r = client_creq(c);
+    memset(r, 0, sizeof(*r));
+    llhttp_init(&r->parser, HTTP_REQUEST, &req_settings);
+    r->parser.data = c;
 }
 
 static void client_drop_buf(struct client *c)
@@ -282,11 +305,14 @@ static void client_drop_buf(struct client *c)
 
 static void client_free_body(struct client *c)
 {
-    if (c->body_heap)
-        free(c->body);
-    c->body = NULL;
-    c->body_heap = 0;
-    c->body_len = c->body_cap = 0;
+    if (!c->buf)
+        return;
+    struct creq *r = client_creq(c);
+    if (r->body_heap)
+        free(r->body);
+    r->body = NULL;
+    r->body_heap = 0;
+    r->body_len = r->body_cap = 0;
 }
 
 /* ---- closing ---- */
@@ -311,8 +337,8 @@ static void client_close(struct client *c)
     struct worker *w = c->w;
     if (c->state == CS_CLOSED)
         return;
-    if (c->rq.conn)
-        upstream_abort(&c->rq);
+    if (c->buf && client_creq(c)->rq.conn)
+        upstream_abort(&client_creq(c)->rq);
     if (c->tries_on) {
         client_try_end(c);
         c->tries_on = 0;
@@ -371,8 +397,8 @@ static void on_written(uv_write_t *req, int status)
         client_close(c);
         return;
     }
-    if (c->rq.conn)
-        upstream_resume(&c->rq); /* continues the stream, or ends it (on_end) */
+    if (client_creq(c)->rq.conn)
+        upstream_resume(&client_creq(c)->rq); /* continues the stream, or ends it (on_end) */
     else
         client_request_done(c); /* a response aigw made itself */
 }
@@ -443,9 +469,11 @@ static void client_error_via(struct client *c, int status, const char *type, con
     struct worker *w = c->w;
     client_timer_stop(c);
     c->state = CS_WAIT;
-    c->resp_close = close || !c->keepalive || w->draining || c->close_after;
-    int n = proxy_build_error_via(w->scratch, head_cap(w), status, type, code, msg, c->resp_close,
-                                  retry_after, c->rid, c->rid_len, backend, attempts);
+    client_creq(c)->resp_close =
+        close || !client_creq(c)->keepalive || w->draining || c->close_after;
+    int n = proxy_build_error_via(w->scratch, head_cap(w), status, type, code, msg,
+                                  client_creq(c)->resp_close, retry_after, client_creq(c)->rid,
+                                  client_creq(c)->rid_len, backend, attempts);
     if (n < 0) {
         client_close(c);
         return;
@@ -468,14 +496,14 @@ static void client_error(struct client *c, int status, const char *type, const c
 static int on_req_begin(llhttp_t *p)
 {
     struct client *c = p->data;
-    c->url = NULL;
-    c->url_len = 0;
-    c->n_hdrs = 0;
-    c->hstate = 0;
-    c->err = 0;
-    c->rid = NULL;
-    c->rid_len = 0;
-    c->has_body = 0;
+    client_creq(c)->url = NULL;
+    client_creq(c)->url_len = 0;
+    client_creq(c)->n_hdrs = 0;
+    client_creq(c)->hstate = 0;
+    client_creq(c)->err = 0;
+    client_creq(c)->rid = NULL;
+    client_creq(c)->rid_len = 0;
+    client_creq(c)->has_body = 0;
     client_free_body(c);
     return 0;
 }
@@ -483,28 +511,28 @@ static int on_req_begin(llhttp_t *p)
 static int on_req_url(llhttp_t *p, const char *at, size_t len)
 {
     struct client *c = p->data;
-    if (!c->url)
-        c->url = at;
-    c->url_len += len;
+    if (!client_creq(c)->url)
+        client_creq(c)->url = at;
+    client_creq(c)->url_len += len;
     return 0;
 }
 
 static int on_req_hfield(llhttp_t *p, const char *at, size_t len)
 {
     struct client *c = p->data;
-    if (c->hstate != 1) {
-        if (c->n_hdrs >= c->ln->max_headers) {
-            c->err = 431;
+    if (client_creq(c)->hstate != 1) {
+        if (client_creq(c)->n_hdrs >= c->ln->max_headers) {
+            client_creq(c)->err = 431;
             return -1;
         }
-        struct proxy_hdr *h = &c->hdrs[c->n_hdrs++];
+        struct proxy_hdr *h = &client_creq(c)->hdrs[client_creq(c)->n_hdrs++];
         h->name = at;
         h->name_len = (uint32_t)len;
         h->value = at;
         h->value_len = 0;
-        c->hstate = 1;
+        client_creq(c)->hstate = 1;
     } else {
-        c->hdrs[c->n_hdrs - 1].name_len += (uint32_t)len;
+        client_creq(c)->hdrs[client_creq(c)->n_hdrs - 1].name_len += (uint32_t)len;
     }
     return 0;
 }
@@ -512,11 +540,11 @@ static int on_req_hfield(llhttp_t *p, const char *at, size_t len)
 static int on_req_hvalue(llhttp_t *p, const char *at, size_t len)
 {
     struct client *c = p->data;
-    struct proxy_hdr *h = &c->hdrs[c->n_hdrs - 1];
-    if (c->hstate != 2) {
+    struct proxy_hdr *h = &client_creq(c)->hdrs[client_creq(c)->n_hdrs - 1];
+    if (client_creq(c)->hstate != 2) {
         h->value = at;
         h->value_len = (uint32_t)len;
-        c->hstate = 2;
+        client_creq(c)->hstate = 2;
     } else {
         h->value_len += (uint32_t)len;
     }
@@ -526,55 +554,55 @@ static int on_req_hvalue(llhttp_t *p, const char *at, size_t len)
 static int on_req_headers(llhttp_t *p)
 {
     struct client *c = p->data;
-    c->ev = CEV_HEAD;
+    client_creq(c)->ev = CEV_HEAD;
     return HPE_PAUSED;
 }
 
 static int on_req_body(llhttp_t *p, const char *at, size_t len)
 {
     struct client *c = p->data;
-    if (c->err)
+    if (client_creq(c)->err)
         return 0; /* the answer is already decided: drop the body */
-    if (c->body_len + len > c->ln->max_body_size) {
-        c->err = 413;
+    if (client_creq(c)->body_len + len > c->ln->max_body_size) {
+        client_creq(c)->err = 413;
         return -1;
     }
-    if (c->body_heap) {
-        if (c->body_len + len > c->body_cap) {
-            uint64_t cap = c->body_cap * 2;
-            if (cap < c->body_len + len)
-                cap = c->body_len + len;
+    if (client_creq(c)->body_heap) {
+        if (client_creq(c)->body_len + len > client_creq(c)->body_cap) {
+            uint64_t cap = client_creq(c)->body_cap * 2;
+            if (cap < client_creq(c)->body_len + len)
+                cap = client_creq(c)->body_len + len;
             if (cap > c->ln->max_body_size)
                 cap = c->ln->max_body_size;
-            char *nb = realloc(c->body, cap);
+            char *nb = realloc(client_creq(c)->body, cap);
             if (!nb) {
-                c->err = 500;
+                client_creq(c)->err = 500;
                 return -1;
             }
-            c->body = nb;
-            c->body_cap = cap;
+            client_creq(c)->body = nb;
+            client_creq(c)->body_cap = cap;
         }
-        memcpy(c->body + c->body_len, at, len);
+        memcpy(client_creq(c)->body + client_creq(c)->body_len, at, len);
     } else {
         /* in place: de-chunking only ever moves bytes towards the head */
-        memmove(c->body + c->body_len, at, len);
+        memmove(client_creq(c)->body + client_creq(c)->body_len, at, len);
     }
-    c->body_len += len;
+    client_creq(c)->body_len += len;
     return 0;
 }
 
 static int on_req_done(llhttp_t *p)
 {
     struct client *c = p->data;
-    c->ev = CEV_DONE;
+    client_creq(c)->ev = CEV_DONE;
     return HPE_PAUSED;
 }
 
 static const struct proxy_hdr *find_hdr(const struct client *c, const char *name)
 {
-    for (uint32_t i = 0; i < c->n_hdrs; i++)
-        if (util_span_ieq(c->hdrs[i].name, c->hdrs[i].name_len, name))
-            return &c->hdrs[i];
+    for (uint32_t i = 0; i < client_creq(c)->n_hdrs; i++)
+        if (util_span_ieq(client_creq(c)->hdrs[i].name, client_creq(c)->hdrs[i].name_len, name))
+            return &client_creq(c)->hdrs[i];
     return NULL;
 }
 
@@ -594,40 +622,40 @@ static int client_on_head(struct client *c)
 {
     struct worker *w = c->w;
     const struct conf_listen *ln = c->ln;
-    llhttp_t *p = &c->parser;
+    llhttp_t *p = &client_creq(c)->parser;
 
-    c->head_end = c->pos;
-    if (c->head_end > ln->max_header_size || c->err == 431) {
+    client_creq(c)->head_end = c->pos;
+    if (client_creq(c)->head_end > ln->max_header_size || client_creq(c)->err == 431) {
         client_error(c, 431, "invalid_request_error", "request_header_too_large",
                      "request header too large", 1, 0);
         return -1;
     }
-    c->keepalive = llhttp_should_keep_alive(p);
-    c->http10 = p->http_major == 1 && p->http_minor == 0;
-    c->head_method = p->method == HTTP_HEAD;
+    client_creq(c)->keepalive = llhttp_should_keep_alive(p);
+    client_creq(c)->http10 = p->http_major == 1 && p->http_minor == 0;
+    client_creq(c)->head_method = p->method == HTTP_HEAD;
 
     /* one pass for the two names the worker itself looks at */
     const struct proxy_hdr *h = NULL, *expect = NULL;
-    for (uint32_t i = 0; i < c->n_hdrs; i++) {
-        const struct proxy_hdr *x = &c->hdrs[i];
+    for (uint32_t i = 0; i < client_creq(c)->n_hdrs; i++) {
+        const struct proxy_hdr *x = &client_creq(c)->hdrs[i];
         if (x->name_len == 12 && !h && proxy_name_eq(x->name, 12, "x-request-id", 12))
             h = x;
         else if (x->name_len == 6 && !expect && proxy_name_eq(x->name, 6, "expect", 6))
             expect = x;
     }
     if (h && rid_ok(h->value, h->value_len)) {
-        c->rid = h->value;
-        c->rid_len = h->value_len;
+        client_creq(c)->rid = h->value;
+        client_creq(c)->rid_len = h->value_len;
     } else {
         char *id = c->buf + w->data_size + w->max_hdrs * sizeof(struct proxy_hdr);
         proxy_request_id(id, w->rid_seed1, w->rid_seed2, w->rid_counter++);
-        c->rid = id;
-        c->rid_len = 32;
+        client_creq(c)->rid = id;
+        client_creq(c)->rid_len = 32;
     }
 
-    if (!c->url || !proxy_path_ok(c->url, c->url_len))
-        c->err = 404;
-    c->has_body = (p->flags & (F_CHUNKED | F_CONTENT_LENGTH)) != 0;
+    if (!client_creq(c)->url || !proxy_path_ok(client_creq(c)->url, client_creq(c)->url_len))
+        client_creq(c)->err = 404;
+    client_creq(c)->has_body = (p->flags & (F_CHUNKED | F_CONTENT_LENGTH)) != 0;
     int chunked = (p->flags & F_CHUNKED) != 0;
     uint64_t cl = chunked ? 0 : p->content_length;
     if (!chunked && (p->flags & F_CONTENT_LENGTH) && cl > ln->max_body_size) {
@@ -637,13 +665,13 @@ static int client_on_head(struct client *c)
     }
     int body_coming = chunked || cl > 0;
     h = expect;
-    if (h && body_coming && !c->http10) {
+    if (h && body_coming && !client_creq(c)->http10) {
         if (!util_span_ieq(h->value, h->value_len, "100-continue")) {
             client_error(c, 417, "invalid_request_error", "expectation_failed",
                          "unsupported Expect", 1, 0);
             return -1;
         }
-        if (c->err == 404) {
+        if (client_creq(c)->err == 404) {
             /* the client waits for our word before sending the body: answer now */
             client_error(c, 404, "invalid_request_error", "not_found", "unknown path", 1, 0);
             return -1;
@@ -657,18 +685,18 @@ static int client_on_head(struct client *c)
         }
     }
 
-    c->body_len = 0;
-    if (!chunked && c->head_end + cl > w->data_size) {
-        c->body = malloc(cl);
-        if (!c->body) {
+    client_creq(c)->body_len = 0;
+    if (!chunked && client_creq(c)->head_end + cl > w->data_size) {
+        client_creq(c)->body = malloc(cl);
+        if (!client_creq(c)->body) {
             client_error(c, 500, "server_error", "out_of_memory", "out of memory", 1, 0);
             return -1;
         }
-        c->body_heap = 1;
-        c->body_cap = cl;
+        client_creq(c)->body_heap = 1;
+        client_creq(c)->body_cap = cl;
     } else {
-        c->body = c->buf + c->head_end;
-        c->body_heap = 0;
+        client_creq(c)->body = c->buf + client_creq(c)->head_end;
+        client_creq(c)->body_heap = 0;
     }
     c->state = CS_BODY;
     client_timer(c, T_BODY);
@@ -678,20 +706,20 @@ static int client_on_head(struct client *c)
 /* Chunked bodies start in the buffer; once it runs short of room they move to the heap. */
 static int client_body_to_heap(struct client *c)
 {
-    uint64_t cap = c->body_len * 2;
+    uint64_t cap = client_creq(c)->body_len * 2;
     if (cap < 65536)
         cap = 65536;
     if (cap > c->ln->max_body_size)
         cap = c->ln->max_body_size;
-    if (cap < c->body_len)
-        cap = c->body_len;
+    if (cap < client_creq(c)->body_len)
+        cap = client_creq(c)->body_len;
     char *nb = malloc(cap ? cap : 1);
     if (!nb)
         return -1;
-    memcpy(nb, c->body, c->body_len);
-    c->body = nb;
-    c->body_cap = cap;
-    c->body_heap = 1;
+    memcpy(nb, client_creq(c)->body, client_creq(c)->body_len);
+    client_creq(c)->body = nb;
+    client_creq(c)->body_cap = cap;
+    client_creq(c)->body_heap = 1;
     return 0;
 }
 
@@ -710,17 +738,18 @@ static void client_process(struct client *c)
         force = 0;
         if (c->state == CS_IDLE)
             c->state = CS_HEAD;
-        c->ev = CEV_NONE;
-        c->hdrs = (struct proxy_hdr *)(c->buf + w->data_size);
-        llhttp_errno_t e = llhttp_execute(&c->parser, c->buf + c->pos, c->len - c->pos);
+        client_creq(c)->ev = CEV_NONE;
+        client_creq(c)->hdrs = (struct proxy_hdr *)(c->buf + w->data_size);
+        llhttp_errno_t e =
+            llhttp_execute(&client_creq(c)->parser, c->buf + c->pos, c->len - c->pos);
         if (e == HPE_OK) {
             c->pos = c->len;
             break;
         }
         if (e == HPE_PAUSED) {
-            c->pos = (uint32_t)(llhttp_get_error_pos(&c->parser) - c->buf);
-            if (c->ev == CEV_HEAD) {
-                llhttp_resume(&c->parser);
+            c->pos = (uint32_t)(llhttp_get_error_pos(&client_creq(c)->parser) - c->buf);
+            if (client_creq(c)->ev == CEV_HEAD) {
+                llhttp_resume(&client_creq(c)->parser);
                 if (client_on_head(c) < 0)
                     return;
                 force = 1; /* a body-less request completes without more bytes */
@@ -729,16 +758,17 @@ static void client_process(struct client *c)
             client_dispatch(c);
             return;
         }
-        if (c->err == 431) {
+        if (client_creq(c)->err == 431) {
             client_error(c, 431, "invalid_request_error", "request_header_too_large",
                          "too many request headers", 1, 0);
-        } else if (c->err == 413) {
+        } else if (client_creq(c)->err == 413) {
             client_error(c, 413, "invalid_request_error", "request_too_large",
                          "request body too large", 1, 0);
-        } else if (c->err == 500) {
+        } else if (client_creq(c)->err == 500) {
             client_error(c, 500, "server_error", "out_of_memory", "out of memory", 1, 0);
         } else {
-            log_debug("client %s: bad request: %s", c->ip, llhttp_get_error_reason(&c->parser));
+            log_debug("client %s: bad request: %s", c->ip,
+                      llhttp_get_error_reason(&client_creq(c)->parser));
             client_error(c, 400, "invalid_request_error", "bad_request", "malformed request", 1, 0);
         }
         return;
@@ -751,14 +781,15 @@ static void client_process(struct client *c)
     }
     if (c->state == CS_BODY) {
         /* everything parsed: keep only head and in-buffer body, reuse the rest for reads */
-        c->len = c->pos = c->head_end + (c->body_heap ? 0 : (uint32_t)c->body_len);
-        if (!c->body_heap && (c->parser.flags & F_CHUNKED) &&
+        c->len = c->pos = client_creq(c)->head_end +
+                          (client_creq(c)->body_heap ? 0 : (uint32_t)client_creq(c)->body_len);
+        if (!client_creq(c)->body_heap && (client_creq(c)->parser.flags & F_CHUNKED) &&
             w->data_size - c->len < w->data_size / 4) {
             if (client_body_to_heap(c) < 0) {
                 client_error(c, 500, "server_error", "out_of_memory", "out of memory", 1, 0);
                 return;
             }
-            c->len = c->pos = c->head_end;
+            c->len = c->pos = client_creq(c)->head_end;
         }
     }
 }
@@ -769,24 +800,24 @@ static int op_build_head(void *ctx, const struct conf_backend *be, char *buf, si
 {
     struct client *c = ctx;
     struct proxy_req r;
-    const char *m = llhttp_method_name((llhttp_method_t)c->parser.method);
+    const char *m = llhttp_method_name((llhttp_method_t)client_creq(c)->parser.method);
     r.method = m;
     r.method_len = strlen(m);
-    r.path = c->url;
-    r.path_len = c->url_len;
-    r.hdrs = c->hdrs;
-    r.n_hdrs = c->n_hdrs;
+    r.path = client_creq(c)->url;
+    r.path_len = client_creq(c)->url_len;
+    r.hdrs = client_creq(c)->hdrs;
+    r.n_hdrs = client_creq(c)->n_hdrs;
     r.client_ip = c->ip;
-    r.request_id = c->rid;
-    r.request_id_len = c->rid_len;
-    r.has_body = c->has_body;
-    r.body_len = c->body_len;
+    r.request_id = client_creq(c)->rid;
+    r.request_id_len = client_creq(c)->rid_len;
+    r.has_body = client_creq(c)->has_body;
+    r.body_len = client_creq(c)->body_len;
     return proxy_build_request(buf, cap, &r, be);
 }
 
 static struct tries *client_tries(const struct client *c)
 {
-    return (struct tries *)(c->buf + c->w->tries_off);
+    return &client_creq(c)->tries;
 }
 
 static const struct conf_pool *client_pool(const struct client *c)
@@ -955,7 +986,7 @@ static int client_can_retry(struct client *c, uint32_t cond, int status, uint64_
     const struct conf_pool *pool = client_pool(c);
     const struct tries *t = client_tries(c);
 
-    if (c->resp_started || t->n > pool->retries || t->n >= MAX_TRIES)
+    if (client_creq(c)->resp_started || t->n > pool->retries || t->n >= MAX_TRIES)
         return 0;
     if (!retry_is_retryable(pool, cond, status))
         return 0;
@@ -965,8 +996,8 @@ static int client_can_retry(struct client *c, uint32_t cond, int status, uint64_
         return 0;
     if (!retry_budget_allow(&w->budgets[c->ln->pool], now, pool->retry_budget_pct,
                             pool->retry_budget_min)) {
-        log_debug("request %.*s: no retry, the retry budget of pool %s is spent", (int)c->rid_len,
-                  c->rid, pool->name);
+        log_debug("request %.*s: no retry, the retry budget of pool %s is spent",
+                  (int)client_creq(c)->rid_len, client_creq(c)->rid, pool->name);
         return 0;
     }
     return 1;
@@ -1096,8 +1127,8 @@ static void client_try_failed(struct client *c, enum upstream_err err)
     t->last_err = err;
     t->last_status = 0;
     if (client_can_retry(c, cond, 0, now)) {
-        log_debug("request %.*s: backend %s: %s, retrying (try %u)", (int)c->rid_len, c->rid,
-                  w->conf->backends[b].name, upstream_strerror(err), t->n + 1);
+        log_debug("request %.*s: backend %s: %s, retrying (try %u)", (int)client_creq(c)->rid_len,
+                  client_creq(c)->rid, w->conf->backends[b].name, upstream_strerror(err), t->n + 1);
         client_retry_commit(c, now);
         client_retry_wait(c);
         return;
@@ -1137,25 +1168,25 @@ static void client_try(struct client *c)
     t->discard = t->recorded = t->sse = t->sent = 0;
     t->sse_nl = 2;
     t->try_ns = now;
-    c->rq.ops = &client_ops;
-    c->rq.ctx = c;
-    c->rq.body = c->body;
-    c->rq.body_len = c->body_len;
-    c->rq.head_only = c->head_method;
-    c->rq.dechunk = c->http10;
-    c->rq.rechunk_sse = !c->http10;
-    c->rq.backend = b;
-    c->rq.connect_timeout_ms = pool->connect_timeout_ms;
-    c->rq.head_timeout_ms =
+    client_creq(c)->rq.ops = &client_ops;
+    client_creq(c)->rq.ctx = c;
+    client_creq(c)->rq.body = client_creq(c)->body;
+    client_creq(c)->rq.body_len = client_creq(c)->body_len;
+    client_creq(c)->rq.head_only = client_creq(c)->head_method;
+    client_creq(c)->rq.dechunk = client_creq(c)->http10;
+    client_creq(c)->rq.rechunk_sse = !client_creq(c)->http10;
+    client_creq(c)->rq.backend = b;
+    client_creq(c)->rq.connect_timeout_ms = pool->connect_timeout_ms;
+    client_creq(c)->rq.head_timeout_ms =
         pool->try_timeout_ms ? pool->try_timeout_ms : pool->first_byte_timeout_ms;
     if (t->deadline) {
         uint64_t left = t->deadline - lnow;
-        if (c->rq.connect_timeout_ms > left)
-            c->rq.connect_timeout_ms = left;
-        if (c->rq.head_timeout_ms > left)
-            c->rq.head_timeout_ms = left;
+        if (client_creq(c)->rq.connect_timeout_ms > left)
+            client_creq(c)->rq.connect_timeout_ms = left;
+        if (client_creq(c)->rq.head_timeout_ms > left)
+            client_creq(c)->rq.head_timeout_ms = left;
     }
-    int r = upstream_start(&w->up, &c->rq);
+    int r = upstream_start(&w->up, &client_creq(c)->rq);
     if (r < 0)
         client_try_failed(c, (enum upstream_err) - r);
 }
@@ -1222,8 +1253,9 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
     client_head_outcome(c, ur, cond, now);
     if (ur->status >= 400 && client_can_retry(c, cond, ur->status, now)) {
         /* consumed, not forwarded: the next backend answers instead */
-        log_debug("request %.*s: backend %s answered %d, retrying (try %u)", (int)c->rid_len,
-                  c->rid, w->conf->backends[client_backend(c)].name, ur->status, t->n + 1);
+        log_debug("request %.*s: backend %s answered %d, retrying (try %u)",
+                  (int)client_creq(c)->rid_len, client_creq(c)->rid,
+                  w->conf->backends[client_backend(c)].name, ur->status, t->n + 1);
         t->discard = 1;
         t->last_err = UPSTREAM_OK;
         t->last_status = ur->status;
@@ -1231,18 +1263,19 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
         return 0;
     }
 
-    c->resp_started = 1;
-    c->resp_close = !c->keepalive || ur->until_close || w->draining || c->close_after;
+    client_creq(c)->resp_started = 1;
+    client_creq(c)->resp_close =
+        !client_creq(c)->keepalive || ur->until_close || w->draining || c->close_after;
     r.status = ur->status;
     r.reason = ur->reason;
     r.reason_len = ur->reason_len;
     r.hdrs = ur->hdrs;
     r.n_hdrs = ur->n_hdrs;
     r.keep_chunked = ur->chunked;
-    r.close = c->resp_close;
-    r.http10_keepalive = c->http10 && !c->resp_close;
-    r.request_id = c->rid;
-    r.request_id_len = c->rid_len;
+    r.close = client_creq(c)->resp_close;
+    r.http10_keepalive = client_creq(c)->http10 && !client_creq(c)->resp_close;
+    r.request_id = client_creq(c)->rid;
+    r.request_id_len = client_creq(c)->rid_len;
     r.backend = client_via(c);
     r.attempts = t->n;
     int hl = proxy_build_response_head(w->scratch, head_cap(w), &r);
@@ -1287,8 +1320,9 @@ static void client_stream_failed(struct client *c, enum upstream_err err)
     struct tries *t = client_tries(c);
     int stalled = err == UPSTREAM_ETIMEOUT;
 
-    log_info("request %.*s: backend %s %s mid-stream", (int)c->rid_len, c->rid,
-             w->conf->backends[client_backend(c)].name, stalled ? "stalled" : "failed");
+    log_info("request %.*s: backend %s %s mid-stream", (int)client_creq(c)->rid_len,
+             client_creq(c)->rid, w->conf->backends[client_backend(c)].name,
+             stalled ? "stalled" : "failed");
     if (!t->sse || c->writing) {
         client_close(c);
         return;
@@ -1325,7 +1359,7 @@ static void op_on_end(void *ctx, enum upstream_err err)
         client_retry_wait(c);
         return;
     }
-    if (err == UPSTREAM_OK || (err == UPSTREAM_ECLIENT && c->resp_started)) {
+    if (err == UPSTREAM_OK || (err == UPSTREAM_ECLIENT && client_creq(c)->resp_started)) {
         /* a client that leaves mid-answer says nothing against the backend */
         if (!t->recorded)
             shm_wb_record_ok(w->shm, (uint32_t)w->slot, b, now, t->head_ns);
@@ -1341,7 +1375,7 @@ static void op_on_end(void *ctx, enum upstream_err err)
         client_close(c);
         return;
     }
-    if (c->resp_started) {
+    if (client_creq(c)->resp_started) {
         if (!t->recorded)
             shm_wb_record_fail(w->shm, (uint32_t)w->slot, b, now);
         client_try_end(c);
@@ -1362,7 +1396,8 @@ static int is_chat_completions(const struct client *c)
 {
     static const char path[] = "/v1/chat/completions";
     size_t n = sizeof(path) - 1;
-    return c->url_len >= n && memcmp(c->url, path, n) == 0 && (c->url_len == n || c->url[n] == '?');
+    return client_creq(c)->url_len >= n && memcmp(client_creq(c)->url, path, n) == 0 &&
+           (client_creq(c)->url_len == n || client_creq(c)->url[n] == '?');
 }
 
 /* Parses the JSON body for "model", "stream" and the pool's json:FIELD hash key; -1 when it is
@@ -1373,7 +1408,8 @@ static int client_parse_body(struct client *c)
     const struct conf_pool *pool = client_pool(c);
     const char *field = pool->hash_src == HASH_JSON ? pool->hash_name : NULL;
     for (;;) {
-        int r = proxy_parse_body_key(c->body, c->body_len, w->tokens, w->n_tokens, field, &c->info);
+        int r = proxy_parse_body_key(client_creq(c)->body, client_creq(c)->body_len, w->tokens,
+                                     w->n_tokens, field, &client_creq(c)->info);
         if (r != -ENOMEM)
             return r == 0 ? 0 : -1;
         unsigned n = w->n_tokens ? w->n_tokens * 2 : 256;
@@ -1391,19 +1427,19 @@ static void client_dispatch(struct client *c)
     struct worker *w = c->w;
 
     c->state = CS_WAIT;
-    c->resp_started = 0;
+    client_creq(c)->resp_started = 0;
     client_timer_stop(c);
-    if (c->err == 404) {
+    if (client_creq(c)->err == 404) {
         client_error(c, 404, "invalid_request_error", "not_found", "unknown path", 0, 0);
         return;
     }
-    c->info.model = NULL;
-    c->info.model_len = 0;
-    c->info.stream = 0;
-    c->info.key = NULL;
-    c->info.key_len = 0;
-    int json_ok = c->body_len ? client_parse_body(c) == 0 : 0;
-    if (!json_ok && c->parser.method == HTTP_POST && is_chat_completions(c)) {
+    client_creq(c)->info.model = NULL;
+    client_creq(c)->info.model_len = 0;
+    client_creq(c)->info.stream = 0;
+    client_creq(c)->info.key = NULL;
+    client_creq(c)->info.key_len = 0;
+    int json_ok = client_creq(c)->body_len ? client_parse_body(c) == 0 : 0;
+    if (!json_ok && client_creq(c)->parser.method == HTTP_POST && is_chat_completions(c)) {
         client_error(c, 400, "invalid_request_error", "invalid_json",
                      "the request body is not a JSON object", 0, 0);
         return;
@@ -1421,8 +1457,8 @@ static void client_dispatch(struct client *c)
             t->key = balancer_hash(h->value, h->value_len);
             t->has_key = 1;
         }
-    } else if (pool->hash_src == HASH_JSON && c->info.key) {
-        t->key = balancer_hash(c->info.key, c->info.key_len);
+    } else if (pool->hash_src == HASH_JSON && client_creq(c)->info.key) {
+        t->key = balancer_hash(client_creq(c)->info.key, client_creq(c)->info.key_len);
         t->has_key = 1;
     }
     c->tries_on = 1;
@@ -1439,7 +1475,7 @@ static void client_request_done(struct client *c)
     shm_counter_add(&shm_worker(w->shm, (uint32_t)w->slot)->requests, 1);
     client_free_body(c);
     c->fresh = 0;
-    if (c->resp_close || c->close_after || w->draining) {
+    if (client_creq(c)->resp_close || c->close_after || w->draining) {
         client_linger(c);
         return;
     }
@@ -1449,7 +1485,7 @@ static void client_request_done(struct client *c)
         c->len -= c->pos;
         c->pos = 0;
         c->state = CS_HEAD;
-        llhttp_resume(&c->parser);
+        llhttp_resume(&client_creq(c)->parser);
         client_timer(c, T_HEADER);
         client_read_start(c);
         client_process(c);
@@ -1459,8 +1495,7 @@ static void client_request_done(struct client *c)
         client_close(c);
         return;
     }
-    llhttp_resume(&c->parser);
-    client_drop_buf(c);
+    client_drop_buf(c); /* the parser goes with it: a new one starts the next request */
     c->state = CS_IDLE;
     client_timer(c, T_KEEPALIVE);
     client_read_start(c);
@@ -1521,7 +1556,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
         return;
     }
     c->len += (uint32_t)n;
-    switch (c->state) {
+    switch ((enum cstate)c->state) {
     case CS_IDLE:
         c->state = CS_HEAD;
         if (!c->fresh)
@@ -1571,7 +1606,7 @@ static void on_connection(uv_stream_t *server, int status)
     c->ln = &w->conf->listens[l->idx];
     uv_tcp_init(&w->loop, &c->tcp);
     c->tcp.data = c;
-    c->li = l->idx;
+    c->li = (uint16_t)l->idx;
     c->handles = 1;
     if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
         /* another worker took it */
@@ -1591,8 +1626,6 @@ static void on_connection(uv_stream_t *server, int status)
             uv_ip6_name((struct sockaddr_in6 *)&ss, c->ip, sizeof(c->ip));
     }
 
-    llhttp_init(&c->parser, HTTP_REQUEST, &req_settings);
-    c->parser.data = c;
     c->state = CS_IDLE;
     c->fresh = 1;
     c->next = w->clients;
@@ -1765,9 +1798,9 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     }
     w->data_size = data;
     w->max_hdrs = max_hdrs;
-    /* a buffer: data, header spans, a generated request id, then a request's struct tries */
-    w->tries_off = (data + max_hdrs * sizeof(struct proxy_hdr) + 32 + 15) & ~(size_t)15;
-    bufpool_init(&w->bufs, w->tries_off + sizeof(struct tries), MAX_FREE_BUFS);
+    /* a buffer: data, header spans, a generated request id, then the request's struct creq */
+    w->creq_off = (data + max_hdrs * sizeof(struct proxy_hdr) + 32 + 15) & ~(size_t)15;
+    bufpool_init(&w->bufs, w->creq_off + sizeof(struct creq), MAX_FREE_BUFS);
     if (!(w->scratch = malloc(w->bufs.size)))
         return -ENOMEM;
     if (getrandom(&w->rid_seed1, sizeof(w->rid_seed1), 0) != sizeof(w->rid_seed1) ||
