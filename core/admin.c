@@ -152,7 +152,7 @@ static void backend_row_read(const struct conf *conf, const struct shm *shm, int
     for (uint32_t w = 0; w < shm_n_workers(shm); w++)
         r->retries += atomic_load_explicit(&shm_wb(shm, w, b)->retries, memory_order_relaxed);
     r->cooling_ms = left_ms(shm_backend_cool_until(shm, b), now_ns);
-    r->ewma_ns = shm_backend_ewma(shm, b);
+    r->ewma_ns = shm_backend_ewma(shm, b, now_ns);
     uint64_t since = atomic_load_explicit(&sb->since_ns, memory_order_relaxed);
     r->changed = since != 0;
     r->since_s = since && now_ns > since ? (now_ns - since) / 1000000000 : 0;

@@ -926,7 +926,7 @@ static uint32_t client_cands(struct client *c, uint64_t now, uint64_t *cool_min)
         k->tried = (uint8_t)was_tried(t, b);
         k->backup = (uint8_t)(cb->backup != 0);
         k->max_conns = cb->max_conns;
-        k->ewma_ns = pool->balance == BALANCE_P2C ? shm_backend_ewma(w->shm, b) : 0;
+        k->ewma_ns = pool->balance == BALANCE_P2C ? shm_backend_ewma(w->shm, b, now) : 0;
         k->id = cb->name_hash;
         w->cand_limit[i] = limit;
     }

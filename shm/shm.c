@@ -198,6 +198,7 @@ void shm_wb_record_ok(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns, 
     if (latency_ns) {
         e = (e == 0 || latency_ns > e) ? latency_ns : e - (e - latency_ns) / 8;
         atomic_store_explicit(&wb->ewma_ns, e, memory_order_relaxed);
+        atomic_store_explicit(&wb->ewma_at_ns, now_ns, memory_order_relaxed);
     }
     shm_counter_add(&wb->ok, 1);
     atomic_store_explicit(&wb->last_ok_ns, now_ns, memory_order_release);
@@ -208,9 +209,16 @@ void shm_wb_record_fail(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns
     struct shm_wb *wb = shm_wb(shm, w, b);
     uint32_t pos = atomic_load_explicit(&wb->fail_pos, memory_order_relaxed);
 
+    uint64_t e = atomic_load_explicit(&wb->ewma_ns, memory_order_relaxed);
+
     atomic_store_explicit(&wb->fail_ring[pos % SHM_FAIL_RING], now_ns, memory_order_relaxed);
     atomic_store_explicit(&wb->fail_pos, pos + 1, memory_order_release);
     shm_counter_add(&wb->failures, 1);
+    /* A fast failure must not look like a fast answer to p2c: it is a slow sample. */
+    e = e * 2 > SHM_EWMA_FAIL_NS ? e * 2 : SHM_EWMA_FAIL_NS;
+    atomic_store_explicit(&wb->ewma_ns, e < 60 * SHM_EWMA_FAIL_NS ? e : 60 * SHM_EWMA_FAIL_NS,
+                          memory_order_relaxed);
+    atomic_store_explicit(&wb->ewma_at_ns, now_ns, memory_order_relaxed);
 }
 
 uint32_t shm_backend_failures_since(const struct shm *shm, uint32_t b, uint64_t since_ns)
@@ -258,20 +266,68 @@ uint64_t shm_backend_cool_until(const struct shm *shm, uint32_t b)
     return m;
 }
 
-uint64_t shm_backend_ewma(const struct shm *shm, uint32_t b)
+uint64_t shm_backend_ewma(const struct shm *shm, uint32_t b, uint64_t now_ns)
 {
     uint64_t sum = 0, n = 0;
     uint32_t w;
 
     for (w = 0; w < shm->hdr->n_workers; w++) {
-        uint64_t e = atomic_load_explicit(&shm_wb(shm, w, b)->ewma_ns, memory_order_relaxed);
+        const struct shm_wb *wb = shm_wb(shm, w, b);
+        uint64_t e = atomic_load_explicit(&wb->ewma_ns, memory_order_relaxed);
+        uint64_t at = atomic_load_explicit(&wb->ewma_at_ns, memory_order_relaxed);
 
-        if (e) {
-            sum += e;
-            n++;
+        if (!e)
+            continue;
+        if (now_ns > at) {
+            uint64_t halvings = (now_ns - at) / SHM_EWMA_HALF_LIFE_NS;
+
+            e = halvings >= 64 ? 0 : e >> halvings;
         }
+        sum += e;
+        n++;
     }
     return n ? sum / n : 0;
+}
+
+void shm_wb_budget_note(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns, int retry)
+{
+    struct shm_wb *wb = shm_wb(shm, w, b);
+    uint64_t sec = now_ns / 1000000000ULL + 1;
+    unsigned i = (unsigned)(sec % SHM_BUDGET_SECS);
+    _Atomic uint32_t *c = retry ? &wb->bkt_retry[i] : &wb->bkt_req[i];
+
+    if (atomic_load_explicit(&wb->bkt_sec[i], memory_order_relaxed) != sec) {
+        /* A new second takes the bucket over: counts first, so a reader that sees the new
+         * second never sees the old second's counts. */
+        atomic_store_explicit(&wb->bkt_sec[i], 0, memory_order_release);
+        atomic_store_explicit(&wb->bkt_req[i], 0, memory_order_relaxed);
+        atomic_store_explicit(&wb->bkt_retry[i], 0, memory_order_relaxed);
+        atomic_store_explicit(&wb->bkt_sec[i], sec, memory_order_release);
+    }
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+}
+
+void shm_budget_window(const struct shm *shm, uint32_t b, uint32_t n, uint64_t now_ns,
+                       uint64_t *requests, uint64_t *retries)
+{
+    uint64_t sec = now_ns / 1000000000ULL + 1;
+
+    *requests = *retries = 0;
+    for (uint32_t w = 0; w < shm->hdr->n_workers; w++) {
+        for (uint32_t k = b; k < b + n && k < shm->hdr->n_backends; k++) {
+            const struct shm_wb *wb = shm_wb(shm, w, k);
+
+            for (unsigned i = 0; i < SHM_BUDGET_SECS; i++) {
+                uint64_t s = atomic_load_explicit(&wb->bkt_sec[i], memory_order_acquire);
+
+                if (s == 0 || s > sec || s + SHM_BUDGET_SECS <= sec)
+                    continue;
+                *requests += atomic_load_explicit(&wb->bkt_req[i], memory_order_relaxed);
+                *retries += atomic_load_explicit(&wb->bkt_retry[i], memory_order_relaxed);
+            }
+        }
+    }
 }
 
 void shm_backend_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint64_t *failed)

@@ -59,7 +59,8 @@ enum breaker_cmd {
     BREAKER_CMD_OPEN = 2,  /* force open */
 };
 
-#define SHM_FAIL_RING 32 /* failure times kept per (worker, backend) */
+#define SHM_FAIL_RING   32 /* failure times kept per (worker, backend) */
+#define SHM_BUDGET_SECS 10 /* retry budget window: one-second buckets */
 
 /* One per backend, indexed like conf.backends. */
 struct shm_backend {
@@ -100,6 +101,11 @@ struct shm_wb {
     _Atomic int32_t trials;         /* breaker/passive trial requests in flight */
     _Atomic uint32_t fail_pos;      /* next slot of fail_ring */
     _Atomic uint64_t fail_ring[SHM_FAIL_RING]; /* times of the latest failures */
+    /* retry budget: requests and retries of this worker to this backend per second */
+    _Atomic uint64_t bkt_sec[SHM_BUDGET_SECS]; /* the second (+1) a bucket counts; 0 = unused */
+    _Atomic uint32_t bkt_req[SHM_BUDGET_SECS];
+    _Atomic uint32_t bkt_retry[SHM_BUDGET_SECS];
+    _Atomic uint64_t ewma_at_ns; /* when ewma_ns was last updated */
 } __attribute__((aligned(SHM_CACHELINE)));
 
 /* Per-worker slot header; writer: that worker (pid etc. by the master before fork). */
@@ -195,8 +201,18 @@ uint32_t shm_backend_failures_since(const struct shm *shm, uint32_t b, uint64_t 
 uint64_t shm_backend_last_ok(const struct shm *shm, uint32_t b);
 /* b is cooling (429) until this time (0 = not cooling). */
 uint64_t shm_backend_cool_until(const struct shm *shm, uint32_t b);
-/* Peak-EWMA latency of b: the mean of the workers' figures (0 = none yet). */
-uint64_t shm_backend_ewma(const struct shm *shm, uint32_t b);
+/* Peak-EWMA latency of b at now_ns: the mean of the workers' figures, each halved for every
+ * SHM_EWMA_HALF_LIFE_NS without a new sample, so a backend once slow (and since avoided) is
+ * tried again (0 = none yet). A failure counts as a sample of at least SHM_EWMA_FAIL_NS. */
+#define SHM_EWMA_HALF_LIFE_NS (10 * 1000000000ULL)
+#define SHM_EWMA_FAIL_NS      (1000000000ULL)
+uint64_t shm_backend_ewma(const struct shm *shm, uint32_t b, uint64_t now_ns);
+
+/* Worker w counts one request (retry = 0) or one retry (retry = 1) to b in the budget window. */
+void shm_wb_budget_note(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns, int retry);
+/* Requests and retries of backends [b, b + n) over all workers in the last SHM_BUDGET_SECS. */
+void shm_budget_window(const struct shm *shm, uint32_t b, uint32_t n, uint64_t now_ns,
+                       uint64_t *requests, uint64_t *retries);
 /* Sum of the workers' cumulative ok / failure counters of b. */
 void shm_backend_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint64_t *failed);
 

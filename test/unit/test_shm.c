@@ -157,20 +157,75 @@ static void test_peak_ewma_and_cooling(void **state)
     struct shm shm;
 
     assert_int_equal(shm_create(&shm, 1, 2, 1), 0);
-    assert_int_equal(shm_backend_ewma(&shm, 0), 0);
+    assert_int_equal(shm_backend_ewma(&shm, 0, 4), 0);
     shm_wb_record_ok(&shm, 0, 0, 1, 800);
-    assert_int_equal(shm_backend_ewma(&shm, 0), 800);
+    assert_int_equal(shm_backend_ewma(&shm, 0, 4), 800);
     shm_wb_record_ok(&shm, 0, 0, 2, 8000); /* slower: taken at once */
-    assert_int_equal(shm_backend_ewma(&shm, 0), 8000);
+    assert_int_equal(shm_backend_ewma(&shm, 0, 4), 8000);
     shm_wb_record_ok(&shm, 0, 0, 3, 0 + 800); /* faster: 1/8 of the way down */
-    assert_int_equal(shm_backend_ewma(&shm, 0), 8000 - 7200 / 8);
+    assert_int_equal(shm_backend_ewma(&shm, 0, 4), 8000 - 7200 / 8);
     shm_wb_record_ok(&shm, 1, 0, 4, 1000); /* mean over the workers that measured */
-    assert_int_equal(shm_backend_ewma(&shm, 0), (8000 - 900 + 1000) / 2);
+    assert_int_equal(shm_backend_ewma(&shm, 0, 4), (8000 - 900 + 1000) / 2);
 
     assert_int_equal(shm_backend_cool_until(&shm, 0), 0);
     atomic_store(&shm_wb(&shm, 1, 0)->cool_until_ns, 5000);
     atomic_store(&shm_wb(&shm, 0, 0)->cool_until_ns, 3000);
     assert_int_equal(shm_backend_cool_until(&shm, 0), 5000);
+    shm_destroy(&shm);
+}
+
+/* p2c must not see a fast failure as a fast backend, nor keep an old slow figure for ever. */
+static void test_ewma_failure_penalty_and_decay(void **state)
+{
+    struct shm shm;
+    const uint64_t s = 1000000000ULL;
+
+    assert_int_equal(shm_create(&shm, 1, 1, 1), 0);
+    shm_wb_record_fail(&shm, 0, 0, 10 * s); /* never measured, fails fast */
+    assert_int_equal(shm_backend_ewma(&shm, 0, 10 * s), SHM_EWMA_FAIL_NS);
+    shm_wb_record_fail(&shm, 0, 0, 10 * s); /* doubles */
+    assert_int_equal(shm_backend_ewma(&shm, 0, 10 * s), 2 * SHM_EWMA_FAIL_NS);
+    /* halves every half-life without a new sample, down to nothing */
+    assert_int_equal(shm_backend_ewma(&shm, 0, 10 * s + SHM_EWMA_HALF_LIFE_NS), SHM_EWMA_FAIL_NS);
+    assert_int_equal(shm_backend_ewma(&shm, 0, 10 * s + 3 * SHM_EWMA_HALF_LIFE_NS),
+                     SHM_EWMA_FAIL_NS / 4);
+    assert_int_equal(shm_backend_ewma(&shm, 0, 10 * s + 100 * SHM_EWMA_HALF_LIFE_NS), 0);
+    /* capped at 60 s however often it fails */
+    for (int i = 0; i < 20; i++)
+        shm_wb_record_fail(&shm, 0, 0, 11 * s);
+    assert_int_equal(shm_backend_ewma(&shm, 0, 11 * s), 60 * SHM_EWMA_FAIL_NS);
+    shm_destroy(&shm);
+}
+
+/* The retry budget window is pool-wide: every worker's buckets of every backend of the pool,
+ * over the last SHM_BUDGET_SECS seconds. */
+static void test_budget_window(void **state)
+{
+    struct shm shm;
+    uint64_t req, ret;
+    const uint64_t s = 1000000000ULL;
+
+    assert_int_equal(shm_create(&shm, 3, 2, 1), 0);
+    for (int i = 0; i < 10; i++)
+        shm_wb_budget_note(&shm, 0, 0, 100 * s, 0);
+    for (int i = 0; i < 5; i++)
+        shm_wb_budget_note(&shm, 1, 1, 103 * s + 500000000ULL, 0);
+    shm_wb_budget_note(&shm, 1, 1, 104 * s, 1);
+    shm_wb_budget_note(&shm, 0, 2, 104 * s, 1); /* another pool's backend */
+    shm_budget_window(&shm, 0, 2, 105 * s, &req, &ret);
+    assert_int_equal(req, 15);
+    assert_int_equal(ret, 1);
+    /* 10 s after the first second, it has left the window */
+    shm_budget_window(&shm, 0, 2, 110 * s, &req, &ret);
+    assert_int_equal(req, 5);
+    assert_int_equal(ret, 1);
+    /* a bucket reused for a new second starts from zero */
+    shm_wb_budget_note(&shm, 0, 0, 110 * s, 0);
+    shm_budget_window(&shm, 0, 1, 110 * s, &req, &ret);
+    assert_int_equal(req, 1);
+    shm_budget_window(&shm, 0, 3, 119 * s, &req, &ret);
+    assert_int_equal(req, 1);
+    assert_int_equal(ret, 0);
     shm_destroy(&shm);
 }
 
@@ -253,6 +308,8 @@ int main(void)
         cmocka_unit_test(test_eligibility),
         cmocka_unit_test(test_outcomes_and_failure_window),
         cmocka_unit_test(test_peak_ewma_and_cooling),
+        cmocka_unit_test(test_ewma_failure_penalty_and_decay),
+        cmocka_unit_test(test_budget_window),
         cmocka_unit_test(test_trials_never_exceed_limit),
         cmocka_unit_test(test_breaker_fields_and_commands),
     };
