@@ -154,6 +154,20 @@ static void acct_end(struct upstream *up, struct upstream_req *rq, enum upstream
 
 /* ---- connection lifecycle ---- */
 
+/* A connection's buffer: u->buf points at its data, the header spans sit before it (close to
+ * the data, so that a response touches few pages). */
+static char *buf_take(struct upstream *up)
+{
+    char *p = bufpool_get(up->bufs);
+    return p ? p + up->data_off : NULL;
+}
+
+static void buf_give(struct upstream *up, char *buf)
+{
+    if (buf)
+        bufpool_put(up->bufs, buf - up->data_off);
+}
+
 static void conn_handle_closed(uv_handle_t *h)
 {
     struct upconn *u = h->data;
@@ -191,7 +205,7 @@ static void conn_close(struct upconn *u)
     if (u->tls_on)
         tls_conn_free(&u->tls);
     close(u->fd);
-    bufpool_put(up->bufs, u->buf);
+    buf_give(up, u->buf);
     u->buf = NULL;
     if (u->rq)
         u->rq->conn = NULL;
@@ -244,7 +258,7 @@ static void exchange_end(struct upconn *u, enum upstream_err err, int reusable)
     rq->conn = NULL;
     u->rq = NULL;
     if (reusable && err == UPSTREAM_OK && !up->draining && be->n_idle < be->cb->keepalive) {
-        bufpool_put(up->bufs, u->buf);
+        buf_give(up, u->buf);
         u->buf = NULL;
         u->state = UC_IDLE;
         u->reused = 1;
@@ -310,7 +324,7 @@ static int conn_connect(struct upstream *up, struct upstream_req *rq)
         close(fd);
         return -UPSTREAM_ENOMEM;
     }
-    u->buf = bufpool_get(up->bufs);
+    u->buf = buf_take(up);
     if (!u->buf) {
         conn_close(u);
         return -UPSTREAM_ENOMEM;
@@ -396,9 +410,9 @@ static int conn_begin(struct upconn *u)
     struct upstream *up = u->up;
     struct upstream_req *rq = u->rq;
 
-    if (!u->buf && !(u->buf = bufpool_get(up->bufs)))
+    if (!u->buf && !(u->buf = buf_take(up)))
         return -UPSTREAM_ENOMEM;
-    u->hdrs = (struct proxy_hdr *)(u->buf + up->data_size);
+    u->hdrs = (struct proxy_hdr *)(u->buf - up->data_off + up->hdrs_off);
     int n = rq->ops->build_head(rq->ctx, u->be->cb, u->buf, up->data_size);
     if (n < 0)
         return -UPSTREAM_ENOMEM;
@@ -931,7 +945,8 @@ static int resolve(struct up_backend *be)
 }
 
 int upstream_init(struct upstream *up, uv_loop_t *loop, const struct conf *conf, struct shm *shm,
-                  int slot, struct bufpool *bufs, size_t data_size, uint32_t max_hdrs)
+                  int slot, struct bufpool *bufs, size_t data_off, size_t data_size,
+                  size_t hdrs_off, uint32_t max_hdrs)
 {
     memset(up, 0, sizeof(*up));
     up->loop = loop;
@@ -939,7 +954,9 @@ int upstream_init(struct upstream *up, uv_loop_t *loop, const struct conf *conf,
     up->shm = shm;
     up->slot = slot;
     up->bufs = bufs;
+    up->data_off = data_off;
     up->data_size = data_size;
+    up->hdrs_off = hdrs_off;
     up->max_hdrs = max_hdrs;
     up->n_backends = conf->n_backends;
 

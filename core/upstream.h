@@ -109,7 +109,9 @@ struct upstream {
     struct shm *shm;
     int slot;
     struct bufpool *bufs;
-    size_t data_size; /* usable bytes of a buffer; the tail holds header spans */
+    size_t data_off;  /* where a buffer's data starts (u->buf points there) */
+    size_t data_size; /* usable bytes of data */
+    size_t hdrs_off;  /* where a buffer's header spans start, before the data */
     uint32_t max_hdrs;
     struct up_backend *backends;
     int n_backends;
@@ -119,9 +121,11 @@ struct upstream {
     uint64_t aborts; /* exchanges cut because the client went away */
 };
 
-/* Resolves backend addresses and prepares TLS clients. 0 or -errno. */
+/* Resolves backend addresses and prepares TLS clients. A buffer from bufs holds max_hdrs
+ * header spans at hdrs_off and data_size bytes of data at data_off. 0 or -errno. */
 int upstream_init(struct upstream *up, uv_loop_t *loop, const struct conf *conf, struct shm *shm,
-                  int slot, struct bufpool *bufs, size_t data_size, uint32_t max_hdrs);
+                  int slot, struct bufpool *bufs, size_t data_off, size_t data_size,
+                  size_t hdrs_off, uint32_t max_hdrs);
 /* Closes idle pooled connections and stops pooling (graceful stop). */
 void upstream_drain(struct upstream *up);
 /* Frees what upstream_init set up; every connection must be closed (after the loop ran). */

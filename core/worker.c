@@ -155,7 +155,7 @@ struct worker {
     int n_tqs;
     int draining, stopping;
     struct bufpool bufs;
-    size_t data_size; /* bytes of a buffer for data; header spans and the request id follow */
+    size_t data_size; /* bytes of a buffer for data */
     uint32_t max_hdrs;
     struct upstream up;
     struct balancer *bal; /* per pool */
@@ -164,7 +164,10 @@ struct worker {
     struct retry_budget *budgets; /* per pool */
     uint64_t *auth_log_ns;        /* per backend: the last "api_key is bad" warning */
     struct tq retry_q;            /* clients waiting out a retry back-off, by due time */
-    size_t creq_off;              /* where struct creq sits in a client buffer */
+    /* A pool buffer: struct creq, a generated request id, header spans, then data (c->buf and
+     * u->buf point at the data). What a request touches is together at the start, so a
+     * request dirties a page or two of its buffer rather than both ends of it. */
+    size_t rid_off, hdrs_off, data_off;
     struct client *clients, *free_clients;
     int n_clients;
     void *tokens; /* jsmn tokens, grown on demand */
@@ -178,7 +181,7 @@ static llhttp_settings_t req_settings;
 /* The request state of a client that holds a buffer. */
 static struct creq *client_creq(const struct client *c)
 {
-    return (struct creq *)(c->buf + c->w->creq_off);
+    return (struct creq *)(c->buf - c->w->data_off);
 }
 
 static void client_process(struct client *c);
@@ -285,10 +288,11 @@ static void client_take_buf(struct client *c)
 {
     if (c->buf)
         return;
-    c->buf = bufpool_get(&c->w->bufs);
+    char *p = bufpool_get(&c->w->bufs);
     c->len = c->pos = 0;
-    if (!c->buf)
+    if (!p)
         return;
+    c->buf = p + c->w->data_off;
     /* a new request state: the buffer may come from another connection */
     struct creq *r = client_creq(c);
     memset(r, 0, sizeof(*r));
@@ -298,7 +302,8 @@ static void client_take_buf(struct client *c)
 
 static void client_drop_buf(struct client *c)
 {
-    bufpool_put(&c->w->bufs, c->buf);
+    if (c->buf)
+        bufpool_put(&c->w->bufs, c->buf - c->w->data_off);
     c->buf = NULL;
     c->len = c->pos = 0;
 }
@@ -324,7 +329,8 @@ static void client_handle_closed(uv_handle_t *h)
     if (--c->handles > 0)
         return;
     client_free_body(c);
-    bufpool_put(&w->bufs, c->buf);
+    if (c->buf)
+        bufpool_put(&w->bufs, c->buf - w->data_off);
     bufpool_put(&w->bufs, c->wbuf);
     c->buf = c->wbuf = NULL;
     c->next = w->free_clients;
@@ -647,7 +653,7 @@ static int client_on_head(struct client *c)
         client_creq(c)->rid = h->value;
         client_creq(c)->rid_len = h->value_len;
     } else {
-        char *id = c->buf + w->data_size + w->max_hdrs * sizeof(struct proxy_hdr);
+        char *id = c->buf - w->data_off + w->rid_off;
         proxy_request_id(id, w->rid_seed1, w->rid_seed2, w->rid_counter++);
         client_creq(c)->rid = id;
         client_creq(c)->rid_len = 32;
@@ -739,7 +745,7 @@ static void client_process(struct client *c)
         if (c->state == CS_IDLE)
             c->state = CS_HEAD;
         client_creq(c)->ev = CEV_NONE;
-        client_creq(c)->hdrs = (struct proxy_hdr *)(c->buf + w->data_size);
+        client_creq(c)->hdrs = (struct proxy_hdr *)(c->buf - w->data_off + w->hdrs_off);
         llhttp_errno_t e =
             llhttp_execute(&client_creq(c)->parser, c->buf + c->pos, c->len - c->pos);
         if (e == HPE_OK) {
@@ -1798,9 +1804,10 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     }
     w->data_size = data;
     w->max_hdrs = max_hdrs;
-    /* a buffer: data, header spans, a generated request id, then the request's struct creq */
-    w->creq_off = (data + max_hdrs * sizeof(struct proxy_hdr) + 32 + 15) & ~(size_t)15;
-    bufpool_init(&w->bufs, w->creq_off + sizeof(struct creq), MAX_FREE_BUFS);
+    w->rid_off = (sizeof(struct creq) + 15) & ~(size_t)15;
+    w->hdrs_off = w->rid_off + 32;
+    w->data_off = (w->hdrs_off + max_hdrs * sizeof(struct proxy_hdr) + 63) & ~(size_t)63;
+    bufpool_init(&w->bufs, w->data_off + data, MAX_FREE_BUFS);
     if (!(w->scratch = malloc(w->bufs.size)))
         return -ENOMEM;
     if (getrandom(&w->rid_seed1, sizeof(w->rid_seed1), 0) != sizeof(w->rid_seed1) ||
@@ -1809,7 +1816,8 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
         w->rid_seed2 = time_mono_ns();
     }
     settings_init();
-    int r = upstream_init(&w->up, &w->loop, conf, shm, slot, &w->bufs, data, max_hdrs);
+    int r = upstream_init(&w->up, &w->loop, conf, shm, slot, &w->bufs, w->data_off, data,
+                          w->hdrs_off, max_hdrs);
     if (r < 0)
         return r;
 
