@@ -246,6 +246,105 @@ static void test_build_response_head(void **state)
     assert_int_equal(proxy_build_response_head(buf, 10, &r), -ENOSPC);
 }
 
+/* Header names are sorted by length and compared case-insensitively: every case form of a
+ * special name is caught, and a name of the same length that differs in one byte is not. */
+static void test_header_names(void **state)
+{
+    assert_true(proxy_name_eq("X-Request-ID", 12, "x-request-id", 12));
+    assert_true(proxy_name_eq("x-request-id", 12, "x-request-id", 12));
+    assert_false(proxy_name_eq("X_Request_Id", 12, "x-request-id", 12));
+    assert_false(proxy_name_eq("x-request-i", 11, "x-request-id", 12));
+    assert_false(proxy_name_eq("x-request-ie", 12, "x-request-id", 12));
+    assert_true(proxy_hop_by_hop("PROXY-CONNECTION", 16));
+    assert_true(proxy_hop_by_hop("Transfer-encoding", 17));
+    assert_false(proxy_hop_by_hop("Transfer-encodinG2", 18));
+    assert_false(proxy_hop_by_hop("X-Forwarded-Proto", 17));
+
+    struct conf_backend be;
+    char key[] = "k";
+    backend_init(&be, 0, "h", 80, "", key, 8);
+    struct proxy_hdr h[] = {
+        H("HOST", "a"),
+        H("Hoxt", "1"),
+        H("EXPECT", "100-continue"),
+        H("Expecx", "2"),
+        H("X-REAL-IP", "a"),
+        H("X-Real-IQ", "3"),
+        H("X-REQUEST-ID", "a"),
+        H("X_Request_Id", "4"),
+        H("AUTHORIZATION", "a"),
+        H("Authorizatiox", "5"),
+        H("CONTENT-LENGTH", "9"),
+        H("Content-Lengtx", "6"),
+        H("X-FORWARDED-PROTO", "a"),
+        H("X-Forwarded-Protx", "7"),
+        H("UPGRADE", "a"),
+        H("Trailex", "8"),
+        H("tE", "a"),
+        H("Tf", "9"),
+        H("x-forwarded-FOR", "10.0.0.9"),
+    };
+    struct proxy_req r = {
+        .method = "POST",
+        .method_len = 4,
+        .path = "/v1/x",
+        .path_len = 5,
+        .hdrs = h,
+        .n_hdrs = sizeof(h) / sizeof(h[0]),
+        .client_ip = "127.0.0.1",
+        .request_id = "rid",
+        .request_id_len = 3,
+    };
+    char buf[2048];
+    int n = proxy_build_request(buf, sizeof(buf), &r, &be);
+    assert_bytes(buf, n,
+                 "POST /x HTTP/1.1\r\n"
+                 "Host: h\r\n"
+                 "Hoxt: 1\r\n"
+                 "Expecx: 2\r\n"
+                 "X-Real-IQ: 3\r\n"
+                 "X_Request_Id: 4\r\n"
+                 "Authorizatiox: 5\r\n"
+                 "Content-Lengtx: 6\r\n"
+                 "X-Forwarded-Protx: 7\r\n"
+                 "Trailex: 8\r\n"
+                 "Tf: 9\r\n"
+                 "X-Forwarded-For: 10.0.0.9, 127.0.0.1\r\n"
+                 "X-Real-IP: 127.0.0.1\r\n"
+                 "X-Forwarded-Proto: http\r\n"
+                 "X-Request-Id: rid\r\n"
+                 "Authorization: Bearer k\r\n"
+                 "\r\n");
+
+    /* response: a name listed in an upper-case Connection header goes, whatever its case */
+    struct proxy_hdr rh[] = {
+        H("CONNECTION", "x-drop"),    H("X-DROP", "1"),
+        H("X-Dropped", "2"),          H("TRANSFER-ENCODING", "chunked"),
+        H("X-AIGW-BACKEND", "other"), H("x-aigw-backenx", "3"),
+        H("X-AIGW-ATTEMPTS", "9"),    H("X-REQUEST-ID", "up"),
+    };
+    struct proxy_resp rr = {
+        .status = 200,
+        .reason = "OK",
+        .reason_len = 2,
+        .hdrs = rh,
+        .n_hdrs = sizeof(rh) / sizeof(rh[0]),
+        .request_id = "rid",
+        .request_id_len = 3,
+        .backend = "b1",
+        .attempts = 1,
+    };
+    n = proxy_build_response_head(buf, sizeof(buf), &rr);
+    assert_bytes(buf, n,
+                 "HTTP/1.1 200 OK\r\n"
+                 "X-Dropped: 2\r\n"
+                 "x-aigw-backenx: 3\r\n"
+                 "x-aigw-backend: b1\r\n"
+                 "x-aigw-attempts: 1\r\n"
+                 "X-Request-Id: rid\r\n"
+                 "\r\n");
+}
+
 static void test_build_error(void **state)
 {
     char buf[1024];
@@ -642,6 +741,7 @@ int main(void)
         cmocka_unit_test(test_build_request_full),
         cmocka_unit_test(test_build_request_plain),
         cmocka_unit_test(test_build_response_head),
+        cmocka_unit_test(test_header_names),
         cmocka_unit_test(test_build_error),
         cmocka_unit_test(test_request_id),
         cmocka_unit_test(test_parse_body),
