@@ -3,8 +3,7 @@
 # `sudo apt-get install ...` line is printed and make stops.
 
 DEPS := meson ninja-build pkg-config gcc libc6-dev libuv1-dev libmbedtls-dev libinih-dev \
-        node-llhttp libcmocka-dev libjsmn-dev python3 openssl curl clang-format \
-        libclang-rt-14-dev
+        node-llhttp libcmocka-dev libjsmn-dev python3 openssl curl clang-format
 BENCH_DEPS := wrk haproxy nginx-light
 
 BUILD := build
@@ -14,7 +13,7 @@ ASAN_OPTS := --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false
 
 SRC_DIRS := cmd core balancer health shm test/unit test/mock test/fuzz
 
-.PHONY: all deps bench-deps build asan run test unit integration bench fmt fmt-check clean
+.PHONY: all deps bench-deps build asan run test unit integration bench fuzz fmt fmt-check clean
 
 all: build
 
@@ -46,6 +45,23 @@ test: build asan
 
 bench: bench-deps build
 	./test/bench/bench.sh $(BUILD)
+
+# Open-ended coverage-guided fuzzing of each target with clang's libFuzzer (FUZZ_SECONDS each).
+FUZZ_SECONDS ?= 60
+FUZZ_CFLAGS := -std=gnu17 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -I. \
+               -I/usr/share/include/llhttp
+fuzz: deps
+	./test/deps.sh clang libclang-rt-14-dev
+	mkdir -p $(BUILD)/fuzz
+	for t in conf body values; do \
+	    clang $(FUZZ_CFLAGS) -o $(BUILD)/fuzz/fuzz_$$t test/fuzz/fuzz_$$t.c \
+	        $$(ls core/*.c shm/*.c balancer/*.c health/*.c) /usr/share/llhttp/*.c \
+	        $$(pkg-config --cflags --libs libuv inih) -lmbedtls -lmbedx509 -lmbedcrypto -lm \
+	        || exit 1; \
+	    mkdir -p $(BUILD)/fuzz/corpus-$$t; \
+	    $(BUILD)/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -max_len=65536 \
+	        $(BUILD)/fuzz/corpus-$$t test/fuzz/corpus/$$t || exit 1; \
+	done
 
 fmt:
 	find $(SRC_DIRS) -name '*.[ch]' | xargs clang-format -i

@@ -90,6 +90,25 @@ unit_tests() {
     fi
 }
 
+fuzz_tests() {
+    build=$1
+    [ -n "${AIGW_NO_UNIT:-}" ] && return
+    # Each fuzz target replays its corpus and a fixed set of mutations (see test/fuzz/driver.c);
+    # open-ended fuzzing with libFuzzer is `make fuzz`.
+    for t in "$build"/test/fuzz/fuzz_*; do
+        [ -f "$t" ] && [ -x "$t" ] || continue
+        target=$(basename "$t")
+        name="$build/fuzz/$target"
+        if timeout -k 5 120 "$t" -n "${AIGW_FUZZ_MUTATIONS:-3000}" \
+            "test/fuzz/corpus/${target#fuzz_}" >"$TMP/fuzz.out" 2>&1; then
+            pass "$name"
+        else
+            echo "exit status $?" >>"$TMP/fuzz.out"
+            fail "$name" "$TMP/fuzz.out" 40
+        fi
+    done
+}
+
 integration_tests() {
     build=$1
     [ -n "${AIGW_NO_INTEGRATION:-}" ] && return
@@ -121,6 +140,7 @@ run_build() {
         return
     fi
     unit_tests "$build"
+    fuzz_tests "$build"
     integration_tests "$build"
 }
 
