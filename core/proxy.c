@@ -330,9 +330,17 @@ int proxy_build_response_head(char *buf, size_t cap, const struct proxy_resp *r)
     struct out o = {buf, 0, cap, 0};
     int conn = has_connection(r->hdrs, r->n_hdrs);
 
-    OUT_LIT(&o, "HTTP/1.1 ");
-    out_u64(&o, (uint64_t)r->status);
-    OUT_LIT(&o, " ");
+    if (r->status >= 100 && r->status <= 999) {
+        char line[13] = "HTTP/1.1 000 ";
+        line[9] = (char)('0' + r->status / 100);
+        line[10] = (char)('0' + r->status / 10 % 10);
+        line[11] = (char)('0' + r->status % 10);
+        out_mem(&o, line, sizeof(line));
+    } else {
+        OUT_LIT(&o, "HTTP/1.1 ");
+        out_u64(&o, (uint64_t)r->status);
+        OUT_LIT(&o, " ");
+    }
     out_mem(&o, r->reason, r->reason_len);
     OUT_LIT(&o, "\r\n");
     for (size_t i = 0; i < r->n_hdrs; i++) {

@@ -6,6 +6,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "core/conf.h"
 
@@ -33,18 +34,41 @@ struct proxy_req {
 };
 
 /* 1 when p[0, len) equals `lower` (lower_len bytes of lower-case letters, digits and '-'),
- * ignoring ASCII case: the header-name test of the request path, without strlen or a call. */
+ * ignoring ASCII case: the header-name test of the request path, a few word compares without a
+ * call. p must be an HTTP token, as llhttp checks header names to be: OR-ing 0x20 into each
+ * byte folds case, and only non-token bytes (control characters) could fold onto '-' or a
+ * digit. */
 static inline int proxy_name_eq(const char *p, size_t len, const char *lower, size_t lower_len)
 {
+    uint64_t a, b;
+    uint32_t c, d;
+
     if (len != lower_len)
         return 0;
-    for (size_t i = 0; i < len; i++) {
-        char ch = p[i];
-        if (ch >= 'A' && ch <= 'Z')
-            ch = (char)(ch + ('a' - 'A'));
-        if (ch != lower[i])
-            return 0;
+    if (len >= 8) {
+        /* whole words, the last one overlapping the one before it */
+        for (size_t i = 0; i + 8 < len; i += 8) {
+            memcpy(&a, p + i, 8);
+            memcpy(&b, lower + i, 8);
+            if ((a | 0x2020202020202020ULL) != b)
+                return 0;
+        }
+        memcpy(&a, p + len - 8, 8);
+        memcpy(&b, lower + len - 8, 8);
+        return (a | 0x2020202020202020ULL) == b;
     }
+    if (len >= 4) {
+        memcpy(&c, p, 4);
+        memcpy(&d, lower, 4);
+        if ((c | 0x20202020U) != d)
+            return 0;
+        memcpy(&c, p + len - 4, 4);
+        memcpy(&d, lower + len - 4, 4);
+        return (c | 0x20202020U) == d;
+    }
+    for (size_t i = 0; i < len; i++)
+        if ((char)(p[i] | 0x20) != lower[i])
+            return 0;
     return 1;
 }
 

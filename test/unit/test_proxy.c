@@ -259,6 +259,14 @@ static void test_header_names(void **state)
     assert_true(proxy_hop_by_hop("Transfer-encoding", 17));
     assert_false(proxy_hop_by_hop("Transfer-encodinG2", 18));
     assert_false(proxy_hop_by_hop("X-Forwarded-Proto", 17));
+    /* names compare in words: a difference in the first, a middle or the last one counts */
+    assert_true(proxy_hop_by_hop("Proxy-AuthoriZATION", 19));
+    assert_false(proxy_hop_by_hop("Proxz-Authorization", 19));
+    assert_false(proxy_hop_by_hop("Proxy-AutXorization", 19));
+    assert_false(proxy_hop_by_hop("Proxy-Authorizatioo", 19));
+    assert_false(proxy_hop_by_hop("Keep-Alivf", 10));
+    assert_false(proxy_hop_by_hop("Kfep-Alive", 10));
+    assert_true(proxy_hop_by_hop("KEEP-ALIVE", 10));
 
     struct conf_backend be;
     char key[] = "k";
