@@ -51,10 +51,10 @@ struct upconn {
     uint64_t armed_at; /* loop time the uv timer fires at (<= due), 0 = not armed */
     int handles;       /* open libuv handles, the struct is recycled when 0 */
     uint8_t tls_on, reused, got_bytes, head_done, complete, extra, hstate, ev;
-    uint8_t perr;     /* libuv reported POLLERR and stopped watching: read until it says why */
-    uint8_t decoding; /* handing over the de-chunked body (rq->dechunk) */
-    char *wcur;       /* de-chunking: where the next body bytes go, in place */
-    struct tls_conn tls;
+    uint8_t perr;         /* libuv reported POLLERR and stopped watching: read until it says why */
+    uint8_t decoding;     /* handing over the de-chunked body (rq->dechunk) */
+    char *wcur;           /* de-chunking: where the next body bytes go, in place */
+    struct tls_conn *tls; /* TLS backends only (most of a connection's memory otherwise) */
     llhttp_t parser;
     char *buf;
     size_t rlen;              /* bytes of the response head gathered in buf */
@@ -203,7 +203,9 @@ static void conn_close(struct upconn *u)
     uv_close((uv_handle_t *)&u->poll, conn_handle_closed);
     uv_close((uv_handle_t *)&u->timer, conn_handle_closed);
     if (u->tls_on)
-        tls_conn_free(&u->tls);
+        tls_conn_free(u->tls);
+    free(u->tls);
+    u->tls = NULL;
     close(u->fd);
     buf_give(up, u->buf);
     u->buf = NULL;
@@ -358,7 +360,7 @@ static int conn_send(struct upconn *u)
                 p = rq->body + (u->sent - u->seg0);
                 l = u->total - u->sent;
             }
-            n = tls_conn_write(&u->tls, p, l);
+            n = tls_conn_write(u->tls, p, l);
             if (n == TLS_WANT_READ || n == TLS_WANT_WRITE) {
                 poll_set(u, n == TLS_WANT_READ ? UV_READABLE : UV_WRITABLE);
                 goto out;
@@ -682,7 +684,7 @@ static int on_data(struct upconn *u, const char *data, size_t n)
 static ssize_t io_read(struct upconn *u, char *buf, size_t len)
 {
     if (u->tls_on)
-        return tls_conn_read(&u->tls, buf, len);
+        return tls_conn_read(u->tls, buf, len);
     ssize_t n;
     do
         n = read(u->fd, buf, len);
@@ -732,7 +734,7 @@ static void conn_read(struct upconn *u)
             return;
         /* one read per poll event, except bytes mbedTLS already decrypted, or when the poll
          * was stopped by an error that only a later read will report */
-        if (!u->perr && (!u->tls_on || tls_conn_pending(&u->tls) == 0))
+        if (!u->perr && (!u->tls_on || tls_conn_pending(u->tls) == 0))
             return;
     }
 }
@@ -741,7 +743,7 @@ static void conn_read(struct upconn *u)
 
 static void conn_handshake(struct upconn *u)
 {
-    int r = tls_conn_handshake(&u->tls);
+    int r = tls_conn_handshake(u->tls);
     if (r == TLS_WANT_READ || r == TLS_WANT_WRITE) {
         poll_set(u, r == TLS_WANT_READ ? UV_READABLE : UV_WRITABLE);
         return;
@@ -749,7 +751,7 @@ static void conn_handshake(struct upconn *u)
     if (r != 0) {
         char why[256];
         log_warn("backend %s: TLS handshake: %s", u->be->cb->name,
-                 tls_strerror(&u->tls, r, why, sizeof(why)));
+                 tls_strerror(u->tls, r, why, sizeof(why)));
         exchange_end(u, UPSTREAM_ETLS, 0);
         return;
     }
@@ -782,7 +784,12 @@ static void on_poll(uv_poll_t *h, int status, int events)
             return;
         }
         if (u->be->cb->url.tls) {
-            if (tls_conn_init(&u->tls, &u->be->tls, u->fd) != 0) {
+            /* a malloc per new TLS connection, not per request: connections are pooled */
+            if (!(u->tls = malloc(sizeof(*u->tls)))) {
+                exchange_end(u, UPSTREAM_ENOMEM, 0);
+                return;
+            }
+            if (tls_conn_init(u->tls, &u->be->tls, u->fd) != 0) {
                 exchange_end(u, UPSTREAM_ETLS, 0);
                 return;
             }
@@ -900,7 +907,7 @@ void upstream_resume(struct upstream_req *rq)
     u->rlen = 0;
     poll_set(u, UV_READABLE);
     timer_set(u, u->be->cp->idle_timeout_ms);
-    if (u->tls_on && tls_conn_pending(&u->tls))
+    if (u->tls_on && tls_conn_pending(u->tls))
         conn_read(u);
 }
 
