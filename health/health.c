@@ -51,6 +51,7 @@ struct hc_backend {
     int handles;         /* ck and tick are initialised (to be closed) */
     uint64_t started_ms; /* start of the last check, to keep the period independent of its length */
     struct health_rf rf;
+    int one_pass_up;  /* DOWN from live traffic: the next passing check brings it back */
     uint64_t ewma_us; /* smoothed duration of passing checks, 0 = none since it came up */
 
     /* decisions: configuration resolved once, state mirrored from what we wrote to shm */
@@ -178,6 +179,9 @@ static void health_set_state(struct hc_backend *hb, enum backend_state st, enum 
     shm_backend_set_state(hb->h->shm, hb->idx, st, why, now);
     if (down_edge) {
         hb->rf.ok_streak = hb->rf.fail_streak = 0;
+        /* DOWN from live traffic lasts "until an active check passes": one pass, not `rise`,
+         * at the DOWN cadence; a check that fails on the way starts the usual rise count. */
+        hb->one_pass_up = st == BACKEND_DOWN && (why == REASON_PASSIVE || why == REASON_AUTH);
         /* The cadence changes (check_downinter): re-plan an idle check. */
         if (hb->checked && !hb->h->stopping && !check_running(&hb->ck))
             health_arm_next(hb);
@@ -219,7 +223,14 @@ static void health_on_check(struct check *ck, const struct check_result *res)
         atomic_store_explicit(&shm_backend(h->shm, hb->idx)->ewma_check_us, hb->ewma_us,
                               memory_order_relaxed);
     }
-    if (health_rf_on_result(&hb->rf, &st, res->ok, hb->pool->rise, hb->pool->fall)) {
+    if (hb->one_pass_up && st == BACKEND_DOWN && res->ok) {
+        health_set_state(hb, BACKEND_UP, REASON_CHECK_OK, now);
+        log_info("backend %s/%s is UP: check passed (%d in %u ms)", hb->pool->name, hb->cb->name,
+                 res->status, res->dur_us / 1000);
+    } else if (hb->one_pass_up && !res->ok) {
+        hb->one_pass_up = 0; /* still failing: back to the rise count */
+        health_rf_on_result(&hb->rf, &st, 0, hb->pool->rise, hb->pool->fall);
+    } else if (health_rf_on_result(&hb->rf, &st, res->ok, hb->pool->rise, hb->pool->fall)) {
         health_set_state(hb, st, res->ok ? REASON_CHECK_OK : res->why, now);
         if (st == BACKEND_UP)
             log_info("backend %s/%s is UP: check passed %d times (%d in %u ms)", hb->pool->name,
@@ -244,7 +255,7 @@ static void health_publish_breaker(struct hc_backend *hb)
 }
 
 /* Operator commands first, then the breaker's own transitions. */
-static void health_eval_breaker(struct hc_backend *hb, uint64_t now, uint64_t ok, uint64_t failed,
+static void health_eval_breaker(struct hc_backend *hb, uint64_t now, uint64_t failed,
                                 uint64_t last_ok)
 {
     struct shm *shm = hb->h->shm;
@@ -253,9 +264,13 @@ static void health_eval_breaker(struct hc_backend *hb, uint64_t now, uint64_t ok
     enum breaker_state was = hb->br.st;
     uint64_t ok_base = hb->br.ok_base;
     uint32_t consecutive = 0;
+    uint64_t tok, tfailed;
 
+    /* Half-open is decided by the trial requests alone: a long request that began before the
+     * breaker opened and ends well now says nothing about the backend today. */
+    shm_backend_trial_outcomes(shm, hb->idx, &tok, &tfailed);
     if (cmd != BREAKER_CMD_NONE) {
-        if (!health_breaker_command(&hb->br, &hb->brc, cmd, now, ok, failed))
+        if (!health_breaker_command(&hb->br, &hb->brc, cmd, now, tok, tfailed))
             return;
         health_publish_breaker(hb);
         if (hb->br.st == BREAKER_OPEN)
@@ -271,7 +286,7 @@ static void health_eval_breaker(struct hc_backend *hb, uint64_t now, uint64_t ok
         consecutive =
             shm_backend_failures_since(shm, hb->idx, health_breaker_since(&hb->br, last_ok));
     }
-    if (!health_breaker_eval(&hb->br, &hb->brc, now, consecutive, ok, failed))
+    if (!health_breaker_eval(&hb->br, &hb->brc, now, consecutive, tok, tfailed))
         return;
     health_publish_breaker(hb);
     switch (hb->br.st) {
@@ -289,7 +304,7 @@ static void health_eval_breaker(struct hc_backend *hb, uint64_t now, uint64_t ok
         break;
     case BREAKER_CLOSED:
         log_info("backend %s/%s breaker closed: %llu trial request%s succeeded", pool, name,
-                 (unsigned long long)(ok - ok_base), ok - ok_base == 1 ? "" : "s");
+                 (unsigned long long)(tok - ok_base), tok - ok_base == 1 ? "" : "s");
         break;
     }
 }
@@ -396,7 +411,7 @@ static void health_on_eval(uv_timer_t *t)
 
         shm_backend_outcomes(h->shm, hb->idx, &ok, &failed);
         last_ok = shm_backend_last_ok(h->shm, hb->idx);
-        health_eval_breaker(hb, now, ok, failed, last_ok);
+        health_eval_breaker(hb, now, failed, last_ok);
         health_eval_live(hb, now, ok, failed, last_ok);
         hb->failed_seen = failed;
         health_eval_weight(hb, now);
@@ -458,6 +473,7 @@ static void health_backend_setup(struct health *h, struct hc_backend *hb, uint32
         hb->br.until_ns = atomic_load_explicit(&sb->breaker_until_ns, memory_order_relaxed);
         if (open_ns)
             hb->br.open_ns = open_ns;
+        shm_backend_trial_outcomes(h->shm, idx, &ok, &failed);
         hb->br.ok_base = ok;
         hb->br.fail_base = failed;
     }

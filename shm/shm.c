@@ -341,6 +341,22 @@ void shm_backend_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint6
     }
 }
 
+void shm_wb_trial_outcome(struct shm *shm, uint32_t w, uint32_t b, int ok)
+{
+    struct shm_wb *wb = shm_wb(shm, w, b);
+
+    shm_counter_add(ok ? &wb->trial_ok : &wb->trial_failed, 1);
+}
+
+void shm_backend_trial_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint64_t *failed)
+{
+    *ok = *failed = 0;
+    for (uint32_t w = 0; w < shm->hdr->n_workers; w++) {
+        *ok += atomic_load_explicit(&shm_wb(shm, w, b)->trial_ok, memory_order_relaxed);
+        *failed += atomic_load_explicit(&shm_wb(shm, w, b)->trial_failed, memory_order_relaxed);
+    }
+}
+
 int32_t shm_trials_in_flight(const struct shm *shm, uint32_t b)
 {
     int32_t n = 0;

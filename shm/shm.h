@@ -105,7 +105,9 @@ struct shm_wb {
     _Atomic uint64_t bkt_sec[SHM_BUDGET_SECS]; /* the second (+1) a bucket counts; 0 = unused */
     _Atomic uint32_t bkt_req[SHM_BUDGET_SECS];
     _Atomic uint32_t bkt_retry[SHM_BUDGET_SECS];
-    _Atomic uint64_t ewma_at_ns; /* when ewma_ns was last updated */
+    _Atomic uint64_t ewma_at_ns;   /* when ewma_ns was last updated */
+    _Atomic uint64_t trial_ok;     /* outcomes of the trials this worker was admitted to */
+    _Atomic uint64_t trial_failed; /* (half-open breaker): the breaker judges these alone */
 } __attribute__((aligned(SHM_CACHELINE)));
 
 /* Per-worker slot header; writer: that worker (pid etc. by the master before fork). */
@@ -213,6 +215,12 @@ void shm_wb_budget_note(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns
 /* Requests and retries of backends [b, b + n) over all workers in the last SHM_BUDGET_SECS. */
 void shm_budget_window(const struct shm *shm, uint32_t b, uint32_t n, uint64_t now_ns,
                        uint64_t *requests, uint64_t *retries);
+/* Worker w records the outcome of a trial request (admitted by shm_trial_acquire) to b, in
+ * addition to shm_wb_record_ok/fail. */
+void shm_wb_trial_outcome(struct shm *shm, uint32_t w, uint32_t b, int ok);
+/* Sums of the workers' trial outcomes of b. */
+void shm_backend_trial_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint64_t *failed);
+
 /* Sum of the workers' cumulative ok / failure counters of b. */
 void shm_backend_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint64_t *failed);
 

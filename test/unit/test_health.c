@@ -584,6 +584,16 @@ static void hp_fail(struct shm *shm, uint32_t w, uint32_t b, int n)
         shm_wb_record_fail(shm, w, b, time_mono_ns());
 }
 
+/* A trial request, as a worker admitted by shm_trial_acquire records it. */
+static void hp_trial(struct shm *shm, uint32_t w, uint32_t b, int ok)
+{
+    if (ok)
+        hp_ok(shm, w, b, 1);
+    else
+        hp_fail(shm, w, b, 1);
+    shm_wb_trial_outcome(shm, w, b, ok);
+}
+
 static void test_process_live_evaluation(void **state)
 {
     static const char *names[HP_N] = {"pas", "auth", "err", "brk"};
@@ -681,15 +691,18 @@ static void test_process_live_evaluation(void **state)
     t = hp_wait(&shm, HP_BRK, 1, BREAKER_HALF_OPEN, 1000);
     assert_true(t >= 200 && t <= 450);
     /* a failed trial re-opens it for twice as long */
-    hp_fail(&shm, 1, HP_BRK, 1);
+    hp_trial(&shm, 1, HP_BRK, 0);
     assert_true(hp_wait(&shm, HP_BRK, 1, BREAKER_OPEN, 1000) >= 0);
     assert_int_equal(atomic_load(&shm_backend(&shm, HP_BRK)->breaker_open_ns), 600000000ULL);
     t = hp_wait(&shm, HP_BRK, 1, BREAKER_HALF_OPEN, 1500);
     assert_true(t >= 500 && t <= 750);
-    /* two trial successes close it */
-    hp_ok(&shm, 0, HP_BRK, 1);
+    /* requests that were not trials (begun before it opened) decide nothing */
+    hp_ok(&shm, 0, HP_BRK, 3);
     assert_int_equal(hp_wait(&shm, HP_BRK, 1, BREAKER_CLOSED, 150), -1);
-    hp_ok(&shm, 1, HP_BRK, 1);
+    /* two trial successes close it */
+    hp_trial(&shm, 0, HP_BRK, 1);
+    assert_int_equal(hp_wait(&shm, HP_BRK, 1, BREAKER_CLOSED, 150), -1);
+    hp_trial(&shm, 1, HP_BRK, 1);
     assert_true(hp_wait(&shm, HP_BRK, 1, BREAKER_CLOSED, 1000) >= 0);
     /* operator commands */
     shm_backend_breaker_cmd(&shm, HP_BRK, BREAKER_CMD_OPEN);
@@ -777,7 +790,8 @@ static void test_process_passive_with_checks(void **state)
     assert_int_equal(atomic_load(&shm_backend(&shm, 0)->ewma_check_us), 0);
     /* a live success does not end it while checks run... */
     hp_ok(&shm, 0, 0, 1);
-    /* ...two passing checks do, the first one check_downinter after the last check */
+    /* ...one passing check does ("until an active check passes"), check_downinter after the
+     * last check */
     t = hp_wait(&shm, 0, 0, BACKEND_UP, 2000);
     assert_true(t >= 250 && t <= 1000);
     assert_int_equal(hp_get(&shm, 0, 3), REASON_CHECK_OK);

@@ -144,6 +144,13 @@ static void test_outcomes_and_failure_window(void **state)
     shm_backend_outcomes(&shm, 0, &ok, &failed);
     assert_int_equal(ok, 1);
     assert_int_equal(failed, 3);
+    /* trial outcomes are counted apart, over all workers */
+    shm_wb_trial_outcome(&shm, 0, 0, 1);
+    shm_wb_trial_outcome(&shm, 1, 0, 0);
+    shm_wb_trial_outcome(&shm, 1, 0, 1);
+    shm_backend_trial_outcomes(&shm, 0, &ok, &failed);
+    assert_int_equal(ok, 2);
+    assert_int_equal(failed, 1);
     /* The ring keeps the latest SHM_FAIL_RING failures of a worker. */
     for (int i = 0; i < SHM_FAIL_RING + 5; i++)
         shm_wb_record_fail(&shm, 0, 1, 1000 + (uint64_t)i);
