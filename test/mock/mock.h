@@ -173,6 +173,8 @@ struct mock_tls_srv {
     mbedtls_ctr_drbg_context drbg;
     mbedtls_ssl_cache_context cache;
     mbedtls_ssl_ticket_context ticket;
+    uint64_t handshakes; /* completed TLS handshakes */
+    uint64_t resumed;    /* of which resumed a session (by id or by ticket) */
 };
 
 struct mock_server {

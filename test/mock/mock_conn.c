@@ -156,6 +156,7 @@ static int tls_pull(struct mock_conn *c)
             return -1;
         }
         t->handshake_done = 1;
+        c->srv->tls->handshakes++;
     }
     while (c->in_len < MOCK_IN_SIZE) {
         r = mbedtls_ssl_read(&t->ssl, (unsigned char *)c->in + c->in_len, MOCK_IN_SIZE - c->in_len);

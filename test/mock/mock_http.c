@@ -673,10 +673,13 @@ static void mock_endpoint(struct mock_conn *c, const char *path, size_t plen)
     if (plen == 11 && memcmp(path, "/mock/stats", 11) == 0) {
         n = snprintf(c->tail, sizeof(c->tail),
                      "{\"name\":\"%s\",\"connections\":%llu,\"requests\":%llu,\"active\":%llu,"
-                     "\"chat_completions\":%llu,\"models\":%llu}",
+                     "\"chat_completions\":%llu,\"models\":%llu,\"tls_handshakes\":%llu,"
+                     "\"tls_resumed\":%llu}",
                      srv->name_json, (unsigned long long)srv->connections,
                      (unsigned long long)srv->requests, (unsigned long long)srv->active,
-                     (unsigned long long)srv->chat, (unsigned long long)srv->models);
+                     (unsigned long long)srv->chat, (unsigned long long)srv->models,
+                     (unsigned long long)(srv->tls ? srv->tls->handshakes : 0),
+                     (unsigned long long)(srv->tls ? srv->tls->resumed : 0));
         send_json(c, 200, NULL, c->tail, (size_t)n);
     } else if (plen == 10 && memcmp(path, "/mock/last", 10) == 0) {
         mock_last(c);

@@ -10,6 +10,40 @@
 
 static const char *tls_alpn[] = {"http/1.1", "http/1.0", NULL};
 
+/* The stock cache and ticket callbacks, counting the sessions they resume: a get or a parse
+ * that succeeds is a resumed handshake. */
+static int tls_cache_get(void *p, mbedtls_ssl_session *s)
+{
+    struct mock_tls_srv *t = p;
+    int r = mbedtls_ssl_cache_get(&t->cache, s);
+
+    if (r == 0)
+        t->resumed++;
+    return r;
+}
+
+static int tls_cache_set(void *p, const mbedtls_ssl_session *s)
+{
+    return mbedtls_ssl_cache_set(&((struct mock_tls_srv *)p)->cache, s);
+}
+
+static int tls_ticket_write(void *p, const mbedtls_ssl_session *s, unsigned char *start,
+                            const unsigned char *end, size_t *tlen, uint32_t *lifetime)
+{
+    return mbedtls_ssl_ticket_write(&((struct mock_tls_srv *)p)->ticket, s, start, end, tlen,
+                                    lifetime);
+}
+
+static int tls_ticket_parse(void *p, mbedtls_ssl_session *s, unsigned char *buf, size_t len)
+{
+    struct mock_tls_srv *t = p;
+    int r = mbedtls_ssl_ticket_parse(&t->ticket, s, buf, len);
+
+    if (r == 0)
+        t->resumed++;
+    return r;
+}
+
 int tls_srv_init(struct mock_tls_srv *t, const char *cert, const char *key, char *err,
                  size_t errlen)
 {
@@ -56,15 +90,13 @@ int tls_srv_init(struct mock_tls_srv *t, const char *cert, const char *key, char
     if (r != 0)
         goto out;
     /* Both resumption kinds, so clients resume with a session id or a ticket. */
-    mbedtls_ssl_conf_session_cache(&t->conf, &t->cache, mbedtls_ssl_cache_get,
-                                   mbedtls_ssl_cache_set);
+    mbedtls_ssl_conf_session_cache(&t->conf, t, tls_cache_get, tls_cache_set);
     what = "session tickets";
     r = mbedtls_ssl_ticket_setup(&t->ticket, mbedtls_ctr_drbg_random, &t->drbg,
                                  MBEDTLS_CIPHER_AES_256_GCM, 86400);
     if (r != 0)
         goto out;
-    mbedtls_ssl_conf_session_tickets_cb(&t->conf, mbedtls_ssl_ticket_write,
-                                        mbedtls_ssl_ticket_parse, &t->ticket);
+    mbedtls_ssl_conf_session_tickets_cb(&t->conf, tls_ticket_write, tls_ticket_parse, t);
 out:
     if (r != 0) {
         mbedtls_strerror(r, msg, sizeof(msg));
