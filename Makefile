@@ -53,7 +53,7 @@ FUZZ_CFLAGS := -std=gnu17 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefin
 fuzz: deps
 	./test/deps.sh clang libclang-rt-14-dev
 	mkdir -p $(BUILD)/fuzz
-	for t in conf body values; do \
+	for t in conf body values request; do \
 	    clang $(FUZZ_CFLAGS) -o $(BUILD)/fuzz/fuzz_$$t test/fuzz/fuzz_$$t.c \
 	        $$(ls core/*.c shm/*.c balancer/*.c health/*.c) /usr/share/llhttp/*.c \
 	        $$(pkg-config --cflags --libs libuv inih) -lmbedtls -lmbedx509 -lmbedcrypto -lm \

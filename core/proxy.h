@@ -4,6 +4,7 @@
 #ifndef AIGW_CORE_PROXY_H
 #define AIGW_CORE_PROXY_H
 
+#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -70,6 +71,60 @@ static inline int proxy_name_eq(const char *p, size_t len, const char *lower, si
         if ((char)(p[i] | 0x20) != lower[i])
             return 0;
     return 1;
+}
+
+/* Which llhttp header callback a piece of a header comes from. */
+enum proxy_piece {
+    PROXY_PIECE_NONE = 0, /* no header piece yet in this message */
+    PROXY_PIECE_NAME = 1, /* on_header_field */
+    PROXY_PIECE_VALUE = 2 /* on_header_value */
+};
+
+/* Adds one piece of a header name or value, as llhttp's on_header_field / on_header_value hand
+ * them over, to the spans hdrs[0, *n): a name piece after a value (or first) starts a new header
+ * (at most max of them), a value piece after a name starts its value, and a piece of the same
+ * kind as the last one extends it. *last is the kind of the last piece (PROXY_PIECE_NONE at the
+ * start of a message). Shared by the request (worker.c) and response (upstream.c) parsers.
+ * Returns 0; -ENOSPC when a new header would exceed max; -EPROTO when a piece does not directly
+ * follow the one before it in memory. That happens for obs-fold ("X-A: a\r\n b"), which
+ * llhttp accepts and reports in pieces with the line break between them: spliced into a head
+ * we forward, those bytes would end it early (request smuggling), so it is refused (RFC 9112
+ * 5.2 allows that). */
+static inline int proxy_hdr_piece(struct proxy_hdr *hdrs, uint32_t *n, uint32_t max, uint8_t *last,
+                                  enum proxy_piece kind, const char *at, size_t len)
+{
+    struct proxy_hdr *h;
+
+    if (*last == kind) {
+        h = &hdrs[*n - 1];
+        if (kind == PROXY_PIECE_NAME) {
+            if (at != h->name + h->name_len)
+                return -EPROTO;
+            h->name_len += (uint32_t)len;
+        } else {
+            if (at != h->value + h->value_len)
+                return -EPROTO;
+            h->value_len += (uint32_t)len;
+        }
+        return 0;
+    }
+    *last = (uint8_t)kind;
+    if (kind == PROXY_PIECE_NAME) {
+        if (*n >= max)
+            return -ENOSPC;
+        h = &hdrs[(*n)++];
+        h->name = at;
+        h->name_len = (uint32_t)len;
+        h->value = at;
+        h->value_len = 0;
+        return 0;
+    }
+    if (*n == 0)
+        return -EPROTO; /* a value with no name: llhttp never does this */
+    h = &hdrs[*n - 1];
+    h->value = at;
+    h->value_len = (uint32_t)len;
+    return 0;
 }
 
 /* 1 when the path is under /v1/ (the only paths aigw forwards). */

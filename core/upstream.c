@@ -481,36 +481,27 @@ static int on_status(llhttp_t *p, const char *at, size_t len)
     return 0;
 }
 
+/* Header pieces: see proxy_hdr_piece; too many headers or obs-fold is a malformed response. */
 static int on_hfield(llhttp_t *p, const char *at, size_t len)
 {
     struct upconn *u = p->data;
-    if (u->hstate != 1) {
-        if (u->n_hdrs >= u->up->max_hdrs)
-            return -1;
-        struct proxy_hdr *h = &u->hdrs[u->n_hdrs++];
-        h->name = at;
-        h->name_len = (uint32_t)len;
-        h->value = at;
-        h->value_len = 0;
-        u->hstate = 1;
-    } else {
-        u->hdrs[u->n_hdrs - 1].name_len += (uint32_t)len;
-    }
-    return 0;
+    if (u->head_done)
+        return 0; /* trailers: they pass through with the chunk framing, or are dropped */
+    return proxy_hdr_piece(u->hdrs, &u->n_hdrs, u->up->max_hdrs, &u->hstate, PROXY_PIECE_NAME, at,
+                           len) == 0
+               ? 0
+               : -1;
 }
 
 static int on_hvalue(llhttp_t *p, const char *at, size_t len)
 {
     struct upconn *u = p->data;
-    struct proxy_hdr *h = &u->hdrs[u->n_hdrs - 1];
-    if (u->hstate != 2) {
-        h->value = at;
-        h->value_len = (uint32_t)len;
-        u->hstate = 2;
-    } else {
-        h->value_len += (uint32_t)len;
-    }
-    return 0;
+    if (u->head_done)
+        return 0;
+    return proxy_hdr_piece(u->hdrs, &u->n_hdrs, u->up->max_hdrs, &u->hstate, PROXY_PIECE_VALUE, at,
+                           len) == 0
+               ? 0
+               : -1;
 }
 
 static int on_headers_done(llhttp_t *p)

@@ -523,38 +523,28 @@ static int on_req_url(llhttp_t *p, const char *at, size_t len)
     return 0;
 }
 
-static int on_req_hfield(llhttp_t *p, const char *at, size_t len)
+/* Header pieces: see proxy_hdr_piece (too many headers: 431; obs-fold: 400). */
+static int req_hdr_piece(llhttp_t *p, enum proxy_piece kind, const char *at, size_t len)
 {
     struct client *c = p->data;
-    if (client_creq(c)->hstate != 1) {
-        if (client_creq(c)->n_hdrs >= c->ln->max_headers) {
-            client_creq(c)->err = 431;
-            return -1;
-        }
-        struct proxy_hdr *h = &client_creq(c)->hdrs[client_creq(c)->n_hdrs++];
-        h->name = at;
-        h->name_len = (uint32_t)len;
-        h->value = at;
-        h->value_len = 0;
-        client_creq(c)->hstate = 1;
-    } else {
-        client_creq(c)->hdrs[client_creq(c)->n_hdrs - 1].name_len += (uint32_t)len;
-    }
-    return 0;
+    struct creq *r = client_creq(c);
+    if (c->state == CS_BODY)
+        return 0; /* trailers of a chunked body: not forwarded, and their bytes are not kept */
+    int e = proxy_hdr_piece(r->hdrs, &r->n_hdrs, c->ln->max_headers, &r->hstate, kind, at, len);
+    if (e == 0)
+        return 0;
+    r->err = e == -ENOSPC ? 431 : 400;
+    return -1;
+}
+
+static int on_req_hfield(llhttp_t *p, const char *at, size_t len)
+{
+    return req_hdr_piece(p, PROXY_PIECE_NAME, at, len);
 }
 
 static int on_req_hvalue(llhttp_t *p, const char *at, size_t len)
 {
-    struct client *c = p->data;
-    struct proxy_hdr *h = &client_creq(c)->hdrs[client_creq(c)->n_hdrs - 1];
-    if (client_creq(c)->hstate != 2) {
-        h->value = at;
-        h->value_len = (uint32_t)len;
-        client_creq(c)->hstate = 2;
-    } else {
-        h->value_len += (uint32_t)len;
-    }
-    return 0;
+    return req_hdr_piece(p, PROXY_PIECE_VALUE, at, len);
 }
 
 static int on_req_headers(llhttp_t *p)

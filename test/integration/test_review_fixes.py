@@ -1,0 +1,120 @@
+"""Regression tests for the findings of the code review (notes/review.md) fixed in the worker:
+obs-fold (H1), dot-segments (M1), gateway answers to HEAD (M2), the client send timeout (M3),
+hash_balance_factor (M4), request body memory (M5/M6), the pool-wide retry budget (M9) and the
+smaller response-path fixes (L1...)."""
+
+import socket
+import threading
+import time
+
+from harness import Conn, assert_openai_error, build_request, chat_body, check, request, wait_for
+from resil_util import mock_requests, pool
+
+
+class RawUpstream:
+    """A tiny HTTP/1.1 upstream on 127.0.0.1 that answers every request it reads with the same
+    raw bytes (so a test can send what aigw-mock never would), and records what it received."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.received = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.stopped = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _serve(self):
+        while not self.stopped:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._conn, args=(c,), daemon=True).start()
+
+    def _conn(self, c):
+        buf = b""
+        c.settimeout(10)
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    d = c.recv(65536)
+                    if not d:
+                        return
+                    buf += d
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                cl = 0
+                for line in head.split(b"\r\n")[1:]:
+                    k, _, v = line.partition(b":")
+                    if k.strip().lower() == b"content-length":
+                        cl = int(v.strip())
+                while len(buf) < cl:
+                    d = c.recv(65536)
+                    if not d:
+                        return
+                    buf += d
+                self.received.append(head + b"\r\n\r\n" + buf[:cl])
+                buf = buf[cl:]
+                c.sendall(self.answer)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def close(self):
+        self.stopped = True
+        self.sock.close()
+
+
+# ---- H1: obs-fold ----------------------------------------------------------------------------
+
+
+def test_obs_fold_request_refused(env):
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1, pool=pool(check="no"))
+    c = env.conn(gw.port)
+    # the folded value would end the forwarded head early: what follows it (our Authorization,
+    # Content-Length, the client's own bytes) would be a second, smuggled request upstream
+    c.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nX-Foo: a\r\n b\r\n"
+           b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    r = c.read_response()
+    assert_openai_error(r, 400)
+    check(c.wait_closed(3), "the connection stayed open after a 400 for obs-fold")
+    check(mock_requests(m) == 0, f"the mock saw {mock_requests(m)} request(s): {m.last()}")
+    # a clean request right after still goes through
+    r = request(gw.port, "POST", "/v1/chat/completions", [("Content-Type", "application/json")],
+                chat_body())
+    check(r.status == 200, f"plain request after the refused one: {r!r}")
+    check(mock_requests(m) == 1, f"the mock saw {mock_requests(m)} requests, expected 1")
+
+
+def test_obs_fold_response_refused(env):
+    body = b'{"ok":1}'
+    up = RawUpstream(b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    try:
+        gw = env.gateway([("raw", up.url, {})], workers=1, pool=pool(check="no"))
+        c = env.conn(gw.port)
+        c.send(build_request("POST", "/v1/chat/completions",
+                             [("Content-Type", "application/json")], chat_body()))
+        r = c.read_response()
+        assert_openai_error(r, 502)
+        check(r.header("x-a") is None, f"folded header reached the client: {r!r}")
+        check(b"Content-Length: 8" not in r.body, f"upstream head bytes in the body: {r!r}")
+        check(len(up.received) == 1, f"upstream got {len(up.received)} requests")
+        # the keep-alive connection is still in step: a second request gets a whole answer
+        c.send(build_request("POST", "/v1/chat/completions",
+                             [("Content-Type", "application/json")], chat_body()))
+        r2 = c.read_response()
+        assert_openai_error(r2, 502)
+        check(len(up.received) == 2, f"upstream got {len(up.received)} requests, expected 2")
+    finally:
+        up.close()
+
