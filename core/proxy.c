@@ -85,6 +85,41 @@ int proxy_path_ok(const char *path, size_t len)
     return len >= 4 && memcmp(path, "/v1/", 4) == 0;
 }
 
+/* 1 when p[i..] starts with "%XY" for the hex byte (upper-case XY given, any case matches). */
+static int pct_is(const char *p, size_t len, size_t i, char x, char y)
+{
+    return i + 2 < len && p[i] == '%' && p[i + 1] == x && (p[i + 2] | 0x20) == (y | 0x20);
+}
+
+int proxy_path_safe(const char *path, size_t len)
+{
+    size_t end = 0, seg = 0, dots = 0, other = 0;
+
+    while (end < len && path[end] != '?' && path[end] != '#')
+        end++;
+    for (size_t i = 0; i <= end; i++) {
+        if (i == end || path[i] == '/') {
+            /* a segment of only one or two dots, each raw or %2e, is a dot-segment */
+            if (i > seg && !other && (dots == 1 || dots == 2))
+                return 0;
+            seg = i + 1;
+            dots = other = 0;
+            continue;
+        }
+        if (path[i] == '\\' || pct_is(path, end, i, '5', 'C') || pct_is(path, end, i, '2', 'F'))
+            return 0;
+        if (path[i] == '.') {
+            dots++;
+        } else if (pct_is(path, end, i, '2', 'E')) {
+            dots++;
+            i += 2;
+        } else {
+            other = 1;
+        }
+    }
+    return 1;
+}
+
 /* Header names the request path treats specially. */
 enum hname {
     HN_OTHER = 0,

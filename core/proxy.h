@@ -130,6 +130,13 @@ static inline int proxy_hdr_piece(struct proxy_hdr *hdrs, uint32_t *n, uint32_t 
 /* 1 when the path is under /v1/ (the only paths aigw forwards). */
 int proxy_path_ok(const char *path, size_t len);
 
+/* 1 when the path part of a request target (up to '?') holds no segment a server could resolve
+ * outside the backend's prefix: no "." or ".." segment, also percent-encoded in any case
+ * ("%2e%2E", ".%2e"), no encoded slash "%2f" and no backslash, raw or "%5c" (some servers take
+ * it for a slash). The target is forwarded as is after the prefix with the backend's key, so
+ * such a path could reach any route of the provider host. */
+int proxy_path_safe(const char *path, size_t len);
+
 /* 1 for the fixed hop-by-hop names (Connection, Keep-Alive, Proxy-Connection, TE, Trailer,
  * Transfer-Encoding, Upgrade, Proxy-Authorization). */
 int proxy_hop_by_hop(const char *name, size_t len);

@@ -497,6 +497,16 @@ static void client_error(struct client *c, int status, const char *type, const c
     client_error_via(c, status, type, code, msg, close, retry_after, NULL, 0);
 }
 
+/* The answer to a request whose path aigw does not forward (err 404 or 400). */
+static void client_path_error(struct client *c, int close)
+{
+    if (client_creq(c)->err == 404)
+        client_error(c, 404, "invalid_request_error", "not_found", "unknown path", close, 0);
+    else
+        client_error(c, 400, "invalid_request_error", "invalid_path",
+                     "the path has a dot-segment or an encoded slash", close, 0);
+}
+
 /* ---- request parsing ---- */
 
 static int on_req_begin(llhttp_t *p)
@@ -651,6 +661,8 @@ static int client_on_head(struct client *c)
 
     if (!client_creq(c)->url || !proxy_path_ok(client_creq(c)->url, client_creq(c)->url_len))
         client_creq(c)->err = 404;
+    else if (!proxy_path_safe(client_creq(c)->url, client_creq(c)->url_len))
+        client_creq(c)->err = 400; /* dot-segment or encoded slash: could leave the prefix */
     client_creq(c)->has_body = (p->flags & (F_CHUNKED | F_CONTENT_LENGTH)) != 0;
     int chunked = (p->flags & F_CHUNKED) != 0;
     uint64_t cl = chunked ? 0 : p->content_length;
@@ -667,9 +679,9 @@ static int client_on_head(struct client *c)
                          "unsupported Expect", 1, 0);
             return -1;
         }
-        if (client_creq(c)->err == 404) {
+        if (client_creq(c)->err == 404 || client_creq(c)->err == 400) {
             /* the client waits for our word before sending the body: answer now */
-            client_error(c, 404, "invalid_request_error", "not_found", "unknown path", 1, 0);
+            client_path_error(c, 1);
             return -1;
         }
         static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
@@ -1425,8 +1437,8 @@ static void client_dispatch(struct client *c)
     c->state = CS_WAIT;
     client_creq(c)->resp_started = 0;
     client_timer_stop(c);
-    if (client_creq(c)->err == 404) {
-        client_error(c, 404, "invalid_request_error", "not_found", "unknown path", 0, 0);
+    if (client_creq(c)->err == 404 || client_creq(c)->err == 400) {
+        client_path_error(c, 0);
         return;
     }
     client_creq(c)->info.model = NULL;

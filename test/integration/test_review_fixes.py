@@ -118,3 +118,29 @@ def test_obs_fold_response_refused(env):
     finally:
         up.close()
 
+
+# ---- M1: dot-segments ------------------------------------------------------------------------
+
+
+def test_dot_segments_refused(env):
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1, pool=pool(check="no"))
+    bad = ["/v1/../../admin", "/v1/./models", "/v1/%2e%2e/admin", "/v1/%2E%2e/x", "/v1/.%2e/x",
+           "/v1/models/..", "/v1/a/..?x=1", "/v1/a%2fb", "/v1/a%2F..%2Fb"]
+    c = env.conn(gw.port)
+    for path in bad:
+        c.send(build_request("GET", path))
+        r = c.read_response("GET")
+        e = assert_openai_error(r, 400)
+        check(e.get("type") == "invalid_request_error", f"{path}: {r!r}")
+    # with a body and Expect: 100-continue, the answer comes before the body
+    c2 = env.conn(gw.port)
+    c2.send(build_request("POST", "/v1/../x", [("Expect", "100-continue"),
+                                                ("Content-Length", "2")]))
+    r = c2.read_response(skip_continue=False)
+    assert_openai_error(r, 400)
+    check(mock_requests(m) == 0, f"the mock saw {mock_requests(m)} requests: {m.last()}")
+    # dots in names and in the query are fine
+    r = request(gw.port, "GET", "/v1/models?next=../x")
+    check(r.status == 200, f"/v1/models?next=../x: {r!r}")
+    check(m.last()["path"] == "/v1/models?next=../x", f"mock saw {m.last()}")

@@ -54,6 +54,30 @@ static void test_path_ok(void **state)
     assert_false(proxy_path_ok("http://x/v1/models", 18));
 }
 
+#define SAFE(s) proxy_path_safe(s, sizeof(s) - 1)
+
+static void test_path_safe(void **state)
+{
+    assert_true(SAFE("/v1/chat/completions"));
+    assert_true(SAFE("/v1/models?x=../..&y=%2f"));    /* the query is not the path */
+    assert_true(SAFE("/v1/files/a.b/..c/.../x%2e1")); /* dots inside names are names */
+    assert_true(SAFE("/v1/models#/../x"));
+    assert_true(SAFE("/v1/a%2"));
+    assert_false(SAFE("/v1/../../admin"));
+    assert_false(SAFE("/v1/.."));
+    assert_false(SAFE("/v1/./models"));
+    assert_false(SAFE("/v1/."));
+    assert_false(SAFE("/v1/%2e%2e/admin"));
+    assert_false(SAFE("/v1/%2E%2e/admin"));
+    assert_false(SAFE("/v1/.%2E/admin"));
+    assert_false(SAFE("/v1/%2e/admin"));
+    assert_false(SAFE("/v1/a/..?q=1"));
+    assert_false(SAFE("/v1/a%2fb"));
+    assert_false(SAFE("/v1/a%2Fb"));
+    assert_false(SAFE("/v1/a\\b"));
+    assert_false(SAFE("/v1/a%5cb"));
+}
+
 static void test_hop_by_hop(void **state)
 {
     static const char *hop[] = {
@@ -847,6 +871,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_path_ok),
+        cmocka_unit_test(test_path_safe),
         cmocka_unit_test(test_hop_by_hop),
         cmocka_unit_test(test_build_request_full),
         cmocka_unit_test(test_build_request_plain),
