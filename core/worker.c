@@ -114,6 +114,7 @@ struct tries {
     uint8_t has_key;
     uint8_t discard;           /* the current answer is consumed, not forwarded: a retry follows */
     uint8_t recorded;          /* the current try's outcome is in shm already */
+    uint8_t trial_done;        /* the current trial's outcome is in shm already */
     uint8_t sse;               /* the answer is SSE, framed into chunks here */
     uint8_t sse_nl;            /* newlines at the end of what the client got of it */
     uint8_t sent;              /* body bytes reached the client */
@@ -853,6 +854,18 @@ static int client_attempts(const struct client *c)
     return c->tries_on ? client_tries(c)->n : 0;
 }
 
+/* The outcome of the current try, when it holds a trial slot, for the breaker (which judges a
+ * half-open backend by its trials alone): ok is a success as shm_wb_record_ok counts one; a
+ * failure, a 429 and a 401/403 are failed trials. Once per try. */
+static void client_trial_outcome(struct client *c, int ok)
+{
+    struct tries *t = client_tries(c);
+    if (t->trial < 0 || t->trial_done)
+        return;
+    t->trial_done = 1;
+    shm_wb_trial_outcome(c->w->shm, (uint32_t)c->w->slot, (uint32_t)t->trial, ok);
+}
+
 /* The current try is over: give back its trial slot. */
 static void client_try_end(struct client *c)
 {
@@ -1129,8 +1142,10 @@ static void client_try_failed(struct client *c, enum upstream_err err)
     uint64_t now = time_mono_ns();
     uint32_t cond = retry_cond(err, 0);
 
-    if (retry_is_failure(pool, cond, 0))
+    if (retry_is_failure(pool, cond, 0)) {
         shm_wb_record_fail(w->shm, (uint32_t)w->slot, b, now);
+        client_trial_outcome(c, 0);
+    }
     client_try_end(c);
     t->last_err = err;
     t->last_status = 0;
@@ -1173,7 +1188,7 @@ static void client_try(struct client *c)
         return;
     }
     t->tried[t->n++] = (uint32_t)b;
-    t->discard = t->recorded = t->sse = t->sent = 0;
+    t->discard = t->recorded = t->trial_done = t->sse = t->sent = 0;
     t->sse_nl = 2;
     t->try_ns = now;
     client_creq(c)->rq.ops = &client_ops;
@@ -1230,11 +1245,13 @@ static void client_head_outcome(struct client *c, const struct upstream_resp *ur
     if (ur->status == 429) {
         client_cool(c, b, ur, now);
         t->recorded = 1;
+        client_trial_outcome(c, 0);
         return;
     }
     if (ur->status == 401 || ur->status == 403) {
         shm_counter_add(&wb->auth_failures, 1);
         t->recorded = 1;
+        client_trial_outcome(c, 0);
         if (!w->auth_log_ns[b] || now - w->auth_log_ns[b] >= AUTH_LOG_NS) {
             w->auth_log_ns[b] = now;
             log_warn("backend %s answered %d: its api_key is bad", w->conf->backends[b].name,
@@ -1244,6 +1261,7 @@ static void client_head_outcome(struct client *c, const struct upstream_resp *ur
     if (retry_is_failure(pool, cond, ur->status)) {
         shm_wb_record_fail(w->shm, (uint32_t)w->slot, b, now);
         t->recorded = 1;
+        client_trial_outcome(c, 0);
     }
 }
 
@@ -1369,8 +1387,10 @@ static void op_on_end(void *ctx, enum upstream_err err)
     }
     if (err == UPSTREAM_OK || (err == UPSTREAM_ECLIENT && client_creq(c)->resp_started)) {
         /* a client that leaves mid-answer says nothing against the backend */
-        if (!t->recorded)
+        if (!t->recorded) {
             shm_wb_record_ok(w->shm, (uint32_t)w->slot, b, now, t->head_ns);
+            client_trial_outcome(c, 1);
+        }
         client_try_end(c);
         if (err == UPSTREAM_OK)
             client_request_done(c);
@@ -1384,8 +1404,10 @@ static void op_on_end(void *ctx, enum upstream_err err)
         return;
     }
     if (client_creq(c)->resp_started) {
-        if (!t->recorded)
+        if (!t->recorded) {
             shm_wb_record_fail(w->shm, (uint32_t)w->slot, b, now);
+            client_trial_outcome(c, 0);
+        }
         client_try_end(c);
         client_stream_failed(c, err);
         return;

@@ -7,8 +7,9 @@ import socket
 import threading
 import time
 
-from harness import Conn, assert_openai_error, build_request, chat_body, check, request, wait_for
-from resil_util import mock_requests, pool
+from harness import (Conn, assert_openai_error, build_request, chat, chat_body, check, request,
+                     wait_for)
+from resil_util import CHECK_MOCK_STATS, mock_requests, pool, wait_backend
 
 
 class RawUpstream:
@@ -144,3 +145,40 @@ def test_dot_segments_refused(env):
     r = request(gw.port, "GET", "/v1/models?next=../x")
     check(r.status == 200, f"/v1/models?next=../x: {r!r}")
     check(m.last()["path"] == "/v1/models?next=../x", f"mock saw {m.last()}")
+
+
+# ---- trial outcomes: the half-open breaker judges its trial requests --------------------------
+
+
+def test_breaker_trial_429_and_401_fail(env):
+    a = env.mock("a")
+    b = env.mock("b")
+    gw = env.gateway([a, b], workers=2,
+                     pool=pool(CHECK_MOCK_STATS, breaker_failures=3, breaker_half_open_calls=1,
+                               breaker_successes=1, balance="first", breaker_open_for="300ms",
+                               breaker_open_max="2s"))
+    for i in range(3):
+        r = chat(gw.port, chat_body(f"trip {i}"), headers={"x-mock-status": "500"})
+        check(r.status == 500 and r.header("x-mock-name") == "a", f"tripping request {i}: {r!r}")
+    wait_backend(gw, "a", lambda r: r["breaker"] == "open", 1, "open")
+    # a 429 and then a 401 trial are failed trials: the breaker opens again each time (a
+    # trial that said nothing would leave it half-open for ever)
+    for step, status in enumerate(("429", "401")):
+        wait_backend(gw, "a", lambda r: r["breaker"] == "half-open", 3, f"half-open ({step})")
+        deadline = time.monotonic() + 2
+        while True:
+            r = chat(gw.port, chat_body(f"trial {step}"), headers={"x-mock-status": status,
+                                                                   "x-mock-retry-after": "0"})
+            if r.header("x-mock-name") == "a":
+                break
+            check(time.monotonic() < deadline, f"no trial reached a: {gw.backend('a')}")
+        wait_backend(gw, "a", lambda r: r["breaker"] == "open", 1,
+                     f"open again after a {status} trial")
+    # a good trial closes it (breaker_successes 1)
+    wait_backend(gw, "a", lambda r: r["breaker"] == "half-open", 3, "half-open (last)")
+    deadline = time.monotonic() + 3
+    while gw.backend("a")["breaker"] != "closed":
+        check(time.monotonic() < deadline, f"breaker not closed by a good trial: {gw.backend('a')}")
+        r = chat(gw.port, chat_body("good trial"))
+        check(r.status == 200, f"good trial: {r!r}")
+        time.sleep(0.05)
