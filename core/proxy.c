@@ -480,12 +480,12 @@ int proxy_build_error(char *buf, size_t cap, int status, const char *type, const
                       size_t request_id_len)
 {
     return proxy_build_error_via(buf, cap, status, type, code, message, close, retry_after,
-                                 request_id, request_id_len, NULL, 0);
+                                 request_id, request_id_len, NULL, 0, 0);
 }
 
 int proxy_build_error_via(char *buf, size_t cap, int status, const char *type, const char *code,
                           const char *message, int close, int retry_after, const char *request_id,
-                          size_t request_id_len, const char *backend, int attempts)
+                          size_t request_id_len, const char *backend, int attempts, int head_only)
 {
     char body[1024];
     struct out b = {body, 0, sizeof(body), 0};
@@ -516,7 +516,8 @@ int proxy_build_error_via(char *buf, size_t cap, int status, const char *type, c
     if (request_id && request_id_len)
         out_hdr(&o, "X-Request-Id", request_id, request_id_len);
     out_str(&o, close ? "Connection: close\r\n\r\n" : "Connection: keep-alive\r\n\r\n");
-    out_mem(&o, body, b.len);
+    if (!head_only)
+        out_mem(&o, body, b.len);
     return out_done(&o);
 }
 

@@ -183,10 +183,11 @@ int proxy_build_error(char *buf, size_t cap, int status, const char *type, const
                       size_t request_id_len);
 
 /* proxy_build_error after tries upstream: backend (NULL = none) and attempts go out as
- * x-aigw-backend and x-aigw-attempts. */
+ * x-aigw-backend and x-aigw-attempts. head_only (the answer to a HEAD request): the head alone,
+ * with the Content-Length the body would have had. */
 int proxy_build_error_via(char *buf, size_t cap, int status, const char *type, const char *code,
                           const char *message, int close, int retry_after, const char *request_id,
-                          size_t request_id_len, const char *backend, int attempts);
+                          size_t request_id_len, const char *backend, int attempts, int head_only);
 
 /* The end of an SSE stream whose upstream failed after the first byte reached the client, in
  * chunked framing: one chunk holding `prefix` (newlines that end a partly sent event) and an

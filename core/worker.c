@@ -480,7 +480,8 @@ static void client_error_via(struct client *c, int status, const char *type, con
         close || !client_creq(c)->keepalive || w->draining || c->close_after;
     int n = proxy_build_error_via(w->scratch, head_cap(w), status, type, code, msg,
                                   client_creq(c)->resp_close, retry_after, client_creq(c)->rid,
-                                  client_creq(c)->rid_len, backend, attempts);
+                                  client_creq(c)->rid_len, backend, attempts,
+                                  client_creq(c)->head_method);
     if (n < 0) {
         client_close(c);
         return;
@@ -521,6 +522,7 @@ static int on_req_begin(llhttp_t *p)
     client_creq(c)->rid = NULL;
     client_creq(c)->rid_len = 0;
     client_creq(c)->has_body = 0;
+    client_creq(c)->head_method = 0; /* a gateway answer before the head is whole has a body */
     client_free_body(c);
     return 0;
 }

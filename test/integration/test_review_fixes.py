@@ -182,3 +182,23 @@ def test_breaker_trial_429_and_401_fail(env):
         r = chat(gw.port, chat_body("good trial"))
         check(r.status == 200, f"good trial: {r!r}")
         time.sleep(0.05)
+
+
+# ---- M2: gateway answers to HEAD carry no body -------------------------------------------------
+
+
+def test_head_error_has_no_body(env):
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1, pool=pool(check="no"))
+    c = env.conn(gw.port)
+    # pipelined: a HEAD aigw answers itself (404, then 400), then a GET: each answer must start
+    # exactly where the one before ended
+    c.send(build_request("HEAD", "/nope") + build_request("HEAD", "/v1/../x") +
+           build_request("GET", "/v1/models"))
+    r1 = c.read_response("HEAD")
+    check(r1.status == 404, f"HEAD /nope: {r1!r}")
+    check(int(r1.header("content-length") or 0) > 0, f"HEAD answer lost Content-Length: {r1!r}")
+    r2 = c.read_response("HEAD")
+    check(r2.status == 400, f"HEAD /v1/../x: {r2!r}; buffered {c.buf[:120]!r}")
+    r3 = c.read_response("GET")
+    check(r3.status == 200 and r3.json().get("object") == "list", f"GET after HEADs: {r3!r}")

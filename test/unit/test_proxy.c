@@ -517,7 +517,7 @@ static void test_build_error_via(void **state)
 {
     char buf[1024], want[1024];
     int n = proxy_build_error_via(buf, sizeof(buf), 429, "requests", "rate_limit_exceeded", "slow",
-                                  0, 7, "r", 1, "a", 2);
+                                  0, 7, "r", 1, "a", 2, 0);
     const char *body = "{\"error\":{\"message\":\"slow\",\"type\":\"requests\",\"code\":\"rate_"
                        "limit_exceeded\"}}\n";
     snprintf(want, sizeof(want),
@@ -532,6 +532,12 @@ static void test_build_error_via(void **state)
              "\r\n%s",
              strlen(body), body);
     assert_bytes(buf, n, want);
+    /* the answer to a HEAD request: the same head, Content-Length kept, no body */
+    int hn = proxy_build_error_via(buf, sizeof(buf), 429, "requests", "rate_limit_exceeded", "slow",
+                                   0, 7, "r", 1, "a", 2, 1);
+    assert_int_equal(hn, n - (int)strlen(body));
+    want[hn] = 0;
+    assert_bytes(buf, hn, want);
 }
 
 static void test_sse_error(void **state)
