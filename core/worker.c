@@ -55,6 +55,7 @@ enum tkind {
     T_HEADER = 0,
     T_BODY,
     T_KEEPALIVE,
+    T_SEND, /* a write to the client waits: the pool's stream_idle_timeout */
     T_KINDS,
 };
 
@@ -219,6 +220,13 @@ static void on_client_timeout(struct client *c)
         client_close(c);
         return;
     case CS_WAIT:
+        if (c->writing) {
+            /* the client takes nothing: it must not hold a backend connection and its in-flight
+             * count (nor the buffers) for ever */
+            log_info("client %s: no write progress within stream_idle_timeout, closing", c->ip);
+            client_close(c);
+        }
+        return;
     case CS_CLOSED:
         return;
     }
@@ -396,6 +404,8 @@ static void on_written(uv_write_t *req, int status)
 {
     struct client *c = req->data;
     c->writing = 0;
+    if (c->tq == &c->w->tqs[c->li * T_KINDS + T_SEND])
+        client_timer_stop(c);
     bufpool_put(&c->w->bufs, c->wbuf);
     c->wbuf = NULL;
     if (c->state == CS_CLOSED)
@@ -459,6 +469,8 @@ static int client_write3(struct client *c, const char *head, size_t hl, const ch
     if (uv_write(req, (uv_stream_t *)&c->tcp, b, n, on_written) != 0)
         return -1;
     c->writing = 1;
+    if (c->w->tqs[c->li * T_KINDS + T_SEND].ms)
+        client_timer(c, T_SEND);
     return 1;
 }
 
@@ -1818,6 +1830,8 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
             q->ms = ln->client_header_timeout_ms;
         else if (i % T_KINDS == T_BODY)
             q->ms = ln->client_body_timeout_ms;
+        else if (i % T_KINDS == T_SEND)
+            q->ms = conf->pools[ln->pool].idle_timeout_ms;
         else
             q->ms = ln->keepalive_timeout_ms;
     }

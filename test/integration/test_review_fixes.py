@@ -202,3 +202,43 @@ def test_head_error_has_no_body(env):
     check(r2.status == 400, f"HEAD /v1/../x: {r2!r}; buffered {c.buf[:120]!r}")
     r3 = c.read_response("GET")
     check(r3.status == 200 and r3.json().get("object") == "list", f"GET after HEADs: {r3!r}")
+
+
+# ---- M3: a client that does not read is closed after stream_idle_timeout ------------------------
+
+
+def test_client_send_timeout_frees_backend(env):
+    m = env.mock("m1", "--content-bytes", 16000000)
+    gw = env.gateway([m], workers=1, pool=pool(check="no", stream_idle_timeout="1s"))
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", gw.port))
+    try:
+        s.sendall(build_request("POST", "/v1/chat/completions",
+                                [("Content-Type", "application/json")], chat_body()))
+        # in flight, then back to 0 once the gateway gives up on the client that never reads
+        wait_for(lambda: gw.backend("m1")["active"] == 1, 5, "the request to be in flight")
+        t0 = time.monotonic()
+        wait_for(lambda: gw.backend("m1")["active"] == 0, 6,
+                 "active back to 0 with a client that does not read")
+        took = time.monotonic() - t0
+        check(took < 4, f"active went back to 0 only after {took:.1f}s")
+        # the gateway closed the client: after what was buffered, EOF or a reset
+        s.settimeout(5)
+        closed = False
+        try:
+            while True:
+                d = s.recv(1 << 20)
+                if not d:
+                    closed = True
+                    break
+        except ConnectionResetError:
+            closed = True
+        except socket.timeout:
+            pass
+        check(closed, "the client connection is still open")
+    finally:
+        s.close()
+    # the worker still serves
+    r = request(gw.port, "GET", "/v1/models")
+    check(r.status == 200, f"after the timeout: {r!r}")
