@@ -1870,6 +1870,7 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
         r = balancer_init(&w->bal[i], conf->pools[i].balance, (uint32_t)conf->pools[i].n_backends);
         if (r < 0)
             return r;
+        w->bal[i].hash_load_pct = conf->pools[i].hash_load_pct; /* hash_balance_factor */
     }
     w->cands = calloc((size_t)max_pool, sizeof(*w->cands));
     w->cand_limit = calloc((size_t)max_pool, sizeof(*w->cand_limit));

@@ -9,7 +9,7 @@ import time
 
 from harness import (Conn, assert_openai_error, build_request, chat, chat_body, check, request,
                      wait_for)
-from resil_util import CHECK_MOCK_STATS, mock_requests, pool, wait_backend
+from resil_util import CHECK_MOCK_STATS, by_name, failed, mock_requests, parallel, pool, wait_backend
 
 
 class RawUpstream:
@@ -242,3 +242,22 @@ def test_client_send_timeout_frees_backend(env):
     # the worker still serves
     r = request(gw.port, "GET", "/v1/models")
     check(r.status == 200, f"after the timeout: {r!r}")
+
+
+# ---- M4: hash_balance_factor is applied ---------------------------------------------------------
+
+
+def test_hash_balance_factor_applied(env):
+    a = env.mock("a")
+    b = env.mock("b")
+    # 1000 %: one key's backend takes up to 10x its share of the in-flight requests before any
+    # overflows. With the factor ignored (125 % always), the third of six concurrent requests
+    # on one key already overflows to the other backend.
+    gw = env.gateway([a, b], workers=1,
+                     pool=pool(CHECK_MOCK_STATS, balance="hash", hash_key="header:x-key",
+                               hash_balance_factor="1000%"))
+    res = parallel(gw.port, 6, headers={"x-key": "conv-1", "x-mock-delay": "1s"})
+    check(not failed(res), f"requests: {res}")
+    names = by_name(res)
+    check(len(names) == 1, f"6 concurrent requests on one key with hash_balance_factor 1000%: "
+          f"{names}, expected all on one backend")
