@@ -5,12 +5,6 @@
 #include <string.h>
 #include <strings.h>
 
-#define JSMN_STATIC
-#define JSMN_STRICT
-/* a closing bracket or comma finds its parent in one step instead of scanning back */
-#define JSMN_PARENT_LINKS
-#include <jsmn.h>
-
 #include "core/proxy.h"
 #include "core/util.h"
 
@@ -814,73 +808,263 @@ void proxy_request_id(char out[32], uint64_t seed1, uint64_t seed2, uint64_t cou
     hex64(out + 16, mix64(counter ^ seed2));
 }
 
-size_t proxy_token_size(void)
+/* ---- JSON body scan ---- */
+
+/* Nesting deeper than this is refused: the scan keeps one bit per level on the stack. */
+#define JSON_MAX_DEPTH 1024
+
+struct jscan {
+    const char *p;
+    size_t i, n;
+};
+
+static void js_ws(struct jscan *s)
 {
-    return sizeof(jsmntok_t);
+    while (s->i < s->n &&
+           (s->p[s->i] == ' ' || s->p[s->i] == '\t' || s->p[s->i] == '\n' || s->p[s->i] == '\r'))
+        s->i++;
 }
 
-int proxy_parse_body(const char *body, size_t len, void *tokens, unsigned ntok,
-                     struct proxy_body_info *info)
+static int js_hex(char c)
 {
-    return proxy_parse_body_key(body, len, tokens, ntok, NULL, info);
+    return (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'f');
 }
 
-int proxy_parse_body_key(const char *body, size_t len, void *tokens, unsigned ntok,
-                         const char *field, struct proxy_body_info *info)
+/* A string at s->i (the opening quote): its contents (escapes untouched) in *v / *vl. */
+static int js_string(struct jscan *s, const char **v, size_t *vl)
 {
-    jsmn_parser p;
-    jsmntok_t *t = tokens;
+    size_t start = ++s->i;
+    while (s->i < s->n) {
+        const char *q = memchr(s->p + s->i, '"', s->n - s->i);
+        size_t stop = q ? (size_t)(q - s->p) : s->n;
+        /* escapes and control characters between here and the next quote */
+        for (; s->i < stop; s->i++) {
+            unsigned char ch = (unsigned char)s->p[s->i];
+            if (ch < 0x20)
+                return -1;
+            if (ch != '\\')
+                continue;
+            if (++s->i >= s->n)
+                return -1;
+            switch (s->p[s->i]) {
+            case '"':
+                if (s->i == stop) /* an escaped quote: look for the next one */
+                    goto next;
+                break;
+            case '\\':
+            case '/':
+            case 'b':
+            case 'f':
+            case 'n':
+            case 'r':
+            case 't':
+                break;
+            case 'u':
+                if (s->i + 4 >= s->n || !js_hex(s->p[s->i + 1]) || !js_hex(s->p[s->i + 2]) ||
+                    !js_hex(s->p[s->i + 3]) || !js_hex(s->p[s->i + 4]))
+                    return -1;
+                s->i += 4;
+                break;
+            default:
+                return -1;
+            }
+        }
+        if (!q || s->i > stop)
+            return -1;
+        *v = s->p + start;
+        *vl = stop - start;
+        s->i = stop + 1;
+        return 0;
+    next:
+        s->i++;
+    }
+    return -1;
+}
+
+static int js_digits(struct jscan *s)
+{
+    size_t d = s->i;
+    while (s->i < s->n && s->p[s->i] >= '0' && s->p[s->i] <= '9')
+        s->i++;
+    return s->i > d ? 0 : -1;
+}
+
+/* -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? */
+static int js_number(struct jscan *s)
+{
+    if (s->p[s->i] == '-')
+        s->i++;
+    if (s->i < s->n && s->p[s->i] == '0')
+        s->i++;
+    else if (js_digits(s) < 0)
+        return -1;
+    if (s->i < s->n && s->p[s->i] == '.') {
+        s->i++;
+        if (js_digits(s) < 0)
+            return -1;
+    }
+    if (s->i < s->n && (s->p[s->i] | 0x20) == 'e') {
+        s->i++;
+        if (s->i < s->n && (s->p[s->i] == '+' || s->p[s->i] == '-'))
+            s->i++;
+        if (js_digits(s) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int js_word(struct jscan *s, const char *w, size_t n)
+{
+    if (s->n - s->i < n || memcmp(s->p + s->i, w, n) != 0)
+        return -1;
+    s->i += n;
+    return 0;
+}
+
+/* A key and its colon, at s->i (white space skipped before and after). */
+static int js_key(struct jscan *s, const char **k, size_t *kl)
+{
+    js_ws(s);
+    if (s->i >= s->n || s->p[s->i] != '"' || js_string(s, k, kl) < 0)
+        return -1;
+    js_ws(s);
+    if (s->i >= s->n || s->p[s->i] != ':')
+        return -1;
+    s->i++;
+    return 0;
+}
+
+/* Validates and skips one value at s->i (after white space), nested ones included, without
+ * keeping anything: memory stays constant whatever the body holds. */
+static int js_value(struct jscan *s)
+{
+    uint64_t stack[JSON_MAX_DEPTH / 64]; /* bit set: an object at that level, else an array */
+    unsigned depth = 0;
+    const char *k;
+    size_t kl;
+
+    for (;;) {
+        /* a value */
+        js_ws(s);
+        if (s->i >= s->n)
+            return -1;
+        char ch = s->p[s->i];
+        if (ch == '{' || ch == '[') {
+            if (depth == JSON_MAX_DEPTH)
+                return -1;
+            if (ch == '{')
+                stack[depth / 64] |= 1ULL << (depth % 64);
+            else
+                stack[depth / 64] &= ~(1ULL << (depth % 64));
+            depth++;
+            s->i++;
+            js_ws(s);
+            if (s->i < s->n && s->p[s->i] == (ch == '{' ? '}' : ']')) {
+                s->i++;
+                depth--;
+            } else {
+                if (ch == '{' && js_key(s, &k, &kl) < 0)
+                    return -1;
+                continue;
+            }
+        } else if (ch == '"') {
+            if (js_string(s, &k, &kl) < 0)
+                return -1;
+        } else if (ch == 't') {
+            if (js_word(s, "true", 4) < 0)
+                return -1;
+        } else if (ch == 'f') {
+            if (js_word(s, "false", 5) < 0)
+                return -1;
+        } else if (ch == 'n') {
+            if (js_word(s, "null", 4) < 0)
+                return -1;
+        } else if (ch == '-' || (ch >= '0' && ch <= '9')) {
+            if (js_number(s) < 0)
+                return -1;
+        } else {
+            return -1;
+        }
+        /* after a value: the next one of the container, or its end (perhaps several) */
+        for (;;) {
+            if (depth == 0)
+                return 0;
+            int obj = (stack[(depth - 1) / 64] >> ((depth - 1) % 64)) & 1;
+            js_ws(s);
+            if (s->i >= s->n)
+                return -1;
+            ch = s->p[s->i++];
+            if (ch == ',') {
+                if (obj && js_key(s, &k, &kl) < 0)
+                    return -1;
+                break;
+            }
+            if (ch != (obj ? '}' : ']'))
+                return -1;
+            depth--;
+        }
+    }
+}
+
+int proxy_parse_body(const char *body, size_t len, struct proxy_body_info *info)
+{
+    return proxy_parse_body_key(body, len, NULL, info);
+}
+
+int proxy_parse_body_key(const char *body, size_t len, const char *field,
+                         struct proxy_body_info *info)
+{
+    struct jscan s = {body, 0, len};
     size_t flen = field ? strlen(field) : 0;
+    const char *k;
+    size_t kl;
 
     info->model = NULL;
     info->model_len = 0;
     info->stream = 0;
     info->key = NULL;
     info->key_len = 0;
-    /* skip leading white space: jsmn would accept a primitive; aigw wants an object */
-    size_t i0 = 0;
-    while (i0 < len &&
-           (body[i0] == ' ' || body[i0] == '\t' || body[i0] == '\r' || body[i0] == '\n'))
-        i0++;
-    if (i0 == len || body[i0] != '{')
+    /* only the top-level keys matter: their values are looked at, everything nested is only
+     * validated and skipped (no token array that grows with the body) */
+    js_ws(&s);
+    if (s.i >= s.n || body[s.i] != '{')
         return -EINVAL;
-    if (!t || ntok == 0)
-        return -ENOMEM; /* jsmn would only count tokens */
-    jsmn_init(&p);
-    int n = jsmn_parse(&p, body, len, t, ntok);
-    if (n == JSMN_ERROR_NOMEM)
-        return -ENOMEM;
-    if (n < 1 || t[0].type != JSMN_OBJECT)
-        return -EINVAL;
-    /* nothing but white space may follow the object */
-    for (size_t k = (size_t)t[0].end; k < len; k++)
-        if (body[k] != ' ' && body[k] != '\t' && body[k] != '\r' && body[k] != '\n')
-            return -EINVAL;
-
-    int i = 1;
-    for (int pair = 0; pair < t[0].size && i + 1 < n; pair++) {
-        const jsmntok_t *k = &t[i], *v = &t[i + 1];
-        const char *ks = body + k->start;
-        size_t kl = (size_t)(k->end - k->start);
-        if (k->type == JSMN_STRING && kl == 5 && memcmp(ks, "model", 5) == 0) {
-            if (v->type == JSMN_STRING) {
-                info->model = body + v->start;
-                info->model_len = (size_t)(v->end - v->start);
+    s.i++;
+    js_ws(&s);
+    if (s.i < s.n && body[s.i] == '}') {
+        s.i++;
+    } else {
+        for (;;) {
+            if (js_key(&s, &k, &kl) < 0)
+                return -EINVAL;
+            js_ws(&s);
+            size_t v0 = s.i;
+            int is_str = s.i < s.n && body[s.i] == '"';
+            const char *v = NULL;
+            size_t vl = 0;
+            if (is_str ? js_string(&s, &v, &vl) < 0 : js_value(&s) < 0)
+                return -EINVAL;
+            if (kl == 5 && memcmp(k, "model", 5) == 0) {
+                info->model = v;
+                info->model_len = vl;
+            } else if (kl == 6 && memcmp(k, "stream", 6) == 0) {
+                info->stream = s.i - v0 == 4 && memcmp(body + v0, "true", 4) == 0;
+            } else if (flen && kl == flen && memcmp(k, field, kl) == 0) {
+                info->key = v;
+                info->key_len = vl;
             }
-        } else if (k->type == JSMN_STRING && kl == 6 && memcmp(ks, "stream", 6) == 0) {
-            info->stream = v->type == JSMN_PRIMITIVE && v->end - v->start == 4 &&
-                           memcmp(body + v->start, "true", 4) == 0;
-        } else if (flen && k->type == JSMN_STRING && kl == flen && memcmp(ks, field, kl) == 0) {
-            if (v->type == JSMN_STRING) {
-                info->key = body + v->start;
-                info->key_len = (size_t)(v->end - v->start);
+            js_ws(&s);
+            if (s.i >= s.n)
+                return -EINVAL;
+            if (body[s.i] == '}') {
+                s.i++;
+                break;
             }
+            if (body[s.i++] != ',')
+                return -EINVAL;
         }
-        /* skip the value and everything nested in it */
-        int end = v->end;
-        i += 2;
-        while (i < n && t[i].start < end)
-            i++;
     }
-    return 0;
+    /* nothing but white space may follow the object */
+    js_ws(&s);
+    return s.i == s.n ? 0 : -EINVAL;
 }

@@ -234,18 +234,15 @@ struct proxy_body_info {
     size_t key_len;
 };
 
-/* Parses body as JSON with jsmn using tokens (ntok of them; callers keep and grow it). Returns 0
- * when the body is a JSON object (info filled), -EINVAL when it is not, -ENOMEM when ntok is
- * too small (grow it and call again). */
-int proxy_parse_body(const char *body, size_t len, void *tokens, unsigned ntok,
-                     struct proxy_body_info *info);
+/* Checks that body is one JSON object (white space around it allowed) and finds its top-level
+ * "model" (a string) and "stream" (true) fields; nested values are validated and skipped with
+ * constant memory (nesting deeper than 1024 is refused). 0 (info filled), or -EINVAL when the
+ * body is not a JSON object. */
+int proxy_parse_body(const char *body, size_t len, struct proxy_body_info *info);
 
 /* proxy_parse_body that also finds the top-level string field `field` (NUL-terminated, NULL =
  * none) for the hash balancer's json:FIELD key: info->key / key_len (raw contents). */
-int proxy_parse_body_key(const char *body, size_t len, void *tokens, unsigned ntok,
-                         const char *field, struct proxy_body_info *info);
-
-/* Bytes one token takes, for callers sizing the tokens array of proxy_parse_body. */
-size_t proxy_token_size(void);
+int proxy_parse_body_key(const char *body, size_t len, const char *field,
+                         struct proxy_body_info *info);
 
 #endif

@@ -30,7 +30,9 @@
 #define COOL_DEFAULT_MS 1000  /* a 429 that says nothing about when to come back */
 #define COOL_MAX_MS     3600000        /* a longer Retry-After is taken as this */
 #define AUTH_LOG_NS     10000000000ULL /* one "api_key is bad" warning per backend per 10 s */
-#define WTAIL_MAX       16 /* room kept behind a head for the bytes after a body piece */
+#define WTAIL_MAX       16      /* room kept behind a head for the bytes after a body piece */
+#define BODY_HEAP_MIN   65536   /* first size of a body that outgrows the buffer; then doubled */
+#define BODY_CACHE_MAX  1048576 /* a body buffer up to this size is kept for the next request */
 
 enum cstate {
     CS_IDLE = 0, /* between requests: no buffer unless pipelined bytes wait */
@@ -135,6 +137,7 @@ struct creq {
     size_t rid_len;
     char *body; /* in buf at head_end, or malloc'd (body_heap) */
     uint64_t body_len, body_cap;
+    uint64_t body_want; /* the declared Content-Length, or max_body_size for a chunked body */
     uint32_t n_hdrs;
     uint32_t head_end; /* offset just after the request head */
     int err;           /* status decided while parsing the request (404, 413, 431) */
@@ -172,8 +175,8 @@ struct worker {
     size_t rid_off, hdrs_off, data_off;
     struct client *clients, *free_clients;
     int n_clients;
-    void *tokens; /* jsmn tokens, grown on demand */
-    unsigned n_tokens;
+    char *body_cache; /* one body buffer kept from an earlier request, or NULL */
+    uint64_t body_cache_cap;
     uint64_t rid_seed1, rid_seed2, rid_counter;
     char *scratch; /* one buffer for heads built and written at once */
 };
@@ -322,8 +325,18 @@ static void client_free_body(struct client *c)
     if (!c->buf)
         return;
     struct creq *r = client_creq(c);
-    if (r->body_heap)
-        free(r->body);
+    struct worker *w = c->w;
+    if (r->body_heap) {
+        /* keep the largest moderate buffer for the next large body; a huge one goes back at
+         * once, so one big request does not leave the worker big */
+        if (r->body_cap <= BODY_CACHE_MAX && (!w->body_cache || w->body_cache_cap < r->body_cap)) {
+            free(w->body_cache);
+            w->body_cache = r->body;
+            w->body_cache_cap = r->body_cap;
+        } else {
+            free(r->body);
+        }
+    }
     r->body = NULL;
     r->body_heap = 0;
     r->body_len = r->body_cap = 0;
@@ -590,11 +603,12 @@ static int on_req_body(llhttp_t *p, const char *at, size_t len)
     }
     if (client_creq(c)->body_heap) {
         if (client_creq(c)->body_len + len > client_creq(c)->body_cap) {
+            /* grown as the bytes arrive, never beyond what was declared */
             uint64_t cap = client_creq(c)->body_cap * 2;
+            if (cap > client_creq(c)->body_want)
+                cap = client_creq(c)->body_want;
             if (cap < client_creq(c)->body_len + len)
                 cap = client_creq(c)->body_len + len;
-            if (cap > c->ln->max_body_size)
-                cap = c->ln->max_body_size;
             char *nb = realloc(client_creq(c)->body, cap);
             if (!nb) {
                 client_creq(c)->err = 500;
@@ -708,37 +722,38 @@ static int client_on_head(struct client *c)
         }
     }
 
+    /* the body starts in the buffer; one that outgrows it moves to the heap as it arrives
+     * (client_body_to_heap), never sized by what the client only declared */
     client_creq(c)->body_len = 0;
-    if (!chunked && client_creq(c)->head_end + cl > w->data_size) {
-        client_creq(c)->body = malloc(cl);
-        if (!client_creq(c)->body) {
-            client_error(c, 500, "server_error", "out_of_memory", "out of memory", 1, 0);
-            return -1;
-        }
-        client_creq(c)->body_heap = 1;
-        client_creq(c)->body_cap = cl;
-    } else {
-        client_creq(c)->body = c->buf + client_creq(c)->head_end;
-        client_creq(c)->body_heap = 0;
-    }
+    client_creq(c)->body_want = chunked ? ln->max_body_size : cl;
+    client_creq(c)->body = c->buf + client_creq(c)->head_end;
+    client_creq(c)->body_heap = 0;
     c->state = CS_BODY;
     client_timer(c, T_BODY);
     return 0;
 }
 
-/* Chunked bodies start in the buffer; once it runs short of room they move to the heap. */
+/* Bodies start in the buffer; one that will not fit moves to the heap once the buffer runs
+ * short of room: BODY_HEAP_MIN or twice what came so far, at most what was declared. The
+ * worker's cached buffer is taken when it is large enough. */
 static int client_body_to_heap(struct client *c)
 {
+    struct worker *w = c->w;
     uint64_t cap = client_creq(c)->body_len * 2;
-    if (cap < 65536)
-        cap = 65536;
-    if (cap > c->ln->max_body_size)
-        cap = c->ln->max_body_size;
+    char *nb;
+    if (cap < BODY_HEAP_MIN)
+        cap = BODY_HEAP_MIN;
+    if (cap > client_creq(c)->body_want)
+        cap = client_creq(c)->body_want;
     if (cap < client_creq(c)->body_len)
         cap = client_creq(c)->body_len;
-    char *nb = malloc(cap ? cap : 1);
-    if (!nb)
+    if (w->body_cache && w->body_cache_cap >= cap) {
+        nb = w->body_cache;
+        cap = w->body_cache_cap;
+        w->body_cache = NULL;
+    } else if (!(nb = malloc(cap ? cap : 1))) {
         return -1;
+    }
     memcpy(nb, client_creq(c)->body, client_creq(c)->body_len);
     client_creq(c)->body = nb;
     client_creq(c)->body_cap = cap;
@@ -806,8 +821,9 @@ static void client_process(struct client *c)
         /* everything parsed: keep only head and in-buffer body, reuse the rest for reads */
         c->len = c->pos = client_creq(c)->head_end +
                           (client_creq(c)->body_heap ? 0 : (uint32_t)client_creq(c)->body_len);
-        if (!client_creq(c)->body_heap && (client_creq(c)->parser.flags & F_CHUNKED) &&
-            w->data_size - c->len < w->data_size / 4) {
+        if (!client_creq(c)->body_heap && w->data_size - c->len < w->data_size / 4 &&
+            ((client_creq(c)->parser.flags & F_CHUNKED) ||
+             client_creq(c)->head_end + client_creq(c)->body_want > w->data_size)) {
             if (client_body_to_heap(c) < 0) {
                 client_error(c, 500, "server_error", "out_of_memory", "out of memory", 1, 0);
                 return;
@@ -1448,21 +1464,12 @@ static int is_chat_completions(const struct client *c)
  * not a JSON object. */
 static int client_parse_body(struct client *c)
 {
-    struct worker *w = c->w;
     const struct conf_pool *pool = client_pool(c);
     const char *field = pool->hash_src == HASH_JSON ? pool->hash_name : NULL;
-    for (;;) {
-        int r = proxy_parse_body_key(client_creq(c)->body, client_creq(c)->body_len, w->tokens,
-                                     w->n_tokens, field, &client_creq(c)->info);
-        if (r != -ENOMEM)
-            return r == 0 ? 0 : -1;
-        unsigned n = w->n_tokens ? w->n_tokens * 2 : 256;
-        void *t = realloc(w->tokens, n * proxy_token_size());
-        if (!t)
-            return -1;
-        w->tokens = t;
-        w->n_tokens = n;
-    }
+    return proxy_parse_body_key(client_creq(c)->body, client_creq(c)->body_len, field,
+                                &client_creq(c)->info) == 0
+               ? 0
+               : -1;
 }
 
 /* A whole request is in (parser paused after it): answer it or forward it. */
@@ -1921,7 +1928,7 @@ static void worker_teardown(struct worker *w)
     }
     bufpool_free(&w->bufs);
     free(w->scratch);
-    free(w->tokens);
+    free(w->body_cache);
 }
 
 int worker_main(struct conf *conf, struct shm *shm, int slot, const int *listen_fds)

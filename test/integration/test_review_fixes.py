@@ -261,3 +261,41 @@ def test_hash_balance_factor_applied(env):
     names = by_name(res)
     check(len(names) == 1, f"6 concurrent requests on one key with hash_balance_factor 1000%: "
           f"{names}, expected all on one backend")
+
+
+# ---- M5/M6: request body memory -----------------------------------------------------------------
+
+
+def _vm(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {key} in /proc/{pid}/status")
+
+
+def test_big_json_body_memory_bounded(env):
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1, pool=pool(check="no"))
+    pid = list(gw.worker_pids().values())[0]
+    r = request(gw.port, "POST", "/v1/chat/completions", [("Content-Type", "application/json")],
+                chat_body())
+    check(r.status == 200, f"warm-up: {r!r}")
+    rss0, hwm0 = _vm(pid, "VmRSS"), _vm(pid, "VmHWM")
+    # the review's body: 8 MB (max_body_size) of JSON holding 4 M values
+    head = b'{"model":"x","messages":[{"role":"user","content":"hi"}],"a":['
+    n = (8 * 1024 * 1024 - len(head) - 2) // 2
+    body = head + b"0," * (n - 1) + b"0]}"
+    check(len(body) <= 8 * 1024 * 1024, f"body of {len(body)} bytes")
+    c = env.conn(gw.port, timeout=30)
+    c.send(build_request("POST", "/v1/chat/completions", [("Content-Type", "application/json")],
+                         body))
+    r = c.read_response()
+    check(r.status != 400, f"the big JSON body was refused: {r!r}")
+    check(m.last()["path"] == "/v1/chat/completions", f"mock did not get it: {m.last()}")
+    rss1, hwm1 = _vm(pid, "VmRSS"), _vm(pid, "VmHWM")
+    limit = 2 * len(body)
+    check(hwm1 - hwm0 <= limit, f"worker peak RSS grew by {(hwm1 - hwm0) >> 20} MB for a "
+          f"{len(body) >> 20} MB body (limit {limit >> 20} MB)")
+    check(rss1 - rss0 <= len(body) // 2, f"worker RSS stays {(rss1 - rss0) >> 20} MB larger after "
+          f"the request")
