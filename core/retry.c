@@ -59,40 +59,10 @@ uint64_t retry_backoff_ms(const struct conf_pool *p, uint32_t n, uint64_t rnd)
     return cap ? rnd % (cap + 1) : 0;
 }
 
-static unsigned bucket(struct retry_budget *b, uint64_t now_ns)
+int retry_budget_allow(uint64_t requests, uint64_t retries, uint32_t pct, uint32_t min_per_s)
 {
-    uint64_t s = now_ns / 1000000000ULL + 1;
-    unsigned i = (unsigned)(s % RETRY_BUDGET_SECS);
-    if (b->sec[i] != s) {
-        b->sec[i] = s;
-        b->requests[i] = 0;
-        b->retries[i] = 0;
-    }
-    return i;
-}
-
-void retry_budget_request(struct retry_budget *b, uint64_t now_ns)
-{
-    b->requests[bucket(b, now_ns)]++;
-}
-
-void retry_budget_retry(struct retry_budget *b, uint64_t now_ns)
-{
-    b->retries[bucket(b, now_ns)]++;
-}
-
-int retry_budget_allow(const struct retry_budget *b, uint64_t now_ns, uint32_t pct,
-                       uint32_t min_per_s)
-{
-    uint64_t s = now_ns / 1000000000ULL + 1, req = 0, ret = 0;
-    for (unsigned i = 0; i < RETRY_BUDGET_SECS; i++) {
-        if (b->sec[i] == 0 || b->sec[i] > s || b->sec[i] + RETRY_BUDGET_SECS <= s)
-            continue;
-        req += b->requests[i];
-        ret += b->retries[i];
-    }
-    uint64_t allowed = req * pct / 100;
+    uint64_t allowed = requests * pct / 100;
     if (allowed < (uint64_t)min_per_s * RETRY_BUDGET_SECS)
         allowed = (uint64_t)min_per_s * RETRY_BUDGET_SECS;
-    return ret < allowed;
+    return retries < allowed;
 }

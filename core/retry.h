@@ -9,7 +9,7 @@
 #include "core/conf.h"
 #include "core/upstream.h"
 
-#define RETRY_BUDGET_SECS 10
+#define RETRY_BUDGET_SECS 10 /* = SHM_BUDGET_SECS, the window the shm buckets keep */
 
 /* The enum conf_cond bits of one try's outcome: err (UPSTREAM_OK when an answer came) and the
  * answer's status. 0 for an answer that is neither 5xx nor 429. */
@@ -26,18 +26,9 @@ int retry_is_retryable(const struct conf_pool *p, uint32_t cond, int status);
  * [0, min(max, base x mult^(n-1))] picked by rnd (any uniform 64-bit number). Milliseconds. */
 uint64_t retry_backoff_ms(const struct conf_pool *p, uint32_t n, uint64_t rnd);
 
-/* Requests and retries of one worker over the last RETRY_BUDGET_SECS, in 1 s buckets. */
-struct retry_budget {
-    uint64_t sec[RETRY_BUDGET_SECS]; /* which second (+1) each bucket counts; 0 = unused */
-    uint32_t requests[RETRY_BUDGET_SECS];
-    uint32_t retries[RETRY_BUDGET_SECS];
-};
-
-void retry_budget_request(struct retry_budget *b, uint64_t now_ns);
-void retry_budget_retry(struct retry_budget *b, uint64_t now_ns);
-/* A retry is allowed while the retries of the window stay below
- * max(min_per_s x RETRY_BUDGET_SECS, pct % of the window's requests). */
-int retry_budget_allow(const struct retry_budget *b, uint64_t now_ns, uint32_t pct,
-                       uint32_t min_per_s);
+/* The retry budget decision, from the pool's requests and retries over the last
+ * RETRY_BUDGET_SECS summed over all workers (shm_budget_window): a retry is allowed while the
+ * retries stay below max(min_per_s x RETRY_BUDGET_SECS, pct % of the requests). */
+int retry_budget_allow(uint64_t requests, uint64_t retries, uint32_t pct, uint32_t min_per_s);
 
 #endif

@@ -165,10 +165,9 @@ struct worker {
     struct upstream up;
     struct balancer *bal; /* per pool */
     struct balancer_cand *cands;
-    int32_t *cand_limit;          /* per candidate of a pick: trial limit, 0 = no trial needed */
-    struct retry_budget *budgets; /* per pool */
-    uint64_t *auth_log_ns;        /* per backend: the last "api_key is bad" warning */
-    struct tq retry_q;            /* clients waiting out a retry back-off, by due time */
+    int32_t *cand_limit;   /* per candidate of a pick: trial limit, 0 = no trial needed */
+    uint64_t *auth_log_ns; /* per backend: the last "api_key is bad" warning */
+    struct tq retry_q;     /* clients waiting out a retry back-off, by due time */
     /* A pool buffer: struct creq, a generated request id, header spans, then data (c->buf and
      * u->buf point at the data). What a request touches is together at the start, so a
      * request dirties a page or two of its buffer rather than both ends of it. */
@@ -1030,7 +1029,7 @@ static int client_has_candidate(struct client *c, uint64_t now)
 
 /* May the request go to another backend after an outcome with cond / status? Nothing is
  * retried once bytes reached the client, beyond `retries`, past the request deadline, without
- * an untried usable backend, or over the worker's retry budget. */
+ * an untried usable backend, or over the pool's retry budget (shared by all workers). */
 static int client_can_retry(struct client *c, uint32_t cond, int status, uint64_t now)
 {
     struct worker *w = c->w;
@@ -1045,8 +1044,10 @@ static int client_can_retry(struct client *c, uint32_t cond, int status, uint64_
         return 0;
     if (!client_has_candidate(c, now))
         return 0;
-    if (!retry_budget_allow(&w->budgets[c->ln->pool], now, pool->retry_budget_pct,
-                            pool->retry_budget_min)) {
+    uint64_t reqs, rets;
+    shm_budget_window(w->shm, (uint32_t)pool->first_backend, (uint32_t)pool->n_backends, now, &reqs,
+                      &rets);
+    if (!retry_budget_allow(reqs, rets, pool->retry_budget_pct, pool->retry_budget_min)) {
         log_debug("request %.*s: no retry, the retry budget of pool %s is spent",
                   (int)client_creq(c)->rid_len, client_creq(c)->rid, pool->name);
         return 0;
@@ -1059,7 +1060,7 @@ static void client_retry_commit(struct client *c, uint64_t now)
 {
     struct worker *w = c->w;
     uint32_t b = client_backend(c);
-    retry_budget_retry(&w->budgets[c->ln->pool], now);
+    shm_wb_budget_note(w->shm, (uint32_t)w->slot, b, now, 1);
     shm_counter_add(&shm_wb(w->shm, (uint32_t)w->slot, b)->retries, 1);
 }
 
@@ -1218,6 +1219,8 @@ static void client_try(struct client *c)
         return;
     }
     t->tried[t->n++] = (uint32_t)b;
+    if (t->n == 1) /* the pool-wide retry budget counts client requests once, retries apart */
+        shm_wb_budget_note(w->shm, (uint32_t)w->slot, (uint32_t)b, now, 0);
     t->discard = t->recorded = t->trial_done = t->sse = t->sent = 0;
     t->sse_nl = 2;
     t->try_ns = now;
@@ -1513,7 +1516,6 @@ static void client_dispatch(struct client *c)
         t->has_key = 1;
     }
     c->tries_on = 1;
-    retry_budget_request(&w->budgets[c->ln->pool], time_mono_ns());
     client_try(c);
 }
 
@@ -1881,10 +1883,9 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     }
     w->cands = calloc((size_t)max_pool, sizeof(*w->cands));
     w->cand_limit = calloc((size_t)max_pool, sizeof(*w->cand_limit));
-    w->budgets = calloc((size_t)(conf->n_pools ? conf->n_pools : 1), sizeof(*w->budgets));
     w->auth_log_ns =
         calloc((size_t)(conf->n_backends ? conf->n_backends : 1), sizeof(*w->auth_log_ns));
-    if (!w->cands || !w->cand_limit || !w->budgets || !w->auth_log_ns)
+    if (!w->cands || !w->cand_limit || !w->auth_log_ns)
         return -ENOMEM;
     for (int i = 0; i < conf->n_pools; i++)
         balancer_start(&w->bal[i], conf, i, slot, w->rid_seed1);
@@ -1916,7 +1917,6 @@ static void worker_teardown(struct worker *w)
     free(w->bal);
     free(w->cands);
     free(w->cand_limit);
-    free(w->budgets);
     free(w->auth_log_ns);
     free(w->listeners);
     free(w->tqs);

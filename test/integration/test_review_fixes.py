@@ -299,3 +299,28 @@ def test_big_json_body_memory_bounded(env):
           f"{len(body) >> 20} MB body (limit {limit >> 20} MB)")
     check(rss1 - rss0 <= len(body) // 2, f"worker RSS stays {(rss1 - rss0) >> 20} MB larger after "
           f"the request")
+
+
+# ---- M9: the retry budget is pool-wide --------------------------------------------------------
+
+
+def test_retry_budget_pool_wide(env):
+    bad = env.mock("bad", "--status", 500)
+    good = env.mock("good")
+    # the floor of 1 retry/s over the 10 s window is 10 retries for the whole pool, whatever
+    # the number of workers (per worker it was 10 each: 40 here)
+    gw = env.gateway([bad, good], workers=4,
+                     pool=pool(CHECK_MOCK_STATS, balance="first", retries=1, retry_on="5xx",
+                               retry_backoff="0ms..0ms x1", retry_budget="1%",
+                               retry_budget_min=1))
+    statuses = []
+    for i in range(60):
+        # a new connection each: the kernel spreads them over the workers
+        r = request(gw.port, "POST", "/v1/chat/completions",
+                    [("Content-Type", "application/json")], chat_body(f"b {i}"))
+        statuses.append((r.status, r.header("x-mock-name")))
+    retried = sum(1 for st, name in statuses if st == 200 and name == "good")
+    failed_n = sum(1 for st, name in statuses if st == 500 and name == "bad")
+    check(retried + failed_n == 60, f"unexpected answers: {statuses[:5]}")
+    check(8 <= retried <= 11, f"{retried} of 60 requests retried with a pool-wide floor of 10 "
+          f"(4 workers)")

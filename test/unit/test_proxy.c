@@ -15,6 +15,7 @@
 
 #include "core/proxy.h"
 #include "core/retry.h"
+#include "shm/shm.h"
 
 #define H(n, v)                                                                                    \
     {                                                                                              \
@@ -804,39 +805,51 @@ static void test_retry_backoff(void **state)
 
 static void test_retry_budget(void **state)
 {
-    struct retry_budget b;
-    const uint64_t S = 1000000000ULL, t0 = 1000 * S;
-    memset(&b, 0, sizeof(b));
-
     /* min 1/s over 10 s: 10 retries allowed with no requests at all */
-    for (int i = 0; i < 10; i++) {
-        assert_true(retry_budget_allow(&b, t0, 20, 1));
-        retry_budget_retry(&b, t0);
-    }
-    assert_false(retry_budget_allow(&b, t0, 20, 1));
+    assert_true(retry_budget_allow(0, 9, 20, 1));
+    assert_false(retry_budget_allow(0, 10, 20, 1));
     /* 20 % of 100 requests = 20 > 10 */
-    for (int i = 0; i < 100; i++)
-        retry_budget_request(&b, t0 + S / 2);
-    for (int i = 0; i < 10; i++) {
-        assert_true(retry_budget_allow(&b, t0 + S / 2, 20, 1));
-        retry_budget_retry(&b, t0 + S / 2);
+    assert_true(retry_budget_allow(100, 19, 20, 1));
+    assert_false(retry_budget_allow(100, 20, 20, 1));
+    /* 20 % of 30 = 6 < the floor of 10 */
+    assert_true(retry_budget_allow(30, 9, 20, 1));
+    assert_false(retry_budget_allow(30, 10, 20, 1));
+    /* budget 0 with min 0: never; 100 %: as many retries as requests */
+    assert_false(retry_budget_allow(50, 0, 0, 0));
+    assert_true(retry_budget_allow(50, 49, 100, 0));
+    assert_false(retry_budget_allow(50, 50, 100, 0));
+}
+
+/* The budget is pool-wide: what every worker counts in shm for the pool's backends, over the
+ * last 10 s, decides (review M9: it was per worker, N workers had N times the floor). */
+static void test_retry_budget_shm(void **state)
+{
+    struct shm shm;
+    const uint64_t S = 1000000000ULL, t0 = 1000 * S;
+    uint64_t req, ret;
+
+    assert_int_equal(shm_create(&shm, 3, 2, 1), 0);
+    /* pool A = backends 0..1, pool B = backend 2 */
+    for (int i = 0; i < 5; i++) {
+        shm_wb_budget_note(&shm, 0, 0, t0, 1);
+        shm_wb_budget_note(&shm, 1, 1, t0 + S / 2, 1);
     }
-    assert_false(retry_budget_allow(&b, t0 + S / 2, 20, 1));
-    /* 9 s later all of it still counts; after 10 s the window has moved past it */
-    assert_false(retry_budget_allow(&b, t0 + 9 * S, 20, 1));
-    assert_true(retry_budget_allow(&b, t0 + 10 * S, 20, 1));
-    /* budget 0 with min 0: never */
-    memset(&b, 0, sizeof(b));
-    for (int i = 0; i < 50; i++)
-        retry_budget_request(&b, t0);
-    assert_false(retry_budget_allow(&b, t0, 0, 0));
-    /* a reused bucket forgets the second it counted before */
-    memset(&b, 0, sizeof(b));
-    for (int i = 0; i < 10; i++)
-        retry_budget_retry(&b, t0);
-    assert_false(retry_budget_allow(&b, t0, 0, 1));
-    retry_budget_request(&b, t0 + 10 * S); /* same bucket, ten seconds on */
-    assert_true(retry_budget_allow(&b, t0 + 10 * S, 0, 1));
+    shm_wb_budget_note(&shm, 1, 2, t0, 1);
+    for (int i = 0; i < 30; i++)
+        shm_wb_budget_note(&shm, i % 2, (uint32_t)(i % 2), t0, 0);
+    shm_budget_window(&shm, 0, 2, t0 + S, &req, &ret);
+    assert_int_equal(req, 30);
+    assert_int_equal(ret, 10);
+    /* the floor of 1/s is spent by the two workers together */
+    assert_false(retry_budget_allow(req, ret, 20, 1));
+    /* pool B sees only its own */
+    shm_budget_window(&shm, 2, 1, t0 + S, &req, &ret);
+    assert_int_equal(ret, 1);
+    assert_true(retry_budget_allow(req, ret, 20, 1));
+    /* after 10 s the window has moved past it all */
+    shm_budget_window(&shm, 0, 2, t0 + 11 * S, &req, &ret);
+    assert_int_equal(req + ret, 0);
+    shm_destroy(&shm);
 }
 
 /* ---- header pieces (proxy_hdr_piece) driven by llhttp, as worker.c and upstream.c do ---- */
@@ -964,6 +977,7 @@ int main(void)
         cmocka_unit_test(test_retry_conditions),
         cmocka_unit_test(test_retry_backoff),
         cmocka_unit_test(test_retry_budget),
+        cmocka_unit_test(test_retry_budget_shm),
         cmocka_unit_test(test_hdr_pieces),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
