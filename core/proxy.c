@@ -224,6 +224,67 @@ static int list_has(const char *v, size_t vlen, const char *name, size_t len)
     return 0;
 }
 
+/* The tokens of a head's Connection headers, parsed once per head (not once per header). */
+#define CONN_TOKENS_MAX 32
+struct conn_tokens {
+    const struct proxy_hdr *hdrs; /* the head, for the slow path */
+    size_t n_hdrs;
+    uint64_t lens; /* bit min(len, 63) set for each token length: most names miss at once */
+    uint32_t n;
+    int overflow; /* more tokens than fit: fall back to scanning the headers */
+    struct {
+        const char *p;
+        size_t len;
+    } t[CONN_TOKENS_MAX];
+};
+
+static void conn_tokens_init(struct conn_tokens *ct, const struct proxy_hdr *hdrs, size_t n)
+{
+    ct->hdrs = hdrs;
+    ct->n_hdrs = n;
+    ct->lens = 0;
+    ct->n = 0;
+    ct->overflow = 0;
+    for (size_t h = 0; h < n; h++) {
+        if (hdrs[h].name_len != 10 || !NAME_IS(hdrs[h].name, 10, "connection"))
+            continue;
+        const char *v = hdrs[h].value;
+        size_t vlen = hdrs[h].value_len, i = 0;
+        while (i < vlen) {
+            while (i < vlen && (v[i] == ' ' || v[i] == '\t' || v[i] == ','))
+                i++;
+            size_t s = i;
+            while (i < vlen && v[i] != ',')
+                i++;
+            size_t e = i;
+            while (e > s && (v[e - 1] == ' ' || v[e - 1] == '\t'))
+                e--;
+            if (e == s)
+                continue;
+            if (ct->n == CONN_TOKENS_MAX) {
+                ct->overflow = 1;
+                return;
+            }
+            ct->t[ct->n].p = v + s;
+            ct->t[ct->n++].len = e - s;
+            ct->lens |= 1ULL << (e - s < 63 ? e - s : 63);
+        }
+    }
+}
+
+/* 1 when a Connection header of the head lists name. */
+static int conn_tokens_has(const struct conn_tokens *ct, const char *name, size_t len)
+{
+    if (ct->overflow)
+        return proxy_conn_lists(ct->hdrs, ct->n_hdrs, name, len);
+    if (!(ct->lens & (1ULL << (len < 63 ? len : 63))))
+        return 0;
+    for (uint32_t i = 0; i < ct->n; i++)
+        if (ct->t[i].len == len && strncasecmp(ct->t[i].p, name, len) == 0)
+            return 1;
+    return 0;
+}
+
 int proxy_conn_lists(const struct proxy_hdr *hdrs, size_t n, const char *name, size_t len)
 {
     for (size_t i = 0; i < n; i++)
@@ -260,6 +321,10 @@ int proxy_build_request(char *buf, size_t cap, const struct proxy_req *r,
     int xff_seen = 0;
     int conn = has_connection(r->hdrs, r->n_hdrs);
     size_t ip_len = strlen(r->client_ip);
+    struct conn_tokens ct;
+
+    if (conn)
+        conn_tokens_init(&ct, r->hdrs, r->n_hdrs);
 
     out_mem(&o, r->method, r->method_len);
     OUT_LIT(&o, " ");
@@ -278,7 +343,7 @@ int proxy_build_request(char *buf, size_t cap, const struct proxy_req *r,
         enum hname k = hname_of(h->name, h->name_len);
         if (is_hop(k))
             continue;
-        if (conn && proxy_conn_lists(r->hdrs, r->n_hdrs, h->name, h->name_len))
+        if (conn && conn_tokens_has(&ct, h->name, h->name_len))
             continue;
         switch (k) {
         case HN_HOST:
@@ -358,7 +423,10 @@ int proxy_build_response_head(char *buf, size_t cap, const struct proxy_resp *r)
 {
     struct out o = {buf, 0, cap, 0};
     int conn = has_connection(r->hdrs, r->n_hdrs);
+    struct conn_tokens ct;
 
+    if (conn)
+        conn_tokens_init(&ct, r->hdrs, r->n_hdrs);
     if (r->status >= 100 && r->status <= 999) {
         char line[13] = "HTTP/1.1 000 ";
         line[9] = (char)('0' + r->status / 100);
@@ -379,8 +447,11 @@ int proxy_build_response_head(char *buf, size_t cap, const struct proxy_resp *r)
         if (k == HN_TRANSFER_ENCODING) {
             if (!r->keep_chunked)
                 continue;
-        } else if (is_hop(k) || k == HN_X_REQUEST_ID ||
-                   (conn && proxy_conn_lists(r->hdrs, r->n_hdrs, h->name, h->name_len))) {
+        } else if (is_hop(k) || k == HN_X_REQUEST_ID) {
+            continue;
+        } else if (conn && k != HN_CONTENT_LENGTH && conn_tokens_has(&ct, h->name, h->name_len)) {
+            /* never the framing: a keep-alive answer without Content-Length (or the
+             * Transfer-Encoding kept above) would leave the client waiting for a close */
             continue;
         }
         /* ours replace what an upstream (another aigw, say) said */

@@ -953,6 +953,71 @@ static void test_hdr_pieces(void **state)
     assert_int_equal(proxy_hdr_piece(h, &n, 2, &last, PROXY_PIECE_VALUE, buf + 3, 1), -EPROTO);
 }
 
+/* L1: Connection never strips the response framing; L7: the tokens are parsed once, and a
+ * Connection header with more tokens than the fast path keeps still works. */
+static void test_connection_tokens(void **state)
+{
+    char buf[8192], many[64 * 8];
+    struct proxy_hdr rh[] = {
+        H("Content-Type", "application/json"),
+        H("Content-Length", "2"),
+        H("X-A", "1"),
+        H("Connection", "close, Content-Length, x-a, X-Request-Id, transfer-encoding"),
+    };
+    struct proxy_resp rr = {
+        .status = 200,
+        .reason = "OK",
+        .reason_len = 2,
+        .hdrs = rh,
+        .n_hdrs = 4,
+        .request_id = "rid",
+        .request_id_len = 3,
+    };
+    int n = proxy_build_response_head(buf, sizeof(buf), &rr);
+    assert_bytes(buf, n,
+                 "HTTP/1.1 200 OK\r\n"
+                 "Content-Type: application/json\r\n"
+                 "Content-Length: 2\r\n"
+                 "X-Request-Id: rid\r\n"
+                 "\r\n");
+
+    /* 40 tokens (beyond the 32 kept): the listed names still go, the others stay */
+    size_t m = 0;
+    for (int i = 0; i < 40; i++)
+        m += (size_t)snprintf(many + m, sizeof(many) - m, "%sx-t%d", i ? ", " : "", i);
+    struct proxy_hdr rq[] = {
+        {"Connection", many, 10, (uint32_t)m},
+        H("X-T39", "a"),
+        H("X-T3", "b"),
+        H("X-T40", "c"),
+    };
+    struct conf_backend be;
+    backend_init(&be, 0, "h", 80, "/v1", NULL, 1);
+    struct proxy_req r = {
+        .method = "GET",
+        .method_len = 3,
+        .path = "/v1/models",
+        .path_len = 10,
+        .hdrs = rq,
+        .n_hdrs = 4,
+        .client_ip = "1.2.3.4",
+        .request_id = "rid",
+        .request_id_len = 3,
+    };
+    n = proxy_build_request(buf, sizeof(buf), &r, &be);
+    assert_true(n > 0);
+    buf[n] = 0;
+    assert_null(strstr(buf, "X-T39"));
+    assert_null(strstr(buf, "X-T3:"));
+    assert_non_null(strstr(buf, "X-T40: c\r\n"));
+    rr.hdrs = rq;
+    n = proxy_build_response_head(buf, sizeof(buf), &rr);
+    assert_true(n > 0);
+    buf[n] = 0;
+    assert_null(strstr(buf, "X-T39"));
+    assert_non_null(strstr(buf, "X-T40: c\r\n"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -979,6 +1044,7 @@ int main(void)
         cmocka_unit_test(test_retry_budget),
         cmocka_unit_test(test_retry_budget_shm),
         cmocka_unit_test(test_hdr_pieces),
+        cmocka_unit_test(test_connection_tokens),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
