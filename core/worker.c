@@ -144,6 +144,7 @@ struct creq {
     uint8_t hstate, ev;
     uint8_t keepalive, http10, head_method, resp_started, resp_close;
     uint8_t body_heap, has_body;
+    uv_write_t cont_req; /* the rest of a "100 Continue" the socket did not take at once */
     struct tries tries;
 };
 
@@ -650,6 +651,13 @@ static int rid_ok(const char *s, size_t n)
     return 1;
 }
 
+static void on_cont_written(uv_write_t *req, int status)
+{
+    struct client *c = req->data;
+    if (status < 0 && c->state != CS_CLOSED)
+        client_close(c);
+}
+
 /* The request head is complete (parser resumed). 0 to go on with the body, -1 when an answer
  * was sent instead. */
 static int client_on_head(struct client *c)
@@ -715,9 +723,23 @@ static int client_on_head(struct client *c)
         static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
         uv_buf_t b = uv_buf_init((char *)cont, sizeof(cont) - 1);
         /* a client that did not wait for it already sent body bytes: no need */
-        if (c->pos == c->len && uv_try_write((uv_stream_t *)&c->tcp, &b, 1) != (int)b.len) {
+        int r = c->pos == c->len ? uv_try_write((uv_stream_t *)&c->tcp, &b, 1) : (int)b.len;
+        if (r < 0 && r != UV_EAGAIN) {
             client_close(c);
             return -1;
+        }
+        if (r < (int)b.len) {
+            /* the socket took part of it (a slow reader of an earlier answer): queue the rest;
+             * libuv keeps writes in order, so the answer cannot overtake it. The request lives
+             * in the buffer, which outlives the write (closing cancels it first). */
+            size_t done = r > 0 ? (size_t)r : 0;
+            uv_buf_t rest = uv_buf_init((char *)cont + done, (unsigned)(b.len - done));
+            client_creq(c)->cont_req.data = c;
+            if (uv_write(&client_creq(c)->cont_req, (uv_stream_t *)&c->tcp, &rest, 1,
+                         on_cont_written) != 0) {
+                client_close(c);
+                return -1;
+            }
         }
     }
 
@@ -1589,6 +1611,13 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
         return;
     }
     if (n < 0) {
+        if (n == UV_ENOBUFS && !c->buf) {
+            /* no buffer to be had (out of memory): nothing would restart reading later, so
+             * the connection would hang until a timeout; give it up now */
+            log_warn("client %s: out of memory for a read buffer, closing", c->ip);
+            client_close(c);
+            return;
+        }
         if (n == UV_ENOBUFS) {
             /* buffer full while a request is in flight: wait until it is answered */
             uv_read_stop(s);
