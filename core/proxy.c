@@ -845,17 +845,6 @@ int64_t proxy_cool_ms(const struct proxy_hdr *hdrs, size_t n, int64_t now_s)
     return ra >= 0 ? ra : reset;
 }
 
-/* splitmix64's finaliser: a bijection, so distinct counters give distinct ids. */
-static uint64_t mix64(uint64_t x)
-{
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ULL;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebULL;
-    x ^= x >> 31;
-    return x;
-}
-
 /* 16 lower-case hex digits of v: a byte (two digits) per step, as this runs per request. */
 static void hex64(char *out, uint64_t v)
 {
@@ -876,7 +865,7 @@ static void hex64(char *out, uint64_t v)
 void proxy_request_id(char out[32], uint64_t seed1, uint64_t seed2, uint64_t counter)
 {
     hex64(out, seed1);
-    hex64(out + 16, mix64(counter ^ seed2));
+    hex64(out + 16, util_mix64(counter ^ seed2)); /* a bijection: distinct counters, ids */
 }
 
 /* ---- JSON body scan ---- */

@@ -578,6 +578,21 @@ static int after_hand(struct upconn *u, int ret)
     return 0;
 }
 
+/* After a parse of body bytes [.., end) that stopped at `stop`: whether the response is
+ * complete and bytes of another one follow it (extra), the idle timer re-armed while it is
+ * not, and where the body bytes to hand over end (de-chunked: where they were moved to). */
+static const char *body_end(struct upconn *u, enum parse_ev ev, const char *stop, const char *end)
+{
+    u->complete = ev == PARSE_DONE;
+    const char *bend = u->complete ? stop : end;
+    u->extra = bend < end;
+    if (u->decoding)
+        bend = u->wcur;
+    if (!u->complete)
+        timer_set(u, u->be->cp->idle_timeout_ms);
+    return bend;
+}
+
 /* Bytes just read at buf + rlen. Returns 1 when u must not be touched any more. */
 static int on_data(struct upconn *u, const char *data, size_t n)
 {
@@ -591,13 +606,7 @@ static int on_data(struct upconn *u, const char *data, size_t n)
             exchange_end(u, UPSTREAM_EPROTO, 0);
             return 1;
         }
-        u->complete = ev == PARSE_DONE;
-        bend = u->complete ? stop : end;
-        u->extra = bend < end;
-        if (u->decoding)
-            bend = u->wcur;
-        if (!u->complete)
-            timer_set(u, u->be->cp->idle_timeout_ms);
+        bend = body_end(u, ev, stop, end);
         struct upstream_req *rq = u->rq;
         return after_hand(u, rq->ops->on_body(rq->ctx, p, (size_t)(bend - p), u->complete));
     }
@@ -662,13 +671,7 @@ static int on_data(struct upconn *u, const char *data, size_t n)
             return 1;
         }
     }
-    u->complete = ev == PARSE_DONE;
-    bend = u->complete ? stop : end;
-    u->extra = bend < end;
-    if (u->decoding)
-        bend = u->wcur;
-    if (!u->complete)
-        timer_set(u, u->be->cp->idle_timeout_ms);
+    bend = body_end(u, ev, stop, end);
     return after_hand(u, rq->ops->on_head(rq->ctx, &r, body, (size_t)(bend - body), u->complete));
 }
 

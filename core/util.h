@@ -38,4 +38,16 @@ int util_parse_backoff(const char *s, uint64_t *base_ms, uint64_t *max_ms, uint3
 /* Case-insensitive compare of a (ptr, len) span with a NUL-terminated string. */
 int util_span_ieq(const char *p, size_t len, const char *s);
 
+/* splitmix64's finaliser: a bijection of 64-bit numbers that mixes every input bit into every
+ * output bit (request ids, hash keys, jitter). */
+static inline uint64_t util_mix64(uint64_t x)
+{
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    return x;
+}
+
 #endif

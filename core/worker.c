@@ -252,20 +252,26 @@ static void client_timer_stop(struct client *c)
     c->tprev = c->tnext = NULL;
 }
 
-static void on_tq(uv_timer_t *t)
+/* Runs the clients of q whose deadline passed through fire (which may queue them again, here
+ * or elsewhere), then arms q's timer (callback cb) for its new head unless that was done. */
+static void tq_expire(struct tq *q, uv_timer_cb cb, void (*fire)(struct client *))
 {
-    struct tq *q = t->data;
     uint64_t now = uv_now(&q->w->loop);
     struct client *c;
     q->armed_at = 0;
     while ((c = q->head) && c->deadline <= now) {
         client_timer_stop(c);
-        on_client_timeout(c);
+        fire(c);
     }
     if (q->head && !q->armed_at) {
         q->armed_at = q->head->deadline;
-        uv_timer_start(&q->timer, on_tq, q->head->deadline - now, 0);
+        uv_timer_start(&q->timer, cb, q->head->deadline - now, 0);
     }
+}
+
+static void on_tq(uv_timer_t *t)
+{
+    tq_expire(t->data, on_tq, on_client_timeout);
 }
 
 static void client_timer_q(struct client *c, struct tq *q)
@@ -1090,15 +1096,7 @@ static void client_try(struct client *c);
 
 static void on_retry_q(uv_timer_t *timer)
 {
-    struct tq *q = timer->data;
-    uint64_t now = uv_now(&q->w->loop);
-    struct client *c;
-    while ((c = q->head) && c->deadline <= now) {
-        client_timer_stop(c);
-        client_try(c);
-    }
-    if (q->head)
-        uv_timer_start(&q->timer, on_retry_q, q->head->deadline - now, 0);
+    tq_expire(timer->data, on_retry_q, client_try);
 }
 
 /* Waits out the back-off before the next try: full jitter, capped by the request deadline. */
@@ -1134,7 +1132,10 @@ static void client_retry_wait(struct client *c)
         after->tnext = c;
     } else {
         q->head = c;
-        uv_timer_start(&q->timer, on_retry_q, d, 0);
+        if (!q->armed_at || q->armed_at > c->deadline) {
+            q->armed_at = c->deadline;
+            uv_timer_start(&q->timer, on_retry_q, d, 0);
+        }
     }
 }
 

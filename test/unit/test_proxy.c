@@ -15,6 +15,7 @@
 
 #include "core/proxy.h"
 #include "core/retry.h"
+#include "core/util.h"
 #include "shm/shm.h"
 
 #define H(n, v)                                                                                    \
@@ -803,6 +804,14 @@ static void test_retry_backoff(void **state)
     assert_int_equal(retry_backoff_ms(&p, 4, 12345), 0);
 }
 
+static void test_mix64(void **state)
+{
+    /* splitmix64's finaliser: the values of the reference implementation */
+    assert_true(util_mix64(0) == 0);
+    assert_true(util_mix64(1) == 0x5692161d100b05e5ULL);
+    assert_true(util_mix64(0x9e3779b97f4a7c15ULL) == 0xe220a8397b1dcdafULL);
+}
+
 static void test_retry_budget(void **state)
 {
     /* min 1/s over 10 s: 10 retries allowed with no requests at all */
@@ -1042,6 +1051,7 @@ int main(void)
         cmocka_unit_test(test_retry_conditions),
         cmocka_unit_test(test_retry_backoff),
         cmocka_unit_test(test_retry_budget),
+        cmocka_unit_test(test_mix64),
         cmocka_unit_test(test_retry_budget_shm),
         cmocka_unit_test(test_hdr_pieces),
         cmocka_unit_test(test_connection_tokens),
