@@ -3,6 +3,7 @@ obs-fold (H1), dot-segments (M1), gateway answers to HEAD (M2), the client send 
 hash_balance_factor (M4), request body memory (M5/M6), the pool-wide retry budget (M9) and the
 smaller response-path fixes (L1...)."""
 
+import os
 import socket
 import threading
 import time
@@ -294,10 +295,13 @@ def test_big_json_body_memory_bounded(env):
     check(r.status != 400, f"the big JSON body was refused: {r!r}")
     check(m.last()["path"] == "/v1/chat/completions", f"mock did not get it: {m.last()}")
     rss1, hwm1 = _vm(pid, "VmRSS"), _vm(pid, "VmHWM")
-    limit = 2 * len(body)
+    # 2x the body; under AddressSanitizer (run.sh sets ASAN_OPTIONS for that build) realloc
+    # always copies and freed blocks sit in quarantine, so 3x there (the old jsmn scan: 11x)
+    limit = (3 if os.environ.get("ASAN_OPTIONS") else 2) * len(body)
     check(hwm1 - hwm0 <= limit, f"worker peak RSS grew by {(hwm1 - hwm0) >> 20} MB for a "
           f"{len(body) >> 20} MB body (limit {limit >> 20} MB)")
-    check(rss1 - rss0 <= len(body) // 2, f"worker RSS stays {(rss1 - rss0) >> 20} MB larger after "
+    after = 3 * len(body) if os.environ.get("ASAN_OPTIONS") else len(body) // 2
+    check(rss1 - rss0 <= after, f"worker RSS stays {(rss1 - rss0) >> 20} MB larger after "
           f"the request")
 
 
