@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "balancer/balancer.h"
+#include "core/util.h"
 
 static const struct balancer_ops *const balancer_algos[BALANCE_COUNT] = {
     [BALANCE_ROUNDROBIN] = &balancer_roundrobin,
@@ -68,12 +69,7 @@ uint64_t balancer_hash(const void *p, size_t len)
         h *= 0x100000001b3ULL;
     }
     /* splitmix64 finaliser: FNV alone leaves similar keys close together on the ring. */
-    h ^= h >> 30;
-    h *= 0xbf58476d1ce4e5b9ULL;
-    h ^= h >> 27;
-    h *= 0x94d049bb133111ebULL;
-    h ^= h >> 31;
-    return h;
+    return util_mix64(h);
 }
 
 uint64_t balancer_random(struct balancer *b, uint64_t bound)

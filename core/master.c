@@ -158,7 +158,7 @@ static int listeners_bind(struct conf *conf, int workers)
         const struct conf_listen *l = &conf->listens[li];
         struct sockaddr_storage addr = l->addr;
         int backlog = l->backlog > 0 ? l->backlog : 511;
-        int rc, probe;
+        int rc, probe = -1;
 
         /* SO_REUSEPORT would let us share a port another process (another aigw) already
          * listens on: a plain bind first turns that into a clear "address in use". */

@@ -121,11 +121,7 @@ int health_rf_on_result(struct health_rf *rf, enum backend_state *st, int ok, in
  * of successive generations don't draw the same jitter. */
 static uint64_t health_rand(struct health *h)
 {
-    uint64_t z = (h->rng += 0x9e3779b97f4a7c15ULL);
-
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
+    return util_mix64(h->rng += 0x9e3779b97f4a7c15ULL);
 }
 
 static void health_on_tick(uv_timer_t *t);
