@@ -16,9 +16,9 @@ def test_check_head_and_expect(env):
                      pool=pool(check_method="HEAD", check_expect="204, 200"))
     time.sleep(0.6)
     check(gw.backend("a")["state"] == "UP", f"HEAD checks expecting 200: {gw.backend('a')}")
-    last = a.last()
+    last = a._get("/mock/last_check")
     check(last["method"] == "HEAD" and last["path"] == "/v1/models",
-          f"the mock's last request was not the HEAD check: {last['method']} {last['path']}")
+          f"the mock's last check was not a HEAD of /v1/models: {last['method']} {last['path']}")
     gw.stop()
 
     gw2 = env.gateway([("b", b, {})], workers=1, name="gw2",

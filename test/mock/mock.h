@@ -190,7 +190,8 @@ struct mock_server {
     uint64_t requests; /* non-/mock requests */
     uint64_t chat;
     uint64_t models;
-    struct mock_last last;
+    struct mock_last last;       /* the last request but the mock endpoints and checks */
+    struct mock_last last_check; /* the last health check (User-Agent: aigw-health...) */
     /* The assistant message, JSON-escaped, and where each of its words starts. */
     char *content;
     size_t content_len;

@@ -608,10 +608,8 @@ static int chat_parse(struct mock_server *srv, const char *js, size_t len, struc
 
 /* ---- endpoints ---- */
 
-static void last_record(struct mock_server *srv, const struct mock_req *r)
+static void last_record(struct mock_last *l, const struct mock_req *r)
 {
-    struct mock_last *l = &srv->last;
-
     l->arena.len = 0;
     l->body.len = 0;
     l->has_user = 0;
@@ -623,9 +621,8 @@ static void last_record(struct mock_server *srv, const struct mock_req *r)
     memcpy(l->hdrs, r->hdrs, r->nhdrs * sizeof(r->hdrs[0]));
 }
 
-static void mock_last(struct mock_conn *c)
+static void mock_last(struct mock_conn *c, const struct mock_last *l)
 {
-    const struct mock_last *l = &c->srv->last;
     struct mock_buf *b = &c->dyn;
     int err = 0;
 
@@ -682,7 +679,9 @@ static void mock_endpoint(struct mock_conn *c, const char *path, size_t plen)
                      (unsigned long long)(srv->tls ? srv->tls->resumed : 0));
         send_json(c, 200, NULL, c->tail, (size_t)n);
     } else if (plen == 10 && memcmp(path, "/mock/last", 10) == 0) {
-        mock_last(c);
+        mock_last(c, &srv->last);
+    } else if (plen == 16 && memcmp(path, "/mock/last_check", 16) == 0) {
+        mock_last(c, &srv->last_check);
     } else if (plen == 11 && memcmp(path, "/mock/reset", 11) == 0) {
         /* Counters start again from zero; the connection count keeps this one. */
         srv->connections = 1;
@@ -690,6 +689,7 @@ static void mock_endpoint(struct mock_conn *c, const char *path, size_t plen)
         srv->chat = 0;
         srv->models = 0;
         srv->last.valid = 0;
+        srv->last_check.valid = 0;
         send_json(c, 200, NULL, "{\"ok\":true}", 11);
     } else {
         send_error(c, 404, NULL, "invalid_request_error", NULL, "Invalid URL (%s %.*s)",
@@ -1052,7 +1052,14 @@ void http_on_request(struct mock_conn *c)
         return;
     }
     srv->requests++;
-    last_record(srv, r);
+    {
+        /* A gateway's health checks must not hide the request a test looks for. */
+        size_t ualen = 0;
+        const char *ua = req_header(r, "user-agent", &ualen);
+        int is_check = ua && ualen >= 11 && memcmp(ua, "aigw-health", 11) == 0;
+
+        last_record(is_check ? &srv->last_check : &srv->last, r);
+    }
     c->resp.f.reset_after = srv->opts.fault.reset_after;
     apply_overrides(c);
     if (c->resp.f.stall) {
@@ -1182,4 +1189,6 @@ void http_server_free(struct mock_server *srv)
     free(srv->tokens);
     mock_buf_free(&srv->last.arena);
     mock_buf_free(&srv->last.body);
+    mock_buf_free(&srv->last_check.arena);
+    mock_buf_free(&srv->last_check.body);
 }
