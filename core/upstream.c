@@ -53,6 +53,9 @@ struct upconn {
     uint8_t tls_on, reused, got_bytes, head_done, complete, extra, hstate, ev;
     uint8_t perr;         /* libuv reported POLLERR and stopped watching: read until it says why */
     uint8_t decoding;     /* handing over the de-chunked body (rq->dechunk) */
+    uint8_t addr_i;       /* index in be->addrs this connection went to */
+    uint8_t addr_left;    /* further addresses to try when the connect fails */
+    uint32_t gen;         /* be->gen when it connected */
     char *wcur;           /* de-chunking: where the next body bytes go, in place */
     struct tls_conn *tls; /* TLS backends only (most of a connection's memory otherwise) */
     llhttp_t parser;
@@ -259,7 +262,8 @@ static void exchange_end(struct upconn *u, enum upstream_err err, int reusable)
     acct_end(up, rq, err);
     rq->conn = NULL;
     u->rq = NULL;
-    if (reusable && err == UPSTREAM_OK && !up->draining && be->n_idle < be->cb->keepalive) {
+    if (reusable && err == UPSTREAM_OK && !up->draining && be->n_idle < be->cb->keepalive &&
+        u->gen == be->gen) {
         buf_give(up, u->buf);
         u->buf = NULL;
         u->state = UC_IDLE;
@@ -302,30 +306,46 @@ static struct upconn *conn_new(struct upstream *up, struct up_backend *be, int f
     return u;
 }
 
-/* Opens a new connection for rq (the answer comes through the poll callback). */
-static int conn_connect(struct upstream *up, struct upstream_req *rq)
+static void resolve_soon(struct up_backend *be);
+
+/* Opens a new connection for rq to be->addrs[first], or the next addresses when a connect
+ * fails at once; left = how many more to try after first (the answer comes through the poll
+ * callback). */
+static int conn_connect_at(struct upstream *up, struct upstream_req *rq, int first, int left)
 {
     struct up_backend *be = &up->backends[rq->backend];
-    int one = 1;
+    int one = 1, fd = -1, i = first;
 
-    if (!be->addr_len)
+    if (!be->n_addrs)
         return -UPSTREAM_ECONNECT;
     if (be->cb->url.tls && !be->tls_ok)
         return -UPSTREAM_ETLS;
-    int fd = socket(be->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd == -1)
-        return -UPSTREAM_ECONNECT;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (connect(fd, (struct sockaddr *)&be->addr, be->addr_len) == -1 && errno != EINPROGRESS) {
-        log_debug("backend %s: connect: %s", be->cb->name, strerror(errno));
-        close(fd);
-        return -UPSTREAM_ECONNECT;
+    for (;;) {
+        const struct sockaddr_storage *sa = &be->addrs[i];
+        fd = socket(sa->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd != -1) {
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+            if (connect(fd, (const struct sockaddr *)sa, be->addr_lens[i]) == 0 ||
+                errno == EINPROGRESS)
+                break;
+            log_debug("backend %s: connect: %s", be->cb->name, strerror(errno));
+            close(fd);
+            fd = -1;
+        }
+        if (left-- <= 0) {
+            resolve_soon(be);
+            return -UPSTREAM_ECONNECT;
+        }
+        i = (i + 1) % be->n_addrs;
     }
     struct upconn *u = conn_new(up, be, fd);
     if (!u) {
         close(fd);
         return -UPSTREAM_ENOMEM;
     }
+    u->addr_i = (uint8_t)i;
+    u->addr_left = (uint8_t)left;
+    u->gen = be->gen;
     u->buf = buf_take(up);
     if (!u->buf) {
         conn_close(u);
@@ -337,6 +357,34 @@ static int conn_connect(struct upstream *up, struct upstream_req *rq)
     poll_set(u, UV_WRITABLE);
     timer_set(u, rq->connect_timeout_ms ? rq->connect_timeout_ms : be->cp->connect_timeout_ms);
     return 0;
+}
+
+static int conn_connect(struct upstream *up, struct upstream_req *rq)
+{
+    struct up_backend *be = &up->backends[rq->backend];
+    return conn_connect_at(up, rq, be->addr_cur, be->n_addrs - 1);
+}
+
+/* A connect that failed after it started: try the backend's next address while there is one
+ * (same address list), else report it. */
+static void conn_connect_failed(struct upconn *u)
+{
+    struct upstream *up = u->up;
+    struct up_backend *be = u->be;
+    struct upstream_req *rq = u->rq;
+
+    if (u->addr_left && u->gen == be->gen && be->n_addrs > 1) {
+        int next = (u->addr_i + 1) % be->n_addrs, left = u->addr_left - 1;
+        conn_close(u);
+        int r = conn_connect_at(up, rq, next, left);
+        if (r == 0)
+            return;
+        acct_end(up, rq, (enum upstream_err) - r);
+        rq->ops->on_end(rq->ctx, (enum upstream_err) - r);
+        return;
+    }
+    resolve_soon(be);
+    exchange_end(u, UPSTREAM_ECONNECT, 0);
 }
 
 /* ---- sending ---- */
@@ -774,9 +822,11 @@ static void on_poll(uv_poll_t *h, int status, int events)
                       strerror(err          ? err
                                : status < 0 ? -status
                                             : errno));
-            exchange_end(u, UPSTREAM_ECONNECT, 0);
+            conn_connect_failed(u);
             return;
         }
+        if (u->gen == u->be->gen)
+            u->be->addr_cur = u->addr_i; /* the next connections start with what worked */
         if (u->be->cb->url.tls) {
             /* a malloc per new TLS connection, not per request: connections are pooled */
             if (!(u->tls = malloc(sizeof(*u->tls)))) {
@@ -838,6 +888,7 @@ static void on_timer(uv_timer_t *t)
         return;
     case UC_CONNECTING:
         log_debug("backend %s: connect timeout", u->be->cb->name);
+        resolve_soon(u->be);
         exchange_end(u, UPSTREAM_ECONNECT, 0);
         return;
     case UC_HANDSHAKE:
@@ -856,6 +907,191 @@ static void on_timer(uv_timer_t *t)
     }
 }
 
+/* ---- addresses ---- */
+
+static void on_wait_timeout(uv_timer_t *t);
+
+/* Closes the backend's wait timer once the worker drains and nobody waits any more: the loop
+ * must be able to end. */
+static void wait_timer_settle(struct upstream *up, struct up_backend *be)
+{
+    if (!be->wait_timer_on)
+        return;
+    if (be->waiters) {
+        return;
+    }
+    uv_timer_stop(&be->wait_timer);
+    if (up->draining) {
+        uv_close((uv_handle_t *)&be->wait_timer, NULL);
+        be->wait_timer_on = 0;
+    }
+}
+
+/* Starts (connect) or fails (err) every request that waited for the backend's address. Each is
+ * detached first: on_end may start requests that wait again. */
+static void waiters_run(struct upstream *up, struct up_backend *be, enum upstream_err err)
+{
+    struct upstream_req *list = be->waiters;
+    be->waiters = NULL;
+    wait_timer_settle(up, be);
+    while (list) {
+        struct upstream_req *rq = list;
+        list = rq->wait_next;
+        rq->wait_next = NULL;
+        rq->conn = NULL;
+        int r = err == UPSTREAM_OK ? conn_connect(up, rq) : -(int)err;
+        if (r < 0) {
+            acct_end(up, rq, (enum upstream_err) - r);
+            rq->ops->on_end(rq->ctx, (enum upstream_err) - r);
+        }
+    }
+}
+
+static void on_wait_timeout(uv_timer_t *t)
+{
+    struct up_backend *be = t->data;
+    if (!be->n_addrs)
+        snprintf(be->err, sizeof(be->err), "cannot resolve %s: lookup timed out", be->cb->url.host);
+    log_debug("backend %s: %s", be->cb->name, be->err);
+    waiters_run(be->up, be, UPSTREAM_ECONNECT);
+}
+
+static int addrs_same(const struct up_backend *be, const struct sockaddr_storage *a,
+                      const socklen_t *lens, int n)
+{
+    if (n != be->n_addrs)
+        return 0;
+    for (int i = 0; i < n; i++)
+        if (lens[i] != be->addr_lens[i] || memcmp(&a[i], &be->addrs[i], lens[i]) != 0)
+            return 0;
+    return 1;
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+{
+    struct up_backend *be = req->data;
+    struct upstream *up = be->up;
+    struct sockaddr_storage addrs[UPSTREAM_MAX_ADDRS];
+    socklen_t lens[UPSTREAM_MAX_ADDRS];
+    int n = 0;
+
+    be->resolving = 0;
+    if (status == UV_ECANCELED) {
+        uv_freeaddrinfo(res);
+        waiters_run(up, be, UPSTREAM_ECONNECT);
+        return;
+    }
+    for (struct addrinfo *ai = status == 0 ? res : NULL; ai && n < UPSTREAM_MAX_ADDRS;
+         ai = ai->ai_next) {
+        if ((ai->ai_family != AF_INET && ai->ai_family != AF_INET6) ||
+            ai->ai_addrlen > sizeof(addrs[0]))
+            continue;
+        memcpy(&addrs[n], ai->ai_addr, ai->ai_addrlen);
+        lens[n++] = ai->ai_addrlen;
+    }
+    uv_freeaddrinfo(res);
+    if (n == 0) {
+        const char *why = status < 0 ? uv_strerror(status) : "no usable address";
+        if (!be->fail_streak++)
+            log_warn("backend %s: cannot resolve %s: %s%s", be->cb->name, be->cb->url.host, why,
+                     be->n_addrs ? " (keeping the last addresses)" : "");
+        if (!be->n_addrs) {
+            snprintf(be->err, sizeof(be->err), "cannot resolve %s: %s", be->cb->url.host, why);
+            waiters_run(up, be, UPSTREAM_ECONNECT);
+        }
+        return;
+    }
+    if (be->fail_streak)
+        log_info("backend %s: %s resolves again", be->cb->name, be->cb->url.host);
+    be->fail_streak = 0;
+    be->err[0] = '\0';
+    if (!addrs_same(be, addrs, lens, n)) {
+        if (be->n_addrs)
+            log_info("backend %s: the addresses of %s changed", be->cb->name, be->cb->url.host);
+        memcpy(be->addrs, addrs, sizeof(addrs[0]) * (size_t)n);
+        memcpy(be->addr_lens, lens, sizeof(lens[0]) * (size_t)n);
+        be->n_addrs = n;
+        be->addr_cur = 0;
+        be->gen++;
+        /* pooled connections go to the old addresses; busy ones are not pooled again (gen) */
+        while (be->idle)
+            conn_close(be->idle);
+    }
+    waiters_run(up, be, UPSTREAM_OK);
+}
+
+/* Starts a lookup of be's host name; 0 or -errno (then be->err says why). */
+static int resolve_start(struct upstream *up, struct up_backend *be)
+{
+    struct addrinfo hints;
+    char port[8];
+
+    if (be->numeric || be->resolving)
+        return 0;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    snprintf(port, sizeof(port), "%u", be->cb->url.port);
+    be->gai.data = be;
+    be->resolve_at = uv_now(up->loop);
+    int r = uv_getaddrinfo(up->loop, &be->gai, on_resolved, be->cb->url.host, port, &hints);
+    if (r != 0) {
+        if (!be->n_addrs)
+            snprintf(be->err, sizeof(be->err), "cannot resolve %s: %s", be->cb->url.host,
+                     uv_strerror(r));
+        log_warn("backend %s: cannot resolve %s: %s", be->cb->name, be->cb->url.host,
+                 uv_strerror(r));
+        return r;
+    }
+    be->resolving = 1;
+    return 0;
+}
+
+/* After a failed connect: the address may have moved. At most one lookup per
+ * UPSTREAM_RERESOLVE_MIN_MS per backend. */
+static void resolve_soon(struct up_backend *be)
+{
+    struct upstream *up = be->up;
+    if (be->numeric || be->resolving || up->draining)
+        return;
+    if (uv_now(up->loop) - be->resolve_at < UPSTREAM_RERESOLVE_MIN_MS)
+        return;
+    resolve_start(up, be);
+}
+
+static void on_resolve_timer(uv_timer_t *t)
+{
+    struct upstream *up = t->data;
+    for (int i = 0; i < up->n_backends; i++)
+        resolve_start(up, &up->backends[i]);
+}
+
+const char *upstream_resolve_error(const struct upstream *up, int backend)
+{
+    const struct up_backend *be = &up->backends[backend];
+    return !be->n_addrs && be->err[0] ? be->err : NULL;
+}
+
+/* A request to a backend without an address: it waits for the lookup in flight (or one started
+ * now, at most once per UPSTREAM_RERESOLVE_MIN_MS), or fails at once. */
+static int wait_for_address(struct upstream *up, struct up_backend *be, struct upstream_req *rq)
+{
+    if (!be->resolving && !be->numeric &&
+        (!be->resolve_at || uv_now(up->loop) - be->resolve_at >= UPSTREAM_RERESOLVE_MIN_MS))
+        resolve_start(up, be);
+    if (!be->resolving || !be->wait_timer_on)
+        return -UPSTREAM_ECONNECT;
+    if (!be->waiters) {
+        uint64_t ms = rq->connect_timeout_ms ? rq->connect_timeout_ms : be->cp->connect_timeout_ms;
+        uv_timer_start(&be->wait_timer, on_wait_timeout, ms ? ms : 1, 0);
+    }
+    rq->wait_next = be->waiters;
+    be->waiters = rq;
+    rq->conn = up->wait_conn;
+    return 0;
+}
+
 /* ---- public ---- */
 
 int upstream_start(struct upstream *up, struct upstream_req *rq)
@@ -863,9 +1099,16 @@ int upstream_start(struct upstream *up, struct upstream_req *rq)
     struct up_backend *be = &up->backends[rq->backend];
 
     rq->conn = NULL;
+    rq->wait_next = NULL;
     rq->retried = 0;
     rq->status = 0;
     acct_begin(up, rq);
+    if (!be->n_addrs) {
+        int r = wait_for_address(up, be, rq);
+        if (r < 0)
+            acct_end(up, rq, (enum upstream_err) - r);
+        return r;
+    }
     struct upconn *u = be->idle;
     if (u) {
         idle_unlink(u);
@@ -910,45 +1153,53 @@ void upstream_abort(struct upstream_req *rq)
     struct upconn *u = rq->conn;
     if (!u)
         return;
-    acct_end(u->up, rq, UPSTREAM_ECLIENT);
+    struct upstream *up = u->up;
+    if (u == up->wait_conn) {
+        struct up_backend *be = &up->backends[rq->backend];
+        struct upstream_req **pp = &be->waiters;
+        while (*pp && *pp != rq)
+            pp = &(*pp)->wait_next;
+        if (*pp)
+            *pp = rq->wait_next;
+        rq->wait_next = NULL;
+        rq->conn = NULL;
+        acct_end(up, rq, UPSTREAM_ECLIENT);
+        wait_timer_settle(up, be);
+        return;
+    }
+    acct_end(up, rq, UPSTREAM_ECLIENT);
     conn_close(u);
     rq->conn = NULL;
 }
 
-static int resolve(struct up_backend *be)
+/* An IP literal goes straight into be->addrs (no lookup, no blocking); 0 when host is not one. */
+static int addr_literal(struct up_backend *be)
 {
-    struct addrinfo hints, *res = NULL, *ai, *pick = NULL;
+    struct addrinfo hints, *res = NULL;
     char port[8];
 
     memset(&hints, 0, sizeof(hints));
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICSERV;
+    hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
     snprintf(port, sizeof(port), "%u", be->cb->url.port);
-    int r = getaddrinfo(be->cb->url.host, port, &hints, &res);
-    if (r != 0) {
-        log_err("backend %s: cannot resolve %s: %s", be->cb->name, be->cb->url.host,
-                gai_strerror(r));
-        return -EHOSTUNREACH;
+    if (getaddrinfo(be->cb->url.host, port, &hints, &res) != 0 || !res)
+        return 0;
+    if (res->ai_addrlen <= sizeof(be->addrs[0])) {
+        memcpy(&be->addrs[0], res->ai_addr, res->ai_addrlen);
+        be->addr_lens[0] = res->ai_addrlen;
+        be->n_addrs = 1;
     }
-    /* IPv4 first: "localhost" often lists ::1 first while servers listen on 127.0.0.1 */
-    for (ai = res; ai; ai = ai->ai_next)
-        if (ai->ai_family == AF_INET) {
-            pick = ai;
-            break;
-        }
-    if (!pick)
-        pick = res;
-    memcpy(&be->addr, pick->ai_addr, pick->ai_addrlen);
-    be->addr_len = pick->ai_addrlen;
     freeaddrinfo(res);
-    return 0;
+    return 1;
 }
 
 int upstream_init(struct upstream *up, uv_loop_t *loop, const struct conf *conf, struct shm *shm,
                   int slot, struct bufpool *bufs, size_t data_off, size_t data_size,
                   size_t hdrs_off, uint32_t max_hdrs)
 {
+    int names = 0;
+
     memset(up, 0, sizeof(*up));
     up->loop = loop;
     up->conf = conf;
@@ -959,7 +1210,6 @@ int upstream_init(struct upstream *up, uv_loop_t *loop, const struct conf *conf,
     up->data_size = data_size;
     up->hdrs_off = hdrs_off;
     up->max_hdrs = max_hdrs;
-    up->n_backends = conf->n_backends;
 
     llhttp_settings_init(&resp_settings);
     resp_settings.on_message_begin = on_msg_begin;
@@ -971,14 +1221,27 @@ int upstream_init(struct upstream *up, uv_loop_t *loop, const struct conf *conf,
     resp_settings.on_message_complete = on_msg_done;
 
     up->backends = calloc((size_t)(conf->n_backends ? conf->n_backends : 1), sizeof(*up->backends));
-    if (!up->backends)
+    up->wait_conn = calloc(1, sizeof(*up->wait_conn));
+    if (!up->backends || !up->wait_conn)
         return -ENOMEM;
+    up->wait_conn->up = up;
+    up->wait_conn->state = UC_CLOSED;
+    up->n_backends = conf->n_backends;
     for (int i = 0; i < conf->n_backends; i++) {
         struct up_backend *be = &up->backends[i];
         be->cb = &conf->backends[i];
         be->cp = &conf->pools[be->cb->pool];
+        be->up = up;
         be->index = i;
-        resolve(be);
+        if (addr_literal(be)) {
+            be->numeric = 1;
+        } else {
+            uv_timer_init(loop, &be->wait_timer);
+            be->wait_timer.data = be;
+            be->wait_timer_on = 1;
+            resolve_start(up, be);
+            names++;
+        }
         if (be->cb->url.tls) {
             char *err = NULL;
             if (tls_client_init(&be->tls, be->cb->url.host, be->cb->ca_file, be->cb->tls_verify,
@@ -990,19 +1253,41 @@ int upstream_init(struct upstream *up, uv_loop_t *loop, const struct conf *conf,
             }
         }
     }
+    if (names) {
+        uv_timer_init(loop, &up->resolve_timer);
+        up->resolve_timer.data = up;
+        uv_timer_start(&up->resolve_timer, on_resolve_timer, UPSTREAM_RESOLVE_MS,
+                       UPSTREAM_RESOLVE_MS);
+        up->resolve_timer_on = 1;
+    }
     return 0;
 }
 
 void upstream_drain(struct upstream *up)
 {
     up->draining = 1;
-    for (int i = 0; i < up->n_backends; i++)
-        while (up->backends[i].idle)
-            conn_close(up->backends[i].idle);
+    if (up->resolve_timer_on) {
+        uv_close((uv_handle_t *)&up->resolve_timer, NULL);
+        up->resolve_timer_on = 0;
+    }
+    if (!up->backends)
+        return;
+    for (int i = 0; i < up->n_backends; i++) {
+        struct up_backend *be = &up->backends[i];
+        while (be->idle)
+            conn_close(be->idle);
+        /* a lookup nobody waits for must not hold the loop open (a request that waits keeps
+         * it: the lookup ends, or the wait timer does) */
+        if (be->resolving && !be->waiters)
+            uv_cancel((uv_req_t *)&be->gai);
+        wait_timer_settle(up, be);
+    }
 }
 
 void upstream_free(struct upstream *up)
 {
+    free(up->wait_conn);
+    up->wait_conn = NULL;
     if (!up->backends)
         return;
     for (int i = 0; i < up->n_backends; i++)

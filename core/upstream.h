@@ -86,17 +86,40 @@ struct upstream_req {
     uint64_t connect_timeout_ms; /* connect + TLS handshake; 0 = the pool's connect_timeout */
     uint64_t head_timeout_ms;    /* request sent -> response head; 0 = first_byte_timeout */
     struct upconn *conn;
-    int retried; /* a reused connection failed and a fresh one was opened */
-    int status;  /* response status once known */
+    struct upstream_req *wait_next; /* waiting for the backend's first address */
+    int retried;                    /* a reused connection failed and a fresh one was opened */
+    int status;                     /* response status once known */
 };
+
+/* Host names are looked up in each worker with uv_getaddrinfo (the loop never blocks): at
+ * start, then every UPSTREAM_RESOLVE_MS (so a changed DNS answer reaches the workers within 30 s,
+ * whatever the record's TTL), and after a failed connect, at most once per
+ * UPSTREAM_RERESOLVE_MIN_MS per backend. A failed lookup keeps the last good addresses. IP
+ * literals are never looked up. */
+#define UPSTREAM_RESOLVE_MS       30000
+#define UPSTREAM_RERESOLVE_MIN_MS 1000
+#define UPSTREAM_MAX_ADDRS        8 /* addresses kept per backend, tried in order on connect failure */
 
 /* Per-worker, per-backend state. */
 struct up_backend {
     const struct conf_backend *cb;
     const struct conf_pool *cp;
+    struct upstream *up;
     int index;
-    struct sockaddr_storage addr;
-    socklen_t addr_len; /* 0 = unresolved */
+    struct sockaddr_storage addrs[UPSTREAM_MAX_ADDRS];
+    socklen_t addr_lens[UPSTREAM_MAX_ADDRS];
+    int n_addrs;         /* 0 = no address (yet) */
+    int addr_cur;        /* where new connections start: the address that last worked */
+    uint32_t gen;        /* bumped when the addresses change: older connections are not pooled */
+    int numeric;         /* the host is an IP literal */
+    int resolving;       /* gai in flight */
+    int fail_streak;     /* lookups failed in a row (the warning is logged once per streak) */
+    uint64_t resolve_at; /* loop time (ms) the last lookup started */
+    uv_getaddrinfo_t gai;
+    uv_timer_t wait_timer;        /* bounds the wait of the requests below (connect timeout) */
+    int wait_timer_on;            /* wait_timer initialised and not closed */
+    struct upstream_req *waiters; /* requests waiting for the first address */
+    char err[384];                /* "cannot resolve HOST: reason" while n_addrs == 0 */
     struct tls_client tls;
     int tls_ok;          /* tls initialised */
     struct upconn *idle; /* pooled idle connections, most recent first */
@@ -116,12 +139,15 @@ struct upstream {
     struct up_backend *backends;
     int n_backends;
     struct upconn *free_conns;
-    int n_conns;     /* open connections */
-    int draining;    /* no more pooling */
-    uint64_t aborts; /* exchanges cut because the client went away */
+    int n_conns;              /* open connections */
+    int draining;             /* no more pooling */
+    uv_timer_t resolve_timer; /* every UPSTREAM_RESOLVE_MS: look host names up again */
+    int resolve_timer_on;
+    struct upconn *wait_conn; /* rq->conn of a request waiting for an address (a placeholder) */
+    uint64_t aborts;          /* exchanges cut because the client went away */
 };
 
-/* Resolves backend addresses and prepares TLS clients. A buffer from bufs holds max_hdrs
+/* Starts looking backend host names up and prepares TLS clients. A buffer from bufs holds max_hdrs
  * header spans at hdrs_off and data_size bytes of data at data_off. 0 or -errno. */
 int upstream_init(struct upstream *up, uv_loop_t *loop, const struct conf *conf, struct shm *shm,
                   int slot, struct bufpool *bufs, size_t data_off, size_t data_size,
@@ -138,5 +164,8 @@ int upstream_start(struct upstream *up, struct upstream_req *rq);
 void upstream_resume(struct upstream_req *rq);
 /* The client went away: close the backend connection, no callback. */
 void upstream_abort(struct upstream_req *rq);
+/* "cannot resolve HOST: reason" when backend has no address because its lookup failed, else
+ * NULL: the message of a 502 upstream_connect_failed. */
+const char *upstream_resolve_error(const struct upstream *up, int backend);
 
 #endif

@@ -1152,10 +1152,14 @@ static void client_gateway_error(struct client *c, enum upstream_err e)
         client_error_via(c, 502, "upstream_error", "upstream_tls_failed",
                          "TLS handshake with the upstream failed", 0, 0, via, n);
         break;
-    case UPSTREAM_ECONNECT:
+    case UPSTREAM_ECONNECT: {
+        /* a host name that does not resolve says so */
+        const char *why =
+            c->tries_on && n ? upstream_resolve_error(&c->w->up, (int)client_backend(c)) : NULL;
         client_error_via(c, 502, "upstream_error", "upstream_connect_failed",
-                         "could not connect to the upstream", 0, 0, via, n);
+                         why ? why : "could not connect to the upstream", 0, 0, via, n);
         break;
+    }
     case UPSTREAM_ERESET:
         client_error_via(c, 502, "upstream_error", "upstream_reset",
                          "the upstream closed the connection", 0, 0, via, n);
