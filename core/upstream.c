@@ -139,10 +139,11 @@ const char *upstream_strerror(enum upstream_err e)
 
 /* ---- accounting ---- */
 
+/* The in-flight slot (active + 1) was taken by the caller when it picked the backend
+ * (shm_active_acquire, exact against max_conns); acct_end gives it back. */
 static void acct_begin(struct upstream *up, struct upstream_req *rq)
 {
     struct shm_wb *wb = shm_wb(up->shm, (uint32_t)up->slot, (uint32_t)rq->backend);
-    shm_gauge_add(&wb->active, 1);
     shm_counter_add(&wb->requests, 1);
 }
 

@@ -1026,15 +1026,25 @@ static int client_pick(struct client *c, uint64_t now, uint64_t *cool_min)
         if (i < 0)
             return -1;
         uint32_t b = (uint32_t)(pool->first_backend + i);
-        if (!w->cand_limit[i]) {
-            t->trial = -1;
-            return (int)b;
+        int trial = 0;
+
+        if (w->cand_limit[i]) {
+            trial = shm_trial_acquire(w->shm, (uint32_t)w->slot, b, w->cand_limit[i]);
+            if (!trial) {
+                w->cands[i].tried = 1;
+                continue;
+            }
         }
-        if (shm_trial_acquire(w->shm, (uint32_t)w->slot, b, w->cand_limit[i])) {
-            t->trial = (int32_t)b;
-            return (int)b;
+        /* The in-flight slot, exact across workers against max_conns; upstream_start (called
+         * right after) counts the request, and its end gives the slot back. */
+        if (!shm_active_acquire(w->shm, (uint32_t)w->slot, b, w->cands[i].max_conns)) {
+            if (trial)
+                shm_trial_release(w->shm, (uint32_t)w->slot, b);
+            w->cands[i].tried = 1;
+            continue;
         }
-        w->cands[i].tried = 1;
+        t->trial = trial ? (int32_t)b : -1;
+        return (int)b;
     }
     return -1;
 }

@@ -381,6 +381,25 @@ int shm_trial_acquire(struct shm *shm, uint32_t w, uint32_t b, int32_t limit)
     return 0;
 }
 
+int shm_active_acquire(struct shm *shm, uint32_t w, uint32_t b, uint32_t limit)
+{
+    _Atomic int32_t *mine = &shm_wb(shm, w, b)->active;
+    int32_t cur = atomic_load_explicit(mine, memory_order_relaxed);
+    int64_t sum = 0;
+
+    if (limit == 0) {
+        atomic_store_explicit(mine, cur + 1, memory_order_relaxed);
+        return 1;
+    }
+    atomic_store_explicit(mine, cur + 1, memory_order_seq_cst);
+    for (uint32_t i = 0; i < shm->hdr->n_workers; i++)
+        sum += atomic_load_explicit(&shm_wb(shm, i, b)->active, memory_order_seq_cst);
+    if (sum <= (int64_t)limit)
+        return 1;
+    atomic_store_explicit(mine, cur, memory_order_seq_cst);
+    return 0;
+}
+
 void shm_trial_release(struct shm *shm, uint32_t w, uint32_t b)
 {
     _Atomic int32_t *mine = &shm_wb(shm, w, b)->trials;

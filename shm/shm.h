@@ -229,6 +229,12 @@ void shm_backend_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint6
  * off, so the limit is never exceeded. Returns 1 when admitted (release it when done). */
 int shm_trial_acquire(struct shm *shm, uint32_t w, uint32_t b, int32_t limit);
 void shm_trial_release(struct shm *shm, uint32_t w, uint32_t b);
+
+/* Worker w takes an in-flight slot of b (its active gauge + 1). With limit > 0 (max_conns),
+ * counts itself first and then sums all workers, as shm_trial_acquire does, so racing workers
+ * never exceed the limit together; refused: the gauge is back as it was and 0 is returned.
+ * The slot is given back by shm_gauge_add(&shm_wb(...)->active, -1) when the request ends. */
+int shm_active_acquire(struct shm *shm, uint32_t w, uint32_t b, uint32_t limit);
 int32_t shm_trials_in_flight(const struct shm *shm, uint32_t b);
 
 /* Health checker: breaker changes. */

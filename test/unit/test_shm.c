@@ -282,6 +282,52 @@ static void test_trials_never_exceed_limit(void **state)
     shm_destroy(&shm);
 }
 
+/* max_conns admission: exact across processes, like trials; unlimited just counts. */
+static void test_active_acquire(void **state)
+{
+    struct shm shm;
+    pid_t pids[2];
+    int status;
+    _Atomic int *admitted =
+        mmap(NULL, sizeof(*admitted), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+
+    assert_true(admitted != MAP_FAILED);
+    *admitted = 0;
+    assert_int_equal(shm_create(&shm, 2, 2, 1), 0);
+    assert_true(shm_active_acquire(&shm, 0, 1, 0));
+    assert_true(shm_active_acquire(&shm, 1, 1, 0));
+    assert_int_equal(shm_wb(&shm, 0, 1)->active + shm_wb(&shm, 1, 1)->active, 2);
+    assert_true(shm_active_acquire(&shm, 0, 0, 2));
+    assert_true(shm_active_acquire(&shm, 1, 0, 2));
+    assert_false(shm_active_acquire(&shm, 0, 0, 2)); /* full: refused, gauge unchanged */
+    assert_int_equal(shm_wb(&shm, 0, 0)->active, 1);
+    shm_gauge_add(&shm_wb(&shm, 0, 0)->active, -1);
+    shm_gauge_add(&shm_wb(&shm, 1, 0)->active, -1);
+    for (int w = 0; w < 2; w++) {
+        pids[w] = fork();
+        assert_true(pids[w] >= 0);
+        if (pids[w] == 0) {
+            int bad = 0;
+
+            for (int i = 0; i < 200000; i++) {
+                if (shm_active_acquire(&shm, (uint32_t)w, 0, 1)) {
+                    if (atomic_fetch_add(admitted, 1) != 0)
+                        bad = 1;
+                    atomic_fetch_sub(admitted, 1);
+                    shm_gauge_add(&shm_wb(&shm, (uint32_t)w, 0)->active, -1);
+                }
+            }
+            _exit(bad);
+        }
+    }
+    for (int w = 0; w < 2; w++) {
+        assert_int_equal(waitpid(pids[w], &status, 0), pids[w]);
+        assert_true(WIFEXITED(status));
+        assert_int_equal(WEXITSTATUS(status), 0);
+    }
+    shm_destroy(&shm);
+}
+
 static void test_breaker_fields_and_commands(void **state)
 {
     struct shm shm;
@@ -318,6 +364,7 @@ int main(void)
         cmocka_unit_test(test_ewma_failure_penalty_and_decay),
         cmocka_unit_test(test_budget_window),
         cmocka_unit_test(test_trials_never_exceed_limit),
+        cmocka_unit_test(test_active_acquire),
         cmocka_unit_test(test_breaker_fields_and_commands),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
