@@ -626,6 +626,11 @@ def test_show_backends_fields(env):
     gw = env.gateway([("a", a, {"weight": 7}), b], workers=2, pool=pool())
     for i in range(8):
         check(chat(gw.port, chat_body(f"f {i}")).status == 200, "request")
+    # Before the failing request: a failure counts as a >= 1 s latency sample (so p2c does not
+    # take a fast-failing backend for a fast one), and it may land on a.
+    ra = gw.backend("a")
+    check(isinstance(ra["ewma_ms"], (int, float)) and 15 <= ra["ewma_ms"] < 1000,
+          f"ewma_ms of a backend answering in 20 ms: {ra}")
     chat(gw.port, chat_body("fail"), headers={"x-mock-status": "500"})
     types = {"state": str, "weight": int, "weight_cfg": int, "active": int, "breaker": str,
              "breaker_left_ms": int, "cooling_ms": int, "requests": int, "failures": int,
@@ -640,8 +645,6 @@ def test_show_backends_fields(env):
     check(ra["weight"] == 7 and ra["weight_cfg"] == 7, f"weights: {ra}")
     check(ra["state"] == "UP" and ra["breaker"] == "closed" and ra["breaker_left_ms"] == 0
           and ra["cooling_ms"] == 0 and ra["active"] == 0, f"idle healthy backend: {ra}")
-    check(isinstance(ra["ewma_ms"], (int, float)) and 15 <= ra["ewma_ms"] < 1000,
-          f"ewma_ms of a backend answering in 20 ms: {ra}")
     total = ra["requests"] + recs["b"]["requests"]
     check(total == 9, f"requests over both backends {total}, expected 9: {recs}")
     check(ra["failures"] + recs["b"]["failures"] == 1, f"failures: {recs}")
