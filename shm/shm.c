@@ -1,5 +1,6 @@
 /* The shared-memory segment: creation, layout and the accessors that are not inline. */
 #include <errno.h>
+#include <stddef.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
@@ -357,47 +358,53 @@ void shm_backend_trial_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok,
     }
 }
 
+/* The per-worker gauge at byte offset `off` of a (worker, backend) record. */
+static _Atomic int32_t *wb_gauge(const struct shm *shm, uint32_t w, uint32_t b, size_t off)
+{
+    return (_Atomic int32_t *)((char *)shm_wb(shm, w, b) + off);
+}
+
+static int64_t gauge_sum(const struct shm *shm, uint32_t b, size_t off)
+{
+    int64_t n = 0;
+
+    for (uint32_t w = 0; w < shm->hdr->n_workers; w++)
+        n += atomic_load_explicit(wb_gauge(shm, w, b, off), memory_order_seq_cst);
+    return n;
+}
+
+/* Worker w counts itself in the gauge first and then sums every worker's: of two workers
+ * racing for the last place, at least one sees the other's claim (sequentially consistent
+ * store then loads), so together they never go over the limit. A refused claim is undone. */
+static int gauge_claim(struct shm *shm, uint32_t w, uint32_t b, size_t off, int64_t limit)
+{
+    _Atomic int32_t *mine = wb_gauge(shm, w, b, off);
+    int32_t cur = atomic_load_explicit(mine, memory_order_relaxed);
+
+    atomic_store_explicit(mine, cur + 1, memory_order_seq_cst);
+    if (gauge_sum(shm, b, off) <= limit)
+        return 1;
+    atomic_store_explicit(mine, cur, memory_order_seq_cst);
+    return 0;
+}
+
 int32_t shm_trials_in_flight(const struct shm *shm, uint32_t b)
 {
-    int32_t n = 0;
-    uint32_t w;
-
-    for (w = 0; w < shm->hdr->n_workers; w++)
-        n += atomic_load_explicit(&shm_wb(shm, w, b)->trials, memory_order_seq_cst);
-    return n;
+    return (int32_t)gauge_sum(shm, b, offsetof(struct shm_wb, trials));
 }
 
 int shm_trial_acquire(struct shm *shm, uint32_t w, uint32_t b, int32_t limit)
 {
-    _Atomic int32_t *mine = &shm_wb(shm, w, b)->trials;
-    int32_t cur = atomic_load_explicit(mine, memory_order_relaxed);
-
-    /* Sequentially consistent store then loads: of two workers racing, at least one sees
-     * the other's claim, so together they never go over the limit. */
-    atomic_store_explicit(mine, cur + 1, memory_order_seq_cst);
-    if (shm_trials_in_flight(shm, b) <= limit)
-        return 1;
-    atomic_store_explicit(mine, cur, memory_order_seq_cst);
-    return 0;
+    return gauge_claim(shm, w, b, offsetof(struct shm_wb, trials), limit);
 }
 
 int shm_active_acquire(struct shm *shm, uint32_t w, uint32_t b, uint32_t limit)
 {
-    _Atomic int32_t *mine = &shm_wb(shm, w, b)->active;
-    int32_t cur = atomic_load_explicit(mine, memory_order_relaxed);
-    int64_t sum = 0;
-
     if (limit == 0) {
-        atomic_store_explicit(mine, cur + 1, memory_order_relaxed);
+        shm_gauge_add(&shm_wb(shm, w, b)->active, 1);
         return 1;
     }
-    atomic_store_explicit(mine, cur + 1, memory_order_seq_cst);
-    for (uint32_t i = 0; i < shm->hdr->n_workers; i++)
-        sum += atomic_load_explicit(&shm_wb(shm, i, b)->active, memory_order_seq_cst);
-    if (sum <= (int64_t)limit)
-        return 1;
-    atomic_store_explicit(mine, cur, memory_order_seq_cst);
-    return 0;
+    return gauge_claim(shm, w, b, offsetof(struct shm_wb, active), limit);
 }
 
 void shm_trial_release(struct shm *shm, uint32_t w, uint32_t b)

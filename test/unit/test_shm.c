@@ -236,20 +236,19 @@ static void test_budget_window(void **state)
     shm_destroy(&shm);
 }
 
-/* Trial admission is exact across processes: two children each try many times to hold a
- * trial while the other might; the limit of 1 is never exceeded. */
-static void test_trials_never_exceed_limit(void **state)
+/* Two processes, workers 0 and 1, each try 200,000 times to be admitted to backend 0 (limit 1)
+ * while the other may be; an admitted one counts itself in a shared counter apart from the
+ * gauges (which also show tentative claims). Returns 1 when the limit held throughout. */
+static int race_admission(struct shm *shm, int (*acquire)(struct shm *, uint32_t, uint32_t),
+                          void (*release)(struct shm *, uint32_t, uint32_t))
 {
-    struct shm shm;
-    pid_t pids[2];
-    int status;
-    /* Admitted trials, counted apart from the gauges (which also show tentative claims). */
     _Atomic int *admitted =
         mmap(NULL, sizeof(*admitted), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    pid_t pids[2];
+    int status, ok = 1;
 
     assert_true(admitted != MAP_FAILED);
     *admitted = 0;
-    assert_int_equal(shm_create(&shm, 1, 3, 1), 0);
     for (int w = 0; w < 2; w++) {
         pids[w] = fork();
         assert_true(pids[w] >= 0);
@@ -257,11 +256,11 @@ static void test_trials_never_exceed_limit(void **state)
             int bad = 0;
 
             for (int i = 0; i < 200000; i++) {
-                if (shm_trial_acquire(&shm, (uint32_t)w, 0, 1)) {
+                if (acquire(shm, (uint32_t)w, 0)) {
                     if (atomic_fetch_add(admitted, 1) != 0)
                         bad = 1;
                     atomic_fetch_sub(admitted, 1);
-                    shm_trial_release(&shm, (uint32_t)w, 0);
+                    release(shm, (uint32_t)w, 0);
                 }
             }
             _exit(bad);
@@ -269,9 +268,34 @@ static void test_trials_never_exceed_limit(void **state)
     }
     for (int w = 0; w < 2; w++) {
         assert_int_equal(waitpid(pids[w], &status, 0), pids[w]);
-        assert_true(WIFEXITED(status));
-        assert_int_equal(WEXITSTATUS(status), 0);
+        ok &= WIFEXITED(status) && WEXITSTATUS(status) == 0;
     }
+    munmap((void *)admitted, sizeof(*admitted));
+    return ok;
+}
+
+static int trial_acquire_1(struct shm *shm, uint32_t w, uint32_t b)
+{
+    return shm_trial_acquire(shm, w, b, 1);
+}
+
+static int active_acquire_1(struct shm *shm, uint32_t w, uint32_t b)
+{
+    return shm_active_acquire(shm, w, b, 1);
+}
+
+static void active_release(struct shm *shm, uint32_t w, uint32_t b)
+{
+    shm_gauge_add(&shm_wb(shm, w, b)->active, -1);
+}
+
+/* Trial admission is exact across processes: the limit of 1 is never exceeded. */
+static void test_trials_never_exceed_limit(void **state)
+{
+    struct shm shm;
+
+    assert_int_equal(shm_create(&shm, 1, 3, 1), 0);
+    assert_true(race_admission(&shm, trial_acquire_1, shm_trial_release));
     assert_int_equal(shm_trials_in_flight(&shm, 0), 0);
     /* A dead worker's trials are given back by the slot reset. */
     assert_true(shm_trial_acquire(&shm, 2, 0, 2));
@@ -286,13 +310,7 @@ static void test_trials_never_exceed_limit(void **state)
 static void test_active_acquire(void **state)
 {
     struct shm shm;
-    pid_t pids[2];
-    int status;
-    _Atomic int *admitted =
-        mmap(NULL, sizeof(*admitted), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 
-    assert_true(admitted != MAP_FAILED);
-    *admitted = 0;
     assert_int_equal(shm_create(&shm, 2, 2, 1), 0);
     assert_true(shm_active_acquire(&shm, 0, 1, 0));
     assert_true(shm_active_acquire(&shm, 1, 1, 0));
@@ -303,28 +321,7 @@ static void test_active_acquire(void **state)
     assert_int_equal(shm_wb(&shm, 0, 0)->active, 1);
     shm_gauge_add(&shm_wb(&shm, 0, 0)->active, -1);
     shm_gauge_add(&shm_wb(&shm, 1, 0)->active, -1);
-    for (int w = 0; w < 2; w++) {
-        pids[w] = fork();
-        assert_true(pids[w] >= 0);
-        if (pids[w] == 0) {
-            int bad = 0;
-
-            for (int i = 0; i < 200000; i++) {
-                if (shm_active_acquire(&shm, (uint32_t)w, 0, 1)) {
-                    if (atomic_fetch_add(admitted, 1) != 0)
-                        bad = 1;
-                    atomic_fetch_sub(admitted, 1);
-                    shm_gauge_add(&shm_wb(&shm, (uint32_t)w, 0)->active, -1);
-                }
-            }
-            _exit(bad);
-        }
-    }
-    for (int w = 0; w < 2; w++) {
-        assert_int_equal(waitpid(pids[w], &status, 0), pids[w]);
-        assert_true(WIFEXITED(status));
-        assert_int_equal(WEXITSTATUS(status), 0);
-    }
+    assert_true(race_admission(&shm, active_acquire_1, active_release));
     shm_destroy(&shm);
 }
 
