@@ -1,6 +1,6 @@
-/* Unit tests for core/proxy.c and core/retry.c: exact bytes of upstream request heads, client
- * response heads, gateway errors and SSE error ends; hop-by-hop rules; request ids; JSON body
- * fields; 429 cool-down headers; retry conditions, back-off and budget. */
+/* Unit tests for core/proxy.c: exact bytes of upstream request heads, client response heads,
+ * gateway errors and SSE error ends; hop-by-hop rules; request ids; JSON body fields; 429
+ * cool-down headers. */
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -14,9 +14,6 @@
 #include <llhttp.h>
 
 #include "core/proxy.h"
-#include "core/retry.h"
-#include "core/util.h"
-#include "shm/shm.h"
 
 #define H(n, v)                                                                                    \
     {                                                                                              \
@@ -731,136 +728,6 @@ static void test_parse_body_key(void **state)
     assert_null(info.key);
 }
 
-static void pool_init(struct conf_pool *p)
-{
-    memset(p, 0, sizeof(*p));
-    p->fail_on = COND_CONNECT | COND_TLS | COND_TIMEOUT | COND_RESET | COND_5XX;
-    p->retry_on = COND_CONNECT | COND_TIMEOUT | COND_RESET | COND_5XX | COND_429;
-    p->retry_backoff_base_ms = 25;
-    p->retry_backoff_max_ms = 1000;
-    p->retry_backoff_mult_x100 = 200;
-}
-
-static void test_retry_conditions(void **state)
-{
-    struct conf_pool p;
-    pool_init(&p);
-    assert_int_equal(retry_cond(UPSTREAM_ECONNECT, 0), COND_CONNECT);
-    assert_int_equal(retry_cond(UPSTREAM_ETLS, 0), COND_TLS);
-    assert_int_equal(retry_cond(UPSTREAM_ETIMEOUT, 0), COND_TIMEOUT);
-    assert_int_equal(retry_cond(UPSTREAM_ERESET, 0), COND_RESET);
-    assert_int_equal(retry_cond(UPSTREAM_EPROTO, 0), COND_RESET);
-    assert_int_equal(retry_cond(UPSTREAM_ECLIENT, 0), 0);
-    assert_int_equal(retry_cond(UPSTREAM_OK, 503), COND_5XX);
-    assert_int_equal(retry_cond(UPSTREAM_OK, 429), COND_429);
-    assert_int_equal(retry_cond(UPSTREAM_OK, 404), 0);
-    assert_int_equal(retry_cond(UPSTREAM_OK, 200), 0);
-
-    /* failures: default set; a client's 4xx and a 429 are not */
-    assert_true(retry_is_failure(&p, COND_5XX, 500));
-    assert_true(retry_is_failure(&p, COND_TIMEOUT, 0));
-    assert_false(retry_is_failure(&p, 0, 404));
-    assert_false(retry_is_failure(&p, COND_429, 429));
-    p.fail_on = COND_CONNECT;
-    assert_false(retry_is_failure(&p, COND_5XX, 502));
-    p.fail_on_status[p.n_fail_on_status++] = 502;
-    assert_true(retry_is_failure(&p, COND_5XX, 502));
-    assert_true(retry_is_failure(&p, 0, 502));
-    assert_false(retry_is_failure(&p, COND_5XX, 503));
-
-    /* retryable: retry_on bits and statuses */
-    assert_true(retry_is_retryable(&p, COND_429, 429));
-    assert_true(retry_is_retryable(&p, COND_CONNECT, 0));
-    assert_false(retry_is_retryable(&p, COND_TLS, 0));
-    assert_false(retry_is_retryable(&p, 0, 404));
-    p.retry_on = COND_CONNECT;
-    assert_false(retry_is_retryable(&p, COND_5XX, 503));
-    p.retry_on_status[p.n_retry_on_status++] = 503;
-    assert_true(retry_is_retryable(&p, COND_5XX, 503));
-    assert_false(retry_is_retryable(&p, COND_5XX, 500));
-}
-
-static void test_retry_backoff(void **state)
-{
-    struct conf_pool p;
-    pool_init(&p);
-    /* cap = min(max, base x mult^(n-1)): 25, 50, 100, ... 800, 1000, 1000; rnd picks in [0, cap] */
-    static const uint64_t caps[] = {25, 50, 100, 200, 400, 800, 1000, 1000};
-    for (uint32_t n = 1; n <= 8; n++) {
-        uint64_t cap = caps[n - 1];
-        assert_int_equal(retry_backoff_ms(&p, n, cap), cap);
-        assert_int_equal(retry_backoff_ms(&p, n, cap + 1), 0);
-        assert_int_equal(retry_backoff_ms(&p, n, 2 * cap + 1), cap);
-        assert_int_equal(retry_backoff_ms(&p, n, 7), 7 % (cap + 1));
-    }
-    /* x1.5 */
-    p.retry_backoff_mult_x100 = 150;
-    p.retry_backoff_base_ms = 100;
-    assert_int_equal(retry_backoff_ms(&p, 3, 225), 225);
-    assert_int_equal(retry_backoff_ms(&p, 3, 226), 0);
-    /* 0..0: immediate */
-    p.retry_backoff_base_ms = p.retry_backoff_max_ms = 0;
-    assert_int_equal(retry_backoff_ms(&p, 1, 12345), 0);
-    assert_int_equal(retry_backoff_ms(&p, 4, 12345), 0);
-}
-
-static void test_mix64(void **state)
-{
-    /* splitmix64's finaliser: the values of the reference implementation */
-    assert_true(util_mix64(0) == 0);
-    assert_true(util_mix64(1) == 0x5692161d100b05e5ULL);
-    assert_true(util_mix64(0x9e3779b97f4a7c15ULL) == 0xe220a8397b1dcdafULL);
-}
-
-static void test_retry_budget(void **state)
-{
-    /* min 1/s over 10 s: 10 retries allowed with no requests at all */
-    assert_true(retry_budget_allow(0, 9, 20, 1));
-    assert_false(retry_budget_allow(0, 10, 20, 1));
-    /* 20 % of 100 requests = 20 > 10 */
-    assert_true(retry_budget_allow(100, 19, 20, 1));
-    assert_false(retry_budget_allow(100, 20, 20, 1));
-    /* 20 % of 30 = 6 < the floor of 10 */
-    assert_true(retry_budget_allow(30, 9, 20, 1));
-    assert_false(retry_budget_allow(30, 10, 20, 1));
-    /* budget 0 with min 0: never; 100 %: as many retries as requests */
-    assert_false(retry_budget_allow(50, 0, 0, 0));
-    assert_true(retry_budget_allow(50, 49, 100, 0));
-    assert_false(retry_budget_allow(50, 50, 100, 0));
-}
-
-/* The budget is pool-wide: what every worker counts in shm for the pool's backends, over the
- * last 10 s, decides (review M9: it was per worker, N workers had N times the floor). */
-static void test_retry_budget_shm(void **state)
-{
-    struct shm shm;
-    const uint64_t S = 1000000000ULL, t0 = 1000 * S;
-    uint64_t req, ret;
-
-    assert_int_equal(shm_create(&shm, 3, 2, 1), 0);
-    /* pool A = backends 0..1, pool B = backend 2 */
-    for (int i = 0; i < 5; i++) {
-        shm_wb_budget_note(&shm, 0, 0, t0, 1);
-        shm_wb_budget_note(&shm, 1, 1, t0 + S / 2, 1);
-    }
-    shm_wb_budget_note(&shm, 1, 2, t0, 1);
-    for (int i = 0; i < 30; i++)
-        shm_wb_budget_note(&shm, i % 2, (uint32_t)(i % 2), t0, 0);
-    shm_budget_window(&shm, 0, 2, t0 + S, &req, &ret);
-    assert_int_equal(req, 30);
-    assert_int_equal(ret, 10);
-    /* the floor of 1/s is spent by the two workers together */
-    assert_false(retry_budget_allow(req, ret, 20, 1));
-    /* pool B sees only its own */
-    shm_budget_window(&shm, 2, 1, t0 + S, &req, &ret);
-    assert_int_equal(ret, 1);
-    assert_true(retry_budget_allow(req, ret, 20, 1));
-    /* after 10 s the window has moved past it all */
-    shm_budget_window(&shm, 0, 2, t0 + 11 * S, &req, &ret);
-    assert_int_equal(req + ret, 0);
-    shm_destroy(&shm);
-}
-
 /* ---- header pieces (proxy_hdr_piece) driven by llhttp, as worker.c and upstream.c do ---- */
 
 struct piece_ctx {
@@ -1048,11 +915,6 @@ int main(void)
         cmocka_unit_test(test_duration),
         cmocka_unit_test(test_cool_ms),
         cmocka_unit_test(test_parse_body_key),
-        cmocka_unit_test(test_retry_conditions),
-        cmocka_unit_test(test_retry_backoff),
-        cmocka_unit_test(test_retry_budget),
-        cmocka_unit_test(test_mix64),
-        cmocka_unit_test(test_retry_budget_shm),
         cmocka_unit_test(test_hdr_pieces),
         cmocka_unit_test(test_connection_tokens),
     };

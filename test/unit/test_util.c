@@ -1,4 +1,4 @@
-/* Unit tests of core/util.c: clocks and the strict value parsers used by the config. */
+/* Unit tests of core/util.c: clocks, the strict value parsers of the config, the hash mixer. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -149,6 +149,14 @@ static void test_clocks(void **state)
     assert_true(real > 1577836800000ull && real < 4102444800000ull);
 }
 
+static void test_mix64(void **state)
+{
+    /* splitmix64's finaliser: the values of the reference implementation */
+    assert_true(util_mix64(0) == 0);
+    assert_true(util_mix64(1) == 0x5692161d100b05e5ULL);
+    assert_true(util_mix64(0x9e3779b97f4a7c15ULL) == 0xe220a8397b1dcdafULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -159,6 +167,7 @@ int main(void)
         cmocka_unit_test(test_int),
         cmocka_unit_test(test_span_ieq),
         cmocka_unit_test(test_clocks),
+        cmocka_unit_test(test_mix64),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
