@@ -77,6 +77,17 @@ int mock_parse_duration_ms(const char *s, uint64_t *out_ms)
     return 0;
 }
 
+int mock_parse_framing(const char *s)
+{
+    if (!strcmp(s, "auto") || !strcmp(s, "chunked"))
+        return MOCK_FRAMING_AUTO;
+    if (!strcmp(s, "close"))
+        return MOCK_FRAMING_CLOSE;
+    if (!strcmp(s, "length"))
+        return MOCK_FRAMING_LENGTH;
+    return -1;
+}
+
 int mock_parse_long(const char *s, long min, long max, long *out)
 {
     char *end;
@@ -95,16 +106,19 @@ int mock_parse_long(const char *s, long min, long max, long *out)
 static void usage(FILE *f)
 {
     fprintf(
-        f,
-        "usage: aigw-mock --listen HOST:PORT [--name NAME] [--tls-cert FILE --tls-key FILE]\n"
-        "         [--chunks N (5)] [--chunk-interval DUR (20ms)] [--delay DUR (0)]\n"
-        "         [--status CODE] [--content-bytes N (64)] [--api-key KEY]\n"
-        "         [--created EPOCH] [--reset-after N] [--stall] [--retry-after SECS]\n"
-        "         [--verbose]\n"
-        "Per request: x-mock-status, x-mock-delay, x-mock-chunks, x-mock-chunk-interval,\n"
-        "x-mock-reset-after, x-mock-stall, x-mock-retry-after headers; x-mock-retry-after-date: N\n"
-        "(Retry-After as an HTTP date N s ahead), x-mock-ratelimit-reset: DUR (a 429 carries\n"
-        "x-ratelimit-reset-requests: DUR).\n");
+        f, "usage: aigw-mock --listen HOST:PORT [--name NAME] [--tls-cert FILE --tls-key FILE]\n"
+           "         [--chunks N (5)] [--chunk-interval DUR (20ms)] [--delay DUR (0)]\n"
+           "         [--status CODE] [--content-bytes N (64)] [--api-key KEY]\n"
+           "         [--created EPOCH] [--reset-after N] [--close-after N] [--stall] [--drop]\n"
+           "         [--framing auto|close|length] [--retry-after SECS] [--verbose]\n"
+           "--reset-after N: RST after N body bytes; --close-after N: close (FIN, no TLS\n"
+           "close_notify) after N body bytes; --drop: close each request's connection unanswered;\n"
+           "--framing: a stream's body chunked (auto), close-delimited or with Content-Length.\n"
+           "Per request: x-mock-status, x-mock-delay, x-mock-chunks, x-mock-chunk-interval,\n"
+           "x-mock-reset-after, x-mock-close-after, x-mock-stall, x-mock-drop, x-mock-framing,\n"
+           "x-mock-retry-after headers; x-mock-retry-after-date: N\n"
+           "(Retry-After as an HTTP date N s ahead), x-mock-ratelimit-reset: DUR (a 429 carries\n"
+           "x-ratelimit-reset-requests: DUR).\n");
 }
 
 static int die_usage(const char *opt, const char *val)
@@ -180,6 +194,9 @@ int main(int argc, char **argv)
         {"created", required_argument, NULL, 't'},
         {"reset-after", required_argument, NULL, 'r'},
         {"stall", no_argument, NULL, 'S'},
+        {"close-after", required_argument, NULL, 'c'},
+        {"drop", no_argument, NULL, 'D'},
+        {"framing", required_argument, NULL, 'f'},
         {"retry-after", required_argument, NULL, 'R'},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
@@ -198,6 +215,7 @@ int main(int argc, char **argv)
     o->fault.chunks = 5;
     o->fault.chunk_interval_ms = 20;
     o->fault.reset_after = -1;
+    o->fault.close_after = -1;
     o->fault.retry_after = -1;
     o->fault.ratelimit_reset_ms = -1;
     o->content_bytes = 64;
@@ -260,6 +278,18 @@ int main(int argc, char **argv)
             break;
         case 'S':
             o->fault.stall = 1;
+            break;
+        case 'c':
+            if (mock_parse_long(optarg, 0, MOCK_BODY_MAX, &l) != 0)
+                return die_usage(lo, optarg);
+            o->fault.close_after = l;
+            break;
+        case 'D':
+            o->fault.drop = 1;
+            break;
+        case 'f':
+            if ((o->fault.framing = mock_parse_framing(optarg)) < 0)
+                return die_usage(lo, optarg);
             break;
         case 'R':
             if (mock_parse_long(optarg, 0, 86400L * 365, &l) != 0)

@@ -36,6 +36,13 @@ int mock_buf_reserve(struct mock_buf *b, size_t extra);
 int mock_buf_append(struct mock_buf *b, const void *p, size_t n);
 void mock_buf_free(struct mock_buf *b);
 
+/* How a stream's body is delimited. */
+enum mock_framing {
+    MOCK_FRAMING_AUTO = 0, /* chunked for HTTP/1.1, close-delimited for HTTP/1.0 */
+    MOCK_FRAMING_CLOSE,    /* close-delimited: the end of the body is the end of the connection */
+    MOCK_FRAMING_LENGTH,   /* Content-Length: every event built at once, sent in one write */
+};
+
 /* Per-request behaviour: the command-line values, overridden by x-mock-* request headers. */
 struct mock_fault {
     int status;        /* 0: normal answer */
@@ -43,7 +50,11 @@ struct mock_fault {
     unsigned chunks;   /* content deltas of a stream */
     uint64_t chunk_interval_ms;
     int64_t reset_after;        /* -1: off; else RST after that many body bytes */
+    int64_t close_after;        /* -1: off; else close (FIN, and no TLS close_notify) after that
+                                   many body bytes */
     int stall;                  /* never answer */
+    int drop;                   /* read the request, then close the connection: no answer */
+    int framing;                /* enum mock_framing of a stream */
     int retry_after;            /* -1: no Retry-After header */
     int retry_after_date;       /* 1: send Retry-After as an HTTP date, retry_after seconds ahead */
     int64_t ratelimit_reset_ms; /* -1: none; else x-ratelimit-reset-requests on a 429 */
@@ -102,6 +113,7 @@ struct mock_resp {
     int include_usage;
     int64_t body_sent; /* bytes written after the header block */
     int reset_now;     /* reset the connection once the current write is done */
+    int close_now;     /* close it (no close_notify) once the current write is done */
     unsigned step;     /* next stream event to send */
     unsigned nsteps;
     unsigned prompt_tokens;
@@ -239,5 +251,7 @@ void tls_conn_free(struct mock_conn *c);
 /* mock.c */
 int mock_parse_duration_ms(const char *s, uint64_t *out_ms);
 int mock_parse_long(const char *s, long min, long max, long *out);
+/* "close", "length" or "auto"/"chunked": enum mock_framing, or -1. */
+int mock_parse_framing(const char *s);
 
 #endif

@@ -381,18 +381,26 @@ static void log_request(struct mock_conn *c, const char *what)
 }
 
 /* Writes bufs (the first nhead of them are header bytes) after cutting the body at the
- * reset-after limit; the connection is reset once a cut write is done. */
+ * reset-after or close-after limit; the connection is reset (or closed) once a cut write is
+ * done. */
 static void send_clipped(struct mock_conn *c, uv_buf_t *bufs, unsigned n, unsigned nhead)
 {
     struct mock_resp *rs = &c->resp;
+    int64_t limit = rs->f.reset_after;
+    int by_close = rs->f.close_after >= 0 && (limit < 0 || rs->f.close_after < limit);
 
-    if (rs->f.reset_after >= 0) {
-        int64_t allow = rs->f.reset_after - rs->body_sent;
+    if (by_close)
+        limit = rs->f.close_after;
+    if (limit >= 0) {
+        int64_t allow = limit - rs->body_sent;
         for (unsigned i = nhead; i < n; i++) {
             if ((int64_t)bufs[i].len >= allow) {
                 bufs[i].len = (size_t)allow;
                 n = i + 1;
-                rs->reset_now = 1;
+                if (by_close)
+                    rs->close_now = 1;
+                else
+                    rs->reset_now = 1;
                 break;
             }
             allow -= (int64_t)bufs[i].len;
@@ -893,11 +901,31 @@ static void chat_completions(struct mock_conn *c)
     rs->kind = MOCK_RESP_STREAM;
     rs->status = 200;
     rs->include_usage = q.include_usage;
-    rs->chunked = r->http_minor != 0;
-    if (!rs->chunked)
-        rs->keep_alive = 0; /* HTTP/1.0: the end of the body is the end of the connection */
+    rs->chunked = r->http_minor != 0 && rs->f.framing == MOCK_FRAMING_AUTO;
+    if (!rs->chunked && rs->f.framing != MOCK_FRAMING_LENGTH)
+        rs->keep_alive = 0; /* the end of the body is the end of the connection */
     rs->step = 0;
     rs->nsteps = rs->f.chunks + 3 + (rs->include_usage ? 1 : 0);
+    if (rs->f.framing == MOCK_FRAMING_LENGTH) {
+        /* the whole stream at once, its length known */
+        uv_buf_t bufs[2];
+        c->dyn.len = 0;
+        while (rs->step < rs->nsteps) {
+            if (stream_step(c) != 0) {
+                conn_close(c);
+                return;
+            }
+        }
+        n = snprintf(c->head, sizeof(c->head),
+                     "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     "Cache-Control: no-cache\r\nx-mock-name: %s\r\nContent-Length: %zu\r\n%s\r\n",
+                     srv->opts.name, c->dyn.len, conn_header(c));
+        bufs[0] = uv_buf_init(c->head, (unsigned)n);
+        bufs[1] = uv_buf_init(c->dyn.p, (unsigned)c->dyn.len);
+        log_request(c, "200 stream (Content-Length)");
+        send_clipped(c, bufs, 2, 1);
+        return;
+    }
     n = snprintf(c->head, sizeof(c->head),
                  "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                  "Cache-Control: no-cache\r\nx-mock-name: %s\r\n%s%s\r\n",
@@ -973,6 +1001,12 @@ static int hdr_value(const struct mock_req *r, const struct mock_hdr *h, char *d
     return 0;
 }
 
+static int flag_on(const char *v)
+{
+    return !(strcmp(v, "0") == 0 || strcasecmp(v, "false") == 0 || strcasecmp(v, "no") == 0 ||
+             strcasecmp(v, "off") == 0);
+}
+
 /* x-mock-* request headers override the command line for this request; bad values are ignored. */
 static void apply_overrides(struct mock_conn *c)
 {
@@ -1002,6 +1036,12 @@ static void apply_overrides(struct mock_conn *c)
             f->chunk_interval_ms = ms;
         else if (IS("reset-after") && mock_parse_long(v, -1, MOCK_BODY_MAX, &l) == 0)
             f->reset_after = l;
+        else if (IS("close-after") && mock_parse_long(v, -1, MOCK_BODY_MAX, &l) == 0)
+            f->close_after = l;
+        else if (IS("framing") && mock_parse_framing(v) >= 0)
+            f->framing = mock_parse_framing(v);
+        else if (IS("drop"))
+            f->drop = flag_on(v);
         else if (IS("retry-after") && mock_parse_long(v, 0, 86400 * 365, &l) == 0)
             f->retry_after = (int)l;
         else if (IS("retry-after-date") && mock_parse_long(v, 0, 86400 * 365, &l) == 0) {
@@ -1010,8 +1050,7 @@ static void apply_overrides(struct mock_conn *c)
         } else if (IS("ratelimit-reset") && mock_parse_duration_ms(v, &ms) == 0)
             f->ratelimit_reset_ms = (int64_t)ms;
         else if (IS("stall"))
-            f->stall = !(strcmp(v, "0") == 0 || strcasecmp(v, "false") == 0 ||
-                         strcasecmp(v, "no") == 0 || strcasecmp(v, "off") == 0);
+            f->stall = flag_on(v);
 #undef IS
     }
 }
@@ -1028,6 +1067,7 @@ static void resp_init(struct mock_conn *c)
     rs->include_usage = 0;
     rs->body_sent = 0;
     rs->reset_now = 0;
+    rs->close_now = 0;
     rs->step = 0;
     rs->nsteps = 0;
 }
@@ -1041,6 +1081,7 @@ void http_on_request(struct mock_conn *c)
     resp_init(c);
     /* Faults are for the OpenAI endpoints only; the mock's own answers are always whole. */
     c->resp.f.reset_after = -1;
+    c->resp.f.close_after = -1;
     if (r->too_large) {
         c->resp.keep_alive = 0;
         send_error(c, r->too_large, NULL, "invalid_request_error", NULL,
@@ -1061,7 +1102,14 @@ void http_on_request(struct mock_conn *c)
         last_record(is_check ? &srv->last_check : &srv->last, r);
     }
     c->resp.f.reset_after = srv->opts.fault.reset_after;
+    c->resp.f.close_after = srv->opts.fault.close_after;
     apply_overrides(c);
+    if (c->resp.f.drop) {
+        /* read, then gone: the request may have started something the client never hears of */
+        log_request(c, "dropped");
+        conn_close(c);
+        return;
+    }
     if (c->resp.f.stall) {
         c->resp.kind = MOCK_RESP_STALL;
         log_request(c, "stall");
@@ -1082,6 +1130,10 @@ void http_on_sent(struct mock_conn *c)
         conn_reset(c);
         return;
     }
+    if (rs->close_now) {
+        conn_close(c); /* a FIN; a TLS peer gets no close_notify */
+        return;
+    }
     if (rs->kind == MOCK_RESP_STREAM && rs->step < rs->nsteps) {
         uv_timer_start(&c->timer, stream_on_timer, rs->f.chunk_interval_ms, 0);
         return;
@@ -1098,6 +1150,7 @@ void http_bad_request(struct mock_conn *c, int status)
     c->req.keep_alive = 0;
     resp_init(c);
     c->resp.f.reset_after = -1;
+    c->resp.f.close_after = -1;
     send_error(c, status, NULL, "invalid_request_error", NULL, "Malformed HTTP request: %s",
                llhttp_errno_name(llhttp_get_errno(&c->parser)));
 }
