@@ -26,8 +26,9 @@
 #define CONF_KEYS_MAX    64 /* keys of the largest section table */
 #define CONF_FAIL_RING   32 /* the per-worker failure ring bounds max_fails and breaker_failures */
 
-#define CONF_FAIL_ON_DEFAULT  (COND_CONNECT | COND_TLS | COND_TIMEOUT | COND_RESET | COND_5XX)
-#define CONF_RETRY_ON_DEFAULT (COND_CONNECT | COND_TIMEOUT | COND_RESET | COND_5XX | COND_429)
+#define CONF_FAIL_ON_DEFAULT (COND_CONNECT | COND_TLS | COND_TIMEOUT | COND_RESET | COND_5XX)
+#define CONF_RETRY_ON_DEFAULT                                                                      \
+    (COND_CONNECT | COND_TLS | COND_STALE | COND_TIMEOUT | COND_RESET | COND_5XX | COND_429)
 
 enum conf_kind {
     CONF_KIND_NONE = 0,
@@ -656,16 +657,13 @@ static void conf_set_conds(struct conf_parse *p, const char *key, const char *va
         const char *name;
         uint32_t bit;
     } names[] = {
-        {"connect-failure", COND_CONNECT},
-        {"tls", COND_TLS},
-        {"timeout", COND_TIMEOUT},
-        {"reset", COND_RESET},
-        {"5xx", COND_5XX},
+        {"connect-failure", COND_CONNECT}, {"tls", COND_TLS},     {"stale-conn", COND_STALE},
+        {"timeout", COND_TIMEOUT},         {"reset", COND_RESET}, {"5xx", COND_5XX},
     };
-    const char *expect = allow_429 ? "connect-failure, tls, timeout, reset, 5xx, 429 or a status "
-                                     "400..599"
-                                   : "connect-failure, tls, timeout, reset, 5xx or a status "
-                                     "400..599 other than 429";
+    const char *expect = allow_429 ? "connect-failure, tls, stale-conn, timeout, reset, 5xx, 429 "
+                                     "or a status 400..599"
+                                   : "connect-failure, tls, stale-conn, timeout, reset, 5xx or a "
+                                     "status 400..599 other than 429";
     char buf[256], *tok, *save = NULL;
     int st[CONF_STATUS_MAX], n = 0, any = 0;
     uint32_t b = 0;

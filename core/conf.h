@@ -11,15 +11,21 @@
 #define CONF_EXPECT_MAX 8
 #define CONF_STATUS_MAX 16
 
-/* What counts as a failure (fail_on) or may be retried (retry_on): a bit set. */
+/* What counts as a failure (fail_on) or may be retried (retry_on): a bit set. The first three
+ * happen before the upstream can have seen the request (COND_NOT_SENT: always safe to retry);
+ * the others after it may have, so a retry may make it generate the answer twice. */
 enum conf_cond {
     COND_CONNECT = 1 << 0, /* connect-failure: refused, unreachable, connect timeout */
     COND_TLS = 1 << 1,     /* tls: handshake or certificate failure */
     COND_TIMEOUT = 1 << 2, /* timeout: no response head in time (first_byte/try timeout) */
-    COND_RESET = 1 << 3,   /* reset: connection closed or reset before a complete head */
+    COND_RESET = 1 << 3,   /* reset: closed, reset or garbled after the request was written */
     COND_5XX = 1 << 4,     /* 5xx: any 500..599 answer */
     COND_429 = 1 << 5,     /* 429: rate limited (for retry_on; never a breaker failure) */
+    COND_STALE = 1 << 6,   /* stale-conn: a pooled connection found closed before any request
+                              byte was written (the upstream closed it while idle) */
 };
+
+#define COND_NOT_SENT (COND_CONNECT | COND_TLS | COND_STALE)
 
 /* Where the hash balancer finds a request's key. */
 enum conf_hash_src {
@@ -122,7 +128,7 @@ struct conf_pool {
 
     /* retries */
     uint32_t retries;  /* extra tries after the first (another backend each) */
-    uint32_t retry_on; /* enum conf_cond bits that may be retried */
+    uint32_t retry_on; /* enum conf_cond bits retried (COND_NOT_SENT ones always are) */
     int retry_on_status[CONF_STATUS_MAX];
     int n_retry_on_status;
     uint64_t retry_backoff_base_ms; /* retry_backoff = BASE..MAX xMULT, full jitter */

@@ -13,6 +13,8 @@ uint32_t retry_cond(enum upstream_err err, int status)
         return COND_TLS;
     case UPSTREAM_ETIMEOUT:
         return COND_TIMEOUT;
+    case UPSTREAM_ESTALE:
+        return COND_STALE;
     case UPSTREAM_ERESET:
     case UPSTREAM_EPROTO: /* a garbled answer is the backend's fault like a cut one */
         return COND_RESET;
@@ -45,7 +47,7 @@ int retry_is_failure(const struct conf_pool *p, uint32_t cond, int status)
 
 int retry_is_retryable(const struct conf_pool *p, uint32_t cond, int status)
 {
-    return (cond & p->retry_on) != 0 ||
+    return (cond & (COND_NOT_SENT | p->retry_on)) != 0 ||
            (status > 0 && status_listed(p->retry_on_status, p->n_retry_on_status, status));
 }
 

@@ -19,7 +19,9 @@ uint32_t retry_cond(enum upstream_err err, int status);
  * does. */
 int retry_is_failure(const struct conf_pool *p, uint32_t cond, int status);
 
-/* May the outcome be retried on another backend (pool retry_on, retry_on_status)? */
+/* May the outcome be retried (pool retry_on, retry_on_status)? A failure before the upstream
+ * can have seen the request (COND_NOT_SENT) always may: retrying it cannot duplicate anything.
+ * The caller still bounds every retry by `retries`, the deadline and the retry budget. */
 int retry_is_retryable(const struct conf_pool *p, uint32_t cond, int status);
 
 /* Delay before retry number n (1 = the first retry): full jitter, uniform in

@@ -50,7 +50,7 @@ struct upconn {
     uint64_t due;      /* loop time (ms) the current timeout expires at; 0 = none */
     uint64_t armed_at; /* loop time the uv timer fires at (<= due), 0 = not armed */
     int handles;       /* open libuv handles, the struct is recycled when 0 */
-    uint8_t tls_on, reused, got_bytes, head_done, complete, extra, hstate, ev;
+    uint8_t tls_on, reused, head_done, complete, extra, hstate, ev;
     uint8_t perr;         /* libuv reported POLLERR and stopped watching: read until it says why */
     uint8_t decoding;     /* handing over the de-chunked body (rq->dechunk) */
     uint8_t addr_i;       /* index in be->addrs this connection went to */
@@ -127,6 +127,8 @@ const char *upstream_strerror(enum upstream_err e)
         return "timeout";
     case UPSTREAM_ERESET:
         return "connection closed by backend";
+    case UPSTREAM_ESTALE:
+        return "pooled connection closed by backend before the request was sent";
     case UPSTREAM_EPROTO:
         return "invalid response";
     case UPSTREAM_ECLIENT:
@@ -390,6 +392,16 @@ static void conn_connect_failed(struct upconn *u)
 
 /* ---- sending ---- */
 
+/* A write of the request failed. Before its first byte the backend cannot have seen it: a pooled
+ * connection it closed while idle (stale), or a new one it dropped right away (a connect
+ * failure). After that it may have, and only the caller's retry_on may send it again. */
+static int send_failed(const struct upconn *u)
+{
+    if (u->sent)
+        return -UPSTREAM_ERESET;
+    return u->reused ? -UPSTREAM_ESTALE : -UPSTREAM_ECONNECT;
+}
+
 static int conn_send(struct upconn *u)
 {
     struct upstream_req *rq = u->rq;
@@ -415,7 +427,7 @@ static int conn_send(struct upconn *u)
                 goto out;
             }
             if (n < 0) {
-                ret = -UPSTREAM_ERESET;
+                ret = send_failed(u);
                 goto out;
             }
         } else {
@@ -440,7 +452,7 @@ static int conn_send(struct upconn *u)
                     poll_set(u, UV_WRITABLE);
                     goto out;
                 }
-                ret = -UPSTREAM_ERESET;
+                ret = send_failed(u);
                 goto out;
             }
         }
@@ -478,7 +490,7 @@ static int conn_begin(struct upconn *u)
     llhttp_init(&u->parser, HTTP_RESPONSE, &resp_settings);
     u->parser.data = u;
     u->rlen = 0;
-    u->got_bytes = u->head_done = u->complete = u->extra = u->decoding = 0;
+    u->head_done = u->complete = u->extra = u->decoding = 0;
     u->n_hdrs = 0;
     u->hstate = 0;
     u->state = UC_SENDING;
@@ -486,25 +498,10 @@ static int conn_begin(struct upconn *u)
     return conn_send(u);
 }
 
-/* An exchange failed after it started: retry once on a fresh connection when a pooled one
- * broke before any response byte, else report it. */
+/* An exchange failed after it started: report it. Nothing is sent again from here: another
+ * attempt is the caller's decision, counted as one (x-aigw-attempts, retries, retry budget). */
 static void conn_fail(struct upconn *u, enum upstream_err err)
 {
-    struct upstream *up = u->up;
-    struct upstream_req *rq = u->rq;
-
-    if (err == UPSTREAM_ERESET && u->reused && !u->got_bytes && !rq->retried) {
-        log_debug("backend %s: pooled connection closed, reconnecting", u->be->cb->name);
-        conn_close(u);
-        rq->retried = 1;
-        int r = conn_connect(up, rq);
-        if (r == 0)
-            return;
-        /* no connection to report through: account and end here */
-        acct_end(up, rq, (enum upstream_err) - r);
-        rq->ops->on_end(rq->ctx, (enum upstream_err) - r);
-        return;
-    }
     log_debug("backend %s: %s", u->be->cb->name, upstream_strerror(err));
     exchange_end(u, err, 0);
 }
@@ -771,7 +768,6 @@ static void conn_read(struct upconn *u)
                 conn_fail(u, UPSTREAM_ERESET);
             return;
         }
-        u->got_bytes = 1;
         shm_counter_add(&wb->bytes_in, (uint64_t)n);
         if (on_data(u, u->buf + u->rlen, (size_t)n))
             return;
@@ -1101,7 +1097,6 @@ int upstream_start(struct upstream *up, struct upstream_req *rq)
 
     rq->conn = NULL;
     rq->wait_next = NULL;
-    rq->retried = 0;
     rq->status = 0;
     acct_begin(up, rq);
     if (!be->n_addrs) {
@@ -1110,7 +1105,7 @@ int upstream_start(struct upstream *up, struct upstream_req *rq)
             acct_end(up, rq, (enum upstream_err) - r);
         return r;
     }
-    struct upconn *u = be->idle;
+    struct upconn *u = rq->no_reuse ? NULL : be->idle;
     if (u) {
         idle_unlink(u);
         u->state = UC_SENDING;
@@ -1120,11 +1115,8 @@ int upstream_start(struct upstream *up, struct upstream_req *rq)
         if (r == 0)
             return 0;
         conn_close(u);
-        if (r != -UPSTREAM_ERESET) {
-            acct_end(up, rq, (enum upstream_err) - r);
-            return r;
-        }
-        rq->retried = 1;
+        acct_end(up, rq, (enum upstream_err) - r);
+        return r;
     }
     int r = conn_connect(up, rq);
     if (r < 0)

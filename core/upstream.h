@@ -34,7 +34,9 @@ enum upstream_err {
     UPSTREAM_ECONNECT, /* refused, unreachable, no address, connect timeout */
     UPSTREAM_ETLS,     /* handshake (or its timeout) or certificate failure */
     UPSTREAM_ETIMEOUT, /* first byte or idle timeout */
-    UPSTREAM_ERESET,   /* closed or reset by the backend */
+    UPSTREAM_ERESET,   /* closed or reset by the backend once request bytes were written */
+    UPSTREAM_ESTALE,   /* a pooled connection was found closed before any request byte was
+                          written: the backend cannot have seen the request */
     UPSTREAM_EPROTO,   /* malformed response */
     UPSTREAM_ECLIENT,  /* the client side gave up (on_head/on_body returned < 0) */
     UPSTREAM_ENOMEM,
@@ -87,7 +89,7 @@ struct upstream_req {
     uint64_t head_timeout_ms;    /* request sent -> response head; 0 = first_byte_timeout */
     struct upconn *conn;
     struct upstream_req *wait_next; /* waiting for the backend's first address */
-    int retried;                    /* a reused connection failed and a fresh one was opened */
+    int no_reuse;                   /* open a new connection, take no pooled one */
     int status;                     /* response status once known */
 };
 
@@ -158,7 +160,9 @@ void upstream_drain(struct upstream *up);
 void upstream_free(struct upstream *up);
 
 /* Starts rq on backend rq->backend: a pooled connection (sent at once) or a new one. Returns 0
- * (on_end will follow) or a negative upstream_err when it failed at once (no callback). */
+ * (on_end will follow) or a negative upstream_err when it failed at once (no callback). Each
+ * call sends the request at most once: a failure is reported, never retried here (the caller
+ * decides about another attempt; UPSTREAM_ESTALE and connect/TLS failures are safe to retry). */
 int upstream_start(struct upstream *up, struct upstream_req *rq);
 /* The client drained a pending write: continue reading the response. */
 void upstream_resume(struct upstream_req *rq);

@@ -111,6 +111,8 @@ struct tries {
     uint64_t deadline;   /* loop time (ms) at which request_timeout passes; 0 = none */
     uint64_t key;        /* hash balancer key */
     int32_t trial;       /* backend whose trial slot the current try holds, or -1 */
+    int32_t again;       /* a tried backend the next pick may take again (its pooled connection
+                            was stale: it never saw the request), or -1 */
     int32_t last_err;    /* enum upstream_err of the last failed try */
     int32_t last_status; /* status of the last answer consumed for a retry, or 0 */
     uint8_t n;           /* tries started */
@@ -1001,7 +1003,7 @@ static uint32_t client_cands(struct client *c, uint64_t now, uint64_t *cool_min)
         k->weight = (int)atomic_load_explicit(&sb->weight_eff, memory_order_relaxed);
         k->active = (int32_t)active;
         k->eligible = (uint8_t)ok;
-        k->tried = (uint8_t)was_tried(t, b);
+        k->tried = (uint8_t)(was_tried(t, b) && (int32_t)b != t->again);
         k->backup = (uint8_t)(cb->backup != 0);
         k->max_conns = cb->max_conns;
         k->ewma_ns = pool->balance == BALANCE_P2C ? shm_backend_ewma(w->shm, b, now) : 0;
@@ -1171,6 +1173,7 @@ static void client_gateway_error(struct client *c, enum upstream_err e)
         break;
     }
     case UPSTREAM_ERESET:
+    case UPSTREAM_ESTALE:
         client_error_via(c, 502, "upstream_error", "upstream_reset",
                          "the upstream closed the connection", 0, 0, via, n);
         break;
@@ -1217,11 +1220,18 @@ static void client_try_failed(struct client *c, enum upstream_err err)
     client_try_end(c);
     t->last_err = err;
     t->last_status = 0;
+    /* a stale pooled connection says nothing against its backend: it may be picked again */
+    t->again = err == UPSTREAM_ESTALE ? (int32_t)b : -1;
     if (client_can_retry(c, cond, 0, now)) {
-        log_debug("request %.*s: backend %s: %s, retrying (try %u)", (int)client_creq(c)->rid_len,
-                  client_creq(c)->rid, w->conf->backends[b].name, upstream_strerror(err), t->n + 1);
+        log_info("request %.*s: backend %s: %s; sending it again (attempt %u)%s",
+                 (int)client_creq(c)->rid_len, client_creq(c)->rid, w->conf->backends[b].name,
+                 upstream_strerror(err), t->n + 1,
+                 cond & COND_NOT_SENT ? "" : ", the backend may have received it");
         client_retry_commit(c, now);
-        client_retry_wait(c);
+        if (err == UPSTREAM_ESTALE)
+            client_try(c); /* no back-off: nothing failed but an idle connection */
+        else
+            client_retry_wait(c);
         return;
     }
     client_fail(c);
@@ -1256,6 +1266,9 @@ static void client_try(struct client *c)
         return;
     }
     t->tried[t->n++] = (uint32_t)b;
+    /* the backend whose pooled connection was stale gets a new one */
+    client_creq(c)->rq.no_reuse = b == t->again;
+    t->again = -1;
     if (t->n == 1) /* the pool-wide retry budget counts client requests once, retries apart */
         shm_wb_budget_note(w->shm, (uint32_t)w->slot, (uint32_t)b, now, 0);
     t->discard = t->recorded = t->trial_done = t->sse = t->sent = 0;
@@ -1349,9 +1362,9 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
     client_head_outcome(c, ur, cond, now);
     if (ur->status >= 400 && client_can_retry(c, cond, ur->status, now)) {
         /* consumed, not forwarded: the next backend answers instead */
-        log_debug("request %.*s: backend %s answered %d, retrying (try %u)",
-                  (int)client_creq(c)->rid_len, client_creq(c)->rid,
-                  w->conf->backends[client_backend(c)].name, ur->status, t->n + 1);
+        log_info("request %.*s: backend %s answered %d; sending it again (attempt %u)",
+                 (int)client_creq(c)->rid_len, client_creq(c)->rid,
+                 w->conf->backends[client_backend(c)].name, ur->status, t->n + 1);
         t->discard = 1;
         t->last_err = UPSTREAM_OK;
         t->last_status = ur->status;
@@ -1540,6 +1553,7 @@ static void client_dispatch(struct client *c)
     struct tries *t = client_tries(c);
     memset(t, 0, sizeof(*t));
     t->trial = -1;
+    t->again = -1;
     if (pool->request_timeout_ms)
         t->deadline = uv_now(&w->loop) + pool->request_timeout_ms;
     if (pool->hash_src == HASH_HEADER) {

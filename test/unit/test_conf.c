@@ -510,7 +510,8 @@ static void test_resilience_defaults(void **state)
     assert_int_equal(pl->breaker_half_open_calls, 1);
     assert_int_equal(pl->breaker_successes, 2);
     assert_int_equal(pl->retries, 1);
-    assert_int_equal(pl->retry_on, COND_CONNECT | COND_TIMEOUT | COND_RESET | COND_5XX | COND_429);
+    assert_int_equal(pl->retry_on, COND_CONNECT | COND_TLS | COND_STALE | COND_TIMEOUT |
+                                       COND_RESET | COND_5XX | COND_429);
     assert_int_equal(pl->n_retry_on_status, 0);
     assert_int_equal(pl->retry_backoff_base_ms, 25);
     assert_int_equal(pl->retry_backoff_max_ms, 1000);
@@ -569,7 +570,7 @@ static void test_resilience_valid(void **state)
                                        "degraded_error_ratio = 100%\n"
                                        "degraded_weight_pct = 1\n"
                                        "retry_budget = 1.0\n"
-                                       "retry_on = 5xx\n"
+                                       "retry_on = 5xx stale-conn\n"
                                        "retry_backoff = 0ms..0ms x1\n"
                                        "[pool r]\n"
                                        "balance = hash\n" BACKEND_A "pool = p\n"
@@ -632,7 +633,7 @@ static void test_resilience_valid(void **state)
     assert_int_equal(q->degraded_error_pct, 100);
     assert_int_equal(q->degraded_weight_pct, 1);
     assert_int_equal(q->retry_budget_pct, 100);
-    assert_int_equal(q->retry_on, COND_5XX);
+    assert_int_equal(q->retry_on, COND_5XX | COND_STALE);
     assert_int_equal(q->n_retry_on_status, 0);
     assert_int_equal(q->retry_backoff_base_ms, 0);
     assert_int_equal(q->retry_backoff_max_ms, 0);

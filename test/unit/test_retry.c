@@ -29,6 +29,7 @@ static void test_retry_conditions(void **state)
     assert_int_equal(retry_cond(UPSTREAM_ETLS, 0), COND_TLS);
     assert_int_equal(retry_cond(UPSTREAM_ETIMEOUT, 0), COND_TIMEOUT);
     assert_int_equal(retry_cond(UPSTREAM_ERESET, 0), COND_RESET);
+    assert_int_equal(retry_cond(UPSTREAM_ESTALE, 0), COND_STALE);
     assert_int_equal(retry_cond(UPSTREAM_EPROTO, 0), COND_RESET);
     assert_int_equal(retry_cond(UPSTREAM_ECLIENT, 0), 0);
     assert_int_equal(retry_cond(UPSTREAM_OK, 503), COND_5XX);
@@ -48,11 +49,20 @@ static void test_retry_conditions(void **state)
     assert_true(retry_is_failure(&p, 0, 502));
     assert_false(retry_is_failure(&p, COND_5XX, 503));
 
+    /* a stale pooled connection is not the backend failing */
+    assert_false(retry_is_failure(&p, COND_STALE, 0));
+
     /* retryable: retry_on bits and statuses */
     assert_true(retry_is_retryable(&p, COND_429, 429));
     assert_true(retry_is_retryable(&p, COND_CONNECT, 0));
-    assert_false(retry_is_retryable(&p, COND_TLS, 0));
     assert_false(retry_is_retryable(&p, 0, 404));
+    p.retry_on = COND_5XX;
+    assert_false(retry_is_retryable(&p, COND_RESET, 0));
+    assert_false(retry_is_retryable(&p, COND_TIMEOUT, 0));
+    /* the upstream cannot have seen the request: retried whatever retry_on says */
+    assert_true(retry_is_retryable(&p, COND_CONNECT, 0));
+    assert_true(retry_is_retryable(&p, COND_TLS, 0));
+    assert_true(retry_is_retryable(&p, COND_STALE, 0));
     p.retry_on = COND_CONNECT;
     assert_false(retry_is_retryable(&p, COND_5XX, 503));
     p.retry_on_status[p.n_retry_on_status++] = 503;
