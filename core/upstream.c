@@ -254,35 +254,57 @@ static void timer_clear(struct upconn *u)
     u->due = 0; /* the armed timer, if any, finds nothing due */
 }
 
+/* Puts u, free of any exchange, in its backend's keep-alive pool when there is room for it (and
+ * the worker is not draining, and the addresses did not change); 0 when the caller must close
+ * it instead. */
+static int conn_pool(struct upconn *u)
+{
+    struct upstream *up = u->up;
+    struct up_backend *be = u->be;
+
+    if (up->draining || be->n_idle >= be->cb->keepalive || u->gen != be->gen)
+        return 0;
+    buf_give(up, u->buf);
+    u->buf = NULL;
+    u->state = UC_IDLE;
+    u->reused = 1;
+    u->prev = NULL;
+    u->next = be->idle;
+    if (be->idle)
+        be->idle->prev = u;
+    be->idle = u;
+    be->n_idle++;
+    poll_set(u, UV_READABLE);
+    timer_set(u, be->cp->pool_idle_timeout_ms);
+    return 1;
+}
+
 /* Ends the exchange of u->rq: accounting, connection pooled or closed, then on_end. Nothing
- * may touch u or rq after this returns. */
+ * may touch u or rq after this returns. A connection whose request was aborted while it was
+ * being set up (no rq) is only closed. */
 static void exchange_end(struct upconn *u, enum upstream_err err, int reusable)
 {
     struct upstream *up = u->up;
     struct upstream_req *rq = u->rq;
-    struct up_backend *be = u->be;
 
+    if (!rq) {
+        conn_close(u);
+        return;
+    }
     acct_end(up, rq, err);
     rq->conn = NULL;
     u->rq = NULL;
-    if (reusable && err == UPSTREAM_OK && !up->draining && be->n_idle < be->cb->keepalive &&
-        u->gen == be->gen) {
-        buf_give(up, u->buf);
-        u->buf = NULL;
-        u->state = UC_IDLE;
-        u->reused = 1;
-        u->prev = NULL;
-        u->next = be->idle;
-        if (be->idle)
-            be->idle->prev = u;
-        be->idle = u;
-        be->n_idle++;
-        poll_set(u, UV_READABLE);
-        timer_set(u, be->cp->pool_idle_timeout_ms);
-    } else {
+    if (!(reusable && err == UPSTREAM_OK && conn_pool(u)))
         conn_close(u);
-    }
     rq->ops->on_end(rq->ctx, err);
+}
+
+/* A connection set up for a request that was aborted meanwhile is ready: it never carried a
+ * request, so it serves the next one from the pool. */
+static void conn_ready_unused(struct upconn *u)
+{
+    if (!conn_pool(u))
+        conn_close(u);
 }
 
 static struct upconn *conn_new(struct upstream *up, struct up_backend *be, int fd)
@@ -376,6 +398,10 @@ static void conn_connect_failed(struct upconn *u)
     struct up_backend *be = u->be;
     struct upstream_req *rq = u->rq;
 
+    if (!rq) {
+        conn_close(u); /* its request was aborted: nobody waits for another address */
+        return;
+    }
     if (u->addr_left && u->gen == be->gen && be->n_addrs > 1) {
         int next = (u->addr_i + 1) % be->n_addrs, left = u->addr_left - 1;
         conn_close(u);
@@ -794,6 +820,10 @@ static void conn_handshake(struct upconn *u)
         exchange_end(u, UPSTREAM_ETLS, 0);
         return;
     }
+    if (!u->rq) {
+        conn_ready_unused(u);
+        return;
+    }
     r = conn_begin(u);
     if (r < 0)
         conn_fail(u, (enum upstream_err) - r);
@@ -837,6 +867,10 @@ static void on_poll(uv_poll_t *h, int status, int events)
             u->tls_on = 1;
             u->state = UC_HANDSHAKE;
             conn_handshake(u);
+            return;
+        }
+        if (!u->rq) {
+            conn_ready_unused(u);
             return;
         }
         if ((err = conn_begin(u)) < 0)
@@ -1161,8 +1195,25 @@ void upstream_abort(struct upstream_req *rq)
         return;
     }
     acct_end(up, rq, UPSTREAM_ECLIENT);
-    conn_close(u);
     rq->conn = NULL;
+    u->rq = NULL;
+    switch (u->state) {
+    case UC_CONNECTING:
+    case UC_HANDSHAKE:
+        /* no byte of the request went out: the connection is set up for the pool */
+        if (!up->draining)
+            return;
+        break;
+    case UC_PAUSED:
+        /* the whole answer came in, only the client's write was pending: nothing is cut */
+        if (u->complete && !u->extra && llhttp_should_keep_alive(&u->parser) && conn_pool(u))
+            return;
+        break;
+    default:
+        /* the upstream may be working on the request: closing the connection cancels it */
+        break;
+    }
+    conn_close(u);
 }
 
 /* An IP literal goes straight into be->addrs (no lookup, no blocking); 0 when host is not one. */

@@ -166,7 +166,9 @@ void upstream_free(struct upstream *up);
 int upstream_start(struct upstream *up, struct upstream_req *rq);
 /* The client drained a pending write: continue reading the response. */
 void upstream_resume(struct upstream_req *rq);
-/* The client went away: close the backend connection, no callback. */
+/* The client went away: the exchange ends without a callback, and its connection is closed,
+ * which cancels the request upstream, unless it can be reused cleanly (no request sent on it
+ * yet, or the whole answer already read). */
 void upstream_abort(struct upstream_req *rq);
 /* "cannot resolve HOST: reason" when backend has no address because its lookup failed, else
  * NULL: the message of a 502 upstream_connect_failed. */

@@ -1623,6 +1623,13 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
     *b = uv_buf_init(c->buf + c->len, (unsigned)(w->data_size - c->len));
 }
 
+/* A request of the client is with an upstream, or waits out a retry back-off. */
+static int client_forwarding(const struct client *c)
+{
+    return c->state == CS_WAIT && c->tries_on &&
+           (client_creq(c)->rq.conn || c->tq == &c->w->retry_q);
+}
+
 static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
 {
     struct client *c = s->data;
@@ -1659,10 +1666,14 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
         if (n == UV_EOF) {
             c->eof = 1;
             c->reading = 0;
-            /* half-close: a request in flight still gets its answer */
-            if (c->state == CS_WAIT)
+            /* an answer of aigw's own still goes out to a half-closed client; a forwarded
+             * request is cancelled, as nginx does (proxy_ignore_client_abort off): the upstream
+             * must not keep generating, and holding an in-flight slot, for nobody */
+            if (c->state == CS_WAIT && !client_forwarding(c))
                 return;
         }
+        if (client_forwarding(c))
+            log_debug("client %s: gone while its request was forwarded, cancelling it", c->ip);
         client_close(c);
         return;
     }

@@ -200,6 +200,7 @@ struct mock_server {
     uint64_t connections; /* accepted so far */
     uint64_t active;
     uint64_t requests; /* non-/mock requests */
+    uint64_t aborted;  /* requests whose peer closed before their answer was complete */
     uint64_t chat;
     uint64_t models;
     struct mock_last last;       /* the last request but the mock endpoints and checks */

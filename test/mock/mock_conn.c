@@ -128,6 +128,8 @@ static void conn_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     /* EOF or error: a stalled or idle connection goes away now; a response in progress is
      * finished first (the peer may have only shut down its sending side). */
     c->eof = 1;
+    if (c->busy)
+        c->srv->aborted++;
     if (nread != UV_EOF || !c->busy || c->resp.kind == MOCK_RESP_STALL) {
         conn_close(c);
         return;

@@ -678,11 +678,12 @@ static void mock_endpoint(struct mock_conn *c, const char *path, size_t plen)
     if (plen == 11 && memcmp(path, "/mock/stats", 11) == 0) {
         n = snprintf(c->tail, sizeof(c->tail),
                      "{\"name\":\"%s\",\"connections\":%llu,\"requests\":%llu,\"active\":%llu,"
-                     "\"chat_completions\":%llu,\"models\":%llu,\"tls_handshakes\":%llu,"
-                     "\"tls_resumed\":%llu}",
+                     "\"aborted\":%llu,\"chat_completions\":%llu,\"models\":%llu,"
+                     "\"tls_handshakes\":%llu,\"tls_resumed\":%llu}",
                      srv->name_json, (unsigned long long)srv->connections,
                      (unsigned long long)srv->requests, (unsigned long long)srv->active,
-                     (unsigned long long)srv->chat, (unsigned long long)srv->models,
+                     (unsigned long long)srv->aborted, (unsigned long long)srv->chat,
+                     (unsigned long long)srv->models,
                      (unsigned long long)(srv->tls ? srv->tls->handshakes : 0),
                      (unsigned long long)(srv->tls ? srv->tls->resumed : 0));
         send_json(c, 200, NULL, c->tail, (size_t)n);
@@ -694,6 +695,7 @@ static void mock_endpoint(struct mock_conn *c, const char *path, size_t plen)
         /* Counters start again from zero; the connection count keeps this one. */
         srv->connections = 1;
         srv->requests = 0;
+        srv->aborted = 0;
         srv->chat = 0;
         srv->models = 0;
         srv->last.valid = 0;

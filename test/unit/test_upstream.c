@@ -1,6 +1,6 @@
 /* Unit tests of core/upstream.c against a loopback server socket of the test's own: what an
- * exchange reports when its connection breaks before or after the request was written, and
- * that the module never sends a request a second time by itself. */
+ * exchange reports when its connection breaks before or after the request was written, that
+ * the module never sends a request a second time by itself, and what an abort leaves. */
 #include <errno.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <arpa/inet.h>
@@ -160,6 +161,8 @@ static void server_accept(struct fx *f)
         return;
     }
     assert_int_equal(f->sfd, -1); /* one connection at a time in these tests */
+    struct timeval tv = {2, 0};   /* a blocking read must not hang a test */
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     f->sfd = fd;
     f->conns++;
 }
@@ -303,11 +306,52 @@ static void test_reset_after_write(void **state)
     }
 }
 
+/* A client that leaves while its request's connection is still being set up: no byte went
+ * out, so the connection goes on into the pool and serves the next request. */
+static void test_abort_while_connecting(void **state)
+{
+    struct fx *f = *state;
+    struct ex x;
+
+    assert_int_equal(ex_start(f, &x), 0);
+    upstream_abort(&x.rq);
+    assert_null(x.rq.conn);
+    for (int i = 0; i < 2000 && f->up.backends[0].n_idle == 0; i++) {
+        uv_run(&f->loop, UV_RUN_NOWAIT);
+        server_accept(f);
+        usleep(1000);
+    }
+    assert_int_equal(f->up.backends[0].n_idle, 1);
+    assert_int_equal(f->conns, 1);
+    assert_false(x.ended); /* no callback for an aborted exchange */
+    exchange_ok(f);        /* on the pooled connection */
+    assert_int_equal(f->conns, 1);
+}
+
+/* A client that leaves once its request was written: the connection is closed, so that the
+ * backend sees it go (and can stop generating), and nothing is pooled. */
+static void test_abort_after_write(void **state)
+{
+    struct fx *f = *state;
+    struct ex x;
+    char b;
+
+    assert_int_equal(ex_start(f, &x), 0);
+    server_read_request(f);
+    upstream_abort(&x.rq);
+    assert_int_equal(recv(f->sfd, &b, 1, 0), 0); /* the backend's read says: closed */
+    uv_run(&f->loop, UV_RUN_NOWAIT);
+    assert_int_equal(f->up.backends[0].n_idle, 0);
+    assert_false(x.ended);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_stale_before_write, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reset_after_write, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_abort_while_connecting, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_abort_after_write, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
