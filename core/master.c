@@ -32,6 +32,9 @@
 #define RESTART_BACKOFF_MS  100  /* first delayed restart; doubles while it keeps crashing */
 #define RESTART_BACKOFF_MAX 1000 /* never wait longer than this to restart */
 #define FAST_STOP_MS        1000 /* SIGINT: children still alive after this get SIGKILL */
+/* SIGTERM: at hard_stop_after the workers end their streams themselves (an SSE error event, the
+ * last chunk, a short linger); only children alive this much later get SIGKILL */
+#define HARD_STOP_GRACE_MS 3000
 
 enum master_stop {
     STOP_NONE = 0,
@@ -638,8 +641,8 @@ static void stop_timer_fired(uv_timer_t *t)
     if (!n)
         return;
     if (M.stopping == STOP_GRACEFUL)
-        log_warn("hard_stop_after (%llu ms) reached: killing %d remaining children",
-                 (unsigned long long)M.conf->global.hard_stop_after_ms, n);
+        log_warn("hard_stop_after (%llu ms) passed %d ms ago: killing %d remaining children",
+                 (unsigned long long)M.conf->global.hard_stop_after_ms, HARD_STOP_GRACE_MS, n);
     else
         log_warn("fast stop: killing %d children still running", n);
     children_signal(SIGKILL);
@@ -661,7 +664,8 @@ static void master_stop(enum master_stop how)
         log_info("graceful stop: stopped accepting, asking %d children to finish", n);
         children_signal(SIGTERM);
         if (M.conf->global.hard_stop_after_ms)
-            uv_timer_start(&M.stop_timer, stop_timer_fired, M.conf->global.hard_stop_after_ms, 0);
+            uv_timer_start(&M.stop_timer, stop_timer_fired,
+                           M.conf->global.hard_stop_after_ms + HARD_STOP_GRACE_MS, 0);
     } else {
         log_info("fast stop: closing %d children", n);
         children_signal(SIGINT);

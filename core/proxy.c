@@ -447,7 +447,7 @@ int proxy_build_response_head(char *buf, size_t cap, const struct proxy_resp *r)
         if (k == HN_TRANSFER_ENCODING) {
             if (!r->keep_chunked)
                 continue;
-        } else if (is_hop(k) || k == HN_X_REQUEST_ID) {
+        } else if (is_hop(k) || k == HN_X_REQUEST_ID || (k == HN_CONTENT_LENGTH && r->chunk_self)) {
             continue;
         } else if (conn && k != HN_CONTENT_LENGTH && conn_tokens_has(&ct, h->name, h->name_len)) {
             /* never the framing: a keep-alive answer without Content-Length (or the
@@ -462,6 +462,8 @@ int proxy_build_response_head(char *buf, size_t cap, const struct proxy_resp *r)
         out_mem(&o, h->value, h->value_len);
         OUT_LIT(&o, "\r\n");
     }
+    if (r->chunk_self)
+        OUT_LIT(&o, "Transfer-Encoding: chunked\r\n");
     out_via(&o, r->backend, r->attempts);
     OUT_LIT(&o, "X-Request-Id: ");
     out_mem(&o, r->request_id, r->request_id_len);

@@ -163,6 +163,8 @@ struct proxy_resp {
     const struct proxy_hdr *hdrs;
     size_t n_hdrs;
     int keep_chunked;     /* body passes through chunk-encoded: keep Transfer-Encoding */
+    int chunk_self;       /* body framed in chunks by aigw: Content-Length dropped,
+                             Transfer-Encoding: chunked added */
     int close;            /* the client connection closes after this response */
     int http10_keepalive; /* HTTP/1.0 client that keeps the connection: say so */
     const char *request_id;

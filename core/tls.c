@@ -332,6 +332,7 @@ int tls_conn_init(struct tls_conn *c, struct tls_client *cli, int fd)
     c->cli = cli;
     c->fd = fd;
     c->handshake_done = 0;
+    c->close_notify = 0;
     ret = mbedtls_ssl_setup(&c->ssl, &cli->conf);
     if (ret != 0)
         goto fail;
@@ -388,9 +389,14 @@ ssize_t tls_conn_read(struct tls_conn *c, void *buf, size_t len)
 
     if (ret >= 0)
         return ret;
-    /* A peer that closes without close_notify is treated as a clean close too: HTTP framing
-     * (Content-Length, chunked) is what detects a truncated response. */
-    if (ret == MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY || ret == MBEDTLS_ERR_SSL_CONN_EOF)
+    /* A peer that closes without close_notify reads as a close too: HTTP framing (Content-Length,
+     * chunked) detects a truncated response; for a body delimited by the close, the caller
+     * looks at close_notify. */
+    if (ret == MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY) {
+        c->close_notify = 1;
+        return 0;
+    }
+    if (ret == MBEDTLS_ERR_SSL_CONN_EOF)
         return 0;
     return tls_map(ret);
 }

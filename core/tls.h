@@ -40,6 +40,7 @@ struct tls_conn {
     struct tls_client *cli;
     int fd;
     int handshake_done;
+    int close_notify; /* the peer ended the connection with close_notify (a clean TLS end) */
 };
 
 /* Prepares c for fd, offering the cached session of cli for resumption. 0 or -errno. */
@@ -47,7 +48,9 @@ int tls_conn_init(struct tls_conn *c, struct tls_client *cli, int fd);
 /* 0 when done (and the session is cached in cli), TLS_WANT_READ/WRITE, or another negative
  * value on failure (tls_strerror explains it; certificate failures name the reason). */
 int tls_conn_handshake(struct tls_conn *c);
-/* Bytes read (> 0), 0 on a clean close, TLS_WANT_READ/WRITE, or another negative on error. */
+/* Bytes read (> 0), 0 when the peer closed, TLS_WANT_READ/WRITE, or another negative on
+ * error. After a 0, close_notify says whether the close was clean or the transport just ended
+ * (which truncates a body delimited by the close). */
 ssize_t tls_conn_read(struct tls_conn *c, void *buf, size_t len);
 /* Bytes written (> 0), TLS_WANT_READ/WRITE, or another negative on error. mbedTLS requires a
  * call that returned WANT_* to be repeated with the same buffer and length. */

@@ -720,14 +720,17 @@ static int on_data(struct upconn *u, const char *data, size_t n)
     r.n_hdrs = u->n_hdrs;
     r.chunked = (u->parser.flags & F_CHUNKED) != 0;
     r.until_close = !rq->head_only && llhttp_message_needs_eof(&u->parser);
+    r.sse = is_sse(u);
     r.rechunk = 0;
     u->decoding = r.chunked && rq->dechunk && !rq->head_only;
     if (u->decoding) {
         /* the client cannot take chunks: the body goes decoded, delimited by the close */
         r.chunked = 0;
         r.until_close = 1;
-    } else if (r.chunked && rq->rechunk_sse && !rq->head_only && is_sse(u)) {
-        u->decoding = 1;
+    } else if (!rq->dechunk && !rq->head_only && (r.until_close || r.sse)) {
+        /* framed by the client side: a cut stream ends with an error event, and a cut body
+         * delimited by the close cannot pass for a complete one */
+        u->decoding = r.chunked;
         r.rechunk = 1;
     }
     u->head_done = 1;
@@ -780,8 +783,10 @@ static void conn_read(struct upconn *u)
             return;
         }
         if (n <= 0) {
-            if (n == 0 && u->head_done && llhttp_message_needs_eof(&u->parser)) {
-                /* close-delimited body: the close is its end */
+            if (n == 0 && u->head_done && llhttp_message_needs_eof(&u->parser) &&
+                (!u->tls_on || u->tls->close_notify)) {
+                /* close-delimited body: the close is its end (a TLS one must say so with
+                 * close_notify, else the body may have been cut) */
                 llhttp_finish(&u->parser);
                 u->complete = 1;
                 struct upstream_req *rq = u->rq;

@@ -53,9 +53,12 @@ struct upstream_resp {
     const struct proxy_hdr *hdrs;
     size_t n_hdrs;
     int chunked;     /* body is chunk-encoded; bytes pass through with their framing */
-    int until_close; /* body ends when the backend closes: the client connection must close */
-    int rechunk;     /* chunked SSE handed over de-chunked (rq->rechunk_sse): the client side
-                        frames each piece itself, so it can end the stream cleanly any time */
+    int until_close; /* body ends when the backend closes */
+    int sse;         /* Content-Type text/event-stream */
+    int rechunk;     /* the body is handed over bare (de-chunked if it was chunked) for the client
+                        side to frame each piece as a chunk of its own, so that it can end the
+                        body cleanly, or mark it cut, at any time: a body delimited by the close,
+                        and any SSE one, for a client that takes chunks */
 };
 
 /* Callbacks into the client side. on_head / on_body return 0 when the bytes were written to
@@ -81,10 +84,10 @@ struct upstream_req {
     void *ctx;
     const char *body; /* stays valid until on_end */
     size_t body_len;
-    int head_only;   /* HEAD request: the response has no body */
-    int dechunk;     /* the client takes no chunked coding (HTTP/1.0): hand over decoded bytes */
-    int rechunk_sse; /* a chunked text/event-stream answer is handed over de-chunked */
-    int backend;     /* index into conf.backends */
+    int head_only; /* HEAD request: the response has no body */
+    int dechunk;   /* the client takes no chunked coding (HTTP/1.0): hand over decoded bytes;
+                      else bodies that need it are handed over for re-chunking (rechunk) */
+    int backend;   /* index into conf.backends */
     uint64_t connect_timeout_ms; /* connect + TLS handshake; 0 = the pool's connect_timeout */
     uint64_t head_timeout_ms;    /* request sent -> response head; 0 = first_byte_timeout */
     struct upconn *conn;

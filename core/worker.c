@@ -120,7 +120,8 @@ struct tries {
     uint8_t discard;           /* the current answer is consumed, not forwarded: a retry follows */
     uint8_t recorded;          /* the current try's outcome is in shm already */
     uint8_t trial_done;        /* the current trial's outcome is in shm already */
-    uint8_t sse;               /* the answer is SSE, framed into chunks here */
+    uint8_t framed;            /* the answer's body is framed into chunks here */
+    uint8_t sse;               /* the answer is an event stream (text/event-stream) */
     uint8_t sse_nl;            /* newlines at the end of what the client got of it */
     uint8_t sent;              /* body bytes reached the client */
     uint32_t tried[MAX_TRIES]; /* backends of the tries, in order */
@@ -1271,7 +1272,7 @@ static void client_try(struct client *c)
     t->again = -1;
     if (t->n == 1) /* the pool-wide retry budget counts client requests once, retries apart */
         shm_wb_budget_note(w->shm, (uint32_t)w->slot, (uint32_t)b, now, 0);
-    t->discard = t->recorded = t->trial_done = t->sse = t->sent = 0;
+    t->discard = t->recorded = t->trial_done = t->framed = t->sse = t->sent = 0;
     t->sse_nl = 2;
     t->try_ns = now;
     client_creq(c)->rq.ops = &client_ops;
@@ -1280,7 +1281,6 @@ static void client_try(struct client *c)
     client_creq(c)->rq.body_len = client_creq(c)->body_len;
     client_creq(c)->rq.head_only = client_creq(c)->head_method;
     client_creq(c)->rq.dechunk = client_creq(c)->http10;
-    client_creq(c)->rq.rechunk_sse = !client_creq(c)->http10;
     client_creq(c)->rq.backend = b;
     client_creq(c)->rq.connect_timeout_ms = pool->connect_timeout_ms;
     client_creq(c)->rq.head_timeout_ms =
@@ -1373,14 +1373,17 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
     }
 
     client_creq(c)->resp_started = 1;
-    client_creq(c)->resp_close =
-        !client_creq(c)->keepalive || ur->until_close || w->draining || c->close_after;
+    /* a body delimited by the close goes out in chunks framed here (rechunk): the connection
+     * to the client may stay open */
+    client_creq(c)->resp_close = !client_creq(c)->keepalive || (ur->until_close && !ur->rechunk) ||
+                                 w->draining || c->close_after;
     r.status = ur->status;
     r.reason = ur->reason;
     r.reason_len = ur->reason_len;
     r.hdrs = ur->hdrs;
     r.n_hdrs = ur->n_hdrs;
     r.keep_chunked = ur->chunked;
+    r.chunk_self = ur->rechunk && !ur->chunked;
     r.close = client_creq(c)->resp_close;
     r.http10_keepalive = client_creq(c)->http10 && !client_creq(c)->resp_close;
     r.request_id = client_creq(c)->rid;
@@ -1394,8 +1397,9 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
         t->sent = 1;
     if (!ur->rechunk)
         return client_write(c, w->scratch, (size_t)hl, body, n);
-    /* SSE: each piece goes out as one chunk of ours */
-    t->sse = 1;
+    /* each piece goes out as one chunk of ours */
+    t->framed = 1;
+    t->sse = (uint8_t)ur->sse;
     t->sse_nl = (uint8_t)proxy_sse_newlines(t->sse_nl, body, n);
     if (n)
         hl += (int)proxy_chunk_line(w->scratch + hl, n);
@@ -1411,7 +1415,7 @@ static int op_on_body(void *ctx, const char *p, size_t n, int complete)
         return 0;
     if (n)
         t->sent = 1;
-    if (!t->sse)
+    if (!t->framed)
         return client_write(c, NULL, 0, p, n);
     char line[20];
     size_t ll = n ? proxy_chunk_line(line, n) : 0;
@@ -1420,29 +1424,22 @@ static int op_on_body(void *ctx, const char *p, size_t n, int complete)
     return client_write3(c, line, ll, p, n, tail, strlen(tail));
 }
 
-/* The upstream failed after the response head went out. An SSE stream we frame ourselves gets
- * an `event: error` and a clean end (never a silently truncated 200); anything else can only
- * be cut. */
-static void client_stream_failed(struct client *c, enum upstream_err err)
+/* Ends a response whose body went out only in part: an SSE stream framed here gets an
+ * `event: error` (message, code) and the last chunk, so it is never a silently truncated 200;
+ * any other body is cut off, and a chunked one then lacks its last chunk, which tells the client
+ * it is incomplete (as does a short Content-Length). */
+static void client_body_cut(struct client *c, const char *message, const char *code)
 {
     struct worker *w = c->w;
     struct tries *t = client_tries(c);
-    int stalled = err == UPSTREAM_ETIMEOUT;
 
-    log_info("request %.*s: backend %s %s mid-stream", (int)client_creq(c)->rid_len,
-             client_creq(c)->rid, w->conf->backends[client_backend(c)].name,
-             stalled ? "stalled" : "failed");
-    if (!t->sse || c->writing) {
+    if (!t->framed || !t->sse || c->writing) {
         client_close(c);
         return;
     }
     /* end an event the client got part of, so ours is not glued to it */
     const char *prefix = t->sse_nl >= 2 ? "" : t->sse_nl == 1 ? "\n" : "\n\n";
-    int n = proxy_build_sse_error(
-        w->scratch, head_cap(w), prefix,
-        stalled ? "upstream stream stalled: no data within stream_idle_timeout"
-                : "upstream connection lost mid-stream",
-        stalled ? "upstream_stream_timeout" : "upstream_stream_interrupted");
+    int n = proxy_build_sse_error(w->scratch, head_cap(w), prefix, message, code);
     if (n < 0) {
         client_close(c);
         return;
@@ -1452,6 +1449,21 @@ static void client_stream_failed(struct client *c, enum upstream_err err)
         client_close(c);
     else if (r == 0)
         client_request_done(c);
+}
+
+/* The upstream failed after the response head went out. */
+static void client_stream_failed(struct client *c, enum upstream_err err)
+{
+    struct worker *w = c->w;
+    int stalled = err == UPSTREAM_ETIMEOUT;
+
+    log_info("request %.*s: backend %s %s mid-stream", (int)client_creq(c)->rid_len,
+             client_creq(c)->rid, w->conf->backends[client_backend(c)].name,
+             stalled ? "stalled" : "failed");
+    client_body_cut(c,
+                    stalled ? "upstream stream stalled: no data within stream_idle_timeout"
+                            : "upstream connection lost mid-stream",
+                    stalled ? "upstream_stream_timeout" : "upstream_stream_interrupted");
 }
 
 static void op_on_end(void *ctx, enum upstream_err err)
@@ -1792,13 +1804,39 @@ static void worker_check_exit(struct worker *w)
     }
 }
 
+/* Stopping now: a stream that is under way is cut (its upstream request cancelled) but ended
+ * properly, with an `event: error` and the last chunk, where the client's socket takes it; then
+ * the connection lingers a moment (LINGER_MS) and closes. Every other client is closed. */
+static void client_stop_now(struct client *c)
+{
+    struct tries *t = client_tries(c);
+
+    if (c->state != CS_WAIT || !c->tries_on || !client_creq(c)->resp_started || !t->framed ||
+        !t->sse || c->writing || !client_creq(c)->rq.conn) {
+        client_close(c);
+        return;
+    }
+    log_info("request %.*s: stream cut by the stop", (int)client_creq(c)->rid_len,
+             client_creq(c)->rid);
+    upstream_abort(&client_creq(c)->rq);
+    client_try_end(c);
+    c->close_after = 1;
+    client_body_cut(c, "the gateway is shutting down", "gateway_shutdown");
+    if (c->state == CS_WAIT && c->writing)
+        client_timer_q(c, &c->w->tqs[c->w->n_tqs - 1]); /* the rest of it: LINGER_MS at most */
+}
+
 static void worker_stop_now(struct worker *w)
 {
     w->stopping = 1;
     worker_close_listeners(w);
     upstream_drain(&w->up);
-    while (w->clients)
-        client_close(w->clients);
+    for (struct client *c = w->clients, *next; c; c = next) {
+        next = c->next;
+        if (c->state == CS_LINGER)
+            continue; /* a response went out whole: it closes by itself within LINGER_MS */
+        client_stop_now(c);
+    }
     worker_check_exit(w);
 }
 

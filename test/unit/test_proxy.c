@@ -581,6 +581,34 @@ static void test_response_head_via(void **state)
                  "\r\n");
 }
 
+/* A body aigw frames in chunks itself (an SSE stream with a Content-Length, a body delimited by
+ * the close): the upstream's Content-Length goes, Transfer-Encoding: chunked comes. */
+static void test_response_head_chunk_self(void **state)
+{
+    struct proxy_hdr h[] = {
+        H("Content-Type", "text/event-stream"),
+        H("Content-Length", "1234"),
+    };
+    struct proxy_resp r = {
+        .status = 200,
+        .reason = "OK",
+        .reason_len = 2,
+        .hdrs = h,
+        .n_hdrs = 2,
+        .chunk_self = 1,
+        .request_id = "rid",
+        .request_id_len = 3,
+    };
+    char buf[1024];
+    int n = proxy_build_response_head(buf, sizeof(buf), &r);
+    assert_bytes(buf, n,
+                 "HTTP/1.1 200 OK\r\n"
+                 "Content-Type: text/event-stream\r\n"
+                 "Transfer-Encoding: chunked\r\n"
+                 "X-Request-Id: rid\r\n"
+                 "\r\n");
+}
+
 static void test_build_error_via(void **state)
 {
     char buf[1024], want[1024];
@@ -909,6 +937,7 @@ int main(void)
         cmocka_unit_test(test_parse_body),
         cmocka_unit_test(test_parse_body_strict),
         cmocka_unit_test(test_response_head_via),
+        cmocka_unit_test(test_response_head_chunk_self),
         cmocka_unit_test(test_build_error_via),
         cmocka_unit_test(test_sse_error),
         cmocka_unit_test(test_retry_after),
