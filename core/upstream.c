@@ -632,6 +632,10 @@ static enum parse_ev parse(struct upconn *u, const char *p, size_t n, const char
  * paused or closed), 0 to keep reading. */
 static int after_hand(struct upconn *u, int ret)
 {
+    if (ret == UPSTREAM_HAND_BAD) {
+        exchange_end(u, UPSTREAM_EPROTO, 0);
+        return 1;
+    }
     if (ret < 0) {
         exchange_end(u, UPSTREAM_ECLIENT, 0);
         return 1;

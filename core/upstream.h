@@ -62,8 +62,11 @@ struct upstream_resp {
 };
 
 /* Callbacks into the client side. on_head / on_body return 0 when the bytes were written to
- * the client, 1 when a write is pending (reading stops until upstream_resume), or < 0 when the
- * client is gone (the backend connection is closed, then on_end(UPSTREAM_ECLIENT)). */
+ * the client, 1 when a write is pending (reading stops until upstream_resume),
+ * UPSTREAM_HAND_BAD when the response cannot be forwarded (on_head only, before anything went
+ * to the client: the backend connection is closed, then on_end(UPSTREAM_EPROTO)), or another
+ * value < 0 when the client is gone (closed, then on_end(UPSTREAM_ECLIENT)). */
+#define UPSTREAM_HAND_BAD (-2)
 struct upstream_ops {
     /* Writes the request head for backend `be` into buf; returns its length or < 0. */
     int (*build_head)(void *ctx, const struct conf_backend *be, char *buf, size_t cap);

@@ -1214,7 +1214,7 @@ static void client_try_failed(struct client *c, enum upstream_err err)
     uint64_t now = time_mono_ns();
     uint32_t cond = retry_cond(err, 0);
 
-    if (retry_is_failure(pool, cond, 0)) {
+    if (!t->recorded && retry_is_failure(pool, cond, 0)) {
         shm_wb_record_fail(w->shm, (uint32_t)w->slot, b, now);
         client_trial_outcome(c, 0);
     }
@@ -1372,7 +1372,6 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
         return 0;
     }
 
-    client_creq(c)->resp_started = 1;
     /* a body delimited by the close goes out in chunks framed here (rechunk): the connection
      * to the client may stay open */
     client_creq(c)->resp_close = !client_creq(c)->keepalive || (ur->until_close && !ur->rechunk) ||
@@ -1391,8 +1390,14 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
     r.backend = client_via(c);
     r.attempts = t->n;
     int hl = proxy_build_response_head(w->scratch, head_cap(w), &r);
-    if (hl < 0)
-        return -1;
+    if (hl < 0) {
+        /* nothing went out yet: a failure of the backend's (502, and it counts), not a client
+         * that left */
+        log_warn("backend %s: response head too large to forward",
+                 w->conf->backends[client_backend(c)].name);
+        return UPSTREAM_HAND_BAD;
+    }
+    client_creq(c)->resp_started = 1;
     if (n)
         t->sent = 1;
     if (!ur->rechunk)
