@@ -1809,15 +1809,14 @@ static void worker_check_exit(struct worker *w)
     }
 }
 
-/* Stopping now: a stream that is under way is cut (its upstream request cancelled) but ended
- * properly, with an `event: error` and the last chunk, where the client's socket takes it; then
- * the connection lingers a moment (LINGER_MS) and closes. Every other client is closed. */
-static void client_stop_now(struct client *c)
+/* The hard stop of one client: a stream under way is cut (its upstream request cancelled) but
+ * ended properly, with an `event: error` and the last chunk, where the client's socket takes it;
+ * then the connection lingers a moment (LINGER_MS) and closes. Any other client is closed. */
+static void client_hard_stop(struct client *c)
 {
-    struct tries *t = client_tries(c);
-
-    if (c->state != CS_WAIT || !c->tries_on || !client_creq(c)->resp_started || !t->framed ||
-        !t->sse || c->writing || !client_creq(c)->rq.conn) {
+    if (c->state != CS_WAIT || !c->tries_on || !client_creq(c)->resp_started ||
+        !client_tries(c)->framed || !client_tries(c)->sse || c->writing ||
+        !client_creq(c)->rq.conn) {
         client_close(c);
         return;
     }
@@ -1836,11 +1835,23 @@ static void worker_stop_now(struct worker *w)
     w->stopping = 1;
     worker_close_listeners(w);
     upstream_drain(&w->up);
+    while (w->clients)
+        client_close(w->clients);
+    worker_check_exit(w);
+}
+
+/* hard_stop_after passed: like worker_stop_now, but streams under way are ended properly first,
+ * and connections that linger after a whole response are left to close by themselves within
+ * LINGER_MS, well before the master's SIGKILL (HARD_STOP_GRACE_MS). */
+static void worker_hard_stop(struct worker *w)
+{
+    w->stopping = 1;
+    worker_close_listeners(w);
+    upstream_drain(&w->up);
     for (struct client *c = w->clients, *next; c; c = next) {
         next = c->next;
-        if (c->state == CS_LINGER)
-            continue; /* a response went out whole: it closes by itself within LINGER_MS */
-        client_stop_now(c);
+        if (c->state != CS_LINGER)
+            client_hard_stop(c);
     }
     worker_check_exit(w);
 }
@@ -1850,7 +1861,7 @@ static void on_hard_stop(uv_timer_t *t)
     struct worker *w = t->data;
     log_warn("graceful stop took longer than hard_stop_after: closing %d connections",
              w->n_clients);
-    worker_stop_now(w);
+    worker_hard_stop(w);
 }
 
 static void on_signal(uv_signal_t *s, int signum)
