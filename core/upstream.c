@@ -731,7 +731,8 @@ static int on_data(struct upconn *u, const char *data, size_t n)
         /* the client cannot take chunks: the body goes decoded, delimited by the close */
         r.chunked = 0;
         r.until_close = 1;
-    } else if (!rq->dechunk && !rq->head_only && (r.until_close || r.sse)) {
+    } else if (!rq->dechunk && !rq->head_only && (r.until_close || r.sse) && r.status != 204 &&
+               r.status != 304) {
         /* framed by the client side: a cut stream ends with an error event, and a cut body
          * delimited by the close cannot pass for a complete one */
         u->decoding = r.chunked;
