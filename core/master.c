@@ -1,5 +1,6 @@
 /* The master process: binds and holds the listeners, creates shm, forks the health checker and
- * the workers, restarts the ones that die, stops them on SIGTERM/SIGINT, answers aigwctl. */
+ * the workers, restarts the ones that die, stops them on SIGTERM/SIGQUIT (graceful) or SIGINT
+ * (fast), answers aigwctl. */
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -19,6 +20,7 @@
 #include "core/admin.h"
 #include "core/log.h"
 #include "core/master.h"
+#include "core/sig.h"
 #include "core/util.h"
 #include "core/worker.h"
 #include "health/health.h"
@@ -35,7 +37,7 @@
 
 enum master_stop {
     STOP_NONE = 0,
-    STOP_GRACEFUL, /* SIGTERM: children finish in-flight work */
+    STOP_GRACEFUL, /* SIGTERM, SIGQUIT: children finish in-flight work */
     STOP_FAST,     /* SIGINT: children close everything at once */
 };
 
@@ -77,7 +79,7 @@ static struct master {
     int n_fds;
     struct child *children; /* [0] health, [1 + slot] workers */
     int n_children;
-    uv_signal_t sig_chld, sig_term, sig_int, sig_hup;
+    uv_signal_t sig_chld, sig_term, sig_int, sig_quit, sig_hup, sig_usr1, sig_usr2;
     uv_pipe_t admin;
     uv_timer_t restart_timer, stop_timer;
     enum master_stop stopping;
@@ -446,25 +448,24 @@ static void child_after_fork_walk(uv_handle_t *h, void *arg)
 
 void master_child_after_fork(void)
 {
-    static const int sigs[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
-    sigset_t none;
-
     if (M.loop_ready) {
         /* libuv's signal handling is process-wide: the inherited loop must be re-armed for
-         * this process, then torn down, so its handlers and signal pipe stop existing here. */
-        uv_loop_fork(&M.loop);
-        uv_walk(&M.loop, child_after_fork_walk, NULL);
-        uv_run(&M.loop, UV_RUN_DEFAULT);
-        uv_loop_close(&M.loop);
+         * this process, then torn down, so its handlers and signal pipe stop existing here.
+         * If it cannot be re-armed (no fd for its epoll or signal pipe), the loop is left as
+         * it is: running it could block on the master's descriptors, and the dispositions set
+         * below replace the master's handlers anyway. */
+        int rc = uv_loop_fork(&M.loop);
+        if (rc == 0) {
+            uv_walk(&M.loop, child_after_fork_walk, NULL);
+            uv_run(&M.loop, UV_RUN_DEFAULT);
+            uv_loop_close(&M.loop);
+        } else {
+            log_warn("cannot re-arm the inherited event loop: %s", uv_strerror(rc));
+        }
         M.loop_ready = 0;
     }
     M.admin_path[0] = '\0'; /* the socket file is the master's to remove */
-    for (size_t i = 0; i < ARRAY_SIZE(sigs); i++)
-        signal(sigs[i], SIG_DFL);
-    /* SIGPIPE stays ignored: a network process must get EPIPE, not die, on a closed peer. */
-    signal(SIGPIPE, SIG_IGN);
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
+    sig_child_after_fork();
 }
 
 /* Child side of a fork: release what belongs to the master, then run the role. */
@@ -675,15 +676,53 @@ static void master_stop(enum master_stop how)
 
 static void on_signal(uv_signal_t *h, int sig)
 {
-    if (sig == SIGTERM) {
-        log_info("SIGTERM received");
+    switch (sig) {
+    case SIGTERM:
+    case SIGQUIT: /* as nginx's QUIT: a graceful stop */
+        log_info("%s received", sig == SIGTERM ? "SIGTERM" : "SIGQUIT");
         master_stop(STOP_GRACEFUL);
-    } else if (sig == SIGINT) {
+        break;
+    case SIGINT:
         log_info("SIGINT received");
         master_stop(STOP_FAST);
-    } else if (sig == SIGHUP) {
+        break;
+    case SIGHUP:
         log_warn("SIGHUP received: configuration reload is not supported yet; ignored");
+        break;
+    case SIGUSR2:
+        log_warn("SIGUSR2 received: binary upgrade is not supported yet; ignored");
+        break;
+    case SIGUSR1:
+        log_info("SIGUSR1 received: nothing to reopen (aigw logs to stderr); ignored");
+        break;
     }
+}
+
+/* Every signal the master acts on, handled from the loop. Installed first thing, so that a
+ * stop request during the start is a clean stop. */
+static int master_signals(void)
+{
+    static const struct {
+        uv_signal_t *h;
+        int sig;
+    } sigs[] = {
+        {&M.sig_term, SIGTERM}, {&M.sig_int, SIGINT},   {&M.sig_quit, SIGQUIT},
+        {&M.sig_hup, SIGHUP},   {&M.sig_usr1, SIGUSR1}, {&M.sig_usr2, SIGUSR2},
+    };
+    int rc;
+
+    sig_ignore_unused(0);
+    if ((rc = uv_signal_init(&M.loop, &M.sig_chld)) < 0 ||
+        (rc = uv_signal_start(&M.sig_chld, on_sigchld, SIGCHLD)) < 0)
+        goto fail;
+    for (size_t i = 0; i < ARRAY_SIZE(sigs); i++)
+        if ((rc = uv_signal_init(&M.loop, sigs[i].h)) < 0 ||
+            (rc = uv_signal_start(sigs[i].h, on_signal, sigs[i].sig)) < 0)
+            goto fail;
+    return 0;
+fail:
+    log_err("cannot set up signal handling: %s", uv_strerror(rc));
+    return rc;
 }
 
 /* Only admin client handles carry data (their struct admin_client); the master's own handles
@@ -712,8 +751,12 @@ static int master_setup(struct conf *conf)
         return rc;
     }
     M.loop_ready = 1;
+    /* uv_timer_init cannot fail (it only initialises the handle) */
     uv_timer_init(&M.loop, &M.restart_timer);
     uv_timer_init(&M.loop, &M.stop_timer);
+    rc = master_signals();
+    if (rc < 0)
+        return rc;
 
     rc = admin_listen(conf->global.admin_socket);
     if (rc < 0)
@@ -749,15 +792,6 @@ static int master_setup(struct conf *conf)
         c->restart_at = now;
     }
 
-    uv_signal_init(&M.loop, &M.sig_chld);
-    uv_signal_init(&M.loop, &M.sig_term);
-    uv_signal_init(&M.loop, &M.sig_int);
-    uv_signal_init(&M.loop, &M.sig_hup);
-    uv_signal_start(&M.sig_chld, on_sigchld, SIGCHLD);
-    uv_signal_start(&M.sig_term, on_signal, SIGTERM);
-    uv_signal_start(&M.sig_int, on_signal, SIGINT);
-    uv_signal_start(&M.sig_hup, on_signal, SIGHUP);
-
     log_info("aigw master started (pid %d): %d workers, %d listeners, admin socket %s",
              (int)getpid(), workers, conf->n_listens, conf->global.admin_socket);
     return 0;
@@ -765,6 +799,9 @@ static int master_setup(struct conf *conf)
 
 static void master_teardown(void)
 {
+    /* Closing the signal handles puts the default actions back: a late signal must not kill
+     * the master before it removed its socket. */
+    sig_block_all_handled();
     listeners_close();
     free(M.fds);
     M.fds = NULL;

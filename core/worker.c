@@ -16,6 +16,7 @@
 #include "core/log.h"
 #include "core/proxy.h"
 #include "core/retry.h"
+#include "core/sig.h"
 #include "core/tls.h"
 #include "core/upstream.h"
 #include "core/util.h"
@@ -155,11 +156,12 @@ struct worker {
     int slot;
     struct listener *listeners;
     int n_listeners;
-    uv_signal_t sigterm, sigint;
+    uv_signal_t sigterm, sigint, sigquit;
     uv_timer_t hard_stop;
     struct tq *tqs; /* T_KINDS per listener, then the linger queue */
     int n_tqs;
     int draining, stopping;
+    int handles_ok; /* signal handles and timers initialised: worker_check_exit closes them */
     struct bufpool bufs;
     size_t data_size; /* bytes of a buffer for data */
     uint32_t max_hdrs;
@@ -1753,13 +1755,15 @@ static void worker_check_exit(struct worker *w)
 {
     if (!(w->draining || w->stopping) || w->n_clients > 0)
         return;
-    if (!uv_is_closing((uv_handle_t *)&w->sigterm)) {
+    if (w->handles_ok && !uv_is_closing((uv_handle_t *)&w->sigterm)) {
         uv_close((uv_handle_t *)&w->sigterm, on_handle_closed_noop);
         uv_close((uv_handle_t *)&w->sigint, on_handle_closed_noop);
+        uv_close((uv_handle_t *)&w->sigquit, on_handle_closed_noop);
         /* libuv put the default action back: a Ctrl-C reaches a worker twice (terminal and
          * master), and the second must not kill it in the middle of its exit */
         signal(SIGTERM, SIG_IGN);
         signal(SIGINT, SIG_IGN);
+        signal(SIGQUIT, SIG_IGN);
         uv_close((uv_handle_t *)&w->hard_stop, on_handle_closed_noop);
         uv_close((uv_handle_t *)&w->retry_q.timer, on_handle_closed_noop);
         for (int i = 0; i < w->n_tqs; i++)
@@ -1859,15 +1863,29 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     w->conf = conf;
     w->shm = shm;
     w->slot = slot;
-    uv_signal_init(&w->loop, &w->sigterm);
+    /* uv_signal_init fails only when the loop's signal pipe cannot be made (no fd left), on the
+     * first call: then nothing is set up yet and the worker exits; uv_timer_init cannot fail */
+    int r = uv_signal_init(&w->loop, &w->sigterm);
+    if (r < 0) {
+        log_err("cannot set up signal handling: %s", uv_strerror(r));
+        return r;
+    }
     uv_signal_init(&w->loop, &w->sigint);
+    uv_signal_init(&w->loop, &w->sigquit);
     uv_timer_init(&w->loop, &w->hard_stop);
     uv_timer_init(&w->loop, &w->retry_q.timer);
+    w->handles_ok = 1;
     w->retry_q.timer.data = &w->retry_q;
     w->retry_q.w = w;
-    w->sigterm.data = w->sigint.data = w->hard_stop.data = w;
-    uv_signal_start(&w->sigterm, on_signal, SIGTERM);
-    uv_signal_start(&w->sigint, on_signal, SIGINT);
+    w->sigterm.data = w->sigint.data = w->sigquit.data = w->hard_stop.data = w;
+    /* SIGQUIT is a graceful stop, as SIGTERM (and as nginx's QUIT) */
+    if ((r = uv_signal_start(&w->sigterm, on_signal, SIGTERM)) < 0 ||
+        (r = uv_signal_start(&w->sigint, on_signal, SIGINT)) < 0 ||
+        (r = uv_signal_start(&w->sigquit, on_signal, SIGQUIT)) < 0) {
+        log_err("cannot set up signal handling: %s", uv_strerror(r));
+        return r;
+    }
+    sig_child_ready(); /* stop signals that came during the start are handled now */
     int n_tqs = conf->n_listens * T_KINDS + 1;
     if (!(w->tqs = calloc((size_t)n_tqs, sizeof(*w->tqs))))
         return -ENOMEM;
@@ -1909,7 +1927,7 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
         w->rid_seed2 = time_mono_ns();
     }
     settings_init();
-    int r = upstream_init(&w->up, &w->loop, conf, shm, slot, &w->bufs, w->data_off, data,
+    r = upstream_init(&w->up, &w->loop, conf, shm, slot, &w->bufs, w->data_off, data,
                           w->hdrs_off, max_hdrs);
     if (r < 0)
         return r;

@@ -13,6 +13,7 @@
 #include <uv.h>
 
 #include "core/log.h"
+#include "core/sig.h"
 #include "core/tls.h"
 #include "core/util.h"
 #include "health/check.h"
@@ -77,13 +78,14 @@ struct health {
     uv_loop_t loop;
     struct conf *conf;
     struct shm *shm;
-    uv_signal_t sigterm, sigint;
+    uv_signal_t sigterm, sigint, sigquit;
     uv_timer_t eval;
     int eval_open;
     struct hc_backend *b;
     int n;
     int stopping;
-    uint64_t rng; /* splitmix64 state, seeded per process */
+    int signals_ok; /* the signal handles are initialised */
+    uint64_t rng;   /* splitmix64 state, seeded per process */
 };
 
 int health_rf_on_result(struct health_rf *rf, enum backend_state *st, int ok, int rise, int fall)
@@ -556,12 +558,16 @@ static void health_stop(struct health *h)
     }
     if (h->eval_open)
         uv_close((uv_handle_t *)&h->eval, NULL);
-    uv_close((uv_handle_t *)&h->sigterm, NULL);
-    uv_close((uv_handle_t *)&h->sigint, NULL);
+    if (h->signals_ok) {
+        uv_close((uv_handle_t *)&h->sigterm, NULL);
+        uv_close((uv_handle_t *)&h->sigint, NULL);
+        uv_close((uv_handle_t *)&h->sigquit, NULL);
+    }
     /* Closing the last uv_signal handle puts the default action back; a Ctrl-C reaches us
      * twice (the terminal's, then the master's), and the second must not kill us mid-exit. */
     signal(SIGTERM, SIG_IGN);
     signal(SIGINT, SIG_IGN);
+    signal(SIGQUIT, SIG_IGN);
 }
 
 static void health_on_signal(uv_signal_t *s, int signum)
@@ -605,12 +611,28 @@ int health_main(struct conf *conf, struct shm *shm)
         log_err("health checker: loop init failed: %s", uv_strerror(ret));
         return 1;
     }
-    uv_signal_init(&h.loop, &h.sigterm);
+    /* uv_signal_init fails only on the first call, when the loop's signal pipe cannot be made;
+     * uv_signal_start only for an invalid signal. SIGQUIT stops as SIGTERM does. */
+    if ((ret = uv_signal_init(&h.loop, &h.sigterm)) < 0) {
+        log_err("health checker: cannot set up signal handling: %s", uv_strerror(ret));
+        uv_loop_close(&h.loop);
+        return 1;
+    }
     uv_signal_init(&h.loop, &h.sigint);
-    h.sigterm.data = h.sigint.data = &h;
-    uv_signal_start(&h.sigterm, health_on_signal, SIGTERM);
-    uv_signal_start(&h.sigint, health_on_signal, SIGINT);
-    uv_timer_init(&h.loop, &h.eval);
+    uv_signal_init(&h.loop, &h.sigquit);
+    h.signals_ok = 1;
+    h.sigterm.data = h.sigint.data = h.sigquit.data = &h;
+    if ((ret = uv_signal_start(&h.sigterm, health_on_signal, SIGTERM)) < 0 ||
+        (ret = uv_signal_start(&h.sigint, health_on_signal, SIGINT)) < 0 ||
+        (ret = uv_signal_start(&h.sigquit, health_on_signal, SIGQUIT)) < 0) {
+        log_err("health checker: cannot set up signal handling: %s", uv_strerror(ret));
+        health_stop(&h);
+        uv_run(&h.loop, UV_RUN_DEFAULT);
+        uv_loop_close(&h.loop);
+        return 1;
+    }
+    sig_child_ready();               /* stop signals that came during the start are handled now */
+    uv_timer_init(&h.loop, &h.eval); /* cannot fail */
     h.eval.data = &h;
     h.eval_open = 1;
 
