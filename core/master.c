@@ -501,8 +501,6 @@ static void child_spawn(struct child *c)
     pid_t master = getpid();
 
     c->pending = 0;
-    if (c->slot >= 0)
-        shm_worker_reset(&M.shm, (uint32_t)c->slot);
 
     /* Signals stay blocked across fork: a signal reaching the child before it dropped the
      * master's libuv handlers would be written into the master's signal pipe. */
@@ -583,8 +581,11 @@ static void child_exited(struct child *c, int status)
         snprintf(how, sizeof(how), "exited with code %d", WEXITSTATUS(status));
     pid_t pid = c->pid;
     c->pid = 0;
+    /* Its in-flight and trial slots end with it, now: not when a replacement starts, which a
+     * crash loop's back-off (or a stop) may put off for long, holding max_conns and half-open
+     * trial slots that nobody uses. */
     if (c->slot >= 0)
-        atomic_store_explicit(&shm_worker(&M.shm, (uint32_t)c->slot)->pid, 0, memory_order_release);
+        shm_worker_reset(&M.shm, (uint32_t)c->slot);
 
     if (M.stopping) {
         log_info("%s (pid %d) %s", name, (int)pid, how);
