@@ -160,6 +160,7 @@ static const struct conf_key conf_global_keys[] = {
     KEY_CUSTOM("admin_socket"),
     KEY_CUSTOM("log_level"),
     KEY_DUR(conf_global, hard_stop_after, 0, 7 * CONF_DAY_MS),
+    KEY(conf_global, maxconn, CONF_T_UINT32, 0, CONF_MAXCONN_MAX),
     {NULL, 0, 0, 0, 0},
 };
 
@@ -173,6 +174,7 @@ static const struct conf_key conf_listen_keys[] = {
     KEY_DUR(conf_listen, client_header_timeout, 1, 7 * CONF_DAY_MS),
     KEY_DUR(conf_listen, client_body_timeout, 1, 7 * CONF_DAY_MS),
     KEY_DUR(conf_listen, keepalive_timeout, 1, 7 * CONF_DAY_MS),
+    KEY(conf_listen, maxconn, CONF_T_UINT32, 0, CONF_MAXCONN_MAX),
     {NULL, 0, 0, 0, 0},
 };
 

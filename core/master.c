@@ -1,6 +1,6 @@
 /* The master process: binds and holds the listeners, creates shm, forks the health checker and
  * the workers, restarts the ones that die, stops them on SIGTERM/SIGQUIT (graceful) or SIGINT
- * (fast), answers aigwctl. */
+ * (fast), sets RLIMIT_NOFILE from maxconn, answers aigwctl. */
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -34,6 +35,9 @@
 #define RESTART_BACKOFF_MS  100  /* first delayed restart; doubles while it keeps crashing */
 #define RESTART_BACKOFF_MAX 1000 /* never wait longer than this to restart */
 #define FAST_STOP_MS        1000 /* SIGINT: children still alive after this get SIGKILL */
+/* fds a process needs besides connections: stdio, epoll, signal pipe, resolver threads, shm,
+ * TLS files, admin clients */
+#define FD_RESERVE 64
 
 enum master_stop {
     STOP_NONE = 0,
@@ -726,6 +730,74 @@ fail:
     return rc;
 }
 
+/* The fds one process may need at most: a worker's clients, one upstream connection each, its
+ * pooled idle upstream connections and listeners; the master's listeners; the checker's check
+ * connections; each plus FD_RESERVE. per_worker = a worker's client limit. */
+static uint64_t fd_need(const struct conf *conf, int workers, uint64_t per_worker)
+{
+    uint64_t idle = 0, need;
+
+    for (int b = 0; b < conf->n_backends; b++)
+        idle += (uint64_t)(conf->backends[b].keepalive > 0 ? conf->backends[b].keepalive : 0);
+    need = FD_RESERVE + (uint64_t)conf->n_listens + idle + 2 * per_worker;
+    if (need < FD_RESERVE + (uint64_t)conf->n_listens * (uint64_t)workers)
+        need = FD_RESERVE + (uint64_t)conf->n_listens * (uint64_t)workers;
+    if (need < FD_RESERVE + (uint64_t)conf->n_backends)
+        need = FD_RESERVE + (uint64_t)conf->n_backends;
+    return need;
+}
+
+/* Resolves maxconn and sets RLIMIT_NOFILE for every process (the children inherit it) so that
+ * a worker at its client limit still has an fd for each upstream connection: running out of
+ * fds is then never what a client or a backend sees. maxconn counts over all workers; each
+ * worker takes ceil(maxconn / workers) (HAProxy's maxconn is per process: here the gateway is
+ * the master and its workers). maxconn 0 takes the most the hard limit allows. */
+static int master_fd_limit(struct conf *conf, int workers)
+{
+    struct rlimit rl, want;
+    uint64_t per_worker, need;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) == -1) {
+        log_err("cannot read RLIMIT_NOFILE: %s", strerror(errno));
+        return -errno;
+    }
+    if (!conf->global.maxconn) {
+        uint64_t fixed = fd_need(conf, workers, 0);
+        per_worker = rl.rlim_max > fixed ? (rl.rlim_max - fixed) / 2 : 0;
+        if (per_worker * (uint64_t)workers > UINT32_MAX)
+            per_worker = UINT32_MAX / (uint64_t)workers;
+        if (per_worker < 1) {
+            log_err("RLIMIT_NOFILE hard limit %llu leaves no file descriptor for client "
+                    "connections (%llu needed besides them): raise it (ulimit -Hn, systemd "
+                    "LimitNOFILE=)",
+                    (unsigned long long)rl.rlim_max, (unsigned long long)fixed);
+            return -EMFILE;
+        }
+        conf->global.maxconn = (uint32_t)(per_worker * (uint64_t)workers);
+    }
+    per_worker = (conf->global.maxconn + (uint64_t)workers - 1) / (uint64_t)workers;
+    need = fd_need(conf, workers, per_worker);
+    want = rl;
+    if (want.rlim_cur < need)
+        want.rlim_cur = need;
+    if (want.rlim_max < need)
+        want.rlim_max = need; /* only a privileged master may raise the hard limit */
+    if ((want.rlim_cur != rl.rlim_cur || want.rlim_max != rl.rlim_max) &&
+        setrlimit(RLIMIT_NOFILE, &want) == -1) {
+        int err = errno;
+        log_err("maxconn %u needs %llu file descriptors per worker (%llu connections, each with "
+                "an upstream one, plus pooled connections and listeners), but RLIMIT_NOFILE is "
+                "%llu (hard %llu) and cannot be raised: %s; raise the limit (ulimit -n, systemd "
+                "LimitNOFILE=) or lower maxconn",
+                conf->global.maxconn, (unsigned long long)need, (unsigned long long)per_worker,
+                (unsigned long long)rl.rlim_cur, (unsigned long long)rl.rlim_max, strerror(err));
+        return -err;
+    }
+    log_info("maxconn %u (%llu per worker), RLIMIT_NOFILE %llu", conf->global.maxconn,
+             (unsigned long long)per_worker, (unsigned long long)want.rlim_cur);
+    return 0;
+}
+
 /* Only admin client handles carry data (their struct admin_client); the master's own handles
  * are static. */
 static void master_close_walk(uv_handle_t *h, void *arg)
@@ -756,6 +828,9 @@ static int master_setup(struct conf *conf)
     uv_timer_init(&M.loop, &M.restart_timer);
     uv_timer_init(&M.loop, &M.stop_timer);
     rc = master_signals();
+    if (rc < 0)
+        return rc;
+    rc = master_fd_limit(conf, workers);
     if (rc < 0)
         return rc;
 

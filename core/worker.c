@@ -13,6 +13,7 @@
 #include <uv.h>
 
 #include "balancer/balancer.h"
+#include "core/accept.h"
 #include "core/log.h"
 #include "core/proxy.h"
 #include "core/retry.h"
@@ -71,12 +72,6 @@ struct tq {
     struct client *head, *tail;
     uint64_t ms;
     uint64_t armed_at; /* loop time the timer fires at, 0 = not armed */
-};
-
-struct listener {
-    uv_tcp_t tcp;
-    struct worker *w;
-    int idx;
 };
 
 /* One client connection. Only what an idle keep-alive connection needs lives here; the state
@@ -154,8 +149,7 @@ struct worker {
     struct conf *conf;
     struct shm *shm;
     int slot;
-    struct listener *listeners;
-    int n_listeners;
+    struct acceptor acc; /* the listeners, paused at maxconn */
     uv_signal_t sigterm, sigint, sigquit;
     uv_timer_t hard_stop;
     struct tq *tqs; /* T_KINDS per listener, then the linger queue */
@@ -365,6 +359,7 @@ static void client_handle_closed(uv_handle_t *h)
     c->buf = c->wbuf = NULL;
     c->next = w->free_clients;
     w->free_clients = c;
+    acceptor_closed(&w->acc, c->li); /* its fd is released: below maxconn again */
     worker_check_exit(w);
 }
 
@@ -1687,43 +1682,48 @@ static void client_read_start(struct client *c)
 
 /* ---- accepting ---- */
 
-static void on_connection(uv_stream_t *server, int status)
+/* A client whose socket could not be opened: it was never counted. */
+static void client_unopened_closed(uv_handle_t *h)
 {
-    struct listener *l = server->data;
-    struct worker *w = l->w;
-    struct client *c;
+    struct client *c = h->data;
+    c->next = c->w->free_clients;
+    c->w->free_clients = c;
+}
 
-    if (status < 0 || w->draining)
-        return;
+/* The acceptor (core/accept.c) hands over a new connection on listener li. */
+static int on_connection(void *ctx, int li, int fd, const struct sockaddr *peer, socklen_t len)
+{
+    struct worker *w = ctx;
+    struct client *c;
+    int rc;
+
+    if (w->draining)
+        return -ECANCELED;
     c = w->free_clients;
     if (c)
         w->free_clients = c->next;
     else if (!(c = malloc(sizeof(*c))))
-        return;
+        return -ENOMEM;
     memset(c, 0, sizeof(*c));
     c->w = w;
-    c->ln = &w->conf->listens[l->idx];
-    uv_tcp_init(&w->loop, &c->tcp);
+    c->ln = &w->conf->listens[li];
+    uv_tcp_init(&w->loop, &c->tcp); /* cannot fail without a socket to create (AF_UNSPEC) */
     c->tcp.data = c;
-    c->li = (uint16_t)l->idx;
+    c->li = (uint16_t)li;
     c->handles = 1;
-    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
-        /* another worker took it */
-        c->state = CS_CLOSED;
-        uv_close((uv_handle_t *)&c->tcp, client_handle_closed);
-        return;
+    if ((rc = uv_tcp_open(&c->tcp, fd)) != 0) {
+        log_warn("client connection: cannot set it up: %s", uv_strerror(rc));
+        c->state = CS_CLOSED; /* the handle does not own fd: the acceptor closes it */
+        uv_close((uv_handle_t *)&c->tcp, client_unopened_closed);
+        return rc;
     }
-    uv_tcp_nodelay(&c->tcp, 1);
+    uv_tcp_nodelay(&c->tcp, 1); /* without it only small writes wait a little: not fatal */
 
-    struct sockaddr_storage ss;
-    int sl = sizeof(ss);
     strcpy(c->ip, "unknown");
-    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &sl) == 0) {
-        if (ss.ss_family == AF_INET)
-            uv_ip4_name((struct sockaddr_in *)&ss, c->ip, sizeof(c->ip));
-        else if (ss.ss_family == AF_INET6)
-            uv_ip6_name((struct sockaddr_in6 *)&ss, c->ip, sizeof(c->ip));
-    }
+    if (peer->sa_family == AF_INET && len >= sizeof(struct sockaddr_in))
+        uv_ip4_name((const struct sockaddr_in *)peer, c->ip, sizeof(c->ip));
+    else if (peer->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6))
+        uv_ip6_name((const struct sockaddr_in6 *)peer, c->ip, sizeof(c->ip));
 
     c->state = CS_IDLE;
     c->fresh = 1;
@@ -1735,7 +1735,9 @@ static void on_connection(uv_stream_t *server, int status)
     conns_add(w, 1);
     client_timer(c, T_HEADER);
     c->reading = 1;
+    /* cannot fail: the handle is open, readable and not reading yet */
     uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    return 0;
 }
 
 /* ---- stopping ---- */
@@ -1746,9 +1748,7 @@ static void on_handle_closed_noop(uv_handle_t *h)
 
 static void worker_close_listeners(struct worker *w)
 {
-    for (int i = 0; i < w->n_listeners; i++)
-        if (!uv_is_closing((uv_handle_t *)&w->listeners[i].tcp))
-            uv_close((uv_handle_t *)&w->listeners[i].tcp, on_handle_closed_noop);
+    acceptor_close(&w->acc);
 }
 
 static void worker_check_exit(struct worker *w)
@@ -1952,23 +1952,25 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     for (int i = 0; i < conf->n_pools; i++)
         balancer_start(&w->bal[i], conf, i, slot, w->rid_seed1);
 
-    w->listeners = calloc((size_t)(conf->n_listens ? conf->n_listens : 1), sizeof(*w->listeners));
-    if (!w->listeners)
+    /* this worker's share of maxconn (the master resolved 0 = auto from RLIMIT_NOFILE) */
+    uint32_t nw = conf->global.workers > 0 ? (uint32_t)conf->global.workers : 1;
+    uint32_t *l_max = calloc((size_t)(conf->n_listens ? conf->n_listens : 1), sizeof(*l_max));
+    const char **names = calloc((size_t)(conf->n_listens ? conf->n_listens : 1), sizeof(*names));
+    if (!l_max || !names) {
+        free(l_max);
+        free(names);
         return -ENOMEM;
-    for (int i = 0; i < conf->n_listens; i++) {
-        struct listener *l = &w->listeners[i];
-        l->w = w;
-        l->idx = i;
-        uv_tcp_init(&w->loop, &l->tcp);
-        l->tcp.data = l;
-        w->n_listeners++;
-        if ((r = uv_tcp_open(&l->tcp, listen_fds[i])) != 0 ||
-            (r = uv_listen((uv_stream_t *)&l->tcp, conf->listens[i].backlog, on_connection)) != 0) {
-            log_err("listen %s: %s", conf->listens[i].bind, uv_strerror(r));
-            return r;
-        }
     }
-    return 0;
+    for (int i = 0; i < conf->n_listens; i++) {
+        l_max[i] = (uint32_t)(((uint64_t)conf->listens[i].maxconn + nw - 1) / nw);
+        names[i] = conf->listens[i].name;
+    }
+    r = acceptor_init(&w->acc, &w->loop, listen_fds, names, conf->n_listens,
+                      (uint32_t)(((uint64_t)conf->global.maxconn + nw - 1) / nw), l_max,
+                      on_connection, w);
+    free(l_max);
+    free(names);
+    return r;
 }
 
 static void worker_teardown(struct worker *w)
@@ -1980,7 +1982,7 @@ static void worker_teardown(struct worker *w)
     free(w->cands);
     free(w->cand_limit);
     free(w->auth_log_ns);
-    free(w->listeners);
+    acceptor_free(&w->acc);
     free(w->tqs);
     upstream_free(&w->up);
     while (w->free_clients) {

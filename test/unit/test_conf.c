@@ -1034,6 +1034,25 @@ static void test_err_not_a_config_file(void **state)
     unlink(big);
 }
 
+/* maxconn in [global] and [listen]: 0 (the default) and counts, bounded. */
+static void test_maxconn(void **state)
+{
+    struct conf *c = load_ok(BASE);
+    assert_int_equal(c->global.maxconn, 0);
+    assert_int_equal(c->listens[0].maxconn, 0);
+    conf_free(c);
+    c = load_ok("[global]\nmaxconn = 20000\n[listen main]\nbind = 127.0.0.1:8080\n"
+                "maxconn = 500\n[pool p]\n[backend a]\nurl = http://127.0.0.1:9101/v1\n");
+    assert_int_equal(c->global.maxconn, 20000);
+    assert_int_equal(c->listens[0].maxconn, 500);
+    conf_free(c);
+    load_bad(BASE "[global]\nmaxconn = -1\n", 7, "[global] key 'maxconn'", NULL);
+    load_bad(BASE "[global]\nmaxconn = lots\n", 7, "[global] key 'maxconn'", "not a number", NULL);
+    load_bad("[listen main]\nbind = 127.0.0.1:8080\nmaxconn = 1000000000\n[pool p]\n"
+             "[backend a]\nurl = http://127.0.0.1:9101/v1\n",
+             3, "[listen main] key 'maxconn'", "out of range", NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1053,6 +1072,7 @@ int main(void)
         cmocka_unit_test(test_no_secrets_flag),
         cmocka_unit_test(test_missing_file),
         cmocka_unit_test(test_err_not_a_config_file),
+        cmocka_unit_test(test_maxconn),
         cmocka_unit_test(test_resilience_defaults),
         cmocka_unit_test(test_resilience_valid),
         cmocka_unit_test(test_backend_overrides),
