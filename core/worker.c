@@ -1171,6 +1171,12 @@ static void client_gateway_error(struct client *c, enum upstream_err e)
         client_error_via(c, 502, "upstream_error", "upstream_reset",
                          "the upstream closed the connection", 0, 0, via, n);
         break;
+    case UPSTREAM_ELOCAL:
+    case UPSTREAM_ENOMEM:
+        /* the gateway's own shortage (logged by upstream.c): no backend is to blame */
+        client_error_via(c, 503, "server_error", "gateway_overloaded",
+                         "the gateway is out of resources; try again later", 0, 1, via, n);
+        break;
     default:
         client_error_via(c, 502, "upstream_error", "upstream_bad_response",
                          "invalid response from the upstream", 0, 0, via, n);
@@ -1927,8 +1933,8 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
         w->rid_seed2 = time_mono_ns();
     }
     settings_init();
-    r = upstream_init(&w->up, &w->loop, conf, shm, slot, &w->bufs, w->data_off, data,
-                          w->hdrs_off, max_hdrs);
+    r = upstream_init(&w->up, &w->loop, conf, shm, slot, &w->bufs, w->data_off, data, w->hdrs_off,
+                      max_hdrs);
     if (r < 0)
         return r;
 

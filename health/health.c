@@ -80,6 +80,7 @@ struct health {
     struct shm *shm;
     uv_signal_t sigterm, sigint, sigquit;
     uv_timer_t eval;
+    struct log_rate local_log; /* "check not run" lines */
     int eval_open;
     struct hc_backend *b;
     int n;
@@ -213,6 +214,18 @@ static void health_on_check(struct check *ck, const struct check_result *res)
     uint64_t now = time_mono_ns();
     enum backend_state st = hb->st;
 
+    if (res->local) {
+        /* the checker could not run the check (out of fds or memory): nothing is known of the
+         * backend, so its state, streaks and last check stay as they were */
+        uint64_t skipped;
+        char note[LOG_RATE_NOTE];
+        if (log_rate_ok(&h->local_log, uv_now(&h->loop), &skipped))
+            log_warn("backend %s/%s: check not run: %s; state left as it is%s", hb->pool->name,
+                     hb->cb->name, res->detail, log_rate_note(skipped, note));
+        if (!h->stopping)
+            health_arm_next(hb);
+        return;
+    }
     shm_backend_set_check(h->shm, hb->idx, res->status, res->dur_us, now);
     /* Only passing checks measure the backend's speed; a failing one says nothing of it (a
      * timeout would only repeat check_timeout). Slowness is judged by the evaluation. */
