@@ -357,6 +357,8 @@ static void admin_on_connection(uv_stream_t *server, int status)
     struct admin_client *c = calloc(1, sizeof(*c));
     if (!c)
         return;
+    /* these two only initialise the handles; the admin timers' uv_timer_start calls fail only
+     * on a closing handle, which a client being answered never has */
     uv_pipe_init(&M.loop, &c->pipe, 0);
     uv_timer_init(&M.loop, &c->timer);
     c->pipe.data = c->timer.data = c;
@@ -425,7 +427,7 @@ static int admin_listen(const char *path)
         log_err("cannot chmod admin socket %s: %s", path, strerror(-rc));
         goto fail;
     }
-    uv_pipe_init(&M.loop, &M.admin, 0);
+    uv_pipe_init(&M.loop, &M.admin, 0); /* cannot fail: it only initialises the handle */
     rc = uv_pipe_open(&M.admin, fd);
     if (rc < 0)
         goto fail;
@@ -531,6 +533,8 @@ static void child_spawn(struct child *c)
     log_info("%s started (pid %d)", child_name(c, name, sizeof(name)), (int)pid);
 }
 
+/* The master's restart and stop timers live as long as its loop: uv_timer_start on them
+ * cannot fail (it fails only on a closing handle). */
 static void restart_timer_fired(uv_timer_t *t)
 {
     uv_stop(&M.loop); /* forks happen outside uv_run, see master_run */

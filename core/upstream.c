@@ -224,6 +224,9 @@ static void conn_close(struct upconn *u)
 static void on_poll(uv_poll_t *h, int status, int events);
 static void on_timer(uv_timer_t *t);
 
+/* uv_poll_start fails only with EEXIST (another handle of this loop polls the fd: never, each
+ * connection has its own socket) and uv_poll_stop never (libuv 1.44); uv_timer_start only on a
+ * closing handle, which a connection in use never has. */
 static void poll_set(struct upconn *u, int events)
 {
     if (events == u->events)
@@ -301,7 +304,7 @@ static struct upconn *conn_new(struct upstream *up, struct up_backend *be, int f
         up->free_conns = u;
         return NULL;
     }
-    uv_timer_init(up->loop, &u->timer);
+    uv_timer_init(up->loop, &u->timer); /* cannot fail: it only initialises the handle */
     u->poll.data = u;
     u->timer.data = u;
     u->handles = 2;
@@ -1313,7 +1316,7 @@ void upstream_drain(struct upstream *up)
         /* a lookup nobody waits for must not hold the loop open (a request that waits keeps
          * it: the lookup ends, or the wait timer does) */
         if (be->resolving && !be->waiters)
-            uv_cancel((uv_req_t *)&be->gai);
+            uv_cancel((uv_req_t *)&be->gai); /* EBUSY when already running: it ends soon */
         wait_timer_settle(up, be);
     }
 }

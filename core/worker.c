@@ -248,6 +248,9 @@ static void client_timer_stop(struct client *c)
     c->tprev = c->tnext = NULL;
 }
 
+/* The queues' uv_timer_start calls cannot fail: that takes a closing handle (the timers close
+ * only when the worker exits, with no client left) or a NULL callback. */
+
 /* Runs the clients of q whose deadline passed through fire (which may queue them again, here
  * or elsewhere), then arms q's timer (callback cb) for its new head unless that was done. */
 static void tq_expire(struct tq *q, uv_timer_cb cb, void (*fire)(struct client *))
@@ -1683,6 +1686,8 @@ static void client_read_start(struct client *c)
     if (c->reading || c->eof || c->state == CS_CLOSED)
         return;
     c->reading = 1;
+    /* cannot fail: the handle is open and not reading (c->reading), and one that had a read
+     * error (UV_HANDLE_READABLE cleared) was closed by on_read */
     uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
 }
 

@@ -115,7 +115,7 @@ static void check_finish(struct check *ck)
         close(ck->fd);
         ck->fd = -1;
     }
-    uv_timer_start(&ck->timer, check_on_report_timer, 0, 0);
+    uv_timer_start(&ck->timer, check_on_report_timer, 0, 0); /* not closing: cannot fail */
 }
 
 static void check_fail(struct check *ck, enum backend_reason why, int32_t status, const char *fmt,
@@ -161,7 +161,7 @@ static void check_on_timeout(uv_timer_t *t)
     struct check *ck = t->data;
 
     if (ck->step == CHECK_RESOLVE && ck->gai_pending)
-        uv_cancel((uv_req_t *)&ck->gai);
+        uv_cancel((uv_req_t *)&ck->gai); /* EBUSY when already running: its callback ignores it */
     check_fail(ck, REASON_CHECK_TIMEOUT, -ETIMEDOUT, "timeout after %llu ms %s (%s)",
                (unsigned long long)ck->spec->timeout_ms, check_step_str(ck->step),
                ck->addr[0] ? ck->addr : ck->spec->host);

@@ -129,6 +129,8 @@ static uint64_t health_rand(struct health *h)
 
 static void health_on_tick(uv_timer_t *t);
 
+/* uv_timer_start fails only on a closing handle: ticks close only when the checker stops, and
+ * nothing arms them after that (h->stopping). */
 static void health_arm(struct hc_backend *hb, uint64_t delay_ms)
 {
     uv_timer_start(&hb->tick, health_on_tick, delay_ms, 0);
