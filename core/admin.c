@@ -402,13 +402,16 @@ static const char admin_help[] =
 
 #define WORDS_MAX 5
 
-/* Splits the line into at most WORDS_MAX blank-separated words; returns the word count, or
- * WORDS_MAX + 1 when there are more or one is longer than any name (no command accepts
- * either). */
-static int split_words(const char *line, char words[WORDS_MAX][WORD_MAX])
+/* Splits the line into words separated by blanks. Fills words[0, *n_set) (at most WORDS_MAX)
+ * and returns the word count, or WORDS_MAX + 1 when there are more words or one is longer than
+ * any name (no command accepts either). Only words[0, *n_set) are set: with a first word too
+ * long, the count says "too many" while *n_set is 0. */
+static int split_words(const char *line, char words[WORDS_MAX][WORD_MAX], int *n_set)
 {
     int n = 0;
     const char *p = line;
+
+    *n_set = 0;
     for (;;) {
         while (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n')
             p++;
@@ -421,7 +424,7 @@ static int split_words(const char *line, char words[WORDS_MAX][WORD_MAX])
             return WORDS_MAX + 1; /* a truncated name could match another backend: refuse */
         memcpy(words[n], p, len);
         words[n][len] = '\0';
-        n++;
+        *n_set = ++n;
         p += len;
     }
 }
@@ -560,8 +563,8 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
 {
     struct abuf b = {0};
     char w[WORDS_MAX][WORD_MAX];
-    int rc = 0;
-    int n = split_words(line, w);
+    int rc = 0, set;
+    int n = split_words(line, w, &set);
 
     if (pending)
         *pending = (struct admin_pending){.backend = -1};
@@ -591,9 +594,9 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
         for (const char *p = line; *p && *p != '\n' && *p != '\r' && k < sizeof(echo) - 1; p++)
             echo[k++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
         echo[k] = '\0';
-        if (n >= 1 && !strcmp(w[0], "breaker"))
+        if (set >= 1 && !strcmp(w[0], "breaker"))
             abuf_printf(&b, "error: usage: breaker reset|open BACKEND\n");
-        else if (n >= 1 && !strcmp(w[0], "set"))
+        else if (set >= 1 && !strcmp(w[0], "set"))
             abuf_printf(&b, "error: usage: set backend BACKEND ready|drain|maint\n");
         else
             abuf_printf(&b, "error: unknown command '%s'; try 'help'\n", echo);

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "balancer/balancer.h"
@@ -21,6 +22,8 @@
 #include "core/util.h"
 
 #define CONF_WORKERS_MAX 64
+#define CONF_MAXCONN_MAX 100000000  /* far beyond any fd limit: the master checks the real one */
+#define CONF_FILE_MAX    (8u << 20) /* a config file larger than this is refused */
 #define CONF_SECRET_MAX  4096
 #define CONF_DAY_MS      (86400ull * 1000)
 #define CONF_KEYS_MAX    64 /* keys of the largest section table */
@@ -59,7 +62,8 @@ struct conf_parse {
     unsigned flags; /* CONF_LOAD_* */
     char *dir;      /* the config file's directory, for relative file: and ca_file paths */
     FILE *f;
-    char *buf; /* the current raw line (getline) */
+    uint64_t bytes; /* read so far: a file that grows while read stops at CONF_FILE_MAX too */
+    char *buf;      /* the current raw line (getline) */
     size_t cap;
     int line; /* number of the line inih is handling */
     struct conf *conf;
@@ -153,8 +157,11 @@ struct conf_key {
     }
 
 static const struct conf_key conf_global_keys[] = {
-    KEY_CUSTOM("workers"),   KEY_CUSTOM("admin_socket"),
-    KEY_CUSTOM("log_level"), KEY_DUR(conf_global, hard_stop_after, 0, 7 * CONF_DAY_MS),
+    KEY_CUSTOM("workers"),
+    KEY_CUSTOM("admin_socket"),
+    KEY_CUSTOM("log_level"),
+    KEY_DUR(conf_global, hard_stop_after, 0, 7 * CONF_DAY_MS),
+    KEY(conf_global, maxconn, CONF_T_UINT32, 0, CONF_MAXCONN_MAX),
     {NULL, 0, 0, 0, 0},
 };
 
@@ -168,6 +175,7 @@ static const struct conf_key conf_listen_keys[] = {
     KEY_DUR(conf_listen, client_header_timeout, 1, 7 * CONF_DAY_MS),
     KEY_DUR(conf_listen, client_body_timeout, 1, 7 * CONF_DAY_MS),
     KEY_DUR(conf_listen, keepalive_timeout, 1, 7 * CONF_DAY_MS),
+    KEY(conf_listen, maxconn, CONF_T_UINT32, 0, CONF_MAXCONN_MAX),
     {NULL, 0, 0, 0, 0},
 };
 
@@ -1314,6 +1322,11 @@ static char *conf_reader(char *str, int num, void *stream)
     if (n == -1)
         return NULL;
     p->line++;
+    p->bytes += (uint64_t)n;
+    if (p->bytes > CONF_FILE_MAX) {
+        conf_err(p, p->line, NULL, "file is larger than %u MB", CONF_FILE_MAX >> 20);
+        return NULL;
+    }
     s = p->buf;
     if ((size_t)n != strlen(s)) {
         conf_err(p, p->line, NULL, "line contains a NUL byte");
@@ -1483,6 +1496,43 @@ static void conf_global_defaults(struct conf_global *g)
     g->hard_stop_after_ms = 30 * 1000;
 }
 
+/* Opens the config file for reading. Only a regular file of at most CONF_FILE_MAX bytes is
+ * taken: /dev/zero, a FIFO nobody writes to or a huge file would otherwise hang the check or
+ * eat memory (O_NONBLOCK: opening a FIFO does not wait for a writer). On failure sets *ret to
+ * -errno and *err to "FILE: why". */
+static FILE *conf_open(const char *path, int *ret, char **err)
+{
+    struct stat st;
+    const char *why = NULL;
+    FILE *f = NULL;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+
+    if (fd == -1) {
+        *ret = -errno;
+        why = strerror(errno);
+    } else if (fstat(fd, &st) == -1) {
+        *ret = -errno;
+        why = strerror(errno);
+    } else if (!S_ISREG(st.st_mode)) {
+        *ret = -EINVAL;
+        why = S_ISDIR(st.st_mode) ? "is a directory" : "not a regular file";
+    } else if ((uint64_t)st.st_size > CONF_FILE_MAX) {
+        *ret = -EFBIG;
+        if (asprintf(err, "%s: file is larger than %u MB", path, CONF_FILE_MAX >> 20) < 0)
+            *err = NULL;
+    } else if (!(f = fdopen(fd, "r"))) {
+        *ret = -errno;
+        why = strerror(errno);
+    }
+    if (f)
+        return f;
+    if (fd != -1)
+        close(fd);
+    if (why && asprintf(err, "%s: cannot open: %s", path, why) < 0)
+        *err = NULL;
+    return NULL;
+}
+
 int conf_load(const char *path, struct conf **out, char **err)
 {
     return conf_load_flags(path, 0, out, err);
@@ -1513,13 +1563,9 @@ int conf_load_flags(const char *path, unsigned flags, struct conf **out, char **
     if (slash)
         p.dir = strndup(path, slash == path ? 1 : (size_t)(slash - path));
 
-    p.f = fopen(path, "re");
-    if (!p.f) {
-        ret = -errno;
-        if (asprintf(err, "%s: cannot open: %s", path, strerror(errno)) < 0)
-            *err = NULL;
+    p.f = conf_open(path, &ret, err);
+    if (!p.f)
         goto out;
-    }
     r = ini_parse_stream(conf_reader, &p, conf_handler, &p);
     if (!p.err && ferror(p.f)) {
         ret = -EIO;

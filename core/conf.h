@@ -64,6 +64,7 @@ struct conf_global {
     char admin_socket[108]; /* unix socket path; relative to the working directory */
     enum log_level log_level;
     uint64_t hard_stop_after_ms; /* graceful stop gives up after this */
+    uint32_t maxconn;            /* client connections over all workers; 0 = from RLIMIT_NOFILE */
 };
 
 struct conf_listen {
@@ -79,6 +80,7 @@ struct conf_listen {
     uint64_t client_header_timeout_ms; /* whole request head must arrive in this */
     uint64_t client_body_timeout_ms;   /* gap between body reads */
     uint64_t keepalive_timeout_ms;     /* idle client connection between requests */
+    uint32_t maxconn;                  /* client connections over all workers; 0 = no own limit */
     int file_line;                     /* where the section starts, for messages */
 };
 

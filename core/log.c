@@ -81,3 +81,24 @@ void log_msg(enum log_level level, const char *fmt, ...)
         ;
     errno = saved_errno;
 }
+
+int log_rate_ok(struct log_rate *r, uint64_t now_ms, uint64_t *suppressed)
+{
+    if (r->next_ms && now_ms < r->next_ms) {
+        r->suppressed++;
+        return 0;
+    }
+    *suppressed = r->suppressed;
+    r->suppressed = 0;
+    r->next_ms = now_ms + LOG_RATE_MS;
+    return 1;
+}
+
+const char *log_rate_note(uint64_t suppressed, char buf[LOG_RATE_NOTE])
+{
+    if (!suppressed)
+        return "";
+    snprintf(buf, LOG_RATE_NOTE, " (%llu more since the last report)",
+             (unsigned long long)suppressed);
+    return buf;
+}

@@ -1,5 +1,6 @@
 /* The master process: binds and holds the listeners, creates shm, forks the health checker and
- * the workers, restarts the ones that die, stops them on SIGTERM/SIGINT, answers aigwctl. */
+ * the workers, restarts the ones that die, stops them on SIGTERM/SIGQUIT (graceful) or SIGINT
+ * (fast), sets RLIMIT_NOFILE from maxconn, answers aigwctl. */
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -8,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -19,6 +21,7 @@
 #include "core/admin.h"
 #include "core/log.h"
 #include "core/master.h"
+#include "core/sig.h"
 #include "core/util.h"
 #include "core/worker.h"
 #include "health/health.h"
@@ -35,10 +38,13 @@
 /* SIGTERM: at hard_stop_after the workers end their streams themselves (an SSE error event, the
  * last chunk, a short linger); only children alive this much later get SIGKILL */
 #define HARD_STOP_GRACE_MS 3000
+/* fds a process needs besides connections: stdio, epoll, signal pipe, resolver threads, shm,
+ * TLS files, admin clients */
+#define FD_RESERVE 64
 
 enum master_stop {
     STOP_NONE = 0,
-    STOP_GRACEFUL, /* SIGTERM: children finish in-flight work */
+    STOP_GRACEFUL, /* SIGTERM, SIGQUIT: children finish in-flight work */
     STOP_FAST,     /* SIGINT: children close everything at once */
 };
 
@@ -80,7 +86,7 @@ static struct master {
     int n_fds;
     struct child *children; /* [0] health, [1 + slot] workers */
     int n_children;
-    uv_signal_t sig_chld, sig_term, sig_int, sig_hup;
+    uv_signal_t sig_chld, sig_term, sig_int, sig_quit, sig_hup, sig_usr1, sig_usr2;
     uv_pipe_t admin;
     uv_timer_t restart_timer, stop_timer;
     enum master_stop stopping;
@@ -354,6 +360,8 @@ static void admin_on_connection(uv_stream_t *server, int status)
     struct admin_client *c = calloc(1, sizeof(*c));
     if (!c)
         return;
+    /* these two only initialise the handles; the admin timers' uv_timer_start calls fail only
+     * on a closing handle, which a client being answered never has */
     uv_pipe_init(&M.loop, &c->pipe, 0);
     uv_timer_init(&M.loop, &c->timer);
     c->pipe.data = c->timer.data = c;
@@ -422,7 +430,7 @@ static int admin_listen(const char *path)
         log_err("cannot chmod admin socket %s: %s", path, strerror(-rc));
         goto fail;
     }
-    uv_pipe_init(&M.loop, &M.admin, 0);
+    uv_pipe_init(&M.loop, &M.admin, 0); /* cannot fail: it only initialises the handle */
     rc = uv_pipe_open(&M.admin, fd);
     if (rc < 0)
         goto fail;
@@ -449,25 +457,24 @@ static void child_after_fork_walk(uv_handle_t *h, void *arg)
 
 void master_child_after_fork(void)
 {
-    static const int sigs[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
-    sigset_t none;
-
     if (M.loop_ready) {
         /* libuv's signal handling is process-wide: the inherited loop must be re-armed for
-         * this process, then torn down, so its handlers and signal pipe stop existing here. */
-        uv_loop_fork(&M.loop);
-        uv_walk(&M.loop, child_after_fork_walk, NULL);
-        uv_run(&M.loop, UV_RUN_DEFAULT);
-        uv_loop_close(&M.loop);
+         * this process, then torn down, so its handlers and signal pipe stop existing here.
+         * If it cannot be re-armed (no fd for its epoll or signal pipe), the loop is left as
+         * it is: running it could block on the master's descriptors, and the dispositions set
+         * below replace the master's handlers anyway. */
+        int rc = uv_loop_fork(&M.loop);
+        if (rc == 0) {
+            uv_walk(&M.loop, child_after_fork_walk, NULL);
+            uv_run(&M.loop, UV_RUN_DEFAULT);
+            uv_loop_close(&M.loop);
+        } else {
+            log_warn("cannot re-arm the inherited event loop: %s", uv_strerror(rc));
+        }
         M.loop_ready = 0;
     }
     M.admin_path[0] = '\0'; /* the socket file is the master's to remove */
-    for (size_t i = 0; i < ARRAY_SIZE(sigs); i++)
-        signal(sigs[i], SIG_DFL);
-    /* SIGPIPE stays ignored: a network process must get EPIPE, not die, on a closed peer. */
-    signal(SIGPIPE, SIG_IGN);
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
+    sig_child_after_fork();
 }
 
 /* Child side of a fork: release what belongs to the master, then run the role. */
@@ -503,8 +510,6 @@ static void child_spawn(struct child *c)
     pid_t master = getpid();
 
     c->pending = 0;
-    if (c->slot >= 0)
-        shm_worker_reset(&M.shm, (uint32_t)c->slot);
 
     /* Signals stay blocked across fork: a signal reaching the child before it dropped the
      * master's libuv handlers would be written into the master's signal pipe. */
@@ -531,6 +536,8 @@ static void child_spawn(struct child *c)
     log_info("%s started (pid %d)", child_name(c, name, sizeof(name)), (int)pid);
 }
 
+/* The master's restart and stop timers live as long as its loop: uv_timer_start on them
+ * cannot fail (it fails only on a closing handle). */
 static void restart_timer_fired(uv_timer_t *t)
 {
     uv_stop(&M.loop); /* forks happen outside uv_run, see master_run */
@@ -585,8 +592,11 @@ static void child_exited(struct child *c, int status)
         snprintf(how, sizeof(how), "exited with code %d", WEXITSTATUS(status));
     pid_t pid = c->pid;
     c->pid = 0;
+    /* Its in-flight and trial slots end with it, now: not when a replacement starts, which a
+     * crash loop's back-off (or a stop) may put off for long, holding max_conns and half-open
+     * trial slots that nobody uses. */
     if (c->slot >= 0)
-        atomic_store_explicit(&shm_worker(&M.shm, (uint32_t)c->slot)->pid, 0, memory_order_release);
+        shm_worker_reset(&M.shm, (uint32_t)c->slot);
 
     if (M.stopping) {
         log_info("%s (pid %d) %s", name, (int)pid, how);
@@ -679,15 +689,121 @@ static void master_stop(enum master_stop how)
 
 static void on_signal(uv_signal_t *h, int sig)
 {
-    if (sig == SIGTERM) {
-        log_info("SIGTERM received");
+    switch (sig) {
+    case SIGTERM:
+    case SIGQUIT: /* as nginx's QUIT: a graceful stop */
+        log_info("%s received", sig == SIGTERM ? "SIGTERM" : "SIGQUIT");
         master_stop(STOP_GRACEFUL);
-    } else if (sig == SIGINT) {
+        break;
+    case SIGINT:
         log_info("SIGINT received");
         master_stop(STOP_FAST);
-    } else if (sig == SIGHUP) {
+        break;
+    case SIGHUP:
         log_warn("SIGHUP received: configuration reload is not supported yet; ignored");
+        break;
+    case SIGUSR2:
+        log_warn("SIGUSR2 received: binary upgrade is not supported yet; ignored");
+        break;
+    case SIGUSR1:
+        log_info("SIGUSR1 received: nothing to reopen (aigw logs to stderr); ignored");
+        break;
     }
+}
+
+/* Every signal the master acts on, handled from the loop. Installed first thing, so that a
+ * stop request during the start is a clean stop. */
+static int master_signals(void)
+{
+    static const struct {
+        uv_signal_t *h;
+        int sig;
+    } sigs[] = {
+        {&M.sig_term, SIGTERM}, {&M.sig_int, SIGINT},   {&M.sig_quit, SIGQUIT},
+        {&M.sig_hup, SIGHUP},   {&M.sig_usr1, SIGUSR1}, {&M.sig_usr2, SIGUSR2},
+    };
+    int rc;
+
+    sig_ignore_unused(0);
+    if ((rc = uv_signal_init(&M.loop, &M.sig_chld)) < 0 ||
+        (rc = uv_signal_start(&M.sig_chld, on_sigchld, SIGCHLD)) < 0)
+        goto fail;
+    for (size_t i = 0; i < ARRAY_SIZE(sigs); i++)
+        if ((rc = uv_signal_init(&M.loop, sigs[i].h)) < 0 ||
+            (rc = uv_signal_start(sigs[i].h, on_signal, sigs[i].sig)) < 0)
+            goto fail;
+    return 0;
+fail:
+    log_err("cannot set up signal handling: %s", uv_strerror(rc));
+    return rc;
+}
+
+/* The fds one process may need at most: a worker's clients, one upstream connection each, its
+ * pooled idle upstream connections and listeners; the master's listeners; the checker's check
+ * connections; each plus FD_RESERVE. per_worker = a worker's client limit. */
+static uint64_t fd_need(const struct conf *conf, int workers, uint64_t per_worker)
+{
+    uint64_t idle = 0, need;
+
+    for (int b = 0; b < conf->n_backends; b++)
+        idle += (uint64_t)(conf->backends[b].keepalive > 0 ? conf->backends[b].keepalive : 0);
+    need = FD_RESERVE + (uint64_t)conf->n_listens + idle + 2 * per_worker;
+    if (need < FD_RESERVE + (uint64_t)conf->n_listens * (uint64_t)workers)
+        need = FD_RESERVE + (uint64_t)conf->n_listens * (uint64_t)workers;
+    if (need < FD_RESERVE + (uint64_t)conf->n_backends)
+        need = FD_RESERVE + (uint64_t)conf->n_backends;
+    return need;
+}
+
+/* Resolves maxconn and sets RLIMIT_NOFILE for every process (the children inherit it) so that
+ * a worker at its client limit still has an fd for each upstream connection: running out of
+ * fds is then never what a client or a backend sees. maxconn counts over all workers; each
+ * worker takes ceil(maxconn / workers) (HAProxy's maxconn is per process: here the gateway is
+ * the master and its workers). maxconn 0 takes the most the hard limit allows. */
+static int master_fd_limit(struct conf *conf, int workers)
+{
+    struct rlimit rl, want;
+    uint64_t per_worker, need;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) == -1) {
+        log_err("cannot read RLIMIT_NOFILE: %s", strerror(errno));
+        return -errno;
+    }
+    if (!conf->global.maxconn) {
+        uint64_t fixed = fd_need(conf, workers, 0);
+        per_worker = rl.rlim_max > fixed ? (rl.rlim_max - fixed) / 2 : 0;
+        if (per_worker * (uint64_t)workers > UINT32_MAX)
+            per_worker = UINT32_MAX / (uint64_t)workers;
+        if (per_worker < 1) {
+            log_err("RLIMIT_NOFILE hard limit %llu leaves no file descriptor for client "
+                    "connections (%llu needed besides them): raise it (ulimit -Hn, systemd "
+                    "LimitNOFILE=)",
+                    (unsigned long long)rl.rlim_max, (unsigned long long)fixed);
+            return -EMFILE;
+        }
+        conf->global.maxconn = (uint32_t)(per_worker * (uint64_t)workers);
+    }
+    per_worker = (conf->global.maxconn + (uint64_t)workers - 1) / (uint64_t)workers;
+    need = fd_need(conf, workers, per_worker);
+    want = rl;
+    if (want.rlim_cur < need)
+        want.rlim_cur = need;
+    if (want.rlim_max < need)
+        want.rlim_max = need; /* only a privileged master may raise the hard limit */
+    if ((want.rlim_cur != rl.rlim_cur || want.rlim_max != rl.rlim_max) &&
+        setrlimit(RLIMIT_NOFILE, &want) == -1) {
+        int err = errno;
+        log_err("maxconn %u needs %llu file descriptors per worker (%llu connections, each with "
+                "an upstream one, plus pooled connections and listeners), but RLIMIT_NOFILE is "
+                "%llu (hard %llu) and cannot be raised: %s; raise the limit (ulimit -n, systemd "
+                "LimitNOFILE=) or lower maxconn",
+                conf->global.maxconn, (unsigned long long)need, (unsigned long long)per_worker,
+                (unsigned long long)rl.rlim_cur, (unsigned long long)rl.rlim_max, strerror(err));
+        return -err;
+    }
+    log_info("maxconn %u (%llu per worker), RLIMIT_NOFILE %llu", conf->global.maxconn,
+             (unsigned long long)per_worker, (unsigned long long)want.rlim_cur);
+    return 0;
 }
 
 /* Only admin client handles carry data (their struct admin_client); the master's own handles
@@ -716,8 +832,15 @@ static int master_setup(struct conf *conf)
         return rc;
     }
     M.loop_ready = 1;
+    /* uv_timer_init cannot fail (it only initialises the handle) */
     uv_timer_init(&M.loop, &M.restart_timer);
     uv_timer_init(&M.loop, &M.stop_timer);
+    rc = master_signals();
+    if (rc < 0)
+        return rc;
+    rc = master_fd_limit(conf, workers);
+    if (rc < 0)
+        return rc;
 
     rc = admin_listen(conf->global.admin_socket);
     if (rc < 0)
@@ -753,15 +876,6 @@ static int master_setup(struct conf *conf)
         c->restart_at = now;
     }
 
-    uv_signal_init(&M.loop, &M.sig_chld);
-    uv_signal_init(&M.loop, &M.sig_term);
-    uv_signal_init(&M.loop, &M.sig_int);
-    uv_signal_init(&M.loop, &M.sig_hup);
-    uv_signal_start(&M.sig_chld, on_sigchld, SIGCHLD);
-    uv_signal_start(&M.sig_term, on_signal, SIGTERM);
-    uv_signal_start(&M.sig_int, on_signal, SIGINT);
-    uv_signal_start(&M.sig_hup, on_signal, SIGHUP);
-
     log_info("aigw master started (pid %d): %d workers, %d listeners, admin socket %s",
              (int)getpid(), workers, conf->n_listens, conf->global.admin_socket);
     return 0;
@@ -769,6 +883,9 @@ static int master_setup(struct conf *conf)
 
 static void master_teardown(void)
 {
+    /* Closing the signal handles puts the default actions back: a late signal must not kill
+     * the master before it removed its socket. */
+    sig_block_all_handled();
     listeners_close();
     free(M.fds);
     M.fds = NULL;

@@ -743,6 +743,16 @@ static int64_t http_date(const char *v, size_t len)
     return days_from_civil(year, mon, day) * 86400 + secs;
 }
 
+/* a * b + c, saturating at UINT64_MAX: an upstream's huge value must not wrap into a small
+ * one (and the arithmetic stays defined whatever digits arrive) */
+static uint64_t sat_muladd(uint64_t a, uint64_t b, uint64_t c)
+{
+    uint64_t r;
+    if (__builtin_mul_overflow(a, b, &r) || __builtin_add_overflow(r, c, &r))
+        return UINT64_MAX;
+    return r;
+}
+
 int64_t proxy_retry_after_ms(const char *v, size_t len, int64_t now_s)
 {
     int64_t s;
@@ -752,8 +762,12 @@ int64_t proxy_retry_after_ms(const char *v, size_t len, int64_t now_s)
     }
     while (len && (v[len - 1] == ' ' || v[len - 1] == '\t'))
         len--;
-    if (span_digits(v, len, &s) == 0)
-        return s * 1000;
+    size_t nd = 0;
+    uint64_t secs = 0;
+    while (nd < len && v[nd] >= '0' && v[nd] <= '9')
+        secs = sat_muladd(secs, 10, (uint64_t)(v[nd++] - '0'));
+    if (len && nd == len) /* delay-seconds, any number of digits: a huge one saturates */
+        return secs > PROXY_DURATION_MAX_MS / 1000 ? PROXY_DURATION_MAX_MS : (int64_t)secs * 1000;
     if ((s = http_date(v, len)) < 0)
         return -1;
     return s > now_s ? (s - now_s) * 1000 : 0;
@@ -782,14 +796,14 @@ int64_t proxy_duration_ms(const char *v, size_t len)
     while (i < len) {
         uint64_t ip = 0, frac = 0, scale = 1;
         size_t s = i;
-        while (i < len && v[i] >= '0' && v[i] <= '9' && i - s < 12)
-            ip = ip * 10 + (uint64_t)(v[i++] - '0');
+        while (i < len && v[i] >= '0' && v[i] <= '9')
+            ip = sat_muladd(ip, 10, (uint64_t)(v[i++] - '0'));
         int digits = i > s;
         if (i < len && v[i] == '.') {
             i++;
             size_t f = i;
             while (i < len && v[i] >= '0' && v[i] <= '9') {
-                if (i - f < 9) {
+                if (i - f < 9) { /* ns precision is all a duration needs */
                     frac = frac * 10 + (uint64_t)(v[i] - '0');
                     scale *= 10;
                 }
@@ -797,7 +811,7 @@ int64_t proxy_duration_ms(const char *v, size_t len)
             }
             digits |= i > f;
         }
-        if (!digits || (i < len && v[i] >= '0' && v[i] <= '9'))
+        if (!digits)
             return -1;
         size_t u = i;
         while (i < len && ((v[i] >= 'a' && v[i] <= 'z') || (v[i] >= 'A' && v[i] <= 'Z')))
@@ -816,9 +830,11 @@ int64_t proxy_duration_ms(const char *v, size_t len)
             if (!ns)
                 return -1;
         }
-        total += ip * ns + frac * ns / scale;
+        /* frac / scale of a unit, without frac x ns overflowing (frac < scale <= 1e9) */
+        uint64_t part = ns / scale * frac + ns % scale * frac / scale;
+        total = sat_muladd(1, total, sat_muladd(ip, ns, part));
     }
-    return (int64_t)((total + 999999) / 1000000);
+    return (int64_t)(total / 1000000 + (total % 1000000 != 0)); /* <= PROXY_DURATION_MAX_MS */
 }
 
 int64_t proxy_cool_ms(const struct proxy_hdr *hdrs, size_t n, int64_t now_s)

@@ -207,13 +207,18 @@ int proxy_sse_newlines(int prev, const char *p, size_t n);
 
 /* ---- 429: how long a rate-limited backend cools down ---- */
 
+/* The longest duration the two parsers below return: a larger value (any number of digits)
+ * saturates to this, about 584 years, rather than wrapping or overflowing. */
+#define PROXY_DURATION_MAX_MS ((int64_t)(UINT64_MAX / 1000000 + 1))
+
 /* A Retry-After value: delay-seconds, or an HTTP date (IMF-fixdate, RFC 850 or asctime form)
  * taken against now_s (real time, seconds since the epoch; a past date is 0). Milliseconds,
  * or -1 when the value is neither. */
 int64_t proxy_retry_after_ms(const char *v, size_t len, int64_t now_s);
 
 /* An OpenAI x-ratelimit-reset-* duration: "1s", "6m0s", "20ms", "1.5s", "1h2m3.5s", units h, m,
- * s, ms, us, ns (a bare number is seconds). Milliseconds rounded up, or -1 when malformed. */
+ * s, ms, us, ns (a bare number is seconds). Milliseconds rounded up, or -1 when malformed;
+ * at most PROXY_DURATION_MAX_MS. */
 int64_t proxy_duration_ms(const char *v, size_t len);
 
 /* The cool-down a 429 answer asks for, from its headers: retry-after-ms, else Retry-After,

@@ -20,7 +20,9 @@ uint32_t retry_cond(enum upstream_err err, int status)
         return COND_RESET;
     case UPSTREAM_ECLIENT:
     case UPSTREAM_ENOMEM:
-        return 0; /* not the backend's doing */
+    case UPSTREAM_ELOCAL: /* the gateway's own shortage: not a failure, and no retry (another
+                             backend would meet it just the same) */
+        return 0;         /* not the backend's doing */
     }
     if (status == 429)
         return COND_429;

@@ -135,6 +135,8 @@ const char *upstream_strerror(enum upstream_err e)
         return "client gone";
     case UPSTREAM_ENOMEM:
         return "out of memory";
+    case UPSTREAM_ELOCAL:
+        return "out of a local resource";
     }
     return "?";
 }
@@ -224,6 +226,9 @@ static void conn_close(struct upconn *u)
 static void on_poll(uv_poll_t *h, int status, int events);
 static void on_timer(uv_timer_t *t);
 
+/* uv_poll_start fails only with EEXIST (another handle of this loop polls the fd: never, each
+ * connection has its own socket) and uv_poll_stop never (libuv 1.44); uv_timer_start only on a
+ * closing handle, which a connection in use never has. */
 static void poll_set(struct upconn *u, int events)
 {
     if (events == u->events)
@@ -323,7 +328,7 @@ static struct upconn *conn_new(struct upstream *up, struct up_backend *be, int f
         up->free_conns = u;
         return NULL;
     }
-    uv_timer_init(up->loop, &u->timer);
+    uv_timer_init(up->loop, &u->timer); /* cannot fail: it only initialises the handle */
     u->poll.data = u;
     u->timer.data = u;
     u->handles = 2;
@@ -332,6 +337,32 @@ static struct upconn *conn_new(struct upstream *up, struct up_backend *be, int f
 }
 
 static void resolve_soon(struct up_backend *be);
+
+/* Is err (errno of socket(), or of connect() with `connecting`) the gateway running out of
+ * something of its own, which another backend would meet just the same? fds (EMFILE, ENFILE),
+ * kernel memory (ENOBUFS, ENOMEM); on connect also ephemeral ports (EADDRNOTAVAIL, and EAGAIN,
+ * which Linux returns for a full routing cache). */
+static int upstream_errno_local(int err, int connecting)
+{
+    if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM)
+        return 1;
+    return connecting && (err == EADDRNOTAVAIL || err == EAGAIN);
+}
+
+/* Logs a local resource error (at most once a second per worker, with a count) and returns
+ * -UPSTREAM_ELOCAL: the client gets a 503 and the backend's health is left alone. */
+static int upstream_local_error(struct upstream *up, struct up_backend *be, const char *what,
+                                int err)
+{
+    uint64_t skipped;
+    char note[LOG_RATE_NOTE];
+
+    if (log_rate_ok(&up->local_log, uv_now(up->loop), &skipped))
+        log_warn("backend %s: %s: %s: the gateway is out of a local resource (check maxconn "
+                 "and RLIMIT_NOFILE); answering 503, the backend's health is not affected%s",
+                 be->cb->name, what, strerror(err), log_rate_note(skipped, note));
+    return -UPSTREAM_ELOCAL;
+}
 
 /* Opens a new connection for rq to be->addrs[first], or the next addresses when a connect
  * fails at once; left = how many more to try after first (the answer comes through the poll
@@ -348,14 +379,19 @@ static int conn_connect_at(struct upstream *up, struct upstream_req *rq, int fir
     for (;;) {
         const struct sockaddr_storage *sa = &be->addrs[i];
         fd = socket(sa->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd == -1 && upstream_errno_local(errno, 0))
+            return upstream_local_error(up, be, "socket", errno);
         if (fd != -1) {
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
             if (connect(fd, (const struct sockaddr *)sa, be->addr_lens[i]) == 0 ||
                 errno == EINPROGRESS)
                 break;
-            log_debug("backend %s: connect: %s", be->cb->name, strerror(errno));
+            int err = errno;
             close(fd);
             fd = -1;
+            if (upstream_errno_local(err, 1))
+                return upstream_local_error(up, be, "connect", err);
+            log_debug("backend %s: connect: %s", be->cb->name, strerror(err));
         }
         if (left-- <= 0) {
             resolve_soon(be);
@@ -1333,7 +1369,7 @@ void upstream_drain(struct upstream *up)
         /* a lookup nobody waits for must not hold the loop open (a request that waits keeps
          * it: the lookup ends, or the wait timer does) */
         if (be->resolving && !be->waiters)
-            uv_cancel((uv_req_t *)&be->gai);
+            uv_cancel((uv_req_t *)&be->gai); /* EBUSY when already running: it ends soon */
         wait_timer_settle(up, be);
     }
 }

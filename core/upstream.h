@@ -11,6 +11,7 @@
 #include <uv.h>
 
 #include "core/conf.h"
+#include "core/log.h"
 #include "core/proxy.h"
 #include "core/tls.h"
 #include "shm/shm.h"
@@ -40,6 +41,8 @@ enum upstream_err {
     UPSTREAM_EPROTO,   /* malformed response */
     UPSTREAM_ECLIENT,  /* the client side gave up (on_head/on_body returned < 0) */
     UPSTREAM_ENOMEM,
+    UPSTREAM_ELOCAL, /* the gateway ran out of a local resource (fds, socket buffers, memory,
+                        ephemeral ports) opening the connection: not the backend's doing */
 };
 
 const char *upstream_strerror(enum upstream_err e);
@@ -151,8 +154,9 @@ struct upstream {
     int draining;             /* no more pooling */
     uv_timer_t resolve_timer; /* every UPSTREAM_RESOLVE_MS: look host names up again */
     int resolve_timer_on;
-    struct upconn *wait_conn; /* rq->conn of a request waiting for an address (a placeholder) */
-    uint64_t aborts;          /* exchanges cut because the client went away */
+    struct upconn *wait_conn;  /* rq->conn of a request waiting for an address (a placeholder) */
+    uint64_t aborts;           /* exchanges cut because the client went away */
+    struct log_rate local_log; /* "out of a local resource" lines, at most one a second */
 };
 
 /* Starts looking backend host names up and prepares TLS clients. A buffer from bufs holds max_hdrs

@@ -13,9 +13,11 @@
 #include <uv.h>
 
 #include "balancer/balancer.h"
+#include "core/accept.h"
 #include "core/log.h"
 #include "core/proxy.h"
 #include "core/retry.h"
+#include "core/sig.h"
 #include "core/tls.h"
 #include "core/upstream.h"
 #include "core/util.h"
@@ -70,12 +72,6 @@ struct tq {
     struct client *head, *tail;
     uint64_t ms;
     uint64_t armed_at; /* loop time the timer fires at, 0 = not armed */
-};
-
-struct listener {
-    uv_tcp_t tcp;
-    struct worker *w;
-    int idx;
 };
 
 /* One client connection. Only what an idle keep-alive connection needs lives here; the state
@@ -156,13 +152,13 @@ struct worker {
     struct conf *conf;
     struct shm *shm;
     int slot;
-    struct listener *listeners;
-    int n_listeners;
-    uv_signal_t sigterm, sigint;
+    struct acceptor acc; /* the listeners, paused at maxconn */
+    uv_signal_t sigterm, sigint, sigquit;
     uv_timer_t hard_stop;
     struct tq *tqs; /* T_KINDS per listener, then the linger queue */
     int n_tqs;
     int draining, stopping;
+    int handles_ok; /* signal handles and timers initialised: worker_check_exit closes them */
     struct bufpool bufs;
     size_t data_size; /* bytes of a buffer for data */
     uint32_t max_hdrs;
@@ -254,6 +250,9 @@ static void client_timer_stop(struct client *c)
     c->tq = NULL;
     c->tprev = c->tnext = NULL;
 }
+
+/* The queues' uv_timer_start calls cannot fail: that takes a closing handle (the timers close
+ * only when the worker exits, with no client left) or a NULL callback. */
 
 /* Runs the clients of q whose deadline passed through fire (which may queue them again, here
  * or elsewhere), then arms q's timer (callback cb) for its new head unless that was done. */
@@ -366,6 +365,7 @@ static void client_handle_closed(uv_handle_t *h)
     c->buf = c->wbuf = NULL;
     c->next = w->free_clients;
     w->free_clients = c;
+    acceptor_closed(&w->acc, c->li); /* its fd is released: below maxconn again */
     worker_check_exit(w);
 }
 
@@ -1178,6 +1178,12 @@ static void client_gateway_error(struct client *c, enum upstream_err e)
         client_error_via(c, 502, "upstream_error", "upstream_reset",
                          "the upstream closed the connection", 0, 0, via, n);
         break;
+    case UPSTREAM_ELOCAL:
+    case UPSTREAM_ENOMEM:
+        /* the gateway's own shortage (logged by upstream.c): no backend is to blame */
+        client_error_via(c, 503, "server_error", "gateway_overloaded",
+                         "the gateway is out of resources; try again later", 0, 1, via, n);
+        break;
     default:
         client_error_via(c, 502, "upstream_error", "upstream_bad_response",
                          "invalid response from the upstream", 0, 0, via, n);
@@ -1722,48 +1728,55 @@ static void client_read_start(struct client *c)
     if (c->reading || c->eof || c->state == CS_CLOSED)
         return;
     c->reading = 1;
+    /* cannot fail: the handle is open and not reading (c->reading), and one that had a read
+     * error (UV_HANDLE_READABLE cleared) was closed by on_read */
     uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
 }
 
 /* ---- accepting ---- */
 
-static void on_connection(uv_stream_t *server, int status)
+/* A client whose socket could not be opened: it was never counted. */
+static void client_unopened_closed(uv_handle_t *h)
 {
-    struct listener *l = server->data;
-    struct worker *w = l->w;
-    struct client *c;
+    struct client *c = h->data;
+    c->next = c->w->free_clients;
+    c->w->free_clients = c;
+}
 
-    if (status < 0 || w->draining)
-        return;
+/* The acceptor (core/accept.c) hands over a new connection on listener li. */
+static int on_connection(void *ctx, int li, int fd, const struct sockaddr *peer, socklen_t len)
+{
+    struct worker *w = ctx;
+    struct client *c;
+    int rc;
+
+    if (w->draining)
+        return -ECANCELED;
     c = w->free_clients;
     if (c)
         w->free_clients = c->next;
     else if (!(c = malloc(sizeof(*c))))
-        return;
+        return -ENOMEM;
     memset(c, 0, sizeof(*c));
     c->w = w;
-    c->ln = &w->conf->listens[l->idx];
-    uv_tcp_init(&w->loop, &c->tcp);
+    c->ln = &w->conf->listens[li];
+    uv_tcp_init(&w->loop, &c->tcp); /* cannot fail without a socket to create (AF_UNSPEC) */
     c->tcp.data = c;
-    c->li = (uint16_t)l->idx;
+    c->li = (uint16_t)li;
     c->handles = 1;
-    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
-        /* another worker took it */
-        c->state = CS_CLOSED;
-        uv_close((uv_handle_t *)&c->tcp, client_handle_closed);
-        return;
+    if ((rc = uv_tcp_open(&c->tcp, fd)) != 0) {
+        log_warn("client connection: cannot set it up: %s", uv_strerror(rc));
+        c->state = CS_CLOSED; /* the handle does not own fd: the acceptor closes it */
+        uv_close((uv_handle_t *)&c->tcp, client_unopened_closed);
+        return rc;
     }
-    uv_tcp_nodelay(&c->tcp, 1);
+    uv_tcp_nodelay(&c->tcp, 1); /* without it only small writes wait a little: not fatal */
 
-    struct sockaddr_storage ss;
-    int sl = sizeof(ss);
     strcpy(c->ip, "unknown");
-    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &sl) == 0) {
-        if (ss.ss_family == AF_INET)
-            uv_ip4_name((struct sockaddr_in *)&ss, c->ip, sizeof(c->ip));
-        else if (ss.ss_family == AF_INET6)
-            uv_ip6_name((struct sockaddr_in6 *)&ss, c->ip, sizeof(c->ip));
-    }
+    if (peer->sa_family == AF_INET && len >= sizeof(struct sockaddr_in))
+        uv_ip4_name((const struct sockaddr_in *)peer, c->ip, sizeof(c->ip));
+    else if (peer->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6))
+        uv_ip6_name((const struct sockaddr_in6 *)peer, c->ip, sizeof(c->ip));
 
     c->state = CS_IDLE;
     c->fresh = 1;
@@ -1775,7 +1788,9 @@ static void on_connection(uv_stream_t *server, int status)
     conns_add(w, 1);
     client_timer(c, T_HEADER);
     c->reading = 1;
+    /* cannot fail: the handle is open, readable and not reading yet */
     uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    return 0;
 }
 
 /* ---- stopping ---- */
@@ -1786,22 +1801,22 @@ static void on_handle_closed_noop(uv_handle_t *h)
 
 static void worker_close_listeners(struct worker *w)
 {
-    for (int i = 0; i < w->n_listeners; i++)
-        if (!uv_is_closing((uv_handle_t *)&w->listeners[i].tcp))
-            uv_close((uv_handle_t *)&w->listeners[i].tcp, on_handle_closed_noop);
+    acceptor_close(&w->acc);
 }
 
 static void worker_check_exit(struct worker *w)
 {
     if (!(w->draining || w->stopping) || w->n_clients > 0)
         return;
-    if (!uv_is_closing((uv_handle_t *)&w->sigterm)) {
+    if (w->handles_ok && !uv_is_closing((uv_handle_t *)&w->sigterm)) {
         uv_close((uv_handle_t *)&w->sigterm, on_handle_closed_noop);
         uv_close((uv_handle_t *)&w->sigint, on_handle_closed_noop);
+        uv_close((uv_handle_t *)&w->sigquit, on_handle_closed_noop);
         /* libuv put the default action back: a Ctrl-C reaches a worker twice (terminal and
          * master), and the second must not kill it in the middle of its exit */
         signal(SIGTERM, SIG_IGN);
         signal(SIGINT, SIG_IGN);
+        signal(SIGQUIT, SIG_IGN);
         uv_close((uv_handle_t *)&w->hard_stop, on_handle_closed_noop);
         uv_close((uv_handle_t *)&w->retry_q.timer, on_handle_closed_noop);
         for (int i = 0; i < w->n_tqs; i++)
@@ -1938,15 +1953,29 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     w->conf = conf;
     w->shm = shm;
     w->slot = slot;
-    uv_signal_init(&w->loop, &w->sigterm);
+    /* uv_signal_init fails only when the loop's signal pipe cannot be made (no fd left), on the
+     * first call: then nothing is set up yet and the worker exits; uv_timer_init cannot fail */
+    int r = uv_signal_init(&w->loop, &w->sigterm);
+    if (r < 0) {
+        log_err("cannot set up signal handling: %s", uv_strerror(r));
+        return r;
+    }
     uv_signal_init(&w->loop, &w->sigint);
+    uv_signal_init(&w->loop, &w->sigquit);
     uv_timer_init(&w->loop, &w->hard_stop);
     uv_timer_init(&w->loop, &w->retry_q.timer);
+    w->handles_ok = 1;
     w->retry_q.timer.data = &w->retry_q;
     w->retry_q.w = w;
-    w->sigterm.data = w->sigint.data = w->hard_stop.data = w;
-    uv_signal_start(&w->sigterm, on_signal, SIGTERM);
-    uv_signal_start(&w->sigint, on_signal, SIGINT);
+    w->sigterm.data = w->sigint.data = w->sigquit.data = w->hard_stop.data = w;
+    /* SIGQUIT is a graceful stop, as SIGTERM (and as nginx's QUIT) */
+    if ((r = uv_signal_start(&w->sigterm, on_signal, SIGTERM)) < 0 ||
+        (r = uv_signal_start(&w->sigint, on_signal, SIGINT)) < 0 ||
+        (r = uv_signal_start(&w->sigquit, on_signal, SIGQUIT)) < 0) {
+        log_err("cannot set up signal handling: %s", uv_strerror(r));
+        return r;
+    }
+    sig_child_ready(); /* stop signals that came during the start are handled now */
     int n_tqs = conf->n_listens * T_KINDS + 1;
     if (!(w->tqs = calloc((size_t)n_tqs, sizeof(*w->tqs))))
         return -ENOMEM;
@@ -1988,8 +2017,8 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
         w->rid_seed2 = time_mono_ns();
     }
     settings_init();
-    int r = upstream_init(&w->up, &w->loop, conf, shm, slot, &w->bufs, w->data_off, data,
-                          w->hdrs_off, max_hdrs);
+    r = upstream_init(&w->up, &w->loop, conf, shm, slot, &w->bufs, w->data_off, data, w->hdrs_off,
+                      max_hdrs);
     if (r < 0)
         return r;
 
@@ -2013,23 +2042,25 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     for (int i = 0; i < conf->n_pools; i++)
         balancer_start(&w->bal[i], conf, i, slot, w->rid_seed1);
 
-    w->listeners = calloc((size_t)(conf->n_listens ? conf->n_listens : 1), sizeof(*w->listeners));
-    if (!w->listeners)
+    /* this worker's share of maxconn (the master resolved 0 = auto from RLIMIT_NOFILE) */
+    uint32_t nw = conf->global.workers > 0 ? (uint32_t)conf->global.workers : 1;
+    uint32_t *l_max = calloc((size_t)(conf->n_listens ? conf->n_listens : 1), sizeof(*l_max));
+    const char **names = calloc((size_t)(conf->n_listens ? conf->n_listens : 1), sizeof(*names));
+    if (!l_max || !names) {
+        free(l_max);
+        free(names);
         return -ENOMEM;
-    for (int i = 0; i < conf->n_listens; i++) {
-        struct listener *l = &w->listeners[i];
-        l->w = w;
-        l->idx = i;
-        uv_tcp_init(&w->loop, &l->tcp);
-        l->tcp.data = l;
-        w->n_listeners++;
-        if ((r = uv_tcp_open(&l->tcp, listen_fds[i])) != 0 ||
-            (r = uv_listen((uv_stream_t *)&l->tcp, conf->listens[i].backlog, on_connection)) != 0) {
-            log_err("listen %s: %s", conf->listens[i].bind, uv_strerror(r));
-            return r;
-        }
     }
-    return 0;
+    for (int i = 0; i < conf->n_listens; i++) {
+        l_max[i] = (uint32_t)(((uint64_t)conf->listens[i].maxconn + nw - 1) / nw);
+        names[i] = conf->listens[i].name;
+    }
+    r = acceptor_init(&w->acc, &w->loop, listen_fds, names, conf->n_listens,
+                      (uint32_t)(((uint64_t)conf->global.maxconn + nw - 1) / nw), l_max,
+                      on_connection, w);
+    free(l_max);
+    free(names);
+    return r;
 }
 
 static void worker_teardown(struct worker *w)
@@ -2041,7 +2072,7 @@ static void worker_teardown(struct worker *w)
     free(w->cands);
     free(w->cand_limit);
     free(w->auth_log_ns);
-    free(w->listeners);
+    acceptor_free(&w->acc);
     free(w->tqs);
     upstream_free(&w->up);
     while (w->free_clients) {

@@ -115,7 +115,7 @@ static void check_finish(struct check *ck)
         close(ck->fd);
         ck->fd = -1;
     }
-    uv_timer_start(&ck->timer, check_on_report_timer, 0, 0);
+    uv_timer_start(&ck->timer, check_on_report_timer, 0, 0); /* not closing: cannot fail */
 }
 
 static void check_fail(struct check *ck, enum backend_reason why, int32_t status, const char *fmt,
@@ -137,8 +137,18 @@ static void check_fail(struct check *ck, enum backend_reason why, int32_t status
     check_finish(ck);
 }
 
-static void check_fail_connect(struct check *ck, int err)
+static void check_fail_connect(struct check *ck, int err, int connecting)
 {
+    /* the checker's own shortage, as the workers classify it (core/upstream.c) */
+    if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM ||
+        (connecting && (err == EADDRNOTAVAIL || err == EAGAIN))) {
+        ck->res.local = 1;
+        check_fail(ck, REASON_CHECK_CONNECT, -err,
+                   "%s: %s (the health checker is out of a local "
+                   "resource)",
+                   connecting ? "connect" : "socket", strerror(err));
+        return;
+    }
     if (err == ECONNREFUSED)
         check_fail(ck, REASON_CHECK_CONNECT, -err, "connect refused (%s)", ck->addr);
     else
@@ -151,7 +161,7 @@ static void check_on_timeout(uv_timer_t *t)
     struct check *ck = t->data;
 
     if (ck->step == CHECK_RESOLVE && ck->gai_pending)
-        uv_cancel((uv_req_t *)&ck->gai);
+        uv_cancel((uv_req_t *)&ck->gai); /* EBUSY when already running: its callback ignores it */
     check_fail(ck, REASON_CHECK_TIMEOUT, -ETIMEDOUT, "timeout after %llu ms %s (%s)",
                (unsigned long long)ck->spec->timeout_ms, check_step_str(ck->step),
                ck->addr[0] ? ck->addr : ck->spec->host);
@@ -189,18 +199,20 @@ static void check_connect(struct check *ck, const struct sockaddr *sa, socklen_t
     }
     ck->fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (ck->fd == -1) {
-        check_fail_connect(ck, errno);
+        check_fail_connect(ck, errno, 0);
         return;
     }
     /* mbedTLS writes each handshake record with its own send(): without NODELAY, Nagle holds
      * the second one until the peer's delayed ACK, adding ~40 ms to every TLS check. */
     setsockopt(ck->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     if (connect(ck->fd, sa, salen) == -1 && errno != EINPROGRESS) {
-        check_fail_connect(ck, errno);
+        check_fail_connect(ck, errno, 1);
         return;
     }
     ret = uv_poll_init_socket(ck->loop, &ck->poll, ck->fd);
     if (ret < 0) {
+        /* epoll_ctl or ioctl on our own new socket: only a local shortage makes these fail */
+        ck->res.local = 1;
         check_fail(ck, REASON_CHECK_CONNECT, ret, "poll init failed: %s", uv_strerror(ret));
         return;
     }
@@ -304,7 +316,7 @@ static void check_drive(struct check *ck)
                 return;
             }
             if (err != 0) {
-                check_fail_connect(ck, err);
+                check_fail_connect(ck, err, 0); /* the network's answer, not a syscall's */
                 return;
             }
             if (!ck->spec->tls) {

@@ -29,6 +29,8 @@ struct check_result {
     int32_t status;          /* HTTP status, or -errno */
     enum backend_reason why; /* REASON_CHECK_OK or the failure class */
     uint32_t dur_us;
+    int local;        /* not run: the checker is out of fds, buffers or memory (says nothing of the
+                         backend, so its rise/fall streaks are left alone) */
     char detail[192]; /* "connect refused (127.0.0.1:9101)", "status 503", ... */
 };
 

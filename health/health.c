@@ -13,6 +13,7 @@
 #include <uv.h>
 
 #include "core/log.h"
+#include "core/sig.h"
 #include "core/tls.h"
 #include "core/util.h"
 #include "health/check.h"
@@ -77,13 +78,15 @@ struct health {
     uv_loop_t loop;
     struct conf *conf;
     struct shm *shm;
-    uv_signal_t sigterm, sigint;
+    uv_signal_t sigterm, sigint, sigquit;
     uv_timer_t eval;
+    struct log_rate local_log; /* "check not run" lines */
     int eval_open;
     struct hc_backend *b;
     int n;
     int stopping;
-    uint64_t rng; /* splitmix64 state, seeded per process */
+    int signals_ok; /* the signal handles are initialised */
+    uint64_t rng;   /* splitmix64 state, seeded per process */
 };
 
 int health_rf_on_result(struct health_rf *rf, enum backend_state *st, int ok, int rise, int fall)
@@ -126,6 +129,8 @@ static uint64_t health_rand(struct health *h)
 
 static void health_on_tick(uv_timer_t *t);
 
+/* uv_timer_start fails only on a closing handle: ticks close only when the checker stops, and
+ * nothing arms them after that (h->stopping). */
 static void health_arm(struct hc_backend *hb, uint64_t delay_ms)
 {
     uv_timer_start(&hb->tick, health_on_tick, delay_ms, 0);
@@ -211,6 +216,18 @@ static void health_on_check(struct check *ck, const struct check_result *res)
     uint64_t now = time_mono_ns();
     enum backend_state st = hb->st;
 
+    if (res->local) {
+        /* the checker could not run the check (out of fds or memory): nothing is known of the
+         * backend, so its state, streaks and last check stay as they were */
+        uint64_t skipped;
+        char note[LOG_RATE_NOTE];
+        if (log_rate_ok(&h->local_log, uv_now(&h->loop), &skipped))
+            log_warn("backend %s/%s: check not run: %s; state left as it is%s", hb->pool->name,
+                     hb->cb->name, res->detail, log_rate_note(skipped, note));
+        if (!h->stopping)
+            health_arm_next(hb);
+        return;
+    }
     shm_backend_set_check(h->shm, hb->idx, res->status, res->dur_us, now);
     /* Only passing checks measure the backend's speed; a failing one says nothing of it (a
      * timeout would only repeat check_timeout). Slowness is judged by the evaluation. */
@@ -556,12 +573,16 @@ static void health_stop(struct health *h)
     }
     if (h->eval_open)
         uv_close((uv_handle_t *)&h->eval, NULL);
-    uv_close((uv_handle_t *)&h->sigterm, NULL);
-    uv_close((uv_handle_t *)&h->sigint, NULL);
+    if (h->signals_ok) {
+        uv_close((uv_handle_t *)&h->sigterm, NULL);
+        uv_close((uv_handle_t *)&h->sigint, NULL);
+        uv_close((uv_handle_t *)&h->sigquit, NULL);
+    }
     /* Closing the last uv_signal handle puts the default action back; a Ctrl-C reaches us
      * twice (the terminal's, then the master's), and the second must not kill us mid-exit. */
     signal(SIGTERM, SIG_IGN);
     signal(SIGINT, SIG_IGN);
+    signal(SIGQUIT, SIG_IGN);
 }
 
 static void health_on_signal(uv_signal_t *s, int signum)
@@ -605,12 +626,28 @@ int health_main(struct conf *conf, struct shm *shm)
         log_err("health checker: loop init failed: %s", uv_strerror(ret));
         return 1;
     }
-    uv_signal_init(&h.loop, &h.sigterm);
+    /* uv_signal_init fails only on the first call, when the loop's signal pipe cannot be made;
+     * uv_signal_start only for an invalid signal. SIGQUIT stops as SIGTERM does. */
+    if ((ret = uv_signal_init(&h.loop, &h.sigterm)) < 0) {
+        log_err("health checker: cannot set up signal handling: %s", uv_strerror(ret));
+        uv_loop_close(&h.loop);
+        return 1;
+    }
     uv_signal_init(&h.loop, &h.sigint);
-    h.sigterm.data = h.sigint.data = &h;
-    uv_signal_start(&h.sigterm, health_on_signal, SIGTERM);
-    uv_signal_start(&h.sigint, health_on_signal, SIGINT);
-    uv_timer_init(&h.loop, &h.eval);
+    uv_signal_init(&h.loop, &h.sigquit);
+    h.signals_ok = 1;
+    h.sigterm.data = h.sigint.data = h.sigquit.data = &h;
+    if ((ret = uv_signal_start(&h.sigterm, health_on_signal, SIGTERM)) < 0 ||
+        (ret = uv_signal_start(&h.sigint, health_on_signal, SIGINT)) < 0 ||
+        (ret = uv_signal_start(&h.sigquit, health_on_signal, SIGQUIT)) < 0) {
+        log_err("health checker: cannot set up signal handling: %s", uv_strerror(ret));
+        health_stop(&h);
+        uv_run(&h.loop, UV_RUN_DEFAULT);
+        uv_loop_close(&h.loop);
+        return 1;
+    }
+    sig_child_ready();               /* stop signals that came during the start are handled now */
+    uv_timer_init(&h.loop, &h.eval); /* cannot fail */
     h.eval.data = &h;
     h.eval_open = 1;
 

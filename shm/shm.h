@@ -261,7 +261,7 @@ struct shm_backend_totals {
 };
 void shm_backend_totals(const struct shm *shm, uint32_t b, struct shm_backend_totals *t);
 
-/* Master: zero a dead worker's slot and counters' gauges before its replacement starts.
+/* Master: zero a dead worker's slot and counters' gauges when it is reaped (its pid too).
  * Cumulative counters (requests, failures, bytes) are kept; active gauges are zeroed. */
 void shm_worker_reset(struct shm *shm, uint32_t w);
 

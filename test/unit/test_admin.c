@@ -338,6 +338,70 @@ static void test_errors_and_help(void **state)
     free(out);
 }
 
+/* Writes "breaker\0" at every 8-byte step of the stack below the caller, where admin_exec's
+ * word array will be: a word the splitter never set then reads as "breaker". */
+static void __attribute__((noinline)) stack_fill_breaker(void)
+{
+    volatile char pad[32768];
+    for (size_t i = 0; i < sizeof(pad); i++)
+        pad[i] = "breaker"[i % 8];
+}
+
+/* The splitter never reads a word it did not set: a first word too long to be a name leaves
+ * none set, and the answer must not depend on what the stack held (it said "usage: breaker"
+ * when it held "breaker"). Also many, empty and odd words. */
+static void test_split_words(void **state)
+{
+    struct fixture *f = *state;
+    char line[600];
+
+    memset(line, 'x', 300);
+    line[300] = '\0';
+    stack_fill_breaker();
+    char *out = run(f, line, NULL, 0, -EINVAL);
+    assert_memory_equal(out, "error: unknown command 'xxx", 27);
+    free(out);
+
+    /* a long first word after blanks, and followed by more words */
+    snprintf(line, sizeof(line), " \t%.*s show backends", 400,
+             "yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy"
+             "yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy"
+             "yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy");
+    stack_fill_breaker();
+    out = run(f, line, NULL, 0, -EINVAL);
+    assert_non_null(strstr(out, "unknown command"));
+    free(out);
+
+    /* the command word is set, a later one too long: the command's usage */
+    snprintf(line, sizeof(line), "breaker reset %0300d", 7);
+    out = run(f, line, NULL, 0, -EINVAL);
+    assert_string_equal(out, "error: usage: breaker reset|open BACKEND\n");
+    free(out);
+
+    static const struct {
+        const char *line, *answer;
+    } cases[] = {
+        {"", "error: unknown command ''; try 'help'\n"},
+        {" \t\r\n ", "error: unknown command ' ?'; try 'help'\n"},
+        {"a b c d e f g h i j k l",
+         "error: unknown command 'a b c d e f g h i j k l'; try 'help'\n"},
+        {"breaker", "error: usage: breaker reset|open BACKEND\n"},
+        {"breaker reset a1 json extra more", "error: usage: breaker reset|open BACKEND\n"},
+        {"set", "error: usage: set backend BACKEND ready|drain|maint\n"},
+        {"set backend a1 ready json x", "error: usage: set backend BACKEND ready|drain|maint\n"},
+        {"\x01\xff help", "error: unknown command '?? help'; try 'help'\n"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        stack_fill_breaker();
+        out = run(f, cases[i].line, NULL, 0, -EINVAL);
+        assert_string_equal(out, cases[i].answer);
+        free(out);
+    }
+    /* blanks around a good command do not matter */
+    out = run(f, "\t show   proc \r\n", NULL, 0, 0);
+    free(out);
+}
+
 static void test_json_escaping(void **state)
 {
     struct fixture *f = *state;
@@ -694,6 +758,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_backends_table, setup, teardown),
         cmocka_unit_test_setup_teardown(test_proc, setup, teardown),
         cmocka_unit_test_setup_teardown(test_errors_and_help, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_split_words, setup, teardown),
         cmocka_unit_test_setup_teardown(test_json_escaping, setup, teardown),
         cmocka_unit_test_setup_teardown(test_no_backends, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backends_json_resilience, setup, teardown),

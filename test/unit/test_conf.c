@@ -11,6 +11,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -950,6 +954,106 @@ static void test_missing_file(void **state)
     free(err);
 }
 
+/* conf_load(path) in a child bounded in time (and memory, outside ASan): a loader that reads
+ * /dev/zero or waits on a FIFO fails the test instead of hanging it. Returns the error
+ * message (malloc'd) or NULL when the load succeeded. */
+static char *load_bounded(const char *path)
+{
+    char buf[512];
+    int fds[2];
+    ssize_t n;
+    size_t len = 0;
+    int status;
+
+    assert_int_equal(pipe(fds), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        struct conf *c = NULL;
+        char *err = NULL;
+        close(fds[0]);
+        alarm(10);
+#ifndef __SANITIZE_ADDRESS__
+        struct rlimit as = {1ull << 30, 1ull << 30};
+        setrlimit(RLIMIT_AS, &as);
+#endif
+        int rc = conf_load(path, &c, &err);
+        if (rc == 0)
+            _exit(3);
+        if (err && write(fds[1], err, strlen(err)) < 0)
+            _exit(4);
+        _exit(0);
+    }
+    close(fds[1]);
+    while ((n = read(fds[0], buf + len, sizeof(buf) - 1 - len)) > 0)
+        len += (size_t)n;
+    close(fds[0]);
+    buf[len] = '\0';
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    if (WIFSIGNALED(status))
+        fail_msg("conf_load(%s) was killed by signal %d (hung or ran out of memory)", path,
+                 WTERMSIG(status));
+    if (WEXITSTATUS(status) == 3)
+        return NULL;
+    assert_int_equal(WEXITSTATUS(status), 0);
+    return strdup(buf);
+}
+
+static void expect_refused(const char *path, const char *why)
+{
+    char want[256];
+    char *err = load_bounded(path);
+
+    if (!err)
+        fail_msg("conf_load(%s) succeeded", path);
+    snprintf(want, sizeof(want), "%s: ", path);
+    if (strncmp(err, want, strlen(want)) != 0 || !strstr(err, why))
+        fail_msg("message '%s' is not '%s...%s'", err, want, why);
+    free(err);
+}
+
+/* Only a regular file of bounded size is read: /dev/zero, a FIFO nobody writes to, a directory
+ * or a huge file give a clear "FILE: ..." error at once. */
+static void test_err_not_a_config_file(void **state)
+{
+    char fifo[160], big[160];
+
+    expect_refused("/dev/zero", "not a regular file");
+    expect_refused("/dev/null", "not a regular file");
+    expect_refused(dir, "is a directory");
+    snprintf(fifo, sizeof(fifo), "%s/fifo", dir);
+    assert_int_equal(mkfifo(fifo, 0600), 0);
+    expect_refused(fifo, "not a regular file");
+    unlink(fifo);
+    /* a sparse file over the limit: refused by its size, before a byte is read */
+    snprintf(big, sizeof(big), "%s/big.ini", dir);
+    int fd = open(big, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    assert_true(fd >= 0);
+    assert_int_equal(ftruncate(fd, (off_t)(64u << 20)), 0);
+    close(fd);
+    expect_refused(big, "larger than 8 MB");
+    unlink(big);
+}
+
+/* maxconn in [global] and [listen]: 0 (the default) and counts, bounded. */
+static void test_maxconn(void **state)
+{
+    struct conf *c = load_ok(BASE);
+    assert_int_equal(c->global.maxconn, 0);
+    assert_int_equal(c->listens[0].maxconn, 0);
+    conf_free(c);
+    c = load_ok("[global]\nmaxconn = 20000\n[listen main]\nbind = 127.0.0.1:8080\n"
+                "maxconn = 500\n[pool p]\n[backend a]\nurl = http://127.0.0.1:9101/v1\n");
+    assert_int_equal(c->global.maxconn, 20000);
+    assert_int_equal(c->listens[0].maxconn, 500);
+    conf_free(c);
+    load_bad(BASE "[global]\nmaxconn = -1\n", 7, "[global] key 'maxconn'", NULL);
+    load_bad(BASE "[global]\nmaxconn = lots\n", 7, "[global] key 'maxconn'", "not a number", NULL);
+    load_bad("[listen main]\nbind = 127.0.0.1:8080\nmaxconn = 1000000000\n[pool p]\n"
+             "[backend a]\nurl = http://127.0.0.1:9101/v1\n",
+             3, "[listen main] key 'maxconn'", "out of range", NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -968,6 +1072,8 @@ int main(void)
         cmocka_unit_test(test_indent_and_long_lines),
         cmocka_unit_test(test_no_secrets_flag),
         cmocka_unit_test(test_missing_file),
+        cmocka_unit_test(test_err_not_a_config_file),
+        cmocka_unit_test(test_maxconn),
         cmocka_unit_test(test_resilience_defaults),
         cmocka_unit_test(test_resilience_valid),
         cmocka_unit_test(test_backend_overrides),

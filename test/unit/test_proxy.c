@@ -711,6 +711,48 @@ static void test_duration(void **state)
         assert_int_equal(proxy_duration_ms(bad[i], strlen(bad[i])), -1);
 }
 
+/* Huge values from an upstream saturate instead of wrapping into a short cool-down (or, before,
+ * being refused and replaced by the 1 s default); checked under UBSan in the sanitizer build. */
+static void test_duration_huge(void **state)
+{
+    static const char *huge[] = {
+        "99999999999999999999h", /* more digits than any integer type holds */
+        "999999999999h",         /* fits the digits, not x 3600 s in ns */
+        "18446744073709551616s", /* UINT64_MAX + 1 */
+        "5124095576h30m",        /* each part fits, the sum does not */
+        "99999999999999999999999999999999999999999999999999ms",
+    };
+    for (size_t i = 0; i < sizeof(huge) / sizeof(huge[0]); i++)
+        assert_int_equal(proxy_duration_ms(huge[i], strlen(huge[i])), PROXY_DURATION_MAX_MS);
+    /* a fraction of an hour with every digit kept: 0.999999999 h, not frac x ns wrapped */
+    assert_int_equal(proxy_duration_ms("0.999999999h", 12), 3600000); /* 3599999.9964 up */
+    assert_int_equal(proxy_duration_ms("0.000000001h", 12), 1);       /* 0.0036 ms up */
+    assert_int_equal(proxy_duration_ms("1.999999999999m", 15), 120000);
+    /* one more digit than the 12 the old parser read */
+    assert_int_equal(proxy_duration_ms("1000000000000ms", 15), 1000000000000LL);
+    /* not numbers at all stay malformed */
+    assert_int_equal(proxy_duration_ms("1e309s", 6), -1);
+    assert_int_equal(proxy_duration_ms("inf", 3), -1);
+    assert_int_equal(proxy_duration_ms("NaNs", 4), -1);
+
+    assert_int_equal(proxy_retry_after_ms("99999999999999999999", 20, 0), PROXY_DURATION_MAX_MS);
+    assert_int_equal(proxy_retry_after_ms("9223372036854775807", 19, 0), PROXY_DURATION_MAX_MS);
+    assert_int_equal(proxy_retry_after_ms("1000000000000000", 16, 0), PROXY_DURATION_MAX_MS);
+    assert_int_equal(proxy_retry_after_ms("18446744073", 11, 0), 18446744073000LL);
+    assert_int_equal(proxy_retry_after_ms("1e309", 5, 0), -1);
+    /* a header value is a span, not a string: no read past its length */
+    assert_int_equal(proxy_retry_after_ms("12345", 2, 0), 12000);
+
+    /* through the 429 cool-down: the longest wins, saturated, never negative */
+    struct proxy_hdr h[] = {
+        H("x-ratelimit-reset-requests", "99999999999999999999h"),
+        H("x-ratelimit-reset-tokens", "1s"),
+    };
+    assert_int_equal(proxy_cool_ms(h, 2, 0), PROXY_DURATION_MAX_MS);
+    struct proxy_hdr ms[] = {H("retry-after-ms", "99999999999999999999999")};
+    assert_true(proxy_cool_ms(ms, 1, 0) >= PROXY_DURATION_MAX_MS / 1000);
+}
+
 static void test_cool_ms(void **state)
 {
     struct proxy_hdr none[] = {H("Content-Type", "application/json")};
@@ -942,6 +984,7 @@ int main(void)
         cmocka_unit_test(test_sse_error),
         cmocka_unit_test(test_retry_after),
         cmocka_unit_test(test_duration),
+        cmocka_unit_test(test_duration_huge),
         cmocka_unit_test(test_cool_ms),
         cmocka_unit_test(test_parse_body_key),
         cmocka_unit_test(test_hdr_pieces),

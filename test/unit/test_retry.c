@@ -32,6 +32,9 @@ static void test_retry_conditions(void **state)
     assert_int_equal(retry_cond(UPSTREAM_ESTALE, 0), COND_STALE);
     assert_int_equal(retry_cond(UPSTREAM_EPROTO, 0), COND_RESET);
     assert_int_equal(retry_cond(UPSTREAM_ECLIENT, 0), 0);
+    /* the gateway's own shortage is neither a backend failure nor worth a retry */
+    assert_int_equal(retry_cond(UPSTREAM_ELOCAL, 0), 0);
+    assert_int_equal(retry_cond(UPSTREAM_ENOMEM, 0), 0);
     assert_int_equal(retry_cond(UPSTREAM_OK, 503), COND_5XX);
     assert_int_equal(retry_cond(UPSTREAM_OK, 429), COND_429);
     assert_int_equal(retry_cond(UPSTREAM_OK, 404), 0);
