@@ -104,7 +104,7 @@ static void usage(FILE *f)
         "Per request: x-mock-status, x-mock-delay, x-mock-chunks, x-mock-chunk-interval,\n"
         "x-mock-reset-after, x-mock-stall, x-mock-retry-after headers; x-mock-retry-after-date: N\n"
         "(Retry-After as an HTTP date N s ahead), x-mock-ratelimit-reset: DUR (a 429 carries\n"
-        "x-ratelimit-reset-requests: DUR).\n");
+        "x-ratelimit-reset-requests: DUR). TRACE on any path echoes the request head.\n");
 }
 
 static int die_usage(const char *opt, const char *val)
