@@ -72,8 +72,10 @@ struct conf_listen {
     uint64_t max_body_size;            /* else 413 */
     uint64_t client_header_timeout_ms; /* whole request head must arrive in this */
     uint64_t client_body_timeout_ms;   /* gap between body reads */
-    uint64_t keepalive_timeout_ms;     /* idle client connection between requests */
-    int file_line;                     /* where the section starts, for messages */
+    /* the whole request body must arrive in this (from the end of the head) */
+    uint64_t client_body_total_timeout_ms;
+    uint64_t keepalive_timeout_ms; /* idle client connection between requests */
+    int file_line;                 /* where the section starts, for messages */
 };
 
 struct conf_pool {

@@ -52,6 +52,7 @@ enum cev {
 };
 
 struct worker;
+struct creq;
 
 /* Kinds of client timeouts; each listener has one queue per kind. */
 enum tkind {
@@ -71,6 +72,15 @@ struct tq {
     struct client *head, *tail;
     uint64_t ms;
     uint64_t armed_at; /* loop time the timer fires at, 0 = not armed */
+};
+
+/* Requests whose body is arriving, of one listener, in the order their bodies started: all wait
+ * the same client_body_total_timeout, so the head is the next to expire. The links are in the
+ * request state (struct creq), so a connection carries them only while it reads a body. */
+struct bdq {
+    uv_timer_t timer;
+    struct creq *head, *tail;
+    uint64_t ms;
 };
 
 struct listener {
@@ -150,6 +160,9 @@ struct creq {
     uint8_t method_pending; /* llhttp refused the method: is it a token (501) or junk (400)? */
     uint32_t tail4;         /* the last 4 raw bytes of a chunked body parsed so far */
     uint64_t dropped;       /* body bytes of a request already refused, read and dropped */
+    struct bdq *bdq;        /* the body deadline queue the request waits in, or NULL */
+    struct creq *bprev, *bnext;
+    uint64_t body_deadline; /* loop time (ms) the whole body must have arrived by */
     uv_write_t cont_req;    /* the rest of a "100 Continue" the socket did not take at once */
     struct tries tries;
 };
@@ -165,6 +178,7 @@ struct worker {
     uv_timer_t hard_stop;
     struct tq *tqs; /* T_KINDS per listener, then the linger queue */
     int n_tqs;
+    struct bdq *bdqs; /* per listener */
     int draining, stopping;
     struct bufpool bufs;
     size_t data_size; /* bytes of a buffer for data */
@@ -202,6 +216,7 @@ static const struct upstream_ops client_ops;
 static void client_request_done(struct client *c);
 static void client_error(struct client *c, int status, const char *type, const char *code,
                          const char *msg, int close, int retry_after);
+static void body_deadline_stop(struct client *c);
 static void worker_check_exit(struct worker *w);
 
 /* ---- shm helpers ---- */
@@ -381,6 +396,7 @@ static void client_close(struct client *c)
         return;
     if (c->buf && client_creq(c)->rq.conn)
         upstream_abort(&client_creq(c)->rq);
+    body_deadline_stop(c);
     if (c->tries_on) {
         client_try_end(c);
         c->tries_on = 0;
@@ -514,6 +530,7 @@ static void client_answer(struct client *c, int status, const char *type, const 
 {
     struct worker *w = c->w;
     client_timer_stop(c);
+    body_deadline_stop(c);
     c->state = CS_WAIT;
     client_creq(c)->resp_close =
         close || !client_creq(c)->keepalive || w->draining || c->close_after;
@@ -579,6 +596,67 @@ static void client_options(struct client *c)
         client_close(c);
     else if (rc == 0)
         client_request_done(c);
+}
+
+/* ---- whole-body deadline ---- */
+
+static void body_deadline_stop(struct client *c)
+{
+    if (!c->buf)
+        return;
+    struct creq *r = client_creq(c);
+    struct bdq *q = r->bdq;
+    if (!q)
+        return;
+    if (r->bprev)
+        r->bprev->bnext = r->bnext;
+    else
+        q->head = r->bnext;
+    if (r->bnext)
+        r->bnext->bprev = r->bprev;
+    else
+        q->tail = r->bprev;
+    r->bdq = NULL;
+    r->bprev = r->bnext = NULL;
+}
+
+/* 408 to every request whose body did not arrive in time: client_body_timeout only bounds the
+ * gap between reads, so without this one byte every few seconds would hold a connection (and
+ * its buffers) for as long as the client likes. */
+static void on_bdq(uv_timer_t *t)
+{
+    struct bdq *q = t->data;
+    uint64_t now = uv_now(t->loop);
+    struct creq *r;
+
+    while ((r = q->head) && r->body_deadline <= now) {
+        struct client *c = r->parser.data;
+        body_deadline_stop(c);
+        client_error(c, 408, "invalid_request_error", "request_timeout",
+                     "the request body did not arrive within client_body_total_timeout", 1, 0);
+    }
+    if (q->head)
+        uv_timer_start(&q->timer, on_bdq, q->head->body_deadline - now, 0);
+}
+
+static void body_deadline_start(struct client *c)
+{
+    struct bdq *q = &c->w->bdqs[c->li];
+    struct creq *r = client_creq(c);
+
+    r->body_deadline = uv_now(&c->w->loop) + q->ms;
+    r->bdq = q;
+    r->bprev = q->tail;
+    r->bnext = NULL;
+    if (q->tail) {
+        q->tail->bnext = r;
+    } else {
+        q->head = r;
+        /* a timer still armed for an earlier body fires first, then re-arms for this one */
+        if (!uv_is_active((uv_handle_t *)&q->timer))
+            uv_timer_start(&q->timer, on_bdq, q->ms, 0);
+    }
+    q->tail = r;
 }
 
 /* ---- request parsing ---- */
@@ -907,6 +985,8 @@ static int client_on_head(struct client *c)
     client_creq(c)->tail4 = 0;
     c->state = CS_BODY;
     client_timer(c, T_BODY);
+    if (body_coming)
+        body_deadline_start(c);
     return 0;
 }
 
@@ -1739,6 +1819,7 @@ static void client_dispatch(struct client *c)
     c->state = CS_WAIT;
     client_creq(c)->resp_started = 0;
     client_timer_stop(c);
+    body_deadline_stop(c);
     if (client_creq(c)->err == 404 || client_creq(c)->err == 400) {
         client_path_error(c, 0);
         return;
@@ -1992,6 +2073,8 @@ static void worker_check_exit(struct worker *w)
         uv_close((uv_handle_t *)&w->retry_q.timer, on_handle_closed_noop);
         for (int i = 0; i < w->n_tqs; i++)
             uv_close((uv_handle_t *)&w->tqs[i].timer, on_handle_closed_noop);
+        for (int i = 0; w->bdqs && i < w->conf->n_listens; i++)
+            uv_close((uv_handle_t *)&w->bdqs[i].timer, on_handle_closed_noop);
     }
 }
 
@@ -2117,6 +2200,13 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
             q->ms = ln->keepalive_timeout_ms;
     }
     w->n_tqs = n_tqs;
+    if (!(w->bdqs = calloc((size_t)(conf->n_listens ? conf->n_listens : 1), sizeof(*w->bdqs))))
+        return -ENOMEM;
+    for (int i = 0; i < conf->n_listens; i++) {
+        uv_timer_init(&w->loop, &w->bdqs[i].timer);
+        w->bdqs[i].timer.data = &w->bdqs[i];
+        w->bdqs[i].ms = conf->listens[i].client_body_total_timeout_ms;
+    }
     for (int i = 0; i < conf->n_listens; i++) {
         if (conf->listens[i].max_header_size + 1024 > data)
             data = conf->listens[i].max_header_size + 1024;
@@ -2192,6 +2282,7 @@ static void worker_teardown(struct worker *w)
     free(w->auth_log_ns);
     free(w->listeners);
     free(w->tqs);
+    free(w->bdqs);
     upstream_free(&w->up);
     while (w->free_clients) {
         struct client *c = w->free_clients;

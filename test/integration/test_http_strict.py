@@ -3,7 +3,8 @@ DELETE and HEAD are forwarded, OPTIONS is answered by aigw, other methods get 40
 malformed head, target or chunk framing gets 400 and a version other than 1.0/1.1 505. Every
 answer given before the request was read whole carries Connection: close, the connection
 closes, and nothing sent after it (a body, a pipelined request) is ever parsed as a request.
-A body that stops gets 408 after client_body_timeout."""
+The request body has a whole-body deadline (client_body_total_timeout) besides the gap between
+reads (client_body_timeout)."""
 
 import select
 import socket
@@ -330,6 +331,41 @@ def _wait_answer(c, limit):
     """Waits up to limit seconds for data on c without sending; True when some came."""
     r, _, _ = select.select([c.sock], [], [], limit)
     return bool(r)
+
+
+def test_body_total_timeout(env):
+    """A body trickling in (one byte every 200 ms, well within client_body_timeout) is cut by
+    client_body_total_timeout: 408 with Connection: close, then the connection closes."""
+    m, gw = _setup(env, listen={"client_body_timeout": "5s",
+                                "client_body_total_timeout": "1s"})
+    c = env.conn(gw.port, timeout=5)
+    c.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: 200\r\n\r\n")
+    t0 = time.monotonic()
+    answered = False
+    while time.monotonic() - t0 < 4:
+        try:
+            c.send(b" ")
+        except OSError:
+            break
+        if _wait_answer(c, 0.2):
+            answered = True
+            break
+    dt = time.monotonic() - t0
+    check(answered, f"no answer after {dt:.1f}s of a trickling body (total timeout 1s)")
+    check(0.8 <= dt <= 2.5, f"answer after {dt:.2f}s, total timeout 1s")
+    r = c.read_response()
+    assert_openai_error(r, 408)
+    check((r.header("connection") or "").lower() == "close", f"408 headers: {r.headers}")
+    _closed_after(c, "408 for a trickling body")
+    check(m.stats()["requests"] == 0, "the cut request reached the upstream")
+    # a body that arrives in time is not affected
+    c = env.conn(gw.port, timeout=5)
+    body = chat_body("in time")
+    c.send(build_request("POST", PATH, JSON + [("Content-Length", str(len(body)))]))
+    time.sleep(0.5)
+    c.send(body)
+    check(c.read_response().status == 200, "a body sent within the total timeout")
 
 
 def test_body_idle_timeout_408(env):
