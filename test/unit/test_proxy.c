@@ -995,8 +995,8 @@ static void test_hdr_pieces(void **state)
     assert_int_equal(proxy_hdr_piece(h, &n, 2, &last, PROXY_PIECE_VALUE, buf + 3, 1), -EPROTO);
 }
 
-/* L1: Connection never strips the response framing; L7: the tokens are parsed once, and a
- * Connection header with more tokens than the fast path keeps still works. */
+/* Connection never strips the response framing; the tokens are parsed once, and a Connection
+ * header with more tokens than the fast path keeps still works. */
 static void test_connection_tokens(void **state)
 {
     char buf[8192], many[64 * 8];
