@@ -174,6 +174,7 @@ static const struct conf_key conf_listen_keys[] = {
     KEY(conf_listen, max_body_size, CONF_T_SIZE64, 0, 1ull << 40),
     KEY_DUR(conf_listen, client_header_timeout, 1, 7 * CONF_DAY_MS),
     KEY_DUR(conf_listen, client_body_timeout, 1, 7 * CONF_DAY_MS),
+    KEY_DUR(conf_listen, client_body_total_timeout, 1, 7 * CONF_DAY_MS),
     KEY_DUR(conf_listen, keepalive_timeout, 1, 7 * CONF_DAY_MS),
     KEY(conf_listen, maxconn, CONF_T_UINT32, 0, CONF_MAXCONN_MAX),
     {NULL, 0, 0, 0, 0},
@@ -1044,6 +1045,7 @@ static void conf_defaults_listen(struct conf_listen *l)
     l->max_body_size = 8ull << 20;
     l->client_header_timeout_ms = 10 * 1000;
     l->client_body_timeout_ms = 30 * 1000;
+    l->client_body_total_timeout_ms = 60 * 1000;
     l->keepalive_timeout_ms = 75 * 1000;
     l->pool = -1;
 }

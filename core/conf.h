@@ -79,9 +79,11 @@ struct conf_listen {
     uint64_t max_body_size;            /* else 413 */
     uint64_t client_header_timeout_ms; /* whole request head must arrive in this */
     uint64_t client_body_timeout_ms;   /* gap between body reads */
-    uint64_t keepalive_timeout_ms;     /* idle client connection between requests */
-    uint32_t maxconn;                  /* client connections over all workers; 0 = no own limit */
-    int file_line;                     /* where the section starts, for messages */
+    /* the whole request body must arrive in this (from the end of the head) */
+    uint64_t client_body_total_timeout_ms;
+    uint64_t keepalive_timeout_ms; /* idle client connection between requests */
+    uint32_t maxconn;              /* client connections over all workers; 0 = no own limit */
+    int file_line;                 /* where the section starts, for messages */
 };
 
 struct conf_pool {

@@ -483,6 +483,8 @@ const char *proxy_status_reason(int status)
         return "Continue";
     case 200:
         return "OK";
+    case 204:
+        return "No Content";
     case 400:
         return "Bad Request";
     case 401:
@@ -513,6 +515,8 @@ const char *proxy_status_reason(int status)
         return "Service Unavailable";
     case 504:
         return "Gateway Timeout";
+    case 505:
+        return "HTTP Version Not Supported";
     default:
         return "Unknown";
     }
@@ -554,6 +558,15 @@ int proxy_build_error_via(char *buf, size_t cap, int status, const char *type, c
                           const char *message, int close, int retry_after, const char *request_id,
                           size_t request_id_len, const char *backend, int attempts, int head_only)
 {
+    return proxy_build_error_hdrs(buf, cap, status, type, code, message, close, retry_after,
+                                  request_id, request_id_len, backend, attempts, head_only, NULL);
+}
+
+int proxy_build_error_hdrs(char *buf, size_t cap, int status, const char *type, const char *code,
+                           const char *message, int close, int retry_after, const char *request_id,
+                           size_t request_id_len, const char *backend, int attempts, int head_only,
+                           const char *extra)
+{
     char body[1024];
     struct out b = {body, 0, sizeof(body), 0};
     out_str(&b, "{\"error\":{\"message\":\"");
@@ -579,12 +592,27 @@ int proxy_build_error_via(char *buf, size_t cap, int status, const char *type, c
         out_u64(&o, (uint64_t)retry_after);
         out_mem(&o, "\r\n", 2);
     }
+    if (extra)
+        out_str(&o, extra);
     out_via(&o, backend, attempts);
     if (request_id && request_id_len)
         out_hdr(&o, "X-Request-Id", request_id, request_id_len);
     out_str(&o, close ? "Connection: close\r\n\r\n" : "Connection: keep-alive\r\n\r\n");
     if (!head_only)
         out_mem(&o, body, b.len);
+    return out_done(&o);
+}
+
+int proxy_build_options(char *buf, size_t cap, const char *allow, int close, const char *request_id,
+                        size_t request_id_len)
+{
+    struct out o = {buf, 0, cap, 0};
+    OUT_LIT(&o, "HTTP/1.1 204 No Content\r\nAllow: ");
+    out_str(&o, allow);
+    OUT_LIT(&o, "\r\n");
+    if (request_id && request_id_len)
+        out_hdr(&o, "X-Request-Id", request_id, request_id_len);
+    out_str(&o, close ? "Connection: close\r\n\r\n" : "Connection: keep-alive\r\n\r\n");
     return out_done(&o);
 }
 

@@ -191,6 +191,18 @@ int proxy_build_error_via(char *buf, size_t cap, int status, const char *type, c
                           const char *message, int close, int retry_after, const char *request_id,
                           size_t request_id_len, const char *backend, int attempts, int head_only);
 
+/* proxy_build_error_via with more header lines: extra (each line ending "\r\n", e.g.
+ * "Allow: GET\r\n"; NULL = none) goes out after Content-Length and Retry-After. */
+int proxy_build_error_hdrs(char *buf, size_t cap, int status, const char *type, const char *code,
+                           const char *message, int close, int retry_after, const char *request_id,
+                           size_t request_id_len, const char *backend, int attempts, int head_only,
+                           const char *extra);
+
+/* The answer aigw gives to OPTIONS itself: 204 with "Allow: <allow>", X-Request-Id (when
+ * request_id is set) and Connection. Returns the length or -ENOSPC. */
+int proxy_build_options(char *buf, size_t cap, const char *allow, int close, const char *request_id,
+                        size_t request_id_len);
+
 /* The end of an SSE stream whose upstream failed after the first byte reached the client, in
  * chunked framing: one chunk holding `prefix` (newlines that end a partly sent event) and an
  * `event: error` whose data is an OpenAI-shaped error with type "upstream_error" and `code`,

@@ -16,6 +16,7 @@
 #include "core/accept.h"
 #include "core/log.h"
 #include "core/proxy.h"
+#include "core/request.h"
 #include "core/retry.h"
 #include "core/sig.h"
 #include "core/tls.h"
@@ -53,6 +54,7 @@ enum cev {
 };
 
 struct worker;
+struct creq;
 
 /* Kinds of client timeouts; each listener has one queue per kind. */
 enum tkind {
@@ -72,6 +74,15 @@ struct tq {
     struct client *head, *tail;
     uint64_t ms;
     uint64_t armed_at; /* loop time the timer fires at, 0 = not armed */
+};
+
+/* Requests whose body is arriving, of one listener, in the order their bodies started: all wait
+ * the same client_body_total_timeout, so the head is the next to expire. The links are in the
+ * request state (struct creq), so a connection carries them only while it reads a body. */
+struct bdq {
+    uv_timer_t timer;
+    struct creq *head, *tail;
+    uint64_t ms;
 };
 
 /* One client connection. Only what an idle keep-alive connection needs lives here; the state
@@ -143,7 +154,15 @@ struct creq {
     uint8_t hstate, ev;
     uint8_t keepalive, http10, head_method, resp_started, resp_close;
     uint8_t body_heap, has_body;
-    uv_write_t cont_req; /* the rest of a "100 Continue" the socket did not take at once */
+    uint8_t local;          /* OPTIONS: aigw answers it itself */
+    uint8_t asterisk;       /* the request-target is "*" (OPTIONS only) */
+    uint8_t method_pending; /* llhttp refused the method: is it a token (501) or junk (400)? */
+    uint32_t tail4;         /* the last 4 raw bytes of a chunked body parsed so far */
+    uint64_t dropped;       /* body bytes of a request already refused, read and dropped */
+    struct bdq *bdq;        /* the body deadline queue the request waits in, or NULL */
+    struct creq *bprev, *bnext;
+    uint64_t body_deadline; /* loop time (ms) the whole body must have arrived by */
+    uv_write_t cont_req;    /* the rest of a "100 Continue" the socket did not take at once */
     struct tries tries;
 };
 
@@ -157,6 +176,7 @@ struct worker {
     uv_timer_t hard_stop;
     struct tq *tqs; /* T_KINDS per listener, then the linger queue */
     int n_tqs;
+    struct bdq *bdqs; /* per listener */
     int draining, stopping;
     int handles_ok; /* signal handles and timers initialised: worker_check_exit closes them */
     struct bufpool bufs;
@@ -195,6 +215,7 @@ static const struct upstream_ops client_ops;
 static void client_request_done(struct client *c);
 static void client_error(struct client *c, int status, const char *type, const char *code,
                          const char *msg, int close, int retry_after);
+static void body_deadline_stop(struct client *c);
 static void worker_check_exit(struct worker *w);
 
 /* ---- shm helpers ---- */
@@ -316,6 +337,8 @@ static void client_take_buf(struct client *c)
     /* a new request state: the buffer may come from another connection */
     struct creq *r = client_creq(c);
     memset(r, 0, sizeof(*r));
+    /* llhttp_init leaves every lenient flag off: what llhttp still takes that RFC 9112 does not
+     * (bare LF at some line ends, white space in names, other versions) client_validate refuses */
     llhttp_init(&r->parser, HTTP_REQUEST, &req_settings);
     r->parser.data = c;
 }
@@ -376,6 +399,7 @@ static void client_close(struct client *c)
         return;
     if (c->buf && client_creq(c)->rq.conn)
         upstream_abort(&client_creq(c)->rq);
+    body_deadline_stop(c);
     if (c->tries_on) {
         client_try_end(c);
         c->tries_on = 0;
@@ -502,20 +526,21 @@ static int client_write(struct client *c, const char *head, size_t hl, const cha
 }
 
 /* A gateway error; after tries upstream, backend (NULL = none) and attempts go out as
- * x-aigw-backend / x-aigw-attempts. */
-static void client_error_via(struct client *c, int status, const char *type, const char *code,
-                             const char *msg, int close, int retry_after, const char *backend,
-                             int attempts)
+ * x-aigw-backend / x-aigw-attempts; extra: more header lines (NULL = none). */
+static void client_answer(struct client *c, int status, const char *type, const char *code,
+                          const char *msg, int close, int retry_after, const char *backend,
+                          int attempts, const char *extra)
 {
     struct worker *w = c->w;
     client_timer_stop(c);
+    body_deadline_stop(c);
     c->state = CS_WAIT;
     client_creq(c)->resp_close =
         close || !client_creq(c)->keepalive || w->draining || c->close_after;
-    int n = proxy_build_error_via(w->scratch, head_cap(w), status, type, code, msg,
-                                  client_creq(c)->resp_close, retry_after, client_creq(c)->rid,
-                                  client_creq(c)->rid_len, backend, attempts,
-                                  client_creq(c)->head_method);
+    int n = proxy_build_error_hdrs(w->scratch, head_cap(w), status, type, code, msg,
+                                   client_creq(c)->resp_close, retry_after, client_creq(c)->rid,
+                                   client_creq(c)->rid_len, backend, attempts,
+                                   client_creq(c)->head_method, extra);
     if (n < 0) {
         client_close(c);
         return;
@@ -525,6 +550,13 @@ static void client_error_via(struct client *c, int status, const char *type, con
         client_close(c);
     else if (r == 0)
         client_request_done(c);
+}
+
+static void client_error_via(struct client *c, int status, const char *type, const char *code,
+                             const char *msg, int close, int retry_after, const char *backend,
+                             int attempts)
+{
+    client_answer(c, status, type, code, msg, close, retry_after, backend, attempts, NULL);
 }
 
 static void client_error(struct client *c, int status, const char *type, const char *code,
@@ -543,6 +575,93 @@ static void client_path_error(struct client *c, int close)
                      "the path has a dot-segment or an encoded slash", close, 0);
 }
 
+/* A request refused before it was read whole: the answer says Connection: close and the
+ * connection closes after it, so nothing after the head (a body, a pipelined request) is ever
+ * parsed as a request. */
+static void client_refuse(struct client *c, int status, const char *code, const char *msg,
+                          const char *extra)
+{
+    client_answer(c, status, "invalid_request_error", code, msg, 1, 0, NULL, 0, extra);
+}
+
+/* The answer to OPTIONS, which aigw gives itself (it is not forwarded: it says what aigw
+ * serves, not what one backend would). */
+static void client_options(struct client *c)
+{
+    struct worker *w = c->w;
+    struct creq *r = client_creq(c);
+
+    r->resp_close = !r->keepalive || w->draining || c->close_after;
+    int n = proxy_build_options(w->scratch, head_cap(w), REQUEST_ALLOW, r->resp_close, r->rid,
+                                r->rid_len);
+    int rc = n < 0 ? -1 : client_write(c, w->scratch, (size_t)n, NULL, 0);
+    if (rc < 0)
+        client_close(c);
+    else if (rc == 0)
+        client_request_done(c);
+}
+
+/* ---- whole-body deadline ---- */
+
+static void body_deadline_stop(struct client *c)
+{
+    if (!c->buf)
+        return;
+    struct creq *r = client_creq(c);
+    struct bdq *q = r->bdq;
+    if (!q)
+        return;
+    if (r->bprev)
+        r->bprev->bnext = r->bnext;
+    else
+        q->head = r->bnext;
+    if (r->bnext)
+        r->bnext->bprev = r->bprev;
+    else
+        q->tail = r->bprev;
+    r->bdq = NULL;
+    r->bprev = r->bnext = NULL;
+}
+
+/* 408 to every request whose body did not arrive in time: client_body_timeout only bounds the
+ * gap between reads, so without this one byte every few seconds would hold a connection (and
+ * its buffers) for as long as the client likes. */
+static void on_bdq(uv_timer_t *t)
+{
+    struct bdq *q = t->data;
+    uint64_t now = uv_now(t->loop);
+    struct creq *r;
+
+    while ((r = q->head) && r->body_deadline <= now) {
+        struct client *c = r->parser.data;
+        body_deadline_stop(c);
+        client_error(c, 408, "invalid_request_error", "request_timeout",
+                     "the request body did not arrive within client_body_total_timeout", 1, 0);
+    }
+    if (q->head)
+        uv_timer_start(&q->timer, on_bdq, q->head->body_deadline - now, 0);
+}
+
+static void body_deadline_start(struct client *c)
+{
+    struct bdq *q = &c->w->bdqs[c->li];
+    struct creq *r = client_creq(c);
+
+    r->body_deadline = uv_now(&c->w->loop) + q->ms;
+    r->bdq = q;
+    r->bprev = q->tail;
+    r->bnext = NULL;
+    if (q->tail) {
+        q->tail->bnext = r;
+    } else {
+        q->head = r;
+        /* a timer still armed for an earlier body fires first, then re-arms for this one */
+        if (!uv_is_active((uv_handle_t *)&q->timer))
+            uv_timer_start(&q->timer, on_bdq, q->ms, 0);
+    }
+    q->tail = r;
+}
+
 /* ---- request parsing ---- */
 
 static int on_req_begin(llhttp_t *p)
@@ -557,6 +676,9 @@ static int on_req_begin(llhttp_t *p)
     client_creq(c)->rid_len = 0;
     client_creq(c)->has_body = 0;
     client_creq(c)->head_method = 0; /* a gateway answer before the head is whole has a body */
+    client_creq(c)->local = 0;
+    client_creq(c)->asterisk = 0;
+    client_creq(c)->dropped = 0;
     client_free_body(c);
     return 0;
 }
@@ -604,8 +726,15 @@ static int on_req_headers(llhttp_t *p)
 static int on_req_body(llhttp_t *p, const char *at, size_t len)
 {
     struct client *c = p->data;
-    if (client_creq(c)->err)
-        return 0; /* the answer is already decided: drop the body */
+    if (client_creq(c)->err) {
+        /* the answer is already decided: drop the body, but no more of it than of any other */
+        client_creq(c)->dropped += len;
+        if (client_creq(c)->dropped > c->ln->max_body_size) {
+            client_creq(c)->err = 413;
+            return -1;
+        }
+        return 0;
+    }
     if (client_creq(c)->body_len + len > c->ln->max_body_size) {
         client_creq(c)->err = 413;
         return -1;
@@ -667,6 +796,93 @@ static void on_cont_written(uv_write_t *req, int status)
         client_close(c);
 }
 
+/* 1 when the request line and the head end in CRLF: llhttp takes a bare LF there, where a
+ * front proxy may see something else (a header, the rest of the head), so the two would not
+ * agree on where the head ends. Lines in between are checked by llhttp. */
+static int head_crlf_ok(const struct client *c)
+{
+    const struct creq *r = client_creq(c);
+    const char *end = c->buf + r->head_end;
+
+    if (r->head_end < 4 || memcmp(end - 4, "\r\n\r\n", 4) != 0)
+        return 0;
+    if (r->n_hdrs) {
+        const char *first = r->hdrs[0].name;
+        if (first - c->buf < 2 || first[-2] != '\r' || first[-1] != '\n')
+            return 0;
+    }
+    return 1;
+}
+
+/* The validate stage, for what RFC 9112/9110 ask of a request beyond llhttp's checks: the
+ * version, line ends, header names, Host, framing, method and request-target. A refusal goes
+ * out at once with Connection: close. hosts: how many Host headers came, host the first one;
+ * bad_name: a header name is not a token. 0 to go on, -1 when refused. */
+static int client_validate(struct client *c, const struct proxy_hdr *host, uint32_t hosts,
+                           int bad_name)
+{
+    struct creq *r = client_creq(c);
+    const llhttp_t *p = &r->parser;
+    const char *why = NULL, *path = NULL;
+    size_t path_len = 0;
+
+    if (p->http_major == 0) {
+        /* HTTP/0.9: no version, no headers, and its answer would be a bare body */
+        why = "HTTP/0.9 requests are not supported";
+    } else if (p->http_major != 1 || p->http_minor > 1) {
+        client_refuse(c, 505, "http_version_not_supported", "HTTP/1.0 and 1.1 only", NULL);
+        return -1;
+    } else if (!head_crlf_ok(c)) {
+        why = "a line of the request head does not end in CRLF";
+    } else if (bad_name) {
+        why = "a header name is not a token (white space before the colon?)";
+    } else if (hosts > 1 || (hosts == 0 && !r->http10)) {
+        why = "a request needs exactly one Host header";
+    } else if ((p->flags & F_TRANSFER_ENCODING) && r->http10) {
+        /* RFC 9112 6.1: the framing of such a message is faulty */
+        why = "Transfer-Encoding in an HTTP/1.0 request";
+    }
+    if (why) {
+        client_refuse(c, 400, "bad_request", why, NULL);
+        return -1;
+    }
+
+    switch (p->method) {
+    case HTTP_GET:
+    case HTTP_POST:
+    case HTTP_DELETE:
+    case HTTP_HEAD:
+        break;
+    case HTTP_OPTIONS:
+        r->local = 1;
+        break;
+    default:
+        /* TRACE would echo the backend's key, CONNECT would tunnel: only what the API uses
+         * goes upstream */
+        client_refuse(c, 405, "method_not_allowed", "method not allowed",
+                      "Allow: " REQUEST_ALLOW "\r\n");
+        return -1;
+    }
+
+    int form = r->url ? request_target(r->url, r->url_len, &path, &path_len) : -EINVAL;
+    if (form == REQUEST_TARGET_ASTERISK && r->local) {
+        r->asterisk = 1;
+        return 0;
+    }
+    if (form < 0 || form == REQUEST_TARGET_ASTERISK)
+        why = "invalid request-target";
+    else if (form == REQUEST_TARGET_ORIGIN && host &&
+             !request_host_ok(host->value, host->value_len))
+        why = "invalid Host header"; /* the absolute form's authority replaces Host */
+    if (why) {
+        client_refuse(c, 400, "bad_request", why, NULL);
+        return -1;
+    }
+    r->url = path;
+    r->url_len = path_len;
+    return 0;
+}
+
 /* The request head is complete (parser resumed). 0 to go on with the body, -1 when an answer
  * was sent instead. */
 static int client_on_head(struct client *c)
@@ -685,14 +901,21 @@ static int client_on_head(struct client *c)
     client_creq(c)->http10 = p->http_major == 1 && p->http_minor == 0;
     client_creq(c)->head_method = p->method == HTTP_HEAD;
 
-    /* one pass for the two names the worker itself looks at */
-    const struct proxy_hdr *h = NULL, *expect = NULL;
+    /* one pass for the names the worker itself looks at, and that every name is a token */
+    const struct proxy_hdr *h = NULL, *expect = NULL, *host = NULL;
+    uint32_t hosts = 0;
+    int bad_name = 0;
     for (uint32_t i = 0; i < client_creq(c)->n_hdrs; i++) {
         const struct proxy_hdr *x = &client_creq(c)->hdrs[i];
-        if (x->name_len == 12 && !h && proxy_name_eq(x->name, 12, "x-request-id", 12))
+        bad_name |= !request_token(x->name, x->name_len);
+        if (x->name_len == 12 && !h && proxy_name_eq(x->name, 12, "x-request-id", 12)) {
             h = x;
-        else if (x->name_len == 6 && !expect && proxy_name_eq(x->name, 6, "expect", 6))
+        } else if (x->name_len == 6 && !expect && proxy_name_eq(x->name, 6, "expect", 6)) {
             expect = x;
+        } else if (x->name_len == 4 && proxy_name_eq(x->name, 4, "host", 4)) {
+            host = host ? host : x;
+            hosts++;
+        }
     }
     if (h && rid_ok(h->value, h->value_len)) {
         client_creq(c)->rid = h->value;
@@ -704,7 +927,11 @@ static int client_on_head(struct client *c)
         client_creq(c)->rid_len = 32;
     }
 
-    if (!client_creq(c)->url || !proxy_path_ok(client_creq(c)->url, client_creq(c)->url_len))
+    if (client_validate(c, host, hosts, bad_name) < 0)
+        return -1;
+    if (client_creq(c)->asterisk)
+        ; /* OPTIONS *: about the server, not a path */
+    else if (!proxy_path_ok(client_creq(c)->url, client_creq(c)->url_len))
         client_creq(c)->err = 404;
     else if (!proxy_path_safe(client_creq(c)->url, client_creq(c)->url_len))
         client_creq(c)->err = 400; /* dot-segment or encoded slash: could leave the prefix */
@@ -758,8 +985,11 @@ static int client_on_head(struct client *c)
     client_creq(c)->body_want = chunked ? ln->max_body_size : cl;
     client_creq(c)->body = c->buf + client_creq(c)->head_end;
     client_creq(c)->body_heap = 0;
+    client_creq(c)->tail4 = 0;
     c->state = CS_BODY;
     client_timer(c, T_BODY);
+    if (body_coming)
+        body_deadline_start(c);
     return 0;
 }
 
@@ -794,10 +1024,68 @@ static int client_body_to_heap(struct client *c)
 static void client_dispatch(struct client *c);
 static void client_read_start(struct client *c);
 
+/* llhttp refused the method. A token and a space start a request line with a method aigw does
+ * not know: 501. Anything else is no request: 400. The token may not have ended yet: then wait
+ * for more bytes (the header timeout still runs). */
+static void client_bad_method(struct client *c)
+{
+    int m = request_ext_method(c->buf, c->len);
+    client_creq(c)->method_pending = m == -EAGAIN;
+    if (m == -EAGAIN)
+        return;
+    if (m == 1)
+        client_refuse(c, 501, "not_implemented", "unknown method", "Allow: " REQUEST_ALLOW "\r\n");
+    else
+        client_refuse(c, 400, "bad_request", "malformed request", NULL);
+}
+
+/* Feeds the raw bytes of a chunked body as llhttp consumed them to r->tail4, which keeps the
+ * last four: the buffer is reused for each read, and llhttp takes a bare LF for the CRLF that
+ * ends the body ("0\r\n\n"), where a front proxy may see the body go on and our next request
+ * inside it. Framing bytes after the last data byte are never overwritten by de-chunking. */
+static void body_tail_feed(struct creq *r, const char *p, size_t n)
+{
+    if (n > 4) {
+        p += n - 4;
+        n = 4;
+    }
+    for (size_t i = 0; i < n; i++)
+        r->tail4 = r->tail4 << 8 | (uint8_t)p[i];
+}
+
+/* The llhttp error e (or the status decided while parsing) as the answer to the client; the
+ * connection closes after it. */
+static void client_parse_error(struct client *c, llhttp_errno_t e)
+{
+    struct creq *r = client_creq(c);
+    const char *at = llhttp_get_error_pos(&r->parser);
+
+    if (r->err == 431) {
+        client_error(c, 431, "invalid_request_error", "request_header_too_large",
+                     "too many request headers", 1, 0);
+    } else if (r->err == 413) {
+        client_error(c, 413, "invalid_request_error", "request_too_large", "request body too large",
+                     1, 0);
+    } else if (r->err == 500) {
+        client_error(c, 500, "server_error", "out_of_memory", "out of memory", 1, 0);
+    } else if (e == HPE_INVALID_METHOD && c->state == CS_HEAD) {
+        client_bad_method(c);
+    } else if ((e == HPE_INVALID_VERSION && at && request_version_form(c->buf, at)) ||
+               e == HPE_PAUSED_H2_UPGRADE) {
+        /* a well-formed version llhttp does not know (HTTP/1.2, HTTP/3.0), or the HTTP/2
+         * connection preface */
+        client_refuse(c, 505, "http_version_not_supported", "HTTP/1.0 and 1.1 only", NULL);
+    } else {
+        log_debug("client %s: bad request: %s", c->ip, llhttp_get_error_reason(&r->parser));
+        client_refuse(c, 400, "bad_request", "malformed request", NULL);
+    }
+}
+
 /* Runs the parser over buffered bytes until it needs more or a request is complete. */
 static void client_process(struct client *c)
 {
     struct worker *w = c->w;
+    struct creq *r;
     int force = 0;
 
     while (c->state == CS_IDLE || c->state == CS_HEAD || c->state == CS_BODY) {
@@ -806,39 +1094,50 @@ static void client_process(struct client *c)
         force = 0;
         if (c->state == CS_IDLE)
             c->state = CS_HEAD;
-        client_creq(c)->ev = CEV_NONE;
-        client_creq(c)->hdrs = (struct proxy_hdr *)(c->buf - w->data_off + w->hdrs_off);
-        llhttp_errno_t e =
-            llhttp_execute(&client_creq(c)->parser, c->buf + c->pos, c->len - c->pos);
-        if (e == HPE_OK) {
+        r = client_creq(c);
+        if (r->method_pending) {
+            client_bad_method(c);
+            return;
+        }
+        r->ev = CEV_NONE;
+        r->hdrs = (struct proxy_hdr *)(c->buf - w->data_off + w->hdrs_off);
+        uint32_t start = c->pos;
+        llhttp_errno_t e = llhttp_execute(&r->parser, c->buf + c->pos, c->len - c->pos);
+        if (e == HPE_OK)
             c->pos = c->len;
+        else if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE)
+            c->pos = (uint32_t)(llhttp_get_error_pos(&r->parser) - c->buf);
+        if (c->state == CS_BODY && (r->parser.flags & F_CHUNKED))
+            body_tail_feed(r, c->buf + start, c->pos - start);
+        if (e == HPE_OK)
             break;
+        if (e == HPE_PAUSED_UPGRADE) {
+            /* after a request with Upgrade (never forwarded: it is hop-by-hop), the next bytes
+             * are the next request. Not after CONNECT (refused at its head): its body would be. */
+            if (r->parser.method == HTTP_CONNECT) {
+                client_refuse(c, 405, "method_not_allowed", "method not allowed",
+                              "Allow: " REQUEST_ALLOW "\r\n");
+                return;
+            }
+            llhttp_resume_after_upgrade(&r->parser);
+            continue;
         }
         if (e == HPE_PAUSED) {
-            c->pos = (uint32_t)(llhttp_get_error_pos(&client_creq(c)->parser) - c->buf);
-            if (client_creq(c)->ev == CEV_HEAD) {
-                llhttp_resume(&client_creq(c)->parser);
+            if (r->ev == CEV_HEAD) {
+                llhttp_resume(&r->parser);
                 if (client_on_head(c) < 0)
                     return;
                 force = 1; /* a body-less request completes without more bytes */
                 continue;
             }
+            if ((r->parser.flags & F_CHUNKED) && r->tail4 != 0x0d0a0d0au) {
+                client_refuse(c, 400, "bad_request", "the chunked body does not end in CRLF", NULL);
+                return;
+            }
             client_dispatch(c);
             return;
         }
-        if (client_creq(c)->err == 431) {
-            client_error(c, 431, "invalid_request_error", "request_header_too_large",
-                         "too many request headers", 1, 0);
-        } else if (client_creq(c)->err == 413) {
-            client_error(c, 413, "invalid_request_error", "request_too_large",
-                         "request body too large", 1, 0);
-        } else if (client_creq(c)->err == 500) {
-            client_error(c, 500, "server_error", "out_of_memory", "out of memory", 1, 0);
-        } else {
-            log_debug("client %s: bad request: %s", c->ip,
-                      llhttp_get_error_reason(&client_creq(c)->parser));
-            client_error(c, 400, "invalid_request_error", "bad_request", "malformed request", 1, 0);
-        }
+        client_parse_error(c, e);
         return;
     }
 
@@ -1556,8 +1855,13 @@ static void client_dispatch(struct client *c)
     c->state = CS_WAIT;
     client_creq(c)->resp_started = 0;
     client_timer_stop(c);
+    body_deadline_stop(c);
     if (client_creq(c)->err == 404 || client_creq(c)->err == 400) {
         client_path_error(c, 0);
+        return;
+    }
+    if (client_creq(c)->local) {
+        client_options(c);
         return;
     }
     client_creq(c)->info.model = NULL;
@@ -1660,8 +1964,13 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
     if (c->state == CS_CLOSED)
         return;
     if (c->state == CS_LINGER) {
-        if (n < 0)
+        /* what a refused request still sends is dropped, but no more of it than
+         * max_body_size (counted in len, unused while lingering) */
+        uint64_t cap = c->ln->max_body_size < UINT32_MAX ? c->ln->max_body_size : UINT32_MAX;
+        if (n < 0 || (uint64_t)c->len + (uint64_t)n > cap)
             client_close(c);
+        else
+            c->len += (uint32_t)n;
         return;
     }
     if (n == 0) {
@@ -1821,6 +2130,8 @@ static void worker_check_exit(struct worker *w)
         uv_close((uv_handle_t *)&w->retry_q.timer, on_handle_closed_noop);
         for (int i = 0; i < w->n_tqs; i++)
             uv_close((uv_handle_t *)&w->tqs[i].timer, on_handle_closed_noop);
+        for (int i = 0; w->bdqs && i < w->conf->n_listens; i++)
+            uv_close((uv_handle_t *)&w->bdqs[i].timer, on_handle_closed_noop);
     }
 }
 
@@ -1997,6 +2308,13 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
             q->ms = ln->keepalive_timeout_ms;
     }
     w->n_tqs = n_tqs;
+    if (!(w->bdqs = calloc((size_t)(conf->n_listens ? conf->n_listens : 1), sizeof(*w->bdqs))))
+        return -ENOMEM;
+    for (int i = 0; i < conf->n_listens; i++) {
+        uv_timer_init(&w->loop, &w->bdqs[i].timer);
+        w->bdqs[i].timer.data = &w->bdqs[i];
+        w->bdqs[i].ms = conf->listens[i].client_body_total_timeout_ms;
+    }
     for (int i = 0; i < conf->n_listens; i++) {
         if (conf->listens[i].max_header_size + 1024 > data)
             data = conf->listens[i].max_header_size + 1024;
@@ -2074,6 +2392,7 @@ static void worker_teardown(struct worker *w)
     free(w->auth_log_ns);
     acceptor_free(&w->acc);
     free(w->tqs);
+    free(w->bdqs);
     upstream_free(&w->up);
     while (w->free_clients) {
         struct client *c = w->free_clients;

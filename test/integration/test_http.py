@@ -120,13 +120,21 @@ def test_body_too_large(env):
     m = env.mock("m1")
     gw = env.gateway([m], workers=1, listen={"max_body_size": "1k"})
     big = chat_body("y" * 2000)
+    nxt = build_request("GET", "/v1/models")
     c = env.conn(gw.port)
-    c.send(build_request("POST", PATH, JSON, big))
-    assert_openai_error(c.read_response(), 413)
+    c.send(build_request("POST", PATH, JSON, big) + nxt)
+    r = c.read_response()
+    assert_openai_error(r, 413)
+    # answered before the body was read: the connection closes, the next request is not read
+    check(r.header("connection") == "close", f"413 headers: {r.headers}")
+    check(c.wait_closed(3) and c.buf == b"", f"413: not closed, or more came: {c.buf[:100]!r}")
     # chunked: the size is only known while reading
     c = env.conn(gw.port)
-    c.send(build_request("POST", PATH, JSON, [big[:600], big[600:]], chunked=True))
-    assert_openai_error(c.read_response(), 413)
+    c.send(build_request("POST", PATH, JSON, [big[:600], big[600:]], chunked=True) + nxt)
+    r = c.read_response()
+    assert_openai_error(r, 413)
+    check(r.header("connection") == "close", f"chunked 413 headers: {r.headers}")
+    check(c.wait_closed(3) and c.buf == b"", f"chunked 413: not closed: {c.buf[:100]!r}")
     # under the limit is fine
     r = env.conn(gw.port)
     r.send(build_request("POST", PATH, JSON, chat_body("small")))
@@ -142,6 +150,7 @@ def test_malformed_request_line(env):
         c.send(raw)
         r = c.read_response()
         assert_openai_error(r, 400)
+        check(r.header("connection") == "close", f"400 headers for {raw[:40]!r}: {r.headers}")
         check(c.wait_closed(3), f"connection not closed after 400 for {raw[:40]!r}")
 
 
@@ -173,8 +182,10 @@ def test_client_header_timeout(env):
     check(c.wait_closed(4), "half-sent head still open after 4s (client_header_timeout 500ms)")
     dt = time.monotonic() - t0
     check(dt >= 0.3, f"connection closed after {dt:.2f}s, before the 500ms timeout")
-    if c.buf:
-        check(c.buf.startswith(b"HTTP/1.1 408"), f"answer before close: {c.buf[:100]!r}")
+    # part of a request came: it is answered 408 (Connection: close) before the close
+    check(c.buf.startswith(b"HTTP/1.1 408 "), f"no 408 before the close: {c.buf[:100]!r}")
+    check(b"\r\nConnection: close\r\n" in c.buf.split(b"\r\n\r\n")[0] + b"\r\n",
+          f"408 without Connection: close: {c.buf[:300]!r}")
 
 
 def test_keepalive_timeout(env):

@@ -1,7 +1,7 @@
-"""Regression tests for the findings of the code review (notes/review.md) fixed in the worker:
-obs-fold (H1), dot-segments (M1), gateway answers to HEAD (M2), the client send timeout (M3),
-hash_balance_factor (M4), request body memory (M5/M6), the pool-wide retry budget (M9) and the
-smaller response-path fixes (L1...)."""
+"""Regression tests for defects found in a code review of the worker: obs-fold in requests and
+responses, dot-segments, gateway answers to HEAD, the client send timeout, hash_balance_factor,
+request body memory, the pool-wide retry budget and smaller response-path fixes (the
+Connection header never strips the response framing)."""
 
 import os
 import socket
@@ -75,7 +75,7 @@ class RawUpstream:
         self.sock.close()
 
 
-# ---- H1: obs-fold ----------------------------------------------------------------------------
+# ---- obs-fold ------------------------------------------------------------------------------------
 
 
 def test_obs_fold_request_refused(env):
@@ -121,7 +121,7 @@ def test_obs_fold_response_refused(env):
         up.close()
 
 
-# ---- M1: dot-segments ------------------------------------------------------------------------
+# ---- dot-segments --------------------------------------------------------------------------------
 
 
 def test_dot_segments_refused(env):
@@ -185,7 +185,7 @@ def test_breaker_trial_429_and_401_fail(env):
         time.sleep(0.05)
 
 
-# ---- M2: gateway answers to HEAD carry no body -------------------------------------------------
+# ---- gateway answers to HEAD carry no body -------------------------------------------------------
 
 
 def test_head_error_has_no_body(env):
@@ -205,7 +205,7 @@ def test_head_error_has_no_body(env):
     check(r3.status == 200 and r3.json().get("object") == "list", f"GET after HEADs: {r3!r}")
 
 
-# ---- M3: a client that does not read is closed after stream_idle_timeout ------------------------
+# ---- a client that does not read is closed after stream_idle_timeout -----------------------------
 
 
 def test_client_send_timeout_frees_backend(env):
@@ -245,7 +245,7 @@ def test_client_send_timeout_frees_backend(env):
     check(r.status == 200, f"after the timeout: {r!r}")
 
 
-# ---- M4: hash_balance_factor is applied ---------------------------------------------------------
+# ---- hash_balance_factor is applied --------------------------------------------------------------
 
 
 def test_hash_balance_factor_applied(env):
@@ -264,7 +264,7 @@ def test_hash_balance_factor_applied(env):
           f"{names}, expected all on one backend")
 
 
-# ---- M5/M6: request body memory -----------------------------------------------------------------
+# ---- request body memory -------------------------------------------------------------------------
 
 
 def _vm(pid, key):
@@ -305,7 +305,7 @@ def test_big_json_body_memory_bounded(env):
           f"the request")
 
 
-# ---- M9: the retry budget is pool-wide --------------------------------------------------------
+# ---- the retry budget is pool-wide ---------------------------------------------------------------
 
 
 def test_retry_budget_pool_wide(env):

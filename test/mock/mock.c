@@ -118,7 +118,7 @@ static void usage(FILE *f)
            "x-mock-reset-after, x-mock-close-after, x-mock-stall, x-mock-drop, x-mock-framing,\n"
            "x-mock-retry-after headers; x-mock-retry-after-date: N\n"
            "(Retry-After as an HTTP date N s ahead), x-mock-ratelimit-reset: DUR (a 429 carries\n"
-           "x-ratelimit-reset-requests: DUR).\n");
+           "x-ratelimit-reset-requests: DUR). TRACE on any path echoes the request head.\n");
 }
 
 static int die_usage(const char *opt, const char *val)

@@ -1074,6 +1074,29 @@ static void resp_init(struct mock_conn *c)
     rs->nsteps = 0;
 }
 
+/* TRACE, as a server that implements it answers: the request head it received as the body
+ * (message/http), credentials included. A gateway must never let it through. */
+static void trace_echo(struct mock_conn *c)
+{
+    const struct mock_req *r = &c->req;
+    struct mock_buf *b = &c->dyn;
+    int err = 0;
+
+    b->len = 0;
+    err |= buf_printf(b, "TRACE %.*s HTTP/1.1\r\n", (int)r->url_len, r->arena);
+    for (unsigned i = 0; i < r->nhdrs; i++)
+        err |= buf_printf(b, "%.*s: %.*s\r\n", (int)r->hdrs[i].name_len,
+                          r->arena + r->hdrs[i].name_off, (int)r->hdrs[i].val_len,
+                          r->arena + r->hdrs[i].val_off);
+    err |= buf_printf(b, "\r\n");
+    if (err) {
+        send_error(c, 500, NULL, "server_error", NULL, "out of memory");
+        return;
+    }
+    uv_buf_t body = uv_buf_init(b->p, (unsigned)b->len);
+    send_simple(c, 200, "message/http", NULL, &body, 1);
+}
+
 void http_on_request(struct mock_conn *c)
 {
     struct mock_server *srv = c->srv;
@@ -1095,6 +1118,11 @@ void http_on_request(struct mock_conn *c)
         return;
     }
     srv->requests++;
+    if (r->method == HTTP_TRACE) {
+        log_request(c, "200 trace");
+        trace_echo(c);
+        return;
+    }
     {
         /* A gateway's health checks must not hide the request a test looks for. */
         size_t ualen = 0;

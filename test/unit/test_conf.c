@@ -136,6 +136,7 @@ static void test_full_valid(void **state)
                 "max_body_size = 1m\n"
                 "client_header_timeout = 3s\n"
                 "client_body_timeout = 2m\n"
+                "client_body_total_timeout = 90s\n"
                 "keepalive_timeout = 1h\n"
                 "[listen all]\n"
                 "bind = *:8081\n"
@@ -200,6 +201,7 @@ static void test_full_valid(void **state)
     assert_int_equal(c->listens[0].max_body_size, 1 << 20);
     assert_int_equal(c->listens[0].client_header_timeout_ms, 3000);
     assert_int_equal(c->listens[0].client_body_timeout_ms, 120000);
+    assert_int_equal(c->listens[0].client_body_total_timeout_ms, 90000);
     assert_int_equal(c->listens[0].keepalive_timeout_ms, 3600000);
     assert_int_equal(c->listens[0].file_line, 9);
     /* Defaults, and the first pool when pool is left out. */
@@ -213,6 +215,7 @@ static void test_full_valid(void **state)
     assert_int_equal(c->listens[1].max_body_size, 8 << 20);
     assert_int_equal(c->listens[1].client_header_timeout_ms, 10000);
     assert_int_equal(c->listens[1].client_body_timeout_ms, 30000);
+    assert_int_equal(c->listens[1].client_body_total_timeout_ms, 60000);
     assert_int_equal(c->listens[1].keepalive_timeout_ms, 75000);
     sin6 = (const void *)&c->listens[2].addr;
     assert_int_equal(sin6->sin6_family, AF_INET6);
@@ -278,7 +281,7 @@ static void test_full_valid(void **state)
     assert_int_equal(c->backends[2].tls_verify, 0);
     assert_non_null(c->backends[2].ca_file);
     assert_non_null(strstr(c->backends[2].ca_file, dir));
-    assert_int_equal(c->backends[2].file_line, 37);
+    assert_int_equal(c->backends[2].file_line, 38);
     assert_int_equal(c->backends[2].weight, 1);
     assert_int_equal(c->backends[2].keepalive, 32);
     /* b2: file key with its newline stripped, keepalive = no. */
@@ -343,6 +346,8 @@ static void test_err_bad_values(void **state)
     load_bad(BASE "url2 = x\n", 6, "key 'url2'", NULL);
     load_bad("[global]\nworkers = 65\n" BASE, 2, "key 'workers': '65' is out of range 1..64", NULL);
     load_bad("[global]\nworkers = 0\n" BASE, 2, "key 'workers'", NULL);
+    load_bad("[listen l]\nbind = 127.0.0.1:1\nclient_body_total_timeout = 0\n" BASE, 3,
+             "[listen l] key 'client_body_total_timeout': '0'", NULL);
     load_bad("[global]\nlog_level = loud\n" BASE, 2, "key 'log_level'", "debug", NULL);
     load_bad(BASE "[pool q]\nbalance = fastest\n", 7, "key 'balance': unknown algorithm 'fastest'",
              "roundrobin", NULL);

@@ -415,6 +415,39 @@ static void test_build_error(void **state)
     assert_string_equal(proxy_status_reason(431), "Request Header Fields Too Large");
 }
 
+/* The gateway's own protocol answers: a 405 carries Allow, OPTIONS gets a 204 without a body. */
+static void test_build_allow(void **state)
+{
+    char buf[1024], want[1024];
+    const char *body = "{\"error\":{\"message\":\"method not allowed\",\"type\":"
+                       "\"invalid_request_error\",\"code\":\"method_not_allowed\"}}\n";
+    int n = proxy_build_error_hdrs(buf, sizeof(buf), 405, "invalid_request_error",
+                                   "method_not_allowed", "method not allowed", 1, 0, "r1", 2, NULL,
+                                   0, 0, "Allow: GET, POST\r\n");
+    snprintf(want, sizeof(want),
+             "HTTP/1.1 405 Method Not Allowed\r\n"
+             "Content-Type: application/json\r\n"
+             "Content-Length: %zu\r\n"
+             "Allow: GET, POST\r\n"
+             "X-Request-Id: r1\r\n"
+             "Connection: close\r\n"
+             "\r\n%s",
+             strlen(body), body);
+    assert_bytes(buf, n, want);
+    n = proxy_build_options(buf, sizeof(buf), "GET, OPTIONS", 0, "r2", 2);
+    assert_bytes(buf, n,
+                 "HTTP/1.1 204 No Content\r\n"
+                 "Allow: GET, OPTIONS\r\n"
+                 "X-Request-Id: r2\r\n"
+                 "Connection: keep-alive\r\n"
+                 "\r\n");
+    n = proxy_build_options(buf, sizeof(buf), "GET", 1, NULL, 0);
+    assert_bytes(buf, n, "HTTP/1.1 204 No Content\r\nAllow: GET\r\nConnection: close\r\n\r\n");
+    assert_int_equal(proxy_build_options(buf, 30, "GET", 1, NULL, 0), -ENOSPC);
+    assert_string_equal(proxy_status_reason(505), "HTTP Version Not Supported");
+    assert_string_equal(proxy_status_reason(204), "No Content");
+}
+
 static void test_request_id(void **state)
 {
     char a[33] = {0}, b[33] = {0}, c[33] = {0};
@@ -899,8 +932,8 @@ static void test_hdr_pieces(void **state)
     assert_int_equal(proxy_hdr_piece(h, &n, 2, &last, PROXY_PIECE_VALUE, buf + 3, 1), -EPROTO);
 }
 
-/* L1: Connection never strips the response framing; L7: the tokens are parsed once, and a
- * Connection header with more tokens than the fast path keeps still works. */
+/* Connection never strips the response framing; the tokens are parsed once, and a Connection
+ * header with more tokens than the fast path keeps still works. */
 static void test_connection_tokens(void **state)
 {
     char buf[8192], many[64 * 8];
@@ -975,6 +1008,7 @@ int main(void)
         cmocka_unit_test(test_build_response_head),
         cmocka_unit_test(test_header_names),
         cmocka_unit_test(test_build_error),
+        cmocka_unit_test(test_build_allow),
         cmocka_unit_test(test_request_id),
         cmocka_unit_test(test_parse_body),
         cmocka_unit_test(test_parse_body_strict),
