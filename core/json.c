@@ -301,6 +301,10 @@ static int req_map_key(void *ctx, const unsigned char *k, size_t n)
 
 static int req_open(struct json_parser *p, int obj)
 {
+    if (p->depth >= 2 && !p->so_obj && p->depth < JSON_MAX_DEPTH) {
+        p->depth++; /* deeper inside a skipped value: nothing to note */
+        return 1;
+    }
     if (p->depth == JSON_MAX_DEPTH || (p->depth == 0 && (!obj || p->closed)))
         return 0; /* too deep, a body that is an array, or a second text after the object */
     if (p->depth)
@@ -316,6 +320,10 @@ static int req_open(struct json_parser *p, int obj)
 
 static int req_close(struct json_parser *p)
 {
+    if (p->depth > 2 && !p->so_obj) {
+        p->depth--;
+        return 1;
+    }
     if (--p->depth == 0) {
         p->closed = 1;
         p->end = p->fed + yajl_get_bytes_consumed(p->h);
