@@ -56,8 +56,8 @@ struct json_req {
 /* One incremental parse at a time over a yajl handle. yajl 2 has no reset: the handle is set to
  * read a sequence of JSON texts and kept from one body to the next as long as each leaves it
  * clean (a body that is not one object drops it). Its memory (handle, state stack, lexer, the
- * buffer strings are decoded into) comes from a region of this parser, grown (up to
- * JSON_MEM_MAX) to what a parse needed, so at steady state a parse does no malloc. The parser
+ * buffer strings are decoded into) comes from a region of this parser, grown (up to 64 KB) to
+ * what a parse needed, so at steady state a parse does no malloc. The parser
  * has yajl decode only the strings it keeps (model, hash key): nested values are only checked
  * and skipped, so yajl needs no more memory for a large body than for a small one. */
 struct json_parser {
@@ -95,12 +95,13 @@ void json_parser_free(struct json_parser *p);
 void json_req_reset(struct json_req *out);
 
 /* Starts reading a request body into *out; key_field (NUL-terminated, NULL = none) names the
- * top-level string field whose hash is the balancer's key. Ends a parse left unfinished.
- * 0 or -ENOMEM. */
+ * top-level string field whose hash is the balancer's key. Both must stay until json_req_end.
+ * Ends a parse left unfinished. 0 or -ENOMEM. */
 int json_req_begin(struct json_parser *p, struct json_req *out, const char *key_field);
 
-/* Reads the next piece of the body. 0, or -EINVAL once the bytes so far cannot start a JSON
- * object (the parse is then over: json_req_end only frees it). */
+/* Reads the next piece of the body (the bytes need not stay after the call). 0, or -EINVAL
+ * once the bytes so far cannot be the start of one JSON object (later pieces are then refused
+ * too, and json_req_end says -EINVAL). */
 int json_req_feed(struct json_parser *p, const char *buf, size_t len);
 
 /* The body is complete: 0 when it was one JSON object (white space around it allowed, nesting
