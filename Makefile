@@ -3,7 +3,7 @@
 # `sudo apt-get install ...` line is printed and make stops.
 
 DEPS := meson ninja-build pkg-config gcc libc6-dev libuv1-dev libmbedtls-dev libinih-dev \
-        node-llhttp libcmocka-dev libjsmn-dev python3 openssl curl clang-format
+        node-llhttp libcmocka-dev libjsmn-dev libyajl-dev python3 openssl curl clang-format
 BENCH_DEPS := wrk haproxy nginx-light
 
 BUILD := build
@@ -56,7 +56,7 @@ fuzz: deps
 	for t in conf body values request; do \
 	    clang $(FUZZ_CFLAGS) -o $(BUILD)/fuzz/fuzz_$$t test/fuzz/fuzz_$$t.c \
 	        $$(ls core/*.c shm/*.c balancer/*.c health/*.c) /usr/share/llhttp/*.c \
-	        $$(pkg-config --cflags --libs libuv inih) -lmbedtls -lmbedx509 -lmbedcrypto -lm \
+	        $$(pkg-config --cflags --libs libuv inih yajl) -lmbedtls -lmbedx509 -lmbedcrypto -lm \
 	        || exit 1; \
 	    mkdir -p $(BUILD)/fuzz/corpus-$$t; \
 	    $(BUILD)/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -max_len=65536 \

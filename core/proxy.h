@@ -1,6 +1,6 @@
 /* Request-path text transformations, free of I/O: the upstream request head, the response head
- * sent back to the client, gateway error responses, hop-by-hop rules, request ids, and the
- * "model"/"stream" fields of a JSON request body. */
+ * sent back to the client, gateway error responses, hop-by-hop rules and request ids (the JSON
+ * body is core/json.c's). */
 #ifndef AIGW_CORE_PROXY_H
 #define AIGW_CORE_PROXY_H
 
@@ -243,25 +243,5 @@ const char *proxy_status_reason(int status);
 
 /* Writes a 32-hex-digit request id (no NUL): unique per (seed1, counter), mixed with seed2. */
 void proxy_request_id(char out[32], uint64_t seed1, uint64_t seed2, uint64_t counter);
-
-/* Fields of a JSON request body aigw looks at. */
-struct proxy_body_info {
-    const char *model; /* raw JSON string contents (escapes untouched) or NULL */
-    size_t model_len;
-    int stream;      /* "stream": true */
-    const char *key; /* proxy_parse_body_key: the asked-for top-level string field, or NULL */
-    size_t key_len;
-};
-
-/* Checks that body is one JSON object (white space around it allowed) and finds its top-level
- * "model" (a string) and "stream" (true) fields; nested values are validated and skipped with
- * constant memory (nesting deeper than 1024 is refused). 0 (info filled), or -EINVAL when the
- * body is not a JSON object. */
-int proxy_parse_body(const char *body, size_t len, struct proxy_body_info *info);
-
-/* proxy_parse_body that also finds the top-level string field `field` (NUL-terminated, NULL =
- * none) for the hash balancer's json:FIELD key: info->key / key_len (raw contents). */
-int proxy_parse_body_key(const char *body, size_t len, const char *field,
-                         struct proxy_body_info *info);
 
 #endif

@@ -14,6 +14,7 @@
 
 #include "balancer/balancer.h"
 #include "core/accept.h"
+#include "core/json.h"
 #include "core/log.h"
 #include "core/proxy.h"
 #include "core/request.h"
@@ -139,7 +140,7 @@ struct tries {
 struct creq {
     llhttp_t parser;
     struct upstream_req rq;
-    struct proxy_body_info info;
+    struct json_req info; /* what the JSON body says (client_parse_body) */
     const char *url;
     size_t url_len;
     struct proxy_hdr *hdrs; /* at the tail of the data part of buf */
@@ -197,7 +198,8 @@ struct worker {
     char *body_cache; /* one body buffer kept from an earlier request, or NULL */
     uint64_t body_cache_cap;
     uint64_t rid_seed1, rid_seed2, rid_counter;
-    char *scratch; /* one buffer for heads built and written at once */
+    char *scratch;           /* one buffer for heads built and written at once */
+    struct json_parser json; /* reads request bodies, one at a time */
 };
 
 static llhttp_settings_t req_settings;
@@ -1835,14 +1837,15 @@ static int is_chat_completions(const struct client *c)
            (client_creq(c)->url_len == n || client_creq(c)->url[n] == '?');
 }
 
-/* Parses the JSON body for "model", "stream" and the pool's json:FIELD hash key; -1 when it is
- * not a JSON object. */
+/* Reads the JSON body for "model", "stream" and the pool's json:FIELD hash key; -1 when it is
+ * not a JSON object. The body is whole by now (it is kept for retries anyway): read in one piece,
+ * no token spans two reads, so yajl never copies one aside. */
 static int client_parse_body(struct client *c)
 {
     const struct conf_pool *pool = client_pool(c);
     const char *field = pool->hash_src == HASH_JSON ? pool->hash_name : NULL;
-    return proxy_parse_body_key(client_creq(c)->body, client_creq(c)->body_len, field,
-                                &client_creq(c)->info) == 0
+    return json_req_parse(&c->w->json, &client_creq(c)->info, field, client_creq(c)->body,
+                          client_creq(c)->body_len) == 0
                ? 0
                : -1;
 }
@@ -1864,12 +1867,11 @@ static void client_dispatch(struct client *c)
         client_options(c);
         return;
     }
-    client_creq(c)->info.model = NULL;
-    client_creq(c)->info.model_len = 0;
-    client_creq(c)->info.stream = 0;
-    client_creq(c)->info.key = NULL;
-    client_creq(c)->info.key_len = 0;
-    int json_ok = client_creq(c)->body_len ? client_parse_body(c) == 0 : 0;
+    int json_ok = 0;
+    if (client_creq(c)->body_len)
+        json_ok = client_parse_body(c) == 0;
+    else
+        json_req_reset(&client_creq(c)->info);
     if (!json_ok && client_creq(c)->parser.method == HTTP_POST && is_chat_completions(c)) {
         client_error(c, 400, "invalid_request_error", "invalid_json",
                      "the request body is not a JSON object", 0, 0);
@@ -1889,8 +1891,8 @@ static void client_dispatch(struct client *c)
             t->key = balancer_hash(h->value, h->value_len);
             t->has_key = 1;
         }
-    } else if (pool->hash_src == HASH_JSON && client_creq(c)->info.key) {
-        t->key = balancer_hash(client_creq(c)->info.key, client_creq(c)->info.key_len);
+    } else if (pool->hash_src == HASH_JSON && (client_creq(c)->info.flags & JSON_REQ_KEY)) {
+        t->key = client_creq(c)->info.key_hash;
         t->has_key = 1;
     }
     c->tries_on = 1;
@@ -2402,6 +2404,7 @@ static void worker_teardown(struct worker *w)
     bufpool_free(&w->bufs);
     free(w->scratch);
     free(w->body_cache);
+    json_parser_free(&w->json);
 }
 
 int worker_main(struct conf *conf, struct shm *shm, int slot, const int *listen_fds)

@@ -154,6 +154,29 @@ def test_hash_json_field_key(env):
     check(20 <= n <= 80, f"100 prompt_cache_keys spread {n} to a, {100 - n} to b")
 
 
+def test_hash_json_key_unescaped(env):
+    """json:FIELD hashes the field's value as JSON means it: a key written with \\u escapes
+    goes where the same key written plainly goes."""
+    a = env.mock("a")
+    b = env.mock("b")
+    gw = env.gateway([a, b], workers=1,
+                     pool=pool(balance="hash", hash_key="json:prompt_cache_key"))
+    cl = Client(gw.port)
+    try:
+        for i in range(40):
+            key = f"conv-{i}"
+            plain = cl.chat(chat_body("plain", prompt_cache_key=key))
+            esc = "".join(f"\\u{ord(ch):04x}" for ch in key)
+            body = chat_body("escaped", prompt_cache_key="@").replace(b'"@"', f'"{esc}"'.encode())
+            escaped = cl.chat(body)
+            check(plain.status == 200 and escaped.status == 200, f"{key}: {plain} {escaped}")
+            check(escaped.name == plain.name,
+                  f"prompt_cache_key {key} went to {plain.name}, written as {esc} to "
+                  f"{escaped.name}")
+    finally:
+        cl.close()
+
+
 def test_first_ordered_failover(env):
     a = env.mock("a")
     b = env.mock("b")

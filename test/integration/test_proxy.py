@@ -302,3 +302,28 @@ def test_client_abort_mid_stream(env):
              "the upstream stream connection to be closed (mock active <= 1: the stats call)")
     r = chat(gw.port)
     check(r.status == 200, f"request after an abandoned stream: {r!r}")
+
+
+def test_invalid_json_400(env):
+    """A chat completion whose body is not one JSON object is answered 400 invalid_json by aigw
+    and never reaches a backend; a valid one with escapes, nesting and huge numbers goes
+    upstream byte for byte."""
+    from harness import assert_openai_error
+    from resil_util import live
+
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1)
+    bad = [b"[1,2]", b'"s"', b"42", b"null", b'{"model":"m"', b'{"model":"m"} x', b"{}{}",
+           b'{"a":1,}', b"{'a':1}", b'{"a":"\xff"}', b'{"a":[' * 2000 + b"]" * 2000 + b"}",
+           b"not json"]
+    before = live(m)
+    for body in bad:
+        r = chat(gw.port, body)
+        e = assert_openai_error(r, 400)
+        check(e.get("code") == "invalid_json", f"{body[:40]!r}: error {e}")
+    check(live(m) == before, f"{live(m) - before} invalid bodies reached the backend")
+    body = (b' {"model":"gpt-\\u0034o","messages":[{"role":"user","content":"\\"hi\\"\\n",'
+            b'"x":{"model":"no"}}],"n":123456789012345678901234567890,"t":1.5e400} ')
+    r = chat(gw.port, body)
+    check(r.status == 200, f"valid body: {r!r}")
+    check(m.last()["body"] == body.decode(), f"body changed on its way: {m.last()['body']!r}")

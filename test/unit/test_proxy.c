@@ -469,111 +469,6 @@ static void test_request_id(void **state)
     }
 }
 
-static void test_parse_body(void **state)
-{
-    struct proxy_body_info info;
-
-    const char *b = "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\",\"model\":\"inner\"}],"
-                    "\"model\":\"gpt-4o-mini\",\"stream\":true}";
-    assert_int_equal(proxy_parse_body(b, strlen(b), &info), 0);
-    assert_int_equal(info.model_len, 11);
-    assert_memory_equal(info.model, "gpt-4o-mini", 11);
-    assert_int_equal(info.stream, 1);
-
-    b = " {\"stream\":false,\"model\":\"m\"}\n";
-    assert_int_equal(proxy_parse_body(b, strlen(b), &info), 0);
-    assert_int_equal(info.stream, 0);
-    assert_int_equal(info.model_len, 1);
-
-    b = "{\"x\":1}";
-    assert_int_equal(proxy_parse_body(b, strlen(b), &info), 0);
-    assert_null(info.model);
-
-    assert_int_equal(proxy_parse_body("[1,2]", 5, &info), -EINVAL);
-    assert_int_equal(proxy_parse_body("\"s\"", 3, &info), -EINVAL);
-    assert_int_equal(proxy_parse_body("{\"a\":", 5, &info), -EINVAL);
-    assert_int_equal(proxy_parse_body("{} x", 4, &info), -EINVAL);
-    assert_int_equal(proxy_parse_body("", 0, &info), -EINVAL);
-    assert_int_equal(proxy_parse_body("not json", 8, &info), -EINVAL);
-
-    /* nested values are skipped whatever their size: only top-level keys count */
-    b = "{\"a\":[1,2,3,{\"model\":\"no\",\"b\":[[],{}]},\"x\\\"y\"],\"model\":\"m\"}";
-    assert_int_equal(proxy_parse_body(b, strlen(b), &info), 0);
-    assert_int_equal(info.model_len, 1);
-    assert_memory_equal(info.model, "m", 1);
-}
-
-/* The body scan validates JSON as strictly as the jsmn parse it replaced, in constant memory. */
-static void test_parse_body_strict(void **state)
-{
-    struct proxy_body_info info;
-    static const char *const good[] = {
-        "{}",
-        " { } ",
-        "{\"a\":-0.5e+3,\"b\":[true,false,null,0,1.25,-7E2],\"c\":{\"d\":{}}}",
-        "{\"s\":\"\\\"\\\\\\/\\b\\f\\n\\r\\t\\u00e9\",\"t\":\"caf\xc3\xa9\"}",
-        "{\"a\":[[[[[]]]]],\"b\":\"\"}",
-    };
-    static const char *const bad[] = {
-        "{\"a\":1,}",         "{\"a\" 1}",       "{\"a\":01}",          "{\"a\":1.}",
-        "{\"a\":.5}",         "{\"a\":-}",       "{\"a\":1e}",          "{\"a\":tru}",
-        "{\"a\":[1,]}",       "{\"a\":[1 2]}",   "{\"a\":[}",           "{\"a\":{]}",
-        "{\"a\":\"x}",        "{\"a\":\"\\x\"}", "{\"a\":\"\\u12g4\"}", "{a:1}",
-        "{\"a\":\"\x01\"}",   "{\"a\":1}}",      "{\"a\":[1]]}",        "{,}",
-        "{\"a\":{\"b\":1,}}", "{\"a\":{\"b\"}}", "{\"a\":+1}",          "{\"a\":1 2}",
-    };
-    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
-        assert_int_equal(proxy_parse_body(good[i], strlen(good[i]), &info), 0);
-    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-        if (proxy_parse_body(bad[i], strlen(bad[i]), &info) != -EINVAL)
-            fail_msg("accepted %s", bad[i]);
-    }
-    /* an escaped quote inside a value does not end it */
-    const char *b = "{\"model\":\"a\\\"b\",\"stream\":true}";
-    assert_int_equal(proxy_parse_body(b, strlen(b), &info), 0);
-    assert_int_equal(info.model_len, 4);
-    assert_int_equal(info.stream, 1);
-
-    /* deep nesting: up to 1024 levels, and the 8 MB body of 4 M tokens of the review */
-    static char deep[2 * 1100 + 16];
-    size_t n = 0;
-    deep[n++] = '{';
-    memcpy(deep + n, "\"a\":", 4);
-    n += 4;
-    for (int i = 0; i < 1023; i++)
-        deep[n++] = '[';
-    for (int i = 0; i < 1023; i++)
-        deep[n++] = ']';
-    deep[n++] = '}';
-    assert_int_equal(proxy_parse_body(deep, n, &info), 0);
-    memcpy(deep, "{\"a\":", 5);
-    n = 5;
-    for (int i = 0; i < 1025; i++)
-        deep[n++] = '[';
-    for (int i = 0; i < 1025; i++)
-        deep[n++] = ']';
-    deep[n++] = '}';
-    assert_int_equal(proxy_parse_body(deep, n, &info), -EINVAL);
-
-    size_t big = 8u << 20;
-    char *huge = malloc(big);
-    assert_non_null(huge);
-    static const char start[] = "{\"model\":\"x\",\"k\":\"v\",\"a\":[";
-    memcpy(huge, start, sizeof(start) - 1);
-    size_t k = sizeof(start) - 1;
-    while (k + 4 < big) {
-        huge[k++] = '0';
-        huge[k++] = ',';
-    }
-    huge[k++] = '0';
-    huge[k++] = ']';
-    huge[k++] = '}';
-    assert_int_equal(proxy_parse_body_key(huge, k, "k", &info), 0);
-    assert_int_equal(info.model_len, 1);
-    assert_int_equal(info.key_len, 1);
-    free(huge);
-}
-
 static void test_response_head_via(void **state)
 {
     struct proxy_hdr h[] = {
@@ -812,25 +707,6 @@ static void test_cool_ms(void **state)
     assert_int_equal(proxy_cool_ms(badra, 2, 0), 1500);
 }
 
-static void test_parse_body_key(void **state)
-{
-    struct proxy_body_info info;
-
-    const char *b = "{\"messages\":[{\"prompt_cache_key\":\"inner\"}],\"model\":\"m\","
-                    "\"prompt_cache_key\":\"conv-42\",\"user\":7}";
-    assert_int_equal(proxy_parse_body_key(b, strlen(b), "prompt_cache_key", &info), 0);
-    assert_int_equal(info.key_len, 7);
-    assert_memory_equal(info.key, "conv-42", 7);
-    assert_int_equal(info.model_len, 1);
-    /* only strings count; absent field, no field asked */
-    assert_int_equal(proxy_parse_body_key(b, strlen(b), "user", &info), 0);
-    assert_null(info.key);
-    assert_int_equal(proxy_parse_body_key(b, strlen(b), "nope", &info), 0);
-    assert_null(info.key);
-    assert_int_equal(proxy_parse_body(b, strlen(b), &info), 0);
-    assert_null(info.key);
-}
-
 /* ---- header pieces (proxy_hdr_piece) driven by llhttp, as worker.c and upstream.c do ---- */
 
 struct piece_ctx {
@@ -1010,8 +886,6 @@ int main(void)
         cmocka_unit_test(test_build_error),
         cmocka_unit_test(test_build_allow),
         cmocka_unit_test(test_request_id),
-        cmocka_unit_test(test_parse_body),
-        cmocka_unit_test(test_parse_body_strict),
         cmocka_unit_test(test_response_head_via),
         cmocka_unit_test(test_response_head_chunk_self),
         cmocka_unit_test(test_build_error_via),
@@ -1020,7 +894,6 @@ int main(void)
         cmocka_unit_test(test_duration),
         cmocka_unit_test(test_duration_huge),
         cmocka_unit_test(test_cool_ms),
-        cmocka_unit_test(test_parse_body_key),
         cmocka_unit_test(test_hdr_pieces),
         cmocka_unit_test(test_connection_tokens),
     };
