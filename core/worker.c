@@ -20,6 +20,7 @@
 #include "core/request.h"
 #include "core/retry.h"
 #include "core/sig.h"
+#include "core/tq.h"
 #include "core/tls.h"
 #include "core/upstream.h"
 #include "core/util.h"
@@ -66,26 +67,6 @@ enum tkind {
     T_KINDS,
 };
 
-/* Client timeouts without a uv_timer_t per connection: a FIFO of clients whose timeouts all
- * have the same duration (so appending keeps it sorted by deadline) and one timer for its
- * head. */
-struct tq {
-    uv_timer_t timer;
-    struct worker *w;
-    struct client *head, *tail;
-    uint64_t ms;
-    uint64_t armed_at; /* loop time the timer fires at, 0 = not armed */
-};
-
-/* Requests whose body is arriving, of one listener, in the order their bodies started: all wait
- * the same client_body_total_timeout, so the head is the next to expire. The links are in the
- * request state (struct creq), so a connection carries them only while it reads a body. */
-struct bdq {
-    uv_timer_t timer;
-    struct creq *head, *tail;
-    uint64_t ms;
-};
-
 /* One client connection. Only what an idle keep-alive connection needs lives here; the state
  * of a request (parser, spans, body, upstream request, tries) is a struct creq in the tail of
  * the pool buffer the connection holds while a request is active. */
@@ -93,9 +74,7 @@ struct client {
     uv_tcp_t tcp;
     struct worker *w;
     const struct conf_listen *ln;
-    struct tq *tq; /* the timeout queue the client waits in, or NULL */
-    struct client *tprev, *tnext;
-    uint64_t deadline;          /* loop time (ms) the current timeout expires at */
+    struct tq_node tn;          /* in the timeout (or retry back-off) queue the client waits in */
     struct client *prev, *next; /* worker's list of open clients, or free list (next) */
     char *buf;  /* request bytes [0, len), parsed up to pos, then a struct creq; NULL while idle */
     char *wbuf; /* only while a write waits: a pool buffer holding its uv_write_t and head */
@@ -160,9 +139,7 @@ struct creq {
     uint8_t method_pending; /* llhttp refused the method: is it a token (501) or junk (400)? */
     uint32_t tail4;         /* the last 4 raw bytes of a chunked body parsed so far */
     uint64_t dropped;       /* body bytes of a request already refused, read and dropped */
-    struct bdq *bdq;        /* the body deadline queue the request waits in, or NULL */
-    struct creq *bprev, *bnext;
-    uint64_t body_deadline; /* loop time (ms) the whole body must have arrived by */
+    struct tq_node bn;      /* in the listener's body deadline queue while the body arrives */
     uv_write_t cont_req;    /* the rest of a "100 Continue" the socket did not take at once */
     struct tries tries;
 };
@@ -177,7 +154,8 @@ struct worker {
     uv_timer_t hard_stop;
     struct tq *tqs; /* T_KINDS per listener, then the linger queue */
     int n_tqs;
-    struct bdq *bdqs; /* per listener */
+    struct tq *bdqs; /* per listener: bodies by the time they must have arrived by
+                        (client_body_total_timeout) */
     int draining, stopping;
     int handles_ok; /* signal handles and timers initialised: worker_check_exit closes them */
     struct bufpool bufs;
@@ -257,72 +235,19 @@ static void on_client_timeout(struct client *c)
     }
 }
 
+static void on_client_tq(struct tq_node *n)
+{
+    on_client_timeout(tq_entry(n, struct client, tn));
+}
+
 static void client_timer_stop(struct client *c)
 {
-    struct tq *q = c->tq;
-    if (!q)
-        return;
-    if (c->tprev)
-        c->tprev->tnext = c->tnext;
-    else
-        q->head = c->tnext;
-    if (c->tnext)
-        c->tnext->tprev = c->tprev;
-    else
-        q->tail = c->tprev;
-    c->tq = NULL;
-    c->tprev = c->tnext = NULL;
-}
-
-/* The queues' uv_timer_start calls cannot fail: that takes a closing handle (the timers close
- * only when the worker exits, with no client left) or a NULL callback. */
-
-/* Runs the clients of q whose deadline passed through fire (which may queue them again, here
- * or elsewhere), then arms q's timer (callback cb) for its new head unless that was done. */
-static void tq_expire(struct tq *q, uv_timer_cb cb, void (*fire)(struct client *))
-{
-    uint64_t now = uv_now(&q->w->loop);
-    struct client *c;
-    q->armed_at = 0;
-    while ((c = q->head) && c->deadline <= now) {
-        client_timer_stop(c);
-        fire(c);
-    }
-    if (q->head && !q->armed_at) {
-        q->armed_at = q->head->deadline;
-        uv_timer_start(&q->timer, cb, q->head->deadline - now, 0);
-    }
-}
-
-static void on_tq(uv_timer_t *t)
-{
-    tq_expire(t->data, on_tq, on_client_timeout);
-}
-
-static void client_timer_q(struct client *c, struct tq *q)
-{
-    client_timer_stop(c);
-    c->deadline = uv_now(&c->w->loop) + q->ms;
-    c->tq = q;
-    c->tprev = q->tail;
-    c->tnext = NULL;
-    if (q->tail) {
-        q->tail->tnext = c; /* the queue's timer runs for an earlier deadline already */
-    } else {
-        q->head = c;
-        /* a timer left armed from an earlier head fires first and re-arms for this one: a
-         * lone keep-alive client moving between queues does not touch the timer heap */
-        if (!q->armed_at || q->armed_at > c->deadline) {
-            q->armed_at = c->deadline;
-            uv_timer_start(&q->timer, on_tq, q->ms, 0);
-        }
-    }
-    q->tail = c;
+    tq_remove(&c->tn);
 }
 
 static void client_timer(struct client *c, enum tkind k)
 {
-    client_timer_q(c, &c->w->tqs[c->li * T_KINDS + k]);
+    tq_add(&c->w->tqs[c->li * T_KINDS + k], &c->tn);
 }
 
 /* ---- buffers ---- */
@@ -432,7 +357,7 @@ static void client_linger(struct client *c)
     c->state = CS_LINGER;
     client_free_body(c);
     client_drop_buf(c);
-    client_timer_q(c, &c->w->tqs[c->w->n_tqs - 1]);
+    tq_add(&c->w->tqs[c->w->n_tqs - 1], &c->tn);
 }
 
 /* ---- writing ---- */
@@ -452,7 +377,7 @@ static void on_written(uv_write_t *req, int status)
 {
     struct client *c = req->data;
     c->writing = 0;
-    if (c->tq == &c->w->tqs[c->li * T_KINDS + T_SEND])
+    if (c->tn.q == &c->w->tqs[c->li * T_KINDS + T_SEND])
         client_timer_stop(c);
     bufpool_put(&c->w->bufs, c->wbuf);
     c->wbuf = NULL;
@@ -607,61 +532,23 @@ static void client_options(struct client *c)
 
 static void body_deadline_stop(struct client *c)
 {
-    if (!c->buf)
-        return;
-    struct creq *r = client_creq(c);
-    struct bdq *q = r->bdq;
-    if (!q)
-        return;
-    if (r->bprev)
-        r->bprev->bnext = r->bnext;
-    else
-        q->head = r->bnext;
-    if (r->bnext)
-        r->bnext->bprev = r->bprev;
-    else
-        q->tail = r->bprev;
-    r->bdq = NULL;
-    r->bprev = r->bnext = NULL;
+    if (c->buf)
+        tq_remove(&client_creq(c)->bn);
 }
 
-/* 408 to every request whose body did not arrive in time: client_body_timeout only bounds the
- * gap between reads, so without this one byte every few seconds would hold a connection (and
- * its buffers) for as long as the client likes. */
-static void on_bdq(uv_timer_t *t)
+/* 408 to a request whose body did not arrive in time: client_body_timeout only bounds the gap
+ * between reads, so without this one byte every few seconds would hold a connection (and its
+ * buffers) for as long as the client likes. */
+static void on_body_deadline(struct tq_node *n)
 {
-    struct bdq *q = t->data;
-    uint64_t now = uv_now(t->loop);
-    struct creq *r;
-
-    while ((r = q->head) && r->body_deadline <= now) {
-        struct client *c = r->parser.data;
-        body_deadline_stop(c);
-        client_error(c, 408, "invalid_request_error", "request_timeout",
-                     "the request body did not arrive within client_body_total_timeout", 1, 0);
-    }
-    if (q->head)
-        uv_timer_start(&q->timer, on_bdq, q->head->body_deadline - now, 0);
+    struct client *c = tq_entry(n, struct creq, bn)->parser.data;
+    client_error(c, 408, "invalid_request_error", "request_timeout",
+                 "the request body did not arrive within client_body_total_timeout", 1, 0);
 }
 
 static void body_deadline_start(struct client *c)
 {
-    struct bdq *q = &c->w->bdqs[c->li];
-    struct creq *r = client_creq(c);
-
-    r->body_deadline = uv_now(&c->w->loop) + q->ms;
-    r->bdq = q;
-    r->bprev = q->tail;
-    r->bnext = NULL;
-    if (q->tail) {
-        q->tail->bnext = r;
-    } else {
-        q->head = r;
-        /* a timer still armed for an earlier body fires first, then re-arms for this one */
-        if (!uv_is_active((uv_handle_t *)&q->timer))
-            uv_timer_start(&q->timer, on_bdq, q->ms, 0);
-    }
-    q->tail = r;
+    tq_add(&c->w->bdqs[c->li], &client_creq(c)->bn);
 }
 
 /* ---- request parsing ---- */
@@ -1408,11 +1295,6 @@ static void client_retry_commit(struct client *c, uint64_t now)
 
 static void client_try(struct client *c);
 
-static void on_retry_q(uv_timer_t *timer)
-{
-    tq_expire(timer->data, on_retry_q, client_try);
-}
-
 /* Waits out the back-off before the next try: full jitter, capped by the request deadline. */
 static void client_retry_wait(struct client *c)
 {
@@ -1429,28 +1311,12 @@ static void client_retry_wait(struct client *c)
         client_try(c);
         return;
     }
-    /* sorted insert from the tail: back-offs are short, most go near the end */
-    client_timer_stop(c);
-    c->deadline = now + d;
-    c->tq = q;
-    struct client *after = q->tail;
-    while (after && after->deadline > c->deadline)
-        after = after->tprev;
-    c->tprev = after;
-    c->tnext = after ? after->tnext : q->head;
-    if (c->tnext)
-        c->tnext->tprev = c;
-    else
-        q->tail = c;
-    if (after) {
-        after->tnext = c;
-    } else {
-        q->head = c;
-        if (!q->armed_at || q->armed_at > c->deadline) {
-            q->armed_at = c->deadline;
-            uv_timer_start(&q->timer, on_retry_q, d, 0);
-        }
-    }
+    tq_add_at(q, &c->tn, d);
+}
+
+static void on_retry_due(struct tq_node *n)
+{
+    client_try(tq_entry(n, struct client, tn));
 }
 
 static void client_gateway_error(struct client *c, enum upstream_err e)
@@ -1956,7 +1822,7 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
 static int client_forwarding(const struct client *c)
 {
     return c->state == CS_WAIT && c->tries_on &&
-           (client_creq(c)->rq.conn || c->tq == &c->w->retry_q);
+           (client_creq(c)->rq.conn || c->tn.q == &c->w->retry_q);
 }
 
 static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
@@ -2129,11 +1995,11 @@ static void worker_check_exit(struct worker *w)
         signal(SIGINT, SIG_IGN);
         signal(SIGQUIT, SIG_IGN);
         uv_close((uv_handle_t *)&w->hard_stop, on_handle_closed_noop);
-        uv_close((uv_handle_t *)&w->retry_q.timer, on_handle_closed_noop);
+        tq_close(&w->retry_q, on_handle_closed_noop);
         for (int i = 0; i < w->n_tqs; i++)
-            uv_close((uv_handle_t *)&w->tqs[i].timer, on_handle_closed_noop);
+            tq_close(&w->tqs[i], on_handle_closed_noop);
         for (int i = 0; w->bdqs && i < w->conf->n_listens; i++)
-            uv_close((uv_handle_t *)&w->bdqs[i].timer, on_handle_closed_noop);
+            tq_close(&w->bdqs[i], on_handle_closed_noop);
     }
 }
 
@@ -2155,7 +2021,7 @@ static void client_hard_stop(struct client *c)
     c->close_after = 1;
     client_body_cut(c, "the gateway is shutting down", "gateway_shutdown");
     if (c->state == CS_WAIT && c->writing)
-        client_timer_q(c, &c->w->tqs[c->w->n_tqs - 1]); /* the rest of it: LINGER_MS at most */
+        tq_add(&c->w->tqs[c->w->n_tqs - 1], &c->tn); /* the rest of it: LINGER_MS at most */
 }
 
 static void worker_stop_now(struct worker *w)
@@ -2276,10 +2142,8 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     uv_signal_init(&w->loop, &w->sigint);
     uv_signal_init(&w->loop, &w->sigquit);
     uv_timer_init(&w->loop, &w->hard_stop);
-    uv_timer_init(&w->loop, &w->retry_q.timer);
+    tq_init(&w->retry_q, &w->loop, 0, on_retry_due);
     w->handles_ok = 1;
-    w->retry_q.timer.data = &w->retry_q;
-    w->retry_q.w = w;
     w->sigterm.data = w->sigint.data = w->sigquit.data = w->hard_stop.data = w;
     /* SIGQUIT is a graceful stop, as SIGTERM (and as nginx's QUIT) */
     if ((r = uv_signal_start(&w->sigterm, on_signal, SIGTERM)) < 0 ||
@@ -2293,29 +2157,26 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     if (!(w->tqs = calloc((size_t)n_tqs, sizeof(*w->tqs))))
         return -ENOMEM;
     for (int i = 0; i < n_tqs; i++) {
-        struct tq *q = &w->tqs[i];
         const struct conf_listen *ln = &conf->listens[i / T_KINDS];
-        uv_timer_init(&w->loop, &q->timer);
-        q->timer.data = q;
-        q->w = w;
+        uint64_t ms;
         if (i == n_tqs - 1)
-            q->ms = LINGER_MS;
+            ms = LINGER_MS;
         else if (i % T_KINDS == T_HEADER)
-            q->ms = ln->client_header_timeout_ms;
+            ms = ln->client_header_timeout_ms;
         else if (i % T_KINDS == T_BODY)
-            q->ms = ln->client_body_timeout_ms;
+            ms = ln->client_body_timeout_ms;
         else if (i % T_KINDS == T_SEND)
-            q->ms = conf->pools[ln->pool].idle_timeout_ms;
+            ms = conf->pools[ln->pool].idle_timeout_ms;
         else
-            q->ms = ln->keepalive_timeout_ms;
+            ms = ln->keepalive_timeout_ms;
+        tq_init(&w->tqs[i], &w->loop, ms, on_client_tq);
     }
     w->n_tqs = n_tqs;
     if (!(w->bdqs = calloc((size_t)(conf->n_listens ? conf->n_listens : 1), sizeof(*w->bdqs))))
         return -ENOMEM;
     for (int i = 0; i < conf->n_listens; i++) {
-        uv_timer_init(&w->loop, &w->bdqs[i].timer);
-        w->bdqs[i].timer.data = &w->bdqs[i];
-        w->bdqs[i].ms = conf->listens[i].client_body_total_timeout_ms;
+        tq_init(&w->bdqs[i], &w->loop, conf->listens[i].client_body_total_timeout_ms,
+                on_body_deadline);
     }
     for (int i = 0; i < conf->n_listens; i++) {
         if (conf->listens[i].max_header_size + 1024 > data)
