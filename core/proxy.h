@@ -1,6 +1,7 @@
-/* Request-path text transformations, free of I/O: the upstream request head, the response head
- * sent back to the client, gateway error responses, hop-by-hop rules and request ids (the JSON
- * body is core/json.c's). */
+/* Header rewriting, free of I/O: header spans as llhttp hands them over, the upstream request
+ * head, the response head sent back to the client, hop-by-hop rules, chunk framing and request
+ * ids. Gateway answers are core/answer.c's, 429 cool-downs core/cool.c's, the JSON body
+ * core/json.c's. */
 #ifndef AIGW_CORE_PROXY_H
 #define AIGW_CORE_PROXY_H
 
@@ -178,68 +179,12 @@ struct proxy_resp {
  * x-aigw-attempts replace any the upstream sent. Returns the length or -ENOSPC. */
 int proxy_build_response_head(char *buf, size_t cap, const struct proxy_resp *r);
 
-/* Builds a complete gateway error response with an OpenAI-shaped JSON body. retry_after > 0
- * adds Retry-After; request_id may be NULL. Returns the length or -ENOSPC. */
-int proxy_build_error(char *buf, size_t cap, int status, const char *type, const char *code,
-                      const char *message, int close, int retry_after, const char *request_id,
-                      size_t request_id_len);
-
-/* proxy_build_error after tries upstream: backend (NULL = none) and attempts go out as
- * x-aigw-backend and x-aigw-attempts. head_only (the answer to a HEAD request): the head alone,
- * with the Content-Length the body would have had. */
-int proxy_build_error_via(char *buf, size_t cap, int status, const char *type, const char *code,
-                          const char *message, int close, int retry_after, const char *request_id,
-                          size_t request_id_len, const char *backend, int attempts, int head_only);
-
-/* proxy_build_error_via with more header lines: extra (each line ending "\r\n", e.g.
- * "Allow: GET\r\n"; NULL = none) goes out after Content-Length and Retry-After. */
-int proxy_build_error_hdrs(char *buf, size_t cap, int status, const char *type, const char *code,
-                           const char *message, int close, int retry_after, const char *request_id,
-                           size_t request_id_len, const char *backend, int attempts, int head_only,
-                           const char *extra);
-
-/* The answer aigw gives to OPTIONS itself: 204 with "Allow: <allow>", X-Request-Id (when
- * request_id is set) and Connection. Returns the length or -ENOSPC. */
-int proxy_build_options(char *buf, size_t cap, const char *allow, int close, const char *request_id,
-                        size_t request_id_len);
-
-/* The end of an SSE stream whose upstream failed after the first byte reached the client, in
- * chunked framing: one chunk holding `prefix` (newlines that end a partly sent event) and an
- * `event: error` whose data is an OpenAI-shaped error with type "upstream_error" and `code`,
- * then the last chunk. Returns the length or -ENOSPC. */
-int proxy_build_sse_error(char *buf, size_t cap, const char *prefix, const char *message,
-                          const char *code);
-
 /* Writes the chunk-size line for n bytes ("1a2\r\n") into out; returns its length. */
 size_t proxy_chunk_line(char out[20], size_t n);
 
 /* Newlines at the end of an SSE byte stream after p[0, n) was appended to one that ended with
  * `prev` of them ('\r' ignored; at most 2: two end an event). */
 int proxy_sse_newlines(int prev, const char *p, size_t n);
-
-/* ---- 429: how long a rate-limited backend cools down ---- */
-
-/* The longest duration the two parsers below return: a larger value (any number of digits)
- * saturates to this, about 584 years, rather than wrapping or overflowing. */
-#define PROXY_DURATION_MAX_MS ((int64_t)(UINT64_MAX / 1000000 + 1))
-
-/* A Retry-After value: delay-seconds, or an HTTP date (IMF-fixdate, RFC 850 or asctime form)
- * taken against now_s (real time, seconds since the epoch; a past date is 0). Milliseconds,
- * or -1 when the value is neither. */
-int64_t proxy_retry_after_ms(const char *v, size_t len, int64_t now_s);
-
-/* An OpenAI x-ratelimit-reset-* duration: "1s", "6m0s", "20ms", "1.5s", "1h2m3.5s", units h, m,
- * s, ms, us, ns (a bare number is seconds). Milliseconds rounded up, or -1 when malformed;
- * at most PROXY_DURATION_MAX_MS. */
-int64_t proxy_duration_ms(const char *v, size_t len);
-
-/* The cool-down a 429 answer asks for, from its headers: retry-after-ms, else Retry-After,
- * else the larger of x-ratelimit-reset-requests and x-ratelimit-reset-tokens. -1 when none
- * of them says (the caller uses its default). */
-int64_t proxy_cool_ms(const struct proxy_hdr *hdrs, size_t n, int64_t now_s);
-
-/* Reason phrase for the statuses aigw makes itself ("Bad Gateway"); "Unknown" otherwise. */
-const char *proxy_status_reason(int status);
 
 /* Writes a 32-hex-digit request id (no NUL): unique per (seed1, counter), mixed with seed2. */
 void proxy_request_id(char out[32], uint64_t seed1, uint64_t seed2, uint64_t counter);

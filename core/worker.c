@@ -14,6 +14,8 @@
 
 #include "balancer/balancer.h"
 #include "core/accept.h"
+#include "core/answer.h"
+#include "core/cool.h"
 #include "core/json.h"
 #include "core/log.h"
 #include "core/proxy.h"
@@ -27,17 +29,15 @@
 #include "core/worker.h"
 #include "health/state.h"
 
-#define BUF_MIN         16384 /* smallest request/response buffer */
-#define LINGER_MS       2000  /* how long a closing connection drains what the client still sends */
-#define RID_MAX         128   /* longest client X-Request-Id kept as is */
-#define MAX_FREE_BUFS   1024  /* buffers kept for reuse beyond those in use */
-#define MAX_TRIES       11    /* the first try and at most 10 retries (conf bounds retries) */
-#define COOL_DEFAULT_MS 1000  /* a 429 that says nothing about when to come back */
-#define COOL_MAX_MS     3600000        /* a longer Retry-After is taken as this */
-#define AUTH_LOG_NS     10000000000ULL /* one "api_key is bad" warning per backend per 10 s */
-#define WTAIL_MAX       16      /* room kept behind a head for the bytes after a body piece */
-#define BODY_HEAP_MIN   65536   /* first size of a body that outgrows the buffer; then doubled */
-#define BODY_CACHE_MAX  1048576 /* a body buffer up to this size is kept for the next request */
+#define BUF_MIN        16384 /* smallest request/response buffer */
+#define LINGER_MS      2000  /* how long a closing connection drains what the client still sends */
+#define RID_MAX        128   /* longest client X-Request-Id kept as is */
+#define MAX_FREE_BUFS  1024  /* buffers kept for reuse beyond those in use */
+#define MAX_TRIES      11    /* the first try and at most 10 retries (conf bounds retries) */
+#define AUTH_LOG_NS    10000000000ULL /* one "api_key is bad" warning per backend per 10 s */
+#define WTAIL_MAX      16             /* room kept behind a head for the bytes after a body piece */
+#define BODY_HEAP_MIN  65536   /* first size of a body that outgrows the buffer; then doubled */
+#define BODY_CACHE_MAX 1048576 /* a body buffer up to this size is kept for the next request */
 
 enum cstate {
     CS_IDLE = 0, /* between requests: no buffer unless pipelined bytes wait */
@@ -464,10 +464,10 @@ static void client_answer(struct client *c, int status, const char *type, const 
     c->state = CS_WAIT;
     client_creq(c)->resp_close =
         close || !client_creq(c)->keepalive || w->draining || c->close_after;
-    int n = proxy_build_error_hdrs(w->scratch, head_cap(w), status, type, code, msg,
-                                   client_creq(c)->resp_close, retry_after, client_creq(c)->rid,
-                                   client_creq(c)->rid_len, backend, attempts,
-                                   client_creq(c)->head_method, extra);
+    int n = answer_error_hdrs(w->scratch, head_cap(w), status, type, code, msg,
+                              client_creq(c)->resp_close, retry_after, client_creq(c)->rid,
+                              client_creq(c)->rid_len, backend, attempts,
+                              client_creq(c)->head_method, extra);
     if (n < 0) {
         client_close(c);
         return;
@@ -519,8 +519,8 @@ static void client_options(struct client *c)
     struct creq *r = client_creq(c);
 
     r->resp_close = !r->keepalive || w->draining || c->close_after;
-    int n = proxy_build_options(w->scratch, head_cap(w), REQUEST_ALLOW, r->resp_close, r->rid,
-                                r->rid_len);
+    int n =
+        answer_options(w->scratch, head_cap(w), REQUEST_ALLOW, r->resp_close, r->rid, r->rid_len);
     int rc = n < 0 ? -1 : client_write(c, w->scratch, (size_t)n, NULL, 0);
     if (rc < 0)
         client_close(c);
@@ -1474,11 +1474,7 @@ static void client_try(struct client *c)
 static void client_cool(struct client *c, uint32_t b, const struct upstream_resp *ur, uint64_t now)
 {
     struct worker *w = c->w;
-    int64_t ms = proxy_cool_ms(ur->hdrs, ur->n_hdrs, (int64_t)(time_real_ms() / 1000));
-    if (ms < 0)
-        ms = COOL_DEFAULT_MS;
-    if (ms > COOL_MAX_MS)
-        ms = COOL_MAX_MS;
+    int64_t ms = cool_429_ms(ur->hdrs, ur->n_hdrs, (int64_t)(time_real_ms() / 1000));
     _Atomic uint64_t *cu = &shm_wb(w->shm, (uint32_t)w->slot, b)->cool_until_ns;
     uint64_t until = now + (uint64_t)ms * 1000000ULL;
     if (until > atomic_load_explicit(cu, memory_order_relaxed))
@@ -1617,7 +1613,7 @@ static void client_body_cut(struct client *c, const char *message, const char *c
     }
     /* end an event the client got part of, so ours is not glued to it */
     const char *prefix = t->sse_nl >= 2 ? "" : t->sse_nl == 1 ? "\n" : "\n\n";
-    int n = proxy_build_sse_error(w->scratch, head_cap(w), prefix, message, code);
+    int n = answer_sse_error(w->scratch, head_cap(w), prefix, message, code);
     if (n < 0) {
         client_close(c);
         return;

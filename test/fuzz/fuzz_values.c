@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/cool.h"
 #include "core/proxy.h"
 #include "core/url.h"
 #include "core/util.h"
@@ -42,10 +43,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             abort();
         break;
     case 5:
-        proxy_retry_after_ms(s, size - 1, 1795670000);
+        cool_retry_after_ms(s, size - 1, 1795670000);
         break;
     case 6:
-        proxy_duration_ms(s, size - 1);
+        cool_duration_ms(s, size - 1);
         break;
     case 7:
         proxy_path_ok(s, size - 1);

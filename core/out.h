@@ -1,0 +1,71 @@
+/* A bounded output buffer for building heads and bodies in place (core/proxy.c, core/answer.c):
+ * appends past the end only set a flag, so a builder checks once at the end. */
+#ifndef AIGW_CORE_OUT_H
+#define AIGW_CORE_OUT_H
+
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+struct out {
+    char *p;
+    size_t len, cap;
+    int over;
+};
+
+static inline void out_mem(struct out *o, const char *s, size_t n)
+{
+    if (o->over || n > o->cap - o->len) {
+        o->over = 1;
+        return;
+    }
+    memcpy(o->p + o->len, s, n);
+    o->len += n;
+}
+
+static inline void out_str(struct out *o, const char *s)
+{
+    out_mem(o, s, strlen(s));
+}
+
+/* A string literal: its length is known at compile time. */
+#define OUT_LIT(o, lit) out_mem(o, lit, sizeof(lit) - 1)
+
+static inline void out_u64(struct out *o, uint64_t v)
+{
+    char tmp[24];
+    size_t i = sizeof(tmp);
+    do {
+        tmp[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    out_mem(o, tmp + i, sizeof(tmp) - i);
+}
+
+static inline void out_hdr(struct out *o, const char *name, const char *v, size_t vlen)
+{
+    out_str(o, name);
+    out_mem(o, ": ", 2);
+    out_mem(o, v, vlen);
+    out_mem(o, "\r\n", 2);
+}
+
+static inline int out_done(const struct out *o)
+{
+    return o->over ? -ENOSPC : (int)o->len;
+}
+
+/* x-aigw-backend / x-aigw-attempts; nothing when backend is NULL. */
+static inline void out_via(struct out *o, const char *backend, int attempts)
+{
+    if (!backend)
+        return;
+    OUT_LIT(o, "x-aigw-backend: ");
+    out_str(o, backend);
+    OUT_LIT(o, "\r\nx-aigw-attempts: ");
+    out_u64(o, attempts > 0 ? (uint64_t)attempts : 0);
+    OUT_LIT(o, "\r\n");
+}
+
+#endif
