@@ -85,7 +85,7 @@ enum proxy_piece {
  * them over, to the spans hdrs[0, *n): a name piece after a value (or first) starts a new header
  * (at most max of them), a value piece after a name starts its value, and a piece of the same
  * kind as the last one extends it. *last is the kind of the last piece (PROXY_PIECE_NONE at the
- * start of a message). Shared by the request (worker.c) and response (upstream.c) parsers.
+ * start of a message). Shared by the request (client.c) and response (upstream.c) parsers.
  * Returns 0; -ENOSPC when a new header would exceed max; -EPROTO when a piece does not directly
  * follow the one before it in memory. That happens for obs-fold ("X-A: a\r\n b"), which
  * llhttp accepts and reports in pieces with the line break between them: spliced into a head

@@ -1,5 +1,6 @@
-/* Retry policy: outcome conditions, failure and retry decisions, back-off, retry budget. Pure
- * functions; the worker brings the clock and the random numbers. */
+/* Retry policy: outcome conditions, what an outcome counts as (the record stage), failure and
+ * retry decisions, back-off, retry budget. Pure functions; the worker brings the clock and the
+ * random numbers. */
 #include "core/retry.h"
 
 uint32_t retry_cond(enum upstream_err err, int status)
@@ -51,6 +52,30 @@ int retry_is_retryable(const struct conf_pool *p, uint32_t cond, int status)
 {
     return (cond & (COND_NOT_SENT | p->retry_on)) != 0 ||
            (status > 0 && status_listed(p->retry_on_status, p->n_retry_on_status, status));
+}
+
+uint32_t retry_record_head(const struct conf_pool *p, int status)
+{
+    uint32_t rec = 0;
+
+    if (status == 429)
+        return RETRY_REC_COOL;
+    if (status == 401 || status == 403)
+        rec |= RETRY_REC_AUTH;
+    if (retry_is_failure(p, retry_cond(UPSTREAM_OK, status), status))
+        rec |= RETRY_REC_FAIL;
+    return rec;
+}
+
+uint32_t retry_record_end(const struct conf_pool *p, enum upstream_err err, int resp_started)
+{
+    if (err == UPSTREAM_OK)
+        return RETRY_REC_OK;
+    if (err == UPSTREAM_ECLIENT) /* a client that leaves mid-answer says nothing against it */
+        return resp_started ? RETRY_REC_OK : 0;
+    if (resp_started)
+        return RETRY_REC_FAIL;
+    return retry_is_failure(p, retry_cond(err, 0), 0) ? RETRY_REC_FAIL : 0;
 }
 
 uint64_t retry_backoff_ms(const struct conf_pool *p, uint32_t n, uint64_t rnd)

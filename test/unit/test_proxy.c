@@ -484,7 +484,7 @@ static void test_response_head_chunk_self(void **state)
                  "\r\n");
 }
 
-/* ---- header pieces (proxy_hdr_piece) driven by llhttp, as worker.c and upstream.c do ---- */
+/* ---- header pieces (proxy_hdr_piece) driven by llhttp, as client.c and upstream.c do ---- */
 
 struct piece_ctx {
     struct proxy_hdr hdrs[8];

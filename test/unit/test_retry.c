@@ -146,13 +146,52 @@ static void test_retry_budget_shm(void **state)
     shm_destroy(&shm);
 }
 
+/* The record stage: what a try's outcome counts as for its backend. */
+static void test_retry_record(void **state)
+{
+    struct conf_pool p;
+    pool_init(&p);
+    /* heads: 429 cools (never a failure), 401/403 count against the key, 5xx fails */
+    assert_int_equal(retry_record_head(&p, 429), RETRY_REC_COOL);
+    assert_int_equal(retry_record_head(&p, 401), RETRY_REC_AUTH);
+    assert_int_equal(retry_record_head(&p, 403), RETRY_REC_AUTH);
+    assert_int_equal(retry_record_head(&p, 503), RETRY_REC_FAIL);
+    assert_int_equal(retry_record_head(&p, 200), 0);
+    assert_int_equal(retry_record_head(&p, 404), 0);
+    /* fail_on_status: a listed status fails, a 401 then both */
+    int st[] = {401, 404};
+    memcpy(p.fail_on_status, st, sizeof(st));
+    p.n_fail_on_status = 2;
+    assert_int_equal(retry_record_head(&p, 404), RETRY_REC_FAIL);
+    assert_int_equal(retry_record_head(&p, 401), RETRY_REC_AUTH | RETRY_REC_FAIL);
+    /* without 5xx in fail_on a 503 says nothing against the backend */
+    p.fail_on &= ~(uint32_t)COND_5XX;
+    assert_int_equal(retry_record_head(&p, 503), 0);
+
+    /* ends: a whole answer succeeds; a client that leaves mid-answer too, before it nothing */
+    pool_init(&p);
+    assert_int_equal(retry_record_end(&p, UPSTREAM_OK, 1), RETRY_REC_OK);
+    assert_int_equal(retry_record_end(&p, UPSTREAM_ECLIENT, 1), RETRY_REC_OK);
+    assert_int_equal(retry_record_end(&p, UPSTREAM_ECLIENT, 0), 0);
+    /* an answer cut after its head went out fails, whatever fail_on says */
+    assert_int_equal(retry_record_end(&p, UPSTREAM_ERESET, 1), RETRY_REC_FAIL);
+    assert_int_equal(retry_record_end(&p, UPSTREAM_ELOCAL, 1), RETRY_REC_FAIL);
+    /* before it: what fail_on counts (here not stale-conn); the gateway's own shortage never */
+    assert_int_equal(retry_record_end(&p, UPSTREAM_ECONNECT, 0), RETRY_REC_FAIL);
+    assert_int_equal(retry_record_end(&p, UPSTREAM_ETIMEOUT, 0), RETRY_REC_FAIL);
+    assert_int_equal(retry_record_end(&p, UPSTREAM_ELOCAL, 0), 0);
+    assert_int_equal(retry_record_end(&p, UPSTREAM_ENOMEM, 0), 0);
+    assert_int_equal(retry_record_end(&p, UPSTREAM_ESTALE, 0), 0);
+    p.fail_on = COND_CONNECT;
+    assert_int_equal(retry_record_end(&p, UPSTREAM_ETIMEOUT, 0), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_retry_conditions),
-        cmocka_unit_test(test_retry_backoff),
-        cmocka_unit_test(test_retry_budget),
-        cmocka_unit_test(test_retry_budget_shm),
+        cmocka_unit_test(test_retry_conditions), cmocka_unit_test(test_retry_backoff),
+        cmocka_unit_test(test_retry_budget),     cmocka_unit_test(test_retry_budget_shm),
+        cmocka_unit_test(test_retry_record),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

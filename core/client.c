@@ -1,0 +1,1078 @@
+/* The HTTP/1 server side of a worker: a client connection from accept to close. Reads and
+ * parses requests with llhttp (head checks: core/request.c), holds their bodies, writes answers
+ * (forwarded ones and aigw's own), timeouts, keep-alive, pipelining, linger. A whole request
+ * goes on to core/stages.c. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include <llhttp.h>
+#include <uv.h>
+
+#include "core/answer.h"
+#include "core/log.h"
+#include "core/proxy.h"
+#include "core/request.h"
+#include "core/util.h"
+#include "core/worker_priv.h"
+
+#define RID_MAX        128     /* longest client X-Request-Id kept as is */
+#define BODY_HEAP_MIN  65536   /* first size of a body that outgrows the buffer; then doubled */
+#define BODY_CACHE_MAX 1048576 /* a body buffer up to this size is kept for the next request */
+
+static llhttp_settings_t req_settings;
+
+static void client_process(struct client *c);
+static void client_read_start(struct client *c);
+static void client_dispatch(struct client *c);
+
+static void conns_add(struct worker *w, int d)
+{
+    _Atomic uint32_t *g = &shm_worker(w->shm, (uint32_t)w->slot)->conns;
+    atomic_store_explicit(g, atomic_load_explicit(g, memory_order_relaxed) + (uint32_t)d,
+                          memory_order_relaxed);
+}
+
+/* ---- timeouts ---- */
+
+static void on_client_timeout(struct client *c)
+{
+    switch ((enum cstate)c->state) {
+    case CS_HEAD:
+    case CS_BODY:
+        /* some of the request arrived, not all of it in time */
+        client_error(c, 408, "invalid_request_error", "request_timeout",
+                     "the request did not arrive in time", 1, 0);
+        return;
+    case CS_IDLE:
+    case CS_LINGER:
+        client_close(c);
+        return;
+    case CS_WAIT:
+        if (c->writing) {
+            /* the client takes nothing: it must not hold a backend connection and its in-flight
+             * count (nor the buffers) for ever */
+            log_info("client %s: no write progress within stream_idle_timeout, closing", c->ip);
+            client_close(c);
+        }
+        return;
+    case CS_CLOSED:
+        return;
+    }
+}
+
+void client_on_timeout(struct tq_node *n)
+{
+    on_client_timeout(tq_entry(n, struct client, tn));
+}
+
+/* ---- buffers ---- */
+
+static void client_take_buf(struct client *c)
+{
+    if (c->buf)
+        return;
+    char *p = bufpool_get(&c->w->bufs);
+    c->len = c->pos = 0;
+    if (!p)
+        return;
+    c->buf = p + c->w->data_off;
+    /* a new request state: the buffer may come from another connection */
+    struct creq *r = client_creq(c);
+    memset(r, 0, sizeof(*r));
+    /* llhttp_init leaves every lenient flag off: what llhttp still takes that RFC 9112 does not
+     * (bare LF at some line ends, white space in names, other versions) client_validate refuses */
+    llhttp_init(&r->parser, HTTP_REQUEST, &req_settings);
+    r->parser.data = c;
+}
+
+static void client_drop_buf(struct client *c)
+{
+    if (c->buf)
+        bufpool_put(&c->w->bufs, c->buf - c->w->data_off);
+    c->buf = NULL;
+    c->len = c->pos = 0;
+}
+
+static void client_free_body(struct client *c)
+{
+    if (!c->buf)
+        return;
+    struct creq *r = client_creq(c);
+    struct worker *w = c->w;
+    if (r->body_heap) {
+        /* keep the largest moderate buffer for the next large body; a huge one goes back at
+         * once, so one big request does not leave the worker big */
+        if (r->body_cap <= BODY_CACHE_MAX && (!w->body_cache || w->body_cache_cap < r->body_cap)) {
+            free(w->body_cache);
+            w->body_cache = r->body;
+            w->body_cache_cap = r->body_cap;
+        } else {
+            free(r->body);
+        }
+    }
+    r->body = NULL;
+    r->body_heap = 0;
+    r->body_len = r->body_cap = 0;
+}
+
+/* ---- closing ---- */
+
+static void client_handle_closed(uv_handle_t *h)
+{
+    struct client *c = h->data;
+    struct worker *w = c->w;
+    if (--c->handles > 0)
+        return;
+    client_free_body(c);
+    if (c->buf)
+        bufpool_put(&w->bufs, c->buf - w->data_off);
+    bufpool_put(&w->bufs, c->wbuf);
+    c->buf = c->wbuf = NULL;
+    c->next = w->free_clients;
+    w->free_clients = c;
+    acceptor_closed(&w->acc, c->li); /* its fd is released: below maxconn again */
+    worker_check_exit(w);
+}
+
+void client_close(struct client *c)
+{
+    struct worker *w = c->w;
+    if (c->state == CS_CLOSED)
+        return;
+    if (c->buf && client_creq(c)->rq.conn)
+        upstream_abort(&client_creq(c)->rq);
+    client_body_deadline_stop(c);
+    if (c->tries_on) {
+        client_try_end(c);
+        c->tries_on = 0;
+    }
+    c->state = CS_CLOSED;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        w->clients = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    w->n_clients--;
+    conns_add(w, -1);
+    client_timer_stop(c);
+    uv_close((uv_handle_t *)&c->tcp, client_handle_closed);
+}
+
+/* Closes after a response: shut the write side, then read and drop what the client still
+ * sends for a moment, so that closing with unread input does not reset the response away. */
+static void client_linger(struct client *c)
+{
+    uv_os_fd_t fd;
+    if (c->eof || uv_fileno((uv_handle_t *)&c->tcp, &fd) != 0) {
+        client_close(c);
+        return;
+    }
+    shutdown(fd, SHUT_WR);
+    c->state = CS_LINGER;
+    client_free_body(c);
+    client_drop_buf(c);
+    tq_add(&c->w->tqs[c->w->n_tqs - 1], &c->tn);
+}
+
+/* ---- writing ---- */
+
+static void on_written(uv_write_t *req, int status)
+{
+    struct client *c = req->data;
+    c->writing = 0;
+    if (c->tn.q == &c->w->tqs[c->li * T_KINDS + T_SEND])
+        client_timer_stop(c);
+    bufpool_put(&c->w->bufs, c->wbuf);
+    c->wbuf = NULL;
+    if (c->state == CS_CLOSED)
+        return;
+    if (status < 0) {
+        client_close(c);
+        return;
+    }
+    if (client_creq(c)->rq.conn)
+        upstream_resume(&client_creq(c)->rq); /* continues the stream, or ends it (on_end) */
+    else
+        client_request_done(c); /* a response aigw made itself */
+}
+
+/* Writes head and tail (copied if they must wait; tail at most WTAIL_MAX bytes) around
+ * data (kept by the caller until the write ends), in one system call where the socket takes
+ * it. 0 = all written, 1 = pending (on_written follows), -1 = the client is gone. */
+int client_write3(struct client *c, const char *head, size_t hl, const char *data, size_t dl,
+                  const char *tail, size_t tl)
+{
+    uv_buf_t b[3];
+    unsigned n = 0;
+    if (hl)
+        b[n++] = uv_buf_init((char *)head, (unsigned)hl);
+    if (dl)
+        b[n++] = uv_buf_init((char *)data, (unsigned)dl);
+    if (tl)
+        b[n++] = uv_buf_init((char *)tail, (unsigned)tl);
+    if (!n)
+        return 0;
+    int r = uv_try_write((uv_stream_t *)&c->tcp, b, n);
+    if (r == (int)(hl + dl + tl))
+        return 0;
+    if (r < 0 && r != UV_EAGAIN)
+        return -1;
+    size_t done = r > 0 ? (size_t)r : 0;
+    n = 0;
+    if (!(c->wbuf = bufpool_get(&c->w->bufs)))
+        return -1;
+    uv_write_t *req = (uv_write_t *)c->wbuf;
+    char *copy = c->wbuf + WHEAD_OFF;
+    if (done < hl) {
+        memcpy(copy, head + done, hl - done);
+        b[n++] = uv_buf_init(copy, (unsigned)(hl - done));
+        copy += hl - done;
+        done = 0;
+    } else {
+        done -= hl;
+    }
+    if (dl > done) {
+        b[n++] = uv_buf_init((char *)data + done, (unsigned)(dl - done));
+        done = 0;
+    } else {
+        done -= dl;
+    }
+    if (tl > done) {
+        memcpy(copy, tail + done, tl - done);
+        b[n++] = uv_buf_init(copy, (unsigned)(tl - done));
+    }
+    req->data = c;
+    if (uv_write(req, (uv_stream_t *)&c->tcp, b, n, on_written) != 0)
+        return -1;
+    c->writing = 1;
+    if (c->w->tqs[c->li * T_KINDS + T_SEND].ms)
+        client_timer(c, T_SEND);
+    return 1;
+}
+
+/* A gateway error; after tries upstream, backend (NULL = none) and attempts go out as
+ * x-aigw-backend / x-aigw-attempts; extra: more header lines (NULL = none). */
+static void client_answer(struct client *c, int status, const char *type, const char *code,
+                          const char *msg, int close, int retry_after, const char *backend,
+                          int attempts, const char *extra)
+{
+    struct worker *w = c->w;
+    client_timer_stop(c);
+    client_body_deadline_stop(c);
+    c->state = CS_WAIT;
+    client_creq(c)->resp_close =
+        close || !client_creq(c)->keepalive || w->draining || c->close_after;
+    int n = answer_error_hdrs(w->scratch, head_cap(w), status, type, code, msg,
+                              client_creq(c)->resp_close, retry_after, client_creq(c)->rid,
+                              client_creq(c)->rid_len, backend, attempts,
+                              client_creq(c)->head_method, extra);
+    if (n < 0) {
+        client_close(c);
+        return;
+    }
+    int r = client_write(c, w->scratch, (size_t)n, NULL, 0);
+    if (r < 0)
+        client_close(c);
+    else if (r == 0)
+        client_request_done(c);
+}
+
+void client_error_via(struct client *c, int status, const char *type, const char *code,
+                      const char *msg, int close, int retry_after, const char *backend,
+                      int attempts)
+{
+    client_answer(c, status, type, code, msg, close, retry_after, backend, attempts, NULL);
+}
+
+void client_error(struct client *c, int status, const char *type, const char *code, const char *msg,
+                  int close, int retry_after)
+{
+    client_error_via(c, status, type, code, msg, close, retry_after, NULL, 0);
+}
+
+/* The answer to a request whose path aigw does not forward (err 404 or 400). */
+void client_path_error(struct client *c, int close)
+{
+    if (client_creq(c)->err == 404)
+        client_error(c, 404, "invalid_request_error", "not_found", "unknown path", close, 0);
+    else
+        client_error(c, 400, "invalid_request_error", "invalid_path",
+                     "the path has a dot-segment or an encoded slash", close, 0);
+}
+
+/* A request refused before it was read whole: the answer says Connection: close and the
+ * connection closes after it, so nothing after the head (a body, a pipelined request) is ever
+ * parsed as a request. */
+static void client_refuse(struct client *c, int status, const char *code, const char *msg,
+                          const char *extra)
+{
+    client_answer(c, status, "invalid_request_error", code, msg, 1, 0, NULL, 0, extra);
+}
+
+/* The answer to OPTIONS, which aigw gives itself (it is not forwarded: it says what aigw
+ * serves, not what one backend would). */
+void client_options(struct client *c)
+{
+    struct worker *w = c->w;
+    struct creq *r = client_creq(c);
+
+    r->resp_close = !r->keepalive || w->draining || c->close_after;
+    int n =
+        answer_options(w->scratch, head_cap(w), REQUEST_ALLOW, r->resp_close, r->rid, r->rid_len);
+    int rc = n < 0 ? -1 : client_write(c, w->scratch, (size_t)n, NULL, 0);
+    if (rc < 0)
+        client_close(c);
+    else if (rc == 0)
+        client_request_done(c);
+}
+
+/* ---- whole-body deadline ---- */
+
+/* 408 to a request whose body did not arrive in time: client_body_timeout only bounds the gap
+ * between reads, so without this one byte every few seconds would hold a connection (and its
+ * buffers) for as long as the client likes. */
+void client_on_body_deadline(struct tq_node *n)
+{
+    struct client *c = tq_entry(n, struct creq, bn)->parser.data;
+    client_error(c, 408, "invalid_request_error", "request_timeout",
+                 "the request body did not arrive within client_body_total_timeout", 1, 0);
+}
+
+static void body_deadline_start(struct client *c)
+{
+    tq_add(&c->w->bdqs[c->li], &client_creq(c)->bn);
+}
+
+/* ---- request parsing ---- */
+
+static int on_req_begin(llhttp_t *p)
+{
+    struct client *c = p->data;
+    client_creq(c)->url = NULL;
+    client_creq(c)->url_len = 0;
+    client_creq(c)->n_hdrs = 0;
+    client_creq(c)->hstate = 0;
+    client_creq(c)->err = 0;
+    client_creq(c)->rid = NULL;
+    client_creq(c)->rid_len = 0;
+    client_creq(c)->has_body = 0;
+    client_creq(c)->head_method = 0; /* a gateway answer before the head is whole has a body */
+    client_creq(c)->local = 0;
+    client_creq(c)->asterisk = 0;
+    client_creq(c)->dropped = 0;
+    client_free_body(c);
+    return 0;
+}
+
+static int on_req_url(llhttp_t *p, const char *at, size_t len)
+{
+    struct client *c = p->data;
+    if (!client_creq(c)->url)
+        client_creq(c)->url = at;
+    client_creq(c)->url_len += len;
+    return 0;
+}
+
+/* Header pieces: see proxy_hdr_piece (too many headers: 431; obs-fold: 400). */
+static int req_hdr_piece(llhttp_t *p, enum proxy_piece kind, const char *at, size_t len)
+{
+    struct client *c = p->data;
+    struct creq *r = client_creq(c);
+    if (c->state == CS_BODY)
+        return 0; /* trailers of a chunked body: not forwarded, and their bytes are not kept */
+    int e = proxy_hdr_piece(r->hdrs, &r->n_hdrs, c->ln->max_headers, &r->hstate, kind, at, len);
+    if (e == 0)
+        return 0;
+    r->err = e == -ENOSPC ? 431 : 400;
+    return -1;
+}
+
+static int on_req_hfield(llhttp_t *p, const char *at, size_t len)
+{
+    return req_hdr_piece(p, PROXY_PIECE_NAME, at, len);
+}
+
+static int on_req_hvalue(llhttp_t *p, const char *at, size_t len)
+{
+    return req_hdr_piece(p, PROXY_PIECE_VALUE, at, len);
+}
+
+static int on_req_headers(llhttp_t *p)
+{
+    struct client *c = p->data;
+    client_creq(c)->ev = CEV_HEAD;
+    return HPE_PAUSED;
+}
+
+static int on_req_body(llhttp_t *p, const char *at, size_t len)
+{
+    struct client *c = p->data;
+    if (client_creq(c)->err) {
+        /* the answer is already decided: drop the body, but no more of it than of any other */
+        client_creq(c)->dropped += len;
+        if (client_creq(c)->dropped > c->ln->max_body_size) {
+            client_creq(c)->err = 413;
+            return -1;
+        }
+        return 0;
+    }
+    if (client_creq(c)->body_len + len > c->ln->max_body_size) {
+        client_creq(c)->err = 413;
+        return -1;
+    }
+    if (client_creq(c)->body_heap) {
+        if (client_creq(c)->body_len + len > client_creq(c)->body_cap) {
+            /* grown as the bytes arrive, never beyond what was declared */
+            uint64_t cap = client_creq(c)->body_cap * 2;
+            if (cap > client_creq(c)->body_want)
+                cap = client_creq(c)->body_want;
+            if (cap < client_creq(c)->body_len + len)
+                cap = client_creq(c)->body_len + len;
+            char *nb = realloc(client_creq(c)->body, cap);
+            if (!nb) {
+                client_creq(c)->err = 500;
+                return -1;
+            }
+            client_creq(c)->body = nb;
+            client_creq(c)->body_cap = cap;
+        }
+        memcpy(client_creq(c)->body + client_creq(c)->body_len, at, len);
+    } else {
+        /* in place: de-chunking only ever moves bytes towards the head */
+        memmove(client_creq(c)->body + client_creq(c)->body_len, at, len);
+    }
+    client_creq(c)->body_len += len;
+    return 0;
+}
+
+static int on_req_done(llhttp_t *p)
+{
+    struct client *c = p->data;
+    client_creq(c)->ev = CEV_DONE;
+    return HPE_PAUSED;
+}
+
+const struct proxy_hdr *client_hdr(const struct client *c, const char *name)
+{
+    for (uint32_t i = 0; i < client_creq(c)->n_hdrs; i++)
+        if (util_span_ieq(client_creq(c)->hdrs[i].name, client_creq(c)->hdrs[i].name_len, name))
+            return &client_creq(c)->hdrs[i];
+    return NULL;
+}
+
+static int rid_ok(const char *s, size_t n)
+{
+    if (n == 0 || n > RID_MAX)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] <= 0x20 || s[i] >= 0x7f)
+            return 0;
+    return 1;
+}
+
+static void on_cont_written(uv_write_t *req, int status)
+{
+    struct client *c = req->data;
+    if (status < 0 && c->state != CS_CLOSED)
+        client_close(c);
+}
+
+/* 1 when the request line and the head end in CRLF: llhttp takes a bare LF there, where a
+ * front proxy may see something else (a header, the rest of the head), so the two would not
+ * agree on where the head ends. Lines in between are checked by llhttp. */
+static int head_crlf_ok(const struct client *c)
+{
+    const struct creq *r = client_creq(c);
+    const char *end = c->buf + r->head_end;
+
+    if (r->head_end < 4 || memcmp(end - 4, "\r\n\r\n", 4) != 0)
+        return 0;
+    if (r->n_hdrs) {
+        const char *first = r->hdrs[0].name;
+        if (first - c->buf < 2 || first[-2] != '\r' || first[-1] != '\n')
+            return 0;
+    }
+    return 1;
+}
+
+/* The validate stage, for what RFC 9112/9110 ask of a request beyond llhttp's checks: the
+ * version, line ends, header names, Host, framing, method and request-target. A refusal goes
+ * out at once with Connection: close. hosts: how many Host headers came, host the first one;
+ * bad_name: a header name is not a token. 0 to go on, -1 when refused. */
+static int client_validate(struct client *c, const struct proxy_hdr *host, uint32_t hosts,
+                           int bad_name)
+{
+    struct creq *r = client_creq(c);
+    const llhttp_t *p = &r->parser;
+    const char *why = NULL, *path = NULL;
+    size_t path_len = 0;
+
+    if (p->http_major == 0) {
+        /* HTTP/0.9: no version, no headers, and its answer would be a bare body */
+        why = "HTTP/0.9 requests are not supported";
+    } else if (p->http_major != 1 || p->http_minor > 1) {
+        client_refuse(c, 505, "http_version_not_supported", "HTTP/1.0 and 1.1 only", NULL);
+        return -1;
+    } else if (!head_crlf_ok(c)) {
+        why = "a line of the request head does not end in CRLF";
+    } else if (bad_name) {
+        why = "a header name is not a token (white space before the colon?)";
+    } else if (hosts > 1 || (hosts == 0 && !r->http10)) {
+        why = "a request needs exactly one Host header";
+    } else if ((p->flags & F_TRANSFER_ENCODING) && r->http10) {
+        /* RFC 9112 6.1: the framing of such a message is faulty */
+        why = "Transfer-Encoding in an HTTP/1.0 request";
+    }
+    if (why) {
+        client_refuse(c, 400, "bad_request", why, NULL);
+        return -1;
+    }
+
+    switch (p->method) {
+    case HTTP_GET:
+    case HTTP_POST:
+    case HTTP_DELETE:
+    case HTTP_HEAD:
+        break;
+    case HTTP_OPTIONS:
+        r->local = 1;
+        break;
+    default:
+        /* TRACE would echo the backend's key, CONNECT would tunnel: only what the API uses
+         * goes upstream */
+        client_refuse(c, 405, "method_not_allowed", "method not allowed",
+                      "Allow: " REQUEST_ALLOW "\r\n");
+        return -1;
+    }
+
+    int form = r->url ? request_target(r->url, r->url_len, &path, &path_len) : -EINVAL;
+    if (form == REQUEST_TARGET_ASTERISK && r->local) {
+        r->asterisk = 1;
+        return 0;
+    }
+    if (form < 0 || form == REQUEST_TARGET_ASTERISK)
+        why = "invalid request-target";
+    else if (form == REQUEST_TARGET_ORIGIN && host &&
+             !request_host_ok(host->value, host->value_len))
+        why = "invalid Host header"; /* the absolute form's authority replaces Host */
+    if (why) {
+        client_refuse(c, 400, "bad_request", why, NULL);
+        return -1;
+    }
+    r->url = path;
+    r->url_len = path_len;
+    return 0;
+}
+
+/* The request head is complete (parser resumed). 0 to go on with the body, -1 when an answer
+ * was sent instead. */
+static int client_on_head(struct client *c)
+{
+    struct worker *w = c->w;
+    const struct conf_listen *ln = c->ln;
+    llhttp_t *p = &client_creq(c)->parser;
+
+    client_creq(c)->head_end = c->pos;
+    if (client_creq(c)->head_end > ln->max_header_size || client_creq(c)->err == 431) {
+        client_error(c, 431, "invalid_request_error", "request_header_too_large",
+                     "request header too large", 1, 0);
+        return -1;
+    }
+    client_creq(c)->keepalive = llhttp_should_keep_alive(p);
+    client_creq(c)->http10 = p->http_major == 1 && p->http_minor == 0;
+    client_creq(c)->head_method = p->method == HTTP_HEAD;
+
+    /* one pass for the names the worker itself looks at, and that every name is a token */
+    const struct proxy_hdr *h = NULL, *expect = NULL, *host = NULL;
+    uint32_t hosts = 0;
+    int bad_name = 0;
+    for (uint32_t i = 0; i < client_creq(c)->n_hdrs; i++) {
+        const struct proxy_hdr *x = &client_creq(c)->hdrs[i];
+        bad_name |= !request_token(x->name, x->name_len);
+        if (x->name_len == 12 && !h && proxy_name_eq(x->name, 12, "x-request-id", 12)) {
+            h = x;
+        } else if (x->name_len == 6 && !expect && proxy_name_eq(x->name, 6, "expect", 6)) {
+            expect = x;
+        } else if (x->name_len == 4 && proxy_name_eq(x->name, 4, "host", 4)) {
+            host = host ? host : x;
+            hosts++;
+        }
+    }
+    if (h && rid_ok(h->value, h->value_len)) {
+        client_creq(c)->rid = h->value;
+        client_creq(c)->rid_len = h->value_len;
+    } else {
+        char *id = c->buf - w->data_off + w->rid_off;
+        proxy_request_id(id, w->rid_seed1, w->rid_seed2, w->rid_counter++);
+        client_creq(c)->rid = id;
+        client_creq(c)->rid_len = 32;
+    }
+
+    if (client_validate(c, host, hosts, bad_name) < 0)
+        return -1;
+    if (client_creq(c)->asterisk)
+        ; /* OPTIONS *: about the server, not a path */
+    else if (!proxy_path_ok(client_creq(c)->url, client_creq(c)->url_len))
+        client_creq(c)->err = 404;
+    else if (!proxy_path_safe(client_creq(c)->url, client_creq(c)->url_len))
+        client_creq(c)->err = 400; /* dot-segment or encoded slash: could leave the prefix */
+    client_creq(c)->has_body = (p->flags & (F_CHUNKED | F_CONTENT_LENGTH)) != 0;
+    int chunked = (p->flags & F_CHUNKED) != 0;
+    uint64_t cl = chunked ? 0 : p->content_length;
+    if (!chunked && (p->flags & F_CONTENT_LENGTH) && cl > ln->max_body_size) {
+        client_error(c, 413, "invalid_request_error", "request_too_large", "request body too large",
+                     1, 0);
+        return -1;
+    }
+    int body_coming = chunked || cl > 0;
+    h = expect;
+    if (h && body_coming && !client_creq(c)->http10) {
+        if (!util_span_ieq(h->value, h->value_len, "100-continue")) {
+            client_error(c, 417, "invalid_request_error", "expectation_failed",
+                         "unsupported Expect", 1, 0);
+            return -1;
+        }
+        if (client_creq(c)->err == 404 || client_creq(c)->err == 400) {
+            /* the client waits for our word before sending the body: answer now */
+            client_path_error(c, 1);
+            return -1;
+        }
+        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        uv_buf_t b = uv_buf_init((char *)cont, sizeof(cont) - 1);
+        /* a client that did not wait for it already sent body bytes: no need */
+        int r = c->pos == c->len ? uv_try_write((uv_stream_t *)&c->tcp, &b, 1) : (int)b.len;
+        if (r < 0 && r != UV_EAGAIN) {
+            client_close(c);
+            return -1;
+        }
+        if (r < (int)b.len) {
+            /* the socket took part of it (a slow reader of an earlier answer): queue the rest;
+             * libuv keeps writes in order, so the answer cannot overtake it. The request lives
+             * in the buffer, which outlives the write (closing cancels it first). */
+            size_t done = r > 0 ? (size_t)r : 0;
+            uv_buf_t rest = uv_buf_init((char *)cont + done, (unsigned)(b.len - done));
+            client_creq(c)->cont_req.data = c;
+            if (uv_write(&client_creq(c)->cont_req, (uv_stream_t *)&c->tcp, &rest, 1,
+                         on_cont_written) != 0) {
+                client_close(c);
+                return -1;
+            }
+        }
+    }
+
+    /* the body starts in the buffer; one that outgrows it moves to the heap as it arrives
+     * (client_body_to_heap), never sized by what the client only declared */
+    client_creq(c)->body_len = 0;
+    client_creq(c)->body_want = chunked ? ln->max_body_size : cl;
+    client_creq(c)->body = c->buf + client_creq(c)->head_end;
+    client_creq(c)->body_heap = 0;
+    client_creq(c)->tail4 = 0;
+    c->state = CS_BODY;
+    client_timer(c, T_BODY);
+    if (body_coming)
+        body_deadline_start(c);
+    return 0;
+}
+
+/* Bodies start in the buffer; one that will not fit moves to the heap once the buffer runs
+ * short of room: BODY_HEAP_MIN or twice what came so far, at most what was declared. The
+ * worker's cached buffer is taken when it is large enough. */
+static int client_body_to_heap(struct client *c)
+{
+    struct worker *w = c->w;
+    uint64_t cap = client_creq(c)->body_len * 2;
+    char *nb;
+    if (cap < BODY_HEAP_MIN)
+        cap = BODY_HEAP_MIN;
+    if (cap > client_creq(c)->body_want)
+        cap = client_creq(c)->body_want;
+    if (cap < client_creq(c)->body_len)
+        cap = client_creq(c)->body_len;
+    if (w->body_cache && w->body_cache_cap >= cap) {
+        nb = w->body_cache;
+        cap = w->body_cache_cap;
+        w->body_cache = NULL;
+    } else if (!(nb = malloc(cap ? cap : 1))) {
+        return -1;
+    }
+    memcpy(nb, client_creq(c)->body, client_creq(c)->body_len);
+    client_creq(c)->body = nb;
+    client_creq(c)->body_cap = cap;
+    client_creq(c)->body_heap = 1;
+    return 0;
+}
+
+/* llhttp refused the method. A token and a space start a request line with a method aigw does
+ * not know: 501. Anything else is no request: 400. The token may not have ended yet: then wait
+ * for more bytes (the header timeout still runs). */
+static void client_bad_method(struct client *c)
+{
+    int m = request_ext_method(c->buf, c->len);
+    client_creq(c)->method_pending = m == -EAGAIN;
+    if (m == -EAGAIN)
+        return;
+    if (m == 1)
+        client_refuse(c, 501, "not_implemented", "unknown method", "Allow: " REQUEST_ALLOW "\r\n");
+    else
+        client_refuse(c, 400, "bad_request", "malformed request", NULL);
+}
+
+/* Feeds the raw bytes of a chunked body as llhttp consumed them to r->tail4, which keeps the
+ * last four: the buffer is reused for each read, and llhttp takes a bare LF for the CRLF that
+ * ends the body ("0\r\n\n"), where a front proxy may see the body go on and our next request
+ * inside it. Framing bytes after the last data byte are never overwritten by de-chunking. */
+static void body_tail_feed(struct creq *r, const char *p, size_t n)
+{
+    if (n > 4) {
+        p += n - 4;
+        n = 4;
+    }
+    for (size_t i = 0; i < n; i++)
+        r->tail4 = r->tail4 << 8 | (uint8_t)p[i];
+}
+
+/* The llhttp error e (or the status decided while parsing) as the answer to the client; the
+ * connection closes after it. */
+static void client_parse_error(struct client *c, llhttp_errno_t e)
+{
+    struct creq *r = client_creq(c);
+    const char *at = llhttp_get_error_pos(&r->parser);
+
+    if (r->err == 431) {
+        client_error(c, 431, "invalid_request_error", "request_header_too_large",
+                     "too many request headers", 1, 0);
+    } else if (r->err == 413) {
+        client_error(c, 413, "invalid_request_error", "request_too_large", "request body too large",
+                     1, 0);
+    } else if (r->err == 500) {
+        client_error(c, 500, "server_error", "out_of_memory", "out of memory", 1, 0);
+    } else if (e == HPE_INVALID_METHOD && c->state == CS_HEAD) {
+        client_bad_method(c);
+    } else if ((e == HPE_INVALID_VERSION && at && request_version_form(c->buf, at)) ||
+               e == HPE_PAUSED_H2_UPGRADE) {
+        /* a well-formed version llhttp does not know (HTTP/1.2, HTTP/3.0), or the HTTP/2
+         * connection preface */
+        client_refuse(c, 505, "http_version_not_supported", "HTTP/1.0 and 1.1 only", NULL);
+    } else {
+        log_debug("client %s: bad request: %s", c->ip, llhttp_get_error_reason(&r->parser));
+        client_refuse(c, 400, "bad_request", "malformed request", NULL);
+    }
+}
+
+/* Runs the parser over buffered bytes until it needs more or a request is complete. */
+static void client_process(struct client *c)
+{
+    struct worker *w = c->w;
+    struct creq *r;
+    int force = 0;
+
+    while (c->state == CS_IDLE || c->state == CS_HEAD || c->state == CS_BODY) {
+        if (c->pos == c->len && !force)
+            break;
+        force = 0;
+        if (c->state == CS_IDLE)
+            c->state = CS_HEAD;
+        r = client_creq(c);
+        if (r->method_pending) {
+            client_bad_method(c);
+            return;
+        }
+        r->ev = CEV_NONE;
+        r->hdrs = (struct proxy_hdr *)(c->buf - w->data_off + w->hdrs_off);
+        uint32_t start = c->pos;
+        llhttp_errno_t e = llhttp_execute(&r->parser, c->buf + c->pos, c->len - c->pos);
+        if (e == HPE_OK)
+            c->pos = c->len;
+        else if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE)
+            c->pos = (uint32_t)(llhttp_get_error_pos(&r->parser) - c->buf);
+        if (c->state == CS_BODY && (r->parser.flags & F_CHUNKED))
+            body_tail_feed(r, c->buf + start, c->pos - start);
+        if (e == HPE_OK)
+            break;
+        if (e == HPE_PAUSED_UPGRADE) {
+            /* after a request with Upgrade (never forwarded: it is hop-by-hop), the next bytes
+             * are the next request. Not after CONNECT (refused at its head): its body would be. */
+            if (r->parser.method == HTTP_CONNECT) {
+                client_refuse(c, 405, "method_not_allowed", "method not allowed",
+                              "Allow: " REQUEST_ALLOW "\r\n");
+                return;
+            }
+            llhttp_resume_after_upgrade(&r->parser);
+            continue;
+        }
+        if (e == HPE_PAUSED) {
+            if (r->ev == CEV_HEAD) {
+                llhttp_resume(&r->parser);
+                if (client_on_head(c) < 0)
+                    return;
+                force = 1; /* a body-less request completes without more bytes */
+                continue;
+            }
+            if ((r->parser.flags & F_CHUNKED) && r->tail4 != 0x0d0a0d0au) {
+                client_refuse(c, 400, "bad_request", "the chunked body does not end in CRLF", NULL);
+                return;
+            }
+            client_dispatch(c);
+            return;
+        }
+        client_parse_error(c, e);
+        return;
+    }
+
+    if (c->state == CS_HEAD && c->len > c->ln->max_header_size) {
+        client_error(c, 431, "invalid_request_error", "request_header_too_large",
+                     "request header too large", 1, 0);
+        return;
+    }
+    if (c->state == CS_BODY) {
+        /* everything parsed: keep only head and in-buffer body, reuse the rest for reads */
+        c->len = c->pos = client_creq(c)->head_end +
+                          (client_creq(c)->body_heap ? 0 : (uint32_t)client_creq(c)->body_len);
+        if (!client_creq(c)->body_heap && w->data_size - c->len < w->data_size / 4 &&
+            ((client_creq(c)->parser.flags & F_CHUNKED) ||
+             client_creq(c)->head_end + client_creq(c)->body_want > w->data_size)) {
+            if (client_body_to_heap(c) < 0) {
+                client_error(c, 500, "server_error", "out_of_memory", "out of memory", 1, 0);
+                return;
+            }
+            c->len = c->pos = client_creq(c)->head_end;
+        }
+    }
+}
+
+/* ---- a whole request ---- */
+
+/* A whole request is in (parser paused after it): the client waits for its answer, which the
+ * stages (core/stages.c) give or forward. */
+static void client_dispatch(struct client *c)
+{
+    c->state = CS_WAIT;
+    client_creq(c)->resp_started = 0;
+    client_timer_stop(c);
+    client_body_deadline_stop(c);
+    stages_run(c);
+}
+
+/* ---- keep-alive and pipelining ---- */
+
+/* The response went out: next pipelined request, or idle, or close. */
+void client_request_done(struct client *c)
+{
+    struct worker *w = c->w;
+
+    c->tries_on = 0;
+    shm_counter_add(&shm_worker(w->shm, (uint32_t)w->slot)->requests, 1);
+    client_free_body(c);
+    c->fresh = 0;
+    if (client_creq(c)->resp_close || c->close_after || w->draining) {
+        client_linger(c);
+        return;
+    }
+    if (c->pos < c->len) {
+        /* pipelined bytes: move them to the front so the next request starts at 0 */
+        memmove(c->buf, c->buf + c->pos, c->len - c->pos);
+        c->len -= c->pos;
+        c->pos = 0;
+        c->state = CS_HEAD;
+        llhttp_resume(&client_creq(c)->parser);
+        client_timer(c, T_HEADER);
+        client_read_start(c);
+        client_process(c);
+        return;
+    }
+    if (c->eof) {
+        client_close(c);
+        return;
+    }
+    client_drop_buf(c); /* the parser goes with it: a new one starts the next request */
+    c->state = CS_IDLE;
+    client_timer(c, T_KEEPALIVE);
+    client_read_start(c);
+}
+
+/* ---- reading ---- */
+
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
+{
+    struct client *c = h->data;
+    struct worker *w = c->w;
+    if (c->state == CS_LINGER) {
+        *b = uv_buf_init(w->scratch, (unsigned)w->data_size);
+        return;
+    }
+    client_take_buf(c);
+    if (!c->buf) {
+        *b = uv_buf_init(NULL, 0);
+        return;
+    }
+    *b = uv_buf_init(c->buf + c->len, (unsigned)(w->data_size - c->len));
+}
+
+/* A request of the client is with an upstream, or waits out a retry back-off. */
+static int client_forwarding(const struct client *c)
+{
+    return c->state == CS_WAIT && c->tries_on &&
+           (client_creq(c)->rq.conn || c->tn.q == &c->w->retry_q);
+}
+
+static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
+{
+    struct client *c = s->data;
+
+    if (c->state == CS_CLOSED)
+        return;
+    if (c->state == CS_LINGER) {
+        /* what a refused request still sends is dropped, but no more of it than
+         * max_body_size (counted in len, unused while lingering) */
+        uint64_t cap = c->ln->max_body_size < UINT32_MAX ? c->ln->max_body_size : UINT32_MAX;
+        if (n < 0 || (uint64_t)c->len + (uint64_t)n > cap)
+            client_close(c);
+        else
+            c->len += (uint32_t)n;
+        return;
+    }
+    if (n == 0) {
+        if (c->state == CS_IDLE && c->len == 0)
+            client_drop_buf(c); /* nothing came: an idle connection holds no buffer */
+        return;
+    }
+    if (n < 0) {
+        if (n == UV_ENOBUFS && !c->buf) {
+            /* no buffer to be had (out of memory): nothing would restart reading later, so
+             * the connection would hang until a timeout; give it up now */
+            log_warn("client %s: out of memory for a read buffer, closing", c->ip);
+            client_close(c);
+            return;
+        }
+        if (n == UV_ENOBUFS) {
+            /* buffer full while a request is in flight: wait until it is answered */
+            uv_read_stop(s);
+            c->reading = 0;
+            if (c->state == CS_HEAD)
+                client_error(c, 431, "invalid_request_error", "request_header_too_large",
+                             "request header too large", 1, 0);
+            return;
+        }
+        if (n == UV_EOF) {
+            c->eof = 1;
+            c->reading = 0;
+            /* an answer of aigw's own still goes out to a half-closed client; a forwarded
+             * request is cancelled, as nginx does (proxy_ignore_client_abort off): the upstream
+             * must not keep generating, and holding an in-flight slot, for nobody */
+            if (c->state == CS_WAIT && !client_forwarding(c))
+                return;
+        }
+        if (client_forwarding(c))
+            log_debug("client %s: gone while its request was forwarded, cancelling it", c->ip);
+        client_close(c);
+        return;
+    }
+    c->len += (uint32_t)n;
+    switch ((enum cstate)c->state) {
+    case CS_IDLE:
+        c->state = CS_HEAD;
+        if (!c->fresh)
+            client_timer(c, T_HEADER);
+        break;
+    case CS_BODY:
+        client_timer(c, T_BODY);
+        break;
+    case CS_WAIT:
+        /* pipelined bytes wait in the buffer; stop reading once it is full */
+        if (c->len >= c->w->data_size) {
+            uv_read_stop(s);
+            c->reading = 0;
+        }
+        return;
+    default:
+        break;
+    }
+    client_process(c);
+}
+
+static void client_read_start(struct client *c)
+{
+    if (c->reading || c->eof || c->state == CS_CLOSED)
+        return;
+    c->reading = 1;
+    /* cannot fail: the handle is open and not reading (c->reading), and one that had a read
+     * error (UV_HANDLE_READABLE cleared) was closed by on_read */
+    uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+}
+
+/* ---- accepting ---- */
+
+/* A client whose socket could not be opened: it was never counted. */
+static void client_unopened_closed(uv_handle_t *h)
+{
+    struct client *c = h->data;
+    c->next = c->w->free_clients;
+    c->w->free_clients = c;
+}
+
+/* The acceptor (core/accept.c) hands over a new connection on listener li. */
+int client_accept(void *ctx, int li, int fd, const struct sockaddr *peer, socklen_t len)
+{
+    struct worker *w = ctx;
+    struct client *c;
+    int rc;
+
+    if (w->draining)
+        return -ECANCELED;
+    c = w->free_clients;
+    if (c)
+        w->free_clients = c->next;
+    else if (!(c = malloc(sizeof(*c))))
+        return -ENOMEM;
+    memset(c, 0, sizeof(*c));
+    c->w = w;
+    c->ln = &w->conf->listens[li];
+    uv_tcp_init(&w->loop, &c->tcp); /* cannot fail without a socket to create (AF_UNSPEC) */
+    c->tcp.data = c;
+    c->li = (uint16_t)li;
+    c->handles = 1;
+    if ((rc = uv_tcp_open(&c->tcp, fd)) != 0) {
+        log_warn("client connection: cannot set it up: %s", uv_strerror(rc));
+        c->state = CS_CLOSED; /* the handle does not own fd: the acceptor closes it */
+        uv_close((uv_handle_t *)&c->tcp, client_unopened_closed);
+        return rc;
+    }
+    uv_tcp_nodelay(&c->tcp, 1); /* without it only small writes wait a little: not fatal */
+
+    strcpy(c->ip, "unknown");
+    if (peer->sa_family == AF_INET && len >= sizeof(struct sockaddr_in))
+        uv_ip4_name((const struct sockaddr_in *)peer, c->ip, sizeof(c->ip));
+    else if (peer->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6))
+        uv_ip6_name((const struct sockaddr_in6 *)peer, c->ip, sizeof(c->ip));
+
+    c->state = CS_IDLE;
+    c->fresh = 1;
+    c->next = w->clients;
+    if (w->clients)
+        w->clients->prev = c;
+    w->clients = c;
+    w->n_clients++;
+    conns_add(w, 1);
+    client_timer(c, T_HEADER);
+    c->reading = 1;
+    /* cannot fail: the handle is open, readable and not reading yet */
+    uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    return 0;
+}
+
+/* ---- setup ---- */
+
+void client_parser_init(void)
+{
+    llhttp_settings_init(&req_settings);
+    req_settings.on_message_begin = on_req_begin;
+    req_settings.on_url = on_req_url;
+    req_settings.on_header_field = on_req_hfield;
+    req_settings.on_header_value = on_req_hvalue;
+    req_settings.on_headers_complete = on_req_headers;
+    req_settings.on_body = on_req_body;
+    req_settings.on_message_complete = on_req_done;
+}

@@ -1,0 +1,704 @@
+/* Forwarding a request and its tries: pick a backend (balancer/, trial and in-flight slots in
+ * shm), send it (core/upstream.c), retries with back-off and budget, stream the answer back
+ * (upstream_ops), record what each try counts as in shm, end a failed stream properly. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/answer.h"
+#include "core/cool.h"
+#include "core/log.h"
+#include "core/proxy.h"
+#include "core/retry.h"
+#include "core/util.h"
+#include "core/worker_priv.h"
+#include "health/state.h"
+
+#define AUTH_LOG_NS 10000000000ULL /* one "api_key is bad" warning per backend per 10 s */
+
+static void client_try(struct client *c);
+static const struct upstream_ops client_ops;
+
+/* ---- the upstream request ---- */
+
+static int op_build_head(void *ctx, const struct conf_backend *be, char *buf, size_t cap)
+{
+    struct client *c = ctx;
+    struct proxy_req r;
+    const char *m = llhttp_method_name((llhttp_method_t)client_creq(c)->parser.method);
+    r.method = m;
+    r.method_len = strlen(m);
+    r.path = client_creq(c)->url;
+    r.path_len = client_creq(c)->url_len;
+    r.hdrs = client_creq(c)->hdrs;
+    r.n_hdrs = client_creq(c)->n_hdrs;
+    r.client_ip = c->ip;
+    r.request_id = client_creq(c)->rid;
+    r.request_id_len = client_creq(c)->rid_len;
+    r.has_body = client_creq(c)->has_body;
+    r.body_len = client_creq(c)->body_len;
+    return proxy_build_request(buf, cap, &r, be);
+}
+
+/* Backend of the current (or last) try. */
+static uint32_t client_backend(const struct client *c)
+{
+    const struct tries *t = client_tries(c);
+    return t->tried[t->n - 1];
+}
+
+/* x-aigw-backend for a response after tries: NULL when the pool hides it or nothing was tried. */
+static const char *client_via(const struct client *c)
+{
+    if (!c->tries_on || client_tries(c)->n == 0 || !client_pool(c)->expose_headers)
+        return NULL;
+    return c->w->conf->backends[client_backend(c)].name;
+}
+
+static int client_attempts(const struct client *c)
+{
+    return c->tries_on ? client_tries(c)->n : 0;
+}
+
+/* ---- start ---- */
+
+/* The pick stage's inputs for a new request (deadline, hash key), then its first try. */
+void forward_start(struct client *c)
+{
+    struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    struct tries *t = client_tries(c);
+
+    memset(t, 0, sizeof(*t));
+    t->trial = -1;
+    t->again = -1;
+    if (pool->request_timeout_ms)
+        t->deadline = uv_now(&w->loop) + pool->request_timeout_ms;
+    if (pool->hash_src == HASH_HEADER) {
+        const struct proxy_hdr *h = client_hdr(c, pool->hash_name);
+        if (h && h->value_len) {
+            t->key = balancer_hash(h->value, h->value_len);
+            t->has_key = 1;
+        }
+    } else if (pool->hash_src == HASH_JSON && (client_creq(c)->info.flags & JSON_REQ_KEY)) {
+        t->key = client_creq(c)->info.key_hash;
+        t->has_key = 1;
+    }
+    c->tries_on = 1;
+    client_try(c);
+}
+
+/* ---- pick ---- */
+
+/* The outcome of the current try, when it holds a trial slot, for the breaker (which judges a
+ * half-open backend by its trials alone): ok is a success as shm_wb_record_ok counts one; a
+ * failure, a 429 and a 401/403 are failed trials. Once per try. */
+static void client_trial_outcome(struct client *c, int ok)
+{
+    struct tries *t = client_tries(c);
+    if (t->trial < 0 || t->trial_done)
+        return;
+    t->trial_done = 1;
+    shm_wb_trial_outcome(c->w->shm, (uint32_t)c->w->slot, (uint32_t)t->trial, ok);
+}
+
+/* The current try is over: give back its trial slot. */
+void client_try_end(struct client *c)
+{
+    struct tries *t = client_tries(c);
+    if (t->trial >= 0)
+        shm_trial_release(c->w->shm, (uint32_t)c->w->slot, (uint32_t)t->trial);
+    t->trial = -1;
+}
+
+static int was_tried(const struct tries *t, uint32_t b)
+{
+    for (unsigned i = 0; i < t->n; i++)
+        if (t->tried[i] == b)
+            return 1;
+    return 0;
+}
+
+/* Fills w->cands / w->cand_limit for the client's pool from the shared view at `now`. Eligible:
+ * UP/DEGRADED, READY, weight > 0, breaker not open, not cooling; a half-open breaker or a
+ * passive DOWN with checks off (after fail_timeout) admits trial requests only. *cool_min: the
+ * earliest end of a cool-down among backends held back only by one (0 = none). */
+static uint32_t client_cands(struct client *c, uint64_t now, uint64_t *cool_min)
+{
+    struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    const struct tries *t = client_tries(c);
+    uint32_t nw = shm_n_workers(w->shm);
+
+    *cool_min = 0;
+    for (int i = 0; i < pool->n_backends; i++) {
+        uint32_t b = (uint32_t)(pool->first_backend + i);
+        const struct conf_backend *cb = &w->conf->backends[b];
+        struct shm_backend *sb = shm_backend(w->shm, b);
+        struct balancer_cand *k = &w->cands[i];
+        int64_t active = 0;
+        uint64_t cool = 0;
+        int32_t limit = 0;
+
+        for (uint32_t x = 0; x < nw; x++) {
+            const struct shm_wb *wb = shm_wb(w->shm, x, b);
+            uint64_t cu = atomic_load_explicit(&wb->cool_until_ns, memory_order_relaxed);
+            active += atomic_load_explicit(&wb->active, memory_order_relaxed);
+            if (cu > cool)
+                cool = cu;
+        }
+        int ok = shm_backend_eligible(w->shm, b);
+        if (!ok && !pool->check &&
+            atomic_load_explicit(&sb->admin, memory_order_relaxed) == BACKEND_READY) {
+            /* checks off: a live request is what brings a passive DOWN back, one at a time */
+            struct health_live_cfg lc = {0};
+            lc.max_fails = cb->max_fails;
+            lc.fail_timeout_ns = cb->fail_timeout_ms * 1000000ULL;
+            lc.checks = pool->check;
+            enum backend_state st = shm_backend_state(w->shm, b);
+            enum backend_reason why =
+                (enum backend_reason)atomic_load_explicit(&sb->reason, memory_order_relaxed);
+            uint64_t since = atomic_load_explicit(&sb->since_ns, memory_order_relaxed);
+            if (health_live_trial_allowed(&lc, st, why, since, now)) {
+                ok = 1;
+                limit = 1;
+            }
+        }
+        if (ok) {
+            uint32_t br = atomic_load_explicit(&sb->breaker, memory_order_acquire);
+            uint64_t until = atomic_load_explicit(&sb->breaker_until_ns, memory_order_relaxed);
+            if (br == BREAKER_OPEN && now < until)
+                ok = 0;
+            else if (br != BREAKER_CLOSED && !limit) /* half-open, or open and past its time */
+                limit = pool->breaker_half_open_calls ? (int32_t)pool->breaker_half_open_calls : 1;
+        }
+        if (ok && cool > now) {
+            ok = 0;
+            if (!*cool_min || cool < *cool_min)
+                *cool_min = cool;
+        }
+        k->weight = (int)atomic_load_explicit(&sb->weight_eff, memory_order_relaxed);
+        k->active = (int32_t)active;
+        k->eligible = (uint8_t)ok;
+        k->tried = (uint8_t)(was_tried(t, b) && (int32_t)b != t->again);
+        k->backup = (uint8_t)(cb->backup != 0);
+        k->max_conns = cb->max_conns;
+        k->ewma_ns = pool->balance == BALANCE_P2C ? shm_backend_ewma(w->shm, b, now) : 0;
+        k->id = cb->name_hash;
+        w->cand_limit[i] = limit;
+    }
+    return (uint32_t)pool->n_backends;
+}
+
+/* Picks a backend of the client's pool not tried yet for this request, taking a trial slot
+ * when it needs one (a refused one is skipped for this pick). -1 when none is usable. */
+static int client_pick(struct client *c, uint64_t now, uint64_t *cool_min)
+{
+    struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    struct tries *t = client_tries(c);
+    uint32_t n = client_cands(c, now, cool_min);
+    struct balancer_req req = {t->key, t->has_key};
+
+    for (uint32_t round = 0; round <= n; round++) {
+        int i = balancer_pick_req(client_balancer(c), w->cands, n, &req);
+        if (i < 0)
+            return -1;
+        uint32_t b = (uint32_t)(pool->first_backend + i);
+        int trial = 0;
+
+        if (w->cand_limit[i]) {
+            trial = shm_trial_acquire(w->shm, (uint32_t)w->slot, b, w->cand_limit[i]);
+            if (!trial) {
+                w->cands[i].tried = 1;
+                continue;
+            }
+        }
+        /* The in-flight slot, exact across workers against max_conns; upstream_start (called
+         * right after) counts the request, and its end gives the slot back. */
+        if (!shm_active_acquire(w->shm, (uint32_t)w->slot, b, w->cands[i].max_conns)) {
+            if (trial)
+                shm_trial_release(w->shm, (uint32_t)w->slot, b);
+            w->cands[i].tried = 1;
+            continue;
+        }
+        t->trial = trial ? (int32_t)b : -1;
+        return (int)b;
+    }
+    return -1;
+}
+
+/* Is a backend not tried yet usable for this request right now? */
+static int client_has_candidate(struct client *c, uint64_t now)
+{
+    uint64_t cool;
+    struct worker *w = c->w;
+    uint32_t n = client_cands(c, now, &cool);
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t b = (uint32_t)(client_pool(c)->first_backend + (int)i);
+        /* one that admits trials only counts while a trial slot is free */
+        if (balancer_usable(&w->cands[i], w->cands[i].backup) &&
+            (!w->cand_limit[i] || shm_trials_in_flight(w->shm, b) < w->cand_limit[i]))
+            return 1;
+    }
+    return 0;
+}
+
+/* ---- retries ---- */
+
+/* May the request go to another backend after an outcome with cond / status? Nothing is
+ * retried once bytes reached the client, beyond `retries`, past the request deadline, without
+ * an untried usable backend, or over the pool's retry budget (shared by all workers). */
+static int client_can_retry(struct client *c, uint32_t cond, int status, uint64_t now)
+{
+    struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    const struct tries *t = client_tries(c);
+
+    if (client_creq(c)->resp_started || t->n > pool->retries || t->n >= MAX_TRIES)
+        return 0;
+    if (!retry_is_retryable(pool, cond, status))
+        return 0;
+    if (t->deadline && uv_now(&w->loop) >= t->deadline)
+        return 0;
+    if (!client_has_candidate(c, now))
+        return 0;
+    uint64_t reqs, rets;
+    shm_budget_window(w->shm, (uint32_t)pool->first_backend, (uint32_t)pool->n_backends, now, &reqs,
+                      &rets);
+    if (!retry_budget_allow(reqs, rets, pool->retry_budget_pct, pool->retry_budget_min)) {
+        log_debug("request %.*s: no retry, the retry budget of pool %s is spent",
+                  (int)client_creq(c)->rid_len, client_creq(c)->rid, pool->name);
+        return 0;
+    }
+    return 1;
+}
+
+/* A retry will follow the current try, which failed on backend b: count it. */
+static void client_retry_commit(struct client *c, uint64_t now)
+{
+    struct worker *w = c->w;
+    uint32_t b = client_backend(c);
+    shm_wb_budget_note(w->shm, (uint32_t)w->slot, b, now, 1);
+    shm_counter_add(&shm_wb(w->shm, (uint32_t)w->slot, b)->retries, 1);
+}
+
+/* Waits out the back-off before the next try: full jitter, capped by the request deadline. */
+static void client_retry_wait(struct client *c)
+{
+    struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    struct tries *t = client_tries(c);
+    struct tq *q = &w->retry_q;
+    uint64_t now = uv_now(&w->loop);
+    uint64_t d = retry_backoff_ms(pool, t->n, balancer_random(client_balancer(c), UINT64_MAX));
+
+    if (t->deadline && now + d > t->deadline)
+        d = t->deadline > now ? t->deadline - now : 0;
+    if (d == 0) {
+        client_try(c);
+        return;
+    }
+    tq_add_at(q, &c->tn, d);
+}
+
+void forward_on_retry_due(struct tq_node *n)
+{
+    client_try(tq_entry(n, struct client, tn));
+}
+
+/* ---- record ---- */
+
+/* A 429: backend b cools down for as long as the answer asks (1 s when it does not say). */
+static void client_cool(struct client *c, uint32_t b, const struct upstream_resp *ur, uint64_t now)
+{
+    struct worker *w = c->w;
+    int64_t ms = cool_429_ms(ur->hdrs, ur->n_hdrs, (int64_t)(time_real_ms() / 1000));
+    _Atomic uint64_t *cu = &shm_wb(w->shm, (uint32_t)w->slot, b)->cool_until_ns;
+    uint64_t until = now + (uint64_t)ms * 1000000ULL;
+    if (until > atomic_load_explicit(cu, memory_order_relaxed))
+        atomic_store_explicit(cu, until, memory_order_relaxed);
+    log_debug("backend %s: 429, cooling for %lld ms", w->conf->backends[b].name, (long long)ms);
+}
+
+/* The record stage of the current try: puts what it counts as (rec, from retry_record_head or
+ * retry_record_end) in shm, once per try: a success or a failure for passive health, the
+ * breaker and the latency average, and the outcome of a trial (any verdict but a success is a
+ * failed trial). */
+static void client_record(struct client *c, uint32_t rec, uint64_t now)
+{
+    struct worker *w = c->w;
+    struct tries *t = client_tries(c);
+    uint32_t b = client_backend(c);
+
+    if (t->recorded || !rec)
+        return;
+    t->recorded = 1;
+    if (rec & RETRY_REC_OK)
+        shm_wb_record_ok(w->shm, (uint32_t)w->slot, b, now, t->head_ns);
+    if (rec & RETRY_REC_FAIL)
+        shm_wb_record_fail(w->shm, (uint32_t)w->slot, b, now);
+    client_trial_outcome(c, (rec & RETRY_REC_OK) != 0);
+}
+
+/* Records what the response head says about the backend: 429 cools it, 401/403 count against
+ * its key, a failure status is a failure; anything else is recorded as a success once the
+ * exchange completes (op_on_end). */
+static void client_head_outcome(struct client *c, const struct upstream_resp *ur, uint64_t now)
+{
+    struct worker *w = c->w;
+    uint32_t b = client_backend(c);
+    uint32_t rec = retry_record_head(client_pool(c), ur->status);
+
+    if (rec & RETRY_REC_COOL)
+        client_cool(c, b, ur, now);
+    if (rec & RETRY_REC_AUTH) {
+        shm_counter_add(&shm_wb(w->shm, (uint32_t)w->slot, b)->auth_failures, 1);
+        if (!w->auth_log_ns[b] || now - w->auth_log_ns[b] >= AUTH_LOG_NS) {
+            w->auth_log_ns[b] = now;
+            log_warn("backend %s answered %d: its api_key is bad", w->conf->backends[b].name,
+                     ur->status);
+        }
+    }
+    client_record(c, rec, now);
+}
+
+/* ---- forward ---- */
+
+static void client_gateway_error(struct client *c, enum upstream_err e)
+{
+    const char *via = client_via(c);
+    int n = client_attempts(c);
+    switch (e) {
+    case UPSTREAM_ETIMEOUT:
+        client_error_via(c, 504, "upstream_error", "upstream_timeout", "the upstream timed out", 0,
+                         0, via, n);
+        break;
+    case UPSTREAM_ETLS:
+        client_error_via(c, 502, "upstream_error", "upstream_tls_failed",
+                         "TLS handshake with the upstream failed", 0, 0, via, n);
+        break;
+    case UPSTREAM_ECONNECT: {
+        /* a host name that does not resolve says so */
+        const char *why =
+            c->tries_on && n ? upstream_resolve_error(&c->w->up, (int)client_backend(c)) : NULL;
+        client_error_via(c, 502, "upstream_error", "upstream_connect_failed",
+                         why ? why : "could not connect to the upstream", 0, 0, via, n);
+        break;
+    }
+    case UPSTREAM_ERESET:
+    case UPSTREAM_ESTALE:
+        client_error_via(c, 502, "upstream_error", "upstream_reset",
+                         "the upstream closed the connection", 0, 0, via, n);
+        break;
+    case UPSTREAM_ELOCAL:
+    case UPSTREAM_ENOMEM:
+        /* the gateway's own shortage (logged by upstream.c): no backend is to blame */
+        client_error_via(c, 503, "server_error", "gateway_overloaded",
+                         "the gateway is out of resources; try again later", 0, 1, via, n);
+        break;
+    default:
+        client_error_via(c, 502, "upstream_error", "upstream_bad_response",
+                         "invalid response from the upstream", 0, 0, via, n);
+        break;
+    }
+}
+
+/* No (further) try is possible: the client gets what the last one came to. */
+static void client_fail(struct client *c)
+{
+    struct tries *t = client_tries(c);
+    if (t->deadline && uv_now(&c->w->loop) >= t->deadline) {
+        client_error_via(c, 504, "upstream_error", "request_timeout",
+                         "the request timed out (request_timeout)", 0, 0, client_via(c), t->n);
+        return;
+    }
+    if (t->last_err == UPSTREAM_OK && t->last_status) {
+        /* an answer was consumed for a retry that then found no backend */
+        client_error_via(c, 502, "upstream_error", "upstream_error_status",
+                         "the upstream failed and no other backend could take the request", 0, 0,
+                         client_via(c), t->n);
+        return;
+    }
+    client_gateway_error(c, (enum upstream_err)t->last_err);
+}
+
+/* The current try failed before any response byte reached the client. */
+static void client_try_failed(struct client *c, enum upstream_err err)
+{
+    struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    struct tries *t = client_tries(c);
+    uint32_t b = client_backend(c);
+    uint64_t now = time_mono_ns();
+    uint32_t cond = retry_cond(err, 0);
+
+    client_record(c, retry_record_end(pool, err, 0), now);
+    client_try_end(c);
+    t->last_err = err;
+    t->last_status = 0;
+    /* a stale pooled connection says nothing against its backend: it may be picked again */
+    t->again = err == UPSTREAM_ESTALE ? (int32_t)b : -1;
+    if (client_can_retry(c, cond, 0, now)) {
+        log_info("request %.*s: backend %s: %s; sending it again (attempt %u)%s",
+                 (int)client_creq(c)->rid_len, client_creq(c)->rid, w->conf->backends[b].name,
+                 upstream_strerror(err), t->n + 1,
+                 cond & COND_NOT_SENT ? "" : ", the backend may have received it");
+        client_retry_commit(c, now);
+        if (err == UPSTREAM_ESTALE)
+            client_try(c); /* no back-off: nothing failed but an idle connection */
+        else
+            client_retry_wait(c);
+        return;
+    }
+    client_fail(c);
+}
+
+/* Sends the request to the next backend, or answers when there is none. */
+static void client_try(struct client *c)
+{
+    struct worker *w = c->w;
+    const struct conf_pool *pool = client_pool(c);
+    struct tries *t = client_tries(c);
+    uint64_t now = time_mono_ns(), lnow = uv_now(&w->loop), cool_min;
+
+    if (t->deadline && lnow >= t->deadline) {
+        client_fail(c);
+        return;
+    }
+    int b = client_pick(c, now, &cool_min);
+    if (b < 0) {
+        if (cool_min) {
+            uint64_t left = cool_min > now ? cool_min - now : 0;
+            int secs = (int)((left + 999999999ULL) / 1000000000ULL);
+            client_error_via(c, 429, "requests", "rate_limit_exceeded",
+                             "every backend is rate limited: retry after the given time", 0,
+                             secs < 1 ? 1 : secs, client_via(c), t->n);
+        } else if (t->n) {
+            client_fail(c);
+        } else {
+            client_error(c, 503, "upstream_error", "no_backend_available",
+                         "no backend is available", 0, 1);
+        }
+        return;
+    }
+    t->tried[t->n++] = (uint32_t)b;
+    /* the backend whose pooled connection was stale gets a new one */
+    client_creq(c)->rq.no_reuse = b == t->again;
+    t->again = -1;
+    if (t->n == 1) /* the pool-wide retry budget counts client requests once, retries apart */
+        shm_wb_budget_note(w->shm, (uint32_t)w->slot, (uint32_t)b, now, 0);
+    t->discard = t->recorded = t->trial_done = t->framed = t->sse = t->sent = 0;
+    t->sse_nl = 2;
+    t->try_ns = now;
+    client_creq(c)->rq.ops = &client_ops;
+    client_creq(c)->rq.ctx = c;
+    client_creq(c)->rq.body = client_creq(c)->body;
+    client_creq(c)->rq.body_len = client_creq(c)->body_len;
+    client_creq(c)->rq.head_only = client_creq(c)->head_method;
+    client_creq(c)->rq.dechunk = client_creq(c)->http10;
+    client_creq(c)->rq.backend = b;
+    client_creq(c)->rq.connect_timeout_ms = pool->connect_timeout_ms;
+    client_creq(c)->rq.head_timeout_ms =
+        pool->try_timeout_ms ? pool->try_timeout_ms : pool->first_byte_timeout_ms;
+    if (t->deadline) {
+        uint64_t left = t->deadline - lnow;
+        if (client_creq(c)->rq.connect_timeout_ms > left)
+            client_creq(c)->rq.connect_timeout_ms = left;
+        if (client_creq(c)->rq.head_timeout_ms > left)
+            client_creq(c)->rq.head_timeout_ms = left;
+    }
+    int r = upstream_start(&w->up, &client_creq(c)->rq);
+    if (r < 0)
+        client_try_failed(c, (enum upstream_err) - r);
+}
+
+/* ---- respond ---- */
+
+static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *body, size_t n,
+                      int complete)
+{
+    struct client *c = ctx;
+    struct worker *w = c->w;
+    struct tries *t = client_tries(c);
+    struct proxy_resp r;
+    uint64_t now = time_mono_ns();
+    uint32_t cond = retry_cond(UPSTREAM_OK, ur->status);
+
+    t->head_ns = now - t->try_ns;
+    client_head_outcome(c, ur, now);
+    if (ur->status >= 400 && client_can_retry(c, cond, ur->status, now)) {
+        /* consumed, not forwarded: the next backend answers instead */
+        log_info("request %.*s: backend %s answered %d; sending it again (attempt %u)",
+                 (int)client_creq(c)->rid_len, client_creq(c)->rid,
+                 w->conf->backends[client_backend(c)].name, ur->status, t->n + 1);
+        t->discard = 1;
+        t->last_err = UPSTREAM_OK;
+        t->last_status = ur->status;
+        client_retry_commit(c, now);
+        return 0;
+    }
+
+    /* a body delimited by the close goes out in chunks framed here (rechunk): the connection
+     * to the client may stay open */
+    client_creq(c)->resp_close = !client_creq(c)->keepalive || (ur->until_close && !ur->rechunk) ||
+                                 w->draining || c->close_after;
+    r.status = ur->status;
+    r.reason = ur->reason;
+    r.reason_len = ur->reason_len;
+    r.hdrs = ur->hdrs;
+    r.n_hdrs = ur->n_hdrs;
+    r.keep_chunked = ur->chunked;
+    r.chunk_self = ur->rechunk && !ur->chunked;
+    r.close = client_creq(c)->resp_close;
+    r.http10_keepalive = client_creq(c)->http10 && !client_creq(c)->resp_close;
+    r.request_id = client_creq(c)->rid;
+    r.request_id_len = client_creq(c)->rid_len;
+    r.backend = client_via(c);
+    r.attempts = t->n;
+    int hl = proxy_build_response_head(w->scratch, head_cap(w), &r);
+    if (hl < 0) {
+        /* nothing went out yet: a failure of the backend's (502, and it counts), not a client
+         * that left */
+        log_warn("backend %s: response head too large to forward",
+                 w->conf->backends[client_backend(c)].name);
+        return UPSTREAM_HAND_BAD;
+    }
+    client_creq(c)->resp_started = 1;
+    if (n)
+        t->sent = 1;
+    if (!ur->rechunk)
+        return client_write(c, w->scratch, (size_t)hl, body, n);
+    /* each piece goes out as one chunk of ours */
+    t->framed = 1;
+    t->sse = (uint8_t)ur->sse;
+    t->sse_nl = (uint8_t)proxy_sse_newlines(t->sse_nl, body, n);
+    if (n)
+        hl += (int)proxy_chunk_line(w->scratch + hl, n);
+    const char *tail = n ? (complete ? "\r\n0\r\n\r\n" : "\r\n") : (complete ? "0\r\n\r\n" : "");
+    return client_write3(c, w->scratch, (size_t)hl, body, n, tail, strlen(tail));
+}
+
+static int op_on_body(void *ctx, const char *p, size_t n, int complete)
+{
+    struct client *c = ctx;
+    struct tries *t = client_tries(c);
+    if (t->discard)
+        return 0;
+    if (n)
+        t->sent = 1;
+    if (!t->framed)
+        return client_write(c, NULL, 0, p, n);
+    char line[20];
+    size_t ll = n ? proxy_chunk_line(line, n) : 0;
+    const char *tail = n ? (complete ? "\r\n0\r\n\r\n" : "\r\n") : (complete ? "0\r\n\r\n" : "");
+    t->sse_nl = (uint8_t)proxy_sse_newlines(t->sse_nl, p, n);
+    return client_write3(c, line, ll, p, n, tail, strlen(tail));
+}
+
+/* Ends a response whose body went out only in part: an SSE stream framed here gets an
+ * `event: error` (message, code) and the last chunk, so it is never a silently truncated 200;
+ * any other body is cut off, and a chunked one then lacks its last chunk, which tells the client
+ * it is incomplete (as does a short Content-Length). */
+static void client_body_cut(struct client *c, const char *message, const char *code)
+{
+    struct worker *w = c->w;
+    struct tries *t = client_tries(c);
+
+    if (!t->framed || !t->sse || c->writing) {
+        client_close(c);
+        return;
+    }
+    /* end an event the client got part of, so ours is not glued to it */
+    const char *prefix = t->sse_nl >= 2 ? "" : t->sse_nl == 1 ? "\n" : "\n\n";
+    int n = answer_sse_error(w->scratch, head_cap(w), prefix, message, code);
+    if (n < 0) {
+        client_close(c);
+        return;
+    }
+    int r = client_write(c, w->scratch, (size_t)n, NULL, 0);
+    if (r < 0)
+        client_close(c);
+    else if (r == 0)
+        client_request_done(c);
+}
+
+/* The upstream failed after the response head went out. */
+static void client_stream_failed(struct client *c, enum upstream_err err)
+{
+    struct worker *w = c->w;
+    int stalled = err == UPSTREAM_ETIMEOUT;
+
+    log_info("request %.*s: backend %s %s mid-stream", (int)client_creq(c)->rid_len,
+             client_creq(c)->rid, w->conf->backends[client_backend(c)].name,
+             stalled ? "stalled" : "failed");
+    client_body_cut(c,
+                    stalled ? "upstream stream stalled: no data within stream_idle_timeout"
+                            : "upstream connection lost mid-stream",
+                    stalled ? "upstream_stream_timeout" : "upstream_stream_interrupted");
+}
+
+static void op_on_end(void *ctx, enum upstream_err err)
+{
+    struct client *c = ctx;
+    struct tries *t = client_tries(c);
+    uint64_t now = time_mono_ns();
+
+    if (t->discard) {
+        /* the consumed answer is drained (or broke: the retry was decided anyway) */
+        client_try_end(c);
+        client_retry_wait(c);
+        return;
+    }
+    if (err == UPSTREAM_OK || (err == UPSTREAM_ECLIENT && client_creq(c)->resp_started)) {
+        client_record(c, retry_record_end(client_pool(c), err, 1), now);
+        client_try_end(c);
+        if (err == UPSTREAM_OK)
+            client_request_done(c);
+        else
+            client_close(c);
+        return;
+    }
+    if (err == UPSTREAM_ECLIENT) {
+        client_try_end(c);
+        client_close(c);
+        return;
+    }
+    if (client_creq(c)->resp_started) {
+        client_record(c, retry_record_end(client_pool(c), err, 1), now);
+        client_try_end(c);
+        client_stream_failed(c, err);
+        return;
+    }
+    client_try_failed(c, err);
+}
+
+static const struct upstream_ops client_ops = {
+    .build_head = op_build_head,
+    .on_head = op_on_head,
+    .on_body = op_on_body,
+    .on_end = op_on_end,
+};
+
+/* ---- hard stop ---- */
+
+/* The hard stop of one client: a stream under way is cut (its upstream request cancelled) but
+ * ended properly, with an `event: error` and the last chunk, where the client's socket takes it;
+ * then the connection lingers a moment (LINGER_MS) and closes. Any other client is closed. */
+void client_hard_stop(struct client *c)
+{
+    if (c->state != CS_WAIT || !c->tries_on || !client_creq(c)->resp_started ||
+        !client_tries(c)->framed || !client_tries(c)->sse || c->writing ||
+        !client_creq(c)->rq.conn) {
+        client_close(c);
+        return;
+    }
+    log_info("request %.*s: stream cut by the stop", (int)client_creq(c)->rid_len,
+             client_creq(c)->rid);
+    upstream_abort(&client_creq(c)->rq);
+    client_try_end(c);
+    c->close_after = 1;
+    client_body_cut(c, "the gateway is shutting down", "gateway_shutdown");
+    if (c->state == CS_WAIT && c->writing)
+        tq_add(&c->w->tqs[c->w->n_tqs - 1], &c->tn); /* the rest of it: LINGER_MS at most */
+}
