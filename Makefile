@@ -3,7 +3,8 @@
 # `sudo apt-get install ...` line is printed and make stops.
 
 DEPS := meson ninja-build pkg-config gcc libc6-dev libuv1-dev libmbedtls-dev libinih-dev \
-        node-llhttp libcmocka-dev libjsmn-dev libyajl-dev python3 openssl curl clang-format
+        node-llhttp libcmocka-dev libjsmn-dev libyajl-dev python3 openssl curl clang-format \
+        libnss-wrapper
 BENCH_DEPS := wrk haproxy nginx-light
 
 BUILD := build

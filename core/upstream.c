@@ -1,6 +1,8 @@
-/* Upstream connections of one worker: keep-alive pools per backend, non-blocking connect and
- * TLS on a raw fd watched by uv_poll, request sending with writev, response parsing with
- * llhttp, and the accounting of each exchange in this worker's shm slot. */
+/* Upstream connections of one process (a worker, or the health checker): keep-alive pools per
+ * backend, non-blocking connect and TLS on a raw fd watched by uv_poll, request sending with
+ * writev, response parsing with llhttp, and the accounting of each exchange in a worker's shm
+ * slot. */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -143,19 +145,22 @@ const char *upstream_strerror(enum upstream_err e)
 
 /* ---- accounting ---- */
 
-/* The in-flight slot (active + 1) was taken by the caller when it picked the backend
- * (shm_active_acquire, exact against max_conns); acct_end gives it back. */
+/* A worker's in-flight slot (active + 1) was taken by the caller when it picked the backend
+ * (shm_active_acquire, exact against max_conns); acct_end gives it back. The health checker's
+ * exchanges (no wb) are counted nowhere: they are not traffic. */
 static void acct_begin(struct upstream *up, struct upstream_req *rq)
 {
-    struct shm_wb *wb = shm_wb(up->shm, (uint32_t)up->slot, (uint32_t)rq->backend);
-    shm_counter_add(&wb->requests, 1);
+    struct shm_wb *wb = up->backends[rq->backend].wb;
+    if (wb)
+        shm_counter_add(&wb->requests, 1);
 }
 
 /* Failures and successes are recorded by the client side, which knows the pool's fail_on. */
 static void acct_end(struct upstream *up, struct upstream_req *rq, enum upstream_err err)
 {
-    struct shm_wb *wb = shm_wb(up->shm, (uint32_t)up->slot, (uint32_t)rq->backend);
-    shm_gauge_add(&wb->active, -1);
+    struct shm_wb *wb = up->backends[rq->backend].wb;
+    if (wb)
+        shm_gauge_add(&wb->active, -1);
     if (err == UPSTREAM_ECLIENT)
         up->aborts++;
 }
@@ -267,7 +272,7 @@ static int conn_pool(struct upconn *u)
     struct upstream *up = u->up;
     struct up_backend *be = u->be;
 
-    if (up->draining || be->n_idle >= be->cb->keepalive || u->gen != be->gen)
+    if (up->draining || up->no_pool || be->n_idle >= be->cb->keepalive || u->gen != be->gen)
         return 0;
     buf_give(up, u->buf);
     u->buf = NULL;
@@ -357,6 +362,8 @@ static int upstream_local_error(struct upstream *up, struct up_backend *be, cons
     uint64_t skipped;
     char note[LOG_RATE_NOTE];
 
+    if (!up->shm)
+        return -UPSTREAM_ELOCAL; /* the health checker says it itself: "check not run" */
     if (log_rate_ok(&up->local_log, uv_now(up->loop), &skipped))
         log_warn("backend %s: %s: %s: the gateway is out of a local resource (check maxconn "
                  "and RLIMIT_NOFILE); answering 503, the backend's health is not affected%s",
@@ -378,9 +385,13 @@ static int conn_connect_at(struct upstream *up, struct upstream_req *rq, int fir
         return -UPSTREAM_ETLS;
     for (;;) {
         const struct sockaddr_storage *sa = &be->addrs[i];
+        rq->peer = i;
         fd = socket(sa->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd == -1 && upstream_errno_local(errno, 0))
-            return upstream_local_error(up, be, "socket", errno);
+        if (fd == -1) {
+            rq->sys_err = errno;
+            if (upstream_errno_local(errno, 0))
+                return upstream_local_error(up, be, "socket", errno);
+        }
         if (fd != -1) {
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
             if (connect(fd, (const struct sockaddr *)sa, be->addr_lens[i]) == 0 ||
@@ -389,6 +400,7 @@ static int conn_connect_at(struct upstream *up, struct upstream_req *rq, int fir
             int err = errno;
             close(fd);
             fd = -1;
+            rq->sys_err = err;
             if (upstream_errno_local(err, 1))
                 return upstream_local_error(up, be, "connect", err);
             log_debug("backend %s: connect: %s", be->cb->name, strerror(err));
@@ -467,7 +479,7 @@ static int send_failed(const struct upconn *u)
 static int conn_send(struct upconn *u)
 {
     struct upstream_req *rq = u->rq;
-    struct shm_wb *wb = shm_wb(u->up->shm, (uint32_t)u->up->slot, (uint32_t)rq->backend);
+    struct shm_wb *wb = u->be->wb;
     uint64_t before = u->sent;
     int ret = 0;
 
@@ -524,7 +536,7 @@ static int conn_send(struct upconn *u)
     u->state = UC_WAIT_HEAD;
     poll_set(u, UV_READABLE);
 out:
-    if (u->sent > before)
+    if (u->sent > before && wb)
         shm_counter_add(&wb->bytes_out, u->sent - before);
     return ret;
 }
@@ -804,7 +816,7 @@ static ssize_t io_read(struct upconn *u, char *buf, size_t len)
 
 static void conn_read(struct upconn *u)
 {
-    struct shm_wb *wb = shm_wb(u->up->shm, (uint32_t)u->up->slot, (uint32_t)u->be->index);
+    struct shm_wb *wb = u->be->wb;
 
     for (;;) {
         if (!u->head_done && u->rlen >= u->up->data_size) {
@@ -840,7 +852,8 @@ static void conn_read(struct upconn *u)
                 conn_fail(u, UPSTREAM_ERESET);
             return;
         }
-        shm_counter_add(&wb->bytes_in, (uint64_t)n);
+        if (wb)
+            shm_counter_add(&wb->bytes_in, (uint64_t)n);
         if (on_data(u, u->buf + u->rlen, (size_t)n))
             return;
         /* one read per poll event, except bytes mbedTLS already decrypted, or when the poll
@@ -860,9 +873,12 @@ static void conn_handshake(struct upconn *u)
         return;
     }
     if (r != 0) {
-        char why[256];
-        log_warn("backend %s: TLS handshake: %s", u->be->cb->name,
-                 tls_strerror(u->tls, r, why, sizeof(why)));
+        char *why = u->be->tls_why;
+        /* the health checker reports it with the check's result instead */
+        log_msg(u->up->shm ? LOG_LVL_WARN : LOG_LVL_DEBUG, "backend %s: TLS handshake: %s",
+                u->be->cb->name, tls_strerror(u->tls, r, why, sizeof(u->be->tls_why)));
+        if (u->rq)
+            u->rq->sys_err = r;
         exchange_end(u, UPSTREAM_ETLS, 0);
         return;
     }
@@ -890,11 +906,15 @@ static void on_poll(uv_poll_t *h, int status, int events)
     }
     switch (u->state) {
     case UC_CONNECTING:
-        if (status < 0 || getsockopt(u->fd, SOL_SOCKET, SO_ERROR, &err, &len) == -1 || err) {
-            log_debug("backend %s: connect: %s", u->be->cb->name,
-                      strerror(err          ? err
-                               : status < 0 ? -status
-                                            : errno));
+        /* a refused connect comes as POLLERR, which libuv reports as UV_EBADF: SO_ERROR says
+         * what it was */
+        if (getsockopt(u->fd, SOL_SOCKET, SO_ERROR, &err, &len) == -1)
+            err = errno;
+        if (status < 0 || err) {
+            err = err ? err : -status;
+            log_debug("backend %s: connect: %s", u->be->cb->name, strerror(err));
+            if (u->rq)
+                u->rq->sys_err = err;
             conn_connect_failed(u);
             return;
         }
@@ -965,6 +985,8 @@ static void on_timer(uv_timer_t *t)
         return;
     case UC_CONNECTING:
         log_debug("backend %s: connect timeout", u->be->cb->name);
+        if (u->rq)
+            u->rq->sys_err = ETIMEDOUT;
         resolve_soon(u->be);
         exchange_end(u, UPSTREAM_ECONNECT, 0);
         return;
@@ -1150,6 +1172,88 @@ const char *upstream_resolve_error(const struct upstream *up, int backend)
     return !be->n_addrs && be->err[0] ? be->err : NULL;
 }
 
+const char *upstream_tls_error(const struct upstream *up, int backend)
+{
+    const struct up_backend *be = &up->backends[backend];
+    return be->cb->url.tls && !be->tls_ok ? be->tls_err : NULL;
+}
+
+const char *upstream_tls_why(const struct upstream *up, int backend)
+{
+    const struct up_backend *be = &up->backends[backend];
+    return be->tls_why[0] ? be->tls_why : NULL;
+}
+
+const char *upstream_peer_str(const struct upstream *up, int backend, int peer, char *buf,
+                              size_t len)
+{
+    const struct up_backend *be = &up->backends[backend];
+    char ip[INET6_ADDRSTRLEN];
+
+    if (len)
+        buf[0] = '\0';
+    if (peer < 0 || peer >= be->n_addrs)
+        return buf;
+    const struct sockaddr_storage *sa = &be->addrs[peer];
+    if (sa->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof(ip));
+        snprintf(buf, len, "[%s]:%u", ip, (unsigned)ntohs(s6->sin6_port));
+    } else {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof(ip));
+        snprintf(buf, len, "%s:%u", ip, (unsigned)ntohs(s4->sin_port));
+    }
+    return buf;
+}
+
+enum upstream_step upstream_step(const struct upstream_req *rq)
+{
+    const struct upconn *u = rq->conn;
+    if (!u)
+        return UPSTREAM_STEP_NONE;
+    if (u == u->up->wait_conn)
+        return UPSTREAM_STEP_RESOLVE;
+    switch (u->state) {
+    case UC_CONNECTING:
+        return UPSTREAM_STEP_CONNECT;
+    case UC_HANDSHAKE:
+        return UPSTREAM_STEP_HANDSHAKE;
+    case UC_SENDING:
+        return UPSTREAM_STEP_SEND;
+    case UC_WAIT_HEAD:
+        return UPSTREAM_STEP_WAIT_HEAD;
+    case UC_BODY:
+    case UC_PAUSED:
+        return UPSTREAM_STEP_BODY;
+    case UC_IDLE:
+    case UC_CLOSED:
+        break;
+    }
+    return UPSTREAM_STEP_NONE;
+}
+
+const char *upstream_step_str(enum upstream_step s)
+{
+    switch (s) {
+    case UPSTREAM_STEP_NONE:
+        break;
+    case UPSTREAM_STEP_RESOLVE:
+        return "resolving the host";
+    case UPSTREAM_STEP_CONNECT:
+        return "connecting";
+    case UPSTREAM_STEP_HANDSHAKE:
+        return "in the TLS handshake";
+    case UPSTREAM_STEP_SEND:
+        return "sending the request";
+    case UPSTREAM_STEP_WAIT_HEAD:
+        return "waiting for the response";
+    case UPSTREAM_STEP_BODY:
+        return "reading the response body";
+    }
+    return "idle";
+}
+
 /* A request to a backend without an address: it waits for the lookup in flight (or one started
  * now, at most once per UPSTREAM_RERESOLVE_MIN_MS), or fails at once. */
 static int wait_for_address(struct upstream *up, struct up_backend *be, struct upstream_req *rq)
@@ -1178,6 +1282,8 @@ int upstream_start(struct upstream *up, struct upstream_req *rq)
     rq->conn = NULL;
     rq->wait_next = NULL;
     rq->status = 0;
+    rq->sys_err = 0;
+    rq->peer = -1;
     acct_begin(up, rq);
     if (!be->n_addrs) {
         int r = wait_for_address(up, be, rq);
@@ -1187,6 +1293,7 @@ int upstream_start(struct upstream *up, struct upstream_req *rq)
     }
     struct upconn *u = rq->no_reuse ? NULL : be->idle;
     if (u) {
+        rq->peer = u->addr_i;
         idle_unlink(u);
         u->state = UC_SENDING;
         u->rq = rq;
@@ -1247,7 +1354,7 @@ void upstream_abort(struct upstream_req *rq)
     case UC_CONNECTING:
     case UC_HANDSHAKE:
         /* no byte of the request went out: the connection is set up for the pool */
-        if (!up->draining)
+        if (!up->draining && !up->no_pool)
             return;
         break;
     case UC_PAUSED:
@@ -1323,6 +1430,7 @@ int upstream_init(struct upstream *up, uv_loop_t *loop, const struct conf *conf,
         be->cp = &conf->pools[be->cb->pool];
         be->up = up;
         be->index = i;
+        be->wb = shm ? shm_wb(shm, (uint32_t)slot, (uint32_t)i) : NULL;
         if (addr_literal(be)) {
             be->numeric = 1;
         } else {
@@ -1339,7 +1447,7 @@ int upstream_init(struct upstream *up, uv_loop_t *loop, const struct conf *conf,
                 be->tls_ok = 1;
             } else {
                 log_err("backend %s: TLS setup: %s", be->cb->name, err ? err : "failed");
-                free(err);
+                be->tls_err = err ? err : strdup("TLS setup failed");
             }
         }
     }
@@ -1380,9 +1488,11 @@ void upstream_free(struct upstream *up)
     up->wait_conn = NULL;
     if (!up->backends)
         return;
-    for (int i = 0; i < up->n_backends; i++)
+    for (int i = 0; i < up->n_backends; i++) {
         if (up->backends[i].tls_ok)
             tls_client_free(&up->backends[i].tls);
+        free(up->backends[i].tls_err);
+    }
     free(up->backends);
     up->backends = NULL;
     while (up->free_conns) {

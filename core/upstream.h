@@ -1,6 +1,7 @@
-/* Upstream side of one worker: per-backend keep-alive connection pools, connect + TLS, sending
- * the request, parsing the response with llhttp and handing it to the client side as it
- * arrives. Also the worker's buffer pool, shared with the client side. */
+/* The HTTP/1 client of aigw, for a worker's traffic and for the health checker's checks alike:
+ * per-backend resolver and keep-alive connection pools, connect + TLS, sending the request,
+ * parsing the response with llhttp and handing it to the caller as it arrives. Also the
+ * worker's buffer pool, shared with the client side. */
 #ifndef AIGW_CORE_UPSTREAM_H
 #define AIGW_CORE_UPSTREAM_H
 
@@ -100,6 +101,10 @@ struct upstream_req {
     struct upstream_req *wait_next; /* waiting for the backend's first address */
     int no_reuse;                   /* open a new connection, take no pooled one */
     int status;                     /* response status once known */
+    /* What a failure was, for messages: the errno behind UPSTREAM_ECONNECT or UPSTREAM_ELOCAL,
+     * mbedTLS's code behind a failed handshake (UPSTREAM_ETLS); 0 when not known. */
+    int sys_err;
+    int peer; /* address (upstream_peer_str) the latest connection went to; -1 = none yet */
 };
 
 /* Host names are looked up in each worker with uv_getaddrinfo (the loop never blocks): at
@@ -111,12 +116,13 @@ struct upstream_req {
 #define UPSTREAM_RERESOLVE_MIN_MS 1000
 #define UPSTREAM_MAX_ADDRS        8 /* addresses kept per backend, tried in order on connect failure */
 
-/* Per-worker, per-backend state. */
+/* Per-process, per-backend state. */
 struct up_backend {
     const struct conf_backend *cb;
     const struct conf_pool *cp;
     struct upstream *up;
     int index;
+    struct shm_wb *wb; /* this worker's counters for the backend; NULL: none (health checker) */
     struct sockaddr_storage addrs[UPSTREAM_MAX_ADDRS];
     socklen_t addr_lens[UPSTREAM_MAX_ADDRS];
     int n_addrs;         /* 0 = no address (yet) */
@@ -133,6 +139,8 @@ struct up_backend {
     char err[384];                /* "cannot resolve HOST: reason" while n_addrs == 0 */
     struct tls_client tls;
     int tls_ok;          /* tls initialised */
+    char *tls_err;       /* why it could not be (malloc'd), else NULL */
+    char tls_why[192];   /* why the latest failed handshake failed ("" = none yet) */
     struct upconn *idle; /* pooled idle connections, most recent first */
     int n_idle;
 };
@@ -152,6 +160,9 @@ struct upstream {
     struct upconn *free_conns;
     int n_conns;              /* open connections */
     int draining;             /* no more pooling */
+    int no_pool;              /* never pool: each exchange on a new connection, closed after it
+                                 (the health checker's, as HAProxy checks: a check proves that a
+                                 connection can be opened) */
     uv_timer_t resolve_timer; /* every UPSTREAM_RESOLVE_MS: look host names up again */
     int resolve_timer_on;
     struct upconn *wait_conn;  /* rq->conn of a request waiting for an address (a placeholder) */
@@ -160,7 +171,10 @@ struct upstream {
 };
 
 /* Starts looking backend host names up and prepares TLS clients. A buffer from bufs holds max_hdrs
- * header spans at hdrs_off and data_size bytes of data at data_off. 0 or -errno. */
+ * header spans at hdrs_off and data_size bytes of data at data_off. Exchanges are counted in
+ * worker `slot`'s shm counters; shm NULL: in none (the health checker, which has no slot and
+ * must not write a worker's), and a local resource error is then left to the caller to log.
+ * 0 or -errno. */
 int upstream_init(struct upstream *up, uv_loop_t *loop, const struct conf *conf, struct shm *shm,
                   int slot, struct bufpool *bufs, size_t data_off, size_t data_size,
                   size_t hdrs_off, uint32_t max_hdrs);
@@ -183,5 +197,28 @@ void upstream_abort(struct upstream_req *rq);
 /* "cannot resolve HOST: reason" when backend has no address because its lookup failed, else
  * NULL: the message of a 502 upstream_connect_failed. */
 const char *upstream_resolve_error(const struct upstream *up, int backend);
+/* Why backend's TLS client could not be set up (every exchange then fails with UPSTREAM_ETLS),
+ * else NULL. */
+const char *upstream_tls_error(const struct upstream *up, int backend);
+/* Why the backend's latest failed TLS handshake failed ("certificate verify failed: ..."), or
+ * NULL when none has. */
+const char *upstream_tls_why(const struct upstream *up, int backend);
+
+/* Where a started exchange stands, for messages (a timeout's). */
+enum upstream_step {
+    UPSTREAM_STEP_NONE = 0, /* not started, or over */
+    UPSTREAM_STEP_RESOLVE,  /* waiting for the backend's first address */
+    UPSTREAM_STEP_CONNECT,
+    UPSTREAM_STEP_HANDSHAKE,
+    UPSTREAM_STEP_SEND,
+    UPSTREAM_STEP_WAIT_HEAD, /* request sent, response head not complete */
+    UPSTREAM_STEP_BODY,
+};
+enum upstream_step upstream_step(const struct upstream_req *rq);
+const char *upstream_step_str(enum upstream_step s); /* "connecting", ... */
+/* "127.0.0.1:9101" or "[::1]:443": address `peer` (upstream_req.peer) of backend; "" when
+ * there is no such address (any more). Returns buf. */
+const char *upstream_peer_str(const struct upstream *up, int backend, int peer, char *buf,
+                              size_t len);
 
 #endif

@@ -1,23 +1,23 @@
-/* One active health check: an asynchronous HTTP/1.1 request over plain TCP or TLS. */
+/* One active health check: an HTTP/1.1 request sent through the gateway's own upstream client
+ * (core/upstream.c: the workers' resolver, address order, TLS configuration and response parser),
+ * judged by the status of the response head. */
 #ifndef AIGW_HEALTH_CHECK_H
 #define AIGW_HEALTH_CHECK_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#include <llhttp.h>
 #include <uv.h>
 
-#include "core/tls.h"
+#include "core/upstream.h"
 #include "shm/shm.h"
 
 /* What a check aims at; filled once per backend by the caller and kept for its lifetime. */
 struct check_spec {
-    const char *host; /* name or IP literal (IPv6 without brackets) */
-    uint16_t port;
-    struct tls_client *tls; /* NULL for plain http */
-    const char *tls_err;    /* TLS setup failed with this text: every check fails with it */
-    const char *request;    /* full request text (check_build_request) */
+    struct upstream *up; /* the checker's client (no shm slot: a check is never traffic) */
+    int backend;         /* index into conf.backends (and up's backends) */
+    int head;            /* the request is a HEAD: its answer has no body */
+    const char *request; /* full request text (check_build_request) */
     size_t request_len;
     const int *expect; /* accepted statuses */
     int n_expect;
@@ -37,49 +37,29 @@ struct check_result {
 struct check;
 typedef void (*check_done_cb)(struct check *ck, const struct check_result *res);
 
-enum check_step {
-    CHECK_IDLE = 0,
-    CHECK_RESOLVE,
-    CHECK_CONNECT,
-    CHECK_HANDSHAKE,
-    CHECK_SEND,
-    CHECK_RECV,
-};
-
 /* Per backend, reused for every check of that backend. Must not move once initialised. */
 struct check {
-    uv_loop_t *loop;
     const struct check_spec *spec;
     check_done_cb done;
-    void *data;       /* for the caller */
-    uv_timer_t timer; /* whole-check timeout */
-    uv_poll_t poll;   /* readiness of fd; initialised per attempt */
-    uv_getaddrinfo_t gai;
-    int gai_pending; /* a resolution is running (it can outlive an aborted check) */
-    int poll_open;   /* poll is initialised and not yet closed */
-    int fd;
-    struct tls_conn tls;
-    int tls_open;
-    llhttp_t parser;
-    enum check_step step;
-    size_t sent;       /* request bytes written so far */
-    size_t head_bytes; /* response bytes read before the head was complete */
-    int head_done;
-    int busy;    /* started and not yet reported */
-    int closing; /* check_close was called */
+    void *data;             /* for the caller */
+    uv_timer_t timer;       /* the whole check's timeout; at 0 to report a check failed at once */
+    struct upstream_req rq; /* the check's exchange */
+    int busy;               /* started and not yet reported */
+    int in_flight;          /* rq is started and has not ended */
+    int judged;             /* res holds the verdict on the response head */
+    int closing;            /* check_close was called */
     uint64_t start_ns;
-    char addr[64]; /* "127.0.0.1:9101" for messages */
     struct check_result res;
 };
 
 /* 0 or -errno. The done callback runs once per check_start, never from inside check_start. */
 int check_init(struct check *ck, uv_loop_t *loop, const struct check_spec *spec, check_done_cb done,
                void *data);
-/* Starts one check; -EBUSY while the previous one has not reported yet. */
+/* Starts one check on a new connection; -EBUSY while the previous one has not reported yet. */
 int check_start(struct check *ck);
 int check_running(const struct check *ck);
-/* Aborts a running check without reporting and closes the handles; the loop must run once
- * more to finish closing before ck's memory is released. */
+/* Aborts a running check without reporting and closes the timer; the loop must run once more
+ * to finish closing before ck's memory is released. */
 void check_close(struct check *ck);
 
 /* Pure helpers, unit tested. */

@@ -15,14 +15,20 @@
 #include "core/log.h"
 #include "core/sig.h"
 #include "core/tls.h"
+#include "core/upstream.h"
 #include "core/util.h"
 #include "health/check.h"
 #include "health/state.h"
 #include "health/stats.h"
 
 #define HEALTH_REQ_MAX 4096
-#define HEALTH_EVAL_MS 25
-#define MS_NS          1000000ULL
+/* Buffers of the checker's upstream client: a response head must fit (as in a worker, where
+ * one that does not is a bad response). */
+#define HEALTH_BUF_DATA (32 * 1024)
+#define HEALTH_BUF_HDRS 256
+#define HEALTH_BUF_FREE 8 /* kept for reuse: about the checks that run at once */
+#define HEALTH_EVAL_MS  25
+#define MS_NS           1000000ULL
 
 /* Defaults for settings a config may leave at 0 where 0 would make no sense. */
 #define HEALTH_FAIL_TIMEOUT_MS       10000
@@ -44,9 +50,6 @@ struct hc_backend {
     int checked; /* checks run for this backend */
     struct check ck;
     struct check_spec spec;
-    struct tls_client tls;
-    int tls_ok;    /* tls is initialised */
-    char *tls_err; /* why TLS setup failed; every check then fails with it */
     char *request;
     uv_timer_t tick;     /* next check */
     int handles;         /* ck and tick are initialised (to be closed) */
@@ -81,6 +84,11 @@ struct health {
     uv_signal_t sigterm, sigint, sigquit;
     uv_timer_t eval;
     struct log_rate local_log; /* "check not run" lines */
+    /* The checks' HTTP client: the workers' code (resolver, address order, TLS, parser) in
+     * this process, with no worker slot to count in and no pooling. */
+    struct upstream up;
+    struct bufpool bufs;
+    int up_ok; /* up is initialised */
     int eval_open;
     struct hc_backend *b;
     int n;
@@ -530,21 +538,11 @@ static int health_backend_init_checks(struct health *h, struct hc_backend *hb)
     }
     hb->request = req;
 
-    if (cb->url.tls) {
-        ret = tls_client_init(&hb->tls, cb->url.host, cb->ca_file, cb->tls_verify, &hb->tls_err);
-        if (ret == 0) {
-            hb->tls_ok = 1;
-        } else {
-            log_err("backend %s/%s: %s", pool->name, cb->name,
-                    hb->tls_err ? hb->tls_err : "TLS setup failed");
-            if (!hb->tls_err)
-                hb->tls_err = strdup("TLS setup failed");
-        }
-    }
-    hb->spec.host = cb->url.host;
-    hb->spec.port = cb->url.port;
-    hb->spec.tls = hb->tls_ok ? &hb->tls : NULL;
-    hb->spec.tls_err = hb->tls_err;
+    /* TLS as the workers have it: the backend's tls_client in h->up (same CA, verification,
+     * SNI; sessions resumed from one check to the next) */
+    hb->spec.up = &h->up;
+    hb->spec.backend = (int)hb->idx;
+    hb->spec.head = pool->check_method_head;
     hb->spec.request = hb->request;
     hb->spec.request_len = (size_t)n;
     hb->spec.expect = pool->check_expect;
@@ -571,6 +569,9 @@ static void health_stop(struct health *h)
         uv_close((uv_handle_t *)&hb->tick, NULL);
         check_close(&hb->ck);
     }
+    /* after the checks: none waits for an address any more, so every handle can close */
+    if (h->up_ok)
+        upstream_drain(&h->up);
     if (h->eval_open)
         uv_close((uv_handle_t *)&h->eval, NULL);
     if (h->signals_ok) {
@@ -605,6 +606,27 @@ static void health_unchecked_state(struct hc_backend *hb, uint64_t now)
 
     if (from_checks)
         health_set_state(hb, BACKEND_UP, REASON_NONE, now);
+}
+
+/* The checks' client, when a pool has checks: core/upstream.c as the workers run it, but with
+ * no shm slot (a check is not traffic and must not write a worker's counters) and no pooling
+ * (each check on a new connection, as HAProxy's). 0 or -errno. */
+static int health_client_init(struct health *h)
+{
+    /* header spans first, the data after them on a cache line of its own */
+    size_t data_off = ((size_t)HEALTH_BUF_HDRS * sizeof(struct proxy_hdr) + 63) & ~(size_t)63;
+    int any = 0, ret;
+
+    for (int i = 0; i < h->conf->n_backends; i++)
+        any |= h->conf->pools[h->conf->backends[i].pool].check;
+    if (!any)
+        return 0;
+    bufpool_init(&h->bufs, data_off + HEALTH_BUF_DATA, HEALTH_BUF_FREE);
+    ret = upstream_init(&h->up, &h->loop, h->conf, NULL, -1, &h->bufs, data_off, HEALTH_BUF_DATA, 0,
+                        HEALTH_BUF_HDRS);
+    h->up_ok = 1; /* upstream_drain and upstream_free clean up after a failed init too */
+    h->up.no_pool = 1;
+    return ret;
 }
 
 int health_main(struct conf *conf, struct shm *shm)
@@ -657,6 +679,11 @@ int health_main(struct conf *conf, struct shm *shm)
         goto out;
     }
     h.n = conf->n_backends;
+    ret = health_client_init(&h);
+    if (ret < 0) {
+        log_err("health checker: cannot set up the checks' client: %s", strerror(-ret));
+        goto out;
+    }
     for (int i = 0; i < conf->n_backends; i++) {
         struct hc_backend *hb = &h.b[i];
 
@@ -690,14 +717,12 @@ out:
     }
     if (uv_loop_close(&h.loop) != 0)
         log_warn("health checker: loop closed with handles still open");
-    for (int i = 0; i < h.n; i++) {
-        struct hc_backend *hb = &h.b[i];
-
-        if (hb->tls_ok)
-            tls_client_free(&hb->tls);
-        free(hb->tls_err);
-        free(hb->request);
-    }
+    for (int i = 0; i < h.n; i++)
+        free(h.b[i].request);
     free(h.b);
+    if (h.up_ok) {
+        upstream_free(&h.up);
+        bufpool_free(&h.bufs);
+    }
     return rc;
 }

@@ -662,8 +662,9 @@ class Gateway:
     }
 
     def __init__(self, env, backends, workers=2, pool=None, listen=None, glob=None, start=True,
-                 name="gw"):
+                 name="gw", proc_env=None):
         self.env = env
+        self.proc_env = proc_env  # environment of the aigw process (None: this one's)
         self.workers = workers
         self.name = name
         self.port = free_port()
@@ -705,7 +706,7 @@ class Gateway:
             raise Fail(f"{AIGW} not built")
         for attempt in range(3):
             self.proc = Proc("aigw", [AIGW, "-c", self.conf_path], self.log_path,
-                             cwd=self.env.dir)
+                             cwd=self.env.dir, env=self.proc_env)
             self.env.procs.append(self.proc)
             if self not in self.env.gateways:
                 self.env.gateways.append(self)

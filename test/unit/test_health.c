@@ -1,6 +1,11 @@
 /* Unit tests of the health checker: rise/fall, check EWMA and outcome window, request text,
- * status judgement, and one active check end to end against an in-process loopback server. */
+ * status judgement, and active checks end to end through the upstream client against an
+ * in-process loopback server (a host name with two addresses through a getaddrinfo of the
+ * test's own). */
+#include <arpa/inet.h>
+#include <dlfcn.h>
 #include <errno.h>
+#include <netdb.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -16,6 +21,7 @@
 #include <uv.h>
 
 #include "core/tls.h"
+#include "core/upstream.h"
 #include "core/util.h"
 #include "health/check.h"
 #include "health/health.h"
@@ -256,6 +262,7 @@ struct srv {
     char got[1024];
     size_t got_len;
     int port;
+    int conns; /* connections accepted */
 };
 
 struct srv_conn {
@@ -314,6 +321,7 @@ static void srv_on_conn(uv_stream_t *l, int status)
 
     assert_non_null(c);
     c->srv = srv;
+    srv->conns++;
     uv_tcp_init(l->loop, &c->tcp);
     c->tcp.data = c;
     assert_int_equal(uv_accept(l, (uv_stream_t *)&c->tcp), 0);
@@ -356,47 +364,169 @@ static void on_done(struct check *ck, const struct check_result *res)
     r->calls++;
 }
 
+/* A name that resolves to two loopback addresses, the first with nothing listening: what a
+ * host with an IPv6 and an IPv4 address looks like when the backend listens on one only.
+ * Lookups of it are counted; every other name goes to the C library. */
+#define TWO_ADDR_HOST "twoaddr.aigw.test"
+static _Atomic int gai_calls; /* lookups run on libuv's thread pool */
+static char fake_canon[] = "fake";
+
+typedef int (*gai_fn)(const char *, const char *, const struct addrinfo *, struct addrinfo **);
+typedef void (*fai_fn)(struct addrinfo *);
+
+int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints,
+                struct addrinfo **res)
+{
+    static const char *ips[] = {"127.0.0.2", "127.0.0.1"};
+    struct addrinfo *head = NULL, **tail = &head;
+
+    if (!node || strcmp(node, TWO_ADDR_HOST) != 0) {
+        gai_fn real = (gai_fn)dlsym(RTLD_NEXT, "getaddrinfo");
+        return real(node, service, hints, res);
+    }
+    if (hints && (hints->ai_flags & AI_NUMERICHOST))
+        return EAI_NONAME;
+    gai_calls++;
+    for (size_t i = 0; i < sizeof(ips) / sizeof(ips[0]); i++) {
+        struct fake_ai {
+            struct addrinfo ai;
+            struct sockaddr_in sa;
+        } *n = calloc(1, sizeof(*n));
+        if (!n)
+            return EAI_MEMORY;
+        n->sa.sin_family = AF_INET;
+        n->sa.sin_port = htons((uint16_t)atoi(service ? service : "0"));
+        inet_pton(AF_INET, ips[i], &n->sa.sin_addr);
+        n->ai.ai_family = AF_INET;
+        n->ai.ai_socktype = SOCK_STREAM;
+        n->ai.ai_protocol = IPPROTO_TCP;
+        n->ai.ai_addrlen = sizeof(n->sa);
+        n->ai.ai_addr = (struct sockaddr *)&n->sa;
+        n->ai.ai_canonname = fake_canon; /* marks ours for freeaddrinfo */
+        *tail = &n->ai;
+        tail = &n->ai.ai_next;
+    }
+    *res = head;
+    return 0;
+}
+
+void freeaddrinfo(struct addrinfo *ai)
+{
+    if (ai && ai->ai_canonname == fake_canon) {
+        while (ai) {
+            struct addrinfo *next = ai->ai_next;
+            free(ai);
+            ai = next;
+        }
+        return;
+    }
+    fai_fn real = (fai_fn)dlsym(RTLD_NEXT, "freeaddrinfo");
+    real(ai);
+}
+
+/* The checker's side: one backend in a configuration of its own, the checker's upstream client
+ * (no shm, no pooling) and a check of that backend. */
+#define CK_HDRS     32
+#define CK_DATA     4096
+#define CK_DATA_OFF (CK_HDRS * sizeof(struct proxy_hdr))
+
+struct ckfx {
+    struct conf_pool pool;
+    struct conf_backend be;
+    struct conf conf;
+    struct bufpool bufs;
+    struct upstream up;
+    struct check_spec spec;
+    struct check ck;
+    char req[512];
+    struct run run;
+};
+
+static void ckfx_init(struct ckfx *f, uv_loop_t *loop, const char *host, uint16_t port,
+                      uint64_t timeout_ms, int head)
+{
+    static const int expect[] = {200, 204};
+
+    memset(f, 0, sizeof(*f));
+    snprintf(f->pool.name, sizeof(f->pool.name), "p");
+    f->pool.check = 1;
+    f->pool.connect_timeout_ms = 5000;
+    f->pool.first_byte_timeout_ms = 5000;
+    f->pool.idle_timeout_ms = 5000;
+    f->pool.pool_idle_timeout_ms = 5000;
+    snprintf(f->be.name, sizeof(f->be.name), "b");
+    snprintf(f->be.url.host, sizeof(f->be.url.host), "%s", host);
+    f->be.url.port = port;
+    f->be.keepalive = 8; /* the checker pools nothing whatever this says */
+    f->conf.pools = &f->pool;
+    f->conf.n_pools = 1;
+    f->conf.backends = &f->be;
+    f->conf.n_backends = 1;
+    bufpool_init(&f->bufs, CK_DATA_OFF + CK_DATA, 4);
+    assert_int_equal(
+        upstream_init(&f->up, loop, &f->conf, NULL, -1, &f->bufs, CK_DATA_OFF, CK_DATA, 0, CK_HDRS),
+        0);
+    f->up.no_pool = 1;
+    f->spec.up = &f->up;
+    f->spec.backend = 0;
+    f->spec.head = head;
+    f->spec.request = f->req;
+    f->spec.request_len =
+        (size_t)check_build_request(f->req, sizeof(f->req), head, "/v1/models", host, port, 0, "k");
+    f->spec.expect = expect;
+    f->spec.n_expect = 2;
+    f->spec.timeout_ms = timeout_ms;
+    assert_int_equal(check_init(&f->ck, loop, &f->spec, on_done, &f->run), 0);
+}
+
+/* Runs one check to its report. */
+static void ckfx_check(struct ckfx *f, uv_loop_t *loop)
+{
+    memset(&f->run, 0, sizeof(f->run));
+    assert_int_equal(check_start(&f->ck), 0);
+    assert_int_equal(check_start(&f->ck), -EBUSY);
+    /* The result is never reported from inside check_start. */
+    assert_int_equal(f->run.calls, 0);
+    while (f->run.calls == 0 && uv_run(loop, UV_RUN_ONCE))
+        ;
+    assert_int_equal(f->run.calls, 1);
+    assert_false(check_running(&f->ck));
+}
+
+/* Closes the check and the client, then everything else on the loop, and the loop. */
+static void ckfx_free(struct ckfx *f, uv_loop_t *loop)
+{
+    check_close(&f->ck);
+    upstream_drain(&f->up);
+    uv_run(loop, UV_RUN_NOWAIT);
+    /* a check never leaves a connection behind, pooled or not */
+    assert_int_equal(f->up.n_conns, 0);
+    uv_walk(loop, close_walk, NULL);
+    uv_run(loop, UV_RUN_DEFAULT);
+    upstream_free(&f->up);
+    bufpool_free(&f->bufs);
+    assert_int_equal(uv_loop_close(loop), 0);
+}
+
 /* Runs one check against 127.0.0.1:port (or the server when srv is set) and returns its result. */
 static void run_check(const char *reply, int use_srv, uint16_t port, uint64_t timeout_ms, int head,
                       struct run *r, char *got, size_t got_len)
 {
-    static const int expect[] = {200, 204};
     uv_loop_t loop;
     struct srv srv;
-    struct check ck;
-    struct check_spec spec;
-    char req[512];
+    struct ckfx f;
 
-    memset(r, 0, sizeof(*r));
     assert_int_equal(uv_loop_init(&loop), 0);
     if (use_srv) {
         srv_start(&loop, &srv, reply);
         port = (uint16_t)srv.port;
     }
-    memset(&spec, 0, sizeof(spec));
-    spec.host = "127.0.0.1";
-    spec.port = port;
-    spec.request = req;
-    spec.request_len = (size_t)check_build_request(req, sizeof(req), head, "/v1/models",
-                                                   "127.0.0.1", port, 0, "k");
-    spec.expect = expect;
-    spec.n_expect = 2;
-    spec.timeout_ms = timeout_ms;
-    assert_int_equal(check_init(&ck, &loop, &spec, on_done, r), 0);
-    assert_int_equal(check_start(&ck), 0);
-    assert_int_equal(check_start(&ck), -EBUSY);
-    /* The result is never reported from inside check_start. */
-    assert_int_equal(r->calls, 0);
-    while (r->calls == 0 && uv_run(&loop, UV_RUN_ONCE))
-        ;
-    assert_int_equal(r->calls, 1);
-    assert_false(check_running(&ck));
+    ckfx_init(&f, &loop, "127.0.0.1", port, timeout_ms, head);
+    ckfx_check(&f, &loop);
+    *r = f.run;
     if (got && use_srv)
         snprintf(got, got_len, "%s", srv.got);
-    check_close(&ck);
-    uv_walk(&loop, close_walk, NULL);
-    uv_run(&loop, UV_RUN_DEFAULT);
-    assert_int_equal(uv_loop_close(&loop), 0);
+    ckfx_free(&f, &loop);
 }
 
 static void test_check_pass(void **state)
@@ -478,6 +608,53 @@ static void test_check_refused(void **state)
     assert_int_equal(r.res.why, REASON_CHECK_CONNECT);
     assert_int_equal(r.res.status, -ECONNREFUSED);
     assert_non_null(strstr(r.res.detail, "connect refused (127.0.0.1:"));
+}
+
+/* A name with two addresses, the first refusing: the check goes through the upstream client's
+ * resolver and address list as traffic does. It tries the next address rather than failing on
+ * the first, starts later checks at the address that worked, and looks the name up once (at
+ * start; again only on the workers' schedule), not once per check. */
+static void test_check_uses_the_upstream_resolver(void **state)
+{
+    uv_loop_t loop;
+    struct srv srv;
+    struct ckfx f;
+
+    assert_int_equal(uv_loop_init(&loop), 0);
+    srv_start(&loop, &srv, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    gai_calls = 0;
+    ckfx_init(&f, &loop, TWO_ADDR_HOST, (uint16_t)srv.port, 2000, 0);
+    for (int i = 0; i < 3; i++) {
+        ckfx_check(&f, &loop);
+        if (!f.run.res.ok)
+            fail_msg("check %d: %s", i, f.run.res.detail);
+        assert_int_equal(f.run.res.status, 200);
+        assert_int_equal(f.up.backends[0].n_addrs, 2);
+        assert_int_equal(f.up.backends[0].addr_cur, 1); /* 127.0.0.1: the one that answered */
+        assert_int_equal(f.ck.rq.peer, 1);
+    }
+    assert_int_equal(gai_calls, 1);
+    assert_non_null(strstr(srv.got, "Host: " TWO_ADDR_HOST ":"));
+    /* each check on a connection of its own, none kept */
+    assert_int_equal(srv.conns, 3);
+    ckfx_free(&f, &loop);
+}
+
+/* A name that does not resolve: the resolver's own message, as a worker's 502 has it. */
+static void test_check_unresolvable(void **state)
+{
+    uv_loop_t loop;
+    struct ckfx f;
+
+    assert_int_equal(uv_loop_init(&loop), 0);
+    ckfx_init(&f, &loop, "nonexistent.invalid", 9, 2000, 0);
+    ckfx_check(&f, &loop);
+    assert_false(f.run.res.ok);
+    assert_int_equal(f.run.res.why, REASON_CHECK_CONNECT);
+    assert_int_equal(f.run.res.status, -EHOSTUNREACH);
+    assert_non_null(strstr(f.run.res.detail, "cannot resolve nonexistent.invalid"));
+    assert_false(f.run.res.local);
+    ckfx_free(&f, &loop);
 }
 
 static void test_tls_client_init_errors(void **state)
@@ -592,6 +769,19 @@ static void hp_trial(struct shm *shm, uint32_t w, uint32_t b, int ok)
     else
         hp_fail(shm, w, b, 1);
     shm_wb_trial_outcome(shm, w, b, ok);
+}
+
+/* Every worker slot's request, byte and in-flight counters of every backend are still 0. */
+static void hp_no_traffic(const struct shm *shm, uint32_t workers, uint32_t backends)
+{
+    for (uint32_t w = 0; w < workers; w++)
+        for (uint32_t b = 0; b < backends; b++) {
+            struct shm_wb *wb = shm_wb(shm, w, b);
+            assert_int_equal(atomic_load(&wb->requests), 0);
+            assert_int_equal(atomic_load(&wb->active), 0);
+            assert_int_equal(atomic_load(&wb->bytes_in), 0);
+            assert_int_equal(atomic_load(&wb->bytes_out), 0);
+        }
 }
 
 static void test_process_live_evaluation(void **state)
@@ -782,6 +972,9 @@ static void test_process_passive_with_checks(void **state)
         usleep(2000);
     assert_int_equal(atomic_load(&shm_backend(&shm, 0)->check_status), 200);
     assert_true(hp_wait(&shm, 0, 0, BACKEND_UP, 0) >= 0);
+    /* checks are not traffic: no worker's counters moved (the test's own hp_* calls below
+     * record only outcomes) */
+    hp_no_traffic(&shm, 1, 1);
 
     hp_fail(&shm, 0, 0, 2);
     assert_true(hp_wait(&shm, 0, 0, BACKEND_DOWN, 1000) >= 0);
@@ -796,6 +989,7 @@ static void test_process_passive_with_checks(void **state)
     assert_true(t >= 250 && t <= 1000);
     assert_int_equal(hp_get(&shm, 0, 3), REASON_CHECK_OK);
     assert_true(atomic_load(&shm_backend(&shm, 0)->ewma_check_us) > 0);
+    hp_no_traffic(&shm, 1, 1);
 
     assert_int_equal(kill(hp_child, SIGTERM), 0);
     assert_int_equal(waitpid(hp_child, &st, 0), hp_child);
@@ -829,6 +1023,8 @@ int main(void)
         cmocka_unit_test(test_check_garbage),
         cmocka_unit_test(test_check_timeout),
         cmocka_unit_test(test_check_refused),
+        cmocka_unit_test(test_check_uses_the_upstream_resolver),
+        cmocka_unit_test(test_check_unresolvable),
         cmocka_unit_test(test_tls_client_init_errors),
         cmocka_unit_test(test_tls_strerror),
         cmocka_unit_test_teardown(test_process_live_evaluation, hp_teardown),
