@@ -16,7 +16,6 @@
 #include <strings.h>
 #include <unistd.h>
 
-#include "balancer/balancer.h"
 #include "core/url.h"
 #include "core/util.h"
 
