@@ -1037,7 +1037,7 @@ static int client_pick(struct client *c, uint64_t now, uint64_t *cool_min)
         }
         /* The in-flight slot, exact across workers against max_conns; upstream_start (called
          * right after) counts the request, and its end gives the slot back. */
-        if (!shm_active_acquire(w->shm, (uint32_t)w->slot, b, w->cands[i].max_conns)) {
+        if (!shm_active_acquire(w->shm, (uint32_t)w->slot, b)) {
             if (trial)
                 shm_trial_release(w->shm, (uint32_t)w->slot, b);
             w->cands[i].tried = 1;

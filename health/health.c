@@ -411,6 +411,7 @@ static void health_on_eval(uv_timer_t *t)
         health_eval_live(hb, now, ok, failed, last_ok);
         hb->failed_seen = failed;
         health_eval_weight(hb, now);
+        shm_claims_repair(h->shm, hb->idx);
     }
 }
 

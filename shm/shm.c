@@ -88,6 +88,16 @@ int shm_backend_eligible(const struct shm *shm, uint32_t b)
            atomic_load_explicit(&be->weight_eff, memory_order_relaxed) > 0;
 }
 
+void shm_backend_init(struct shm *shm, uint32_t b, uint32_t weight, uint32_t max_conns)
+{
+    struct shm_backend *be = shm_backend(shm, b);
+
+    atomic_store_explicit(&be->weight_cfg, weight, memory_order_relaxed);
+    atomic_store_explicit(&be->weight_eff, weight, memory_order_relaxed);
+    atomic_store_explicit(&be->max_conns, max_conns, memory_order_relaxed);
+    atomic_store_explicit(&be->admin, BACKEND_READY, memory_order_release);
+}
+
 void shm_backend_set_state(struct shm *shm, uint32_t b, enum backend_state st,
                            enum backend_reason why, uint64_t now_ns)
 {
@@ -133,12 +143,20 @@ void shm_worker_reset(struct shm *shm, uint32_t w)
     struct shm_worker *sw = shm_worker(shm, w);
     uint32_t b;
 
-    /* The dead worker's in-flight requests are gone with it: without this its share of
-     * active connections would stay counted for ever. */
-    for (b = 0; b < shm->hdr->n_backends; b++)
-        atomic_store_explicit(&shm_wb(shm, w, b)->active, 0, memory_order_relaxed);
-    for (b = 0; b < shm->hdr->n_backends; b++)
-        atomic_store_explicit(&shm_wb(shm, w, b)->trials, 0, memory_order_seq_cst);
+    /* The dead worker's in-flight requests are gone with it: its shares are zeroed (under its
+     * claim counter, which it may have left odd), and the shared counts follow them. */
+    for (b = 0; b < shm->hdr->n_backends; b++) {
+        struct shm_wb *wb = shm_wb(shm, w, b);
+        uint32_t q = atomic_load_explicit(&wb->claim_seq, memory_order_relaxed);
+
+        q += q & 1;
+        atomic_store_explicit(&wb->claim_seq, q + 1, memory_order_relaxed);
+        atomic_thread_fence(memory_order_release);
+        atomic_store_explicit(&wb->active, 0, memory_order_relaxed);
+        atomic_store_explicit(&wb->trials, 0, memory_order_relaxed);
+        atomic_store_explicit(&wb->claim_seq, q + 2, memory_order_release);
+        shm_claims_repair(shm, b);
+    }
     atomic_store_explicit(&sw->conns, 0, memory_order_relaxed);
     atomic_store_explicit(&sw->pid, 0, memory_order_relaxed);
 }
@@ -358,62 +376,136 @@ void shm_backend_trial_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok,
     }
 }
 
-/* The per-worker gauge at byte offset `off` of a (worker, backend) record. */
-static _Atomic int32_t *wb_gauge(const struct shm *shm, uint32_t w, uint32_t b, size_t off)
+/* ---- in-flight claims ---------------------------------------------------------------------- */
+
+/* Takes one unit of the shared count under `limit` (< 0: none) by compare-and-swap, so that
+ * racing workers are admitted in turn and exactly as many as fit get in, and counts it in the
+ * worker's own share `mine`. The worker's claim counter is odd in between. */
+static int claim_take(struct shm_wb *wb, _Atomic int32_t *mine, _Atomic int32_t *shared,
+                      int32_t limit)
 {
-    return (_Atomic int32_t *)((char *)shm_wb(shm, w, b) + off);
+    uint32_t q = atomic_load_explicit(&wb->claim_seq, memory_order_relaxed);
+    int32_t n = atomic_load_explicit(shared, memory_order_relaxed);
+
+    if (limit >= 0 && n >= limit)
+        return 0;
+    atomic_store_explicit(&wb->claim_seq, q + 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    do {
+        if (limit >= 0 && n >= limit) {
+            atomic_store_explicit(&wb->claim_seq, q + 2, memory_order_release);
+            return 0;
+        }
+    } while (!atomic_compare_exchange_weak_explicit(shared, &n, n + 1, memory_order_acq_rel,
+                                                    memory_order_relaxed));
+    atomic_store_explicit(mine, atomic_load_explicit(mine, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+    atomic_store_explicit(&wb->claim_seq, q + 2, memory_order_release);
+    return 1;
 }
 
-static int64_t gauge_sum(const struct shm *shm, uint32_t b, size_t off)
+static void claim_give(struct shm_wb *wb, _Atomic int32_t *mine, _Atomic int32_t *shared)
 {
-    int64_t n = 0;
-
-    for (uint32_t w = 0; w < shm->hdr->n_workers; w++)
-        n += atomic_load_explicit(wb_gauge(shm, w, b, off), memory_order_seq_cst);
-    return n;
-}
-
-/* Worker w counts itself in the gauge first and then sums every worker's: of two workers
- * racing for the last place, at least one sees the other's claim (sequentially consistent
- * store then loads), so together they never go over the limit. A refused claim is undone. */
-static int gauge_claim(struct shm *shm, uint32_t w, uint32_t b, size_t off, int64_t limit)
-{
-    _Atomic int32_t *mine = wb_gauge(shm, w, b, off);
+    uint32_t q = atomic_load_explicit(&wb->claim_seq, memory_order_relaxed);
     int32_t cur = atomic_load_explicit(mine, memory_order_relaxed);
 
-    atomic_store_explicit(mine, cur + 1, memory_order_seq_cst);
-    if (gauge_sum(shm, b, off) <= limit)
-        return 1;
-    atomic_store_explicit(mine, cur, memory_order_seq_cst);
-    return 0;
+    if (cur <= 0)
+        return;
+    atomic_store_explicit(&wb->claim_seq, q + 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    atomic_fetch_sub_explicit(shared, 1, memory_order_acq_rel);
+    atomic_store_explicit(mine, cur - 1, memory_order_relaxed);
+    atomic_store_explicit(&wb->claim_seq, q + 2, memory_order_release);
 }
 
 int32_t shm_trials_in_flight(const struct shm *shm, uint32_t b)
 {
-    return (int32_t)gauge_sum(shm, b, offsetof(struct shm_wb, trials));
+    return atomic_load_explicit(&shm_backend(shm, b)->inflight.trials, memory_order_relaxed);
 }
 
 int shm_trial_acquire(struct shm *shm, uint32_t w, uint32_t b, int32_t limit)
 {
-    return gauge_claim(shm, w, b, offsetof(struct shm_wb, trials), limit);
-}
+    struct shm_wb *wb = shm_wb(shm, w, b);
 
-int shm_active_acquire(struct shm *shm, uint32_t w, uint32_t b, uint32_t limit)
-{
-    if (limit == 0) {
-        shm_gauge_add(&shm_wb(shm, w, b)->active, 1);
-        return 1;
-    }
-    return gauge_claim(shm, w, b, offsetof(struct shm_wb, active), limit);
+    return claim_take(wb, &wb->trials, &shm_backend(shm, b)->inflight.trials,
+                      limit > 0 ? limit : 0);
 }
 
 void shm_trial_release(struct shm *shm, uint32_t w, uint32_t b)
 {
-    _Atomic int32_t *mine = &shm_wb(shm, w, b)->trials;
-    int32_t cur = atomic_load_explicit(mine, memory_order_relaxed);
+    struct shm_wb *wb = shm_wb(shm, w, b);
 
-    if (cur > 0)
-        atomic_store_explicit(mine, cur - 1, memory_order_seq_cst);
+    claim_give(wb, &wb->trials, &shm_backend(shm, b)->inflight.trials);
+}
+
+int shm_active_acquire(struct shm *shm, uint32_t w, uint32_t b)
+{
+    struct shm_backend *be = shm_backend(shm, b);
+    struct shm_wb *wb = shm_wb(shm, w, b);
+    uint32_t limit = atomic_load_explicit(&be->max_conns, memory_order_relaxed);
+
+    if (limit == 0) {
+        shm_gauge_add(&wb->active, 1);
+        return 1;
+    }
+    return claim_take(wb, &wb->active, &be->inflight.active,
+                      limit > INT32_MAX ? INT32_MAX : (int32_t)limit);
+}
+
+void shm_active_release(struct shm *shm, uint32_t w, uint32_t b)
+{
+    struct shm_backend *be = shm_backend(shm, b);
+    struct shm_wb *wb = shm_wb(shm, w, b);
+
+    if (atomic_load_explicit(&be->max_conns, memory_order_relaxed) == 0) {
+        if (atomic_load_explicit(&wb->active, memory_order_relaxed) > 0)
+            shm_gauge_add(&wb->active, -1);
+        return;
+    }
+    claim_give(wb, &wb->active, &be->inflight.active);
+}
+
+/* A snapshot of the shared counts and the workers' shares, settled when every worker's claim
+ * counter was even and the same before and after it (a seqlock read per worker). A settled
+ * snapshot with the two apart is what a death left behind: the shared count is set to the sum
+ * by compare-and-swap, so a claim made since (which changes the shared count) wins over it. */
+int shm_claims_repair(struct shm *shm, uint32_t b)
+{
+    struct shm_backend *be = shm_backend(shm, b);
+    uint32_t n = shm->hdr->n_workers;
+    int64_t active = 0, trials = 0;
+    uint64_t before = 0, after = 0;
+    int32_t sa, st;
+    int changed = 0;
+
+    /* Claim counters only grow: the same sum after as before means none moved. */
+    for (uint32_t w = 0; w < n; w++) {
+        uint32_t q = atomic_load_explicit(&shm_wb(shm, w, b)->claim_seq, memory_order_acquire);
+
+        if (q & 1)
+            return 0;
+        before += q;
+    }
+    sa = atomic_load_explicit(&be->inflight.active, memory_order_relaxed);
+    st = atomic_load_explicit(&be->inflight.trials, memory_order_relaxed);
+    for (uint32_t w = 0; w < n; w++) {
+        const struct shm_wb *wb = shm_wb(shm, w, b);
+
+        active += atomic_load_explicit(&wb->active, memory_order_relaxed);
+        trials += atomic_load_explicit(&wb->trials, memory_order_relaxed);
+    }
+    atomic_thread_fence(memory_order_acquire);
+    for (uint32_t w = 0; w < n; w++)
+        after += atomic_load_explicit(&shm_wb(shm, w, b)->claim_seq, memory_order_relaxed);
+    if (after != before)
+        return 0;
+    if (atomic_load_explicit(&be->max_conns, memory_order_relaxed) && sa != active)
+        changed |= atomic_compare_exchange_strong_explicit(
+            &be->inflight.active, &sa, (int32_t)active, memory_order_acq_rel, memory_order_relaxed);
+    if (st != trials)
+        changed |= atomic_compare_exchange_strong_explicit(
+            &be->inflight.trials, &st, (int32_t)trials, memory_order_acq_rel, memory_order_relaxed);
+    return changed;
 }
 
 void shm_backend_set_breaker(struct shm *shm, uint32_t b, enum breaker_state st, uint64_t until_ns,

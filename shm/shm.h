@@ -83,6 +83,14 @@ struct shm_backend {
     /* operator requests; writer: master */
     _Atomic uint32_t breaker_cmd;     /* enum breaker_cmd */
     _Atomic uint32_t breaker_cmd_seq; /* bumped with each command */
+    _Atomic uint32_t max_conns;       /* in-flight limit over all workers, 0 = none; master */
+    /* In-flight claims over all workers: one compare-and-swap under the limit admits exactly
+     * as many as fit. Each worker also counts its own share in its shm_wb (the truth a dead
+     * worker's claims are given back from: see shm_claims_repair). */
+    struct {
+        _Atomic int32_t active; /* only kept for a backend with max_conns */
+        _Atomic int32_t trials;
+    } __attribute__((aligned(SHM_CACHELINE))) inflight;
 } __attribute__((aligned(SHM_CACHELINE)));
 
 /* Per-(worker, backend) counters; writer: that worker only. */
@@ -98,7 +106,7 @@ struct shm_wb {
     _Atomic uint64_t last_ok_ns;    /* time of the last success */
     _Atomic uint64_t cool_until_ns; /* 429: no requests before this time */
     _Atomic uint64_t ewma_ns;       /* peak-EWMA of response-head latency */
-    _Atomic int32_t trials;         /* breaker/passive trial requests in flight */
+    _Atomic int32_t trials;         /* trial requests in flight to this backend */
     _Atomic uint32_t fail_pos;      /* next slot of fail_ring */
     _Atomic uint64_t fail_ring[SHM_FAIL_RING]; /* times of the latest failures */
     /* retry budget: requests and retries of this worker to this backend per second */
@@ -108,6 +116,10 @@ struct shm_wb {
     _Atomic uint64_t ewma_at_ns;   /* when ewma_ns was last updated */
     _Atomic uint64_t trial_ok;     /* outcomes of the trials this worker was admitted to */
     _Atomic uint64_t trial_failed; /* (half-open breaker): the breaker judges these alone */
+    /* Odd while this worker changes the backend's shared in-flight claims together with its
+     * own `active` / `trials`: a snapshot taken while every one is even and unchanged is
+     * settled (shm_claims_repair). */
+    _Atomic uint32_t claim_seq;
 } __attribute__((aligned(SHM_CACHELINE)));
 
 /* Per-worker slot header; writer: that worker (pid etc. by the master before fork). */
@@ -224,18 +236,28 @@ void shm_backend_trial_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok,
 /* Sum of the workers' cumulative ok / failure counters of b. */
 void shm_backend_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint64_t *failed);
 
-/* Worker w asks for one of at most `limit` trial requests in flight to b over all workers.
- * It counts itself first and then sums: two workers racing both see each other and back
- * off, so the limit is never exceeded. Returns 1 when admitted (release it when done). */
+/* Worker w asks for one of at most `limit` trial requests in flight to b over all workers:
+ * one compare-and-swap on the shared count, so of two workers racing for the last place
+ * exactly one gets it. Returns 1 when admitted (give it back with shm_trial_release). */
 int shm_trial_acquire(struct shm *shm, uint32_t w, uint32_t b, int32_t limit);
 void shm_trial_release(struct shm *shm, uint32_t w, uint32_t b);
-
-/* Worker w takes an in-flight slot of b (its active gauge + 1). With limit > 0 (max_conns),
- * counts itself first and then sums all workers, as shm_trial_acquire does, so racing workers
- * never exceed the limit together; refused: the gauge is back as it was and 0 is returned.
- * The slot is given back by shm_gauge_add(&shm_wb(...)->active, -1) when the request ends. */
-int shm_active_acquire(struct shm *shm, uint32_t w, uint32_t b, uint32_t limit);
 int32_t shm_trials_in_flight(const struct shm *shm, uint32_t b);
+
+/* Worker w takes an in-flight slot of b: within b's max_conns (shm_backend_init) over all
+ * workers, by the same claim as trials; without one it only counts. Returns 0 when b is full.
+ * shm_active_release gives it back when the request ends. */
+int shm_active_acquire(struct shm *shm, uint32_t w, uint32_t b);
+void shm_active_release(struct shm *shm, uint32_t w, uint32_t b);
+
+/* Sets b's shared in-flight counts to the sum of the workers' own shares when a snapshot
+ * finds them apart with no claim under way: what a worker that died in the middle of a claim
+ * (or whose shares the master reset) left behind. Anyone may call it at any time; the health
+ * checker does on every evaluation. Returns 1 when it changed something. */
+int shm_claims_repair(struct shm *shm, uint32_t b);
+
+/* Master, before forking: b's configured weight (also its effective weight until the checker
+ * says otherwise) and in-flight limit (max_conns, 0 = none); READY. */
+void shm_backend_init(struct shm *shm, uint32_t b, uint32_t weight, uint32_t max_conns);
 
 /* Health checker: breaker changes. */
 void shm_backend_set_breaker(struct shm *shm, uint32_t b, enum breaker_state st, uint64_t until_ns,
@@ -261,8 +283,8 @@ struct shm_backend_totals {
 };
 void shm_backend_totals(const struct shm *shm, uint32_t b, struct shm_backend_totals *t);
 
-/* Master: zero a dead worker's slot and counters' gauges before its replacement starts.
- * Cumulative counters (requests, failures, bytes) are kept; active gauges are zeroed. */
+/* Master: zero a dead worker's slot and gauges, and give its in-flight claims back.
+ * Cumulative counters (requests, failures, bytes) are kept. */
 void shm_worker_reset(struct shm *shm, uint32_t w);
 
 const char *shm_state_str(enum backend_state st);

@@ -4,8 +4,11 @@
 #include <stddef.h>
 #include <errno.h>
 #include <stdint.h>
+#include <sched.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -237,8 +240,8 @@ static void test_budget_window(void **state)
 }
 
 /* Two processes, workers 0 and 1, each try 200,000 times to be admitted to backend 0 (limit 1)
- * while the other may be; an admitted one counts itself in a shared counter apart from the
- * gauges (which also show tentative claims). Returns 1 when the limit held throughout. */
+ * while the other may be; an admitted one counts itself in a shared counter apart from shm.
+ * Returns 1 when the limit held throughout. */
 static int race_admission(struct shm *shm, int (*acquire)(struct shm *, uint32_t, uint32_t),
                           void (*release)(struct shm *, uint32_t, uint32_t))
 {
@@ -274,19 +277,88 @@ static int race_admission(struct shm *shm, int (*acquire)(struct shm *, uint32_t
     return ok;
 }
 
+/* Rounds raced by n processes (workers 0..n-1): the parent prepares round r, releases them all
+ * at once, each calls act(w, r) (its result kept in got[w]), waits until all have, then calls
+ * after(w, r, got[w]); then the parent asks check(r, got). Returns the number of rounds that
+ * check refused. */
+#define RACE_MAX 8
+struct race {
+    _Atomic int round, acted, done;
+    _Atomic uint64_t start_ns; /* when round `round` starts */
+    int got[RACE_MAX];
+};
+
+static uint64_t race_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+struct race_ops {
+    void (*prepare)(struct shm *shm, int r);
+    int (*act)(struct shm *shm, uint32_t w, int r);
+    void (*after)(struct shm *shm, uint32_t w, int r, int got);
+    int (*check)(struct shm *shm, int r, const int *got, int n);
+};
+
+static void race_wait(_Atomic int *v, int want)
+{
+    while (atomic_load(v) < want)
+        sched_yield();
+}
+
+static int race_rounds(struct shm *shm, int n, int rounds, const struct race_ops *ops)
+{
+    struct race *rc =
+        mmap(NULL, sizeof(*rc), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    pid_t pids[RACE_MAX];
+    int status, bad = 0;
+
+    assert_true(rc != MAP_FAILED && n <= RACE_MAX);
+    memset(rc, 0, sizeof(*rc));
+    atomic_store(&rc->round, -1);
+    for (int w = 0; w < n; w++) {
+        pids[w] = fork();
+        assert_true(pids[w] >= 0);
+        if (pids[w] == 0) {
+            for (int r = 0; r < rounds; r++) {
+                /* wait for the round, yielding so that the parent runs on a busy machine, then
+                 * spin to its start time: the processes start within nanoseconds */
+                while (atomic_load(&rc->round) < r)
+                    sched_yield();
+                while (race_now() < atomic_load(&rc->start_ns))
+                    ;
+                rc->got[w] = ops->act(shm, (uint32_t)w, r);
+                atomic_fetch_add(&rc->acted, 1);
+                race_wait(&rc->acted, n * (r + 1));
+                if (ops->after)
+                    ops->after(shm, (uint32_t)w, r, rc->got[w]);
+                atomic_fetch_add(&rc->done, 1);
+            }
+            _exit(0);
+        }
+    }
+    for (int r = 0; r < rounds; r++) {
+        if (ops->prepare)
+            ops->prepare(shm, r);
+        atomic_store(&rc->start_ns, race_now() + 200000);
+        atomic_store(&rc->round, r);
+        race_wait(&rc->done, n * (r + 1));
+        bad += !ops->check(shm, r, rc->got, n);
+    }
+    for (int w = 0; w < n; w++) {
+        assert_int_equal(waitpid(pids[w], &status, 0), pids[w]);
+        assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    }
+    munmap(rc, sizeof(*rc));
+    return bad;
+}
+
 static int trial_acquire_1(struct shm *shm, uint32_t w, uint32_t b)
 {
     return shm_trial_acquire(shm, w, b, 1);
-}
-
-static int active_acquire_1(struct shm *shm, uint32_t w, uint32_t b)
-{
-    return shm_active_acquire(shm, w, b, 1);
-}
-
-static void active_release(struct shm *shm, uint32_t w, uint32_t b)
-{
-    shm_gauge_add(&shm_wb(shm, w, b)->active, -1);
 }
 
 /* Trial admission is exact across processes: the limit of 1 is never exceeded. */
@@ -301,7 +373,9 @@ static void test_trials_never_exceed_limit(void **state)
     assert_true(shm_trial_acquire(&shm, 2, 0, 2));
     assert_true(shm_trial_acquire(&shm, 2, 0, 2));
     assert_false(shm_trial_acquire(&shm, 0, 0, 2));
+    assert_int_equal(shm_trials_in_flight(&shm, 0), 2);
     shm_worker_reset(&shm, 2);
+    assert_int_equal(shm_trials_in_flight(&shm, 0), 0);
     assert_true(shm_trial_acquire(&shm, 0, 0, 2));
     shm_destroy(&shm);
 }
@@ -310,18 +384,98 @@ static void test_trials_never_exceed_limit(void **state)
 static void test_active_acquire(void **state)
 {
     struct shm shm;
+    struct shm_backend_totals t;
 
     assert_int_equal(shm_create(&shm, 2, 2, 1), 0);
-    assert_true(shm_active_acquire(&shm, 0, 1, 0));
-    assert_true(shm_active_acquire(&shm, 1, 1, 0));
-    assert_int_equal(shm_wb(&shm, 0, 1)->active + shm_wb(&shm, 1, 1)->active, 2);
-    assert_true(shm_active_acquire(&shm, 0, 0, 2));
-    assert_true(shm_active_acquire(&shm, 1, 0, 2));
-    assert_false(shm_active_acquire(&shm, 0, 0, 2)); /* full: refused, gauge unchanged */
+    shm_backend_init(&shm, 0, 1, 2);
+    shm_backend_init(&shm, 1, 1, 0);
+    assert_true(shm_active_acquire(&shm, 0, 1));
+    assert_true(shm_active_acquire(&shm, 1, 1));
+    shm_backend_totals(&shm, 1, &t);
+    assert_int_equal(t.active, 2);
+    assert_true(shm_active_acquire(&shm, 0, 0));
+    assert_true(shm_active_acquire(&shm, 1, 0));
+    assert_false(shm_active_acquire(&shm, 0, 0)); /* full: refused, share unchanged */
     assert_int_equal(shm_wb(&shm, 0, 0)->active, 1);
-    shm_gauge_add(&shm_wb(&shm, 0, 0)->active, -1);
-    shm_gauge_add(&shm_wb(&shm, 1, 0)->active, -1);
-    assert_true(race_admission(&shm, active_acquire_1, active_release));
+    shm_active_release(&shm, 0, 0);
+    shm_active_release(&shm, 1, 0);
+    shm_active_release(&shm, 1, 0); /* nothing of worker 1's left: no effect */
+    shm_backend_totals(&shm, 0, &t);
+    assert_int_equal(t.active, 0);
+    assert_true(shm_active_acquire(&shm, 1, 0));
+    assert_true(shm_active_acquire(&shm, 0, 0));
+    shm_active_release(&shm, 1, 0);
+    shm_active_release(&shm, 0, 0);
+    shm_backend_init(&shm, 0, 1, 1); /* race_admission races for backend 0, limit 1 */
+    assert_true(race_admission(&shm, shm_active_acquire, shm_active_release));
+    assert_int_equal(shm_wb(&shm, 0, 0)->active + shm_wb(&shm, 1, 0)->active, 0);
+    assert_int_equal(atomic_load(&shm_backend(&shm, 0)->inflight.active), 0);
+    shm_destroy(&shm);
+}
+
+/* Two workers racing for the last max_conns slot: exactly one gets it, every round (a claim
+ * where both count themselves and then both see the other would refuse both: a 503 with a slot
+ * free). Backend 0 has max_conns 2, one slot held by a third worker. */
+static int last_slot_act(struct shm *shm, uint32_t w, int r)
+{
+    return shm_active_acquire(shm, w, 0);
+}
+
+static void last_slot_after(struct shm *shm, uint32_t w, int r, int got)
+{
+    if (got)
+        shm_active_release(shm, w, 0);
+}
+
+static int last_slot_check(struct shm *shm, int r, const int *got, int n)
+{
+    return got[0] + got[1] == 1;
+}
+
+static void test_last_slot_exactly_one_wins(void **state)
+{
+    static const struct race_ops ops = {NULL, last_slot_act, last_slot_after, last_slot_check};
+    struct shm shm;
+
+    assert_int_equal(shm_create(&shm, 1, 3, 1), 0);
+    shm_backend_init(&shm, 0, 1, 2);
+    assert_true(shm_active_acquire(&shm, 2, 0));
+    assert_int_equal(race_rounds(&shm, 2, 5000, &ops), 0);
+    shm_destroy(&shm);
+}
+
+/* A worker that dies in the middle of a claim: the shared count is set right from the workers'
+ * own shares once the master has reset the dead one, never while a claim is under way. */
+static void test_claims_repair_after_death(void **state)
+{
+    struct shm shm;
+    struct shm_backend *be;
+
+    assert_int_equal(shm_create(&shm, 1, 2, 1), 0);
+    shm_backend_init(&shm, 0, 1, 2);
+    be = shm_backend(&shm, 0);
+    assert_true(shm_active_acquire(&shm, 0, 0));
+    assert_int_equal(shm_claims_repair(&shm, 0), 0); /* settled and right */
+    /* worker 1 dies between its compare-and-swap and counting its share */
+    atomic_store(&shm_wb(&shm, 1, 0)->claim_seq, 1);
+    atomic_fetch_add(&be->inflight.active, 1);
+    assert_int_equal(shm_claims_repair(&shm, 0), 0); /* a claim under way: left alone */
+    assert_false(shm_active_acquire(&shm, 0, 0));    /* full, by the lost claim */
+    shm_worker_reset(&shm, 1);
+    assert_int_equal(atomic_load(&be->inflight.active), 1);
+    assert_true(shm_active_acquire(&shm, 0, 0));
+    /* worker 1 again, after counting its share (trials too): the reset gives both back */
+    assert_true(shm_trial_acquire(&shm, 1, 0, 5));
+    atomic_store(&shm_wb(&shm, 1, 0)->claim_seq, atomic_load(&shm_wb(&shm, 1, 0)->claim_seq) + 1);
+    atomic_fetch_add(&be->inflight.trials, 1);
+    atomic_fetch_add(&shm_wb(&shm, 1, 0)->trials, 1);
+    shm_worker_reset(&shm, 1);
+    assert_int_equal(shm_trials_in_flight(&shm, 0), 0);
+    assert_int_equal(atomic_load(&be->inflight.active), 2);
+    /* a drift with no claim under way is repaired by whoever looks (the checker) */
+    atomic_fetch_add(&be->inflight.trials, 3);
+    assert_int_equal(shm_claims_repair(&shm, 0), 1);
+    assert_int_equal(shm_trials_in_flight(&shm, 0), 0);
     shm_destroy(&shm);
 }
 
@@ -362,6 +516,8 @@ int main(void)
         cmocka_unit_test(test_budget_window),
         cmocka_unit_test(test_trials_never_exceed_limit),
         cmocka_unit_test(test_active_acquire),
+        cmocka_unit_test(test_last_slot_exactly_one_wins),
+        cmocka_unit_test(test_claims_repair_after_death),
         cmocka_unit_test(test_breaker_fields_and_commands),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
