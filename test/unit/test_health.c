@@ -543,19 +543,27 @@ static int hp_teardown(void **state)
 }
 
 /* Field of backend b: 0 state, 1 breaker, 2 effective weight, 3 reason. */
+static struct shm_health hp_rec(const struct shm *shm, uint32_t b)
+{
+    struct shm_backend_view v;
+
+    shm_backend_view(shm, b, &v);
+    return *v.h;
+}
+
 static uint32_t hp_get(const struct shm *shm, uint32_t b, int field)
 {
-    struct shm_backend *sb = shm_backend(shm, b);
+    struct shm_health h = hp_rec(shm, b);
 
     switch (field) {
     case 0:
-        return atomic_load(&sb->state);
+        return h.state;
     case 1:
-        return atomic_load(&sb->breaker);
+        return h.breaker;
     case 2:
-        return atomic_load(&sb->weight_eff);
+        return h.weight_eff;
     default:
-        return atomic_load(&sb->reason);
+        return h.reason;
     }
 }
 
@@ -584,14 +592,32 @@ static void hp_fail(struct shm *shm, uint32_t w, uint32_t b, int n)
         shm_wb_record_fail(shm, w, b, time_mono_ns());
 }
 
-/* A trial request, as a worker admitted by shm_trial_acquire records it. */
+/* A trial request, as a worker does one: admitted to it (shm_admit, shm_trial_acquire), its
+ * outcome recorded in the epoch it was admitted in. */
 static void hp_trial(struct shm *shm, uint32_t w, uint32_t b, int ok)
 {
+    struct shm_backend_view v;
+    uint32_t trials = 0;
+
+    shm_backend_view(shm, b, &v);
+    assert_int_equal(shm_admit(&v, time_mono_ns(), &trials), SHM_ADMIT_TRIAL);
+    assert_true(shm_trial_acquire(shm, w, b, (int32_t)trials));
     if (ok)
         hp_ok(shm, w, b, 1);
     else
         hp_fail(shm, w, b, 1);
-    shm_wb_trial_outcome(shm, w, b, ok);
+    shm_trial_outcome(shm, b, v.h->epoch, ok);
+    shm_trial_release(shm, w, b);
+}
+
+/* What a worker may send to b now. */
+static enum shm_admit hp_admit(const struct shm *shm, uint32_t b)
+{
+    struct shm_backend_view v;
+    uint32_t trials = 0;
+
+    shm_backend_view(shm, b, &v);
+    return shm_admit(&v, time_mono_ns(), &trials);
 }
 
 static void test_process_live_evaluation(void **state)
@@ -632,23 +658,30 @@ static void test_process_live_evaluation(void **state)
     conf.n_backends = HP_N;
 
     assert_int_equal(shm_create(&shm, HP_N, 2, 1), 0);
-    for (uint32_t b = 0; b < HP_N; b++) {
-        atomic_store(&shm_backend(&shm, b)->weight_cfg, 10);
-        atomic_store(&shm_backend(&shm, b)->weight_eff, 10);
-    }
+    for (uint32_t b = 0; b < HP_N; b++)
+        shm_backend_init(&shm, b, 10, 0);
     hp_child = fork();
     assert_true(hp_child >= 0);
     if (hp_child == 0)
         _exit(health_main(&conf, &shm));
 
-    /* passive: max_fails failures from two workers together mark it DOWN... */
+    /* passive: max_fails failures from two workers together mark it DOWN; the workers stop
+     * sending to it at the failure that makes max_fails, the checker then turns it DOWN */
+    assert_true(hp_wait(&shm, HP_PAS, 0, BACKEND_UP, 0) >= 0);
+    usleep(60000); /* the checker's first publication, with its thresholds */
     hp_fail(&shm, 0, HP_PAS, 2);
     assert_int_equal(hp_wait(&shm, HP_PAS, 0, BACKEND_DOWN, 150), -1);
+    assert_int_equal(hp_admit(&shm, HP_PAS), SHM_ADMIT_ALL);
     hp_fail(&shm, 1, HP_PAS, 1);
+    assert_int_equal(hp_admit(&shm, HP_PAS), SHM_ADMIT_NONE);
     assert_true(hp_wait(&shm, HP_PAS, 0, BACKEND_DOWN, 1000) >= 0);
     assert_int_equal(hp_get(&shm, HP_PAS, 3), REASON_PASSIVE);
-    /* ...and with checks off one live success (a trial) brings it back, weight from ~0 */
-    hp_ok(&shm, 1, HP_PAS, 1);
+    /* ...and with checks off, after fail_timeout, one live success (a trial) brings it back,
+     * weight from ~0 */
+    assert_int_equal(hp_admit(&shm, HP_PAS), SHM_ADMIT_NONE);
+    usleep(520000);
+    hp_trial(&shm, 1, HP_PAS, 1);
+    assert_int_equal(hp_admit(&shm, HP_PAS), SHM_ADMIT_ALL);
     assert_true(hp_wait(&shm, HP_PAS, 0, BACKEND_UP, 1000) >= 0);
     assert_int_equal(hp_get(&shm, HP_PAS, 3), REASON_LIVE_OK);
     assert_true(hp_get(&shm, HP_PAS, 2) < 10);
@@ -684,25 +717,28 @@ static void test_process_live_evaluation(void **state)
     hp_fail(&shm, 1, HP_BRK, 2);
     assert_int_equal(hp_wait(&shm, HP_BRK, 1, BREAKER_OPEN, 150), -1);
     hp_fail(&shm, 0, HP_BRK, 1);
+    assert_int_equal(hp_admit(&shm, HP_BRK), SHM_ADMIT_NONE); /* at once */
     assert_true(hp_wait(&shm, HP_BRK, 1, BREAKER_OPEN, 1000) >= 0);
-    assert_int_equal(atomic_load(&shm_backend(&shm, HP_BRK)->breaker_open_ns), 300000000ULL);
+    assert_int_equal(hp_rec(&shm, HP_BRK).breaker_open_ns, 300000000ULL);
     /* the breaker is not the backend's health */
     assert_int_equal(hp_get(&shm, HP_BRK, 0), BACKEND_UP);
     t = hp_wait(&shm, HP_BRK, 1, BREAKER_HALF_OPEN, 1000);
     assert_true(t >= 200 && t <= 450);
     /* a failed trial re-opens it for twice as long */
     hp_trial(&shm, 1, HP_BRK, 0);
+    assert_int_equal(hp_admit(&shm, HP_BRK), SHM_ADMIT_NONE); /* at once */
     assert_true(hp_wait(&shm, HP_BRK, 1, BREAKER_OPEN, 1000) >= 0);
-    assert_int_equal(atomic_load(&shm_backend(&shm, HP_BRK)->breaker_open_ns), 600000000ULL);
+    assert_int_equal(hp_rec(&shm, HP_BRK).breaker_open_ns, 600000000ULL);
     t = hp_wait(&shm, HP_BRK, 1, BREAKER_HALF_OPEN, 1500);
     assert_true(t >= 500 && t <= 750);
     /* requests that were not trials (begun before it opened) decide nothing */
     hp_ok(&shm, 0, HP_BRK, 3);
     assert_int_equal(hp_wait(&shm, HP_BRK, 1, BREAKER_CLOSED, 150), -1);
-    /* two trial successes close it */
+    /* two trial successes close it: admission for all at the second, then the state */
     hp_trial(&shm, 0, HP_BRK, 1);
     assert_int_equal(hp_wait(&shm, HP_BRK, 1, BREAKER_CLOSED, 150), -1);
     hp_trial(&shm, 1, HP_BRK, 1);
+    assert_int_equal(hp_admit(&shm, HP_BRK), SHM_ADMIT_ALL);
     assert_true(hp_wait(&shm, HP_BRK, 1, BREAKER_CLOSED, 1000) >= 0);
     /* operator commands */
     shm_backend_breaker_cmd(&shm, HP_BRK, BREAKER_CMD_OPEN);
@@ -769,8 +805,7 @@ static void test_process_passive_with_checks(void **state)
     conf.n_backends = 1;
 
     assert_int_equal(shm_create(&shm, 1, 1, 1), 0);
-    atomic_store(&shm_backend(&shm, 0)->weight_cfg, 1);
-    atomic_store(&shm_backend(&shm, 0)->weight_eff, 1);
+    shm_backend_init(&shm, 0, 1, 0);
     hp_child = fork();
     assert_true(hp_child >= 0);
     if (hp_child == 0)
@@ -778,16 +813,16 @@ static void test_process_passive_with_checks(void **state)
 
     /* checks pass and measure the backend */
     t0 = time_mono_ms();
-    while (atomic_load(&shm_backend(&shm, 0)->check_at_ns) == 0 && time_mono_ms() - t0 < 1000)
+    while (hp_rec(&shm, 0).check_at_ns == 0 && time_mono_ms() - t0 < 1000)
         usleep(2000);
-    assert_int_equal(atomic_load(&shm_backend(&shm, 0)->check_status), 200);
+    assert_int_equal(hp_rec(&shm, 0).check_status, 200);
     assert_true(hp_wait(&shm, 0, 0, BACKEND_UP, 0) >= 0);
 
     hp_fail(&shm, 0, 0, 2);
     assert_true(hp_wait(&shm, 0, 0, BACKEND_DOWN, 1000) >= 0);
     assert_int_equal(hp_get(&shm, 0, 3), REASON_PASSIVE);
     /* the measure starts afresh once it is back */
-    assert_int_equal(atomic_load(&shm_backend(&shm, 0)->ewma_check_us), 0);
+    assert_int_equal(hp_rec(&shm, 0).ewma_check_us, 0);
     /* a live success does not end it while checks run... */
     hp_ok(&shm, 0, 0, 1);
     /* ...one passing check does ("until an active check passes"), check_downinter after the
@@ -795,7 +830,7 @@ static void test_process_passive_with_checks(void **state)
     t = hp_wait(&shm, 0, 0, BACKEND_UP, 2000);
     assert_true(t >= 250 && t <= 1000);
     assert_int_equal(hp_get(&shm, 0, 3), REASON_CHECK_OK);
-    assert_true(atomic_load(&shm_backend(&shm, 0)->ewma_check_us) > 0);
+    assert_true(hp_rec(&shm, 0).ewma_check_us > 0);
 
     assert_int_equal(kill(hp_child, SIGTERM), 0);
     assert_int_equal(waitpid(hp_child, &st, 0), hp_child);
