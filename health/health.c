@@ -50,6 +50,7 @@ struct hc_backend {
     uv_timer_t tick;     /* next check */
     int handles;         /* ck and tick are initialised (to be closed) */
     uint64_t started_ms; /* start of the last check, to keep the period independent of its length */
+    uint64_t started_ns; /* the same, monotonic: against since_ns */
     struct health_rf rf;
     int one_pass_up;  /* DOWN from live traffic: the next passing check brings it back */
     uint64_t ewma_us; /* smoothed duration of passing checks, 0 = none since it came up */
@@ -230,6 +231,7 @@ static void health_on_tick(uv_timer_t *t)
         health_arm_next(hb);
         return;
     }
+    hb->started_ns = time_mono_ns();
     ret = check_start(&hb->ck);
     if (ret < 0) {
         log_warn("backend %s/%s: cannot start check: %s", hb->pool->name, hb->cb->name,
@@ -248,6 +250,14 @@ static void health_on_check(struct check *ck, const struct check_result *res)
     hb->check_status = res->status;
     hb->check_us = res->dur_us;
     hb->check_at_ns = now;
+    /* A check begun before the backend went DOWN from live traffic says nothing of it since:
+     * it is shown, but only one begun after brings the backend back. */
+    if (hb->one_pass_up && hb->started_ns < hb->since_ns) {
+        health_publish(hb, 0);
+        if (!h->stopping)
+            health_arm_next(hb);
+        return;
+    }
     /* Only passing checks measure the backend's speed; a failing one says nothing of it (a
      * timeout would only repeat check_timeout). Slowness is judged by the evaluation. */
     if (res->ok)

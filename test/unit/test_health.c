@@ -249,10 +249,11 @@ static void test_window_after_stall_and_reset(void **state)
 }
 
 /* A loopback server in the test's own loop: answers each connection with `reply` (or stays
- * silent when reply is NULL) and keeps the request it got. */
+ * silent when reply is NULL), delay_ms after the request, and keeps the request it got. */
 struct srv {
     uv_tcp_t tcp;
     const char *reply;
+    unsigned delay_ms;
     char got[1024];
     size_t got_len;
     int port;
@@ -260,6 +261,8 @@ struct srv {
 
 struct srv_conn {
     uv_tcp_t tcp;
+    uv_timer_t timer;
+    int open; /* handles not closed yet: freed with the last */
     struct srv *srv;
     uv_write_t wr;
 };
@@ -274,7 +277,10 @@ static void srv_alloc(uv_handle_t *h, size_t sz, uv_buf_t *b)
 
 static void srv_conn_closed(uv_handle_t *h)
 {
-    free(h->data);
+    struct srv_conn *c = h->data;
+
+    if (--c->open == 0)
+        free(c);
 }
 
 static void srv_written(uv_write_t *w, int status)
@@ -282,6 +288,16 @@ static void srv_written(uv_write_t *w, int status)
     struct srv_conn *c = w->data;
 
     uv_close((uv_handle_t *)&c->tcp, srv_conn_closed);
+}
+
+static void srv_reply_later(uv_timer_t *t)
+{
+    struct srv_conn *c = t->data;
+    uv_buf_t out = uv_buf_init((char *)c->srv->reply, (unsigned)strlen(c->srv->reply));
+
+    uv_close((uv_handle_t *)t, srv_conn_closed);
+    c->wr.data = c;
+    uv_write(&c->wr, (uv_stream_t *)&c->tcp, &out, 1, srv_written);
 }
 
 static void srv_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
@@ -302,6 +318,13 @@ static void srv_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
     if (!strstr(srv->got, "\r\n\r\n") || !srv->reply)
         return;
     uv_read_stop(s);
+    if (srv->delay_ms) {
+        uv_timer_init(s->loop, &c->timer);
+        c->timer.data = c;
+        c->open++;
+        uv_timer_start(&c->timer, srv_reply_later, srv->delay_ms, 0);
+        return;
+    }
     out = uv_buf_init((char *)srv->reply, (unsigned)strlen(srv->reply));
     c->wr.data = c;
     uv_write(&c->wr, s, &out, 1, srv_written);
@@ -314,6 +337,7 @@ static void srv_on_conn(uv_stream_t *l, int status)
 
     assert_non_null(c);
     c->srv = srv;
+    c->open = 1;
     uv_tcp_init(l->loop, &c->tcp);
     c->tcp.data = c;
     assert_int_equal(uv_accept(l, (uv_stream_t *)&c->tcp), 0);
@@ -844,6 +868,83 @@ static void test_process_passive_with_checks(void **state)
     assert_int_equal(uv_loop_close(&loop), 0);
 }
 
+/* A check that began before a passive DOWN says nothing of the backend since: only one begun
+ * after it brings the backend back. The backend answers checks after 300 ms and they run back
+ * to back, so one is under way when the failures come. */
+static void test_process_check_begun_before_passive_down(void **state)
+{
+    struct conf_pool pool;
+    struct conf_backend be;
+    struct conf conf;
+    struct shm shm;
+    struct srv srv;
+    uv_loop_t loop;
+    uint64_t t0;
+    int st;
+
+    assert_int_equal(uv_loop_init(&loop), 0);
+    srv_start(&loop, &srv, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    srv.delay_ms = 300;
+    hp_server = fork();
+    assert_true(hp_server >= 0);
+    if (hp_server == 0) {
+        uv_run(&loop, UV_RUN_DEFAULT);
+        _exit(0);
+    }
+
+    memset(&pool, 0, sizeof(pool));
+    memset(&be, 0, sizeof(be));
+    memset(&conf, 0, sizeof(conf));
+    snprintf(pool.name, sizeof(pool.name), "p");
+    pool.check = 1;
+    pool.check_expect[0] = 200;
+    pool.n_check_expect = 1;
+    pool.check_interval_ms = 100;
+    pool.check_downinter_ms = 1500;
+    pool.check_timeout_ms = 2000;
+    pool.rise = 1;
+    pool.fall = 1;
+    snprintf(be.name, sizeof(be.name), "b");
+    snprintf(be.url.host, sizeof(be.url.host), "127.0.0.1");
+    be.url.port = (uint16_t)srv.port;
+    be.weight = 1;
+    be.max_fails = 2;
+    be.fail_timeout_ms = 10000;
+    conf.pools = &pool;
+    conf.n_pools = 1;
+    conf.backends = &be;
+    conf.n_backends = 1;
+
+    assert_int_equal(shm_create(&shm, 1, 1, 1), 0);
+    shm_backend_init(&shm, 0, 1, 0);
+    hp_child = fork();
+    assert_true(hp_child >= 0);
+    if (hp_child == 0)
+        _exit(health_main(&conf, &shm));
+
+    /* the first check is done: the next one is under way at once */
+    t0 = time_mono_ms();
+    while (hp_rec(&shm, 0).check_at_ns == 0 && time_mono_ms() - t0 < 2000)
+        usleep(2000);
+    assert_int_equal(hp_rec(&shm, 0).check_status, 200);
+    hp_fail(&shm, 0, 0, 2);
+    assert_true(hp_wait(&shm, 0, 0, BACKEND_DOWN, 500) >= 0);
+    /* the check under way passes within 300 ms: it must not end the DOWN... */
+    assert_int_equal(hp_wait(&shm, 0, 0, BACKEND_UP, 700), -1);
+    /* ...the next one (check_downinter after it began) does */
+    assert_true(hp_wait(&shm, 0, 0, BACKEND_UP, 2500) >= 0);
+    assert_int_equal(hp_get(&shm, 0, 3), REASON_CHECK_OK);
+
+    assert_int_equal(kill(hp_child, SIGTERM), 0);
+    assert_int_equal(waitpid(hp_child, &st, 0), hp_child);
+    hp_child = -1;
+    shm_destroy(&shm);
+    hp_teardown(state);
+    uv_walk(&loop, close_walk, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -868,6 +969,7 @@ int main(void)
         cmocka_unit_test(test_tls_strerror),
         cmocka_unit_test_teardown(test_process_live_evaluation, hp_teardown),
         cmocka_unit_test_teardown(test_process_passive_with_checks, hp_teardown),
+        cmocka_unit_test_teardown(test_process_check_begun_before_passive_down, hp_teardown),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
