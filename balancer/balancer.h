@@ -7,7 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "core/conf.h"
+#include "balancer/algo.h"
 
 /* What the balancer knows of one backend at pick time (built by the worker from shm).
  * Zero-initialise it: every field's zero is the neutral value. */
@@ -77,19 +77,11 @@ static inline int balancer_usable(const struct balancer_cand *c, int backup)
            (c->max_conns == 0 || c->active < (int32_t)c->max_conns);
 }
 
-/* 64-bit hash of bytes (FNV-1a, then a finaliser so nearby keys spread over the ring). */
-uint64_t balancer_hash(const void *p, size_t len);
 /* Uniform random number in [0, bound), bound > 0. */
 uint64_t balancer_random(struct balancer *b, uint64_t bound);
 /* Weighted random among the usable candidates of a phase, skipping `skip` (-1: none). */
 int balancer_weighted_random(struct balancer *b, const struct balancer_cand *c, uint32_t n,
                              int backup, int skip);
-
-/* The algorithm called NAME ("roundrobin", "least_conn", ...), or -1. */
-int balancer_algo_find(const char *name);
-const char *balancer_algo_name(enum balance_algo algo);
-/* "roundrobin, least_conn, p2c, random, hash, first": for error messages. */
-const char *balancer_algo_list(void);
 
 extern const struct balancer_ops balancer_roundrobin;
 extern const struct balancer_ops balancer_least_conn;

@@ -125,40 +125,30 @@ static void backend_row_read(const struct conf *conf, const struct shm *shm, int
                              struct backend_row *r)
 {
     const struct conf_backend *cb = &conf->backends[i];
-    const struct shm_backend *sb = shm_backend(shm, (uint32_t)i);
     uint32_t b = (uint32_t)i;
+    struct shm_backend_view v;
 
+    shm_backend_view(shm, b, &v);
     r->pool = cb->pool >= 0 && cb->pool < conf->n_pools ? conf->pools[cb->pool].name : "?";
     r->name = cb->name;
     url_format(&cb->url, r->url, sizeof(r->url));
-    r->state = shm_state_str(shm_backend_state(shm, b));
-    r->admin =
-        shm_admin_str((enum backend_admin)atomic_load_explicit(&sb->admin, memory_order_relaxed));
-    enum breaker_state br =
-        (enum breaker_state)atomic_load_explicit(&sb->breaker, memory_order_acquire);
-    r->breaker = shm_breaker_str(br);
-    r->breaker_left_ms =
-        br == BREAKER_OPEN
-            ? left_ms(atomic_load_explicit(&sb->breaker_until_ns, memory_order_relaxed), now_ns)
-            : 0;
-    r->reason = shm_reason_str(
-        (enum backend_reason)atomic_load_explicit(&sb->reason, memory_order_relaxed));
-    r->weight = atomic_load_explicit(&sb->weight_eff, memory_order_relaxed);
-    r->weight_cfg = atomic_load_explicit(&sb->weight_cfg, memory_order_relaxed);
+    r->state = shm_state_str(v.h->state);
+    r->admin = shm_admin_str(v.admin);
+    r->breaker = shm_breaker_str(v.h->breaker);
+    r->breaker_left_ms = v.h->breaker == BREAKER_OPEN ? left_ms(v.h->breaker_until_ns, now_ns) : 0;
+    r->reason = shm_reason_str(v.h->reason);
+    r->weight = v.h->weight_eff;
+    r->weight_cfg = v.weight_cfg;
     shm_backend_totals(shm, b, &r->t);
-    /* shm has no sum of the retries counter; it is read like shm_backend_totals reads the
-     * others, one relaxed load per worker slot. */
-    r->retries = 0;
-    for (uint32_t w = 0; w < shm_n_workers(shm); w++)
-        r->retries += atomic_load_explicit(&shm_wb(shm, w, b)->retries, memory_order_relaxed);
+    r->retries = r->t.retries;
     r->cooling_ms = left_ms(shm_backend_cool_until(shm, b), now_ns);
     r->ewma_ns = shm_backend_ewma(shm, b, now_ns);
-    uint64_t since = atomic_load_explicit(&sb->since_ns, memory_order_relaxed);
-    r->changed = since != 0;
-    r->since_s = since && now_ns > since ? (now_ns - since) / 1000000000 : 0;
-    r->checked = atomic_load_explicit(&sb->check_at_ns, memory_order_acquire) != 0;
-    r->check_status = atomic_load_explicit(&sb->check_status, memory_order_relaxed);
-    r->check_us = atomic_load_explicit(&sb->check_us, memory_order_relaxed);
+    r->changed = v.h->since_ns != 0;
+    r->since_s =
+        v.h->since_ns && now_ns > v.h->since_ns ? (now_ns - v.h->since_ns) / 1000000000 : 0;
+    r->checked = v.h->check_at_ns != 0;
+    r->check_status = v.h->check_status;
+    r->check_us = v.h->check_us;
 }
 
 /* Column widths grow to the longest cell so the table stays aligned with long names. */
@@ -481,11 +471,10 @@ static int breaker_command(struct abuf *b, const struct conf *conf, struct shm *
     const struct conf_backend *cb = &conf->backends[i];
     const char *pool = cb->pool >= 0 && cb->pool < conf->n_pools ? conf->pools[cb->pool].name : "?";
 
-    shm_backend_breaker_cmd(shm, (uint32_t)i, cmd);
+    uint32_t seq = shm_backend_breaker_cmd(shm, (uint32_t)i, cmd);
     if (pending) {
         pending->backend = i;
-        pending->seq = atomic_load_explicit(&shm_backend(shm, (uint32_t)i)->breaker_cmd_seq,
-                                            memory_order_relaxed);
+        pending->seq = seq;
         pending->want = cmd == BREAKER_CMD_RESET ? BREAKER_CLOSED : BREAKER_OPEN;
     }
     if (json) {
@@ -525,14 +514,11 @@ static int set_backend_command(struct abuf *b, const struct conf *conf, struct s
     }
     const struct conf_backend *cb = &conf->backends[i];
     const char *pool = cb->pool >= 0 && cb->pool < conf->n_pools ? conf->pools[cb->pool].name : "?";
-    uint32_t was =
-        atomic_load_explicit(&shm_backend(shm, (uint32_t)i)->admin, memory_order_relaxed);
+    enum backend_admin was = shm_backend_set_admin(shm, (uint32_t)i, (enum backend_admin)st);
 
-    atomic_store_explicit(&shm_backend(shm, (uint32_t)i)->admin, (uint32_t)st,
-                          memory_order_release);
-    if (was != (uint32_t)st)
+    if (was != (enum backend_admin)st)
         log_info("backend %s/%s set to %s by the operator (was %s)", pool, cb->name,
-                 shm_admin_str((enum backend_admin)st), shm_admin_str((enum backend_admin)was));
+                 shm_admin_str((enum backend_admin)st), shm_admin_str(was));
     if (json) {
         abuf_printf(b, "{\"ok\":true,\"pool\":");
         abuf_json_str(b, pool);
@@ -549,12 +535,13 @@ int admin_pending_done(const struct shm *shm, const struct admin_pending *p)
 {
     if (p->backend < 0 || (uint32_t)p->backend >= shm_n_backends(shm))
         return 1;
-    const struct shm_backend *sb = shm_backend(shm, (uint32_t)p->backend);
-    uint32_t done = atomic_load_explicit(&sb->breaker_cmd_done, memory_order_acquire);
+    struct shm_backend_view v;
+
     /* The checker marks the command done as it takes it and publishes the breaker just
      * after: the state is checked too, so the answer never beats the change. */
-    return (int32_t)(done - p->seq) >= 0 &&
-           atomic_load_explicit(&sb->breaker, memory_order_acquire) == (uint32_t)p->want;
+    shm_backend_view(shm, (uint32_t)p->backend, &v);
+    return (int32_t)(v.breaker_cmd_done - p->seq) >= 0 &&
+           v.h->breaker == (enum breaker_state)p->want;
 }
 
 int admin_exec(const char *line, const struct conf *conf, struct shm *shm,

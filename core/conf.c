@@ -17,7 +17,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "balancer/balancer.h"
 #include "core/url.h"
 #include "core/util.h"
 

@@ -5,6 +5,8 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "balancer/algo.h"
+
 #define CONF_NAME_MAX   64
 #define CONF_HOST_MAX   256
 #define CONF_PATH_MAX   256
@@ -32,16 +34,6 @@ enum conf_hash_src {
     HASH_NONE = 0,
     HASH_HEADER, /* header:NAME */
     HASH_JSON,   /* json:FIELD, a top-level string field of the body (prompt_cache_key, user) */
-};
-
-enum balance_algo {
-    BALANCE_ROUNDROBIN = 0, /* smooth weighted round robin (nginx) */
-    BALANCE_LEAST_CONN,     /* fewest in-flight requests per unit of weight */
-    BALANCE_P2C,            /* power of two choices on peak-EWMA latency x (in-flight + 1) */
-    BALANCE_RANDOM,         /* weighted random */
-    BALANCE_HASH,           /* consistent hashing with bounded load on a request key */
-    BALANCE_FIRST,          /* first usable backend in configuration order */
-    BALANCE_COUNT
 };
 
 enum log_level {

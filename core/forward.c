@@ -12,7 +12,6 @@
 #include "core/retry.h"
 #include "core/util.h"
 #include "core/worker_priv.h"
-#include "health/state.h"
 
 #define AUTH_LOG_NS 10000000000ULL /* one "api_key is bad" warning per backend per 10 s */
 
@@ -99,7 +98,7 @@ static void client_trial_outcome(struct client *c, int ok)
     if (t->trial < 0 || t->trial_done)
         return;
     t->trial_done = 1;
-    shm_wb_trial_outcome(c->w->shm, (uint32_t)c->w->slot, (uint32_t)t->trial, ok);
+    shm_trial_outcome(c->w->shm, (uint32_t)t->trial, t->trial_epoch, ok);
 }
 
 /* The current try is over: give back its trial slot. */
@@ -119,79 +118,52 @@ static int was_tried(const struct tries *t, uint32_t b)
     return 0;
 }
 
-/* Fills w->cands / w->cand_limit for the client's pool from the shared view at `now`. Eligible:
- * UP/DEGRADED, READY, weight > 0, breaker not open, not cooling; a half-open breaker or a
- * passive DOWN with checks off (after fail_timeout) admits trial requests only. *cool_min: the
- * earliest end of a cool-down among backends held back only by one (0 = none). */
+/* Fills w->cands / w->cand_limit / w->cand_epoch for the client's pool from each backend's shm
+ * view at `now`: the health checker's admission (all, trials only, none) with the workers' trips
+ * applied and the operator's state (shm_admit), then 429 cool-downs. *cool_min: the earliest end
+ * of a cool-down among backends held back only by one (0 = none). */
 static uint32_t client_cands(struct client *c, uint64_t now, uint64_t *cool_min)
 {
     struct worker *w = c->w;
     const struct conf_pool *pool = client_pool(c);
     const struct tries *t = client_tries(c);
-    uint32_t nw = shm_n_workers(w->shm);
 
     *cool_min = 0;
     for (int i = 0; i < pool->n_backends; i++) {
         uint32_t b = (uint32_t)(pool->first_backend + i);
         const struct conf_backend *cb = &w->conf->backends[b];
-        struct shm_backend *sb = shm_backend(w->shm, b);
         struct balancer_cand *k = &w->cands[i];
-        int64_t active = 0;
-        uint64_t cool = 0;
-        int32_t limit = 0;
+        struct shm_backend_view v;
+        uint32_t trials = 0;
+        uint64_t cool;
+        int32_t active;
 
-        for (uint32_t x = 0; x < nw; x++) {
-            const struct shm_wb *wb = shm_wb(w->shm, x, b);
-            uint64_t cu = atomic_load_explicit(&wb->cool_until_ns, memory_order_relaxed);
-            active += atomic_load_explicit(&wb->active, memory_order_relaxed);
-            if (cu > cool)
-                cool = cu;
-        }
-        int ok = shm_backend_eligible(w->shm, b);
-        if (!ok && !pool->check &&
-            atomic_load_explicit(&sb->admin, memory_order_relaxed) == BACKEND_READY) {
-            /* checks off: a live request is what brings a passive DOWN back, one at a time */
-            struct health_live_cfg lc = {0};
-            lc.max_fails = cb->max_fails;
-            lc.fail_timeout_ns = cb->fail_timeout_ms * 1000000ULL;
-            lc.checks = pool->check;
-            enum backend_state st = shm_backend_state(w->shm, b);
-            enum backend_reason why =
-                (enum backend_reason)atomic_load_explicit(&sb->reason, memory_order_relaxed);
-            uint64_t since = atomic_load_explicit(&sb->since_ns, memory_order_relaxed);
-            if (health_live_trial_allowed(&lc, st, why, since, now)) {
-                ok = 1;
-                limit = 1;
-            }
-        }
-        if (ok) {
-            uint32_t br = atomic_load_explicit(&sb->breaker, memory_order_acquire);
-            uint64_t until = atomic_load_explicit(&sb->breaker_until_ns, memory_order_relaxed);
-            if (br == BREAKER_OPEN && now < until)
-                ok = 0;
-            else if (br != BREAKER_CLOSED && !limit) /* half-open, or open and past its time */
-                limit = pool->breaker_half_open_calls ? (int32_t)pool->breaker_half_open_calls : 1;
-        }
+        shm_backend_view(w->shm, b, &v);
+        shm_backend_load(w->shm, b, &active, &cool);
+        enum shm_admit adm = shm_admit(&v, now, &trials);
+        int ok = adm != SHM_ADMIT_NONE;
         if (ok && cool > now) {
             ok = 0;
             if (!*cool_min || cool < *cool_min)
                 *cool_min = cool;
         }
-        k->weight = (int)atomic_load_explicit(&sb->weight_eff, memory_order_relaxed);
-        k->active = (int32_t)active;
+        k->weight = (int)v.h->weight_eff;
+        k->active = active;
         k->eligible = (uint8_t)ok;
         k->tried = (uint8_t)(was_tried(t, b) && (int32_t)b != t->again);
         k->backup = (uint8_t)(cb->backup != 0);
         k->max_conns = cb->max_conns;
         k->ewma_ns = pool->balance == BALANCE_P2C ? shm_backend_ewma(w->shm, b, now) : 0;
         k->id = cb->name_hash;
-        w->cand_limit[i] = limit;
+        w->cand_limit[i] = adm == SHM_ADMIT_TRIAL ? (int32_t)trials : 0;
+        w->cand_epoch[i] = v.h->epoch;
     }
     return (uint32_t)pool->n_backends;
 }
 
 /* Picks a backend of the client's pool not tried yet for this request, taking a trial slot
- * when it needs one (a refused one is skipped for this pick). -1 when none is usable. */
+ * when it needs one and its in-flight slot (a refused one is skipped for this pick). -1 when
+ * none is usable. */
 static int client_pick(struct client *c, uint64_t now, uint64_t *cool_min)
 {
     struct worker *w = c->w;
@@ -216,13 +188,14 @@ static int client_pick(struct client *c, uint64_t now, uint64_t *cool_min)
         }
         /* The in-flight slot, exact across workers against max_conns; upstream_start (called
          * right after) counts the request, and its end gives the slot back. */
-        if (!shm_active_acquire(w->shm, (uint32_t)w->slot, b, w->cands[i].max_conns)) {
+        if (!shm_active_acquire(w->shm, (uint32_t)w->slot, b)) {
             if (trial)
                 shm_trial_release(w->shm, (uint32_t)w->slot, b);
             w->cands[i].tried = 1;
             continue;
         }
         t->trial = trial ? (int32_t)b : -1;
+        t->trial_epoch = w->cand_epoch[i];
         return (int)b;
     }
     return -1;
@@ -353,7 +326,7 @@ static void client_head_outcome(struct client *c, const struct upstream_resp *ur
     if (rec & RETRY_REC_COOL)
         client_cool(c, b, ur, now);
     if (rec & RETRY_REC_AUTH) {
-        shm_counter_add(&shm_wb(w->shm, (uint32_t)w->slot, b)->auth_failures, 1);
+        shm_wb_record_auth(w->shm, (uint32_t)w->slot, b);
         if (!w->auth_log_ns[b] || now - w->auth_log_ns[b] >= AUTH_LOG_NS) {
             w->auth_log_ns[b] = now;
             log_warn("backend %s answered %d: its api_key is bad", w->conf->backends[b].name,

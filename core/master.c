@@ -855,13 +855,9 @@ static int master_setup(struct conf *conf)
         return rc;
     }
     M.shm_ready = 1;
-    for (int b = 0; b < conf->n_backends; b++) {
-        struct shm_backend *sb = shm_backend(&M.shm, (uint32_t)b);
-        uint32_t w = (uint32_t)conf->backends[b].weight;
-        atomic_store_explicit(&sb->weight_cfg, w, memory_order_relaxed);
-        atomic_store_explicit(&sb->weight_eff, w, memory_order_relaxed);
-        atomic_store_explicit(&sb->admin, BACKEND_READY, memory_order_relaxed);
-    }
+    for (int b = 0; b < conf->n_backends; b++)
+        shm_backend_init(&M.shm, (uint32_t)b, (uint32_t)conf->backends[b].weight,
+                         (uint32_t)conf->backends[b].max_conns);
 
     M.n_children = 1 + workers;
     M.children = calloc((size_t)M.n_children, sizeof(*M.children));

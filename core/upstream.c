@@ -158,9 +158,8 @@ static void acct_begin(struct upstream *up, struct upstream_req *rq)
 /* Failures and successes are recorded by the client side, which knows the pool's fail_on. */
 static void acct_end(struct upstream *up, struct upstream_req *rq, enum upstream_err err)
 {
-    struct shm_wb *wb = up->backends[rq->backend].wb;
-    if (wb)
-        shm_gauge_add(&wb->active, -1);
+    if (up->backends[rq->backend].wb)
+        shm_active_release(up->shm, (uint32_t)up->slot, (uint32_t)rq->backend);
     if (err == UPSTREAM_ECLIENT)
         up->aborts++;
 }

@@ -232,9 +232,10 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     }
     w->cands = calloc((size_t)max_pool, sizeof(*w->cands));
     w->cand_limit = calloc((size_t)max_pool, sizeof(*w->cand_limit));
+    w->cand_epoch = calloc((size_t)max_pool, sizeof(*w->cand_epoch));
     w->auth_log_ns =
         calloc((size_t)(conf->n_backends ? conf->n_backends : 1), sizeof(*w->auth_log_ns));
-    if (!w->cands || !w->cand_limit || !w->auth_log_ns)
+    if (!w->cands || !w->cand_limit || !w->cand_epoch || !w->auth_log_ns)
         return -ENOMEM;
     for (int i = 0; i < conf->n_pools; i++)
         balancer_start(&w->bal[i], conf, i, slot, w->rid_seed1);
@@ -268,6 +269,7 @@ static void worker_teardown(struct worker *w)
     free(w->bal);
     free(w->cands);
     free(w->cand_limit);
+    free(w->cand_epoch);
     free(w->auth_log_ns);
     acceptor_free(&w->acc);
     free(w->tqs);

@@ -93,6 +93,7 @@ struct tries {
     uint8_t sse_nl;            /* newlines at the end of what the client got of it */
     uint8_t sent;              /* body bytes reached the client */
     uint32_t tried[MAX_TRIES]; /* backends of the tries, in order */
+    uint32_t trial_epoch;      /* the admission epoch the trial was admitted in */
 };
 
 /* The state of the request a client connection is on, in the tail of its buffer: set up
@@ -148,6 +149,7 @@ struct worker {
     struct balancer *bal; /* per pool */
     struct balancer_cand *cands;
     int32_t *cand_limit;   /* per candidate of a pick: trial limit, 0 = no trial needed */
+    uint32_t *cand_epoch;  /* per candidate: the admission epoch its trial counts in */
     uint64_t *auth_log_ns; /* per backend: the last "api_key is bad" warning */
     struct tq retry_q;     /* clients waiting out a retry back-off, by due time */
     /* A pool buffer: struct creq, a generated request id, header spans, then data (c->buf and

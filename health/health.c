@@ -54,6 +54,7 @@ struct hc_backend {
     uv_timer_t tick;     /* next check */
     int handles;         /* ck and tick are initialised (to be closed) */
     uint64_t started_ms; /* start of the last check, to keep the period independent of its length */
+    uint64_t started_ns; /* the same, monotonic: against since_ns */
     struct health_rf rf;
     int one_pass_up;  /* DOWN from live traffic: the next passing check brings it back */
     uint64_t ewma_us; /* smoothed duration of passing checks, 0 = none since it came up */
@@ -62,7 +63,6 @@ struct hc_backend {
     struct health_breaker_cfg brc;
     struct health_live_cfg lc;
     struct health_cadence_cfg cad;
-    uint32_t half_open_calls;
     uint32_t degraded_weight_pct;
     uint64_t slowstart_ns;
     struct health_breaker br;
@@ -70,8 +70,15 @@ struct hc_backend {
     enum backend_state st;
     enum backend_reason why;
     uint64_t since_ns;    /* last state change */
+    uint64_t transitions; /* state changes so far */
     uint64_t up_since_ns; /* last DOWN -> UP, for slow start (0 = none) */
     uint64_t auth_seen;   /* 401/403 answers already acted on */
+    uint32_t weight_cfg;  /* the operator's weight, as the last evaluation read it */
+    uint32_t weight_eff;
+    int32_t check_status; /* last check: as struct shm_health has them */
+    uint32_t check_us;
+    uint64_t check_at_ns;
+    struct shm_health pub; /* the record last published, epoch included */
     /* Failure total at the last evaluation. Failure counts over a window that only moves
      * forward cannot grow without new failures, so the rings are scanned only when it moved. */
     uint64_t failed_seen;
@@ -170,22 +177,19 @@ static void health_eval_weight(struct hc_backend *hb, uint64_t now);
 static void health_set_state(struct hc_backend *hb, enum backend_state st, enum backend_reason why,
                              uint64_t now)
 {
-    struct shm_backend *sb = shm_backend(hb->h->shm, hb->idx);
     int down_edge = (hb->st == BACKEND_DOWN) != (st == BACKEND_DOWN);
 
     if (hb->st == BACKEND_DOWN && st != BACKEND_DOWN)
         hb->up_since_ns = now;
-    if (st == BACKEND_DOWN && hb->st != BACKEND_DOWN) {
+    if (st == BACKEND_DOWN && hb->st != BACKEND_DOWN)
         hb->ewma_us = 0;
-        atomic_store_explicit(&sb->ewma_check_us, 0, memory_order_relaxed);
-    }
     hb->st = st;
     hb->why = why;
     hb->since_ns = now;
-    /* The weight first: a worker that sees the backend back UP must see its slow-start
-     * weight too, not the full weight it had before it went DOWN. */
+    hb->transitions++;
+    /* Published with the state (health_publish): a worker that sees the backend back UP sees
+     * its slow-start weight too, not the full weight it had before it went DOWN. */
     health_eval_weight(hb, now);
-    shm_backend_set_state(hb->h->shm, hb->idx, st, why, now);
     if (down_edge) {
         hb->rf.ok_streak = hb->rf.fail_streak = 0;
         /* DOWN from live traffic lasts "until an active check passes": one pass, not `rise`,
@@ -197,18 +201,50 @@ static void health_set_state(struct hc_backend *hb, enum backend_state st, enum 
     }
 }
 
+/* Publishes the backend's record when something in it changed: state, breaker, weight, check
+ * and the admission they give (health_admission). A new admission, or trips acted on
+ * (trips_taken), opens a new epoch: the workers' gate and claims start afresh. */
+static void health_publish(struct hc_backend *hb, int trips_taken)
+{
+    struct shm_health h;
+    int new_epoch;
+
+    memset(&h, 0, sizeof(h));
+    h.state = hb->st;
+    h.reason = hb->why;
+    h.since_ns = hb->since_ns;
+    h.transitions = hb->transitions;
+    h.weight_eff = hb->weight_eff;
+    h.breaker = hb->br.st;
+    h.breaker_until_ns = hb->br.until_ns;
+    h.breaker_open_ns = hb->br.open_ns;
+    h.check_status = hb->check_status;
+    h.check_us = hb->check_us;
+    h.check_at_ns = hb->check_at_ns;
+    h.ewma_check_us = hb->ewma_us;
+    health_admission(&hb->lc, &hb->brc, hb->st, hb->why, hb->since_ns, &hb->br, &h.adm);
+    h.epoch = hb->pub.epoch;
+    new_epoch = trips_taken || !health_admission_equal(&h.adm, &hb->pub.adm);
+    if (!new_epoch && memcmp(&h, &hb->pub, sizeof(h)) == 0)
+        return;
+    shm_backend_publish(hb->h->shm, hb->idx, &h, new_epoch);
+    hb->pub = h;
+}
+
 static void health_on_tick(uv_timer_t *t)
 {
     struct hc_backend *hb = t->data;
-    struct shm_backend *sb = shm_backend(hb->h->shm, hb->idx);
+    struct shm_backend_view v;
     int ret;
 
     hb->started_ms = uv_now(&hb->h->loop);
+    shm_backend_view(hb->h->shm, hb->idx, &v);
     /* Maintenance pauses checks; the state is kept as it was. */
-    if (atomic_load_explicit(&sb->admin, memory_order_relaxed) == BACKEND_MAINT) {
+    if (v.admin == BACKEND_MAINT) {
         health_arm_next(hb);
         return;
     }
+    hb->started_ns = time_mono_ns();
     ret = check_start(&hb->ck);
     if (ret < 0) {
         log_warn("backend %s/%s: cannot start check: %s", hb->pool->name, hb->cb->name,
@@ -236,14 +272,21 @@ static void health_on_check(struct check *ck, const struct check_result *res)
             health_arm_next(hb);
         return;
     }
-    shm_backend_set_check(h->shm, hb->idx, res->status, res->dur_us, now);
+    hb->check_status = res->status;
+    hb->check_us = res->dur_us;
+    hb->check_at_ns = now;
+    /* A check begun before the backend went DOWN from live traffic says nothing of it since:
+     * it is shown, but only one begun after brings the backend back. */
+    if (hb->one_pass_up && hb->started_ns < hb->since_ns) {
+        health_publish(hb, 0);
+        if (!h->stopping)
+            health_arm_next(hb);
+        return;
+    }
     /* Only passing checks measure the backend's speed; a failing one says nothing of it (a
      * timeout would only repeat check_timeout). Slowness is judged by the evaluation. */
-    if (res->ok) {
+    if (res->ok)
         hb->ewma_us = health_ewma_add(hb->ewma_us, res->dur_us);
-        atomic_store_explicit(&shm_backend(h->shm, hb->idx)->ewma_check_us, hb->ewma_us,
-                              memory_order_relaxed);
-    }
     if (hb->one_pass_up && st == BACKEND_DOWN && res->ok) {
         health_set_state(hb, BACKEND_UP, REASON_CHECK_OK, now);
         log_info("backend %s/%s is UP: check passed (%d in %u ms)", hb->pool->name, hb->cb->name,
@@ -266,34 +309,24 @@ static void health_on_check(struct check *ck, const struct check_result *res)
     } else {
         log_debug("backend %s/%s: check failed: %s", hb->pool->name, hb->cb->name, res->detail);
     }
+    health_publish(hb, 0);
     if (!h->stopping)
         health_arm_next(hb);
 }
 
-static void health_publish_breaker(struct hc_backend *hb)
+/* Operator commands first, then the breaker's own transitions from what the workers reported
+ * in the current epoch (v, trips). */
+static void health_eval_breaker(struct hc_backend *hb, uint64_t now,
+                                const struct shm_backend_view *v, uint32_t trips)
 {
-    shm_backend_set_breaker(hb->h->shm, hb->idx, hb->br.st, hb->br.until_ns, hb->br.open_ns);
-}
-
-/* Operator commands first, then the breaker's own transitions. */
-static void health_eval_breaker(struct hc_backend *hb, uint64_t now, uint64_t failed,
-                                uint64_t last_ok)
-{
-    struct shm *shm = hb->h->shm;
     const char *pool = hb->pool->name, *name = hb->cb->name;
-    enum breaker_cmd cmd = shm_backend_breaker_cmd_take(shm, hb->idx);
+    enum breaker_cmd cmd = shm_backend_breaker_cmd_take(hb->h->shm, hb->idx);
     enum breaker_state was = hb->br.st;
-    uint64_t ok_base = hb->br.ok_base;
-    uint32_t consecutive = 0;
-    uint64_t tok, tfailed;
+    struct health_breaker_in in = {v->consec, trips};
 
-    /* Half-open is decided by the trial requests alone: a long request that began before the
-     * breaker opened and ends well now says nothing about the backend today. */
-    shm_backend_trial_outcomes(shm, hb->idx, &tok, &tfailed);
     if (cmd != BREAKER_CMD_NONE) {
-        if (!health_breaker_command(&hb->br, &hb->brc, cmd, now, tok, tfailed))
+        if (!health_breaker_command(&hb->br, &hb->brc, cmd, now))
             return;
-        health_publish_breaker(hb);
         if (hb->br.st == BREAKER_OPEN)
             log_warn("backend %s/%s breaker open for %llu ms: opened by the operator", pool, name,
                      (unsigned long long)(hb->br.open_ns / MS_NS));
@@ -301,47 +334,31 @@ static void health_eval_breaker(struct hc_backend *hb, uint64_t now, uint64_t fa
             log_info("backend %s/%s breaker closed: reset by the operator", pool, name);
         return;
     }
-    if (was == BREAKER_CLOSED) {
-        if (hb->brc.failures == 0 || failed == hb->failed_seen)
-            return;
-        consecutive =
-            shm_backend_failures_since(shm, hb->idx, health_breaker_since(&hb->br, last_ok));
-    }
-    if (!health_breaker_eval(&hb->br, &hb->brc, now, consecutive, tok, tfailed))
+    if (!health_breaker_eval(&hb->br, &hb->brc, now, &in))
         return;
-    health_publish_breaker(hb);
     switch (hb->br.st) {
     case BREAKER_OPEN:
-        if (was == BREAKER_HALF_OPEN)
+        if (was != BREAKER_CLOSED)
             log_warn("backend %s/%s breaker open for %llu ms: trial request failed", pool, name,
                      (unsigned long long)(hb->br.open_ns / MS_NS));
         else
             log_warn("backend %s/%s breaker open for %llu ms: %u consecutive failures", pool, name,
-                     (unsigned long long)(hb->br.open_ns / MS_NS), consecutive);
+                     (unsigned long long)(hb->br.open_ns / MS_NS), v->consec);
         break;
     case BREAKER_HALF_OPEN:
-        log_info("backend %s/%s breaker half-open: trying %u request%s", pool, name,
-                 hb->half_open_calls, hb->half_open_calls == 1 ? "" : "s");
+        log_info("backend %s/%s breaker half-open: trying %u request%s", pool, name, hb->brc.trials,
+                 hb->brc.trials == 1 ? "" : "s");
         break;
     case BREAKER_CLOSED:
-        log_info("backend %s/%s breaker closed: %llu trial request%s succeeded", pool, name,
-                 (unsigned long long)(tok - ok_base), tok - ok_base == 1 ? "" : "s");
+        log_info("backend %s/%s breaker closed: %u trial request%s succeeded", pool, name,
+                 v->trial_ok, v->trial_ok == 1 ? "" : "s");
         break;
     }
 }
 
-static uint64_t health_auth_failures(const struct shm *shm, uint32_t b)
-{
-    uint64_t n = 0;
-
-    for (uint32_t w = 0; w < shm_n_workers(shm); w++)
-        n += atomic_load_explicit(&shm_wb(shm, w, b)->auth_failures, memory_order_relaxed);
-    return n;
-}
-
 /* Live traffic: passive DOWN, auth DOWN, DEGRADED and back. */
 static void health_eval_live(struct hc_backend *hb, uint64_t now, uint64_t ok, uint64_t failed,
-                             uint64_t last_ok)
+                             uint64_t last_ok, uint32_t trips)
 {
     struct shm *shm = hb->h->shm;
     const char *pool = hb->pool->name, *name = hb->cb->name;
@@ -359,7 +376,8 @@ static void health_eval_live(struct hc_backend *hb, uint64_t now, uint64_t ok, u
     if (hb->lc.max_fails && failed != hb->failed_seen)
         in.recent_failures = shm_backend_failures_since(shm, hb->idx, from);
     in.last_ok_ns = last_ok;
-    in.auth_failures = health_auth_failures(shm, hb->idx);
+    in.auth_failures = shm_backend_auth_failures(shm, hb->idx);
+    in.trips = trips;
     in.auth_seen = hb->auth_seen;
     in.check_us = hb->ewma_us;
     health_window_update(&hb->win, now, ok, failed);
@@ -412,15 +430,13 @@ static void health_eval_live(struct hc_backend *hb, uint64_t now, uint64_t ok, u
 
 static void health_eval_weight(struct hc_backend *hb, uint64_t now)
 {
-    struct shm_backend *sb = shm_backend(hb->h->shm, hb->idx);
-    uint32_t cfg = atomic_load_explicit(&sb->weight_cfg, memory_order_relaxed);
-    uint32_t w = health_effective_weight(cfg, hb->st, hb->degraded_weight_pct, hb->up_since_ns,
-                                         hb->up_since_ns ? hb->slowstart_ns : 0, now);
-
-    if (atomic_load_explicit(&sb->weight_eff, memory_order_relaxed) != w)
-        atomic_store_explicit(&sb->weight_eff, w, memory_order_relaxed);
+    hb->weight_eff =
+        health_effective_weight(hb->weight_cfg, hb->st, hb->degraded_weight_pct, hb->up_since_ns,
+                                hb->up_since_ns ? hb->slowstart_ns : 0, now);
 }
 
+/* Every HEALTH_EVAL_MS: the workers' trips and counts of the current epoch turned into state
+ * (the workers obey the trips already), then the record published. */
 static void health_on_eval(uv_timer_t *t)
 {
     struct health *h = t->data;
@@ -428,14 +444,21 @@ static void health_on_eval(uv_timer_t *t)
 
     for (int i = 0; i < h->n; i++) {
         struct hc_backend *hb = &h->b[i];
+        struct shm_backend_view v;
         uint64_t ok, failed, last_ok;
+        uint32_t trips;
 
+        shm_backend_view(h->shm, hb->idx, &v);
+        trips = v.h->epoch == hb->pub.epoch ? v.trips : 0;
+        hb->weight_cfg = v.weight_cfg;
         shm_backend_outcomes(h->shm, hb->idx, &ok, &failed);
         last_ok = shm_backend_last_ok(h->shm, hb->idx);
-        health_eval_breaker(hb, now, failed, last_ok);
-        health_eval_live(hb, now, ok, failed, last_ok);
+        health_eval_breaker(hb, now, &v, trips);
+        health_eval_live(hb, now, ok, failed, last_ok, trips);
         hb->failed_seen = failed;
         health_eval_weight(hb, now);
+        health_publish(hb, trips != 0);
+        shm_claims_repair(h->shm, hb->idx);
     }
 }
 
@@ -445,8 +468,7 @@ static void health_backend_setup(struct health *h, struct hc_backend *hb, uint32
 {
     const struct conf_backend *cb = &h->conf->backends[idx];
     const struct conf_pool *pool = &h->conf->pools[cb->pool];
-    struct shm_backend *sb = shm_backend(h->shm, idx);
-    uint64_t ok, failed;
+    struct shm_backend_view v;
 
     hb->h = h;
     hb->idx = idx;
@@ -462,7 +484,7 @@ static void health_backend_setup(struct health *h, struct hc_backend *hb, uint32
     if (hb->brc.open_max_ns < hb->brc.open_ns)
         hb->brc.open_max_ns = hb->brc.open_ns;
     hb->brc.successes = pool->breaker_successes ? pool->breaker_successes : 1;
-    hb->half_open_calls = pool->breaker_half_open_calls ? pool->breaker_half_open_calls : 1;
+    hb->brc.trials = pool->breaker_half_open_calls ? pool->breaker_half_open_calls : 1;
 
     hb->lc.max_fails = cb->max_fails;
     hb->lc.fail_timeout_ns =
@@ -481,25 +503,27 @@ static void health_backend_setup(struct health *h, struct hc_backend *hb, uint32
     hb->cad.jitter_pct = pool->check_jitter_pct;
 
     /* A restarted checker goes on from what shm says, not from a fresh UP. */
-    hb->st = shm_backend_state(h->shm, idx);
-    hb->why = (enum backend_reason)atomic_load_explicit(&sb->reason, memory_order_relaxed);
-    hb->since_ns = atomic_load_explicit(&sb->since_ns, memory_order_relaxed);
-    hb->ewma_us = atomic_load_explicit(&sb->ewma_check_us, memory_order_relaxed);
+    shm_backend_view(h->shm, idx, &v);
+    hb->pub = *v.h;
+    hb->st = v.h->state;
+    hb->why = v.h->reason;
+    hb->since_ns = v.h->since_ns;
+    hb->transitions = v.h->transitions;
+    hb->ewma_us = v.h->ewma_check_us;
+    hb->check_status = v.h->check_status;
+    hb->check_us = v.h->check_us;
+    hb->check_at_ns = v.h->check_at_ns;
+    hb->weight_cfg = v.weight_cfg;
+    hb->weight_eff = v.h->weight_eff;
     health_breaker_init(&hb->br, &hb->brc);
-    hb->br.st = (enum breaker_state)atomic_load_explicit(&sb->breaker, memory_order_relaxed);
-    shm_backend_outcomes(h->shm, idx, &ok, &failed);
+    hb->br.st = v.h->breaker;
     if (hb->br.st != BREAKER_CLOSED) {
-        uint64_t open_ns = atomic_load_explicit(&sb->breaker_open_ns, memory_order_relaxed);
-
-        hb->br.until_ns = atomic_load_explicit(&sb->breaker_until_ns, memory_order_relaxed);
-        if (open_ns)
-            hb->br.open_ns = open_ns;
-        shm_backend_trial_outcomes(h->shm, idx, &ok, &failed);
-        hb->br.ok_base = ok;
-        hb->br.fail_base = failed;
+        hb->br.until_ns = v.h->breaker_until_ns;
+        if (v.h->breaker_open_ns)
+            hb->br.open_ns = v.h->breaker_open_ns;
     }
     /* Old 401/403 answers were acted on by whoever was here before. */
-    hb->auth_seen = health_auth_failures(h->shm, idx);
+    hb->auth_seen = shm_backend_auth_failures(h->shm, idx);
     hb->failed_seen = UINT64_MAX; /* the first evaluation looks at the rings */
 }
 
@@ -693,10 +717,12 @@ int health_main(struct conf *conf, struct shm *shm)
          * recorded before its first evaluation are not lost. */
         if (time_mono_ns() - shm->hdr->created_ns < (uint64_t)HEALTH_WINDOW_SECS * 1000000000ULL)
             health_window_update(&hb->win, shm->hdr->created_ns, 0, 0);
-        if (!hb->pool->check) {
+        if (!hb->pool->check)
             health_unchecked_state(hb, time_mono_ns());
+        /* The admission of this configuration (with its thresholds) from the start. */
+        health_publish(hb, 0);
+        if (!hb->pool->check)
             continue;
-        }
         ret = health_backend_init_checks(&h, hb);
         if (ret < 0) {
             log_err("backend %s/%s: cannot set up health checks: %s", hb->pool->name, hb->cb->name,

@@ -2,18 +2,13 @@
  * check cadence (see state.h). */
 #include "health/state.h"
 
+#include <string.h>
+
 void health_breaker_init(struct health_breaker *br, const struct health_breaker_cfg *cfg)
 {
     br->st = BREAKER_CLOSED;
     br->until_ns = 0;
     br->open_ns = cfg->open_ns;
-    br->closed_ns = 0;
-    br->ok_base = br->fail_base = 0;
-}
-
-uint64_t health_breaker_since(const struct health_breaker *br, uint64_t last_ok_ns)
-{
-    return last_ok_ns > br->closed_ns ? last_ok_ns : br->closed_ns;
 }
 
 static void breaker_open(struct health_breaker *br, uint64_t now_ns, uint64_t open_ns)
@@ -23,60 +18,52 @@ static void breaker_open(struct health_breaker *br, uint64_t now_ns, uint64_t op
     br->until_ns = now_ns + open_ns;
 }
 
-static void breaker_close(struct health_breaker *br, const struct health_breaker_cfg *cfg,
-                          uint64_t now_ns)
+static void breaker_close(struct health_breaker *br, const struct health_breaker_cfg *cfg)
 {
     br->st = BREAKER_CLOSED;
     br->open_ns = cfg->open_ns;
     br->until_ns = 0;
-    br->closed_ns = now_ns;
 }
 
 int health_breaker_eval(struct health_breaker *br, const struct health_breaker_cfg *cfg,
-                        uint64_t now_ns, uint32_t consecutive, uint64_t ok, uint64_t failed)
+                        uint64_t now_ns, const struct health_breaker_in *in)
 {
-    switch (br->st) {
-    case BREAKER_CLOSED:
-        if (cfg->failures == 0 || consecutive < cfg->failures)
+    if (br->st == BREAKER_CLOSED) {
+        if (cfg->failures == 0 ||
+            (!(in->trips & SHM_TRIP_BREAKER) && in->consecutive < cfg->failures))
             return 0;
         breaker_open(br, now_ns, cfg->open_ns);
         return 1;
-    case BREAKER_OPEN:
-        if (now_ns < br->until_ns)
-            return 0;
-        br->st = BREAKER_HALF_OPEN;
-        br->ok_base = ok;
-        br->fail_base = failed;
-        return 1;
-    case BREAKER_HALF_OPEN:
-        if (failed > br->fail_base) {
-            uint64_t next = br->open_ns * 2;
+    }
+    /* OPEN past until_ns admits trials already: their verdict may come before HALF_OPEN. */
+    if (in->trips & SHM_TRIP_FAILED) {
+        uint64_t next = br->open_ns * 2;
 
-            breaker_open(br, now_ns, next > cfg->open_max_ns ? cfg->open_max_ns : next);
-            return 1;
-        }
-        if (ok - br->ok_base >= (cfg->successes ? cfg->successes : 1)) {
-            breaker_close(br, cfg, now_ns);
-            return 1;
-        }
-        return 0;
+        breaker_open(br, now_ns, next > cfg->open_max_ns ? cfg->open_max_ns : next);
+        return 1;
+    }
+    if (in->trips & SHM_TRIP_PASSED) {
+        breaker_close(br, cfg);
+        return 1;
+    }
+    if (br->st == BREAKER_OPEN && now_ns >= br->until_ns) {
+        br->st = BREAKER_HALF_OPEN;
+        return 1;
     }
     return 0;
 }
 
 int health_breaker_command(struct health_breaker *br, const struct health_breaker_cfg *cfg,
-                           enum breaker_cmd cmd, uint64_t now_ns, uint64_t ok, uint64_t failed)
+                           enum breaker_cmd cmd, uint64_t now_ns)
 {
     enum breaker_state was = br->st;
 
     if (cmd == BREAKER_CMD_RESET)
-        breaker_close(br, cfg, now_ns);
+        breaker_close(br, cfg);
     else if (cmd == BREAKER_CMD_OPEN)
         breaker_open(br, now_ns, cfg->open_ns);
     else
         return 0;
-    br->ok_base = ok;
-    br->fail_base = failed;
     return br->st != was || cmd == BREAKER_CMD_OPEN;
 }
 
@@ -84,7 +71,7 @@ int health_live_eval(const struct health_live_cfg *cfg, const struct health_live
                      uint64_t now_ns, enum backend_state *st, enum backend_reason *why)
 {
     /* 401/403: the backend's key is bad, whatever else is going on. */
-    if (in->auth_failures > in->auth_seen &&
+    if ((in->auth_failures > in->auth_seen || (in->trips & SHM_TRIP_AUTH)) &&
         !(in->st == BACKEND_DOWN && in->reason == REASON_AUTH)) {
         *st = BACKEND_DOWN;
         *why = REASON_AUTH;
@@ -94,14 +81,15 @@ int health_live_eval(const struct health_live_cfg *cfg, const struct health_live
         /* With checks on, only they bring it back (rise). With checks off, a passive or
          * auth DOWN ends with a live success after it went DOWN (a worker's trial). */
         if (!cfg->checks && (in->reason == REASON_PASSIVE || in->reason == REASON_AUTH) &&
-            in->last_ok_ns > in->since_ns) {
+            (in->last_ok_ns > in->since_ns || (in->trips & SHM_TRIP_PASSED))) {
             *st = BACKEND_UP;
             *why = REASON_LIVE_OK;
             return 1;
         }
         return 0;
     }
-    if (cfg->max_fails && in->recent_failures >= cfg->max_fails) {
+    if (cfg->max_fails &&
+        (in->recent_failures >= cfg->max_fails || (in->trips & SHM_TRIP_PASSIVE))) {
         *st = BACKEND_DOWN;
         *why = REASON_PASSIVE;
         return 1;
@@ -131,11 +119,47 @@ int health_live_eval(const struct health_live_cfg *cfg, const struct health_live
     return 0;
 }
 
-int health_live_trial_allowed(const struct health_live_cfg *cfg, enum backend_state st,
-                              enum backend_reason why, uint64_t since_ns, uint64_t now_ns)
+void health_admission(const struct health_live_cfg *lc, const struct health_breaker_cfg *brc,
+                      enum backend_state st, enum backend_reason why, uint64_t since_ns,
+                      const struct health_breaker *br, struct shm_admission *out)
 {
-    return !cfg->checks && st == BACKEND_DOWN && (why == REASON_PASSIVE || why == REASON_AUTH) &&
-           now_ns >= since_ns + cfg->fail_timeout_ns;
+    memset(out, 0, sizeof(*out));
+    if (st == BACKEND_DOWN) {
+        if (lc->checks || (why != REASON_PASSIVE && why != REASON_AUTH)) {
+            out->kind = SHM_ADMIT_NONE;
+            return;
+        }
+        /* checks off: a live request is what brings it back, one at a time */
+        out->kind = SHM_ADMIT_TRIAL;
+        out->trials = 1;
+        out->need = 1;
+        out->from_ns = since_ns + lc->fail_timeout_ns;
+    }
+    if (br->st != BREAKER_CLOSED) {
+        uint32_t trials = brc->trials ? brc->trials : 1, need = brc->successes ? brc->successes : 1;
+
+        if (out->kind != SHM_ADMIT_TRIAL || trials < out->trials)
+            out->trials = trials;
+        if (need > out->need)
+            out->need = need;
+        if (br->until_ns > out->from_ns)
+            out->from_ns = br->until_ns;
+        out->fail_stops = 1;
+        out->kind = SHM_ADMIT_TRIAL;
+    }
+    if (out->kind == SHM_ADMIT_ALL) {
+        out->max_fails = lc->max_fails;
+        out->fail_window_ns = lc->max_fails ? lc->fail_timeout_ns : 0;
+        out->consec = brc->failures;
+    }
+}
+
+int health_admission_equal(const struct shm_admission *a, const struct shm_admission *b)
+{
+    return a->kind == b->kind && a->trials == b->trials && a->need == b->need &&
+           a->fail_stops == b->fail_stops && a->from_ns == b->from_ns &&
+           a->max_fails == b->max_fails && a->consec == b->consec &&
+           a->fail_window_ns == b->fail_window_ns;
 }
 
 uint32_t health_effective_weight(uint32_t weight, enum backend_state st, uint32_t degraded_pct,

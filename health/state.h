@@ -15,31 +15,32 @@ struct health_breaker_cfg {
     uint64_t open_ns;     /* first open period */
     uint64_t open_max_ns; /* the open period doubles on each failed trial, up to this */
     uint32_t successes;   /* trial successes that close it */
+    uint32_t trials;      /* trial requests in flight at once while it is not closed */
 };
 
 struct health_breaker {
     enum breaker_state st;
-    uint64_t until_ns;  /* OPEN: end of the open period */
-    uint64_t open_ns;   /* current open period */
-    uint64_t closed_ns; /* when it last closed: failures before this no longer count */
-    uint64_t ok_base;   /* HALF_OPEN: outcome totals when the trial period began */
-    uint64_t fail_base;
+    uint64_t until_ns; /* OPEN: end of the open period (trials are admitted from then on) */
+    uint64_t open_ns;  /* current open period */
+};
+
+/* What the workers reported for the current admission epoch. */
+struct health_breaker_in {
+    uint32_t consecutive; /* consecutive failures they counted */
+    uint32_t trips;       /* SHM_TRIP_* they set: BREAKER, and PASSED / FAILED of the trials */
 };
 
 void health_breaker_init(struct health_breaker *br, const struct health_breaker_cfg *cfg);
 
-/* Failures count as consecutive from this time: the later of the last success and the
- * breaker's last closing. */
-uint64_t health_breaker_since(const struct health_breaker *br, uint64_t last_ok_ns);
-
-/* One evaluation. consecutive: failures since health_breaker_since(); ok/failed: cumulative
- * outcome totals of the backend. Returns 1 when the state changed. */
+/* One evaluation: CLOSED opens on a BREAKER trip (or the count reaching `failures`); OPEN turns
+ * HALF_OPEN at until_ns; trials that PASSED close it, one that FAILED opens it again for twice
+ * as long. Returns 1 when the state changed. */
 int health_breaker_eval(struct health_breaker *br, const struct health_breaker_cfg *cfg,
-                        uint64_t now_ns, uint32_t consecutive, uint64_t ok, uint64_t failed);
+                        uint64_t now_ns, const struct health_breaker_in *in);
 
 /* Operator command (aigwctl breaker reset|open). Returns 1 when the state changed. */
 int health_breaker_command(struct health_breaker *br, const struct health_breaker_cfg *cfg,
-                           enum breaker_cmd cmd, uint64_t now_ns, uint64_t ok, uint64_t failed);
+                           enum breaker_cmd cmd, uint64_t now_ns);
 
 /* ---- passive detection, DEGRADED, slow start ---------------------------------------------- */
 
@@ -63,6 +64,7 @@ struct health_live_in {
     uint64_t auth_seen;                /* auth_failures already acted on */
     uint64_t check_us;                 /* smoothed active-check duration (0 = none) */
     uint64_t window_ok, window_failed; /* live outcomes over the error-ratio window */
+    uint32_t trips;                    /* SHM_TRIP_* the workers set in the current epoch */
 };
 
 /* Decides the state after one evaluation of live traffic (the active checks' rise/fall is
@@ -70,10 +72,17 @@ struct health_live_in {
 int health_live_eval(const struct health_live_cfg *cfg, const struct health_live_in *in,
                      uint64_t now_ns, enum backend_state *st, enum backend_reason *why);
 
-/* May a worker send a trial request to a backend that is DOWN for a passive reason while
- * checks are off? (after fail_timeout; the trial's success brings it back). */
-int health_live_trial_allowed(const struct health_live_cfg *cfg, enum backend_state st,
-                              enum backend_reason why, uint64_t since_ns, uint64_t now_ns);
+/* What workers may send to a backend (published with its state; they apply it as it is):
+ * UP/DEGRADED with a closed breaker take everything, with the thresholds at which a worker trips
+ * the gate (max_fails within fail_timeout, the breaker's consecutive failures); a breaker not
+ * closed takes `trials` trial requests from until_ns, `successes` of which close it and one
+ * failed reopens it; DOWN for a passive or auth reason with checks off takes one trial at a time
+ * from fail_timeout after it went DOWN, whose success brings it back; any other DOWN takes
+ * nothing. The operator's state and 429 cool-downs are the workers' own to apply. */
+void health_admission(const struct health_live_cfg *lc, const struct health_breaker_cfg *brc,
+                      enum backend_state st, enum backend_reason why, uint64_t since_ns,
+                      const struct health_breaker *br, struct shm_admission *out);
+int health_admission_equal(const struct shm_admission *a, const struct shm_admission *b);
 
 /* Effective weight: DEGRADED scales it to degraded_pct; within slowstart_ns of coming UP it
  * ramps from 1 to full. Never 0 for a configured weight > 0. */

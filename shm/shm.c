@@ -1,12 +1,19 @@
 /* The shared-memory segment: creation, layout and the accessors that are not inline. */
 #include <errno.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "shm/shm.h"
+
+/* This process's copy of a backend's record, and which version of it that is. */
+struct shm_health_cache {
+    uint64_t stamp; /* (copy index << 32 | its sequence) + 1; 0 = none yet */
+    struct shm_health h;
+};
 
 static size_t shm_align(size_t n)
 {
@@ -42,6 +49,12 @@ int shm_create(struct shm *shm, uint32_t n_backends, uint32_t n_workers, uint32_
         close(fd);
         return e;
     }
+    shm->cache = calloc(n_backends ? n_backends : 1, sizeof(*shm->cache));
+    if (!shm->cache) {
+        munmap(base, size);
+        close(fd);
+        return -ENOMEM;
+    }
     /* ftruncate gives zeroed pages: every state starts at 0 (UP, READY, REASON_NONE). */
     hdr = base;
     hdr->magic = SHM_MAGIC;
@@ -73,44 +86,285 @@ void shm_destroy(struct shm *shm)
         munmap(shm->base, shm->size);
     if (shm->fd >= 0)
         close(shm->fd);
+    free(shm->cache);
     memset(shm, 0, sizeof(*shm));
     shm->fd = -1;
 }
 
-int shm_backend_eligible(const struct shm *shm, uint32_t b)
+/* ---- the published record ------------------------------------------------------------------ */
+
+static int epoch_before(uint32_t a, uint32_t b)
+{
+    return (int32_t)(a - b) < 0;
+}
+
+/* The record of b in use, whole, from this process's copy, which is refreshed when the record
+ * changed: a copy whose sequence counter moved while it was read (the checker rewrote it after
+ * switching away from it) is read again from the one now in use. */
+static const struct shm_health *health_get(const struct shm *shm, uint32_t b)
+{
+    const struct shm_backend *be = shm_backend(shm, b);
+    struct shm_health_cache *c = &shm->cache[b];
+    uint64_t w[SHM_HEALTH_WORDS];
+
+    for (uint32_t tries = 0;; tries++) {
+        uint32_t i = atomic_load_explicit(&be->cur, memory_order_acquire) & 1;
+        const struct shm_health_rec *r = &be->rec[i];
+        uint32_t s = atomic_load_explicit(&r->seq, memory_order_acquire);
+        uint64_t stamp = ((uint64_t)i << 32 | s) + 1;
+
+        /* The copy in use is never written; should it stay odd all the same (a segment
+         * scribbled on), the last whole copy read is better than a frozen process. */
+        if (tries >= (1u << 20) && c->stamp)
+            return &c->h;
+        if (s & 1)
+            continue;
+        if (stamp == c->stamp)
+            return &c->h;
+        for (size_t k = 0; k < SHM_HEALTH_WORDS; k++)
+            w[k] = atomic_load_explicit(&r->w[k], memory_order_relaxed);
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&r->seq, memory_order_relaxed) == s) {
+            memcpy(&c->h, w, sizeof(c->h));
+            c->stamp = stamp;
+            return &c->h;
+        }
+    }
+}
+
+/* One writer (the health checker; the master before forking): writes the copy not in use and
+ * then switches readers to it. A writer that dies mid-write leaves that copy odd and unused; the
+ * next writer evens its counter out first. */
+static void health_write(struct shm_backend *be, const struct shm_health *h)
+{
+    uint64_t w[SHM_HEALTH_WORDS] = {0};
+    uint32_t i = (atomic_load_explicit(&be->cur, memory_order_relaxed) & 1) ^ 1;
+    struct shm_health_rec *r = &be->rec[i];
+    uint32_t s = atomic_load_explicit(&r->seq, memory_order_relaxed);
+
+    s += s & 1;
+    memcpy(w, h, sizeof(*h));
+    atomic_store_explicit(&r->seq, s + 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    for (size_t k = 0; k < SHM_HEALTH_WORDS; k++)
+        atomic_store_explicit(&r->w[k], w[k], memory_order_relaxed);
+    atomic_store_explicit(&r->seq, s + 2, memory_order_release);
+    atomic_store_explicit(&be->cur, i, memory_order_release);
+}
+
+/* The value of an epoch-tagged claim word for epoch e (0 when its tag is another epoch's). */
+static uint32_t epoch_value(uint64_t word, uint32_t e)
+{
+    return (uint32_t)(word >> 32) == e ? (uint32_t)word : 0;
+}
+
+void shm_backend_view(const struct shm *shm, uint32_t b, struct shm_backend_view *v)
 {
     const struct shm_backend *be = shm_backend(shm, b);
 
-    uint32_t st = atomic_load_explicit(&be->state, memory_order_acquire);
+    v->h = health_get(shm, b);
+    v->admin = (enum backend_admin)atomic_load_explicit(&be->admin, memory_order_acquire);
+    v->weight_cfg = atomic_load_explicit(&be->weight_cfg, memory_order_relaxed);
+    v->breaker_cmd_done = atomic_load_explicit(&be->breaker_cmd_done, memory_order_acquire);
+    v->trips =
+        epoch_value(atomic_load_explicit(&be->claim.gate, memory_order_acquire), v->h->epoch);
+    v->consec =
+        epoch_value(atomic_load_explicit(&be->claim.consec, memory_order_relaxed), v->h->epoch);
+    v->trial_ok =
+        epoch_value(atomic_load_explicit(&be->claim.trial_ok, memory_order_relaxed), v->h->epoch);
+}
 
-    return (st == BACKEND_UP || st == BACKEND_DEGRADED) &&
-           atomic_load_explicit(&be->admin, memory_order_acquire) == BACKEND_READY &&
-           atomic_load_explicit(&be->weight_eff, memory_order_relaxed) > 0;
+enum shm_admit shm_admit(const struct shm_backend_view *v, uint64_t now_ns, uint32_t *trials)
+{
+    const struct shm_admission *a = &v->h->adm;
+
+    if (v->admin != BACKEND_READY || (v->trips & SHM_TRIP_STOP))
+        return SHM_ADMIT_NONE;
+    switch (a->kind) {
+    case SHM_ADMIT_ALL:
+        return SHM_ADMIT_ALL;
+    case SHM_ADMIT_TRIAL:
+        if (v->trips & SHM_TRIP_PASSED)
+            return SHM_ADMIT_ALL;
+        if (now_ns < a->from_ns)
+            return SHM_ADMIT_NONE;
+        *trials = a->trials ? a->trials : 1;
+        return SHM_ADMIT_TRIAL;
+    case SHM_ADMIT_NONE:
+        break;
+    }
+    return SHM_ADMIT_NONE;
+}
+
+void shm_backend_publish(struct shm *shm, uint32_t b, struct shm_health *h, int new_epoch)
+{
+    uint32_t epoch = health_get(shm, b)->epoch;
+
+    /* The epoch lives in the record: a restarted checker goes on from the last one. */
+    h->epoch = new_epoch ? epoch + 1 : epoch;
+    health_write(shm_backend(shm, b), h);
+}
+
+void shm_backend_init(struct shm *shm, uint32_t b, uint32_t weight, uint32_t max_conns)
+{
+    struct shm_backend *be = shm_backend(shm, b);
+    struct shm_health h;
+
+    atomic_store_explicit(&be->weight_cfg, weight, memory_order_relaxed);
+    atomic_store_explicit(&be->max_conns, max_conns, memory_order_relaxed);
+    atomic_store_explicit(&be->admin, BACKEND_READY, memory_order_release);
+    h = *health_get(shm, b);
+    h.weight_eff = weight;
+    shm_backend_publish(shm, b, &h, 0);
+}
+
+enum backend_admin shm_backend_set_admin(struct shm *shm, uint32_t b, enum backend_admin a)
+{
+    return (enum backend_admin)atomic_exchange_explicit(&shm_backend(shm, b)->admin, (uint32_t)a,
+                                                        memory_order_acq_rel);
 }
 
 void shm_backend_set_state(struct shm *shm, uint32_t b, enum backend_state st,
                            enum backend_reason why, uint64_t now_ns)
 {
-    struct shm_backend *be = shm_backend(shm, b);
+    struct shm_health h = *health_get(shm, b);
 
-    atomic_store_explicit(&be->reason, (uint32_t)why, memory_order_relaxed);
-    atomic_store_explicit(&be->since_ns, now_ns, memory_order_relaxed);
-    atomic_store_explicit(&be->transitions,
-                          atomic_load_explicit(&be->transitions, memory_order_relaxed) + 1,
-                          memory_order_relaxed);
-    /* Release: a reader that sees the new state also sees its reason and time. */
-    atomic_store_explicit(&be->state, (uint32_t)st, memory_order_release);
+    h.state = st;
+    h.reason = why;
+    h.since_ns = now_ns;
+    h.transitions++;
+    shm_backend_publish(shm, b, &h, 0);
+}
+
+void shm_backend_set_breaker(struct shm *shm, uint32_t b, enum breaker_state st, uint64_t until_ns,
+                             uint64_t open_ns)
+{
+    struct shm_health h = *health_get(shm, b);
+
+    h.breaker = st;
+    h.breaker_until_ns = until_ns;
+    h.breaker_open_ns = open_ns;
+    shm_backend_publish(shm, b, &h, 0);
 }
 
 void shm_backend_set_check(struct shm *shm, uint32_t b, int32_t status, uint32_t dur_us,
                            uint64_t now_ns)
 {
-    struct shm_backend *be = shm_backend(shm, b);
+    struct shm_health h = *health_get(shm, b);
 
-    atomic_store_explicit(&be->check_status, status, memory_order_relaxed);
-    atomic_store_explicit(&be->check_us, dur_us, memory_order_relaxed);
-    atomic_store_explicit(&be->check_at_ns, now_ns, memory_order_release);
+    h.check_status = status;
+    h.check_us = dur_us;
+    h.check_at_ns = now_ns;
+    shm_backend_publish(shm, b, &h, 0);
 }
+
+void shm_backend_set_weight(struct shm *shm, uint32_t b, uint32_t weight_eff)
+{
+    struct shm_health h = *health_get(shm, b);
+
+    h.weight_eff = weight_eff;
+    shm_backend_publish(shm, b, &h, 0);
+}
+
+/* ---- gate and epoch-tagged counts ------------------------------------------------------------ */
+
+/* One more in the epoch-tagged count *c for epoch e: a tag of an older epoch starts it from
+ * zero; a newer one means e is over (0 is returned). Returns the count with this one. */
+static uint32_t epoch_count_inc(_Atomic uint64_t *c, uint32_t e)
+{
+    uint64_t old = atomic_load_explicit(c, memory_order_relaxed), nv;
+
+    do {
+        uint32_t tag = (uint32_t)(old >> 32);
+
+        if (tag == e)
+            nv = (uint32_t)old == UINT32_MAX ? old : old + 1;
+        else if (epoch_before(tag, e))
+            nv = (uint64_t)e << 32 | 1;
+        else
+            return 0;
+    } while (!atomic_compare_exchange_weak_explicit(c, &old, nv, memory_order_acq_rel,
+                                                    memory_order_relaxed));
+    return (uint32_t)nv;
+}
+
+/* Sets `bits` in the gate for epoch e. excl: not once PASSED or FAILED is set (the first of
+ * them ends the trial period). Returns 1 when this call set something. */
+static int gate_trip(_Atomic uint64_t *g, uint32_t e, uint32_t bits, int excl)
+{
+    uint64_t old = atomic_load_explicit(g, memory_order_relaxed), nv;
+
+    do {
+        uint32_t tag = (uint32_t)(old >> 32), cur = (uint32_t)old;
+
+        if (tag == e) {
+            if ((cur & bits) == bits || (excl && (cur & (SHM_TRIP_PASSED | SHM_TRIP_FAILED))))
+                return 0;
+            nv = old | bits;
+        } else if (epoch_before(tag, e)) {
+            nv = (uint64_t)e << 32 | bits;
+        } else {
+            return 0;
+        }
+    } while (!atomic_compare_exchange_weak_explicit(g, &old, nv, memory_order_acq_rel,
+                                                    memory_order_relaxed));
+    return 1;
+}
+
+/* A failure was just recorded: does it bring b to a threshold of its ALL admission? Each count
+ * goes on once its trip is set (a backend stopped for max_fails still has its breaker's run of
+ * failures); only the ring scan is skipped then. */
+static void fail_trip(struct shm *shm, uint32_t b, uint64_t now_ns)
+{
+    struct shm_backend *be = shm_backend(shm, b);
+    const struct shm_health *h = health_get(shm, b);
+    const struct shm_admission *a = &h->adm;
+    uint32_t bits = 0, set;
+
+    if (a->kind != SHM_ADMIT_ALL)
+        return;
+    set = epoch_value(atomic_load_explicit(&be->claim.gate, memory_order_relaxed), h->epoch);
+    if (a->consec && epoch_count_inc(&be->claim.consec, h->epoch) >= a->consec)
+        bits |= SHM_TRIP_BREAKER;
+    if (a->max_fails && !(set & SHM_TRIP_PASSIVE)) {
+        uint64_t from = now_ns > a->fail_window_ns ? now_ns - a->fail_window_ns : 0;
+
+        if (from < h->since_ns)
+            from = h->since_ns;
+        if (shm_backend_failures_since(shm, b, from) >= a->max_fails)
+            bits |= SHM_TRIP_PASSIVE;
+    }
+    if (bits & ~set)
+        gate_trip(&be->claim.gate, h->epoch, bits, 0);
+}
+
+void shm_wb_record_auth(struct shm *shm, uint32_t w, uint32_t b)
+{
+    const struct shm_health *h = health_get(shm, b);
+
+    shm_counter_add(&shm_wb(shm, w, b)->auth_failures, 1);
+    if (h->adm.kind == SHM_ADMIT_ALL)
+        gate_trip(&shm_backend(shm, b)->claim.gate, h->epoch, SHM_TRIP_AUTH, 0);
+}
+
+void shm_trial_outcome(struct shm *shm, uint32_t b, uint32_t epoch, int ok)
+{
+    struct shm_backend *be = shm_backend(shm, b);
+    const struct shm_health *h = health_get(shm, b);
+
+    if (h->epoch != epoch || h->adm.kind != SHM_ADMIT_TRIAL)
+        return;
+    if (ok) {
+        uint32_t n = epoch_count_inc(&be->claim.trial_ok, epoch);
+
+        if (n && n >= (h->adm.need ? h->adm.need : 1))
+            gate_trip(&be->claim.gate, epoch, SHM_TRIP_PASSED, 1);
+    } else if (h->adm.fail_stops) {
+        gate_trip(&be->claim.gate, epoch, SHM_TRIP_FAILED, 1);
+    }
+}
+
+/* ---- counters ---------------------------------------------------------------------------- */
 
 void shm_backend_totals(const struct shm *shm, uint32_t b, struct shm_backend_totals *t)
 {
@@ -125,6 +379,7 @@ void shm_backend_totals(const struct shm *shm, uint32_t b, struct shm_backend_to
         t->failures += atomic_load_explicit(&wb->failures, memory_order_relaxed);
         t->bytes_in += atomic_load_explicit(&wb->bytes_in, memory_order_relaxed);
         t->bytes_out += atomic_load_explicit(&wb->bytes_out, memory_order_relaxed);
+        t->retries += atomic_load_explicit(&wb->retries, memory_order_relaxed);
     }
 }
 
@@ -133,12 +388,20 @@ void shm_worker_reset(struct shm *shm, uint32_t w)
     struct shm_worker *sw = shm_worker(shm, w);
     uint32_t b;
 
-    /* The dead worker's in-flight requests are gone with it: without this its share of
-     * active connections would stay counted for ever. */
-    for (b = 0; b < shm->hdr->n_backends; b++)
-        atomic_store_explicit(&shm_wb(shm, w, b)->active, 0, memory_order_relaxed);
-    for (b = 0; b < shm->hdr->n_backends; b++)
-        atomic_store_explicit(&shm_wb(shm, w, b)->trials, 0, memory_order_seq_cst);
+    /* The dead worker's in-flight requests are gone with it: its shares are zeroed (under its
+     * claim counter, which it may have left odd), and the shared counts follow them. */
+    for (b = 0; b < shm->hdr->n_backends; b++) {
+        struct shm_wb *wb = shm_wb(shm, w, b);
+        uint32_t q = atomic_load_explicit(&wb->claim_seq, memory_order_relaxed);
+
+        q += q & 1;
+        atomic_store_explicit(&wb->claim_seq, q + 1, memory_order_relaxed);
+        atomic_thread_fence(memory_order_release);
+        atomic_store_explicit(&wb->active, 0, memory_order_relaxed);
+        atomic_store_explicit(&wb->trials, 0, memory_order_relaxed);
+        atomic_store_explicit(&wb->claim_seq, q + 2, memory_order_release);
+        shm_claims_repair(shm, b);
+    }
     atomic_store_explicit(&sw->conns, 0, memory_order_relaxed);
     atomic_store_explicit(&sw->pid, 0, memory_order_relaxed);
 }
@@ -203,6 +466,17 @@ void shm_wb_record_ok(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns, 
     }
     shm_counter_add(&wb->ok, 1);
     atomic_store_explicit(&wb->last_ok_ns, now_ns, memory_order_release);
+    /* The run of consecutive failures is over. Read first: a healthy backend's success costs no
+     * write to the shared line. */
+    {
+        _Atomic uint64_t *c = &shm_backend(shm, b)->claim.consec;
+        uint64_t v = atomic_load_explicit(c, memory_order_relaxed);
+
+        while ((uint32_t)v &&
+               !atomic_compare_exchange_weak_explicit(c, &v, v & ~(uint64_t)UINT32_MAX,
+                                                      memory_order_acq_rel, memory_order_relaxed))
+            ;
+    }
 }
 
 void shm_wb_record_fail(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns)
@@ -220,6 +494,10 @@ void shm_wb_record_fail(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns
     atomic_store_explicit(&wb->ewma_ns, e < 60 * SHM_EWMA_FAIL_NS ? e : 60 * SHM_EWMA_FAIL_NS,
                           memory_order_relaxed);
     atomic_store_explicit(&wb->ewma_at_ns, now_ns, memory_order_relaxed);
+    /* This failure is in the ring before the count: of two workers recording the last two
+     * failures at once, at least one counts both. */
+    atomic_thread_fence(memory_order_seq_cst);
+    fail_trip(shm, b, now_ns);
 }
 
 uint32_t shm_backend_failures_since(const struct shm *shm, uint32_t b, uint64_t since_ns)
@@ -265,6 +543,23 @@ uint64_t shm_backend_cool_until(const struct shm *shm, uint32_t b)
             m = t;
     }
     return m;
+}
+
+void shm_backend_load(const struct shm *shm, uint32_t b, int32_t *active, uint64_t *cool_until)
+{
+    int32_t a = 0;
+    uint64_t m = 0;
+
+    for (uint32_t w = 0; w < shm->hdr->n_workers; w++) {
+        const struct shm_wb *wb = shm_wb(shm, w, b);
+        uint64_t t = atomic_load_explicit(&wb->cool_until_ns, memory_order_relaxed);
+
+        a += atomic_load_explicit(&wb->active, memory_order_relaxed);
+        if (t > m)
+            m = t;
+    }
+    *active = a;
+    *cool_until = m;
 }
 
 uint64_t shm_backend_ewma(const struct shm *shm, uint32_t b, uint64_t now_ns)
@@ -342,98 +637,155 @@ void shm_backend_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint6
     }
 }
 
-void shm_wb_trial_outcome(struct shm *shm, uint32_t w, uint32_t b, int ok)
+uint64_t shm_backend_auth_failures(const struct shm *shm, uint32_t b)
 {
-    struct shm_wb *wb = shm_wb(shm, w, b);
-
-    shm_counter_add(ok ? &wb->trial_ok : &wb->trial_failed, 1);
-}
-
-void shm_backend_trial_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint64_t *failed)
-{
-    *ok = *failed = 0;
-    for (uint32_t w = 0; w < shm->hdr->n_workers; w++) {
-        *ok += atomic_load_explicit(&shm_wb(shm, w, b)->trial_ok, memory_order_relaxed);
-        *failed += atomic_load_explicit(&shm_wb(shm, w, b)->trial_failed, memory_order_relaxed);
-    }
-}
-
-/* The per-worker gauge at byte offset `off` of a (worker, backend) record. */
-static _Atomic int32_t *wb_gauge(const struct shm *shm, uint32_t w, uint32_t b, size_t off)
-{
-    return (_Atomic int32_t *)((char *)shm_wb(shm, w, b) + off);
-}
-
-static int64_t gauge_sum(const struct shm *shm, uint32_t b, size_t off)
-{
-    int64_t n = 0;
+    uint64_t n = 0;
 
     for (uint32_t w = 0; w < shm->hdr->n_workers; w++)
-        n += atomic_load_explicit(wb_gauge(shm, w, b, off), memory_order_seq_cst);
+        n += atomic_load_explicit(&shm_wb(shm, w, b)->auth_failures, memory_order_relaxed);
     return n;
 }
 
-/* Worker w counts itself in the gauge first and then sums every worker's: of two workers
- * racing for the last place, at least one sees the other's claim (sequentially consistent
- * store then loads), so together they never go over the limit. A refused claim is undone. */
-static int gauge_claim(struct shm *shm, uint32_t w, uint32_t b, size_t off, int64_t limit)
+/* ---- in-flight claims ---------------------------------------------------------------------- */
+
+/* Takes one unit of the shared count under `limit` (< 0: none) by compare-and-swap, so that
+ * racing workers are admitted in turn and exactly as many as fit get in, and counts it in the
+ * worker's own share `mine`. The worker's claim counter is odd in between. */
+static int claim_take(struct shm_wb *wb, _Atomic int32_t *mine, _Atomic int32_t *shared,
+                      int32_t limit)
 {
-    _Atomic int32_t *mine = wb_gauge(shm, w, b, off);
+    uint32_t q = atomic_load_explicit(&wb->claim_seq, memory_order_relaxed);
+    int32_t n = atomic_load_explicit(shared, memory_order_relaxed);
+
+    if (limit >= 0 && n >= limit)
+        return 0;
+    atomic_store_explicit(&wb->claim_seq, q + 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    do {
+        if (limit >= 0 && n >= limit) {
+            atomic_store_explicit(&wb->claim_seq, q + 2, memory_order_release);
+            return 0;
+        }
+    } while (!atomic_compare_exchange_weak_explicit(shared, &n, n + 1, memory_order_acq_rel,
+                                                    memory_order_relaxed));
+    atomic_store_explicit(mine, atomic_load_explicit(mine, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+    atomic_store_explicit(&wb->claim_seq, q + 2, memory_order_release);
+    return 1;
+}
+
+static void claim_give(struct shm_wb *wb, _Atomic int32_t *mine, _Atomic int32_t *shared)
+{
+    uint32_t q = atomic_load_explicit(&wb->claim_seq, memory_order_relaxed);
     int32_t cur = atomic_load_explicit(mine, memory_order_relaxed);
 
-    atomic_store_explicit(mine, cur + 1, memory_order_seq_cst);
-    if (gauge_sum(shm, b, off) <= limit)
-        return 1;
-    atomic_store_explicit(mine, cur, memory_order_seq_cst);
-    return 0;
+    if (cur <= 0)
+        return;
+    atomic_store_explicit(&wb->claim_seq, q + 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    atomic_fetch_sub_explicit(shared, 1, memory_order_acq_rel);
+    atomic_store_explicit(mine, cur - 1, memory_order_relaxed);
+    atomic_store_explicit(&wb->claim_seq, q + 2, memory_order_release);
 }
 
 int32_t shm_trials_in_flight(const struct shm *shm, uint32_t b)
 {
-    return (int32_t)gauge_sum(shm, b, offsetof(struct shm_wb, trials));
+    return atomic_load_explicit(&shm_backend(shm, b)->inflight.trials, memory_order_relaxed);
 }
 
 int shm_trial_acquire(struct shm *shm, uint32_t w, uint32_t b, int32_t limit)
 {
-    return gauge_claim(shm, w, b, offsetof(struct shm_wb, trials), limit);
-}
+    struct shm_wb *wb = shm_wb(shm, w, b);
 
-int shm_active_acquire(struct shm *shm, uint32_t w, uint32_t b, uint32_t limit)
-{
-    if (limit == 0) {
-        shm_gauge_add(&shm_wb(shm, w, b)->active, 1);
-        return 1;
-    }
-    return gauge_claim(shm, w, b, offsetof(struct shm_wb, active), limit);
+    return claim_take(wb, &wb->trials, &shm_backend(shm, b)->inflight.trials,
+                      limit > 0 ? limit : 0);
 }
 
 void shm_trial_release(struct shm *shm, uint32_t w, uint32_t b)
 {
-    _Atomic int32_t *mine = &shm_wb(shm, w, b)->trials;
-    int32_t cur = atomic_load_explicit(mine, memory_order_relaxed);
+    struct shm_wb *wb = shm_wb(shm, w, b);
 
-    if (cur > 0)
-        atomic_store_explicit(mine, cur - 1, memory_order_seq_cst);
+    claim_give(wb, &wb->trials, &shm_backend(shm, b)->inflight.trials);
 }
 
-void shm_backend_set_breaker(struct shm *shm, uint32_t b, enum breaker_state st, uint64_t until_ns,
-                             uint64_t open_ns)
+int shm_active_acquire(struct shm *shm, uint32_t w, uint32_t b)
 {
     struct shm_backend *be = shm_backend(shm, b);
+    struct shm_wb *wb = shm_wb(shm, w, b);
+    uint32_t limit = atomic_load_explicit(&be->max_conns, memory_order_relaxed);
 
-    atomic_store_explicit(&be->breaker_until_ns, until_ns, memory_order_relaxed);
-    atomic_store_explicit(&be->breaker_open_ns, open_ns, memory_order_relaxed);
-    atomic_store_explicit(&be->breaker, (uint32_t)st, memory_order_release);
+    if (limit == 0) {
+        shm_gauge_add(&wb->active, 1);
+        return 1;
+    }
+    return claim_take(wb, &wb->active, &be->inflight.active,
+                      limit > INT32_MAX ? INT32_MAX : (int32_t)limit);
 }
 
-void shm_backend_breaker_cmd(struct shm *shm, uint32_t b, enum breaker_cmd cmd)
+void shm_active_release(struct shm *shm, uint32_t w, uint32_t b)
 {
     struct shm_backend *be = shm_backend(shm, b);
+    struct shm_wb *wb = shm_wb(shm, w, b);
+
+    if (atomic_load_explicit(&be->max_conns, memory_order_relaxed) == 0) {
+        if (atomic_load_explicit(&wb->active, memory_order_relaxed) > 0)
+            shm_gauge_add(&wb->active, -1);
+        return;
+    }
+    claim_give(wb, &wb->active, &be->inflight.active);
+}
+
+/* A snapshot of the shared counts and the workers' shares, settled when every worker's claim
+ * counter was even and the same before and after it (a seqlock read per worker). A settled
+ * snapshot with the two apart is what a death left behind: the shared count is set to the sum
+ * by compare-and-swap, so a claim made since (which changes the shared count) wins over it. */
+int shm_claims_repair(struct shm *shm, uint32_t b)
+{
+    struct shm_backend *be = shm_backend(shm, b);
+    uint32_t n = shm->hdr->n_workers;
+    int64_t active = 0, trials = 0;
+    uint64_t before = 0, after = 0;
+    int32_t sa, st;
+    int changed = 0;
+
+    /* Claim counters only grow: the same sum after as before means none moved. */
+    for (uint32_t w = 0; w < n; w++) {
+        uint32_t q = atomic_load_explicit(&shm_wb(shm, w, b)->claim_seq, memory_order_acquire);
+
+        if (q & 1)
+            return 0;
+        before += q;
+    }
+    sa = atomic_load_explicit(&be->inflight.active, memory_order_relaxed);
+    st = atomic_load_explicit(&be->inflight.trials, memory_order_relaxed);
+    for (uint32_t w = 0; w < n; w++) {
+        const struct shm_wb *wb = shm_wb(shm, w, b);
+
+        active += atomic_load_explicit(&wb->active, memory_order_relaxed);
+        trials += atomic_load_explicit(&wb->trials, memory_order_relaxed);
+    }
+    atomic_thread_fence(memory_order_acquire);
+    for (uint32_t w = 0; w < n; w++)
+        after += atomic_load_explicit(&shm_wb(shm, w, b)->claim_seq, memory_order_relaxed);
+    if (after != before)
+        return 0;
+    if (atomic_load_explicit(&be->max_conns, memory_order_relaxed) && sa != active)
+        changed |= atomic_compare_exchange_strong_explicit(
+            &be->inflight.active, &sa, (int32_t)active, memory_order_acq_rel, memory_order_relaxed);
+    if (st != trials)
+        changed |= atomic_compare_exchange_strong_explicit(
+            &be->inflight.trials, &st, (int32_t)trials, memory_order_acq_rel, memory_order_relaxed);
+    return changed;
+}
+
+uint32_t shm_backend_breaker_cmd(struct shm *shm, uint32_t b, enum breaker_cmd cmd)
+{
+    struct shm_backend *be = shm_backend(shm, b);
+    uint32_t seq = atomic_load_explicit(&be->breaker_cmd_seq, memory_order_relaxed) + 1;
 
     atomic_store_explicit(&be->breaker_cmd, (uint32_t)cmd, memory_order_relaxed);
-    atomic_store_explicit(&be->breaker_cmd_seq,
-                          atomic_load_explicit(&be->breaker_cmd_seq, memory_order_relaxed) + 1,
-                          memory_order_release);
+    atomic_store_explicit(&be->breaker_cmd_seq, seq, memory_order_release);
+    return seq;
 }
 
 enum breaker_cmd shm_backend_breaker_cmd_take(struct shm *shm, uint32_t b)

@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #define SHM_MAGIC          0x31304d5357474941ULL /* "AIGWSM01" little-endian */
-#define SHM_LAYOUT_VERSION 1
+#define SHM_LAYOUT_VERSION 2
 #define SHM_CACHELINE      64
 
 /* Health state, written only by the health checker. */
@@ -62,27 +62,97 @@ enum breaker_cmd {
 #define SHM_FAIL_RING   32 /* failure times kept per (worker, backend) */
 #define SHM_BUDGET_SECS 10 /* retry budget window: one-second buckets */
 
+/* What a worker may send to a backend: the health checker's decision, published with the
+ * backend's state (struct shm_admission), which workers apply as it is. ALL is 0 so that a
+ * fresh segment admits everything, as it says UP. */
+enum shm_admit {
+    SHM_ADMIT_ALL = 0,
+    SHM_ADMIT_TRIAL = 1, /* trial requests only, a few in flight at once */
+    SHM_ADMIT_NONE = 2,
+};
+
+/* Trips: a worker whose outcome brings a backend to a threshold the checker published sets one
+ * of these in the backend's gate, for the admission epoch it applies. Every worker obeys the
+ * gate at its next pick; the checker turns the trip into the state change on its next
+ * evaluation and publishes a new epoch, which leaves the old gate behind. */
+#define SHM_TRIP_PASSIVE 0x01u /* ALL: max_fails failures within the failure window */
+#define SHM_TRIP_BREAKER 0x02u /* ALL: `consec` consecutive failures */
+#define SHM_TRIP_AUTH    0x04u /* ALL: the upstream answered 401/403 */
+#define SHM_TRIP_PASSED  0x08u /* TRIAL: `need` trial successes: admit everything */
+#define SHM_TRIP_FAILED  0x10u /* TRIAL: a trial failed where that ends the trials (breaker) */
+#define SHM_TRIP_STOP    (SHM_TRIP_PASSIVE | SHM_TRIP_BREAKER | SHM_TRIP_AUTH | SHM_TRIP_FAILED)
+
+/* The checker's admission decision for a backend (see enum shm_admit). Zero-initialise it. */
+struct shm_admission {
+    enum shm_admit kind;
+    uint32_t trials;     /* TRIAL: in flight at once over all workers */
+    uint32_t need;       /* TRIAL: successes of this epoch's trials that trip PASSED */
+    uint32_t fail_stops; /* TRIAL: a failed trial trips FAILED (breaker); else trials go on */
+    uint64_t from_ns;    /* TRIAL: nothing is admitted before this time */
+    /* ALL: the thresholds at which a worker trips the gate; 0 = off */
+    uint32_t max_fails;      /* failures within fail_window_ns, after the last state change */
+    uint32_t consec;         /* consecutive failures */
+    uint64_t fail_window_ns; /* fail_timeout */
+};
+
+/* Everything the health checker publishes of a backend: written as one record, read as one
+ * (shm_backend_publish, shm_backend_view), so a reader never sees a state with another
+ * state's reason, time, weight or admission. */
+struct shm_health {
+    enum backend_state state;
+    enum backend_reason reason; /* of the last state change */
+    uint64_t since_ns;          /* monotonic time of the last state change (0 = none) */
+    uint64_t transitions;       /* state changes so far */
+    uint32_t weight_eff;        /* weight the balancer uses */
+    enum breaker_state breaker;
+    uint64_t breaker_until_ns; /* OPEN: when it turns half-open */
+    uint64_t breaker_open_ns;  /* length of the current/last open period */
+    int32_t check_status;      /* last check: HTTP status, or -errno (-ETIMEDOUT...) */
+    uint32_t check_us;         /* last check duration, microseconds */
+    uint64_t check_at_ns;      /* monotonic time of the last check, 0 = never */
+    uint64_t ewma_check_us;    /* smoothed duration of passing checks */
+    struct shm_admission adm;
+    uint32_t epoch; /* admission epoch: trips and trial successes count within one */
+    uint32_t pad_;
+};
+
+#define SHM_HEALTH_WORDS ((sizeof(struct shm_health) + 7) / 8)
+
+/* One copy of the published record; seq is odd while it is being written. */
+struct shm_health_rec {
+    _Atomic uint32_t seq;
+    uint32_t pad_;
+    _Atomic uint64_t w[SHM_HEALTH_WORDS];
+};
+
 /* One per backend, indexed like conf.backends. */
 struct shm_backend {
-    _Atomic uint32_t state;       /* enum backend_state; writer: health */
-    _Atomic uint32_t reason;      /* enum backend_reason of the last change; writer: health */
-    _Atomic uint32_t admin;       /* enum backend_admin; writer: master */
-    _Atomic uint32_t weight_cfg;  /* configured weight; writer: master */
-    _Atomic uint32_t weight_eff;  /* weight the balancer uses; writer: health */
-    _Atomic int32_t check_status; /* last check: HTTP status, or -errno (-ETIMEDOUT...) */
-    _Atomic uint32_t check_us;    /* last check duration, microseconds */
-    _Atomic uint64_t check_at_ns; /* monotonic time of the last check, 0 = never */
-    _Atomic uint64_t since_ns;    /* monotonic time of the last state change */
-    _Atomic uint64_t transitions; /* state changes so far */
-    /* circuit breaker; writer: health */
-    _Atomic uint32_t breaker;          /* enum breaker_state */
+    /* writer: health. It writes the copy not in use, then points `cur` at it: a checker
+     * that dies mid-write leaves readers the last whole record, never a stuck counter. */
+    _Atomic uint32_t cur;
     _Atomic uint32_t breaker_cmd_done; /* last breaker_cmd_seq carried out */
-    _Atomic uint64_t breaker_until_ns; /* OPEN: when it turns half-open */
-    _Atomic uint64_t breaker_open_ns;  /* length of the current/last open period */
-    _Atomic uint64_t ewma_check_us;    /* smoothed active-check duration; writer: health */
-    /* operator requests; writer: master */
+    struct shm_health_rec rec[2];
+    /* writer: master */
+    _Atomic uint32_t admin;           /* enum backend_admin */
+    _Atomic uint32_t weight_cfg;      /* configured weight */
+    _Atomic uint32_t max_conns;       /* in-flight limit over all workers, 0 = none (at start) */
     _Atomic uint32_t breaker_cmd;     /* enum breaker_cmd */
     _Atomic uint32_t breaker_cmd_seq; /* bumped with each command */
+    /* Claims: every worker changes these by atomic read-modify-write, each on its own line.
+     * The epoch-tagged words hold (epoch << 32 | value) and count only within the epoch of
+     * their tag: a newer epoch starts them afresh, so nobody ever has to reset them. */
+    struct {
+        _Atomic uint64_t gate;     /* SHM_TRIP_* bits */
+        _Atomic uint64_t consec;   /* consecutive failures */
+        _Atomic uint64_t trial_ok; /* successes of the epoch's trials */
+    } __attribute__((aligned(SHM_CACHELINE))) claim;
+    /* In-flight claims over all workers: one compare-and-swap under the limit admits exactly
+     * as many as fit. Each worker also counts its own share in its shm_wb (the truth a dead
+     * worker's claims are given back from: see shm_claims_repair). */
+    struct {
+        _Atomic int32_t active; /* only kept for a backend with max_conns */
+        _Atomic int32_t trials;
+    } __attribute__((aligned(SHM_CACHELINE))) inflight;
 } __attribute__((aligned(SHM_CACHELINE)));
 
 /* Per-(worker, backend) counters; writer: that worker only. */
@@ -98,16 +168,18 @@ struct shm_wb {
     _Atomic uint64_t last_ok_ns;    /* time of the last success */
     _Atomic uint64_t cool_until_ns; /* 429: no requests before this time */
     _Atomic uint64_t ewma_ns;       /* peak-EWMA of response-head latency */
-    _Atomic int32_t trials;         /* breaker/passive trial requests in flight */
+    _Atomic int32_t trials;         /* trial requests in flight to this backend */
     _Atomic uint32_t fail_pos;      /* next slot of fail_ring */
     _Atomic uint64_t fail_ring[SHM_FAIL_RING]; /* times of the latest failures */
     /* retry budget: requests and retries of this worker to this backend per second */
     _Atomic uint64_t bkt_sec[SHM_BUDGET_SECS]; /* the second (+1) a bucket counts; 0 = unused */
     _Atomic uint32_t bkt_req[SHM_BUDGET_SECS];
     _Atomic uint32_t bkt_retry[SHM_BUDGET_SECS];
-    _Atomic uint64_t ewma_at_ns;   /* when ewma_ns was last updated */
-    _Atomic uint64_t trial_ok;     /* outcomes of the trials this worker was admitted to */
-    _Atomic uint64_t trial_failed; /* (half-open breaker): the breaker judges these alone */
+    _Atomic uint64_t ewma_at_ns; /* when ewma_ns was last updated */
+    /* Odd while this worker changes the backend's shared in-flight claims together with its
+     * own `active` / `trials`: a snapshot taken while every one is even and unchanged is
+     * settled (shm_claims_repair). */
+    _Atomic uint32_t claim_seq;
 } __attribute__((aligned(SHM_CACHELINE)));
 
 /* Per-worker slot header; writer: that worker (pid etc. by the master before fork). */
@@ -130,12 +202,17 @@ struct shm_header {
     uint64_t created_ns; /* monotonic time of creation: every counter was 0 then */
 };
 
+struct shm_health_cache;
+
 /* Process-local handle to a mapped segment. */
 struct shm {
     void *base;
     size_t size;
     int fd;
     struct shm_header *hdr;
+    /* this process's copies of the backends' records (forked children get their own), so a
+     * reader copies a record only when it changed */
+    struct shm_health_cache *cache;
 };
 
 /* Creates and maps a zeroed segment (memfd + MAP_SHARED) that forked children inherit.
@@ -182,20 +259,63 @@ static inline void shm_gauge_add(_Atomic int32_t *g, int32_t v)
                           memory_order_relaxed);
 }
 
-static inline enum backend_state shm_backend_state(const struct shm *shm, uint32_t b)
-{
-    return (enum backend_state)atomic_load_explicit(&shm_backend(shm, b)->state,
-                                                    memory_order_acquire);
-}
+/* ---- one backend's published record: everyone reads it through this ---------------------- */
 
-/* A backend takes new requests: UP (or DEGRADED), READY, weight > 0. Breaker, cooling and
- * trial admission are the worker's further checks (see below). */
-int shm_backend_eligible(const struct shm *shm, uint32_t b);
+/* A consistent view of backend b: the checker's record as one whole, the operator's state, and
+ * the gate and claims of the record's epoch. h points at this process's copy of the record,
+ * which stays as it is until the next view of b in this process. */
+struct shm_backend_view {
+    const struct shm_health *h;
+    enum backend_admin admin;
+    uint32_t weight_cfg;
+    uint32_t trips;            /* SHM_TRIP_* set by workers in this epoch */
+    uint32_t consec;           /* consecutive failures counted in this epoch */
+    uint32_t trial_ok;         /* trial successes counted in this epoch */
+    uint32_t breaker_cmd_done; /* the last operator breaker command the checker took */
+};
+void shm_backend_view(const struct shm *shm, uint32_t b, struct shm_backend_view *v);
 
-/* Worker w records the outcome of one request to b (at most one of these per request). */
+/* What a worker may send to the backend at now_ns, from its view: the published admission
+ * with the trips of its epoch applied, and the operator's state. SHM_ADMIT_TRIAL sets
+ * *trials (the in-flight limit). Weight and max_conns are the balancer's to check. */
+enum shm_admit shm_admit(const struct shm_backend_view *v, uint64_t now_ns, uint32_t *trials);
+
+/* Health checker (the only writer of the record): publishes *h as b's record. new_epoch: a
+ * new admission epoch (the decision changed, or the checker acted on the trips): h->epoch is
+ * set to it. Otherwise h->epoch is kept as published. */
+void shm_backend_publish(struct shm *shm, uint32_t b, struct shm_health *h, int new_epoch);
+
+/* Master, before forking: b's configured weight (also its effective weight until the checker
+ * says otherwise) and in-flight limit (max_conns, 0 = none); READY. */
+void shm_backend_init(struct shm *shm, uint32_t b, uint32_t weight, uint32_t max_conns);
+/* Master: the operator state of b; returns the one it replaces. */
+enum backend_admin shm_backend_set_admin(struct shm *shm, uint32_t b, enum backend_admin a);
+
+/* One field of the record changed, the rest as published (the checker publishes whole
+ * records; these serve tools and tests). */
+void shm_backend_set_state(struct shm *shm, uint32_t b, enum backend_state st,
+                           enum backend_reason why, uint64_t now_ns);
+void shm_backend_set_breaker(struct shm *shm, uint32_t b, enum breaker_state st, uint64_t until_ns,
+                             uint64_t open_ns);
+void shm_backend_set_check(struct shm *shm, uint32_t b, int32_t status, uint32_t dur_us,
+                           uint64_t now_ns);
+void shm_backend_set_weight(struct shm *shm, uint32_t b, uint32_t weight_eff);
+
+/* ---- outcomes, from the workers ------------------------------------------------------------ */
+
+/* Worker w records the outcome of one request to b (at most one of these per request). A
+ * failure that brings b to a threshold of an ALL admission trips its gate (max_fails within
+ * the window, consecutive failures); a success ends the consecutive count. */
 void shm_wb_record_ok(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns,
                       uint64_t latency_ns);
 void shm_wb_record_fail(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns);
+/* Worker w got a 401/403 from b: counted, and under an ALL admission b's gate trips AUTH. */
+void shm_wb_record_auth(struct shm *shm, uint32_t w, uint32_t b);
+/* A worker records the outcome of a trial request it was admitted to (shm_trial_acquire) under
+ * the admission epoch `epoch`, in addition to shm_wb_record_ok/fail: the success that makes
+ * `need` trips PASSED, a failure trips FAILED where the admission says so. An outcome of an
+ * older epoch counts for nothing. */
+void shm_trial_outcome(struct shm *shm, uint32_t b, uint32_t epoch, int ok);
 
 /* Failures of b recorded by all workers after `since_ns` (at most SHM_FAIL_RING per worker). */
 uint32_t shm_backend_failures_since(const struct shm *shm, uint32_t b, uint64_t since_ns);
@@ -203,6 +323,9 @@ uint32_t shm_backend_failures_since(const struct shm *shm, uint32_t b, uint64_t 
 uint64_t shm_backend_last_ok(const struct shm *shm, uint32_t b);
 /* b is cooling (429) until this time (0 = not cooling). */
 uint64_t shm_backend_cool_until(const struct shm *shm, uint32_t b);
+/* What a pick needs of the workers' shares of b, in one pass: requests in flight over all
+ * workers, and the latest end of a cool-down (0 = none). */
+void shm_backend_load(const struct shm *shm, uint32_t b, int32_t *active, uint64_t *cool_until);
 /* Peak-EWMA latency of b at now_ns: the mean of the workers' figures, each halved for every
  * SHM_EWMA_HALF_LIFE_NS without a new sample, so a backend once slow (and since avoided) is
  * tried again (0 = none yet). A failure counts as a sample of at least SHM_EWMA_FAIL_NS. */
@@ -215,58 +338,54 @@ void shm_wb_budget_note(struct shm *shm, uint32_t w, uint32_t b, uint64_t now_ns
 /* Requests and retries of backends [b, b + n) over all workers in the last SHM_BUDGET_SECS. */
 void shm_budget_window(const struct shm *shm, uint32_t b, uint32_t n, uint64_t now_ns,
                        uint64_t *requests, uint64_t *retries);
-/* Worker w records the outcome of a trial request (admitted by shm_trial_acquire) to b, in
- * addition to shm_wb_record_ok/fail. */
-void shm_wb_trial_outcome(struct shm *shm, uint32_t w, uint32_t b, int ok);
-/* Sums of the workers' trial outcomes of b. */
-void shm_backend_trial_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint64_t *failed);
 
-/* Sum of the workers' cumulative ok / failure counters of b. */
+/* Sum of the workers' cumulative ok / failure / 401-403 counters of b. */
 void shm_backend_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint64_t *failed);
+uint64_t shm_backend_auth_failures(const struct shm *shm, uint32_t b);
 
-/* Worker w asks for one of at most `limit` trial requests in flight to b over all workers.
- * It counts itself first and then sums: two workers racing both see each other and back
- * off, so the limit is never exceeded. Returns 1 when admitted (release it when done). */
+/* ---- in-flight claims ---------------------------------------------------------------------- */
+
+/* Worker w asks for one of at most `limit` trial requests in flight to b over all workers:
+ * one compare-and-swap on the shared count, so of two workers racing for the last place
+ * exactly one gets it. Returns 1 when admitted (give it back with shm_trial_release). */
 int shm_trial_acquire(struct shm *shm, uint32_t w, uint32_t b, int32_t limit);
 void shm_trial_release(struct shm *shm, uint32_t w, uint32_t b);
-
-/* Worker w takes an in-flight slot of b (its active gauge + 1). With limit > 0 (max_conns),
- * counts itself first and then sums all workers, as shm_trial_acquire does, so racing workers
- * never exceed the limit together; refused: the gauge is back as it was and 0 is returned.
- * The slot is given back by shm_gauge_add(&shm_wb(...)->active, -1) when the request ends. */
-int shm_active_acquire(struct shm *shm, uint32_t w, uint32_t b, uint32_t limit);
 int32_t shm_trials_in_flight(const struct shm *shm, uint32_t b);
 
-/* Health checker: breaker changes. */
-void shm_backend_set_breaker(struct shm *shm, uint32_t b, enum breaker_state st, uint64_t until_ns,
-                             uint64_t open_ns);
-/* Master: ask the health checker to reset/open a breaker. */
-void shm_backend_breaker_cmd(struct shm *shm, uint32_t b, enum breaker_cmd cmd);
+/* Worker w takes an in-flight slot of b: within b's max_conns (shm_backend_init) over all
+ * workers, by the same claim as trials; without one it only counts. Returns 0 when b is full.
+ * shm_active_release gives it back when the request ends. */
+int shm_active_acquire(struct shm *shm, uint32_t w, uint32_t b);
+void shm_active_release(struct shm *shm, uint32_t w, uint32_t b);
+
+/* Sets b's shared in-flight counts to the sum of the workers' own shares when a snapshot
+ * finds them apart with no claim under way: what a worker that died in the middle of a claim
+ * (or whose shares the master reset) left behind. Anyone may call it at any time; the health
+ * checker does on every evaluation. Returns 1 when it changed something. */
+int shm_claims_repair(struct shm *shm, uint32_t b);
+
+/* ---- breaker commands ---------------------------------------------------------------------- */
+
+/* Master: ask the health checker to reset/open a breaker. Returns the command's sequence number
+ * (done once the view's breaker_cmd_done reaches it). */
+uint32_t shm_backend_breaker_cmd(struct shm *shm, uint32_t b, enum breaker_cmd cmd);
 /* Health checker: the pending command of b (BREAKER_CMD_NONE when none), marked done. */
 enum breaker_cmd shm_backend_breaker_cmd_take(struct shm *shm, uint32_t b);
-
-const char *shm_breaker_str(enum breaker_state st);
-
-/* Health checker: record a state change (also stamps since_ns, reason, transitions). */
-void shm_backend_set_state(struct shm *shm, uint32_t b, enum backend_state st,
-                           enum backend_reason why, uint64_t now_ns);
-/* Health checker: record the outcome of one active check. */
-void shm_backend_set_check(struct shm *shm, uint32_t b, int32_t status, uint32_t dur_us,
-                           uint64_t now_ns);
 
 /* Sums of the per-worker counters of one backend. */
 struct shm_backend_totals {
     int64_t active;
-    uint64_t requests, failures, bytes_in, bytes_out;
+    uint64_t requests, failures, bytes_in, bytes_out, retries;
 };
 void shm_backend_totals(const struct shm *shm, uint32_t b, struct shm_backend_totals *t);
 
-/* Master: zero a dead worker's slot and counters' gauges when it is reaped (its pid too).
- * Cumulative counters (requests, failures, bytes) are kept; active gauges are zeroed. */
+/* Master: zero a dead worker's slot and gauges, and give its in-flight claims back.
+ * Cumulative counters (requests, failures, bytes) are kept. */
 void shm_worker_reset(struct shm *shm, uint32_t w);
 
 const char *shm_state_str(enum backend_state st);
 const char *shm_admin_str(enum backend_admin a);
 const char *shm_reason_str(enum backend_reason r);
+const char *shm_breaker_str(enum breaker_state st);
 
 #endif

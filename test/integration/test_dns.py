@@ -32,7 +32,10 @@ def test_unresolvable_backend_fails_fast(env):
     gw = Gateway(env, [a], workers=2, start=False)
     ghost_port = free_port()
     gw.sections += [
-        ("pool ghosts", {"check": "no", "connect_timeout": "3s"}),
+        # passive detection and the breaker off: they would take the backend out of service
+        # after a few of these failures (max_fails 3, breaker_failures 5 by default)
+        ("pool ghosts", {"check": "no", "connect_timeout": "3s", "max_fails": "0",
+                         "breaker_failures": "0"}),
         ("backend ghost", {"pool": "ghosts", "url": "http://nonexistent.invalid:9/v1"}),
         ("listen ghosts", {"bind": f"127.0.0.1:{ghost_port}", "pool": "ghosts"}),
     ]

@@ -57,8 +57,7 @@ static int setup(void **state)
 
     assert_int_equal(shm_create(&f->shm, 3, 2, 1), 0);
     for (uint32_t b = 0; b < 3; b++) {
-        atomic_store(&shm_backend(&f->shm, b)->weight_cfg, (uint32_t)f->backends[b].weight);
-        atomic_store(&shm_backend(&f->shm, b)->weight_eff, (uint32_t)f->backends[b].weight);
+        shm_backend_init(&f->shm, b, (uint32_t)f->backends[b].weight, 0);
     }
     *state = f;
     return 0;
@@ -175,7 +174,7 @@ static void test_backends_json(void **state)
     shm_backend_set_check(&f->shm, 1, -ETIMEDOUT, 2000500, 1000);
     shm_backend_set_check(&f->shm, 0, 200, 12345, 1000);
     atomic_store(&shm_backend(&f->shm, 2)->admin, BACKEND_MAINT);
-    atomic_store(&shm_backend(&f->shm, 0)->weight_eff, 2); /* effective, not configured */
+    shm_backend_set_weight(&f->shm, 0, 2); /* effective, not configured */
 
     char *out = run(f, "show backends json", NULL, 0, 0);
     struct json j;
@@ -469,7 +468,7 @@ static uint64_t resilience_state(struct fixture *f)
     atomic_store(&shm_wb(&f->shm, 0, 0)->retries, 4);
     atomic_store(&shm_wb(&f->shm, 1, 0)->retries, 3);
     shm_backend_set_state(&f->shm, 0, BACKEND_DEGRADED, REASON_CHECK_SLOW, now - 5 * s - s / 2);
-    atomic_store(&shm_backend(&f->shm, 0)->weight_eff, 1);
+    shm_backend_set_weight(&f->shm, 0, 1);
 
     shm_backend_set_breaker(&f->shm, 1, BREAKER_HALF_OPEN, 0, 30 * s);
     shm_wb_record_ok(&f->shm, 1, 1, now, 40);                         /* 40 ns: 0.0 ms, not null */
@@ -712,19 +711,29 @@ static void test_breaker_command(void **state)
     assert_int_equal(admin_pending_done(&f->shm, &none), 1);
 }
 
+/* What a worker may send to b now (the operator's state counts). */
+static enum shm_admit admit(const struct shm *shm, uint32_t b)
+{
+    struct shm_backend_view v;
+    uint32_t trials = 0;
+
+    shm_backend_view(shm, b, &v);
+    return shm_admit(&v, 1, &trials);
+}
+
 static void test_set_backend_state(void **state)
 {
     struct fixture *f = *state;
     struct shm_backend *a1 = shm_backend(&f->shm, 0), *a2 = shm_backend(&f->shm, 1);
     char *out;
 
-    atomic_store(&a1->weight_eff, 1);
+    shm_backend_set_weight(&f->shm, 0, 1);
     out = run(f, "set backend a1 drain", NULL, 0, 0);
     assert_string_equal(out, "ok: chat/a1 is DRAIN\n");
     free(out);
     assert_int_equal(atomic_load(&a1->admin), BACKEND_DRAIN);
     assert_int_equal(atomic_load(&a2->admin), BACKEND_READY);
-    assert_false(shm_backend_eligible(&f->shm, 0));
+    assert_int_equal(admit(&f->shm, 0), SHM_ADMIT_NONE);
 
     out = run(f, "set backend chat/a1 MAINT json", NULL, 0, 0);
     assert_string_equal(out,
@@ -735,7 +744,7 @@ static void test_set_backend_state(void **state)
     out = run(f, "set backend a1 ready", NULL, 0, 0);
     free(out);
     assert_int_equal(atomic_load(&a1->admin), BACKEND_READY);
-    assert_true(shm_backend_eligible(&f->shm, 0));
+    assert_int_equal(admit(&f->shm, 0), SHM_ADMIT_ALL);
 
     /* Bad state, unknown backend, missing words: errors, nothing changed. */
     out = run(f, "set backend a1 asleep", NULL, 0, -EINVAL);

@@ -255,10 +255,11 @@ static void test_window_after_stall_and_reset(void **state)
 }
 
 /* A loopback server in the test's own loop: answers each connection with `reply` (or stays
- * silent when reply is NULL) and keeps the request it got. */
+ * silent when reply is NULL), delay_ms after the request, and keeps the request it got. */
 struct srv {
     uv_tcp_t tcp;
     const char *reply;
+    unsigned delay_ms;
     char got[1024];
     size_t got_len;
     int port;
@@ -267,6 +268,8 @@ struct srv {
 
 struct srv_conn {
     uv_tcp_t tcp;
+    uv_timer_t timer;
+    int open; /* handles not closed yet: freed with the last */
     struct srv *srv;
     uv_write_t wr;
 };
@@ -281,7 +284,10 @@ static void srv_alloc(uv_handle_t *h, size_t sz, uv_buf_t *b)
 
 static void srv_conn_closed(uv_handle_t *h)
 {
-    free(h->data);
+    struct srv_conn *c = h->data;
+
+    if (--c->open == 0)
+        free(c);
 }
 
 static void srv_written(uv_write_t *w, int status)
@@ -289,6 +295,16 @@ static void srv_written(uv_write_t *w, int status)
     struct srv_conn *c = w->data;
 
     uv_close((uv_handle_t *)&c->tcp, srv_conn_closed);
+}
+
+static void srv_reply_later(uv_timer_t *t)
+{
+    struct srv_conn *c = t->data;
+    uv_buf_t out = uv_buf_init((char *)c->srv->reply, (unsigned)strlen(c->srv->reply));
+
+    uv_close((uv_handle_t *)t, srv_conn_closed);
+    c->wr.data = c;
+    uv_write(&c->wr, (uv_stream_t *)&c->tcp, &out, 1, srv_written);
 }
 
 static void srv_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
@@ -309,6 +325,13 @@ static void srv_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
     if (!strstr(srv->got, "\r\n\r\n") || !srv->reply)
         return;
     uv_read_stop(s);
+    if (srv->delay_ms) {
+        uv_timer_init(s->loop, &c->timer);
+        c->timer.data = c;
+        c->open++;
+        uv_timer_start(&c->timer, srv_reply_later, srv->delay_ms, 0);
+        return;
+    }
     out = uv_buf_init((char *)srv->reply, (unsigned)strlen(srv->reply));
     c->wr.data = c;
     uv_write(&c->wr, s, &out, 1, srv_written);
@@ -322,6 +345,7 @@ static void srv_on_conn(uv_stream_t *l, int status)
     assert_non_null(c);
     c->srv = srv;
     srv->conns++;
+    c->open = 1;
     uv_tcp_init(l->loop, &c->tcp);
     c->tcp.data = c;
     assert_int_equal(uv_accept(l, (uv_stream_t *)&c->tcp), 0);
@@ -720,19 +744,27 @@ static int hp_teardown(void **state)
 }
 
 /* Field of backend b: 0 state, 1 breaker, 2 effective weight, 3 reason. */
+static struct shm_health hp_rec(const struct shm *shm, uint32_t b)
+{
+    struct shm_backend_view v;
+
+    shm_backend_view(shm, b, &v);
+    return *v.h;
+}
+
 static uint32_t hp_get(const struct shm *shm, uint32_t b, int field)
 {
-    struct shm_backend *sb = shm_backend(shm, b);
+    struct shm_health h = hp_rec(shm, b);
 
     switch (field) {
     case 0:
-        return atomic_load(&sb->state);
+        return h.state;
     case 1:
-        return atomic_load(&sb->breaker);
+        return h.breaker;
     case 2:
-        return atomic_load(&sb->weight_eff);
+        return h.weight_eff;
     default:
-        return atomic_load(&sb->reason);
+        return h.reason;
     }
 }
 
@@ -761,14 +793,32 @@ static void hp_fail(struct shm *shm, uint32_t w, uint32_t b, int n)
         shm_wb_record_fail(shm, w, b, time_mono_ns());
 }
 
-/* A trial request, as a worker admitted by shm_trial_acquire records it. */
+/* A trial request, as a worker does one: admitted to it (shm_admit, shm_trial_acquire), its
+ * outcome recorded in the epoch it was admitted in. */
 static void hp_trial(struct shm *shm, uint32_t w, uint32_t b, int ok)
 {
+    struct shm_backend_view v;
+    uint32_t trials = 0;
+
+    shm_backend_view(shm, b, &v);
+    assert_int_equal(shm_admit(&v, time_mono_ns(), &trials), SHM_ADMIT_TRIAL);
+    assert_true(shm_trial_acquire(shm, w, b, (int32_t)trials));
     if (ok)
         hp_ok(shm, w, b, 1);
     else
         hp_fail(shm, w, b, 1);
-    shm_wb_trial_outcome(shm, w, b, ok);
+    shm_trial_outcome(shm, b, v.h->epoch, ok);
+    shm_trial_release(shm, w, b);
+}
+
+/* What a worker may send to b now. */
+static enum shm_admit hp_admit(const struct shm *shm, uint32_t b)
+{
+    struct shm_backend_view v;
+    uint32_t trials = 0;
+
+    shm_backend_view(shm, b, &v);
+    return shm_admit(&v, time_mono_ns(), &trials);
 }
 
 /* Every worker slot's request, byte and in-flight counters of every backend are still 0. */
@@ -822,23 +872,30 @@ static void test_process_live_evaluation(void **state)
     conf.n_backends = HP_N;
 
     assert_int_equal(shm_create(&shm, HP_N, 2, 1), 0);
-    for (uint32_t b = 0; b < HP_N; b++) {
-        atomic_store(&shm_backend(&shm, b)->weight_cfg, 10);
-        atomic_store(&shm_backend(&shm, b)->weight_eff, 10);
-    }
+    for (uint32_t b = 0; b < HP_N; b++)
+        shm_backend_init(&shm, b, 10, 0);
     hp_child = fork();
     assert_true(hp_child >= 0);
     if (hp_child == 0)
         _exit(health_main(&conf, &shm));
 
-    /* passive: max_fails failures from two workers together mark it DOWN... */
+    /* passive: max_fails failures from two workers together mark it DOWN; the workers stop
+     * sending to it at the failure that makes max_fails, the checker then turns it DOWN */
+    assert_true(hp_wait(&shm, HP_PAS, 0, BACKEND_UP, 0) >= 0);
+    usleep(60000); /* the checker's first publication, with its thresholds */
     hp_fail(&shm, 0, HP_PAS, 2);
     assert_int_equal(hp_wait(&shm, HP_PAS, 0, BACKEND_DOWN, 150), -1);
+    assert_int_equal(hp_admit(&shm, HP_PAS), SHM_ADMIT_ALL);
     hp_fail(&shm, 1, HP_PAS, 1);
+    assert_int_equal(hp_admit(&shm, HP_PAS), SHM_ADMIT_NONE);
     assert_true(hp_wait(&shm, HP_PAS, 0, BACKEND_DOWN, 1000) >= 0);
     assert_int_equal(hp_get(&shm, HP_PAS, 3), REASON_PASSIVE);
-    /* ...and with checks off one live success (a trial) brings it back, weight from ~0 */
-    hp_ok(&shm, 1, HP_PAS, 1);
+    /* ...and with checks off, after fail_timeout, one live success (a trial) brings it back,
+     * weight from ~0 */
+    assert_int_equal(hp_admit(&shm, HP_PAS), SHM_ADMIT_NONE);
+    usleep(520000);
+    hp_trial(&shm, 1, HP_PAS, 1);
+    assert_int_equal(hp_admit(&shm, HP_PAS), SHM_ADMIT_ALL);
     assert_true(hp_wait(&shm, HP_PAS, 0, BACKEND_UP, 1000) >= 0);
     assert_int_equal(hp_get(&shm, HP_PAS, 3), REASON_LIVE_OK);
     assert_true(hp_get(&shm, HP_PAS, 2) < 10);
@@ -874,25 +931,28 @@ static void test_process_live_evaluation(void **state)
     hp_fail(&shm, 1, HP_BRK, 2);
     assert_int_equal(hp_wait(&shm, HP_BRK, 1, BREAKER_OPEN, 150), -1);
     hp_fail(&shm, 0, HP_BRK, 1);
+    assert_int_equal(hp_admit(&shm, HP_BRK), SHM_ADMIT_NONE); /* at once */
     assert_true(hp_wait(&shm, HP_BRK, 1, BREAKER_OPEN, 1000) >= 0);
-    assert_int_equal(atomic_load(&shm_backend(&shm, HP_BRK)->breaker_open_ns), 300000000ULL);
+    assert_int_equal(hp_rec(&shm, HP_BRK).breaker_open_ns, 300000000ULL);
     /* the breaker is not the backend's health */
     assert_int_equal(hp_get(&shm, HP_BRK, 0), BACKEND_UP);
     t = hp_wait(&shm, HP_BRK, 1, BREAKER_HALF_OPEN, 1000);
     assert_true(t >= 200 && t <= 450);
     /* a failed trial re-opens it for twice as long */
     hp_trial(&shm, 1, HP_BRK, 0);
+    assert_int_equal(hp_admit(&shm, HP_BRK), SHM_ADMIT_NONE); /* at once */
     assert_true(hp_wait(&shm, HP_BRK, 1, BREAKER_OPEN, 1000) >= 0);
-    assert_int_equal(atomic_load(&shm_backend(&shm, HP_BRK)->breaker_open_ns), 600000000ULL);
+    assert_int_equal(hp_rec(&shm, HP_BRK).breaker_open_ns, 600000000ULL);
     t = hp_wait(&shm, HP_BRK, 1, BREAKER_HALF_OPEN, 1500);
     assert_true(t >= 500 && t <= 750);
     /* requests that were not trials (begun before it opened) decide nothing */
     hp_ok(&shm, 0, HP_BRK, 3);
     assert_int_equal(hp_wait(&shm, HP_BRK, 1, BREAKER_CLOSED, 150), -1);
-    /* two trial successes close it */
+    /* two trial successes close it: admission for all at the second, then the state */
     hp_trial(&shm, 0, HP_BRK, 1);
     assert_int_equal(hp_wait(&shm, HP_BRK, 1, BREAKER_CLOSED, 150), -1);
     hp_trial(&shm, 1, HP_BRK, 1);
+    assert_int_equal(hp_admit(&shm, HP_BRK), SHM_ADMIT_ALL);
     assert_true(hp_wait(&shm, HP_BRK, 1, BREAKER_CLOSED, 1000) >= 0);
     /* operator commands */
     shm_backend_breaker_cmd(&shm, HP_BRK, BREAKER_CMD_OPEN);
@@ -959,8 +1019,7 @@ static void test_process_passive_with_checks(void **state)
     conf.n_backends = 1;
 
     assert_int_equal(shm_create(&shm, 1, 1, 1), 0);
-    atomic_store(&shm_backend(&shm, 0)->weight_cfg, 1);
-    atomic_store(&shm_backend(&shm, 0)->weight_eff, 1);
+    shm_backend_init(&shm, 0, 1, 0);
     hp_child = fork();
     assert_true(hp_child >= 0);
     if (hp_child == 0)
@@ -968,9 +1027,9 @@ static void test_process_passive_with_checks(void **state)
 
     /* checks pass and measure the backend */
     t0 = time_mono_ms();
-    while (atomic_load(&shm_backend(&shm, 0)->check_at_ns) == 0 && time_mono_ms() - t0 < 1000)
+    while (hp_rec(&shm, 0).check_at_ns == 0 && time_mono_ms() - t0 < 1000)
         usleep(2000);
-    assert_int_equal(atomic_load(&shm_backend(&shm, 0)->check_status), 200);
+    assert_int_equal(hp_rec(&shm, 0).check_status, 200);
     assert_true(hp_wait(&shm, 0, 0, BACKEND_UP, 0) >= 0);
     /* checks are not traffic: no worker's counters moved (the test's own hp_* calls below
      * record only outcomes) */
@@ -980,7 +1039,7 @@ static void test_process_passive_with_checks(void **state)
     assert_true(hp_wait(&shm, 0, 0, BACKEND_DOWN, 1000) >= 0);
     assert_int_equal(hp_get(&shm, 0, 3), REASON_PASSIVE);
     /* the measure starts afresh once it is back */
-    assert_int_equal(atomic_load(&shm_backend(&shm, 0)->ewma_check_us), 0);
+    assert_int_equal(hp_rec(&shm, 0).ewma_check_us, 0);
     /* a live success does not end it while checks run... */
     hp_ok(&shm, 0, 0, 1);
     /* ...one passing check does ("until an active check passes"), check_downinter after the
@@ -988,7 +1047,7 @@ static void test_process_passive_with_checks(void **state)
     t = hp_wait(&shm, 0, 0, BACKEND_UP, 2000);
     assert_true(t >= 250 && t <= 1000);
     assert_int_equal(hp_get(&shm, 0, 3), REASON_CHECK_OK);
-    assert_true(atomic_load(&shm_backend(&shm, 0)->ewma_check_us) > 0);
+    assert_true(hp_rec(&shm, 0).ewma_check_us > 0);
     hp_no_traffic(&shm, 1, 1);
 
     assert_int_equal(kill(hp_child, SIGTERM), 0);
@@ -996,6 +1055,83 @@ static void test_process_passive_with_checks(void **state)
     hp_child = -1;
     assert_true(WIFEXITED(st));
     assert_int_equal(WEXITSTATUS(st), 0);
+    shm_destroy(&shm);
+    hp_teardown(state);
+    uv_walk(&loop, close_walk, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+}
+
+/* A check that began before a passive DOWN says nothing of the backend since: only one begun
+ * after it brings the backend back. The backend answers checks after 300 ms and they run back
+ * to back, so one is under way when the failures come. */
+static void test_process_check_begun_before_passive_down(void **state)
+{
+    struct conf_pool pool;
+    struct conf_backend be;
+    struct conf conf;
+    struct shm shm;
+    struct srv srv;
+    uv_loop_t loop;
+    uint64_t t0;
+    int st;
+
+    assert_int_equal(uv_loop_init(&loop), 0);
+    srv_start(&loop, &srv, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    srv.delay_ms = 300;
+    hp_server = fork();
+    assert_true(hp_server >= 0);
+    if (hp_server == 0) {
+        uv_run(&loop, UV_RUN_DEFAULT);
+        _exit(0);
+    }
+
+    memset(&pool, 0, sizeof(pool));
+    memset(&be, 0, sizeof(be));
+    memset(&conf, 0, sizeof(conf));
+    snprintf(pool.name, sizeof(pool.name), "p");
+    pool.check = 1;
+    pool.check_expect[0] = 200;
+    pool.n_check_expect = 1;
+    pool.check_interval_ms = 100;
+    pool.check_downinter_ms = 1500;
+    pool.check_timeout_ms = 2000;
+    pool.rise = 1;
+    pool.fall = 1;
+    snprintf(be.name, sizeof(be.name), "b");
+    snprintf(be.url.host, sizeof(be.url.host), "127.0.0.1");
+    be.url.port = (uint16_t)srv.port;
+    be.weight = 1;
+    be.max_fails = 2;
+    be.fail_timeout_ms = 10000;
+    conf.pools = &pool;
+    conf.n_pools = 1;
+    conf.backends = &be;
+    conf.n_backends = 1;
+
+    assert_int_equal(shm_create(&shm, 1, 1, 1), 0);
+    shm_backend_init(&shm, 0, 1, 0);
+    hp_child = fork();
+    assert_true(hp_child >= 0);
+    if (hp_child == 0)
+        _exit(health_main(&conf, &shm));
+
+    /* the first check is done: the next one is under way at once */
+    t0 = time_mono_ms();
+    while (hp_rec(&shm, 0).check_at_ns == 0 && time_mono_ms() - t0 < 2000)
+        usleep(2000);
+    assert_int_equal(hp_rec(&shm, 0).check_status, 200);
+    hp_fail(&shm, 0, 0, 2);
+    assert_true(hp_wait(&shm, 0, 0, BACKEND_DOWN, 500) >= 0);
+    /* the check under way passes within 300 ms: it must not end the DOWN... */
+    assert_int_equal(hp_wait(&shm, 0, 0, BACKEND_UP, 700), -1);
+    /* ...the next one (check_downinter after it began) does */
+    assert_true(hp_wait(&shm, 0, 0, BACKEND_UP, 2500) >= 0);
+    assert_int_equal(hp_get(&shm, 0, 3), REASON_CHECK_OK);
+
+    assert_int_equal(kill(hp_child, SIGTERM), 0);
+    assert_int_equal(waitpid(hp_child, &st, 0), hp_child);
+    hp_child = -1;
     shm_destroy(&shm);
     hp_teardown(state);
     uv_walk(&loop, close_walk, NULL);
@@ -1029,6 +1165,7 @@ int main(void)
         cmocka_unit_test(test_tls_strerror),
         cmocka_unit_test_teardown(test_process_live_evaluation, hp_teardown),
         cmocka_unit_test_teardown(test_process_passive_with_checks, hp_teardown),
+        cmocka_unit_test_teardown(test_process_check_begun_before_passive_down, hp_teardown),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -12,7 +12,14 @@
 #define MS 1000000ULL
 
 static const struct health_breaker_cfg brc = {
-    .failures = 3, .open_ns = 1000 * MS, .open_max_ns = 5000 * MS, .successes = 2};
+    .failures = 3, .open_ns = 1000 * MS, .open_max_ns = 5000 * MS, .successes = 2, .trials = 1};
+
+static int eval(struct health_breaker *br, uint64_t now, uint32_t consecutive, uint32_t trips)
+{
+    struct health_breaker_in in = {consecutive, trips};
+
+    return health_breaker_eval(br, &brc, now, &in);
+}
 
 static void test_breaker_full_cycle(void **state)
 {
@@ -21,21 +28,27 @@ static void test_breaker_full_cycle(void **state)
 
     health_breaker_init(&br, &brc);
     assert_int_equal(br.st, BREAKER_CLOSED);
-    assert_false(health_breaker_eval(&br, &brc, t, 2, 10, 2));
-    /* the third consecutive failure opens it */
-    assert_true(health_breaker_eval(&br, &brc, t, 3, 10, 3));
+    assert_false(eval(&br, t, 2, 0));
+    /* the third consecutive failure opens it: counted, or tripped by the worker */
+    assert_true(eval(&br, t, 3, 0));
     assert_int_equal(br.st, BREAKER_OPEN);
     assert_int_equal(br.until_ns, t + 1000 * MS);
+    health_breaker_init(&br, &brc);
+    assert_true(eval(&br, t, 0, SHM_TRIP_BREAKER));
+    assert_int_equal(br.st, BREAKER_OPEN);
     /* stays open for open_for */
-    assert_false(health_breaker_eval(&br, &brc, t + 999 * MS, 3, 10, 3));
-    assert_true(health_breaker_eval(&br, &brc, t + 1000 * MS, 3, 10, 3));
+    assert_false(eval(&br, t + 999 * MS, 3, 0));
+    assert_true(eval(&br, t + 1000 * MS, 3, 0));
     assert_int_equal(br.st, BREAKER_HALF_OPEN);
-    /* one success is not enough, two close it */
-    assert_false(health_breaker_eval(&br, &brc, t + 1100 * MS, 3, 11, 3));
-    assert_true(health_breaker_eval(&br, &brc, t + 1200 * MS, 3, 12, 3));
+    /* the trials decide (the workers count them: PASSED once `successes` did) */
+    assert_false(eval(&br, t + 1100 * MS, 0, 0));
+    assert_true(eval(&br, t + 1200 * MS, 0, SHM_TRIP_PASSED));
     assert_int_equal(br.st, BREAKER_CLOSED);
-    /* failures from before the closing don't count any more */
-    assert_int_equal(health_breaker_since(&br, t), t + 1200 * MS);
+    assert_int_equal(br.until_ns, 0);
+    /* a verdict of trials admitted past until_ns may come before the checker saw HALF_OPEN */
+    assert_true(eval(&br, t, 3, 0));
+    assert_true(eval(&br, t + 1000 * MS, 0, SHM_TRIP_PASSED));
+    assert_int_equal(br.st, BREAKER_CLOSED);
 }
 
 static void test_breaker_failed_trial_doubles_open_time(void **state)
@@ -44,12 +57,12 @@ static void test_breaker_failed_trial_doubles_open_time(void **state)
     uint64_t t = 0;
 
     health_breaker_init(&br, &brc);
-    assert_true(health_breaker_eval(&br, &brc, t, 3, 0, 3));
+    assert_true(eval(&br, t, 3, 0));
     for (uint64_t want = 2000; want <= 5000; want = want * 2 > 5000 ? 5000 : want * 2) {
         t = br.until_ns;
-        assert_true(health_breaker_eval(&br, &brc, t, 0, 0, 3)); /* half-open */
+        assert_true(eval(&br, t, 0, 0)); /* half-open */
         assert_int_equal(br.st, BREAKER_HALF_OPEN);
-        assert_true(health_breaker_eval(&br, &brc, t + MS, 0, 0, 4)); /* trial fails */
+        assert_true(eval(&br, t + MS, 0, SHM_TRIP_FAILED)); /* trial fails */
         assert_int_equal(br.st, BREAKER_OPEN);
         assert_int_equal(br.open_ns, want * MS);
         assert_int_equal(br.until_ns, t + MS + want * MS);
@@ -58,8 +71,8 @@ static void test_breaker_failed_trial_doubles_open_time(void **state)
     }
     /* capped at open_max, and reset to open_for once it closes */
     t = br.until_ns;
-    assert_true(health_breaker_eval(&br, &brc, t, 0, 0, 4));
-    assert_true(health_breaker_eval(&br, &brc, t + MS, 0, 2, 4));
+    assert_true(eval(&br, t, 0, 0));
+    assert_true(eval(&br, t + MS, 0, SHM_TRIP_PASSED));
     assert_int_equal(br.st, BREAKER_CLOSED);
     assert_int_equal(br.open_ns, 1000 * MS);
 }
@@ -68,18 +81,18 @@ static void test_breaker_commands_and_off(void **state)
 {
     struct health_breaker br;
     struct health_breaker_cfg off = brc;
+    struct health_breaker_in in = {1000, SHM_TRIP_BREAKER};
 
     health_breaker_init(&br, &brc);
-    assert_true(health_breaker_command(&br, &brc, BREAKER_CMD_OPEN, 50, 0, 0));
+    assert_true(health_breaker_command(&br, &brc, BREAKER_CMD_OPEN, 50));
     assert_int_equal(br.st, BREAKER_OPEN);
     assert_int_equal(br.until_ns, 50 + 1000 * MS);
-    assert_true(health_breaker_command(&br, &brc, BREAKER_CMD_RESET, 60, 0, 0));
+    assert_true(health_breaker_command(&br, &brc, BREAKER_CMD_RESET, 60));
     assert_int_equal(br.st, BREAKER_CLOSED);
-    assert_int_equal(br.closed_ns, 60);
-    assert_false(health_breaker_command(&br, &brc, BREAKER_CMD_NONE, 70, 0, 0));
+    assert_false(health_breaker_command(&br, &brc, BREAKER_CMD_NONE, 70));
     off.failures = 0;
     health_breaker_init(&br, &off);
-    assert_false(health_breaker_eval(&br, &off, 1, 1000, 0, 1000));
+    assert_false(health_breaker_eval(&br, &off, 1, &in));
 }
 
 static const struct health_live_cfg lc = {
@@ -128,14 +141,94 @@ static void test_live_checks_off_trial_recovery(void **state)
     enum backend_reason why;
 
     nochk.checks = 0;
-    assert_false(health_live_trial_allowed(&nochk, in.st, in.reason, 1000, 1000 + 9999 * MS));
-    assert_true(health_live_trial_allowed(&nochk, in.st, in.reason, 1000, 1000 + 10000 * MS));
-    assert_false(health_live_trial_allowed(&lc, in.st, in.reason, 1000, 1000 + 20000 * MS));
     assert_false(health_live_eval(&nochk, &in, 2000, &st, &why));
     in.last_ok_ns = 1500; /* a trial succeeded */
     assert_true(health_live_eval(&nochk, &in, 2000, &st, &why));
     assert_int_equal(st, BACKEND_UP);
     assert_int_equal(why, REASON_LIVE_OK);
+    /* or the workers said so (PASSED) before the success reached the counters */
+    in.last_ok_ns = 0;
+    in.trips = SHM_TRIP_PASSED;
+    assert_true(health_live_eval(&nochk, &in, 2000, &st, &why));
+    assert_int_equal(why, REASON_LIVE_OK);
+    /* with checks on, only checks bring it back */
+    assert_false(health_live_eval(&lc, &in, 2000, &st, &why));
+}
+
+/* Workers' trips are acted on whatever the counters say by now. */
+static void test_live_trips(void **state)
+{
+    struct health_live_in in = {.st = BACKEND_UP, .trips = SHM_TRIP_PASSIVE};
+    enum backend_state st;
+    enum backend_reason why;
+
+    assert_true(health_live_eval(&lc, &in, 1, &st, &why));
+    assert_int_equal(st, BACKEND_DOWN);
+    assert_int_equal(why, REASON_PASSIVE);
+    in.trips = SHM_TRIP_AUTH;
+    assert_true(health_live_eval(&lc, &in, 1, &st, &why));
+    assert_int_equal(why, REASON_AUTH);
+    in.st = BACKEND_DEGRADED;
+    in.trips = SHM_TRIP_PASSIVE | SHM_TRIP_BREAKER;
+    assert_true(health_live_eval(&lc, &in, 1, &st, &why));
+    assert_int_equal(why, REASON_PASSIVE);
+    in.st = BACKEND_UP;
+    in.trips = SHM_TRIP_BREAKER; /* the breaker's, not the state's */
+    assert_false(health_live_eval(&lc, &in, 1, &st, &why));
+}
+
+/* The admission a state and breaker give: what the workers apply as it is. */
+static void test_admission(void **state)
+{
+    struct health_live_cfg nochk = lc;
+    struct health_breaker br;
+    struct shm_admission a, b;
+
+    nochk.checks = 0;
+    health_breaker_init(&br, &brc);
+    /* UP / DEGRADED, closed: everything, with the thresholds workers trip at */
+    health_admission(&lc, &brc, BACKEND_UP, REASON_NONE, 0, &br, &a);
+    assert_int_equal(a.kind, SHM_ADMIT_ALL);
+    assert_int_equal(a.max_fails, 3);
+    assert_int_equal(a.fail_window_ns, 10000 * MS);
+    assert_int_equal(a.consec, 3);
+    health_admission(&lc, &brc, BACKEND_DEGRADED, REASON_CHECK_SLOW, 7, &br, &b);
+    assert_true(health_admission_equal(&a, &b));
+    /* DOWN: nothing while checks decide; checks off, a passive or auth DOWN takes one trial
+     * at a time from fail_timeout on, one success of which brings it back */
+    health_admission(&lc, &brc, BACKEND_DOWN, REASON_PASSIVE, 100, &br, &a);
+    assert_int_equal(a.kind, SHM_ADMIT_NONE);
+    assert_int_equal(a.max_fails, 0);
+    health_admission(&nochk, &brc, BACKEND_DOWN, REASON_CHECK_STATUS, 100, &br, &a);
+    assert_int_equal(a.kind, SHM_ADMIT_NONE);
+    health_admission(&nochk, &brc, BACKEND_DOWN, REASON_AUTH, 100, &br, &a);
+    assert_int_equal(a.kind, SHM_ADMIT_TRIAL);
+    assert_int_equal(a.trials, 1);
+    assert_int_equal(a.need, 1);
+    assert_int_equal(a.fail_stops, 0);
+    assert_int_equal(a.from_ns, 100 + 10000 * MS);
+    /* a breaker not closed: `trials` from until_ns, `successes` close it, a failure reopens */
+    assert_true(eval(&br, 50, 3, 0));
+    health_admission(&lc, &brc, BACKEND_UP, REASON_NONE, 0, &br, &a);
+    assert_int_equal(a.kind, SHM_ADMIT_TRIAL);
+    assert_int_equal(a.trials, 1);
+    assert_int_equal(a.need, 2);
+    assert_int_equal(a.fail_stops, 1);
+    assert_int_equal(a.from_ns, 50 + 1000 * MS);
+    assert_int_equal(a.max_fails, 0);
+    /* half-open is the same admission: the trials admitted since until_ns go on counting */
+    assert_true(eval(&br, 50 + 1000 * MS, 0, 0));
+    health_admission(&lc, &brc, BACKEND_UP, REASON_NONE, 0, &br, &b);
+    assert_true(health_admission_equal(&a, &b));
+    /* both: the later start, the stricter limits */
+    health_admission(&nochk, &brc, BACKEND_DOWN, REASON_PASSIVE, 100, &br, &a);
+    assert_int_equal(a.kind, SHM_ADMIT_TRIAL);
+    assert_int_equal(a.from_ns, 100 + 10000 * MS);
+    assert_int_equal(a.need, 2);
+    assert_int_equal(a.fail_stops, 1);
+    health_admission(&lc, &brc, BACKEND_DOWN, REASON_CHECK_TIMEOUT, 100, &br, &a);
+    assert_int_equal(a.kind, SHM_ADMIT_NONE);
+    assert_false(health_admission_equal(&a, &b));
 }
 
 static void test_live_degraded(void **state)
@@ -209,6 +302,8 @@ int main(void)
         cmocka_unit_test(test_breaker_commands_and_off),
         cmocka_unit_test(test_live_passive_down_and_auth),
         cmocka_unit_test(test_live_checks_off_trial_recovery),
+        cmocka_unit_test(test_live_trips),
+        cmocka_unit_test(test_admission),
         cmocka_unit_test(test_live_degraded),
         cmocka_unit_test(test_effective_weight),
         cmocka_unit_test(test_cadence),
