@@ -269,11 +269,12 @@ static void client_answer(struct client *c, int status, const char *type, const 
                               client_creq(c)->resp_close, retry_after, client_creq(c)->rid,
                               client_creq(c)->rid_len, backend, attempts,
                               client_creq(c)->head_method, extra);
-    if (n < 0) {
-        client_close(c);
-        return;
-    }
-    int r = client_write(c, w->scratch, (size_t)n, NULL, 0);
+    client_send_last(c, n);
+}
+
+void client_send_last(struct client *c, int n)
+{
+    int r = n < 0 ? -1 : client_write(c, c->w->scratch, (size_t)n, NULL, 0);
     if (r < 0)
         client_close(c);
     else if (r == 0)
@@ -322,11 +323,7 @@ void client_options(struct client *c)
     r->resp_close = !r->keepalive || w->draining || c->close_after;
     int n =
         answer_options(w->scratch, head_cap(w), REQUEST_ALLOW, r->resp_close, r->rid, r->rid_len);
-    int rc = n < 0 ? -1 : client_write(c, w->scratch, (size_t)n, NULL, 0);
-    if (rc < 0)
-        client_close(c);
-    else if (rc == 0)
-        client_request_done(c);
+    client_send_last(c, n);
 }
 
 /* ---- whole-body deadline ---- */

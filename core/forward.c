@@ -584,16 +584,7 @@ static void client_body_cut(struct client *c, const char *message, const char *c
     }
     /* end an event the client got part of, so ours is not glued to it */
     const char *prefix = t->sse_nl >= 2 ? "" : t->sse_nl == 1 ? "\n" : "\n\n";
-    int n = answer_sse_error(w->scratch, head_cap(w), prefix, message, code);
-    if (n < 0) {
-        client_close(c);
-        return;
-    }
-    int r = client_write(c, w->scratch, (size_t)n, NULL, 0);
-    if (r < 0)
-        client_close(c);
-    else if (r == 0)
-        client_request_done(c);
+    client_send_last(c, answer_sse_error(w->scratch, head_cap(w), prefix, message, code));
 }
 
 /* The upstream failed after the response head went out. */

@@ -251,6 +251,9 @@ void client_request_done(struct client *c);
 /* The first request header named `name` (ASCII case ignored), or NULL. */
 const struct proxy_hdr *client_hdr(const struct client *c, const char *name);
 
+/* Writes the n bytes built in the scratch buffer as the last of a response (n < 0: building it
+ * failed, the connection closes); the request ends when they are written. */
+void client_send_last(struct client *c, int n);
 static inline int client_write(struct client *c, const char *head, size_t hl, const char *data,
                                size_t dl)
 {
