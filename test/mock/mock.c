@@ -100,11 +100,13 @@ static void usage(FILE *f)
         "         [--chunks N (5)] [--chunk-interval DUR (20ms)] [--delay DUR (0)]\n"
         "         [--status CODE] [--content-bytes N (64)] [--api-key KEY]\n"
         "         [--created EPOCH] [--reset-after N] [--stall] [--retry-after SECS]\n"
-        "         [--verbose]\n"
+        "         [--stamp] [--tls-record-size N] [--verbose]\n"
         "Per request: x-mock-status, x-mock-delay, x-mock-chunks, x-mock-chunk-interval,\n"
         "x-mock-reset-after, x-mock-stall, x-mock-retry-after headers; x-mock-retry-after-date: N\n"
         "(Retry-After as an HTTP date N s ahead), x-mock-ratelimit-reset: DUR (a 429 carries\n"
-        "x-ratelimit-reset-requests: DUR).\n");
+        "x-ratelimit-reset-requests: DUR), x-mock-stamp: 1 (every stream chunk carries\n"
+        "\"mock_sent_ns\", its CLOCK_MONOTONIC send time), x-mock-tls-record-size: N (TLS\n"
+        "records of at most N response bytes).\n");
 }
 
 static int die_usage(const char *opt, const char *val)
@@ -181,6 +183,8 @@ int main(int argc, char **argv)
         {"reset-after", required_argument, NULL, 'r'},
         {"stall", no_argument, NULL, 'S'},
         {"retry-after", required_argument, NULL, 'R'},
+        {"stamp", no_argument, NULL, 'T'},
+        {"tls-record-size", required_argument, NULL, 'z'},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
@@ -265,6 +269,14 @@ int main(int argc, char **argv)
             if (mock_parse_long(optarg, 0, 86400L * 365, &l) != 0)
                 return die_usage(lo, optarg);
             o->fault.retry_after = (int)l;
+            break;
+        case 'T':
+            o->fault.stamp = 1;
+            break;
+        case 'z':
+            if (mock_parse_long(optarg, 1, 16384, &l) != 0)
+                return die_usage(lo, optarg);
+            o->fault.tls_record = (size_t)l;
             break;
         case 'v':
             o->verbose = 1;
