@@ -634,7 +634,8 @@ static const char *body_end(struct upconn *u, enum parse_ev ev, const char *stop
 {
     u->complete = ev == PARSE_DONE;
     const char *bend = u->complete ? stop : end;
-    u->extra = bend < end;
+    /* TLS: records read ahead past the response count as bytes after it too */
+    u->extra = bend < end || (u->complete && u->tls_on && tls_conn_buffered(u->tls));
     if (u->decoding)
         bend = u->wcur;
     if (!u->complete)
@@ -724,11 +725,22 @@ static int on_data(struct upconn *u, const char *data, size_t n)
     return after_hand(u, rq->ops->on_head(rq->ctx, &r, body, (size_t)(bend - body), u->complete));
 }
 
-static ssize_t io_read(struct upconn *u, char *buf, size_t len)
+/* Reads the next response bytes and points *p at them: into buf + rlen while the head is
+ * gathered (it must be contiguous); after it, a TLS connection hands the decrypted record over
+ * where mbedTLS decrypted it, so body bytes go from the TLS buffer to the client write with no
+ * copy (they stay valid until the next read, which waits for a pending client write). */
+static ssize_t io_read(struct upconn *u, char **p)
 {
-    if (u->tls_on)
+    if (u->tls_on && u->head_done)
+        return tls_conn_read_inplace(u->tls, p);
+    char *buf = u->buf + u->rlen;
+    size_t len = u->up->data_size - u->rlen;
+    if (u->tls_on) {
+        *p = buf;
         return tls_conn_read(u->tls, buf, len);
+    }
     ssize_t n;
+    *p = buf;
     do
         n = read(u->fd, buf, len);
     while (n == -1 && errno == EINTR);
@@ -740,11 +752,12 @@ static void conn_read(struct upconn *u)
     struct shm_wb *wb = shm_wb(u->up->shm, (uint32_t)u->up->slot, (uint32_t)u->be->index);
 
     for (;;) {
+        char *data;
         if (!u->head_done && u->rlen >= u->up->data_size) {
             conn_fail(u, UPSTREAM_EPROTO); /* response head larger than a buffer */
             return;
         }
-        ssize_t n = io_read(u, u->buf + u->rlen, u->up->data_size - u->rlen);
+        ssize_t n = io_read(u, &data);
         if (n == TLS_WANT_READ) {
             if (u->perr) {
                 u->perr = 0;
@@ -773,11 +786,12 @@ static void conn_read(struct upconn *u)
         }
         u->got_bytes = 1;
         shm_counter_add(&wb->bytes_in, (uint64_t)n);
-        if (on_data(u, u->buf + u->rlen, (size_t)n))
+        if (on_data(u, data, (size_t)n))
             return;
-        /* one read per poll event, except bytes mbedTLS already decrypted, or when the poll
-         * was stopped by an error that only a later read will report */
-        if (!u->perr && (!u->tls_on || tls_conn_pending(u->tls) == 0))
+        /* one read per poll event, except bytes mbedTLS already decrypted or whole records
+         * read ahead, or when the poll was stopped by an error that only a later read will
+         * report */
+        if (!u->perr && (!u->tls_on || !tls_conn_pending(u->tls)))
             return;
     }
 }
