@@ -733,6 +733,9 @@ static ssize_t io_read(struct upconn *u, char **p)
 {
     if (u->tls_on && u->head_done)
         return tls_conn_read_inplace(u->tls, p);
+    /* a stream gives its buffer back between pieces (see conn_read) */
+    if (!u->buf && !(u->buf = buf_take(u->up)))
+        return -ENOMEM;
     char *buf = u->buf + u->rlen;
     size_t len = u->up->data_size - u->rlen;
     if (u->tls_on) {
@@ -763,10 +766,14 @@ static void conn_read(struct upconn *u)
                 u->perr = 0;
                 poll_set(u, UV_READABLE);
             }
-            return;
+            break;
         }
         if (n == TLS_WANT_WRITE) {
             poll_set(u, UV_READABLE | UV_WRITABLE);
+            break;
+        }
+        if (n == -ENOMEM) {
+            exchange_end(u, UPSTREAM_ENOMEM, 0);
             return;
         }
         if (n <= 0) {
@@ -775,7 +782,7 @@ static void conn_read(struct upconn *u)
                 llhttp_finish(&u->parser);
                 u->complete = 1;
                 struct upstream_req *rq = u->rq;
-                after_hand(u, rq->ops->on_body(rq->ctx, u->buf, 0, 1));
+                after_hand(u, rq->ops->on_body(rq->ctx, "", 0, 1));
                 return;
             }
             if (u->head_done)
@@ -792,7 +799,14 @@ static void conn_read(struct upconn *u)
          * read ahead, or when the poll was stopped by an error that only a later read will
          * report */
         if (!u->perr && (!u->tls_on || !tls_conn_pending(u->tls)))
-            return;
+            break;
+    }
+    /* Between the pieces of a body (an SSE stream waits seconds for the next) the buffer
+     * holds nothing: everything read went to the client. Back to the pool until the next
+     * piece arrives, so an open stream does not hold one. */
+    if (u->head_done) {
+        buf_give(u->up, u->buf);
+        u->buf = NULL;
     }
 }
 
