@@ -725,14 +725,38 @@ static int on_data(struct upconn *u, const char *data, size_t n)
     return after_hand(u, rq->ops->on_head(rq->ctx, &r, body, (size_t)(bend - body), u->complete));
 }
 
+/* TLS body bytes: a record is handed over where mbedTLS decrypted it, so it goes from the TLS
+ * buffer to the client write with no copy (valid until the next read, which waits for a
+ * pending client write). When more whole records are already waiting (a burst of SSE events,
+ * one record each), they are gathered into the connection's buffer instead: copying a few
+ * hundred bytes costs far less than a client write per record. */
+static ssize_t tls_body_read(struct upconn *u, char **p)
+{
+    ssize_t n = tls_conn_read_inplace(u->tls, p);
+    if (n <= 0 || !tls_conn_pending(u->tls))
+        return n;
+    if (!u->buf && !(u->buf = buf_take(u->up)))
+        return n; /* no buffer: one record at a time */
+    size_t len = (size_t)n, cap = u->up->data_size;
+    memcpy(u->buf, *p, len); /* a record's data (16 KB at most) fits a buffer */
+    while (len < cap && tls_conn_pending(u->tls)) {
+        ssize_t m = tls_conn_read(u->tls, u->buf + len, cap - len);
+        if (m < 0 && m != TLS_WANT_READ && m != TLS_WANT_WRITE)
+            return m; /* the connection is broken: what came before goes with it */
+        if (m <= 0)
+            break; /* an end is seen again by the next read */
+        len += (size_t)m;
+    }
+    *p = u->buf;
+    return (ssize_t)len;
+}
+
 /* Reads the next response bytes and points *p at them: into buf + rlen while the head is
- * gathered (it must be contiguous); after it, a TLS connection hands the decrypted record over
- * where mbedTLS decrypted it, so body bytes go from the TLS buffer to the client write with no
- * copy (they stay valid until the next read, which waits for a pending client write). */
+ * gathered (it must be contiguous), then wherever they are (TLS: tls_body_read). */
 static ssize_t io_read(struct upconn *u, char **p)
 {
     if (u->tls_on && u->head_done)
-        return tls_conn_read_inplace(u->tls, p);
+        return tls_body_read(u, p);
     /* a stream gives its buffer back between pieces (see conn_read) */
     if (!u->buf && !(u->buf = buf_take(u->up)))
         return -ENOMEM;
