@@ -50,7 +50,7 @@ bench: bench-deps build
 	./test/bench/bench.sh $(BUILD)
 
 bench-tls: bench-deps build
-	BENCH_TLS=1 BENCH_KINDS="$${BENCH_KINDS:-json sse}" ./test/bench/bench.sh $(BUILD)
+	BENCH_TLS=1 BENCH_KINDS="$${BENCH_KINDS:-json sse sse-rec}" ./test/bench/bench.sh $(BUILD)
 
 bench-streams: bench-deps build
 	./test/bench/streams.sh $(BUILD)

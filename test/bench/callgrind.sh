@@ -7,11 +7,13 @@
 # env:   CG_TLS=0|1      the mock upstream speaks HTTPS (test CA, verified, keep-alive)
 #        CG_KIND=json|sse  non-stream answer (597-byte body) or a stream of CG_SSE_CHUNKS events
 #        CG_SSE_CHUNKS=20 CG_SSE_INTERVAL=0  (ms between events; 0 = the stream in one write)
+#        CG_RECORD=N     TLS: the mock cuts its answers into records of N bytes
 #        CG_CLIENTS=1    keep-alive client connections, requests spread over them
 #        CG_N1=300 CG_N2=1300  requests in the short and the long run
 #        CG_PORT=18480   first of two loopback ports (mock, aigw)
 #        CG_TOP=25       functions listed (inclusive, per request); 0 = none
 #        CG_KEEP=DIR     keep the callgrind files there
+#        CG_MOCK=PATH    mock binary (default BUILD/test/mock/aigw-mock)
 set -u
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -26,7 +28,7 @@ N1=${CG_N1:-300}
 N2=${CG_N2:-1300}
 PORT0=${CG_PORT:-18480}
 TOP=${CG_TOP:-25}
-MOCK=$BUILD/test/mock/aigw-mock
+MOCK=${CG_MOCK:-$BUILD/test/mock/aigw-mock}
 AIGW=$(realpath "$BUILD/cmd/aigw")
 
 die() {
@@ -85,16 +87,19 @@ EOF
 
 # load N: N requests over CLIENTS keep-alive connections (each reads its whole answer).
 load() {
-    python3 - "$AIGW_PORT" "$1" "$CLIENTS" "$KIND" <<'EOF'
+    python3 - "$AIGW_PORT" "$1" "$CLIENTS" "$KIND" "${CG_RECORD:-}" <<'EOF'
 import http.client, sys, threading
 port, n, clients, kind = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+hdrs = {"Content-Type": "application/json"}
+if sys.argv[5]:
+    hdrs["x-mock-tls-record-size"] = sys.argv[5]
 body = ('{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}' if kind == "sse"
         else '{"model":"demo","messages":[{"role":"user","content":"hi"}]}')
 bad = []
 def run(count):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     for _ in range(count):
-        c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        c.request("POST", "/v1/chat/completions", body, hdrs)
         r = c.getresponse()
         data = r.read()
         if r.status != 200 or (kind == "sse" and not data.rstrip().endswith(b"[DONE]")):
