@@ -14,6 +14,8 @@
 #        STREAMS_WORKERS=2    aigw workers
 #        STREAMS_TARGETS="direct aigw"   also haproxy, nginx (one thread / worker each)
 #        STREAMS_PORT=18440   first of four loopback ports (mock, aigw, haproxy, nginx)
+#        STREAMS_PIN=0        1: the mock and the client on CPU 0, the proxy (all its workers) on
+#                             CPU 1, as make bench does (2+ CPUs)
 set -u
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -29,6 +31,12 @@ SOURCES=${STREAMS_SOURCES:-8}
 WORKERS=${STREAMS_WORKERS:-2}
 TARGETS=${STREAMS_TARGETS:-direct aigw}
 PORT0=${STREAMS_PORT:-18440}
+PIN=${STREAMS_PIN:-0}
+PIN_LOAD=() PIN_PROXY=()
+if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then
+    PIN_LOAD=(taskset -c 0)
+    PIN_PROXY=(taskset -c 1)
+fi
 MOCK=$BUILD/test/mock/aigw-mock
 LOAD=$BUILD/test/bench/sse-load
 AIGW=$(realpath "$BUILD/cmd/aigw" 2>/dev/null)
@@ -136,7 +144,7 @@ done
 
 # Streams outlast the run: opening, settling, measuring, and slack.
 CHUNKS=$(((N / RATE + SETTLE + DURATION + 30) * 1000 / INTERVAL))
-start mock "$MOCK" --listen "127.0.0.1:$MOCK_PORT" --name streams --stamp --chunks "$CHUNKS" \
+start mock "${PIN_LOAD[@]}" "$MOCK" --listen "127.0.0.1:$MOCK_PORT" --name streams --stamp --chunks "$CHUNKS" \
     --chunk-interval "${INTERVAL}ms"
 wait_port "$START_PID" "$MOCK_PORT" || die "aigw-mock did not start: $(tail -n 3 "$TMP/mock.log")"
 MOCK_PID=$START_PID
@@ -163,7 +171,7 @@ stream_idle_timeout = 30s
 [backend mock]
 url = http://127.0.0.1:$MOCK_PORT/v1
 EOF
-        start aigw bash -c "cd '$TMP' && exec '$AIGW' -c '$TMP/aigw.ini'"
+        start aigw bash -c "cd '$TMP' && exec ${PIN_PROXY[*]} '$AIGW' -c '$TMP/aigw.ini'"
         PROXY_PID=$START_PID
         wait_port "$PROXY_PID" "${PORT[aigw]}" || die "aigw did not start: $(tail -n 3 "$TMP/aigw.log")"
         WORKER_PIDS=$("$AIGWCTL" -s "$TMP/aigw.sock" show proc --json |
@@ -175,7 +183,7 @@ EOF
             -e "s|timeout client 30s|timeout client 120s|" \
             -e "s|timeout server 30s|timeout server 120s|" \
             "$BENCH_DIR/haproxy.cfg" >"$TMP/haproxy.cfg"
-        start haproxy haproxy -db -f "$TMP/haproxy.cfg"
+        start haproxy "${PIN_PROXY[@]}" haproxy -db -f "$TMP/haproxy.cfg"
         PROXY_PID=$START_PID
         wait_port "$PROXY_PID" "${PORT[haproxy]}" || die "haproxy did not start"
         WORKER_PIDS=$PROXY_PID
@@ -185,7 +193,7 @@ EOF
             -e "s|@SCHEME@|http|g" -e "s|@NGINX_TLS@|proxy_buffering off;|g" \
             -e "s|worker_connections 4096|worker_connections $((2 * N + 100))|" \
             "$BENCH_DIR/nginx.conf" >"$TMP/nginx.conf"
-        start nginx nginx -p "$TMP" -c "$TMP/nginx.conf"
+        start nginx "${PIN_PROXY[@]}" nginx -p "$TMP" -c "$TMP/nginx.conf"
         PROXY_PID=$START_PID
         wait_port "$PROXY_PID" "${PORT[nginx]}" || die "nginx did not start"
         WORKER_PIDS=$(pgrep -P "$PROXY_PID" | tr '\n' ' ')
@@ -202,7 +210,7 @@ for t in $TARGETS; do
     # shellcheck disable=SC2086
     rss0=$([ -n "$WORKER_PIDS" ] && rss_kb $WORKER_PIDS)
     echo "streams: $t: opening $N streams ($RATE/s), then measuring ${DURATION}s ..." >&2
-    "$LOAD" --port "${PORT[$t]}" --streams "$N" --sources "$SOURCES" --rate "$RATE" \
+    "${PIN_LOAD[@]}" "$LOAD" --port "${PORT[$t]}" --streams "$N" --sources "$SOURCES" --rate "$RATE" \
         --settle "$SETTLE" --duration "$DURATION" >"$TMP/load-$t.out" 2>"$TMP/load-$t.err" &
     lp=$!
     # memory once every stream is open and flowing
@@ -246,7 +254,7 @@ field() { # LINE KEY
 {
     echo "# aigw make bench-streams, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $(git describe --always --dirty 2>/dev/null)"
     echo "# $N streams, a chunk every ${INTERVAL} ms each (aigw-mock --stamp), measured ${DURATION} s;" \
-        "aigw workers = $WORKERS; $(nproc) CPUs, no pinning;"
+        "aigw workers = $WORKERS; $(nproc) CPUs, $([ ${#PIN_PROXY[@]} -gt 0 ] && echo "mock + client on CPU 0, proxy on CPU 1" || echo "no pinning");"
     echo "# load average before: $LOAD_AVG_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg)"
     printf '%-8s %7s %6s %9s %8s %8s %8s %8s %9s %6s %5s %6s\n' target streams failed chunks/s \
         p50 p90 p99 p99.9 max proxy mock client
