@@ -58,7 +58,7 @@ def test_tls_tiny_records(env):
               f"{len(text)} content bytes against {len(want)}")
 
 
-def _slow_read(port, req, pause=0.25, rounds=6):
+def _slow_read(port, req, pause=0.2, rounds=4):
     """Sends req with a small receive buffer, then reads a little and pauses a few times so the
     gateway's writes to this client have to wait, and finally reads the whole response."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -95,8 +95,8 @@ def test_tls_slow_client_big_answers(env):
     """Multi-megabyte answers from an HTTPS upstream to a client that reads slowly: the
     gateway's writes wait while the bytes they carry sit in the TLS buffer, and every byte
     arrives intact, as a JSON body in 16 KB records and as a stream of many events."""
-    big = 3 << 20
-    m = env.mock("tls", "--content-bytes", big, "--chunks", 3000, "--chunk-interval", "0",
+    big = 3 << 20  # loopback socket buffers take 1 MB whole: 3 MB makes the writes wait
+    m = env.mock("tls", "--content-bytes", big, "--chunks", 1000, "--chunk-interval", "0",
                  tls=True)
     ca = os.path.join(env.certs(), "ca.crt")
     gw = env.gateway([("tls", m.url, {"ca_file": ca})], workers=1, pool={"check": "no"})
