@@ -12,9 +12,10 @@ ASAN_BUILD := build-asan
 MESON_OPTS := --buildtype=debugoptimized
 ASAN_OPTS := --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false
 
-SRC_DIRS := cmd core balancer health shm test/unit test/mock test/fuzz
+SRC_DIRS := cmd core balancer health shm test/unit test/mock test/fuzz test/bench
 
-.PHONY: all deps bench-deps build asan run test unit integration bench fuzz fmt fmt-check clean
+.PHONY: all deps bench-deps build asan run test unit integration bench bench-tls bench-streams \
+        soak fuzz fmt fmt-check clean
 
 all: build
 
@@ -44,8 +45,21 @@ run: build
 test: build asan
 	./test/run.sh $(BUILD) $(ASAN_BUILD)
 
+# aigw, HAProxy and nginx side by side (BENCHMARKS.md). bench-tls: the same with the upstream
+# over HTTPS, non-stream and SSE answers. bench-streams: 10,000 SSE streams through 2 workers.
 bench: bench-deps build
 	./test/bench/bench.sh $(BUILD)
+
+bench-tls: bench-deps build
+	BENCH_TLS=1 BENCH_KINDS="$${BENCH_KINDS:-json sse sse-rec}" ./test/bench/bench.sh $(BUILD)
+
+bench-streams: bench-deps build
+	./test/bench/streams.sh $(BUILD)
+
+# Mixed traffic with a backend killed every minute, SOAK_SECONDS long (shorter to try it).
+SOAK_SECONDS ?= 600
+soak: build
+	SOAK_SECONDS=$(SOAK_SECONDS) ./test/bench/soak.py --build $(BUILD)
 
 # Open-ended coverage-guided fuzzing of each target with clang's libFuzzer (FUZZ_SECONDS each).
 FUZZ_SECONDS ?= 60

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 #include <mbedtls/ssl.h>
@@ -34,13 +35,23 @@ int tls_client_init(struct tls_client *t, const char *sni, const char *ca_file, 
                     char **err);
 void tls_client_free(struct tls_client *t);
 
-/* One TLS connection over a connected non-blocking socket. */
+/* Ciphertext read from the socket ahead of what mbedTLS asked for: a record's header and body
+ * (and often the records after it) come in with one recv instead of two. Room for a whole
+ * record of the usual maximum size (16 KB of data; a few bytes of it go to the next recv), as
+ * OpenSSL's read buffer; mbedTLS itself keeps about 33 KB per connection. */
+#define TLS_RBUF_SIZE 16384
+
+/* One TLS connection over a connected non-blocking socket. Must not move once initialised
+ * (mbedTLS's BIO callbacks point at it). */
 struct tls_conn {
     mbedtls_ssl_context ssl;
     struct tls_client *cli;
     int fd;
     int handshake_done;
-    int close_notify; /* the peer ended the connection with close_notify (a clean TLS end) */
+    int close_notify;    /* the peer ended the connection with close_notify (a clean TLS end) */
+    int eof;             /* the socket read returned 0 */
+    uint32_t roff, rlen; /* unread ciphertext: rbuf[roff, rlen) */
+    unsigned char rbuf[TLS_RBUF_SIZE];
 };
 
 /* Prepares c for fd, offering the cached session of cli for resumption. 0 or -errno. */
@@ -52,11 +63,20 @@ int tls_conn_handshake(struct tls_conn *c);
  * error. After a 0, close_notify says whether the close was clean or the transport just ended
  * (which truncates a body delimited by the close). */
 ssize_t tls_conn_read(struct tls_conn *c, void *buf, size_t len);
+/* As tls_conn_read, without copying: *p points at the decrypted bytes inside mbedTLS's record
+ * buffer (writable), which count as read and stay valid until the next read or handshake call
+ * on c, or tls_conn_free. */
+ssize_t tls_conn_read_inplace(struct tls_conn *c, char **p);
 /* Bytes written (> 0), TLS_WANT_READ/WRITE, or another negative on error. mbedTLS requires a
  * call that returned WANT_* to be repeated with the same buffer and length. */
 ssize_t tls_conn_write(struct tls_conn *c, const void *buf, size_t len);
-/* Bytes already decrypted and waiting inside mbedTLS (read them before polling again). */
-size_t tls_conn_pending(const struct tls_conn *c);
+/* Whether a read would return bytes without waiting for the socket: decrypted bytes inside
+ * mbedTLS, or a whole record already read ahead (read them before polling again). */
+int tls_conn_pending(const struct tls_conn *c);
+/* Bytes received and not read yet: ciphertext read ahead, plaintext decrypted and not read. */
+size_t tls_conn_buffered(const struct tls_conn *c);
+/* Name of the negotiated cipher suite ("?" before the handshake). */
+const char *tls_conn_ciphersuite(const struct tls_conn *c);
 void tls_conn_free(struct tls_conn *c);
 
 /* Text for a failed call's return value (and the verify flags when it was a certificate). */

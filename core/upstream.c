@@ -708,7 +708,8 @@ static const char *body_end(struct upconn *u, enum parse_ev ev, const char *stop
 {
     u->complete = ev == PARSE_DONE;
     const char *bend = u->complete ? stop : end;
-    u->extra = bend < end;
+    /* TLS: records read ahead past the response count as bytes after it too */
+    u->extra = bend < end || (u->complete && u->tls_on && tls_conn_buffered(u->tls));
     if (u->decoding)
         bend = u->wcur;
     if (!u->complete)
@@ -802,11 +803,49 @@ static int on_data(struct upconn *u, const char *data, size_t n)
     return after_hand(u, rq->ops->on_head(rq->ctx, &r, body, (size_t)(bend - body), u->complete));
 }
 
-static ssize_t io_read(struct upconn *u, char *buf, size_t len)
+/* TLS body bytes: a record is handed over where mbedTLS decrypted it, so it goes from the TLS
+ * buffer to the client write with no copy (valid until the next read, which waits for a
+ * pending client write). When more whole records are already waiting (a burst of SSE events,
+ * one record each), they are gathered into the connection's buffer instead: copying a few
+ * hundred bytes costs far less than a client write per record. */
+static ssize_t tls_body_read(struct upconn *u, char **p)
 {
-    if (u->tls_on)
+    ssize_t n = tls_conn_read_inplace(u->tls, p);
+    if (n <= 0 || !tls_conn_pending(u->tls))
+        return n;
+    if (!u->buf && !(u->buf = buf_take(u->up)))
+        return n; /* no buffer: one record at a time */
+    size_t len = (size_t)n, cap = u->up->data_size;
+    memcpy(u->buf, *p, len); /* a record's data (16 KB at most) fits a buffer */
+    while (len < cap && tls_conn_pending(u->tls)) {
+        ssize_t m = tls_conn_read(u->tls, u->buf + len, cap - len);
+        if (m < 0 && m != TLS_WANT_READ && m != TLS_WANT_WRITE)
+            return m; /* the connection is broken: what came before goes with it */
+        if (m <= 0)
+            break; /* an end is seen again by the next read */
+        len += (size_t)m;
+    }
+    *p = u->buf;
+    return (ssize_t)len;
+}
+
+/* Reads the next response bytes and points *p at them: into buf + rlen while the head is
+ * gathered (it must be contiguous), then wherever they are (TLS: tls_body_read). */
+static ssize_t io_read(struct upconn *u, char **p)
+{
+    if (u->tls_on && u->head_done)
+        return tls_body_read(u, p);
+    /* a stream gives its buffer back between pieces (see conn_read) */
+    if (!u->buf && !(u->buf = buf_take(u->up)))
+        return -ENOMEM;
+    char *buf = u->buf + u->rlen;
+    size_t len = u->up->data_size - u->rlen;
+    if (u->tls_on) {
+        *p = buf;
         return tls_conn_read(u->tls, buf, len);
+    }
     ssize_t n;
+    *p = buf;
     do
         n = read(u->fd, buf, len);
     while (n == -1 && errno == EINTR);
@@ -818,20 +857,25 @@ static void conn_read(struct upconn *u)
     struct shm_wb *wb = u->be->wb;
 
     for (;;) {
+        char *data;
         if (!u->head_done && u->rlen >= u->up->data_size) {
             conn_fail(u, UPSTREAM_EPROTO); /* response head larger than a buffer */
             return;
         }
-        ssize_t n = io_read(u, u->buf + u->rlen, u->up->data_size - u->rlen);
+        ssize_t n = io_read(u, &data);
         if (n == TLS_WANT_READ) {
             if (u->perr) {
                 u->perr = 0;
                 poll_set(u, UV_READABLE);
             }
-            return;
+            break;
         }
         if (n == TLS_WANT_WRITE) {
             poll_set(u, UV_READABLE | UV_WRITABLE);
+            break;
+        }
+        if (n == -ENOMEM) {
+            exchange_end(u, UPSTREAM_ENOMEM, 0);
             return;
         }
         if (n <= 0) {
@@ -842,7 +886,7 @@ static void conn_read(struct upconn *u)
                 llhttp_finish(&u->parser);
                 u->complete = 1;
                 struct upstream_req *rq = u->rq;
-                after_hand(u, rq->ops->on_body(rq->ctx, u->buf, 0, 1));
+                after_hand(u, rq->ops->on_body(rq->ctx, "", 0, 1));
                 return;
             }
             if (u->head_done)
@@ -853,12 +897,20 @@ static void conn_read(struct upconn *u)
         }
         if (wb)
             shm_counter_add(&wb->bytes_in, (uint64_t)n);
-        if (on_data(u, u->buf + u->rlen, (size_t)n))
+        if (on_data(u, data, (size_t)n))
             return;
-        /* one read per poll event, except bytes mbedTLS already decrypted, or when the poll
-         * was stopped by an error that only a later read will report */
-        if (!u->perr && (!u->tls_on || tls_conn_pending(u->tls) == 0))
-            return;
+        /* one read per poll event, except bytes mbedTLS already decrypted or whole records
+         * read ahead, or when the poll was stopped by an error that only a later read will
+         * report */
+        if (!u->perr && (!u->tls_on || !tls_conn_pending(u->tls)))
+            break;
+    }
+    /* Between the pieces of a body (an SSE stream waits seconds for the next) the buffer
+     * holds nothing: everything read went to the client. Back to the pool until the next
+     * piece arrives, so an open stream does not hold one. */
+    if (u->head_done) {
+        buf_give(u->up, u->buf);
+        u->buf = NULL;
     }
 }
 

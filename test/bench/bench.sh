@@ -13,6 +13,17 @@
 #        BENCH_PROXY_CPU=1 BENCH_LOAD_CPU=0   taskset CPUs (proxy; wrk + mock); "" = no pinning
 #        BENCH_MOCK=PATH     mock binary (default BUILD/test/mock/aigw-mock)
 #        BENCH_REQUIRE_AIGW=1  fail instead of skipping the aigw leg when aigw does not answer
+#        BENCH_AIGW_BASE=PATH  another aigw binary (e.g. of the main branch) measured as target
+#                            "base" in the same run, for before/after comparisons
+#        BENCH_TLS=1         the upstream speaks HTTPS (test certificate, verified by every proxy;
+#                            keep-alive and session reuse on every side); wrk still speaks HTTP
+#        BENCH_KINDS="json"  request kinds, one table each: json (non-stream chat.completion),
+#                            sse (stream: true, BENCH_SSE_CHUNKS content events), sse-rec (the same
+#                            stream in TLS records of BENCH_SSE_RECORD bytes, as an upstream that
+#                            sends each event as it is made; same as sse over plain HTTP)
+#        BENCH_SSE_CHUNKS=20 BENCH_SSE_INTERVAL=0  content events per stream and the mock's pause
+#                            between them (0: the whole stream in one write, ms otherwise)
+#        BENCH_SSE_RECORD=200  sse-rec: bytes per TLS record
 set -u
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -25,6 +36,8 @@ WARMUP=${BENCH_WARMUP:-2s}
 CONNS=${BENCH_CONNS:-50 256}
 REPEAT=${BENCH_REPEAT:-3}
 WANT=" ${BENCH_TARGETS:-haproxy nginx aigw} "
+BASE_AIGW=${BENCH_AIGW_BASE:-}
+[ -n "$BASE_AIGW" ] && WANT="$WANT base "
 PORT0=${BENCH_PORT:-18400}
 BODY_BYTES=${BENCH_BODY_BYTES:-600}
 MOCK=${BENCH_MOCK:-$BUILD/test/mock/aigw-mock}
@@ -36,8 +49,17 @@ MOCK_PORT=$PORT0
 AIGW_PORT=$((PORT0 + 1))
 HAPROXY_PORT=$((PORT0 + 2))
 NGINX_PORT=$((PORT0 + 3))
+BASE_PORT=$((PORT0 + 4))
+
+TLS=${BENCH_TLS:-0}
+KINDS=${BENCH_KINDS:-json}
+SSE_CHUNKS=${BENCH_SSE_CHUNKS:-20}
+SSE_INTERVAL=${BENCH_SSE_INTERVAL:-0}
+SSE_RECORD=${BENCH_SSE_RECORD:-200}
+export BENCH_SSE_RECORD=$SSE_RECORD # read by chat-sse.lua for sse-rec
 
 REQ_BODY='{"model":"demo","messages":[{"role":"user","content":"hi"}]}'
+SSE_BODY='{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 REQ_PATH=/v1/chat/completions
 
 die() {
@@ -58,6 +80,14 @@ for d in "$DURATION" "$WARMUP"; do
 done
 [ "$(secs "$DURATION")" -gt 0 ] || die "BENCH_DURATION must be > 0"
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "bad BENCH_REPEAT '$REPEAT'"
+[[ $TLS =~ ^[01]$ ]] || die "bad BENCH_TLS '$TLS' (0 or 1)"
+for k in $KINDS; do
+    [[ $k == json || $k == sse || $k == sse-rec ]] ||
+        die "bad kind '$k' in BENCH_KINDS (json, sse, sse-rec)"
+done
+[[ $SSE_CHUNKS =~ ^[0-9]+$ ]] || die "bad BENCH_SSE_CHUNKS '$SSE_CHUNKS'"
+[[ $SSE_INTERVAL =~ ^[0-9]+$ ]] || die "bad BENCH_SSE_INTERVAL '$SSE_INTERVAL' (ms)"
+[[ $SSE_RECORD =~ ^[1-9][0-9]*$ ]] || die "bad BENCH_SSE_RECORD '$SSE_RECORD'"
 
 # --- processes: every one we start is remembered and killed, with its children, on exit --------
 
@@ -134,21 +164,31 @@ port_free() {
     [ -z "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]
 }
 
-# check_target PORT: one request as wrk sends it; sets CHECK_MSG; succeeds on a 200
-# chat.completion JSON body. Sets CHECK_SIZE to the body size.
+# check_target PORT [KIND] [URL]: one request as wrk sends it; sets CHECK_MSG; succeeds on a 200
+# chat.completion JSON body (json) or an SSE stream of chunks ending in [DONE] (sse, sse-rec). Sets
+# CHECK_SIZE to the body size. URL defaults to plain HTTP on 127.0.0.1:PORT.
 check_target() {
-    local out code
-    out=$(curl -sS -m 5 -o "$TMP/check.body" -w '%{http_code} %{size_download}' -X POST \
-        -H 'Content-Type: application/json' --data "$REQ_BODY" \
-        "http://127.0.0.1:$1$REQ_PATH" 2>&1)
+    local out code kind=${2:-json} url=${3:-http://127.0.0.1:$1$REQ_PATH} body=$REQ_BODY
+    local tls=() hdr=()
+    [ "$kind" != json ] && body=$SSE_BODY
+    [ "$kind" = sse-rec ] && hdr=(-H "x-mock-tls-record-size: $SSE_RECORD")
+    [[ $url == https:* ]] && tls=(--cacert "$CERTS/ca.crt")
+    out=$(curl -sS -m 10 "${tls[@]}" -o "$TMP/check.body" -w '%{http_code} %{size_download}' \
+        -X POST -H 'Content-Type: application/json' "${hdr[@]}" --data "$body" "$url" 2>&1)
     code=${out%% *}
     CHECK_SIZE=${out##* }
     if [ "$code" != 200 ]; then
-        CHECK_MSG="POST $REQ_PATH: ${out} $(head -c 300 "$TMP/check.body" 2>/dev/null)"
+        CHECK_MSG="POST $url ($kind): ${out} $(head -c 300 "$TMP/check.body" 2>/dev/null)"
         return 1
     fi
-    if ! grep -q '"chat.completion"' "$TMP/check.body"; then
-        CHECK_MSG="POST $REQ_PATH: 200 but not a chat.completion: $(head -c 300 "$TMP/check.body")"
+    if [ "$kind" != json ]; then
+        if ! grep -q '"chat.completion.chunk"' "$TMP/check.body" ||
+            [ "$(tail -c 14 "$TMP/check.body" | tr -d '\n')" != "data: [DONE]" ]; then
+            CHECK_MSG="POST $url: 200 but not an SSE stream ending in [DONE]: $(head -c 300 "$TMP/check.body")"
+            return 1
+        fi
+    elif ! grep -q '"chat.completion"' "$TMP/check.body"; then
+        CHECK_MSG="POST $url: 200 but not a chat.completion: $(head -c 300 "$TMP/check.body")"
         return 1
     fi
     CHECK_MSG=ok
@@ -161,16 +201,28 @@ for t in wrk haproxy nginx curl taskset pgrep ss; do
     command -v $t >/dev/null || die "$t not found (make bench-deps installs it)"
 done
 [ -x "$MOCK" ] || die "mock not found: $MOCK (ninja -C $BUILD)"
-for p in $MOCK_PORT $AIGW_PORT $HAPROXY_PORT $NGINX_PORT; do
+for p in $MOCK_PORT $AIGW_PORT $HAPROXY_PORT $NGINX_PORT $BASE_PORT; do
     port_free "$p" || die "port 127.0.0.1:$p is in use (set BENCH_PORT to another base)"
 done
 mkdir -p "$OUT_DIR" || die "cannot create $OUT_DIR"
+
+# HTTPS upstream: a test CA and a certificate for localhost / 127.0.0.1 (made once, kept).
+CERTS=$(realpath "$OUT_DIR")/certs
+SCHEME=http
+MOCK_TLS_ARGS=()
+if [ "$TLS" = 1 ]; then
+    "$ROOT/test/mock/gen-certs.sh" "$CERTS" || die "cannot make test certificates in $CERTS"
+    SCHEME=https
+    MOCK_TLS_ARGS=(--tls-cert "$CERTS/server.crt" --tls-key "$CERTS/server.key")
+fi
+MOCK_URL=$SCHEME://127.0.0.1:$MOCK_PORT$REQ_PATH
 
 # --- mock: sized so that a chat.completion body is about BODY_BYTES ------------------------------
 
 start_mock() {
     start mock $PIN_LOAD "$MOCK" --listen "127.0.0.1:$MOCK_PORT" --name bench \
-        --created 1700000000 --content-bytes "$1"
+        --created 1700000000 --content-bytes "$1" --chunks "$SSE_CHUNKS" \
+        --chunk-interval "${SSE_INTERVAL}ms" "${MOCK_TLS_ARGS[@]}"
     MOCK_PID=$START_PID
     wait_port "$MOCK_PID" "$MOCK_PORT" || {
         log_tail mock
@@ -195,7 +247,7 @@ stop_pid() {
 content=64
 for _ in 1 2 3; do
     start_mock "$content"
-    check_target "$MOCK_PORT" || die "aigw-mock does not answer: $CHECK_MSG"
+    check_target "$MOCK_PORT" json "$MOCK_URL" || die "aigw-mock does not answer: $CHECK_MSG"
     next=$((content + BODY_BYTES - CHECK_SIZE))
     [ "$next" -lt 1 ] && next=1
     [ "$next" = "$content" ] && break
@@ -204,16 +256,41 @@ for _ in 1 2 3; do
 done
 kill -0 "$MOCK_PID" 2>/dev/null || {
     start_mock "$content"
-    check_target "$MOCK_PORT" || die "aigw-mock does not answer: $CHECK_MSG"
+    check_target "$MOCK_PORT" json "$MOCK_URL" || die "aigw-mock does not answer: $CHECK_MSG"
 }
-RESP_SIZE=$CHECK_SIZE
-echo "mock: 127.0.0.1:$MOCK_PORT, --content-bytes $content, chat.completion body $RESP_SIZE bytes"
+declare -A RESP_SIZES
+RESP_SIZES[json]=$CHECK_SIZE
+for k in $KINDS; do
+    check_target "$MOCK_PORT" "$k" "$MOCK_URL" || die "aigw-mock does not answer: $CHECK_MSG"
+    RESP_SIZES[$k]=$CHECK_SIZE
+done
+RESP_SIZE=${RESP_SIZES[json]}
+echo "mock: $SCHEME://127.0.0.1:$MOCK_PORT, --content-bytes $content, chat.completion body $RESP_SIZE bytes"
 
 # --- proxies -------------------------------------------------------------------------------------
 
+# fill FILE PORT [OUT]: the configuration with @VARS@ filled in, as $TMP/OUT (default FILE). The @..._TLS@ lines carry what each
+# proxy needs to reach the mock over HTTPS (empty for plain HTTP).
 fill() {
+    local h_tls="" n_tls="" a_tls=""
+    if [ "$TLS" = 1 ]; then
+        h_tls="ssl verify required ca-file $CERTS/ca.crt sni str(localhost) verifyhost localhost"
+        n_tls="proxy_ssl_verify on; proxy_ssl_trusted_certificate $CERTS/ca.crt;"
+        n_tls="$n_tls proxy_ssl_name localhost; proxy_ssl_server_name on;"
+        n_tls="$n_tls proxy_ssl_session_reuse on;"
+        a_tls="ca_file = $CERTS/ca.crt"
+    fi
     sed -e "s|@PORT@|$2|g" -e "s|@MOCK_PORT@|$MOCK_PORT|g" -e "s|@TMP@|$TMP|g" \
-        "$BENCH_DIR/$1" >"$TMP/$1"
+        -e "s|@SCHEME@|$SCHEME|g" -e "s|@HAPROXY_TLS@|$h_tls|g" -e "s|@NGINX_TLS@|$n_tls|g" \
+        -e "s|@AIGW_TLS@|$a_tls|g" "$BENCH_DIR/$1" >"$TMP/${3:-$1}"
+}
+
+# check_kinds PORT: every kind of request through the target on PORT.
+check_kinds() {
+    local k
+    for k in $KINDS; do
+        check_target "$1" "$k" || return 1
+    done
 }
 
 declare -A PROXY_PID PROXY_PORT
@@ -235,7 +312,7 @@ haproxy_leg() {
         log_tail haproxy
         die "haproxy did not start on 127.0.0.1:$HAPROXY_PORT"
     }
-    check_target "$HAPROXY_PORT" || die "haproxy does not proxy: $CHECK_MSG"
+    check_kinds "$HAPROXY_PORT" || die "haproxy does not proxy: $CHECK_MSG"
     TARGETS+=(haproxy)
 }
 
@@ -252,7 +329,7 @@ nginx_leg() {
         log_tail nginx
         die "nginx did not start on 127.0.0.1:$NGINX_PORT"
     }
-    check_target "$NGINX_PORT" || die "nginx does not proxy: $CHECK_MSG"
+    check_kinds "$NGINX_PORT" || die "nginx does not proxy: $CHECK_MSG"
     TARGETS+=(nginx)
 }
 
@@ -279,11 +356,23 @@ aigw_leg() {
         AIGW_SKIP="not listening on 127.0.0.1:$AIGW_PORT: $(tail -n 3 "$TMP/aigw.log" | tr '\n' ' ')"
         return 1
     fi
-    if ! check_target "$AIGW_PORT"; then
+    if ! check_kinds "$AIGW_PORT"; then
         AIGW_SKIP=$CHECK_MSG
         return 1
     fi
     TARGETS+=(aigw)
+}
+# The "base" leg: another aigw binary with the same configuration, for before/after.
+base_leg() {
+    [ -x "$BASE_AIGW" ] || die "BENCH_AIGW_BASE: $BASE_AIGW is not an executable"
+    fill aigw.ini "$BASE_PORT" base.ini
+    sed -i "s|aigw.sock|base.sock|" "$TMP/base.ini"
+    start base bash -c "cd '$TMP' && exec $PIN_PROXY '$(realpath "$BASE_AIGW")' -c '$TMP/base.ini'"
+    PROXY_PID[base]=$START_PID
+    PROXY_PORT[base]=$BASE_PORT
+    wait_port "$START_PID" "$BASE_PORT" || die "base aigw did not start: $(tail -n 3 "$TMP/base.log")"
+    check_kinds "$BASE_PORT" || die "base aigw does not proxy: $CHECK_MSG"
+    TARGETS+=(base)
 }
 [[ $WANT == *" haproxy "* ]] && haproxy_leg
 [[ $WANT == *" nginx "* ]] && nginx_leg
@@ -292,6 +381,7 @@ if [[ $WANT == *" aigw "* ]] && ! aigw_leg; then
     [ "${BENCH_REQUIRE_AIGW:-0}" = 1 ] && exit 1
     [ -n "${PROXY_PID[aigw]:-}" ] && stop_pid "${PROXY_PID[aigw]}"
 fi
+[[ $WANT == *" base "* ]] && base_leg
 
 # --- load ----------------------------------------------------------------------------------------
 
@@ -318,11 +408,15 @@ core_ticks() {
     echo "$(($2 + $3 + $4 + $7 + $8 + $9)) $(($2 + $3 + $4 + $5 + $6 + $7 + $8 + $9))"
 }
 
-# run_wrk TARGET CONNS DURATION OUTFILE
+# run_wrk TARGET CONNS DURATION OUTFILE: requests of kind $KIND (wrk speaks HTTPS to the mock
+# itself when the upstream is HTTPS, HTTP to the proxies).
 run_wrk() {
-    local limit=$(($(secs "$3") + 30))
-    timeout -k 5 "$limit" $PIN_LOAD wrk -t1 -c"$2" -d"$3" --latency -s "$BENCH_DIR/chat.lua" \
-        "http://127.0.0.1:${PROXY_PORT[$1]}$REQ_PATH" >"$4" 2>&1
+    local limit=$(($(secs "$3") + 30)) script=$BENCH_DIR/chat.lua url
+    [ "$KIND" != json ] && script=$BENCH_DIR/chat-sse.lua
+    export BENCH_KIND=$KIND
+    url="http://127.0.0.1:${PROXY_PORT[$1]}$REQ_PATH"
+    [ "$1" = mock ] && url=$MOCK_URL
+    timeout -k 5 "$limit" $PIN_LOAD wrk -t1 -c"$2" -d"$3" --latency -s "$script" "$url" >"$4" 2>&1
 }
 
 GIT_REV=$(git describe --always --dirty 2>/dev/null || echo unknown)
@@ -331,20 +425,25 @@ GIT_REV=$(git describe --always --dirty 2>/dev/null || echo unknown)
     echo "# $(uname -srm), $NCPU CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'))"
     echo "# proxy CPU: ${PROXY_CPU:-any}, wrk + mock CPU: ${LOAD_CPU:-any};" \
         "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "# wrk -t1 -cN -d$DURATION --latency (warm-up $WARMUP), POST $REQ_PATH ${#REQ_BODY} bytes,"
-    echo "# response body $RESP_SIZE bytes; $(wrk -v 2>&1 | head -n1 | cut -d' ' -f1-2); $(haproxy -v | head -n1 | cut -d' ' -f1-3); $(nginx -v 2>&1)"
+    echo "# upstream: aigw-mock over $SCHEME$([ "$TLS" = 1 ] && echo " (TLS 1.2, verified, keep-alive, session reuse)")"
+    echo "# wrk -t1 -cN -d$DURATION --latency (warm-up $WARMUP), POST $REQ_PATH ${#REQ_BODY} bytes (json),"
+    [[ " $KINDS " == *" sse"* ]] && echo "# sse: ${#SSE_BODY} bytes, stream of $SSE_CHUNKS content events" \
+        "($([ "$SSE_INTERVAL" = 0 ] && echo "one write" || echo "${SSE_INTERVAL} ms apart")), ${RESP_SIZES[sse]:-${RESP_SIZES[sse-rec]}} bytes;" \
+        "sse-rec: the same in TLS records of $SSE_RECORD bytes"
+    echo "# json response body $RESP_SIZE bytes; $(wrk -v 2>&1 | head -n1 | cut -d' ' -f1-2); $(haproxy -v | head -n1 | cut -d' ' -f1-3); $(nginx -v 2>&1)"
     [ -n "$AIGW_SKIP" ] && echo "# aigw not working: $AIGW_SKIP"
 } >"$TMP/header"
 
 : >"$TMP/raw"
 FAILED=0
-# measure TARGET CONNS REP: one warm-up and one measured wrk run; stores the figures under
-# "TARGET:CONNS:REP" in the arrays below (rates and percentages already formatted).
-declare -A RPS P50 P99 CPU CORE PERCPU ERR
+# measure TARGET CONNS REP: one warm-up and one measured wrk run of kind $KIND; stores the
+# figures under "KIND/TARGET:CONNS:REP" in the arrays below (rates and percentages already
+# formatted).
+declare -A RPS P50 P99 CPU CORE PERCPU ERR USREQ
 measure() {
-    local t=$1 c=$2 k="$1:$2:$3" tcpu rc b0 a0 b1 a1 t0 t1 line kv errs
+    local t=$1 c=$2 k="$KIND/$1:$2:$3" tcpu rc b0 a0 b1 a1 t0 t1 line kv errs
     local -A f=()
-    echo "bench: $t, $c connections, $DURATION (run $3 of $REPEAT) ..." >&2
+    echo "bench: $KIND, $t, $c connections, $DURATION (run $3 of $REPEAT) ..." >&2
     if [ "$(secs "$WARMUP")" -gt 0 ]; then
         run_wrk "$t" "$c" "$WARMUP" "$TMP/warmup.out"
     fi
@@ -357,13 +456,13 @@ measure() {
     t1=$(cpu_ticks "${PROXY_PID[$t]}")
     read -r b1 a1 <<<"$(core_ticks "$tcpu")"
     {
-        echo "## $t, $c connections, run $3 (wrk exit $rc)"
+        echo "## $KIND, $t, $c connections, run $3 (wrk exit $rc)"
         cat "$TMP/wrk.out"
         echo
     } >>"$TMP/raw"
     line=$(grep '^BENCH ' "$TMP/wrk.out")
     if [ $rc -ne 0 ] || [ -z "$line" ]; then
-        echo "bench: wrk failed against $t ($c connections), exit $rc:" >&2
+        echo "bench: wrk failed against $t ($KIND, $c connections), exit $rc:" >&2
         sed 's/^/    /' "$TMP/wrk.out" | tail -n 10 >&2
         FAILED=1
         return
@@ -374,6 +473,10 @@ measure() {
     P99[$k]=$(awk -v u="${f[p99_us]}" 'BEGIN { printf "%.2fms", u / 1000 }')
     CPU[$k]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v d="${f[duration_us]}" \
         'BEGIN { printf "%.0f%%", t / hz * 100 / (d / 1e6) }')
+    # CPU time of the target's own processes per request (user + system, not softirq): how much
+    # work a request costs it, which other work on the machine hardly changes.
+    USREQ[$k]=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v n="${f[requests]}" \
+        'BEGIN { if (n > 0) printf "%.1f", t / hz * 1e6 / n; else printf "-" }')
     CORE[$k]=$(awk -v b=$((b1 - b0)) -v a=$((a1 - a0)) \
         'BEGIN { if (a > 0) printf "%.0f%%", b * 100 / a; else printf "-" }')
     # Requests per busy second of the proxy's core: compares efficiency even when the load side,
@@ -387,10 +490,10 @@ measure() {
     fi
     errs=$((f[status] + f[connect] + f[read] + f[write] + f[timeout]))
     ERR[$k]=$errs
-    echo "=> $t $c run $3: ${RPS[$k]} req/s, p50 ${P50[$k]}, p99 ${P99[$k]}, cpu ${CPU[$k]}," \
-        "core ${CORE[$k]}, ${PERCPU[$k]} req/core-s, $errs errors" >>"$TMP/raw"
+    echo "=> $KIND $t $c run $3: ${RPS[$k]} req/s, p50 ${P50[$k]}, p99 ${P99[$k]}, cpu ${CPU[$k]}," \
+        "core ${CORE[$k]}, ${PERCPU[$k]} req/core-s, ${USREQ[$k]} us/req, $errs errors" >>"$TMP/raw"
     if [ "$errs" -gt 0 ]; then
-        echo "bench: $t ($c connections): ${f[status]} non-2xx/3xx responses, socket errors" \
+        echo "bench: $t ($KIND, $c connections): ${f[status]} non-2xx/3xx responses, socket errors" \
             "connect ${f[connect]} read ${f[read]} write ${f[write]} timeout ${f[timeout]}" >&2
         FAILED=1
     fi
@@ -399,9 +502,11 @@ measure() {
 # Repeats go round all targets in turn, so that a burst of other work on a shared machine hits
 # one run of each rather than every run of one.
 for r in $(seq "$REPEAT"); do
-    for c in $CONNS; do
-        for t in "${TARGETS[@]}"; do
-            measure "$t" "$c" "$r"
+    for KIND in $KINDS; do
+        for c in $CONNS; do
+            for t in "${TARGETS[@]}"; do
+                measure "$t" "$c" "$r"
+            done
         done
     done
 done
@@ -426,42 +531,44 @@ spread() {
         if (NR > 1) printf "%.0f%%", (v[NR] - v[1]) * 100 / v[int((NR + 1) / 2)]; else print "-" }'
 }
 
-{
-    printf '%-8s %6s %8s %7s %9s %9s %11s %5s %5s %10s %6s\n' target conns req/s spread p50 p99 \
-        vs-haproxy cpu core req/core-s errors
+for KIND in $KINDS; do
+    [ "$KINDS" = json ] || echo "$KIND:"
+    printf '%-8s %6s %8s %7s %9s %9s %11s %5s %5s %10s %7s %6s\n' target conns req/s spread p50 p99 \
+        vs-haproxy cpu core req/core-s us/req errors
     for c in $CONNS; do
-        hr=$(median_run haproxy "$c")
-        for t in mock haproxy nginx aigw; do
+        hr=$(median_run "$KIND/haproxy" "$c")
+        for t in mock haproxy nginx aigw base; do
             [[ $t == mock || $WANT == *" $t "* ]] || continue
             if [ "$t" = aigw ] && [ -n "$AIGW_SKIP" ]; then
                 printf '%-8s %6s %s\n' aigw "$c" "skipped: aigw not working (figures pending)"
                 continue
             fi
-            mr=$(median_run "$t" "$c")
+            mr=$(median_run "$KIND/$t" "$c")
             [ -n "$mr" ] || {
                 printf '%-8s %6s %s\n' "$t" "$c" "failed (see raw output)"
                 continue
             }
-            k="$t:$c:$mr"
+            k="$KIND/$t:$c:$mr"
             ratio=-
             [ -n "$hr" ] &&
-                ratio=$(awk -v a="${RPS[$k]}" -v b="${RPS[haproxy:$c:$hr]}" 'BEGIN { printf "%.2f", a / b }')
+                ratio=$(awk -v a="${RPS[$k]}" -v b="${RPS[$KIND/haproxy:$c:$hr]}" 'BEGIN { printf "%.2f", a / b }')
             errs=0
-            for r in $(seq "$REPEAT"); do errs=$((errs + ${ERR[$t:$c:$r]:-0})); done
+            for r in $(seq "$REPEAT"); do errs=$((errs + ${ERR[$KIND/$t:$c:$r]:-0})); done
             name=$t
             [ "$t" = mock ] && name=direct
-            printf '%-8s %6s %8s %7s %9s %9s %11s %5s %5s %10s %6s\n' "$name" "$c" "${RPS[$k]}" \
-                "$(spread "$t" "$c")" "${P50[$k]}" "${P99[$k]}" "$ratio" "${CPU[$k]}" "${CORE[$k]}" \
-                "${PERCPU[$k]}" "$errs"
+            printf '%-8s %6s %8s %7s %9s %9s %11s %5s %5s %10s %7s %6s\n' "$name" "$c" "${RPS[$k]}" \
+                "$(spread "$KIND/$t" "$c")" "${P50[$k]}" "${P99[$k]}" "$ratio" "${CPU[$k]}" "${CORE[$k]}" \
+                "${PERCPU[$k]}" "${USREQ[$k]}" "$errs"
         done
     done
-} >"$TMP/table"
+done >"$TMP/table"
 
 {
     echo "(median of $REPEAT runs by req/s, with that run's latency and CPU figures; spread = (max - min)"
     echo " / median req/s; direct = wrk straight to the mock; cpu = the target's processes, % of one"
     echo " core; core = how busy the target's CPU was, counting everything on it (for direct: CPU 0,"
-    echo " wrk + mock); req/core-s = requests per busy second of the proxy's core; errors = non-2xx/3xx"
+    echo " wrk + mock); req/core-s = requests per busy second of the proxy's core; us/req = CPU time"
+    echo " of the target's processes per request (for direct: the mock's); errors = non-2xx/3xx"
     echo " responses and socket errors, all runs)"
 } >"$TMP/legend"
 

@@ -110,7 +110,8 @@ static void usage(FILE *f)
            "         [--chunks N (5)] [--chunk-interval DUR (20ms)] [--delay DUR (0)]\n"
            "         [--status CODE] [--content-bytes N (64)] [--api-key KEY]\n"
            "         [--created EPOCH] [--reset-after N] [--close-after N] [--stall] [--drop]\n"
-           "         [--framing auto|close|length] [--retry-after SECS] [--verbose]\n"
+           "         [--framing auto|close|length] [--retry-after SECS] [--stamp]\n"
+           "         [--tls-record-size N] [--verbose]\n"
            "--reset-after N: RST after N body bytes; --close-after N: close (FIN, no TLS\n"
            "close_notify) after N body bytes; --drop: close each request's connection unanswered;\n"
            "--framing: a stream's body chunked (auto), close-delimited or with Content-Length.\n"
@@ -118,7 +119,9 @@ static void usage(FILE *f)
            "x-mock-reset-after, x-mock-close-after, x-mock-stall, x-mock-drop, x-mock-framing,\n"
            "x-mock-retry-after headers; x-mock-retry-after-date: N\n"
            "(Retry-After as an HTTP date N s ahead), x-mock-ratelimit-reset: DUR (a 429 carries\n"
-           "x-ratelimit-reset-requests: DUR). TRACE on any path echoes the request head.\n");
+           "x-ratelimit-reset-requests: DUR), x-mock-stamp: 1 (every stream chunk carries\n"
+           "\"mock_sent_ns\", its CLOCK_MONOTONIC send time), x-mock-tls-record-size: N (TLS\n"
+           "records of at most N response bytes). TRACE on any path echoes the request head.\n");
 }
 
 static int die_usage(const char *opt, const char *val)
@@ -198,6 +201,8 @@ int main(int argc, char **argv)
         {"drop", no_argument, NULL, 'D'},
         {"framing", required_argument, NULL, 'f'},
         {"retry-after", required_argument, NULL, 'R'},
+        {"stamp", no_argument, NULL, 'T'},
+        {"tls-record-size", required_argument, NULL, 'z'},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
@@ -295,6 +300,14 @@ int main(int argc, char **argv)
             if (mock_parse_long(optarg, 0, 86400L * 365, &l) != 0)
                 return die_usage(lo, optarg);
             o->fault.retry_after = (int)l;
+            break;
+        case 'T':
+            o->fault.stamp = 1;
+            break;
+        case 'z':
+            if (mock_parse_long(optarg, 1, 16384, &l) != 0)
+                return die_usage(lo, optarg);
+            o->fault.tls_record = (size_t)l;
             break;
         case 'v':
             o->verbose = 1;

@@ -58,6 +58,8 @@ struct mock_fault {
     int retry_after;            /* -1: no Retry-After header */
     int retry_after_date;       /* 1: send Retry-After as an HTTP date, retry_after seconds ahead */
     int64_t ratelimit_reset_ms; /* -1: none; else x-ratelimit-reset-requests on a 429 */
+    int stamp;                  /* stream chunks carry "mock_sent_ns" (CLOCK_MONOTONIC) */
+    size_t tls_record;          /* TLS: at most this many response bytes per record (0: 16 KB) */
 };
 
 struct mock_opts {

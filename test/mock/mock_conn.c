@@ -264,8 +264,10 @@ static void tls_push(struct mock_conn *c)
     struct mock_tls_conn *t = c->tls;
 
     while (t->plain_off < t->plain.len) {
-        int r = mbedtls_ssl_write(&t->ssl, (const unsigned char *)t->plain.p + t->plain_off,
-                                  t->plain.len - t->plain_off);
+        size_t len = t->plain.len - t->plain_off;
+        if (c->resp.f.tls_record && len > c->resp.f.tls_record)
+            len = c->resp.f.tls_record; /* mbedtls_ssl_write makes one record per call */
+        int r = mbedtls_ssl_write(&t->ssl, (const unsigned char *)t->plain.p + t->plain_off, len);
         if (r > 0) {
             t->plain_off += (size_t)r;
             continue;

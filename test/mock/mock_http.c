@@ -784,13 +784,25 @@ static int stream_step(struct mock_conn *c)
         uint64_t i = step - 1;
         unsigned a = (unsigned)(i * srv->words / chunks);
         unsigned z = (unsigned)((i + 1) * srv->words / chunks);
+        /* Stamped: when the chunk is made, right before it is written (same loop turn). */
+        char ts[48];
+        struct piece end = PIECE("}");
+        if (rs->f.stamp) {
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            end.p = ts;
+            end.n = (size_t)snprintf(ts, sizeof(ts), ",\"mock_sent_ns\":%llu}",
+                                     (unsigned long long)now.tv_sec * 1000000000ull +
+                                         (unsigned long long)now.tv_nsec);
+        }
         struct piece pc[] = {
             pfx,
             PIECE("{\"index\":0,\"delta\":{\"content\":\""),
             {srv->content + srv->word_off[a], srv->word_off[z] - srv->word_off[a]},
-            PIECE("\"},\"finish_reason\":null}]}"),
+            PIECE("\"},\"finish_reason\":null}]"),
+            end,
         };
-        return stream_event(c, pc, 4);
+        return stream_event(c, pc, 5);
     }
     if (step == chunks + 1) {
         struct piece pc[] = {
@@ -1051,6 +1063,10 @@ static void apply_overrides(struct mock_conn *c)
             f->retry_after_date = 1;
         } else if (IS("ratelimit-reset") && mock_parse_duration_ms(v, &ms) == 0)
             f->ratelimit_reset_ms = (int64_t)ms;
+        else if (IS("stamp"))
+            f->stamp = strcmp(v, "0") != 0;
+        else if (IS("tls-record-size") && mock_parse_long(v, 1, 16384, &l) == 0)
+            f->tls_record = (size_t)l;
         else if (IS("stall"))
             f->stall = flag_on(v);
 #undef IS
