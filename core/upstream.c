@@ -772,7 +772,9 @@ static int on_data(struct upconn *u, const char *data, size_t n)
         if (ev == PARSE_MORE)
             return 0;
         int status = u->parser.status_code;
-        if (status == 101) {
+        if (status == 101 || status < 100) {
+            /* no upgrade is asked for, and a status below 100 is no interim answer to wait
+             * past (llhttp takes any three digits) */
             conn_fail(u, UPSTREAM_EPROTO);
             return 1;
         }
