@@ -655,8 +655,10 @@ static int on_headers_done(llhttp_t *p)
 {
     struct upconn *u = p->data;
     u->ev = PARSE_HEAD;
-    /* 1xx and HEAD responses have no body: let the message complete right away */
-    if ((p->status_code >= 100 && p->status_code < 200) || u->rq->head_only)
+    /* 1xx, 204, 304 and HEAD responses have no body, whatever Content-Length or
+     * Transfer-Encoding they carry (llhttp leaves that to us): the message completes here */
+    if ((p->status_code >= 100 && p->status_code < 200) || p->status_code == 204 ||
+        p->status_code == 304 || u->rq->head_only)
         return 1;
     return HPE_PAUSED;
 }
@@ -799,7 +801,8 @@ static int on_data(struct upconn *u, const char *data, size_t n)
     r.reason_len = u->reason_len;
     r.hdrs = u->hdrs;
     r.n_hdrs = u->n_hdrs;
-    r.chunked = (u->parser.flags & F_CHUNKED) != 0;
+    /* a 204 or 304 has no body to frame, even one that says chunked */
+    r.chunked = (u->parser.flags & F_CHUNKED) != 0 && r.status != 204 && r.status != 304;
     r.until_close = !rq->head_only && llhttp_message_needs_eof(&u->parser);
     r.sse = is_sse(u);
     r.rechunk = 0;
