@@ -57,6 +57,7 @@ struct upconn {
     uint8_t decoding;     /* handing over the de-chunked body (rq->dechunk) */
     uint8_t addr_i;       /* index in be->addrs this connection went to */
     uint8_t addr_left;    /* further addresses to try when the connect fails */
+    uint8_t send_cut;     /* the upstream answered before the request was all sent: not reused */
     uint32_t gen;         /* be->gen when it connected */
     char *wcur;           /* de-chunking: where the next body bytes go, in place */
     struct tls_conn *tls; /* TLS backends only (most of a connection's memory otherwise) */
@@ -71,6 +72,14 @@ struct upconn {
 };
 
 static llhttp_settings_t resp_settings;
+
+/* May u go back to the pool after its response? Not with bytes of another response after it,
+ * nor when the request was cut short by an early answer (the rest of its body would be read as
+ * the next request), nor when the upstream asked to close. */
+static int conn_reusable(struct upconn *u)
+{
+    return !u->extra && !u->send_cut && llhttp_should_keep_alive(&u->parser);
+}
 
 /* ---- buffers ---- */
 
@@ -465,6 +474,17 @@ static void conn_connect_failed(struct upconn *u)
 
 /* ---- sending ---- */
 
+/* The upstream answers (or closes) before the whole request was written to it, as a server
+ * that refuses a body does (413 after the head): stop sending and read what it says, which the
+ * client gets like any answer. Plain TCP only: mbedTLS cannot read while a record it was given
+ * to write waits. */
+static void conn_early_answer(struct upconn *u)
+{
+    u->send_cut = 1;
+    u->state = UC_WAIT_HEAD;
+    poll_set(u, UV_READABLE);
+}
+
 /* A write of the request failed. Before its first byte the backend cannot have seen it: a pooled
  * connection it closed while idle (stale), or a new one it dropped right away (a connect
  * failure). After that it may have, and only the caller's retry_on may send it again. */
@@ -522,7 +542,14 @@ static int conn_send(struct upconn *u)
                 if (errno == EINTR)
                     continue;
                 if (errno == EAGAIN) {
-                    poll_set(u, UV_WRITABLE);
+                    /* once the upstream has some of the request, it may answer early */
+                    poll_set(u, u->sent ? UV_WRITABLE | UV_READABLE : UV_WRITABLE);
+                    goto out;
+                }
+                if (u->sent && (errno == EPIPE || errno == ECONNRESET)) {
+                    /* it may have answered before closing: that answer is read first, and
+                     * without one the read reports the reset */
+                    conn_early_answer(u);
                     goto out;
                 }
                 ret = send_failed(u);
@@ -555,6 +582,7 @@ static int conn_begin(struct upconn *u)
     u->seg0 = (size_t)n;
     u->total = (size_t)n + rq->body_len;
     u->sent = 0;
+    u->send_cut = 0;
     /* TLS: one record for head and body when they fit together */
     if (u->tls_on && rq->body_len && u->total <= up->data_size) {
         memcpy(u->buf + n, rq->body, rq->body_len);
@@ -627,8 +655,10 @@ static int on_headers_done(llhttp_t *p)
 {
     struct upconn *u = p->data;
     u->ev = PARSE_HEAD;
-    /* 1xx and HEAD responses have no body: let the message complete right away */
-    if ((p->status_code >= 100 && p->status_code < 200) || u->rq->head_only)
+    /* 1xx, 204, 304 and HEAD responses have no body, whatever Content-Length or
+     * Transfer-Encoding they carry (llhttp leaves that to us): the message completes here */
+    if ((p->status_code >= 100 && p->status_code < 200) || p->status_code == 204 ||
+        p->status_code == 304 || u->rq->head_only)
         return 1;
     return HPE_PAUSED;
 }
@@ -694,7 +724,7 @@ static int after_hand(struct upconn *u, int ret)
         return 1;
     }
     if (u->complete) {
-        exchange_end(u, UPSTREAM_OK, !u->extra && llhttp_should_keep_alive(&u->parser));
+        exchange_end(u, UPSTREAM_OK, conn_reusable(u));
         return 1;
     }
     u->rlen = 0;
@@ -745,7 +775,9 @@ static int on_data(struct upconn *u, const char *data, size_t n)
         if (ev == PARSE_MORE)
             return 0;
         int status = u->parser.status_code;
-        if (status == 101) {
+        if (status == 101 || status < 100) {
+            /* no upgrade is asked for, and a status below 100 is no interim answer to wait
+             * past (llhttp takes any three digits) */
             conn_fail(u, UPSTREAM_EPROTO);
             return 1;
         }
@@ -770,7 +802,8 @@ static int on_data(struct upconn *u, const char *data, size_t n)
     r.reason_len = u->reason_len;
     r.hdrs = u->hdrs;
     r.n_hdrs = u->n_hdrs;
-    r.chunked = (u->parser.flags & F_CHUNKED) != 0;
+    /* a 204 or 304 has no body to frame, even one that says chunked */
+    r.chunked = (u->parser.flags & F_CHUNKED) != 0 && r.status != 204 && r.status != 304;
     r.until_close = !rq->head_only && llhttp_message_needs_eof(&u->parser);
     r.sse = is_sse(u);
     r.rechunk = 0;
@@ -997,6 +1030,11 @@ static void on_poll(uv_poll_t *h, int status, int events)
         conn_handshake(u);
         return;
     case UC_SENDING:
+        if (!u->tls_on && (events & UV_READABLE) && u->sent) {
+            conn_early_answer(u);
+            conn_read(u);
+            return;
+        }
         if ((err = conn_send(u)) < 0)
             conn_fail(u, (enum upstream_err) - err);
         return;
@@ -1369,7 +1407,7 @@ void upstream_resume(struct upstream_req *rq)
         return;
     u->state = UC_BODY;
     if (u->complete) {
-        exchange_end(u, UPSTREAM_OK, !u->extra && llhttp_should_keep_alive(&u->parser));
+        exchange_end(u, UPSTREAM_OK, conn_reusable(u));
         return;
     }
     u->rlen = 0;
@@ -1410,7 +1448,7 @@ void upstream_abort(struct upstream_req *rq)
         break;
     case UC_PAUSED:
         /* the whole answer came in, only the client's write was pending: nothing is cut */
-        if (u->complete && !u->extra && llhttp_should_keep_alive(&u->parser) && conn_pool(u))
+        if (u->complete && conn_reusable(u) && conn_pool(u))
             return;
         break;
     default:

@@ -306,6 +306,50 @@ static void test_reset_after_write(void **state)
     }
 }
 
+/* A status line below 100 is no interim answer to wait past: the exchange fails at once as a
+ * garbled response (a 502 and a failure of the backend's), not after the head timeout. */
+static void test_status_below_100(void **state)
+{
+    struct fx *f = *state;
+    static const char bad[] = "HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok";
+    struct ex x;
+
+    assert_int_equal(ex_start(f, &x), 0);
+    server_read_request(f);
+    assert_int_equal(send(f->sfd, bad, sizeof(bad) - 1, 0), (ssize_t)sizeof(bad) - 1);
+    run_until_ended(f, &x);
+    assert_int_equal(x.err, UPSTREAM_EPROTO);
+}
+
+/* 204 and 304 answers have no body whatever framing headers they carry (a 304 may well give
+ * the Content-Length of what it stands for): the exchange ends with the head, and the
+ * connection serves the next request. */
+static void test_no_body_statuses(void **state)
+{
+    struct fx *f = *state;
+    static const char *const answers[] = {
+        "HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\n",
+        "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+    };
+    static const int statuses[] = {304, 204, 204};
+
+    exchange_ok(f);
+    int before = f->conns;
+    for (size_t i = 0; i < sizeof(answers) / sizeof(answers[0]); i++) {
+        struct ex x;
+        size_t n = strlen(answers[i]);
+
+        assert_int_equal(ex_start(f, &x), 0);
+        server_read_request(f);
+        assert_int_equal(send(f->sfd, answers[i], n, 0), (ssize_t)n);
+        run_until_ended(f, &x);
+        assert_int_equal(x.err, UPSTREAM_OK);
+        assert_int_equal(x.status, statuses[i]);
+    }
+    assert_int_equal(f->conns, before); /* each went on the pooled connection */
+}
+
 /* A client that leaves while its request's connection is still being set up: no byte went
  * out, so the connection goes on into the pool and serves the next request. */
 static void test_abort_while_connecting(void **state)
@@ -350,6 +394,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_stale_before_write, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reset_after_write, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_status_below_100, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_no_body_statuses, setup, teardown),
         cmocka_unit_test_setup_teardown(test_abort_while_connecting, setup, teardown),
         cmocka_unit_test_setup_teardown(test_abort_after_write, setup, teardown),
     };
