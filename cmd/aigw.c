@@ -14,6 +14,17 @@
 #define AIGW_VERSION "unknown"
 #endif
 
+static void print_warning(void *arg, const char *msg)
+{
+    fprintf(arg, "warning: %s\n", msg);
+}
+
+static void log_warning(void *arg, const char *msg)
+{
+    (void)arg;
+    log_warn("%s", msg);
+}
+
 static void usage(FILE *out)
 {
     fprintf(out, "usage: aigw [-t] -c FILE\n"
@@ -64,12 +75,14 @@ int main(int argc, char **argv)
         return 1;
     }
     if (test) {
+        conf_warnings(conf, print_warning, stderr);
         printf("configuration file %s is valid\n", path);
         conf_free(conf);
         return 0;
     }
 
     log_init("master", conf->global.log_level);
+    conf_warnings(conf, log_warning, NULL);
     /* A client or upstream that closes early must cost an EPIPE, not the process. */
     signal(SIGPIPE, SIG_IGN);
     return master_run(conf);

@@ -8,6 +8,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <mbedtls/sha256.h>
+
 #include "core/conf.h"
 
 #define DEFAULT_SOCKET  "aigw.sock"
@@ -27,6 +29,8 @@ static void usage(FILE *f)
             "  set backend BACKEND ready|drain|maint\n"
             "                          operator state: drain takes no new requests (in-flight\n"
             "                          ones finish), maint also pauses checks, ready serves again\n"
+            "  key hash                the key_sha256 of a client key read from stdin (one\n"
+            "                          line; answered by aigwctl, no master needed)\n"
             "  help                    this list (answered by aigwctl, no master needed)\n"
             "SOCKET defaults to " DEFAULT_SOCKET "; with -c it is the config's admin_socket.\n"
             "Exits 0 on success, 1 when the master is unreachable or answers with an error.\n");
@@ -112,6 +116,33 @@ out:
     return rc;
 }
 
+/* key hash: the SHA-256 of the key on stdin (a final newline is not part of it), in hex, for
+ * key_sha256 = in a [key] section. The key is never echoed. */
+static int key_hash(void)
+{
+    char buf[4097];
+    unsigned char sha[32];
+    size_t len = fread(buf, 1, sizeof(buf), stdin);
+
+    if (ferror(stdin) || len == sizeof(buf)) {
+        fprintf(stderr, "aigwctl: %s\n",
+                len == sizeof(buf) ? "key longer than 4096 bytes" : "cannot read stdin");
+        return 1;
+    }
+    while (len > 0 && (buf[len - 1] == '\n' || buf[len - 1] == '\r'))
+        len--;
+    if (len == 0 || memchr(buf, '\n', len) || memchr(buf, '\0', len)) {
+        fprintf(stderr, "aigwctl: %s\n", len ? "expected the key on one line" : "no key on stdin");
+        return 1;
+    }
+    mbedtls_sha256_ret((const unsigned char *)buf, len, sha, 0);
+    memset(buf, 0, sizeof(buf));
+    for (int i = 0; i < 32; i++)
+        printf("%02x", sha[i]);
+    printf("\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *sock = NULL, *config = NULL;
@@ -154,6 +185,8 @@ int main(int argc, char **argv)
         usage(stdout);
         return 0;
     }
+    if (!strcmp(line, "key hash"))
+        return key_hash();
     if (sock && config) {
         fprintf(stderr, "aigwctl: give either -s SOCKET or -c CONFIG, not both\n");
         return 1;

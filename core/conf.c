@@ -5,7 +5,10 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <ctype.h>
+#include <fnmatch.h>
 #include <ini.h>
+#include <mbedtls/sha256.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <stdarg.h>
@@ -38,11 +41,14 @@ enum conf_kind {
     CONF_KIND_LISTEN,
     CONF_KIND_POOL,
     CONF_KIND_BACKEND,
+    CONF_KIND_KEY,
+    CONF_KIND_MODEL,
 };
 
 static const char *const conf_kind_names[] = {
-    [CONF_KIND_NONE] = "",     [CONF_KIND_GLOBAL] = "global",   [CONF_KIND_LISTEN] = "listen",
-    [CONF_KIND_POOL] = "pool", [CONF_KIND_BACKEND] = "backend",
+    [CONF_KIND_NONE] = "",       [CONF_KIND_GLOBAL] = "global",   [CONF_KIND_LISTEN] = "listen",
+    [CONF_KIND_POOL] = "pool",   [CONF_KIND_BACKEND] = "backend", [CONF_KIND_KEY] = "key",
+    [CONF_KIND_MODEL] = "model",
 };
 
 /* A pool reference by name, resolved once every pool is known (a backend may precede its pool). */
@@ -67,7 +73,7 @@ struct conf_parse {
     int line; /* number of the line inih is handling */
     struct conf *conf;
     struct conf_ref *listen_refs, *backend_refs;
-    int cap_listens, cap_pools, cap_backends;
+    int cap_listens, cap_pools, cap_backends, cap_keys, cap_models;
     int global_line;
 
     /* The section being read. */
@@ -154,6 +160,11 @@ struct conf_key {
     {                                                                                              \
         name, CONF_T_CUSTOM, 0, 0, 0                                                               \
     }
+/* rpm, tpm, max_parallel of a section with a struct conf_limits lim. */
+#define KEY_LIMITS(s)                                                                              \
+    KEY_AS("rpm", s, lim.rpm, CONF_T_UINT32, 0, 1000000000),                                       \
+        KEY_AS("tpm", s, lim.tpm, CONF_T_UINT32, 0, 4000000000u),                                  \
+        KEY_AS("max_parallel", s, lim.max_parallel, CONF_T_UINT32, 0, 1000000)
 
 static const struct conf_key conf_global_keys[] = {
     KEY_CUSTOM("workers"),
@@ -161,6 +172,9 @@ static const struct conf_key conf_global_keys[] = {
     KEY_CUSTOM("log_level"),
     KEY_DUR(conf_global, hard_stop_after, 0, 7 * CONF_DAY_MS),
     KEY(conf_global, maxconn, CONF_T_UINT32, 0, CONF_MAXCONN_MAX),
+    KEY_CUSTOM("state_file"),
+    KEY_DUR(conf_global, state_interval, 100, CONF_DAY_MS),
+    KEY(conf_global, default_max_tokens, CONF_T_UINT32, 1, 100000000),
     {NULL, 0, 0, 0, 0},
 };
 
@@ -176,6 +190,7 @@ static const struct conf_key conf_listen_keys[] = {
     KEY_DUR(conf_listen, client_body_total_timeout, 1, 7 * CONF_DAY_MS),
     KEY_DUR(conf_listen, keepalive_timeout, 1, 7 * CONF_DAY_MS),
     KEY(conf_listen, maxconn, CONF_T_UINT32, 0, CONF_MAXCONN_MAX),
+    KEY(conf_listen, auth, CONF_T_BOOL, 0, 1),
     {NULL, 0, 0, 0, 0},
 };
 
@@ -223,6 +238,10 @@ static const struct conf_key conf_pool_keys[] = {
     KEY_DUR(conf_pool, try_timeout, 0, 7 * CONF_DAY_MS),
     KEY_DUR(conf_pool, request_timeout, 0, 7 * CONF_DAY_MS),
     KEY(conf_pool, expose_headers, CONF_T_BOOL, 0, 1),
+    /* routing and limits */
+    KEY_CUSTOM("models"),
+    KEY_CUSTOM("paths"),
+    KEY_LIMITS(conf_pool),
     {NULL, 0, 0, 0, 0},
 };
 
@@ -239,6 +258,25 @@ static const struct conf_key conf_backend_keys[] = {
     KEY_DUR(conf_backend, slowstart, 0, 7 * CONF_DAY_MS),
     KEY(conf_backend, max_fails, CONF_T_UINT32, 0, CONF_FAIL_RING),
     KEY_DUR(conf_backend, fail_timeout, 1, 7 * CONF_DAY_MS),
+    KEY_CUSTOM("model_map"),
+    {NULL, 0, 0, 0, 0},
+};
+
+static const struct conf_key conf_apikey_keys[] = {
+    KEY_CUSTOM("key"),           KEY_CUSTOM("key_sha256"), KEY_CUSTOM("models"),
+    KEY_CUSTOM("expires"),       KEY_LIMITS(conf_apikey),  KEY_CUSTOM("budget_usd"),
+    KEY_CUSTOM("budget_period"), {NULL, 0, 0, 0, 0},
+};
+
+static const struct conf_key conf_model_keys[] = {
+    KEY_CUSTOM("alias_of"),
+    KEY_CUSTOM("fallback"),
+    KEY_CUSTOM("price_input"),
+    KEY_CUSTOM("price_output"),
+    KEY_CUSTOM("price_cached_input"),
+    KEY_CUSTOM("list_price_input"),
+    KEY_CUSTOM("list_price_output"),
+    KEY_LIMITS(conf_model),
     {NULL, 0, 0, 0, 0},
 };
 
@@ -253,6 +291,8 @@ static const struct conf_key *const conf_kind_keys[] = {
     [CONF_KIND_LISTEN] = conf_listen_keys,
     [CONF_KIND_POOL] = conf_pool_keys,
     [CONF_KIND_BACKEND] = conf_backend_keys,
+    [CONF_KIND_KEY] = conf_apikey_keys,
+    [CONF_KIND_MODEL] = conf_model_keys,
 };
 
 /* "1500" -> "1500ms", "60000" -> "1m": ranges in messages read like the values users write. */
@@ -401,15 +441,15 @@ static int conf_secret_ok(const char *s)
     return 1;
 }
 
-/* Resolves api_key = env:VAR | file:PATH | literal. The secret never appears in a message. */
-static void conf_set_api_key(struct conf_parse *p, struct conf_backend *b, const char *val)
-{
-    const char *key = "api_key";
-    char *secret = NULL, *path = NULL;
-    int fd = -1;
+static int conf_copy_str(struct conf_parse *p, const char *key, char *dst, size_t len,
+                         const char *val, const char *expect);
 
-    if (p->flags & CONF_LOAD_NO_SECRETS)
-        return;
+/* Resolves KEY = env:VAR | file:PATH | literal (when `literal`) into a malloc'd secret, NULL
+ * after an error. The secret never appears in a message. */
+static char *conf_secret(struct conf_parse *p, const char *key, const char *val, int literal)
+{
+    char *secret = NULL, *path = NULL, *ret = NULL;
+    int fd = -1;
 
     if (!strncmp(val, "env:", 4)) {
         const char *var = val + 4, *env;
@@ -473,12 +513,17 @@ static void conf_set_api_key(struct conf_parse *p, struct conf_backend *b, const
         }
         secret = strdup(buf);
         memset(buf, 0, sizeof(buf));
-    } else {
+    } else if (literal) {
         if (!val[0]) {
             conf_err(p, p->line, key, "empty value (expected env:VAR, file:PATH or the key)");
             goto out;
         }
         secret = strdup(val);
+    } else {
+        conf_err(p, p->line, key,
+                 "a key is not written in the file (expected env:VAR or file:PATH, or "
+                 "key_sha256 = the digest `aigwctl key hash` prints)");
+        goto out;
     }
     if (!secret) {
         conf_err(p, p->line, key, "out of memory");
@@ -489,14 +534,211 @@ static void conf_set_api_key(struct conf_parse *p, struct conf_backend *b, const
                  "the key contains a space or control character (expected a single token)");
         goto out;
     }
-    free(b->api_key);
-    b->api_key = secret;
+    ret = secret;
     secret = NULL;
 out:
     if (fd != -1)
         close(fd);
     free(secret);
     free(path);
+    return ret;
+}
+
+static void conf_set_api_key(struct conf_parse *p, struct conf_backend *b, const char *val)
+{
+    char *secret;
+
+    if (p->flags & CONF_LOAD_NO_SECRETS)
+        return;
+    secret = conf_secret(p, "api_key", val, 1);
+    if (secret) {
+        free(b->api_key);
+        b->api_key = secret;
+    }
+}
+
+/* models = a, b*, ... into l (each item a name or fnmatch glob of printable characters). */
+static void conf_set_list(struct conf_parse *p, const char *key, const char *val,
+                          struct conf_list *l, int path)
+{
+    char *copy = strdup(val), *items[CONF_LIST_MAX];
+    int n, r;
+
+    if (!copy) {
+        conf_err(p, p->line, key, "out of memory");
+        return;
+    }
+    r = util_split_list(copy, items, CONF_LIST_MAX, &n);
+    if (r < 0) {
+        conf_err(p, p->line, key,
+                 r == -E2BIG ? "more than %d items" : "an empty item (expected NAME, NAME, ...)",
+                 CONF_LIST_MAX);
+        free(copy);
+        return;
+    }
+    l->items = calloc((size_t)n, sizeof(*l->items));
+    for (int i = 0; l->items && i < n; i++) {
+        for (const char *c = items[i]; *c; c++) {
+            if ((unsigned char)*c <= ' ' || *c == 0x7f || *c == '"' || *c == '\\') {
+                conf_err(p, p->line, key, "'%s' has a blank, quote or control character", items[i]);
+                l->n = i;
+                free(copy);
+                return;
+            }
+        }
+        if (path && (items[i][0] != '/' || strncmp(items[i], "/v1/", 4) != 0)) {
+            conf_err(p, p->line, key, "'%s' is not a /v1/ path (expected e.g. /v1/audio/*)",
+                     items[i]);
+            l->n = i;
+            free(copy);
+            return;
+        }
+        if (!(l->items[i] = strdup(items[i]))) {
+            l->n = i;
+            break;
+        }
+        l->n = i + 1;
+    }
+    if (!l->items || l->n < n)
+        conf_err(p, p->line, key, "out of memory");
+    free(copy);
+}
+
+static void conf_list_free(struct conf_list *l)
+{
+    for (int i = 0; i < l->n; i++)
+        free(l->items[i]);
+    free(l->items);
+    l->items = NULL;
+    l->n = 0;
+}
+
+/* model_map = public=upstream, ... */
+static void conf_set_model_map(struct conf_parse *p, struct conf_backend *b, const char *val)
+{
+    const char *key = "model_map";
+    struct conf_list l = {0};
+
+    conf_set_list(p, key, val, &l, 0);
+    if (p->err)
+        goto out;
+    b->model_map = calloc((size_t)l.n, sizeof(*b->model_map));
+    if (!b->model_map) {
+        conf_err(p, p->line, key, "out of memory");
+        goto out;
+    }
+    for (int i = 0; i < l.n; i++) {
+        char *eq = strchr(l.items[i], '=');
+
+        if (!eq || eq == l.items[i] || !eq[1] || strchr(eq + 1, '=')) {
+            conf_err(p, p->line, key, "'%s' is not public=upstream", l.items[i]);
+            goto out;
+        }
+        for (int j = 0; j < i; j++) {
+            if ((size_t)(eq - l.items[i]) == strlen(b->model_map[j].from) &&
+                !strncmp(b->model_map[j].from, l.items[i], (size_t)(eq - l.items[i]))) {
+                conf_err(p, p->line, key, "'%.*s' is mapped twice", (int)(eq - l.items[i]),
+                         l.items[i]);
+                goto out;
+            }
+        }
+        b->model_map[i].from = strndup(l.items[i], (size_t)(eq - l.items[i]));
+        b->model_map[i].to = strdup(eq + 1);
+        b->n_model_map = i + 1;
+        if (!b->model_map[i].from || !b->model_map[i].to) {
+            conf_err(p, p->line, key, "out of memory");
+            goto out;
+        }
+    }
+out:
+    conf_list_free(&l);
+}
+
+/* A price in USD per million tokens, kept as pico-USD per token. */
+static void conf_set_price(struct conf_parse *p, const char *key, const char *val, uint64_t *out)
+{
+    int r = util_parse_decimal(val, 6, out);
+
+    if (r < 0)
+        conf_err(p, p->line, key,
+                 "'%s' is %s (expected USD per million tokens, e.g. 2.50, up to 6 decimals)", val,
+                 r == -ERANGE ? "too large" : "not a price");
+}
+
+static void conf_apikey_custom(struct conf_parse *p, const char *key, const char *val)
+{
+    struct conf_apikey *k = &p->conf->keys[p->idx];
+
+    if (!strcmp(key, "key")) {
+        char *secret;
+
+        if (p->flags & CONF_LOAD_NO_SECRETS)
+            return;
+        secret = conf_secret(p, key, val, 0);
+        if (!secret)
+            return;
+        mbedtls_sha256_ret((const unsigned char *)secret, strlen(secret), k->sha256, 0);
+        memset(secret, 0, strlen(secret));
+        free(secret);
+    } else if (!strcmp(key, "key_sha256")) {
+        size_t n = strlen(val);
+
+        for (size_t i = 0; n == 64 && i < 64; i += 2) {
+            char hex[3] = {val[i], val[i + 1], 0}, *end;
+            unsigned long v = strtoul(hex, &end, 16);
+
+            if (*end || !isxdigit((unsigned char)hex[0]))
+                n = 0;
+            k->sha256[i / 2] = (unsigned char)v;
+        }
+        if (n != 64)
+            conf_err(p, p->line, key,
+                     "not a SHA-256 digest (expected 64 hex digits, as `aigwctl key hash` "
+                     "prints)");
+    } else if (!strcmp(key, "models")) {
+        conf_set_list(p, key, val, &k->models, 0);
+    } else if (!strcmp(key, "expires")) {
+        if (util_parse_utc_end(val, &k->expires) < 0)
+            conf_err(p, p->line, key,
+                     "'%s' is not a date (expected YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ, UTC)", val);
+    } else if (!strcmp(key, "budget_usd")) {
+        int r = util_parse_decimal(val, 9, &k->budget_nusd);
+
+        if (r < 0 || k->budget_nusd == 0)
+            conf_err(p, p->line, key, "'%s' is %s (expected USD, e.g. 25 or 12.50)", val,
+                     r == -ERANGE ? "too large" : "not an amount above 0");
+    } else if (!strcmp(key, "budget_period")) {
+        if (!strcmp(val, "month"))
+            k->budget_period = BUDGET_MONTH;
+        else if (!strcmp(val, "day"))
+            k->budget_period = BUDGET_DAY;
+        else if (!strcmp(val, "total"))
+            k->budget_period = BUDGET_TOTAL;
+        else
+            conf_err(p, p->line, key, "unknown period '%s' (expected day, month or total)", val);
+    }
+}
+
+static void conf_model_custom(struct conf_parse *p, const char *key, const char *val)
+{
+    struct conf_model *m = &p->conf->models[p->idx];
+
+    if (!strcmp(key, "alias_of")) {
+        conf_copy_str(p, key, m->alias_of, sizeof(m->alias_of), val, "a model name");
+        m->alias_line = p->line;
+    } else if (!strcmp(key, "fallback")) {
+        conf_copy_str(p, key, m->fallback, sizeof(m->fallback), val, "a model name");
+        m->fallback_line = p->line;
+    } else if (!strcmp(key, "price_input"))
+        conf_set_price(p, key, val, &m->price_input);
+    else if (!strcmp(key, "price_output"))
+        conf_set_price(p, key, val, &m->price_output);
+    else if (!strcmp(key, "price_cached_input"))
+        conf_set_price(p, key, val, &m->price_cached_input);
+    else if (!strcmp(key, "list_price_input"))
+        conf_set_price(p, key, val, &m->list_price_input);
+    else if (!strcmp(key, "list_price_output"))
+        conf_set_price(p, key, val, &m->list_price_output);
 }
 
 /* bind = HOST:PORT | [V6]:PORT | *:PORT, numeric only: no DNS lookups at config time. */
@@ -798,6 +1040,14 @@ static void conf_global_custom(struct conf_parse *p, const char *key, const char
             }
         }
         conf_err(p, p->line, key, "unknown level '%s' (expected err, warn, info or debug)", val);
+    } else if (!strcmp(key, "state_file")) {
+        char *path = conf_path_resolve(p, val);
+
+        if (!path)
+            conf_err(p, p->line, key, "out of memory");
+        else
+            conf_copy_str(p, key, g->state_file, sizeof(g->state_file), path, "a file path");
+        free(path);
     }
 }
 
@@ -852,6 +1102,10 @@ static void conf_pool_custom(struct conf_parse *p, const char *key, const char *
         conf_set_conds(p, key, val, 1, &pl->retry_on, pl->retry_on_status, &pl->n_retry_on_status);
     } else if (!strcmp(key, "retry_backoff")) {
         conf_set_backoff(p, pl, val);
+    } else if (!strcmp(key, "models")) {
+        conf_set_list(p, key, val, &pl->models, 0);
+    } else if (!strcmp(key, "paths")) {
+        conf_set_list(p, key, val, &pl->paths, 1);
     }
 }
 
@@ -914,12 +1168,15 @@ static void conf_backend_custom(struct conf_parse *p, const char *key, const cha
             return;
         }
         b->keepalive = (int)n;
+    } else if (!strcmp(key, "model_map")) {
+        conf_set_model_map(p, b, val);
     }
 }
 
 /* ---- sections ---- */
 
-static int conf_name_ok(const char *s)
+/* Section names: A-Z a-z 0-9 _ . -, and for models also / : @ (org/model:tag@version). */
+static int conf_name_ok(const char *s, int model)
 {
     size_t n = 0;
 
@@ -927,7 +1184,7 @@ static int conf_name_ok(const char *s)
         char c = s[n];
 
         if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '_' || c == '.' || c == '-'))
+              c == '_' || c == '.' || c == '-' || (model && (c == '/' || c == ':' || c == '@'))))
             return 0;
     }
     return n > 0 && n < CONF_NAME_MAX;
@@ -1031,6 +1288,22 @@ static void conf_section_end(struct conf_parse *p)
         ref->set_max_fails = conf_key_line(p, conf_backend_keys, "max_fails") > 0;
         ref->set_fail_timeout = conf_key_line(p, conf_backend_keys, "fail_timeout") > 0;
         break;
+    case CONF_KIND_KEY: {
+        int a = conf_key_line(p, conf_apikey_keys, "key");
+        int b = conf_key_line(p, conf_apikey_keys, "key_sha256");
+
+        if (!a && !b)
+            conf_err(p, p->sect_line, "key",
+                     "missing (required: key = env:VAR or file:PATH, or key_sha256 = HEX)");
+        else if (a && b)
+            conf_err(p, a > b ? a : b, a > b ? "key" : "key_sha256",
+                     "key and key_sha256 both given (expected one of them)");
+        else if (conf_key_line(p, conf_apikey_keys, "budget_period") &&
+                 !conf_key_line(p, conf_apikey_keys, "budget_usd"))
+            conf_err(p, conf_key_line(p, conf_apikey_keys, "budget_period"), "budget_period",
+                     "given without budget_usd");
+        break;
+    }
     default:
         break;
     }
@@ -1047,6 +1320,7 @@ static void conf_defaults_listen(struct conf_listen *l)
     l->client_body_total_timeout_ms = 60 * 1000;
     l->keepalive_timeout_ms = 75 * 1000;
     l->pool = -1;
+    l->auth = 1;
 }
 
 static void conf_defaults_pool(struct conf_pool *pl)
@@ -1145,13 +1419,13 @@ static void conf_section_begin(struct conf_parse *p, char *s)
         for (char *t = name + strlen(name); t > name && (t[-1] == ' ' || t[-1] == '\t');)
             *--t = '\0';
     }
-    for (int i = CONF_KIND_GLOBAL; i <= CONF_KIND_BACKEND; i++)
+    for (int i = CONF_KIND_GLOBAL; i <= CONF_KIND_MODEL; i++)
         if (!strcmp(kind, conf_kind_names[i]))
             k = (enum conf_kind)i;
     if (k == CONF_KIND_NONE) {
         conf_err(p, p->line, NULL,
-                 "unknown section [%s%s%s] (expected [global], [listen NAME], [pool NAME] or "
-                 "[backend NAME])",
+                 "unknown section [%s%s%s] (expected [global], [listen NAME], [pool NAME], "
+                 "[backend NAME], [key NAME] or [model NAME])",
                  kind, *name ? " " : "", name);
         return;
     }
@@ -1170,10 +1444,10 @@ static void conf_section_begin(struct conf_parse *p, char *s)
         return;
     }
     snprintf(p->sect, sizeof(p->sect), "%s %.*s", kind, CONF_NAME_MAX, name);
-    if (!conf_name_ok(name)) {
+    if (!conf_name_ok(name, k == CONF_KIND_MODEL)) {
         conf_err(p, p->line, NULL,
-                 "invalid name '%.*s' (expected 1..%d characters of A-Z a-z 0-9 _ . -)",
-                 CONF_NAME_MAX, name, CONF_NAME_MAX - 1);
+                 "invalid name '%.*s' (expected 1..%d characters of A-Z a-z 0-9 _ . -%s)",
+                 CONF_NAME_MAX, name, CONF_NAME_MAX - 1, k == CONF_KIND_MODEL ? " / : @" : "");
         return;
     }
     switch (k) {
@@ -1186,6 +1460,16 @@ static void conf_section_begin(struct conf_parse *p, char *s)
         for (int i = 0; i < c->n_pools; i++)
             if (!strcmp(c->pools[i].name, name))
                 dup = c->pools[i].file_line;
+        break;
+    case CONF_KIND_KEY:
+        for (int i = 0; i < c->n_keys; i++)
+            if (!strcmp(c->keys[i].name, name))
+                dup = c->keys[i].file_line;
+        break;
+    case CONF_KIND_MODEL:
+        for (int i = 0; i < c->n_models; i++)
+            if (!strcmp(c->models[i].name, name))
+                dup = c->models[i].file_line;
         break;
     default:
         for (int i = 0; i < c->n_backends; i++)
@@ -1216,6 +1500,23 @@ static void conf_section_begin(struct conf_parse *p, char *s)
         conf_defaults_pool(&c->pools[p->idx]);
         snprintf(c->pools[p->idx].name, CONF_NAME_MAX, "%s", name);
         c->pools[p->idx].file_line = p->line;
+        break;
+    case CONF_KIND_KEY:
+        r = conf_grow((void **)&c->keys, sizeof(*c->keys), NULL, 0, &p->cap_keys, c->n_keys);
+        if (r < 0)
+            break;
+        p->idx = c->n_keys++;
+        snprintf(c->keys[p->idx].name, CONF_NAME_MAX, "%s", name);
+        c->keys[p->idx].file_line = p->line;
+        break;
+    case CONF_KIND_MODEL:
+        r = conf_grow((void **)&c->models, sizeof(*c->models), NULL, 0, &p->cap_models,
+                      c->n_models);
+        if (r < 0)
+            break;
+        p->idx = c->n_models++;
+        snprintf(c->models[p->idx].name, CONF_NAME_MAX, "%s", name);
+        c->models[p->idx].file_line = p->line;
         break;
     default:
         r = conf_grow((void **)&c->backends, sizeof(*c->backends), (void **)&p->backend_refs,
@@ -1251,8 +1552,8 @@ static int conf_handler(void *user, const char *section, const char *key, const 
         return 0;
     if (!p->sect[0]) {
         conf_err(p, p->line, key,
-                 "outside any section (expected [global], [listen NAME], "
-                 "[pool NAME] or [backend NAME] before it)");
+                 "outside any section (expected [global], [listen NAME], [pool NAME], "
+                 "[backend NAME], [key NAME] or [model NAME] before it)");
         return 0;
     }
     if (!keys) /* the section itself was bad: already reported */
@@ -1298,6 +1599,16 @@ static int conf_handler(void *user, const char *section, const char *key, const 
         obj = &p->conf->backends[p->idx];
         if (k->type == CONF_T_CUSTOM)
             conf_backend_custom(p, key, val);
+        break;
+    case CONF_KIND_KEY:
+        obj = &p->conf->keys[p->idx];
+        if (k->type == CONF_T_CUSTOM)
+            conf_apikey_custom(p, key, val);
+        break;
+    case CONF_KIND_MODEL:
+        obj = &p->conf->models[p->idx];
+        if (k->type == CONF_T_CUSTOM)
+            conf_model_custom(p, key, val);
         break;
     default:
         break;
@@ -1372,6 +1683,62 @@ static int conf_addr_overlap(const struct conf_listen *a, const struct conf_list
                 IN6_IS_ADDR_UNSPECIFIED(&x->sin6_addr) || IN6_IS_ADDR_UNSPECIFIED(&y->sin6_addr));
     }
     return 0;
+}
+
+/* Whether model name is one the config knows: a [model] or a name some pool's models match. */
+static int conf_model_known(const struct conf *c, const char *name)
+{
+    return conf_model_find(c, name) >= 0 || conf_model_pool(c, name, strlen(name)) >= 0;
+}
+
+/* [model] references (alias_of, fallback) and whether every model has a pool to go to. */
+static void conf_finish_models(struct conf_parse *p)
+{
+    struct conf *c = p->conf;
+
+    for (int i = 0; i < c->n_pools; i++)
+        c->route_by_model |= c->pools[i].models.n > 0;
+    for (int i = 0; i < c->n_models; i++) {
+        const struct conf_model *m = &c->models[i];
+
+        snprintf(p->sect, sizeof(p->sect), "model %s", m->name);
+        if (m->alias_of[0]) {
+            int t = conf_model_find(c, m->alias_of);
+
+            if (!strcmp(m->alias_of, m->name)) {
+                conf_err(p, m->alias_line, "alias_of", "names the model itself");
+                return;
+            }
+            if (t >= 0 && c->models[t].alias_of[0]) {
+                conf_err(p, m->alias_line, "alias_of",
+                         "'%s' is itself an alias (of '%s'): name the model it serves", m->alias_of,
+                         c->models[t].alias_of);
+                return;
+            }
+            if (c->route_by_model && !conf_model_known(c, m->alias_of)) {
+                conf_err(p, m->alias_line, "alias_of",
+                         "'%s' is not a [model] and no pool's models match it", m->alias_of);
+                return;
+            }
+        } else if (c->route_by_model && conf_model_pool(c, m->name, strlen(m->name)) < 0) {
+            conf_err(p, m->file_line, NULL,
+                     "no pool serves it (expected a [pool] whose models match '%s', or alias_of)",
+                     m->name);
+            return;
+        }
+        if (m->fallback[0]) {
+            if (!strcmp(m->fallback, m->name)) {
+                conf_err(p, m->fallback_line, "fallback", "names the model itself");
+                return;
+            }
+            if (!conf_model_known(c, m->fallback)) {
+                conf_err(p, m->fallback_line, "fallback",
+                         "'%s' is not a [model] and no pool's models match it", m->fallback);
+                return;
+            }
+        }
+    }
+    p->sect[0] = '\0';
 }
 
 /* Resolves pool names, checks the cross-section rules and groups backends by pool. */
@@ -1485,6 +1852,7 @@ static void conf_finish(struct conf_parse *p)
     }
     free(c->backends);
     c->backends = sorted;
+    conf_finish_models(p);
 }
 
 static void conf_global_defaults(struct conf_global *g)
@@ -1495,6 +1863,8 @@ static void conf_global_defaults(struct conf_global *g)
     snprintf(g->admin_socket, sizeof(g->admin_socket), "aigw.sock");
     g->log_level = LOG_LVL_INFO;
     g->hard_stop_after_ms = 30 * 1000;
+    g->state_interval_ms = 5 * 1000;
+    g->default_max_tokens = 4096;
 }
 
 /* Opens the config file for reading. Only a regular file of at most CONF_FILE_MAX bytes is
@@ -1613,6 +1983,11 @@ void conf_free(struct conf *conf)
     if (!conf)
         return;
     for (int i = 0; i < conf->n_backends; i++) {
+        for (int j = 0; j < conf->backends[i].n_model_map; j++) {
+            free(conf->backends[i].model_map[j].from);
+            free(conf->backends[i].model_map[j].to);
+        }
+        free(conf->backends[i].model_map);
         if (conf->backends[i].api_key) {
             memset(conf->backends[i].api_key, 0, strlen(conf->backends[i].api_key));
             free(conf->backends[i].api_key);
@@ -1620,6 +1995,14 @@ void conf_free(struct conf *conf)
         free(conf->backends[i].ca_file);
     }
     free(conf->backends);
+    for (int i = 0; i < conf->n_pools; i++) {
+        conf_list_free(&conf->pools[i].models);
+        conf_list_free(&conf->pools[i].paths);
+    }
+    for (int i = 0; i < conf->n_keys; i++)
+        conf_list_free(&conf->keys[i].models);
+    free(conf->keys);
+    free(conf->models);
     free(conf->pools);
     free(conf->listens);
     free(conf->path);
@@ -1640,4 +2023,57 @@ int conf_pool_find(const struct conf *conf, const char *name)
         if (!strcmp(conf->pools[i].name, name))
             return i;
     return -1;
+}
+
+int conf_key_find(const struct conf *conf, const char *name)
+{
+    for (int i = 0; i < conf->n_keys; i++)
+        if (!strcmp(conf->keys[i].name, name))
+            return i;
+    return -1;
+}
+
+int conf_model_find(const struct conf *conf, const char *name)
+{
+    for (int i = 0; i < conf->n_models; i++)
+        if (!strcmp(conf->models[i].name, name))
+            return i;
+    return -1;
+}
+
+int conf_list_match(const struct conf_list *l, const char *name, size_t len)
+{
+    char buf[CONF_NAME_MAX * 4];
+
+    if (len >= sizeof(buf) || memchr(name, '\0', len))
+        return 0;
+    memcpy(buf, name, len);
+    buf[len] = '\0';
+    for (int i = 0; i < l->n; i++)
+        if (fnmatch(l->items[i], buf, 0) == 0)
+            return 1;
+    return 0;
+}
+
+int conf_model_pool(const struct conf *conf, const char *name, size_t len)
+{
+    for (int i = 0; i < conf->n_pools; i++)
+        if (conf_list_match(&conf->pools[i].models, name, len))
+            return i;
+    return -1;
+}
+
+void conf_warnings(const struct conf *conf, void (*fn)(void *arg, const char *msg), void *arg)
+{
+    char msg[512];
+
+    for (int i = 0; i < conf->n_listens; i++) {
+        if (conf->listens[i].auth && conf->n_keys == 0) {
+            snprintf(msg, sizeof(msg),
+                     "%s:%d: [listen %s] auth is on and no [key] is configured: every request "
+                     "will get 401 (add a [key NAME] or set auth = off for a trusted network)",
+                     conf->path, conf->listens[i].file_line, conf->listens[i].name);
+            fn(arg, msg);
+        }
+    }
 }

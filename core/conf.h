@@ -12,6 +12,7 @@
 #define CONF_PATH_MAX   256
 #define CONF_EXPECT_MAX 8
 #define CONF_STATUS_MAX 16
+#define CONF_LIST_MAX   64 /* items of a models, paths or model_map list */
 
 /* What counts as a failure (fail_on) or may be retried (retry_on): a bit set. The first three
  * happen before the upstream can have seen the request (COND_NOT_SENT: always safe to retry);
@@ -51,12 +52,64 @@ struct url {
     char prefix[CONF_PATH_MAX]; /* "" or "/v1": never ends with '/' */
 };
 
+/* Limits of a key, a model or a pool; 0 = none. */
+struct conf_limits {
+    uint32_t rpm;          /* requests in any 60 s */
+    uint32_t tpm;          /* tokens (reserved at admission, corrected at the end) in any 60 s */
+    uint32_t max_parallel; /* requests in flight over all workers */
+};
+
+/* A list of names or globs from a comma-separated value (models, paths). */
+struct conf_list {
+    char **items;
+    int n;
+};
+
+enum conf_budget_period {
+    BUDGET_MONTH = 0, /* UTC calendar month (the default) */
+    BUDGET_DAY,       /* UTC day */
+    BUDGET_TOTAL,     /* never resets */
+};
+
+/* [key NAME]: a client key. Only its SHA-256 is kept. */
+struct conf_apikey {
+    char name[CONF_NAME_MAX];
+    unsigned char sha256[32];
+    struct conf_list models; /* globs of the models it may use; none = every model */
+    int64_t expires;         /* refused from this second (UTC epoch); 0 = never */
+    struct conf_limits lim;
+    uint64_t budget_nusd; /* budget_usd in nano-USD; 0 = none */
+    enum conf_budget_period budget_period;
+    int file_line;
+};
+
+/* [model NAME]: a model name clients send. Prices are pico-USD per token (USD per 1M tokens
+ * x 10^6). */
+struct conf_model {
+    char name[CONF_NAME_MAX];
+    char alias_of[CONF_NAME_MAX]; /* served as this model ("" = itself) */
+    char fallback[CONF_NAME_MAX]; /* tried when this one's pool failed before a byte ("") */
+    uint64_t price_input, price_output, price_cached_input;
+    uint64_t list_price_input, list_price_output; /* the provider's own; 0 = not given */
+    struct conf_limits lim;
+    int alias_line, fallback_line; /* where alias_of and fallback were set, for messages */
+    int file_line;
+};
+
+/* One public=upstream pair of a backend's model_map. */
+struct conf_map {
+    char *from, *to;
+};
+
 struct conf_global {
     int workers;            /* "auto" resolves to the number of CPUs */
     char admin_socket[108]; /* unix socket path; relative to the working directory */
     enum log_level log_level;
     uint64_t hard_stop_after_ms; /* graceful stop gives up after this */
     uint32_t maxconn;            /* client connections over all workers; 0 = from RLIMIT_NOFILE */
+    char state_file[CONF_PATH_MAX]; /* usage and budgets saved here; "" = nowhere */
+    uint64_t state_interval_ms;     /* how often the master saves it */
+    uint32_t default_max_tokens;    /* reserved for a request that names no max_*tokens */
 };
 
 struct conf_listen {
@@ -75,6 +128,7 @@ struct conf_listen {
     uint64_t client_body_total_timeout_ms;
     uint64_t keepalive_timeout_ms; /* idle client connection between requests */
     uint32_t maxconn;              /* client connections over all workers; 0 = no own limit */
+    int auth;                      /* a client key is required (default on) */
     int file_line;                 /* where the section starts, for messages */
 };
 
@@ -137,6 +191,10 @@ struct conf_pool {
 
     int expose_headers; /* x-aigw-backend / x-aigw-attempts (yes) */
 
+    struct conf_list models; /* globs of the models it serves (routing by model) */
+    struct conf_list paths;  /* globs of other /v1/ paths it serves */
+    struct conf_limits lim;
+
     int first_backend, n_backends; /* backends of a pool are contiguous in conf.backends */
     int file_line;
 };
@@ -156,6 +214,8 @@ struct conf_backend {
     uint32_t max_fails;       /* per-backend override of the pool's (defaults to it) */
     uint64_t fail_timeout_ms; /* per-backend override of the pool's (defaults to it) */
     uint64_t name_hash;       /* balancer_hash of the name: its identity on the hash ring */
+    struct conf_map *model_map; /* the model renamed for this upstream */
+    int n_model_map;
     int file_line;
 };
 
@@ -168,6 +228,11 @@ struct conf {
     int n_pools;
     struct conf_backend *backends; /* sorted by pool */
     int n_backends;
+    struct conf_apikey *keys;
+    int n_keys;
+    struct conf_model *models;
+    int n_models;
+    int route_by_model; /* some pool has models =: the body's model picks the pool */
 };
 
 /* Reads and checks a config file. On error returns -EINVAL (or -errno for I/O) and sets *err
@@ -184,5 +249,17 @@ void conf_free(struct conf *conf);
 /* Lookups by section name; -1 when absent. */
 int conf_backend_find(const struct conf *conf, const char *name);
 int conf_pool_find(const struct conf *conf, const char *name);
+int conf_key_find(const struct conf *conf, const char *name);
+int conf_model_find(const struct conf *conf, const char *name);
+
+/* Whether name (len bytes, need not be NUL-terminated) matches one of the list's globs
+ * (fnmatch: *, ?, [...]). */
+int conf_list_match(const struct conf_list *l, const char *name, size_t len);
+/* The pool serving model name: the first pool in file order whose models match; -1 if none. */
+int conf_model_pool(const struct conf *conf, const char *name, size_t len);
+
+/* Calls fn with each warning about a config that loads but is likely not what was meant
+ * (a listener with auth on and no [key]); aigw -t prints them, the master logs them. */
+void conf_warnings(const struct conf *conf, void (*fn)(void *arg, const char *msg), void *arg);
 
 #endif

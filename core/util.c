@@ -258,3 +258,87 @@ int util_span_ieq(const char *p, size_t len, const char *s)
 
     return n == len && strncasecmp(p, s, len) == 0;
 }
+
+int util_parse_decimal(const char *s, unsigned digits, uint64_t *out)
+{
+    uint64_t v = 0;
+    unsigned frac = 0;
+    int seen = 0, dot = 0;
+
+    for (; *s; s++) {
+        if (*s == '.' && !dot) {
+            dot = 1;
+            continue;
+        }
+        if (*s < '0' || *s > '9')
+            return -EINVAL;
+        if (dot && ++frac > digits)
+            return -EINVAL;
+        if (v > (UINT64_MAX / 10 - 9) / 10)
+            return -ERANGE;
+        v = v * 10 + (uint64_t)(*s - '0');
+        seen = 1;
+    }
+    if (!seen || (dot && frac == 0))
+        return -EINVAL;
+    for (; frac < digits; frac++) {
+        if (v > UINT64_MAX / 100)
+            return -ERANGE;
+        v *= 10;
+    }
+    *out = v;
+    return 0;
+}
+
+int util_parse_utc_end(const char *s, int64_t *out)
+{
+    struct tm tm;
+    const char *end;
+    int date_only, mday, mon;
+    time_t t;
+
+    memset(&tm, 0, sizeof(tm));
+    if (strlen(s) < 10 || s[4] != '-' || s[7] != '-')
+        return -EINVAL;
+    end = strptime(s, "%Y-%m-%d", &tm);
+    if (!end)
+        return -EINVAL;
+    date_only = *end == '\0';
+    if (!date_only) {
+        end = strptime(end, "T%H:%M:%SZ", &tm);
+        if (!end || *end != '\0')
+            return -EINVAL;
+    }
+    mday = tm.tm_mday;
+    mon = tm.tm_mon;
+    t = timegm(&tm); /* normalises 2027-02-30 into March: such a date is refused */
+    if (t == (time_t)-1 || tm.tm_mday != mday || tm.tm_mon != mon)
+        return -EINVAL;
+    /* a date alone: the whole day counts, it ends where the next begins */
+    *out = (int64_t)t + (date_only ? 86400 : 0);
+    return 0;
+}
+
+int util_split_list(char *s, char **items, int max, int *n)
+{
+    int count = 0;
+
+    for (;;) {
+        char *comma = strchr(s, ',');
+        char *b = s + strspn(s, " \t"), *e = comma ? comma : s + strlen(s);
+
+        while (e > b && (e[-1] == ' ' || e[-1] == '\t'))
+            e--;
+        if (e == b)
+            return -EINVAL;
+        if (count == max)
+            return -E2BIG;
+        *e = '\0';
+        items[count++] = b;
+        if (!comma)
+            break;
+        s = comma + 1;
+    }
+    *n = count;
+    return 0;
+}

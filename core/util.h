@@ -35,6 +35,18 @@ int util_parse_percent(const char *s, uint32_t *out_pct);
  * -ERANGE when BASE > MAX or MULT is outside 1..100. */
 int util_parse_backoff(const char *s, uint64_t *base_ms, uint64_t *max_ms, uint32_t *mult_x100);
 
+/* A non-negative decimal ("12", "0.5", "2.125") scaled by 10^digits, exactly (no floating
+ * point): util_parse_decimal("2.5", 6, &v) gives 2500000. More than `digits` decimals, a sign,
+ * blanks or an exponent are -EINVAL; a result above UINT64_MAX / 10 is -ERANGE. */
+int util_parse_decimal(const char *s, unsigned digits, uint64_t *out);
+/* A UTC date "2027-01-31" (the end of that day: the first second of the next) or date and time
+ * "2027-01-31T12:00:00Z" (that second) as seconds since the epoch. 0 or -EINVAL. */
+int util_parse_utc_end(const char *s, int64_t *out);
+/* Splits a comma-separated list in place: blanks around items are dropped, empty items are
+ * -EINVAL. Pointers to at most max items into s go to items; 0 and the count in *n, -E2BIG when
+ * there are more. */
+int util_split_list(char *s, char **items, int max, int *n);
+
 /* Case-insensitive compare of a (ptr, len) span with a NUL-terminated string. */
 int util_span_ieq(const char *p, size_t len, const char *s);
 

@@ -73,6 +73,7 @@ admin_socket = $TMP/aigw.sock
 log_level = warn
 
 [listen cg]
+auth = off
 bind = 127.0.0.1:$AIGW_PORT
 pool = cg
 

@@ -308,6 +308,7 @@ admin_socket = {sock}
 log_level = warn
 
 [listen soak]
+auth = off
 bind = 127.0.0.1:{gw_port}
 pool = soak
 

@@ -161,6 +161,7 @@ admin_socket = $TMP/aigw.sock
 log_level = warn
 
 [listen streams]
+auth = off
 bind = 127.0.0.1:${PORT[aigw]}
 pool = streams
 

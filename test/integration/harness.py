@@ -2,6 +2,7 @@
 speaks raw HTTP/1.1 over sockets (byte-level control for pipelining, chunked uploads,
 100-continue and SSE timing), calls aigwctl, and always tears everything down."""
 
+import hashlib
 import json
 import os
 import random
@@ -492,6 +493,11 @@ def request(port, method, path, headers=None, body=None, timeout=10.0, on_body=N
         c.close()
 
 
+def key_sha256(key):
+    """The key_sha256 value of a client key, as `aigwctl key hash` prints it."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def chat_body(content="Say hello.", stream=False, model="gpt-test", **extra):
     d = {"model": model, "messages": [{"role": "user", "content": content}]}
     if stream:
@@ -662,7 +668,7 @@ class Gateway:
     }
 
     def __init__(self, env, backends, workers=2, pool=None, listen=None, glob=None, start=True,
-                 name="gw", proc_env=None):
+                 name="gw", proc_env=None, keys=None, models=None, sections=None):
         self.env = env
         self.proc_env = proc_env  # environment of the aigw process (None: this one's)
         self.workers = workers
@@ -674,11 +680,18 @@ class Gateway:
         g = {"workers": workers, "admin_socket": self.sock_path, "log_level": "info",
              "hard_stop_after": "5s"}
         g.update(glob or {})
-        self.listen = {"bind": None, "pool": "main"}
+        # client keys are off unless the test gives some ([key NAME]: {"key": "env:V"} or
+        # {"key_sha256": key_sha256("sk-...")})
+        self.listen = {"bind": None, "pool": "main", "auth": "on" if keys else "off"}
         self.listen.update(listen or {})
         p = dict(self.DEFAULT_POOL)
         p.update(pool or {})
         self.sections = [("global", g), ("listen main", self.listen), ("pool main", p)]
+        for kname, kopts in (keys or {}).items():
+            self.sections.append((f"key {kname}", kopts))
+        for mname, mopts in (models or {}).items():
+            self.sections.append((f"model {mname}", mopts))
+        self.sections.extend(sections or [])
         self.backend_names = []
         for b in backends:
             if isinstance(b, Mock):

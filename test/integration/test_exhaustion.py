@@ -135,7 +135,7 @@ def _run_limited(env, glob, nofile, wait=3.0):
     g.update(glob)
     with open(path, "w") as f:
         f.write("[global]\n" + "".join(f"{k} = {v}\n" for k, v in g.items()))
-        f.write(f"[listen main]\nbind = 127.0.0.1:{port}\n[pool main]\ncheck = no\n"
+        f.write(f"[listen main]\nauth = off\nbind = 127.0.0.1:{port}\n[pool main]\ncheck = no\n"
                 f"[backend a]\nurl = http://127.0.0.1:9/v1\n")
     argv = ["prlimit", f"--nofile={nofile}:{nofile}", "setpriv", "--bounding-set=-sys_resource",
             "--inh-caps=-sys_resource", AIGW, "-c", path]

@@ -174,6 +174,7 @@ workers = 1
 admin_socket = {sock}
 
 [listen main]
+auth = off
 bind = 127.0.0.1:{port}
 
 [pool main]

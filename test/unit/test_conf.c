@@ -1059,6 +1059,186 @@ static void test_maxconn(void **state)
              3, "[listen main] key 'maxconn'", "out of range", NULL);
 }
 
+/* [key], [model], pool models/paths, backend model_map, listen auth and the [global] AI keys. */
+static void test_ai_sections(void **state)
+{
+    struct conf *c;
+    static const unsigned char abc_sha[32] = {0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea, 0x41,
+                                              0x41, 0x40, 0xde, 0x5d, 0xae, 0x22, 0x23, 0xb0, 0x03,
+                                              0x61, 0xa3, 0x96, 0x17, 0x7a, 0x9c, 0xb4, 0x10, 0xff,
+                                              0x61, 0xf2, 0x00, 0x15, 0xad}; /* SHA-256("abc") */
+
+    (void)state;
+    setenv("AIGW_TEST_CLIENT_KEY", "abc", 1);
+    c = load_ok("[global]\nstate_file = state.txt\nstate_interval = 2s\ndefault_max_tokens = 1000\n"
+                "[listen main]\nbind = 127.0.0.1:8080\n"
+                "[pool gpt]\nmodels = gpt-4o*, gpt-4.1\npaths = /v1/audio/*\nrpm = 600\n"
+                "[pool local]\nmodels = llama-*\n"
+                "[backend a]\npool = gpt\nurl = http://127.0.0.1:9101/v1\n"
+                "model_map = gpt-4o=gpt-4o-2024-08-06, gpt-4.1=gpt-4.1-x\n"
+                "[backend b]\npool = local\nurl = http://127.0.0.1:9102/v1\n"
+                "[key team-a]\nkey = env:AIGW_TEST_CLIENT_KEY\nmodels = gpt-*\nrpm = 100\n"
+                "tpm = 50000\nmax_parallel = 4\nbudget_usd = 12.50\nbudget_period = day\n"
+                "expires = 2027-01-31\n"
+                "[key team-b]\nkey_sha256 = "
+                "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD\n"
+                "[model gpt-4o]\nprice_input = 2.5\nprice_output = 10\nprice_cached_input = 1.25\n"
+                "list_price_input = 5\nfallback = llama-3\ntpm = 9000\n"
+                "[model fast]\nalias_of = gpt-4o\n"
+                "[model meta-llama/llama-3:8b]\nalias_of = llama-3\n");
+    assert_string_equal(c->global.state_file + strlen(c->global.state_file) - 10, "/state.txt");
+    assert_int_equal(c->global.state_interval_ms, 2000);
+    assert_int_equal(c->global.default_max_tokens, 1000);
+    assert_int_equal(c->listens[0].auth, 1);
+    assert_int_equal(c->route_by_model, 1);
+    assert_int_equal(c->n_keys, 2);
+    assert_memory_equal(c->keys[0].sha256, abc_sha, 32);
+    assert_memory_equal(c->keys[1].sha256, abc_sha, 32);
+    assert_int_equal(c->keys[0].models.n, 1);
+    assert_int_equal(c->keys[0].lim.rpm, 100);
+    assert_int_equal(c->keys[0].lim.tpm, 50000);
+    assert_int_equal(c->keys[0].lim.max_parallel, 4);
+    assert_int_equal(c->keys[0].budget_nusd, 12500000000ull);
+    assert_int_equal(c->keys[0].budget_period, BUDGET_DAY);
+    assert_int_equal(c->keys[0].expires, 1801440000); /* 2027-02-01T00:00:00Z */
+    assert_int_equal(c->keys[1].budget_nusd, 0);
+    assert_int_equal(c->keys[1].expires, 0);
+    assert_int_equal(c->n_models, 3);
+    assert_int_equal(conf_model_find(c, "fast"), 1);
+    assert_int_equal(c->models[0].price_input, 2500000);
+    assert_int_equal(c->models[0].price_output, 10000000);
+    assert_int_equal(c->models[0].price_cached_input, 1250000);
+    assert_int_equal(c->models[0].list_price_input, 5000000);
+    assert_int_equal(c->models[0].lim.tpm, 9000);
+    assert_string_equal(c->models[0].fallback, "llama-3");
+    assert_string_equal(c->models[1].alias_of, "gpt-4o");
+    assert_int_equal(conf_model_pool(c, "gpt-4o-mini", 11), 0);
+    assert_int_equal(conf_model_pool(c, "gpt-4.1", 7), 0);
+    assert_int_equal(conf_model_pool(c, "gpt-4.1-mini", 12), -1);
+    assert_int_equal(conf_model_pool(c, "llama-3", 7), 1);
+    assert_int_equal(conf_model_pool(c, "mistral", 7), -1);
+    assert_int_equal(conf_list_match(&c->pools[0].paths, "/v1/audio/speech", 16), 1);
+    assert_int_equal(c->pools[0].lim.rpm, 600);
+    assert_int_equal(c->backends[0].n_model_map, 2);
+    assert_string_equal(c->backends[0].model_map[1].from, "gpt-4.1");
+    assert_string_equal(c->backends[0].model_map[1].to, "gpt-4.1-x");
+    conf_free(c);
+
+    c = load_ok(BASE "[key k]\nkey_sha256 = "
+                     "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+                     "budget_usd = 1\nexpires = 2027-01-31T12:00:00Z\n");
+    assert_int_equal(c->route_by_model, 0);
+    assert_int_equal(c->keys[0].budget_period, BUDGET_MONTH);
+    assert_int_equal(c->keys[0].expires, 1801396800);
+    conf_free(c);
+    unsetenv("AIGW_TEST_CLIENT_KEY");
+}
+
+static void test_err_ai_sections(void **state)
+{
+    (void)state;
+    load_bad(BASE "[key k]\nrpm = 5\n", 6, "[key k] key 'key'", "missing", NULL);
+    load_bad(BASE "[key k]\nkey = sk-plain-in-file\n", 7, "[key k] key 'key'", "env:VAR", NULL);
+    load_bad(BASE "[key k]\nkey_sha256 = abc\n", 7, "[key k] key 'key_sha256'", "64 hex", NULL);
+    load_bad(BASE "[key k]\nkey_sha256 = "
+                  "zz7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n",
+             7, "key 'key_sha256'", NULL);
+    load_bad(BASE "[key k]\nkey = env:AIGW_TEST_NOT_SET_AT_ALL\n", 7, "[key k] key 'key'",
+             "not set", NULL);
+    load_bad(BASE "[key k]\nkey_sha256 = "
+                  "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+                  "expires = 2027-02-30\n",
+             8, "key 'expires'", "not a date", NULL);
+    load_bad(BASE "[key k]\nkey_sha256 = "
+                  "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+                  "budget_usd = -3\n",
+             8, "key 'budget_usd'", NULL);
+    load_bad(BASE "[key k]\nkey_sha256 = "
+                  "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+                  "budget_period = week\n",
+             8, "key 'budget_period'", "day, month or total", NULL);
+    load_bad(BASE "[model m]\nprice_input = 1.2345678\n", 7, "[model m] key 'price_input'",
+             "6 decimals", NULL);
+    load_bad(BASE "[model m]\nalias_of = m\n", 7, "[model m] key 'alias_of'", "itself", NULL);
+    load_bad(BASE "[pool q]\nmodels = a, , b\n", 7, "[pool q] key 'models'", "empty item", NULL);
+    load_bad(BASE "[pool q]\npaths = /v2/x\n", 7, "[pool q] key 'paths'", "/v1/", NULL);
+    load_bad(BASE "model_map = gpt-4o\n", 6, "[backend a] key 'model_map'", "public=upstream",
+             NULL);
+    load_bad(BASE "model_map = a=b, a=c\n", 6, "key 'model_map'", "twice", NULL);
+    /* with routing by model, every name must lead to a pool */
+    load_bad("[listen main]\nbind = 127.0.0.1:8080\n[pool p]\nmodels = gpt-*\n"
+             "[backend a]\nurl = http://127.0.0.1:9101/v1\n[model claude]\nprice_input = 3\n",
+             7, "[model claude]", "no pool serves it", NULL);
+    load_bad("[listen main]\nbind = 127.0.0.1:8080\n[pool p]\nmodels = gpt-*\n"
+             "[backend a]\nurl = http://127.0.0.1:9101/v1\n[model x]\nalias_of = gpt-4\n"
+             "fallback = claude\n",
+             9, "[model x] key 'fallback'", "'claude'", NULL);
+    load_bad("[listen main]\nbind = 127.0.0.1:8080\n[pool p]\nmodels = gpt-*\n"
+             "[backend a]\nurl = http://127.0.0.1:9101/v1\n[model x]\nalias_of = y\n"
+             "[model y]\nalias_of = gpt-4\n",
+             8, "[model x] key 'alias_of'", "itself an alias", NULL);
+    load_bad(BASE "[model bad name]\n", 6, "invalid name", NULL);
+    load_bad(BASE "[key a/b]\n", 6, "invalid name", NULL);
+}
+
+static void warn_count(void *arg, const char *msg)
+{
+    assert_non_null(strstr(msg, "auth is on and no [key]"));
+    ++*(int *)arg;
+}
+
+static void test_auth_warning(void **state)
+{
+    struct conf *c;
+    int n = 0;
+
+    (void)state;
+    c = load_ok(BASE);
+    conf_warnings(c, warn_count, &n);
+    assert_int_equal(n, 1);
+    conf_free(c);
+    n = 0;
+    c = load_ok("[listen main]\nbind = 127.0.0.1:8080\nauth = off\n[pool p]\n[backend a]\n"
+                "url = http://127.0.0.1:9101/v1\n");
+    conf_warnings(c, warn_count, &n);
+    assert_int_equal(n, 0);
+    conf_free(c);
+}
+
+static void test_util_ai_values(void **state)
+{
+    uint64_t v;
+    int64_t t;
+    char list[] = " a , b*,c ", *items[4];
+    int n;
+
+    (void)state;
+    assert_int_equal(util_parse_decimal("2.5", 6, &v), 0);
+    assert_int_equal(v, 2500000);
+    assert_int_equal(util_parse_decimal("0.000001", 6, &v), 0);
+    assert_int_equal(v, 1);
+    assert_int_equal(util_parse_decimal("12", 9, &v), 0);
+    assert_int_equal(v, 12000000000ull);
+    assert_int_equal(util_parse_decimal("1.", 6, &v), -EINVAL);
+    assert_int_equal(util_parse_decimal(".5", 6, &v), 0);
+    assert_int_equal(v, 500000);
+    assert_int_equal(util_parse_decimal("1e3", 6, &v), -EINVAL);
+    assert_int_equal(util_parse_decimal("", 6, &v), -EINVAL);
+    assert_int_equal(util_parse_decimal("99999999999999999999", 0, &v), -ERANGE);
+    assert_int_equal(util_parse_utc_end("1970-01-01", &t), 0);
+    assert_int_equal(t, 86400);
+    assert_int_equal(util_parse_utc_end("1970-01-01T00:01:00Z", &t), 0);
+    assert_int_equal(t, 60);
+    assert_int_equal(util_parse_utc_end("2027-13-01", &t), -EINVAL);
+    assert_int_equal(util_parse_utc_end("2027-1-1", &t), -EINVAL);
+    assert_int_equal(util_parse_utc_end("2027-01-01 junk", &t), -EINVAL);
+    assert_int_equal(util_split_list(list, items, 4, &n), 0);
+    assert_int_equal(n, 3);
+    assert_string_equal(items[0], "a");
+    assert_string_equal(items[1], "b*");
+    assert_string_equal(items[2], "c");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1091,6 +1271,10 @@ int main(void)
         cmocka_unit_test(test_renamed_idle_timeout),
         cmocka_unit_test(test_util_percent),
         cmocka_unit_test(test_util_backoff),
+        cmocka_unit_test(test_ai_sections),
+        cmocka_unit_test(test_err_ai_sections),
+        cmocka_unit_test(test_auth_warning),
+        cmocka_unit_test(test_util_ai_values),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
