@@ -134,6 +134,23 @@ int answer_error_hdrs(char *buf, size_t cap, int status, const char *type, const
     return out_done(&o);
 }
 
+int answer_json_head(char *buf, size_t cap, int status, size_t body_len, int close,
+                     const char *request_id, size_t request_id_len)
+{
+    struct out o = {buf, 0, cap, 0};
+    OUT_LIT(&o, "HTTP/1.1 ");
+    out_u64(&o, (uint64_t)status);
+    out_mem(&o, " ", 1);
+    out_str(&o, answer_status_reason(status));
+    OUT_LIT(&o, "\r\nContent-Type: application/json\r\nContent-Length: ");
+    out_u64(&o, body_len);
+    OUT_LIT(&o, "\r\n");
+    if (request_id && request_id_len)
+        out_hdr(&o, "X-Request-Id", request_id, request_id_len);
+    out_str(&o, close ? "Connection: close\r\n\r\n" : "Connection: keep-alive\r\n\r\n");
+    return out_done(&o);
+}
+
 int answer_options(char *buf, size_t cap, const char *allow, int close, const char *request_id,
                    size_t request_id_len)
 {

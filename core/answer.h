@@ -37,6 +37,11 @@ int answer_options(char *buf, size_t cap, const char *allow, int close, const ch
 int answer_sse_error(char *buf, size_t cap, const char *prefix, const char *message,
                      const char *code);
 
+/* The head of a JSON answer aigw gives itself (GET /v1/models): status, Content-Type,
+ * Content-Length body_len, X-Request-Id, Connection. Returns the length or -ENOSPC. */
+int answer_json_head(char *buf, size_t cap, int status, size_t body_len, int close,
+                     const char *request_id, size_t request_id_len);
+
 /* Reason phrase for the statuses aigw makes itself ("Bad Gateway"); "Unknown" otherwise. */
 const char *answer_status_reason(int status);
 

@@ -14,6 +14,7 @@
 #include "core/log.h"
 #include "core/proxy.h"
 #include "core/request.h"
+#include "core/route.h"
 #include "core/util.h"
 #include "core/worker_priv.h"
 
@@ -294,10 +295,59 @@ void client_error(struct client *c, int status, const char *type, const char *co
     client_error_via(c, status, type, code, msg, close, retry_after, NULL, 0);
 }
 
+void client_error_extra(struct client *c, int status, const char *type, const char *code,
+                        const char *msg, int retry_after, const char *extra)
+{
+    client_answer(c, status, type, code, msg, 0, retry_after, NULL, 0, extra);
+}
+
+void client_json(struct client *c, int status, int body_len)
+{
+    struct worker *w = c->w;
+    struct creq *r = client_creq(c);
+    char head[512];
+    int hl;
+
+    if (body_len < 0) {
+        client_error(c, 500, "server_error", "answer_too_large",
+                     "the answer does not fit the gateway's buffer", 0, 0);
+        return;
+    }
+    client_timer_stop(c);
+    client_body_deadline_stop(c);
+    c->state = CS_WAIT;
+    r->resp_close = !r->keepalive || w->draining || c->close_after;
+    hl = answer_json_head(head, sizeof(head), status, (size_t)body_len, r->resp_close, r->rid,
+                          r->rid_len);
+    if (hl < 0 || (size_t)hl > CLIENT_JSON_OFF) {
+        client_send_last(c, -1);
+        return;
+    }
+    memcpy(w->scratch, head, (size_t)hl);
+    if (r->head_method)
+        body_len = 0;
+    memmove(w->scratch + hl, w->scratch + CLIENT_JSON_OFF, (size_t)body_len);
+    client_send_last(c, hl + body_len);
+}
+
 /* The answer to a request whose path aigw does not forward (err 404 or 400). */
 void client_path_error(struct client *c, int close)
 {
-    if (client_creq(c)->err == 404)
+    struct creq *r = client_creq(c);
+
+    if (r->err == 404 && route_missing_v1(r->url, r->url_len)) {
+        char msg[200];
+        size_t n = r->url_len;
+        const char *q = memchr(r->url, '?', n);
+
+        n = q ? (size_t)(q - r->url) : n;
+        snprintf(msg, sizeof(msg),
+                 "Invalid URL (%s %.*s): the API is under /v1; set the client's base URL to "
+                 "http://HOST:PORT/v1",
+                 llhttp_method_name((llhttp_method_t)r->parser.method), (int)(n > 120 ? 120 : n),
+                 r->url);
+        client_error(c, 404, "invalid_request_error", "not_found", msg, close, 0);
+    } else if (r->err == 404)
         client_error(c, 404, "invalid_request_error", "not_found", "unknown path", close, 0);
     else
         client_error(c, 400, "invalid_request_error", "invalid_path",

@@ -8,6 +8,7 @@
 #include "core/answer.h"
 #include "core/cool.h"
 #include "core/log.h"
+#include "core/out.h"
 #include "core/proxy.h"
 #include "core/retry.h"
 #include "core/util.h"
@@ -35,6 +36,7 @@ static int op_build_head(void *ctx, const struct conf_backend *be, char *buf, si
     r.request_id = client_creq(c)->rid;
     r.request_id_len = client_creq(c)->rid_len;
     r.has_body = client_creq(c)->has_body;
+    r.strip_auth = client_creq(c)->key >= 0;
     r.body_len = client_creq(c)->body_len;
     return proxy_build_request(buf, cap, &r, be);
 }
@@ -56,7 +58,7 @@ static const char *client_via(const struct client *c)
 
 static int client_attempts(const struct client *c)
 {
-    return c->tries_on ? client_tries(c)->n : 0;
+    return client_creq(c)->fb_attempts + (c->tries_on ? client_tries(c)->n : 0);
 }
 
 /* ---- start ---- */
@@ -377,20 +379,54 @@ static void client_gateway_error(struct client *c, enum upstream_err e)
     }
 }
 
+/* Every backend of the request's pool failed before a byte reached the client: when its model
+ * has a fallback not tried yet, the request starts again as that model, through its pool
+ * (attempts go on counting). 1 when it did. */
+static int client_fallback(struct client *c)
+{
+    struct creq *r = client_creq(c);
+    const struct conf *conf = c->w->conf;
+    struct route_model m;
+    int from = r->model;
+
+    if (r->fb_used || from < 0 || !conf->models[from].fallback[0])
+        return 0;
+    const char *fb = conf->models[from].fallback;
+    if (route_model(conf, fb, strlen(fb), &m) < 0)
+        return 0;
+    log_info("request %.*s: every backend of pool %s failed for model %s; falling back to %s",
+             (int)r->rid_len, r->rid, conf->pools[r->pool].name, conf->models[from].name, fb);
+    client_try_end(c);
+    r->fb_used = 1;
+    r->fb_attempts = (uint8_t)client_attempts(c);
+    r->model = m.model;
+    r->served = m.served;
+    r->model_name = m.name;
+    r->model_name_len = (uint32_t)m.len;
+    r->rename_model = 1;
+    if (m.pool >= 0)
+        r->pool = m.pool;
+    forward_start(c);
+    return 1;
+}
+
 /* No (further) try is possible: the client gets what the last one came to. */
 static void client_fail(struct client *c)
 {
     struct tries *t = client_tries(c);
     if (t->deadline && uv_now(&c->w->loop) >= t->deadline) {
         client_error_via(c, 504, "upstream_error", "request_timeout",
-                         "the request timed out (request_timeout)", 0, 0, client_via(c), t->n);
+                         "the request timed out (request_timeout)", 0, 0, client_via(c),
+                         client_attempts(c));
         return;
     }
+    if (client_fallback(c))
+        return;
     if (t->last_err == UPSTREAM_OK && t->last_status) {
         /* an answer was consumed for a retry that then found no backend */
         client_error_via(c, 502, "upstream_error", "upstream_error_status",
                          "the upstream failed and no other backend could take the request", 0, 0,
-                         client_via(c), t->n);
+                         client_via(c), client_attempts(c));
         return;
     }
     client_gateway_error(c, (enum upstream_err)t->last_err);
@@ -441,12 +477,14 @@ static void client_try(struct client *c)
     }
     int b = client_pick(c, now, &cool_min);
     if (b < 0) {
+        if (client_fallback(c))
+            return;
         if (cool_min) {
             uint64_t left = cool_min > now ? cool_min - now : 0;
             int secs = (int)((left + 999999999ULL) / 1000000000ULL);
             client_error_via(c, 429, "requests", "rate_limit_exceeded",
                              "every backend is rate limited: retry after the given time", 0,
-                             secs < 1 ? 1 : secs, client_via(c), t->n);
+                             secs < 1 ? 1 : secs, client_via(c), client_attempts(c));
         } else if (t->n) {
             client_fail(c);
         } else {
@@ -528,7 +566,17 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
     r.request_id = client_creq(c)->rid;
     r.request_id_len = client_creq(c)->rid_len;
     r.backend = client_via(c);
-    r.attempts = t->n;
+    r.attempts = client_attempts(c);
+    char extra[CONF_NAME_MAX * 4 + 32];
+    struct out x = {extra, 0, sizeof(extra), 0};
+    if (r.backend && client_creq(c)->model_name) {
+        OUT_LIT(&x, "x-aigw-model: ");
+        out_mem(&x, client_creq(c)->model_name, client_creq(c)->model_name_len);
+        OUT_LIT(&x, "\r\n");
+    }
+    r.extra = x.over ? NULL : extra;
+    r.extra_len = x.len;
+    r.own_ratelimit = 0;
     int hl = proxy_build_response_head(w->scratch, head_cap(w), &r);
     if (hl < 0) {
         /* nothing went out yet: a failure of the backend's (502, and it counts), not a client

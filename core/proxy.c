@@ -289,7 +289,7 @@ int proxy_build_request(char *buf, size_t cap, const struct proxy_req *r,
         case HN_X_REQUEST_ID:
             continue;
         case HN_AUTHORIZATION:
-            if (be->api_key)
+            if (be->api_key || r->strip_auth)
                 continue;
             break;
         case HN_X_FORWARDED_FOR:
@@ -380,6 +380,8 @@ int proxy_build_response_head(char *buf, size_t cap, const struct proxy_resp *r)
         /* ours replace what an upstream (another aigw, say) said */
         if (r->backend && (k == HN_X_AIGW_BACKEND || k == HN_X_AIGW_ATTEMPTS))
             continue;
+        if (r->own_ratelimit && h->name_len > 12 && NAME_IS(h->name, 12, "x-ratelimit-"))
+            continue;
         out_mem(&o, h->name, h->name_len);
         OUT_LIT(&o, ": ");
         out_mem(&o, h->value, h->value_len);
@@ -388,6 +390,8 @@ int proxy_build_response_head(char *buf, size_t cap, const struct proxy_resp *r)
     if (r->chunk_self)
         OUT_LIT(&o, "Transfer-Encoding: chunked\r\n");
     out_via(&o, r->backend, r->attempts);
+    if (r->extra)
+        out_mem(&o, r->extra, r->extra_len);
     OUT_LIT(&o, "X-Request-Id: ");
     out_mem(&o, r->request_id, r->request_id_len);
     OUT_LIT(&o, "\r\n");

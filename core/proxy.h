@@ -33,6 +33,7 @@ struct proxy_req {
     size_t request_id_len;
     int has_body;      /* the client sent a body (Content-Length or chunked): send Content-Length */
     uint64_t body_len; /* de-chunked body length */
+    int strip_auth;    /* the client's Authorization was aigw's own key: never sent upstream */
 };
 
 /* 1 when p[0, len) equals `lower` (lower_len bytes of lower-case letters, digits and '-'),
@@ -172,6 +173,9 @@ struct proxy_resp {
     size_t request_id_len;
     const char *backend; /* x-aigw-backend (NULL = no x-aigw-* headers) */
     int attempts;        /* x-aigw-attempts */
+    const char *extra;   /* more header lines of aigw's own (each ending "\r\n"), or NULL */
+    size_t extra_len;
+    int own_ratelimit; /* extra has aigw's x-ratelimit-*: the upstream's are dropped */
 };
 
 /* Builds the client response head: hop-by-hop headers and the upstream's X-Request-Id are

@@ -148,6 +148,11 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     w->conf = conf;
     w->shm = shm;
     w->slot = slot;
+    w->started = (int64_t)(time_real_ms() / 1000);
+    if (route_keys_init(&w->keys, conf) < 0) {
+        log_err("out of memory");
+        return -ENOMEM;
+    }
     /* uv_signal_init fails only when the loop's signal pipe cannot be made (no fd left), on the
      * first call: then nothing is set up yet and the worker exits; uv_timer_init cannot fail */
     int r = uv_signal_init(&w->loop, &w->sigterm);
@@ -284,6 +289,7 @@ static void worker_teardown(struct worker *w)
     free(w->scratch);
     free(w->body_cache);
     json_parser_free(&w->json);
+    route_keys_free(&w->keys);
 }
 
 int worker_main(struct conf *conf, struct shm *shm, int slot, const int *listen_fds)

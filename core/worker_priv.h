@@ -15,6 +15,7 @@
 #include "core/conf.h"
 #include "core/json.h"
 #include "core/proxy.h"
+#include "core/route.h"
 #include "core/tq.h"
 #include "core/upstream.h"
 #include "shm/shm.h"
@@ -123,7 +124,17 @@ struct creq {
     uint64_t dropped;       /* body bytes of a request already refused, read and dropped */
     struct tq_node bn;      /* in the listener's body deadline queue while the body arrives */
     int32_t pool;           /* the pool the request goes to (the route stage) */
-    uv_write_t cont_req;    /* the rest of a "100 Continue" the socket did not take at once */
+    int32_t key;            /* the client's [key] (the auth stage), -1 = none (auth off) */
+    int32_t model;          /* [model] section of the name the client sent, -1 = none */
+    int32_t served;         /* [model] section of the model it is served as, -1 = none */
+    const char *model_name; /* the model it is served as (in conf or the body); NULL = the
+                               request is not routed by model */
+    uint32_t model_name_len;
+    uint8_t ep;           /* enum route_ep of the path */
+    uint8_t rename_model; /* served under another name than the client's (alias_of) */
+    uint8_t fb_used;      /* the model's fallback took over */
+    uint8_t fb_attempts;  /* sends made before the fallback (they count in x-aigw-attempts) */
+    uv_write_t cont_req;  /* the rest of a "100 Continue" the socket did not take at once */
     struct tries tries;
 };
 
@@ -163,6 +174,8 @@ struct worker {
     uint64_t rid_seed1, rid_seed2, rid_counter;
     char *scratch;           /* one buffer for heads built and written at once */
     struct json_parser json; /* reads request bodies, one at a time */
+    struct route_keys keys;  /* client keys by digest */
+    int64_t started;         /* wall-clock start (the "created" of /v1/models) */
 };
 
 /* ---- inline helpers of the request path ---- */
@@ -242,6 +255,20 @@ void client_error(struct client *c, int status, const char *type, const char *co
 void client_error_via(struct client *c, int status, const char *type, const char *code,
                       const char *msg, int close, int retry_after, const char *backend,
                       int attempts);
+/* A gateway error that keeps the connection (the request was read whole), with extra header
+ * lines (each ending "\r\n"; NULL = none). */
+void client_error_extra(struct client *c, int status, const char *type, const char *code,
+                        const char *msg, int retry_after, const char *extra);
+/* Where a JSON body aigw answers with itself is built in the scratch buffer (its head goes in
+ * front of it), and the room it has. */
+#define CLIENT_JSON_OFF 512
+static inline size_t client_json_cap(const struct worker *w)
+{
+    return head_cap(w) - CLIENT_JSON_OFF;
+}
+/* Answers status with the JSON body of body_len bytes at scratch + CLIENT_JSON_OFF (< 0: it
+ * did not fit: 500). */
+void client_json(struct client *c, int status, int body_len);
 /* The answer to a request whose path aigw does not forward (creq err 404 or 400). */
 void client_path_error(struct client *c, int close);
 /* The answer to OPTIONS, which aigw gives itself. */

@@ -37,7 +37,7 @@ def test_unresolvable_backend_fails_fast(env):
         ("pool ghosts", {"check": "no", "connect_timeout": "3s", "max_fails": "0",
                          "breaker_failures": "0"}),
         ("backend ghost", {"pool": "ghosts", "url": "http://nonexistent.invalid:9/v1"}),
-        ("listen ghosts", {"bind": f"127.0.0.1:{ghost_port}", "pool": "ghosts"}),
+        ("listen ghosts", {"bind": f"127.0.0.1:{ghost_port}", "pool": "ghosts", "auth": "off"}),
     ]
     gw._write_conf()
     gw.start()

@@ -270,7 +270,7 @@ def test_bad_config_run_exits(env):
         p.communicate()
         check(False, "aigw -c BAD still running after 5s")
     check(p.returncode == 1, f"aigw -c BAD exited {p.returncode}: {err.strip()!r}")
-    check(f"{path}:9" in out + err, f"aigw -c BAD message {(out + err).strip()!r}")
+    check(f"{path}:10" in out + err, f"aigw -c BAD message {(out + err).strip()!r}")
     check(connect_refused(port), "aigw -c BAD left a listener")
     check(time.monotonic() - t0 < 5, "slow failure")
 
