@@ -1,0 +1,106 @@
+/* Reservations, costs and rate-limit headers (see core/meter.h). */
+#include "core/meter.h"
+
+uint64_t meter_output_max(const int64_t max_tokens[3], uint32_t def, int embeddings)
+{
+    int64_t best = -1;
+
+    if (embeddings)
+        return 0;
+    for (int i = 0; i < 3; i++)
+        if (max_tokens[i] >= 0 && (best < 0 || max_tokens[i] < best))
+            best = max_tokens[i];
+    return best >= 0 ? (uint64_t)best : def;
+}
+
+/* a * b, saturating: absurd token counts must not wrap a cost to nothing */
+static uint64_t mul_sat(uint64_t a, uint64_t b)
+{
+    uint64_t r;
+
+    return __builtin_mul_overflow(a, b, &r) ? UINT64_MAX : r;
+}
+
+static uint64_t add_sat(uint64_t a, uint64_t b)
+{
+    return a + b < a ? UINT64_MAX : a + b;
+}
+
+uint64_t meter_cost_nano(const struct conf_model *m, uint64_t prompt, uint64_t cached,
+                         uint64_t completion, int list)
+{
+    uint64_t in, out, cin, pico;
+
+    if (!m)
+        return 0;
+    in = m->price_input;
+    out = m->price_output;
+    cin = m->price_cached_input ? m->price_cached_input : in;
+    if (list) {
+        in = m->list_price_input ? m->list_price_input : in;
+        out = m->list_price_output ? m->list_price_output : out;
+        cin = in; /* a list price has no cache discount of the relay's */
+    }
+    if (cached > prompt)
+        cached = prompt;
+    pico = add_sat(add_sat(mul_sat(prompt - cached, in), mul_sat(cached, cin)),
+                   mul_sat(completion, out));
+    return pico / 1000 + (pico % 1000 != 0);
+}
+
+void meter_duration(struct out *o, uint64_t ms)
+{
+    if (ms < 1000) {
+        out_u64(o, ms);
+        OUT_LIT(o, "ms");
+        return;
+    }
+    if (ms >= 3600000) {
+        out_u64(o, ms / 3600000);
+        OUT_LIT(o, "h");
+        ms %= 3600000;
+    }
+    if (ms >= 60000) {
+        out_u64(o, ms / 60000);
+        OUT_LIT(o, "m");
+        ms %= 60000;
+    }
+    out_u64(o, ms / 1000);
+    ms %= 1000;
+    if (ms) {
+        char frac[4] = {(char)('0' + ms / 100), (char)('0' + ms / 10 % 10), (char)('0' + ms % 10)};
+        size_t n = 3;
+
+        while (frac[n - 1] == '0')
+            n--;
+        OUT_LIT(o, ".");
+        out_mem(o, frac, n);
+    }
+    OUT_LIT(o, "s");
+}
+
+static void trio(struct out *o, const struct meter_trio *t, const char *what)
+{
+    if (!t->set)
+        return;
+    OUT_LIT(o, "x-ratelimit-limit-");
+    out_str(o, what);
+    OUT_LIT(o, ": ");
+    out_u64(o, t->limit);
+    OUT_LIT(o, "\r\nx-ratelimit-remaining-");
+    out_str(o, what);
+    OUT_LIT(o, ": ");
+    out_u64(o, t->remaining);
+    OUT_LIT(o, "\r\nx-ratelimit-reset-");
+    out_str(o, what);
+    OUT_LIT(o, ": ");
+    meter_duration(o, t->reset_ms);
+    OUT_LIT(o, "\r\n");
+}
+
+void meter_ratelimit_headers(struct out *o, const struct meter_trio *req,
+                             const struct meter_trio *tok)
+{
+    trio(o, req, "requests");
+    trio(o, tok, "tokens");
+}

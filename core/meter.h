@@ -1,0 +1,44 @@
+/* What a request may spend and did spend, free of I/O: the tokens and money reserved when it is
+ * admitted, the cost of the usage it reported, and OpenAI's x-ratelimit-* headers. */
+#ifndef AIGW_CORE_METER_H
+#define AIGW_CORE_METER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/conf.h"
+#include "core/out.h"
+
+/* Tokens a prompt of body_len JSON bytes may hold at most, as reserved before the upstream
+ * counts it: one per 3 bytes, rounded up (English runs ~4 bytes a token, CJK text ~3; the
+ * JSON around the text only adds bytes), corrected to the real count when the answer ends. */
+static inline uint64_t meter_prompt_estimate(uint64_t body_len)
+{
+    return (body_len + 2) / 3;
+}
+
+/* Tokens an answer may hold at most: the request's max_tokens / max_completion_tokens /
+ * max_output_tokens (the smallest given; -1 = not given), else def. An embeddings request
+ * answers with none. */
+uint64_t meter_output_max(const int64_t max_tokens[3], uint32_t def, int embeddings);
+
+/* Cost in nano-USD of prompt tokens (cached of them from the provider's cache) and completion
+ * tokens at m's prices (pico-USD per token), rounded up. list: at list_price_* (price_* where
+ * none is given). m NULL: 0. */
+uint64_t meter_cost_nano(const struct conf_model *m, uint64_t prompt, uint64_t cached,
+                         uint64_t completion, int list);
+
+/* A duration the way OpenAI's x-ratelimit-reset-* say it: "250ms", "7s", "1m30s", "1.5s". */
+void meter_duration(struct out *o, uint64_t ms);
+
+/* One x-ratelimit trio: limit, remaining, reset (ms). */
+struct meter_trio {
+    int set;
+    uint64_t limit, remaining, reset_ms;
+};
+
+/* x-ratelimit-{limit,remaining,reset}-requests and -tokens lines for the trios that are set. */
+void meter_ratelimit_headers(struct out *o, const struct meter_trio *req,
+                             const struct meter_trio *tok);
+
+#endif

@@ -1,0 +1,100 @@
+/* Unit tests of core/meter.c: output reservations, costs at prices and list prices, OpenAI's
+ * duration format and the x-ratelimit-* lines. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "core/meter.h"
+
+static void test_output_max(void **state)
+{
+    int64_t none[3] = {-1, -1, -1}, some[3] = {500, 200, -1}, zero[3] = {-1, -1, 0};
+
+    (void)state;
+    assert_int_equal(meter_output_max(none, 4096, 0), 4096);
+    assert_int_equal(meter_output_max(some, 4096, 0), 200);
+    assert_int_equal(meter_output_max(zero, 4096, 0), 0);
+    assert_int_equal(meter_output_max(some, 4096, 1), 0);
+    assert_int_equal(meter_prompt_estimate(0), 0);
+    assert_int_equal(meter_prompt_estimate(1), 1);
+    assert_int_equal(meter_prompt_estimate(300), 100);
+    assert_int_equal(meter_prompt_estimate(301), 101);
+}
+
+static void test_cost(void **state)
+{
+    struct conf_model m;
+
+    (void)state;
+    memset(&m, 0, sizeof(m));
+    m.price_input = 2500000;   /* 2.50 USD / 1M */
+    m.price_output = 10000000; /* 10 USD / 1M */
+    /* 1000 in, 500 out: 0.0025 + 0.005 USD = 7,500,000 nano */
+    assert_int_equal(meter_cost_nano(&m, 1000, 0, 500, 0), 7500000);
+    /* cached at price_input when no cached price is set */
+    assert_int_equal(meter_cost_nano(&m, 1000, 400, 500, 0), 7500000);
+    m.price_cached_input = 1250000;
+    assert_int_equal(meter_cost_nano(&m, 1000, 400, 500, 0), 7000000);
+    /* list prices: 5 / 20, no cache discount */
+    m.list_price_input = 5000000;
+    m.list_price_output = 20000000;
+    assert_int_equal(meter_cost_nano(&m, 1000, 400, 500, 1), 15000000);
+    /* rounded up to the nano-USD */
+    m.price_input = 1;
+    assert_int_equal(meter_cost_nano(&m, 1, 0, 0, 0), 1);
+    assert_int_equal(meter_cost_nano(NULL, 1000, 0, 1000, 0), 0);
+    m.price_output = UINT64_MAX / 2;
+    assert_int_equal(meter_cost_nano(&m, 0, 0, 1000, 0), UINT64_MAX / 1000 + 1);
+}
+
+static void check_dur(uint64_t ms, const char *want)
+{
+    char buf[64];
+    struct out o = {buf, 0, sizeof(buf) - 1, 0};
+
+    meter_duration(&o, ms);
+    buf[o.len] = '\0';
+    assert_string_equal(buf, want);
+}
+
+static void test_duration(void **state)
+{
+    (void)state;
+    check_dur(0, "0ms");
+    check_dur(250, "250ms");
+    check_dur(1000, "1s");
+    check_dur(1500, "1.5s");
+    check_dur(1234, "1.234s");
+    check_dur(60000, "1m0s");
+    check_dur(90000, "1m30s");
+    check_dur(3723004, "1h2m3.004s");
+}
+
+static void test_headers(void **state)
+{
+    char buf[512];
+    struct out o = {buf, 0, sizeof(buf) - 1, 0};
+    struct meter_trio req = {1, 100, 99, 600}, tok = {0, 0, 0, 0};
+
+    (void)state;
+    meter_ratelimit_headers(&o, &req, &tok);
+    buf[o.len] = '\0';
+    assert_string_equal(buf, "x-ratelimit-limit-requests: 100\r\n"
+                             "x-ratelimit-remaining-requests: 99\r\n"
+                             "x-ratelimit-reset-requests: 600ms\r\n");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_output_max),
+        cmocka_unit_test(test_cost),
+        cmocka_unit_test(test_duration),
+        cmocka_unit_test(test_headers),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
