@@ -3,15 +3,16 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <time.h>
 
 #include "shm/acct.h"
 
 #define ACCT_MAGIC 0x3154434157474941ULL /* "AIGWACT1" little-endian */
 #define ACCT_ALIGN 64u
 /* A writer may be preempted in the middle of a write: the reader spins a little, then yields.
- * Odd for this many yields (far longer than a time slice), it belongs to a writer that died. */
-#define ACCT_READ_SPINS 64
-#define ACCT_READ_TRIES (ACCT_READ_SPINS + 20000)
+ * A write open this long (many time slices) belongs to a writer that died: read as it is. */
+#define ACCT_READ_SPINS    64
+#define ACCT_READ_STUCK_NS (200 * 1000000ULL)
 
 /* One entry in one slice; written by one process only. seq is odd while it is written. */
 struct acct_cell {
@@ -104,23 +105,39 @@ static void cell_write(struct acct_cell *c, const struct acct_usage *u, int set)
     atomic_store_explicit(&c->seq, s + 2, memory_order_release);
 }
 
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
 static void cell_read(const struct acct_cell *c, uint64_t *v)
 {
+    uint32_t odd = 0;   /* the open write waited on */
+    uint64_t since = 0; /* when it was first seen */
+
     for (uint32_t tries = 0;; tries++) {
         uint32_t s = atomic_load_explicit(&c->seq, memory_order_acquire);
+        int stuck = 0;
 
-        if ((s & 1) && tries < ACCT_READ_TRIES) {
-            if (tries >= ACCT_READ_SPINS)
-                sched_yield();
-            continue;
+        if (tries >= ACCT_READ_SPINS) {
+            uint64_t now = mono_ns();
+
+            if (!(s & 1) || s != odd)
+                odd = s, since = now;
+            else
+                stuck = now - since >= ACCT_READ_STUCK_NS;
+            sched_yield();
         }
+        if ((s & 1) && !stuck)
+            continue;
         for (size_t k = 0; k < ACCT_WORDS; k++)
             v[k] = atomic_load_explicit(&c->w[k], memory_order_relaxed);
         atomic_thread_fence(memory_order_acquire);
-        if (atomic_load_explicit(&c->seq, memory_order_relaxed) == s || tries >= ACCT_READ_TRIES)
+        if (atomic_load_explicit(&c->seq, memory_order_relaxed) == s || stuck)
             return;
-        if (tries >= ACCT_READ_SPINS)
-            sched_yield();
     }
 }
 
