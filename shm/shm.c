@@ -22,7 +22,14 @@ static size_t shm_align(size_t n)
 
 int shm_create(struct shm *shm, uint32_t n_backends, uint32_t n_workers, uint32_t generation)
 {
-    size_t off_backends, off_workers, off_wb, size;
+    return shm_create_ai(shm, n_backends, n_workers, generation, NULL);
+}
+
+int shm_create_ai(struct shm *shm, uint32_t n_backends, uint32_t n_workers, uint32_t generation,
+                  const struct shm_ai *ai)
+{
+    size_t off_backends, off_workers, off_wb, off_limits = 0, off_acct = 0, size;
+    uint32_t n_limits = ai ? ai->n_keys + ai->n_models + ai->n_pools : 0;
     struct shm_header *hdr;
     void *base;
     int fd;
@@ -33,6 +40,14 @@ int shm_create(struct shm *shm, uint32_t n_backends, uint32_t n_workers, uint32_
     off_workers = off_backends + shm_align(sizeof(struct shm_backend) * n_backends);
     off_wb = off_workers + shm_align(sizeof(struct shm_worker) * n_workers);
     size = off_wb + shm_align(sizeof(struct shm_wb) * n_backends * n_workers);
+    if (ai) {
+        if (n_limits && !ai->limits)
+            return -EINVAL;
+        off_limits = size;
+        size += shm_align(limit_region_size(n_limits, ai->limits, n_workers));
+        off_acct = size;
+        size += shm_align(acct_region_size(ai->n_keys, ai->n_models, n_backends, n_workers));
+    }
 
     /* Not MFD_CLOEXEC: a child that execs (none does today) could still map it by fd. */
     fd = memfd_create("aigw-shm", 0);
@@ -66,6 +81,22 @@ int shm_create(struct shm *shm, uint32_t n_backends, uint32_t n_workers, uint32_
     hdr->off_backends = off_backends;
     hdr->off_workers = off_workers;
     hdr->off_wb = off_wb;
+    if (ai) {
+        int rc = limit_region_init((char *)base + off_limits, off_acct - off_limits, n_limits,
+                                   ai->limits, n_workers, ai->wall_s);
+
+        if (rc == 0)
+            rc = acct_region_init((char *)base + off_acct, size - off_acct, ai->n_keys,
+                                  ai->n_models, n_backends, n_workers);
+        if (rc) {
+            free(shm->cache);
+            munmap(base, size);
+            close(fd);
+            return rc;
+        }
+        hdr->off_limits = off_limits;
+        hdr->off_acct = off_acct;
+    }
     {
         struct timespec ts;
 
@@ -402,6 +433,11 @@ void shm_worker_reset(struct shm *shm, uint32_t w)
         atomic_store_explicit(&wb->claim_seq, q + 2, memory_order_release);
         shm_claims_repair(shm, b);
     }
+    /* Its rate-limit slots and budget reservations too; its usage totals stay. */
+    if (shm_limits(shm))
+        limit_release_owner(shm_limits(shm), w);
+    if (shm_acct(shm))
+        acct_release_owner(shm_acct(shm), w);
     atomic_store_explicit(&sw->conns, 0, memory_order_relaxed);
     atomic_store_explicit(&sw->pid, 0, memory_order_relaxed);
 }

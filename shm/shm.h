@@ -9,8 +9,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "shm/acct.h"
+#include "shm/limit.h"
+
 #define SHM_MAGIC          0x31304d5357474941ULL /* "AIGWSM01" little-endian */
-#define SHM_LAYOUT_VERSION 2
+#define SHM_LAYOUT_VERSION 3
 #define SHM_CACHELINE      64
 
 /* Health state, written only by the health checker. */
@@ -200,6 +203,8 @@ struct shm_header {
     uint64_t off_workers;
     uint64_t off_wb;     /* n_workers * n_backends shm_wb, worker-major */
     uint64_t created_ns; /* monotonic time of creation: every counter was 0 then */
+    uint64_t off_limits; /* shm/limit.h region, 0 = none */
+    uint64_t off_acct;   /* shm/acct.h region, 0 = none */
 };
 
 struct shm_health_cache;
@@ -218,7 +223,31 @@ struct shm {
 /* Creates and maps a zeroed segment (memfd + MAP_SHARED) that forked children inherit.
  * Returns 0 or -errno. */
 int shm_create(struct shm *shm, uint32_t n_backends, uint32_t n_workers, uint32_t generation);
+/* The AI layer's part of the segment: a limiter per key, [model] and [pool] (ids: key i -> i,
+ * model j -> n_keys + j, pool p -> n_keys + n_models + p; specs in that order) and usage totals
+ * per key, model and backend. The worker slots are the limiters' and the totals' owners. */
+struct shm_ai {
+    uint32_t n_keys, n_models, n_pools;
+    const struct limit_spec *limits; /* n_keys + n_models + n_pools */
+    int64_t wall_s;                  /* now, UTC seconds: the budgets' first period */
+};
+/* shm_create with the AI regions as well (ai = NULL: none, as shm_create). */
+int shm_create_ai(struct shm *shm, uint32_t n_backends, uint32_t n_workers, uint32_t generation,
+                  const struct shm_ai *ai);
 void shm_destroy(struct shm *shm);
+
+/* The regions of shm_create_ai (NULL without them). */
+static inline struct limit_region *shm_limits(const struct shm *shm)
+{
+    return shm->hdr->off_limits ? (struct limit_region *)((char *)shm->base + shm->hdr->off_limits)
+                                : NULL;
+}
+
+static inline struct acct_region *shm_acct(const struct shm *shm)
+{
+    return shm->hdr->off_acct ? (struct acct_region *)((char *)shm->base + shm->hdr->off_acct)
+                              : NULL;
+}
 
 static inline uint32_t shm_n_backends(const struct shm *shm)
 {
@@ -379,8 +408,9 @@ struct shm_backend_totals {
 };
 void shm_backend_totals(const struct shm *shm, uint32_t b, struct shm_backend_totals *t);
 
-/* Master: zero a dead worker's slot and gauges, and give its in-flight claims back.
- * Cumulative counters (requests, failures, bytes) are kept. */
+/* Master: zero a dead worker's slot and gauges, and give its in-flight claims back (its
+ * backend claims, and its parallel slots and budget reservations in the limiters).
+ * Cumulative counters (requests, failures, bytes, usage totals) are kept. */
 void shm_worker_reset(struct shm *shm, uint32_t w);
 
 const char *shm_state_str(enum backend_state st);

@@ -79,6 +79,56 @@ static void test_layout(void **state)
     shm_destroy(&shm);
 }
 
+/* The AI regions: inside the segment, limiters and totals shared across fork, and a dead
+ * worker's parallel slots given back by shm_worker_reset. */
+static void test_ai_regions(void **state)
+{
+    struct limit_spec specs[3] = {{.max_parallel = 1}, {.rpm = 5}, {.tpm = 10}};
+    struct shm_ai ai = {.n_keys = 1, .n_models = 1, .n_pools = 1, .limits = specs, .wall_s = 0};
+    struct shm shm;
+    struct limit_ticket t;
+    struct limit_verdict v;
+    struct acct_usage u = {.requests = 1, .prompt = 7}, got;
+    uint32_t ids[3] = {0, 1, 2};
+    pid_t pid;
+    int status;
+
+    assert_int_equal(shm_create(&shm, 2, 2, 1), 0);
+    assert_null(shm_limits(&shm));
+    assert_null(shm_acct(&shm));
+    shm_destroy(&shm);
+    ai.limits = NULL;
+    assert_int_equal(shm_create_ai(&shm, 2, 2, 1, &ai), -EINVAL);
+    ai.limits = specs;
+    assert_int_equal(shm_create_ai(&shm, 2, 2, 1, &ai), 0);
+    assert_non_null(shm_limits(&shm));
+    assert_non_null(shm_acct(&shm));
+    assert_true((char *)shm_limits(&shm) > (char *)shm_wb(&shm, 1, 1));
+    assert_true((char *)shm_acct(&shm) > (char *)shm_limits(&shm));
+    assert_true((char *)shm_acct(&shm) < (char *)shm.base + shm.size);
+    assert_int_equal(limit_region_count(shm_limits(&shm)), 3);
+    assert_int_equal(acct_count(shm_acct(&shm), ACCT_BACKEND), 2);
+    pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        /* Worker 1 takes the key's only parallel slot, counts usage and dies. */
+        if (limit_admit(shm_limits(&shm), ids, 3, 0, 0, 1, 0, 1, &t, &v) != 0)
+            _exit(1);
+        acct_add(shm_acct(&shm), 1, 0, 0, 1, &u);
+        _exit(0);
+    }
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    assert_int_equal(limit_admit(shm_limits(&shm), ids, 3, 0, 0, 1, 0, 0, &t, &v), -EAGAIN);
+    assert_int_equal(v.dim, LIMIT_PARALLEL);
+    shm_worker_reset(&shm, 1);
+    assert_int_equal(limit_admit(shm_limits(&shm), ids, 3, 0, 0, 1, 0, 0, &t, &v), 0);
+    assert_int_equal(v.req.remaining, 3);
+    assert_int_equal(acct_get(shm_acct(&shm), ACCT_BACKEND, 1, &got), 0);
+    assert_int_equal(got.prompt, 7);
+    shm_destroy(&shm);
+}
+
 static void test_rejects_bad_sizes(void **state)
 {
     struct shm shm;
@@ -757,6 +807,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layout),
         cmocka_unit_test(test_rejects_bad_sizes),
+        cmocka_unit_test(test_ai_regions),
         cmocka_unit_test(test_shared_across_fork),
         cmocka_unit_test(test_totals_and_worker_reset),
         cmocka_unit_test(test_record_and_admin),

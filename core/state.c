@@ -1,0 +1,379 @@
+/* The state file: a versioned line format, written atomically, read back by section name.
+ *
+ *   aigw-state 1
+ *   saved 1773615600
+ *   budget NAME period=month start=1772323200 spent=1234
+ *   usage key|model|backend NAME requests=N prompt=N completion=N cached=N reasoning=N
+ *         partial=N cost=N list_cost=N                       (one line)
+ *   end
+ *
+ * Names are written with %XX for '%', spaces, controls and bytes >= 0x7f. Money in nano-USD.
+ * Unknown fields of a known line are skipped (a newer minor writer); unknown lines are errors. */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/state.h"
+
+#define STATE_LINE_MAX 4096
+
+/* ---- save -------------------------------------------------------------------------------------
+ */
+
+static void put_name(FILE *f, const char *s)
+{
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p <= ' ' || *p >= 0x7f || *p == '%')
+            fprintf(f, "%%%02X", *p);
+        else
+            fputc(*p, f);
+    }
+}
+
+static void put_usage(FILE *f, const char *kind, const char *name, const struct acct_usage *u)
+{
+    fprintf(f, "usage %s ", kind);
+    put_name(f, name);
+    fprintf(f,
+            " requests=%" PRIu64 " prompt=%" PRIu64 " completion=%" PRIu64 " cached=%" PRIu64
+            " reasoning=%" PRIu64 " partial=%" PRIu64 " cost=%" PRIu64 " list_cost=%" PRIu64 "\n",
+            u->requests, u->prompt, u->completion, u->cached, u->reasoning, u->partial,
+            u->cost_nano, u->list_cost_nano);
+}
+
+static void put_all(FILE *f, const struct state_names *nm, struct limit_region *limits,
+                    const struct acct_region *acct, int64_t wall_s)
+{
+    static const enum acct_kind kinds[3] = {ACCT_KEY, ACCT_MODEL, ACCT_BACKEND};
+    const char *const *names[3] = {nm->keys, nm->models, nm->backends};
+    uint32_t counts[3] = {nm->n_keys, nm->n_models, nm->n_backends};
+
+    fprintf(f, "aigw-state %d\nsaved %" PRId64 "\n", STATE_VERSION, wall_s);
+    for (uint32_t i = 0; limits && i < nm->n_keys && i < limit_region_count(limits); i++) {
+        struct limit_budget b;
+
+        if (limit_budget_get(limits, i, &b) != 0)
+            continue;
+        fputs("budget ", f);
+        put_name(f, nm->keys[i]);
+        fprintf(f, " period=%s start=%" PRId64 " spent=%" PRIu64 "\n", limit_period_str(b.period),
+                b.period_start, b.spent_nano);
+    }
+    for (int k = 0; acct && k < 3; k++) {
+        for (uint32_t i = 0; i < counts[k] && i < acct_count(acct, kinds[k]); i++) {
+            struct acct_usage u;
+
+            if (acct_get(acct, kinds[k], i, &u) == 0)
+                put_usage(f, acct_kind_str(kinds[k]), names[k][i], &u);
+        }
+    }
+    fputs("end\n", f);
+}
+
+static int fail(char **err, int rc, const char *path, const char *what)
+{
+    if (err && asprintf(err, "%s: %s: %s", path, what, strerror(-rc)) < 0)
+        *err = NULL;
+    return rc;
+}
+
+int state_save(const char *path, const struct state_names *names, struct limit_region *limits,
+               const struct acct_region *acct, int64_t wall_s, char **err)
+{
+    char *tmp = NULL, *dir = NULL, *slash;
+    FILE *f = NULL;
+    int fd = -1, rc = 0;
+
+    if (asprintf(&tmp, "%s.tmpXXXXXX", path) < 0 || !(dir = strdup(path))) {
+        free(tmp);
+        return fail(err, -ENOMEM, path, "cannot save");
+    }
+    slash = strrchr(dir, '/');
+    if (!slash)
+        strcpy(dir, ".");
+    else if (slash == dir)
+        slash[1] = '\0';
+    else
+        *slash = '\0';
+
+    /* The temp file in the same directory, so the rename is atomic. */
+    fd = mkstemp(tmp);
+    if (fd == -1) {
+        rc = fail(err, -errno, tmp, "cannot create");
+        goto out;
+    }
+    f = fdopen(fd, "w");
+    if (!f) {
+        rc = fail(err, -errno, tmp, "cannot write");
+        close(fd);
+        goto out_unlink;
+    }
+    put_all(f, names, limits, acct, wall_s);
+    if (fflush(f) != 0 || ferror(f)) {
+        rc = fail(err, -(errno ? errno : EIO), tmp, "cannot write");
+        fclose(f);
+        goto out_unlink;
+    }
+    if (fsync(fileno(f)) == -1) {
+        rc = fail(err, -errno, tmp, "cannot fsync");
+        fclose(f);
+        goto out_unlink;
+    }
+    if (fclose(f) != 0) {
+        rc = fail(err, -errno, tmp, "cannot close");
+        goto out_unlink;
+    }
+    if (rename(tmp, path) == -1) {
+        rc = fail(err, -errno, path, "cannot rename the temp file to");
+        goto out_unlink;
+    }
+    /* The rename itself is durable only once the directory is. */
+    fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd == -1 || fsync(fd) == -1)
+        rc = fail(err, -errno, dir, "cannot fsync the directory");
+    if (fd != -1)
+        close(fd);
+    goto out;
+out_unlink:
+    unlink(tmp);
+out:
+    free(tmp);
+    free(dir);
+    return rc;
+}
+
+/* ---- load -------------------------------------------------------------------------------------
+ */
+
+/* Decodes %XX in place; -1 for a bad escape. */
+static int unescape(char *s)
+{
+    char *w = s;
+
+    for (char *p = s; *p; p++) {
+        if (*p == '%') {
+            unsigned v;
+
+            if (sscanf(p + 1, "%2x", &v) != 1 || !p[1] || !p[2] || v == 0)
+                return -1;
+            *w++ = (char)v;
+            p += 2;
+        } else {
+            *w++ = *p;
+        }
+    }
+    *w = '\0';
+    return 0;
+}
+
+static int find_name(const char *const *names, uint32_t n, const char *s)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (names[i] && strcmp(names[i], s) == 0)
+            return (int)i;
+    return -1;
+}
+
+static int parse_u64(const char *s, uint64_t *v)
+{
+    char *end;
+
+    if (*s < '0' || *s > '9')
+        return -1;
+    errno = 0;
+    *v = strtoull(s, &end, 10);
+    return errno || *end ? -1 : 0;
+}
+
+static int parse_i64(const char *s, int64_t *v)
+{
+    char *end;
+
+    if (!*s)
+        return -1;
+    errno = 0;
+    *v = strtoll(s, &end, 10);
+    return errno || *end ? -1 : 0;
+}
+
+/* One "k=v" field of a budget line into *b; unknown names are skipped. */
+static const char *budget_field(char *kv, struct limit_budget *b)
+{
+    char *eq = strchr(kv, '=');
+    uint64_t u;
+
+    if (!eq)
+        return "expected name=value";
+    *eq++ = '\0';
+    if (strcmp(kv, "period") == 0)
+        return limit_period_parse(eq, &b->period) ? "bad period" : NULL;
+    if (strcmp(kv, "start") == 0)
+        return parse_i64(eq, &b->period_start) ? "bad start" : NULL;
+    if (strcmp(kv, "spent") == 0) {
+        if (parse_u64(eq, &u))
+            return "bad spent";
+        b->spent_nano = u;
+    }
+    return NULL;
+}
+
+static const char *usage_field(char *kv, struct acct_usage *u)
+{
+    static const char *const fields[ACCT_WORDS] = {
+        "requests", "prompt", "completion", "cached", "reasoning", "partial", "cost", "list_cost"};
+    uint64_t w[ACCT_WORDS];
+    char *eq = strchr(kv, '=');
+
+    if (!eq)
+        return "expected name=value";
+    *eq++ = '\0';
+    memcpy(w, u, sizeof(w));
+    for (size_t k = 0; k < ACCT_WORDS; k++) {
+        if (strcmp(kv, fields[k]) == 0) {
+            if (parse_u64(eq, &w[k]))
+                return "bad number";
+            memcpy(u, w, sizeof(w));
+            return NULL;
+        }
+    }
+    return NULL;
+}
+
+/* One line (without its newline); *done once "end" is read. NULL or why it is wrong. */
+static const char *load_line(char *line, int lineno, const struct state_names *nm,
+                             struct limit_region *limits, struct acct_region *acct, int *done)
+{
+    char *save = NULL, *word = strtok_r(line, " ", &save), *name, *kv;
+
+    if (lineno == 1) {
+        uint64_t v;
+
+        if (!word || strcmp(word, "aigw-state") != 0)
+            return "not an aigw state file";
+        word = strtok_r(NULL, " ", &save);
+        if (!word || parse_u64(word, &v) || strtok_r(NULL, " ", &save))
+            return "bad version line";
+        return v == STATE_VERSION ? NULL : "unsupported state file version";
+    }
+    if (*done)
+        return "text after 'end'";
+    if (!word || word[0] == '#')
+        return NULL;
+    if (strcmp(word, "end") == 0) {
+        *done = 1;
+        return NULL;
+    }
+    if (strcmp(word, "saved") == 0)
+        return NULL;
+    if (strcmp(word, "budget") == 0) {
+        struct limit_budget b = {0};
+        int i;
+
+        name = strtok_r(NULL, " ", &save);
+        if (!name || unescape(name))
+            return "bad name";
+        while ((kv = strtok_r(NULL, " ", &save)) != NULL) {
+            const char *why = budget_field(kv, &b);
+
+            if (why)
+                return why;
+        }
+        i = find_name(nm->keys, nm->n_keys, name);
+        if (i >= 0 && limits && (uint32_t)i < limit_region_count(limits))
+            limit_budget_set(limits, (uint32_t)i, &b);
+        return NULL;
+    }
+    if (strcmp(word, "usage") == 0) {
+        struct acct_usage u = {0};
+        char *kind = strtok_r(NULL, " ", &save);
+        const char *const *names;
+        enum acct_kind k;
+        uint32_t n;
+        int i;
+
+        if (!kind)
+            return "missing kind";
+        if (strcmp(kind, "key") == 0)
+            k = ACCT_KEY, names = nm->keys, n = nm->n_keys;
+        else if (strcmp(kind, "model") == 0)
+            k = ACCT_MODEL, names = nm->models, n = nm->n_models;
+        else if (strcmp(kind, "backend") == 0)
+            k = ACCT_BACKEND, names = nm->backends, n = nm->n_backends;
+        else
+            return "unknown usage kind";
+        name = strtok_r(NULL, " ", &save);
+        if (!name || unescape(name))
+            return "bad name";
+        while ((kv = strtok_r(NULL, " ", &save)) != NULL) {
+            const char *why = usage_field(kv, &u);
+
+            if (why)
+                return why;
+        }
+        i = find_name(names, n, name);
+        if (i >= 0 && acct && (uint32_t)i < acct_count(acct, k))
+            acct_base_set(acct, k, (uint32_t)i, &u);
+        return NULL;
+    }
+    return "unknown line";
+}
+
+/* Reads the whole file, putting back what it holds when limits / acct are given. */
+static int load_pass(FILE *f, const char *path, const struct state_names *names,
+                     struct limit_region *limits, struct acct_region *acct, char **err)
+{
+    char line[STATE_LINE_MAX];
+    const char *why = NULL;
+    int lineno = 0, done = 0;
+
+    while (fgets(line, sizeof(line), f)) {
+        size_t len = strlen(line);
+
+        lineno++;
+        if (len == 0 || line[len - 1] != '\n') {
+            why = feof(f) ? "line without an end (file cut short)" : "line too long";
+            break;
+        }
+        line[len - 1] = '\0';
+        if ((why = load_line(line, lineno, names, limits, acct, &done)) != NULL)
+            break;
+    }
+    if (!why && ferror(f))
+        return fail(err, -EIO, path, "cannot read");
+    if (!why && !done) {
+        why = lineno ? "file ends before 'end' (cut short)" : "empty file";
+        lineno++;
+    }
+    if (why) {
+        if (err && asprintf(err, "%s:%d: %s", path, lineno, why) < 0)
+            *err = NULL;
+        return -EINVAL;
+    }
+    return 0;
+}
+
+int state_load(const char *path, const struct state_names *names, struct limit_region *limits,
+               struct acct_region *acct, char **err)
+{
+    FILE *f = fopen(path, "re");
+    int rc;
+
+    if (!f) {
+        if (errno == ENOENT)
+            return -ENOENT;
+        return fail(err, -errno, path, "cannot open");
+    }
+    /* The whole file is checked before anything of it is taken: a damaged file puts back
+     * nothing. */
+    rc = load_pass(f, path, names, NULL, NULL, err);
+    if (rc == 0) {
+        rewind(f);
+        rc = load_pass(f, path, names, limits, acct, err);
+    }
+    fclose(f);
+    return rc;
+}

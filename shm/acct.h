@@ -1,0 +1,58 @@
+/* Usage totals per key, per model and per backend in shared memory: each worker adds to its own
+ * slice (one writer per field, no locked instruction), readers sum the slices. */
+#ifndef AIGW_SHM_ACCT_H
+#define AIGW_SHM_ACCT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* One request's figures, or a sum of them. Keep the fields uint64_t: they are stored as words. */
+struct acct_usage {
+    uint64_t requests;
+    uint64_t prompt;         /* tokens */
+    uint64_t completion;     /* tokens */
+    uint64_t cached;         /* prompt tokens served from the provider's cache */
+    uint64_t reasoning;      /* completion tokens spent reasoning */
+    uint64_t partial;        /* requests billed from what was delivered (a cut stream) */
+    uint64_t cost_nano;      /* at [model] price_* */
+    uint64_t list_cost_nano; /* at list_price_* (price_* where none): list - cost = saved */
+};
+
+#define ACCT_WORDS (sizeof(struct acct_usage) / sizeof(uint64_t))
+
+enum acct_kind {
+    ACCT_KEY = 0,
+    ACCT_MODEL = 1,
+    ACCT_BACKEND = 2,
+};
+
+struct acct_region;
+
+/* Bytes for these many entries and n_owners writer slices (a multiple of 64). */
+size_t acct_region_size(uint32_t n_keys, uint32_t n_models, uint32_t n_backends, uint32_t n_owners);
+/* Lays the region out in mem (64-byte aligned, zeroed by this call). 0 or -EINVAL. */
+int acct_region_init(void *mem, size_t size, uint32_t n_keys, uint32_t n_models,
+                     uint32_t n_backends, uint32_t n_owners);
+uint32_t acct_count(const struct acct_region *a, enum acct_kind k);
+
+/* Worker slot `owner` adds one request's usage to its key, model and backend (-1: none of that
+ * kind, e.g. auth off or a model without a [model] section). No syscall, no lock. */
+void acct_add(struct acct_region *a, uint32_t owner, int32_t key, int32_t model, int32_t backend,
+              const struct acct_usage *u);
+
+/* The totals of one entry: each worker's slice read whole (a sequence counter), so the sum is
+ * made of whole requests. For the master and tools: it may yield while a writer is preempted in
+ * the middle of a write. -EINVAL for a bad index. */
+int acct_get(const struct acct_region *a, enum acct_kind k, uint32_t i, struct acct_usage *out);
+
+/* Master, before the workers run (start, reload): the totals carried over (state file, old
+ * generation), to which the workers' slices add. */
+int acct_base_set(struct acct_region *a, enum acct_kind k, uint32_t i, const struct acct_usage *u);
+
+/* Master, when it reaps worker slot `owner`: a write it died in the middle of is closed, so
+ * readers do not wait on it (its totals are kept; the next worker in the slot adds to them). */
+void acct_release_owner(struct acct_region *a, uint32_t owner);
+
+const char *acct_kind_str(enum acct_kind k);
+
+#endif

@@ -1,0 +1,139 @@
+/* Exact rate limits and budgets shared by processes: a table of limiters (per key, model, pool)
+ * in a MAP_SHARED region, each with a sliding-window log of admissions, parallel slots and a
+ * money budget, behind a per-limiter robust process-shared mutex. */
+#ifndef AIGW_SHM_LIMIT_H
+#define AIGW_SHM_LIMIT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define LIMIT_WINDOW_MS   60000u /* rpm and tpm count what was admitted in the last minute */
+#define LIMIT_MAX_IDS     3      /* limiters one admission takes at once: key, model, pool */
+#define LIMIT_LOG_MAX     8192u  /* most log entries a limiter keeps; older ones are merged */
+#define LIMIT_LOG_DEFAULT 1024u  /* log entries of a limiter with a tpm and no rpm */
+#define LIMIT_PARALLEL_MS 1000u  /* Retry-After hint when max_parallel refused */
+#define LIMIT_RETRY_NEVER (-1)   /* retry_ms: waiting will not help */
+#define LIMIT_MAX_OWNERS  1024u  /* worker slots (and one more for the master, say) */
+
+enum limit_period {
+    LIMIT_PERIOD_MONTH = 0, /* the default of budget_period */
+    LIMIT_PERIOD_DAY = 1,
+    LIMIT_PERIOD_TOTAL = 2,
+};
+
+/* What one limiter enforces; 0 = no limit in that dimension. */
+struct limit_spec {
+    uint32_t rpm;
+    uint32_t tpm; /* reserved tokens at admission, corrected at settle */
+    uint32_t max_parallel;
+    uint64_t budget_nano; /* nano-USD per period */
+    enum limit_period period;
+};
+
+/* Which dimension refused an admission. */
+enum limit_dim {
+    LIMIT_OK = 0,
+    LIMIT_REQUESTS = 1,
+    LIMIT_TOKENS = 2,
+    LIMIT_PARALLEL = 3,
+    LIMIT_BUDGET = 4,
+};
+
+/* One OpenAI x-ratelimit-* trio. set = 0: no limiter of the request has this limit. */
+struct limit_trio {
+    int set;
+    uint64_t limit;     /* x-ratelimit-limit-{requests,tokens} */
+    uint64_t remaining; /* x-ratelimit-remaining-...: after this request when admitted */
+    uint64_t reset_ms;  /* x-ratelimit-reset-...: until the window holds nothing of today */
+};
+
+/* The outcome of limit_admit, admitted or not. */
+struct limit_verdict {
+    enum limit_dim dim; /* LIMIT_OK when admitted */
+    int32_t limiter;    /* the limiter id that refused (-1 when admitted) */
+    int64_t retry_ms;   /* refused: ms until this request would be admitted (as far as the
+                         * refusing limiters go, with no other traffic), or LIMIT_RETRY_NEVER */
+    /* The headers, from the most constraining limiter of each kind: the one with the fewest
+     * remaining (ties: the smaller limit). Requests and tokens may come from different ones. */
+    struct limit_trio req, tok;
+};
+
+/* An admission in flight, held by the worker until limit_settle. Plain process-local data. */
+struct limit_ticket {
+    uint32_t n; /* 0: nothing held (settled, or never admitted) */
+    uint32_t owner;
+    uint32_t ids[LIMIT_MAX_IDS];
+    uint64_t seq[LIMIT_MAX_IDS]; /* the admission's number in each limiter's log */
+    uint64_t tokens;             /* reserved */
+    uint64_t cost_nano;          /* reserved */
+};
+
+/* A budget's state, for the state file and reload. */
+struct limit_budget {
+    enum limit_period period;
+    int64_t period_start; /* UTC seconds: the start of the current period (0 for total) */
+    uint64_t spent_nano;
+    uint64_t reserved_nano; /* in flight (read only: limit_budget_set ignores it) */
+};
+
+/* What `show keys` shows of a limiter at a time. */
+struct limit_info {
+    struct limit_spec spec;
+    uint32_t requests; /* admitted in the window */
+    uint64_t tokens;   /* counted in the window */
+    uint32_t parallel; /* in flight */
+    struct limit_budget budget;
+};
+
+struct limit_region;
+
+/* Bytes a region of n limiters with these specs and n_owners owner slots needs (a multiple of
+ * 64). Owners are the worker slots that admit (limit_admit's owner, < n_owners). */
+size_t limit_region_size(uint32_t n, const struct limit_spec *specs, uint32_t n_owners);
+/* Lays the region out in mem (64-byte aligned, `size` from limit_region_size, zeroed or not)
+ * and initialises every limiter's lock: do it once, before the processes that share it fork.
+ * wall_s: now (UTC seconds), the start of every budget's first period. 0 or -errno. */
+int limit_region_init(void *mem, size_t size, uint32_t n, const struct limit_spec *specs,
+                      uint32_t n_owners, int64_t wall_s);
+uint32_t limit_region_count(const struct limit_region *r);
+
+/* Admits a request against limiters ids[0..n) (n <= LIMIT_MAX_IDS; duplicates count once),
+ * all or nothing: returns 0 and fills *t when every limiter admits it, after counting one request
+ * and `tokens` in each window, taking a parallel slot and reserving cost_nano of each budget;
+ * returns -EAGAIN with nothing changed when one refuses (*v says which, and when to retry);
+ * -EINVAL for bad arguments. now_ms: CLOCK_MONOTONIC ms (windows); wall_s: UTC seconds (budget
+ * periods). owner: the caller's worker slot (see limit_release_owner). *v is filled either way. */
+int limit_admit(struct limit_region *r, const uint32_t *ids, uint32_t n, uint64_t now_ms,
+                int64_t wall_s, uint64_t tokens, uint64_t cost_nano, uint32_t owner,
+                struct limit_ticket *t, struct limit_verdict *v);
+
+/* The request of *t ended: its tokens in each window become real_tokens (up or down, while
+ * the admission is still in the window), its parallel slots are given back, its reservations
+ * released and real_cost_nano spent. *t is emptied; settling it again does nothing. */
+void limit_settle(struct limit_region *r, struct limit_ticket *t, uint64_t now_ms, int64_t wall_s,
+                  uint64_t real_tokens, uint64_t real_cost_nano);
+
+/* Master, when it reaps worker slot `owner`: gives back every parallel slot and budget
+ * reservation still held by it (its admissions stay counted in the windows). */
+void limit_release_owner(struct limit_region *r, uint32_t owner);
+
+/* A limiter's state for `show keys`. -EINVAL for a bad id. */
+int limit_info(struct limit_region *r, uint32_t id, uint64_t now_ms, int64_t wall_s,
+               struct limit_info *out);
+
+/* The budget of limiter id, for the state file; limit_budget_set puts one back (at start, or
+ * reload): `spent` is kept only when the period kinds match (a changed budget_period starts
+ * afresh), and a past period rolls over at the next admission. */
+int limit_budget_get(struct limit_region *r, uint32_t id, struct limit_budget *out);
+int limit_budget_set(struct limit_region *r, uint32_t id, const struct limit_budget *b);
+
+/* Start of the budget period containing wall_s, and of the next one (INT64_MAX for total). */
+int64_t limit_period_start(enum limit_period p, int64_t wall_s);
+int64_t limit_period_next(enum limit_period p, int64_t start);
+
+const char *limit_dim_str(enum limit_dim d);
+const char *limit_period_str(enum limit_period p);
+/* "day" / "month" / "total" -> 0 and *p, else -EINVAL. */
+int limit_period_parse(const char *s, enum limit_period *p);
+
+#endif
