@@ -22,6 +22,7 @@
 #include "core/log.h"
 #include "core/master.h"
 #include "core/sig.h"
+#include "core/state.h"
 #include "core/util.h"
 #include "core/worker.h"
 #include "health/health.h"
@@ -88,7 +89,9 @@ static struct master {
     int n_children;
     uv_signal_t sig_chld, sig_term, sig_int, sig_quit, sig_hup, sig_usr1, sig_usr2;
     uv_pipe_t admin;
-    uv_timer_t restart_timer, stop_timer;
+    uv_timer_t restart_timer, stop_timer, state_timer;
+    struct state_names names; /* of keys, models, backends: the state file's */
+    const char **name_ptrs;
     enum master_stop stopping;
     int done;
     uint64_t started_ms;
@@ -818,6 +821,10 @@ static void master_close_walk(uv_handle_t *h, void *arg)
         uv_close(h, NULL);
 }
 
+static int master_shm_create(const struct conf *conf, int workers);
+static int master_state_load(const struct conf *conf);
+static void master_state_save(void);
+
 static int master_setup(struct conf *conf)
 {
     int rc, workers = conf->global.workers > 0 ? conf->global.workers : 1;
@@ -849,12 +856,15 @@ static int master_setup(struct conf *conf)
     if (rc < 0)
         return rc;
 
-    rc = shm_create(&M.shm, (uint32_t)conf->n_backends, (uint32_t)workers, 1);
+    rc = master_shm_create(conf, workers);
     if (rc < 0) {
         log_err("cannot create the shared memory segment: %s", strerror(-rc));
         return rc;
     }
     M.shm_ready = 1;
+    rc = master_state_load(conf);
+    if (rc < 0)
+        return rc;
     for (int b = 0; b < conf->n_backends; b++)
         shm_backend_init(&M.shm, (uint32_t)b, (uint32_t)conf->backends[b].weight,
                          (uint32_t)conf->backends[b].max_conns);
@@ -879,6 +889,10 @@ static int master_setup(struct conf *conf)
 
 static void master_teardown(void)
 {
+    if (M.shm_ready && M.name_ptrs)
+        master_state_save(); /* the workers are gone: the totals are final */
+    free(M.name_ptrs);
+    M.name_ptrs = NULL;
     /* Closing the signal handles puts the default actions back: a late signal must not kill
      * the master before it removed its socket. */
     sig_block_all_handled();
@@ -902,6 +916,105 @@ static void master_teardown(void)
     free(M.children);
     M.children = NULL;
     M.n_children = 0;
+}
+
+/* ---- the AI layer's shared state: limits, usage, the state file ---- */
+
+/* The segment with the limiter and usage regions: one limiter per key, model and pool, in
+ * that order (the workers' limit stage uses the same ids). */
+static int master_shm_create(const struct conf *conf, int workers)
+{
+    uint32_t n = (uint32_t)(conf->n_keys + conf->n_models + conf->n_pools);
+    struct limit_spec *specs = calloc(n ? n : 1, sizeof(*specs));
+    struct shm_ai ai;
+    int rc;
+
+    if (!specs)
+        return -ENOMEM;
+    for (int i = 0; i < conf->n_keys; i++) {
+        const struct conf_apikey *k = &conf->keys[i];
+        specs[i] = (struct limit_spec){k->lim.rpm, k->lim.tpm, k->lim.max_parallel,
+                                       k->budget_nusd,
+                                       k->budget_period == BUDGET_DAY     ? LIMIT_PERIOD_DAY
+                                       : k->budget_period == BUDGET_TOTAL ? LIMIT_PERIOD_TOTAL
+                                                                          : LIMIT_PERIOD_MONTH};
+    }
+    for (int i = 0; i < conf->n_models; i++) {
+        const struct conf_limits *l = &conf->models[i].lim;
+        specs[conf->n_keys + i] = (struct limit_spec){l->rpm, l->tpm, l->max_parallel, 0, 0};
+    }
+    for (int i = 0; i < conf->n_pools; i++) {
+        const struct conf_limits *l = &conf->pools[i].lim;
+        specs[conf->n_keys + conf->n_models + i] =
+            (struct limit_spec){l->rpm, l->tpm, l->max_parallel, 0, 0};
+    }
+    ai = (struct shm_ai){(uint32_t)conf->n_keys, (uint32_t)conf->n_models,
+                         (uint32_t)conf->n_pools, specs, (int64_t)(time_real_ms() / 1000)};
+    rc = shm_create_ai(&M.shm, (uint32_t)conf->n_backends, (uint32_t)workers, 1, &ai);
+    free(specs);
+    return rc;
+}
+
+static void master_state_save(void)
+{
+    char *err = NULL;
+
+    if (!M.conf->global.state_file[0])
+        return;
+    if (state_save(M.conf->global.state_file, &M.names, shm_limits(&M.shm), shm_acct(&M.shm),
+                   (int64_t)(time_real_ms() / 1000), &err) < 0) {
+        log_warn("cannot save the state: %s", err ? err : "out of memory");
+        free(err);
+    }
+}
+
+static void state_timer_fired(uv_timer_t *t)
+{
+    (void)t;
+    master_state_save();
+}
+
+/* The names the state file matches budgets and totals by; the budgets and totals it holds put
+ * back before any worker runs. A damaged file stops the start: budgets must not reset by
+ * accident (move the file away to start from zero). */
+static int master_state_load(const struct conf *conf)
+{
+    size_t n = (size_t)(conf->n_keys + conf->n_models + conf->n_backends);
+    char *err = NULL;
+    int rc;
+
+    M.name_ptrs = calloc(n ? n : 1, sizeof(*M.name_ptrs));
+    if (!M.name_ptrs)
+        return -ENOMEM;
+    for (int i = 0; i < conf->n_keys; i++)
+        M.name_ptrs[i] = conf->keys[i].name;
+    for (int i = 0; i < conf->n_models; i++)
+        M.name_ptrs[conf->n_keys + i] = conf->models[i].name;
+    for (int i = 0; i < conf->n_backends; i++)
+        M.name_ptrs[conf->n_keys + conf->n_models + i] = conf->backends[i].name;
+    M.names = (struct state_names){M.name_ptrs,
+                                   (uint32_t)conf->n_keys,
+                                   M.name_ptrs + conf->n_keys,
+                                   (uint32_t)conf->n_models,
+                                   M.name_ptrs + conf->n_keys + conf->n_models,
+                                   (uint32_t)conf->n_backends};
+    if (!conf->global.state_file[0])
+        return 0;
+    rc = state_load(conf->global.state_file, &M.names, shm_limits(&M.shm), shm_acct(&M.shm), &err);
+    if (rc == -ENOENT) {
+        log_info("state file %s does not exist yet: usage and budgets start from zero",
+                 conf->global.state_file);
+    } else if (rc < 0) {
+        log_err("%s (move the file away to start from zero)", err ? err : "bad state file");
+        free(err);
+        return rc;
+    } else {
+        log_info("usage and budgets loaded from %s", conf->global.state_file);
+    }
+    uv_timer_init(&M.loop, &M.state_timer);
+    uv_timer_start(&M.state_timer, state_timer_fired, conf->global.state_interval_ms,
+                   conf->global.state_interval_ms);
+    return 0;
 }
 
 int master_run(struct conf *conf)
