@@ -20,11 +20,7 @@ WRONG_KEY = "sk-aigw-sdk-wrong-0d9e8f7a6b5c"
 
 # The config of the keyed gateway (issue 7's syntax): one key that may use gpt-test and team-*,
 # three public models, the pool serving gpt-test and gpt-4.1.
-MODEL_SECTIONS = [
-    (f"model {MODEL}", {}),
-    ("model team-fast", {"alias_of": MODEL}),
-    ("model gpt-4.1", {}),
-]
+MODELS = {MODEL: {}, "team-fast": {"alias_of": MODEL}, "gpt-4.1": {}}
 POOL_MODELS = f"{MODEL}, gpt-4.1"
 
 
@@ -114,36 +110,17 @@ def _sdk_error(out, what, cls, status, code):
 # ----------------------------------------------------------------------------------------------
 # Gateways
 
-_auth_key_known = None
-
-
-def _auth_off(env):
-    """{"auth": "off"} for the listener of a keyless gateway. An aigw built before issue 7's
-    [listen] auth key rejects the key (it has no auth at all): then nothing is added, so the
-    keyless scenarios also run against it."""
-    global _auth_key_known
-    if _auth_key_known is None:
-        path = os.path.join(env.dir, "probe-auth.ini")
-        with open(path, "w") as f:
-            f.write("[listen main]\nbind = 127.0.0.1:1\npool = main\nauth = off\n[pool main]\n"
-                    "[backend b]\npool = main\nurl = http://127.0.0.1:1/v1\n")
-        r = subprocess.run([harness.AIGW, "-t", "-c", path], capture_output=True, text=True,
-                           timeout=10)
-        _auth_key_known = "key 'auth': unknown key" not in (r.stdout + r.stderr)
-    return {"auth": "off"} if _auth_key_known else {}
-
-
 def _open_gateway(env, mock, **kw):
-    """A gateway whose listener needs no key (auth = off)."""
-    return env.gateway([mock], listen=_auth_off(env), **kw)
+    """A gateway whose listener needs no key (the harness sets auth = off when no key is given)."""
+    return env.gateway([mock], **kw)
 
 
 def _keyed_gateway(env, mock, key_opts=None, **kw):
     """A gateway with auth on, one key (KEY, by its digest) and model routing."""
-    key = {"key_sha256": hashlib.sha256(KEY.encode()).hexdigest(), "models": f"{MODEL}, team-*"}
+    key = {"key_sha256": harness.key_sha256(KEY), "models": f"{MODEL}, team-*"}
     key.update(key_opts or {})
-    return env.gateway([mock], pool={"models": POOL_MODELS},
-                       sections=[("key sdk", key)] + MODEL_SECTIONS, **kw)
+    return env.gateway([mock], pool={"models": POOL_MODELS}, keys={"sdk": key}, models=MODELS,
+                       **kw)
 
 
 def _raw_stream_chunks(gw, body):
@@ -317,9 +294,9 @@ def test_unknown_model(env):
 
 
 def test_rate_limit_retry_after(env):
-    """rpm = 2: two requests fill the minute; a third, 50 s after the first, gets aigw's 429
-    with Retry-After (about 10 s: when the first leaves the sliding window); the SDK (maxRetries
-    2) waits that long and its first retry succeeds."""
+    """rpm = 2: two requests fill the minute and a third at once is refused; one made 50 s after
+    the first gets aigw's 429 with Retry-After (about 10 s: when the first leaves the sliding
+    window); the SDK (maxRetries 2) waits that long and its first retry succeeds."""
     m = env.mock("m1")
     gw = _keyed_gateway(env, m, key_opts={"rpm": 2})
     out = run_sdk(env, "ratelimit", gw, timeout=120, model=MODEL, content="Limited.", fill=2,
@@ -329,18 +306,24 @@ def test_rate_limit_retry_after(env):
     timeline = ", ".join(f"{a.get('status')} at +{a['start'] - t0:.2f}s (Retry-After "
                          f"{a.get('headers', {}).get('retry-after')})" for a in att)
     statuses = [a.get("status") for a in att]
-    check(statuses == [200, 200, 429, 200],
-          f"rpm = 2: attempt statuses {statuses}, expected 200 200 429 200 (two requests, then "
-          f"a 429 and one retry after Retry-After); attempts: {timeline}")
+    check(statuses == [200, 200, 429, 429, 200],
+          f"rpm = 2: attempt statuses {statuses}, expected 200 200 429 (two requests, a third "
+          f"refused), then 429 200 (one retry after Retry-After); attempts: {timeline}")
     _ok(out, "rate-limited chat")
-    first, limited, retry = att[0], att[2], att[3]
+    first, refused, limited, retry = att[0], att[2], att[3], att[4]
+    # the first request leaves the 60 s window between its start + 60 and its answer + 60
+    ra0 = refused["headers"].get("retry-after", "")
+    lo = first["start"] + 60 - refused["head_time"]
+    hi = first["head_time"] + 60 - refused["start"]
+    check(ra0.isdigit() and lo - 0.001 <= int(ra0) <= hi + 1,
+          f"the request right after rpm = 2 was used up: Retry-After {ra0!r}, the window admits "
+          f"again in {lo:.2f}..{hi:.2f} s")
     h = limited["headers"]
     check(h.get("x-ratelimit-limit-requests") == "2" and h.get("x-ratelimit-remaining-requests")
           == "0", f"429: x-ratelimit headers {h}")
     check(h.get("retry-after", "").isdigit(), f"429: Retry-After {h.get('retry-after')!r}")
     ra = int(h["retry-after"])
     wait = float(h["retry-after-ms"]) / 1000 if "retry-after-ms" in h else ra
-    # the first request leaves the 60 s window between its start + 60 and its answer + 60
     lo = first["start"] + 60 - limited["head_time"]
     hi = first["head_time"] + 60 - limited["start"]
     check(lo - 0.001 <= ra <= hi + 1, f"429: Retry-After {ra}, the window admits again in "

@@ -1,8 +1,8 @@
 // A 429 from aigw's own rate limiter that the SDK retries after Retry-After: params.fill requests
-// use up the key's rpm, then (params.delay seconds after the first of them was sent) one request
-// is made with maxRetries = params.max_retries. Prints when each attempt went out, its status and
-// headers (from the recording fetch), so the test can check the SDK waited Retry-After and
-// needed no more attempts than that.
+// use up the key's rpm, one more is refused, then (params.delay seconds after the first of them
+// was sent) one request is made with maxRetries = params.max_retries. Prints when each attempt
+// went out, its status and headers (from the recording fetch), so the test can check the SDK
+// waited Retry-After and needed no more attempts than that.
 // params: {model, content, fill, delay, max_retries}
 import { client, now, params, run } from './common.mjs';
 
@@ -19,6 +19,15 @@ await run(async () => {
         }
     }
     const fillEnd = now();
+    // The next request at once must be refused (no retry); when it is not, there is no limit to
+    // wait for and the scenario ends here.
+    let probe = 200;
+    try {
+        await client().chat.completions.create(body);
+    } catch (e) {
+        probe = e?.status ?? String(e);
+    }
+    if (probe !== 429) return { fill, probe };
     const wait = fillStart + params.delay - now();
     if (wait > 0) await new Promise((r) => setTimeout(r, wait * 1000));
     const start = now();
@@ -27,6 +36,7 @@ await run(async () => {
     const end = now();
     return {
         fill,
+        probe,
         fill_start: fillStart,
         fill_end: fillEnd,
         start,
