@@ -14,8 +14,8 @@ ASAN_OPTS := --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false
 
 SRC_DIRS := cmd core balancer health shm test/unit test/mock test/fuzz test/bench
 
-.PHONY: all deps bench-deps build asan run test unit integration bench bench-tls bench-streams \
-        soak fuzz fmt fmt-check clean
+.PHONY: all deps bench-deps sdk-deps build asan run test unit integration bench bench-tls \
+        bench-streams soak fuzz fmt fmt-check clean
 
 all: build
 
@@ -24,6 +24,12 @@ deps:
 
 bench-deps:
 	@./test/deps.sh $(DEPS) $(BENCH_DEPS)
+
+# The official OpenAI Node.js client (test/sdk/package-lock.json) for test_openai_sdk.py: npm ci
+# when test/sdk/node_modules is missing or the lock changed. Node.js and npm are the machine's, or
+# Debian's nodejs + npm when it has none.
+sdk-deps:
+	@./test/sdk/install.sh
 
 $(BUILD)/build.ninja:
 	meson setup $(BUILD) $(MESON_OPTS)
@@ -41,8 +47,10 @@ run: build
 	./test/mock/demo.sh $(BUILD)
 
 # Every test: format check, unit tests and integration tests on the optimised build and again
-# on the ASan+UBSan build. Ends with "N passed, N failed".
+# on the ASan+UBSan build. Ends with "N passed, N failed". A failed sdk-deps does not stop the
+# run: test_openai_sdk then fails with the reason.
 test: build asan
+	-@./test/sdk/install.sh
 	./test/run.sh $(BUILD) $(ASAN_BUILD)
 
 # aigw, HAProxy and nginx side by side (BENCHMARKS.md). bench-tls: the same with the upstream
