@@ -933,8 +933,7 @@ static int master_shm_create(const struct conf *conf, int workers)
         return -ENOMEM;
     for (int i = 0; i < conf->n_keys; i++) {
         const struct conf_apikey *k = &conf->keys[i];
-        specs[i] = (struct limit_spec){k->lim.rpm, k->lim.tpm, k->lim.max_parallel,
-                                       k->budget_nusd,
+        specs[i] = (struct limit_spec){k->lim.rpm, k->lim.tpm, k->lim.max_parallel, k->budget_nusd,
                                        k->budget_period == BUDGET_DAY     ? LIMIT_PERIOD_DAY
                                        : k->budget_period == BUDGET_TOTAL ? LIMIT_PERIOD_TOTAL
                                                                           : LIMIT_PERIOD_MONTH};
@@ -948,8 +947,8 @@ static int master_shm_create(const struct conf *conf, int workers)
         specs[conf->n_keys + conf->n_models + i] =
             (struct limit_spec){l->rpm, l->tpm, l->max_parallel, 0, 0};
     }
-    ai = (struct shm_ai){(uint32_t)conf->n_keys, (uint32_t)conf->n_models,
-                         (uint32_t)conf->n_pools, specs, (int64_t)(time_real_ms() / 1000)};
+    ai = (struct shm_ai){(uint32_t)conf->n_keys, (uint32_t)conf->n_models, (uint32_t)conf->n_pools,
+                         specs, (int64_t)(time_real_ms() / 1000)};
     rc = shm_create_ai(&M.shm, (uint32_t)conf->n_backends, (uint32_t)workers, 1, &ai);
     free(specs);
     return rc;

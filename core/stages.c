@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "core/json.h"
+#include "core/out.h"
 #include "core/route.h"
 #include "core/util.h"
 #include "core/worker_priv.h"
@@ -198,9 +199,109 @@ static int stage_route(struct client *c)
     return 0;
 }
 
-/* Whether the client may send it now: no limits until issue 7. */
+static int has_limits(const struct conf_limits *l)
+{
+    return l->rpm || l->tpm || l->max_parallel;
+}
+
+/* The [model] whose prices and limits a request goes by: the one it is served as, else the
+ * name it was sent with (an alias without a section of its target). */
+static int meter_model(const struct creq *r)
+{
+    return r->served >= 0 ? r->served : r->model;
+}
+
+/* 429 for a request a limiter refused, as OpenAI words it, with Retry-After (and the exact
+ * retry-after-ms the OpenAI SDKs read) and the x-ratelimit-* lines. */
+static void answer_limited(struct client *c, const struct limit_verdict *v)
+{
+    const struct conf *conf = c->w->conf;
+    struct creq *r = client_creq(c);
+    uint32_t id = (uint32_t)v->limiter, nk = (uint32_t)conf->n_keys, nm = (uint32_t)conf->n_models;
+    const char *kind = id < nk ? "key" : id < nk + nm ? "model" : "pool";
+    const char *name = id < nk        ? conf->keys[id].name
+                       : id < nk + nm ? conf->models[id - nk].name
+                                      : conf->pools[id - nk - nm].name;
+    static const char *const dims[] = {"", "requests per min (RPM)", "tokens per min (TPM)",
+                                       "requests in flight (max_parallel)", "budget"};
+    char msg[300], extra[400];
+    struct out x = {extra, 0, sizeof(extra) - 1, 0};
+    int secs = v->retry_ms < 0 ? 0 : (int)((v->retry_ms + 999) / 1000);
+
+    if (v->retry_ms >= 0) {
+        OUT_LIT(&x, "retry-after-ms: ");
+        out_u64(&x, (uint64_t)v->retry_ms);
+        OUT_LIT(&x, "\r\n");
+    }
+    meter_ratelimit_headers(&x, &r->rl_req, &r->rl_tok);
+    extra[x.over ? 0 : x.len] = '\0';
+    if (v->dim == LIMIT_BUDGET) {
+        snprintf(msg, sizeof(msg),
+                 "You exceeded your current quota: the budget of %s %s is spent (counting what "
+                 "is in flight)",
+                 kind, name);
+        client_error_extra(c, 429, "insufficient_quota", "insufficient_quota", msg, secs, extra);
+        return;
+    }
+    if (v->retry_ms >= 0)
+        snprintf(msg, sizeof(msg),
+                 "Rate limit reached for %s %s on %s. Please try again in %d.%03ds.", kind, name,
+                 dims[v->dim], (int)(v->retry_ms / 1000), (int)(v->retry_ms % 1000));
+    else
+        snprintf(msg, sizeof(msg),
+                 "Request too large for %s %s on %s: it can never be admitted; lower max_tokens "
+                 "or the prompt.",
+                 kind, name, dims[v->dim]);
+    client_error_extra(c, 429, v->dim == LIMIT_TOKENS ? "tokens" : "requests",
+                       "rate_limit_exceeded", msg, v->retry_ms >= 0 && secs < 1 ? 1 : secs, extra);
+}
+
+/* Whether the client may send it now: the key's, the model's and the pool's limits (rpm, tpm,
+ * max_parallel over every worker, in shm) and the key's budget, all at once. Its tokens (the
+ * prompt's estimate and its max_tokens) and its highest cost are reserved here and corrected
+ * to the real usage when it ends (stages_settle). */
 static int stage_limit(struct client *c)
 {
+    struct worker *w = c->w;
+    struct creq *r = client_creq(c);
+    const struct conf *conf = w->conf;
+    struct limit_region *lr = shm_limits(w->shm);
+    struct limit_verdict v;
+    uint32_t ids[LIMIT_MAX_IDS], n = 0;
+    int m = meter_model(r);
+    uint64_t out_max = 0, cost;
+
+    r->metered = 0;
+    r->ticket.n = 0;
+    r->rl_req.set = r->rl_tok.set = 0;
+    r->res_prompt = r->res_tokens = 0;
+    if (route_ep_by_model((enum route_ep)r->ep)) {
+        r->res_prompt = meter_prompt_estimate(r->body_len);
+        out_max = meter_output_max(r->info.max_tokens, conf->global.default_max_tokens,
+                                   r->ep == EP_EMBEDDINGS);
+    }
+    r->res_tokens = r->res_prompt + out_max;
+    if (!lr)
+        return 0;
+    r->metered = 1;
+    if (r->key >= 0 && (has_limits(&conf->keys[r->key].lim) || conf->keys[r->key].budget_nusd))
+        ids[n++] = (uint32_t)r->key;
+    if (m >= 0 && has_limits(&conf->models[m].lim))
+        ids[n++] = (uint32_t)(conf->n_keys + m);
+    if (has_limits(&conf->pools[r->pool].lim))
+        ids[n++] = (uint32_t)(conf->n_keys + conf->n_models + r->pool);
+    if (!n)
+        return 0;
+    cost = meter_cost_nano(m >= 0 ? &conf->models[m] : NULL, r->res_prompt, 0, out_max, 0);
+    int rc = limit_admit(lr, ids, n, time_mono_ms(), (int64_t)(time_real_ms() / 1000),
+                         r->res_tokens, cost, (uint32_t)w->slot, &r->ticket, &v);
+    r->rl_req = (struct meter_trio){v.req.set, v.req.limit, v.req.remaining, v.req.reset_ms};
+    r->rl_tok = (struct meter_trio){v.tok.set, v.tok.limit, v.tok.remaining, v.tok.reset_ms};
+    if (rc == -EAGAIN) {
+        r->metered = 0;
+        answer_limited(c, &v);
+        return -1;
+    }
     return 0;
 }
 

@@ -14,10 +14,12 @@
 #include "core/accept.h"
 #include "core/conf.h"
 #include "core/json.h"
+#include "core/meter.h"
 #include "core/proxy.h"
 #include "core/route.h"
 #include "core/tq.h"
 #include "core/upstream.h"
+#include "shm/limit.h"
 #include "shm/shm.h"
 
 #define LINGER_MS 2000 /* how long a closing connection drains what the client still sends */
@@ -130,11 +132,15 @@ struct creq {
     const char *model_name; /* the model it is served as (in conf or the body); NULL = the
                                request is not routed by model */
     uint32_t model_name_len;
-    uint8_t ep;           /* enum route_ep of the path */
-    uint8_t rename_model; /* served under another name than the client's (alias_of) */
-    uint8_t fb_used;      /* the model's fallback took over */
-    uint8_t fb_attempts;  /* sends made before the fallback (they count in x-aigw-attempts) */
-    uv_write_t cont_req;  /* the rest of a "100 Continue" the socket did not take at once */
+    uint8_t ep;                 /* enum route_ep of the path */
+    uint8_t rename_model;       /* served under another name than the client's (alias_of) */
+    uint8_t metered;            /* admitted by the limit stage: settled when the request ends */
+    uint8_t fb_used;            /* the model's fallback took over */
+    uint8_t fb_attempts;        /* sends made before the fallback (they count in x-aigw-attempts) */
+    uv_write_t cont_req;        /* the rest of a "100 Continue" the socket did not take at once */
+    struct limit_ticket ticket; /* what the limit stage holds for it (limit_settle) */
+    struct meter_trio rl_req, rl_tok; /* the x-ratelimit-* of its answer */
+    uint64_t res_prompt, res_tokens;  /* tokens reserved: the prompt's estimate, in all */
     struct tries tries;
 };
 
