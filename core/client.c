@@ -143,6 +143,8 @@ void client_close(struct client *c)
         return;
     if (c->buf && client_creq(c)->rq.conn)
         upstream_abort(&client_creq(c)->rq);
+    if (c->buf)
+        forward_usage_end(c, 1); /* an answer being read was cut */
     client_body_deadline_stop(c);
     if (c->tries_on) {
         client_try_end(c);
@@ -861,6 +863,7 @@ void client_request_done(struct client *c)
     struct worker *w = c->w;
 
     c->tries_on = 0;
+    forward_usage_end(c, 0);
     shm_counter_add(&shm_worker(w->shm, (uint32_t)w->slot)->requests, 1);
     client_free_body(c);
     c->fresh = 0;

@@ -79,10 +79,10 @@ void json_mem_free(struct json_mem *m);
  * has yajl decode only the strings it keeps (model, hash key): nested values are only checked
  * and skipped, so yajl needs no more memory for a large body than for a small one. */
 struct json_parser {
-    yajl_handle h;        /* NULL, or between two texts (or mid-body while active) */
-    yajl_callbacks cb;    /* the table yajl calls through, narrowed where nothing is read */
-    yajl_alloc_funcs af;  /* yajl's allocation hooks, over m */
-    struct json_mem m;    /* the region the parse allocates from */
+    yajl_handle h;       /* NULL, or between two texts (or mid-body while active) */
+    yajl_callbacks cb;   /* the table yajl calls through, narrowed where nothing is read */
+    yajl_alloc_funcs af; /* yajl's allocation hooks, over m */
+    struct json_mem m;   /* the region the parse allocates from */
     /* the parse in progress */
     struct json_req *out;
     const char *key; /* json:FIELD name or NULL */

@@ -495,8 +495,7 @@ static void flush_hold(struct usage_rd *rd, char *pre, size_t *pre_len)
     rd->hold_len = 0;
 }
 
-size_t usage_sse_feed(struct usage_rd *rd, char *p, size_t n, int last, char *pre,
-                      size_t *pre_len)
+size_t usage_sse_feed(struct usage_rd *rd, char *p, size_t n, int last, char *pre, size_t *pre_len)
 {
     static const char data[4] = {'d', 'a', 't', 'a'};
     size_t i = 0, a = 0, out = 0; /* a: where the current event's bytes in p start */

@@ -13,7 +13,9 @@
 #include "core/json.h"
 
 /* struct usage.flags */
-#define USAGE_HAVE 0x01 /* the upstream's usage object was read: prompt .. total are its figures */
+#define USAGE_HAVE                                                                                 \
+    0x01 /* the upstream's usage object was read: prompt .. total are its figures                  \
+          */
 
 /* What an answer cost in tokens. Chat and completions report prompt_tokens /
  * completion_tokens (+ prompt_tokens_details.cached_tokens,
@@ -59,26 +61,26 @@ struct usage_rd {
     struct json_mem m;
     struct usage u; /* committed: what usage_end hands over */
     /* the JSON text being read (a whole body, or one event's data) */
-    struct usage ev;          /* the text's usage object, while it is read */
-    uint64_t ev_text;         /* completion text bytes in it (choices[].delta.content, .text) */
-    uint64_t ev_delta;        /* the top-level "delta" string's bytes (Responses text delta) */
-    uint32_t depth;           /* containers open */
+    struct usage ev;           /* the text's usage object, while it is read */
+    uint64_t ev_text;          /* completion text bytes in it (choices[].delta.content, .text) */
+    uint64_t ev_delta;         /* the top-level "delta" string's bytes (Responses text delta) */
+    uint32_t depth;            /* containers open */
     uint8_t kind[USAGE_DEPTH]; /* what the container at each depth is */
-    uint8_t key;              /* what the key just read names, in the current container */
-    uint8_t type;             /* Responses event "type" */
-    uint8_t ev_usage;         /* 1: top-level usage object, 2: response.usage object */
-    uint8_t choices;          /* 0 none, 1 "choices": [], 2 a non-empty choices array */
-    uint8_t closed;           /* the text's top-level object has ended */
-    uint8_t broken;           /* not one JSON object: the handle is dropped at the end */
-    uint8_t mode;             /* enum usage_kind */
-    uint8_t filter;           /* SSE: remove the usage-only chunk */
+    uint8_t key;               /* what the key just read names, in the current container */
+    uint8_t type;              /* Responses event "type" */
+    uint8_t ev_usage;          /* 1: top-level usage object, 2: response.usage object */
+    uint8_t choices;           /* 0 none, 1 "choices": [], 2 a non-empty choices array */
+    uint8_t closed;            /* the text's top-level object has ended */
+    uint8_t broken;            /* not one JSON object: the handle is dropped at the end */
+    uint8_t mode;              /* enum usage_kind */
+    uint8_t filter;            /* SSE: remove the usage-only chunk */
     /* SSE lines and events */
-    uint8_t line;     /* line state (usage.c) */
-    uint8_t fmatch;   /* bytes of "data" matched in the field name; 0xff: another field */
-    uint8_t ev_json;  /* 0: no data byte yet, 1: the data is JSON being read, 2: it is not */
-    uint8_t ev_data;  /* the event has had a data line (the next one is joined by "\n") */
-    uint8_t ev_keep;  /* filter: the current event is passed on, whatever it turns out to be */
-    uint8_t ev_open;  /* the current event has bytes (the ones before its end) */
+    uint8_t line;      /* line state (usage.c) */
+    uint8_t fmatch;    /* bytes of "data" matched in the field name; 0xff: another field */
+    uint8_t ev_json;   /* 0: no data byte yet, 1: the data is JSON being read, 2: it is not */
+    uint8_t ev_data;   /* the event has had a data line (the next one is joined by "\n") */
+    uint8_t ev_keep;   /* filter: the current event is passed on, whatever it turns out to be */
+    uint8_t ev_open;   /* the current event has bytes (the ones before its end) */
     uint16_t hold_len; /* bytes of the current event held back, in hold */
     char hold[USAGE_HOLD];
 };
@@ -115,8 +117,7 @@ void usage_json_feed(struct usage_rd *rd, const char *p, size_t n);
  * longer, it goes on). What goes to the client is then: first *pre_len bytes copied to pre
  * (room for USAGE_HOLD; held bytes of an event now passed on), then p's first `result` bytes
  * (p compacted in place). last: the body ends with this piece (what is held goes on). */
-size_t usage_sse_feed(struct usage_rd *rd, char *p, size_t n, int last, char *pre,
-                      size_t *pre_len);
+size_t usage_sse_feed(struct usage_rd *rd, char *p, size_t n, int last, char *pre, size_t *pre_len);
 
 /* The answer is over (complete or cut): *out gets what was read. The reader may then be put
  * back or begun again. */

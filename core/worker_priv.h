@@ -15,8 +15,10 @@
 #include "core/conf.h"
 #include "core/json.h"
 #include "core/proxy.h"
+#include "core/rewrite.h"
 #include "core/tq.h"
 #include "core/upstream.h"
+#include "core/usage.h"
 #include "shm/shm.h"
 
 #define LINGER_MS 2000 /* how long a closing connection drains what the client still sends */
@@ -125,6 +127,12 @@ struct creq {
     int32_t pool;           /* the pool the request goes to (the route stage) */
     uv_write_t cont_req;    /* the rest of a "100 Continue" the socket did not take at once */
     struct tries tries;
+    /* usage (core/forward.c): the answer of an AI endpoint is read for its token usage */
+    struct usage_rd *urd; /* reading the current answer, or NULL */
+    uint8_t usage_read;   /* read the answer's usage (forward_start decides) */
+    uint8_t usage_inject; /* stream_options.include_usage added upstream: its chunk is removed */
+    uint8_t usage_sse;    /* urd reads an event stream */
+    struct rewrite rw;    /* the upstream body of the current try when it differs */
 };
 
 /* One worker process: its loop, listeners, clients, buffers and the balancers of its pools. */
@@ -163,6 +171,7 @@ struct worker {
     uint64_t rid_seed1, rid_seed2, rid_counter;
     char *scratch;           /* one buffer for heads built and written at once */
     struct json_parser json; /* reads request bodies, one at a time */
+    struct usage_pool usage; /* readers of answers' usage, one per answer being read */
 };
 
 /* ---- inline helpers of the request path ---- */
@@ -275,6 +284,14 @@ void client_try_end(struct client *c);
 void forward_on_retry_due(struct tq_node *n);
 /* The hard stop of one client: a stream under way ends with an `event: error`. */
 void client_hard_stop(struct client *c);
+/* The answer whose usage is being read is over: client_on_usage gets what was read, once
+ * (partial: the answer was cut, by the upstream or the client). Nothing when none is read. */
+void forward_usage_end(struct client *c, int partial);
+/* The usage of an answer forwarded to the client (u->flags & USAGE_HAVE: the upstream's own
+ * figures; else u->text_tokens estimates the completion from the text delivered). partial: the
+ * answer was cut (upstream failure or stall, client gone, gateway stop) and u covers what the
+ * client got. Called once per answer that reached the client, never for a discarded one. */
+void client_on_usage(struct client *c, const struct usage *u, int partial);
 
 /* ---- core/worker.c: the process ---- */
 

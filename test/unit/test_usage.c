@@ -115,9 +115,9 @@ static void test_json_no_usage(void **state)
     "\"completion_tokens_details\":{\"reasoning_tokens\":1}}}\n\n"
 
 /* content bytes: "Hel" 3 + "lo \u00e9\n" 6 ("lo ", é (2 bytes), \n) = 9 */
-static const char chat_stream[] = CHUNK("{\"role\":\"assistant\",\"content\":\"\"}") CHUNK(
-    "{\"content\":\"Hel\"}") ": keep-alive\n\n" CHUNK("{\"content\":\"lo \\u00e9\\n\"}")
-    CHUNK("{}") USAGE_CHUNK "data: [DONE]\n\n";
+static const char chat_stream[] = CHUNK("{\"role\":\"assistant\",\"content\":\"\"}")
+    CHUNK("{\"content\":\"Hel\"}") ": keep-alive\n\n" CHUNK("{\"content\":\"lo \\u00e9\\n\"}")
+        CHUNK("{}") USAGE_CHUNK "data: [DONE]\n\n";
 
 static const char chat_stream_no_usage[] = CHUNK("{\"role\":\"assistant\",\"content\":\"\"}")
     CHUNK("{\"content\":\"Hel\"}") ": keep-alive\n\n" CHUNK("{\"content\":\"lo \\u00e9\\n\"}")
@@ -282,8 +282,8 @@ static void test_sse_multiline(void **state)
 {
     (void)state;
     static const char s[] = CHUNK("{\"content\":\"ab\"}") "event: chunk\nid: 7\ndata: {\"choices\""
-                                                        "\ndata::[],\"usage\":\ndata:{\"prompt_to"
-                                                        "kens\":4}}\n\ndata: [DONE]\n\n";
+                                                          "\ndata::[],\"usage\":\ndata:{\"prompt_to"
+                                                          "kens\":4}}\n\ndata: [DONE]\n\n";
     static const char w[] = CHUNK("{\"content\":\"ab\"}") "data: [DONE]\n\n";
     check_stream_everywhere(s, w, 1, NULL);
 }
