@@ -144,6 +144,10 @@ void client_close(struct client *c)
         return;
     if (c->buf && client_creq(c)->rq.conn)
         upstream_abort(&client_creq(c)->rq);
+    if (c->buf) {
+        forward_usage_end(c, 1); /* an answer being read was cut */
+        stages_settle(c);
+    }
     client_body_deadline_stop(c);
     if (c->tries_on) {
         client_try_end(c);
@@ -910,6 +914,8 @@ void client_request_done(struct client *c)
 {
     struct worker *w = c->w;
 
+    forward_usage_end(c, 0);
+    stages_settle(c);
     c->tries_on = 0;
     shm_counter_add(&shm_worker(w->shm, (uint32_t)w->slot)->requests, 1);
     client_free_body(c);

@@ -37,7 +37,7 @@ static int op_build_head(void *ctx, const struct conf_backend *be, char *buf, si
     r.request_id_len = client_creq(c)->rid_len;
     r.has_body = client_creq(c)->has_body;
     r.strip_auth = client_creq(c)->key >= 0;
-    r.body_len = client_creq(c)->body_len;
+    r.body_len = client_creq(c)->rq.body_len; /* the rewritten body's, when it is */
     return proxy_build_request(buf, cap, &r, be);
 }
 
@@ -59,6 +59,132 @@ static const char *client_via(const struct client *c)
 static int client_attempts(const struct client *c)
 {
     return client_creq(c)->fb_attempts + (c->tries_on ? client_tries(c)->n : 0);
+}
+
+/* ---- usage ---- */
+
+/* The path of the request without its query, compared with an AI endpoint's. */
+static int path_is(const struct creq *r, const char *want)
+{
+    size_t n = strlen(want), l = r->url_len;
+    const char *q = memchr(r->url, '?', l);
+    if (q)
+        l = (size_t)(q - r->url);
+    return l == n && memcmp(r->url, want, n) == 0;
+}
+
+/* Whether the answer's usage is read, and whether stream_options.include_usage is added: a
+ * POST to an AI endpoint has its usage read; a stream of chat or completions whose client did
+ * not ask for usage gets it asked for upstream, and the extra chunk taken out of what the
+ * client receives (the client's bytes stay what they would have been). */
+static void forward_usage_plan(struct client *c)
+{
+    struct creq *r = client_creq(c);
+    int chat = path_is(r, "/v1/chat/completions") || path_is(r, "/v1/completions");
+
+    r->urd = NULL;
+    r->usage_read = r->parser.method == HTTP_POST && r->body_len &&
+                    (chat || path_is(r, "/v1/embeddings") || path_is(r, "/v1/responses"));
+    r->usage_inject = r->usage_read && chat && (r->info.flags & JSON_REQ_STREAM) &&
+                      !(r->info.flags & JSON_REQ_INCLUDE_USAGE);
+}
+
+/* The model name backend b gets for the request, when it differs from the client's: the model
+ * it is served as (alias_of, a fallback), then b's model_map. NULL when the client's goes as
+ * it is. */
+static const char *forward_backend_model(const struct client *c, uint32_t b, size_t *len)
+{
+    const struct creq *r = client_creq(c);
+    const struct conf_backend *be = &c->w->conf->backends[b];
+    const char *name = r->rename_model ? r->model_name : r->info.model;
+    size_t n = r->rename_model ? r->model_name_len : r->info.model_len;
+
+    *len = 0;
+    if (!(r->info.flags & JSON_REQ_MODEL) || n > JSON_MODEL_MAX)
+        return NULL;
+    for (int i = 0; i < be->n_model_map; i++) {
+        if (strlen(be->model_map[i].from) == n && memcmp(be->model_map[i].from, name, n) == 0) {
+            *len = strlen(be->model_map[i].to);
+            return be->model_map[i].to;
+        }
+    }
+    *len = n;
+    return r->rename_model ? name : NULL;
+}
+
+/* The body of the try to backend b: the client's, or its rewrite (renamed model, added
+ * include_usage) as pieces. A body that cannot be rewritten goes as it is, without injection. */
+static void forward_try_body(struct client *c, uint32_t b)
+{
+    struct creq *r = client_creq(c);
+    size_t ml = 0;
+    const char *model = forward_backend_model(c, b, &ml);
+
+    r->rq.body = r->body;
+    r->rq.body_len = r->body_len;
+    r->rq.body_iov = NULL;
+    r->rq.body_n = 0;
+    if (!model && !r->usage_inject)
+        return;
+    int rc = rewrite_body(&r->rw, r->body, r->body_len, &r->info, model, ml, r->usage_inject);
+    if (rc < 0 && r->usage_inject) {
+        log_warn("request %.*s: the body cannot be rewritten for backend %s", (int)r->rid_len,
+                 r->rid, c->w->conf->backends[b].name);
+        r->usage_inject = 0;
+    }
+    if (rc == 1) {
+        r->rq.body_iov = r->rw.iov;
+        r->rq.body_n = r->rw.n;
+        r->rq.body_len = r->rw.len;
+    }
+}
+
+/* The answer's head came and goes to the client: its usage is read from here on (a 2xx only:
+ * errors carry none). The usage-only chunk can be taken out only where the framing is aigw's
+ * (its own chunks, or the close). */
+static void forward_usage_begin(struct client *c, const struct upstream_resp *ur)
+{
+    struct creq *r = client_creq(c);
+
+    if (!r->usage_read || r->urd || ur->status < 200 || ur->status > 299)
+        return;
+    if (!(r->urd = usage_get(&c->w->usage)))
+        return; /* out of memory: not read (billed from the reservation) */
+    r->usage_sse = (uint8_t)(ur->sse != 0);
+    usage_begin(r->urd, ur->sse ? USAGE_SSE : USAGE_JSON,
+                r->usage_inject && ur->sse && (ur->rechunk || ur->until_close));
+}
+
+/* Body bytes on their way to the client: read, and (filter) rewritten in place. Returns how
+ * many of p's bytes go on; *pre / *pre_len: held bytes that go before them (in the scratch). */
+static size_t forward_usage_feed(struct client *c, const char *p, size_t n, int complete, char *pre,
+                                 size_t *pre_len)
+{
+    struct creq *r = client_creq(c);
+
+    *pre_len = 0;
+    if (!r->urd)
+        return n;
+    if (!r->usage_sse) {
+        usage_json_feed(r->urd, p, n);
+        return n;
+    }
+    /* the bytes are in the upstream connection's buffer, which is ours until the write of
+     * them ends: the filter compacts them in place */
+    return usage_sse_feed(r->urd, (char *)p, n, complete, pre, pre_len);
+}
+
+void forward_usage_end(struct client *c, int partial)
+{
+    struct creq *r = client_creq(c);
+    struct usage u;
+
+    if (!r->urd)
+        return;
+    usage_end(r->urd, &u);
+    usage_put(&c->w->usage, r->urd);
+    r->urd = NULL;
+    client_on_usage(c, &u, partial);
 }
 
 /* ---- start ---- */
@@ -86,6 +212,7 @@ void forward_start(struct client *c)
         t->has_key = 1;
     }
     c->tries_on = 1;
+    forward_usage_plan(c);
     client_try(c);
 }
 
@@ -504,8 +631,9 @@ static void client_try(struct client *c)
     t->try_ns = now;
     client_creq(c)->rq.ops = &client_ops;
     client_creq(c)->rq.ctx = c;
-    client_creq(c)->rq.body = client_creq(c)->body;
-    client_creq(c)->rq.body_len = client_creq(c)->body_len;
+    forward_try_body(c, (uint32_t)b);
+    /* a body read for usage must come bare (not in the upstream's chunk framing) */
+    client_creq(c)->rq.bare = client_creq(c)->usage_read;
     client_creq(c)->rq.head_only = client_creq(c)->head_method;
     client_creq(c)->rq.dechunk = client_creq(c)->http10;
     client_creq(c)->rq.backend = b;
@@ -586,6 +714,12 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
         return UPSTREAM_HAND_BAD;
     }
     client_creq(c)->resp_started = 1;
+    forward_usage_begin(c, ur);
+    if (client_creq(c)->urd) {
+        /* nothing is held before the first bytes: pre stays empty */
+        size_t pl;
+        n = forward_usage_feed(c, body, n, complete, w->scratch + hl, &pl);
+    }
     if (n)
         t->sent = 1;
     if (!ur->rechunk)
@@ -606,15 +740,28 @@ static int op_on_body(void *ctx, const char *p, size_t n, int complete)
     struct tries *t = client_tries(c);
     if (t->discard)
         return 0;
-    if (n)
+    /* held bytes that now go on (usage filter) are copied behind room for a chunk line */
+    char *pre = c->w->scratch + 20;
+    size_t pl = 0;
+    if (client_creq(c)->urd)
+        n = forward_usage_feed(c, p, n, complete, pre, &pl);
+    if (n + pl)
         t->sent = 1;
     if (!t->framed)
-        return client_write(c, NULL, 0, p, n);
-    char line[20];
-    size_t ll = n ? proxy_chunk_line(line, n) : 0;
-    const char *tail = n ? (complete ? "\r\n0\r\n\r\n" : "\r\n") : (complete ? "0\r\n\r\n" : "");
-    t->sse_nl = (uint8_t)proxy_sse_newlines(t->sse_nl, p, n);
-    return client_write3(c, line, ll, p, n, tail, strlen(tail));
+        return client_write(c, pre, pl, p, n);
+    if (!n && !pl && !complete)
+        return 0; /* all held back or removed: an empty chunk would end the body */
+    char *line = pre;
+    if (n + pl) {
+        char l[20];
+        size_t ll = proxy_chunk_line(l, n + pl);
+        line -= ll;
+        memcpy(line, l, ll);
+    }
+    const char *tail =
+        n + pl ? (complete ? "\r\n0\r\n\r\n" : "\r\n") : (complete ? "0\r\n\r\n" : "");
+    t->sse_nl = (uint8_t)proxy_sse_newlines(proxy_sse_newlines(t->sse_nl, pre, pl), p, n);
+    return client_write3(c, line, (size_t)(pre + pl - line), p, n, tail, strlen(tail));
 }
 
 /* Ends a response whose body went out only in part: an SSE stream framed here gets an
@@ -665,6 +812,7 @@ static void op_on_end(void *ctx, enum upstream_err err)
     if (err == UPSTREAM_OK || (err == UPSTREAM_ECLIENT && client_creq(c)->resp_started)) {
         client_record(c, retry_record_end(client_pool(c), err, 1), now);
         client_try_end(c);
+        forward_usage_end(c, err != UPSTREAM_OK);
         if (err == UPSTREAM_OK)
             client_request_done(c);
         else
@@ -679,6 +827,7 @@ static void op_on_end(void *ctx, enum upstream_err err)
     if (client_creq(c)->resp_started) {
         client_record(c, retry_record_end(client_pool(c), err, 1), now);
         client_try_end(c);
+        forward_usage_end(c, 1);
         client_stream_failed(c, err);
         return;
     }
@@ -709,6 +858,7 @@ void client_hard_stop(struct client *c)
              client_creq(c)->rid);
     upstream_abort(&client_creq(c)->rq);
     client_try_end(c);
+    forward_usage_end(c, 1);
     c->close_after = 1;
     client_body_cut(c, "the gateway is shutting down", "gateway_shutdown");
     if (c->state == CS_WAIT && c->writing)

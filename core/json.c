@@ -15,14 +15,14 @@
 #define JSON_MEM_MIN 2048
 #define JSON_HDR     16 /* each block starts with its size, keeping yajl's blocks 16-aligned */
 
-static int mem_in(const struct json_parser *p, const char *b)
+static int mem_in(const struct json_mem *p, const char *b)
 {
     return p->mem && b >= p->mem && b < p->mem + p->cap;
 }
 
 static void *mem_malloc(void *ctx, size_t sz)
 {
-    struct json_parser *p = ctx;
+    struct json_mem *p = ctx;
     size_t n = JSON_HDR + ((sz + JSON_HDR - 1) & ~(size_t)(JSON_HDR - 1));
     char *b;
 
@@ -42,7 +42,7 @@ static void *mem_malloc(void *ctx, size_t sz)
 
 static void mem_free(void *ctx, void *ptr)
 {
-    struct json_parser *p = ctx;
+    struct json_mem *p = ctx;
     char *b;
     size_t sz;
 
@@ -61,7 +61,7 @@ static void mem_free(void *ctx, void *ptr)
 
 static void *mem_realloc(void *ctx, void *ptr, size_t sz)
 {
-    struct json_parser *p = ctx;
+    struct json_mem *p = ctx;
     char *b;
     size_t old, oldn, n;
     void *nb;
@@ -85,8 +85,7 @@ static void *mem_realloc(void *ctx, void *ptr, size_t sz)
     return nb;
 }
 
-/* After a parse: the region is empty again, and large enough for what the parse needed. */
-static void mem_reset(struct json_parser *p)
+void json_mem_reset(struct json_mem *p)
 {
     size_t want = p->cap + p->over, cap = p->cap ? p->cap : JSON_MEM_MIN;
 
@@ -104,6 +103,21 @@ static void mem_reset(struct json_parser *p)
     free(p->mem);
     p->mem = m;
     p->cap = cap;
+}
+
+void json_mem_funcs(struct json_mem *m, yajl_alloc_funcs *af)
+{
+    af->malloc = mem_malloc;
+    af->realloc = mem_realloc;
+    af->free = mem_free;
+    af->ctx = m;
+}
+
+void json_mem_free(struct json_mem *m)
+{
+    free(m->mem);
+    m->mem = NULL;
+    m->cap = m->used = m->over = 0;
 }
 
 /* ---- request fields ---- */
@@ -384,15 +398,13 @@ static void req_drop(struct json_parser *p)
         yajl_free(p->h);
         p->h = NULL;
     }
-    mem_reset(p);
+    json_mem_reset(&p->m);
 }
 
 void json_parser_free(struct json_parser *p)
 {
     req_drop(p);
-    free(p->mem);
-    p->mem = NULL;
-    p->cap = p->used = 0;
+    json_mem_free(&p->m);
     p->active = 0;
 }
 
@@ -425,12 +437,9 @@ int json_req_begin(struct json_parser *p, struct json_req *out, const char *key_
         p->cb.yajl_start_array = req_start_array;
         p->cb.yajl_end_array = req_end;
         p->narrow = 0xff; /* none of the narrowed callbacks set yet */
-        p->af.malloc = mem_malloc;
-        p->af.realloc = mem_realloc;
-        p->af.free = mem_free;
-        p->af.ctx = p;
+        json_mem_funcs(&p->m, &p->af);
         if (!(p->h = yajl_alloc(&p->cb, &p->af, p))) {
-            mem_reset(p);
+            json_mem_reset(&p->m);
             return -ENOMEM;
         }
         /* one body after another through the same handle: yajl 2 has no reset, but it can
@@ -493,7 +502,7 @@ int json_req_end(struct json_parser *p)
     p->active = 0;
     /* the handle is kept for the next body only when this one left it clean (between two
      * texts) and within the region */
-    if (!ok || p->over)
+    if (!ok || p->m.over)
         req_drop(p);
     return ok ? 0 : -EINVAL;
 }

@@ -53,6 +53,24 @@ struct json_req {
     uint16_t dup;                        /* bit (1 << field): the field came more than once */
 };
 
+/* yajl's memory: a bump region reused parse after parse. A parse that needs more than the
+ * region takes the rest from the heap, and json_mem_reset then grows the region to fit (up to
+ * 64 KB), so at steady state a parse does no malloc. A zeroed struct json_mem is an empty one. */
+struct json_mem {
+    char *mem;            /* region the parse allocates from */
+    size_t cap, used;     /* its size, bytes in use */
+    size_t over;          /* bytes this parse allocated past cap (then on the heap) */
+    uint64_t heap_allocs; /* allocations that did not fit the region, ever (tests, bench) */
+};
+
+/* Points af at allocation hooks over m, for yajl_alloc. */
+void json_mem_funcs(struct json_mem *m, yajl_alloc_funcs *af);
+/* After a parse (nothing allocated from m is used any more): the region is empty again, and
+ * grown to what the parse needed. */
+void json_mem_reset(struct json_mem *m);
+/* Frees the region (every yajl handle over it must be freed first). */
+void json_mem_free(struct json_mem *m);
+
 /* One incremental parse at a time over a yajl handle. yajl 2 has no reset: the handle is set to
  * read a sequence of JSON texts and kept from one body to the next as long as each leaves it
  * clean (a body that is not one object drops it). Its memory (handle, state stack, lexer, the
@@ -61,13 +79,10 @@ struct json_req {
  * has yajl decode only the strings it keeps (model, hash key): nested values are only checked
  * and skipped, so yajl needs no more memory for a large body than for a small one. */
 struct json_parser {
-    yajl_handle h;        /* NULL, or between two texts (or mid-body while active) */
-    yajl_callbacks cb;    /* the table yajl calls through, narrowed where nothing is read */
-    yajl_alloc_funcs af;  /* yajl's allocation hooks, over mem */
-    char *mem;            /* region the parse allocates from */
-    size_t cap, used;     /* its size, bytes in use */
-    size_t over;          /* bytes this parse allocated past cap (then on the heap) */
-    uint64_t heap_allocs; /* allocations that did not fit the region, ever (tests, bench) */
+    yajl_handle h;       /* NULL, or between two texts (or mid-body while active) */
+    yajl_callbacks cb;   /* the table yajl calls through, narrowed where nothing is read */
+    yajl_alloc_funcs af; /* yajl's allocation hooks, over m */
+    struct json_mem m;   /* the region the parse allocates from */
     /* the parse in progress */
     struct json_req *out;
     const char *key; /* json:FIELD name or NULL */

@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "core/json.h"
+#include "core/log.h"
 #include "core/out.h"
 #include "core/route.h"
 #include "core/util.h"
@@ -275,6 +276,7 @@ static int stage_limit(struct client *c)
     r->ticket.n = 0;
     r->rl_req.set = r->rl_tok.set = 0;
     r->res_prompt = r->res_tokens = 0;
+    r->usage_got = 0;
     if (route_ep_by_model((enum route_ep)r->ep)) {
         r->res_prompt = meter_prompt_estimate(r->body_len);
         out_max = meter_output_max(r->info.max_tokens, conf->global.default_max_tokens,
@@ -311,4 +313,60 @@ void stages_run(struct client *c)
         stage_limit(c) < 0)
         return;
     forward_start(c); /* pick, forward, respond, record */
+}
+
+void client_on_usage(struct client *c, const struct usage *u, int partial)
+{
+    struct creq *r = client_creq(c);
+
+    r->usage = *u;
+    r->usage_got = 1;
+    r->usage_partial = (uint8_t)(partial != 0);
+    log_debug("request %.*s: usage prompt=%llu completion=%llu cached=%llu reasoning=%llu "
+              "total=%llu have=%d text_tokens=%llu partial=%d",
+              (int)r->rid_len, r->rid, (unsigned long long)u->prompt,
+              (unsigned long long)u->completion, (unsigned long long)u->cached,
+              (unsigned long long)u->reasoning, (unsigned long long)u->total,
+              (u->flags & USAGE_HAVE) != 0, (unsigned long long)u->text_tokens, partial);
+}
+
+void stages_settle(struct client *c)
+{
+    struct worker *w = c->w;
+    struct creq *r = client_creq(c);
+    const struct conf *conf = w->conf;
+    struct acct_usage a;
+    int m = meter_model(r);
+    const struct conf_model *cm = m >= 0 ? &conf->models[m] : NULL;
+
+    if (!r->metered)
+        return;
+    r->metered = 0;
+    memset(&a, 0, sizeof(a));
+    a.requests = 1;
+    if (r->usage_got && (r->usage.flags & USAGE_HAVE)) {
+        /* the upstream's own count (a stream cut after its usage chunk is whole) */
+        a.prompt = r->usage.prompt;
+        a.completion = r->usage.completion;
+        a.cached = r->usage.cached;
+        a.reasoning = r->usage.reasoning;
+    } else if (r->usage_got) {
+        /* no usage came (a cut stream, an upstream that reports none): the prompt as
+         * reserved, the completion from the text delivered; never zero, never twice */
+        a.prompt = r->res_prompt;
+        a.completion = r->usage.text_tokens;
+        a.partial = 1;
+    }
+    /* else no answer reached the client (refused, failed): nothing was generated */
+    a.cost_nano = meter_cost_nano(cm, a.prompt, a.cached, a.completion, 0);
+    a.list_cost_nano = meter_cost_nano(cm, a.prompt, a.cached, a.completion, 1);
+    if (r->ticket.n)
+        limit_settle(shm_limits(w->shm), &r->ticket, time_mono_ms(),
+                     (int64_t)(time_real_ms() / 1000), a.prompt + a.completion, a.cost_nano);
+    int32_t be = c->tries_on && client_tries(c)->n
+                     ? (int32_t)client_tries(c)->tried[client_tries(c)->n - 1]
+                     : -1;
+    if (shm_acct(w->shm))
+        acct_add(shm_acct(w->shm), (uint32_t)w->slot, r->key, m, be, &a);
+    r->usage_got = 0;
 }

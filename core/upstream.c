@@ -495,6 +495,31 @@ static int send_failed(const struct upconn *u)
     return u->reused ? -UPSTREAM_ESTALE : -UPSTREAM_ECONNECT;
 }
 
+/* The request body from byte off: fills iov (at most max entries) with what is left of it,
+ * returns the number filled. */
+static int body_pieces(const struct upstream_req *rq, size_t off, struct iovec *iov, int max)
+{
+    if (rq->body_n <= 0) {
+        if (off >= rq->body_len || max < 1)
+            return 0;
+        iov[0].iov_base = (void *)(rq->body + off);
+        iov[0].iov_len = rq->body_len - off;
+        return 1;
+    }
+    int n = 0;
+    for (int i = 0; i < rq->body_n && n < max; i++) {
+        size_t l = rq->body_iov[i].iov_len;
+        if (off >= l) {
+            off -= l;
+            continue;
+        }
+        iov[n].iov_base = (char *)rq->body_iov[i].iov_base + off;
+        iov[n++].iov_len = l - off;
+        off = 0;
+    }
+    return n;
+}
+
 static int conn_send(struct upconn *u)
 {
     struct upstream_req *rq = u->rq;
@@ -511,8 +536,10 @@ static int conn_send(struct upconn *u)
                 p = u->buf + u->sent;
                 l = u->seg0 - u->sent;
             } else {
-                p = rq->body + (u->sent - u->seg0);
-                l = u->total - u->sent;
+                struct iovec b;
+                body_pieces(rq, u->sent - u->seg0, &b, 1);
+                p = b.iov_base;
+                l = b.iov_len;
             }
             n = tls_conn_write(u->tls, p, l);
             if (n == TLS_WANT_READ || n == TLS_WANT_WRITE) {
@@ -524,18 +551,14 @@ static int conn_send(struct upconn *u)
                 goto out;
             }
         } else {
-            struct iovec iov[2];
+            struct iovec iov[1 + UPSTREAM_BODY_PIECES];
             int cnt = 0;
             if (u->sent < u->seg0) {
                 iov[cnt].iov_base = u->buf + u->sent;
                 iov[cnt++].iov_len = u->seg0 - u->sent;
-                if (u->total > u->seg0) {
-                    iov[cnt].iov_base = (void *)rq->body;
-                    iov[cnt++].iov_len = u->total - u->seg0;
-                }
+                cnt += body_pieces(rq, 0, iov + cnt, UPSTREAM_BODY_PIECES);
             } else {
-                iov[cnt].iov_base = (void *)(rq->body + (u->sent - u->seg0));
-                iov[cnt++].iov_len = u->total - u->sent;
+                cnt += body_pieces(rq, u->sent - u->seg0, iov + cnt, UPSTREAM_BODY_PIECES);
             }
             n = writev(u->fd, iov, cnt);
             if (n == -1) {
@@ -584,8 +607,15 @@ static int conn_begin(struct upconn *u)
     u->sent = 0;
     u->send_cut = 0;
     /* TLS: one record for head and body when they fit together */
-    if (u->tls_on && rq->body_len && u->total <= up->data_size) {
-        memcpy(u->buf + n, rq->body, rq->body_len);
+    if (u->tls_on && rq->body_len && u->total <= up->data_size &&
+        rq->body_n <= UPSTREAM_BODY_PIECES) {
+        struct iovec iov[UPSTREAM_BODY_PIECES];
+        int cnt = body_pieces(rq, 0, iov, UPSTREAM_BODY_PIECES);
+        size_t at = (size_t)n;
+        for (int i = 0; i < cnt; i++) {
+            memcpy(u->buf + at, iov[i].iov_base, iov[i].iov_len);
+            at += iov[i].iov_len;
+        }
         u->seg0 = u->total;
     }
     llhttp_init(&u->parser, HTTP_RESPONSE, &resp_settings);
@@ -812,7 +842,8 @@ static int on_data(struct upconn *u, const char *data, size_t n)
         /* the client cannot take chunks: the body goes decoded, delimited by the close */
         r.chunked = 0;
         r.until_close = 1;
-    } else if (!rq->dechunk && !rq->head_only && (r.until_close || r.sse) && r.status != 204 &&
+    } else if (!rq->dechunk && !rq->head_only &&
+               (r.until_close || r.sse || (rq->bare && r.chunked)) && r.status != 204 &&
                r.status != 304) {
         /* framed by the client side: a cut stream ends with an error event, and a cut body
          * delimited by the close cannot pass for a complete one */

@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 
 #include <uv.h>
 
@@ -85,15 +86,24 @@ struct upstream_ops {
 
 struct upconn;
 
+/* Body pieces written in one writev (more are sent in turns). */
+#define UPSTREAM_BODY_PIECES 8
+
 /* One request to one backend; owned by the client side, stable while the exchange runs. */
 struct upstream_req {
     const struct upstream_ops *ops;
     void *ctx;
     const char *body; /* stays valid until on_end */
     size_t body_len;
+    /* or, when body_n > 0, the body in pieces (core/rewrite.c), body_len their total; the
+       pieces and what they point at stay valid until on_end */
+    const struct iovec *body_iov;
+    int body_n;
     int head_only; /* HEAD request: the response has no body */
     int dechunk;   /* the client takes no chunked coding (HTTP/1.0): hand over decoded bytes;
                       else bodies that need it are handed over for re-chunking (rechunk) */
+    int bare;      /* the client side reads the body (usage): a chunked one is handed over
+                      for re-chunking too, never with the upstream's framing */
     int backend;   /* index into conf.backends */
     uint64_t connect_timeout_ms; /* connect + TLS handshake; 0 = the pool's connect_timeout */
     uint64_t head_timeout_ms;    /* request sent -> response head; 0 = first_byte_timeout */

@@ -211,6 +211,7 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     w->hdrs_off = w->rid_off + 32;
     w->data_off = (w->hdrs_off + max_hdrs * sizeof(struct proxy_hdr) + 63) & ~(size_t)63;
     bufpool_init(&w->bufs, w->data_off + data, MAX_FREE_BUFS);
+    w->usage.max_free = MAX_FREE_BUFS;
     if (!(w->scratch = malloc(w->bufs.size)))
         return -ENOMEM;
     if (getrandom(&w->rid_seed1, sizeof(w->rid_seed1), 0) != sizeof(w->rid_seed1) ||
@@ -290,6 +291,7 @@ static void worker_teardown(struct worker *w)
     free(w->body_cache);
     json_parser_free(&w->json);
     route_keys_free(&w->keys);
+    usage_pool_free(&w->usage);
 }
 
 int worker_main(struct conf *conf, struct shm *shm, int slot, const int *listen_fds)

@@ -16,9 +16,11 @@
 #include "core/json.h"
 #include "core/meter.h"
 #include "core/proxy.h"
+#include "core/rewrite.h"
 #include "core/route.h"
 #include "core/tq.h"
 #include "core/upstream.h"
+#include "core/usage.h"
 #include "shm/limit.h"
 #include "shm/shm.h"
 
@@ -142,6 +144,15 @@ struct creq {
     struct meter_trio rl_req, rl_tok; /* the x-ratelimit-* of its answer */
     uint64_t res_prompt, res_tokens;  /* tokens reserved: the prompt's estimate, in all */
     struct tries tries;
+    /* usage (core/forward.c): the answer of an AI endpoint is read for its token usage */
+    struct usage_rd *urd;  /* reading the current answer, or NULL */
+    uint8_t usage_read;    /* read the answer's usage (forward_start decides) */
+    uint8_t usage_inject;  /* stream_options.include_usage added upstream: its chunk is removed */
+    uint8_t usage_sse;     /* urd reads an event stream */
+    struct rewrite rw;     /* the upstream body of the current try when it differs */
+    struct usage usage;    /* what the answer said it used (client_on_usage) */
+    uint8_t usage_got;     /* usage holds the answer's figures */
+    uint8_t usage_partial; /* the answer was cut: billed from what was delivered */
 };
 
 /* One worker process: its loop, listeners, clients, buffers and the balancers of its pools. */
@@ -182,6 +193,7 @@ struct worker {
     struct json_parser json; /* reads request bodies, one at a time */
     struct route_keys keys;  /* client keys by digest */
     int64_t started;         /* wall-clock start (the "created" of /v1/models) */
+    struct usage_pool usage; /* readers of answers' usage, one per answer being read */
 };
 
 /* ---- inline helpers of the request path ---- */
@@ -297,6 +309,10 @@ static inline int client_write(struct client *c, const char *head, size_t hl, co
 
 /* From a whole request (parsed and validated, its body in) to the answer: see core/stages.c. */
 void stages_run(struct client *c);
+/* The request ended (answered, failed or its client gone): its limiter reservations are
+ * corrected to what it used and its usage and cost are added to the totals. Once per request;
+ * after forward_usage_end. */
+void stages_settle(struct client *c);
 
 /* ---- core/forward.c: pick, forward, respond, record ---- */
 
@@ -308,6 +324,14 @@ void client_try_end(struct client *c);
 void forward_on_retry_due(struct tq_node *n);
 /* The hard stop of one client: a stream under way ends with an `event: error`. */
 void client_hard_stop(struct client *c);
+/* The answer whose usage is being read is over: client_on_usage gets what was read, once
+ * (partial: the answer was cut, by the upstream or the client). Nothing when none is read. */
+void forward_usage_end(struct client *c, int partial);
+/* The usage of an answer forwarded to the client (u->flags & USAGE_HAVE: the upstream's own
+ * figures; else u->text_tokens estimates the completion from the text delivered). partial: the
+ * answer was cut (upstream failure or stall, client gone, gateway stop) and u covers what the
+ * client got. Called once per answer that reached the client, never for a discarded one. */
+void client_on_usage(struct client *c, const struct usage *u, int partial);
 
 /* ---- core/worker.c: the process ---- */
 

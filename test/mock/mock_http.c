@@ -28,6 +28,10 @@ struct chat_req {
     int include_usage;
     const char *user; /* content of the last user message, raw JSON string contents */
     size_t user_len;
+    /* the top-level "stream_options" member with a comma next to it, [so_off, so_end); left
+       out of the answer's id, so that a gateway adding it upstream changes no byte the
+       client gets but the usage chunk (0, 0: none) */
+    size_t so_off, so_end;
 };
 
 static const char *const mock_model_ids[] = {"demo", "gpt-4o-mini"};
@@ -284,15 +288,18 @@ static int buf_printf(struct mock_buf *b, const char *fmt, ...)
     return 0;
 }
 
-static uint64_t fnv1a64(const char *p, size_t n)
+static uint64_t fnv1a64_from(uint64_t h, const char *p, size_t n)
 {
-    uint64_t h = 0xcbf29ce484222325ULL;
-
     for (size_t i = 0; i < n; i++) {
         h ^= (unsigned char)p[i];
         h *= 0x100000001b3ULL;
     }
     return h;
+}
+
+static uint64_t fnv1a64(const char *p, size_t n)
+{
+    return fnv1a64_from(0xcbf29ce484222325ULL, p, n);
 }
 
 /* Append-only formatting into a fixed buffer, cheaper than snprintf on the request path. The
@@ -583,6 +590,21 @@ static int chat_parse(struct mock_server *srv, const char *js, size_t len, struc
         } else if (tok_is(js, &t[k], "stream") && tv->type == JSMN_PRIMITIVE) {
             q->stream = js[tv->start] == 't';
         } else if (tok_is(js, &t[k], "stream_options") && tv->type == JSMN_OBJECT) {
+            size_t a = (size_t)t[k].start - 1, z = (size_t)tv->end, e = z;
+            while (e < len && (js[e] == ' ' || js[e] == '\n' || js[e] == '\r' || js[e] == '\t'))
+                e++;
+            if (e < len && js[e] == ',') {
+                z = e + 1;
+            } else {
+                size_t b = a;
+                while (b > 0 && (js[b - 1] == ' ' || js[b - 1] == '\n' || js[b - 1] == '\r' ||
+                                 js[b - 1] == '\t'))
+                    b--;
+                if (b > 0 && js[b - 1] == ',')
+                    a = b - 1;
+            }
+            q->so_off = a;
+            q->so_end = z;
             for (int i = v + 1, m = tv->size; m > 0 && i + 1 < n; m--) {
                 if (tok_is(js, &t[i], "include_usage") && t[i + 1].type == JSMN_PRIMITIVE)
                     q->include_usage = js[t[i + 1].start] == 't';
@@ -880,7 +902,8 @@ static void chat_completions(struct mock_conn *c)
     rs->prompt_tokens = (unsigned)((r->body.len + 3) / 4);
     struct fmt f = {rs->pfx, rs->pfx + sizeof(rs->pfx)};
     FMT_LIT(&f, "{\"id\":\"chatcmpl-");
-    fmt_hex16(&f, fnv1a64(r->body.p, r->body.len));
+    fmt_hex16(&f, fnv1a64_from(fnv1a64(r->body.p, q.so_off), r->body.p + q.so_end,
+                               r->body.len - q.so_end));
     if (q.stream)
         FMT_LIT(&f, "\",\"object\":\"chat.completion.chunk\",\"created\":");
     else

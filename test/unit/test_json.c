@@ -434,15 +434,15 @@ static void test_memory(void **state)
         "{\"model\":\"gpt-\\u0034o\",\"prompt_cache_key\":\"k\",\"messages\":[{\"role\":"
         "\"user\",\"content\":\"a\\nb\"}],\"stream\":true}";
     assert_int_equal(json_req_parse(&p, &r, "prompt_cache_key", b, strlen(b)), 0);
-    uint64_t heap = p.heap_allocs;
-    size_t cap = p.cap;
+    uint64_t heap = p.m.heap_allocs;
+    size_t cap = p.m.cap;
     assert_true(cap > 0 && cap <= 8192);
     for (int i = 0; i < 10; i++) {
         assert_int_equal(json_req_parse(&p, &r, "prompt_cache_key", b, strlen(b)), 0);
         assert_int_equal(json_req_parse(&p, &r, "prompt_cache_key", "{]", 2), -EINVAL);
     }
-    assert_int_equal(p.heap_allocs, heap);
-    assert_int_equal(p.cap, cap);
+    assert_int_equal(p.m.heap_allocs, heap);
+    assert_int_equal(p.m.cap, cap);
     /* a body that is one object leaves the handle ready for the next */
     assert_int_equal(json_req_parse(&p, &r, "prompt_cache_key", b, strlen(b)), 0);
     yajl_handle h = p.h;
@@ -463,8 +463,8 @@ static void test_memory(void **state)
     n += (size_t)sprintf(huge + n, "\",\"model\":\"m\"}");
     assert_int_equal(json_req_parse(&p, &r, "prompt_cache_key", huge, n), 0);
     assert_int_equal(r.model_len, 1);
-    assert_int_equal(p.heap_allocs, heap);
-    assert_int_equal(p.cap, cap);
+    assert_int_equal(p.m.heap_allocs, heap);
+    assert_int_equal(p.m.cap, cap);
 
     /* the 8 MB body of 4 M tokens */
     static const char start[] = "{\"model\":\"x\",\"prompt_cache_key\":\"v\",\"a\":[";
@@ -479,7 +479,7 @@ static void test_memory(void **state)
     huge[k++] = '}';
     assert_int_equal(json_req_parse(&p, &r, "prompt_cache_key", huge, k), 0);
     assert_int_equal(r.flags, JSON_REQ_MODEL | JSON_REQ_KEY);
-    assert_int_equal(p.heap_allocs, heap);
+    assert_int_equal(p.m.heap_allocs, heap);
     free(huge);
 
     /* an escaped model larger than the region: served from the heap, region not grown past
@@ -492,11 +492,11 @@ static void test_memory(void **state)
     n += (size_t)sprintf(m + n, "\"}");
     assert_int_equal(json_req_parse(&p, &r, NULL, m, n), 0);
     assert_int_equal(r.model_len, (190000 - 10) / 2);
-    assert_true(p.heap_allocs > heap);
-    assert_true(p.cap <= 64 * 1024);
-    heap = p.heap_allocs;
+    assert_true(p.m.heap_allocs > heap);
+    assert_true(p.m.cap <= 64 * 1024);
+    heap = p.m.heap_allocs;
     assert_int_equal(json_req_parse(&p, &r, "prompt_cache_key", b, strlen(b)), 0);
-    assert_int_equal(p.heap_allocs, heap);
+    assert_int_equal(p.m.heap_allocs, heap);
     free(m);
     json_parser_free(&p);
     json_parser_free(&p); /* twice is harmless */

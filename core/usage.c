@@ -1,0 +1,622 @@
+/* Token usage read from an AI answer as it passes (JSON body or event stream) with libyajl, and
+ * the filter that takes the usage-only chunk aigw asked for out of a stream. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/usage.h"
+
+/* What a container is (rd->kind): only these are looked into. */
+enum {
+    K_SKIP = 0,
+    K_TOP,      /* the text's object */
+    K_USAGE,    /* its "usage" object, or "response"."usage" */
+    K_PDET,     /* usage.prompt_tokens_details / input_tokens_details */
+    K_CDET,     /* usage.completion_tokens_details / output_tokens_details */
+    K_CHOICES,  /* the top-level "choices" array */
+    K_CHOICE,   /* an object in it */
+    K_DELTA,    /* a choice's "delta" object */
+    K_RESPONSE, /* the top-level "response" object (Responses API events) */
+};
+
+/* What the key just read names (rd->key), in the container it was read in. */
+enum {
+    KEY_NONE = 0,
+    KEY_USAGE,
+    KEY_CHOICES,
+    KEY_TYPE,
+    KEY_RESPONSE,
+    KEY_DELTA,
+    KEY_TEXT,
+    KEY_CONTENT,
+    KEY_PROMPT,
+    KEY_COMPLETION,
+    KEY_TOTAL,
+    KEY_PDET,
+    KEY_CDET,
+    KEY_CACHED,
+    KEY_REASONING,
+};
+
+/* A Responses API event's "type" (rd->type). */
+enum {
+    T_NONE = 0,
+    T_OTHER,
+    T_DONE,  /* response.completed, .incomplete, .failed: "response" carries the final usage */
+    T_DELTA, /* response.output_text.delta: "delta" is completion text */
+};
+
+/* Line states of the SSE reader (rd->line). */
+enum {
+    L_BOL = 0, /* at the start of a line */
+    L_NAME,    /* in a field name */
+    L_SP,      /* right after "data:" (one space may follow) */
+    L_DATA,    /* in a data value */
+    L_SKIP,    /* in another field's value, or a comment */
+    L_CR,      /* right after a CR that ended a line (an LF here belongs to it) */
+    L_CR_END,  /* the same, the line being the blank one that ended an event */
+};
+
+/* ---- the readers' pool ---- */
+
+struct usage_rd *usage_get(struct usage_pool *pool)
+{
+    struct usage_rd *rd = pool->free;
+    if (rd) {
+        pool->free = rd->next;
+        pool->n_free--;
+        return rd;
+    }
+    return calloc(1, sizeof(*rd));
+}
+
+static void rd_drop(struct usage_rd *rd)
+{
+    if (rd->h) {
+        yajl_free(rd->h);
+        rd->h = NULL;
+    }
+    json_mem_reset(&rd->m);
+}
+
+void usage_put(struct usage_pool *pool, struct usage_rd *rd)
+{
+    if (!rd)
+        return;
+    if (pool->n_free >= pool->max_free) {
+        rd_drop(rd);
+        json_mem_free(&rd->m);
+        free(rd);
+        return;
+    }
+    rd->next = pool->free;
+    pool->free = rd;
+    pool->n_free++;
+}
+
+void usage_pool_free(struct usage_pool *pool)
+{
+    uint32_t max = pool->max_free;
+    pool->max_free = 0;
+    while (pool->free) {
+        struct usage_rd *rd = pool->free;
+        pool->free = rd->next;
+        pool->n_free--;
+        usage_put(pool, rd);
+    }
+    pool->max_free = max;
+}
+
+/* ---- the JSON of one text (a body, or an event's data) ---- */
+
+static uint8_t cur_kind(const struct usage_rd *rd)
+{
+    return rd->depth && rd->depth <= USAGE_DEPTH ? rd->kind[rd->depth - 1] : K_SKIP;
+}
+
+#define KEYIS(lit) (n == sizeof(lit) - 1 && memcmp(k, lit, n) == 0)
+
+static int cb_map_key(void *ctx, const unsigned char *k, size_t n)
+{
+    struct usage_rd *rd = ctx;
+    uint8_t key = KEY_NONE;
+
+    switch (cur_kind(rd)) {
+    case K_TOP:
+        if (KEYIS("usage"))
+            key = KEY_USAGE;
+        else if (KEYIS("choices"))
+            key = KEY_CHOICES;
+        else if (KEYIS("type"))
+            key = KEY_TYPE;
+        else if (KEYIS("response"))
+            key = KEY_RESPONSE;
+        else if (KEYIS("delta"))
+            key = KEY_DELTA;
+        break;
+    case K_RESPONSE:
+        key = KEYIS("usage") ? KEY_USAGE : KEY_NONE;
+        break;
+    case K_USAGE:
+        if (KEYIS("prompt_tokens") || KEYIS("input_tokens"))
+            key = KEY_PROMPT;
+        else if (KEYIS("completion_tokens") || KEYIS("output_tokens"))
+            key = KEY_COMPLETION;
+        else if (KEYIS("total_tokens"))
+            key = KEY_TOTAL;
+        else if (KEYIS("prompt_tokens_details") || KEYIS("input_tokens_details"))
+            key = KEY_PDET;
+        else if (KEYIS("completion_tokens_details") || KEYIS("output_tokens_details"))
+            key = KEY_CDET;
+        break;
+    case K_PDET:
+        key = KEYIS("cached_tokens") ? KEY_CACHED : KEY_NONE;
+        break;
+    case K_CDET:
+        key = KEYIS("reasoning_tokens") ? KEY_REASONING : KEY_NONE;
+        break;
+    case K_CHOICE:
+        if (KEYIS("delta"))
+            key = KEY_DELTA;
+        else if (KEYIS("text"))
+            key = KEY_TEXT;
+        break;
+    case K_DELTA:
+        key = KEYIS("content") ? KEY_CONTENT : KEY_NONE;
+        break;
+    }
+    rd->key = key;
+    return 1;
+}
+
+/* A value starts in the current container: a scalar (obj = -1), an object (1), an array (0).
+ * Returns 0 to stop yajl (the text is not one object). */
+static int value_begin(struct usage_rd *rd, int obj)
+{
+    uint8_t k = cur_kind(rd), child = K_SKIP;
+
+    if (rd->depth == 0) {
+        if (obj != 1 || rd->closed)
+            return 0; /* not an object, or a second text in the same event */
+        child = K_TOP;
+    } else if (k == K_CHOICES) {
+        rd->choices = 2; /* an element: not the usage-only chunk */
+        child = obj == 1 ? K_CHOICE : K_SKIP;
+    } else if (obj == 1) {
+        if ((k == K_TOP || k == K_RESPONSE) && rd->key == KEY_USAGE) {
+            child = K_USAGE;
+            /* the last usage object counts */
+            memset(&rd->ev, 0, sizeof(rd->ev));
+            rd->ev_usage = k == K_TOP ? 1 : 2;
+        } else if (k == K_TOP && rd->key == KEY_RESPONSE) {
+            child = K_RESPONSE;
+        } else if (k == K_USAGE && rd->key == KEY_PDET) {
+            child = K_PDET;
+        } else if (k == K_USAGE && rd->key == KEY_CDET) {
+            child = K_CDET;
+        } else if (k == K_CHOICE && rd->key == KEY_DELTA) {
+            child = K_DELTA;
+        }
+    } else if (obj == 0 && k == K_TOP && rd->key == KEY_CHOICES) {
+        child = K_CHOICES;
+        rd->choices = 1;
+    }
+    if (obj >= 0) {
+        if (rd->depth < USAGE_DEPTH)
+            rd->kind[rd->depth] = child;
+        rd->depth++;
+        rd->key = KEY_NONE;
+    }
+    return 1;
+}
+
+static int cb_start_map(void *ctx)
+{
+    return value_begin(ctx, 1);
+}
+
+static int cb_start_array(void *ctx)
+{
+    return value_begin(ctx, 0);
+}
+
+static int cb_end(void *ctx)
+{
+    struct usage_rd *rd = ctx;
+    if (--rd->depth == 0)
+        rd->closed = 1;
+    rd->key = KEY_NONE;
+    return 1;
+}
+
+static int cb_null(void *ctx)
+{
+    struct usage_rd *rd = ctx;
+    int r = value_begin(rd, -1);
+    rd->key = KEY_NONE;
+    return r;
+}
+
+static int cb_boolean(void *ctx, int v)
+{
+    (void)v;
+    return cb_null(ctx);
+}
+
+/* Token counts: plain non-negative integers (saturated); any other number is taken as 0. */
+static int cb_number(void *ctx, const char *s, size_t n)
+{
+    struct usage_rd *rd = ctx;
+    uint64_t v = 0, *f = NULL;
+    uint8_t k = cur_kind(rd);
+
+    if (!value_begin(rd, -1))
+        return 0;
+    if (k == K_USAGE && rd->key == KEY_PROMPT)
+        f = &rd->ev.prompt;
+    else if (k == K_USAGE && rd->key == KEY_COMPLETION)
+        f = &rd->ev.completion;
+    else if (k == K_USAGE && rd->key == KEY_TOTAL)
+        f = &rd->ev.total;
+    else if (k == K_PDET && rd->key == KEY_CACHED)
+        f = &rd->ev.cached;
+    else if (k == K_CDET && rd->key == KEY_REASONING)
+        f = &rd->ev.reasoning;
+    rd->key = KEY_NONE;
+    if (!f)
+        return 1;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9') {
+            v = 0;
+            break;
+        }
+        uint64_t d = (uint64_t)(s[i] - '0');
+        v = v > (UINT64_MAX - d) / 10 ? UINT64_MAX : v * 10 + d;
+    }
+    *f = v;
+    return 1;
+}
+
+/* Strings come unescaped: their length is the text's UTF-8 bytes. */
+static int cb_string(void *ctx, const unsigned char *s, size_t n)
+{
+    struct usage_rd *rd = ctx;
+    uint8_t k = cur_kind(rd);
+
+    if (!value_begin(rd, -1))
+        return 0;
+    if (k == K_TOP && rd->key == KEY_TYPE) {
+        if ((n == 18 && memcmp(s, "response.completed", 18) == 0) ||
+            (n == 19 && memcmp(s, "response.incomplete", 19) == 0) ||
+            (n == 15 && memcmp(s, "response.failed", 15) == 0))
+            rd->type = T_DONE;
+        else if (n == 26 && memcmp(s, "response.output_text.delta", 26) == 0)
+            rd->type = T_DELTA;
+        else
+            rd->type = T_OTHER;
+    } else if (k == K_TOP && rd->key == KEY_DELTA) {
+        rd->ev_delta += n;
+    } else if ((k == K_CHOICE && rd->key == KEY_TEXT) || (k == K_DELTA && rd->key == KEY_CONTENT)) {
+        rd->ev_text += n;
+    }
+    rd->key = KEY_NONE;
+    return 1;
+}
+
+/* Starts a JSON text: a fresh handle when the last one was dropped. */
+static void text_begin(struct usage_rd *rd)
+{
+    memset(&rd->ev, 0, sizeof(rd->ev));
+    rd->ev_text = rd->ev_delta = 0;
+    rd->depth = 0;
+    rd->key = KEY_NONE;
+    rd->type = T_NONE;
+    rd->ev_usage = rd->choices = rd->closed = rd->broken = 0;
+    if (rd->h)
+        return;
+    memset(&rd->cb, 0, sizeof(rd->cb));
+    rd->cb.yajl_null = cb_null;
+    rd->cb.yajl_boolean = cb_boolean;
+    rd->cb.yajl_number = cb_number;
+    rd->cb.yajl_string = cb_string;
+    rd->cb.yajl_start_map = cb_start_map;
+    rd->cb.yajl_map_key = cb_map_key;
+    rd->cb.yajl_end_map = cb_end;
+    rd->cb.yajl_start_array = cb_start_array;
+    rd->cb.yajl_end_array = cb_end;
+    json_mem_funcs(&rd->m, &rd->af);
+    if (!(rd->h = yajl_alloc(&rd->cb, &rd->af, rd))) {
+        json_mem_reset(&rd->m);
+        rd->broken = 1;
+        return;
+    }
+    /* one text after another through the same handle (yajl 2 has no reset) */
+    yajl_config(rd->h, yajl_allow_multiple_values, 1);
+}
+
+static int is_ws(unsigned char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
+
+static int all_ws(const char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!is_ws((unsigned char)p[i]))
+            return 0;
+    return 1;
+}
+
+static void text_feed(struct usage_rd *rd, const char *p, size_t n)
+{
+    if (rd->broken || !n)
+        return;
+    if (rd->closed) {
+        /* after the object, white space only; yajl need not see it */
+        rd->broken = !all_ws(p, n);
+        return;
+    }
+    if (yajl_parse(rd->h, (const unsigned char *)p, n) != yajl_status_ok) {
+        rd->broken = 1;
+        return;
+    }
+    /* yajl read on past the object (the start of a next text): that must be white space, or
+     * the handle is not clean between two texts. yajl stops right after the closing brace only
+     * when nothing follows in this piece, so the rest is checked from where it ended. */
+    if (rd->closed) {
+        size_t at = yajl_get_bytes_consumed(rd->h);
+        if (at < n && !all_ws(p + at, n - at))
+            rd->broken = 1;
+    }
+}
+
+/* The text is over: what it said is committed (when it was one whole object), and the handle
+ * is kept only when it is clean between two texts and within its region. */
+static void text_end(struct usage_rd *rd)
+{
+    int ok = rd->closed && !rd->broken && rd->h;
+
+    if (ok) {
+        if (rd->ev_usage == 1 || (rd->ev_usage == 2 && rd->type == T_DONE)) {
+            uint64_t tb = rd->u.text_bytes;
+            rd->u = rd->ev;
+            rd->u.flags |= USAGE_HAVE;
+            rd->u.text_bytes = tb;
+        }
+        rd->u.text_bytes += rd->ev_text + (rd->type == T_DELTA ? rd->ev_delta : 0);
+    }
+    if (!ok || rd->m.over)
+        rd_drop(rd);
+}
+
+/* ---- answers ---- */
+
+void usage_begin(struct usage_rd *rd, enum usage_kind kind, int filter)
+{
+    memset(&rd->u, 0, sizeof(rd->u));
+    rd->mode = (uint8_t)kind;
+    rd->filter = kind == USAGE_SSE && filter;
+    rd->line = L_BOL;
+    rd->fmatch = 0;
+    rd->ev_json = rd->ev_data = rd->ev_keep = rd->ev_open = 0;
+    rd->hold_len = 0;
+    if (kind == USAGE_JSON)
+        text_begin(rd);
+}
+
+void usage_json_feed(struct usage_rd *rd, const char *p, size_t n)
+{
+    if (rd->mode == USAGE_JSON)
+        text_feed(rd, p, n);
+}
+
+void usage_end(struct usage_rd *rd, struct usage *out)
+{
+    if (rd->mode == USAGE_JSON) {
+        text_end(rd);
+    } else if (rd->ev_json == 1) {
+        /* an event cut before its end: its handle is mid-text */
+        rd_drop(rd);
+    }
+    rd->ev_json = 0;
+    rd->mode = USAGE_JSON;
+    rd->closed = 1; /* a later usage_json_feed without usage_begin reads nothing */
+    rd->broken = 1;
+    rd->u.text_tokens = usage_tokens_of_bytes(rd->u.text_bytes);
+    *out = rd->u;
+}
+
+/* ---- event streams ---- */
+
+/* Bytes of a data value: the event's JSON when its first non-blank byte is '{'. */
+static void sse_data(struct usage_rd *rd, const char *p, size_t n)
+{
+    if (rd->ev_json == 0) {
+        size_t i = 0;
+        while (i < n && (p[i] == ' ' || p[i] == '\t'))
+            i++;
+        if (i == n)
+            return;
+        if (p[i] != '{') {
+            rd->ev_json = 2; /* "[DONE]", or not JSON: passed on, not read */
+            rd->ev_keep = 1;
+            return;
+        }
+        rd->ev_json = 1;
+        text_begin(rd);
+        p += i;
+        n -= i;
+    }
+    if (rd->ev_json == 1) {
+        text_feed(rd, p, n);
+        /* an element in "choices", or no JSON object: not the chunk to remove */
+        if (rd->choices == 2 || rd->broken)
+            rd->ev_keep = 1;
+    }
+}
+
+/* A data line starts: the previous one's data ends with a newline (white space to JSON). */
+static void sse_data_line(struct usage_rd *rd)
+{
+    if (rd->ev_data && rd->ev_json == 1)
+        text_feed(rd, "\n", 1);
+    rd->ev_data = 1;
+}
+
+/* The blank line that ends an event: 1 when the filter removes the event. */
+static int sse_event_end(struct usage_rd *rd)
+{
+    int drop = 0;
+
+    if (rd->ev_json == 1) {
+        text_end(rd);
+        drop = rd->filter && !rd->ev_keep && rd->closed && !rd->broken && rd->choices == 1 &&
+               rd->ev_usage == 1;
+    }
+    rd->ev_json = rd->ev_data = rd->ev_keep = rd->ev_open = 0;
+    return drop;
+}
+
+/* The filter's output: p[a, b) is passed on, moved down to *out. */
+static void emit(char *p, size_t *out, size_t a, size_t b)
+{
+    if (*out != a && b > a)
+        memmove(p + *out, p + a, b - a);
+    *out += b - a;
+}
+
+/* The held bytes of the current event are passed on: to pre, ahead of this piece's output. */
+static void flush_hold(struct usage_rd *rd, char *pre, size_t *pre_len)
+{
+    if (!rd->hold_len)
+        return;
+    memcpy(pre + *pre_len, rd->hold, rd->hold_len);
+    *pre_len += rd->hold_len;
+    rd->hold_len = 0;
+}
+
+size_t usage_sse_feed(struct usage_rd *rd, char *p, size_t n, int last, char *pre, size_t *pre_len)
+{
+    static const char data[4] = {'d', 'a', 't', 'a'};
+    size_t i = 0, a = 0, out = 0; /* a: where the current event's bytes in p start */
+    int f = rd->filter;
+
+    *pre_len = 0;
+    while (i < n) {
+        unsigned char ch = (unsigned char)p[i];
+        switch (rd->line) {
+        case L_CR_END:
+        case L_CR:
+            if (ch == '\n') {
+                /* the LF of a CRLF: it goes with the line the CR ended; after an event's end,
+                 * with that event (removed with it, or passed on now) */
+                if (rd->line == L_CR_END && f) {
+                    if (rd->ev_keep) /* ev_keep here: the ended event was kept */
+                        emit(p, &out, i, i + 1);
+                    a = i + 1;
+                }
+                rd->ev_keep = 0;
+                rd->line = L_BOL;
+                i++;
+                continue;
+            }
+            rd->ev_keep = 0;
+            rd->line = L_BOL;
+            continue;
+        case L_BOL:
+            if (ch == '\n' || ch == '\r') {
+                /* a blank line: the event (if any) ends with it */
+                int cr = ch == '\r';
+                int had = rd->ev_open;
+                int drop = sse_event_end(rd);
+                i++;
+                /* longer than the hold, an event is passed on however it came in pieces */
+                if (drop && rd->hold_len + (i - a) > USAGE_HOLD)
+                    drop = 0;
+                if (f && had) {
+                    if (drop) {
+                        rd->hold_len = 0;
+                    } else {
+                        flush_hold(rd, pre, pre_len);
+                        emit(p, &out, a, i);
+                    }
+                    a = i;
+                } else if (f) {
+                    emit(p, &out, a, i); /* a blank line between events */
+                    a = i;
+                }
+                /* remembered for the LF of a CRLF: was the event passed on? */
+                rd->ev_keep = (uint8_t)(!f || !had || !drop);
+                rd->line = cr ? L_CR_END : L_BOL;
+                continue;
+            }
+            if (!rd->ev_open) { /* an event starts (ev_keep said how the last one went) */
+                rd->ev_open = 1;
+                rd->ev_keep = 0;
+            }
+            rd->fmatch = 0;
+            rd->line = L_NAME;
+            continue;
+        case L_NAME:
+            if (ch == ':') {
+                if (rd->fmatch == 4) {
+                    sse_data_line(rd);
+                    rd->line = L_SP;
+                } else {
+                    rd->line = L_SKIP;
+                }
+                i++;
+                continue;
+            }
+            if (ch == '\n' || ch == '\r') {
+                if (rd->fmatch == 4) /* "data" alone: an empty data line */
+                    sse_data_line(rd);
+                rd->line = ch == '\r' ? L_CR : L_BOL;
+                i++;
+                continue;
+            }
+            rd->fmatch = rd->fmatch < 4 && (char)ch == data[rd->fmatch] ? rd->fmatch + 1 : 0xff;
+            i++;
+            continue;
+        case L_SP:
+            rd->line = L_DATA;
+            if (ch == ' ')
+                i++;
+            continue;
+        case L_DATA: {
+            size_t j = i;
+            while (j < n && p[j] != '\n' && p[j] != '\r')
+                j++;
+            sse_data(rd, p + i, j - i);
+            if (j < n)
+                rd->line = p[j] == '\r' ? L_CR : L_BOL;
+            i = j < n ? j + 1 : j;
+            continue;
+        }
+        case L_SKIP: {
+            size_t j = i;
+            while (j < n && p[j] != '\n' && p[j] != '\r')
+                j++;
+            if (j < n)
+                rd->line = p[j] == '\r' ? L_CR : L_BOL;
+            i = j < n ? j + 1 : j;
+            continue;
+        }
+        }
+    }
+    if (!f)
+        return n;
+    /* the current event goes on unfinished: held back while it may be the one to remove */
+    if (a < n || rd->hold_len) {
+        if (last || rd->ev_keep || !rd->ev_open || rd->hold_len + (n - a) > USAGE_HOLD) {
+            if (rd->ev_open)
+                rd->ev_keep = 1;
+            flush_hold(rd, pre, pre_len);
+            emit(p, &out, a, n);
+        } else {
+            memcpy(rd->hold + rd->hold_len, p + a, n - a);
+            rd->hold_len = (uint16_t)(rd->hold_len + (n - a));
+        }
+    }
+    return out;
+}

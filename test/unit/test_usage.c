@@ -1,0 +1,416 @@
+/* Unit tests for core/usage.c: usage read from JSON bodies and event streams cut anywhere, and
+ * the filter that removes the usage-only chunk leaving every other byte as it was. */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "core/usage.h"
+
+static struct usage_pool pool = {NULL, 0, 4};
+
+/* ---- JSON bodies ---- */
+
+static const char chat_body[] =
+    "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"choices\":[{\"index\":0,"
+    "\"message\":{\"role\":\"assistant\",\"content\":\"Hi \\\"there\\\"\",\"usage\":"
+    "{\"prompt_tokens\":999}}}],\"usage\":{\"prompt_tokens\":19,\"completion_tokens\":10,"
+    "\"total_tokens\":29,\"prompt_tokens_details\":{\"cached_tokens\":3,\"audio_tokens\":0},"
+    "\"completion_tokens_details\":{\"reasoning_tokens\":4,\"audio_tokens\":0}},"
+    "\"note\":\"\\\"usage\\\":{\\\"prompt_tokens\\\":5}\"}\n";
+
+static const char embed_body[] =
+    "{\"object\":\"list\",\"data\":[{\"object\":\"embedding\",\"index\":0,\"embedding\":"
+    "[0.1,-0.2,3e-4]}],\"model\":\"text-embedding-3-small\",\"usage\":{\"prompt_tokens\":8,"
+    "\"total_tokens\":8}}";
+
+static const char resp_body[] =
+    "{\"id\":\"resp_1\",\"object\":\"response\",\"output\":[{\"type\":\"message\",\"content\":"
+    "[{\"type\":\"output_text\",\"text\":\"Hello\"}]}],\"usage\":{\"input_tokens\":36,"
+    "\"input_tokens_details\":{\"cached_tokens\":7},\"output_tokens\":87,"
+    "\"output_tokens_details\":{\"reasoning_tokens\":12},\"total_tokens\":123}}";
+
+/* Reads body in pieces cut at a and b (a <= b <= len). */
+static void read_json(const char *body, size_t a, size_t b, struct usage *u)
+{
+    size_t len = strlen(body);
+    struct usage_rd *rd = usage_get(&pool);
+    assert_non_null(rd);
+    usage_begin(rd, USAGE_JSON, 0);
+    usage_json_feed(rd, body, a);
+    usage_json_feed(rd, body + a, b - a);
+    usage_json_feed(rd, body + b, len - b);
+    usage_end(rd, u);
+    usage_put(&pool, rd);
+}
+
+static void check_json_everywhere(const char *body, const struct usage *want)
+{
+    size_t len = strlen(body);
+    for (size_t a = 0; a <= len; a++) {
+        for (size_t b = a; b <= len; b += (len / 7) + 1) {
+            struct usage u;
+            read_json(body, a, b, &u);
+            assert_int_equal(u.flags, want->flags);
+            assert_int_equal(u.prompt, want->prompt);
+            assert_int_equal(u.completion, want->completion);
+            assert_int_equal(u.cached, want->cached);
+            assert_int_equal(u.reasoning, want->reasoning);
+            assert_int_equal(u.total, want->total);
+        }
+    }
+}
+
+static void test_json_bodies(void **state)
+{
+    (void)state;
+    struct usage chat = {.flags = USAGE_HAVE, 19, 10, 3, 4, 29, 0, 0};
+    struct usage emb = {.flags = USAGE_HAVE, 8, 0, 0, 0, 8, 0, 0};
+    struct usage resp = {.flags = USAGE_HAVE, 36, 87, 7, 12, 123, 0, 0};
+    check_json_everywhere(chat_body, &chat);
+    check_json_everywhere(embed_body, &emb);
+    check_json_everywhere(resp_body, &resp);
+}
+
+static void test_json_no_usage(void **state)
+{
+    (void)state;
+    static const char *bodies[] = {
+        "{\"error\":{\"message\":\"no\",\"type\":\"invalid_request_error\"}}",
+        "{\"usage\":null}",
+        "{\"usage\":{\"prompt_tokens\":1}", /* cut */
+        "[{\"usage\":{\"prompt_tokens\":1}}]",
+        "{\"a\":{\"usage\":{\"prompt_tokens\":1}}}",
+        "not json",
+        "{\"usage\":{\"prompt_tokens\":1}} {\"x\":1}",
+    };
+    for (size_t i = 0; i < sizeof(bodies) / sizeof(bodies[0]); i++) {
+        struct usage u;
+        read_json(bodies[i], 0, 0, &u);
+        assert_int_equal(u.flags, 0);
+        assert_int_equal(u.prompt, 0);
+    }
+    /* a reader keeps working after a bad body */
+    struct usage u;
+    read_json(embed_body, 3, 9, &u);
+    assert_int_equal(u.flags, USAGE_HAVE);
+    assert_int_equal(u.total, 8);
+}
+
+/* ---- event streams ---- */
+
+#define CHUNK(delta)                                                                               \
+    "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,"         \
+    "\"delta\":" delta ",\"finish_reason\":null}]}\n\n"
+#define USAGE_CHUNK                                                                                \
+    "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":"          \
+    "{\"prompt_tokens\":21,\"completion_tokens\":5,\"total_tokens\":26,"                           \
+    "\"prompt_tokens_details\":{\"cached_tokens\":2},"                                             \
+    "\"completion_tokens_details\":{\"reasoning_tokens\":1}}}\n\n"
+
+/* content bytes: "Hel" 3 + "lo \u00e9\n" 6 ("lo ", é (2 bytes), \n) = 9 */
+static const char chat_stream[] = CHUNK("{\"role\":\"assistant\",\"content\":\"\"}")
+    CHUNK("{\"content\":\"Hel\"}") ": keep-alive\n\n" CHUNK("{\"content\":\"lo \\u00e9\\n\"}")
+        CHUNK("{}") USAGE_CHUNK "data: [DONE]\n\n";
+
+static const char chat_stream_no_usage[] = CHUNK("{\"role\":\"assistant\",\"content\":\"\"}")
+    CHUNK("{\"content\":\"Hel\"}") ": keep-alive\n\n" CHUNK("{\"content\":\"lo \\u00e9\\n\"}")
+        CHUNK("{}") "data: [DONE]\n\n";
+
+/* Feeds stream s (len bytes) cut at the given positions (ascending) and returns what the client
+ * gets in out (malloc'd, *out_len). */
+static void run_stream(const char *s, size_t len, const size_t *cuts, size_t n_cuts, int filter,
+                       int finish, struct usage *u, char **out, size_t *out_len)
+{
+    struct usage_rd *rd = usage_get(&pool);
+    char *copy = malloc(len + 1), *o = malloc(len + 1);
+    char pre[USAGE_HOLD];
+    size_t ol = 0, at = 0;
+
+    assert_non_null(rd);
+    memcpy(copy, s, len);
+    usage_begin(rd, USAGE_SSE, filter);
+    for (size_t k = 0; k <= n_cuts; k++) {
+        size_t end = k < n_cuts ? cuts[k] : len, pl;
+        int last = finish && k == n_cuts;
+        size_t m = usage_sse_feed(rd, copy + at, end - at, last, pre, &pl);
+        assert_true(pl <= USAGE_HOLD);
+        assert_true(m <= end - at);
+        if (!filter) {
+            assert_int_equal(pl, 0);
+            assert_int_equal(m, end - at);
+        }
+        memcpy(o + ol, pre, pl);
+        ol += pl;
+        memcpy(o + ol, copy + at, m);
+        ol += m;
+        at = end;
+    }
+    usage_end(rd, u);
+    usage_put(&pool, rd);
+    free(copy);
+    *out = o;
+    *out_len = ol;
+}
+
+static void check_chat_usage(const struct usage *u)
+{
+    assert_int_equal(u->flags, USAGE_HAVE);
+    assert_int_equal(u->prompt, 21);
+    assert_int_equal(u->completion, 5);
+    assert_int_equal(u->cached, 2);
+    assert_int_equal(u->reasoning, 1);
+    assert_int_equal(u->total, 26);
+    assert_int_equal(u->text_bytes, 9);
+    assert_int_equal(u->text_tokens, 3);
+}
+
+/* Stream s cut in two and in three pieces at every position: usage read, and the client gets
+ * want (filter on) or s itself (filter off). */
+static void check_stream_everywhere(const char *s, const char *want, int filter,
+                                    void (*check)(const struct usage *))
+{
+    size_t len = strlen(s), wl = strlen(want);
+    for (size_t a = 0; a <= len; a++) {
+        for (size_t b = a; b <= len; b += filter ? 1 + (a % 5) * 3 : len / 5 + 1) {
+            size_t cuts[2] = {a, b};
+            struct usage u;
+            char *o;
+            size_t ol;
+            run_stream(s, len, cuts, 2, filter, 1, &u, &o, &ol);
+            if (ol != wl || memcmp(o, want, wl) != 0)
+                fail_msg("cut at %zu, %zu: got\n%.*s", a, b, (int)ol, o);
+            free(o);
+            if (check)
+                check(&u);
+        }
+    }
+}
+
+static void test_sse_pass_through(void **state)
+{
+    (void)state;
+    check_stream_everywhere(chat_stream, chat_stream, 0, check_chat_usage);
+}
+
+static void test_sse_filter(void **state)
+{
+    (void)state;
+    check_stream_everywhere(chat_stream, chat_stream_no_usage, 1, check_chat_usage);
+}
+
+/* The same stream with CRLF line ends, then CR alone. */
+static char *line_ends(const char *s, const char *eol)
+{
+    char *o = malloc(strlen(s) * 2 + 1), *q = o;
+    for (; *s; s++) {
+        if (*s == '\n') {
+            memcpy(q, eol, strlen(eol));
+            q += strlen(eol);
+        } else {
+            *q++ = *s;
+        }
+    }
+    *q = 0;
+    return o;
+}
+
+static void test_sse_line_ends(void **state)
+{
+    (void)state;
+    static const char *eols[] = {"\r\n", "\r"};
+    for (int i = 0; i < 2; i++) {
+        char *s = line_ends(chat_stream, eols[i]);
+        char *w = line_ends(chat_stream_no_usage, eols[i]);
+        check_stream_everywhere(s, w, 1, check_chat_usage);
+        check_stream_everywhere(s, s, 0, check_chat_usage);
+        free(s);
+        free(w);
+    }
+}
+
+/* One byte at a time. */
+static void test_sse_bytewise(void **state)
+{
+    (void)state;
+    size_t len = strlen(chat_stream);
+    size_t *cuts = malloc(len * sizeof(*cuts));
+    for (size_t i = 0; i < len; i++)
+        cuts[i] = i;
+    for (int filter = 0; filter < 2; filter++) {
+        struct usage u;
+        char *o;
+        size_t ol;
+        run_stream(chat_stream, len, cuts, len, filter, 1, &u, &o, &ol);
+        const char *want = filter ? chat_stream_no_usage : chat_stream;
+        assert_int_equal(ol, strlen(want));
+        assert_memory_equal(o, want, ol);
+        free(o);
+        check_chat_usage(&u);
+    }
+    free(cuts);
+}
+
+/* What the filter must leave: usage in a chunk with choices, a usage chunk of another shape,
+ * events with several data lines, other fields. */
+static void test_sse_filter_keeps(void **state)
+{
+    (void)state;
+    static const char *streams[] = {
+        CHUNK("{\"content\":\"x\"}") "data: {\"choices\":[{\"index\":0,\"delta\":{}}],"
+                                     "\"usage\":{\"prompt_tokens\":21}}\n\ndata: [DONE]\n\n",
+        "data: {\"choices\":[],\"usage\":null}\n\ndata: {\"choices\":[]}\n\n",
+        "data: {\"usage\":{\"prompt_tokens\":21}}\n\n",
+        "event: x\ndata: {\"choices\":[1],\"usage\":{}}\n\n",
+        "data: {\"choices\":[],\"usage\":{}} x\n\n",
+        "data: {\"choices\":[],\n\n",
+    };
+    for (size_t i = 0; i < sizeof(streams) / sizeof(streams[0]); i++) {
+        check_stream_everywhere(streams[i], streams[i], 1, NULL);
+    }
+}
+
+/* A usage chunk in two data lines, with an event: field, is removed too; the stream around it
+ * stays. */
+static void test_sse_multiline(void **state)
+{
+    (void)state;
+    static const char s[] = CHUNK("{\"content\":\"ab\"}") "event: chunk\nid: 7\ndata: {\"choices\""
+                                                          "\ndata::[],\"usage\":\ndata:{\"prompt_to"
+                                                          "kens\":4}}\n\ndata: [DONE]\n\n";
+    static const char w[] = CHUNK("{\"content\":\"ab\"}") "data: [DONE]\n\n";
+    check_stream_everywhere(s, w, 1, NULL);
+}
+
+/* An event longer than the hold is passed on whole, in order. */
+static void test_sse_long_event(void **state)
+{
+    (void)state;
+    size_t big = USAGE_HOLD * 3;
+    char *s = malloc(big + 200), *q = s;
+    q += sprintf(q, "data: {\"choices\":[],\"pad\":\"");
+    memset(q, 'x', big);
+    q += big;
+    q += sprintf(q, "\",\"usage\":{\"prompt_tokens\":3}}\n\ndata: [DONE]\n\n");
+    size_t len = (size_t)(q - s);
+    for (size_t a = 0; a < len; a += 97) {
+        size_t cuts[3] = {a, a + (len - a) / 3, a + (len - a) / 2};
+        struct usage u;
+        char *o;
+        size_t ol;
+        run_stream(s, len, cuts, 3, 1, 1, &u, &o, &ol);
+        assert_int_equal(ol, len);
+        assert_memory_equal(o, s, len);
+        assert_int_equal(u.prompt, 3);
+        free(o);
+    }
+    free(s);
+}
+
+static void check_resp_usage(const struct usage *u)
+{
+    assert_int_equal(u->flags, USAGE_HAVE);
+    assert_int_equal(u->prompt, 36);
+    assert_int_equal(u->completion, 87);
+    assert_int_equal(u->cached, 7);
+    assert_int_equal(u->reasoning, 12);
+    assert_int_equal(u->total, 123);
+    assert_int_equal(u->text_bytes, 11);
+}
+
+/* The Responses API: text deltas counted, the usage of response.completed taken; the usage
+ * objects of other events (null, or nested elsewhere) are not. */
+static void test_sse_responses(void **state)
+{
+    (void)state;
+    static const char s[] =
+        "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":"
+        "\"resp_1\",\"usage\":null}}\n\n"
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\","
+        "\"item_id\":\"m\",\"delta\":\"Hello\"}\n\n"
+        "event: response.output_text.delta\ndata: {\"delta\":\" world\",\"type\":"
+        "\"response.output_text.delta\"}\n\n"
+        "event: response.output_text.done\ndata: {\"type\":\"response.output_text.done\","
+        "\"text\":\"Hello world\",\"delta\":\"zzzz\"}\n\n"
+        "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{"
+        "\"id\":\"resp_1\",\"output\":[{\"content\":[{\"text\":\"Hello world\",\"usage\":{"
+        "\"input_tokens\":1}}]}],\"usage\":{\"input_tokens\":36,\"input_tokens_details\":{"
+        "\"cached_tokens\":7},\"output_tokens\":87,\"output_tokens_details\":{"
+        "\"reasoning_tokens\":12},\"total_tokens\":123}}}\n\n";
+    check_stream_everywhere(s, s, 0, check_resp_usage);
+    check_stream_everywhere(s, s, 1, check_resp_usage);
+}
+
+/* A stream cut before its usage chunk: no usage, the text of the events delivered whole. */
+static void test_sse_cut(void **state)
+{
+    (void)state;
+    size_t cut = strlen(CHUNK("{\"role\":\"assistant\",\"content\":\"\"}")
+                            CHUNK("{\"content\":\"Hel\"}") ": keep-alive\n\n") +
+                 20;
+    size_t cuts[1] = {10};
+    struct usage u;
+    char *o;
+    size_t ol;
+    run_stream(chat_stream, cut, cuts, 1, 1, 0, &u, &o, &ol);
+    assert_int_equal(u.flags, 0);
+    assert_int_equal(u.text_bytes, 3);
+    assert_int_equal(u.text_tokens, 1);
+    free(o);
+    /* the reader is fine for the next stream */
+    run_stream(chat_stream, strlen(chat_stream), cuts, 1, 1, 1, &u, &o, &ol);
+    check_chat_usage(&u);
+    free(o);
+}
+
+/* Once warm, streams and events allocate nothing. */
+static void test_sse_memory(void **state)
+{
+    (void)state;
+    size_t cuts[2] = {100, 300};
+    struct usage u;
+    char *o;
+    size_t ol;
+    run_stream(chat_stream, strlen(chat_stream), cuts, 2, 1, 1, &u, &o, &ol);
+    free(o);
+    struct usage_rd *rd = usage_get(&pool);
+    uint64_t heap = rd->m.heap_allocs;
+    usage_put(&pool, rd);
+    for (int i = 0; i < 50; i++) {
+        run_stream(chat_stream, strlen(chat_stream), cuts, 2, 1, 1, &u, &o, &ol);
+        free(o);
+    }
+    rd = usage_get(&pool);
+    assert_int_equal(rd->m.heap_allocs, heap);
+    usage_put(&pool, rd);
+    assert_int_equal(usage_tokens_of_bytes(0), 0);
+    assert_int_equal(usage_tokens_of_bytes(1), 1);
+    assert_int_equal(usage_tokens_of_bytes(8), 2);
+    assert_int_equal(usage_tokens_of_bytes(9), 3);
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    usage_pool_free(&pool);
+    return 0;
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_json_bodies),      cmocka_unit_test(test_json_no_usage),
+        cmocka_unit_test(test_sse_pass_through), cmocka_unit_test(test_sse_filter),
+        cmocka_unit_test(test_sse_line_ends),    cmocka_unit_test(test_sse_bytewise),
+        cmocka_unit_test(test_sse_filter_keeps), cmocka_unit_test(test_sse_multiline),
+        cmocka_unit_test(test_sse_long_event),   cmocka_unit_test(test_sse_responses),
+        cmocka_unit_test(test_sse_cut),          cmocka_unit_test(test_sse_memory),
+    };
+    return cmocka_run_group_tests(tests, NULL, teardown);
+}
