@@ -695,27 +695,51 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
     r.request_id_len = client_creq(c)->rid_len;
     r.backend = client_via(c);
     r.attempts = client_attempts(c);
-    char extra[CONF_NAME_MAX * 4 + 32];
+    /* a JSON answer that came whole with its head: its usage (and cost) is known before the
+     * head goes out */
+    forward_usage_begin(c, ur);
+    struct creq *cr = client_creq(c);
+    if (cr->urd && !cr->usage_sse) {
+        size_t pl;
+        n = forward_usage_feed(c, body, n, complete, NULL, &pl);
+        if (complete)
+            forward_usage_end(c, 0);
+    }
+    char extra[CONF_NAME_MAX * 4 + 400];
     struct out x = {extra, 0, sizeof(extra), 0};
-    if (r.backend && client_creq(c)->model_name) {
+    if (r.backend && cr->model_name) {
         OUT_LIT(&x, "x-aigw-model: ");
-        out_mem(&x, client_creq(c)->model_name, client_creq(c)->model_name_len);
+        out_mem(&x, cr->model_name, cr->model_name_len);
         OUT_LIT(&x, "\r\n");
     }
+    if (r.backend && cr->usage_got && cr->metered) {
+        struct acct_usage a;
+        stages_usage(c, &a);
+        OUT_LIT(&x, "x-aigw-cost: ");
+        meter_usd(&x, a.cost_nano);
+        OUT_LIT(&x, "\r\n");
+    }
+    meter_ratelimit_headers(&x, &cr->rl_req, &cr->rl_tok);
     r.extra = x.over ? NULL : extra;
-    r.extra_len = x.len;
-    r.own_ratelimit = 0;
+    r.extra_len = x.over ? 0 : x.len;
+    r.own_ratelimit = cr->rl_req.set || cr->rl_tok.set;
     int hl = proxy_build_response_head(w->scratch, head_cap(w), &r);
     if (hl < 0) {
         /* nothing went out yet: a failure of the backend's (502, and it counts), not a client
          * that left */
         log_warn("backend %s: response head too large to forward",
                  w->conf->backends[client_backend(c)].name);
+        if (cr->urd) { /* this answer is not the client's: its reader goes back unread */
+            struct usage u;
+            usage_end(cr->urd, &u);
+            usage_put(&w->usage, cr->urd);
+            cr->urd = NULL;
+        }
+        cr->usage_got = 0;
         return UPSTREAM_HAND_BAD;
     }
     client_creq(c)->resp_started = 1;
-    forward_usage_begin(c, ur);
-    if (client_creq(c)->urd) {
+    if (client_creq(c)->urd && client_creq(c)->usage_sse) {
         /* nothing is held before the first bytes: pre stays empty */
         size_t pl;
         n = forward_usage_feed(c, body, n, complete, w->scratch + hl, &pl);

@@ -104,3 +104,20 @@ void meter_ratelimit_headers(struct out *o, const struct meter_trio *req,
     trio(o, req, "requests");
     trio(o, tok, "tokens");
 }
+
+void meter_usd(struct out *o, uint64_t nano)
+{
+    char frac[9];
+    uint64_t f = nano % 1000000000ull;
+    size_t n = 9;
+
+    out_u64(o, nano / 1000000000ull);
+    if (!f)
+        return;
+    for (int i = 8; i >= 0; i--, f /= 10)
+        frac[i] = (char)('0' + f % 10);
+    while (frac[n - 1] == '0')
+        n--;
+    OUT_LIT(o, ".");
+    out_mem(o, frac, n);
+}

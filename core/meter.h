@@ -31,6 +31,9 @@ uint64_t meter_cost_nano(const struct conf_model *m, uint64_t prompt, uint64_t c
 /* A duration the way OpenAI's x-ratelimit-reset-* say it: "250ms", "7s", "1m30s", "1.5s". */
 void meter_duration(struct out *o, uint64_t ms);
 
+/* USD from nano-USD, as a decimal with no trailing zeros ("0.0075", "12", "0"). */
+void meter_usd(struct out *o, uint64_t nano);
+
 /* One x-ratelimit trio: limit, remaining, reset (ms). */
 struct meter_trio {
     int set;

@@ -330,18 +330,14 @@ void client_on_usage(struct client *c, const struct usage *u, int partial)
               (u->flags & USAGE_HAVE) != 0, (unsigned long long)u->text_tokens, partial);
 }
 
-void stages_settle(struct client *c)
+void stages_usage(const struct client *c, struct acct_usage *out)
 {
-    struct worker *w = c->w;
-    struct creq *r = client_creq(c);
-    const struct conf *conf = w->conf;
-    struct acct_usage a;
+    const struct creq *r = client_creq(c);
+    const struct conf *conf = c->w->conf;
     int m = meter_model(r);
     const struct conf_model *cm = m >= 0 ? &conf->models[m] : NULL;
+    struct acct_usage a;
 
-    if (!r->metered)
-        return;
-    r->metered = 0;
     memset(&a, 0, sizeof(a));
     a.requests = 1;
     if (r->usage_got && (r->usage.flags & USAGE_HAVE)) {
@@ -360,6 +356,20 @@ void stages_settle(struct client *c)
     /* else no answer reached the client (refused, failed): nothing was generated */
     a.cost_nano = meter_cost_nano(cm, a.prompt, a.cached, a.completion, 0);
     a.list_cost_nano = meter_cost_nano(cm, a.prompt, a.cached, a.completion, 1);
+    *out = a;
+}
+
+void stages_settle(struct client *c)
+{
+    struct worker *w = c->w;
+    struct creq *r = client_creq(c);
+    struct acct_usage a;
+    int m = meter_model(r);
+
+    if (!r->metered)
+        return;
+    r->metered = 0;
+    stages_usage(c, &a);
     if (r->ticket.n)
         limit_settle(shm_limits(w->shm), &r->ticket, time_mono_ms(),
                      (int64_t)(time_real_ms() / 1000), a.prompt + a.completion, a.cost_nano);

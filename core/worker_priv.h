@@ -313,6 +313,8 @@ void stages_run(struct client *c);
  * corrected to what it used and its usage and cost are added to the totals. Once per request;
  * after forward_usage_end. */
 void stages_settle(struct client *c);
+/* What the request used and cost by now (usage as reported, or estimated when cut). */
+void stages_usage(const struct client *c, struct acct_usage *out);
 
 /* ---- core/forward.c: pick, forward, respond, record ---- */
 

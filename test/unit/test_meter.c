@@ -88,13 +88,32 @@ static void test_headers(void **state)
                              "x-ratelimit-reset-requests: 600ms\r\n");
 }
 
+static void check_usd(uint64_t nano, const char *want)
+{
+    char buf[64];
+    struct out o = {buf, 0, sizeof(buf) - 1, 0};
+
+    meter_usd(&o, nano);
+    buf[o.len] = '\0';
+    assert_string_equal(buf, want);
+}
+
+static void test_usd(void **state)
+{
+    (void)state;
+    check_usd(0, "0");
+    check_usd(7500000, "0.0075");
+    check_usd(1, "0.000000001");
+    check_usd(12000000000ull, "12");
+    check_usd(12500000000ull, "12.5");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_output_max),
-        cmocka_unit_test(test_cost),
-        cmocka_unit_test(test_duration),
-        cmocka_unit_test(test_headers),
+        cmocka_unit_test(test_output_max), cmocka_unit_test(test_cost),
+        cmocka_unit_test(test_duration),   cmocka_unit_test(test_headers),
+        cmocka_unit_test(test_usd),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
