@@ -371,6 +371,26 @@ static uint64_t cell_append(struct limit_region *r, struct limit_cell *c, uint64
 
     if (!c->cap)
         return seq;
+    /* A log that may fill (more admissions in a window than it has entries: an rpm above
+     * LIMIT_LOG_MAX, or only a tpm) keeps, once nearly full, one entry per slice of
+     * LIMIT_WINDOW_MS / cap ms, timed at the slice's end: an admission in the slice of the last
+     * entry joins it in O(1) rather than costing a merge scan, and leaves the window at most
+     * one slice late (the strict side). */
+    if ((c->spec.rpm == 0 || c->spec.rpm > c->cap) && c->tail - c->head >= c->cap - c->cap / 8 &&
+        c->tail > c->head) {
+        struct limit_entry *last = &log[(c->tail - 1) % c->cap];
+        uint64_t slice = LIMIT_WINDOW_MS / c->cap + 1, end = (now_ms / slice + 1) * slice - 1;
+
+        if (last->t_ms == end) {
+            last->seq_hi = seq;
+            last->count++;
+            last->tokens += tokens;
+            c->sum_req += 1;
+            c->sum_tok += tokens;
+            return seq;
+        }
+        now_ms = end; /* the new entry starts a slice: it is timed at the slice's end */
+    }
     if (c->tail - c->head == c->cap)
         cell_merge(r, c);
     /* Times from several processes may arrive a little out of order: an entry is never older
