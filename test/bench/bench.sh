@@ -174,7 +174,8 @@ check_target() {
     [ "$kind" = sse-rec ] && hdr=(-H "x-mock-tls-record-size: $SSE_RECORD")
     [[ $url == https:* ]] && tls=(--cacert "$CERTS/ca.crt")
     out=$(curl -sS -m 10 "${tls[@]}" -o "$TMP/check.body" -w '%{http_code} %{size_download}' \
-        -X POST -H 'Content-Type: application/json' "${hdr[@]}" --data "$body" "$url" 2>&1)
+        -X POST -H 'Content-Type: application/json' -H 'Authorization: Bearer sk-aigw-bench' \
+        "${hdr[@]}" --data "$body" "$url" 2>&1)
     code=${out%% *}
     CHECK_SIZE=${out##* }
     if [ "$code" != 200 ]; then

@@ -14,6 +14,8 @@
 #        CG_TOP=25       functions listed (inclusive, per request); 0 = none
 #        CG_KEEP=DIR     keep the callgrind files there
 #        CG_MOCK=PATH    mock binary (default BUILD/test/mock/aigw-mock)
+#        CG_AI=0|1       the AI layer on, as in test/bench/aigw.ini: a client key, routing by
+#                        model, key and model limits and budget, usage read and accounted
 set -u
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -28,6 +30,7 @@ N1=${CG_N1:-300}
 N2=${CG_N2:-1300}
 PORT0=${CG_PORT:-18480}
 TOP=${CG_TOP:-25}
+AI=${CG_AI:-0}
 MOCK=${CG_MOCK:-$BUILD/test/mock/aigw-mock}
 AIGW=$(realpath "$BUILD/cmd/aigw")
 
@@ -85,13 +88,19 @@ url = $SCHEME://127.0.0.1:$MOCK_PORT/v1
 $CA_LINE
 keepalive = 256
 EOF
+if [ "$AI" = 1 ]; then
+    # the AI layer of test/bench/aigw.ini (key sk-aigw-bench)
+    sed -i -e 's/^auth = off$/auth = on/' -e 's/^check = no$/check = no\nmodels = demo, gpt-*/' \
+        "$TMP/aigw.ini"
+    sed -n '/^\[key bench\]/,$p' "$ROOT/test/bench/aigw.ini" >>"$TMP/aigw.ini"
+fi
 
 # load N: N requests over CLIENTS keep-alive connections (each reads its whole answer).
 load() {
     python3 - "$AIGW_PORT" "$1" "$CLIENTS" "$KIND" "${CG_RECORD:-}" <<'EOF'
 import http.client, sys, threading
 port, n, clients, kind = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-hdrs = {"Content-Type": "application/json"}
+hdrs = {"Content-Type": "application/json", "Authorization": "Bearer sk-aigw-bench"}
 if sys.argv[5]:
     hdrs["x-mock-tls-record-size"] = sys.argv[5]
 body = ('{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}' if kind == "sse"

@@ -4,6 +4,8 @@
 wrk.method = "POST"
 wrk.body = '{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 wrk.headers["Content-Type"] = "application/json"
+-- aigw's client key (test/bench/aigw.ini); HAProxy and nginx pass it on, the mock ignores it
+wrk.headers["Authorization"] = "Bearer sk-aigw-bench"
 if os.getenv("BENCH_KIND") == "sse-rec" then
     wrk.headers["x-mock-tls-record-size"] = os.getenv("BENCH_SSE_RECORD") or "200"
 end

@@ -3,6 +3,8 @@
 wrk.method = "POST"
 wrk.body = '{"model":"demo","messages":[{"role":"user","content":"hi"}]}'
 wrk.headers["Content-Type"] = "application/json"
+-- aigw's client key (test/bench/aigw.ini); HAProxy and nginx pass it on, the mock ignores it
+wrk.headers["Authorization"] = "Bearer sk-aigw-bench"
 
 -- bench.sh parses this line rather than wrk's human-readable text: exact microseconds, and the
 -- error counts split the same way wrk counts them (status = responses outside 2xx/3xx).
