@@ -40,11 +40,14 @@ done
 cat <<MSG
 
 aigw is listening on http://127.0.0.1:8080 in front of mock1 (:9101) and mock2 (:9102).
-Try:
-  curl -s localhost:8080/v1/chat/completions -H 'content-type: application/json' \\
-       -d '{"model":"demo","messages":[{"role":"user","content":"hi"}]}'
-  curl -sN localhost:8080/v1/chat/completions -H 'content-type: application/json' \\
-       -d '{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+Try (sk-aigw-demo is the demo's client key, [key demo] in etc/demo.ini):
+  curl -s localhost:8080/v1/chat/completions -H 'Authorization: Bearer sk-aigw-demo' \\
+       -H 'content-type: application/json' \\
+       -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+  curl -sN localhost:8080/v1/chat/completions -H 'Authorization: Bearer sk-aigw-demo' \\
+       -H 'content-type: application/json' \\
+       -d '{"model":"fast","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+  curl -s localhost:8080/v1/models -H 'Authorization: Bearer sk-aigw-demo'
   $build/cmd/aigwctl -c etc/demo.ini show backends
   $build/cmd/aigwctl -c etc/demo.ini show proc
 Ctrl-C stops the demo.
