@@ -7,7 +7,8 @@
 #include "core/util.h"
 
 /* Nobody acts on these: ignored so that none of them is fatal. */
-static const int sig_unused[] = {SIGPIPE, SIGALRM, SIGTTIN, SIGTTOU, SIGXFSZ};
+static const int sig_unused[] = {SIGPIPE,   SIGALRM, SIGTTIN, SIGTTOU,   SIGXFSZ,
+                                 SIGVTALRM, SIGPROF, SIGPWR,  SIGSTKFLT, SIGIO};
 /* The master logs these; children ignore them. */
 static const int sig_master_only[] = {SIGHUP, SIGUSR1, SIGUSR2};
 /* Every process stops on these with a handler of its own. */

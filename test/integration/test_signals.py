@@ -12,7 +12,8 @@ from harness import (SseRecorder, build_request, chat, chat_body, check, connect
 # Everything but the stop signals (TERM, INT, QUIT), job control (TSTP, STOP, CONT) and what
 # only the kernel sends (SEGV, BUS, ...).
 HARMLESS = [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE, signal.SIGALRM,
-            signal.SIGTTIN, signal.SIGTTOU, signal.SIGXFSZ]
+            signal.SIGTTIN, signal.SIGTTOU, signal.SIGXFSZ, signal.SIGVTALRM, signal.SIGPROF,
+            signal.SIGPWR, signal.SIGSTKFLT, signal.SIGIO]
 
 
 def _proc_state(pid):
