@@ -58,7 +58,7 @@ def test_routing_by_model(env):
     m1 = env.mock("m1")
     m2 = env.mock("m2")
     gw = env.gateway(
-        [("b1", m1, {})], workers=1,
+        [("b1", m1, {"model_map": "gpt-4o=gpt-4o-2024-08-06"})], workers=1,
         pool={"models": "gpt-*", "check": "no"},
         keys={"a": {"key_sha256": key_sha256(KEY_A), "models": "gpt-4o*, llama-*, fast"}},
         models={"fast": {"alias_of": "llama-3"}},
@@ -72,9 +72,17 @@ def test_routing_by_model(env):
     r = chat(gw.port, chat_body(model="gpt-4o-mini"), headers=h)
     check(r.status == 200 and r.header("x-aigw-backend") == "b1",
           f"gpt-4o-mini should go to pool main (b1): {r!r}")
+    body = chat_body(model="gpt-4o-mini")
+    check(m1.last()["body"] == body.decode(), f"a body without renames changed: {m1.last()!r}")
     r = chat(gw.port, chat_body(model="fast"), headers=h)
     check(r.status == 200 and r.header("x-aigw-backend") == "b2",
           f"fast (alias of llama-3) should go to pool local: {r!r}")
+    sent = m2.last()["body"]
+    check(sent == chat_body(model="llama-3").decode(),
+          f"the upstream should get the alias's model, the rest unchanged: {sent!r}")
+    r = chat(gw.port, chat_body(model="gpt-4o"), headers=h)
+    check(r.status == 200 and json.loads(m1.last()["body"])["model"] == "gpt-4o-2024-08-06",
+          f"model_map: b1 should get gpt-4o-2024-08-06: {m1.last()['body']!r}")
     err = _error(chat(gw.port, chat_body(model="claude-3"), headers=h), 404, "model_not_found")
     check("claude-3" in err["message"], f"404 does not name the model: {err!r}")
     err = _error(chat(gw.port, chat_body(model="mistral"), headers=h), 403, "model_not_allowed")
