@@ -23,6 +23,11 @@ static void usage(FILE *f)
             "  show backends [--json]  state, breaker, weights, latency and counters of each\n"
             "                          backend\n"
             "  show proc [--json]      master, health checker and workers\n"
+            "  show keys [--json]      client keys: limits and their current use, budget\n"
+            "                          (spent, reserved, remaining), totals; never the key\n"
+            "  show usage [--by key|model|backend] [--json]\n"
+            "                          requests, tokens, cost, list-price cost and saved per\n"
+            "                          key (default), model or backend, with a total\n"
             "  breaker reset BACKEND   force the circuit breaker of BACKEND (NAME or POOL/NAME)\n"
             "                          closed\n"
             "  breaker open BACKEND    force it open for the pool's breaker_open_for\n"
@@ -145,7 +150,7 @@ static int key_hash(void)
 
 int main(int argc, char **argv)
 {
-    const char *sock = NULL, *config = NULL;
+    const char *sock = NULL, *config = NULL, *by = NULL;
     char line[256] = "";
     int json = 0, nwords = 0, rc;
     struct conf *conf = NULL;
@@ -159,6 +164,13 @@ int main(int argc, char **argv)
                 config = argv[++i];
         } else if (!strcmp(a, "--json") || !strcmp(a, "-j")) {
             json = 1;
+        } else if (!strcmp(a, "--by") || !strncmp(a, "--by=", 5)) {
+            /* show usage --by KIND: passed on to the master after the command words. */
+            by = a[4] == '=' ? a + 5 : i + 1 < argc ? argv[++i] : NULL;
+            if (!by || !*by || strlen(by) > 16) {
+                fprintf(stderr, "aigwctl: --by needs key, model or backend\n");
+                return 1;
+            }
         } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
             return 0;
@@ -168,7 +180,8 @@ int main(int argc, char **argv)
             return 1;
         } else {
             /* Command words are joined into the one line the master reads. */
-            if (strlen(line) + strlen(a) + 2 + sizeof(" json") > sizeof(line)) {
+            if (strlen(line) + strlen(a) + 2 + sizeof(" --by ") + 16 + sizeof(" json") >
+                sizeof(line)) {
                 fprintf(stderr, "aigwctl: command too long\n");
                 return 1;
             }
@@ -191,8 +204,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "aigwctl: give either -s SOCKET or -c CONFIG, not both\n");
         return 1;
     }
+    if (by) {
+        strcat(line, " --by "); /* fits: the word loop keeps room for it and for " json" */
+        strcat(line, by);
+    }
     if (json)
-        strcat(line, " json"); /* fits: the word loop keeps room for it */
+        strcat(line, " json");
 
     if (config) {
         char *err = NULL;

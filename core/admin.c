@@ -1,4 +1,5 @@
-/* Admin commands: renders backend state and the process list as text tables or JSON. */
+/* Admin commands: renders backend state, the process list, client keys and usage totals as
+ * text tables or JSON. */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -9,6 +10,8 @@
 
 #include "core/admin.h"
 #include "core/log.h"
+#include "core/meter.h"
+#include "core/out.h"
 #include "core/util.h"
 
 /* Growing output buffer; `failed` latches an allocation failure so callers check once. */
@@ -381,6 +384,10 @@ static const char admin_help[] =
     "commands:\n"
     "  show backends [json]     state, breaker, weights, latency and counters of each backend\n"
     "  show proc [json]         master, health checker and workers\n"
+    "  show keys [json]         client keys: limits, current window use, budget, totals\n"
+    "  show usage [--by key|model|backend] [json]\n"
+    "                           tokens, requests and cost per key (default), model or\n"
+    "                           backend, with a total\n"
     "  breaker reset BACKEND    force the circuit breaker of BACKEND (NAME or POOL/NAME) closed\n"
     "  breaker open BACKEND     force it open for the pool's breaker_open_for\n"
     "  set backend BACKEND ready|drain|maint\n"
@@ -423,6 +430,424 @@ static int split_words(const char *line, char words[WORDS_MAX][WORD_MAX], int *n
 static int is_json(const char *w)
 {
     return !strcmp(w, "json") || !strcmp(w, "--json");
+}
+
+/* ---- the AI layer: keys, their limits and budgets, usage totals ---- */
+
+/* USD from nano-USD as the tables and JSON show it ("0.0075", "12"): exact, no float. */
+static void usd_format(uint64_t nano, char *out, size_t size)
+{
+    struct out o = {out, 0, size - 1, 0};
+    meter_usd(&o, nano);
+    if (o.over)
+        o.len = (size_t)snprintf(out, size, "?");
+    out[o.len] = '\0';
+}
+
+/* UTC seconds as "2027-01-31T00:00:00Z", or "-" for 0 (never). */
+static void utc_format(int64_t s, char *out, size_t size)
+{
+    time_t t = (time_t)s;
+    struct tm tm;
+    if (s == 0 || !gmtime_r(&t, &tm) || !strftime(out, size, "%Y-%m-%dT%H:%M:%SZ", &tm))
+        snprintf(out, size, "-");
+}
+
+/* The models a key may use as one cell: its globs joined by ",", "*" when every model. */
+static void models_format(const struct conf_list *l, struct abuf *b)
+{
+    if (l->n == 0) {
+        abuf_printf(b, "*");
+        return;
+    }
+    for (int i = 0; i < l->n; i++)
+        abuf_printf(b, "%s%s", i ? "," : "", l->items[i]);
+}
+
+/* Everything one `show keys` row shows, read once from shm. */
+struct key_row {
+    const char *name;
+    char models[512];
+    char expires[32];
+    int expired;
+    struct limit_info li;                        /* zeroed when the segment has no limiter for it */
+    uint64_t budget, spent, reserved, remaining; /* nano-USD; budget 0 = none */
+    struct acct_usage u;
+};
+
+static void key_row_read(const struct conf *conf, const struct shm *shm, int i, uint64_t now_ms,
+                         int64_t wall_s, struct key_row *r)
+{
+    const struct conf_apikey *k = &conf->keys[i];
+    struct limit_region *lr = shm_limits(shm);
+    struct acct_region *ar = shm_acct(shm);
+    struct abuf m = {0};
+
+    memset(r, 0, sizeof(*r));
+    r->name = k->name;
+    models_format(&k->models, &m);
+    snprintf(r->models, sizeof(r->models), "%s", m.p && !m.failed ? m.p : "?");
+    free(m.p);
+    utc_format(k->expires, r->expires, sizeof(r->expires));
+    r->expired = k->expires && wall_s >= k->expires;
+    /* The limits as configured even when the segment has none (then nothing is counted). */
+    r->li.spec = (struct limit_spec){k->lim.rpm, k->lim.tpm, k->lim.max_parallel, k->budget_nusd,
+                                     LIMIT_PERIOD_MONTH};
+    if (lr && (uint32_t)i < limit_region_count(lr))
+        limit_info(lr, (uint32_t)i, now_ms, wall_s, &r->li);
+    r->budget = k->budget_nusd;
+    if (r->budget) {
+        r->spent = r->li.budget.spent_nano;
+        r->reserved = r->li.budget.reserved_nano;
+        r->remaining = r->spent + r->reserved < r->budget ? r->budget - r->spent - r->reserved : 0;
+    }
+    if (ar && (uint32_t)i < acct_count(ar, ACCT_KEY))
+        acct_get(ar, ACCT_KEY, (uint32_t)i, &r->u);
+}
+
+static const char *budget_period_str(enum conf_budget_period p)
+{
+    return p == BUDGET_DAY ? "day" : p == BUDGET_TOTAL ? "total" : "month";
+}
+
+/* "used/limit" of a window or of the requests in flight; "-" for no limit. */
+static void used_format(uint64_t used, uint32_t limit, char *out, size_t size)
+{
+    if (limit)
+        snprintf(out, size, "%llu/%u", (unsigned long long)used, limit);
+    else
+        snprintf(out, size, "-");
+}
+
+struct key_cells {
+    char rpm[32], tpm[48], parallel[32];
+    char budget[32], spent[32], reserved[32], remaining[32], cost[32];
+    const char *period;
+};
+
+static void key_cells_format(const struct conf *conf, int i, const struct key_row *r,
+                             struct key_cells *c)
+{
+    used_format(r->li.requests, r->li.spec.rpm, c->rpm, sizeof(c->rpm));
+    used_format(r->li.tokens, r->li.spec.tpm, c->tpm, sizeof(c->tpm));
+    /* In flight is counted with or without a limit: show it either way. */
+    if (r->li.spec.max_parallel)
+        snprintf(c->parallel, sizeof(c->parallel), "%u/%u", r->li.parallel,
+                 r->li.spec.max_parallel);
+    else
+        snprintf(c->parallel, sizeof(c->parallel), "%u/-", r->li.parallel);
+    if (r->budget) {
+        usd_format(r->budget, c->budget, sizeof(c->budget));
+        usd_format(r->spent, c->spent, sizeof(c->spent));
+        usd_format(r->reserved, c->reserved, sizeof(c->reserved));
+        usd_format(r->remaining, c->remaining, sizeof(c->remaining));
+        c->period = budget_period_str(conf->keys[i].budget_period);
+    } else {
+        snprintf(c->budget, sizeof(c->budget), "-");
+        snprintf(c->spent, sizeof(c->spent), "-");
+        snprintf(c->reserved, sizeof(c->reserved), "-");
+        snprintf(c->remaining, sizeof(c->remaining), "-");
+        c->period = "-";
+    }
+    usd_format(r->u.cost_nano, c->cost, sizeof(c->cost));
+}
+
+static void show_keys(struct abuf *b, const struct conf *conf, const struct shm *shm)
+{
+    int n = conf->n_keys;
+    uint64_t now_ms = time_mono_ms();
+    int64_t wall_s = (int64_t)(time_real_ms() / 1000);
+    struct key_row *rows = calloc(n ? (size_t)n : 1, sizeof(*rows));
+    struct key_cells *cells = calloc(n ? (size_t)n : 1, sizeof(*cells));
+
+    if (!rows || !cells) {
+        b->failed = 1;
+        goto out;
+    }
+    int wname = 4, wmodels = 6, wexp = 7, wrpm = 3, wtpm = 3, wpar = 8, wbud = 10, wper = 6;
+    int wspent = 9, wres = 12, wrem = 13, wcost = 8;
+    for (int i = 0; i < n; i++) {
+        struct key_row *r = &rows[i];
+        struct key_cells *c = &cells[i];
+        key_row_read(conf, shm, i, now_ms, wall_s, r);
+        key_cells_format(conf, i, r, c);
+        if (r->expired)
+            snprintf(r->expires + strlen(r->expires), sizeof(r->expires) - strlen(r->expires),
+                     " (expired)");
+        wname = width(wname, r->name);
+        wmodels = width(wmodels, r->models);
+        wexp = width(wexp, r->expires);
+        wrpm = width(wrpm, c->rpm);
+        wtpm = width(wtpm, c->tpm);
+        wpar = width(wpar, c->parallel);
+        wbud = width(wbud, c->budget);
+        wper = width(wper, c->period);
+        wspent = width(wspent, c->spent);
+        wres = width(wres, c->reserved);
+        wrem = width(wrem, c->remaining);
+        wcost = width(wcost, c->cost);
+    }
+    abuf_printf(b, "%-*s  %*s  %*s  %*s  %*s  %-*s  %*s  %*s  %*s  %10s  %12s  %*s  %-*s  %s\n",
+                wname, "NAME", wrpm, "RPM", wtpm, "TPM", wpar, "PARALLEL", wbud, "BUDGET_USD", wper,
+                "PERIOD", wspent, "SPENT_USD", wres, "RESERVED_USD", wrem, "REMAINING_USD",
+                "REQUESTS", "TOKENS", wcost, "COST_USD", wexp, "EXPIRES", "MODELS");
+    for (int i = 0; i < n; i++) {
+        const struct key_row *r = &rows[i];
+        const struct key_cells *c = &cells[i];
+        abuf_printf(b,
+                    "%-*s  %*s  %*s  %*s  %*s  %-*s  %*s  %*s  %*s  %10llu  %12llu  %*s  %-*s  "
+                    "%s\n",
+                    wname, r->name, wrpm, c->rpm, wtpm, c->tpm, wpar, c->parallel, wbud, c->budget,
+                    wper, c->period, wspent, c->spent, wres, c->reserved, wrem, c->remaining,
+                    (unsigned long long)r->u.requests,
+                    (unsigned long long)(r->u.prompt + r->u.completion), wcost, c->cost, wexp,
+                    r->expires, r->models);
+    }
+out:
+    free(rows);
+    free(cells);
+}
+
+/* A limit as JSON: the number, or null for none. */
+static void json_limit(struct abuf *b, const char *name, uint32_t v)
+{
+    if (v)
+        abuf_printf(b, ",\"%s\":%u", name, v);
+    else
+        abuf_printf(b, ",\"%s\":null", name);
+}
+
+static void show_keys_json(struct abuf *b, const struct conf *conf, const struct shm *shm)
+{
+    uint64_t now_ms = time_mono_ms();
+    int64_t wall_s = (int64_t)(time_real_ms() / 1000);
+
+    abuf_printf(b, "[");
+    for (int i = 0; i < conf->n_keys; i++) {
+        const struct conf_apikey *k = &conf->keys[i];
+        struct key_row r;
+        char usd[32];
+
+        key_row_read(conf, shm, i, now_ms, wall_s, &r);
+        abuf_printf(b, "%s\n  {\"name\":", i ? "," : "");
+        abuf_json_str(b, r.name);
+        abuf_printf(b, ",\"models\":");
+        if (k->models.n) {
+            abuf_printf(b, "[");
+            for (int m = 0; m < k->models.n; m++) {
+                abuf_printf(b, "%s", m ? "," : "");
+                abuf_json_str(b, k->models.items[m]);
+            }
+            abuf_printf(b, "]");
+        } else {
+            abuf_printf(b, "null");
+        }
+        if (k->expires)
+            abuf_printf(b, ",\"expires\":\"%s\",\"expired\":%s", r.expires,
+                        r.expired ? "true" : "false");
+        else
+            abuf_printf(b, ",\"expires\":null,\"expired\":false");
+        json_limit(b, "rpm", r.li.spec.rpm);
+        abuf_printf(b, ",\"rpm_used\":%u", r.li.requests);
+        json_limit(b, "tpm", r.li.spec.tpm);
+        abuf_printf(b, ",\"tpm_used\":%llu", (unsigned long long)r.li.tokens);
+        json_limit(b, "max_parallel", r.li.spec.max_parallel);
+        abuf_printf(b, ",\"in_flight\":%u", r.li.parallel);
+        if (r.budget) {
+            usd_format(r.budget, usd, sizeof(usd));
+            abuf_printf(b, ",\"budget_usd\":%s,\"budget_period\":\"%s\"", usd,
+                        budget_period_str(k->budget_period));
+            utc_format(r.li.budget.period_start, usd, sizeof(usd));
+            if (r.li.budget.period_start)
+                abuf_printf(b, ",\"period_start\":\"%s\"", usd);
+            else
+                abuf_printf(b, ",\"period_start\":null");
+            usd_format(r.spent, usd, sizeof(usd));
+            abuf_printf(b, ",\"spent_usd\":%s", usd);
+            usd_format(r.reserved, usd, sizeof(usd));
+            abuf_printf(b, ",\"reserved_usd\":%s", usd);
+            usd_format(r.remaining, usd, sizeof(usd));
+            abuf_printf(b, ",\"remaining_usd\":%s", usd);
+        } else {
+            abuf_printf(b, ",\"budget_usd\":null,\"budget_period\":null,\"period_start\":null,"
+                           "\"spent_usd\":null,\"reserved_usd\":null,\"remaining_usd\":null");
+        }
+        usd_format(r.u.cost_nano, usd, sizeof(usd));
+        abuf_printf(b,
+                    ",\"requests\":%llu,\"prompt_tokens\":%llu,\"completion_tokens\":%llu,"
+                    "\"tokens\":%llu,\"cost_usd\":%s}",
+                    (unsigned long long)r.u.requests, (unsigned long long)r.u.prompt,
+                    (unsigned long long)r.u.completion,
+                    (unsigned long long)(r.u.prompt + r.u.completion), usd);
+    }
+    abuf_printf(b, "%s]\n", conf->n_keys ? "\n" : "");
+}
+
+/* The entries `show usage --by KIND` lists. */
+static int usage_count(const struct conf *conf, enum acct_kind k)
+{
+    return k == ACCT_KEY ? conf->n_keys : k == ACCT_MODEL ? conf->n_models : conf->n_backends;
+}
+
+static const char *usage_name(const struct conf *conf, enum acct_kind k, int i)
+{
+    return k == ACCT_KEY     ? conf->keys[i].name
+           : k == ACCT_MODEL ? conf->models[i].name
+                             : conf->backends[i].name;
+}
+
+/* The totals of entry i (zero when the segment has no usage region or no such entry). */
+static void usage_read(const struct shm *shm, enum acct_kind k, int i, struct acct_usage *u)
+{
+    struct acct_region *ar = shm_acct(shm);
+
+    memset(u, 0, sizeof(*u));
+    if (ar && (uint32_t)i < acct_count(ar, k))
+        acct_get(ar, k, (uint32_t)i, u);
+}
+
+static void usage_sum(struct acct_usage *t, const struct acct_usage *u)
+{
+    uint64_t *tw = (uint64_t *)t;
+    const uint64_t *uw = (const uint64_t *)u;
+    for (size_t w = 0; w < ACCT_WORDS; w++)
+        tw[w] += uw[w];
+}
+
+/* What buying at these prices saved against the list prices (never below 0). */
+static uint64_t usage_saved(const struct acct_usage *u)
+{
+    return u->list_cost_nano > u->cost_nano ? u->list_cost_nano - u->cost_nano : 0;
+}
+
+struct usage_cells {
+    char cost[32], list[32], saved[32];
+};
+
+static void usage_cells_format(const struct acct_usage *u, struct usage_cells *c)
+{
+    usd_format(u->cost_nano, c->cost, sizeof(c->cost));
+    usd_format(u->list_cost_nano, c->list, sizeof(c->list));
+    usd_format(usage_saved(u), c->saved, sizeof(c->saved));
+}
+
+static void show_usage(struct abuf *b, const struct conf *conf, const struct shm *shm,
+                       enum acct_kind k)
+{
+    static const char *const heads[] = {
+        [ACCT_KEY] = "KEY", [ACCT_MODEL] = "MODEL", [ACCT_BACKEND] = "BACKEND"};
+    int n = usage_count(conf, k);
+    struct acct_usage *rows = calloc((size_t)n + 1, sizeof(*rows));
+    struct usage_cells *cells = calloc((size_t)n + 1, sizeof(*cells));
+
+    if (!rows || !cells) {
+        b->failed = 1;
+        goto out;
+    }
+    /* Row n is the total. */
+    int wname = width(5, heads[k]), wcost = 8, wlist = 8, wsaved = 9;
+    for (int i = 0; i <= n; i++) {
+        if (i < n) {
+            usage_read(shm, k, i, &rows[i]);
+            usage_sum(&rows[n], &rows[i]);
+            wname = width(wname, usage_name(conf, k, i));
+        }
+    }
+    for (int i = 0; i <= n; i++) {
+        usage_cells_format(&rows[i], &cells[i]);
+        wcost = width(wcost, cells[i].cost);
+        wlist = width(wlist, cells[i].list);
+        wsaved = width(wsaved, cells[i].saved);
+    }
+    abuf_printf(b, "%-*s  %10s  %12s  %12s  %12s  %12s  %8s  %*s  %*s  %*s\n", wname, heads[k],
+                "REQUESTS", "PROMPT", "COMPLETION", "CACHED", "REASONING", "PARTIAL", wcost,
+                "COST_USD", wlist, "LIST_USD", wsaved, "SAVED_USD");
+    for (int i = 0; i <= n; i++) {
+        const struct acct_usage *u = &rows[i];
+        const struct usage_cells *c = &cells[i];
+        abuf_printf(b, "%-*s  %10llu  %12llu  %12llu  %12llu  %12llu  %8llu  %*s  %*s  %*s\n",
+                    wname, i < n ? usage_name(conf, k, i) : "TOTAL",
+                    (unsigned long long)u->requests, (unsigned long long)u->prompt,
+                    (unsigned long long)u->completion, (unsigned long long)u->cached,
+                    (unsigned long long)u->reasoning, (unsigned long long)u->partial, wcost,
+                    c->cost, wlist, c->list, wsaved, c->saved);
+    }
+out:
+    free(rows);
+    free(cells);
+}
+
+static void usage_json(struct abuf *b, const struct acct_usage *u)
+{
+    char usd[32];
+
+    abuf_printf(b,
+                "\"requests\":%llu,\"prompt_tokens\":%llu,\"completion_tokens\":%llu,"
+                "\"cached_tokens\":%llu,\"reasoning_tokens\":%llu,\"partial\":%llu",
+                (unsigned long long)u->requests, (unsigned long long)u->prompt,
+                (unsigned long long)u->completion, (unsigned long long)u->cached,
+                (unsigned long long)u->reasoning, (unsigned long long)u->partial);
+    usd_format(u->cost_nano, usd, sizeof(usd));
+    abuf_printf(b, ",\"cost_usd\":%s", usd);
+    usd_format(u->list_cost_nano, usd, sizeof(usd));
+    abuf_printf(b, ",\"list_cost_usd\":%s", usd);
+    usd_format(usage_saved(u), usd, sizeof(usd));
+    abuf_printf(b, ",\"saved_usd\":%s", usd);
+}
+
+static void show_usage_json(struct abuf *b, const struct conf *conf, const struct shm *shm,
+                            enum acct_kind k)
+{
+    int n = usage_count(conf, k);
+    struct acct_usage total = {0};
+
+    abuf_printf(b, "{\"by\":\"%s\",\"entries\":[", acct_kind_str(k));
+    for (int i = 0; i < n; i++) {
+        struct acct_usage u;
+        usage_read(shm, k, i, &u);
+        usage_sum(&total, &u);
+        abuf_printf(b, "%s\n  {\"name\":", i ? "," : "");
+        abuf_json_str(b, usage_name(conf, k, i));
+        if (k == ACCT_BACKEND) {
+            int p = conf->backends[i].pool;
+            abuf_printf(b, ",\"pool\":");
+            abuf_json_str(b, p >= 0 && p < conf->n_pools ? conf->pools[p].name : "?");
+        }
+        abuf_printf(b, ",");
+        usage_json(b, &u);
+        abuf_printf(b, "}");
+    }
+    abuf_printf(b, "%s],\n \"total\":{", n ? "\n" : "");
+    usage_json(b, &total);
+    abuf_printf(b, "}}\n");
+}
+
+/* "show usage [--by key|model|backend] [json]" from word 2 on: 0 and *kind / *json, or -EINVAL. */
+static int usage_args(char w[][WORD_MAX], int from, int n, enum acct_kind *kind, int *json)
+{
+    int by_set = 0;
+
+    *kind = ACCT_KEY;
+    *json = 0;
+    for (int i = from; i < n; i++) {
+        if (is_json(w[i]) && !*json) {
+            *json = 1;
+        } else if (!strcmp(w[i], "--by") && i + 1 < n && !by_set) {
+            i++;
+            if (!strcmp(w[i], "key"))
+                *kind = ACCT_KEY;
+            else if (!strcmp(w[i], "model"))
+                *kind = ACCT_MODEL;
+            else if (!strcmp(w[i], "backend"))
+                *kind = ACCT_BACKEND;
+            else
+                return -EINVAL;
+            by_set = 1;
+        } else {
+            return -EINVAL;
+        }
+    }
+    return 0;
 }
 
 /* Backend index of "NAME" or "POOL/NAME", or -1. */
@@ -550,7 +975,8 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
 {
     struct abuf b = {0};
     char w[WORDS_MAX][WORD_MAX];
-    int rc = 0, set;
+    int rc = 0, set, ujson;
+    enum acct_kind kind;
     int n = split_words(line, w, &set);
 
     if (pending)
@@ -568,6 +994,18 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
             show_proc_json(&b, procs, n_procs);
         else
             show_proc(&b, procs, n_procs);
+    } else if (n >= 2 && n <= 3 && !strcmp(w[0], "show") && !strcmp(w[1], "keys") &&
+               (n == 2 || is_json(w[2]))) {
+        if (n == 3)
+            show_keys_json(&b, conf, shm);
+        else
+            show_keys(&b, conf, shm);
+    } else if (n >= 2 && n <= WORDS_MAX && !strcmp(w[0], "show") && !strcmp(w[1], "usage") &&
+               !usage_args(w, 2, n, &kind, &ujson)) {
+        if (ujson)
+            show_usage_json(&b, conf, shm, kind);
+        else
+            show_usage(&b, conf, shm, kind);
     } else if (n >= 3 && n <= 4 && !strcmp(w[0], "breaker") &&
                (!strcmp(w[1], "reset") || !strcmp(w[1], "open")) && (n == 3 || is_json(w[3]))) {
         rc = breaker_command(&b, conf, shm, w[1], w[2], n == 4, pending);
@@ -583,6 +1021,10 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
         echo[k] = '\0';
         if (set >= 1 && !strcmp(w[0], "breaker"))
             abuf_printf(&b, "error: usage: breaker reset|open BACKEND\n");
+        else if (set >= 2 && !strcmp(w[0], "show") && !strcmp(w[1], "keys"))
+            abuf_printf(&b, "error: usage: show keys [json]\n");
+        else if (set >= 2 && !strcmp(w[0], "show") && !strcmp(w[1], "usage"))
+            abuf_printf(&b, "error: usage: show usage [--by key|model|backend] [json]\n");
         else if (set >= 1 && !strcmp(w[0], "set"))
             abuf_printf(&b, "error: usage: set backend BACKEND ready|drain|maint\n");
         else

@@ -27,6 +27,8 @@ struct admin_pending {
 
 /* Runs one command line and writes the answer into a malloc'd *out (length *out_len):
  *   show backends [json], show proc [json], help,
+ *   show keys [json] (limits, window use, budget and totals of each [key], never the key),
+ *   show usage [--by key|model|backend] [json] (usage and cost totals, with a total),
  *   breaker reset|open BACKEND (BACKEND = NAME or POOL/NAME; writes the request into shm for
  *   the health checker, so shm is written to).
  * `pending` (may be NULL) is set to the command to wait for, backend -1 when there is none.

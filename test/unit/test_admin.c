@@ -21,6 +21,8 @@ struct fixture {
     struct conf conf;
     struct conf_pool pools[2];
     struct conf_backend backends[3];
+    struct conf_apikey keys[2];
+    struct conf_model models[2];
     struct shm shm;
 };
 
@@ -760,6 +762,370 @@ static void test_set_backend_state(void **state)
     assert_int_equal(atomic_load(&a2->admin), BACKEND_READY);
 }
 
+/* ---- show keys, show usage ---- */
+
+static char *team_a_models[] = {"gpt-4o*", "gpt-4.1"};
+
+/* The fixture with two keys and two models, and a segment with their limiters and totals. */
+static int setup_ai(void **state)
+{
+    assert_int_equal(setup(state), 0);
+    struct fixture *f = *state;
+    shm_destroy(&f->shm);
+
+    struct conf_apikey *a = &f->keys[0], *b = &f->keys[1];
+    snprintf(a->name, sizeof(a->name), "team-a");
+    memset(a->sha256, 0xab, sizeof(a->sha256));
+    a->models = (struct conf_list){team_a_models, 2};
+    a->expires = 1801353600; /* 2027-01-31 */
+    a->lim = (struct conf_limits){100, 10000, 4};
+    a->budget_nusd = 12500000000ull; /* 12.5 USD */
+    a->budget_period = BUDGET_DAY;
+    snprintf(b->name, sizeof(b->name), "ci-bot-with-a-long-name");
+    memset(b->sha256, 0xcd, sizeof(b->sha256));
+    b->expires = 1000000000; /* 2001-09-09T01:46:40Z: expired */
+    snprintf(f->models[0].name, sizeof(f->models[0].name), "gpt-4o");
+    snprintf(f->models[1].name, sizeof(f->models[1].name), "text-embedding-3-small");
+    f->conf.keys = f->keys;
+    f->conf.n_keys = 2;
+    f->conf.models = f->models;
+    f->conf.n_models = 2;
+
+    struct limit_spec specs[6] = {
+        {100, 10000, 4, 12500000000ull, LIMIT_PERIOD_DAY},
+    };
+    struct shm_ai ai = {2, 2, 2, specs, (int64_t)(time_real_ms() / 1000)};
+    assert_int_equal(shm_create_ai(&f->shm, 3, 2, 1, &ai), 0);
+    for (uint32_t i = 0; i < 3; i++)
+        shm_backend_init(&f->shm, i, (uint32_t)f->backends[i].weight, 0);
+    return 0;
+}
+
+/* Three requests of team-a admitted (500 tokens, 1 USD reserved each), one of them settled at
+ * 100 tokens and 0.25 USD: the window holds 3 requests and 1100 tokens, 2 are in flight. */
+static void admit_three(struct fixture *f, struct limit_ticket t[3])
+{
+    struct limit_region *lr = shm_limits(&f->shm);
+    const uint32_t ids[3] = {0, 2, 4};
+    struct limit_verdict v;
+    int64_t wall = (int64_t)(time_real_ms() / 1000);
+
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(
+            limit_admit(lr, ids, 3, time_mono_ms(), wall, 500, 1000000000ull, 0, &t[i], &v), 0);
+    limit_settle(lr, &t[0], time_mono_ms(), wall, 100, 250000000ull);
+}
+
+/* Usage totals over both worker slices. */
+static void add_usage(struct fixture *f)
+{
+    struct acct_region *ar = shm_acct(&f->shm);
+    const struct acct_usage u1 = {1, 100, 50, 20, 5, 0, 250000000ull, 400000000ull};
+    const struct acct_usage u2 = {1, 1000, 0, 0, 0, 1, 1000, 1000};
+    const struct acct_usage u3 = {2, 10, 20, 0, 0, 0, 30, 20}; /* list below cost: saved 0 */
+
+    acct_add(ar, 0, 0, 0, 0, &u1);
+    acct_add(ar, 1, 0, 1, 2, &u2);
+    acct_add(ar, 1, 1, 0, 1, &u3);
+}
+
+static void test_keys_json(void **state)
+{
+    struct fixture *f = *state;
+    struct limit_ticket t[3];
+
+    admit_three(f, t);
+    add_usage(f);
+    char *out = run(f, "show keys json", NULL, 0, 0);
+    struct json j;
+    json_parse(&j, out);
+    assert_int_equal(j.tok[0].type, JSMN_ARRAY);
+    assert_int_equal(j.tok[0].size, 2);
+    int a = json_elem(&j, 0, 0), b = json_elem(&j, 0, 1);
+
+    assert_json_text(&j, a, "name", "team-a");
+    int m = json_get(&j, a, "models");
+    assert_int_equal(j.tok[m].type, JSMN_ARRAY);
+    assert_int_equal(j.tok[m].size, 2);
+    assert_memory_equal(out + j.tok[m + 1].start, "gpt-4o*", 7);
+    assert_json_text(&j, a, "expires", "2027-01-31T00:00:00Z");
+    assert_json_text(&j, a, "expired", "false");
+    assert_json_text(&j, a, "rpm", "100");
+    assert_json_text(&j, a, "rpm_used", "3");
+    assert_json_text(&j, a, "tpm", "10000");
+    assert_json_text(&j, a, "tpm_used", "1100");
+    assert_json_text(&j, a, "max_parallel", "4");
+    assert_json_text(&j, a, "in_flight", "2");
+    assert_json_text(&j, a, "budget_usd", "12.5");
+    assert_json_text(&j, a, "budget_period", "day");
+    assert_json_text(&j, a, "spent_usd", "0.25");
+    assert_json_text(&j, a, "reserved_usd", "2");
+    assert_json_text(&j, a, "remaining_usd", "10.25");
+    assert_json_text(&j, a, "requests", "2");
+    assert_json_text(&j, a, "prompt_tokens", "1100");
+    assert_json_text(&j, a, "completion_tokens", "50");
+    assert_json_text(&j, a, "tokens", "1150");
+    assert_json_text(&j, a, "cost_usd", "0.250001");
+
+    assert_json_text(&j, b, "name", "ci-bot-with-a-long-name");
+    assert_json_text(&j, b, "models", "null");
+    assert_json_text(&j, b, "expires", "2001-09-09T01:46:40Z");
+    assert_json_text(&j, b, "expired", "true");
+    assert_json_text(&j, b, "rpm", "null");
+    assert_json_text(&j, b, "max_parallel", "null");
+    assert_json_text(&j, b, "in_flight", "0");
+    assert_json_text(&j, b, "budget_usd", "null");
+    assert_json_text(&j, b, "remaining_usd", "null");
+    assert_json_text(&j, b, "requests", "2");
+    assert_json_text(&j, b, "tokens", "30");
+    assert_json_text(&j, b, "cost_usd", "0.00000003");
+
+    /* Never the key nor its digest. */
+    assert_null(strstr(out, "abab"));
+    assert_null(strstr(out, "cdcd"));
+    free(out);
+
+    char *out2 = run(f, "show keys --json", NULL, 0, 0);
+    out = run(f, "show keys json", NULL, 0, 0);
+    assert_string_equal(out, out2);
+    free(out);
+    free(out2);
+
+    /* Settling gives the slots and reservations back. */
+    struct limit_region *lr = shm_limits(&f->shm);
+    int64_t wall = (int64_t)(time_real_ms() / 1000);
+    limit_settle(lr, &t[1], time_mono_ms(), wall, 500, 1000000000ull);
+    limit_settle(lr, &t[2], time_mono_ms(), wall, 500, 1000000000ull);
+    out = run(f, "show keys json", NULL, 0, 0);
+    json_parse(&j, out);
+    a = json_elem(&j, 0, 0);
+    assert_json_text(&j, a, "in_flight", "0");
+    assert_json_text(&j, a, "spent_usd", "2.25");
+    assert_json_text(&j, a, "reserved_usd", "0");
+    assert_json_text(&j, a, "remaining_usd", "10.25");
+    free(out);
+}
+
+/* The lines of a table (modifies out). */
+static int table_lines(char *out, char **lines, int max)
+{
+    int n = 0;
+    for (char *save = NULL, *l = strtok_r(out, "\n", &save); l && n < max;
+         l = strtok_r(NULL, "\n", &save))
+        lines[n++] = l;
+    return n;
+}
+
+/* Right-aligned: the cell of row `line` ends where header column `name` ends. */
+static void assert_cell_right(const char *header, const char *line, const char *name,
+                              const char *want)
+{
+    int end = column(header, name) + (int)strlen(name);
+    int len = (int)strlen(want);
+    assert_true(end - len >= 0);
+    assert_memory_equal(line + end - len, want, (size_t)len);
+    assert_true(line[end] == ' ' || line[end] == '\0');
+    assert_true(line[end - len - 1] == ' ');
+}
+
+static void test_keys_table(void **state)
+{
+    struct fixture *f = *state;
+    struct limit_ticket t[3];
+
+    admit_three(f, t);
+    add_usage(f);
+    char *out = run(f, "show keys", NULL, 0, 0);
+    assert_null(strstr(out, "abab"));
+    char *l[8];
+    assert_int_equal(table_lines(out, l, 8), 3);
+    assert_int_equal(column(l[0], "NAME"), 0);
+    assert_memory_equal(l[1], "team-a ", 7);
+    assert_memory_equal(l[2], "ci-bot-with-a-long-name ", 24);
+    assert_cell_right(l[0], l[1], "RPM", "3/100");
+    assert_cell_right(l[0], l[1], "TPM", "1100/10000");
+    assert_cell_right(l[0], l[1], "PARALLEL", "2/4");
+    assert_cell_right(l[0], l[1], "BUDGET_USD", "12.5");
+    assert_cell_right(l[0], l[1], "SPENT_USD", "0.25");
+    assert_cell_right(l[0], l[1], "RESERVED_USD", "2");
+    assert_cell_right(l[0], l[1], "REMAINING_USD", "10.25");
+    assert_cell_right(l[0], l[1], "REQUESTS", "2");
+    assert_cell_right(l[0], l[1], "TOKENS", "1150");
+    assert_cell_right(l[0], l[1], "COST_USD", "0.250001");
+    assert_memory_equal(l[1] + column(l[0], "PERIOD"), "day ", 4);
+    assert_memory_equal(l[1] + column(l[0], "EXPIRES"), "2027-01-31T00:00:00Z ", 21);
+    assert_string_equal(l[1] + column(l[0], "MODELS"), "gpt-4o*,gpt-4.1");
+
+    assert_cell_right(l[0], l[2], "RPM", "-");
+    assert_cell_right(l[0], l[2], "PARALLEL", "0/-");
+    assert_cell_right(l[0], l[2], "BUDGET_USD", "-");
+    assert_cell_right(l[0], l[2], "REMAINING_USD", "-");
+    assert_cell_right(l[0], l[2], "TOKENS", "30");
+    assert_memory_equal(l[2] + column(l[0], "EXPIRES"), "2001-09-09T01:46:40Z (expired)", 30);
+    assert_string_equal(l[2] + column(l[0], "MODELS"), "*");
+    free(out);
+}
+
+static void test_usage_json(void **state)
+{
+    struct fixture *f = *state;
+    add_usage(f);
+
+    char *out = run(f, "show usage json", NULL, 0, 0);
+    char *out2 = run(f, "show usage --by key --json", NULL, 0, 0);
+    assert_string_equal(out, out2);
+    free(out2);
+    out2 = run(f, "show usage json --by key", NULL, 0, 0);
+    assert_string_equal(out, out2);
+    free(out2);
+
+    struct json j;
+    json_parse(&j, out);
+    assert_json_text(&j, 0, "by", "key");
+    int e = json_get(&j, 0, "entries");
+    assert_int_equal(j.tok[e].size, 2);
+    int a = json_elem(&j, e, 0), t = json_get(&j, 0, "total");
+    assert_json_text(&j, a, "name", "team-a");
+    assert_json_text(&j, a, "requests", "2");
+    assert_json_text(&j, a, "prompt_tokens", "1100");
+    assert_json_text(&j, a, "completion_tokens", "50");
+    assert_json_text(&j, a, "cached_tokens", "20");
+    assert_json_text(&j, a, "reasoning_tokens", "5");
+    assert_json_text(&j, a, "partial", "1");
+    assert_json_text(&j, a, "cost_usd", "0.250001");
+    assert_json_text(&j, a, "list_cost_usd", "0.400001");
+    assert_json_text(&j, a, "saved_usd", "0.15");
+    assert_json_text(&j, t, "requests", "4");
+    assert_json_text(&j, t, "prompt_tokens", "1110");
+    assert_json_text(&j, t, "completion_tokens", "70");
+    assert_json_text(&j, t, "cost_usd", "0.25000103");
+    assert_json_text(&j, t, "list_cost_usd", "0.40000102");
+    assert_json_text(&j, t, "saved_usd", "0.14999999");
+    free(out);
+
+    out = run(f, "show usage --by model json", NULL, 0, 0);
+    json_parse(&j, out);
+    assert_json_text(&j, 0, "by", "model");
+    e = json_get(&j, 0, "entries");
+    assert_int_equal(j.tok[e].size, 2);
+    int m0 = json_elem(&j, e, 0), m1 = json_elem(&j, e, 1);
+    assert_json_text(&j, m0, "name", "gpt-4o");
+    assert_json_text(&j, m0, "requests", "3");
+    assert_json_text(&j, m0, "saved_usd", "0.14999999"); /* saved of the sums */
+    assert_json_text(&j, m1, "name", "text-embedding-3-small");
+    assert_json_text(&j, m1, "partial", "1");
+    free(out);
+
+    out = run(f, "show usage --by backend json", NULL, 0, 0);
+    json_parse(&j, out);
+    e = json_get(&j, 0, "entries");
+    assert_int_equal(j.tok[e].size, 3);
+    int b2 = json_elem(&j, e, 2);
+    assert_json_text(&j, b2, "name", "e1");
+    assert_json_text(&j, b2, "pool", "embeddings-pool");
+    assert_json_text(&j, b2, "prompt_tokens", "1000");
+    assert_json_text(&j, json_elem(&j, e, 1), "requests", "2");
+    assert_json_text(&j, json_get(&j, 0, "total"), "requests", "4");
+    free(out);
+}
+
+static void test_usage_table(void **state)
+{
+    struct fixture *f = *state;
+    add_usage(f);
+
+    char *out = run(f, "show usage", NULL, 0, 0);
+    char *l[8];
+    assert_int_equal(table_lines(out, l, 8), 4); /* header, 2 keys, total */
+    assert_memory_equal(l[0], "KEY ", 4);
+    assert_memory_equal(l[2], "ci-bot-with-a-long-name ", 24);
+    assert_memory_equal(l[3], "TOTAL ", 6);
+    assert_cell_right(l[0], l[1], "REQUESTS", "2");
+    assert_cell_right(l[0], l[1], "PROMPT", "1100");
+    assert_cell_right(l[0], l[1], "COMPLETION", "50");
+    assert_cell_right(l[0], l[1], "CACHED", "20");
+    assert_cell_right(l[0], l[1], "REASONING", "5");
+    assert_cell_right(l[0], l[1], "PARTIAL", "1");
+    assert_cell_right(l[0], l[1], "COST_USD", "0.250001");
+    assert_cell_right(l[0], l[1], "LIST_USD", "0.400001");
+    assert_cell_right(l[0], l[1], "SAVED_USD", "0.15");
+    assert_cell_right(l[0], l[2], "SAVED_USD", "0");
+    assert_cell_right(l[0], l[3], "REQUESTS", "4");
+    assert_cell_right(l[0], l[3], "COST_USD", "0.25000103");
+    assert_cell_right(l[0], l[3], "SAVED_USD", "0.14999999");
+    free(out);
+
+    out = run(f, "show usage --by backend", NULL, 0, 0);
+    assert_int_equal(table_lines(out, l, 8), 5);
+    assert_memory_equal(l[0], "BACKEND ", 8);
+    assert_memory_equal(l[2], "a2-with-a-long-name ", 20);
+    assert_cell_right(l[0], l[2], "REQUESTS", "2");
+    free(out);
+
+    out = run(f, "show usage --by model", NULL, 0, 0);
+    assert_int_equal(table_lines(out, l, 8), 4);
+    assert_memory_equal(l[0], "MODEL ", 6);
+    free(out);
+}
+
+/* Bad arguments get the command's usage; a segment without the AI regions shows zeros. */
+static void test_keys_usage_errors(void **state)
+{
+    struct fixture *f = *state;
+    static const struct {
+        const char *line, *answer;
+    } cases[] = {
+        {"show keys xml", "error: usage: show keys [json]\n"},
+        {"show keys json json", "error: usage: show keys [json]\n"},
+        {"show usage --by", "error: usage: show usage [--by key|model|backend] [json]\n"},
+        {"show usage --by pool", "error: usage: show usage [--by key|model|backend] [json]\n"},
+        {"show usage by key", "error: usage: show usage [--by key|model|backend] [json]\n"},
+        {"show usage --by key --by model",
+         "error: usage: show usage [--by key|model|backend] [json]\n"},
+        {"show usage json json", "error: usage: show usage [--by key|model|backend] [json]\n"},
+        {"show usage --by key json x",
+         "error: usage: show usage [--by key|model|backend] [json]\n"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char *out = run(f, cases[i].line, NULL, 0, -EINVAL);
+        assert_string_equal(out, cases[i].answer);
+        free(out);
+    }
+    char *out = run(f, "help", NULL, 0, 0);
+    assert_non_null(strstr(out, "show keys"));
+    assert_non_null(strstr(out, "show usage [--by key|model|backend]"));
+    free(out);
+}
+
+static void test_keys_usage_no_regions(void **state)
+{
+    struct fixture *f = *state;
+
+    /* The plain fixture's segment has no limiter or usage region. */
+    struct conf_apikey k = {.name = "k", .lim = {.rpm = 7}};
+    f->conf.keys = &k;
+    f->conf.n_keys = 1;
+    char *out = run(f, "show keys json", NULL, 0, 0);
+    struct json j;
+    json_parse(&j, out);
+    int a = json_elem(&j, 0, 0);
+    assert_json_text(&j, a, "rpm", "7");
+    assert_json_text(&j, a, "rpm_used", "0");
+    assert_json_text(&j, a, "requests", "0");
+    free(out);
+    out = run(f, "show usage --by backend json", NULL, 0, 0);
+    json_parse(&j, out);
+    assert_json_text(&j, json_get(&j, 0, "total"), "requests", "0");
+    free(out);
+    f->conf.n_keys = 0;
+    out = run(f, "show keys", NULL, 0, 0);
+    assert_non_null(strstr(out, "NAME"));
+    free(out);
+    out = run(f, "show keys json", NULL, 0, 0);
+    assert_string_equal(out, "[]\n");
+    free(out);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -774,6 +1140,12 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_backends_table_resilience, setup, teardown),
         cmocka_unit_test_setup_teardown(test_breaker_command, setup, teardown),
         cmocka_unit_test_setup_teardown(test_set_backend_state, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_keys_json, setup_ai, teardown),
+        cmocka_unit_test_setup_teardown(test_keys_table, setup_ai, teardown),
+        cmocka_unit_test_setup_teardown(test_usage_json, setup_ai, teardown),
+        cmocka_unit_test_setup_teardown(test_usage_table, setup_ai, teardown),
+        cmocka_unit_test_setup_teardown(test_keys_usage_errors, setup_ai, teardown),
+        cmocka_unit_test_setup_teardown(test_keys_usage_no_regions, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
