@@ -405,3 +405,28 @@ def test_stream_holds_its_slot_and_settles_to_its_usage(env):
           f", expected {want}: the stream's reservation not settled to its usage, or the refused "
           f"request counted")
 
+
+def test_fallback_counts_against_the_fallback_models_limits(env):
+    """A request served through a model fallback is served by that model and its pool: their
+    limits count it (regression: a fallback once passed them all, so a model with rpm 1 served
+    any number through fallbacks)."""
+    mb = env.mock("mb")
+    gw = env.gateway(
+        [("dead", "http://127.0.0.1:1/v1", {"pool": "pa"}), ("mb", mb, {"pool": "pb"}),
+         ("mz", env.mock("mz"), {})], workers=4, keys={"k": _key(rpm=100)},
+        models={"gpt-a": {"fallback": "gpt-b", "rpm": 100}, "gpt-b": {"rpm": 2}},
+        pool={"models": "gpt-z"},
+        sections=[("pool pa", {"models": "gpt-a", "check": "no", "rpm": 100}),
+                  ("pool pb", {"models": "gpt-b", "check": "no", "max_parallel": 5})])
+    got = []
+    for _ in range(4):
+        r = chat(gw.port, body=chat_body(model="gpt-a"), headers=AUTH)
+        got.append((r.status, r.header("x-aigw-model")))
+    check(got[:2] == [(200, "gpt-b")] * 2 and all(s != 200 for s, _ in got[2:]),
+          f"model gpt-b (rpm 2) through fallbacks: {got}")
+    check(mb.stats()["chat_completions"] == 2, f"gpt-b served {mb.stats()['chat_completions']}")
+    _refused(chat(gw.port, body=chat_body(model="gpt-b"), headers=AUTH), "requests",
+             "model gpt-b")
+    # the 4 sent as gpt-a were admitted by the key (the refused gpt-b was not)
+    r = chat(gw.port, body=chat_body(model="gpt-z"), headers=AUTH)
+    check(r.status == 200 and r.header("x-ratelimit-remaining-requests") == "95", f"{r!r}")
