@@ -211,7 +211,7 @@ def test_max_parallel_holds_at_the_upstream(env):
     check(codes.count(200) == 3, f"max_parallel 3, 12 at once: {codes}")
     for r, _, _ in res:
         if r.status != 200:
-            err = _refused(r, "requests", "max_parallel")
+            _refused(r, "requests", "max_parallel")
             ra, _ = _retry(r)
             check(ra == 1, f"a parallel refusal's Retry-After: {ra}")
     check(m.stats()["in_flight_max"] == 3, f"upstream saw {m.stats()['in_flight_max']} at once")
