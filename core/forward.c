@@ -521,6 +521,12 @@ static int client_fallback(struct client *c)
     const char *fb = conf->models[from].fallback;
     if (route_model(conf, fb, strlen(fb), &m) < 0)
         return 0;
+    if (stages_admit_fallback(c, m.model, m.served, m.pool >= 0 ? m.pool : r->pool) < 0) {
+        log_info("request %.*s: every backend of pool %s failed for model %s; fallback %s is "
+                 "over its limits",
+                 (int)r->rid_len, r->rid, conf->pools[r->pool].name, conf->models[from].name, fb);
+        return 0;
+    }
     log_info("request %.*s: every backend of pool %s failed for model %s; falling back to %s",
              (int)r->rid_len, r->rid, conf->pools[r->pool].name, conf->models[from].name, fb);
     client_try_end(c);

@@ -307,6 +307,55 @@ static int stage_limit(struct client *c)
     return 0;
 }
 
+/* A model fallback serves the request through another model and pool: their limits apply too,
+ * as if it had been sent to them (the limiters it already holds are not taken twice). 0: it may
+ * go there (what it took joins its ticket, settled with the rest); -EAGAIN: their limits
+ * refuse it now. */
+int stages_admit_fallback(struct client *c, int model, int served, int pool)
+{
+    struct worker *w = c->w;
+    struct creq *r = client_creq(c);
+    const struct conf *conf = w->conf;
+    struct limit_region *lr = shm_limits(w->shm);
+    struct limit_ticket t;
+    struct limit_verdict v;
+    uint32_t ids[2], n = 0, cand[2];
+    int m = served >= 0 ? served : model;
+
+    if (!lr || !r->metered)
+        return 0;
+    if (m >= 0 && has_limits(&conf->models[m].lim))
+        cand[n++] = (uint32_t)(conf->n_keys + m);
+    if (has_limits(&conf->pools[pool].lim))
+        cand[n++] = (uint32_t)(conf->n_keys + conf->n_models + pool);
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        int held = 0;
+        for (uint32_t j = 0; j < r->ticket.n; j++)
+            held |= r->ticket.ids[j] == cand[i];
+        if (!held)
+            ids[k++] = cand[i];
+    }
+    if (!k)
+        return 0;
+    if (limit_admit(lr, ids, k, time_mono_ms(), (int64_t)(time_real_ms() / 1000), r->res_tokens,
+                    r->ticket.n ? r->ticket.cost_nano : 0, (uint32_t)w->slot, &t, &v) < 0)
+        return -EAGAIN;
+    if (!r->ticket.n) {
+        r->ticket = t;
+    } else {
+        for (uint32_t i = 0; i < t.n && r->ticket.n < LIMIT_MAX_IDS; i++) {
+            r->ticket.ids[r->ticket.n] = t.ids[i];
+            r->ticket.seq[r->ticket.n++] = t.seq[i];
+        }
+    }
+    if (v.req.set && (!r->rl_req.set || v.req.remaining < r->rl_req.remaining))
+        r->rl_req = (struct meter_trio){v.req.set, v.req.limit, v.req.remaining, v.req.reset_ms};
+    if (v.tok.set && (!r->rl_tok.set || v.tok.remaining < r->rl_tok.remaining))
+        r->rl_tok = (struct meter_trio){v.tok.set, v.tok.limit, v.tok.remaining, v.tok.reset_ms};
+    return 0;
+}
+
 void stages_run(struct client *c)
 {
     if (stage_local(c) < 0 || stage_body(c) < 0 || stage_auth(c) < 0 || stage_route(c) < 0 ||

@@ -313,6 +313,8 @@ void stages_run(struct client *c);
  * corrected to what it used and its usage and cost are added to the totals. Once per request;
  * after forward_usage_end. */
 void stages_settle(struct client *c);
+/* Before a model fallback: the fallback model's and pool's limits (0, or -EAGAIN: not now). */
+int stages_admit_fallback(struct client *c, int model, int served, int pool);
 /* What the request used and cost by now (usage as reported, or estimated when cut). */
 void stages_usage(const struct client *c, struct acct_usage *out);
 

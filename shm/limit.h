@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 #define LIMIT_WINDOW_MS   60000u /* rpm and tpm count what was admitted in the last minute */
-#define LIMIT_MAX_IDS     3      /* limiters one admission takes at once: key, model, pool */
+#define LIMIT_MAX_IDS     5      /* limiters one request holds: key, model, pool, fallback's two */
 #define LIMIT_LOG_MAX     8192u  /* most log entries a limiter keeps; older ones are merged */
 #define LIMIT_LOG_DEFAULT 1024u  /* log entries of a limiter with a tpm and no rpm */
 #define LIMIT_PARALLEL_MS 1000u  /* Retry-After hint when max_parallel refused */

@@ -119,9 +119,11 @@ static void usage(FILE *f)
            "x-mock-reset-after, x-mock-close-after, x-mock-stall, x-mock-drop, x-mock-framing,\n"
            "x-mock-retry-after headers; x-mock-retry-after-date: N\n"
            "(Retry-After as an HTTP date N s ahead), x-mock-ratelimit-reset: DUR (a 429 carries\n"
-           "x-ratelimit-reset-requests: DUR), x-mock-stamp: 1 (every stream chunk carries\n"
-           "\"mock_sent_ns\", its CLOCK_MONOTONIC send time), x-mock-tls-record-size: N (TLS\n"
-           "records of at most N response bytes). TRACE on any path echoes the request head.\n");
+           "x-ratelimit-reset-requests: DUR, a JSON chat answer x-ratelimit-* of its own),\n"
+           "x-mock-stamp: 1 (every stream chunk carries \"mock_sent_ns\", its CLOCK_MONOTONIC\n"
+           "send time), x-mock-tls-record-size: N (TLS records of at most N response bytes).\n"
+           "TRACE on any path echoes the request head. GET /mock/stats: counters, with in_flight\n"
+           "and in_flight_max (requests being answered now, and the most at once).\n");
 }
 
 static int die_usage(const char *opt, const char *val)

@@ -57,7 +57,8 @@ struct mock_fault {
     int framing;                /* enum mock_framing of a stream */
     int retry_after;            /* -1: no Retry-After header */
     int retry_after_date;       /* 1: send Retry-After as an HTTP date, retry_after seconds ahead */
-    int64_t ratelimit_reset_ms; /* -1: none; else x-ratelimit-reset-requests on a 429 */
+    int64_t ratelimit_reset_ms; /* -1: none; else x-ratelimit-reset-requests on a 429 (and
+                                   an upstream's own x-ratelimit-* on a JSON chat answer) */
     int stamp;                  /* stream chunks carry "mock_sent_ns" (CLOCK_MONOTONIC) */
     size_t tls_record;          /* TLS: at most this many response bytes per record (0: 16 KB) */
 };
@@ -151,6 +152,7 @@ struct mock_conn {
     int open_handles;
     int closing;
     int busy; /* a request is being answered; parsing is paused */
+    int held; /* counted in the server's in_flight until its answer ends or its peer leaves */
     int eof;  /* the peer closed its side */
     int reading;
     int in_pump; /* conn_pump() is on the stack */
@@ -205,6 +207,9 @@ struct mock_server {
     uint64_t aborted;  /* requests whose peer closed before their answer was complete */
     uint64_t chat;
     uint64_t models;
+    uint64_t in_flight;          /* requests being answered, their peer there (not
+                                  * /mock/ ones, not checks) */
+    uint64_t in_flight_max;      /* the most at once since the start (or /mock/reset) */
     struct mock_last last;       /* the last request but the mock endpoints and checks */
     struct mock_last last_check; /* the last health check (User-Agent: aigw-health...) */
     /* The assistant message, JSON-escaped, and where each of its words starts. */
@@ -229,6 +234,7 @@ void conn_write(struct mock_conn *c, uv_buf_t *bufs, unsigned n);
 void conn_write_nowait(struct mock_conn *c, const char *p, size_t n);
 /* The response to the current request is complete: next request, or close. */
 void conn_response_done(struct mock_conn *c);
+void conn_release(struct mock_conn *c);
 void conn_close(struct mock_conn *c);
 void conn_reset(struct mock_conn *c);
 void conn_close_all(struct mock_server *srv);

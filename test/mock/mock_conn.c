@@ -32,10 +32,20 @@ static void conn_on_close(uv_handle_t *h)
     free(c);
 }
 
+/* The request's answer is over (sent in full, or its connection closed). */
+void conn_release(struct mock_conn *c)
+{
+    if (c->held) {
+        c->held = 0;
+        c->srv->in_flight--;
+    }
+}
+
 void conn_close(struct mock_conn *c)
 {
     if (c->closing)
         return;
+    conn_release(c);
     c->closing = 1;
     uv_close((uv_handle_t *)&c->tcp, conn_on_close);
     uv_close((uv_handle_t *)&c->timer, conn_on_close);
@@ -46,6 +56,7 @@ void conn_reset(struct mock_conn *c)
 {
     if (c->closing)
         return;
+    conn_release(c);
     c->closing = 1;
     if (uv_tcp_close_reset(&c->tcp, conn_on_close) != 0)
         uv_close((uv_handle_t *)&c->tcp, conn_on_close);
@@ -130,6 +141,7 @@ static void conn_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     c->eof = 1;
     if (c->busy)
         c->srv->aborted++;
+    conn_release(c); /* whoever sent it holds it no more */
     if (nread != UV_EOF || !c->busy || c->resp.kind == MOCK_RESP_STALL) {
         conn_close(c);
         return;
@@ -234,6 +246,7 @@ static void conn_pump(struct mock_conn *c)
 
 void conn_response_done(struct mock_conn *c)
 {
+    conn_release(c);
     c->busy = 0;
     c->resp.kind = MOCK_RESP_NONE;
     if (!c->resp.keep_alive) {

@@ -701,13 +701,15 @@ static void mock_endpoint(struct mock_conn *c, const char *path, size_t plen)
         n = snprintf(c->tail, sizeof(c->tail),
                      "{\"name\":\"%s\",\"connections\":%llu,\"requests\":%llu,\"active\":%llu,"
                      "\"aborted\":%llu,\"chat_completions\":%llu,\"models\":%llu,"
-                     "\"tls_handshakes\":%llu,\"tls_resumed\":%llu}",
+                     "\"tls_handshakes\":%llu,\"tls_resumed\":%llu,\"in_flight\":%llu,"
+                     "\"in_flight_max\":%llu}",
                      srv->name_json, (unsigned long long)srv->connections,
                      (unsigned long long)srv->requests, (unsigned long long)srv->active,
                      (unsigned long long)srv->aborted, (unsigned long long)srv->chat,
                      (unsigned long long)srv->models,
                      (unsigned long long)(srv->tls ? srv->tls->handshakes : 0),
-                     (unsigned long long)(srv->tls ? srv->tls->resumed : 0));
+                     (unsigned long long)(srv->tls ? srv->tls->resumed : 0),
+                     (unsigned long long)srv->in_flight, (unsigned long long)srv->in_flight_max);
         send_json(c, 200, NULL, c->tail, (size_t)n);
     } else if (plen == 10 && memcmp(path, "/mock/last", 10) == 0) {
         mock_last(c, &srv->last);
@@ -720,6 +722,7 @@ static void mock_endpoint(struct mock_conn *c, const char *path, size_t plen)
         srv->aborted = 0;
         srv->chat = 0;
         srv->models = 0;
+        srv->in_flight_max = srv->in_flight;
         srv->last.valid = 0;
         srv->last_check.valid = 0;
         send_json(c, 200, NULL, "{\"ok\":true}", 11);
@@ -930,7 +933,15 @@ static void chat_completions(struct mock_conn *c)
         body[0] = uv_buf_init(rs->pfx, (unsigned)(f.p - rs->pfx));
         body[1] = uv_buf_init(srv->content, (unsigned)srv->content_len);
         body[2] = uv_buf_init(c->tail, (unsigned)(t.p - c->tail));
-        send_simple(c, 200, "application/json", NULL, body, 3);
+        /* an upstream's own limits, as OpenAI sends them, for a gateway to replace */
+        char rl[200];
+        if (rs->f.ratelimit_reset_ms >= 0)
+            snprintf(rl, sizeof(rl),
+                     "x-ratelimit-limit-requests: 10000\r\nx-ratelimit-remaining-requests: 9999"
+                     "\r\nx-ratelimit-reset-requests: %lldms\r\nx-ratelimit-limit-tokens: "
+                     "2000000\r\nx-ratelimit-remaining-tokens: 1999000\r\n",
+                     (long long)rs->f.ratelimit_reset_ms);
+        send_simple(c, 200, "application/json", rs->f.ratelimit_reset_ms >= 0 ? rl : NULL, body, 3);
         return;
     }
 
@@ -1169,6 +1180,11 @@ void http_on_request(struct mock_conn *c)
         int is_check = ua && ualen >= 11 && memcmp(ua, "aigw-health", 11) == 0;
 
         last_record(is_check ? &srv->last_check : &srv->last, r);
+        if (!is_check) { /* what a gateway's limits hold: its checks are not counted */
+            c->held = 1;
+            if (++srv->in_flight > srv->in_flight_max)
+                srv->in_flight_max = srv->in_flight;
+        }
     }
     c->resp.f.reset_after = srv->opts.fault.reset_after;
     c->resp.f.close_after = srv->opts.fault.close_after;
