@@ -424,14 +424,178 @@ static const uint8_t json_stop[256] = {
     ['"'] = 1, ['{'] = 1, ['}'] = 1, ['['] = 1, [']'] = 1, [','] = 1,
 };
 
-/* The usage value's bytes that were in p[from, to) were the last: its text is closed. */
+/* The usage value in its usual shape (an object of plain keys, natural numbers, plain strings,
+ * literals and objects of the same, a few levels deep) is read here, in one go: p[0, n) is all
+ * of it. Returns 0 when it was read (rd->ev set as yajl's callbacks would have), -1 when it is
+ * of another shape, or malformed: yajl then reads it. */
+struct uv {
+    const char *p, *end;
+};
+
+static void uv_ws(struct uv *v)
+{
+    while (v->p < v->end && is_ws((unsigned char)*v->p))
+        v->p++;
+}
+
+/* A string without escapes or bytes outside printable ASCII (yajl checks the rest). */
+static int uv_str(struct uv *v, const char **s, size_t *n)
+{
+    const char *a = ++v->p;
+    while (v->p < v->end && *v->p != '"') {
+        if (*v->p < 0x20 || *v->p > 0x7e || *v->p == '\\')
+            return -1;
+        v->p++;
+    }
+    if (v->p == v->end)
+        return -1;
+    *s = a;
+    *n = (size_t)(v->p++ - a);
+    return 0;
+}
+
+static int uv_lit(struct uv *v, const char *lit, size_t n)
+{
+    if ((size_t)(v->end - v->p) < n || memcmp(v->p, lit, n) != 0)
+        return -1;
+    v->p += n;
+    return 0;
+}
+
+/* An object whose kind is k (K_USAGE, K_PDET, K_CDET or K_SKIP) at v->p ('{'). */
+static int uv_obj(struct uv *v, uint8_t k, int levels, struct usage *u)
+{
+    if (!levels)
+        return -1;
+    v->p++;
+    uv_ws(v);
+    if (v->p < v->end && *v->p == '}') {
+        v->p++;
+        return 0;
+    }
+    for (;;) {
+        const char *key;
+        size_t kn;
+        if (v->p == v->end || *v->p != '"' || uv_str(v, &key, &kn) < 0)
+            return -1;
+        uv_ws(v);
+        if (v->p == v->end || *v->p++ != ':')
+            return -1;
+        uv_ws(v);
+        if (v->p == v->end)
+            return -1;
+        char c = *v->p;
+        if (c >= '0' && c <= '9') {
+            uint64_t x = 0;
+            if (c == '0' && v->p + 1 < v->end && v->p[1] >= '0' && v->p[1] <= '9')
+                return -1;
+            for (; v->p < v->end && *v->p >= '0' && *v->p <= '9'; v->p++) {
+                uint64_t d = (uint64_t)(*v->p - '0');
+                x = x > (UINT64_MAX - d) / 10 ? UINT64_MAX : x * 10 + d;
+            }
+            if (v->p < v->end && (*v->p == '.' || *v->p == 'e' || *v->p == 'E'))
+                return -1;
+#define UVKEY(lit) (kn == sizeof(lit) - 1 && memcmp(key, lit, kn) == 0)
+            if (k == K_USAGE && (UVKEY("prompt_tokens") || UVKEY("input_tokens")))
+                u->prompt = x;
+            else if (k == K_USAGE && (UVKEY("completion_tokens") || UVKEY("output_tokens")))
+                u->completion = x;
+            else if (k == K_USAGE && UVKEY("total_tokens"))
+                u->total = x;
+            else if (k == K_PDET && UVKEY("cached_tokens"))
+                u->cached = x;
+            else if (k == K_CDET && UVKEY("reasoning_tokens"))
+                u->reasoning = x;
+        } else if (c == '{') {
+            uint8_t child = K_SKIP;
+            if (k == K_USAGE && (UVKEY("prompt_tokens_details") || UVKEY("input_tokens_details")))
+                child = K_PDET;
+            else if (k == K_USAGE &&
+                     (UVKEY("completion_tokens_details") || UVKEY("output_tokens_details")))
+                child = K_CDET;
+#undef UVKEY
+            if (uv_obj(v, child, levels - 1, u) < 0)
+                return -1;
+        } else if (c == '"') {
+            if (uv_str(v, &key, &kn) < 0)
+                return -1;
+        } else if (uv_lit(v, "null", 4) < 0 && uv_lit(v, "true", 4) < 0 &&
+                   uv_lit(v, "false", 5) < 0) {
+            return -1;
+        }
+        uv_ws(v);
+        if (v->p == v->end)
+            return -1;
+        if (*v->p == '}') {
+            v->p++;
+            return 0;
+        }
+        if (*v->p++ != ',')
+            return -1;
+        uv_ws(v);
+    }
+}
+
+static int usage_value(struct usage_rd *rd, const char *p, size_t n)
+{
+    struct uv v = {p, p + n};
+    struct usage u;
+    int obj = 0;
+
+    memset(&u, 0, sizeof(u));
+    uv_ws(&v);
+    if (v.p < v.end && *v.p == '{') {
+        if (uv_obj(&v, K_USAGE, 4, &u) < 0)
+            return -1;
+        obj = 1;
+    } else if (uv_lit(&v, "null", 4) < 0 && uv_lit(&v, "true", 4) < 0 &&
+               uv_lit(&v, "false", 5) < 0) {
+        return -1;
+    }
+    uv_ws(&v);
+    if (v.p != v.end)
+        return -1;
+    if (obj) { /* the last usage object counts */
+        rd->ev = u;
+        rd->ev_usage = 1;
+    }
+    return 0;
+}
+
+/* The usage value is handed to yajl, as the text {"usage":VALUE (its bytes so far first). */
+static void json_cap_yajl(struct usage_rd *rd)
+{
+    text_restart(rd);
+    text_feed(rd, "{\"usage\":", 9);
+    text_feed(rd, rd->hold, rd->hold_len);
+    rd->jcap = 2;
+}
+
+/* Bytes of the usage value: kept in hold while they fit, then through yajl. */
+static void json_cap(struct usage_rd *rd, const char *p, size_t n)
+{
+    if (rd->jcap == 1 && rd->hold_len + n > USAGE_HOLD)
+        json_cap_yajl(rd);
+    if (rd->jcap == 2) {
+        text_feed(rd, p, n);
+        return;
+    }
+    memcpy(rd->hold + rd->hold_len, p, n);
+    rd->hold_len = (uint16_t)(rd->hold_len + n);
+}
+
+/* The usage value's bytes that were in p[from, to) were the last: it is read. */
 static void json_cap_end(struct usage_rd *rd, const char *p, size_t from, size_t to)
 {
-    text_feed(rd, p + from, to - from);
-    text_feed(rd, "}", 1);
+    json_cap(rd, p + from, to - from);
+    if (rd->jcap == 1 && usage_value(rd, rd->hold, rd->hold_len) < 0)
+        json_cap_yajl(rd);
+    if (rd->jcap == 2) {
+        text_feed(rd, "}", 1);
+        if (rd->broken || !rd->closed)
+            rd->js = J_BAD;
+    }
     rd->jcap = 0;
-    if (rd->broken || !rd->closed)
-        rd->js = J_BAD;
 }
 
 static void json_scan(struct usage_rd *rd, const char *p, size_t n)
@@ -557,8 +721,7 @@ static void json_scan(struct usage_rd *rd, const char *p, size_t n)
                 return;
             }
             /* a later "usage" replaces an earlier one, as in one pass over the body */
-            text_restart(rd);
-            text_feed(rd, "{\"usage\":", 9);
+            rd->hold_len = 0;
             rd->jcap = 1;
             cap = i;
             rd->js = J_OUT;
@@ -575,7 +738,7 @@ static void json_scan(struct usage_rd *rd, const char *p, size_t n)
         }
     }
     if (rd->jcap)
-        text_feed(rd, p + cap, n - cap);
+        json_cap(rd, p + cap, n - cap);
 }
 
 /* ---- answers ---- */
@@ -619,7 +782,7 @@ static void json_end(struct usage_rd *rd)
         rd->u.flags |= USAGE_HAVE;
     }
     /* the handle is kept only when it is between two texts */
-    if (rd->jcap || !rd->closed || rd->broken || rd->m.over)
+    if (rd->jcap == 2 || !rd->closed || rd->broken || rd->m.over)
         rd_drop(rd);
 }
 

@@ -80,7 +80,7 @@ struct usage_rd {
     uint8_t jkey;    /* in a top-level key: bytes of "usage" it matched so far; 0xff: not it */
     uint8_t jesc;    /* in a string: the last piece ended in an odd run of backslashes */
     uint8_t jkeypos; /* at depth 1, the next string is a key: 1 after '{', 2 after ',' */
-    uint8_t jcap;    /* the bytes are the usage value's: they go to yajl */
+    uint8_t jcap;    /* in the usage value: 1 its bytes are kept in hold, 2 they go to yajl */
     uint32_t jdepth; /* containers open */
     uint64_t jarr;   /* bit d - 1: the container at depth d (<= 64) is an array */
     /* SSE lines and events */

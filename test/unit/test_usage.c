@@ -118,6 +118,13 @@ static void test_json_no_usage(void **state)
         "{\"usage\":{\"prompt_tokens\":1,}}",
         "{\"usage\":{\"prompt_tokens\":1} 2}",
         "{\"usage\":}",
+        "{\"usage\":{\"prompt_tokens\":01}}",
+        "{\"usage\":{\"prompt_tokens\":1 \"a\":2}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"a\":nul}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"a\":\"\\x\"}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"a\":\"\x01\"}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"a\":{\"b\":[}}}",
+        "{\"usage\":{\"prompt_tokens\":1}x}",
         "{\"us\\u0061ge\":{\"prompt_tokens\":1},}",
         "{\"us\\u0061ge\":{\"prompt_tokens\":1}",
         "{\"us\\qge\":1,\"usage\":{\"prompt_tokens\":1}}",
@@ -164,6 +171,17 @@ static void test_json_edges(void **state)
         "{\"us\\u0061ge\":{\"prompt_tokens\":9},\"usage\":{\"prompt_tokens\":1}}",
         " {\"usage\":{\"prompt_tokens\":1,\"total_tokens\":\"x\"}} \r\n",
         "{\"usage\":{\"prompt_tokens\":1,\"total_tokens\":1.5}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"total_tokens\":-7}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"total_tokens\":0,\"s\":\"\\u00e9 \xc3\xa9\"}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"a\":true,\"b\":false,\"c\":null,\"d\":\"\"}}",
+        "{\"usage\":{\"x\":{\"prompt_tokens\":5},\"prompt_tokens\":1,\"cached_tokens\":6}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"x\":{\"a\":{\"b\":{\"c\":{\"d\":{}}}}}}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"x\":[1,{\"prompt_tokens\":3}]}}",
+        "{\"usage\":{\"prompt_tokens\":5,\"prompt_tokens\":1}}",
+        "{\"usage\":{\"prompt_tokens_details\":null,\"prompt_tokens\":1}}",
+        "{\"usage\":{\"prompt_tokens_details\":{\"reasoning_tokens\":3},\"prompt_tokens\":1}}",
+        "{\"usage\":{\"prompt\\u005ftokens\":1}}",
+        "{\"usage\":true,\"usage\":{\"prompt_tokens\":1},\"usage\":\"x\",\"usage\":5}",
     };
     for (size_t i = 0; i < sizeof(ones) / sizeof(ones[0]); i++)
         check_json_everywhere(ones[i], &one);
@@ -173,6 +191,16 @@ static void test_json_edges(void **state)
                           &two);
     check_json_everywhere("{\"usage\":{\"prompt_tokens\":1},\"us\\u0061ge\":{\"prompt_tokens\":7}}",
                           &seven);
+
+    /* saturated counts; a usage value longer than what is kept for the direct read */
+    struct usage big = {.flags = USAGE_HAVE, UINT64_MAX, 0, 0, 9, 0, 0, 0};
+    check_json_everywhere("{\"usage\":{\"prompt_tokens\":99999999999999999999999,"
+                          "\"completion_tokens_details\":{\"reasoning_tokens\":9}}}",
+                          &big);
+    char *pad = malloc(USAGE_HOLD * 2 + 100);
+    sprintf(pad, "{\"usage\":{\"pad\":\"%0*d\",\"prompt_tokens\":7}}", USAGE_HOLD, 0);
+    check_json_cuts(pad, &seven);
+    free(pad);
 
     /* nesting far deeper than the 64 levels whose kind is checked */
     char *b = malloc(1024), *q = b;
