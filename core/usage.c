@@ -303,15 +303,14 @@ static int cb_string(void *ctx, const unsigned char *s, size_t n)
     return 1;
 }
 
-/* Starts a JSON text: a fresh handle when the last one was dropped. */
-static void text_begin(struct usage_rd *rd)
+/* Starts a JSON text through the handle (a fresh one when the last was dropped), keeping what
+ * the texts before it said (a JSON body's usage values are read as one text each). */
+static void text_restart(struct usage_rd *rd)
 {
-    memset(&rd->ev, 0, sizeof(rd->ev));
-    rd->ev_text = rd->ev_delta = 0;
     rd->depth = 0;
     rd->key = KEY_NONE;
     rd->type = T_NONE;
-    rd->ev_usage = rd->choices = rd->closed = rd->broken = 0;
+    rd->choices = rd->closed = rd->broken = 0;
     if (rd->h)
         return;
     memset(&rd->cb, 0, sizeof(rd->cb));
@@ -332,6 +331,15 @@ static void text_begin(struct usage_rd *rd)
     }
     /* one text after another through the same handle (yajl 2 has no reset) */
     yajl_config(rd->h, yajl_allow_multiple_values, 1);
+}
+
+/* Starts a JSON text that says nothing yet. */
+static void text_begin(struct usage_rd *rd)
+{
+    memset(&rd->ev, 0, sizeof(rd->ev));
+    rd->ev_text = rd->ev_delta = 0;
+    rd->ev_usage = 0;
+    text_restart(rd);
 }
 
 static int is_ws(unsigned char c)
@@ -389,6 +397,350 @@ static void text_end(struct usage_rd *rd)
         rd_drop(rd);
 }
 
+/* ---- JSON bodies ---- */
+
+/* Only the top-level "usage" value of a body matters, and it is a few dozen bytes at the end of
+ * one that may be long: a structural pass finds it (string bounds, nesting, top-level keys) at
+ * a small cost per byte, and yajl reads only that value, as the text {"usage":VALUE}, with the
+ * callbacks the whole body would have had. yajl checks the value; the pass checks the rest's
+ * structure (one object, strings closed, brackets matched, white space after it), not its
+ * scalars. A top-level key written with an escape that may spell "usage" hands the rest of the
+ * body to yajl as it is. */
+
+/* Scan states (rd->js). */
+enum {
+    J_START = 0, /* before the body's object */
+    J_OUT,       /* in it, outside strings */
+    J_STR,       /* in a string, not a top-level key */
+    J_KEY,       /* in a top-level key, rd->jkey bytes of "usage" matched */
+    J_COLON,     /* after the top-level key "usage" */
+    J_END,       /* after the object: white space only */
+    J_BAD,       /* not one JSON object: nothing read */
+    J_YAJL,      /* the rest goes to yajl as one text */
+};
+
+/* The bytes J_OUT stops at. */
+static const uint8_t json_stop[256] = {
+    ['"'] = 1, ['{'] = 1, ['}'] = 1, ['['] = 1, [']'] = 1, [','] = 1,
+};
+
+/* The usage value in its usual shape (an object of plain keys, natural numbers, plain strings,
+ * literals and objects of the same, a few levels deep) is read here, in one go: p[0, n) is all
+ * of it. Returns 0 when it was read (rd->ev set as yajl's callbacks would have), -1 when it is
+ * of another shape, or malformed: yajl then reads it. */
+struct uv {
+    const char *p, *end;
+};
+
+static void uv_ws(struct uv *v)
+{
+    while (v->p < v->end && is_ws((unsigned char)*v->p))
+        v->p++;
+}
+
+/* A string without escapes or bytes outside printable ASCII (yajl checks the rest). */
+static int uv_str(struct uv *v, const char **s, size_t *n)
+{
+    const char *a = ++v->p;
+    while (v->p < v->end && *v->p != '"') {
+        if (*v->p < 0x20 || *v->p > 0x7e || *v->p == '\\')
+            return -1;
+        v->p++;
+    }
+    if (v->p == v->end)
+        return -1;
+    *s = a;
+    *n = (size_t)(v->p++ - a);
+    return 0;
+}
+
+static int uv_lit(struct uv *v, const char *lit, size_t n)
+{
+    if ((size_t)(v->end - v->p) < n || memcmp(v->p, lit, n) != 0)
+        return -1;
+    v->p += n;
+    return 0;
+}
+
+/* An object whose kind is k (K_USAGE, K_PDET, K_CDET or K_SKIP) at v->p ('{'). */
+static int uv_obj(struct uv *v, uint8_t k, int levels, struct usage *u)
+{
+    if (!levels)
+        return -1;
+    v->p++;
+    uv_ws(v);
+    if (v->p < v->end && *v->p == '}') {
+        v->p++;
+        return 0;
+    }
+    for (;;) {
+        const char *key;
+        size_t kn;
+        if (v->p == v->end || *v->p != '"' || uv_str(v, &key, &kn) < 0)
+            return -1;
+        uv_ws(v);
+        if (v->p == v->end || *v->p++ != ':')
+            return -1;
+        uv_ws(v);
+        if (v->p == v->end)
+            return -1;
+        char c = *v->p;
+        if (c >= '0' && c <= '9') {
+            uint64_t x = 0;
+            if (c == '0' && v->p + 1 < v->end && v->p[1] >= '0' && v->p[1] <= '9')
+                return -1;
+            for (; v->p < v->end && *v->p >= '0' && *v->p <= '9'; v->p++) {
+                uint64_t d = (uint64_t)(*v->p - '0');
+                x = x > (UINT64_MAX - d) / 10 ? UINT64_MAX : x * 10 + d;
+            }
+            if (v->p < v->end && (*v->p == '.' || *v->p == 'e' || *v->p == 'E'))
+                return -1;
+#define UVKEY(lit) (kn == sizeof(lit) - 1 && memcmp(key, lit, kn) == 0)
+            if (k == K_USAGE && (UVKEY("prompt_tokens") || UVKEY("input_tokens")))
+                u->prompt = x;
+            else if (k == K_USAGE && (UVKEY("completion_tokens") || UVKEY("output_tokens")))
+                u->completion = x;
+            else if (k == K_USAGE && UVKEY("total_tokens"))
+                u->total = x;
+            else if (k == K_PDET && UVKEY("cached_tokens"))
+                u->cached = x;
+            else if (k == K_CDET && UVKEY("reasoning_tokens"))
+                u->reasoning = x;
+        } else if (c == '{') {
+            uint8_t child = K_SKIP;
+            if (k == K_USAGE && (UVKEY("prompt_tokens_details") || UVKEY("input_tokens_details")))
+                child = K_PDET;
+            else if (k == K_USAGE &&
+                     (UVKEY("completion_tokens_details") || UVKEY("output_tokens_details")))
+                child = K_CDET;
+#undef UVKEY
+            if (uv_obj(v, child, levels - 1, u) < 0)
+                return -1;
+        } else if (c == '"') {
+            if (uv_str(v, &key, &kn) < 0)
+                return -1;
+        } else if (uv_lit(v, "null", 4) < 0 && uv_lit(v, "true", 4) < 0 &&
+                   uv_lit(v, "false", 5) < 0) {
+            return -1;
+        }
+        uv_ws(v);
+        if (v->p == v->end)
+            return -1;
+        if (*v->p == '}') {
+            v->p++;
+            return 0;
+        }
+        if (*v->p++ != ',')
+            return -1;
+        uv_ws(v);
+    }
+}
+
+static int usage_value(struct usage_rd *rd, const char *p, size_t n)
+{
+    struct uv v = {p, p + n};
+    struct usage u;
+    int obj = 0;
+
+    memset(&u, 0, sizeof(u));
+    uv_ws(&v);
+    if (v.p < v.end && *v.p == '{') {
+        if (uv_obj(&v, K_USAGE, 4, &u) < 0)
+            return -1;
+        obj = 1;
+    } else if (uv_lit(&v, "null", 4) < 0 && uv_lit(&v, "true", 4) < 0 &&
+               uv_lit(&v, "false", 5) < 0) {
+        return -1;
+    }
+    uv_ws(&v);
+    if (v.p != v.end)
+        return -1;
+    if (obj) { /* the last usage object counts */
+        rd->ev = u;
+        rd->ev_usage = 1;
+    }
+    return 0;
+}
+
+/* The usage value is handed to yajl, as the text {"usage":VALUE (its bytes so far first). */
+static void json_cap_yajl(struct usage_rd *rd)
+{
+    text_restart(rd);
+    text_feed(rd, "{\"usage\":", 9);
+    text_feed(rd, rd->hold, rd->hold_len);
+    rd->jcap = 2;
+}
+
+/* Bytes of the usage value: kept in hold while they fit, then through yajl. */
+static void json_cap(struct usage_rd *rd, const char *p, size_t n)
+{
+    if (rd->jcap == 1 && rd->hold_len + n > USAGE_HOLD)
+        json_cap_yajl(rd);
+    if (rd->jcap == 2) {
+        text_feed(rd, p, n);
+        return;
+    }
+    memcpy(rd->hold + rd->hold_len, p, n);
+    rd->hold_len = (uint16_t)(rd->hold_len + n);
+}
+
+/* The usage value's bytes that were in p[from, to) were the last: it is read. */
+static void json_cap_end(struct usage_rd *rd, const char *p, size_t from, size_t to)
+{
+    json_cap(rd, p + from, to - from);
+    if (rd->jcap == 1 && usage_value(rd, rd->hold, rd->hold_len) < 0)
+        json_cap_yajl(rd);
+    if (rd->jcap == 2) {
+        text_feed(rd, "}", 1);
+        if (rd->broken || !rd->closed)
+            rd->js = J_BAD;
+    }
+    rd->jcap = 0;
+}
+
+static void json_scan(struct usage_rd *rd, const char *p, size_t n)
+{
+    size_t i = 0, cap = 0; /* cap: where the usage value's bytes in p start (rd->jcap) */
+
+    while (i < n) {
+        switch (rd->js) {
+        case J_START:
+            while (i < n && is_ws((unsigned char)p[i]))
+                i++;
+            if (i == n)
+                break;
+            if (p[i++] != '{') {
+                rd->js = J_BAD;
+                return;
+            }
+            rd->jdepth = 1;
+            rd->jarr = 0;
+            rd->jkeypos = 1;
+            rd->js = J_OUT;
+            continue;
+        case J_OUT: {
+            while (i < n && !json_stop[(unsigned char)p[i]])
+                i++;
+            if (i == n)
+                break;
+            char c = p[i++];
+            uint32_t d = rd->jdepth;
+            if (c == '"') {
+                if (d == 1 && rd->jkeypos) {
+                    rd->jkeypos = 0;
+                    rd->jkey = 0;
+                    rd->js = J_KEY;
+                } else {
+                    rd->jesc = 0;
+                    rd->js = J_STR;
+                }
+            } else if (c == ',') {
+                if (d == 1) {
+                    if (rd->jkeypos) { /* "{," or ",," */
+                        rd->js = J_BAD;
+                        return;
+                    }
+                    if (rd->jcap)
+                        json_cap_end(rd, p, cap, i - 1);
+                    rd->jkeypos = 2;
+                }
+            } else if (c == '{' || c == '[') {
+                if (d == UINT32_MAX) {
+                    rd->js = J_BAD;
+                    return;
+                }
+                if (d < 64)
+                    rd->jarr = c == '[' ? rd->jarr | (1ull << d) : rd->jarr & ~(1ull << d);
+                rd->jdepth = d + 1;
+            } else { /* '}' or ']' */
+                if ((d <= 64 && ((rd->jarr >> (d - 1)) & 1) != (c == ']')) ||
+                    (d == 1 && rd->jkeypos == 2)) { /* mismatched, or ",}" */
+                    rd->js = J_BAD;
+                    return;
+                }
+                if (d == 1) {
+                    if (rd->jcap)
+                        json_cap_end(rd, p, cap, i - 1);
+                    if (rd->js != J_BAD)
+                        rd->js = J_END;
+                }
+                rd->jdepth = d - 1;
+            }
+            continue;
+        }
+        case J_STR: {
+            /* the string ends at a quote after an even run of backslashes */
+            const char *q = memchr(p + i, '"', n - i);
+            size_t e = q ? (size_t)(q - p) : n, k = e;
+            while (k > i && p[k - 1] == '\\')
+                k--;
+            uint8_t odd = (uint8_t)((e - k) & 1);
+            if (k == i)
+                odd ^= rd->jesc; /* the run goes on from the last piece */
+            if (!q) {
+                rd->jesc = odd;
+                i = n;
+                continue;
+            }
+            rd->jesc = 0;
+            i = e + 1;
+            if (!odd)
+                rd->js = J_OUT;
+            continue;
+        }
+        case J_KEY: {
+            char c = p[i];
+            if (c == '"') {
+                i++;
+                rd->js = rd->jkey == 5 ? J_COLON : J_OUT;
+            } else if (c == '\\') {
+                /* an escape in what may still be "usage": yajl reads the rest, from this key
+                 * on (its bytes so far were the first jkey of "usage") */
+                rd->js = J_YAJL;
+                text_restart(rd);
+                text_feed(rd, "{\"", 2);
+                text_feed(rd, "usage", rd->jkey);
+            } else if (rd->jkey < 5 && c == "usage"[rd->jkey]) {
+                rd->jkey++;
+                i++;
+            } else {
+                /* another key: the rest of it is any string */
+                rd->jesc = 0;
+                rd->js = J_STR;
+                i++;
+            }
+            continue;
+        }
+        case J_COLON:
+            while (i < n && is_ws((unsigned char)p[i]))
+                i++;
+            if (i == n)
+                break;
+            if (p[i++] != ':') {
+                rd->js = J_BAD;
+                return;
+            }
+            /* a later "usage" replaces an earlier one, as in one pass over the body */
+            rd->hold_len = 0;
+            rd->jcap = 1;
+            cap = i;
+            rd->js = J_OUT;
+            continue;
+        case J_END:
+            if (!all_ws(p + i, n - i))
+                rd->js = J_BAD;
+            return;
+        case J_BAD:
+            return;
+        case J_YAJL:
+            text_feed(rd, p + i, n - i);
+            return;
+        }
+    }
+    if (rd->jcap)
+        json_cap(rd, p + cap, n - cap);
+}
+
 /* ---- answers ---- */
 
 void usage_begin(struct usage_rd *rd, enum usage_kind kind, int filter)
@@ -400,28 +752,52 @@ void usage_begin(struct usage_rd *rd, enum usage_kind kind, int filter)
     rd->fmatch = 0;
     rd->ev_json = rd->ev_data = rd->ev_keep = rd->ev_open = 0;
     rd->hold_len = 0;
-    if (kind == USAGE_JSON)
-        text_begin(rd);
+    /* the handle is between two texts */
+    memset(&rd->ev, 0, sizeof(rd->ev));
+    rd->ev_text = rd->ev_delta = 0;
+    rd->ev_usage = 0;
+    rd->closed = 1;
+    rd->broken = 0;
+    rd->js = kind == USAGE_JSON ? J_START : J_BAD;
+    rd->jcap = 0;
 }
 
 void usage_json_feed(struct usage_rd *rd, const char *p, size_t n)
 {
     if (rd->mode == USAGE_JSON)
-        text_feed(rd, p, n);
+        json_scan(rd, p, n);
+}
+
+/* A JSON body is over: its last usage object counts when the body was one whole object. Its
+ * text is not counted (text_bytes is a stream's). */
+static void json_end(struct usage_rd *rd)
+{
+    if (rd->js == J_YAJL) {
+        text_end(rd);
+        rd->u.text_bytes = 0;
+        return;
+    }
+    if (rd->js == J_END && rd->ev_usage == 1) {
+        rd->u = rd->ev;
+        rd->u.flags |= USAGE_HAVE;
+    }
+    /* the handle is kept only when it is between two texts */
+    if (rd->jcap == 2 || !rd->closed || rd->broken || rd->m.over)
+        rd_drop(rd);
 }
 
 void usage_end(struct usage_rd *rd, struct usage *out)
 {
     if (rd->mode == USAGE_JSON) {
-        text_end(rd);
+        json_end(rd);
     } else if (rd->ev_json == 1) {
         /* an event cut before its end: its handle is mid-text */
         rd_drop(rd);
     }
     rd->ev_json = 0;
     rd->mode = USAGE_JSON;
-    rd->closed = 1; /* a later usage_json_feed without usage_begin reads nothing */
-    rd->broken = 1;
+    rd->js = J_BAD; /* a later usage_json_feed without usage_begin reads nothing */
+    rd->jcap = 0;
     rd->u.text_tokens = usage_tokens_of_bytes(rd->u.text_bytes);
     *out = rd->u;
 }

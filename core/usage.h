@@ -74,6 +74,15 @@ struct usage_rd {
     uint8_t broken;            /* not one JSON object: the handle is dropped at the end */
     uint8_t mode;              /* enum usage_kind */
     uint8_t filter;            /* SSE: remove the usage-only chunk */
+    /* JSON bodies: a structural pass (strings, nesting, top-level keys) that hands yajl only
+     * the value of a top-level "usage" key, wrapped as {"usage":VALUE} */
+    uint8_t js;      /* scan state (usage.c) */
+    uint8_t jkey;    /* in a top-level key: bytes of "usage" it matched so far; 0xff: not it */
+    uint8_t jesc;    /* in a string: the last piece ended in an odd run of backslashes */
+    uint8_t jkeypos; /* at depth 1, the next string is a key: 1 after '{', 2 after ',' */
+    uint8_t jcap;    /* in the usage value: 1 its bytes are kept in hold, 2 they go to yajl */
+    uint32_t jdepth; /* containers open */
+    uint64_t jarr;   /* bit d - 1: the container at depth d (<= 64) is an array */
     /* SSE lines and events */
     uint8_t line;      /* line state (usage.c) */
     uint8_t fmatch;    /* bytes of "data" matched in the field name; 0xff: another field */

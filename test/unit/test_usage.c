@@ -50,20 +50,34 @@ static void read_json(const char *body, size_t a, size_t b, struct usage *u)
     usage_put(&pool, rd);
 }
 
-static void check_json_everywhere(const char *body, const struct usage *want)
+static void check_json_cuts(const char *body, const struct usage *want)
 {
     size_t len = strlen(body);
     for (size_t a = 0; a <= len; a++) {
         for (size_t b = a; b <= len; b += (len / 7) + 1) {
             struct usage u;
             read_json(body, a, b, &u);
-            assert_int_equal(u.flags, want->flags);
-            assert_int_equal(u.prompt, want->prompt);
-            assert_int_equal(u.completion, want->completion);
-            assert_int_equal(u.cached, want->cached);
-            assert_int_equal(u.reasoning, want->reasoning);
-            assert_int_equal(u.total, want->total);
+            if (u.flags != want->flags || u.prompt != want->prompt ||
+                u.completion != want->completion || u.cached != want->cached ||
+                u.reasoning != want->reasoning || u.total != want->total || u.text_bytes)
+                fail_msg("%s\ncut at %zu, %zu: flags %u prompt %llu completion %llu total %llu",
+                         body, a, b, u.flags, (unsigned long long)u.prompt,
+                         (unsigned long long)u.completion, (unsigned long long)u.total);
         }
+    }
+}
+
+/* Body cut in three pieces everywhere gives want; so does the same body behind a first key
+ * written with an escape, which has yajl read all of it past that key (one object, as before
+ * the structural pass). */
+static void check_json_everywhere(const char *body, const struct usage *want)
+{
+    check_json_cuts(body, want);
+    if (body[0] == '{' && body[1] != '}') {
+        char *b2 = malloc(strlen(body) + 16);
+        sprintf(b2, "{\"\\u0078\":0,%s", body + 1);
+        check_json_cuts(b2, want);
+        free(b2);
     }
 }
 
@@ -89,18 +103,127 @@ static void test_json_no_usage(void **state)
         "{\"a\":{\"usage\":{\"prompt_tokens\":1}}}",
         "not json",
         "{\"usage\":{\"prompt_tokens\":1}} {\"x\":1}",
+        /* the usage key as a value, or inside one, or in a string with escapes */
+        "{\"a\":\"usage\",\"b\":[\"usage\",{\"usage\":{\"prompt_tokens\":1}}]}",
+        "{\"a\":\"x\\\\\\\",\\\"usage\\\":{\\\"prompt_tokens\\\":1}}\"}",
+        "{\"usage\":{\"prompt_tokens\":1},\"a\":\"cut",
+        /* malformed around a usage object */
+        "{\"usage\":{\"prompt_tokens\":1},}",
+        "{,\"usage\":{\"prompt_tokens\":1}}",
+        "{\"a\":1,,\"usage\":{\"prompt_tokens\":1}}",
+        "{\"usage\":{\"prompt_tokens\":1}]",
+        "{\"a\":[1},\"usage\":{\"prompt_tokens\":1}}",
+        "{\"usage\":{\"prompt_tokens\":1}}}",
+        "{\"usage\" 1,\"usage\":{\"prompt_tokens\":1}}",
+        "{\"usage\":{\"prompt_tokens\":1,}}",
+        "{\"usage\":{\"prompt_tokens\":1} 2}",
+        "{\"usage\":}",
+        "{\"usage\":{\"prompt_tokens\":01}}",
+        "{\"usage\":{\"prompt_tokens\":1 \"a\":2}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"a\":nul}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"a\":\"\\x\"}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"a\":\"\x01\"}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"a\":{\"b\":[}}}",
+        "{\"usage\":{\"prompt_tokens\":1}x}",
+        "{\"us\\u0061ge\":{\"prompt_tokens\":1},}",
+        "{\"us\\u0061ge\":{\"prompt_tokens\":1}",
+        "{\"us\\qge\":1,\"usage\":{\"prompt_tokens\":1}}",
+        " ",
+        "",
     };
     for (size_t i = 0; i < sizeof(bodies) / sizeof(bodies[0]); i++) {
-        struct usage u;
-        read_json(bodies[i], 0, 0, &u);
-        assert_int_equal(u.flags, 0);
-        assert_int_equal(u.prompt, 0);
+        size_t len = strlen(bodies[i]);
+        for (size_t a = 0; a <= len; a++) {
+            struct usage u;
+            read_json(bodies[i], a, a + (len - a) / 2, &u);
+            if (u.flags || u.prompt)
+                fail_msg("%s: usage read (cut at %zu)", bodies[i], a);
+        }
     }
     /* a reader keeps working after a bad body */
     struct usage u;
     read_json(embed_body, 3, 9, &u);
     assert_int_equal(u.flags, USAGE_HAVE);
     assert_int_equal(u.total, 8);
+}
+
+/* What the structural pass must get right: top-level keys written with escapes (read by yajl
+ * from there on), strings ending in backslashes, nesting deeper than it tracks, a usage key
+ * that comes twice (the last object counts, a later null does not clear it). */
+static void test_json_edges(void **state)
+{
+    (void)state;
+    struct usage one = {.flags = USAGE_HAVE, 1, 0, 0, 0, 0, 0, 0};
+    struct usage two = {.flags = USAGE_HAVE, 2, 3, 0, 0, 5, 0, 0};
+    struct usage seven = {.flags = USAGE_HAVE, 7, 0, 0, 0, 0, 0, 0};
+    static const char *ones[] = {
+        "{\"us\\u0061ge\":{\"prompt_tokens\":1}}",
+        "{\"\\u0075sage\":{\"prompt_tokens\":1}}",
+        "{\"usag\\u0065\" : {\"prompt_tokens\" :1 } }\n",
+        "{\"\\u0069d\":\"x\",\"usage\":{\"prompt_tokens\":1}}",
+        "{\"ab\\\"c\":\"\\\"usage\\\"\",\"usage\":{\"prompt_tokens\":1}}",
+        "{\"a\":\"\\\\\",\"usage\":{\"prompt_tokens\":1}}",
+        "{\"a\":\"\\\\\\\\\\\"\\\\\",\"usage\":{\"prompt_tokens\":1}}",
+        "{\"usage\":{\"prompt_tokens\":9},\"usage\":{\"prompt_tokens\":1}}",
+        "{\"usage\":{\"prompt_tokens\":1},\"usage\":null}",
+        "{\"usage\":{\"prompt_tokens\":1},\"usage\":[{\"prompt_tokens\":5}]}",
+        "{\"usage\":{\"prompt_tokens\":1,\"x\":{\"usage\":{\"prompt_tokens\":4}}}}",
+        "{\"us\\u0061ge\":{\"prompt_tokens\":9},\"usage\":{\"prompt_tokens\":1}}",
+        " {\"usage\":{\"prompt_tokens\":1,\"total_tokens\":\"x\"}} \r\n",
+        "{\"usage\":{\"prompt_tokens\":1,\"total_tokens\":1.5}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"total_tokens\":-7}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"total_tokens\":0,\"s\":\"\\u00e9 \xc3\xa9\"}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"a\":true,\"b\":false,\"c\":null,\"d\":\"\"}}",
+        "{\"usage\":{\"x\":{\"prompt_tokens\":5},\"prompt_tokens\":1,\"cached_tokens\":6}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"x\":{\"a\":{\"b\":{\"c\":{\"d\":{}}}}}}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"x\":[1,{\"prompt_tokens\":3}]}}",
+        "{\"usage\":{\"prompt_tokens\":5,\"prompt_tokens\":1}}",
+        "{\"usage\":{\"prompt_tokens_details\":null,\"prompt_tokens\":1}}",
+        "{\"usage\":{\"prompt_tokens_details\":{\"reasoning_tokens\":3},\"prompt_tokens\":1}}",
+        "{\"usage\":{\"prompt\\u005ftokens\":1}}",
+        "{\"usage\":true,\"usage\":{\"prompt_tokens\":1},\"usage\":\"x\",\"usage\":5}",
+    };
+    for (size_t i = 0; i < sizeof(ones) / sizeof(ones[0]); i++)
+        check_json_everywhere(ones[i], &one);
+    check_json_everywhere("{\"usage\":{\"prompt_tokens\":1},\"n\":[1,{\"a\":\"b\"}],"
+                          "\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3,"
+                          "\"total_tokens\":5}}",
+                          &two);
+    check_json_everywhere("{\"usage\":{\"prompt_tokens\":1},\"us\\u0061ge\":{\"prompt_tokens\":7}}",
+                          &seven);
+
+    /* saturated counts; a usage value longer than what is kept for the direct read */
+    struct usage big = {.flags = USAGE_HAVE, UINT64_MAX, 0, 0, 9, 0, 0, 0};
+    check_json_everywhere("{\"usage\":{\"prompt_tokens\":99999999999999999999999,"
+                          "\"completion_tokens_details\":{\"reasoning_tokens\":9}}}",
+                          &big);
+    char *pad = malloc(USAGE_HOLD * 2 + 100);
+    sprintf(pad, "{\"usage\":{\"pad\":\"%0*d\",\"prompt_tokens\":7}}", USAGE_HOLD, 0);
+    check_json_cuts(pad, &seven);
+    free(pad);
+
+    /* nesting far deeper than the 64 levels whose kind is checked */
+    char *b = malloc(1024), *q = b;
+    q += sprintf(q, "{\"deep\":");
+    for (int i = 0; i < 200; i++)
+        *q++ = i % 3 ? '[' : '{', q += i % 3 ? 0 : sprintf(q, "\"k\":");
+    for (int i = 199; i >= 0; i--)
+        *q++ = i % 3 ? ']' : '}';
+    sprintf(q, ",\"usage\":{\"prompt_tokens\":7}}");
+    check_json_cuts(b, &seven);
+    free(b);
+
+    /* once warm, a body allocates nothing */
+    struct usage u;
+    read_json(chat_body, 10, 300, &u);
+    struct usage_rd *rd = usage_get(&pool);
+    uint64_t heap = rd->m.heap_allocs;
+    usage_put(&pool, rd);
+    for (int i = 0; i < 20; i++)
+        read_json(i % 2 ? chat_body : ones[0], (size_t)i, 40, &u);
+    rd = usage_get(&pool);
+    assert_int_equal(rd->m.heap_allocs, heap);
+    usage_put(&pool, rd);
 }
 
 /* ---- event streams ---- */
@@ -405,12 +528,13 @@ static int teardown(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_json_bodies),      cmocka_unit_test(test_json_no_usage),
-        cmocka_unit_test(test_sse_pass_through), cmocka_unit_test(test_sse_filter),
-        cmocka_unit_test(test_sse_line_ends),    cmocka_unit_test(test_sse_bytewise),
-        cmocka_unit_test(test_sse_filter_keeps), cmocka_unit_test(test_sse_multiline),
-        cmocka_unit_test(test_sse_long_event),   cmocka_unit_test(test_sse_responses),
-        cmocka_unit_test(test_sse_cut),          cmocka_unit_test(test_sse_memory),
+        cmocka_unit_test(test_json_bodies),   cmocka_unit_test(test_json_no_usage),
+        cmocka_unit_test(test_json_edges),    cmocka_unit_test(test_sse_pass_through),
+        cmocka_unit_test(test_sse_filter),    cmocka_unit_test(test_sse_line_ends),
+        cmocka_unit_test(test_sse_bytewise),  cmocka_unit_test(test_sse_filter_keeps),
+        cmocka_unit_test(test_sse_multiline), cmocka_unit_test(test_sse_long_event),
+        cmocka_unit_test(test_sse_responses), cmocka_unit_test(test_sse_cut),
+        cmocka_unit_test(test_sse_memory),
     };
     return cmocka_run_group_tests(tests, NULL, teardown);
 }
