@@ -17,10 +17,10 @@
 
 #include "core/log.h"
 
-static int daemon_pipe = -1;        /* -D: write end, the parent waits on it */
-static int daemon_detached;         /* -D was acted on */
+static int daemon_pipe = -1;               /* -D: write end, the parent waits on it */
+static int daemon_detached;                /* -D was acted on */
 static char daemon_pidfile[CONF_PATH_MAX]; /* written by this process; "" = none */
-static pid_t daemon_pidfile_pid;    /* the pid in it: a child never removes it */
+static pid_t daemon_pidfile_pid;           /* the pid in it: a child never removes it */
 
 static int daemon_under_systemd(void)
 {
@@ -73,7 +73,7 @@ int daemon_start(void)
     close(fds[0]);
     daemon_pipe = fds[1];
     daemon_detached = 1;
-    setsid(); /* cannot fail: a fresh child is never a process group leader */
+    setsid();               /* cannot fail: a fresh child is never a process group leader */
     log_set_role("master"); /* refreshes the pid in log lines */
     return 0;
 }
@@ -220,9 +220,9 @@ int daemon_admin_perms(const char *path, const struct conf_global *g)
 
     if ((uid != (uid_t)-1 || gid != (gid_t)-1) && chown(path, uid, gid) == -1) {
         int err = errno;
-        log_err("cannot give admin socket %s to %s%s%s: %s", path,
-                uid != (uid_t)-1 ? "user " : "", uid != (uid_t)-1 ? g->user : "",
-                gid != (gid_t)-1 ? " admin_group" : "", strerror(err));
+        log_err("cannot give admin socket %s to %s%s%s: %s", path, uid != (uid_t)-1 ? "user " : "",
+                uid != (uid_t)-1 ? g->user : "", gid != (gid_t)-1 ? " admin_group" : "",
+                strerror(err));
         return -err;
     }
     if (gid != (gid_t)-1 && chmod(path, 0660) == -1) {
