@@ -4,7 +4,7 @@
 
 DEPS := meson ninja-build pkg-config gcc libc6-dev libuv1-dev libmbedtls-dev libinih-dev \
         node-llhttp libcmocka-dev libjsmn-dev libyajl-dev python3 openssl curl clang-format \
-        libnss-wrapper
+        libnss-wrapper libsystemd-dev
 BENCH_DEPS := wrk haproxy nginx-light
 
 BUILD := build

@@ -1,4 +1,5 @@
-/* aigw: the gateway's entry point. Checks (-t) or loads the configuration and runs the master. */
+/* aigw: the gateway's entry point. Checks (-t) or loads the configuration and runs the master,
+ * in the background with -D. */
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -7,6 +8,7 @@
 #include <unistd.h>
 
 #include "core/conf.h"
+#include "core/daemon.h"
 #include "core/log.h"
 #include "core/master.h"
 
@@ -27,9 +29,11 @@ static void log_warning(void *arg, const char *msg)
 
 static void usage(FILE *out)
 {
-    fprintf(out, "usage: aigw [-t] -c FILE\n"
+    fprintf(out, "usage: aigw [-t] [-D] -c FILE\n"
                  "  -c FILE  configuration file (INI, see etc/demo.ini)\n"
                  "  -t       check the configuration and exit (0 = valid, 1 = not)\n"
+                 "  -D       run in the background; exits 0 once serving, 1 if the start fails\n"
+                 "           (ignored under systemd)\n"
                  "  -v       print the version and exit\n"
                  "  -h       print this help and exit\n");
 }
@@ -39,15 +43,18 @@ int main(int argc, char **argv)
     const char *path = NULL;
     struct conf *conf = NULL;
     char *err = NULL;
-    int test = 0, opt;
+    int test = 0, detach = 0, opt;
 
-    while ((opt = getopt(argc, argv, "c:thv")) != -1) {
+    while ((opt = getopt(argc, argv, "c:tDhv")) != -1) {
         switch (opt) {
         case 'c':
             path = optarg;
             break;
         case 't':
             test = 1;
+            break;
+        case 'D':
+            detach = 1;
             break;
         case 'h':
             usage(stdout);
@@ -85,5 +92,9 @@ int main(int argc, char **argv)
     conf_warnings(conf, log_warning, NULL);
     /* A client or upstream that closes early must cost an EPIPE, not the process. */
     signal(SIGPIPE, SIG_IGN);
+    if (detach && daemon_start() < 0) {
+        conf_free(conf);
+        return 1;
+    }
     return master_run(conf);
 }

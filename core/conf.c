@@ -7,10 +7,12 @@
 #include <fcntl.h>
 #include <ctype.h>
 #include <fnmatch.h>
+#include <grp.h>
 #include <ini.h>
 #include <mbedtls/sha256.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -175,6 +177,10 @@ static const struct conf_key conf_global_keys[] = {
     KEY_CUSTOM("state_file"),
     KEY_DUR(conf_global, state_interval, 100, CONF_DAY_MS),
     KEY(conf_global, default_max_tokens, CONF_T_UINT32, 1, 100000000),
+    KEY_CUSTOM("user"),
+    KEY_CUSTOM("group"),
+    KEY_CUSTOM("pidfile"),
+    KEY_CUSTOM("admin_group"),
     {NULL, 0, 0, 0, 0},
 };
 
@@ -1006,6 +1012,56 @@ static int conf_copy_str(struct conf_parse *p, const char *key, char *dst, size_
     return 0;
 }
 
+/* user, group, pidfile, admin_group: names are looked up now, so that a name the host does not
+ * know is an error with its line (and `aigw -t` finds it), not a failed start. */
+static void conf_global_deploy(struct conf_parse *p, const char *key, const char *val)
+{
+    struct conf_global *g = &p->conf->global;
+
+    if (!strcmp(key, "user")) {
+        struct passwd *pw;
+
+        if (conf_copy_str(p, key, g->user, sizeof(g->user), val, "a user name") < 0)
+            return;
+        errno = 0;
+        pw = getpwnam(val);
+        if (!pw) {
+            conf_err(p, p->line, key, "unknown user '%s'%s%s", val, errno ? ": " : "",
+                     errno ? strerror(errno) : "");
+            return;
+        }
+        g->uid = pw->pw_uid;
+        if (!g->group[0]) /* a group = line, before or after, takes precedence */
+            g->gid = pw->pw_gid;
+    } else if (!strcmp(key, "group") || !strcmp(key, "admin_group")) {
+        int admin = key[0] == 'a';
+        char *dst = admin ? g->admin_group : g->group;
+        struct group *gr;
+
+        if (conf_copy_str(p, key, dst, CONF_NAME_MAX, val, "a group name") < 0)
+            return;
+        errno = 0;
+        gr = getgrnam(val);
+        if (!gr) {
+            conf_err(p, p->line, key, "unknown group '%s'%s%s", val, errno ? ": " : "",
+                     errno ? strerror(errno) : "");
+            return;
+        }
+        if (admin)
+            g->admin_gid = gr->gr_gid;
+        else
+            g->gid = gr->gr_gid;
+    } else if (!strcmp(key, "pidfile")) {
+        char *path = conf_path_resolve(p, val);
+
+        if (!path)
+            conf_err(p, p->line, key, "out of memory");
+        else
+            conf_copy_str(p, key, g->pidfile, sizeof(g->pidfile), path, "a file path");
+        free(path);
+    }
+}
+
 static void conf_global_custom(struct conf_parse *p, const char *key, const char *val)
 {
     struct conf_global *g = &p->conf->global;
@@ -1048,6 +1104,8 @@ static void conf_global_custom(struct conf_parse *p, const char *key, const char
         else
             conf_copy_str(p, key, g->state_file, sizeof(g->state_file), path, "a file path");
         free(path);
+    } else {
+        conf_global_deploy(p, key, val);
     }
 }
 
@@ -1865,6 +1923,7 @@ static void conf_global_defaults(struct conf_global *g)
     g->hard_stop_after_ms = 30 * 1000;
     g->state_interval_ms = 5 * 1000;
     g->default_max_tokens = 4096;
+    g->uid = g->gid = g->admin_gid = -1;
 }
 
 /* Opens the config file for reading. Only a regular file of at most CONF_FILE_MAX bytes is

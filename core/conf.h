@@ -110,6 +110,13 @@ struct conf_global {
     char state_file[CONF_PATH_MAX]; /* usage and budgets saved here; "" = nowhere */
     uint64_t state_interval_ms;     /* how often the master saves it */
     uint32_t default_max_tokens;    /* reserved for a request that names no max_*tokens */
+    /* deployment: resolved when the file is read, so a bad name is a FILE:LINE error */
+    char user[CONF_NAME_MAX];        /* "" = keep the starting user */
+    char group[CONF_NAME_MAX];       /* "" = user's primary group */
+    int64_t uid, gid;                /* -1 = unchanged */
+    char pidfile[CONF_PATH_MAX];     /* "" = none */
+    char admin_group[CONF_NAME_MAX]; /* "" = admin socket 0600 */
+    int64_t admin_gid;               /* -1 = none */
 };
 
 struct conf_listen {

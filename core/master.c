@@ -19,6 +19,7 @@
 #include <uv.h>
 
 #include "core/admin.h"
+#include "core/daemon.h"
 #include "core/log.h"
 #include "core/master.h"
 #include "core/sig.h"
@@ -477,6 +478,7 @@ void master_child_after_fork(void)
         M.loop_ready = 0;
     }
     M.admin_path[0] = '\0'; /* the socket file is the master's to remove */
+    daemon_child_after_fork();
     sig_child_after_fork();
 }
 
@@ -665,6 +667,8 @@ static void master_stop(enum master_stop how)
 {
     if (M.stopping == STOP_FAST || M.stopping == how)
         return; /* already doing this, or something faster */
+    if (!M.stopping)
+        daemon_stopping();
     M.stopping = how;
     listeners_close(); /* the workers keep theirs until they exit */
     uv_timer_stop(&M.restart_timer);
@@ -849,7 +853,15 @@ static int master_setup(struct conf *conf)
     if (rc < 0)
         return rc;
 
+    rc = daemon_priv_check(&conf->global);
+    if (rc < 0)
+        return rc;
+    if (conf->global.pidfile[0] && (rc = daemon_pidfile_write(conf->global.pidfile)) < 0)
+        return rc;
     rc = admin_listen(conf->global.admin_socket);
+    if (rc < 0)
+        return rc;
+    rc = daemon_admin_perms(conf->global.admin_socket, &conf->global);
     if (rc < 0)
         return rc;
     rc = listeners_bind(conf, workers);
@@ -869,6 +881,11 @@ static int master_setup(struct conf *conf)
         shm_backend_init(&M.shm, (uint32_t)b, (uint32_t)conf->backends[b].weight,
                          (uint32_t)conf->backends[b].max_conns);
 
+    /* Everything that needs root is done: listeners, admin socket, shm, state file. */
+    rc = daemon_drop_privileges(&conf->global);
+    if (rc < 0)
+        return rc;
+
     M.n_children = 1 + workers;
     M.children = calloc((size_t)M.n_children, sizeof(*M.children));
     if (!M.children)
@@ -884,6 +901,7 @@ static int master_setup(struct conf *conf)
 
     log_info("aigw master started (pid %d): %d workers, %d listeners, admin socket %s",
              (int)getpid(), workers, conf->n_listens, conf->global.admin_socket);
+    daemon_detach_stdio();
     return 0;
 }
 
@@ -916,6 +934,7 @@ static void master_teardown(void)
     free(M.children);
     M.children = NULL;
     M.n_children = 0;
+    daemon_pidfile_remove();
 }
 
 /* ---- the AI layer's shared state: limits, usage, the state file ---- */
@@ -1024,8 +1043,10 @@ int master_run(struct conf *conf)
         conf_free(conf);
         return 1;
     }
-    for (;;) {
+    for (int ready = 0;; ready = 1) {
         children_spawn_due();
+        if (!ready)
+            daemon_ready(); /* listeners bound, children forked */
         if (M.done)
             break;
         uv_run(&M.loop, UV_RUN_DEFAULT);

@@ -1239,6 +1239,31 @@ static void test_util_ai_values(void **state)
     assert_string_equal(items[2], "c");
 }
 
+/* [global] user, group, admin_group resolve names when read; pidfile is relative to the file. */
+static void test_deploy_keys(void **state)
+{
+    struct conf *c = load_ok(BASE "[global]\ngroup = root\nuser = nobody\nadmin_group = root\n"
+                                  "pidfile = aigw.pid\n");
+    char want[512];
+
+    assert_int_equal(c->global.uid, 65534);
+    assert_int_equal(c->global.gid, 0); /* group = wins over the user's primary group */
+    assert_int_equal(c->global.admin_gid, 0);
+    snprintf(want, sizeof(want), "%s/aigw.pid", dir);
+    assert_string_equal(c->global.pidfile, want);
+    conf_free(c);
+    c = load_ok(BASE "[global]\nuser = root\n");
+    assert_int_equal(c->global.uid, 0);
+    assert_int_equal(c->global.gid, 0);
+    assert_int_equal(c->global.admin_gid, -1);
+    assert_string_equal(c->global.pidfile, "");
+    conf_free(c);
+    load_bad(BASE "[global]\nuser = no-such-user-aigw\n", 7, "key 'user'",
+             "unknown user 'no-such-user-aigw'", NULL);
+    load_bad(BASE "[global]\ngroup = no-such-group-aigw\n", 7, "unknown group", NULL);
+    load_bad(BASE "[global]\nadmin_group = \n", 7, "key 'admin_group'", NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1275,6 +1300,7 @@ int main(void)
         cmocka_unit_test(test_err_ai_sections),
         cmocka_unit_test(test_auth_warning),
         cmocka_unit_test(test_util_ai_values),
+        cmocka_unit_test(test_deploy_keys),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
