@@ -128,7 +128,8 @@ def test_reload_under_load(env):
     m = env.mock("m1", "--chunks", 25, "--chunk-interval", "200ms")  # 5-second streams
     m2 = env.mock("m2", "--chunks", 25, "--chunk-interval", "200ms")
     keys = {"k": {"key_sha256": key_sha256(KEY)}}
-    gw = env.gateway([m], workers=2, keys=keys)
+    # hard_stop_after above the streams' length: a cut would be its doing, not the reload's
+    gw = env.gateway([m], workers=2, keys=keys, glob={"hard_stop_after": "30s"})
     conf_a = gw.conf_text
     conf_b = conf_a + "\n" + "\n".join([
         "[backend m2]", "pool = main", f"url = {m2.url}", "",
