@@ -12,8 +12,10 @@
 
 #include "core/conf.h"
 
-#define DEFAULT_SOCKET  "aigw.sock"
-#define REPLY_TIMEOUT_S 10 /* a master that accepts but never answers must not hang us */
+#define DEFAULT_SOCKET "aigw.sock"
+#define REPLY_TIMEOUT_S                                                                            \
+    30 /* a master that accepts but never answers must not hang us (a                              \
+        * reload answers within the master's 10 s readiness deadline) */
 
 static void usage(FILE *f)
 {
@@ -28,6 +30,9 @@ static void usage(FILE *f)
             "  show usage [--by key|model|backend] [--json]\n"
             "                          requests, tokens, cost, list-price cost and saved per\n"
             "                          key (default), model or backend, with a total\n"
+            "  reload                  check the config file and reload it without dropping a\n"
+            "                          request: waits and prints the new generation; a bad\n"
+            "                          file prints its FILE:LINE error (nothing changes)\n"
             "  breaker reset BACKEND   force the circuit breaker of BACKEND (NAME or POOL/NAME)\n"
             "                          closed\n"
             "  breaker open BACKEND    force it open for the pool's breaker_open_for\n"

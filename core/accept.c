@@ -17,7 +17,7 @@ int accept_errno_local(int err)
 /* May listener l take one more connection? */
 static int accept_room(const struct acceptor *a, const struct accept_listener *l)
 {
-    return !a->closed && !a->err_paused && (!a->max || a->conns < a->max) &&
+    return !a->closed && !a->err_paused && !a->held && (!a->max || a->conns < a->max) &&
            (!l->max || l->conns < l->max);
 }
 
@@ -156,6 +156,12 @@ void acceptor_closed(struct acceptor *a, int li)
     l->conns--;
     if (was_full)
         accept_update(a);
+}
+
+void acceptor_hold(struct acceptor *a, int on)
+{
+    a->held = (uint8_t)(on != 0);
+    accept_update(a);
 }
 
 void acceptor_close(struct acceptor *a)

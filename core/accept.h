@@ -41,6 +41,7 @@ struct acceptor {
     uint32_t conns;   /* open connections over all listeners */
     uv_timer_t retry; /* armed after a local resource error; accepting resumes when it fires */
     uint8_t timer_open, err_paused, closed;
+    uint8_t held; /* acceptor_hold: not accepting yet */
     accept_cb cb;
     void *ctx;
     struct log_rate full_log, err_log;
@@ -55,6 +56,10 @@ int acceptor_init(struct acceptor *a, uv_loop_t *loop, const int *fds, const cha
 /* A connection accepted on listener li has been closed (its fd released): below the limits
  * again, accepting resumes. */
 void acceptor_closed(struct acceptor *a, int li);
+
+/* on = 1: stop accepting for now (new connections wait in the backlog), 0: accept again. A
+ * reloaded generation's worker is held until the old one has stopped accepting. */
+void acceptor_hold(struct acceptor *a, int on);
 
 /* Stops accepting for good and closes the listening sockets (graceful stop). */
 void acceptor_close(struct acceptor *a);

@@ -388,6 +388,8 @@ static const char admin_help[] =
     "  show usage [--by key|model|backend] [json]\n"
     "                           tokens, requests and cost per key (default), model or\n"
     "                           backend, with a total\n"
+    "  reload                   check the config file and start a new generation on it; the\n"
+    "                           old one drains once the new workers are ready\n"
     "  breaker reset BACKEND    force the circuit breaker of BACKEND (NAME or POOL/NAME) closed\n"
     "  breaker open BACKEND     force it open for the pool's breaker_open_for\n"
     "  set backend BACKEND ready|drain|maint\n"
@@ -1041,4 +1043,16 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
     *out = b.p;
     *out_len = b.len;
     return rc;
+}
+
+int admin_is_reload(const char *line)
+{
+    while (*line == ' ' || *line == '\t')
+        line++;
+    if (strncmp(line, "reload", 6))
+        return 0;
+    line += 6;
+    while (*line == ' ' || *line == '\t' || *line == '\r')
+        line++;
+    return *line == '\0';
 }

@@ -38,6 +38,10 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
                const struct admin_proc *procs, int n_procs, struct admin_pending *pending,
                char **out, size_t *out_len);
 
+/* 1 when the line is `reload`: the master answers it itself, once the new generation serves
+ * ("reloaded: generation N (W workers)") or failed ("error: ..."). */
+int admin_is_reload(const char *line);
+
 /* 1 when the health checker has carried out the pending breaker command (its seq is done and
  * the breaker is in the state the command leads to), else 0. */
 int admin_pending_done(const struct shm *shm, const struct admin_pending *p);

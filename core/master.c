@@ -50,8 +50,11 @@ enum master_stop {
     STOP_FAST,     /* SIGINT: children close everything at once */
 };
 
+struct gen;
+
 /* One supervised child: the health checker or a worker slot. */
 struct child {
+    struct gen *g;         /* its generation */
     const char *role;      /* "health" or "worker" */
     int slot;              /* worker slot, -1 for the health checker */
     pid_t pid;             /* 0 while not running */
@@ -63,6 +66,31 @@ struct child {
     uint64_t restart_at;  /* monotonic ms */
 };
 
+/* A configuration generation: its config, segment, listening sockets and children. The master
+ * runs one (M.g); a reload starts the next (M.next) beside it, and once its workers are ready the
+ * old one drains (on M.old) until its last process has exited. */
+struct gen {
+    uint32_t id; /* 1 at start, +1 each reload: the segment's generation */
+    struct conf *conf;
+    struct shm shm;
+    int shm_ready;
+    int *fds; /* listening sockets, fds[slot * n_listens + listen]; its own (dup) copies */
+    int n_fds;
+    int workers;
+    struct child *children; /* [0] health, [1 + slot] workers */
+    int n_children;
+    struct state_names names; /* of keys, models, backends: the state file's */
+    const char **name_ptrs;
+    /* what carries over from `prev` (the generation before, while it drains): limiters by
+     * id, and the usage totals of the same names (index here -> index there, -1 = new) */
+    struct gen *prev;
+    struct limit_carry *carry;
+    uint32_t n_carry;
+    int32_t *acct_from[3]; /* per enum acct_kind */
+    uint64_t kill_at;      /* draining: monotonic ms after which what is left gets SIGKILL */
+    struct gen *next;      /* on M.old */
+};
+
 /* An aigwctl connection: one line in, one answer out, then close. */
 struct admin_client {
     uv_pipe_t pipe;
@@ -70,34 +98,38 @@ struct admin_client {
     uv_write_t wr;
     char *out;
     size_t out_len;
-    size_t len;                   /* of line */
-    struct admin_pending pending; /* breaker command the answer waits for */
-    uint64_t wait_until;          /* monotonic ms: answer anyway after this */
-    int open_handles;             /* freed when both handles have closed */
+    size_t len;                       /* of line */
+    struct admin_pending pending;     /* breaker command the answer waits for */
+    struct admin_client *next_waiter; /* reload: on M.waiters until the new generation runs */
+    uint64_t wait_until;              /* monotonic ms: answer anyway after this */
+    int open_handles;                 /* freed when both handles have closed */
     char line[ADMIN_LINE_MAX + 1];
 };
 
 /* The master's state: one per process, static so signal and fork paths can reach it. */
 static struct master {
     uv_loop_t loop;
-    int loop_ready; /* the loop exists: children must release it */
-    struct conf *conf;
-    struct shm shm;
-    int shm_ready;
-    int *fds; /* listening sockets, fds[slot * n_listens + listen] */
-    int n_fds;
-    struct child *children; /* [0] health, [1 + slot] workers */
-    int n_children;
+    int loop_ready;               /* the loop exists: children must release it */
+    struct gen *g;                /* the generation serving */
+    struct gen *next;             /* being started by a reload, NULL when none */
+    struct gen *old;              /* draining after a reload */
+    struct admin_client *waiters; /* aigwctl reload: answered when M.next runs or fails */
+    uint64_t next_deadline;       /* monotonic ms: M.next must be ready by then */
+    uv_timer_t reload_timer, sync_timer;
     uv_signal_t sig_chld, sig_term, sig_int, sig_quit, sig_hup, sig_usr1, sig_usr2;
     uv_pipe_t admin;
     uv_timer_t restart_timer, stop_timer, state_timer;
-    struct state_names names; /* of keys, models, backends: the state file's */
-    const char **name_ptrs;
     enum master_stop stopping;
     int done;
     uint64_t started_ms;
     char admin_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 } M;
+
+static void master_reload_signal(void);
+static int master_reload(char **err);
+static void admin_client_timeout(uv_timer_t *t);
+static void admin_client_send(struct admin_client *c);
+static void admin_client_close(struct admin_client *c);
 
 static const char *child_name(const struct child *c, char *buf, size_t size)
 {
@@ -155,27 +187,58 @@ fail:
     return err;
 }
 
-/* Binds every [listen] once per worker slot. Returns 0, or -errno after logging which address
- * failed and why (nothing has been forked yet, so the caller just exits). */
-static int listeners_bind(struct conf *conf, int workers)
+/* The old generation's listen with the same address as l (-1: none). */
+static int listen_match(const struct gen *old, const struct conf_listen *l)
 {
+    for (int i = 0; old && i < old->conf->n_listens; i++) {
+        const struct conf_listen *o = &old->conf->listens[i];
+        if (o->addr_len == l->addr_len && !memcmp(&o->addr, &l->addr, l->addr_len))
+            return i;
+    }
+    return -1;
+}
+
+/* Binds every [listen] of g once per worker slot. On a reload (old != NULL) a bind that stays
+ * takes the old generation's sockets (its own dup'ed copies: the same accept queues, so no
+ * connection waits in a queue that nobody will take), and only slots the old one did not have
+ * get new sockets on the same port. Returns 0, or -errno after logging which address failed
+ * and why. */
+static int listeners_bind(struct gen *g, const struct gen *old)
+{
+    struct conf *conf = g->conf;
+    int workers = g->workers;
     int n = conf->n_listens * workers;
-    M.fds = malloc(sizeof(int) * (size_t)(n ? n : 1));
-    if (!M.fds)
+    g->fds = malloc(sizeof(int) * (size_t)(n ? n : 1));
+    if (!g->fds)
         return -ENOMEM;
     for (int i = 0; i < n; i++)
-        M.fds[i] = -1;
-    M.n_fds = n;
+        g->fds[i] = -1;
+    g->n_fds = n;
 
     for (int li = 0; li < conf->n_listens; li++) {
         const struct conf_listen *l = &conf->listens[li];
         struct sockaddr_storage addr = l->addr;
         int backlog = l->backlog > 0 ? l->backlog : 511;
-        int rc, probe = -1;
+        int rc, probe = -1, ol = listen_match(old, l), s = 0;
 
-        /* SO_REUSEPORT would let us share a port another process (another aigw) already
-         * listens on: a plain bind first turns that into a clear "address in use". */
-        if (addr_port(&addr) != 0) {
+        if (ol >= 0) {
+            int ofd = old->fds[ol]; /* slot 0's: its port, when the config says 0 */
+            struct sockaddr_storage got;
+            socklen_t len = sizeof(got);
+            if (getsockname(ofd, (struct sockaddr *)&got, &len) == 0)
+                addr_set_port(&addr, addr_port(&got));
+            for (; s < workers && s < old->workers; s++) {
+                int fd = fcntl(old->fds[s * old->conf->n_listens + ol], F_DUPFD_CLOEXEC, 3);
+                if (fd == -1) {
+                    rc = -errno;
+                    log_err("cannot keep %s (listen %s): %s", l->bind, l->name, strerror(-rc));
+                    return rc;
+                }
+                g->fds[s * conf->n_listens + li] = fd;
+            }
+        } else if (addr_port(&addr) != 0) {
+            /* SO_REUSEPORT would let us share a port another process (another aigw) already
+             * listens on: a plain bind first turns that into a clear "address in use". */
             rc = listener_open(l, &addr, backlog, 0, &probe);
             if (rc < 0) {
                 log_err("cannot bind %s (listen %s): %s", l->bind, l->name, strerror(-rc));
@@ -183,8 +246,8 @@ static int listeners_bind(struct conf *conf, int workers)
             }
             close(probe);
         }
-        for (int s = 0; s < workers; s++) {
-            int *fd = &M.fds[s * conf->n_listens + li];
+        for (; s < workers; s++) {
+            int *fd = &g->fds[s * conf->n_listens + li];
             rc = listener_open(l, &addr, backlog, 1, fd);
             if (rc < 0) {
                 log_err("cannot bind %s (listen %s): %s", l->bind, l->name, strerror(-rc));
@@ -198,19 +261,42 @@ static int listeners_bind(struct conf *conf, int workers)
                     addr_set_port(&addr, addr_port(&got));
             }
         }
-        log_info("listening on %s (listen %s, %d sockets, backlog %d)", l->bind, l->name, workers,
-                 backlog);
+        log_info("listening on %s (listen %s, %d sockets, backlog %d%s)", l->bind, l->name, workers,
+                 backlog, ol >= 0 ? ", kept" : "");
     }
     return 0;
 }
 
+static void gen_close_fds(struct gen *g)
+{
+    for (int i = 0; g && i < g->n_fds; i++) {
+        if (g->fds[i] >= 0)
+            close(g->fds[i]);
+        g->fds[i] = -1;
+    }
+}
+
+/* Every generation the master holds: the serving one, the one starting, the draining ones. */
+static int gen_all(struct gen **out, int max)
+{
+    int n = 0;
+    if (M.g && n < max)
+        out[n++] = M.g;
+    if (M.next && n < max)
+        out[n++] = M.next;
+    for (struct gen *o = M.old; o && n < max; o = o->next)
+        out[n++] = o;
+    return n;
+}
+
+#define GEN_MAX 64 /* generations alive at once: reloads faster than old ones drain are refused */
+
 static void listeners_close(void)
 {
-    for (int i = 0; i < M.n_fds; i++) {
-        if (M.fds[i] >= 0)
-            close(M.fds[i]);
-        M.fds[i] = -1;
-    }
+    struct gen *gs[GEN_MAX];
+    int n = gen_all(gs, GEN_MAX);
+    for (int i = 0; i < n; i++)
+        gen_close_fds(gs[i]);
 }
 
 /* ---- admin socket ---- */
@@ -242,8 +328,8 @@ static int admin_procs(struct admin_proc *procs, int max)
 {
     int n = 0;
     procs[n++] = (struct admin_proc){"master", -1, (int)getpid(), M.started_ms, 0};
-    for (int i = 0; i < M.n_children && n < max; i++) {
-        const struct child *c = &M.children[i];
+    for (int i = 0; i < M.g->n_children && n < max; i++) {
+        const struct child *c = &M.g->children[i];
         procs[n++] = (struct admin_proc){c->role, c->slot, (int)c->pid, c->started_ms, c->restarts};
     }
     return n;
@@ -270,7 +356,7 @@ static void admin_client_send(struct admin_client *c)
 static void admin_client_wait(uv_timer_t *t)
 {
     struct admin_client *c = t->data;
-    int done = admin_pending_done(&M.shm, &c->pending);
+    int done = admin_pending_done(&M.g->shm, &c->pending);
     if (!done && time_mono_ms() < c->wait_until)
         return;
     /* Back to the idle timeout, which now bounds the write. */
@@ -284,7 +370,7 @@ static void admin_client_wait(uv_timer_t *t)
 /* Answers the line read so far, or with `error` when there is one, then closes. */
 static void admin_client_answer(struct admin_client *c, const char *error)
 {
-    int max = M.n_children + 1;
+    int max = M.g->n_children + 1;
     struct admin_proc *procs = calloc((size_t)max, sizeof(*procs));
     char *out = NULL;
     size_t len = 0;
@@ -292,13 +378,36 @@ static void admin_client_answer(struct admin_client *c, const char *error)
 
     uv_read_stop((uv_stream_t *)&c->pipe);
     c->pending.backend = -1;
+    if (!error && admin_is_reload(c->line)) {
+        char *err = NULL;
+        free(procs);
+        if (master_reload(&err) == 0) {
+            uv_timer_stop(&c->timer); /* the reload's own deadline bounds the wait */
+            c->next_waiter = M.waiters;
+            M.waiters = c;
+            return;
+        }
+        log_warn("admin: reload refused: %s", err ? err : "out of memory");
+        len = (size_t)snprintf(NULL, 0, "error: %s\n", err ? err : "out of memory");
+        out = malloc(len + 1);
+        if (out)
+            snprintf(out, len + 1, "error: %s\n", err ? err : "out of memory");
+        free(err);
+        c->out = out;
+        c->out_len = out ? len : 0;
+        if (out)
+            admin_client_send(c);
+        else
+            admin_client_close(c);
+        return;
+    }
     if (error) {
         out = strdup(error);
         len = out ? strlen(out) : 0;
         rc = out ? -EINVAL : -ENOMEM;
     } else if (procs) {
-        rc = admin_exec(c->line, M.conf, &M.shm, procs, admin_procs(procs, max), &c->pending, &out,
-                        &len);
+        rc = admin_exec(c->line, M.g->conf, &M.g->shm, procs, admin_procs(procs, max), &c->pending,
+                        &out, &len);
     }
     free(procs);
     if (rc == -ENOMEM || !out) {
@@ -315,11 +424,11 @@ static void admin_client_answer(struct admin_client *c, const char *error)
     c->out = out;
     c->out_len = len;
     if (rc == 0 && c->pending.backend >= 0) {
-        const struct conf_backend *cb = &M.conf->backends[c->pending.backend];
+        const struct conf_backend *cb = &M.g->conf->backends[c->pending.backend];
         log_info("admin: breaker %s requested for backend %s/%s",
-                 c->pending.want == BREAKER_OPEN ? "open" : "reset", M.conf->pools[cb->pool].name,
-                 cb->name);
-        if (!admin_pending_done(&M.shm, &c->pending)) {
+                 c->pending.want == BREAKER_OPEN ? "open" : "reset",
+                 M.g->conf->pools[cb->pool].name, cb->name);
+        if (!admin_pending_done(&M.g->shm, &c->pending)) {
             c->wait_until = time_mono_ms() + ADMIN_WAIT_MS;
             uv_timer_start(&c->timer, admin_client_wait, ADMIN_POLL_MS, ADMIN_POLL_MS);
             return;
@@ -492,19 +601,28 @@ static void __attribute__((noreturn)) child_run(struct child *c, pid_t master)
     if (getppid() != master) /* the master died before prctl took effect */
         _exit(0);
     log_set_role(child_name(c, name, sizeof(name)));
-    /* Keep only this slot's listening sockets (the master keeps all of them). */
-    for (int i = 0; i < M.n_fds; i++) {
-        int mine = c->slot >= 0 && i / M.conf->n_listens == c->slot;
-        if (!mine && M.fds[i] >= 0) {
-            close(M.fds[i]);
-            M.fds[i] = -1;
+    struct gen *g = c->g, *gs[GEN_MAX];
+    int n = gen_all(gs, GEN_MAX);
+    /* Keep only this slot's listening sockets (the master keeps all of them), and only this
+     * generation's segment. */
+    for (int k = 0; k < n; k++) {
+        for (int i = 0; i < gs[k]->n_fds; i++) {
+            int mine = gs[k] == g && c->slot >= 0 && i / g->conf->n_listens == c->slot;
+            if (!mine && gs[k]->fds[i] >= 0) {
+                close(gs[k]->fds[i]);
+                gs[k]->fds[i] = -1;
+            }
+        }
+        if (gs[k] != g && gs[k]->shm_ready) {
+            shm_destroy(&gs[k]->shm);
+            gs[k]->shm_ready = 0;
         }
     }
     master_child_after_fork();
     if (c->slot >= 0)
-        rc = worker_main(M.conf, &M.shm, c->slot, &M.fds[c->slot * M.conf->n_listens]);
+        rc = worker_main(g->conf, &g->shm, c->slot, &g->fds[c->slot * g->conf->n_listens]);
     else
-        rc = health_main(M.conf, &M.shm);
+        rc = health_main(g->conf, &g->shm);
     exit(rc); /* not _exit: sanitizers in the child report at exit */
 }
 
@@ -536,7 +654,7 @@ static void child_spawn(struct child *c)
     c->started_ms = time_real_ms();
     c->started_mono = time_mono_ms();
     if (c->slot >= 0)
-        atomic_store_explicit(&shm_worker(&M.shm, (uint32_t)c->slot)->pid, pid,
+        atomic_store_explicit(&shm_worker(&c->g->shm, (uint32_t)c->slot)->pid, pid,
                               memory_order_release);
     log_info("%s started (pid %d)", child_name(c, name, sizeof(name)), (int)pid);
 }
@@ -556,31 +674,54 @@ static void children_spawn_due(void)
 
     if (M.stopping)
         return;
-    for (int i = 0; i < M.n_children; i++) {
-        struct child *c = &M.children[i];
-        if (c->pending && c->restart_at <= now)
-            child_spawn(c);
-        if (c->pending && (!next || c->restart_at < next))
-            next = c->restart_at;
+    for (int k = 0; k < 2; k++) {
+        struct gen *g = k ? M.next : M.g;
+        for (int i = 0; g && i < g->n_children; i++) {
+            struct child *c = &g->children[i];
+            if (c->pending && c->restart_at <= now)
+                child_spawn(c);
+            if (c->pending && (!next || c->restart_at < next))
+                next = c->restart_at;
+        }
     }
     if (next)
         uv_timer_start(&M.restart_timer, restart_timer_fired, next > now ? next - now : 0, 0);
 }
 
-static int children_alive(void)
+static int gen_alive(const struct gen *g)
 {
     int n = 0;
-    for (int i = 0; i < M.n_children; i++)
-        n += M.children[i].pid > 0;
+    for (int i = 0; i < g->n_children; i++)
+        n += g->children[i].pid > 0;
+    return n;
+}
+
+static void gen_signal(const struct gen *g, int sig)
+{
+    for (int i = 0; i < g->n_children; i++)
+        if (g->children[i].pid > 0)
+            kill(g->children[i].pid, sig);
+}
+
+static int children_alive(void)
+{
+    struct gen *gs[GEN_MAX];
+    int n = 0, ng = gen_all(gs, GEN_MAX);
+    for (int k = 0; k < ng; k++)
+        n += gen_alive(gs[k]);
     return n;
 }
 
 static void children_signal(int sig)
 {
-    for (int i = 0; i < M.n_children; i++)
-        if (M.children[i].pid > 0)
-            kill(M.children[i].pid, sig);
+    struct gen *gs[GEN_MAX];
+    int ng = gen_all(gs, GEN_MAX);
+    for (int k = 0; k < ng; k++)
+        gen_signal(gs[k], sig);
 }
+
+static void reload_fail(const char *msg);
+static void gen_reap_old(void);
 
 /* Logs a child's end and, unless stopping, schedules its restart: at once the first time, with
  * a doubling delay while it keeps dying soon after starting. */
@@ -600,11 +741,18 @@ static void child_exited(struct child *c, int status)
     /* Its in-flight and trial slots end with it, now: not when a replacement starts, which a
      * crash loop's back-off (or a stop) may put off for long, holding max_conns and half-open
      * trial slots that nobody uses. */
-    if (c->slot >= 0)
-        shm_worker_reset(&M.shm, (uint32_t)c->slot);
+    if (c->slot >= 0 && c->g->shm_ready)
+        shm_worker_reset(&c->g->shm, (uint32_t)c->slot);
 
-    if (M.stopping) {
-        log_info("%s (pid %d) %s", name, (int)pid, how);
+    if (M.stopping || c->g != M.g) {
+        if (c->g == M.next) { /* a new generation's process died before it was ready */
+            char msg[160];
+            snprintf(msg, sizeof(msg),
+                     "generation %u: %s %s before it was ready; generation %u goes on serving",
+                     c->g->id, name, how, M.g->id);
+            reload_fail(msg);
+        }
+        log_info("%s (pid %d, generation %u) %s", name, (int)pid, c->g->id, how);
         return;
     }
 
@@ -637,13 +785,19 @@ static void on_sigchld(uv_signal_t *h, int sig)
     pid_t pid;
 
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-        for (int i = 0; i < M.n_children; i++) {
-            if (M.children[i].pid == pid) {
-                child_exited(&M.children[i], status);
-                break;
+        struct gen *gs[GEN_MAX];
+        int ng = gen_all(gs, GEN_MAX), found = 0;
+        for (int k = 0; k < ng && !found; k++) {
+            for (int i = 0; i < gs[k]->n_children; i++) {
+                if (gs[k]->children[i].pid == pid) {
+                    child_exited(&gs[k]->children[i], status);
+                    found = 1;
+                    break;
+                }
             }
         }
     }
+    gen_reap_old();
     if (M.stopping && children_alive() == 0) {
         M.done = 1;
         uv_stop(&M.loop);
@@ -657,7 +811,7 @@ static void stop_timer_fired(uv_timer_t *t)
         return;
     if (M.stopping == STOP_GRACEFUL)
         log_warn("hard_stop_after (%llu ms) passed %d ms ago: killing %d remaining children",
-                 (unsigned long long)M.conf->global.hard_stop_after_ms, HARD_STOP_GRACE_MS, n);
+                 (unsigned long long)M.g->conf->global.hard_stop_after_ms, HARD_STOP_GRACE_MS, n);
     else
         log_warn("fast stop: killing %d children still running", n);
     children_signal(SIGKILL);
@@ -670,19 +824,21 @@ static void master_stop(enum master_stop how)
     if (!M.stopping)
         daemon_stopping();
     M.stopping = how;
+    if (M.next)
+        reload_fail("the master is stopping");
     listeners_close(); /* the workers keep theirs until they exit */
     uv_timer_stop(&M.restart_timer);
-    for (int i = 0; i < M.n_children; i++)
-        M.children[i].pending = 0;
+    for (int i = 0; i < M.g->n_children; i++)
+        M.g->children[i].pending = 0;
     uv_timer_stop(&M.stop_timer);
 
     int n = children_alive();
     if (how == STOP_GRACEFUL) {
         log_info("graceful stop: stopped accepting, asking %d children to finish", n);
         children_signal(SIGTERM);
-        if (M.conf->global.hard_stop_after_ms)
+        if (M.g->conf->global.hard_stop_after_ms)
             uv_timer_start(&M.stop_timer, stop_timer_fired,
-                           M.conf->global.hard_stop_after_ms + HARD_STOP_GRACE_MS, 0);
+                           M.g->conf->global.hard_stop_after_ms + HARD_STOP_GRACE_MS, 0);
     } else {
         log_info("fast stop: closing %d children", n);
         children_signal(SIGINT);
@@ -707,7 +863,8 @@ static void on_signal(uv_signal_t *h, int sig)
         master_stop(STOP_FAST);
         break;
     case SIGHUP:
-        log_warn("SIGHUP received: configuration reload is not supported yet; ignored");
+        log_info("SIGHUP received: reloading the configuration");
+        master_reload_signal();
         break;
     case SIGUSR2:
         log_warn("SIGUSR2 received: binary upgrade is not supported yet; ignored");
@@ -825,7 +982,9 @@ static void master_close_walk(uv_handle_t *h, void *arg)
         uv_close(h, NULL);
 }
 
-static int master_shm_create(const struct conf *conf, int workers);
+static int master_shm_create(struct gen *g);
+static int gen_children(struct gen *g);
+static void gen_free(struct gen *g);
 static int master_state_load(const struct conf *conf);
 static void master_state_save(void);
 
@@ -833,7 +992,12 @@ static int master_setup(struct conf *conf)
 {
     int rc, workers = conf->global.workers > 0 ? conf->global.workers : 1;
 
-    M.conf = conf;
+    M.g = calloc(1, sizeof(*M.g));
+    if (!M.g)
+        return -ENOMEM;
+    M.g->id = 1;
+    M.g->conf = conf;
+    M.g->workers = workers;
     M.started_ms = time_real_ms();
     signal(SIGPIPE, SIG_IGN); /* an aigwctl that hangs up must not kill the master */
 
@@ -846,6 +1010,8 @@ static int master_setup(struct conf *conf)
     /* uv_timer_init cannot fail (it only initialises the handle) */
     uv_timer_init(&M.loop, &M.restart_timer);
     uv_timer_init(&M.loop, &M.stop_timer);
+    uv_timer_init(&M.loop, &M.reload_timer);
+    uv_timer_init(&M.loop, &M.sync_timer);
     rc = master_signals();
     if (rc < 0)
         return rc;
@@ -864,21 +1030,21 @@ static int master_setup(struct conf *conf)
     rc = daemon_admin_perms(conf->global.admin_socket, &conf->global);
     if (rc < 0)
         return rc;
-    rc = listeners_bind(conf, workers);
+    rc = listeners_bind(M.g, NULL);
     if (rc < 0)
         return rc;
 
-    rc = master_shm_create(conf, workers);
+    rc = master_shm_create(M.g);
     if (rc < 0) {
         log_err("cannot create the shared memory segment: %s", strerror(-rc));
         return rc;
     }
-    M.shm_ready = 1;
+    M.g->shm_ready = 1;
     rc = master_state_load(conf);
     if (rc < 0)
         return rc;
     for (int b = 0; b < conf->n_backends; b++)
-        shm_backend_init(&M.shm, (uint32_t)b, (uint32_t)conf->backends[b].weight,
+        shm_backend_init(&M.g->shm, (uint32_t)b, (uint32_t)conf->backends[b].weight,
                          (uint32_t)conf->backends[b].max_conns);
 
     /* Everything that needs root is done: listeners, admin socket, shm, state file. */
@@ -886,18 +1052,9 @@ static int master_setup(struct conf *conf)
     if (rc < 0)
         return rc;
 
-    M.n_children = 1 + workers;
-    M.children = calloc((size_t)M.n_children, sizeof(*M.children));
-    if (!M.children)
-        return -ENOMEM;
-    uint64_t now = time_mono_ms();
-    for (int i = 0; i < M.n_children; i++) {
-        struct child *c = &M.children[i];
-        c->role = i == 0 ? "health" : "worker";
-        c->slot = i - 1;
-        c->pending = 1;
-        c->restart_at = now;
-    }
+    rc = gen_children(M.g);
+    if (rc < 0)
+        return rc;
 
     log_info("aigw master started (pid %d): %d workers, %d listeners, admin socket %s",
              (int)getpid(), workers, conf->n_listens, conf->global.admin_socket);
@@ -907,17 +1064,12 @@ static int master_setup(struct conf *conf)
 
 static void master_teardown(void)
 {
-    if (M.shm_ready && M.name_ptrs)
+    if (M.g && M.g->shm_ready && M.g->name_ptrs)
         master_state_save(); /* the workers are gone: the totals are final */
-    free(M.name_ptrs);
-    M.name_ptrs = NULL;
     /* Closing the signal handles puts the default actions back: a late signal must not kill
      * the master before it removed its socket. */
     sig_block_all_handled();
     listeners_close();
-    free(M.fds);
-    M.fds = NULL;
-    M.n_fds = 0;
     if (M.loop_ready) {
         uv_walk(&M.loop, master_close_walk, NULL);
         uv_run(&M.loop, UV_RUN_DEFAULT);
@@ -928,12 +1080,17 @@ static void master_teardown(void)
         unlink(M.admin_path);
         M.admin_path[0] = '\0';
     }
-    if (M.shm_ready)
-        shm_destroy(&M.shm);
-    M.shm_ready = 0;
-    free(M.children);
-    M.children = NULL;
-    M.n_children = 0;
+    while (M.old) {
+        struct gen *o = M.old;
+        M.old = o->next;
+        gen_free(o);
+    }
+    if (M.next)
+        gen_free(M.next);
+    M.next = NULL;
+    if (M.g)
+        gen_free(M.g);
+    M.g = NULL;
     daemon_pidfile_remove();
 }
 
@@ -941,8 +1098,10 @@ static void master_teardown(void)
 
 /* The segment with the limiter and usage regions: one limiter per key, model and pool, in
  * that order (the workers' limit stage uses the same ids). */
-static int master_shm_create(const struct conf *conf, int workers)
+static int master_shm_create(struct gen *g)
 {
+    const struct conf *conf = g->conf;
+    int workers = g->workers;
     uint32_t n = (uint32_t)(conf->n_keys + conf->n_models + conf->n_pools);
     struct limit_spec *specs = calloc(n ? n : 1, sizeof(*specs));
     struct shm_ai ai;
@@ -968,7 +1127,7 @@ static int master_shm_create(const struct conf *conf, int workers)
     }
     ai = (struct shm_ai){(uint32_t)conf->n_keys, (uint32_t)conf->n_models, (uint32_t)conf->n_pools,
                          specs, (int64_t)(time_real_ms() / 1000)};
-    rc = shm_create_ai(&M.shm, (uint32_t)conf->n_backends, (uint32_t)workers, 1, &ai);
+    rc = shm_create_ai(&g->shm, (uint32_t)conf->n_backends, (uint32_t)workers, g->id, &ai);
     free(specs);
     return rc;
 }
@@ -977,10 +1136,10 @@ static void master_state_save(void)
 {
     char *err = NULL;
 
-    if (!M.conf->global.state_file[0])
+    if (!M.g->conf->global.state_file[0])
         return;
-    if (state_save(M.conf->global.state_file, &M.names, shm_limits(&M.shm), shm_acct(&M.shm),
-                   (int64_t)(time_real_ms() / 1000), &err) < 0) {
+    if (state_save(M.g->conf->global.state_file, &M.g->names, shm_limits(&M.g->shm),
+                   shm_acct(&M.g->shm), (int64_t)(time_real_ms() / 1000), &err) < 0) {
         log_warn("cannot save the state: %s", err ? err : "out of memory");
         free(err);
     }
@@ -995,30 +1154,40 @@ static void state_timer_fired(uv_timer_t *t)
 /* The names the state file matches budgets and totals by; the budgets and totals it holds put
  * back before any worker runs. A damaged file stops the start: budgets must not reset by
  * accident (move the file away to start from zero). */
-static int master_state_load(const struct conf *conf)
+static int gen_names(struct gen *g)
 {
+    const struct conf *conf = g->conf;
     size_t n = (size_t)(conf->n_keys + conf->n_models + conf->n_backends);
-    char *err = NULL;
-    int rc;
 
-    M.name_ptrs = calloc(n ? n : 1, sizeof(*M.name_ptrs));
-    if (!M.name_ptrs)
+    g->name_ptrs = calloc(n ? n : 1, sizeof(*g->name_ptrs));
+    if (!g->name_ptrs)
         return -ENOMEM;
     for (int i = 0; i < conf->n_keys; i++)
-        M.name_ptrs[i] = conf->keys[i].name;
+        g->name_ptrs[i] = conf->keys[i].name;
     for (int i = 0; i < conf->n_models; i++)
-        M.name_ptrs[conf->n_keys + i] = conf->models[i].name;
+        g->name_ptrs[conf->n_keys + i] = conf->models[i].name;
     for (int i = 0; i < conf->n_backends; i++)
-        M.name_ptrs[conf->n_keys + conf->n_models + i] = conf->backends[i].name;
-    M.names = (struct state_names){M.name_ptrs,
-                                   (uint32_t)conf->n_keys,
-                                   M.name_ptrs + conf->n_keys,
-                                   (uint32_t)conf->n_models,
-                                   M.name_ptrs + conf->n_keys + conf->n_models,
-                                   (uint32_t)conf->n_backends};
+        g->name_ptrs[conf->n_keys + conf->n_models + i] = conf->backends[i].name;
+    g->names = (struct state_names){g->name_ptrs,
+                                    (uint32_t)conf->n_keys,
+                                    g->name_ptrs + conf->n_keys,
+                                    (uint32_t)conf->n_models,
+                                    g->name_ptrs + conf->n_keys + conf->n_models,
+                                    (uint32_t)conf->n_backends};
+    return 0;
+}
+
+static int master_state_load(const struct conf *conf)
+{
+    char *err = NULL;
+    int rc = gen_names(M.g);
+
+    if (rc < 0)
+        return rc;
     if (!conf->global.state_file[0])
         return 0;
-    rc = state_load(conf->global.state_file, &M.names, shm_limits(&M.shm), shm_acct(&M.shm), &err);
+    rc = state_load(conf->global.state_file, &M.g->names, shm_limits(&M.g->shm),
+                    shm_acct(&M.g->shm), &err);
     if (rc == -ENOENT) {
         log_info("state file %s does not exist yet: usage and budgets start from zero",
                  conf->global.state_file);
@@ -1035,12 +1204,368 @@ static int master_state_load(const struct conf *conf)
     return 0;
 }
 
+/* ---- generations and reload ---- */
+
+#define RELOAD_READY_MS 10000 /* a new generation's workers must be ready within this */
+#define SYNC_MS         20    /* while an old generation drains: how often its limiters carry */
+
+static int gen_children(struct gen *g)
+{
+    uint64_t now = time_mono_ms();
+
+    g->n_children = 1 + g->workers;
+    g->children = calloc((size_t)g->n_children, sizeof(*g->children));
+    if (!g->children)
+        return -ENOMEM;
+    for (int i = 0; i < g->n_children; i++) {
+        struct child *c = &g->children[i];
+        c->g = g;
+        c->role = i == 0 ? "health" : "worker";
+        c->slot = i - 1;
+        c->pending = 1;
+        c->restart_at = now;
+    }
+    return 0;
+}
+
+/* One step of what carries from g->prev into g: the limiters' admissions, spent money and
+ * in-flight holds (limit_carry_sync), and the usage totals (the old generation's totals are
+ * g's base, to which g's workers add). */
+static void gen_sync(struct gen *g)
+{
+    struct gen *o = g->prev;
+    uint64_t now = time_mono_ms();
+
+    if (!o || !o->shm_ready)
+        return;
+    for (uint32_t i = 0; i < g->n_carry; i++)
+        limit_carry_sync(shm_limits(&g->shm), shm_limits(&o->shm), (uint32_t)g->workers,
+                         &g->carry[i], now);
+    for (int k = ACCT_KEY; k <= ACCT_BACKEND; k++) {
+        uint32_t n = acct_count(shm_acct(&g->shm), (enum acct_kind)k);
+        for (uint32_t i = 0; g->acct_from[k] && i < n; i++) {
+            struct acct_usage u;
+            if (g->acct_from[k][i] >= 0 && acct_get(shm_acct(&o->shm), (enum acct_kind)k,
+                                                    (uint32_t)g->acct_from[k][i], &u) == 0)
+                acct_base_set(shm_acct(&g->shm), (enum acct_kind)k, i, &u);
+        }
+    }
+}
+
+/* g->prev is going away: a last sync, then g no longer holds its in-flight shares. */
+static void gen_carry_end(struct gen *g)
+{
+    if (!g->prev)
+        return;
+    gen_sync(g);
+    for (uint32_t i = 0; g->shm_ready && i < g->n_carry; i++)
+        limit_carry_end(shm_limits(&g->shm), (uint32_t)g->workers, &g->carry[i]);
+    g->prev = NULL;
+}
+
+static void gen_free(struct gen *g)
+{
+    struct gen *gs[GEN_MAX];
+    int n = gen_all(gs, GEN_MAX);
+
+    for (int k = 0; k < n; k++)
+        if (gs[k]->prev == g)
+            gen_carry_end(gs[k]);
+    gen_close_fds(g);
+    free(g->fds);
+    if (g->shm_ready)
+        shm_destroy(&g->shm);
+    free(g->children);
+    free(g->name_ptrs);
+    free(g->carry);
+    for (int k = 0; k < 3; k++)
+        free(g->acct_from[k]);
+    if (g->conf)
+        conf_free(g->conf);
+    free(g);
+}
+
+/* Frees the old generations whose last process has exited; kills what outlived
+ * hard_stop_after; stops the sync timer when none is left. */
+static void gen_reap_old(void)
+{
+    uint64_t now = time_mono_ms();
+
+    for (struct gen **p = &M.old; *p;) {
+        struct gen *o = *p;
+        if (gen_alive(o) == 0) {
+            *p = o->next;
+            log_info("generation %u: all its processes have exited", o->id);
+            gen_free(o);
+            continue;
+        }
+        if (o->kill_at && now >= o->kill_at) {
+            log_warn("generation %u: %d processes still running after hard_stop_after: killing",
+                     o->id, gen_alive(o));
+            gen_signal(o, SIGKILL);
+            o->kill_at = 0;
+        }
+        p = &o->next;
+    }
+    if (!M.old)
+        uv_timer_stop(&M.sync_timer);
+}
+
+static void sync_timer_fired(uv_timer_t *t)
+{
+    struct gen *chain[GEN_MAX];
+    int n = 0;
+
+    (void)t;
+    /* oldest first, so what a generation admitted reaches the newest in one pass */
+    for (struct gen *o = M.old; o && n < GEN_MAX; o = o->next)
+        chain[n++] = o;
+    for (int i = n - 1; i >= 0; i--)
+        gen_sync(chain[i]);
+    gen_sync(M.g);
+    gen_reap_old();
+}
+
+static void reload_answer(const char *msg)
+{
+    while (M.waiters) {
+        struct admin_client *c = M.waiters;
+        M.waiters = c->next_waiter;
+        c->out = strdup(msg);
+        c->out_len = c->out ? strlen(c->out) : 0;
+        uv_timer_start(&c->timer, admin_client_timeout, ADMIN_IDLE_MS, 0);
+        if (c->out)
+            admin_client_send(c);
+        else
+            admin_client_close(c);
+    }
+}
+
+/* M.next will not serve: its processes are stopped (and it is freed once they are gone), the
+ * serving generation is untouched. */
+static void reload_fail(const char *msg)
+{
+    struct gen *g = M.next;
+    char out[512];
+
+    if (!g)
+        return;
+    M.next = NULL;
+    uv_timer_stop(&M.reload_timer);
+    log_err("reload failed: %s", msg);
+    for (int i = 0; i < g->n_children; i++)
+        g->children[i].pending = 0;
+    gen_signal(g, SIGINT);
+    g->kill_at = time_mono_ms() + FAST_STOP_MS;
+    gen_close_fds(g);
+    g->prev = NULL;
+    g->next = M.old;
+    M.old = g;
+    uv_timer_start(&M.sync_timer, sync_timer_fired, SYNC_MS, SYNC_MS);
+    snprintf(out, sizeof(out), "error: reload failed: %s\n", msg);
+    reload_answer(out);
+}
+
+/* M.next's workers are all ready: the old generation stops accepting and drains, its limiters'
+ * windows are copied, and the new workers start accepting. Between the two, new connections
+ * wait in the listening sockets' backlogs. */
+static void reload_handover(void)
+{
+    struct gen *g = M.next, *o = M.g;
+    char out[128];
+
+    uv_timer_stop(&M.reload_timer);
+    M.next = NULL;
+    M.g = g;
+    for (int i = 0; i < o->n_children; i++)
+        o->children[i].pending = 0;
+    gen_signal(o, SIGTERM);
+    if (o->conf->global.hard_stop_after_ms)
+        o->kill_at = time_mono_ms() + o->conf->global.hard_stop_after_ms + HARD_STOP_GRACE_MS;
+    /* its workers closed their copies (or will at once): sockets g did not keep go now, so that
+     * no connection lands in a queue nobody takes */
+    gen_close_fds(o);
+    o->next = M.old;
+    M.old = o;
+    gen_sync(g); /* the windows as the old workers leave them */
+    for (int s = 0; s < g->workers; s++) {
+        struct child *c = &g->children[1 + s];
+        atomic_store_explicit(&shm_worker(&g->shm, (uint32_t)s)->hold, 0, memory_order_release);
+        if (c->pid > 0)
+            kill(c->pid, SIGUSR2);
+    }
+    uv_timer_start(&M.sync_timer, sync_timer_fired, SYNC_MS, SYNC_MS);
+    log_info("reload: generation %u serves (%d workers); generation %u drains", g->id, g->workers,
+             o->id);
+    snprintf(out, sizeof(out), "reloaded: generation %u (%d workers)\n", g->id, g->workers);
+    reload_answer(out);
+}
+
+static void reload_timer_fired(uv_timer_t *t)
+{
+    struct gen *g = M.next;
+    int ready = 0;
+
+    (void)t;
+    if (!g)
+        return;
+    for (int s = 0; s < g->workers; s++)
+        ready +=
+            g->children[1 + s].pid > 0 &&
+            atomic_load_explicit(&shm_worker(&g->shm, (uint32_t)s)->ready, memory_order_acquire);
+    if (ready == g->workers) {
+        reload_handover();
+    } else if (time_mono_ms() >= M.next_deadline) {
+        char msg[128];
+        snprintf(msg, sizeof(msg), "generation %u: %d of %d workers not ready after %d ms", g->id,
+                 g->workers - ready, g->workers, RELOAD_READY_MS);
+        reload_fail(msg);
+    }
+}
+
+/* What of o carries into g, by section name: the backends' state (now: the new checker starts
+ * from it), and which limiter and usage entry each of g's comes from (copied at the handover,
+ * when the old workers stop admitting, and while they drain). */
+static int gen_carry_setup(struct gen *g, const struct gen *o)
+{
+    const struct conf *nc = g->conf, *oc = o->conf;
+    uint32_t n = (uint32_t)(nc->n_keys + nc->n_models + nc->n_pools);
+
+    for (int b = 0; b < nc->n_backends; b++) {
+        const struct conf_backend *cb = &nc->backends[b];
+        int ob = -1;
+        for (int i = 0; i < oc->n_backends; i++)
+            if (!strcmp(oc->backends[i].name, cb->name) &&
+                !strcmp(oc->pools[oc->backends[i].pool].name, nc->pools[cb->pool].name))
+                ob = i;
+        if (ob < 0)
+            continue;
+        /* the operator's `set weight` stays; a weight the file changed is the file's */
+        uint32_t w = atomic_load_explicit(&shm_backend(&o->shm, (uint32_t)ob)->weight_cfg,
+                                          memory_order_relaxed);
+        int64_t keep = w != (uint32_t)oc->backends[ob].weight ? (int64_t)w : -1;
+        shm_backend_carry(&g->shm, (uint32_t)b, &o->shm, (uint32_t)ob, keep);
+    }
+    g->carry = calloc(n ? n : 1, sizeof(*g->carry));
+    for (int k = 0; k < 3; k++) {
+        int cnt = k == ACCT_KEY ? nc->n_keys : k == ACCT_MODEL ? nc->n_models : nc->n_backends;
+        g->acct_from[k] = malloc(sizeof(int32_t) * (size_t)(cnt ? cnt : 1));
+        if (!g->acct_from[k])
+            return -ENOMEM;
+        for (int i = 0; i < cnt; i++) {
+            g->acct_from[k][i] = k == ACCT_KEY     ? conf_key_find(oc, nc->keys[i].name)
+                                 : k == ACCT_MODEL ? conf_model_find(oc, nc->models[i].name)
+                                                   : conf_backend_find(oc, nc->backends[i].name);
+        }
+    }
+    if (!g->carry)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < n; i++) {
+        int from;
+        if (i < (uint32_t)nc->n_keys)
+            from = conf_key_find(oc, nc->keys[i].name);
+        else if (i < (uint32_t)(nc->n_keys + nc->n_models))
+            from = conf_model_find(oc, nc->models[i - (uint32_t)nc->n_keys].name);
+        else
+            from = conf_pool_find(oc, nc->pools[i - (uint32_t)(nc->n_keys + nc->n_models)].name);
+        if (from < 0)
+            continue;
+        if (i >= (uint32_t)nc->n_keys)
+            from += oc->n_keys;
+        if (i >= (uint32_t)(nc->n_keys + nc->n_models))
+            from += oc->n_models;
+        g->carry[g->n_carry++] = (struct limit_carry){.from = (uint32_t)from, .to = i};
+    }
+    return 0;
+}
+
+/* Checks the file and starts its generation beside the serving one. 0: under way (the handover
+ * or the failure answers M.waiters); else -errno with *err (malloc'd) saying why. */
+static int master_reload(char **err)
+{
+    struct conf *conf = NULL;
+    struct gen *g;
+    int rc, n = 0;
+
+    for (struct gen *o = M.old; o; o = o->next)
+        n++;
+    if (M.stopping) {
+        *err = strdup("the master is stopping");
+        return -EBUSY;
+    }
+    if (M.next) {
+        *err = strdup("a reload is already under way");
+        return -EBUSY;
+    }
+    if (n >= GEN_MAX - 2) {
+        *err = strdup("too many old generations still draining");
+        return -EBUSY;
+    }
+    rc = conf_load(M.g->conf->path, &conf, err);
+    if (rc < 0) {
+        if (!*err)
+            *err = strdup("cannot load the configuration");
+        return rc;
+    }
+    if (strcmp(conf->global.admin_socket, M.g->conf->global.admin_socket))
+        log_warn("reload: admin_socket changed: it takes a restart; %s stays",
+                 M.g->conf->global.admin_socket);
+    g = calloc(1, sizeof(*g));
+    if (!g) {
+        conf_free(conf);
+        return -ENOMEM;
+    }
+    g->id = M.g->id + 1;
+    g->conf = conf;
+    g->workers = conf->global.workers > 0 ? conf->global.workers : 1;
+    if ((rc = master_fd_limit(conf, g->workers)) < 0 || (rc = listeners_bind(g, M.g)) < 0) {
+        *err = strdup("cannot set up the listeners or the fd limit (see the log)");
+        goto fail;
+    }
+    if ((rc = master_shm_create(g)) < 0) {
+        *err = strdup("cannot create the shared memory segment");
+        goto fail;
+    }
+    g->shm_ready = 1;
+    for (int b = 0; b < conf->n_backends; b++)
+        shm_backend_init(&g->shm, (uint32_t)b, (uint32_t)conf->backends[b].weight,
+                         (uint32_t)conf->backends[b].max_conns);
+    if ((rc = gen_names(g)) < 0 || (rc = gen_carry_setup(g, M.g)) < 0 ||
+        (rc = gen_children(g)) < 0) {
+        *err = strdup("out of memory");
+        goto fail;
+    }
+    for (int s = 0; s < g->workers; s++)
+        atomic_store_explicit(&shm_worker(&g->shm, (uint32_t)s)->hold, 1, memory_order_release);
+    g->prev = M.g;
+    M.next = g;
+    M.next_deadline = time_mono_ms() + RELOAD_READY_MS;
+    uv_timer_start(&M.reload_timer, reload_timer_fired, ADMIN_POLL_MS, ADMIN_POLL_MS);
+    log_info("reload: generation %u starting (%d workers) from %s", g->id, g->workers, conf->path);
+    uv_stop(&M.loop); /* forks happen outside uv_run */
+    return 0;
+fail:
+    g->prev = NULL;
+    gen_free(g);
+    return rc;
+}
+
+/* SIGHUP: a reload nobody waits for; the log says how it went. */
+static void master_reload_signal(void)
+{
+    char *err = NULL;
+    if (master_reload(&err) < 0)
+        log_err("reload refused: %s", err ? err : "out of memory");
+    free(err);
+}
+
 int master_run(struct conf *conf)
 {
     int rc = master_setup(conf);
     if (rc < 0) {
+        if (!M.g)
+            conf_free(conf);
         master_teardown();
-        conf_free(conf);
         return 1;
     }
     for (int ready = 0;; ready = 1) {
@@ -1052,8 +1577,6 @@ int master_run(struct conf *conf)
         uv_run(&M.loop, UV_RUN_DEFAULT);
     }
     log_info("all children stopped; master exiting");
-    master_teardown();
-    conf_free(conf);
-    M.conf = NULL;
+    master_teardown(); /* frees every generation's conf (conf's too, or its reload's) */
     return 0;
 }

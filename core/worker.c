@@ -38,6 +38,7 @@ void worker_check_exit(struct worker *w)
         uv_close((uv_handle_t *)&w->sigterm, on_handle_closed_noop);
         uv_close((uv_handle_t *)&w->sigint, on_handle_closed_noop);
         uv_close((uv_handle_t *)&w->sigquit, on_handle_closed_noop);
+        uv_close((uv_handle_t *)&w->sigusr2, on_handle_closed_noop);
         /* libuv put the default action back: a Ctrl-C reaches a worker twice (terminal and
          * master), and the second must not kill it in the middle of its exit */
         signal(SIGTERM, SIG_IGN);
@@ -93,6 +94,12 @@ static void on_signal(uv_signal_t *s, int signum)
         worker_stop_now(w);
         return;
     }
+    if (signum == SIGUSR2) { /* reload: the old generation stopped accepting, take over */
+        if (!atomic_load_explicit(&shm_worker(w->shm, (uint32_t)w->slot)->hold,
+                                  memory_order_acquire))
+            acceptor_hold(&w->acc, 0);
+        return;
+    }
     if (w->draining)
         return;
     w->draining = 1;
@@ -100,7 +107,11 @@ static void on_signal(uv_signal_t *s, int signum)
     upstream_drain(&w->up);
     for (struct client *c = w->clients, *next; c; c = next) {
         next = c->next;
-        if (c->state == CS_IDLE && c->len == 0)
+        /* An idle keep-alive connection closes now (a client may race it with a request, as
+         * HTTP allows for). One accepted but with no request yet is owed its first answer: its
+         * client sent the request already, or is about to (a reload's old workers stop while
+         * connections they just accepted are in this state). */
+        if (c->state == CS_IDLE && c->len == 0 && !c->fresh)
             client_close(c);
         else
             c->close_after = 1;
@@ -162,14 +173,16 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     }
     uv_signal_init(&w->loop, &w->sigint);
     uv_signal_init(&w->loop, &w->sigquit);
+    uv_signal_init(&w->loop, &w->sigusr2);
     uv_timer_init(&w->loop, &w->hard_stop);
     tq_init(&w->retry_q, &w->loop, 0, forward_on_retry_due);
     w->handles_ok = 1;
-    w->sigterm.data = w->sigint.data = w->sigquit.data = w->hard_stop.data = w;
+    w->sigterm.data = w->sigint.data = w->sigquit.data = w->sigusr2.data = w->hard_stop.data = w;
     /* SIGQUIT is a graceful stop, as SIGTERM (and as nginx's QUIT) */
     if ((r = uv_signal_start(&w->sigterm, on_signal, SIGTERM)) < 0 ||
         (r = uv_signal_start(&w->sigint, on_signal, SIGINT)) < 0 ||
-        (r = uv_signal_start(&w->sigquit, on_signal, SIGQUIT)) < 0) {
+        (r = uv_signal_start(&w->sigquit, on_signal, SIGQUIT)) < 0 ||
+        (r = uv_signal_start(&w->sigusr2, on_signal, SIGUSR2)) < 0) {
         log_err("cannot set up signal handling: %s", uv_strerror(r));
         return r;
     }
@@ -264,7 +277,13 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
                       client_accept, w);
     free(l_max);
     free(names);
-    return r;
+    if (r < 0)
+        return r;
+    /* Nothing was accepted yet (that happens in the loop): a held worker waits for SIGUSR2. */
+    if (atomic_load_explicit(&shm_worker(shm, (uint32_t)slot)->hold, memory_order_acquire))
+        acceptor_hold(&w->acc, 1);
+    atomic_store_explicit(&shm_worker(shm, (uint32_t)slot)->ready, 1, memory_order_release);
+    return 0;
 }
 
 static void worker_teardown(struct worker *w)

@@ -163,6 +163,7 @@ struct worker {
     int slot;
     struct acceptor acc; /* the listeners, paused at maxconn */
     uv_signal_t sigterm, sigint, sigquit;
+    uv_signal_t sigusr2; /* reload: the master lets a held worker accept */
     uv_timer_t hard_stop;
     struct tq *tqs; /* T_KINDS per listener, then the linger queue */
     int n_tqs;

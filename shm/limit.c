@@ -662,6 +662,84 @@ int limit_budget_set(struct limit_region *r, uint32_t id, const struct limit_bud
     return 0;
 }
 
+/* ---- reload ---------------------------------------------------------------------------------- */
+
+int limit_carry_sync(struct limit_region *dst, struct limit_region *src, uint32_t owner,
+                     struct limit_carry *c, uint64_t now_ms)
+{
+    struct limit_cell *f, *t;
+    struct limit_owner *share;
+    struct limit_entry *log;
+
+    if (c->from >= src->n || c->to >= dst->n || owner >= dst->n_owners)
+        return -EINVAL;
+    f = cell(src, c->from);
+    t = cell(dst, c->to);
+    share = owner_of(dst, c->to, owner);
+    /* Two regions: nobody else ever holds a lock of each at once, so no order to respect. */
+    cell_lock(src, c->from);
+    cell_lock(dst, c->to);
+    log = cell_log(src, f);
+    if (t->cap)
+        cell_expire(dst, t, now_ms);
+    for (uint64_t p = f->head; f->cap && p < f->tail; p++) {
+        const struct limit_entry *e = &log[p % f->cap];
+        uint64_t n = e->count, tok = e->tokens;
+
+        if (e->seq_hi <= c->seq || e->t_ms + LIMIT_WINDOW_MS <= now_ms)
+            continue;
+        if (e->seq_hi - c->seq < n) { /* a merged entry partly copied already */
+            tok = tok * (e->seq_hi - c->seq) / n;
+            n = e->seq_hi - c->seq;
+        }
+        if (!t->cap) {
+            t->next_seq += n;
+            continue;
+        }
+        cell_append(dst, t, e->t_ms, tok);
+        if (n > 1) { /* one entry for the n, as in the old log */
+            struct limit_entry *last = &cell_log(dst, t)[(t->tail - 1) % t->cap];
+
+            last->count += (uint32_t)(n - 1);
+            t->next_seq += n - 1;
+            last->seq_hi = t->next_seq - 1;
+            t->sum_req += n - 1;
+        }
+    }
+    c->seq = f->next_seq - 1;
+    if (c->period_start != f->period_start) { /* first sync, or the old one rolled over */
+        c->period_start = f->period_start;
+        c->spent_nano = 0;
+    }
+    if (t->spec.period == f->spec.period && t->period_start == f->period_start)
+        t->spent_nano += f->spent_nano - c->spent_nano;
+    c->spent_nano = f->spent_nano;
+    t->parallel = t->parallel - share->parallel + f->parallel;
+    share->parallel = (uint32_t)f->parallel;
+    t->reserved_nano = t->reserved_nano - share->reserved_nano + f->reserved_nano;
+    share->reserved_nano = f->reserved_nano;
+    cell_unlock(dst, c->to);
+    cell_unlock(src, c->from);
+    return 0;
+}
+
+void limit_carry_end(struct limit_region *dst, uint32_t owner, const struct limit_carry *c)
+{
+    struct limit_cell *t;
+    struct limit_owner *share;
+
+    if (c->to >= dst->n || owner >= dst->n_owners)
+        return;
+    t = cell(dst, c->to);
+    share = owner_of(dst, c->to, owner);
+    cell_lock(dst, c->to);
+    t->parallel -= share->parallel;
+    t->reserved_nano -= share->reserved_nano;
+    share->parallel = 0;
+    share->reserved_nano = 0;
+    cell_unlock(dst, c->to);
+}
+
 const char *limit_dim_str(enum limit_dim d)
 {
     switch (d) {

@@ -127,6 +127,26 @@ int limit_info(struct limit_region *r, uint32_t id, uint64_t now_ms, int64_t wal
 int limit_budget_get(struct limit_region *r, uint32_t id, struct limit_budget *out);
 int limit_budget_set(struct limit_region *r, uint32_t id, const struct limit_budget *b);
 
+/* Reload: limiter `from` of the old generation's region carried into limiter `to` of the new
+ * one. Zero-initialise it (with from, to) before the first limit_carry_sync. */
+struct limit_carry {
+    uint32_t from, to;
+    uint64_t seq;         /* the last admission of `from` already copied */
+    uint64_t spent_nano;  /* `from`'s spent at the last sync */
+    int64_t period_start; /* `from`'s period at the last sync */
+};
+
+/* Master: copies into `to` what `from` admitted since the last sync (its window log entries, at
+ * their times; an entry already out of the window is skipped), adds what `from` spent since (the
+ * budget, when both count the same kind of period), and sets the share of owner slot `owner` of
+ * `to` to what `from` holds in flight (parallel slots, reserved money): in-flight requests of the
+ * old generation settle in the old region, and the new one sees them until they have. The first
+ * sync copies the whole window and spent. 0 or -EINVAL. */
+int limit_carry_sync(struct limit_region *dst, struct limit_region *src, uint32_t owner,
+                     struct limit_carry *c, uint64_t now_ms);
+/* The old generation is gone: owner `owner`'s share of `to` is given back. */
+void limit_carry_end(struct limit_region *dst, uint32_t owner, const struct limit_carry *c);
+
 /* Start of the budget period containing wall_s, and of the next one (INT64_MAX for total). */
 int64_t limit_period_start(enum limit_period p, int64_t wall_s);
 int64_t limit_period_next(enum limit_period p, int64_t start);

@@ -44,7 +44,7 @@ int shm_create_ai(struct shm *shm, uint32_t n_backends, uint32_t n_workers, uint
         if (n_limits && !ai->limits)
             return -EINVAL;
         off_limits = size;
-        size += shm_align(limit_region_size(n_limits, ai->limits, n_workers));
+        size += shm_align(limit_region_size(n_limits, ai->limits, n_workers + 1));
         off_acct = size;
         size += shm_align(acct_region_size(ai->n_keys, ai->n_models, n_backends, n_workers));
     }
@@ -83,7 +83,7 @@ int shm_create_ai(struct shm *shm, uint32_t n_backends, uint32_t n_workers, uint
     hdr->off_wb = off_wb;
     if (ai) {
         int rc = limit_region_init((char *)base + off_limits, off_acct - off_limits, n_limits,
-                                   ai->limits, n_workers, ai->wall_s);
+                                   ai->limits, n_workers + 1, ai->wall_s);
 
         if (rc == 0)
             rc = acct_region_init((char *)base + off_acct, size - off_acct, ai->n_keys,
@@ -247,6 +247,70 @@ void shm_backend_init(struct shm *shm, uint32_t b, uint32_t weight, uint32_t max
     h = *health_get(shm, b);
     h.weight_eff = weight;
     shm_backend_publish(shm, b, &h, 0);
+}
+
+static uint64_t max_u64(uint64_t a, uint64_t b)
+{
+    return a > b ? a : b;
+}
+
+void shm_backend_carry(struct shm *dst, uint32_t b, const struct shm *src, uint32_t sb,
+                       int64_t weight)
+{
+    struct shm_backend *be = shm_backend(dst, b);
+    const struct shm_backend *sbe = shm_backend(src, sb);
+    struct shm_wb *to = shm_wb(dst, 0, b);
+    struct shm_health h = *health_get(src, sb);
+    uint32_t pos = 0, n_ewma = 0;
+    uint64_t ewma = 0;
+
+    if (weight >= 0) {
+        atomic_store_explicit(&be->weight_cfg, (uint32_t)weight, memory_order_relaxed);
+        h.weight_eff = (uint32_t)weight;
+    } else {
+        h.weight_eff = atomic_load_explicit(&be->weight_cfg, memory_order_relaxed);
+    }
+    atomic_store_explicit(&be->admin, atomic_load_explicit(&sbe->admin, memory_order_acquire),
+                          memory_order_release);
+    health_write(be, &h);
+    for (uint32_t w = 0; w < src->hdr->n_workers; w++) {
+        const struct shm_wb *f = shm_wb(src, w, sb);
+#define CARRY_ADD(x)                                                                               \
+    atomic_store_explicit(&to->x,                                                                  \
+                          atomic_load_explicit(&to->x, memory_order_relaxed) +                     \
+                              atomic_load_explicit(&f->x, memory_order_relaxed),                   \
+                          memory_order_relaxed)
+#define CARRY_MAX(x)                                                                               \
+    atomic_store_explicit(&to->x,                                                                  \
+                          max_u64(atomic_load_explicit(&to->x, memory_order_relaxed),              \
+                                  atomic_load_explicit(&f->x, memory_order_relaxed)),              \
+                          memory_order_relaxed)
+        CARRY_ADD(requests);
+        CARRY_ADD(failures);
+        CARRY_ADD(bytes_in);
+        CARRY_ADD(bytes_out);
+        CARRY_ADD(ok);
+        CARRY_ADD(retries);
+        CARRY_ADD(auth_failures);
+        CARRY_MAX(last_ok_ns);
+        CARRY_MAX(cool_until_ns);
+        CARRY_MAX(ewma_at_ns);
+#undef CARRY_ADD
+#undef CARRY_MAX
+        if (atomic_load_explicit(&f->ewma_ns, memory_order_relaxed)) {
+            ewma += atomic_load_explicit(&f->ewma_ns, memory_order_relaxed);
+            n_ewma++;
+        }
+        /* the latest failure times, for max_fails within fail_timeout */
+        for (uint32_t k = 0; k < SHM_FAIL_RING && pos < SHM_FAIL_RING; k++) {
+            uint64_t t = atomic_load_explicit(&f->fail_ring[k], memory_order_relaxed);
+            if (t)
+                atomic_store_explicit(&to->fail_ring[pos++], t, memory_order_relaxed);
+        }
+    }
+    if (n_ewma)
+        atomic_store_explicit(&to->ewma_ns, ewma / n_ewma, memory_order_relaxed);
+    atomic_store_explicit(&to->fail_pos, pos % SHM_FAIL_RING, memory_order_relaxed);
 }
 
 enum backend_admin shm_backend_set_admin(struct shm *shm, uint32_t b, enum backend_admin a)

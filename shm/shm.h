@@ -190,6 +190,11 @@ struct shm_worker {
     _Atomic int32_t pid;
     _Atomic uint32_t conns;    /* open client connections */
     _Atomic uint64_t requests; /* client requests answered */
+    /* reload: the worker sets ready once set up; while hold (set by the master before the fork)
+     * it does not accept, until the master clears it and sends SIGUSR2 (the old generation has
+     * stopped accepting by then, and its rate-limit windows are in this segment) */
+    _Atomic uint32_t ready;
+    _Atomic uint32_t hold;
 } __attribute__((aligned(SHM_CACHELINE)));
 
 struct shm_header {
@@ -400,6 +405,16 @@ int shm_claims_repair(struct shm *shm, uint32_t b);
 uint32_t shm_backend_breaker_cmd(struct shm *shm, uint32_t b, enum breaker_cmd cmd);
 /* Health checker: the pending command of b (BREAKER_CMD_NONE when none), marked done. */
 enum breaker_cmd shm_backend_breaker_cmd_take(struct shm *shm, uint32_t b);
+
+/* ---- reload ------------------------------------------------------------------------------ */
+
+/* Master, before forking a new generation: backend b of `dst` takes the runtime state of backend
+ * sb of `src` (the old generation's segment): the health and breaker record, the operator state
+ * (and the weight, when weight >= 0: the operator's own), and the workers' counters, cooling,
+ * latency and failure times summed into dst's worker slot 0, which no worker of dst has written
+ * yet. */
+void shm_backend_carry(struct shm *dst, uint32_t b, const struct shm *src, uint32_t sb,
+                       int64_t weight);
 
 /* Sums of the per-worker counters of one backend. */
 struct shm_backend_totals {

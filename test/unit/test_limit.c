@@ -509,6 +509,50 @@ static void test_dead_lock_holder(void **state)
     region_free(r, size);
 }
 
+/* Reload: the new region sees the old one's window (at its times), its later admissions, its
+ * in-flight parallel slots until they end, and what it spent. */
+static void test_carry(void **state)
+{
+    struct limit_spec s = {.rpm = 10, .max_parallel = 20, .budget_nano = 1000};
+    struct limit_ticket t1, t2;
+    struct limit_verdict v;
+    struct limit_carry c = {.from = 0, .to = 0};
+    struct limit_info in;
+    size_t so, sn;
+    struct limit_region *o = region_new(&s, 1, 1, &so), *n = region_new(&s, 1, 2, &sn);
+
+    (void)state;
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(admit1(o, 1000 + (uint64_t)i, 0, 0, NULL, NULL), 0);
+    assert_int_equal(admit1(o, 2000, 0, 100, &t1, &v), 0); /* in flight */
+    assert_int_equal(limit_carry_sync(n, o, 1, &c, 3000), 0);
+    assert_int_equal(limit_info(n, 0, 3000, WALL_MAR15_23H, &in), 0);
+    assert_int_equal(in.requests, 5);
+    assert_int_equal(in.parallel, 5); /* admit1 without a ticket never settles */
+    assert_int_equal(in.budget.reserved_nano, 100);
+    /* the old one admits once more while it drains, and its first request ends */
+    assert_int_equal(admit1(o, 3500, 0, 0, &t2, &v), 0);
+    limit_settle(o, &t1, 3600, WALL_MAR15_23H, 0, 40);
+    assert_int_equal(limit_carry_sync(n, o, 1, &c, 4000), 0);
+    assert_int_equal(limit_info(n, 0, 4000, WALL_MAR15_23H, &in), 0);
+    assert_int_equal(in.requests, 6);
+    assert_int_equal(in.parallel, 5); /* t1 ended, t2 came */
+    assert_int_equal(in.budget.spent_nano, 40);
+    assert_int_equal(in.budget.reserved_nano, 0);
+    /* 4 more fit in the new one (10 in the window), not 5 */
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(admit1(n, 5000, 0, 0, NULL, NULL), 0);
+    assert_int_equal(admit1(n, 5000, 0, 0, NULL, &v), -EAGAIN);
+    assert_int_equal(v.dim, LIMIT_REQUESTS);
+    /* the carried admissions leave the window at their own times */
+    assert_int_equal(admit1(n, 61000 + 1, 0, 0, NULL, NULL), 0);
+    limit_carry_end(n, 1, &c);
+    assert_int_equal(limit_info(n, 0, 61001, WALL_MAR15_23H, &in), 0);
+    assert_int_equal(in.parallel, 5); /* the new ones' own, never settled here */
+    region_free(o, so);
+    region_free(n, sn);
+}
+
 static void test_region_args(void **state)
 {
     struct limit_spec s = {.rpm = 1};
@@ -535,11 +579,17 @@ static void test_region_args(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_rpm_exact_and_sliding),  cmocka_unit_test(test_retry_after_exact),
-        cmocka_unit_test(test_settle_tokens),          cmocka_unit_test(test_all_or_nothing),
-        cmocka_unit_test(test_parallel_release_owner), cmocka_unit_test(test_budget_periods),
-        cmocka_unit_test(test_merge_conservative),     cmocka_unit_test(test_processes_exact),
-        cmocka_unit_test(test_dead_lock_holder),       cmocka_unit_test(test_region_args),
+        cmocka_unit_test(test_rpm_exact_and_sliding),
+        cmocka_unit_test(test_retry_after_exact),
+        cmocka_unit_test(test_settle_tokens),
+        cmocka_unit_test(test_all_or_nothing),
+        cmocka_unit_test(test_parallel_release_owner),
+        cmocka_unit_test(test_budget_periods),
+        cmocka_unit_test(test_merge_conservative),
+        cmocka_unit_test(test_processes_exact),
+        cmocka_unit_test(test_dead_lock_holder),
+        cmocka_unit_test(test_region_args),
+        cmocka_unit_test(test_carry),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1,0 +1,170 @@
+"""Hitless reload (SIGHUP, aigwctl reload): a bad file changes nothing and aigwctl says where; a
+good one starts a new generation on the same sockets and the old one drains; under load no
+request fails and no stream is cut; rpm windows, usage and the operator's drain carry over."""
+
+import os
+import signal
+import threading
+import time
+
+from harness import Conn, build_request, chat, chat_body, check, key_sha256, wait_for
+
+KEY = "sk-aigw-reload-0123456789abcdef"
+KEY2 = "sk-aigw-reload-second-key-000000"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _reload(gw, timeout=20.0):
+    return gw.ctl("reload", timeout=timeout)
+
+
+def _generation(r):
+    check(r.returncode == 0, f"aigwctl reload exited {r.returncode}: {r.stdout!r} {r.stderr!r}")
+    check(r.stdout.startswith("reloaded: generation "), f"aigwctl reload printed {r.stdout!r}")
+    return int(r.stdout.split()[2])
+
+
+def _worker_pids(gw):
+    return sorted(p["pid"] for p in gw.procs() if p.get("role") in ("worker", "health"))
+
+
+def _ok(port, headers=None, model="gpt-test"):
+    r = chat(port, chat_body("hi", model=model), headers=headers)
+    return r.status
+
+
+def test_reload_bad_file_changes_nothing(env):
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=2)
+    before = _worker_pids(gw)
+    good = gw.conf_text
+    with open(gw.conf_path, "w") as f:
+        f.write(good + "\n[pool extra]\nbogus_key = 1\n")
+    r = _reload(gw)
+    check(r.returncode == 1, f"aigwctl reload of a bad file exited {r.returncode}")
+    line = len((good + "\n").splitlines()) + 2
+    check(f"{gw.conf_path}:{line}" in r.stderr,
+          f"no FILE:LINE ({gw.conf_path}:{line}) in {r.stderr!r}")
+    check(_worker_pids(gw) == before, "the processes changed after a refused reload")
+    check(all(_ok(gw.port) == 200 for _ in range(5)), "traffic failed after a refused reload")
+    # SIGHUP with the bad file: logged, nothing changes
+    gw.proc.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in gw.proc.log_text(), 5, "the refused SIGHUP reload logged")
+    check(_worker_pids(gw) == before, "the processes changed after a refused SIGHUP")
+    with open(gw.conf_path, "w") as f:
+        f.write(good)
+
+
+def test_reload_new_generation_old_exits(env):
+    m = env.mock("m1", "--chunks", 10, "--chunk-interval", "100ms")
+    gw = env.gateway([m], workers=2)
+    old = _worker_pids(gw)
+    # a stream in flight across the reload finishes on the old worker
+    c = Conn(gw.port, timeout=10)
+    c.send(build_request("POST", "/v1/chat/completions", [("Content-Type", "application/json")],
+                         chat_body("long", stream=True)))
+    head = c.read_head()
+    gen = _generation(_reload(gw))
+    check(gen == 2, f"first reload made generation {gen}")
+    new = _worker_pids(gw)
+    check(not set(new) & set(old), f"show proc after the reload still lists old pids: {new}")
+    check(_ok(gw.port) == 200, "a request after the reload failed")
+    c.read_body(head)
+    body = head.body.decode()
+    check(body.rstrip().endswith("data: [DONE]"), f"stream cut by the reload: ...{body[-200:]!r}")
+    c.close()
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in old), 10,
+             "the old generation's processes to exit")
+    # SIGHUP reloads as well
+    gw.proc.signal(signal.SIGHUP)
+    wait_for(lambda: "generation 3 serves" in gw.proc.log_text(), 10, "SIGHUP's generation 3")
+    # a change of the workers count works both ways
+    for workers in (3, 1):
+        gw.sections[0][1]["workers"] = workers
+        gw.workers = workers
+        gw._write_conf()
+        _generation(_reload(gw))
+        wait_for(lambda: len([p for p in gw.procs() if p.get("role") == "worker"]) == workers,
+                 5, f"{workers} workers")
+        check(all(_ok(gw.port) == 200 for _ in range(6)), f"traffic failed with {workers} workers")
+
+
+def test_reload_keeps_drain_and_rpm(env):
+    a = env.mock("a")
+    b = env.mock("b")
+    gw = env.gateway([a, b], workers=2,
+                     keys={"k": {"key_sha256": key_sha256(KEY), "rpm": "30"}})
+    r = gw.ctl("set", "backend", "a", "drain")
+    check(r.returncode == 0, f"set drain: {r.stderr!r}")
+    first = [_ok(gw.port, AUTH) for _ in range(20)]
+    check(first.count(200) == 20, f"before the reload: {first}")
+    _generation(_reload(gw))
+    check(gw.backend("a")["admin"] == "DRAIN", f"drain lost in the reload: {gw.backend('a')}")
+    after = [_ok(gw.port, AUTH) for _ in range(20)]
+    check(after.count(200) == 10 and after.count(429) == 10,
+          f"rpm 30 across a reload: 20 before, then {after.count(200)} of 20 passed: {after}")
+    check(a.stats()["chat_completions"] == 0, "the drained backend got requests")
+
+
+def _load(port, stop, results, stream):
+    """Requests one after another until stop: each on its own connection; a stream must end
+    with [DONE]."""
+    while not stop.is_set():
+        try:
+            c = Conn(port, timeout=20)
+            c.send(build_request("POST", "/v1/chat/completions",
+                                 [("Content-Type", "application/json")] + list(AUTH.items()),
+                                 chat_body("load", stream=stream)))
+            r = c.read_response()
+            c.close()
+            ok = r.status == 200 and (not stream or r.body.decode().rstrip().endswith("[DONE]"))
+            results.append("ok" if ok else f"{r.status} {r.body[-120:]!r}")
+        except Exception as e:  # noqa: BLE001 - every failure is a result
+            results.append(f"exception {e!r}")
+
+
+def test_reload_under_load(env):
+    n_reloads = int(os.environ.get("AIGW_RELOADS", "20"))
+    m = env.mock("m1", "--chunks", 25, "--chunk-interval", "200ms")  # 5-second streams
+    m2 = env.mock("m2", "--chunks", 25, "--chunk-interval", "200ms")
+    keys = {"k": {"key_sha256": key_sha256(KEY)}}
+    # hard_stop_after above the streams' length: a cut would be its doing, not the reload's
+    gw = env.gateway([m], workers=2, keys=keys, glob={"hard_stop_after": "30s"})
+    conf_a = gw.conf_text
+    conf_b = conf_a + "\n" + "\n".join([
+        "[backend m2]", "pool = main", f"url = {m2.url}", "",
+        "[key k2]", f"key_sha256 = {key_sha256(KEY2)}", ""])
+    stop = threading.Event()
+    short, streams = [], []
+    threads = [threading.Thread(target=_load, args=(gw.port, stop, short, False))
+               for _ in range(4)]
+    threads += [threading.Thread(target=_load, args=(gw.port, stop, streams, True))
+                for _ in range(4)]
+    for t in threads:
+        t.start()
+    t0 = time.monotonic()
+    gens = []
+    try:
+        time.sleep(0.5)
+        for i in range(n_reloads):
+            with open(gw.conf_path, "w") as f:
+                f.write(conf_b if i % 2 == 0 else conf_a)
+            gens.append(_generation(_reload(gw)))
+            time.sleep(0.3)
+        time.sleep(5.5)  # the last streams end
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    took = time.monotonic() - t0
+    bad_short = [r for r in short if r != "ok"]
+    bad_streams = [r for r in streams if r != "ok"]
+    check(gens == list(range(2, 2 + n_reloads)), f"generations: {gens}")
+    check(not bad_short, f"{len(bad_short)} of {len(short)} short requests failed across "
+                         f"{n_reloads} reloads: {bad_short[:5]}")
+    check(not bad_streams, f"{len(bad_streams)} of {len(streams)} streams failed or were cut "
+                           f"across {n_reloads} reloads: {bad_streams[:5]}")
+    check(len(short) > 50 and len(streams) >= 8, f"too little load: {len(short)} short, "
+                                                   f"{len(streams)} streams in {took:.1f} s")
+    print(f"{n_reloads} reloads in {took:.1f} s: {len(short)} short requests, "
+          f"{len(streams)} streams, 0 failed")
