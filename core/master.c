@@ -23,6 +23,7 @@
 #include "core/master.h"
 #include "core/sig.h"
 #include "core/state.h"
+#include "core/stats.h"
 #include "core/util.h"
 #include "core/worker.h"
 #include "health/health.h"
@@ -666,6 +667,7 @@ static void master_stop(enum master_stop how)
     if (M.stopping == STOP_FAST || M.stopping == how)
         return; /* already doing this, or something faster */
     M.stopping = how;
+    stats_set_stopping();
     listeners_close(); /* the workers keep theirs until they exit */
     uv_timer_stop(&M.restart_timer);
     for (int i = 0; i < M.n_children; i++)
@@ -882,6 +884,11 @@ static int master_setup(struct conf *conf)
         c->restart_at = now;
     }
 
+    /* after the children's table: /healthz reads it */
+    rc = stats_start(&M.loop, conf, &M.shm, admin_procs, M.n_children + 1, M.started_ms);
+    if (rc < 0)
+        return rc;
+
     log_info("aigw master started (pid %d): %d workers, %d listeners, admin socket %s",
              (int)getpid(), workers, conf->n_listens, conf->global.admin_socket);
     return 0;
@@ -901,6 +908,7 @@ static void master_teardown(void)
     M.fds = NULL;
     M.n_fds = 0;
     if (M.loop_ready) {
+        stats_stop(); /* its handles carry data that is no admin client's */
         uv_walk(&M.loop, master_close_walk, NULL);
         uv_run(&M.loop, UV_RUN_DEFAULT);
         uv_loop_close(&M.loop);
