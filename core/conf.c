@@ -49,7 +49,7 @@ enum conf_kind {
 static const char *const conf_kind_names[] = {
     [CONF_KIND_NONE] = "",       [CONF_KIND_GLOBAL] = "global",   [CONF_KIND_LISTEN] = "listen",
     [CONF_KIND_POOL] = "pool",   [CONF_KIND_BACKEND] = "backend", [CONF_KIND_KEY] = "key",
-    [CONF_KIND_MODEL] = "model",     [CONF_KIND_STATS] = "stats",
+    [CONF_KIND_MODEL] = "model", [CONF_KIND_STATS] = "stats",
 };
 
 /* A pool reference by name, resolved once every pool is known (a backend may precede its pool). */

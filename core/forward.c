@@ -856,8 +856,7 @@ static void op_on_end(void *ctx, enum upstream_err err)
     if (err == UPSTREAM_OK || (err == UPSTREAM_ECLIENT && client_creq(c)->resp_started)) {
         client_record(c, retry_record_end(client_pool(c), err, 1), now);
         if (err == UPSTREAM_OK)
-            shm_wb_observe(c->w->shm, (uint32_t)c->w->slot, client_backend(c), 0,
-                           now - t->try_ns);
+            shm_wb_observe(c->w->shm, (uint32_t)c->w->slot, client_backend(c), 0, now - t->try_ns);
         client_try_end(c);
         forward_usage_end(c, err != UPSTREAM_OK);
         if (err == UPSTREAM_OK)

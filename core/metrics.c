@@ -194,8 +194,9 @@ static void prom_backends(const struct metrics_ctx *m, struct mbuf *b, uint64_t 
                   st[i].ttft_bkt, st[i].ttft_sum_us);
 
     /* state gauges */
-    help(b, "aigw_backend_up", "gauge", "1 when the health checker has the backend UP or "
-                                        "DEGRADED, 0 when DOWN.");
+    help(b, "aigw_backend_up", "gauge",
+         "1 when the health checker has the backend UP or "
+         "DEGRADED, 0 when DOWN.");
     for (int i = 0; i < nb; i++) {
         struct shm_backend_view v;
         shm_backend_view(m->shm, (uint32_t)i, &v);
@@ -208,8 +209,8 @@ static void prom_backends(const struct metrics_ctx *m, struct mbuf *b, uint64_t 
         shm_backend_view(m->shm, (uint32_t)i, &v);
         for (int s = BACKEND_UP; s <= BACKEND_DEGRADED; s++)
             mbuf_printf(b, "aigw_backend_state{%s,state=\"%s\"} %d\n",
-                        be_labels(conf, i, lab, sizeof(lab)),
-                        shm_state_str((enum backend_state)s), (int)v.h->state == s);
+                        be_labels(conf, i, lab, sizeof(lab)), shm_state_str((enum backend_state)s),
+                        (int)v.h->state == s);
     }
     help(b, "aigw_backend_admin_state", "gauge",
          "Operator state, one series per state (1 = current).");
@@ -218,23 +219,22 @@ static void prom_backends(const struct metrics_ctx *m, struct mbuf *b, uint64_t 
         shm_backend_view(m->shm, (uint32_t)i, &v);
         for (int s = BACKEND_READY; s <= BACKEND_MAINT; s++)
             mbuf_printf(b, "aigw_backend_admin_state{%s,state=\"%s\"} %d\n",
-                        be_labels(conf, i, lab, sizeof(lab)),
-                        shm_admin_str((enum backend_admin)s), (int)v.admin == s);
+                        be_labels(conf, i, lab, sizeof(lab)), shm_admin_str((enum backend_admin)s),
+                        (int)v.admin == s);
     }
     help(b, "aigw_backend_breaker_state", "gauge",
          "Circuit breaker: 0 closed, 1 open, 2 half-open.");
     for (int i = 0; i < nb; i++) {
         struct shm_backend_view v;
         shm_backend_view(m->shm, (uint32_t)i, &v);
-        mbuf_printf(b, "aigw_backend_breaker_state{%s} %d\n",
-                    be_labels(conf, i, lab, sizeof(lab)), (int)v.h->breaker);
+        mbuf_printf(b, "aigw_backend_breaker_state{%s} %d\n", be_labels(conf, i, lab, sizeof(lab)),
+                    (int)v.h->breaker);
     }
     help(b, "aigw_backend_in_flight", "gauge", "Requests in flight to the backend.");
     for (int i = 0; i < nb; i++)
         mbuf_printf(b, "aigw_backend_in_flight{%s} %lld\n", be_labels(conf, i, lab, sizeof(lab)),
                     (long long)tot[i].active);
-    help(b, "aigw_backend_cooling", "gauge",
-         "1 while the backend cools down after a 429, else 0.");
+    help(b, "aigw_backend_cooling", "gauge", "1 while the backend cools down after a 429, else 0.");
     for (int i = 0; i < nb; i++)
         mbuf_printf(b, "aigw_backend_cooling{%s} %d\n", be_labels(conf, i, lab, sizeof(lab)),
                     shm_backend_cool_until(m->shm, (uint32_t)i) > now_ns);
@@ -285,10 +285,10 @@ static void prom_usage(const struct metrics_ctx *m, struct mbuf *b, enum acct_ki
     for (int i = 0; i < n; i++)
         acct_get(ar, k, (uint32_t)i, &u[i]);
 #define LAB(i)                                                                                     \
-    (k == ACCT_KEY     ? (snprintf(lab, sizeof(lab), "key=\"%s\"", E(conf->keys[i].name, e)), lab) \
-     : k == ACCT_MODEL ? (snprintf(lab, sizeof(lab), "model=\"%s\"", E(conf->models[i].name, e)),  \
-                          lab)                                                                     \
-                       : be_labels(conf, i, lab, sizeof(lab)))
+    (k == ACCT_KEY ? (snprintf(lab, sizeof(lab), "key=\"%s\"", E(conf->keys[i].name, e)), lab)     \
+     : k == ACCT_MODEL                                                                             \
+         ? (snprintf(lab, sizeof(lab), "model=\"%s\"", E(conf->models[i].name, e)), lab)           \
+         : be_labels(conf, i, lab, sizeof(lab)))
     snprintf(name, sizeof(name), "aigw_%s_requests_total", what);
     snprintf(text, sizeof(text), "Requests accounted per %s (usage totals).", what);
     help(b, name, "counter", text);
@@ -440,23 +440,22 @@ static void json_backend(const struct metrics_ctx *m, struct mbuf *b, int i, uin
     uint64_t n = 0;
     for (int k = 0; k < SHM_HIST_BUCKETS; k++)
         n += st.lat_bkt[k];
-    mbuf_printf(b,
-                "{\"name\":\"%s\",\"state\":\"%s\",\"reason\":\"%s\",\"admin\":\"%s\","
-                "\"breaker\":\"%s\",\"weight\":%u,\"weight_cfg\":%u,\"backup\":%s,"
-                "\"in_flight\":%lld,\"cooling\":%s,\"ewma_ms\":%llu.%03llu,"
-                "\"avg_ms\":%llu,\"check_status\":%d,\"check_ms\":%u,\"requests\":%llu,"
-                "\"errors\":%llu,\"retries\":%llu,\"status\":[%llu,%llu,%llu,%llu,%llu]}",
-                E(cb->name, e), shm_state_str(v.h->state), shm_reason_str(v.h->reason),
-                shm_admin_str(v.admin), shm_breaker_str(v.h->breaker), v.h->weight_eff,
-                v.weight_cfg, cb->backup ? "true" : "false", (long long)t.active,
-                cool > now_ns ? "true" : "false", (unsigned long long)(ewma_us / 1000),
-                (unsigned long long)(ewma_us % 1000),
-                (unsigned long long)(n ? st.lat_sum_us / n / 1000 : 0), (int)v.h->check_status,
-                v.h->check_us / 1000, (unsigned long long)t.requests,
-                (unsigned long long)t.failures, (unsigned long long)t.retries,
-                (unsigned long long)st.status[0], (unsigned long long)st.status[1],
-                (unsigned long long)st.status[2], (unsigned long long)st.status[3],
-                (unsigned long long)st.status[4]);
+    mbuf_printf(
+        b,
+        "{\"name\":\"%s\",\"state\":\"%s\",\"reason\":\"%s\",\"admin\":\"%s\","
+        "\"breaker\":\"%s\",\"weight\":%u,\"weight_cfg\":%u,\"backup\":%s,"
+        "\"in_flight\":%lld,\"cooling\":%s,\"ewma_ms\":%llu.%03llu,"
+        "\"avg_ms\":%llu,\"check_status\":%d,\"check_ms\":%u,\"requests\":%llu,"
+        "\"errors\":%llu,\"retries\":%llu,\"status\":[%llu,%llu,%llu,%llu,%llu]}",
+        E(cb->name, e), shm_state_str(v.h->state), shm_reason_str(v.h->reason),
+        shm_admin_str(v.admin), shm_breaker_str(v.h->breaker), v.h->weight_eff, v.weight_cfg,
+        cb->backup ? "true" : "false", (long long)t.active, cool > now_ns ? "true" : "false",
+        (unsigned long long)(ewma_us / 1000), (unsigned long long)(ewma_us % 1000),
+        (unsigned long long)(n ? st.lat_sum_us / n / 1000 : 0), (int)v.h->check_status,
+        v.h->check_us / 1000, (unsigned long long)t.requests, (unsigned long long)t.failures,
+        (unsigned long long)t.retries, (unsigned long long)st.status[0],
+        (unsigned long long)st.status[1], (unsigned long long)st.status[2],
+        (unsigned long long)st.status[3], (unsigned long long)st.status[4]);
 }
 
 static void json_keys(const struct metrics_ctx *m, struct mbuf *b)
@@ -510,9 +509,8 @@ int metrics_status_json(const struct metrics_ctx *m, struct mbuf *out)
     mbuf_printf(out, "{\"time_ms\":%llu,\"started_ms\":%llu,\"procs\":[",
                 (unsigned long long)time_real_ms(), (unsigned long long)m->started_ms);
     for (int i = 0; i < m->n_procs; i++)
-        mbuf_printf(out, "%s{\"role\":\"%s\",\"slot\":%d,\"pid\":%d,\"restarts\":%u}",
-                    i ? "," : "", m->procs[i].role, m->procs[i].slot, m->procs[i].pid,
-                    m->procs[i].restarts);
+        mbuf_printf(out, "%s{\"role\":\"%s\",\"slot\":%d,\"pid\":%d,\"restarts\":%u}", i ? "," : "",
+                    m->procs[i].role, m->procs[i].slot, m->procs[i].pid, m->procs[i].restarts);
     mbuf_printf(out, "],\"pools\":[");
     for (int p = 0; p < conf->n_pools; p++) {
         const struct conf_pool *pl = &conf->pools[p];

@@ -154,8 +154,8 @@ static void conn_answer(struct stats_conn *c)
 
     if (method != HTTP_GET && method != HTTP_HEAD) {
         mbuf_printf(&c->body, "405 Method Not Allowed\n");
-        conn_send(c, 405, "Method Not Allowed", "text/plain; charset=utf-8",
-                  "Allow: GET, HEAD\r\n", 0);
+        conn_send(c, 405, "Method Not Allowed", "text/plain; charset=utf-8", "Allow: GET, HEAD\r\n",
+                  0);
         return;
     }
     if (c->url_over) {
@@ -300,8 +300,7 @@ static void stats_on_connection(uv_stream_t *server, int status)
 }
 
 int stats_start(uv_loop_t *loop, const struct conf *conf, struct shm *shm,
-                int (*procs)(struct admin_proc *procs, int max), int max_procs,
-                uint64_t started_ms)
+                int (*procs)(struct admin_proc *procs, int max), int max_procs, uint64_t started_ms)
 {
     int rc;
 

@@ -62,10 +62,10 @@ enum breaker_cmd {
     BREAKER_CMD_OPEN = 2,  /* force open */
 };
 
-#define SHM_FAIL_RING   32 /* failure times kept per (worker, backend) */
+#define SHM_FAIL_RING 32 /* failure times kept per (worker, backend) */
 /* Latency histograms: SHM_HIST_BUCKETS - 1 upper bounds (shm_hist_bounds_us) and +Inf. */
 #define SHM_HIST_BUCKETS 15
-#define SHM_BUDGET_SECS 10 /* retry budget window: one-second buckets */
+#define SHM_BUDGET_SECS  10 /* retry budget window: one-second buckets */
 
 /* What a worker may send to a backend: the health checker's decision, published with the
  * backend's state (struct shm_admission), which workers apply as it is. ALL is 0 so that a
