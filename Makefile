@@ -6,6 +6,8 @@ DEPS := meson ninja-build pkg-config gcc libc6-dev libuv1-dev libmbedtls-dev lib
         node-llhttp libcmocka-dev libjsmn-dev libyajl-dev python3 openssl curl clang-format \
         libnss-wrapper libsystemd-dev
 BENCH_DEPS := wrk haproxy nginx-light
+# headless Chromium renders the status page in test_status_page.py (only `make test` needs it)
+TEST_DEPS := chromium
 
 BUILD := build
 ASAN_BUILD := build-asan
@@ -47,10 +49,11 @@ run: build
 	./test/mock/demo.sh $(BUILD)
 
 # Every test: format check, unit tests and integration tests on the optimised build and again
-# on the ASan+UBSan build. Ends with "N passed, N failed". A failed sdk-deps does not stop the
-# run: test_openai_sdk then fails with the reason.
+# on the ASan+UBSan build. Ends with "N passed, N failed". A failed sdk-deps (or chromium
+# install) does not stop the run: test_openai_sdk (test_status_page) then fails with the reason.
 test: build asan
 	-@./test/sdk/install.sh
+	-@./test/deps.sh $(TEST_DEPS)
 	./test/run.sh $(BUILD) $(ASAN_BUILD)
 
 # aigw, HAProxy and nginx side by side (BENCHMARKS.md). bench-tls: the same with the upstream

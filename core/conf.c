@@ -45,12 +45,13 @@ enum conf_kind {
     CONF_KIND_BACKEND,
     CONF_KIND_KEY,
     CONF_KIND_MODEL,
+    CONF_KIND_STATS,
 };
 
 static const char *const conf_kind_names[] = {
     [CONF_KIND_NONE] = "",       [CONF_KIND_GLOBAL] = "global",   [CONF_KIND_LISTEN] = "listen",
     [CONF_KIND_POOL] = "pool",   [CONF_KIND_BACKEND] = "backend", [CONF_KIND_KEY] = "key",
-    [CONF_KIND_MODEL] = "model",
+    [CONF_KIND_MODEL] = "model", [CONF_KIND_STATS] = "stats",
 };
 
 /* A pool reference by name, resolved once every pool is known (a backend may precede its pool). */
@@ -77,6 +78,7 @@ struct conf_parse {
     struct conf_ref *listen_refs, *backend_refs;
     int cap_listens, cap_pools, cap_backends, cap_keys, cap_models;
     int global_line;
+    int stats_bind_line; /* [stats] bind, for the conflict check */
 
     /* The section being read. */
     enum conf_kind kind;
@@ -286,6 +288,11 @@ static const struct conf_key conf_model_keys[] = {
     {NULL, 0, 0, 0, 0},
 };
 
+static const struct conf_key conf_stats_keys[] = {
+    KEY_CUSTOM("bind"),
+    {NULL, 0, 0, 0, 0},
+};
+
 /* key_line has a slot for every key of a table (the NULL terminator counts one too many). */
 _Static_assert(ARRAY_SIZE(conf_pool_keys) <= CONF_KEYS_MAX + 1, "raise CONF_KEYS_MAX");
 _Static_assert(ARRAY_SIZE(conf_backend_keys) <= CONF_KEYS_MAX + 1, "raise CONF_KEYS_MAX");
@@ -299,6 +306,7 @@ static const struct conf_key *const conf_kind_keys[] = {
     [CONF_KIND_BACKEND] = conf_backend_keys,
     [CONF_KIND_KEY] = conf_apikey_keys,
     [CONF_KIND_MODEL] = conf_model_keys,
+    [CONF_KIND_STATS] = conf_stats_keys,
 };
 
 /* "1500" -> "1500ms", "60000" -> "1m": ranges in messages read like the values users write. */
@@ -810,6 +818,24 @@ static void conf_set_bind(struct conf_parse *p, struct conf_listen *l, const cha
 out:
     if (ai)
         freeaddrinfo(ai);
+}
+
+/* [stats] bind: parsed as a [listen] bind is. */
+static void conf_stats_custom(struct conf_parse *p, const char *key, const char *val)
+{
+    struct conf_stats *st = &p->conf->stats;
+    struct conf_listen tmp;
+
+    if (strcmp(key, "bind"))
+        return;
+    memset(&tmp, 0, sizeof(tmp));
+    conf_set_bind(p, &tmp, val);
+    if (p->err)
+        return;
+    p->stats_bind_line = p->line;
+    st->addr = tmp.addr;
+    st->addr_len = tmp.addr_len;
+    snprintf(st->bind, sizeof(st->bind), "%s", tmp.bind);
 }
 
 static void conf_set_expect(struct conf_parse *p, struct conf_pool *pl, const char *val)
@@ -1362,6 +1388,12 @@ static void conf_section_end(struct conf_parse *p)
                      "given without budget_usd");
         break;
     }
+    case CONF_KIND_STATS:
+        if (!conf_key_line(p, conf_stats_keys, "bind"))
+            conf_err(p, p->sect_line, "bind", "missing (required, e.g. bind = 127.0.0.1:8404)");
+        else
+            p->conf->stats.enabled = 1;
+        break;
     default:
         break;
     }
@@ -1477,14 +1509,29 @@ static void conf_section_begin(struct conf_parse *p, char *s)
         for (char *t = name + strlen(name); t > name && (t[-1] == ' ' || t[-1] == '\t');)
             *--t = '\0';
     }
-    for (int i = CONF_KIND_GLOBAL; i <= CONF_KIND_MODEL; i++)
+    for (int i = CONF_KIND_GLOBAL; i <= CONF_KIND_STATS; i++)
         if (!strcmp(kind, conf_kind_names[i]))
             k = (enum conf_kind)i;
     if (k == CONF_KIND_NONE) {
         conf_err(p, p->line, NULL,
                  "unknown section [%s%s%s] (expected [global], [listen NAME], [pool NAME], "
-                 "[backend NAME], [key NAME] or [model NAME])",
+                 "[backend NAME], [key NAME], [model NAME] or [stats])",
                  kind, *name ? " " : "", name);
+        return;
+    }
+    if (k == CONF_KIND_STATS) {
+        snprintf(p->sect, sizeof(p->sect), "stats");
+        if (*name) {
+            conf_err(p, p->line, NULL, "takes no name (expected [stats])");
+            return;
+        }
+        if (p->conf->stats.file_line) {
+            conf_err(p, p->line, NULL, "appears twice (first at line %d)",
+                     p->conf->stats.file_line);
+            return;
+        }
+        p->conf->stats.file_line = p->line;
+        p->kind = k;
         return;
     }
     if (k == CONF_KIND_GLOBAL) {
@@ -1611,7 +1658,7 @@ static int conf_handler(void *user, const char *section, const char *key, const 
     if (!p->sect[0]) {
         conf_err(p, p->line, key,
                  "outside any section (expected [global], [listen NAME], [pool NAME], "
-                 "[backend NAME], [key NAME] or [model NAME] before it)");
+                 "[backend NAME], [key NAME], [model NAME] or [stats] before it)");
         return 0;
     }
     if (!keys) /* the section itself was bad: already reported */
@@ -1667,6 +1714,9 @@ static int conf_handler(void *user, const char *section, const char *key, const 
         obj = &p->conf->models[p->idx];
         if (k->type == CONF_T_CUSTOM)
             conf_model_custom(p, key, val);
+        break;
+    case CONF_KIND_STATS:
+        conf_stats_custom(p, key, val);
         break;
     default:
         break;
@@ -1867,6 +1917,21 @@ static void conf_finish(struct conf_parse *p)
             if (conf_addr_overlap(&c->listens[j], l)) {
                 conf_err(p, ref->bind_line, "bind",
                          "%s conflicts with [listen %s] bind = %s (line %d)", l->bind,
+                         c->listens[j].name, c->listens[j].bind, c->listens[j].file_line);
+                return;
+            }
+        }
+    }
+    if (c->stats.enabled) {
+        struct conf_listen st;
+
+        memset(&st, 0, sizeof(st));
+        st.addr = c->stats.addr;
+        snprintf(p->sect, sizeof(p->sect), "stats");
+        for (int j = 0; j < c->n_listens; j++) {
+            if (conf_addr_overlap(&c->listens[j], &st)) {
+                conf_err(p, p->stats_bind_line, "bind",
+                         "%s conflicts with [listen %s] bind = %s (line %d)", c->stats.bind,
                          c->listens[j].name, c->listens[j].bind, c->listens[j].file_line);
                 return;
             }

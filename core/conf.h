@@ -226,6 +226,15 @@ struct conf_backend {
     int file_line;
 };
 
+/* [stats]: the master's HTTP listener for /metrics, /healthz and the status page. */
+struct conf_stats {
+    int enabled; /* a [stats] section with bind was given */
+    struct sockaddr_storage addr;
+    socklen_t addr_len;
+    char bind[CONF_HOST_MAX + 8]; /* as written, for logs */
+    int file_line;
+};
+
 struct conf {
     char *path; /* the file it was read from */
     struct conf_global global;
@@ -240,6 +249,7 @@ struct conf {
     struct conf_model *models;
     int n_models;
     int route_by_model; /* some pool has models =: the body's model picks the pool */
+    struct conf_stats stats;
 };
 
 /* Reads and checks a config file. On error returns -EINVAL (or -errno for I/O) and sets *err

@@ -660,6 +660,19 @@ static void client_try(struct client *c)
 
 /* ---- respond ---- */
 
+/* Body bytes of the current try go to the client: the first ones are its time to first token
+ * (for a stream, the first event; for a whole JSON answer, the answer). */
+static void client_first_byte(struct client *c)
+{
+    struct tries *t = client_tries(c);
+
+    if (t->sent)
+        return;
+    t->sent = 1;
+    shm_wb_observe(c->w->shm, (uint32_t)c->w->slot, client_backend(c), 1,
+                   time_mono_ns() - t->try_ns);
+}
+
 static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *body, size_t n,
                       int complete)
 {
@@ -671,6 +684,7 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
     uint32_t cond = retry_cond(UPSTREAM_OK, ur->status);
 
     t->head_ns = now - t->try_ns;
+    shm_wb_note_status(w->shm, (uint32_t)w->slot, client_backend(c), ur->status);
     client_head_outcome(c, ur, now);
     if (ur->status >= 400 && client_can_retry(c, cond, ur->status, now)) {
         /* consumed, not forwarded: the next backend answers instead */
@@ -751,7 +765,7 @@ static int op_on_head(void *ctx, const struct upstream_resp *ur, const char *bod
         n = forward_usage_feed(c, body, n, complete, w->scratch + hl, &pl);
     }
     if (n)
-        t->sent = 1;
+        client_first_byte(c);
     if (!ur->rechunk)
         return client_write(c, w->scratch, (size_t)hl, body, n);
     /* each piece goes out as one chunk of ours */
@@ -776,7 +790,7 @@ static int op_on_body(void *ctx, const char *p, size_t n, int complete)
     if (client_creq(c)->urd)
         n = forward_usage_feed(c, p, n, complete, pre, &pl);
     if (n + pl)
-        t->sent = 1;
+        client_first_byte(c);
     if (!t->framed)
         return client_write(c, pre, pl, p, n);
     if (!n && !pl && !complete)
@@ -841,6 +855,8 @@ static void op_on_end(void *ctx, enum upstream_err err)
     }
     if (err == UPSTREAM_OK || (err == UPSTREAM_ECLIENT && client_creq(c)->resp_started)) {
         client_record(c, retry_record_end(client_pool(c), err, 1), now);
+        if (err == UPSTREAM_OK)
+            shm_wb_observe(c->w->shm, (uint32_t)c->w->slot, client_backend(c), 0, now - t->try_ns);
         client_try_end(c);
         forward_usage_end(c, err != UPSTREAM_OK);
         if (err == UPSTREAM_OK)

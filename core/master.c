@@ -24,6 +24,7 @@
 #include "core/master.h"
 #include "core/sig.h"
 #include "core/state.h"
+#include "core/stats.h"
 #include "core/util.h"
 #include "core/worker.h"
 #include "health/health.h"
@@ -826,6 +827,7 @@ static void master_stop(enum master_stop how)
     M.stopping = how;
     if (M.next)
         reload_fail("the master is stopping");
+    stats_set_stopping();
     listeners_close(); /* the workers keep theirs until they exit */
     uv_timer_stop(&M.restart_timer);
     for (int i = 0; i < M.g->n_children; i++)
@@ -1056,6 +1058,11 @@ static int master_setup(struct conf *conf)
     if (rc < 0)
         return rc;
 
+    /* after the children's table: /healthz reads it */
+    rc = stats_start(&M.loop, conf, &M.g->shm, admin_procs, M.g->n_children + 1, M.started_ms);
+    if (rc < 0)
+        return rc;
+
     log_info("aigw master started (pid %d): %d workers, %d listeners, admin socket %s",
              (int)getpid(), workers, conf->n_listens, conf->global.admin_socket);
     daemon_detach_stdio();
@@ -1071,6 +1078,7 @@ static void master_teardown(void)
     sig_block_all_handled();
     listeners_close();
     if (M.loop_ready) {
+        stats_stop(); /* its handles carry data that is no admin client's */
         uv_walk(&M.loop, master_close_walk, NULL);
         uv_run(&M.loop, UV_RUN_DEFAULT);
         uv_loop_close(&M.loop);
@@ -1377,6 +1385,7 @@ static void reload_handover(void)
     uv_timer_stop(&M.reload_timer);
     M.next = NULL;
     M.g = g;
+    stats_set_gen(g->conf, &g->shm, g->n_children + 1);
     for (int i = 0; i < o->n_children; i++)
         o->children[i].pending = 0;
     gen_signal(o, SIGTERM);

@@ -220,6 +220,11 @@ static void answer_limited(struct client *c, const struct limit_verdict *v)
     struct creq *r = client_creq(c);
     uint32_t id = (uint32_t)v->limiter, nk = (uint32_t)conf->n_keys, nm = (uint32_t)conf->n_models;
     const char *kind = id < nk ? "key" : id < nk + nm ? "model" : "pool";
+    shm_worker_note_limited(c->w->shm, (uint32_t)c->w->slot,
+                            id < nk        ? 0
+                            : id < nk + nm ? 1
+                                           : 2,
+                            (int)v->dim);
     const char *name = id < nk        ? conf->keys[id].name
                        : id < nk + nm ? conf->models[id - nk].name
                                       : conf->pools[id - nk - nm].name;

@@ -478,6 +478,48 @@ void shm_backend_totals(const struct shm *shm, uint32_t b, struct shm_backend_to
     }
 }
 
+/* Prometheus' usual spread, from 5 ms to 2 minutes: LLM answers run from tens of ms to
+ * minutes. */
+const uint64_t shm_hist_bounds_us[SHM_HIST_BUCKETS - 1] = {
+    5000,    10000,   25000,   50000,    100000,   250000,   500000,
+    1000000, 2500000, 5000000, 10000000, 30000000, 60000000, 120000000,
+};
+
+void shm_wb_observe(struct shm *shm, uint32_t w, uint32_t b, int ttft, uint64_t ns)
+{
+    struct shm_wb *wb = shm_wb(shm, w, b);
+    uint64_t us = ns / 1000;
+    unsigned i = 0;
+
+    while (i < SHM_HIST_BUCKETS - 1 && us > shm_hist_bounds_us[i])
+        i++;
+    shm_counter_add(ttft ? &wb->ttft_bkt[i] : &wb->lat_bkt[i], 1);
+    shm_counter_add(ttft ? &wb->ttft_sum_us : &wb->lat_sum_us, us);
+}
+
+void shm_worker_note_limited(struct shm *shm, uint32_t w, int kind, int dim)
+{
+    if (kind >= 0 && kind < 3 && dim >= 1 && dim <= 4)
+        shm_counter_add(&shm_worker(shm, w)->limited[kind][dim - 1], 1);
+}
+
+void shm_backend_stats(const struct shm *shm, uint32_t b, struct shm_backend_stats *s)
+{
+    memset(s, 0, sizeof(*s));
+    for (uint32_t w = 0; w < shm->hdr->n_workers; w++) {
+        const struct shm_wb *wb = shm_wb(shm, w, b);
+
+        for (int i = 0; i < 5; i++)
+            s->status[i] += atomic_load_explicit(&wb->status[i], memory_order_relaxed);
+        for (int i = 0; i < SHM_HIST_BUCKETS; i++) {
+            s->lat_bkt[i] += atomic_load_explicit(&wb->lat_bkt[i], memory_order_relaxed);
+            s->ttft_bkt[i] += atomic_load_explicit(&wb->ttft_bkt[i], memory_order_relaxed);
+        }
+        s->lat_sum_us += atomic_load_explicit(&wb->lat_sum_us, memory_order_relaxed);
+        s->ttft_sum_us += atomic_load_explicit(&wb->ttft_sum_us, memory_order_relaxed);
+    }
+}
+
 void shm_worker_reset(struct shm *shm, uint32_t w)
 {
     struct shm_worker *sw = shm_worker(shm, w);

@@ -13,7 +13,7 @@
 #include "shm/limit.h"
 
 #define SHM_MAGIC          0x31304d5357474941ULL /* "AIGWSM01" little-endian */
-#define SHM_LAYOUT_VERSION 3
+#define SHM_LAYOUT_VERSION 4
 #define SHM_CACHELINE      64
 
 /* Health state, written only by the health checker. */
@@ -62,8 +62,10 @@ enum breaker_cmd {
     BREAKER_CMD_OPEN = 2,  /* force open */
 };
 
-#define SHM_FAIL_RING   32 /* failure times kept per (worker, backend) */
-#define SHM_BUDGET_SECS 10 /* retry budget window: one-second buckets */
+#define SHM_FAIL_RING 32 /* failure times kept per (worker, backend) */
+/* Latency histograms: SHM_HIST_BUCKETS - 1 upper bounds (shm_hist_bounds_us) and +Inf. */
+#define SHM_HIST_BUCKETS 15
+#define SHM_BUDGET_SECS  10 /* retry budget window: one-second buckets */
 
 /* What a worker may send to a backend: the health checker's decision, published with the
  * backend's state (struct shm_admission), which workers apply as it is. ALL is 0 so that a
@@ -183,6 +185,13 @@ struct shm_wb {
      * own `active` / `trials`: a snapshot taken while every one is even and unchanged is
      * settled (shm_claims_repair). */
     _Atomic uint32_t claim_seq;
+    /* for /metrics: response heads by status class (1xx..5xx), and histograms (one bucket
+     * each, not cumulative) with their sums in microseconds */
+    _Atomic uint64_t status[5];
+    _Atomic uint64_t lat_bkt[SHM_HIST_BUCKETS]; /* try start -> whole response forwarded */
+    _Atomic uint64_t lat_sum_us;
+    _Atomic uint64_t ttft_bkt[SHM_HIST_BUCKETS]; /* try start -> first body byte forwarded */
+    _Atomic uint64_t ttft_sum_us;
 } __attribute__((aligned(SHM_CACHELINE)));
 
 /* Per-worker slot header; writer: that worker (pid etc. by the master before fork). */
@@ -195,6 +204,8 @@ struct shm_worker {
      * stopped accepting by then, and its rate-limit windows are in this segment) */
     _Atomic uint32_t ready;
     _Atomic uint32_t hold;
+    /* requests a limiter refused (429): [key, model, pool][enum limit_dim - 1] */
+    _Atomic uint64_t limited[3][4];
 } __attribute__((aligned(SHM_CACHELINE)));
 
 struct shm_header {
@@ -422,6 +433,31 @@ struct shm_backend_totals {
     uint64_t requests, failures, bytes_in, bytes_out, retries;
 };
 void shm_backend_totals(const struct shm *shm, uint32_t b, struct shm_backend_totals *t);
+
+/* ---- figures for /metrics ------------------------------------------------------------------ */
+
+/* Upper bounds of the histogram buckets, microseconds (the last bucket is +Inf). */
+extern const uint64_t shm_hist_bounds_us[SHM_HIST_BUCKETS - 1];
+
+/* Worker w: the response head of b had this status (counted by class). */
+static inline void shm_wb_note_status(struct shm *shm, uint32_t w, uint32_t b, int status)
+{
+    if (status >= 100 && status <= 599)
+        shm_counter_add(&shm_wb(shm, w, b)->status[status / 100 - 1], 1);
+}
+/* Worker w: one sample of b's response duration (lat) or time to the first body byte (ttft):
+ * one bucket and the sum. */
+void shm_wb_observe(struct shm *shm, uint32_t w, uint32_t b, int ttft, uint64_t ns);
+/* Worker w: a limiter refused a request: kind 0 key, 1 model, 2 pool; dim enum limit_dim. */
+void shm_worker_note_limited(struct shm *shm, uint32_t w, int kind, int dim);
+
+/* Sums over the workers of what /metrics shows of one backend. */
+struct shm_backend_stats {
+    uint64_t status[5];
+    uint64_t lat_bkt[SHM_HIST_BUCKETS], lat_sum_us;
+    uint64_t ttft_bkt[SHM_HIST_BUCKETS], ttft_sum_us;
+};
+void shm_backend_stats(const struct shm *shm, uint32_t b, struct shm_backend_stats *s);
 
 /* Master: zero a dead worker's slot and gauges, and give its in-flight claims back (its
  * backend claims, and its parallel slots and budget reservations in the limiters).

@@ -22,7 +22,7 @@ def _ini_keys(path):
     keys, kind = {}, None
     with open(path) as f:
         for line in f:
-            m = re.match(r"^\[(\w+)", line)
+            m = re.match(r"^;?\[(\w+)", line)
             if m:
                 kind = m.group(1)
                 keys.setdefault(kind, set())

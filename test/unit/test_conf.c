@@ -439,6 +439,29 @@ static void test_err_duplicates(void **state)
     load_bad(BASE "[listen b]\nbind = 127.0.0.1:8080\n", 7, "[listen b] key 'bind'", NULL);
 }
 
+/* [stats]: no name, at most once, bind required and numeric, not on a [listen]'s address. */
+static void test_stats_section(void **state)
+{
+    struct conf *c = load_ok(BASE "[stats]\nbind = 127.0.0.1:8404\n");
+    const struct sockaddr_in *sin = (const void *)&c->stats.addr;
+
+    assert_int_equal(c->stats.enabled, 1);
+    assert_int_equal(ntohs(sin->sin_port), 8404);
+    assert_string_equal(c->stats.bind, "127.0.0.1:8404");
+    conf_free(c);
+    c = load_ok(BASE);
+    assert_int_equal(c->stats.enabled, 0);
+    conf_free(c);
+
+    load_bad(BASE "[stats s]\nbind = 127.0.0.1:8404\n", 6, "[stats]: takes no name", NULL);
+    load_bad(BASE "[stats]\nbind = 127.0.0.1:8404\n[stats]\n", 8, "[stats]: appears twice",
+             "line 6", NULL);
+    load_bad(BASE "[stats]\n", 6, "[stats] key 'bind': missing", NULL);
+    load_bad(BASE "[stats]\nbind = localhost:8404\n", 7, "[stats] key 'bind'", "numeric", NULL);
+    load_bad(BASE "[stats]\nport = 8404\n", 7, "[stats] key 'port': unknown key", NULL);
+    load_bad(BASE "[stats]\nbind = *:8080\n", 7, "[stats] key 'bind'", "[listen main]", NULL);
+}
+
 static void test_err_structure(void **state)
 {
     load_bad("x = 1\n" BASE, 1, "key 'x': outside any section", NULL);
@@ -1301,6 +1324,7 @@ int main(void)
         cmocka_unit_test(test_auth_warning),
         cmocka_unit_test(test_util_ai_values),
         cmocka_unit_test(test_deploy_keys),
+        cmocka_unit_test(test_stats_section),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
