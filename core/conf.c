@@ -1799,6 +1799,46 @@ static int conf_model_known(const struct conf *c, const char *name)
     return conf_model_find(c, name) >= 0 || conf_model_pool(c, name, strlen(name)) >= 0;
 }
 
+static const struct conf *digest_conf; /* qsort has no context argument */
+
+static int by_digest(const void *a, const void *b)
+{
+    const struct conf_apikey *x = &digest_conf->keys[*(const int *)a],
+                             *y = &digest_conf->keys[*(const int *)b];
+    int d = memcmp(x->sha256, y->sha256, 32);
+    return d ? d : x->file_line - y->file_line;
+}
+
+/* Two [key]s with one digest: a client would get one of them, never the other's limits. */
+static void conf_finish_keys(struct conf_parse *p)
+{
+    struct conf *c = p->conf;
+    int *order;
+
+    if (c->n_keys < 2 || (p->flags & CONF_LOAD_NO_SECRETS))
+        return;
+    order = malloc((size_t)c->n_keys * sizeof(*order));
+    if (!order) {
+        conf_err(p, 0, NULL, "out of memory");
+        return;
+    }
+    for (int i = 0; i < c->n_keys; i++)
+        order[i] = i;
+    digest_conf = c;
+    qsort(order, (size_t)c->n_keys, sizeof(*order), by_digest);
+    for (int i = 1; i < c->n_keys; i++) {
+        const struct conf_apikey *a = &c->keys[order[i - 1]], *b = &c->keys[order[i]];
+
+        if (memcmp(a->sha256, b->sha256, 32) == 0) {
+            snprintf(p->sect, sizeof(p->sect), "key %s", b->name);
+            conf_err(p, b->file_line, NULL, "the same key as [key %s] (line %d)", a->name,
+                     a->file_line);
+            break;
+        }
+    }
+    free(order);
+}
+
 /* [model] references (alias_of, fallback) and whether every model has a pool to go to. */
 static void conf_finish_models(struct conf_parse *p)
 {
@@ -1976,6 +2016,8 @@ static void conf_finish(struct conf_parse *p)
     free(c->backends);
     c->backends = sorted;
     conf_finish_models(p);
+    if (!p->err)
+        conf_finish_keys(p);
 }
 
 static void conf_global_defaults(struct conf_global *g)

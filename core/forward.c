@@ -519,6 +519,8 @@ static int client_fallback(struct client *c)
     if (r->fb_used || from < 0 || !conf->models[from].fallback[0])
         return 0;
     const char *fb = conf->models[from].fallback;
+    if (r->key >= 0 && !route_key_allows(&conf->keys[r->key], fb, strlen(fb)))
+        return 0; /* not a model this key may use */
     if (route_model(conf, fb, strlen(fb), &m) < 0)
         return 0;
     if (stages_admit_fallback(c, m.model, m.served, m.pool >= 0 ? m.pool : r->pool) < 0) {
@@ -627,6 +629,9 @@ static void client_try(struct client *c)
         return;
     }
     t->tried[t->n++] = (uint32_t)b;
+    if (client_creq(c)->rq.written) /* an earlier try's request reached its upstream */
+        client_creq(c)->upstream_saw = 1;
+    client_creq(c)->rq.written = 0;
     /* the backend whose pooled connection was stale gets a new one */
     client_creq(c)->rq.no_reuse = b == t->again;
     t->again = -1;

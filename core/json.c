@@ -136,6 +136,10 @@ static enum json_req_field req_field(const unsigned char *k, size_t n)
         return memcmp(k, "model", 5) == 0 ? JSON_F_MODEL : JSON_F_NONE;
     case 6:
         return memcmp(k, "stream", 6) == 0 ? JSON_F_STREAM : JSON_F_NONE;
+    case 1:
+        return k[0] == 'n' ? JSON_F_N : JSON_F_NONE;
+    case 7:
+        return memcmp(k, "best_of", 7) == 0 ? JSON_F_BEST_OF : JSON_F_NONE;
     case 10:
         return memcmp(k, "max_tokens", 10) == 0 ? JSON_F_MAX_TOKENS : JSON_F_NONE;
     case 14:
@@ -247,26 +251,76 @@ static int req_boolean(void *ctx, int v)
     return 1;
 }
 
-/* A number as JSON writes it: the max_*tokens fields take a plain non-negative integer
- * (saturated at INT64_MAX); any other number leaves them unset. */
+static int64_t sat_mul10(int64_t v, int d)
+{
+    return v > (INT64_MAX - d) / 10 ? INT64_MAX : v * 10 + d;
+}
+
+int64_t json_count(const char *s, size_t n)
+{
+    size_t i = 0;
+    int64_t v = 0, e = 0;
+    int frac = 0, neg = 0, digits = 0, eneg = 0;
+    int64_t shift = 0; /* decimal digits after the point taken into v */
+
+    while (i < n && (s[i] == ' ' || s[i] == '\t'))
+        i++;
+    while (n > i && (s[n - 1] == ' ' || s[n - 1] == '\t'))
+        n--;
+    if (i < n && (s[i] == '-' || s[i] == '+'))
+        neg = s[i++] == '-';
+    for (; i < n && s[i] >= '0' && s[i] <= '9'; i++, digits++)
+        v = sat_mul10(v, s[i] - '0');
+    if (i < n && s[i] == '.') {
+        for (i++; i < n && s[i] >= '0' && s[i] <= '9'; i++, digits++) {
+            if (v <= (INT64_MAX - 9) / 10) {
+                v = v * 10 + (s[i] - '0');
+                shift++;
+            } else if (s[i] != '0') {
+                frac = 1;
+            }
+        }
+    }
+    if (!digits)
+        return JSON_NUM_BAD;
+    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+        i++;
+        if (i < n && (s[i] == '-' || s[i] == '+'))
+            eneg = s[i++] == '-';
+        if (i == n)
+            return JSON_NUM_BAD;
+        for (; i < n && s[i] >= '0' && s[i] <= '9'; i++)
+            e = e > 100000 ? e : e * 10 + (s[i] - '0');
+    }
+    if (i != n)
+        return JSON_NUM_BAD;
+    e = (eneg ? -e : e) - shift;
+    for (; e > 0; e--)
+        v = sat_mul10(v, 0);
+    for (; e < 0 && v; e++) {
+        frac |= v % 10 != 0;
+        v /= 10;
+    }
+    if (frac && v < INT64_MAX)
+        v++; /* a part of a token is a token */
+    if (neg && (v || frac))
+        return JSON_NUM_BAD;
+    return v;
+}
+
+/* A number as JSON writes it: the max_*tokens, n and best_of fields take any (upstreams
+ * coerce 9.0 and 1e3 as well), rounded up and saturated; a negative one is marked bad. */
 static int req_number(void *ctx, const char *s, size_t n)
 {
     struct json_parser *p = ctx;
     enum json_req_field f;
     int key;
-    int64_t v = 0;
 
     if (!req_scalar(p, &f, &key))
         return 0;
     if (f < JSON_F_MAX_TOKENS)
         return 1;
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] < '0' || s[i] > '9')
-            return 1;
-        int d = s[i] - '0';
-        v = v > (INT64_MAX - d) / 10 ? INT64_MAX : v * 10 + d;
-    }
-    p->out->max_tokens[f - JSON_F_MAX_TOKENS] = v;
+    p->out->max_tokens[f - JSON_F_MAX_TOKENS] = json_count(s, n);
     return 1;
 }
 
@@ -280,6 +334,8 @@ static int req_string(void *ctx, const unsigned char *s, size_t n)
 
     if (!req_scalar(p, &f, &key))
         return 0;
+    if (f >= JSON_F_MAX_TOKENS) /* "9": lenient upstreams take a numeric string too */
+        o->max_tokens[f - JSON_F_MAX_TOKENS] = json_count((const char *)s, n);
     if (f == JSON_F_MODEL) {
         o->flags |= JSON_REQ_MODEL;
         o->model_len = n > UINT32_MAX ? UINT32_MAX : (uint32_t)n;
@@ -413,7 +469,8 @@ void json_req_reset(struct json_req *out)
     /* all but the model's bytes, which model_len says are not there */
     memset(out, 0, offsetof(struct json_req, model));
     memset(&out->key_hash, 0, sizeof(*out) - offsetof(struct json_req, key_hash));
-    out->max_tokens[0] = out->max_tokens[1] = out->max_tokens[2] = -1;
+    for (int i = 0; i < 5; i++)
+        out->max_tokens[i] = -1;
 }
 
 int json_req_begin(struct json_parser *p, struct json_req *out, const char *key_field)

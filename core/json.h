@@ -25,7 +25,9 @@ enum json_req_field {
     JSON_F_MAX_TOKENS = 5,     /* "max_tokens" (chat, completions) */
     JSON_F_MAX_COMPLETION = 6, /* "max_completion_tokens" (chat) */
     JSON_F_MAX_OUTPUT = 7,     /* "max_output_tokens" (responses) */
-    JSON_F_COUNT = 8
+    JSON_F_N = 8,              /* "n": choices generated (chat, completions) */
+    JSON_F_BEST_OF = 9,        /* "best_of": completions generated to pick from */
+    JSON_F_COUNT = 10
 };
 
 /* json_req.flags */
@@ -34,6 +36,8 @@ enum json_req_field {
 #define JSON_REQ_STREAM_OPTS   0x04 /* "stream_options" is an object */
 #define JSON_REQ_INCLUDE_USAGE 0x08 /* "stream_options": {"include_usage": true} */
 #define JSON_REQ_KEY           0x10 /* the json:FIELD hash key is a string: key_hash */
+
+#define JSON_NUM_BAD (-2)
 
 /* Bytes [off, end) of a value in the body, as sent (a string's quotes and escapes included). */
 struct json_span {
@@ -44,11 +48,14 @@ struct json_span {
  * stream_options): the same names nested deeper are ignored. A field given twice counts with
  * its last value, as the upstreams' parsers take it; `dup` says which came twice. */
 struct json_req {
-    uint32_t flags;                      /* JSON_REQ_* */
-    uint32_t model_len;                  /* unescaped length, may exceed JSON_MODEL_MAX */
-    char model[JSON_MODEL_MAX];          /* unescaped model name (its first JSON_MODEL_MAX bytes) */
-    uint64_t key_hash;                   /* balancer_hash() of the unescaped hash key */
-    int64_t max_tokens[3];               /* max_tokens, _completion_, _output_; -1 = none */
+    uint32_t flags;             /* JSON_REQ_* */
+    uint32_t model_len;         /* unescaped length, may exceed JSON_MODEL_MAX */
+    char model[JSON_MODEL_MAX]; /* unescaped model name (its first JSON_MODEL_MAX bytes) */
+    uint64_t key_hash;          /* balancer_hash() of the unescaped hash key */
+    /* max_tokens, max_completion_tokens, max_output_tokens, n, best_of, as numbers or numeric
+     * strings (upstreams coerce "9" and 9.0): rounded up, saturated at INT64_MAX; -1 = not
+     * given, JSON_NUM_BAD = given but negative or not a number */
+    int64_t max_tokens[5];
     struct json_span span[JSON_F_COUNT]; /* where each field's value is, by enum json_req_field */
     uint16_t dup;                        /* bit (1 << field): the field came more than once */
 };
@@ -102,6 +109,11 @@ struct json_parser {
     uint8_t failed;  /* the body is not one JSON object */
     uint64_t end;
 };
+
+/* A JSON number (or a numeric string's contents) as a count of tokens or choices: rounded up
+ * ("1.5" -> 2, "1e3" -> 1000), saturated at INT64_MAX; JSON_NUM_BAD when negative or not a
+ * number. */
+int64_t json_count(const char *s, size_t n);
 
 /* Frees what the parser holds (a zeroed struct json_parser is a valid, empty one). */
 void json_parser_free(struct json_parser *p);

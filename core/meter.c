@@ -1,16 +1,25 @@
 /* Reservations, costs and rate-limit headers (see core/meter.h). */
 #include "core/meter.h"
 
-uint64_t meter_output_max(const int64_t max_tokens[3], uint32_t def, int embeddings)
+/* a * b, saturating */
+static uint64_t mul_sat(uint64_t a, uint64_t b);
+
+uint64_t meter_output_max(const int64_t nums[5], uint32_t def, int embeddings)
 {
-    int64_t best = -1;
+    int64_t most = -1, copies = 1;
 
     if (embeddings)
         return 0;
+    /* the largest limit given: upstreams differ in which one they obey (vLLM takes
+     * max_completion_tokens over max_tokens); a bad one (negative, not a number) counts as
+     * none given, which the upstream refuses anyway */
     for (int i = 0; i < 3; i++)
-        if (max_tokens[i] >= 0 && (best < 0 || max_tokens[i] < best))
-            best = max_tokens[i];
-    return best >= 0 ? (uint64_t)best : def;
+        if (nums[i] >= 0 && nums[i] > most)
+            most = nums[i];
+    for (int i = 3; i < 5; i++)
+        if (nums[i] > copies)
+            copies = nums[i];
+    return mul_sat(most >= 0 ? (uint64_t)most : def, (uint64_t)copies);
 }
 
 /* a * b, saturating: absurd token counts must not wrap a cost to nothing */

@@ -17,10 +17,11 @@ static inline uint64_t meter_prompt_estimate(uint64_t body_len)
     return (body_len + 2) / 3;
 }
 
-/* Tokens an answer may hold at most: the request's max_tokens / max_completion_tokens /
- * max_output_tokens (the smallest given; -1 = not given), else def. An embeddings request
+/* Tokens an answer may hold at most: the largest of the request's max_tokens /
+ * max_completion_tokens / max_output_tokens (nums[0..2]; < 0 = not given or bad), else def,
+ * times the choices it makes (the larger of n and best_of, nums[3..4]). An embeddings request
  * answers with none. */
-uint64_t meter_output_max(const int64_t max_tokens[3], uint32_t def, int embeddings);
+uint64_t meter_output_max(const int64_t nums[5], uint32_t def, int embeddings);
 
 /* Cost in nano-USD of prompt tokens (cached of them from the provider's cache) and completion
  * tokens at m's prices (pico-USD per token), rounded up. list: at list_price_* (price_* where

@@ -292,6 +292,13 @@ int proxy_build_request(char *buf, size_t cap, const struct proxy_req *r,
             if (be->api_key || r->strip_auth)
                 continue;
             break;
+        case HN_OTHER:
+            /* where other clients put a key (Azure's api-key, Anthropic's x-api-key): with
+             * aigw's own keys, one sent there may be one of them, and stays here */
+            if (r->strip_auth && (NAME_IS(h->name, h->name_len, "api-key") ||
+                                  NAME_IS(h->name, h->name_len, "x-api-key")))
+                continue;
+            break;
         case HN_X_FORWARDED_FOR:
             /* every X-Forwarded-For the client sent, joined, then the client itself */
             if (xff_seen)

@@ -48,7 +48,8 @@ static int quote(char *out, size_t cap, const char *s, size_t n)
 
 static int is_ws(char c)
 {
-    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+    /* as yajl reads JSON: it skips \v and \f as well */
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
 }
 
 /* Where the value bytes of [off, end) start after white space, or end. */

@@ -104,6 +104,49 @@ static int path_is(const char *p, size_t len, const char *s)
     return len == n && memcmp(p, s, n) == 0;
 }
 
+static int hexval(char c)
+{
+    return c >= '0' && c <= '9'                     ? c - '0'
+           : (c | 0x20) >= 'a' && (c | 0x20) <= 'f' ? (c | 0x20) - 'a' + 10
+                                                    : -1;
+}
+
+/* Whether path is one of the endpoints the way a lenient router reads it: %-escapes decoded,
+ * case folded, runs of '/' as one, ';' parameters and a final '/' dropped. */
+static int lookalike(const char *path, size_t len)
+{
+    static const char *const eps[] = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                      "/v1/responses", "/v1/models"};
+    char norm[64];
+    size_t n = 0;
+
+    for (size_t i = 0; i < len; i++) {
+        char ch = path[i];
+
+        if (ch == '%' && i + 2 < len && hexval(path[i + 1]) >= 0 && hexval(path[i + 2]) >= 0) {
+            ch = (char)(hexval(path[i + 1]) * 16 + hexval(path[i + 2]));
+            i += 2;
+        }
+        if (ch == ';') { /* a parameter runs to the next '/' */
+            while (i + 1 < len && path[i + 1] != '/')
+                i++;
+            continue;
+        }
+        if (ch == '/' && n && norm[n - 1] == '/')
+            continue;
+        if (n == sizeof(norm))
+            return 0;
+        norm[n++] = (char)(ch >= 'A' && ch <= 'Z' ? ch | 0x20 : ch);
+    }
+    while (n > 1 && norm[n - 1] == '/')
+        n--;
+    for (size_t i = 0; i < sizeof(eps) / sizeof(eps[0]); i++)
+        if (strlen(eps[i]) == n && memcmp(eps[i], norm, n) == 0)
+            return 1;
+    /* /v1/models/{id} spelt otherwise */
+    return n > 11 && memcmp(norm, "/v1/models/", 11) == 0;
+}
+
 enum route_ep route_endpoint(const char *path, size_t len, const char **id, size_t *id_len)
 {
     len = path_len(path, len);
@@ -122,7 +165,7 @@ enum route_ep route_endpoint(const char *path, size_t len, const char **id, size
         *id_len = len - 11;
         return EP_MODEL_ID;
     }
-    return EP_OTHER;
+    return lookalike(path, len) ? EP_LOOKALIKE : EP_OTHER;
 }
 
 int route_missing_v1(const char *path, size_t len)

@@ -34,6 +34,8 @@ enum route_ep {
     EP_RESPONSES,   /* /v1/responses */
     EP_MODELS,      /* /v1/models */
     EP_MODEL_ID,    /* /v1/models/{id}: *id, *id_len */
+    EP_LOOKALIKE,   /* another spelling of one of the above (case, //, a final /, ;params,
+                       %-escapes) that an upstream may route the same: refused (404) */
 };
 enum route_ep route_endpoint(const char *path, size_t len, const char **id, size_t *id_len);
 /* Whether the endpoint is routed by the body's model. */

@@ -87,6 +87,15 @@ static int stage_auth(struct client *c)
     if (!c->ln->auth)
         return 0;
     h = client_hdr(c, "authorization");
+    for (uint32_t i = 0; h && i < r->n_hdrs; i++) {
+        if (&r->hdrs[i] != h &&
+            util_span_ieq(r->hdrs[i].name, r->hdrs[i].name_len, "authorization")) {
+            /* which one counts would depend on who reads it: none does */
+            client_error_extra(c, 400, "invalid_request_error", "invalid_api_key",
+                               "More than one Authorization header.", 0, NULL);
+            return -1;
+        }
+    }
     if (!h || route_bearer(h->value, h->value_len, &tok, &tok_len) < 0) {
         client_error_extra(c, 401, "invalid_request_error", "invalid_api_key",
                            "You didn't provide an API key. You need to provide your API key in an "
@@ -155,8 +164,26 @@ static int stage_route(struct client *c)
         answer_models(c, id, id_len);
         return -1;
     }
+    if (ep == EP_LOOKALIKE) {
+        /* an upstream may serve it as the endpoint it resembles, outside the model checks */
+        snprintf(msg, sizeof(msg), "Invalid URL (%s %.*s): use the exact path of the endpoint",
+                 llhttp_method_name((llhttp_method_t)r->parser.method),
+                 (int)(r->url_len > 100 ? 100 : r->url_len), r->url);
+        client_error_extra(c, 404, "invalid_request_error", "not_found", msg, 0, NULL);
+        return -1;
+    }
     if (!route_ep_by_model(ep)) {
         int p = route_path_pool(conf, r->url, r->url_len);
+
+        /* a model named on another path (/v1/images/..., /v1/audio/...) is one the key must
+         * be allowed */
+        if (r->key >= 0 && (r->info.flags & JSON_REQ_MODEL) &&
+            !route_key_allows(&conf->keys[r->key], r->info.model, r->info.model_len)) {
+            snprintf(msg, sizeof(msg), "This key may not use the model '%.*s'",
+                     (int)(r->info.model_len > 200 ? 200 : r->info.model_len), r->info.model);
+            client_error_extra(c, 403, "invalid_request_error", "model_not_allowed", msg, 0, NULL);
+            return -1;
+        }
 
         if (p >= 0)
             r->pool = p;
@@ -282,6 +309,8 @@ static int stage_limit(struct client *c)
     r->rl_req.set = r->rl_tok.set = 0;
     r->res_prompt = r->res_tokens = 0;
     r->usage_got = 0;
+    r->upstream_saw = 0;
+    r->rq.written = 0;
     if (route_ep_by_model((enum route_ep)r->ep)) {
         r->res_prompt = meter_prompt_estimate(r->body_len);
         out_max = meter_output_max(r->info.max_tokens, conf->global.default_max_tokens,
@@ -363,7 +392,8 @@ int stages_admit_fallback(struct client *c, int model, int served, int pool)
 
 void stages_run(struct client *c)
 {
-    if (stage_local(c) < 0 || stage_body(c) < 0 || stage_auth(c) < 0 || stage_route(c) < 0 ||
+    /* who the client is before anything of its body is read */
+    if (stage_local(c) < 0 || stage_auth(c) < 0 || stage_body(c) < 0 || stage_route(c) < 0 ||
         stage_limit(c) < 0)
         return;
     forward_start(c); /* pick, forward, respond, record */
@@ -406,8 +436,14 @@ void stages_usage(const struct client *c, struct acct_usage *out)
         a.prompt = r->res_prompt;
         a.completion = r->usage.text_tokens;
         a.partial = 1;
+    } else if ((r->upstream_saw || r->rq.written) && !r->resp_started) {
+        /* the request reached an upstream but no answer of one reached the client (it left,
+         * the upstream failed after reading it): the provider bills the prompt at least (an
+         * error the upstream answered is not billed) */
+        a.prompt = r->res_prompt;
+        a.partial = 1;
     }
-    /* else no answer reached the client (refused, failed): nothing was generated */
+    /* else nothing reached an upstream (refused, failed to connect): nothing was generated */
     a.cost_nano = meter_cost_nano(cm, a.prompt, a.cached, a.completion, 0);
     a.list_cost_nano = meter_cost_nano(cm, a.prompt, a.cached, a.completion, 1);
     *out = a;

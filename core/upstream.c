@@ -582,6 +582,7 @@ static int conn_send(struct upconn *u)
         u->sent += (size_t)n;
     }
     /* all sent: wait for the response head */
+    rq->written = 1;
     u->state = UC_WAIT_HEAD;
     poll_set(u, UV_READABLE);
 out:

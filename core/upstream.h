@@ -100,6 +100,8 @@ struct upstream_req {
     const struct iovec *body_iov;
     int body_n;
     int head_only; /* HEAD request: the response has no body */
+    int written;   /* set here once the whole request was written to an upstream (the caller
+                      clears it): it may be answered and billed whatever happens after */
     int dechunk;   /* the client takes no chunked coding (HTTP/1.0): hand over decoded bytes;
                       else bodies that need it are handed over for re-chunking (rechunk) */
     int bare;      /* the client side reads the body (usage): a chunked one is handed over

@@ -152,6 +152,7 @@ struct creq {
     struct rewrite rw;     /* the upstream body of the current try when it differs */
     struct usage usage;    /* what the answer said it used (client_on_usage) */
     uint8_t usage_got;     /* usage holds the answer's figures */
+    uint8_t upstream_saw;  /* a try's whole request reached an upstream (see rq.written) */
     uint8_t usage_partial; /* the answer was cut: billed from what was delivered */
 };
 

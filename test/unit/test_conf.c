@@ -1104,7 +1104,7 @@ static void test_ai_sections(void **state)
                 "tpm = 50000\nmax_parallel = 4\nbudget_usd = 12.50\nbudget_period = day\n"
                 "expires = 2027-01-31\n"
                 "[key team-b]\nkey_sha256 = "
-                "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD\n"
+                "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855\n"
                 "[model gpt-4o]\nprice_input = 2.5\nprice_output = 10\nprice_cached_input = 1.25\n"
                 "list_price_input = 5\nfallback = llama-3\ntpm = 9000\n"
                 "[model fast]\nalias_of = gpt-4o\n"
@@ -1116,7 +1116,8 @@ static void test_ai_sections(void **state)
     assert_int_equal(c->route_by_model, 1);
     assert_int_equal(c->n_keys, 2);
     assert_memory_equal(c->keys[0].sha256, abc_sha, 32);
-    assert_memory_equal(c->keys[1].sha256, abc_sha, 32);
+    assert_int_equal(c->keys[1].sha256[0], 0xe3); /* upper-case hex is read too */
+    assert_int_equal(c->keys[1].sha256[31], 0x55);
     assert_int_equal(c->keys[0].models.n, 1);
     assert_int_equal(c->keys[0].lim.rpm, 100);
     assert_int_equal(c->keys[0].lim.tpm, 50000);
@@ -1201,6 +1202,11 @@ static void test_err_ai_sections(void **state)
              "[model y]\nalias_of = gpt-4\n",
              8, "[model x] key 'alias_of'", "itself an alias", NULL);
     load_bad(BASE "[model bad name]\n", 6, "invalid name", NULL);
+    load_bad(BASE "[key a]\nkey_sha256 = "
+                  "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+                  "[key b]\nkey_sha256 = "
+                  "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD\n",
+             8, "[key b]", "the same key as [key a] (line 6)", NULL);
     load_bad(BASE "[key a/b]\n", 6, "invalid name", NULL);
 }
 

@@ -103,9 +103,9 @@ static void test_fields(void **state)
     assert_int_equal(r.flags, 0);
     assert_span(b, &r, JSON_F_MODEL, "7");
     assert_span(b, &r, JSON_F_STREAM_OPTIONS, "[true]");
-    assert_int_equal(r.max_tokens[0], -1);
-    assert_int_equal(r.max_tokens[1], -1);
-    assert_int_equal(r.max_tokens[2], -1);
+    assert_int_equal(r.max_tokens[0], 2);
+    assert_int_equal(r.max_tokens[1], JSON_NUM_BAD);
+    assert_int_equal(r.max_tokens[2], 9);
     /* include_usage counts only inside a top-level stream_options object */
     b = "{\"include_usage\":true,\"a\":{\"stream_options\":{\"include_usage\":true}}}";
     assert_int_equal(parse(b, &r), 0);
@@ -225,11 +225,27 @@ static void test_huge_numbers(void **state)
     assert_int_equal(r.max_tokens[0], INT64_MAX);
     assert_int_equal(r.max_tokens[1], INT64_MAX);
     assert_int_equal(r.max_tokens[2], INT64_MAX);
+    /* any number, as lenient upstreams coerce it: rounded up; a negative one is bad */
     b = "{\"max_tokens\":1e3,\"max_output_tokens\":-0,\"max_completion_tokens\":0.0}";
     assert_int_equal(parse(b, &r), 0);
-    assert_int_equal(r.max_tokens[0], -1);
-    assert_int_equal(r.max_tokens[1], -1);
-    assert_int_equal(r.max_tokens[2], -1);
+    assert_int_equal(r.max_tokens[0], 1000);
+    assert_int_equal(r.max_tokens[1], 0);
+    assert_int_equal(r.max_tokens[2], 0);
+    b = "{\"max_tokens\":100000.0,\"max_completion_tokens\":-3,\"max_output_tokens\":1.25E2,"
+        "\"n\":\"4\",\"best_of\":2.5}";
+    assert_int_equal(parse(b, &r), 0);
+    assert_int_equal(r.max_tokens[0], 100000);
+    assert_int_equal(r.max_tokens[1], JSON_NUM_BAD);
+    assert_int_equal(r.max_tokens[2], 125);
+    assert_int_equal(r.max_tokens[3], 4);
+    assert_int_equal(r.max_tokens[4], 3);
+    assert_int_equal(json_count("1.0000000000000000000000000000000001", 36), 2);
+    assert_int_equal(json_count("1e400", 5), INT64_MAX);
+    assert_int_equal(json_count("5e-1", 4), 1);
+    assert_int_equal(json_count("0e5", 3), 0);
+    assert_int_equal(json_count("abc", 3), JSON_NUM_BAD);
+    assert_int_equal(json_count("", 0), JSON_NUM_BAD);
+    assert_int_equal(json_count("1e", 2), JSON_NUM_BAD);
 }
 
 /* Nesting: up to JSON_MAX_DEPTH containers, the top object included. */

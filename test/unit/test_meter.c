@@ -8,17 +8,25 @@
 
 #include <cmocka.h>
 
+#include "core/json.h"
 #include "core/meter.h"
 
 static void test_output_max(void **state)
 {
-    int64_t none[3] = {-1, -1, -1}, some[3] = {500, 200, -1}, zero[3] = {-1, -1, 0};
+    int64_t none[5] = {-1, -1, -1, -1, -1}, some[5] = {500, 200, -1, -1, -1},
+            zero[5] = {-1, -1, 0, -1, -1}, bad[5] = {JSON_NUM_BAD, -1, -1, -1, -1},
+            many[5] = {1, 1000, -1, 4, 6}, huge[5] = {INT64_MAX, -1, -1, 128, -1};
 
     (void)state;
     assert_int_equal(meter_output_max(none, 4096, 0), 4096);
-    assert_int_equal(meter_output_max(some, 4096, 0), 200);
+    /* the largest limit counts: the upstream may obey any one of them */
+    assert_int_equal(meter_output_max(some, 4096, 0), 500);
     assert_int_equal(meter_output_max(zero, 4096, 0), 0);
     assert_int_equal(meter_output_max(some, 4096, 1), 0);
+    assert_int_equal(meter_output_max(bad, 4096, 0), 4096);
+    /* n and best_of make that many answers */
+    assert_int_equal(meter_output_max(many, 4096, 0), 6000);
+    assert_int_equal(meter_output_max(huge, 4096, 0), UINT64_MAX);
     assert_int_equal(meter_prompt_estimate(0), 0);
     assert_int_equal(meter_prompt_estimate(1), 1);
     assert_int_equal(meter_prompt_estimate(300), 100);

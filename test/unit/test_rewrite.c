@@ -89,6 +89,9 @@ static void test_include_usage(void **state)
           "{\"stream_options\":{\"include_usage\" : true}}");
     check("{\"stream_options\":null,\"model\":\"m\"}", NULL, 1,
           "{\"stream_options\":{\"include_usage\":true},\"model\":\"m\"}");
+    /* white space as yajl takes it (\v, \f too): the object is still empty */
+    check("{\"stream_options\":{\f\v},\"model\":\"m\"}", NULL, 1,
+          "{\"stream_options\":{\"include_usage\":true\f\v},\"model\":\"m\"}");
 }
 
 static void test_both(void **state)
