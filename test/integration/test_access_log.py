@@ -200,6 +200,22 @@ def test_access_log_lines(env):
           line["tokens_out"] >= 1 and line["bytes_out"] >= len(got) and line["error"] is None,
           f"abort: {line}")
 
+    # two requests on one connection: the second, answered before auth and routing, shows
+    # nothing of the first (key, model, pool, tokens)
+    c = env.conn(port)
+    c.send(build_request("POST", "/v1/chat/completions", auth_a + [("X-Request-Id", "ka-1")],
+                         chat_body("first", model="gpt-a")))
+    check(c.read_response().status == 200, "keep-alive first")
+    c.send(build_request("GET", "/nope?x=1", [("X-Request-Id", "ka-2")]))
+    check(c.read_response("GET").status == 404, "keep-alive second")
+    c.close()
+    line = _by_rid(log, "ka-2")
+    want = {"key": None, "method": "GET", "path": "/nope", "model": None, "pool": None,
+            "backend": None, "attempts": 0, "status": 404, "tokens_in": 0, "tokens_out": 0,
+            "error": "not_found"}
+    got = {k: line.get(k) for k in want}
+    check(got == want, f"second request on a connection: got {got}, want {want}")
+
     # never the key (nor its digest) anywhere in the file
     with open(log, "rb") as f:
         data = f.read()
