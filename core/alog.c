@@ -501,12 +501,12 @@ int alog_open(struct alog *a, uv_loop_t *loop, enum alog_mode mode, const char *
         a->mode = ALOG_OFF;
         return -ENOMEM;
     }
-    uv_timer_init(loop, &a->timer); /* cannot fail */
-    a->timer.data = a;
-    uv_unref((uv_handle_t *)&a->timer); /* never what keeps a stopping worker alive */
+    /* the signal first: when it fails nothing is left to close */
     if ((rc = uv_signal_init(loop, &a->usr1)) < 0)
         return rc;
-    a->usr1.data = a;
+    uv_timer_init(loop, &a->timer); /* cannot fail */
+    a->timer.data = a->usr1.data = a;
+    uv_unref((uv_handle_t *)&a->timer); /* never what keeps a stopping worker alive */
     a->handles = 1;
     if (mode == ALOG_FILE) {
         if ((rc = uv_signal_start(&a->usr1, on_alog_usr1, SIGUSR1)) < 0)
