@@ -146,6 +146,7 @@ void client_close(struct client *c)
         upstream_abort(&client_creq(c)->rq);
     if (c->buf) {
         forward_usage_end(c, 1); /* an answer being read was cut */
+        alog_request(c, 1);
         stages_settle(c);
     }
     client_body_deadline_stop(c);
@@ -220,6 +221,7 @@ int client_write3(struct client *c, const char *head, size_t hl, const char *dat
         b[n++] = uv_buf_init((char *)tail, (unsigned)tl);
     if (!n)
         return 0;
+    alog_req_sent(&client_creq(c)->alog, hl ? head : data, hl ? hl : dl, hl + dl + tl);
     int r = uv_try_write((uv_stream_t *)&c->tcp, b, n);
     if (r == (int)(hl + dl + tl))
         return 0;
@@ -270,6 +272,7 @@ static void client_answer(struct client *c, int status, const char *type, const 
     c->state = CS_WAIT;
     client_creq(c)->resp_close =
         close || !client_creq(c)->keepalive || w->draining || c->close_after;
+    client_creq(c)->alog.err = code;
     int n = answer_error_hdrs(w->scratch, head_cap(w), status, type, code, msg,
                               client_creq(c)->resp_close, retry_after, client_creq(c)->rid,
                               client_creq(c)->rid_len, backend, attempts,
@@ -414,6 +417,15 @@ static int on_req_begin(llhttp_t *p)
     client_creq(c)->local = 0;
     client_creq(c)->asterisk = 0;
     client_creq(c)->dropped = 0;
+    /* what the stages set is unknown until they run (an early answer must not show the last
+     * request's key, pool, model or usage) */
+    client_creq(c)->key = client_creq(c)->pool = -1;
+    client_creq(c)->model = client_creq(c)->served = -1;
+    client_creq(c)->model_name = NULL;
+    client_creq(c)->info.flags = 0;
+    client_creq(c)->fb_attempts = 0;
+    client_creq(c)->usage_got = 0;
+    alog_req_begin(&client_creq(c)->alog, alog_on(&c->w->alog));
     client_free_body(c);
     return 0;
 }
@@ -915,6 +927,7 @@ void client_request_done(struct client *c)
     struct worker *w = c->w;
 
     forward_usage_end(c, 0);
+    alog_request(c, 0);
     stages_settle(c);
     c->tries_on = 0;
     shm_counter_add(&shm_worker(w->shm, (uint32_t)w->slot)->requests, 1);

@@ -183,6 +183,8 @@ static const struct conf_key conf_global_keys[] = {
     KEY_CUSTOM("group"),
     KEY_CUSTOM("pidfile"),
     KEY_CUSTOM("admin_group"),
+    KEY_CUSTOM("access_log"),
+    KEY(conf_global, access_log_buffer, CONF_T_SIZE32, 4096, 64u << 20),
     {NULL, 0, 0, 0, 0},
 };
 
@@ -1130,6 +1132,24 @@ static void conf_global_custom(struct conf_parse *p, const char *key, const char
         else
             conf_copy_str(p, key, g->state_file, sizeof(g->state_file), path, "a file path");
         free(path);
+    } else if (!strcmp(key, "access_log")) {
+        char *path;
+
+        g->access_log_path[0] = '\0';
+        if (!strcmp(val, "off")) {
+            g->access_log = 0;
+        } else if (!strcmp(val, "stderr")) {
+            g->access_log = 2;
+        } else if (!*val) {
+            conf_err(p, p->line, key, "empty (expected a file path, stderr or off)");
+        } else if (!(path = conf_path_resolve(p, val))) {
+            conf_err(p, p->line, key, "out of memory");
+        } else {
+            g->access_log = 1;
+            conf_copy_str(p, key, g->access_log_path, sizeof(g->access_log_path), path,
+                          "a file path");
+            free(path);
+        }
     } else {
         conf_global_deploy(p, key, val);
     }
@@ -2031,6 +2051,7 @@ static void conf_global_defaults(struct conf_global *g)
     g->state_interval_ms = 5 * 1000;
     g->default_max_tokens = 4096;
     g->uid = g->gid = g->admin_gid = -1;
+    g->access_log_buffer = 64 * 1024;
 }
 
 /* Opens the config file for reading. Only a regular file of at most CONF_FILE_MAX bytes is

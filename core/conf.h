@@ -117,6 +117,9 @@ struct conf_global {
     char pidfile[CONF_PATH_MAX];     /* "" = none */
     char admin_group[CONF_NAME_MAX]; /* "" = admin socket 0600 */
     int64_t admin_gid;               /* -1 = none */
+    int access_log; /* enum alog_mode: 0 off, 1 a file (access_log_path), 2 stderr */
+    char access_log_path[CONF_PATH_MAX];
+    uint32_t access_log_buffer; /* bytes of each worker's access log ring */
 };
 
 struct conf_listen {

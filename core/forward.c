@@ -828,6 +828,7 @@ static void client_body_cut(struct client *c, const char *message, const char *c
     }
     /* end an event the client got part of, so ours is not glued to it */
     const char *prefix = t->sse_nl >= 2 ? "" : t->sse_nl == 1 ? "\n" : "\n\n";
+    client_creq(c)->alog.err = code;
     client_send_last(c, answer_sse_error(w->scratch, head_cap(w), prefix, message, code));
 }
 

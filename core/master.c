@@ -19,6 +19,7 @@
 #include <uv.h>
 
 #include "core/admin.h"
+#include "core/alog.h"
 #include "core/daemon.h"
 #include "core/log.h"
 #include "core/master.h"
@@ -721,6 +722,17 @@ static void children_signal(int sig)
         gen_signal(gs[k], sig);
 }
 
+/* The workers of every generation (not the health checkers, which ignore it anyway). */
+static void workers_signal(int sig)
+{
+    struct gen *gs[GEN_MAX];
+    int ng = gen_all(gs, GEN_MAX);
+    for (int k = 0; k < ng; k++)
+        for (int i = 0; i < gs[k]->n_children; i++)
+            if (gs[k]->children[i].slot >= 0 && gs[k]->children[i].pid > 0)
+                kill(gs[k]->children[i].pid, sig);
+}
+
 static void reload_fail(const char *msg);
 static void gen_reap_old(void);
 
@@ -872,7 +884,13 @@ static void on_signal(uv_signal_t *h, int sig)
         log_warn("SIGUSR2 received: binary upgrade is not supported yet; ignored");
         break;
     case SIGUSR1:
-        log_info("SIGUSR1 received: nothing to reopen (aigw logs to stderr); ignored");
+        /* logrotate: each worker reopens its access log file (the error log is stderr) */
+        if (M.g->conf->global.access_log != ALOG_FILE) {
+            log_info("SIGUSR1 received: nothing to reopen (no access_log file); ignored");
+            break;
+        }
+        log_info("SIGUSR1 received: the workers reopen %s", M.g->conf->global.access_log_path);
+        workers_signal(SIGUSR1); /* of every generation: a draining one still logs */
         break;
     }
 }
@@ -990,6 +1008,25 @@ static void gen_free(struct gen *g);
 static int master_state_load(const struct conf *conf);
 static void master_state_save(void);
 
+/* The access log file can be opened (each worker opens it itself): a wrong path or mode stops
+ * the start, as nginx does, rather than a worker logging it later. */
+static int master_access_log_check(const struct conf *conf)
+{
+    int fd;
+
+    if (conf->global.access_log != ALOG_FILE)
+        return 0;
+    fd = open(conf->global.access_log_path, O_WRONLY | O_APPEND | O_CREAT | O_NONBLOCK | O_CLOEXEC,
+              0640);
+    if (fd == -1) {
+        int e = errno;
+        log_err("access_log: cannot open %s: %s", conf->global.access_log_path, strerror(e));
+        return -e;
+    }
+    close(fd);
+    return 0;
+}
+
 static int master_setup(struct conf *conf)
 {
     int rc, workers = conf->global.workers > 0 ? conf->global.workers : 1;
@@ -1051,6 +1088,10 @@ static int master_setup(struct conf *conf)
 
     /* Everything that needs root is done: listeners, admin socket, shm, state file. */
     rc = daemon_drop_privileges(&conf->global);
+    if (rc < 0)
+        return rc;
+    /* as the user the workers run as: they open it themselves */
+    rc = master_access_log_check(conf);
     if (rc < 0)
         return rc;
 

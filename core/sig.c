@@ -9,7 +9,8 @@
 /* Nobody acts on these: ignored so that none of them is fatal. */
 static const int sig_unused[] = {SIGPIPE,   SIGALRM, SIGTTIN, SIGTTOU,   SIGXFSZ,
                                  SIGVTALRM, SIGPROF, SIGPWR,  SIGSTKFLT, SIGIO};
-/* The master logs these; children ignore them. */
+/* The master acts on these; children ignore them (a worker handles USR1 from the master once
+ * its access log is set up). */
 static const int sig_master_only[] = {SIGHUP, SIGUSR1, SIGUSR2};
 /* Every process stops on these with a handler of its own. */
 static const int sig_stop[] = {SIGTERM, SIGINT, SIGQUIT};

@@ -2,8 +2,10 @@
  * may send (to one process or to the whole group, as a terminal does) kills a process by
  * accident. Who acts on what:
  *   TERM, QUIT   graceful stop (every process)      INT          fast stop (every process)
- *   HUP, USR1, USR2  the master logs them (reload and upgrade are not supported yet); the
- *                children ignore them
+ *   HUP, USR2    the master's (reload, upgrade); the children ignore them unless a worker
+ *                installs a handler of its own
+ *   USR1         the master forwards it to the workers, which reopen the access log file
+ *                (core/alog.c installs their handler; until then they ignore it)
  *   PIPE, ALRM, TTIN, TTOU, XFSZ  ignored everywhere (a broken pipe is an EPIPE, a write to a
  *                terminal from the background or past a file-size limit fails instead of
  *                stopping or killing the process)

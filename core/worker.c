@@ -50,6 +50,7 @@ void worker_check_exit(struct worker *w)
             tq_close(&w->tqs[i], on_handle_closed_noop);
         for (int i = 0; w->bdqs && i < w->conf->n_listens; i++)
             tq_close(&w->bdqs[i], on_handle_closed_noop);
+        alog_stop(&w->alog, on_handle_closed_noop); /* the last lines go out */
     }
 }
 
@@ -187,6 +188,13 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
         return r;
     }
     sig_child_ready(); /* stop signals that came during the start are handled now */
+    r = alog_open(&w->alog, &w->loop, (enum alog_mode)conf->global.access_log,
+                  conf->global.access_log_path, conf->global.access_log_buffer,
+                  &shm_worker(shm, (uint32_t)slot)->alog_drops);
+    if (r < 0) {
+        log_err("access log: cannot set it up: %s", uv_strerror(r));
+        return r;
+    }
     int n_tqs = conf->n_listens * T_KINDS + 1;
     if (!(w->tqs = calloc((size_t)n_tqs, sizeof(*w->tqs))))
         return -ENOMEM;
@@ -311,6 +319,7 @@ static void worker_teardown(struct worker *w)
     json_parser_free(&w->json);
     route_keys_free(&w->keys);
     usage_pool_free(&w->usage);
+    alog_free(&w->alog);
 }
 
 int worker_main(struct conf *conf, struct shm *shm, int slot, const int *listen_fds)

@@ -12,6 +12,7 @@
 
 #include "balancer/balancer.h"
 #include "core/accept.h"
+#include "core/alog.h"
 #include "core/conf.h"
 #include "core/json.h"
 #include "core/meter.h"
@@ -154,6 +155,7 @@ struct creq {
     uint8_t usage_got;     /* usage holds the answer's figures */
     uint8_t upstream_saw;  /* a try's whole request reached an upstream (see rq.written) */
     uint8_t usage_partial; /* the answer was cut: billed from what was delivered */
+    struct alog_req alog;  /* what its access log line needs (core/alog.c) */
 };
 
 /* One worker process: its loop, listeners, clients, buffers and the balancers of its pools. */
@@ -196,6 +198,7 @@ struct worker {
     struct route_keys keys;  /* client keys by digest */
     int64_t started;         /* wall-clock start (the "created" of /v1/models) */
     struct usage_pool usage; /* readers of answers' usage, one per answer being read */
+    struct alog alog;        /* the access log */
 };
 
 /* ---- inline helpers of the request path ---- */

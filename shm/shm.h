@@ -206,6 +206,7 @@ struct shm_worker {
     _Atomic uint32_t hold;
     /* requests a limiter refused (429): [key, model, pool][enum limit_dim - 1] */
     _Atomic uint64_t limited[3][4];
+    _Atomic uint64_t alog_drops; /* access log lines dropped (buffer full, write failed) */
 } __attribute__((aligned(SHM_CACHELINE)));
 
 struct shm_header {

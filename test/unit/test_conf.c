@@ -319,6 +319,34 @@ static void test_minimal_defaults(void **state)
     conf_free(c);
 }
 
+/* [global] access_log: off by default; stderr; a path relative to the config's directory;
+ * access_log_buffer bounds. */
+static void test_access_log(void **state)
+{
+    struct conf *c;
+
+    (void)state;
+    c = load_ok(BASE);
+    assert_int_equal(c->global.access_log, 0);
+    assert_int_equal(c->global.access_log_buffer, 65536);
+    conf_free(c);
+    c = load_ok("[global]\naccess_log = stderr\naccess_log_buffer = 8k\n" BASE);
+    assert_int_equal(c->global.access_log, 2);
+    assert_int_equal(c->global.access_log_buffer, 8192);
+    conf_free(c);
+    c = load_ok("[global]\naccess_log = logs/access.log\n" BASE);
+    assert_int_equal(c->global.access_log, 1);
+    assert_true(c->global.access_log_path[0] == '/');
+    assert_string_equal(c->global.access_log_path + strlen(c->global.access_log_path) - 16,
+                        "/logs/access.log");
+    conf_free(c);
+    c = load_ok("[global]\naccess_log = off\n" BASE);
+    assert_int_equal(c->global.access_log, 0);
+    conf_free(c);
+    load_bad("[global]\naccess_log =\n" BASE, 2, "access_log", NULL);
+    load_bad("[global]\naccess_log_buffer = 100\n" BASE, 2, "access_log_buffer", NULL);
+}
+
 static void test_err_unknown_key(void **state)
 {
     load_bad(BASE "wieght = 3\n", 6, "[backend a] key 'wieght': unknown key", "weight", NULL);
@@ -1313,6 +1341,7 @@ int main(void)
         cmocka_unit_test(test_missing_file),
         cmocka_unit_test(test_err_not_a_config_file),
         cmocka_unit_test(test_maxconn),
+        cmocka_unit_test(test_access_log),
         cmocka_unit_test(test_resilience_defaults),
         cmocka_unit_test(test_resilience_valid),
         cmocka_unit_test(test_backend_overrides),
