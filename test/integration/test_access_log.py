@@ -145,12 +145,12 @@ def test_access_log_lines(env):
           and line["partial"] is False and line["backend"] == "b1" and line["error"] is None,
           f"stream: {line} vs {u}")
 
-    # 401: no key; nothing routed
+    # 401: no key; nothing routed, the body not read (auth comes first)
     req, resp = _raw(port, "POST", "/v1/chat/completions",
                      [("Content-Type", "application/json"), ("X-Request-Id", "alog-401")],
                      chat_body("who", model="gpt-a"))
     line = _by_rid(log, "alog-401")
-    _common(line, "alog-401", req, resp, key=None, pool=None)
+    _common(line, "alog-401", req, resp, key=None, model=None, pool=None)
     check(line["status"] == 401 and line["error"] == "invalid_api_key" and
           line["backend"] is None and line["attempts"] == 0 and line["tokens_in"] == 0 and
           line["cost"] == 0, f"401: {line}")
