@@ -1288,7 +1288,8 @@ static int conf_name_ok(const char *s, int model)
         char c = s[n];
 
         if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '_' || c == '.' || c == '-' || (model && (c == '/' || c == ':' || c == '@'))))
+              c == '_' || c == '.' || c == '-' ||
+              (model && (c == '/' || c == ':' || c == '@' || c == '*' || c == '?'))))
             return 0;
     }
     return n > 0 && n < CONF_NAME_MAX;
@@ -1572,7 +1573,8 @@ static void conf_section_begin(struct conf_parse *p, char *s)
     if (!conf_name_ok(name, k == CONF_KIND_MODEL)) {
         conf_err(p, p->line, NULL,
                  "invalid name '%.*s' (expected 1..%d characters of A-Z a-z 0-9 _ . -%s)",
-                 CONF_NAME_MAX, name, CONF_NAME_MAX - 1, k == CONF_KIND_MODEL ? " / : @" : "");
+                 CONF_NAME_MAX, name, CONF_NAME_MAX - 1,
+                 k == CONF_KIND_MODEL ? " / : @, and * ? as a glob" : "");
         return;
     }
     switch (k) {
@@ -1888,7 +1890,8 @@ static void conf_finish_models(struct conf_parse *p)
                          "'%s' is not a [model] and no pool's models match it", m->alias_of);
                 return;
             }
-        } else if (c->route_by_model && conf_model_pool(c, m->name, strlen(m->name)) < 0) {
+        } else if (c->route_by_model && !strpbrk(m->name, "*?") &&
+                   conf_model_pool(c, m->name, strlen(m->name)) < 0) {
             conf_err(p, m->file_line, NULL,
                      "no pool serves it (expected a [pool] whose models match '%s', or alias_of)",
                      m->name);

@@ -6,7 +6,10 @@
 #include <string.h>
 #include <strings.h>
 
+#include <fnmatch.h>
 #include <mbedtls/sha256.h>
+
+#include "core/json.h"
 
 #include "core/out.h"
 
@@ -186,10 +189,23 @@ int route_missing_v1(const char *path, size_t len)
     return 0;
 }
 
+/* The [model] of a name: the one named so, else the first whose name is a glob matching it
+ * ([model gpt-4o*] prices every dated gpt-4o). */
+static int is_glob(const char *s);
+
 static int model_find(const struct conf *conf, const char *name, size_t len)
 {
+    char buf[JSON_MODEL_MAX + 1];
+
     for (int i = 0; i < conf->n_models; i++)
         if (strlen(conf->models[i].name) == len && memcmp(conf->models[i].name, name, len) == 0)
+            return i;
+    if (len >= sizeof(buf) || memchr(name, '\0', len))
+        return -1;
+    memcpy(buf, name, len);
+    buf[len] = '\0';
+    for (int i = 0; i < conf->n_models; i++)
+        if (strpbrk(conf->models[i].name, "*?") && fnmatch(conf->models[i].name, buf, 0) == 0)
             return i;
     return -1;
 }
@@ -206,7 +222,9 @@ int route_model(const struct conf *conf, const char *name, size_t len, struct ro
         out->served = model_find(conf, out->name, out->len);
     }
     out->pool = conf_model_pool(conf, out->name, out->len);
-    if (out->model < 0 && out->pool < 0)
+    /* a [model] glob prices names a pool serves; it does not make a name known */
+    if (out->pool < 0 && (out->model < 0 || (is_glob(conf->models[out->model].name) &&
+                                             !conf->models[out->model].alias_of[0])))
         return -ENOENT;
     return 0;
 }
@@ -247,7 +265,7 @@ static int each_model(const struct conf *conf, int (*fn)(void *, const char *), 
     int r;
 
     for (int i = 0; i < conf->n_models; i++)
-        if ((r = fn(arg, conf->models[i].name)))
+        if (!is_glob(conf->models[i].name) && (r = fn(arg, conf->models[i].name)))
             return r;
     for (int p = 0; p < conf->n_pools; p++) {
         const struct conf_list *l = &conf->pools[p].models;

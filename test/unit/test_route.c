@@ -40,7 +40,9 @@ static const char *conf_text = "[listen main]\nbind = 127.0.0.1:8080\n"
                                "[key two]\nkey = env:AIGW_ROUTE_K2\n"
                                "[key three]\nkey = env:AIGW_ROUTE_K3\n"
                                "[model fast]\nalias_of = llama-3\n"
-                               "[model gpt-4o]\nprice_input = 2.5\n";
+                               "[model gpt-4o]\nprice_input = 2.5\n"
+                               "[model gpt-4o-*]\nprice_input = 5\n"
+                               "[model mis*]\nprice_input = 1\n";
 
 static void test_keys(void **state)
 {
@@ -114,9 +116,12 @@ static void test_models(void **state)
 
     (void)state;
     c = load(conf_text);
-    assert_int_equal(route_model(c, "gpt-4o-mini", 11, &m), 0);
+    assert_int_equal(route_model(c, "gpt-4.1", 7, &m), 0);
     assert_int_equal(m.pool, 0);
     assert_int_equal(m.model, -1);
+    assert_int_equal(route_model(c, "gpt-4o-mini", 11, &m), 0);
+    assert_int_equal(m.pool, 0);
+    assert_int_equal(m.model, 2); /* [model gpt-4o-*] */
     assert_int_equal(route_model(c, "gpt-4o", 6, &m), 0);
     assert_int_equal(m.model, 1);
     assert_int_equal(m.served, 1);
@@ -127,6 +132,14 @@ static void test_models(void **state)
     assert_memory_equal(m.name, "llama-3", 7);
     assert_int_equal(m.pool, 1);
     assert_int_equal(route_model(c, "claude", 6, &m), -ENOENT);
+    /* a [model] glob prices what a pool serves */
+    assert_int_equal(route_model(c, "gpt-4o-2024-08-06", 17, &m), 0);
+    assert_int_equal(m.model, 2);
+    assert_int_equal(m.pool, 0);
+    assert_int_equal(route_model(c, "mistral", 7, &m), 0);
+    assert_int_equal(m.model, 3);
+    /* and does not make a name no pool serves known */
+    assert_int_equal(route_model(c, "misc", 4, &m), -ENOENT);
     assert_true(route_key_allows(&c->keys[0], "gpt-4.1", 7));
     assert_true(route_key_allows(&c->keys[0], "fast", 4));
     assert_false(route_key_allows(&c->keys[0], "llama-3", 7));
