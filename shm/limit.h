@@ -7,14 +7,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define LIMIT_WINDOW_MS   60000u /* rpm and tpm count what was admitted in the last minute */
-#define LIMIT_MAX_IDS     5      /* limiters one request holds: key, model, pool, fallback's two */
-#define LIMIT_LOG_MAX     8192u  /* most log entries a limiter keeps; older ones are merged */
-#define LIMIT_LOG_DEFAULT 1024u  /* log entries of a limiter with a tpm and no rpm */
-#define LIMIT_PARALLEL_MS 1000u  /* Retry-After hint when max_parallel refused */
-#define LIMIT_RETRY_NEVER (-1)   /* retry_ms: waiting will not help */
-#define LIMIT_MAX_OWNERS  1024u  /* worker slots (and one more for the master, say) */
-#define LIMIT_MASTER_WAIT_MS 50u /* most the master's readers wait for a limiter's lock */
+#define LIMIT_WINDOW_MS      60000u /* rpm and tpm count what was admitted in the last minute */
+#define LIMIT_MAX_IDS        5 /* limiters one request holds: key, model, pool, fallback's two */
+#define LIMIT_LOG_MAX        8192u /* most log entries a limiter keeps; older ones are merged */
+#define LIMIT_LOG_DEFAULT    1024u /* log entries of a limiter with a tpm and no rpm */
+#define LIMIT_PARALLEL_MS    1000u /* Retry-After hint when max_parallel refused */
+#define LIMIT_RETRY_NEVER    (-1)  /* retry_ms: waiting will not help */
+#define LIMIT_MAX_OWNERS     1024u /* worker slots (and one more for the master, say) */
+#define LIMIT_MASTER_WAIT_MS 50u   /* most the master's readers wait for a limiter's lock */
 
 enum limit_period {
     LIMIT_PERIOD_MONTH = 0, /* the default of budget_period */

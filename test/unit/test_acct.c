@@ -195,10 +195,8 @@ static void test_region_args(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_add_get),
-        cmocka_unit_test(test_processes),
-        cmocka_unit_test(test_dead_writer),
-        cmocka_unit_test(test_saturate),
+        cmocka_unit_test(test_add_get),     cmocka_unit_test(test_processes),
+        cmocka_unit_test(test_dead_writer), cmocka_unit_test(test_saturate),
         cmocka_unit_test(test_region_args),
     };
 

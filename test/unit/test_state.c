@@ -398,12 +398,9 @@ static void test_save_busy(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_round_trip),
-        cmocka_unit_test(test_corrupt),
-        cmocka_unit_test(test_missing_and_unknown),
-        cmocka_unit_test(test_duplicates),
-        cmocka_unit_test(test_period_change),
-        cmocka_unit_test(test_save_busy),
+        cmocka_unit_test(test_round_trip),          cmocka_unit_test(test_corrupt),
+        cmocka_unit_test(test_missing_and_unknown), cmocka_unit_test(test_duplicates),
+        cmocka_unit_test(test_period_change),       cmocka_unit_test(test_save_busy),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

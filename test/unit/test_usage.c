@@ -227,10 +227,17 @@ static void test_json_edges(void **state)
 static void test_json_bounds(void **state)
 {
     (void)state;
-    struct usage cap = {.flags = USAGE_HAVE, USAGE_MAX_TOKENS, USAGE_MAX_TOKENS, USAGE_MAX_TOKENS,
-                        9, USAGE_MAX_TOKENS, 0, 0};
+    struct usage cap = {.flags = USAGE_HAVE,
+                        USAGE_MAX_TOKENS,
+                        USAGE_MAX_TOKENS,
+                        USAGE_MAX_TOKENS,
+                        9,
+                        USAGE_MAX_TOKENS,
+                        0,
+                        0};
     struct usage clamp = {.flags = USAGE_HAVE, 5, 3, 5, 3, 8, 0, 0};
-    struct usage edge = {.flags = USAGE_HAVE, USAGE_MAX_TOKENS, USAGE_MAX_TOKENS - 1, 0, 0, 0, 0, 0};
+    struct usage edge = {
+        .flags = USAGE_HAVE, USAGE_MAX_TOKENS, USAGE_MAX_TOKENS - 1, 0, 0, 0, 0, 0};
 
     check_json_everywhere("{\"usage\":{\"prompt_tokens\":99999999999999999999999,"
                           "\"completion_tokens\":18446744073709551615,"
@@ -279,8 +286,8 @@ static void test_json_bad_counts(void **state)
             struct usage u;
             read_json(bodies[i], a, a + (len - a) / 2, &u);
             if (u.flags || u.prompt || u.completion)
-                fail_msg("%s: usage read (cut at %zu): flags %u prompt %llu", bodies[i], a,
-                         u.flags, (unsigned long long)u.prompt);
+                fail_msg("%s: usage read (cut at %zu): flags %u prompt %llu", bodies[i], a, u.flags,
+                         (unsigned long long)u.prompt);
         }
     }
     /* other counts that are not integers are 0, the usage still stands */
@@ -561,9 +568,11 @@ static void test_sse_cut(void **state)
 static void test_sse_bad_usage(void **state)
 {
     (void)state;
-    static const char s[] = CHUNK("{\"content\":\"Hello\"}")
-        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":-21,\"completion_tokens\":5}}\n\n"
-        "data: [DONE]\n\n";
+    static const char s[] =
+        CHUNK("{\"content\":\"Hello\"}") "data: "
+                                         "{\"choices\":[],\"usage\":{\"prompt_tokens\":-21,"
+                                         "\"completion_tokens\":5}}\n\n"
+                                         "data: [DONE]\n\n";
     static const char want[] = CHUNK("{\"content\":\"Hello\"}") "data: [DONE]\n\n";
     size_t cuts[1] = {7};
     struct usage u;
@@ -617,15 +626,14 @@ static int teardown(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_json_bodies),   cmocka_unit_test(test_json_no_usage),
-        cmocka_unit_test(test_json_edges),    cmocka_unit_test(test_json_bounds),
+        cmocka_unit_test(test_json_bodies),     cmocka_unit_test(test_json_no_usage),
+        cmocka_unit_test(test_json_edges),      cmocka_unit_test(test_json_bounds),
         cmocka_unit_test(test_json_bad_counts), cmocka_unit_test(test_sse_pass_through),
-        cmocka_unit_test(test_sse_filter),    cmocka_unit_test(test_sse_line_ends),
-        cmocka_unit_test(test_sse_bytewise),  cmocka_unit_test(test_sse_filter_keeps),
-        cmocka_unit_test(test_sse_multiline), cmocka_unit_test(test_sse_long_event),
-        cmocka_unit_test(test_sse_responses), cmocka_unit_test(test_sse_cut),
-        cmocka_unit_test(test_sse_bad_usage),
-        cmocka_unit_test(test_sse_memory),
+        cmocka_unit_test(test_sse_filter),      cmocka_unit_test(test_sse_line_ends),
+        cmocka_unit_test(test_sse_bytewise),    cmocka_unit_test(test_sse_filter_keeps),
+        cmocka_unit_test(test_sse_multiline),   cmocka_unit_test(test_sse_long_event),
+        cmocka_unit_test(test_sse_responses),   cmocka_unit_test(test_sse_cut),
+        cmocka_unit_test(test_sse_bad_usage),   cmocka_unit_test(test_sse_memory),
     };
     return cmocka_run_group_tests(tests, NULL, teardown);
 }
