@@ -466,13 +466,21 @@ static void models_format(const struct conf_list *l, struct abuf *b)
         abuf_printf(b, "%s%s", i ? "," : "", l->items[i]);
 }
 
+/* Sums of totals saturate as the totals do (shm/acct.c): never a wrapped, small number. */
+static uint64_t add_sat(uint64_t a, uint64_t b)
+{
+    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+
 /* Everything one `show keys` row shows, read once from shm. */
 struct key_row {
     const char *name;
     char models[512];
     char expires[32];
     int expired;
-    struct limit_info li;                        /* zeroed when the segment has no limiter for it */
+    struct limit_info li; /* zeroed when the segment has no limiter for it */
+    int busy; /* its limiter's lock was not had in time (a worker stopped holding it): li's
+               * counts and the budget's figures are unknown */
     uint64_t budget, spent, reserved, remaining; /* nano-USD; budget 0 = none */
     struct acct_usage u;
 };
@@ -495,13 +503,15 @@ static void key_row_read(const struct conf *conf, const struct shm *shm, int i, 
     /* The limits as configured even when the segment has none (then nothing is counted). */
     r->li.spec = (struct limit_spec){k->lim.rpm, k->lim.tpm, k->lim.max_parallel, k->budget_nusd,
                                      LIMIT_PERIOD_MONTH};
-    if (lr && (uint32_t)i < limit_region_count(lr))
-        limit_info(lr, (uint32_t)i, now_ms, wall_s, &r->li);
+    if (lr && (uint32_t)i < limit_region_count(lr) &&
+        limit_info(lr, (uint32_t)i, now_ms, wall_s, &r->li) == -EBUSY)
+        r->busy = 1;
     r->budget = k->budget_nusd;
-    if (r->budget) {
+    if (r->budget && !r->busy) {
         r->spent = r->li.budget.spent_nano;
         r->reserved = r->li.budget.reserved_nano;
-        r->remaining = r->spent + r->reserved < r->budget ? r->budget - r->spent - r->reserved : 0;
+        uint64_t used = add_sat(r->spent, r->reserved);
+        r->remaining = used < r->budget ? r->budget - used : 0;
     }
     if (ar && (uint32_t)i < acct_count(ar, ACCT_KEY))
         acct_get(ar, ACCT_KEY, (uint32_t)i, &r->u);
@@ -538,11 +548,21 @@ static void key_cells_format(const struct conf *conf, int i, const struct key_ro
                  r->li.spec.max_parallel);
     else
         snprintf(c->parallel, sizeof(c->parallel), "%u/-", r->li.parallel);
+    if (r->busy) {
+        snprintf(c->rpm, sizeof(c->rpm), "busy");
+        snprintf(c->tpm, sizeof(c->tpm), "busy");
+        snprintf(c->parallel, sizeof(c->parallel), "busy");
+    }
     if (r->budget) {
         usd_format(r->budget, c->budget, sizeof(c->budget));
         usd_format(r->spent, c->spent, sizeof(c->spent));
         usd_format(r->reserved, c->reserved, sizeof(c->reserved));
         usd_format(r->remaining, c->remaining, sizeof(c->remaining));
+        if (r->busy) {
+            snprintf(c->spent, sizeof(c->spent), "busy");
+            snprintf(c->reserved, sizeof(c->reserved), "busy");
+            snprintf(c->remaining, sizeof(c->remaining), "busy");
+        }
         c->period = budget_period_str(conf->keys[i].budget_period);
     } else {
         snprintf(c->budget, sizeof(c->budget), "-");
@@ -567,11 +587,12 @@ static void show_keys(struct abuf *b, const struct conf *conf, const struct shm 
         goto out;
     }
     int wname = 4, wmodels = 6, wexp = 7, wrpm = 3, wtpm = 3, wpar = 8, wbud = 10, wper = 6;
-    int wspent = 9, wres = 12, wrem = 13, wcost = 8;
+    int wspent = 9, wres = 12, wrem = 13, wcost = 8, busy = 0;
     for (int i = 0; i < n; i++) {
         struct key_row *r = &rows[i];
         struct key_cells *c = &cells[i];
         key_row_read(conf, shm, i, now_ms, wall_s, r);
+        busy += r->busy;
         key_cells_format(conf, i, r, c);
         if (r->expired)
             snprintf(r->expires + strlen(r->expires), sizeof(r->expires) - strlen(r->expires),
@@ -602,12 +623,26 @@ static void show_keys(struct abuf *b, const struct conf *conf, const struct shm 
                     wname, r->name, wrpm, c->rpm, wtpm, c->tpm, wpar, c->parallel, wbud, c->budget,
                     wper, c->period, wspent, c->spent, wres, c->reserved, wrem, c->remaining,
                     (unsigned long long)r->u.requests,
-                    (unsigned long long)(r->u.prompt + r->u.completion), wcost, c->cost, wexp,
+                    (unsigned long long)add_sat(r->u.prompt, r->u.completion), wcost, c->cost, wexp,
                     r->expires, r->models);
     }
+    if (busy)
+        abuf_printf(b,
+                    "busy: %d key(s) not read, their limiter was locked for over %u ms (a worker "
+                    "stopped while holding it?)\n",
+                    busy, LIMIT_MASTER_WAIT_MS);
 out:
     free(rows);
     free(cells);
+}
+
+/* What is used of a limit as JSON: the number, or null when it could not be read. */
+static void json_used(struct abuf *b, const char *name, uint64_t v, int busy)
+{
+    if (busy)
+        abuf_printf(b, ",\"%s\":null", name);
+    else
+        abuf_printf(b, ",\"%s\":%llu", name, (unsigned long long)v);
 }
 
 /* A limit as JSON: the number, or null for none. */
@@ -649,13 +684,20 @@ static void show_keys_json(struct abuf *b, const struct conf *conf, const struct
                         r.expired ? "true" : "false");
         else
             abuf_printf(b, ",\"expires\":null,\"expired\":false");
+        /* busy: the limiter's figures are unknown (null), see show_keys */
+        abuf_printf(b, ",\"busy\":%s", r.busy ? "true" : "false");
         json_limit(b, "rpm", r.li.spec.rpm);
-        abuf_printf(b, ",\"rpm_used\":%u", r.li.requests);
+        json_used(b, "rpm_used", r.li.requests, r.busy);
         json_limit(b, "tpm", r.li.spec.tpm);
-        abuf_printf(b, ",\"tpm_used\":%llu", (unsigned long long)r.li.tokens);
+        json_used(b, "tpm_used", r.li.tokens, r.busy);
         json_limit(b, "max_parallel", r.li.spec.max_parallel);
-        abuf_printf(b, ",\"in_flight\":%u", r.li.parallel);
-        if (r.budget) {
+        json_used(b, "in_flight", r.li.parallel, r.busy);
+        if (r.budget && r.busy) {
+            usd_format(r.budget, usd, sizeof(usd));
+            abuf_printf(b, ",\"budget_usd\":%s,\"budget_period\":\"%s\",\"period_start\":null", usd,
+                        budget_period_str(k->budget_period));
+            abuf_printf(b, ",\"spent_usd\":null,\"reserved_usd\":null,\"remaining_usd\":null");
+        } else if (r.budget) {
             usd_format(r.budget, usd, sizeof(usd));
             abuf_printf(b, ",\"budget_usd\":%s,\"budget_period\":\"%s\"", usd,
                         budget_period_str(k->budget_period));
@@ -680,7 +722,7 @@ static void show_keys_json(struct abuf *b, const struct conf *conf, const struct
                     "\"tokens\":%llu,\"cost_usd\":%s}",
                     (unsigned long long)r.u.requests, (unsigned long long)r.u.prompt,
                     (unsigned long long)r.u.completion,
-                    (unsigned long long)(r.u.prompt + r.u.completion), usd);
+                    (unsigned long long)add_sat(r.u.prompt, r.u.completion), usd);
     }
     abuf_printf(b, "%s]\n", conf->n_keys ? "\n" : "");
 }
@@ -713,7 +755,7 @@ static void usage_sum(struct acct_usage *t, const struct acct_usage *u)
     uint64_t *tw = (uint64_t *)t;
     const uint64_t *uw = (const uint64_t *)u;
     for (size_t w = 0; w < ACCT_WORDS; w++)
-        tw[w] += uw[w];
+        tw[w] = add_sat(tw[w], uw[w]);
 }
 
 /* What buying at these prices saved against the list prices (never below 0). */

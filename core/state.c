@@ -8,7 +8,9 @@
  *   end
  *
  * Names are written with %XX for '%', spaces, controls and bytes >= 0x7f. Money in nano-USD.
- * Unknown fields of a known line are skipped (a newer minor writer); unknown lines are errors. */
+ * Unknown fields of a known line are skipped (a newer minor writer); unknown lines are errors,
+ * and so is a second line for the same budget or the same usage KIND NAME of a name the
+ * configuration knows (lines of names it does not know are skipped unchecked). */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -17,6 +19,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "core/log.h"
 #include "core/state.h"
 
 #define STATE_LINE_MAX 4096
@@ -45,8 +48,9 @@ static void put_usage(FILE *f, const char *kind, const char *name, const struct 
             u->cost_nano, u->list_cost_nano);
 }
 
-static void put_all(FILE *f, const struct state_names *nm, struct limit_region *limits,
-                    const struct acct_region *acct, int64_t wall_s)
+/* 0, or -EBUSY with *busy the name of the key whose limiter's lock was not had in time. */
+static int put_all(FILE *f, const struct state_names *nm, struct limit_region *limits,
+                   const struct acct_region *acct, int64_t wall_s, const char **busy)
 {
     static const enum acct_kind kinds[3] = {ACCT_KEY, ACCT_MODEL, ACCT_BACKEND};
     const char *const *names[3] = {nm->keys, nm->models, nm->backends};
@@ -56,7 +60,15 @@ static void put_all(FILE *f, const struct state_names *nm, struct limit_region *
     for (uint32_t i = 0; limits && i < nm->n_keys && i < limit_region_count(limits); i++) {
         struct limit_budget b;
 
-        if (limit_budget_get(limits, i, &b) != 0)
+        int rc = limit_budget_get(limits, i, &b);
+
+        if (rc == -EBUSY) {
+            /* A worker stopped holding the lock: writing the file without this key's budget
+             * would reset it at the next start. Keep the previous file whole instead. */
+            *busy = nm->keys[i];
+            return rc;
+        }
+        if (rc != 0)
             continue;
         fputs("budget ", f);
         put_name(f, nm->keys[i]);
@@ -72,6 +84,7 @@ static void put_all(FILE *f, const struct state_names *nm, struct limit_region *
         }
     }
     fputs("end\n", f);
+    return 0;
 }
 
 static int fail(char **err, int rc, const char *path, const char *what)
@@ -112,7 +125,18 @@ int state_save(const char *path, const struct state_names *names, struct limit_r
         close(fd);
         goto out_unlink;
     }
-    put_all(f, names, limits, acct, wall_s);
+    const char *busy = NULL;
+    if (put_all(f, names, limits, acct, wall_s, &busy) < 0) {
+        rc = -EBUSY;
+        if (err && asprintf(err,
+                            "%s: not saved, the previous file is kept: the limiter of key '%s' "
+                            "is busy (a worker stopped while holding it?); tried again at the "
+                            "next save",
+                            path, busy) < 0)
+            *err = NULL;
+        fclose(f);
+        goto out_unlink;
+    }
     if (fflush(f) != 0 || ferror(f)) {
         rc = fail(err, -(errno ? errno : EIO), tmp, "cannot write");
         fclose(f);
@@ -243,10 +267,50 @@ static const char *usage_field(char *kv, struct acct_usage *u)
     return NULL;
 }
 
-/* One line (without its newline); *done once "end" is read. NULL or why it is wrong. */
-static const char *load_line(char *line, int lineno, const struct state_names *nm,
-                             struct limit_region *limits, struct acct_region *acct, int *done)
+/* One reading of the file. */
+struct load {
+    const char *path;
+    const struct state_names *nm;
+    struct limit_region *limits; /* NULL: the checking pass, nothing is put back */
+    struct acct_region *acct;
+    int done; /* "end" was read */
+    /* the lines read of each name the configuration knows: budget of key i at [i], usage of
+     * key i at [n_keys + i], of model j after the keys', of backend b after the models' */
+    uint8_t *seen;
+};
+
+/* A line for a known name: 0, or -1 when the file had one for it already. */
+static int load_seen(struct load *ld, uint32_t at)
 {
+    if (ld->seen[at])
+        return -1;
+    ld->seen[at] = 1;
+    return 0;
+}
+
+/* The saved budget of key i (named name) is put back; a budget_period changed since the save is
+ * worth a word: the spent money was carried into the new kind of period, or dropped. */
+static void load_budget(struct load *ld, int lineno, uint32_t i, const char *name,
+                        const struct limit_budget *b)
+{
+    enum limit_budget_fate fate = LIMIT_BUDGET_SAME;
+    struct limit_budget now;
+
+    if (limit_budget_set(ld->limits, i, b, &fate) != 0 || fate == LIMIT_BUDGET_SAME ||
+        !b->spent_nano || limit_budget_get(ld->limits, i, &now) != 0)
+        return;
+    log_warn("%s:%d: key '%s': budget_period is now %s, was %s when saved: the %" PRIu64
+             ".%09" PRIu64 " USD spent %s",
+             ld->path, lineno, name, limit_period_str(now.period), limit_period_str(b->period),
+             b->spent_nano / 1000000000u, b->spent_nano % 1000000000u,
+             fate == LIMIT_BUDGET_CARRIED ? "is carried into the new period"
+                                          : "is dropped: the budget starts from zero");
+}
+
+/* One line (without its newline); ld->done once "end" is read. NULL or why it is wrong. */
+static const char *load_line(char *line, int lineno, struct load *ld)
+{
+    const struct state_names *nm = ld->nm;
     char *save = NULL, *word = strtok_r(line, " ", &save), *name, *kv;
 
     if (lineno == 1) {
@@ -259,12 +323,12 @@ static const char *load_line(char *line, int lineno, const struct state_names *n
             return "bad version line";
         return v == STATE_VERSION ? NULL : "unsupported state file version";
     }
-    if (*done)
+    if (ld->done)
         return "text after 'end'";
     if (!word || word[0] == '#')
         return NULL;
     if (strcmp(word, "end") == 0) {
-        *done = 1;
+        ld->done = 1;
         return NULL;
     }
     if (strcmp(word, "saved") == 0)
@@ -283,8 +347,10 @@ static const char *load_line(char *line, int lineno, const struct state_names *n
                 return why;
         }
         i = find_name(nm->keys, nm->n_keys, name);
-        if (i >= 0 && limits && (uint32_t)i < limit_region_count(limits))
-            limit_budget_set(limits, (uint32_t)i, &b);
+        if (i >= 0 && load_seen(ld, (uint32_t)i) < 0)
+            return "a second budget line for this key";
+        if (i >= 0 && ld->limits && (uint32_t)i < limit_region_count(ld->limits))
+            load_budget(ld, lineno, (uint32_t)i, name, &b);
         return NULL;
     }
     if (strcmp(word, "usage") == 0) {
@@ -292,7 +358,7 @@ static const char *load_line(char *line, int lineno, const struct state_names *n
         char *kind = strtok_r(NULL, " ", &save);
         const char *const *names;
         enum acct_kind k;
-        uint32_t n;
+        uint32_t n, base = nm->n_keys; /* where its kind's marks start in ld->seen */
         int i;
 
         if (!kind)
@@ -300,9 +366,10 @@ static const char *load_line(char *line, int lineno, const struct state_names *n
         if (strcmp(kind, "key") == 0)
             k = ACCT_KEY, names = nm->keys, n = nm->n_keys;
         else if (strcmp(kind, "model") == 0)
-            k = ACCT_MODEL, names = nm->models, n = nm->n_models;
+            k = ACCT_MODEL, names = nm->models, n = nm->n_models, base += nm->n_keys;
         else if (strcmp(kind, "backend") == 0)
-            k = ACCT_BACKEND, names = nm->backends, n = nm->n_backends;
+            k = ACCT_BACKEND, names = nm->backends, n = nm->n_backends,
+            base += nm->n_keys + nm->n_models;
         else
             return "unknown usage kind";
         name = strtok_r(NULL, " ", &save);
@@ -315,8 +382,10 @@ static const char *load_line(char *line, int lineno, const struct state_names *n
                 return why;
         }
         i = find_name(names, n, name);
-        if (i >= 0 && acct && (uint32_t)i < acct_count(acct, k))
-            acct_base_set(acct, k, (uint32_t)i, &u);
+        if (i >= 0 && load_seen(ld, base + (uint32_t)i) < 0)
+            return "a second usage line for this name";
+        if (i >= 0 && ld->acct && (uint32_t)i < acct_count(ld->acct, k))
+            acct_base_set(ld->acct, k, (uint32_t)i, &u);
         return NULL;
     }
     return "unknown line";
@@ -328,7 +397,12 @@ static int load_pass(FILE *f, const char *path, const struct state_names *names,
 {
     char line[STATE_LINE_MAX];
     const char *why = NULL;
-    int lineno = 0, done = 0;
+    int lineno = 0;
+    size_t n_seen = (size_t)names->n_keys * 2 + names->n_models + names->n_backends;
+    struct load ld = {path, names, limits, acct, 0, calloc(n_seen ? n_seen : 1, 1)};
+
+    if (!ld.seen)
+        return fail(err, -ENOMEM, path, "cannot read");
 
     while (fgets(line, sizeof(line), f)) {
         size_t len = strlen(line);
@@ -339,12 +413,13 @@ static int load_pass(FILE *f, const char *path, const struct state_names *names,
             break;
         }
         line[len - 1] = '\0';
-        if ((why = load_line(line, lineno, names, limits, acct, &done)) != NULL)
+        if ((why = load_line(line, lineno, &ld)) != NULL)
             break;
     }
+    free(ld.seen);
     if (!why && ferror(f))
         return fail(err, -EIO, path, "cannot read");
-    if (!why && !done) {
+    if (!why && !ld.done) {
         why = lineno ? "file ends before 'end' (cut short)" : "empty file";
         lineno++;
     }

@@ -57,6 +57,10 @@ enum {
     L_CR_END,  /* the same, the line being the blank one that ended an event */
 };
 
+/* struct usage.flags of a usage object being read (rd->ev), never handed over. */
+#define EV_PROMPT 0x100 /* it has a prompt count (prompt_tokens | input_tokens) */
+#define EV_BAD    0x200 /* its prompt or completion count is not a non-negative integer */
+
 /* ---- the readers' pool ---- */
 
 struct usage_rd *usage_get(struct usage_pool *pool)
@@ -171,6 +175,26 @@ static int cb_map_key(void *ctx, const unsigned char *k, size_t n)
 
 /* A value starts in the current container: a scalar (obj = -1), an object (1), an array (0).
  * Returns 0 to stop yajl (the text is not one object). */
+static int is_count(uint8_t k, uint8_t key)
+{
+    return k == K_USAGE && (key == KEY_PROMPT || key == KEY_COMPLETION);
+}
+
+/* The next digit of a count, which stays within USAGE_MAX_TOKENS. */
+static uint64_t count_push(uint64_t v, char c)
+{
+    v = v * 10 + (uint64_t)(c - '0');
+    return v > USAGE_MAX_TOKENS ? USAGE_MAX_TOKENS : v;
+}
+
+/* A value that is not a number starts: a prompt or completion count that is one spoils its usage
+ * object. */
+static void not_a_number(struct usage_rd *rd)
+{
+    if (is_count(cur_kind(rd), rd->key))
+        rd->ev.flags |= EV_BAD;
+}
+
 static int value_begin(struct usage_rd *rd, int obj)
 {
     uint8_t k = cur_kind(rd), child = K_SKIP;
@@ -212,11 +236,13 @@ static int value_begin(struct usage_rd *rd, int obj)
 
 static int cb_start_map(void *ctx)
 {
+    not_a_number(ctx);
     return value_begin(ctx, 1);
 }
 
 static int cb_start_array(void *ctx)
 {
+    not_a_number(ctx);
     return value_begin(ctx, 0);
 }
 
@@ -232,7 +258,10 @@ static int cb_end(void *ctx)
 static int cb_null(void *ctx)
 {
     struct usage_rd *rd = ctx;
-    int r = value_begin(rd, -1);
+    int r;
+
+    not_a_number(rd);
+    r = value_begin(rd, -1);
     rd->key = KEY_NONE;
     return r;
 }
@@ -243,12 +272,15 @@ static int cb_boolean(void *ctx, int v)
     return cb_null(ctx);
 }
 
-/* Token counts: plain non-negative integers (saturated); any other number is taken as 0. */
+/* Token counts: plain non-negative integers (capped at USAGE_MAX_TOKENS); any other number is
+ * taken as 0, and spoils its usage object when it is the prompt or completion count. */
 static int cb_number(void *ctx, const char *s, size_t n)
 {
     struct usage_rd *rd = ctx;
     uint64_t v = 0, *f = NULL;
     uint8_t k = cur_kind(rd);
+    uint32_t seen = k == K_USAGE && rd->key == KEY_PROMPT ? EV_PROMPT : 0;
+    int count = is_count(k, rd->key);
 
     if (!value_begin(rd, -1))
         return 0;
@@ -268,12 +300,14 @@ static int cb_number(void *ctx, const char *s, size_t n)
     for (size_t i = 0; i < n; i++) {
         if (s[i] < '0' || s[i] > '9') {
             v = 0;
+            if (count)
+                rd->ev.flags |= EV_BAD;
             break;
         }
-        uint64_t d = (uint64_t)(s[i] - '0');
-        v = v > (UINT64_MAX - d) / 10 ? UINT64_MAX : v * 10 + d;
+        v = count_push(v, s[i]);
     }
     *f = v;
+    rd->ev.flags |= seen;
     return 1;
 }
 
@@ -283,6 +317,7 @@ static int cb_string(void *ctx, const unsigned char *s, size_t n)
     struct usage_rd *rd = ctx;
     uint8_t k = cur_kind(rd);
 
+    not_a_number(rd);
     if (!value_begin(rd, -1))
         return 0;
     if (k == K_TOP && rd->key == KEY_TYPE) {
@@ -378,6 +413,25 @@ static void text_feed(struct usage_rd *rd, const char *p, size_t n)
     }
 }
 
+/* A usage object read whole (ev) becomes the answer's usage *u (its stream text kept): when it
+ * holds a prompt count and its counts are sound, with cached <= prompt and reasoning <=
+ * completion; otherwise it says the answer's usage is unknown. */
+static void usage_commit(struct usage *u, const struct usage *ev)
+{
+    uint64_t tb = u->text_bytes;
+
+    memset(u, 0, sizeof(*u));
+    u->text_bytes = tb;
+    if ((ev->flags & (EV_PROMPT | EV_BAD)) != EV_PROMPT)
+        return;
+    u->flags = USAGE_HAVE;
+    u->prompt = ev->prompt;
+    u->completion = ev->completion;
+    u->cached = ev->cached < ev->prompt ? ev->cached : ev->prompt;
+    u->reasoning = ev->reasoning < ev->completion ? ev->reasoning : ev->completion;
+    u->total = ev->total;
+}
+
 /* The text is over: what it said is committed (when it was one whole object), and the handle
  * is kept only when it is clean between two texts and within its region. */
 static void text_end(struct usage_rd *rd)
@@ -385,12 +439,8 @@ static void text_end(struct usage_rd *rd)
     int ok = rd->closed && !rd->broken && rd->h;
 
     if (ok) {
-        if (rd->ev_usage == 1 || (rd->ev_usage == 2 && rd->type == T_DONE)) {
-            uint64_t tb = rd->u.text_bytes;
-            rd->u = rd->ev;
-            rd->u.flags |= USAGE_HAVE;
-            rd->u.text_bytes = tb;
-        }
+        if (rd->ev_usage == 1 || (rd->ev_usage == 2 && rd->type == T_DONE))
+            usage_commit(&rd->u, &rd->ev);
         rd->u.text_bytes += rd->ev_text + (rd->type == T_DELTA ? rd->ev_delta : 0);
     }
     if (!ok || rd->m.over)
@@ -485,20 +535,22 @@ static int uv_obj(struct uv *v, uint8_t k, int levels, struct usage *u)
         if (v->p == v->end)
             return -1;
         char c = *v->p;
+#define UVKEY(lit) (kn == sizeof(lit) - 1 && memcmp(key, lit, kn) == 0)
+        int prompt = k == K_USAGE && (UVKEY("prompt_tokens") || UVKEY("input_tokens"));
+        int completion = k == K_USAGE && (UVKEY("completion_tokens") || UVKEY("output_tokens"));
+        if ((prompt || completion) && !(c >= '0' && c <= '9'))
+            return -1; /* not a count (or a negative one): yajl reads it, as cb_number says */
         if (c >= '0' && c <= '9') {
             uint64_t x = 0;
             if (c == '0' && v->p + 1 < v->end && v->p[1] >= '0' && v->p[1] <= '9')
                 return -1;
-            for (; v->p < v->end && *v->p >= '0' && *v->p <= '9'; v->p++) {
-                uint64_t d = (uint64_t)(*v->p - '0');
-                x = x > (UINT64_MAX - d) / 10 ? UINT64_MAX : x * 10 + d;
-            }
+            for (; v->p < v->end && *v->p >= '0' && *v->p <= '9'; v->p++)
+                x = count_push(x, *v->p);
             if (v->p < v->end && (*v->p == '.' || *v->p == 'e' || *v->p == 'E'))
                 return -1;
-#define UVKEY(lit) (kn == sizeof(lit) - 1 && memcmp(key, lit, kn) == 0)
-            if (k == K_USAGE && (UVKEY("prompt_tokens") || UVKEY("input_tokens")))
-                u->prompt = x;
-            else if (k == K_USAGE && (UVKEY("completion_tokens") || UVKEY("output_tokens")))
+            if (prompt)
+                u->prompt = x, u->flags |= EV_PROMPT;
+            else if (completion)
                 u->completion = x;
             else if (k == K_USAGE && UVKEY("total_tokens"))
                 u->total = x;
@@ -777,10 +829,8 @@ static void json_end(struct usage_rd *rd)
         rd->u.text_bytes = 0;
         return;
     }
-    if (rd->js == J_END && rd->ev_usage == 1) {
-        rd->u = rd->ev;
-        rd->u.flags |= USAGE_HAVE;
-    }
+    if (rd->js == J_END && rd->ev_usage == 1)
+        usage_commit(&rd->u, &rd->ev);
     /* the handle is kept only when it is between two texts */
     if (rd->jcap == 2 || !rd->closed || rd->broken || rd->m.over)
         rd_drop(rd);

@@ -17,17 +17,26 @@
     0x01 /* the upstream's usage object was read: prompt .. total are its figures                  \
           */
 
+/* Most tokens one count of one answer is taken for (prompt, completion, cached, reasoning, total
+ * each): a larger figure is an upstream's error, and taken as is it would saturate the cost and
+ * lock a key's budget for its period (or wrap a total). A billion tokens is far beyond any
+ * model's context and output today, yet small enough that sums of many answers stay exact. */
+#define USAGE_MAX_TOKENS 1000000000ull
+
 /* What an answer cost in tokens. Chat and completions report prompt_tokens /
  * completion_tokens (+ prompt_tokens_details.cached_tokens,
  * completion_tokens_details.reasoning_tokens); the Responses API input_tokens / output_tokens
  * (+ input_tokens_details.cached_tokens, output_tokens_details.reasoning_tokens); embeddings
- * prompt_tokens and total_tokens only. They land in the same fields. */
+ * prompt_tokens and total_tokens only. They land in the same fields, each capped at
+ * USAGE_MAX_TOKENS. A usage object without a prompt count, or whose prompt or completion count is
+ * anything but a non-negative integer (negative, a fraction, a string, null), is taken as absent
+ * (no USAGE_HAVE): the request is then billed from aigw's own estimate, not as free. */
 struct usage {
     uint32_t flags;      /* USAGE_* */
     uint64_t prompt;     /* prompt_tokens | input_tokens */
     uint64_t completion; /* completion_tokens | output_tokens */
-    uint64_t cached;     /* of prompt: *_tokens_details.cached_tokens */
-    uint64_t reasoning;  /* of completion: *_tokens_details.reasoning_tokens */
+    uint64_t cached;     /* of prompt (never more): *_tokens_details.cached_tokens */
+    uint64_t reasoning;  /* of completion (never more): *_tokens_details.reasoning_tokens */
     uint64_t total;      /* total_tokens (0 when the upstream gave none) */
     /* Streams: bytes of completion text (UTF-8, unescaped) in the events delivered whole, and
      * the tokens that makes, estimated as ceil(bytes / 4) (OpenAI's rule of thumb for

@@ -33,6 +33,12 @@ struct acct_region {
     uint64_t off_cells;
 };
 
+/* Totals saturate at UINT64_MAX instead of wrapping to a small number. */
+static uint64_t add_sat(uint64_t a, uint64_t b)
+{
+    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+
 static size_t align_up(size_t n)
 {
     return (n + ACCT_ALIGN - 1) & ~(size_t)(ACCT_ALIGN - 1);
@@ -100,7 +106,7 @@ static void cell_write(struct acct_cell *c, const struct acct_usage *u, int set)
     for (size_t k = 0; k < ACCT_WORDS; k++) {
         uint64_t old = set ? 0 : atomic_load_explicit(&c->w[k], memory_order_relaxed);
 
-        atomic_store_explicit(&c->w[k], old + v[k], memory_order_relaxed);
+        atomic_store_explicit(&c->w[k], add_sat(old, v[k]), memory_order_relaxed);
     }
     atomic_store_explicit(&c->seq, s + 2, memory_order_release);
 }
@@ -165,7 +171,7 @@ int acct_get(const struct acct_region *a, enum acct_kind k, uint32_t i, struct a
     for (uint32_t s = 0; s <= a->n_owners; s++) {
         cell_read(cell_at(a, s, e), v);
         for (size_t w = 0; w < ACCT_WORDS; w++)
-            sum[w] += v[w];
+            sum[w] = add_sat(sum[w], v[w]);
     }
     memcpy(out, sum, sizeof(*out));
     return 0;

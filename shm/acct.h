@@ -36,7 +36,8 @@ int acct_region_init(void *mem, size_t size, uint32_t n_keys, uint32_t n_models,
 uint32_t acct_count(const struct acct_region *a, enum acct_kind k);
 
 /* Worker slot `owner` adds one request's usage to its key, model and backend (-1: none of that
- * kind, e.g. auth off or a model without a [model] section). No syscall, no lock. */
+ * kind, e.g. auth off or a model without a [model] section). No syscall, no lock. Every total
+ * saturates at UINT64_MAX (so does acct_get's sum): a huge figure never wraps to a small one. */
 void acct_add(struct acct_region *a, uint32_t owner, int32_t key, int32_t model, int32_t backend,
               const struct acct_usage *u);
 

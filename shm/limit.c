@@ -245,6 +245,30 @@ static void cell_lock(struct limit_region *r, uint32_t id)
     }
 }
 
+/* The master's lock: a worker stopped (SIGSTOP, a debugger) while it holds the lock must not
+ * freeze the master's event loop, so the master waits LIMIT_MASTER_WAIT_MS at most, on the
+ * monotonic clock (a wall-clock step cannot stretch it). 0 or -EBUSY. */
+static int cell_lock_master(struct limit_region *r, uint32_t id)
+{
+    struct limit_cell *c = cell(r, id);
+    struct timespec ts;
+    int rc;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_nsec += (long)LIMIT_MASTER_WAIT_MS * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec += ts.tv_nsec / 1000000000L;
+        ts.tv_nsec %= 1000000000L;
+    }
+    rc = pthread_mutex_clocklock(&c->mu, CLOCK_MONOTONIC, &ts);
+    if (rc == EOWNERDEAD) {
+        cell_repair(r, id);
+        pthread_mutex_consistent(&c->mu);
+        return 0;
+    }
+    return rc == 0 ? 0 : -EBUSY;
+}
+
 static void cell_unlock(struct limit_region *r, uint32_t id)
 {
     pthread_mutex_unlock(&cell(r, id)->mu);
@@ -613,7 +637,11 @@ int limit_info(struct limit_region *r, uint32_t id, uint64_t now_ms, int64_t wal
     if (id >= r->n)
         return -EINVAL;
     c = cell(r, id);
-    cell_lock(r, id);
+    memset(out, 0, sizeof(*out));
+    out->spec = c->spec; /* set at init, read-only since */
+    out->budget.period = c->spec.period;
+    if (cell_lock_master(r, id) < 0)
+        return -EBUSY;
     if (c->cap)
         cell_expire(r, c, now_ms);
     if (c->spec.budget_nano)
@@ -637,7 +665,8 @@ int limit_budget_get(struct limit_region *r, uint32_t id, struct limit_budget *o
     if (id >= r->n)
         return -EINVAL;
     c = cell(r, id);
-    cell_lock(r, id);
+    if (cell_lock_master(r, id) < 0)
+        return -EBUSY;
     out->period = c->spec.period;
     out->period_start = c->period_start;
     out->spent_nano = c->spent_nano;
@@ -646,19 +675,33 @@ int limit_budget_get(struct limit_region *r, uint32_t id, struct limit_budget *o
     return 0;
 }
 
-int limit_budget_set(struct limit_region *r, uint32_t id, const struct limit_budget *b)
+int limit_budget_set(struct limit_region *r, uint32_t id, const struct limit_budget *b,
+                     enum limit_budget_fate *fate)
 {
+    enum limit_budget_fate f = LIMIT_BUDGET_SAME;
     struct limit_cell *c;
+    int64_t ps, pe, ns, ne;
 
-    if (id >= r->n)
+    if (id >= r->n || (unsigned)b->period > LIMIT_PERIOD_TOTAL)
         return -EINVAL;
     c = cell(r, id);
+    /* the saved period, and the limiter's period that holds its start */
+    ps = limit_period_start(b->period, b->period_start);
+    pe = limit_period_next(b->period, ps);
+    ns = limit_period_start(c->spec.period, ps);
+    ne = limit_period_next(c->spec.period, ns);
+    if (b->period != c->spec.period)
+        f = ps >= ns && pe <= ne ? LIMIT_BUDGET_CARRIED : LIMIT_BUDGET_DROPPED;
     cell_lock(r, id);
-    if (b->period == c->spec.period) {
-        period_set(c, limit_period_start(c->spec.period, b->period_start));
+    if (f != LIMIT_BUDGET_DROPPED) {
+        period_set(c, ns);
         c->spent_nano = b->spent_nano;
+    } else {
+        c->spent_nano = 0; /* what was spent cannot be told apart by the new period */
     }
     cell_unlock(r, id);
+    if (fate)
+        *fate = f;
     return 0;
 }
 

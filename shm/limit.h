@@ -7,13 +7,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define LIMIT_WINDOW_MS   60000u /* rpm and tpm count what was admitted in the last minute */
-#define LIMIT_MAX_IDS     5      /* limiters one request holds: key, model, pool, fallback's two */
-#define LIMIT_LOG_MAX     8192u  /* most log entries a limiter keeps; older ones are merged */
-#define LIMIT_LOG_DEFAULT 1024u  /* log entries of a limiter with a tpm and no rpm */
-#define LIMIT_PARALLEL_MS 1000u  /* Retry-After hint when max_parallel refused */
-#define LIMIT_RETRY_NEVER (-1)   /* retry_ms: waiting will not help */
-#define LIMIT_MAX_OWNERS  1024u  /* worker slots (and one more for the master, say) */
+#define LIMIT_WINDOW_MS      60000u /* rpm and tpm count what was admitted in the last minute */
+#define LIMIT_MAX_IDS        5 /* limiters one request holds: key, model, pool, fallback's two */
+#define LIMIT_LOG_MAX        8192u /* most log entries a limiter keeps; older ones are merged */
+#define LIMIT_LOG_DEFAULT    1024u /* log entries of a limiter with a tpm and no rpm */
+#define LIMIT_PARALLEL_MS    1000u /* Retry-After hint when max_parallel refused */
+#define LIMIT_RETRY_NEVER    (-1)  /* retry_ms: waiting will not help */
+#define LIMIT_MAX_OWNERS     1024u /* worker slots (and one more for the master, say) */
+#define LIMIT_MASTER_WAIT_MS 50u   /* most the master's readers wait for a limiter's lock */
 
 enum limit_period {
     LIMIT_PERIOD_MONTH = 0, /* the default of budget_period */
@@ -117,15 +118,30 @@ void limit_settle(struct limit_region *r, struct limit_ticket *t, uint64_t now_m
  * reservation still held by it (its admissions stay counted in the windows). */
 void limit_release_owner(struct limit_region *r, uint32_t owner);
 
-/* A limiter's state for `show keys`. -EINVAL for a bad id. */
+/* A limiter's state for `show keys`. -EINVAL for a bad id; -EBUSY when its lock was not had
+ * within LIMIT_MASTER_WAIT_MS (a worker stopped while holding it): then only out->spec is set,
+ * the counts are 0. For the master: it never blocks longer than that. */
 int limit_info(struct limit_region *r, uint32_t id, uint64_t now_ms, int64_t wall_s,
                struct limit_info *out);
 
-/* The budget of limiter id, for the state file; limit_budget_set puts one back (at start, or
- * reload): `spent` is kept only when the period kinds match (a changed budget_period starts
- * afresh), and a past period rolls over at the next admission. */
+/* The budget of limiter id, for the state file (the master: -EBUSY as limit_info). */
 int limit_budget_get(struct limit_region *r, uint32_t id, struct limit_budget *out);
-int limit_budget_set(struct limit_region *r, uint32_t id, const struct limit_budget *b);
+
+/* What limit_budget_set did with the saved `spent` when budget_period changed. */
+enum limit_budget_fate {
+    LIMIT_BUDGET_SAME = 0,    /* the same kind of period: spent kept as it was */
+    LIMIT_BUDGET_CARRIED = 1, /* another kind, whose period holds the saved one: spent kept */
+    LIMIT_BUDGET_DROPPED = 2, /* another kind, that cannot hold it (month -> day, total ->
+                               * month, ...): the period starts at zero */
+};
+
+/* Puts a saved budget back (at start, before the workers run; it waits for the lock): `spent`
+ * is kept when the limiter counts the same kind of period, or one that contains the saved
+ * period whole (day -> month, anything -> total: the period is then the new kind's that holds
+ * the saved one); otherwise the current period starts at zero. A past period rolls over at the
+ * next admission. *fate (may be NULL) says which. 0 or -EINVAL. */
+int limit_budget_set(struct limit_region *r, uint32_t id, const struct limit_budget *b,
+                     enum limit_budget_fate *fate);
 
 /* Reload: limiter `from` of the old generation's region carried into limiter `to` of the new
  * one. Zero-initialise it (with from, to) before the first limit_carry_sync. */

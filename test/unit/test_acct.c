@@ -155,6 +155,31 @@ static void test_dead_writer(void **state)
     munmap(a, size);
 }
 
+/* Totals saturate: a huge figure from one writer, then more from it and from another slice and
+ * the base, never wraps to a small total. */
+static void test_saturate(void **state)
+{
+    size_t size;
+    struct acct_region *a = region_new(1, 0, 0, 2, &size);
+    struct acct_usage big = {.requests = 1, .prompt = UINT64_MAX - 5, .cost_nano = UINT64_MAX};
+    struct acct_usage u = one(10), t;
+
+    acct_add(a, 0, 0, -1, -1, &big);
+    acct_add(a, 0, 0, -1, -1, &u); /* in the same slice */
+    assert_int_equal(acct_get(a, ACCT_KEY, 0, &t), 0);
+    assert_true(t.prompt == UINT64_MAX);
+    assert_true(t.cost_nano == UINT64_MAX);
+    assert_int_equal(t.requests, 2);
+    assert_int_equal(t.completion, 20);
+    acct_add(a, 1, 0, -1, -1, &big); /* another slice: the reader's sum saturates */
+    assert_int_equal(acct_base_set(a, ACCT_KEY, 0, &big), 0);
+    assert_int_equal(acct_get(a, ACCT_KEY, 0, &t), 0);
+    assert_true(t.prompt == UINT64_MAX);
+    assert_true(t.cost_nano == UINT64_MAX);
+    assert_int_equal(t.requests, 4);
+    munmap(a, size);
+}
+
 static void test_region_args(void **state)
 {
     size_t size = acct_region_size(1, 1, 1, 1);
@@ -170,9 +195,8 @@ static void test_region_args(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_add_get),
-        cmocka_unit_test(test_processes),
-        cmocka_unit_test(test_dead_writer),
+        cmocka_unit_test(test_add_get),     cmocka_unit_test(test_processes),
+        cmocka_unit_test(test_dead_writer), cmocka_unit_test(test_saturate),
         cmocka_unit_test(test_region_args),
     };
 

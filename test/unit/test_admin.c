@@ -7,6 +7,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -14,6 +18,9 @@
 #include <jsmn.h>
 
 #include "core/admin.h"
+#define cell limit_cell_of /* test_admin has its own cell() */
+#include "shm/limit.c"     /* to hold a limiter's lock */
+#undef cell
 #include "core/util.h"
 
 /* Two pools, three backends, two workers. */
@@ -966,6 +973,58 @@ static void test_keys_table(void **state)
     free(out);
 }
 
+/* A worker stopped while it holds team-a's limiter lock: show keys answers within a bounded
+ * time, says "busy" where team-a's limiter figures would be (null in JSON), and the rest as
+ * usual. */
+static void test_keys_busy(void **state)
+{
+    struct fixture *f = *state;
+    struct limit_region *lr = shm_limits(&f->shm);
+    pid_t pid;
+    int st;
+
+    pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        cell_lock(lr, 0);
+        raise(SIGSTOP);
+        _exit(0);
+    }
+    assert_int_equal(waitpid(pid, &st, WUNTRACED), pid);
+    assert_true(WIFSTOPPED(st));
+    alarm(10); /* without the bound, show keys would hang: die instead of passing */
+    char *out = run(f, "show keys", NULL, 0, 0);
+    char *js = run(f, "show keys json", NULL, 0, 0);
+    alarm(0);
+    kill(pid, SIGKILL);
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+
+    char *l[8];
+    assert_int_equal(table_lines(out, l, 8), 4);
+    assert_cell_right(l[0], l[1], "RPM", "busy");
+    assert_cell_right(l[0], l[1], "TPM", "busy");
+    assert_cell_right(l[0], l[1], "PARALLEL", "busy");
+    assert_cell_right(l[0], l[1], "BUDGET_USD", "12.5");
+    assert_cell_right(l[0], l[1], "SPENT_USD", "busy");
+    assert_cell_right(l[0], l[1], "REMAINING_USD", "busy");
+    assert_cell_right(l[0], l[2], "PARALLEL", "0/-");
+    assert_memory_equal(l[3], "busy: 1 key(s) not read", 23);
+
+    struct json j;
+    json_parse(&j, js);
+    int a = json_elem(&j, 0, 0), b = json_elem(&j, 0, 1);
+    assert_json_text(&j, a, "busy", "true");
+    assert_json_text(&j, a, "rpm", "100");
+    assert_json_text(&j, a, "rpm_used", "null");
+    assert_json_text(&j, a, "in_flight", "null");
+    assert_json_text(&j, a, "spent_usd", "null");
+    assert_json_text(&j, b, "busy", "false");
+    assert_json_text(&j, b, "in_flight", "0");
+    free(out);
+    free(js);
+}
+
 static void test_usage_json(void **state)
 {
     struct fixture *f = *state;
@@ -1142,6 +1201,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_set_backend_state, setup, teardown),
         cmocka_unit_test_setup_teardown(test_keys_json, setup_ai, teardown),
         cmocka_unit_test_setup_teardown(test_keys_table, setup_ai, teardown),
+        cmocka_unit_test_setup_teardown(test_keys_busy, setup_ai, teardown),
         cmocka_unit_test_setup_teardown(test_usage_json, setup_ai, teardown),
         cmocka_unit_test_setup_teardown(test_usage_table, setup_ai, teardown),
         cmocka_unit_test_setup_teardown(test_keys_usage_errors, setup_ai, teardown),

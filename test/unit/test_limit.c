@@ -10,7 +10,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <signal.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -294,19 +297,119 @@ static void test_budget_periods(void **state)
     id = 2;
     assert_int_equal(limit_admit(r, &id, 1, 0, wall + 86400 * 400, 0, 301, 0, &t, &v), -EAGAIN);
     assert_int_equal(v.retry_ms, LIMIT_RETRY_NEVER);
-    /* budget_set: the same kind keeps spent; a past period rolls over; another kind is ignored. */
+    /* budget_set: the same kind keeps spent; a past period rolls over. */
+    enum limit_budget_fate fate = LIMIT_BUDGET_DROPPED;
     b.period = LIMIT_PERIOD_DAY;
     b.period_start = 1773532800LL;
     b.spent_nano = 999;
-    assert_int_equal(limit_budget_set(r, 0, &b), 0);
+    assert_int_equal(limit_budget_set(r, 0, &b, &fate), 0);
+    assert_int_equal(fate, LIMIT_BUDGET_SAME);
     id = 0;
     assert_int_equal(limit_admit(r, &id, 1, 0, 1773532800LL + 5, 0, 2, 0, &t, &v), -EAGAIN);
     assert_int_equal(limit_admit(r, &id, 1, 0, 1773619200LL, 0, 2, 0, &t, &v), 0);
-    b.period = LIMIT_PERIOD_MONTH;
-    b.spent_nano = 5;
-    assert_int_equal(limit_budget_set(r, 2, &b), 0);
+    region_free(r, size);
+}
+
+/* budget_period changed between the save and the start: spent is carried into a period that
+ * holds the saved one whole (day -> month, anything -> total), else the period starts at 0. */
+static void test_budget_set_period_change(void **state)
+{
+    struct limit_spec s[3] = {{.budget_nano = 1000, .period = LIMIT_PERIOD_DAY},
+                              {.budget_nano = 1000, .period = LIMIT_PERIOD_MONTH},
+                              {.budget_nano = 1000, .period = LIMIT_PERIOD_TOTAL}};
+    struct limit_ticket t;
+    struct limit_verdict v;
+    struct limit_budget b;
+    enum limit_budget_fate fate;
+    size_t size;
+    struct limit_region *r = region_new(s, 3, 1, &size);
+    int64_t wall = WALL_MAR15_23H; /* Mar 15 23:00 */
+    uint32_t id;
+
+    /* day (Mar 15) -> month: carried into March. */
+    b = (struct limit_budget){LIMIT_PERIOD_DAY, 1773532800LL, 900, 0};
+    assert_int_equal(limit_budget_set(r, 1, &b, &fate), 0);
+    assert_int_equal(fate, LIMIT_BUDGET_CARRIED);
+    assert_int_equal(limit_budget_get(r, 1, &b), 0);
+    assert_int_equal(b.spent_nano, 900);
+    assert_int_equal(b.period_start, 1772323200LL); /* Mar 1 */
+    id = 1;
+    assert_int_equal(limit_admit(r, &id, 1, 0, wall, 0, 101, 0, &t, &v), -EAGAIN);
+    assert_int_equal(v.dim, LIMIT_BUDGET);
+    /* month -> total and day -> total: carried. */
+    b = (struct limit_budget){LIMIT_PERIOD_MONTH, 1772323200LL, 800, 0};
+    assert_int_equal(limit_budget_set(r, 2, &b, &fate), 0);
+    assert_int_equal(fate, LIMIT_BUDGET_CARRIED);
+    assert_int_equal(limit_budget_get(r, 2, &b), 0);
+    assert_int_equal(b.spent_nano, 800);
+    assert_int_equal(b.period_start, 0);
+    b = (struct limit_budget){LIMIT_PERIOD_DAY, 1773532800LL, 700, 0};
+    assert_int_equal(limit_budget_set(r, 2, &b, &fate), 0);
+    assert_int_equal(fate, LIMIT_BUDGET_CARRIED);
     assert_int_equal(limit_budget_get(r, 2, &b), 0);
     assert_int_equal(b.spent_nano, 700);
+    /* month -> day, total -> month, total -> day: dropped, the current period starts at 0. */
+    b = (struct limit_budget){LIMIT_PERIOD_MONTH, 1772323200LL, 600, 0};
+    assert_int_equal(limit_budget_set(r, 0, &b, &fate), 0);
+    assert_int_equal(fate, LIMIT_BUDGET_DROPPED);
+    assert_int_equal(limit_budget_get(r, 0, &b), 0);
+    assert_int_equal(b.spent_nano, 0);
+    assert_int_equal(b.period_start, 1773532800LL); /* today, from init */
+    b = (struct limit_budget){LIMIT_PERIOD_TOTAL, 0, 500, 0};
+    assert_int_equal(limit_budget_set(r, 1, &b, &fate), 0);
+    assert_int_equal(fate, LIMIT_BUDGET_DROPPED);
+    assert_int_equal(limit_budget_get(r, 1, &b), 0);
+    assert_int_equal(b.spent_nano, 0);
+    b = (struct limit_budget){LIMIT_PERIOD_TOTAL, 0, 500, 0};
+    assert_int_equal(limit_budget_set(r, 0, &b, NULL), 0);
+    assert_int_equal(limit_budget_get(r, 0, &b), 0);
+    assert_int_equal(b.spent_nano, 0);
+    /* a bad period */
+    b.period = (enum limit_period)7;
+    assert_int_equal(limit_budget_set(r, 0, &b, &fate), -EINVAL);
+    region_free(r, size);
+}
+
+/* A worker stopped while it holds a limiter's lock: the master's readers give up after
+ * LIMIT_MASTER_WAIT_MS with -EBUSY instead of hanging, and get it again once it is gone. */
+static void test_master_bounded_wait(void **state)
+{
+    struct limit_spec s = {.rpm = 10, .budget_nano = 1000};
+    struct limit_info info;
+    struct limit_budget b;
+    size_t size;
+    struct limit_region *r = region_new(&s, 1, 2, &size);
+    struct timespec t0, t1;
+    pid_t pid;
+    int st;
+
+    assert_int_equal(admit1(r, 0, 3, 0, NULL, NULL), 0);
+    pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* not left stopped if the test dies */
+        cell_lock(r, 0);
+        raise(SIGSTOP);
+        _exit(0);
+    }
+    assert_int_equal(waitpid(pid, &st, WUNTRACED), pid);
+    assert_true(WIFSTOPPED(st));
+    alarm(10); /* without the bound, the reader would hang: die instead of passing */
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    assert_int_equal(limit_info(r, 0, 1, WALL_MAR15_23H, &info), -EBUSY);
+    assert_int_equal(info.spec.rpm, 10); /* the spec is still there, the counts are 0 */
+    assert_int_equal(info.requests, 0);
+    assert_int_equal(limit_budget_get(r, 0, &b), -EBUSY);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    alarm(0);
+    int64_t ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+    assert_true(ms >= 2 * (int64_t)LIMIT_MASTER_WAIT_MS - 5 && ms < 1000);
+    /* it goes on and dies with the lock held: the next reader repairs and reads */
+    kill(pid, SIGKILL);
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_int_equal(limit_info(r, 0, 1, WALL_MAR15_23H, &info), 0);
+    assert_int_equal(info.requests, 1);
+    assert_int_equal(limit_budget_get(r, 0, &b), 0);
     region_free(r, size);
 }
 
@@ -585,6 +688,8 @@ int main(void)
         cmocka_unit_test(test_all_or_nothing),
         cmocka_unit_test(test_parallel_release_owner),
         cmocka_unit_test(test_budget_periods),
+        cmocka_unit_test(test_budget_set_period_change),
+        cmocka_unit_test(test_master_bounded_wait),
         cmocka_unit_test(test_merge_conservative),
         cmocka_unit_test(test_processes_exact),
         cmocka_unit_test(test_dead_lock_holder),

@@ -8,12 +8,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmocka.h>
 
 #include "core/state.h"
+#include "shm/limit.c" /* to hold a limiter's lock */
 
 #define WALL 1773615600LL /* 2026-03-15T23:00:00Z */
 
@@ -21,6 +26,7 @@ struct world {
     struct limit_region *limits;
     struct acct_region *acct;
     void *lmem, *amem;
+    size_t ls, as;
 };
 
 static const char *const key_names[] = {"team a", "ci", "100%"};
@@ -34,8 +40,12 @@ static void world_new(struct world *w, uint32_t n_keys)
                                   {.rpm = 5}};
     size_t ls = limit_region_size(n_keys, specs, 2), as = acct_region_size(n_keys, 1, 2, 2);
 
-    w->lmem = aligned_alloc(64, ls);
-    w->amem = aligned_alloc(64, as);
+    /* shared, as in the segment: a forked child's lock is seen */
+    w->lmem = mmap(NULL, ls, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    w->amem = mmap(NULL, as, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    assert_true(w->lmem != MAP_FAILED && w->amem != MAP_FAILED);
+    w->ls = ls;
+    w->as = as;
     assert_int_equal(limit_region_init(w->lmem, ls, n_keys, specs, 2, WALL), 0);
     assert_int_equal(acct_region_init(w->amem, as, n_keys, 1, 2, 2), 0);
     w->limits = w->lmem;
@@ -44,8 +54,8 @@ static void world_new(struct world *w, uint32_t n_keys)
 
 static void world_free(struct world *w)
 {
-    free(w->lmem);
-    free(w->amem);
+    munmap(w->lmem, w->ls);
+    munmap(w->amem, w->as);
 }
 
 static char *tmpdir(void)
@@ -241,12 +251,156 @@ static void test_missing_and_unknown(void **state)
     free(dir);
 }
 
+/* Two lines for the same budget or the same usage KIND NAME are an error with FILE:LINE (the
+ * same name under two kinds is not; nor are unknown names, which are skipped). */
+static void test_duplicates(void **state)
+{
+    expect_error("aigw-state 1\nbudget ci period=total spent=1\nbudget ci period=total spent=2\n"
+                 "end\n",
+                 "3: a second budget line for this key");
+    expect_error("aigw-state 1\nusage key ci requests=1\nusage model gpt-4o requests=1\n"
+                 "usage key ci requests=2\nend\n",
+                 "4: a second usage line for this name");
+    expect_error("aigw-state 1\nusage backend b2 requests=1\nusage backend b1 requests=1\n"
+                 "usage backend b2 requests=2\nend\n",
+                 "4: a second usage line for this name");
+
+    struct state_names names = {key_names, 3, model_names, 1, backend_names, 2};
+    struct acct_usage got;
+    struct world w;
+    char *dir = tmpdir(), path[256], *err = NULL;
+
+    snprintf(path, sizeof(path), "%s/state", dir);
+    write_file(path, "aigw-state 1\nusage key ci requests=1\nusage model ci requests=2\n"
+                     "budget ci period=total spent=3\nusage key gone requests=1\n"
+                     "usage key gone requests=1\nend\n");
+    world_new(&w, 3);
+    assert_int_equal(state_load(path, &names, w.limits, w.acct, &err), 0);
+    assert_int_equal(acct_get(w.acct, ACCT_KEY, 1, &got), 0);
+    assert_int_equal(got.requests, 1);
+    world_free(&w);
+    unlink(path);
+    rmdir(dir);
+    free(dir);
+}
+
+/* The log lines (stderr) written while fn runs on path. */
+static char *stderr_of(int (*fn)(const char *, struct world *), const char *path, struct world *w,
+                       int *rc)
+{
+    char tmp[] = "/tmp/aigw-state-log-XXXXXX";
+    int fd = mkstemp(tmp), saved = dup(2);
+    char *text = calloc(1, 8192);
+
+    assert_true(fd >= 0 && saved >= 0 && text);
+    fflush(stderr);
+    dup2(fd, 2);
+    *rc = fn(path, w);
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    assert_true(pread(fd, text, 8191, 0) >= 0);
+    close(fd);
+    unlink(tmp);
+    return text;
+}
+
+static int load_it(const char *path, struct world *w)
+{
+    struct state_names names = {key_names, 3, model_names, 1, backend_names, 2};
+    char *err = NULL;
+    int rc = state_load(path, &names, w->limits, w->acct, &err);
+
+    free(err);
+    return rc;
+}
+
+/* budget_period changed since the save: spent carried into a period that holds the saved one,
+ * dropped otherwise, and a warning names the key either way. */
+static void test_period_change(void **state)
+{
+    struct limit_budget b;
+    struct world w;
+    char *dir = tmpdir(), path[256], *log;
+    int rc;
+
+    snprintf(path, sizeof(path), "%s/state", dir);
+    /* "team a" counts by day now (was total), "ci" in total (was day), "100%" by month (as
+     * saved: no word) */
+    write_file(path, "aigw-state 1\nbudget team%20a period=total start=0 spent=7000000000\n"
+                     "budget ci period=day start=1773532800 spent=300\n"
+                     "budget 100%25 period=month start=1772323200 spent=5\nend\n");
+    world_new(&w, 3);
+    log = stderr_of(load_it, path, &w, &rc);
+    assert_int_equal(rc, 0);
+    assert_int_equal(limit_budget_get(w.limits, 0, &b), 0);
+    assert_int_equal(b.spent_nano, 0);
+    assert_int_equal(limit_budget_get(w.limits, 1, &b), 0);
+    assert_int_equal(b.spent_nano, 300);
+    assert_non_null(strstr(log, ":2: key 'team a': budget_period is now day, was total when "
+                                "saved: the 7.000000000 USD spent is dropped"));
+    assert_non_null(strstr(log, ":3: key 'ci': budget_period is now total, was day when saved: "
+                                "the 0.000000300 USD spent is carried into the new period"));
+    assert_null(strstr(log, "100%"));
+    free(log);
+    world_free(&w);
+    unlink(path);
+    rmdir(dir);
+    free(dir);
+}
+
+/* A worker stopped holding a key's limiter lock: the save gives up in bounded time, keeps the
+ * previous file whole, leaves no temp file, and says which key. */
+static void test_save_busy(void **state)
+{
+    struct state_names names = {key_names, 3, model_names, 1, backend_names, 2};
+    struct world w;
+    char *dir = tmpdir(), path[256], *err = NULL, buf[64] = {0};
+    pid_t pid;
+    int st;
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/state", dir);
+    write_file(path, "previous\n");
+    world_new(&w, 3);
+    pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        cell_lock(w.limits, 1);
+        raise(SIGSTOP);
+        _exit(0);
+    }
+    assert_int_equal(waitpid(pid, &st, WUNTRACED), pid);
+    assert_true(WIFSTOPPED(st));
+    alarm(10);
+    assert_int_equal(state_save(path, &names, w.limits, w.acct, WALL, &err), -EBUSY);
+    alarm(0);
+    assert_non_null(err);
+    assert_non_null(strstr(err, "the previous file is kept: the limiter of key 'ci' is busy"));
+    free(err);
+    f = fopen(path, "r");
+    assert_non_null(f);
+    assert_non_null(fgets(buf, sizeof(buf), f));
+    fclose(f);
+    assert_string_equal(buf, "previous\n");
+    kill(pid, SIGKILL);
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    /* once it is gone the save goes through */
+    err = NULL;
+    assert_int_equal(state_save(path, &names, w.limits, w.acct, WALL, &err), 0);
+    world_free(&w);
+    unlink(path);
+    assert_int_equal(rmdir(dir), 0); /* no temp file left */
+    free(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_round_trip),
-        cmocka_unit_test(test_corrupt),
-        cmocka_unit_test(test_missing_and_unknown),
+        cmocka_unit_test(test_round_trip),          cmocka_unit_test(test_corrupt),
+        cmocka_unit_test(test_missing_and_unknown), cmocka_unit_test(test_duplicates),
+        cmocka_unit_test(test_period_change),       cmocka_unit_test(test_save_busy),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -192,11 +192,7 @@ static void test_json_edges(void **state)
     check_json_everywhere("{\"usage\":{\"prompt_tokens\":1},\"us\\u0061ge\":{\"prompt_tokens\":7}}",
                           &seven);
 
-    /* saturated counts; a usage value longer than what is kept for the direct read */
-    struct usage big = {.flags = USAGE_HAVE, UINT64_MAX, 0, 0, 9, 0, 0, 0};
-    check_json_everywhere("{\"usage\":{\"prompt_tokens\":99999999999999999999999,"
-                          "\"completion_tokens_details\":{\"reasoning_tokens\":9}}}",
-                          &big);
+    /* a usage value longer than what is kept for the direct read */
     char *pad = malloc(USAGE_HOLD * 2 + 100);
     sprintf(pad, "{\"usage\":{\"pad\":\"%0*d\",\"prompt_tokens\":7}}", USAGE_HOLD, 0);
     check_json_cuts(pad, &seven);
@@ -224,6 +220,81 @@ static void test_json_edges(void **state)
     rd = usage_get(&pool);
     assert_int_equal(rd->m.heap_allocs, heap);
     usage_put(&pool, rd);
+}
+
+/* Counts are bounded: each at USAGE_MAX_TOKENS, cached within prompt, reasoning within
+ * completion. */
+static void test_json_bounds(void **state)
+{
+    (void)state;
+    struct usage cap = {.flags = USAGE_HAVE,
+                        USAGE_MAX_TOKENS,
+                        USAGE_MAX_TOKENS,
+                        USAGE_MAX_TOKENS,
+                        9,
+                        USAGE_MAX_TOKENS,
+                        0,
+                        0};
+    struct usage clamp = {.flags = USAGE_HAVE, 5, 3, 5, 3, 8, 0, 0};
+    struct usage edge = {
+        .flags = USAGE_HAVE, USAGE_MAX_TOKENS, USAGE_MAX_TOKENS - 1, 0, 0, 0, 0, 0};
+
+    check_json_everywhere("{\"usage\":{\"prompt_tokens\":99999999999999999999999,"
+                          "\"completion_tokens\":18446744073709551615,"
+                          "\"total_tokens\":18446744073709551616,"
+                          "\"prompt_tokens_details\":{\"cached_tokens\":18446744073709551615},"
+                          "\"completion_tokens_details\":{\"reasoning_tokens\":9}}}",
+                          &cap);
+    check_json_everywhere("{\"usage\":{\"input_tokens\":5,\"output_tokens\":3,\"total_tokens\":8,"
+                          "\"input_tokens_details\":{\"cached_tokens\":18446744073709551615},"
+                          "\"output_tokens_details\":{\"reasoning_tokens\":50}}}",
+                          &clamp);
+    check_json_everywhere("{\"usage\":{\"prompt_tokens\":1000000001,"
+                          "\"completion_tokens\":999999999}}",
+                          &edge);
+}
+
+/* A usage object whose prompt or completion count is not a non-negative integer, or that has no
+ * prompt count, is no usage: the request is billed from the estimate, never as free. */
+static void test_json_bad_counts(void **state)
+{
+    (void)state;
+    static const char *bodies[] = {
+        "{\"usage\":{\"prompt_tokens\":-5,\"completion_tokens\":3}}",
+        "{\"usage\":{\"prompt_tokens\":-0,\"completion_tokens\":3}}",
+        "{\"usage\":{\"prompt_tokens\":1.5,\"completion_tokens\":3}}",
+        "{\"usage\":{\"prompt_tokens\":1e3,\"completion_tokens\":3}}",
+        "{\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":-1}}",
+        "{\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2.0}}",
+        "{\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":-18446744073709551615}}",
+        "{\"usage\":{\"prompt_tokens\":\"7\",\"completion_tokens\":3}}",
+        "{\"usage\":{\"prompt_tokens\":null,\"completion_tokens\":3}}",
+        "{\"usage\":{\"prompt_tokens\":{},\"completion_tokens\":3}}",
+        "{\"usage\":{\"prompt_tokens\":[1],\"completion_tokens\":3}}",
+        "{\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":true}}",
+        "{\"usage\":{\"prompt_tokens\":4,\"prompt_tokens\":-4}}",
+        "{\"usage\":{\"input_tokens\":-3,\"output_tokens\":3}}",
+        "{\"usage\":{\"input_tokens\":3,\"output_tokens\":\"3\"}}",
+        "{\"usage\":{}}",
+        "{\"usage\":{\"completion_tokens\":5,\"total_tokens\":5}}",
+        /* a later bad usage object replaces a sound one */
+        "{\"usage\":{\"prompt_tokens\":4},\"usage\":{\"prompt_tokens\":-4}}",
+    };
+    for (size_t i = 0; i < sizeof(bodies) / sizeof(bodies[0]); i++) {
+        size_t len = strlen(bodies[i]);
+        for (size_t a = 0; a <= len; a++) {
+            struct usage u;
+            read_json(bodies[i], a, a + (len - a) / 2, &u);
+            if (u.flags || u.prompt || u.completion)
+                fail_msg("%s: usage read (cut at %zu): flags %u prompt %llu", bodies[i], a, u.flags,
+                         (unsigned long long)u.prompt);
+        }
+    }
+    /* other counts that are not integers are 0, the usage still stands */
+    struct usage ok = {.flags = USAGE_HAVE, 4, 3, 0, 0, 0, 0, 0};
+    check_json_everywhere("{\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":3,"
+                          "\"total_tokens\":-7,\"prompt_tokens_details\":{\"cached_tokens\":1.5}}}",
+                          &ok);
 }
 
 /* ---- event streams ---- */
@@ -492,6 +563,33 @@ static void test_sse_cut(void **state)
     free(o);
 }
 
+/* A stream's usage chunk with a negative prompt count: no usage (billed from the estimate and
+ * the delivered text), and the chunk is still the one the filter removes. */
+static void test_sse_bad_usage(void **state)
+{
+    (void)state;
+    static const char s[] =
+        CHUNK("{\"content\":\"Hello\"}") "data: "
+                                         "{\"choices\":[],\"usage\":{\"prompt_tokens\":-21,"
+                                         "\"completion_tokens\":5}}\n\n"
+                                         "data: [DONE]\n\n";
+    static const char want[] = CHUNK("{\"content\":\"Hello\"}") "data: [DONE]\n\n";
+    size_t cuts[1] = {7};
+    struct usage u;
+    char *o;
+    size_t ol;
+
+    run_stream(s, strlen(s), cuts, 1, 1, 1, &u, &o, &ol);
+    assert_int_equal(ol, strlen(want));
+    assert_memory_equal(o, want, ol);
+    assert_int_equal(u.flags, 0);
+    assert_int_equal(u.prompt, 0);
+    assert_int_equal(u.completion, 0);
+    assert_int_equal(u.text_bytes, 5);
+    assert_int_equal(u.text_tokens, 2);
+    free(o);
+}
+
 /* Once warm, streams and events allocate nothing. */
 static void test_sse_memory(void **state)
 {
@@ -528,13 +626,14 @@ static int teardown(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_json_bodies),   cmocka_unit_test(test_json_no_usage),
-        cmocka_unit_test(test_json_edges),    cmocka_unit_test(test_sse_pass_through),
-        cmocka_unit_test(test_sse_filter),    cmocka_unit_test(test_sse_line_ends),
-        cmocka_unit_test(test_sse_bytewise),  cmocka_unit_test(test_sse_filter_keeps),
-        cmocka_unit_test(test_sse_multiline), cmocka_unit_test(test_sse_long_event),
-        cmocka_unit_test(test_sse_responses), cmocka_unit_test(test_sse_cut),
-        cmocka_unit_test(test_sse_memory),
+        cmocka_unit_test(test_json_bodies),     cmocka_unit_test(test_json_no_usage),
+        cmocka_unit_test(test_json_edges),      cmocka_unit_test(test_json_bounds),
+        cmocka_unit_test(test_json_bad_counts), cmocka_unit_test(test_sse_pass_through),
+        cmocka_unit_test(test_sse_filter),      cmocka_unit_test(test_sse_line_ends),
+        cmocka_unit_test(test_sse_bytewise),    cmocka_unit_test(test_sse_filter_keeps),
+        cmocka_unit_test(test_sse_multiline),   cmocka_unit_test(test_sse_long_event),
+        cmocka_unit_test(test_sse_responses),   cmocka_unit_test(test_sse_cut),
+        cmocka_unit_test(test_sse_bad_usage),   cmocka_unit_test(test_sse_memory),
     };
     return cmocka_run_group_tests(tests, NULL, teardown);
 }
