@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/random.h>
 
 #include <fnmatch.h>
 #include <mbedtls/sha256.h>
@@ -26,8 +27,14 @@ int route_keys_init(struct route_keys *t, const struct conf *conf)
     t->conf = conf;
     t->n = conf->n_keys;
     t->order = NULL;
+    t->cache = NULL;
     if (!t->n)
         return 0;
+    if (getrandom(&t->seed, sizeof(t->seed), 0) != (ssize_t)sizeof(t->seed))
+        t->seed = (uint64_t)(uintptr_t)t ^ 0x9e3779b97f4a7c15ull;
+    t->cache = calloc(ROUTE_KCACHE, sizeof(*t->cache));
+    if (!t->cache)
+        return -ENOMEM;
     t->order = malloc((size_t)t->n * sizeof(*t->order));
     if (!t->order)
         return -ENOMEM;
@@ -40,26 +47,66 @@ int route_keys_init(struct route_keys *t, const struct conf *conf)
 
 void route_keys_free(struct route_keys *t)
 {
+    if (t->cache)
+        memset(t->cache, 0, ROUTE_KCACHE * sizeof(*t->cache));
+    free(t->cache);
+    t->cache = NULL;
     free(t->order);
     t->order = NULL;
     t->n = 0;
 }
 
-int route_key_find(const struct route_keys *t, const char *token, size_t len)
+/* The cache slot of a token: FNV-1a from a per-worker random seed (the slot is a hint; the
+ * whole token is compared). */
+static struct route_kcache *kcache_slot(const struct route_keys *t, const char *token, size_t len)
+{
+    uint64_t h = t->seed ^ 0xcbf29ce484222325ull;
+
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (unsigned char)token[i]) * 0x100000001b3ull;
+    h ^= h >> 29;
+    return &t->cache[h % ROUTE_KCACHE];
+}
+
+/* Whether the slot holds token: every byte compared, whatever matches first. */
+static int kcache_has(const struct route_kcache *e, const char *token, size_t len)
+{
+    unsigned char d = 0;
+
+    if (e->len != len)
+        return 0;
+    for (size_t i = 0; i < len; i++)
+        d |= (unsigned char)(e->tok[i] ^ (unsigned char)token[i]);
+    return d == 0;
+}
+
+int route_key_find(struct route_keys *t, const char *token, size_t len)
 {
     unsigned char sha[32];
     int lo = 0, hi = t->n - 1;
+    struct route_kcache *e = NULL;
 
     if (!t->n || len == 0)
         return -1;
+    if (t->cache && len <= ROUTE_KCACHE_TOK) {
+        e = kcache_slot(t, token, len);
+        if (kcache_has(e, token, len))
+            return e->key;
+    }
     /* Only digests are compared: the time a compare takes says nothing about a key's bytes. */
     mbedtls_sha256_ret((const unsigned char *)token, len, sha, 0);
     while (lo <= hi) {
         int mid = lo + (hi - lo) / 2, k = t->order[mid];
         int d = memcmp(sha, t->conf->keys[k].sha256, 32);
 
-        if (d == 0)
+        if (d == 0) {
+            if (e) {
+                e->len = (uint32_t)len;
+                e->key = k;
+                memcpy(e->tok, token, len);
+            }
             return k;
+        }
         if (d < 0)
             hi = mid - 1;
         else

@@ -9,18 +9,34 @@
 
 #include "core/conf.h"
 
-/* A worker's lookup table of client keys, sorted by digest (built once per config). */
+#define ROUTE_KCACHE     64 /* keys a worker remembers having verified */
+#define ROUTE_KCACHE_TOK 96 /* longest key remembered (longer ones are hashed every time) */
+
+/* A key this worker verified by its digest: the next request with it skips the SHA-256. */
+struct route_kcache {
+    uint32_t len; /* 0 = empty */
+    int32_t key;
+    unsigned char tok[ROUTE_KCACHE_TOK];
+};
+
+/* A worker's lookup table of client keys, sorted by digest (built once per config), and the
+ * keys it verified last. */
 struct route_keys {
     const struct conf *conf;
     int *order; /* key indexes by sha256 */
     int n;
+    uint64_t seed; /* of the cache's slot hash: random per worker */
+    struct route_kcache *cache;
 };
 
 /* Builds t for conf's keys. 0 or -ENOMEM. */
 int route_keys_init(struct route_keys *t, const struct conf *conf);
 void route_keys_free(struct route_keys *t);
-/* The key whose SHA-256 is that of token[0, len), or -1. */
-int route_key_find(const struct route_keys *t, const char *token, size_t len);
+/* The key whose SHA-256 is that of token[0, len), or -1. A token this worker verified lately
+ * is found in its cache (compared whole, in constant time) without hashing it again: SHA-256
+ * is the largest cost of a request with keys on. Only verified keys are remembered, in the
+ * worker's memory, which holds the key in its request buffers anyway. */
+int route_key_find(struct route_keys *t, const char *token, size_t len);
 /* The token of an "Authorization: Bearer TOKEN" value (scheme in any case, blanks around the
  * token dropped): 0 and *tok, *tok_len, or -1 when the value is not of that form. */
 int route_bearer(const char *v, size_t len, const char **tok, size_t *tok_len);

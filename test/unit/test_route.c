@@ -61,6 +61,19 @@ static void test_keys(void **state)
     assert_int_equal(route_key_find(&t, "k4", 2), -1);
     assert_int_equal(route_key_find(&t, "k", 1), -1);
     assert_int_equal(route_key_find(&t, "", 0), -1);
+    /* again, from the cache: the same answers; a wrong key is never remembered */
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(route_key_find(&t, "k1", 2), 0);
+        assert_int_equal(route_key_find(&t, "k2", 2), 1);
+        assert_int_equal(route_key_find(&t, "k3", 2), 2);
+        assert_int_equal(route_key_find(&t, "k4", 2), -1);
+        assert_int_equal(route_key_find(&t, "k1x", 3), -1);
+    }
+    /* a remembered key's slot taken by another key: both still found */
+    for (int i = 0; i < ROUTE_KCACHE; i++)
+        t.cache[i] = t.cache[0].len ? t.cache[0] : t.cache[i];
+    assert_int_equal(route_key_find(&t, "k2", 2), 1);
+    assert_int_equal(route_key_find(&t, "k1", 2), 0);
     route_keys_free(&t);
     conf_free(c);
 }
