@@ -1009,8 +1009,9 @@ static void show_info(struct abuf *b, const struct admin_info *in, int json)
                     "\"access_log_dropped\":%llu,\"config\":",
                     in->pid, started, (unsigned long long)up_s, in->generation, in->workers,
                     in->draining, (unsigned long long)in->conns, (unsigned long long)in->requests,
-                    (unsigned long long)(in->rate_x10 / 10), (unsigned long long)(in->rate_x10 % 10),
-                    in->rate_secs, (unsigned long long)in->alog_drops);
+                    (unsigned long long)(in->rate_x10 / 10),
+                    (unsigned long long)(in->rate_x10 % 10), in->rate_secs,
+                    (unsigned long long)in->alog_drops);
         abuf_json_str(b, in->config ? in->config : "");
         abuf_printf(b, "}\n");
         return;
@@ -1032,9 +1033,9 @@ static void show_info(struct abuf *b, const struct admin_info *in, int json)
 
 /* Everything one `show pools` row shows. */
 struct pool_row {
-    int up, total;      /* usable backends (health not DOWN, operator READY) of all */
-    int64_t active;     /* requests in flight to its backends */
-    uint64_t requests;  /* sent to its backends */
+    int up, total;     /* usable backends (health not DOWN, operator READY) of all */
+    int64_t active;    /* requests in flight to its backends */
+    uint64_t requests; /* sent to its backends */
     uint64_t failures;
     struct limit_info li;
     char models[256], paths[256];
@@ -1073,8 +1074,8 @@ static void pool_row_read(const struct conf *conf, const struct shm *shm, int p,
         r->requests += t.requests;
         r->failures += t.failures;
     }
-    r->li.spec = (struct limit_spec){cp->lim.rpm, cp->lim.tpm, cp->lim.max_parallel, 0,
-                                     LIMIT_PERIOD_MONTH};
+    r->li.spec =
+        (struct limit_spec){cp->lim.rpm, cp->lim.tpm, cp->lim.max_parallel, 0, LIMIT_PERIOD_MONTH};
     if (lr && id < limit_region_count(lr))
         limit_info(lr, id, now_ms, wall_s, &r->li);
     list_cell(&cp->models, r->models, sizeof(r->models));
@@ -1241,8 +1242,8 @@ static int set_weight_command(struct abuf *b, const struct conf *conf, struct sh
 
 /* "check BACKEND": the health checker (which runs the checks) is asked through shm; the master
  * answers once it wrote the result (admin_check_answer). */
-static int check_command(struct abuf *b, const struct conf *conf, struct shm *shm,
-                         const char *arg, int json, struct admin_pending *pending)
+static int check_command(struct abuf *b, const struct conf *conf, struct shm *shm, const char *arg,
+                         int json, struct admin_pending *pending)
 {
     int i = backend_lookup(conf, shm, arg);
     const struct conf_pool *cp;
@@ -1299,7 +1300,8 @@ int admin_check_answer(const struct conf *conf, const struct shm *shm,
             abuf_json_str(&b, pool);
             abuf_printf(&b, ",\"name\":");
             abuf_json_str(&b, name);
-            abuf_printf(&b, ",\"result\":\"%s\",\"status\":", a.ok == SHM_CHECK_PASS ? "pass" : "fail");
+            abuf_printf(&b,
+                        ",\"result\":\"%s\",\"status\":", a.ok == SHM_CHECK_PASS ? "pass" : "fail");
             if (a.status >= 0)
                 abuf_printf(&b, "%d,\"error\":null", a.status);
             else

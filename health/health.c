@@ -286,10 +286,11 @@ static void health_check_done(struct hc_backend *hb, const struct check_result *
     if (hb->h->stopping)
         return;
     if (hb->cmd_seq && hb->cmd_check) {
-        struct shm_check_answer a = {
-            .ok = res->local ? SHM_CHECK_NOT_RUN : res->ok ? SHM_CHECK_PASS : SHM_CHECK_FAIL,
-            .status = res->status,
-            .dur_us = res->dur_us};
+        struct shm_check_answer a = {.ok = res->local ? SHM_CHECK_NOT_RUN
+                                           : res->ok  ? SHM_CHECK_PASS
+                                                      : SHM_CHECK_FAIL,
+                                     .status = res->status,
+                                     .dur_us = res->dur_us};
         snprintf(a.detail, sizeof(a.detail), "%s", res->detail);
         shm_backend_check_answer(hb->h->shm, hb->idx, hb->cmd_seq, &a);
         hb->cmd_seq = 0;

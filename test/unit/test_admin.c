@@ -1127,7 +1127,6 @@ static void test_keys_usage_no_regions(void **state)
     free(out);
 }
 
-
 /* ---- show info, show pools, show backends POOL, set weight, check, stop ---- */
 
 static void test_rate(void **state)
@@ -1355,7 +1354,8 @@ static void test_check_command(void **state)
 
     /* a pool without checks has nothing to run */
     out = run_pending(f, "check a1", -ENOENT, &p);
-    assert_string_equal(out, "error: pool chat has no active checks (check = off): nothing to run\n");
+    assert_string_equal(out,
+                        "error: pool chat has no active checks (check = off): nothing to run\n");
     free(out);
     assert_int_equal(p.backend, -1);
 
@@ -1456,10 +1456,10 @@ static void test_stop_and_errors(void **state)
 
     /* help lists every command */
     out = run_pending(f, "help", 0, &p);
-    const char *cmds[] = {"show info",  "show proc", "show pools",    "show backends [POOL]",
-                          "show keys",  "show usage", "set weight",   "set backend",
+    const char *cmds[] = {"show info",     "show proc",     "show pools",   "show backends [POOL]",
+                          "show keys",     "show usage",    "set weight",   "set backend",
                           "check BACKEND", "breaker reset", "breaker open", "reload",
-                          "stop",       "help"};
+                          "stop",          "help"};
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
         assert_non_null(strstr(out, cmds[i]));
     free(out);
