@@ -105,6 +105,7 @@ struct admin_client {
     struct admin_pending pending;     /* breaker command the answer waits for */
     struct admin_client *next_waiter; /* reload: on M.waiters until the new generation runs */
     uint64_t wait_until;              /* monotonic ms: answer anyway after this */
+    uint32_t gen_id;                  /* the generation whose segment the command went to */
     int open_handles;                 /* freed when both handles have closed */
     char line[ADMIN_LINE_MAX + 1];
 };
@@ -434,12 +435,21 @@ static void admin_client_send(struct admin_client *c)
 static void admin_client_wait(uv_timer_t *t)
 {
     struct admin_client *c = t->data;
-    int done = admin_pending_done(&M.g->shm, &c->pending);
-    if (!done && time_mono_ms() < c->wait_until)
+    int moved = c->gen_id != M.g->id; /* a reload took over: the command's segment is old */
+    int done = !moved && admin_pending_done(&M.g->shm, &c->pending);
+    if (!done && !moved && time_mono_ms() < c->wait_until)
         return;
     /* Back to the idle timeout, which now bounds the write. */
     uv_timer_start(&c->timer, admin_client_timeout, ADMIN_IDLE_MS, 0);
-    if (c->pending.kind == ADMIN_WAIT_CHECK) {
+    if (moved && c->pending.kind == ADMIN_WAIT_CHECK) {
+        static const char msg[] = "error: a reload took over while the check ran; try again\n";
+        char *out = strdup(msg);
+        if (out) {
+            free(c->out);
+            c->out = out;
+            c->out_len = sizeof(msg) - 1;
+        }
+    } else if (c->pending.kind == ADMIN_WAIT_CHECK) {
         char *out = NULL;
         size_t len = 0;
         if (admin_check_answer(M.g->conf, &M.g->shm, &c->pending, &out, &len) != -ENOMEM) {
@@ -524,6 +534,7 @@ static void admin_client_answer(struct admin_client *c, const char *error)
         if (c->pending.kind == ADMIN_WAIT_CHECK || !admin_pending_done(&M.g->shm, &c->pending)) {
             c->wait_until =
                 time_mono_ms() + (c->pending.wait_ms ? c->pending.wait_ms : ADMIN_WAIT_MS);
+            c->gen_id = M.g->id;
             uv_timer_start(&c->timer, admin_client_wait, ADMIN_POLL_MS, ADMIN_POLL_MS);
             return;
         }
