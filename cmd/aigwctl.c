@@ -10,6 +10,7 @@
 
 #include <mbedtls/sha256.h>
 
+#include "core/admin.h"
 #include "core/conf.h"
 
 #define DEFAULT_SOCKET "aigw.sock"
@@ -19,31 +20,42 @@
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: aigwctl [-s SOCKET | -c CONFIG] [--json] COMMAND\n"
-            "commands:\n"
-            "  show backends [--json]  state, breaker, weights, latency and counters of each\n"
-            "                          backend\n"
-            "  show proc [--json]      master, health checker and workers\n"
-            "  show keys [--json]      client keys: limits and their current use, budget\n"
-            "                          (spent, reserved, remaining), totals; never the key\n"
-            "  show usage [--by key|model|backend] [--json]\n"
-            "                          requests, tokens, cost, list-price cost and saved per\n"
-            "                          key (default), model or backend, with a total\n"
-            "  reload                  check the config file and reload it without dropping a\n"
-            "                          request: waits and prints the new generation; a bad\n"
-            "                          file prints its FILE:LINE error (nothing changes)\n"
-            "  breaker reset BACKEND   force the circuit breaker of BACKEND (NAME or POOL/NAME)\n"
-            "                          closed\n"
-            "  breaker open BACKEND    force it open for the pool's breaker_open_for\n"
-            "  set backend BACKEND ready|drain|maint\n"
-            "                          operator state: drain takes no new requests (in-flight\n"
-            "                          ones finish), maint also pauses checks, ready serves again\n"
-            "  key hash                the key_sha256 of a client key read from stdin (one\n"
-            "                          line; answered by aigwctl, no master needed)\n"
-            "  help                    this list (answered by aigwctl, no master needed)\n"
-            "SOCKET defaults to " DEFAULT_SOCKET "; with -c it is the config's admin_socket.\n"
-            "Exits 0 on success, 1 when the master is unreachable or answers with an error.\n");
+    fprintf(
+        f, "usage: aigwctl [-s SOCKET | -c CONFIG] [--json] COMMAND\n"
+           "commands (--json: the answer as JSON, for those that show something):\n"
+           "  show info               version, pid, uptime, generation, workers, client\n"
+           "                          connections, requests/s (last 10 s), access log drops,\n"
+           "                          config file\n"
+           "  show proc               master, health checker and workers\n"
+           "  show pools              algorithm, backends up/total, in-flight, requests, models\n"
+           "                          and paths served and limits of each pool\n"
+           "  show backends [POOL]    state, breaker, weights, latency and counters of each\n"
+           "                          backend (of POOL only)\n"
+           "  show keys               client keys: limits and their current use, budget\n"
+           "                          (spent, reserved, remaining), totals; never the key\n"
+           "  show usage [--by key|model|backend]\n"
+           "                          requests, tokens, cost, list-price cost and saved per\n"
+           "                          key (default), model or backend, with a total\n"
+           "  set weight BACKEND N|N%%\n"
+           "                          weight 0..256, or a percentage of the configured one;\n"
+           "                          a reload keeps it\n"
+           "  set backend BACKEND ready|drain|maint\n"
+           "                          operator state: drain takes no new requests (in-flight\n"
+           "                          ones finish), maint also pauses checks, ready serves again\n"
+           "  check BACKEND           run a health check now: pass/fail, status, latency, error\n"
+           "  breaker reset BACKEND   force the circuit breaker of BACKEND (NAME or POOL/NAME)\n"
+           "                          closed\n"
+           "  breaker open BACKEND    force it open for the pool's breaker_open_for\n"
+           "  reload                  check the config file and reload it without dropping a\n"
+           "                          request: waits and prints the new generation; a bad\n"
+           "                          file prints its FILE:LINE error (nothing changes)\n"
+           "  stop                    graceful stop, as SIGTERM: in-flight requests finish\n"
+           "  key hash                the key_sha256 of a client key read from stdin (one\n"
+           "                          line; answered by aigwctl, no master needed)\n"
+           "  help                    this list (answered by aigwctl, no master needed)\n"
+           "SOCKET defaults to " DEFAULT_SOCKET "; with -c it is the config's admin_socket.\n"
+           "Exits 0 on success; 1 when the master is unreachable or refuses the command (unknown\n"
+           "backend, bad value: the reason on stderr); 2 for an unknown command or wrong words.\n");
 }
 
 static int write_all(int fd, const char *p, size_t len)
@@ -60,8 +72,9 @@ static int write_all(int fd, const char *p, size_t len)
     return 0;
 }
 
-/* Sends `line`, copies the whole answer to stdout. Returns 0 when the answer is not an error,
- * 1 otherwise (message already printed). */
+/* Sends `line`, copies the whole answer to stdout (an error answer to stderr). Returns 0 when
+ * the answer is not an error, 2 when it says the command is unknown or its words are wrong (the
+ * usage is printed too), 1 for any other error (message already printed). */
 static int ctl_send(const char *path, const char *line)
 {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
@@ -107,6 +120,12 @@ static int ctl_send(const char *path, const char *line)
             break;
         if (total == 0 && n >= 6 && !memcmp(buf, "error:", 6))
             is_error = 1;
+        if (total == 0 && is_error &&
+            (((size_t)n >= sizeof(ADMIN_ERR_UNKNOWN) - 1 &&
+              !memcmp(buf, ADMIN_ERR_UNKNOWN, sizeof(ADMIN_ERR_UNKNOWN) - 1)) ||
+             ((size_t)n >= sizeof(ADMIN_ERR_USAGE) - 1 &&
+              !memcmp(buf, ADMIN_ERR_USAGE, sizeof(ADMIN_ERR_USAGE) - 1))))
+            is_error = 2;
         /* An error answer is a diagnostic: stderr, so scripts can capture stdout safely. */
         fwrite(buf, 1, (size_t)n, is_error ? stderr : stdout);
         total += (size_t)n;
@@ -119,6 +138,8 @@ static int ctl_send(const char *path, const char *line)
         goto out;
     }
     rc = is_error;
+    if (rc == 2)
+        usage(stderr);
 out:
     close(fd);
     if (fflush(stdout) == EOF)
@@ -182,7 +203,7 @@ int main(int argc, char **argv)
         } else if (a[0] == '-') {
             fprintf(stderr, "aigwctl: unknown or incomplete option '%s'\n", a);
             usage(stderr);
-            return 1;
+            return 2;
         } else {
             /* Command words are joined into the one line the master reads. */
             if (strlen(line) + strlen(a) + 2 + sizeof(" --by ") + 16 + sizeof(" json") >
@@ -197,7 +218,7 @@ int main(int argc, char **argv)
     }
     if (!nwords) {
         usage(stderr);
-        return 1;
+        return 2;
     }
     if (!strcmp(line, "help")) {
         usage(stdout);

@@ -13,6 +13,7 @@
 #include "core/meter.h"
 #include "core/out.h"
 #include "core/util.h"
+#include "balancer/algo.h"
 
 /* Growing output buffer; `failed` latches an allocation failure so callers check once. */
 struct abuf {
@@ -234,7 +235,7 @@ static void backend_cells_format(const struct backend_row *r, struct backend_cel
         snprintf(c->ms, sizeof(c->ms), "-");
 }
 
-static void show_backends(struct abuf *b, const struct conf *conf, const struct shm *shm)
+static void show_backends(struct abuf *b, const struct conf *conf, const struct shm *shm, int pool)
 {
     int n = conf->n_backends;
     if ((uint32_t)n > shm_n_backends(shm))
@@ -251,6 +252,8 @@ static void show_backends(struct abuf *b, const struct conf *conf, const struct 
     int wpool = 4, wname = 4, wstate = 5, wbreaker = 7, wweight = 6, wcheck = 5, wreason = 6;
     for (int i = 0; i < n; i++) {
         struct backend_row *r = &rows[i];
+        if (pool >= 0 && conf->backends[i].pool != pool)
+            continue;
         backend_row_read(conf, shm, i, now, r);
         check_format(r->checked, r->check_status, r->check, sizeof(r->check));
         backend_cells_format(r, &cells[i]);
@@ -272,6 +275,8 @@ static void show_backends(struct abuf *b, const struct conf *conf, const struct 
     for (int i = 0; i < n; i++) {
         const struct backend_row *r = &rows[i];
         const struct backend_cells *c = &cells[i];
+        if (pool >= 0 && conf->backends[i].pool != pool)
+            continue;
         abuf_printf(b,
                     "%-*s  %-*s  %-*s  %-5s  %-*s  %*s  %6lld  %7s  %8s  %10llu  %10llu  %8llu  "
                     "%-*s  %13s  %7s  %-*s  %s\n",
@@ -286,18 +291,23 @@ out:
     free(cells);
 }
 
-static void show_backends_json(struct abuf *b, const struct conf *conf, const struct shm *shm)
+static void show_backends_json(struct abuf *b, const struct conf *conf, const struct shm *shm,
+                               int pool)
 {
     int n = conf->n_backends;
     if ((uint32_t)n > shm_n_backends(shm))
         n = (int)shm_n_backends(shm);
     uint64_t now = time_mono_ns();
 
+    int shown = 0;
+
     abuf_printf(b, "[");
     for (int i = 0; i < n; i++) {
         struct backend_row r;
+        if (pool >= 0 && conf->backends[i].pool != pool)
+            continue;
         backend_row_read(conf, shm, i, now, &r);
-        abuf_printf(b, "%s\n  {\"pool\":", i ? "," : "");
+        abuf_printf(b, "%s\n  {\"pool\":", shown++ ? "," : "");
         abuf_json_str(b, r.pool);
         abuf_printf(b, ",\"name\":");
         abuf_json_str(b, r.name);
@@ -337,7 +347,7 @@ static void show_backends_json(struct abuf *b, const struct conf *conf, const st
         else
             abuf_printf(b, ",\"since_s\":null}");
     }
-    abuf_printf(b, "%s]\n", n ? "\n" : "");
+    abuf_printf(b, "%s]\n", shown ? "\n" : "");
 }
 
 static void started_format(uint64_t ms, char *out, size_t size)
@@ -381,20 +391,30 @@ static void show_proc_json(struct abuf *b, const struct admin_proc *procs, int n
 }
 
 static const char admin_help[] =
-    "commands:\n"
-    "  show backends [json]     state, breaker, weights, latency and counters of each backend\n"
+    "commands (json or --json after a command that shows something answers in JSON):\n"
+    "  show info [json]         version, pid, uptime, generation, workers, connections,\n"
+    "                           requests/s, access log drops, config file\n"
     "  show proc [json]         master, health checker and workers\n"
+    "  show pools [json]        algorithm, backends up/total, in-flight, requests, models and\n"
+    "                           paths served and limits of each pool\n"
+    "  show backends [POOL] [json]\n"
+    "                           state, breaker, weights, latency and counters of each backend\n"
+    "                           (of POOL only)\n"
     "  show keys [json]         client keys: limits, current window use, budget, totals\n"
     "  show usage [--by key|model|backend] [json]\n"
     "                           tokens, requests and cost per key (default), model or\n"
     "                           backend, with a total\n"
-    "  reload                   check the config file and start a new generation on it; the\n"
-    "                           old one drains once the new workers are ready\n"
-    "  breaker reset BACKEND    force the circuit breaker of BACKEND (NAME or POOL/NAME) closed\n"
-    "  breaker open BACKEND     force it open for the pool's breaker_open_for\n"
+    "  set weight BACKEND N|N%  the backend's weight: 0..256, or a percentage of the\n"
+    "                           configured one; a reload keeps it\n"
     "  set backend BACKEND ready|drain|maint\n"
     "                           operator state: drain takes no new requests (in-flight ones\n"
     "                           finish), maint also pauses its checks, ready serves again\n"
+    "  check BACKEND            run a health check of BACKEND now and print its result\n"
+    "  breaker reset BACKEND    force the circuit breaker of BACKEND (NAME or POOL/NAME) closed\n"
+    "  breaker open BACKEND     force it open for the pool's breaker_open_for\n"
+    "  reload                   check the config file and start a new generation on it; the\n"
+    "                           old one drains once the new workers are ready\n"
+    "  stop                     graceful stop (as SIGTERM): in-flight requests finish\n"
     "  help                     this list\n";
 
 #define WORD_MAX (2 * CONF_NAME_MAX + 2) /* room for POOL/NAME */
@@ -913,17 +933,7 @@ static int backend_lookup(const struct conf *conf, const struct shm *shm, const 
     return -1;
 }
 
-/* Prints "error: no backend called 'ARG'" with ARG made printable. */
-static void no_such_backend(struct abuf *b, const char *arg)
-{
-    char echo[WORD_MAX];
-    size_t k = 0;
-
-    for (const char *p = arg; *p && k < sizeof(echo) - 1; p++)
-        echo[k++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
-    echo[k] = '\0';
-    abuf_printf(b, "error: no backend called '%s'\n", echo);
-}
+static void no_such(struct abuf *b, const char *what, const char *arg);
 
 /* "breaker reset|open BACKEND": the master asks, the health checker (the only writer of
  * breaker state) carries it out on its next evaluation. */
@@ -934,7 +944,7 @@ static int breaker_command(struct abuf *b, const struct conf *conf, struct shm *
     enum breaker_cmd cmd = !strcmp(verb, "reset") ? BREAKER_CMD_RESET : BREAKER_CMD_OPEN;
     int i = backend_lookup(conf, shm, arg);
     if (i < 0) {
-        no_such_backend(b, arg);
+        no_such(b, "backend", arg);
         return -ENOENT;
     }
     const struct conf_backend *cb = &conf->backends[i];
@@ -974,11 +984,12 @@ static int set_backend_command(struct abuf *b, const struct conf *conf, struct s
         if (!strcasecmp(state, names[k]))
             st = k;
     if (st < 0) {
-        abuf_printf(b, "error: usage: set backend BACKEND ready|drain|maint\n");
-        return -EINVAL;
+        /* a bad value, not a bad command: refused (exit 1), not a usage error */
+        abuf_printf(b, "error: bad state; usage: set backend BACKEND ready|drain|maint\n");
+        return -ERANGE;
     }
     if (i < 0) {
-        no_such_backend(b, arg);
+        no_such(b, "backend", arg);
         return -ENOENT;
     }
     const struct conf_backend *cb = &conf->backends[i];
@@ -1000,11 +1011,369 @@ static int set_backend_command(struct abuf *b, const struct conf *conf, struct s
     return 0;
 }
 
+/* ---- show info, show pools, set weight, check, stop ---- */
+
+void admin_rate_push(struct admin_rate *r, uint64_t total)
+{
+    r->total[r->pos] = total;
+    r->pos = (r->pos + 1) % (ADMIN_RATE_SECS + 1);
+    if (r->n < ADMIN_RATE_SECS + 1)
+        r->n++;
+}
+
+uint64_t admin_rate_x10(const struct admin_rate *r, unsigned *secs)
+{
+    unsigned newest = (r->pos + ADMIN_RATE_SECS) % (ADMIN_RATE_SECS + 1);
+    unsigned oldest = (r->pos + ADMIN_RATE_SECS + 1 - r->n) % (ADMIN_RATE_SECS + 1);
+    uint64_t d;
+
+    *secs = r->n >= 2 ? r->n - 1 : 0;
+    if (!*secs || r->total[newest] < r->total[oldest])
+        return 0;
+    d = r->total[newest] - r->total[oldest];
+    return (d * 10 + *secs / 2) / *secs;
+}
+
+static void show_info(struct abuf *b, const struct admin_info *in, int json)
+{
+    uint64_t up_s = in->now_ms > in->started_ms ? (in->now_ms - in->started_ms) / 1000 : 0;
+    char started[32], uptime[24];
+
+    utc_format((int64_t)(in->started_ms / 1000), started, sizeof(started));
+    secs_format(up_s, uptime, sizeof(uptime));
+    if (json) {
+        abuf_printf(b, "{\"version\":");
+        abuf_json_str(b, in->version ? in->version : "unknown");
+        abuf_printf(b,
+                    ",\"pid\":%d,\"started\":\"%s\",\"uptime_s\":%llu,\"generation\":%u,"
+                    "\"workers\":%d,\"draining_generations\":%d,\"connections\":%llu,"
+                    "\"requests\":%llu,\"requests_per_s\":%llu.%llu,\"rate_window_s\":%u,"
+                    "\"access_log_dropped\":%llu,\"config\":",
+                    in->pid, started, (unsigned long long)up_s, in->generation, in->workers,
+                    in->draining, (unsigned long long)in->conns, (unsigned long long)in->requests,
+                    (unsigned long long)(in->rate_x10 / 10),
+                    (unsigned long long)(in->rate_x10 % 10), in->rate_secs,
+                    (unsigned long long)in->alog_drops);
+        abuf_json_str(b, in->config ? in->config : "");
+        abuf_printf(b, "}\n");
+        return;
+    }
+    abuf_printf(b, "version:             %s\n", in->version ? in->version : "unknown");
+    abuf_printf(b, "pid:                 %d\n", in->pid);
+    abuf_printf(b, "uptime:              %s (started %s)\n", uptime, started);
+    abuf_printf(b, "generation:          %u%s\n", in->generation,
+                in->draining ? " (older ones draining)" : "");
+    abuf_printf(b, "workers:             %d\n", in->workers);
+    abuf_printf(b, "connections:         %llu\n", (unsigned long long)in->conns);
+    abuf_printf(b, "requests:            %llu\n", (unsigned long long)in->requests);
+    abuf_printf(b, "requests/s:          %llu.%llu (last %u s)\n",
+                (unsigned long long)(in->rate_x10 / 10), (unsigned long long)(in->rate_x10 % 10),
+                in->rate_secs);
+    abuf_printf(b, "access log dropped:  %llu\n", (unsigned long long)in->alog_drops);
+    abuf_printf(b, "config:              %s\n", in->config ? in->config : "");
+}
+
+/* Everything one `show pools` row shows. */
+struct pool_row {
+    int up, total;     /* usable backends (health not DOWN, operator READY) of all */
+    int64_t active;    /* requests in flight to its backends */
+    uint64_t requests; /* sent to its backends */
+    uint64_t failures;
+    struct limit_info li;
+    char models[256], paths[256];
+};
+
+static void list_cell(const struct conf_list *l, char *out, size_t size)
+{
+    struct abuf m = {0};
+
+    if (l->n == 0)
+        abuf_printf(&m, "-");
+    for (int i = 0; i < l->n; i++)
+        abuf_printf(&m, "%s%s", i ? "," : "", l->items[i]);
+    snprintf(out, size, "%s", m.p && !m.failed ? m.p : "?");
+    free(m.p);
+}
+
+static void pool_row_read(const struct conf *conf, const struct shm *shm, int p, uint64_t now_ms,
+                          int64_t wall_s, struct pool_row *r)
+{
+    const struct conf_pool *cp = &conf->pools[p];
+    struct limit_region *lr = shm_limits(shm);
+    uint32_t id = (uint32_t)(conf->n_keys + conf->n_models + p);
+
+    memset(r, 0, sizeof(*r));
+    for (int i = cp->first_backend; i < cp->first_backend + cp->n_backends; i++) {
+        struct shm_backend_view v;
+        struct shm_backend_totals t;
+        if (i < 0 || (uint32_t)i >= shm_n_backends(shm) || i >= conf->n_backends)
+            continue;
+        shm_backend_view(shm, (uint32_t)i, &v);
+        shm_backend_totals(shm, (uint32_t)i, &t);
+        r->total++;
+        r->up += v.h->state != BACKEND_DOWN && v.admin == BACKEND_READY;
+        r->active += t.active;
+        r->requests += t.requests;
+        r->failures += t.failures;
+    }
+    r->li.spec =
+        (struct limit_spec){cp->lim.rpm, cp->lim.tpm, cp->lim.max_parallel, 0, LIMIT_PERIOD_MONTH};
+    if (lr && id < limit_region_count(lr))
+        limit_info(lr, id, now_ms, wall_s, &r->li);
+    list_cell(&cp->models, r->models, sizeof(r->models));
+    list_cell(&cp->paths, r->paths, sizeof(r->paths));
+}
+
+static void show_pools(struct abuf *b, const struct conf *conf, const struct shm *shm, int json)
+{
+    uint64_t now_ms = time_mono_ms();
+    int64_t wall_s = (int64_t)(time_real_ms() / 1000);
+    struct pool_row *rows = calloc(conf->n_pools ? (size_t)conf->n_pools : 1, sizeof(*rows));
+    int wname = 4, walgo = 4, wmodels = 6;
+
+    if (!rows) {
+        b->failed = 1;
+        return;
+    }
+    for (int p = 0; p < conf->n_pools; p++) {
+        pool_row_read(conf, shm, p, now_ms, wall_s, &rows[p]);
+        wname = width(wname, conf->pools[p].name);
+        walgo = width(walgo, balancer_algo_name(conf->pools[p].balance));
+        wmodels = width(wmodels, rows[p].models);
+    }
+    if (json)
+        abuf_printf(b, "[");
+    else
+        abuf_printf(b, "%-*s  %-*s  %7s  %6s  %10s  %10s  %12s  %16s  %9s  %-*s  %s\n", wname,
+                    "POOL", walgo, "ALGO", "UP", "ACTIVE", "REQUESTS", "FAILURES", "RPM", "TPM",
+                    "PARALLEL", wmodels, "MODELS", "PATHS");
+    for (int p = 0; p < conf->n_pools; p++) {
+        const struct conf_pool *cp = &conf->pools[p];
+        const struct pool_row *r = &rows[p];
+        if (json) {
+            abuf_printf(b, "%s\n  {\"name\":", p ? "," : "");
+            abuf_json_str(b, cp->name);
+            abuf_printf(b,
+                        ",\"algo\":\"%s\",\"backends_up\":%d,\"backends\":%d,\"active\":%lld,"
+                        "\"requests\":%llu,\"failures\":%llu,\"models\":[",
+                        balancer_algo_name(cp->balance), r->up, r->total, (long long)r->active,
+                        (unsigned long long)r->requests, (unsigned long long)r->failures);
+            for (int m = 0; m < cp->models.n; m++) {
+                abuf_printf(b, "%s", m ? "," : "");
+                abuf_json_str(b, cp->models.items[m]);
+            }
+            abuf_printf(b, "],\"paths\":[");
+            for (int m = 0; m < cp->paths.n; m++) {
+                abuf_printf(b, "%s", m ? "," : "");
+                abuf_json_str(b, cp->paths.items[m]);
+            }
+            abuf_printf(b, "]");
+            json_limit(b, "rpm", r->li.spec.rpm);
+            abuf_printf(b, ",\"rpm_used\":%u", r->li.requests);
+            json_limit(b, "tpm", r->li.spec.tpm);
+            abuf_printf(b, ",\"tpm_used\":%llu", (unsigned long long)r->li.tokens);
+            json_limit(b, "max_parallel", r->li.spec.max_parallel);
+            abuf_printf(b, ",\"in_flight\":%u}", r->li.parallel);
+        } else {
+            char up[24], rpm[32], tpm[48], par[32];
+            snprintf(up, sizeof(up), "%d/%d", r->up, r->total);
+            used_format(r->li.requests, r->li.spec.rpm, rpm, sizeof(rpm));
+            used_format(r->li.tokens, r->li.spec.tpm, tpm, sizeof(tpm));
+            used_format(r->li.parallel, r->li.spec.max_parallel, par, sizeof(par));
+            abuf_printf(b, "%-*s  %-*s  %7s  %6lld  %10llu  %10llu  %12s  %16s  %9s  %-*s  %s\n",
+                        wname, cp->name, walgo, balancer_algo_name(cp->balance), up,
+                        (long long)r->active, (unsigned long long)r->requests,
+                        (unsigned long long)r->failures, rpm, tpm, par, wmodels, r->models,
+                        r->paths);
+        }
+    }
+    if (json)
+        abuf_printf(b, "%s]\n", conf->n_pools ? "\n" : "");
+    free(rows);
+}
+
+/* Pool index of NAME, or -1. */
+static int pool_lookup(const struct conf *conf, const char *name)
+{
+    for (int p = 0; p < conf->n_pools; p++)
+        if (!strcmp(conf->pools[p].name, name))
+            return p;
+    return -1;
+}
+
+/* Prints "error: no WHAT called 'ARG'" with ARG made printable. */
+static void no_such(struct abuf *b, const char *what, const char *arg)
+{
+    char echo[WORD_MAX];
+    size_t k = 0;
+
+    for (const char *p = arg; *p && k < sizeof(echo) - 1; p++)
+        echo[k++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
+    echo[k] = '\0';
+    abuf_printf(b, "error: no %s called '%s'\n", what, echo);
+}
+
+static const char *backend_pool_name(const struct conf *conf, int i)
+{
+    int p = conf->backends[i].pool;
+    return p >= 0 && p < conf->n_pools ? conf->pools[p].name : "?";
+}
+
+/* "N" (0..256) or "N%" of the configured weight: 0 and *w, or -ERANGE. */
+static int weight_parse(const char *s, int cfg, uint32_t *w)
+{
+    char *end;
+    unsigned long v;
+
+    if (*s < '0' || *s > '9')
+        return -ERANGE;
+    errno = 0;
+    v = strtoul(s, &end, 10);
+    if (errno || v > 100000)
+        return -ERANGE;
+    if (*end == '%' && end[1] == '\0')
+        v = (v * (unsigned long)(cfg > 0 ? cfg : 0) + 50) / 100;
+    else if (*end)
+        return -ERANGE;
+    if (v > 256)
+        return -ERANGE;
+    *w = (uint32_t)v;
+    return 0;
+}
+
+/* "set weight BACKEND N|N%": the operator's weight, which the health checker turns into the
+ * effective weight (DEGRADED, slow start) and a reload keeps. */
+static int set_weight_command(struct abuf *b, const struct conf *conf, struct shm *shm,
+                              const char *arg, const char *val, int json)
+{
+    int i = backend_lookup(conf, shm, arg);
+    uint32_t w, was;
+
+    if (i < 0) {
+        no_such(b, "backend", arg);
+        return -ENOENT;
+    }
+    if (weight_parse(val, conf->backends[i].weight, &w) < 0) {
+        abuf_printf(b,
+                    "error: bad weight: set weight BACKEND N|N%% takes N from 0 to 256, or a "
+                    "percentage of the configured weight (%d) that stays within 256\n",
+                    conf->backends[i].weight);
+        return -ERANGE;
+    }
+    was = shm_backend_set_weight_cfg(shm, (uint32_t)i, w);
+    if (was != w)
+        log_info("backend %s/%s weight set to %u by the operator (was %u, configured %d)",
+                 backend_pool_name(conf, i), conf->backends[i].name, w, was,
+                 conf->backends[i].weight);
+    if (json) {
+        abuf_printf(b, "{\"ok\":true,\"pool\":");
+        abuf_json_str(b, backend_pool_name(conf, i));
+        abuf_printf(b, ",\"name\":");
+        abuf_json_str(b, conf->backends[i].name);
+        abuf_printf(b, ",\"weight\":%u,\"was\":%u,\"configured\":%d}\n", w, was,
+                    conf->backends[i].weight);
+    } else {
+        abuf_printf(b, "ok: %s/%s weight %u (was %u, configured %d)\n", backend_pool_name(conf, i),
+                    conf->backends[i].name, w, was, conf->backends[i].weight);
+    }
+    return 0;
+}
+
+#define CHECK_WAIT_EXTRA_MS 1000  /* beyond check_timeout: the checker's evaluation tick, slack */
+#define CHECK_WAIT_MAX_MS   25000 /* aigwctl gives up after 30 s */
+
+/* "check BACKEND": the health checker (which runs the checks) is asked through shm; the master
+ * answers once it wrote the result (admin_check_answer). */
+static int check_command(struct abuf *b, const struct conf *conf, struct shm *shm, const char *arg,
+                         int json, struct admin_pending *pending)
+{
+    int i = backend_lookup(conf, shm, arg);
+    const struct conf_pool *cp;
+
+    if (i < 0) {
+        no_such(b, "backend", arg);
+        return -ENOENT;
+    }
+    cp = &conf->pools[conf->backends[i].pool];
+    if (!cp->check) {
+        abuf_printf(b, "error: pool %s has no active checks (check = off): nothing to run\n",
+                    cp->name);
+        return -ENOENT;
+    }
+    abuf_printf(b, "checking %s/%s\n", cp->name, conf->backends[i].name);
+    if (pending) {
+        uint64_t wait = cp->check_timeout_ms + CHECK_WAIT_EXTRA_MS;
+        pending->backend = i;
+        pending->kind = ADMIN_WAIT_CHECK;
+        pending->json = json;
+        pending->wait_ms = wait < CHECK_WAIT_MAX_MS ? wait : CHECK_WAIT_MAX_MS;
+        pending->seq = shm_backend_check_cmd(shm, (uint32_t)i);
+    }
+    return 0;
+}
+
+int admin_check_answer(const struct conf *conf, const struct shm *shm,
+                       const struct admin_pending *p, char **out, size_t *out_len)
+{
+    struct abuf b = {0};
+    struct shm_check_answer a;
+    int rc = 0;
+    const char *pool, *name;
+    char status[32], ms[32];
+
+    *out = NULL;
+    *out_len = 0;
+    if (p->backend < 0 || p->backend >= conf->n_backends)
+        return -EINVAL;
+    pool = backend_pool_name(conf, p->backend);
+    name = conf->backends[p->backend].name;
+    if (!shm_backend_check_result(shm, (uint32_t)p->backend, p->seq, &a)) {
+        abuf_printf(&b, "error: %s/%s: the health checker did not run the check within %llu ms\n",
+                    pool, name, (unsigned long long)p->wait_ms);
+        rc = -ETIMEDOUT;
+    } else if (a.ok == SHM_CHECK_NOT_RUN) {
+        abuf_printf(&b, "error: %s/%s: check not run: %s\n", pool, name, a.detail);
+        rc = -EIO;
+    } else {
+        check_format(1, a.status, status, sizeof(status));
+        snprintf(ms, sizeof(ms), "%u.%u", a.dur_us / 1000, a.dur_us % 1000 / 100);
+        if (p->json) {
+            abuf_printf(&b, "{\"pool\":");
+            abuf_json_str(&b, pool);
+            abuf_printf(&b, ",\"name\":");
+            abuf_json_str(&b, name);
+            abuf_printf(&b,
+                        ",\"result\":\"%s\",\"status\":", a.ok == SHM_CHECK_PASS ? "pass" : "fail");
+            if (a.status >= 0)
+                abuf_printf(&b, "%d,\"error\":null", a.status);
+            else
+                abuf_printf(&b, "null,\"error\":\"%s\"", status);
+            abuf_printf(&b, ",\"latency_ms\":%s,\"detail\":", ms);
+            abuf_json_str(&b, a.detail);
+            abuf_printf(&b, "}\n");
+        } else {
+            abuf_printf(&b, "%s/%s: %s: %s in %s ms (%s)\n", pool, name,
+                        a.ok == SHM_CHECK_PASS ? "pass" : "fail", status, ms, a.detail);
+        }
+    }
+    if (b.failed || !b.p) {
+        free(b.p);
+        return -ENOMEM;
+    }
+    *out = b.p;
+    *out_len = b.len;
+    return rc;
+}
+
 int admin_pending_done(const struct shm *shm, const struct admin_pending *p)
 {
     if (p->backend < 0 || (uint32_t)p->backend >= shm_n_backends(shm))
         return 1;
     struct shm_backend_view v;
+    struct shm_check_answer a;
+
+    if (p->kind == ADMIN_WAIT_CHECK)
+        return shm_backend_check_result(shm, (uint32_t)p->backend, p->seq, &a);
 
     /* The checker marks the command done as it takes it and publishes the breaker just
      * after: the state is checked too, so the answer never beats the change. */
@@ -1013,34 +1382,73 @@ int admin_pending_done(const struct shm *shm, const struct admin_pending *p)
            v.h->breaker == (enum breaker_state)p->want;
 }
 
+/* The usage line of a known command given the wrong words, or NULL when the first words name
+ * no command. */
+static const char *usage_of(char w[][WORD_MAX], int set)
+{
+    static const struct {
+        const char *w0, *w1, *usage;
+    } u[] = {
+        {"show", "info", "show info [json]"},
+        {"show", "proc", "show proc [json]"},
+        {"show", "pools", "show pools [json]"},
+        {"show", "backends", "show backends [POOL] [json]"},
+        {"show", "keys", "show keys [json]"},
+        {"show", "usage", "show usage [--by key|model|backend] [json]"},
+        {"set", "weight", "set weight BACKEND N|N%"},
+        {"set", "backend", "set backend BACKEND ready|drain|maint"},
+        {"set", NULL, "set weight BACKEND N|N% | set backend BACKEND ready|drain|maint"},
+        {"breaker", NULL, "breaker reset|open BACKEND"},
+        {"check", NULL, "check BACKEND [json]"},
+        {"stop", NULL, "stop"},
+        {"help", NULL, "help"},
+        {"reload", NULL, "reload"},
+    };
+
+    for (size_t i = 0; i < sizeof(u) / sizeof(u[0]); i++)
+        if (set >= 1 && !strcmp(w[0], u[i].w0) &&
+            (!u[i].w1 || (set >= 2 && !strcmp(w[1], u[i].w1))))
+            return u[i].usage;
+    return NULL;
+}
+
 int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
-               const struct admin_proc *procs, int n_procs, struct admin_pending *pending,
-               char **out, size_t *out_len)
+               const struct admin_proc *procs, int n_procs, const struct admin_info *info,
+               struct admin_pending *pending, char **out, size_t *out_len)
 {
     struct abuf b = {0};
     char w[WORDS_MAX][WORD_MAX];
     int rc = 0, set, ujson;
     enum acct_kind kind;
     int n = split_words(line, w, &set);
+    int json = n >= 2 && n <= WORDS_MAX && is_json(w[n - 1]); /* the last word asks for JSON */
+    int m = json ? n - 1 : n;                                 /* the words before it */
 
     if (pending)
         *pending = (struct admin_pending){.backend = -1};
     if (n == 1 && !strcmp(w[0], "help")) {
         abuf_printf(&b, "%s", admin_help);
-    } else if (n >= 2 && n <= 3 && !strcmp(w[0], "show") && (n == 2 || is_json(w[2])) &&
-               (!strcmp(w[1], "backends") || !strcmp(w[1], "proc"))) {
-        int json = n == 3;
-        if (!strcmp(w[1], "backends") && json)
-            show_backends_json(&b, conf, shm);
-        else if (!strcmp(w[1], "backends"))
-            show_backends(&b, conf, shm);
-        else if (json)
+    } else if (m == 2 && !strcmp(w[0], "show") && !strcmp(w[1], "info") && info) {
+        show_info(&b, info, json);
+    } else if (m == 2 && !strcmp(w[0], "show") && !strcmp(w[1], "proc")) {
+        if (json)
             show_proc_json(&b, procs, n_procs);
         else
             show_proc(&b, procs, n_procs);
-    } else if (n >= 2 && n <= 3 && !strcmp(w[0], "show") && !strcmp(w[1], "keys") &&
-               (n == 2 || is_json(w[2]))) {
-        if (n == 3)
+    } else if (m == 2 && !strcmp(w[0], "show") && !strcmp(w[1], "pools")) {
+        show_pools(&b, conf, shm, json);
+    } else if ((m == 2 || m == 3) && !strcmp(w[0], "show") && !strcmp(w[1], "backends")) {
+        int pool = m == 3 ? pool_lookup(conf, w[2]) : -1;
+        if (m == 3 && pool < 0) {
+            no_such(&b, "pool", w[2]);
+            rc = -ENOENT;
+        } else if (json) {
+            show_backends_json(&b, conf, shm, pool);
+        } else {
+            show_backends(&b, conf, shm, pool);
+        }
+    } else if (m == 2 && !strcmp(w[0], "show") && !strcmp(w[1], "keys")) {
+        if (json)
             show_keys_json(&b, conf, shm);
         else
             show_keys(&b, conf, shm);
@@ -1050,29 +1458,34 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
             show_usage_json(&b, conf, shm, kind);
         else
             show_usage(&b, conf, shm, kind);
-    } else if (n >= 3 && n <= 4 && !strcmp(w[0], "breaker") &&
-               (!strcmp(w[1], "reset") || !strcmp(w[1], "open")) && (n == 3 || is_json(w[3]))) {
-        rc = breaker_command(&b, conf, shm, w[1], w[2], n == 4, pending);
-    } else if (n >= 4 && n <= 5 && !strcmp(w[0], "set") && !strcmp(w[1], "backend") &&
-               (n == 4 || is_json(w[4]))) {
-        rc = set_backend_command(&b, conf, shm, w[2], w[3], n == 5);
+    } else if (m == 3 && !strcmp(w[0], "breaker") &&
+               (!strcmp(w[1], "reset") || !strcmp(w[1], "open"))) {
+        rc = breaker_command(&b, conf, shm, w[1], w[2], json, pending);
+    } else if (m == 4 && !strcmp(w[0], "set") && !strcmp(w[1], "backend")) {
+        rc = set_backend_command(&b, conf, shm, w[2], w[3], json);
+    } else if (m == 4 && !strcmp(w[0], "set") && !strcmp(w[1], "weight")) {
+        rc = set_weight_command(&b, conf, shm, w[2], w[3], json);
+    } else if (m == 2 && !strcmp(w[0], "check")) {
+        rc = check_command(&b, conf, shm, w[1], json, pending);
+    } else if ((n == 1 || (n == 2 && json)) && !strcmp(w[0], "stop")) {
+        if (json)
+            abuf_printf(&b, "{\"ok\":true,\"stopping\":\"graceful\"}\n");
+        else
+            abuf_printf(&b, "ok: stopping gracefully (in-flight requests finish)\n");
+        if (pending)
+            pending->stop = 1;
     } else {
         /* Echo at most a short, printable prefix of what was sent. */
         char echo[64];
         size_t k = 0;
+        const char *usage = usage_of(w, set);
         for (const char *p = line; *p && *p != '\n' && *p != '\r' && k < sizeof(echo) - 1; p++)
             echo[k++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
         echo[k] = '\0';
-        if (set >= 1 && !strcmp(w[0], "breaker"))
-            abuf_printf(&b, "error: usage: breaker reset|open BACKEND\n");
-        else if (set >= 2 && !strcmp(w[0], "show") && !strcmp(w[1], "keys"))
-            abuf_printf(&b, "error: usage: show keys [json]\n");
-        else if (set >= 2 && !strcmp(w[0], "show") && !strcmp(w[1], "usage"))
-            abuf_printf(&b, "error: usage: show usage [--by key|model|backend] [json]\n");
-        else if (set >= 1 && !strcmp(w[0], "set"))
-            abuf_printf(&b, "error: usage: set backend BACKEND ready|drain|maint\n");
+        if (usage)
+            abuf_printf(&b, ADMIN_ERR_USAGE " %s\n", usage);
         else
-            abuf_printf(&b, "error: unknown command '%s'; try 'help'\n", echo);
+            abuf_printf(&b, ADMIN_ERR_UNKNOWN " '%s'; try 'help'\n", echo);
         rc = -EINVAL;
     }
 

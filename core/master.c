@@ -89,6 +89,7 @@ struct gen {
     struct limit_carry *carry;
     uint32_t n_carry;
     int32_t *acct_from[3]; /* per enum acct_kind */
+    uint64_t req_seen;     /* its workers' requests at the last rate sample */
     uint64_t kill_at;      /* draining: monotonic ms after which what is left gets SIGKILL */
     struct gen *next;      /* on M.old */
 };
@@ -104,6 +105,7 @@ struct admin_client {
     struct admin_pending pending;     /* breaker command the answer waits for */
     struct admin_client *next_waiter; /* reload: on M.waiters until the new generation runs */
     uint64_t wait_until;              /* monotonic ms: answer anyway after this */
+    uint32_t gen_id;                  /* the generation whose segment the command went to */
     int open_handles;                 /* freed when both handles have closed */
     char line[ADMIN_LINE_MAX + 1];
 };
@@ -121,6 +123,9 @@ static struct master {
     uv_signal_t sig_chld, sig_term, sig_int, sig_quit, sig_hup, sig_usr1, sig_usr2;
     uv_pipe_t admin;
     uv_timer_t restart_timer, stop_timer, state_timer;
+    uv_timer_t rate_timer;  /* samples the requests answered once a second, for show info */
+    struct admin_rate rate; /* requests answered since start (every generation), per second */
+    uint64_t requests;
     enum master_stop stopping;
     int done;
     uint64_t started_ms;
@@ -132,6 +137,7 @@ static int master_reload(char **err);
 static void admin_client_timeout(uv_timer_t *t);
 static void admin_client_send(struct admin_client *c);
 static void admin_client_close(struct admin_client *c);
+static void master_stop(enum master_stop how);
 
 static const char *child_name(const struct child *c, char *buf, size_t size)
 {
@@ -322,7 +328,15 @@ static void admin_client_close(struct admin_client *c)
 
 static void admin_client_written(uv_write_t *req, int status)
 {
-    admin_client_close(req->data);
+    struct admin_client *c = req->data;
+    int stop = c->pending.stop;
+
+    admin_client_close(c);
+    /* `stop` is answered first: the stop closes the admin socket */
+    if (stop) {
+        log_info("admin: graceful stop requested");
+        master_stop(STOP_GRACEFUL);
+    }
 }
 
 /* The process list as show proc reports it: master, health, then the workers. */
@@ -335,6 +349,69 @@ static int admin_procs(struct admin_proc *procs, int max)
         procs[n++] = (struct admin_proc){c->role, c->slot, (int)c->pid, c->started_ms, c->restarts};
     }
     return n;
+}
+
+/* A generation's workers' figures: requests answered, client connections, access log drops. */
+static void gen_worker_sums(const struct gen *g, uint64_t *requests, uint64_t *conns,
+                            uint64_t *drops)
+{
+    if (!g->shm_ready)
+        return;
+    for (uint32_t w = 0; w < shm_n_workers(&g->shm); w++) {
+        struct shm_worker *sw = shm_worker(&g->shm, w);
+        *requests += atomic_load_explicit(&sw->requests, memory_order_relaxed);
+        *conns += atomic_load_explicit(&sw->conns, memory_order_relaxed);
+        *drops += atomic_load_explicit(&sw->alog_drops, memory_order_relaxed);
+    }
+}
+
+/* Once a second: the requests answered since the last sample, of every generation, added to
+ * the master's own count (a generation's count starts at 0 in its new segment), into the ring
+ * show info takes requests/s from. */
+static void rate_note(struct gen *g)
+{
+    uint64_t r = 0, c = 0, d = 0;
+
+    if (!g)
+        return;
+    gen_worker_sums(g, &r, &c, &d);
+    M.requests += r > g->req_seen ? r - g->req_seen : 0;
+    g->req_seen = r;
+}
+
+static void rate_timer_fired(uv_timer_t *t)
+{
+    (void)t;
+    rate_note(M.g);
+    rate_note(M.next);
+    for (struct gen *o = M.old; o; o = o->next)
+        rate_note(o);
+    admin_rate_push(&M.rate, M.requests);
+}
+
+static void master_info(struct admin_info *in)
+{
+    uint64_t r = 0, conns = 0, drops = 0;
+    int draining = 0;
+
+    memset(in, 0, sizeof(*in));
+    gen_worker_sums(M.g, &r, &conns, &drops);
+    for (struct gen *o = M.old; o; o = o->next) {
+        gen_worker_sums(o, &r, &conns, &drops);
+        draining++;
+    }
+    in->version = AIGW_VERSION;
+    in->pid = (int)getpid();
+    in->started_ms = M.started_ms;
+    in->now_ms = time_real_ms();
+    in->generation = M.g->id;
+    in->workers = M.g->workers;
+    in->draining = draining;
+    in->conns = conns;
+    in->requests = M.requests;
+    in->rate_x10 = admin_rate_x10(&M.rate, &in->rate_secs);
+    in->alog_drops = drops;
+    in->config = M.g->conf->path;
 }
 
 static void admin_client_timeout(uv_timer_t *t)
@@ -358,14 +435,32 @@ static void admin_client_send(struct admin_client *c)
 static void admin_client_wait(uv_timer_t *t)
 {
     struct admin_client *c = t->data;
-    int done = admin_pending_done(&M.g->shm, &c->pending);
-    if (!done && time_mono_ms() < c->wait_until)
+    int moved = c->gen_id != M.g->id; /* a reload took over: the command's segment is old */
+    int done = !moved && admin_pending_done(&M.g->shm, &c->pending);
+    if (!done && !moved && time_mono_ms() < c->wait_until)
         return;
     /* Back to the idle timeout, which now bounds the write. */
     uv_timer_start(&c->timer, admin_client_timeout, ADMIN_IDLE_MS, 0);
-    if (!done)
+    if (moved && c->pending.kind == ADMIN_WAIT_CHECK) {
+        static const char msg[] = "error: a reload took over while the check ran; try again\n";
+        char *out = strdup(msg);
+        if (out) {
+            free(c->out);
+            c->out = out;
+            c->out_len = sizeof(msg) - 1;
+        }
+    } else if (c->pending.kind == ADMIN_WAIT_CHECK) {
+        char *out = NULL;
+        size_t len = 0;
+        if (admin_check_answer(M.g->conf, &M.g->shm, &c->pending, &out, &len) != -ENOMEM) {
+            free(c->out);
+            c->out = out;
+            c->out_len = len;
+        }
+    } else if (!done) {
         log_warn("admin: the health checker has not carried out '%s' within %d ms", c->line,
                  ADMIN_WAIT_MS);
+    }
     admin_client_send(c);
 }
 
@@ -408,8 +503,10 @@ static void admin_client_answer(struct admin_client *c, const char *error)
         len = out ? strlen(out) : 0;
         rc = out ? -EINVAL : -ENOMEM;
     } else if (procs) {
-        rc = admin_exec(c->line, M.g->conf, &M.g->shm, procs, admin_procs(procs, max), &c->pending,
-                        &out, &len);
+        struct admin_info info;
+        master_info(&info);
+        rc = admin_exec(c->line, M.g->conf, &M.g->shm, procs, admin_procs(procs, max), &info,
+                        &c->pending, &out, &len);
     }
     free(procs);
     if (rc == -ENOMEM || !out) {
@@ -427,11 +524,17 @@ static void admin_client_answer(struct admin_client *c, const char *error)
     c->out_len = len;
     if (rc == 0 && c->pending.backend >= 0) {
         const struct conf_backend *cb = &M.g->conf->backends[c->pending.backend];
-        log_info("admin: breaker %s requested for backend %s/%s",
-                 c->pending.want == BREAKER_OPEN ? "open" : "reset",
-                 M.g->conf->pools[cb->pool].name, cb->name);
-        if (!admin_pending_done(&M.g->shm, &c->pending)) {
-            c->wait_until = time_mono_ms() + ADMIN_WAIT_MS;
+        if (c->pending.kind == ADMIN_WAIT_CHECK)
+            log_info("admin: check requested for backend %s/%s", M.g->conf->pools[cb->pool].name,
+                     cb->name);
+        else
+            log_info("admin: breaker %s requested for backend %s/%s",
+                     c->pending.want == BREAKER_OPEN ? "open" : "reset",
+                     M.g->conf->pools[cb->pool].name, cb->name);
+        if (c->pending.kind == ADMIN_WAIT_CHECK || !admin_pending_done(&M.g->shm, &c->pending)) {
+            c->wait_until =
+                time_mono_ms() + (c->pending.wait_ms ? c->pending.wait_ms : ADMIN_WAIT_MS);
+            c->gen_id = M.g->id;
             uv_timer_start(&c->timer, admin_client_wait, ADMIN_POLL_MS, ADMIN_POLL_MS);
             return;
         }
@@ -1051,6 +1154,9 @@ static int master_setup(struct conf *conf)
     uv_timer_init(&M.loop, &M.stop_timer);
     uv_timer_init(&M.loop, &M.reload_timer);
     uv_timer_init(&M.loop, &M.sync_timer);
+    uv_timer_init(&M.loop, &M.rate_timer);
+    uv_timer_start(&M.rate_timer, rate_timer_fired, 1000, 1000);
+    admin_rate_push(&M.rate, 0);
     rc = master_signals();
     if (rc < 0)
         return rc;

@@ -357,7 +357,7 @@ static void prom_budgets(const struct metrics_ctx *m, struct mbuf *b)
 static void prom_process(const struct metrics_ctx *m, struct mbuf *b)
 {
     uint32_t nw = shm_n_workers(m->shm);
-    uint64_t lim[3][4] = {{0}}, reqs = 0, conns = 0;
+    uint64_t lim[3][4] = {{0}}, reqs = 0, conns = 0, drops = 0;
     int workers = 0;
 
     for (uint32_t w = 0; w < nw; w++) {
@@ -367,6 +367,7 @@ static void prom_process(const struct metrics_ctx *m, struct mbuf *b)
                 lim[s][d] += atomic_load_explicit(&sw->limited[s][d], memory_order_relaxed);
         reqs += atomic_load_explicit(&sw->requests, memory_order_relaxed);
         conns += atomic_load_explicit(&sw->conns, memory_order_relaxed);
+        drops += atomic_load_explicit(&sw->alog_drops, memory_order_relaxed);
     }
     help(b, "aigw_ratelimit_rejections_total", "counter",
          "Requests a limiter refused with 429, by the limiter's scope and the limit hit.");
@@ -379,6 +380,9 @@ static void prom_process(const struct metrics_ctx *m, struct mbuf *b)
     mbuf_printf(b, "aigw_client_requests_total %llu\n", (unsigned long long)reqs);
     help(b, "aigw_client_connections", "gauge", "Open client connections.");
     mbuf_printf(b, "aigw_client_connections %llu\n", (unsigned long long)conns);
+    help(b, "aigw_access_log_dropped_total", "counter",
+         "Access log lines dropped (buffer full or write failed) rather than block a worker.");
+    mbuf_printf(b, "aigw_access_log_dropped_total %llu\n", (unsigned long long)drops);
 
     help(b, "aigw_process_restarts_total", "counter",
          "Times the master restarted a child after it died.");

@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -78,6 +79,10 @@ struct hc_backend {
     int32_t check_status; /* last check: as struct shm_health has them */
     uint32_t check_us;
     uint64_t check_at_ns;
+    /* `aigwctl check`: the request being carried out (0 = none), and whether the running
+     * check was started for it (one begun before the request does not answer it) */
+    uint32_t cmd_seq;
+    int cmd_check;
     struct shm_health pub; /* the record last published, epoch included */
     /* Failure total at the last evaluation. Failure counts over a window that only moves
      * forward cannot grow without new failures, so the rings are scanned only when it moved. */
@@ -253,6 +258,74 @@ static void health_on_tick(uv_timer_t *t)
     }
 }
 
+/* Starts a check now for the operator's request (from the evaluation, or right after the
+ * check that was running when it came); answers at once when none can start. */
+static void health_cmd_start(struct hc_backend *hb)
+{
+    int ret;
+
+    uv_timer_stop(&hb->tick);
+    hb->started_ms = uv_now(&hb->h->loop);
+    hb->started_ns = time_mono_ns();
+    hb->cmd_check = 1;
+    ret = check_start(&hb->ck);
+    if (ret < 0) {
+        struct shm_check_answer a = {.ok = SHM_CHECK_NOT_RUN, .status = ret};
+        snprintf(a.detail, sizeof(a.detail), "cannot start the check: %s", strerror(-ret));
+        shm_backend_check_answer(hb->h->shm, hb->idx, hb->cmd_seq, &a);
+        hb->cmd_seq = 0;
+        hb->cmd_check = 0;
+        health_arm_next(hb);
+    }
+}
+
+/* A check has reported: it answers the operator's request it was started for, or a request
+ * that came while it ran starts another at once; else the next one is planned. */
+static void health_check_done(struct hc_backend *hb, const struct check_result *res)
+{
+    if (hb->h->stopping)
+        return;
+    if (hb->cmd_seq && hb->cmd_check) {
+        struct shm_check_answer a = {.ok = res->local ? SHM_CHECK_NOT_RUN
+                                           : res->ok  ? SHM_CHECK_PASS
+                                                      : SHM_CHECK_FAIL,
+                                     .status = res->status,
+                                     .dur_us = res->dur_us};
+        snprintf(a.detail, sizeof(a.detail), "%s", res->detail);
+        shm_backend_check_answer(hb->h->shm, hb->idx, hb->cmd_seq, &a);
+        hb->cmd_seq = 0;
+        hb->cmd_check = 0;
+    } else if (hb->cmd_seq) {
+        health_cmd_start(hb);
+        return;
+    }
+    health_arm_next(hb);
+}
+
+/* The evaluation's look at operator check requests: a new one starts a check now (even in
+ * MAINT: the operator asked), or after the one running. */
+static void health_eval_check_cmd(struct hc_backend *hb)
+{
+    uint32_t seq = shm_backend_check_cmd_seq(hb->h->shm, hb->idx);
+
+    if (seq == 0 || seq == hb->cmd_seq || seq == shm_backend_check_answered(hb->h->shm, hb->idx))
+        return;
+    if (!hb->checked) {
+        struct shm_check_answer a = {.ok = SHM_CHECK_NOT_RUN, .status = -ENOTSUP};
+        snprintf(a.detail, sizeof(a.detail), "pool %s has no active checks (check = off)",
+                 hb->pool->name);
+        shm_backend_check_answer(hb->h->shm, hb->idx, seq, &a);
+        return;
+    }
+    if (hb->cmd_seq && hb->cmd_check) {
+        hb->cmd_seq = seq; /* a newer request while the check for an older one runs */
+        return;
+    }
+    hb->cmd_seq = seq;
+    if (!check_running(&hb->ck))
+        health_cmd_start(hb);
+}
+
 static void health_on_check(struct check *ck, const struct check_result *res)
 {
     struct hc_backend *hb = ck->data;
@@ -268,8 +341,7 @@ static void health_on_check(struct check *ck, const struct check_result *res)
         if (log_rate_ok(&h->local_log, uv_now(&h->loop), &skipped))
             log_warn("backend %s/%s: check not run: %s; state left as it is%s", hb->pool->name,
                      hb->cb->name, res->detail, log_rate_note(skipped, note));
-        if (!h->stopping)
-            health_arm_next(hb);
+        health_check_done(hb, res);
         return;
     }
     hb->check_status = res->status;
@@ -279,8 +351,7 @@ static void health_on_check(struct check *ck, const struct check_result *res)
      * it is shown, but only one begun after brings the backend back. */
     if (hb->one_pass_up && hb->started_ns < hb->since_ns) {
         health_publish(hb, 0);
-        if (!h->stopping)
-            health_arm_next(hb);
+        health_check_done(hb, res);
         return;
     }
     /* Only passing checks measure the backend's speed; a failing one says nothing of it (a
@@ -310,8 +381,7 @@ static void health_on_check(struct check *ck, const struct check_result *res)
         log_debug("backend %s/%s: check failed: %s", hb->pool->name, hb->cb->name, res->detail);
     }
     health_publish(hb, 0);
-    if (!h->stopping)
-        health_arm_next(hb);
+    health_check_done(hb, res);
 }
 
 /* Operator commands first, then the breaker's own transitions from what the workers reported
@@ -459,6 +529,7 @@ static void health_on_eval(uv_timer_t *t)
         health_eval_weight(hb, now);
         health_publish(hb, trips != 0);
         shm_claims_repair(h->shm, hb->idx);
+        health_eval_check_cmd(hb);
     }
 }
 

@@ -313,6 +313,11 @@ void shm_backend_carry(struct shm *dst, uint32_t b, const struct shm *src, uint3
     atomic_store_explicit(&to->fail_pos, pos % SHM_FAIL_RING, memory_order_relaxed);
 }
 
+uint32_t shm_backend_set_weight_cfg(struct shm *shm, uint32_t b, uint32_t weight)
+{
+    return atomic_exchange_explicit(&shm_backend(shm, b)->weight_cfg, weight, memory_order_acq_rel);
+}
+
 enum backend_admin shm_backend_set_admin(struct shm *shm, uint32_t b, enum backend_admin a)
 {
     return (enum backend_admin)atomic_exchange_explicit(&shm_backend(shm, b)->admin, (uint32_t)a,
@@ -939,6 +944,62 @@ enum breaker_cmd shm_backend_breaker_cmd_take(struct shm *shm, uint32_t b)
         return BREAKER_CMD_NONE;
     atomic_store_explicit(&be->breaker_cmd_done, seq, memory_order_relaxed);
     return (enum breaker_cmd)atomic_load_explicit(&be->breaker_cmd, memory_order_relaxed);
+}
+
+uint32_t shm_backend_check_cmd(struct shm *shm, uint32_t b)
+{
+    struct shm_backend *be = shm_backend(shm, b);
+    uint32_t seq = atomic_load_explicit(&be->check_cmd_seq, memory_order_relaxed) + 1;
+
+    if (seq == 0) /* 0 is "never asked" */
+        seq = 1;
+    atomic_store_explicit(&be->check_cmd_seq, seq, memory_order_release);
+    return seq;
+}
+
+uint32_t shm_backend_check_cmd_seq(const struct shm *shm, uint32_t b)
+{
+    return atomic_load_explicit(&shm_backend(shm, b)->check_cmd_seq, memory_order_acquire);
+}
+
+uint32_t shm_backend_check_answered(const struct shm *shm, uint32_t b)
+{
+    return atomic_load_explicit(&shm_backend(shm, b)->check_ans.seq, memory_order_acquire);
+}
+
+void shm_backend_check_answer(struct shm *shm, uint32_t b, uint32_t seq,
+                              const struct shm_check_answer *a)
+{
+    struct shm_backend *be = shm_backend(shm, b);
+    uint64_t w[SHM_CHECK_DETAIL / 8] = {0};
+
+    memcpy(w, a->detail, sizeof(w));
+    ((char *)w)[sizeof(w) - 1] = '\0';
+    for (size_t k = 0; k < SHM_CHECK_DETAIL / 8; k++)
+        atomic_store_explicit(&be->check_ans.detail[k], w[k], memory_order_relaxed);
+    atomic_store_explicit(&be->check_ans.status, a->status, memory_order_relaxed);
+    atomic_store_explicit(&be->check_ans.dur_us, a->dur_us, memory_order_relaxed);
+    atomic_store_explicit(&be->check_ans.ok, (uint32_t)a->ok, memory_order_relaxed);
+    atomic_store_explicit(&be->check_ans.seq, seq, memory_order_release);
+}
+
+int shm_backend_check_result(const struct shm *shm, uint32_t b, uint32_t seq,
+                             struct shm_check_answer *a)
+{
+    const struct shm_backend *be = shm_backend(shm, b);
+    uint32_t done = atomic_load_explicit(&be->check_ans.seq, memory_order_acquire);
+    uint64_t w[SHM_CHECK_DETAIL / 8];
+
+    if (done == 0 || (int32_t)(done - seq) < 0)
+        return 0;
+    for (size_t k = 0; k < SHM_CHECK_DETAIL / 8; k++)
+        w[k] = atomic_load_explicit(&be->check_ans.detail[k], memory_order_relaxed);
+    memcpy(a->detail, w, sizeof(a->detail));
+    a->detail[sizeof(a->detail) - 1] = '\0';
+    a->status = atomic_load_explicit(&be->check_ans.status, memory_order_relaxed);
+    a->dur_us = atomic_load_explicit(&be->check_ans.dur_us, memory_order_relaxed);
+    a->ok = (enum shm_check_ok)atomic_load_explicit(&be->check_ans.ok, memory_order_relaxed);
+    return 1;
 }
 
 const char *shm_breaker_str(enum breaker_state st)

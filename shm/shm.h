@@ -13,7 +13,7 @@
 #include "shm/limit.h"
 
 #define SHM_MAGIC          0x31304d5357474941ULL /* "AIGWSM01" little-endian */
-#define SHM_LAYOUT_VERSION 4
+#define SHM_LAYOUT_VERSION 5
 #define SHM_CACHELINE      64
 
 /* Health state, written only by the health checker. */
@@ -53,6 +53,14 @@ enum breaker_state {
     BREAKER_OPEN = 1,      /* no requests until breaker_until_ns */
     BREAKER_HALF_OPEN = 2, /* a few trial requests in flight decide */
 };
+
+/* The result of a check run on the operator's demand (`aigwctl check`). */
+enum shm_check_ok {
+    SHM_CHECK_FAIL = 0,
+    SHM_CHECK_PASS = 1,
+    SHM_CHECK_NOT_RUN = 2, /* the checker could not run it (no checks, out of fds...) */
+};
+#define SHM_CHECK_DETAIL 192 /* bytes of its detail text, NUL included */
 
 /* Operator commands on a breaker, written by the master, carried out by the health
  * checker (the only writer of breaker state). */
@@ -143,6 +151,15 @@ struct shm_backend {
     _Atomic uint32_t max_conns;       /* in-flight limit over all workers, 0 = none (at start) */
     _Atomic uint32_t breaker_cmd;     /* enum breaker_cmd */
     _Atomic uint32_t breaker_cmd_seq; /* bumped with each command */
+    _Atomic uint32_t check_cmd_seq;   /* `aigwctl check`: bumped to ask for a check now */
+    /* writer: health: the result of the check run for check_cmd_seq (seq is stored last) */
+    struct {
+        _Atomic uint32_t seq;
+        _Atomic int32_t status; /* HTTP status, or -errno */
+        _Atomic uint32_t dur_us;
+        _Atomic uint32_t ok; /* enum shm_check_ok */
+        _Atomic uint64_t detail[SHM_CHECK_DETAIL / 8];
+    } check_ans;
     /* Claims: every worker changes these by atomic read-modify-write, each on its own line.
      * The epoch-tagged words hold (epoch << 32 | value) and count only within the epoch of
      * their tag: a newer epoch starts them afresh, so nobody ever has to reset them. */
@@ -334,6 +351,9 @@ void shm_backend_publish(struct shm *shm, uint32_t b, struct shm_health *h, int 
 /* Master, before forking: b's configured weight (also its effective weight until the checker
  * says otherwise) and in-flight limit (max_conns, 0 = none); READY. */
 void shm_backend_init(struct shm *shm, uint32_t b, uint32_t weight, uint32_t max_conns);
+/* Master: the operator's weight of b (`set weight`; the checker derives the effective weight
+ * from it, a reload keeps it); returns the one it replaces. */
+uint32_t shm_backend_set_weight_cfg(struct shm *shm, uint32_t b, uint32_t weight);
 /* Master: the operator state of b; returns the one it replaces. */
 enum backend_admin shm_backend_set_admin(struct shm *shm, uint32_t b, enum backend_admin a);
 
@@ -417,6 +437,26 @@ int shm_claims_repair(struct shm *shm, uint32_t b);
 uint32_t shm_backend_breaker_cmd(struct shm *shm, uint32_t b, enum breaker_cmd cmd);
 /* Health checker: the pending command of b (BREAKER_CMD_NONE when none), marked done. */
 enum breaker_cmd shm_backend_breaker_cmd_take(struct shm *shm, uint32_t b);
+
+/* ---- checks on demand --------------------------------------------------------------------- */
+
+struct shm_check_answer {
+    enum shm_check_ok ok;
+    int32_t status;
+    uint32_t dur_us;
+    char detail[SHM_CHECK_DETAIL];
+};
+/* Master: ask the health checker to check b now. Returns the request's sequence number. */
+uint32_t shm_backend_check_cmd(struct shm *shm, uint32_t b);
+/* Health checker: the last check requested for b, and the last one answered. */
+uint32_t shm_backend_check_cmd_seq(const struct shm *shm, uint32_t b);
+uint32_t shm_backend_check_answered(const struct shm *shm, uint32_t b);
+/* Health checker: the result of the check run for request seq of b. */
+void shm_backend_check_answer(struct shm *shm, uint32_t b, uint32_t seq,
+                              const struct shm_check_answer *a);
+/* Master: 1 and *a when request seq of b (or a later one) has been answered, else 0. */
+int shm_backend_check_result(const struct shm *shm, uint32_t b, uint32_t seq,
+                             struct shm_check_answer *a);
 
 /* ---- reload ------------------------------------------------------------------------------ */
 

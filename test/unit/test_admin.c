@@ -31,6 +31,7 @@ struct fixture {
     struct conf_apikey keys[2];
     struct conf_model models[2];
     struct shm shm;
+    struct admin_info info;
 };
 
 static void backend_init(struct conf_backend *b, const char *name, int pool, int tls,
@@ -87,7 +88,7 @@ static char *run_pending(struct fixture *f, const char *line, int expect_rc,
     char *out = NULL;
     size_t len = 0;
     pending->backend = 12345; /* admin_exec must always set it */
-    int rc = admin_exec(line, &f->conf, &f->shm, NULL, 0, pending, &out, &len);
+    int rc = admin_exec(line, &f->conf, &f->shm, NULL, 0, NULL, pending, &out, &len);
     assert_int_equal(rc, expect_rc);
     assert_non_null(out);
     assert_int_equal(strlen(out), len);
@@ -99,7 +100,7 @@ static char *run(struct fixture *f, const char *line, const struct admin_proc *p
 {
     char *out = NULL;
     size_t len = 0;
-    int rc = admin_exec(line, &f->conf, &f->shm, procs, n, NULL, &out, &len);
+    int rc = admin_exec(line, &f->conf, &f->shm, procs, n, &f->info, NULL, &out, &len);
     assert_int_equal(rc, expect_rc);
     assert_non_null(out);
     assert_int_equal(strlen(out), len); /* NUL-terminated, length consistent */
@@ -331,7 +332,7 @@ static void test_errors_and_help(void **state)
 {
     struct fixture *f = *state;
     const char *bad[] = {
-        "",          "show", "show nothing", "show backends xml", "show proc json extra",
+        "",          "show", "show nothing", "show backends xml json extra", "show proc json extra",
         "SHOW proc", "halt"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         char *out = run(f, bad[i], NULL, 0, -EINVAL);
@@ -395,7 +396,7 @@ static void test_split_words(void **state)
          "error: unknown command 'a b c d e f g h i j k l'; try 'help'\n"},
         {"breaker", "error: usage: breaker reset|open BACKEND\n"},
         {"breaker reset a1 json extra more", "error: usage: breaker reset|open BACKEND\n"},
-        {"set", "error: usage: set backend BACKEND ready|drain|maint\n"},
+        {"set", "error: usage: set weight BACKEND N|N% | set backend BACKEND ready|drain|maint\n"},
         {"set backend a1 ready json x", "error: usage: set backend BACKEND ready|drain|maint\n"},
         {"\x01\xff help", "error: unknown command '?? help'; try 'help'\n"},
     };
@@ -756,8 +757,8 @@ static void test_set_backend_state(void **state)
     assert_int_equal(admit(&f->shm, 0), SHM_ADMIT_ALL);
 
     /* Bad state, unknown backend, missing words: errors, nothing changed. */
-    out = run(f, "set backend a1 asleep", NULL, 0, -EINVAL);
-    assert_string_equal(out, "error: usage: set backend BACKEND ready|drain|maint\n");
+    out = run(f, "set backend a1 asleep", NULL, 0, -ERANGE); /* a bad value: refused, exit 1 */
+    assert_string_equal(out, "error: bad state; usage: set backend BACKEND ready|drain|maint\n");
     free(out);
     out = run(f, "set backend nosuch drain", NULL, 0, -ENOENT);
     assert_string_equal(out, "error: no backend called 'nosuch'\n");
@@ -1185,6 +1186,344 @@ static void test_keys_usage_no_regions(void **state)
     free(out);
 }
 
+/* ---- show info, show pools, show backends POOL, set weight, check, stop ---- */
+
+static void test_rate(void **state)
+{
+    struct admin_rate r = {0};
+    unsigned secs;
+
+    assert_int_equal(admin_rate_x10(&r, &secs), 0);
+    assert_int_equal(secs, 0);
+    admin_rate_push(&r, 100);
+    assert_int_equal(admin_rate_x10(&r, &secs), 0);
+    assert_int_equal(secs, 0);
+    admin_rate_push(&r, 105); /* 5 in 1 s */
+    assert_int_equal(admin_rate_x10(&r, &secs), 50);
+    assert_int_equal(secs, 1);
+    /* 11 samples 1 s apart, 3 requests each second: 10 s of 3/s; the 12th drops the first */
+    for (int i = 0; i < 20; i++)
+        admin_rate_push(&r, 1000 + 3 * (uint64_t)i);
+    assert_int_equal(admin_rate_x10(&r, &secs), 30);
+    assert_int_equal(secs, ADMIN_RATE_SECS);
+    admin_rate_push(&r, 1000 + 3 * 19 + 40); /* a burst of 40 in the last second */
+    assert_int_equal(admin_rate_x10(&r, &secs), (3 * 9 + 40) * 10 / 10);
+    /* a count that went back (never expected) reads as 0, not a huge rate */
+    admin_rate_push(&r, 5);
+    assert_int_equal(admin_rate_x10(&r, &secs), 0);
+}
+
+static void info_fill(struct fixture *f)
+{
+    f->info = (struct admin_info){.version = "9.8.7",
+                                  .pid = 4242,
+                                  .started_ms = 1800000000000ULL,
+                                  .now_ms = 1800000000000ULL + 3723000,
+                                  .generation = 3,
+                                  .workers = 2,
+                                  .draining = 1,
+                                  .conns = 17,
+                                  .requests = 12345,
+                                  .rate_x10 = 413,
+                                  .rate_secs = 10,
+                                  .alog_drops = 6,
+                                  .config = "/etc/aigw/aigw.ini"};
+}
+
+static void test_show_info(void **state)
+{
+    struct fixture *f = *state;
+    struct json j;
+
+    info_fill(f);
+    char *out = run(f, "show info", NULL, 0, 0);
+    assert_non_null(strstr(out, "version:             9.8.7\n"));
+    assert_non_null(strstr(out, "pid:                 4242\n"));
+    assert_non_null(strstr(out, "uptime:              1h02m (started 2027-01-15T08:00:00Z)\n"));
+    assert_non_null(strstr(out, "generation:          3 (older ones draining)\n"));
+    assert_non_null(strstr(out, "workers:             2\n"));
+    assert_non_null(strstr(out, "connections:         17\n"));
+    assert_non_null(strstr(out, "requests:            12345\n"));
+    assert_non_null(strstr(out, "requests/s:          41.3 (last 10 s)\n"));
+    assert_non_null(strstr(out, "access log dropped:  6\n"));
+    assert_non_null(strstr(out, "config:              /etc/aigw/aigw.ini\n"));
+    free(out);
+
+    out = run(f, "show info json", NULL, 0, 0);
+    json_parse(&j, out);
+    assert_json_text(&j, 0, "version", "9.8.7");
+    assert_json_text(&j, 0, "pid", "4242");
+    assert_json_text(&j, 0, "uptime_s", "3723");
+    assert_json_text(&j, 0, "started", "2027-01-15T08:00:00Z");
+    assert_json_text(&j, 0, "generation", "3");
+    assert_json_text(&j, 0, "workers", "2");
+    assert_json_text(&j, 0, "connections", "17");
+    assert_json_text(&j, 0, "requests", "12345");
+    assert_json_text(&j, 0, "requests_per_s", "41.3");
+    assert_json_text(&j, 0, "rate_window_s", "10");
+    assert_json_text(&j, 0, "access_log_dropped", "6");
+    assert_json_text(&j, 0, "config", "/etc/aigw/aigw.ini");
+    free(out);
+    out = run(f, "show info --json", NULL, 0, 0);
+    json_parse(&j, out);
+    free(out);
+}
+
+static char *chat_models[] = {"gpt-4o*", "o3"};
+static char *chat_paths[] = {"/v1/embeddings"};
+
+static void test_show_pools(void **state)
+{
+    struct fixture *f = *state;
+    struct json j;
+
+    f->pools[0].models = (struct conf_list){chat_models, 2};
+    f->pools[0].paths = (struct conf_list){chat_paths, 1};
+    f->pools[0].lim.rpm = 600; /* no limiter region in this segment: shown, not counted */
+    f->pools[1].balance = BALANCE_LEAST_CONN;
+    atomic_store(&shm_wb(&f->shm, 0, 0)->active, 2);
+    atomic_store(&shm_wb(&f->shm, 1, 1)->active, 1);
+    atomic_store(&shm_wb(&f->shm, 0, 0)->requests, 10);
+    atomic_store(&shm_wb(&f->shm, 1, 1)->requests, 5);
+    atomic_store(&shm_wb(&f->shm, 1, 1)->failures, 4);
+    atomic_store(&shm_wb(&f->shm, 0, 2)->requests, 7);
+    shm_backend_set_state(&f->shm, 1, BACKEND_DOWN, REASON_CHECK_TIMEOUT, 1000);
+
+    char *out = run(f, "show pools", NULL, 0, 0);
+    assert_memory_equal(out, "POOL ", 5);
+    assert_non_null(strstr(out, "ALGO"));
+    assert_non_null(strstr(out, "MODELS"));
+    char *chat = strstr(out, "\nchat ");
+    char *emb = strstr(out, "\nembeddings-pool ");
+    assert_non_null(chat);
+    assert_non_null(emb);
+    assert_non_null(strstr(emb, " least_conn "));
+    assert_non_null(strstr(emb, " 1/1 "));
+    *strchr(chat + 1, '\n') = '\0';
+    assert_non_null(strstr(chat, " roundrobin "));
+    assert_non_null(strstr(chat, " 1/2 "));
+    assert_non_null(strstr(chat, " 3 "));  /* in flight */
+    assert_non_null(strstr(chat, " 15 ")); /* requests */
+    assert_non_null(strstr(chat, " 4 "));  /* failures */
+    assert_non_null(strstr(chat, " 0/600 "));
+    assert_non_null(strstr(chat, " gpt-4o*,o3 "));
+    assert_non_null(strstr(chat, " /v1/embeddings"));
+    free(out);
+
+    /* DRAIN counts as not up */
+    shm_backend_set_admin(&f->shm, 2, BACKEND_DRAIN);
+    out = run(f, "show pools json", NULL, 0, 0);
+    json_parse(&j, out);
+    assert_int_equal(j.tok[0].size, 2);
+    int p0 = json_elem(&j, 0, 0), p1 = json_elem(&j, 0, 1);
+    assert_json_text(&j, p0, "name", "chat");
+    assert_json_text(&j, p0, "algo", "roundrobin");
+    assert_json_text(&j, p0, "backends_up", "1");
+    assert_json_text(&j, p0, "backends", "2");
+    assert_json_text(&j, p0, "active", "3");
+    assert_json_text(&j, p0, "requests", "15");
+    assert_json_text(&j, p0, "failures", "4");
+    assert_json_text(&j, p0, "rpm", "600");
+    assert_json_text(&j, p0, "rpm_used", "0");
+    assert_json_text(&j, p0, "tpm", "null");
+    int models = json_get(&j, p0, "models");
+    assert_int_equal(j.tok[models].size, 2);
+    assert_json_text(&j, p1, "name", "embeddings-pool");
+    assert_json_text(&j, p1, "algo", "least_conn");
+    assert_json_text(&j, p1, "backends_up", "0");
+    assert_json_text(&j, p1, "requests", "7");
+    assert_int_equal(j.tok[json_get(&j, p1, "models")].size, 0);
+    free(out);
+}
+
+static void test_show_backends_pool(void **state)
+{
+    struct fixture *f = *state;
+    struct json j;
+
+    char *out = run(f, "show backends embeddings-pool", NULL, 0, 0);
+    assert_non_null(strstr(out, " e1 "));
+    assert_null(strstr(out, " a1 "));
+    assert_null(strstr(out, "a2-with-a-long-name"));
+    free(out);
+    out = run(f, "show backends chat json", NULL, 0, 0);
+    json_parse(&j, out);
+    assert_int_equal(j.tok[0].size, 2);
+    assert_json_text(&j, json_elem(&j, 0, 0), "name", "a1");
+    assert_json_text(&j, json_elem(&j, 0, 1), "name", "a2-with-a-long-name");
+    free(out);
+    out = run(f, "show backends nosuch", NULL, 0, -ENOENT);
+    assert_string_equal(out, "error: no pool called 'nosuch'\n");
+    free(out);
+    out = run(f, "show backends chat extra", NULL, 0, -EINVAL);
+    assert_string_equal(out, "error: usage: show backends [POOL] [json]\n");
+    free(out);
+}
+
+static void test_set_weight(void **state)
+{
+    struct fixture *f = *state;
+    struct shm_backend *a1 = shm_backend(&f->shm, 0);
+
+    f->backends[0].weight = 10; /* as configured */
+    shm_backend_init(&f->shm, 0, 10, 0);
+    char *out = run(f, "set weight a1 4", NULL, 0, 0);
+    assert_string_equal(out, "ok: chat/a1 weight 4 (was 10, configured 10)\n");
+    free(out);
+    assert_int_equal(atomic_load(&a1->weight_cfg), 4);
+    out = run(f, "set weight chat/a1 250%", NULL, 0, 0);
+    assert_string_equal(out, "ok: chat/a1 weight 25 (was 4, configured 10)\n");
+    free(out);
+    out = run(f, "set weight a1 0 json", NULL, 0, 0);
+    assert_string_equal(out, "{\"ok\":true,\"pool\":\"chat\",\"name\":\"a1\",\"weight\":0,"
+                             "\"was\":25,\"configured\":10}\n");
+    free(out);
+    out = run(f, "set weight a1 256", NULL, 0, 0);
+    free(out);
+    assert_int_equal(atomic_load(&a1->weight_cfg), 256);
+
+    /* refused: bad values, unknown backend; nothing changes */
+    const char *bad[] = {"257", "-1", "5x", "%", "50%%", "2600%", "", "1e2"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char line[64];
+        snprintf(line, sizeof(line), "set weight a1 %s", bad[i]);
+        if (!*bad[i]) {
+            out = run(f, line, NULL, 0, -EINVAL); /* missing word: usage */
+            assert_string_equal(out, "error: usage: set weight BACKEND N|N%\n");
+        } else {
+            out = run(f, line, NULL, 0, -ERANGE);
+            assert_memory_equal(out, "error: bad weight", 17);
+        }
+        free(out);
+    }
+    out = run(f, "set weight nosuch 3", NULL, 0, -ENOENT);
+    assert_string_equal(out, "error: no backend called 'nosuch'\n");
+    free(out);
+    assert_int_equal(atomic_load(&a1->weight_cfg), 256);
+}
+
+static void test_check_command(void **state)
+{
+    struct fixture *f = *state;
+    struct admin_pending p;
+    struct shm_check_answer a = {.ok = SHM_CHECK_PASS, .status = 200, .dur_us = 1234};
+    char *out;
+    size_t len;
+    struct json j;
+
+    /* a pool without checks has nothing to run */
+    out = run_pending(f, "check a1", -ENOENT, &p);
+    assert_string_equal(out,
+                        "error: pool chat has no active checks (check = off): nothing to run\n");
+    free(out);
+    assert_int_equal(p.backend, -1);
+
+    f->pools[0].check = 1;
+    f->pools[0].check_timeout_ms = 500;
+    out = run_pending(f, "check chat/a2-with-a-long-name", 0, &p);
+    free(out);
+    assert_int_equal(p.backend, 1);
+    assert_int_equal(p.kind, ADMIN_WAIT_CHECK);
+    assert_int_equal(p.wait_ms, 1500);
+    assert_int_equal(p.json, 0);
+    assert_int_equal(shm_backend_check_cmd_seq(&f->shm, 1), p.seq);
+    assert_int_equal(admin_pending_done(&f->shm, &p), 0);
+
+    /* the checker has not answered by the deadline */
+    assert_int_equal(admin_check_answer(&f->conf, &f->shm, &p, &out, &len), -ETIMEDOUT);
+    assert_string_equal(out, "error: chat/a2-with-a-long-name: the health checker did not run "
+                             "the check within 1500 ms\n");
+    free(out);
+
+    snprintf(a.detail, sizeof(a.detail), "status 200");
+    shm_backend_check_answer(&f->shm, 1, p.seq, &a);
+    assert_int_equal(admin_pending_done(&f->shm, &p), 1);
+    assert_int_equal(admin_check_answer(&f->conf, &f->shm, &p, &out, &len), 0);
+    assert_string_equal(out, "chat/a2-with-a-long-name: pass: 200 in 1.2 ms (status 200)\n");
+    assert_int_equal(strlen(out), len);
+    free(out);
+
+    /* a failed check, as JSON: it ran, so it is no error */
+    out = run_pending(f, "check a1 json", 0, &p);
+    free(out);
+    assert_int_equal(p.json, 1);
+    assert_int_equal(admin_pending_done(&f->shm, &p), 0);
+    a = (struct shm_check_answer){.ok = SHM_CHECK_FAIL, .status = -ECONNREFUSED, .dur_us = 300};
+    snprintf(a.detail, sizeof(a.detail), "connect refused (127.0.0.1:9101)");
+    shm_backend_check_answer(&f->shm, 0, p.seq, &a);
+    assert_int_equal(admin_check_answer(&f->conf, &f->shm, &p, &out, &len), 0);
+    json_parse(&j, out);
+    assert_json_text(&j, 0, "pool", "chat");
+    assert_json_text(&j, 0, "name", "a1");
+    assert_json_text(&j, 0, "result", "fail");
+    assert_json_text(&j, 0, "status", "null");
+    assert_json_text(&j, 0, "error", "ECONNREFUSED");
+    assert_json_text(&j, 0, "latency_ms", "0.3");
+    assert_json_text(&j, 0, "detail", "connect refused (127.0.0.1:9101)");
+    free(out);
+    out = run_pending(f, "check a1", 0, &p);
+    free(out);
+    shm_backend_check_answer(&f->shm, 0, p.seq, &a);
+    assert_int_equal(admin_check_answer(&f->conf, &f->shm, &p, &out, &len), 0);
+    assert_string_equal(out, "chat/a1: fail: ECONNREFUSED in 0.3 ms (connect refused "
+                             "(127.0.0.1:9101))\n");
+    free(out);
+
+    /* not run by the checker: an error */
+    out = run_pending(f, "check a1", 0, &p);
+    free(out);
+    a = (struct shm_check_answer){.ok = SHM_CHECK_NOT_RUN, .status = -EMFILE};
+    snprintf(a.detail, sizeof(a.detail), "out of file descriptors");
+    shm_backend_check_answer(&f->shm, 0, p.seq, &a);
+    assert_int_equal(admin_check_answer(&f->conf, &f->shm, &p, &out, &len), -EIO);
+    assert_string_equal(out, "error: chat/a1: check not run: out of file descriptors\n");
+    free(out);
+
+    out = run_pending(f, "check nosuch", -ENOENT, &p);
+    assert_string_equal(out, "error: no backend called 'nosuch'\n");
+    free(out);
+    out = run_pending(f, "check", -EINVAL, &p);
+    assert_string_equal(out, "error: usage: check BACKEND [json]\n");
+    free(out);
+}
+
+static void test_stop_and_errors(void **state)
+{
+    struct fixture *f = *state;
+    struct admin_pending p;
+
+    char *out = run_pending(f, "stop", 0, &p);
+    assert_string_equal(out, "ok: stopping gracefully (in-flight requests finish)\n");
+    assert_int_equal(p.stop, 1);
+    assert_int_equal(p.backend, -1);
+    free(out);
+    out = run_pending(f, "show proc", 0, &p);
+    assert_int_equal(p.stop, 0);
+    free(out);
+    out = run_pending(f, "stop now", -EINVAL, &p);
+    assert_string_equal(out, "error: usage: stop\n");
+    assert_int_equal(p.stop, 0);
+    free(out);
+
+    /* unknown commands and wrong words are told apart by their prefix (aigwctl exits 2) */
+    out = run_pending(f, "frobnicate", -EINVAL, &p);
+    assert_memory_equal(out, ADMIN_ERR_UNKNOWN, strlen(ADMIN_ERR_UNKNOWN));
+    free(out);
+    out = run_pending(f, "show pools extra", -EINVAL, &p);
+    assert_string_equal(out, ADMIN_ERR_USAGE " show pools [json]\n");
+    free(out);
+
+    /* help lists every command */
+    out = run_pending(f, "help", 0, &p);
+    const char *cmds[] = {"show info",     "show proc",     "show pools",   "show backends [POOL]",
+                          "show keys",     "show usage",    "set weight",   "set backend",
+                          "check BACKEND", "breaker reset", "breaker open", "reload",
+                          "stop",          "help"};
+    for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
+        assert_non_null(strstr(out, cmds[i]));
+    free(out);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1206,6 +1545,13 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_usage_table, setup_ai, teardown),
         cmocka_unit_test_setup_teardown(test_keys_usage_errors, setup_ai, teardown),
         cmocka_unit_test_setup_teardown(test_keys_usage_no_regions, setup, teardown),
+        cmocka_unit_test(test_rate),
+        cmocka_unit_test_setup_teardown(test_show_info, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_show_pools, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_show_backends_pool, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_set_weight, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_check_command, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stop_and_errors, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
