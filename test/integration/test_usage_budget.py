@@ -192,7 +192,7 @@ def test_usage_totals_match_traffic(env):
                                             t.by["model"]["gpt-b"]["cost"]))),
           f"TOTAL COST_USD not under its header: {r.stdout!r}")
     r = gw.ctl("show", "usage", "--by", "pool")
-    check(r.returncode == 1 and "usage: show usage" in r.stderr, f"--by pool: {r!r}")
+    check(r.returncode == 2 and "usage: show usage" in r.stderr, f"--by pool: {r!r}")
     r = gw.ctl("show", "keys")
     check(r.returncode == 0 and r.stdout.startswith("NAME") and len(r.stdout.splitlines()) == 3
           and key_sha256(KEY_B) not in r.stdout, f"show keys: {r.stdout!r}")
