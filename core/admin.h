@@ -41,6 +41,9 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
 /* 1 when the line is `reload`: the master answers it itself, once the new generation serves
  * ("reloaded: generation N (W workers)") or failed ("error: ..."). */
 int admin_is_reload(const char *line);
+/* 1 when the line is `upgrade`: answered by the master once the new master serves ("upgraded:
+ * master pid N (aigw VERSION), generation G") or failed ("error: ..."). */
+int admin_is_upgrade(const char *line);
 
 /* 1 when the health checker has carried out the pending breaker command (its seq is done and
  * the breaker is in the state the command leads to), else 0. */
