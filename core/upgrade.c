@@ -196,7 +196,10 @@ static void upgrade_old_line(char *line)
         snprintf(msg, sizeof(msg), "upgraded: master pid %d (aigw %s), generation %.32s\n", (int)U.pid,
                  U.new_version, line + 8);
         U.busy = 0;
-        upgrade_close();
+        /* the socket stays open until this process exits: its end of file tells the new master
+         * that nothing writes to the old segment any more */
+        uv_read_stop((uv_stream_t *)&U.pipe);
+        uv_timer_stop(&U.timer);
         log_info("upgrade: the new master (pid %d) serves; this master drains and exits",
                  (int)U.pid);
         U.cb(UPGRADE_EV_SERVING, msg);
