@@ -1738,8 +1738,8 @@ static int master_upgrade(char **err)
     }
     /* a new binary whose segment layout differs starts from the state file: make it current */
     master_state_save();
-    o = (struct upgrade_offer){M.g->conf, M.g->workers, M.g->fds, stats_listen_fd(),
-                               M.g->shm.fd,   M.g->id};
+    o = (struct upgrade_offer){M.g->conf,         M.g->workers, M.g->fds,
+                               stats_listen_fd(), M.g->shm.fd,  M.g->id};
     return upgrade_start(&M.loop, &o, master_upgrade_event, err);
 }
 
@@ -1814,8 +1814,7 @@ static int master_upgrade_ready(void)
 {
     for (int s = 0; s < M.g->workers; s++)
         if (M.g->children[1 + s].pid <= 0 ||
-            !atomic_load_explicit(&shm_worker(&M.g->shm, (uint32_t)s)->ready,
-                                  memory_order_acquire))
+            !atomic_load_explicit(&shm_worker(&M.g->shm, (uint32_t)s)->ready, memory_order_acquire))
             return 0;
     return 1;
 }

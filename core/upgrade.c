@@ -193,8 +193,8 @@ static void upgrade_old_line(char *line)
         U.cb(UPGRADE_EV_READY, NULL);
     } else if (!strncmp(line, "serving ", 8)) {
         char msg[256];
-        snprintf(msg, sizeof(msg), "upgraded: master pid %d (aigw %s), generation %.32s\n", (int)U.pid,
-                 U.new_version, line + 8);
+        snprintf(msg, sizeof(msg), "upgraded: master pid %d (aigw %s), generation %.32s\n",
+                 (int)U.pid, U.new_version, line + 8);
         U.busy = 0;
         /* the socket stays open until this process exits: its end of file tells the new master
          * that nothing writes to the old segment any more */
@@ -257,11 +257,12 @@ int upgrade_reap(pid_t pid, int status)
     if (U.pid <= 0 || pid != U.pid)
         return 0;
     if (WIFSIGNALED(status))
-        snprintf(why, sizeof(why), "the new master (pid %d, %.150s) was killed by signal %d%s%.160s",
-                 (int)pid, U.exe, WTERMSIG(status), U.reason[0] ? ": " : "", U.reason);
+        snprintf(why, sizeof(why),
+                 "the new master (pid %d, %.150s) was killed by signal %d%s%.160s", (int)pid, U.exe,
+                 WTERMSIG(status), U.reason[0] ? ": " : "", U.reason);
     else
-        snprintf(why, sizeof(why), "the new master (pid %d, %.150s) exited with code %d%s%.160s", (int)pid,
-                 U.exe, WEXITSTATUS(status), U.reason[0] ? ": " : "", U.reason);
+        snprintf(why, sizeof(why), "the new master (pid %d, %.150s) exited with code %d%s%.160s",
+                 (int)pid, U.exe, WEXITSTATUS(status), U.reason[0] ? ": " : "", U.reason);
     U.pid = 0;
     if (U.busy)
         upgrade_fail(why);
@@ -286,8 +287,8 @@ struct upgrade_buf {
     int oom;
 };
 
-static void __attribute__((format(printf, 2, 3))) ub_printf(struct upgrade_buf *b, const char *fmt,
-                                                             ...)
+static void __attribute__((format(printf, 2, 3)))
+ub_printf(struct upgrade_buf *b, const char *fmt, ...)
 {
     va_list ap;
     int n;
@@ -411,8 +412,8 @@ static void upgrade_env_free(char **env, size_t owned)
 
 /* Between fork and exec (async-signal-safe calls only): the handed-over descriptors lose CLOEXEC;
  * every signal stays blocked across exec (the new master unblocks them in upgrade_init). */
-static void __attribute__((noreturn)) upgrade_exec(const struct upgrade_offer *o, int sock,
-                                                   int names, char **env)
+static void __attribute__((noreturn))
+upgrade_exec(const struct upgrade_offer *o, int sock, int names, char **env)
 {
     char msg[32] = "exec-failed ";
     int e, n = 12, digits = 0, t;
@@ -607,8 +608,8 @@ static int upgrade_read_names(int fd, struct upgrade_inherited *in, char **err)
     for (int i = 0; rc == 0 && i < c->n_backends; i++)
         if (c->backends[i].pool < 0 || c->backends[i].pool >= c->n_pools)
             rc = -EINVAL;
-    if (rc < 0 && asprintf(err, "the old master's section names are unreadable: %s",
-                           strerror(-rc)) < 0)
+    if (rc < 0 &&
+        asprintf(err, "the old master's section names are unreadable: %s", strerror(-rc)) < 0)
         *err = NULL;
     return rc;
 }
