@@ -11,6 +11,7 @@
 #include "core/daemon.h"
 #include "core/log.h"
 #include "core/master.h"
+#include "core/upgrade.h"
 
 #ifndef AIGW_VERSION
 #define AIGW_VERSION "unknown"
@@ -76,8 +77,10 @@ int main(int argc, char **argv)
         return 2;
     }
 
+    upgrade_init(argv, AIGW_VERSION);
     if (conf_load(path, &conf, &err) < 0) {
         fprintf(stderr, "%s\n", err ? err : "aigw: cannot load the configuration");
+        upgrade_child_fail(err);
         free(err);
         return 1;
     }
@@ -92,7 +95,8 @@ int main(int argc, char **argv)
     conf_warnings(conf, log_warning, NULL);
     /* A client or upstream that closes early must cost an EPIPE, not the process. */
     signal(SIGPIPE, SIG_IGN);
-    if (detach && daemon_start() < 0) {
+    /* a new master of a binary upgrade is detached already: the old master's child */
+    if (detach && !upgrade_is_child() && daemon_start() < 0) {
         conf_free(conf);
         return 1;
     }

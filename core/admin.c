@@ -414,6 +414,8 @@ static const char admin_help[] =
     "  breaker open BACKEND     force it open for the pool's breaker_open_for\n"
     "  reload                   check the config file and start a new generation on it; the\n"
     "                           old one drains once the new workers are ready\n"
+    "  upgrade                  start the binary on disk as a new master on the same sockets,\n"
+    "                           carrying the state; the old one drains once it is ready\n"
     "  stop                     graceful stop (as SIGTERM): in-flight requests finish\n"
     "  help                     this list\n";
 
@@ -1500,14 +1502,27 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
     return rc;
 }
 
-int admin_is_reload(const char *line)
+/* The line is the one word `word`, blanks around it aside. */
+static int admin_is_word(const char *line, const char *word)
 {
+    size_t n = strlen(word);
+
     while (*line == ' ' || *line == '\t')
         line++;
-    if (strncmp(line, "reload", 6))
+    if (strncmp(line, word, n))
         return 0;
-    line += 6;
+    line += n;
     while (*line == ' ' || *line == '\t' || *line == '\r')
         line++;
     return *line == '\0';
+}
+
+int admin_is_reload(const char *line)
+{
+    return admin_is_word(line, "reload");
+}
+
+int admin_is_upgrade(const char *line)
+{
+    return admin_is_word(line, "upgrade");
 }

@@ -92,6 +92,9 @@ int admin_check_answer(const struct conf *conf, const struct shm *shm,
 /* 1 when the line is `reload`: the master answers it itself, once the new generation serves
  * ("reloaded: generation N (W workers)") or failed ("error: ..."). */
 int admin_is_reload(const char *line);
+/* 1 when the line is `upgrade`: answered by the master once the new master serves ("upgraded:
+ * master pid N (aigw VERSION), generation G") or failed ("error: ..."). */
+int admin_is_upgrade(const char *line);
 
 /* 1 when the health checker has carried out the pending command (BREAKER: its seq is done and
  * the breaker is in the state the command leads to; CHECK: the check ran), else 0. */

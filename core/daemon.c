@@ -117,6 +117,12 @@ void daemon_ready(void)
         sd_notifyf(0, "READY=1\nMAINPID=%d\nSTATUS=serving", (int)getpid());
 }
 
+void daemon_mainpid(pid_t pid)
+{
+    if (daemon_under_systemd())
+        sd_notifyf(0, "MAINPID=%d", (int)pid);
+}
+
 void daemon_stopping(void)
 {
     if (daemon_under_systemd())
@@ -151,20 +157,21 @@ static pid_t daemon_pidfile_read(const char *path)
     return pid > 0 && pid <= 0x7fffffff ? (pid_t)pid : 0;
 }
 
-int daemon_pidfile_write(const char *path)
+/* Writes our pid; a live process other than `allow` named in the file is refused. */
+static int daemon_pidfile_put(const char *path, pid_t allow)
 {
     char buf[32];
     pid_t old = daemon_pidfile_read(path);
     int fd, len, rc = 0;
 
     /* kill(pid, 0) fails with EPERM for a live process of another user */
-    if (old > 0 && old != getpid() && (kill(old, 0) == 0 || errno == EPERM)) {
+    if (old > 0 && old != getpid() && old != allow && (kill(old, 0) == 0 || errno == EPERM)) {
         log_err("pidfile %s: aigw is already running as pid %d (stop it first; if that pid is "
                 "not aigw, remove the file)",
                 path, (int)old);
         return -EEXIST;
     }
-    if (old > 0)
+    if (old > 0 && old != allow)
         log_info("pidfile %s: pid %d is not running any more, replacing the file", path, (int)old);
     fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd == -1) {
@@ -185,6 +192,21 @@ int daemon_pidfile_write(const char *path)
     snprintf(daemon_pidfile, sizeof(daemon_pidfile), "%s", path);
     daemon_pidfile_pid = getpid();
     return 0;
+}
+
+int daemon_pidfile_write(const char *path)
+{
+    return daemon_pidfile_put(path, 0);
+}
+
+int daemon_pidfile_replace(const char *path, pid_t prev)
+{
+    return daemon_pidfile_put(path, prev);
+}
+
+void daemon_pidfile_forget(void)
+{
+    daemon_pidfile[0] = '\0';
 }
 
 void daemon_pidfile_remove(void)

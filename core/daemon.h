@@ -2,6 +2,8 @@
 #ifndef AIGW_CORE_DAEMON_H
 #define AIGW_CORE_DAEMON_H
 
+#include <sys/types.h>
+
 #include "core/conf.h"
 
 /* aigw -D: forks; the parent waits until the daemon is up (daemon_ready) and exits 0, or exits 1
@@ -18,6 +20,9 @@ void daemon_detach_stdio(void);
 /* The master's children are started: the -D parent exits 0, systemd gets READY=1. */
 void daemon_ready(void);
 
+/* Binary upgrade, old master: systemd's main process is the new master (`pid`) from now on. */
+void daemon_mainpid(pid_t pid);
+
 /* A stop began: systemd gets STOPPING=1. */
 void daemon_stopping(void);
 
@@ -26,6 +31,12 @@ void daemon_child_after_fork(void);
 
 /* Refuses (-EEXIST, logged) when the pidfile names a live process, else writes our pid. */
 int daemon_pidfile_write(const char *path);
+
+/* Binary upgrade, new master: writes our pid over the old master's (`prev`, still alive). */
+int daemon_pidfile_replace(const char *path, pid_t prev);
+
+/* Binary upgrade, old master: the pidfile is the new master's now; never remove it. */
+void daemon_pidfile_forget(void);
 
 /* Removes the pidfile this process wrote, if any. */
 void daemon_pidfile_remove(void);

@@ -14,6 +14,7 @@ enum log_level log_level_cur = LOG_LVL_INFO;
 
 static char log_role[16] = "aigw";
 static pid_t log_pid;
+static char log_last[256]; /* the last error message, without its prefix */
 
 static const char *const log_level_names[] = {
     [LOG_LVL_ERR] = "err",
@@ -41,7 +42,7 @@ void log_msg(enum log_level level, const char *fmt, ...)
     int saved_errno = errno;
     struct timespec ts;
     struct tm tm;
-    size_t len;
+    size_t len, head;
     va_list ap;
     int n;
 
@@ -59,6 +60,7 @@ void log_msg(enum log_level level, const char *fmt, ...)
                      ? log_level_names[level]
                      : "?");
     len = n > 0 ? (size_t)n : 0;
+    head = len;
 
     va_start(ap, fmt);
     errno = saved_errno; /* so "%m" in fmt reports the caller's errno */
@@ -74,6 +76,10 @@ void log_msg(enum log_level level, const char *fmt, ...)
     }
     while (len > 0 && buf[len - 1] == '\n')
         len--;
+    if (level == LOG_LVL_ERR) {
+        size_t start = head < len ? head : len;
+        snprintf(log_last, sizeof(log_last), "%.*s", (int)(len - start), buf + start);
+    }
     buf[len++] = '\n';
 
     /* One write per line: lines of concurrent processes sharing stderr never interleave. */
@@ -101,4 +107,9 @@ const char *log_rate_note(uint64_t suppressed, char buf[LOG_RATE_NOTE])
     snprintf(buf, LOG_RATE_NOTE, " (%llu more since the last report)",
              (unsigned long long)suppressed);
     return buf;
+}
+
+const char *log_last_err(void)
+{
+    return log_last;
 }

@@ -9,6 +9,8 @@ void log_set_role(const char *role);
 void log_msg(enum log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 extern enum log_level log_level_cur;
+/* The last error logged by this process ("" = none): a failed start's reason. */
+const char *log_last_err(void);
 
 /* A message that may come in bursts (a resource running out, at every request) logged at most
  * once per LOG_RATE_MS: the first of a burst at once, the rest counted and reported by the next

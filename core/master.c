@@ -26,6 +26,7 @@
 #include "core/sig.h"
 #include "core/state.h"
 #include "core/stats.h"
+#include "core/upgrade.h"
 #include "core/util.h"
 #include "core/worker.h"
 #include "health/health.h"
@@ -126,6 +127,11 @@ static struct master {
     uv_timer_t rate_timer;  /* samples the requests answered once a second, for show info */
     struct admin_rate rate; /* requests answered since start (every generation), per second */
     uint64_t requests;
+    /* binary upgrade, new master: the old master's generation (its segment mapped, no process of
+     * ours) that M.g carries from until the old master has exited */
+    struct gen *upfrom;
+    pid_t upfrom_pid;
+    int upgraded; /* old master: handed over to a new master, draining */
     enum master_stop stopping;
     int done;
     uint64_t started_ms;
@@ -134,6 +140,7 @@ static struct master {
 
 static void master_reload_signal(void);
 static int master_reload(char **err);
+static int master_upgrade(char **err);
 static void admin_client_timeout(uv_timer_t *t);
 static void admin_client_send(struct admin_client *c);
 static void admin_client_close(struct admin_client *c);
@@ -475,16 +482,17 @@ static void admin_client_answer(struct admin_client *c, const char *error)
 
     uv_read_stop((uv_stream_t *)&c->pipe);
     c->pending.backend = -1;
-    if (!error && admin_is_reload(c->line)) {
+    if (!error && (admin_is_reload(c->line) || admin_is_upgrade(c->line))) {
+        int up = admin_is_upgrade(c->line);
         char *err = NULL;
         free(procs);
-        if (master_reload(&err) == 0) {
+        if ((up ? master_upgrade(&err) : master_reload(&err)) == 0) {
             uv_timer_stop(&c->timer); /* the reload's own deadline bounds the wait */
             c->next_waiter = M.waiters;
             M.waiters = c;
             return;
         }
-        log_warn("admin: reload refused: %s", err ? err : "out of memory");
+        log_warn("admin: %s refused: %s", up ? "upgrade" : "reload", err ? err : "out of memory");
         len = (size_t)snprintf(NULL, 0, "error: %s\n", err ? err : "out of memory");
         out = malloc(len + 1);
         if (out)
@@ -723,6 +731,10 @@ static void __attribute__((noreturn)) child_run(struct child *c, pid_t master)
             gs[k]->shm_ready = 0;
         }
     }
+    if (M.upfrom && M.upfrom->shm_ready) {
+        shm_destroy(&M.upfrom->shm);
+        M.upfrom->shm_ready = 0;
+    }
     master_child_after_fork();
     if (c->slot >= 0)
         rc = worker_main(g->conf, &g->shm, c->slot, &g->fds[c->slot * g->conf->n_listens]);
@@ -902,7 +914,7 @@ static void on_sigchld(uv_signal_t *h, int sig)
 
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
         struct gen *gs[GEN_MAX];
-        int ng = gen_all(gs, GEN_MAX), found = 0;
+        int ng = gen_all(gs, GEN_MAX), found = upgrade_reap(pid, status);
         for (int k = 0; k < ng && !found; k++) {
             for (int i = 0; i < gs[k]->n_children; i++) {
                 if (gs[k]->children[i].pid == pid) {
@@ -914,7 +926,7 @@ static void on_sigchld(uv_signal_t *h, int sig)
         }
     }
     gen_reap_old();
-    if (M.stopping && children_alive() == 0) {
+    if (M.stopping && children_alive() == 0 && !upgrade_busy()) {
         M.done = 1;
         uv_stop(&M.loop);
     }
@@ -937,7 +949,7 @@ static void master_stop(enum master_stop how)
 {
     if (M.stopping == STOP_FAST || M.stopping == how)
         return; /* already doing this, or something faster */
-    if (!M.stopping)
+    if (!M.stopping && !M.upgraded)
         daemon_stopping();
     M.stopping = how;
     if (M.next)
@@ -961,7 +973,7 @@ static void master_stop(enum master_stop how)
         children_signal(SIGINT);
         uv_timer_start(&M.stop_timer, stop_timer_fired, FAST_STOP_MS, 0);
     }
-    if (n == 0) {
+    if (n == 0 && !upgrade_busy()) {
         M.done = 1;
         uv_stop(&M.loop);
     }
@@ -983,9 +995,14 @@ static void on_signal(uv_signal_t *h, int sig)
         log_info("SIGHUP received: reloading the configuration");
         master_reload_signal();
         break;
-    case SIGUSR2:
-        log_warn("SIGUSR2 received: binary upgrade is not supported yet; ignored");
+    case SIGUSR2: {
+        char *err = NULL;
+        log_info("SIGUSR2 received: upgrading to the binary %s", upgrade_exe());
+        if (master_upgrade(&err) < 0)
+            log_err("upgrade refused: %s", err ? err : "out of memory");
+        free(err);
         break;
+    }
     case SIGUSR1:
         /* logrotate: each worker reopens its access log file (the error log is stderr) */
         if (M.g->conf->global.access_log != ALOG_FILE) {
@@ -1130,6 +1147,12 @@ static int master_access_log_check(const struct conf *conf)
     return 0;
 }
 
+static int master_upgrade_inherit(struct conf *conf);
+static int master_upgrade_carry(void);
+static int master_upgrade_ready(void);
+static void master_upgrade_go(void);
+static void master_upgrade_gone(void);
+
 static int master_setup(struct conf *conf)
 {
     int rc, workers = conf->global.workers > 0 ? conf->global.workers : 1;
@@ -1167,15 +1190,23 @@ static int master_setup(struct conf *conf)
     rc = daemon_priv_check(&conf->global);
     if (rc < 0)
         return rc;
-    if (conf->global.pidfile[0] && (rc = daemon_pidfile_write(conf->global.pidfile)) < 0)
+    if (upgrade_is_child() && (rc = master_upgrade_inherit(conf)) < 0)
         return rc;
-    rc = admin_listen(conf->global.admin_socket);
+    /* an upgrade's new master writes the pidfile and takes the admin socket at its go: until
+     * then the admin socket is bound under a temporary name */
+    if (!M.upfrom && conf->global.pidfile[0] &&
+        (rc = daemon_pidfile_write(conf->global.pidfile)) < 0)
+        return rc;
+    char admin_tmp[sizeof(M.admin_path) + 16];
+    snprintf(admin_tmp, sizeof(admin_tmp), "%s.%d", conf->global.admin_socket, (int)getpid());
+    rc = admin_listen(M.upfrom ? admin_tmp : conf->global.admin_socket);
     if (rc < 0)
         return rc;
-    rc = daemon_admin_perms(conf->global.admin_socket, &conf->global);
+    rc = daemon_admin_perms(M.admin_path, &conf->global);
     if (rc < 0)
         return rc;
-    rc = listeners_bind(M.g, NULL);
+    rc = listeners_bind(M.g, M.upfrom);
+    gen_close_fds(M.upfrom); /* what M.g keeps it has dup'ed */
     if (rc < 0)
         return rc;
 
@@ -1191,6 +1222,8 @@ static int master_setup(struct conf *conf)
     for (int b = 0; b < conf->n_backends; b++)
         shm_backend_init(&M.g->shm, (uint32_t)b, (uint32_t)conf->backends[b].weight,
                          (uint32_t)conf->backends[b].max_conns);
+    if (M.upfrom && (rc = master_upgrade_carry()) < 0)
+        return rc;
 
     /* Everything that needs root is done: listeners, admin socket, shm, state file. */
     rc = daemon_drop_privileges(&conf->global);
@@ -1205,6 +1238,11 @@ static int master_setup(struct conf *conf)
     if (rc < 0)
         return rc;
 
+    if (M.upfrom && (rc = upgrade_child_start(&M.loop, master_upgrade_ready, master_upgrade_go,
+                                              master_upgrade_gone, M.g->id)) < 0) {
+        log_err("upgrade: cannot watch the socket to the old master: %s", uv_strerror(rc));
+        return rc;
+    }
     /* after the children's table: /healthz reads it */
     rc = stats_start(&M.loop, conf, &M.g->shm, admin_procs, M.g->n_children + 1, M.started_ms);
     if (rc < 0)
@@ -1243,6 +1281,9 @@ static void master_teardown(void)
     if (M.next)
         gen_free(M.next);
     M.next = NULL;
+    if (M.upfrom)
+        gen_free(M.upfrom);
+    M.upfrom = NULL;
     if (M.g)
         gen_free(M.g);
     M.g = NULL;
@@ -1291,7 +1332,8 @@ static void master_state_save(void)
 {
     char *err = NULL;
 
-    if (!M.g->conf->global.state_file[0])
+    /* an upgrade's new master before it took over, or the old one after */
+    if (!M.g->conf->global.state_file[0] || !upgrade_owns_state())
         return;
     if (state_save(M.g->conf->global.state_file, &M.g->names, shm_limits(&M.g->shm),
                    shm_acct(&M.g->shm), (int64_t)(time_real_ms() / 1000), &err) < 0) {
@@ -1341,9 +1383,14 @@ static int master_state_load(const struct conf *conf)
         return rc;
     if (!conf->global.state_file[0])
         return 0;
-    rc = state_load(conf->global.state_file, &M.g->names, shm_limits(&M.g->shm),
-                    shm_acct(&M.g->shm), &err);
-    if (rc == -ENOENT) {
+    if (M.upfrom && M.upfrom->shm_ready)
+        rc = 1; /* an upgrade: the old master's segment carries fresher figures */
+    else
+        rc = state_load(conf->global.state_file, &M.g->names, shm_limits(&M.g->shm),
+                        shm_acct(&M.g->shm), &err);
+    if (rc == 1) {
+        log_info("upgrade: usage and budgets carried from the old master's segment");
+    } else if (rc == -ENOENT) {
         log_info("state file %s does not exist yet: usage and budgets start from zero",
                  conf->global.state_file);
     } else if (rc < 0) {
@@ -1462,7 +1509,7 @@ static void gen_reap_old(void)
         }
         p = &o->next;
     }
-    if (!M.old)
+    if (!M.old && !M.upfrom)
         uv_timer_stop(&M.sync_timer);
 }
 
@@ -1653,6 +1700,11 @@ static int master_reload(char **err)
         *err = strdup("a reload is already under way");
         return -EBUSY;
     }
+    if (upgrade_busy() || M.upfrom) {
+        *err = strdup(M.upfrom ? "the previous master (binary upgrade) is still draining"
+                               : "a binary upgrade is under way");
+        return -EBUSY;
+    }
     if (n >= GEN_MAX - 2) {
         *err = strdup("too many old generations still draining");
         return -EBUSY;
@@ -1719,6 +1771,7 @@ int master_run(struct conf *conf)
 {
     int rc = master_setup(conf);
     if (rc < 0) {
+        upgrade_child_fail(log_last_err());
         if (!M.g)
             conf_free(conf);
         master_teardown();
@@ -1726,8 +1779,8 @@ int master_run(struct conf *conf)
     }
     for (int ready = 0;; ready = 1) {
         children_spawn_due();
-        if (!ready)
-            daemon_ready(); /* listeners bound, children forked */
+        if (!ready && !upgrade_is_child())
+            daemon_ready(); /* listeners bound, children forked (an upgrade's: at its go) */
         if (M.done)
             break;
         uv_run(&M.loop, UV_RUN_DEFAULT);
@@ -1735,4 +1788,178 @@ int master_run(struct conf *conf)
     log_info("all children stopped; master exiting");
     master_teardown(); /* frees every generation's conf (conf's too, or its reload's) */
     return 0;
+}
+
+/* ---- binary upgrade (core/upgrade.c does the exec and the talking) ---- */
+
+/* Old master: the new one's workers are ready. This generation stops accepting and drains, as
+ * on a stop, except that the admin socket, the pidfile, the state file and the [stats] listener
+ * are the new master's now (none is removed), and systemd is not told we stop. */
+static void master_upgrade_handover(void)
+{
+    M.upgraded = 1;
+    daemon_pidfile_forget();
+    if (M.admin_path[0] && !uv_is_closing((uv_handle_t *)&M.admin))
+        uv_close((uv_handle_t *)&M.admin, NULL); /* the new master renames its own over it */
+    M.admin_path[0] = '\0';
+    stats_stop();
+    master_stop(STOP_GRACEFUL);
+    upgrade_go();
+}
+
+static void master_upgrade_event(enum upgrade_event ev, const char *msg)
+{
+    if (ev == UPGRADE_EV_READY) {
+        master_upgrade_handover();
+        return;
+    }
+    reload_answer(msg);
+    if (M.stopping && children_alive() == 0) {
+        M.done = 1;
+        uv_stop(&M.loop);
+    }
+}
+
+/* Starts the binary on disk as a new master with the serving generation's sockets and segment.
+ * 0: under way (its end answers M.waiters); else -errno with *err (malloc'd). */
+static int master_upgrade(char **err)
+{
+    struct upgrade_offer o;
+
+    if (M.stopping) {
+        *err = strdup("the master is stopping");
+        return -EBUSY;
+    }
+    if (M.next) {
+        *err = strdup("a reload is under way");
+        return -EBUSY;
+    }
+    if (upgrade_busy()) {
+        *err = strdup("an upgrade is already under way");
+        return -EBUSY;
+    }
+    if (M.upfrom) {
+        *err = strdup("the previous master (binary upgrade) is still draining");
+        return -EBUSY;
+    }
+    /* a new binary whose segment layout differs starts from the state file: make it current */
+    master_state_save();
+    o = (struct upgrade_offer){M.g->conf,         M.g->workers, M.g->fds,
+                               stats_listen_fd(), M.g->shm.fd,  M.g->id};
+    return upgrade_start(&M.loop, &o, master_upgrade_event, err);
+}
+
+/* New master: the old generation as handed over becomes M.upfrom (never forked from, never in
+ * gen_all), which listeners_bind takes the sockets of and M.g carries state from. */
+static int master_upgrade_inherit(struct conf *conf)
+{
+    struct upgrade_inherited in;
+    char *err = NULL;
+    struct gen *o = NULL;
+    int rc = upgrade_inherit(&in, &err);
+
+    if (rc == 0 && !(o = calloc(1, sizeof(*o))))
+        rc = -ENOMEM;
+    if (rc < 0) {
+        log_err("upgrade: %s", err ? err : strerror(-rc));
+        free(err);
+        for (int i = 0; i < in.n_fds; i++)
+            close(in.fds[i]);
+        free(in.fds);
+        conf_free(in.conf);
+        return rc;
+    }
+    o->id = in.gen;
+    o->conf = in.conf;
+    o->workers = in.workers;
+    o->fds = in.fds;
+    o->n_fds = in.n_fds;
+    if (in.shm_fd >= 0) {
+        rc = shm_attach(&o->shm, in.shm_fd);
+        if (rc == 0) {
+            o->shm_ready = 1;
+        } else {
+            log_warn("upgrade: cannot map the old master's segment (%s): usage and budgets come "
+                     "from the state file, backend states and limiter windows start afresh",
+                     rc == -EPROTO ? "another layout version" : strerror(-rc));
+            close(in.shm_fd);
+        }
+    }
+    if (in.stats_fd >= 0) {
+        struct sockaddr_storage got;
+        socklen_t len = sizeof(got);
+        if (conf->stats.enabled && getsockname(in.stats_fd, (struct sockaddr *)&got, &len) == 0 &&
+            len == conf->stats.addr_len && !memcmp(&got, &conf->stats.addr, len))
+            stats_inherit_fd(in.stats_fd);
+        else
+            close(in.stats_fd);
+    }
+    M.upfrom = o;
+    M.upfrom_pid = in.old_pid;
+    M.g->id = in.gen + 1;
+    log_info("upgrade: started by the master pid %d (generation %u, %d sockets per listen)",
+             (int)in.old_pid, in.gen, in.workers);
+    return 0;
+}
+
+/* New master: the backends' state now, limiters and usage from the go on (as a reload does);
+ * the workers hold until the old generation stopped accepting. */
+static int master_upgrade_carry(void)
+{
+    if (M.upfrom->shm_ready) {
+        if (gen_carry_setup(M.g, M.upfrom) < 0)
+            return -ENOMEM;
+        M.g->prev = M.upfrom;
+    }
+    for (int s = 0; s < M.g->workers; s++)
+        atomic_store_explicit(&shm_worker(&M.g->shm, (uint32_t)s)->hold, 1, memory_order_release);
+    return 0;
+}
+
+static int master_upgrade_ready(void)
+{
+    for (int s = 0; s < M.g->workers; s++)
+        if (M.g->children[1 + s].pid <= 0 ||
+            !atomic_load_explicit(&shm_worker(&M.g->shm, (uint32_t)s)->ready, memory_order_acquire))
+            return 0;
+    return 1;
+}
+
+/* New master: the old generation stopped accepting. The admin socket is renamed over the old
+ * one's (no moment without one), the pidfile names us, our workers accept. */
+static void master_upgrade_go(void)
+{
+    const struct conf_global *cg = &M.g->conf->global;
+
+    if (rename(M.admin_path, cg->admin_socket) == -1)
+        log_err("upgrade: cannot move the admin socket %s to %s: %s", M.admin_path,
+                cg->admin_socket, strerror(errno));
+    else
+        snprintf(M.admin_path, sizeof(M.admin_path), "%s", cg->admin_socket);
+    if (cg->pidfile[0])
+        daemon_pidfile_replace(cg->pidfile, M.upfrom_pid);
+    gen_sync(M.g); /* the windows as the old workers leave them */
+    for (int s = 0; s < M.g->workers; s++) {
+        struct child *c = &M.g->children[1 + s];
+        atomic_store_explicit(&shm_worker(&M.g->shm, (uint32_t)s)->hold, 0, memory_order_release);
+        if (c->pid > 0)
+            kill(c->pid, SIGUSR2);
+    }
+    if (M.g->prev)
+        uv_timer_start(&M.sync_timer, sync_timer_fired, SYNC_MS, SYNC_MS);
+    daemon_ready(); /* systemd: READY=1 with MAINPID us */
+    log_info("upgrade: this master serves generation %u; the old master (pid %d) drains", M.g->id,
+             (int)M.upfrom_pid);
+}
+
+/* New master: the old master and its processes have exited: nothing writes to its segment. */
+static void master_upgrade_gone(void)
+{
+    if (!M.upfrom)
+        return;
+    gen_carry_end(M.g);
+    gen_free(M.upfrom);
+    M.upfrom = NULL;
+    gen_reap_old(); /* stops the sync timer when nothing else needs it */
+    log_info("upgrade: the old master (pid %d) has exited", (int)M.upfrom_pid);
 }

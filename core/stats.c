@@ -41,6 +41,7 @@ struct stats_conn {
 static struct {
     uv_tcp_t listener;
     int listening;
+    int inherited; /* fd + 1 of a listening socket to take instead of binding; 0 = none */
     int stopping;
     int n_conns;
     struct stats_conn *conns;
@@ -319,7 +320,11 @@ int stats_start(uv_loop_t *loop, const struct conf *conf, struct shm *shm,
     uv_tcp_init(loop, &S.listener); /* only initialises the handle */
     S.listener.data = NULL;
     S.listening = 1;
-    rc = uv_tcp_bind(&S.listener, (const struct sockaddr *)&conf->stats.addr, 0);
+    if (S.inherited > 0) /* a binary upgrade's: the old master's socket, same address */
+        rc = uv_tcp_open(&S.listener, S.inherited - 1);
+    else
+        rc = uv_tcp_bind(&S.listener, (const struct sockaddr *)&conf->stats.addr, 0);
+    S.inherited = 0;
     if (rc == 0)
         rc = uv_listen((uv_stream_t *)&S.listener, 64, stats_on_connection);
     if (rc < 0) {
@@ -328,6 +333,19 @@ int stats_start(uv_loop_t *loop, const struct conf *conf, struct shm *shm,
     }
     log_info("stats listening on %s (/metrics, /healthz, /)", conf->stats.bind);
     return 0;
+}
+
+void stats_inherit_fd(int fd)
+{
+    S.inherited = fd + 1;
+}
+
+int stats_listen_fd(void)
+{
+    uv_os_fd_t fd;
+    if (!S.listening || uv_fileno((uv_handle_t *)&S.listener, &fd) < 0)
+        return -1;
+    return fd;
 }
 
 void stats_set_stopping(void)

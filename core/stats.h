@@ -24,4 +24,10 @@ void stats_set_stopping(void);
 /* Closes the listener and every open stats connection (the loop then finishes the closes). */
 void stats_stop(void);
 
+/* Binary upgrade: stats_start takes this listening socket (the old master's, on the same
+ * address) instead of binding. */
+void stats_inherit_fd(int fd);
+/* The listening socket, -1 = none: what an upgrade hands over. */
+int stats_listen_fd(void);
+
 #endif

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -49,8 +50,9 @@ int shm_create_ai(struct shm *shm, uint32_t n_backends, uint32_t n_workers, uint
         size += shm_align(acct_region_size(ai->n_keys, ai->n_models, n_backends, n_workers));
     }
 
-    /* Not MFD_CLOEXEC: a child that execs (none does today) could still map it by fd. */
-    fd = memfd_create("aigw-shm", 0);
+    /* Forked children inherit the mapping; a binary upgrade clears CLOEXEC on the one segment it
+     * hands to the new master, so no other generation's segment lives on in it. */
+    fd = memfd_create("aigw-shm", MFD_CLOEXEC);
     if (fd == -1)
         return -errno;
     if (ftruncate(fd, (off_t)size) == -1) {
@@ -108,6 +110,37 @@ int shm_create_ai(struct shm *shm, uint32_t n_backends, uint32_t n_workers, uint
     shm->size = size;
     shm->fd = fd;
     shm->hdr = hdr;
+    return 0;
+}
+
+int shm_attach(struct shm *shm, int fd)
+{
+    struct shm_header h;
+    struct stat st;
+    void *base;
+
+    if (fstat(fd, &st) == -1)
+        return -errno;
+    if ((size_t)st.st_size < sizeof(h) || pread(fd, &h, sizeof(h), 0) != (ssize_t)sizeof(h))
+        return -EINVAL;
+    /* another layout (a binary of another version): its state cannot be read here */
+    if (h.magic != SHM_MAGIC || h.version != SHM_LAYOUT_VERSION)
+        return -EPROTO;
+    if (h.size != (uint64_t)st.st_size || h.n_workers == 0 || h.n_workers > 1024 ||
+        h.n_backends > 65536 || h.off_wb > h.size || h.off_limits > h.size || h.off_acct > h.size)
+        return -EINVAL;
+    base = mmap(NULL, (size_t)h.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED)
+        return -errno;
+    shm->cache = calloc(h.n_backends ? h.n_backends : 1, sizeof(*shm->cache));
+    if (!shm->cache) {
+        munmap(base, (size_t)h.size);
+        return -ENOMEM;
+    }
+    shm->base = base;
+    shm->size = (size_t)h.size;
+    shm->fd = fd;
+    shm->hdr = base;
     return 0;
 }
 

@@ -269,6 +269,9 @@ struct shm_ai {
 int shm_create_ai(struct shm *shm, uint32_t n_backends, uint32_t n_workers, uint32_t generation,
                   const struct shm_ai *ai);
 void shm_destroy(struct shm *shm);
+/* Maps the segment another process created, by its memfd (binary upgrade: the old master's), and
+ * takes `fd`. -EPROTO when it has another layout version, -EINVAL when it is no segment. */
+int shm_attach(struct shm *shm, int fd);
 
 /* The regions of shm_create_ai (NULL without them). */
 static inline struct limit_region *shm_limits(const struct shm *shm)

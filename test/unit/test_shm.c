@@ -4,6 +4,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <sched.h>
 #include <string.h>
@@ -134,6 +135,36 @@ static void test_rejects_bad_sizes(void **state)
     struct shm shm;
 
     assert_int_equal(shm_create(&shm, 1, 0, 1), -EINVAL);
+}
+
+/* Binary upgrade: the new master maps the old one's segment by its memfd and sees what the old
+ * one writes; a segment of another layout version is refused. */
+static void test_attach_by_fd(void **state)
+{
+    struct shm a, b;
+    int fd;
+
+    (void)state;
+    assert_int_equal(shm_create(&a, 2, 3, 7), 0);
+    fd = fcntl(a.fd, F_DUPFD_CLOEXEC, 3);
+    assert_true(fd >= 0);
+    assert_int_equal(shm_attach(&b, fd), 0);
+    assert_int_equal(b.hdr->generation, 7);
+    assert_int_equal(shm_n_backends(&b), 2);
+    shm_backend_init(&a, 1, 42, 0);
+    assert_int_equal(atomic_load(&shm_backend(&b, 1)->weight_cfg), 42);
+    shm_destroy(&b);
+
+    a.hdr->version = SHM_LAYOUT_VERSION + 1;
+    fd = fcntl(a.fd, F_DUPFD_CLOEXEC, 3);
+    assert_int_equal(shm_attach(&b, fd), -EPROTO);
+    close(fd);
+    a.hdr->version = SHM_LAYOUT_VERSION;
+    fd = memfd_create("not-a-segment", MFD_CLOEXEC);
+    assert_int_equal(ftruncate(fd, 4096), 0);
+    assert_int_equal(shm_attach(&b, fd), -EPROTO);
+    close(fd);
+    shm_destroy(&a);
 }
 
 static void test_shared_across_fork(void **state)
@@ -807,6 +838,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layout),
         cmocka_unit_test(test_rejects_bad_sizes),
+        cmocka_unit_test(test_attach_by_fd),
         cmocka_unit_test(test_ai_regions),
         cmocka_unit_test(test_shared_across_fork),
         cmocka_unit_test(test_totals_and_worker_reset),
