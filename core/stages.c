@@ -5,14 +5,16 @@
  *   parse     client_process       core/client.c   llhttp over what was read: head, then body
  *   validate  client_validate      core/client.c   at the head (RFC 9112/9110: core/request.c)
  *   local     stage_local          here            paths aigw refuses, OPTIONS: answered here
+ *   auth      stage_auth           here            the client's key (core/route.c), 401
  *   body      stage_body           here            the JSON body read once (core/json.c)
- *   auth      stage_auth           here            (issue 7: the client's key)
- *   route     stage_route          here            the pool (issue 7: by model)
- *   limit     stage_limit          here            (issue 7: rate limits, budgets)
+ *   route     stage_route          here            the pool by model or path, /v1/models, 403/404
+ *   limit     stage_limit          here            key/model/pool limits and budget (shm), 429
  *   pick      client_pick          core/forward.c  a backend of the pool (balancer/, shm slots)
  *   forward   client_try           core/forward.c  the upstream exchange (core/upstream.c)
- *   respond   op_on_head, ...      core/forward.c  the answer streamed back (core/proxy.c)
+ *   respond   op_on_head, ...      core/forward.c  the answer streamed back (core/proxy.c),
+ *                                                  its usage read (core/usage.c)
  *   record    client_head_outcome  core/forward.c  what a try counts as (retry_record_*)
+ *   settle    stages_settle        here            usage and cost into limits and totals
  *
  * Each stage here returns 0 to go on, or -1 when it answered the client itself (the answer is
  * on its way and ends the request); a new stage is a new function called in stages_run. */
