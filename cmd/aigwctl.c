@@ -14,9 +14,9 @@
 #include "core/conf.h"
 
 #define DEFAULT_SOCKET "aigw.sock"
-#define REPLY_TIMEOUT_S                                                                            \
-    30 /* a master that accepts but never answers must not hang us (a                              \
-        * reload answers within the master's 10 s readiness deadline) */
+/* a master that accepts but never answers must not hang us (a reload answers within the
+ * master's 25 s readiness deadline) */
+#define REPLY_TIMEOUT_S 40
 
 static void usage(FILE *f)
 {

@@ -3,6 +3,7 @@
 #include "core/daemon.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <stdio.h>
@@ -173,7 +174,14 @@ static int daemon_pidfile_put(const char *path, pid_t allow)
     }
     if (old > 0 && old != allow)
         log_info("pidfile %s: pid %d is not running any more, replacing the file", path, (int)old);
-    fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    /* a new file renamed over the old one: after a privilege drop (a binary upgrade) only
+     * the directory needs to be writable, not a file root created */
+    char tmp[PATH_MAX];
+    if (snprintf(tmp, sizeof(tmp), "%s.%d.tmp", path, (int)getpid()) >= (int)sizeof(tmp)) {
+        log_err("cannot write pidfile %s: path too long", path);
+        return -ENAMETOOLONG;
+    }
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd == -1) {
         rc = -errno;
         log_err("cannot write pidfile %s: %s", path, strerror(-rc));
@@ -184,9 +192,11 @@ static int daemon_pidfile_put(const char *path, pid_t allow)
         rc = errno ? -errno : -EIO;
     if (close(fd) == -1 && !rc)
         rc = -errno;
+    if (!rc && rename(tmp, path) == -1)
+        rc = -errno;
     if (rc < 0) {
         log_err("cannot write pidfile %s: %s", path, strerror(-rc));
-        unlink(path);
+        unlink(tmp);
         return rc;
     }
     snprintf(daemon_pidfile, sizeof(daemon_pidfile), "%s", path);

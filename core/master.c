@@ -1408,8 +1408,10 @@ static int master_state_load(const struct conf *conf)
 
 /* ---- generations and reload ---- */
 
-#define RELOAD_READY_MS 10000 /* a new generation's workers must be ready within this */
-#define SYNC_MS         20    /* while an old generation drains: how often its limiters carry */
+#define RELOAD_READY_MS                                                                            \
+    25000          /* a new generation's workers must be ready within this (slow                   \
+                      starts: sanitizer builds on a loaded host) */
+#define SYNC_MS 20 /* while an old generation drains: how often its limiters carry */
 
 static int gen_children(struct gen *g)
 {
@@ -1718,6 +1720,10 @@ static int master_reload(char **err)
     if (strcmp(conf->global.admin_socket, M.g->conf->global.admin_socket))
         log_warn("reload: admin_socket changed: it takes a restart; %s stays",
                  M.g->conf->global.admin_socket);
+    if (conf->stats.enabled != M.g->conf->stats.enabled ||
+        (conf->stats.enabled && strcmp(conf->stats.bind, M.g->conf->stats.bind)))
+        log_warn("reload: [stats] changed: it takes a restart or an upgrade; %s stays",
+                 M.g->conf->stats.enabled ? M.g->conf->stats.bind : "(no listener)");
     g = calloc(1, sizeof(*g));
     if (!g) {
         conf_free(conf);

@@ -14,7 +14,7 @@ KEY2 = "sk-aigw-reload-second-key-000000"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def _reload(gw, timeout=20.0):
+def _reload(gw, timeout=45.0):
     return gw.ctl("reload", timeout=timeout)
 
 
