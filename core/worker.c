@@ -35,6 +35,9 @@ void worker_check_exit(struct worker *w)
     if (!(w->draining || w->stopping) || w->n_clients > 0)
         return;
     if (w->handles_ok && !uv_is_closing((uv_handle_t *)&w->sigterm)) {
+        /* blocked first: between libuv putting the default action back (at the close) and
+         * the SIG_IGN below, a second stop signal would kill the worker mid-exit */
+        sig_block_all_handled();
         uv_close((uv_handle_t *)&w->sigterm, on_handle_closed_noop);
         uv_close((uv_handle_t *)&w->sigint, on_handle_closed_noop);
         uv_close((uv_handle_t *)&w->sigquit, on_handle_closed_noop);

@@ -670,6 +670,9 @@ static void health_stop(struct health *h)
     if (h->eval_open)
         uv_close((uv_handle_t *)&h->eval, NULL);
     if (h->signals_ok) {
+        /* blocked first: between libuv putting the default action back (at the close) and
+         * the SIG_IGN below, a second stop signal would kill us mid-exit */
+        sig_block_all_handled();
         uv_close((uv_handle_t *)&h->sigterm, NULL);
         uv_close((uv_handle_t *)&h->sigint, NULL);
         uv_close((uv_handle_t *)&h->sigquit, NULL);
