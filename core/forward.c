@@ -63,16 +63,6 @@ static int client_attempts(const struct client *c)
 
 /* ---- usage ---- */
 
-/* The path of the request without its query, compared with an AI endpoint's. */
-static int path_is(const struct creq *r, const char *want)
-{
-    size_t n = strlen(want), l = r->url_len;
-    const char *q = memchr(r->url, '?', l);
-    if (q)
-        l = (size_t)(q - r->url);
-    return l == n && memcmp(r->url, want, n) == 0;
-}
-
 /* Whether the answer's usage is read, and whether stream_options.include_usage is added: a
  * POST to an AI endpoint has its usage read; a stream of chat or completions whose client did
  * not ask for usage gets it asked for upstream, and the extra chunk taken out of what the
@@ -80,11 +70,12 @@ static int path_is(const struct creq *r, const char *want)
 static void forward_usage_plan(struct client *c)
 {
     struct creq *r = client_creq(c);
-    int chat = path_is(r, "/v1/chat/completions") || path_is(r, "/v1/completions");
+    /* the endpoint as the route stage found it (core/route.c) */
+    int chat = r->ep == EP_CHAT || r->ep == EP_COMPLETIONS;
 
     r->urd = NULL;
-    r->usage_read = r->parser.method == HTTP_POST && r->body_len &&
-                    (chat || path_is(r, "/v1/embeddings") || path_is(r, "/v1/responses"));
+    r->usage_read =
+        r->parser.method == HTTP_POST && r->body_len && route_ep_by_model((enum route_ep)r->ep);
     r->usage_inject = r->usage_read && chat && (r->info.flags & JSON_REQ_STREAM) &&
                       !(r->info.flags & JSON_REQ_INCLUDE_USAGE);
 }
