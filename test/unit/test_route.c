@@ -69,10 +69,20 @@ static void test_keys(void **state)
         assert_int_equal(route_key_find(&t, "k4", 2), -1);
         assert_int_equal(route_key_find(&t, "k1x", 3), -1);
     }
-    /* a remembered key's slot taken by another key: both still found */
+    /* every slot holding k1 (of the same length as k2, k3): the whole token is compared, so
+     * k2 and k3 are not taken for k1, and k4 still is no key */
+    struct route_kcache k1e = {0};
     for (int i = 0; i < ROUTE_KCACHE; i++)
-        t.cache[i] = t.cache[0].len ? t.cache[0] : t.cache[i];
+        if (t.cache[i].len == 2 && t.cache[i].key == 0)
+            k1e = t.cache[i];
+    assert_int_equal(k1e.len, 2);
+    for (int i = 0; i < ROUTE_KCACHE; i++)
+        t.cache[i] = k1e;
+    assert_int_equal(route_key_find(&t, "k4", 2), -1);
     assert_int_equal(route_key_find(&t, "k2", 2), 1);
+    for (int i = 0; i < ROUTE_KCACHE; i++)
+        t.cache[i] = k1e;
+    assert_int_equal(route_key_find(&t, "k3", 2), 2);
     assert_int_equal(route_key_find(&t, "k1", 2), 0);
     route_keys_free(&t);
     conf_free(c);
