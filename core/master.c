@@ -677,6 +677,15 @@ fail:
 
 static void child_after_fork_walk(uv_handle_t *h, void *arg)
 {
+    if (h->type == UV_SIGNAL) {
+        /* A signal the master caught but had not dispatched when it forked is the master's:
+         * its note is in the master's signal pipe, which uv_loop_fork replaced here. libuv
+         * finishes closing a signal handle only once every caught signal was dispatched, so
+         * the loop below would spin for ever (seen: a SIGCHLD from an old generation's exit
+         * just before a reload's fork left new workers spinning, never ready). */
+        uv_signal_t *s = (uv_signal_t *)h;
+        s->dispatched_signals = s->caught_signals;
+    }
     if (!uv_is_closing(h))
         uv_close(h, NULL);
 }

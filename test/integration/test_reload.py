@@ -89,6 +89,38 @@ def test_reload_new_generation_old_exits(env):
         check(all(_ok(gw.port) == 200 for _ in range(6)), f"traffic failed with {workers} workers")
 
 
+def test_reload_while_signals_arrive(env):
+    """A signal the master caught but had not handled yet when it forked a new generation's
+    process is the master's: the child must not wait for it (it did, spinning, never ready)."""
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=2)
+    stop = threading.Event()
+    sent = [0]
+
+    def flood():  # SIGCHLD is harmless to the master: it reaps, and finds nobody
+        while not stop.is_set():
+            os.kill(gw.proc.pid, signal.SIGCHLD)
+            sent[0] += 1
+            time.sleep(0.00005)
+
+    t = threading.Thread(target=flood)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        i = 0
+        while i < 16 or (i < 100 and time.monotonic() - t0 < 2.0):  # 16 reloads, 2 s at most
+            gw.sections[0][1]["workers"] = 3 if i % 2 == 0 else 1
+            gw._write_conf()
+            r = _reload(gw)
+            check(r.returncode == 0, f"reload {i + 1} with signals arriving: {r.stderr!r}")
+            i += 1
+    finally:
+        stop.set()
+        t.join(5)
+    check(sent[0] > 1000, f"only {sent[0]} signals sent")
+    check(_ok(gw.port) == 200, "traffic failed after the reloads")
+
+
 def test_reload_keeps_drain_and_rpm(env):
     a = env.mock("a")
     b = env.mock("b")
