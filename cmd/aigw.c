@@ -11,6 +11,7 @@
 #include "core/daemon.h"
 #include "core/log.h"
 #include "core/master.h"
+#include "core/state.h"
 #include "core/upgrade.h"
 
 #ifndef AIGW_VERSION
@@ -37,6 +38,33 @@ static void usage(FILE *out)
                  "           (ignored under systemd)\n"
                  "  -v       print the version and exit\n"
                  "  -h       print this help and exit\n");
+}
+
+/* -t: a state file that would stop the start (damaged, unreadable) fails the check too. */
+static int check_state_file(const struct conf *conf)
+{
+    struct state_names names;
+    const char **ptrs = NULL;
+    char *err = NULL;
+    int rc;
+
+    if (!conf->global.state_file[0])
+        return 0;
+    if (state_names_build(conf, &ptrs, &names) < 0) {
+        fprintf(stderr, "aigw: out of memory\n");
+        return -1;
+    }
+    rc = state_load(conf->global.state_file, &names, NULL, NULL, &err);
+    free(ptrs);
+    if (rc == -ENOENT)
+        return 0; /* a first start: usage and budgets start from zero */
+    if (rc < 0) {
+        fprintf(stderr, "%s (aigw would not start: move the file away to start from zero)\n",
+                err ? err : "bad state file");
+        free(err);
+        return -1;
+    }
+    return 0;
 }
 
 int main(int argc, char **argv)
@@ -86,6 +114,10 @@ int main(int argc, char **argv)
     }
     if (test) {
         conf_warnings(conf, print_warning, stderr);
+        if (check_state_file(conf) < 0) {
+            conf_free(conf);
+            return 1;
+        }
         printf("configuration file %s is valid\n", path);
         conf_free(conf);
         return 0;

@@ -1362,25 +1362,7 @@ static void state_timer_fired(uv_timer_t *t)
  * accident (move the file away to start from zero). */
 static int gen_names(struct gen *g)
 {
-    const struct conf *conf = g->conf;
-    size_t n = (size_t)(conf->n_keys + conf->n_models + conf->n_backends);
-
-    g->name_ptrs = calloc(n ? n : 1, sizeof(*g->name_ptrs));
-    if (!g->name_ptrs)
-        return -ENOMEM;
-    for (int i = 0; i < conf->n_keys; i++)
-        g->name_ptrs[i] = conf->keys[i].name;
-    for (int i = 0; i < conf->n_models; i++)
-        g->name_ptrs[conf->n_keys + i] = conf->models[i].name;
-    for (int i = 0; i < conf->n_backends; i++)
-        g->name_ptrs[conf->n_keys + conf->n_models + i] = conf->backends[i].name;
-    g->names = (struct state_names){g->name_ptrs,
-                                    (uint32_t)conf->n_keys,
-                                    g->name_ptrs + conf->n_keys,
-                                    (uint32_t)conf->n_models,
-                                    g->name_ptrs + conf->n_keys + conf->n_models,
-                                    (uint32_t)conf->n_backends};
-    return 0;
+    return state_names_build(g->conf, &g->name_ptrs, &g->names);
 }
 
 static int master_state_load(const struct conf *conf)

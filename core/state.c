@@ -19,6 +19,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "core/conf.h"
 #include "core/log.h"
 #include "core/state.h"
 
@@ -389,6 +390,29 @@ static const char *load_line(char *line, int lineno, struct load *ld)
         return NULL;
     }
     return "unknown line";
+}
+
+int state_names_build(const struct conf *conf, const char ***ptrs, struct state_names *out)
+{
+    size_t n = (size_t)(conf->n_keys + conf->n_models + conf->n_backends);
+    const char **p = calloc(n ? n : 1, sizeof(*p));
+
+    if (!p)
+        return -ENOMEM;
+    for (int i = 0; i < conf->n_keys; i++)
+        p[i] = conf->keys[i].name;
+    for (int i = 0; i < conf->n_models; i++)
+        p[conf->n_keys + i] = conf->models[i].name;
+    for (int i = 0; i < conf->n_backends; i++)
+        p[conf->n_keys + conf->n_models + i] = conf->backends[i].name;
+    *out = (struct state_names){p,
+                                (uint32_t)conf->n_keys,
+                                p + conf->n_keys,
+                                (uint32_t)conf->n_models,
+                                p + conf->n_keys + conf->n_models,
+                                (uint32_t)conf->n_backends};
+    *ptrs = p;
+    return 0;
 }
 
 /* Reads the whole file, putting back what it holds when limits / acct are given. */

@@ -21,6 +21,12 @@ struct state_names {
     uint32_t n_backends;
 };
 
+struct conf;
+
+/* The names of conf's keys, models and backends in *out, pointing into conf; *ptrs (free it)
+ * holds them. 0 or -ENOMEM. */
+int state_names_build(const struct conf *conf, const char ***ptrs, struct state_names *out);
+
 /* Writes every key's budget (from limits, may be NULL) and every key's, model's and backend's
  * totals (from acct, may be NULL) to path: a temp file in the same directory, fsync, rename,
  * fsync of the directory, so the file is always the old one or the new one whole.

@@ -9,10 +9,11 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from decimal import Decimal
 
-from harness import (build_request, chat, chat_body, check, group_pids, key_sha256, wait_for)
+from harness import (AIGW, build_request, chat, chat_body, check, group_pids, key_sha256, wait_for)
 
 KEY_A = "sk-aigw-usage-key-a-0123456789"
 KEY_B = "sk-aigw-usage-key-b-9876543210"
@@ -342,6 +343,11 @@ def test_damaged_state_file_stops_start(env):
         [("b1", m, {})], workers=1, pool={"models": "gpt-*", "check": "no"}, start=False,
         keys={"a": {"key_sha256": key_sha256(KEY_A), "budget_usd": "1"}},
         glob={"state_file": state})
+    # aigw -t, as an operator's ExecStartPre or a check before a restart, says so as well
+    t = subprocess.run([AIGW, "-t", "-c", gw.conf_path], capture_output=True, text=True,
+                       timeout=20)
+    check(t.returncode == 1 and f"{state}:3:" in t.stderr,
+          f"aigw -t on a damaged state file: {t.returncode} {t.stdout!r} {t.stderr!r}")
     gw.start(wait=False)
     check(gw.proc.wait(10) not in (None, 0), "aigw started on a damaged state file")
     check(f"{state}:3:" in gw.proc.log_text(), f"no FILE:LINE: {gw.proc.log_tail(5)}")
