@@ -130,3 +130,46 @@ void meter_usd(struct out *o, uint64_t nano)
     OUT_LIT(o, ".");
     out_mem(o, frac, n);
 }
+
+/* The characters of a base64 run as it appears in a JSON string ('\\' for an escaped '/',
+ * and for "\n" line breaks of MIME base64). */
+static const uint8_t meter_b64[256] = {
+    ['+'] = 1, ['/'] = 1, ['='] = 1, ['\\'] = 1, ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1,
+    ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,  ['8'] = 1, ['9'] = 1, ['A'] = 1, ['B'] = 1,
+    ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1,  ['G'] = 1, ['H'] = 1, ['I'] = 1, ['J'] = 1,
+    ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1,  ['O'] = 1, ['P'] = 1, ['Q'] = 1, ['R'] = 1,
+    ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1,  ['W'] = 1, ['X'] = 1, ['Y'] = 1, ['Z'] = 1,
+    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1,  ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1,
+    ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1,  ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1,
+    ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1,  ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1,
+    ['y'] = 1, ['z'] = 1,
+};
+
+static uint64_t media_tokens(uint64_t run)
+{
+    uint64_t t = run / METER_MEDIA_BYTES_PER_TOKEN;
+    return t > METER_MEDIA_TOKENS ? t : METER_MEDIA_TOKENS;
+}
+
+uint64_t meter_prompt_estimate_scan(const char *body, uint64_t len)
+{
+    const unsigned char *s = (const unsigned char *)body;
+    uint64_t run = 0, media = 0, tokens = 0;
+
+    for (uint64_t i = 0; i < len; i++) {
+        if (meter_b64[s[i]]) {
+            run++;
+            continue;
+        }
+        if (run >= METER_MEDIA_RUN_MIN) {
+            media += run;
+            tokens += media_tokens(run);
+        }
+        run = 0;
+    }
+    if (run >= METER_MEDIA_RUN_MIN) {
+        media += run;
+        tokens += media_tokens(run);
+    }
+    return tokens + (len - media + 2) / 3;
+}

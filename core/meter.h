@@ -9,12 +9,27 @@
 #include "core/conf.h"
 #include "core/out.h"
 
-/* Tokens a prompt of body_len JSON bytes may hold at most, as reserved before the upstream
- * counts it: one per 3 bytes, rounded up (English runs ~4 bytes a token, CJK text ~3; the
- * JSON around the text only adds bytes), corrected to the real count when the answer ends. */
-static inline uint64_t meter_prompt_estimate(uint64_t body_len)
+/* Bodies this long or longer are scanned for inline media (base64 images and audio). */
+#define METER_MEDIA_SCAN_MIN 2048u
+/* A run of this many base64 characters (JSON's \/ included) is taken for inline media... */
+#define METER_MEDIA_RUN_MIN 1024u
+/* ...and reserved as this many tokens, or one per METER_MEDIA_BYTES_PER_TOKEN of it if more. */
+#define METER_MEDIA_TOKENS          765u
+#define METER_MEDIA_BYTES_PER_TOKEN 256u
+
+/* Tokens the prompt of a len-byte JSON body may hold, as reserved before the upstream counts
+ * it (and corrected to the real count when the answer ends): text at one token per 3 bytes,
+ * rounded up (English runs ~4 bytes a token, CJK text ~3; the JSON around it only adds bytes).
+ * An image or audio clip sent inline as base64 is not text: a model counts it by its pixels
+ * or seconds, not its bytes (an image is 85 to ~1,500 tokens on gpt-4o whatever its size), so a
+ * body of METER_MEDIA_SCAN_MIN bytes or more is scanned, and each run of base64 of
+ * METER_MEDIA_RUN_MIN or more counts as max(METER_MEDIA_TOKENS, bytes / 256) tokens instead. */
+uint64_t meter_prompt_estimate_scan(const char *body, uint64_t len);
+static inline uint64_t meter_prompt_estimate(const char *body, uint64_t len)
 {
-    return (body_len + 2) / 3;
+    if (len < METER_MEDIA_SCAN_MIN || !body)
+        return (len + 2) / 3;
+    return meter_prompt_estimate_scan(body, len);
 }
 
 /* Tokens an answer may hold at most: the largest of the request's max_tokens /

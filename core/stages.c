@@ -314,7 +314,7 @@ static int stage_limit(struct client *c)
     r->upstream_saw = 0;
     r->rq.written = 0;
     if (route_ep_by_model((enum route_ep)r->ep)) {
-        r->res_prompt = meter_prompt_estimate(r->body_len);
+        r->res_prompt = meter_prompt_estimate(r->body, r->body_len);
         out_max = meter_output_max(r->info.max_tokens, conf->global.default_max_tokens,
                                    r->ep == EP_EMBEDDINGS);
     }

@@ -430,3 +430,23 @@ def test_fallback_counts_against_the_fallback_models_limits(env):
     # the 4 sent as gpt-a were admitted by the key (the refused gpt-b was not)
     r = chat(gw.port, body=chat_body(model="gpt-z"), headers=AUTH)
     check(r.status == 200 and r.header("x-ratelimit-remaining-requests") == "95", f"{r!r}")
+
+
+def test_inline_image_reserved_as_an_image(env):
+    """A base64 image in the prompt is reserved as image tokens (hundreds to a few thousand),
+    not as a token per 3 bytes of base64: a 300 KB image under a tpm of 20,000 passes (it was
+    refused as 100,000 tokens), and the usage it reports settles the window."""
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=2, keys={"k": _key(tpm=20000)})
+    b64 = "iVBORw0KGgo" + "A" * 300000 + "=="
+    body = json.dumps({"model": "gpt-test", "max_tokens": 100, "messages": [{
+        "role": "user", "content": [
+            {"type": "text", "text": "What is in this image?"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}]}]})
+    r = chat(gw.port, body=body, headers=AUTH, timeout=15)
+    check(r.status == 200, f"a 300 KB inline image under tpm 20000: {r.status} {r.body[:300]!r}")
+    # the whole body as text would be ~100,000 tokens: over the tpm it is refused at once
+    text = json.dumps({"model": "gpt-test", "max_tokens": 100, "messages": [{
+        "role": "user", "content": "word " * 60000}]})
+    r = chat(gw.port, body=text, headers=AUTH, timeout=15)
+    check(r.status == 429, f"300 KB of text under tpm 20000: {r.status} {r.body[:200]!r}")

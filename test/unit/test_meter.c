@@ -27,10 +27,43 @@ static void test_output_max(void **state)
     /* n and best_of make that many answers */
     assert_int_equal(meter_output_max(many, 4096, 0), 6000);
     assert_int_equal(meter_output_max(huge, 4096, 0), UINT64_MAX);
-    assert_int_equal(meter_prompt_estimate(0), 0);
-    assert_int_equal(meter_prompt_estimate(1), 1);
-    assert_int_equal(meter_prompt_estimate(300), 100);
-    assert_int_equal(meter_prompt_estimate(301), 101);
+    assert_int_equal(meter_prompt_estimate("", 0), 0);
+    assert_int_equal(meter_prompt_estimate("x", 1), 1);
+    assert_int_equal(meter_prompt_estimate(NULL, 300), 100);
+    assert_int_equal(meter_prompt_estimate(NULL, 301), 101);
+}
+
+/* Inline base64 media count as images and audio do, not as text of that many bytes. */
+static void test_prompt_media(void **state)
+{
+    static char body[400000];
+    const char *head = "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\","
+                       "\"image_url\":{\"url\":\"data:image/png;base64,";
+    const char *tail = "\"}}]}]}";
+    size_t h = strlen(head), t = strlen(tail), n;
+
+    (void)state;
+    /* 300,000 bytes of base64 (with JSON-escaped slashes): 300000 / 256 = 1171 tokens, and the
+     * text around it at a token per 3 bytes */
+    memcpy(body, head, h);
+    for (size_t i = 0; i < 300000; i++)
+        body[h + i] = i % 50 == 7 ? '\\' : i % 50 == 8 ? '/' : "AbZz09+="[i % 8];
+    memcpy(body + h + 300000, tail, t);
+    n = h + 300000 + t;
+    assert_int_equal(meter_prompt_estimate(body, n), 1171 + (h + t + 2) / 3);
+    /* a small image: the floor of 765 tokens */
+    memcpy(body + h + 2000, tail, t);
+    n = h + 2000 + t;
+    assert_int_equal(meter_prompt_estimate(body, n), 765 + (h + t + 2) / 3);
+    /* text: words and spaces, no long run, as many bytes: a token per 3 */
+    for (size_t i = 0; i < 3000; i++)
+        body[i] = "hello world "[i % 12];
+    assert_int_equal(meter_prompt_estimate(body, 3000), 1000);
+    /* a run just under the floor's length is text */
+    memset(body, 'A', 1023);
+    body[1023] = ' ';
+    memset(body + 1024, ' ', 2000);
+    assert_int_equal(meter_prompt_estimate(body, 3024), 1008);
 }
 
 static void test_cost(void **state)
@@ -119,9 +152,9 @@ static void test_usd(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_output_max), cmocka_unit_test(test_cost),
-        cmocka_unit_test(test_duration),   cmocka_unit_test(test_headers),
-        cmocka_unit_test(test_usd),
+        cmocka_unit_test(test_output_max), cmocka_unit_test(test_prompt_media),
+        cmocka_unit_test(test_cost),       cmocka_unit_test(test_duration),
+        cmocka_unit_test(test_headers),    cmocka_unit_test(test_usd),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
