@@ -331,6 +331,19 @@ static int stage_limit(struct client *c)
     if (!n)
         return 0;
     cost = meter_cost_nano(m >= 0 ? &conf->models[m] : NULL, r->res_prompt, 0, out_max, 0);
+    if (r->model >= 0 && conf->models[r->model].fallback[0]) {
+        /* the fallback, when it serves the request, costs its own price: the budget holds the
+         * dearer of the two (the key's budget limiter is not taken again at the fallback) */
+        const char *fb = conf->models[r->model].fallback;
+        struct route_model fm;
+        if (route_model(conf, fb, strlen(fb), &fm) == 0) {
+            int f = fm.served >= 0 ? fm.served : fm.model;
+            uint64_t fc =
+                meter_cost_nano(f >= 0 ? &conf->models[f] : NULL, r->res_prompt, 0, out_max, 0);
+            if (fc > cost)
+                cost = fc;
+        }
+    }
     int rc = limit_admit(lr, ids, n, time_mono_ms(), (int64_t)(time_real_ms() / 1000),
                          r->res_tokens, cost, (uint32_t)w->slot, &r->ticket, &v);
     r->rl_req = (struct meter_trio){v.req.set, v.req.limit, v.req.remaining, v.req.reset_ms};

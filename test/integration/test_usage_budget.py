@@ -356,3 +356,33 @@ def test_damaged_state_file_stops_start(env):
     check(_keys(gw)["a"]["spent_usd"] == 0, "spent after starting from zero")
     check(chat(gw.port, chat_body(model="gpt-a"), headers=_bearer(KEY_A)).status == 200,
           "a request after starting from zero")
+
+
+def test_budget_holds_through_a_dearer_fallback(env):
+    """A model whose fallback costs more: the budget holds the fallback's price at admission
+    (regression: it held the primary's, so requests the fallback served spent past budget_usd)."""
+    m = env.mock("m1")
+    gw = env.gateway(
+        [("dead", "http://127.0.0.1:1/v1", {"pool": "pa"}), ("live", m, {"pool": "pe"}),
+         ("mz", env.mock("mz"), {})],
+        workers=2, pool={"models": "gpt-z", "check": "no"},
+        keys={"a": {"key_sha256": key_sha256(KEY_A), "budget_usd": "0.15",
+                    "budget_period": "total"}},
+        models={"gpt-cheap": {"price_input": "0.01", "price_output": "0.01",
+                              "fallback": "gpt-dear"},
+                "gpt-dear": {"price_input": "1000", "price_output": "1000"}},
+        sections=[("pool pa", {"models": "gpt-cheap", "check": "no"}),
+                  ("pool pe", {"models": "gpt-dear", "check": "no"})])
+    passed = 0
+    for i in range(20):
+        r = chat(gw.port, chat_body(f"fallback {i}", model="gpt-cheap", max_tokens=16),
+                 headers=_bearer(KEY_A))
+        if r.status == 429:
+            _insufficient_quota(r)
+            break
+        check(r.status == 200 and r.header("x-aigw-model") == "gpt-dear", f"request {i}: {r!r}")
+        passed += 1
+    check(0 < passed < 20, f"{passed} requests passed")
+    spent, k = _spent(gw)
+    check(spent <= Decimal("0.15"), f"{passed} requests through the dear fallback spent {spent} "
+                                     f"of a 0.15 USD budget: {k}")
