@@ -66,6 +66,7 @@ struct child {
     unsigned restarts;
     unsigned fast_deaths; /* consecutive deaths soon after start */
     int pending;          /* waiting to be (re)started at restart_at */
+    int release_busy;     /* its worker slot's limiter shares are not all given back yet */
     uint64_t restart_at;  /* monotonic ms */
 };
 
@@ -804,6 +805,17 @@ static void children_spawn_due(void)
         struct gen *g = k ? M.next : M.g;
         for (int i = 0; g && i < g->n_children; i++) {
             struct child *c = &g->children[i];
+            if (c->pending && c->restart_at <= now && c->release_busy &&
+                !(c->release_busy = shm_worker_reset(&g->shm, (uint32_t)c->slot) == -EBUSY))
+                log_info("worker %d: its limiter shares are given back: it starts again", c->slot);
+            if (c->pending && c->restart_at <= now && c->release_busy) {
+                /* a new worker in the slot would have its predecessor's shares given back as
+                 * its own later: the slot waits until a stopped process lets go of the lock */
+                log_warn("worker %d: a limiter's lock is held by a stopped process: its slots "
+                         "cannot be given back yet; trying again in %d ms",
+                         c->slot, RESTART_BACKOFF_MAX);
+                c->restart_at = now + RESTART_BACKOFF_MAX;
+            }
             if (c->pending && c->restart_at <= now)
                 child_spawn(c);
             if (c->pending && (!next || c->restart_at < next))
@@ -879,7 +891,7 @@ static void child_exited(struct child *c, int status)
      * crash loop's back-off (or a stop) may put off for long, holding max_conns and half-open
      * trial slots that nobody uses. */
     if (c->slot >= 0 && c->g->shm_ready)
-        shm_worker_reset(&c->g->shm, (uint32_t)c->slot);
+        c->release_busy = shm_worker_reset(&c->g->shm, (uint32_t)c->slot) == -EBUSY;
 
     if (M.stopping || c->g != M.g) {
         if (c->g == M.next) { /* a new generation's process died before it was ready */
@@ -1433,7 +1445,7 @@ static void gen_sync(struct gen *g)
 
     if (!o || !o->shm_ready)
         return;
-    for (uint32_t i = 0; i < g->n_carry; i++)
+    for (uint32_t i = 0; i < g->n_carry; i++) /* a busy one (-EBUSY) catches up next time */
         limit_carry_sync(shm_limits(&g->shm), shm_limits(&o->shm), (uint32_t)g->workers,
                          &g->carry[i], now);
     for (int k = ACCT_KEY; k <= ACCT_BACKEND; k++) {
@@ -1454,7 +1466,10 @@ static void gen_carry_end(struct gen *g)
         return;
     gen_sync(g);
     for (uint32_t i = 0; g->shm_ready && i < g->n_carry; i++)
-        limit_carry_end(shm_limits(&g->shm), (uint32_t)g->workers, &g->carry[i]);
+        if (limit_carry_end(shm_limits(&g->shm), (uint32_t)g->workers, &g->carry[i]) == -EBUSY)
+            log_warn("generation %u: limiter %u: a process stopped while holding its lock: the "
+                     "old generation's in-flight requests stay counted in it",
+                     g->id, g->carry[i].to);
     g->prev = NULL;
 }
 

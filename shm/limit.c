@@ -611,15 +611,22 @@ void limit_settle(struct limit_region *r, struct limit_ticket *t, uint64_t now_m
     t->n = 0;
 }
 
-void limit_release_owner(struct limit_region *r, uint32_t owner)
+int limit_release_owner(struct limit_region *r, uint32_t owner)
 {
+    int rc = 0;
+
     if (owner >= r->n_owners)
-        return;
+        return 0;
     for (uint32_t id = 0; id < r->n; id++) {
         struct limit_cell *c = cell(r, id);
         struct limit_owner *o = owner_of(r, id, owner);
 
-        cell_lock(r, id);
+        if (!o->parallel && !o->reserved_nano)
+            continue; /* nothing held: no lock needed (only the owner adds to its share) */
+        if (cell_lock_master(r, id) < 0) {
+            rc = -EBUSY; /* kept for the next call */
+            continue;
+        }
         c->parallel -= o->parallel < c->parallel ? o->parallel : c->parallel;
         c->reserved_nano -=
             o->reserved_nano < c->reserved_nano ? o->reserved_nano : c->reserved_nano;
@@ -627,6 +634,7 @@ void limit_release_owner(struct limit_region *r, uint32_t owner)
         o->reserved_nano = 0;
         cell_unlock(r, id);
     }
+    return rc;
 }
 
 int limit_info(struct limit_region *r, uint32_t id, uint64_t now_ms, int64_t wall_s,
@@ -720,8 +728,12 @@ int limit_carry_sync(struct limit_region *dst, struct limit_region *src, uint32_
     t = cell(dst, c->to);
     share = owner_of(dst, c->to, owner);
     /* Two regions: nobody else ever holds a lock of each at once, so no order to respect. */
-    cell_lock(src, c->from);
-    cell_lock(dst, c->to);
+    if (cell_lock_master(src, c->from) < 0)
+        return -EBUSY;
+    if (cell_lock_master(dst, c->to) < 0) {
+        cell_unlock(src, c->from);
+        return -EBUSY;
+    }
     log = cell_log(src, f);
     if (t->cap)
         cell_expire(dst, t, now_ms);
@@ -766,21 +778,23 @@ int limit_carry_sync(struct limit_region *dst, struct limit_region *src, uint32_
     return 0;
 }
 
-void limit_carry_end(struct limit_region *dst, uint32_t owner, const struct limit_carry *c)
+int limit_carry_end(struct limit_region *dst, uint32_t owner, const struct limit_carry *c)
 {
     struct limit_cell *t;
     struct limit_owner *share;
 
     if (c->to >= dst->n || owner >= dst->n_owners)
-        return;
+        return -EINVAL;
     t = cell(dst, c->to);
     share = owner_of(dst, c->to, owner);
-    cell_lock(dst, c->to);
+    if (cell_lock_master(dst, c->to) < 0)
+        return -EBUSY;
     t->parallel -= share->parallel;
     t->reserved_nano -= share->reserved_nano;
     share->parallel = 0;
     share->reserved_nano = 0;
     cell_unlock(dst, c->to);
+    return 0;
 }
 
 const char *limit_dim_str(enum limit_dim d)

@@ -115,8 +115,11 @@ void limit_settle(struct limit_region *r, struct limit_ticket *t, uint64_t now_m
                   uint64_t real_tokens, uint64_t real_cost_nano);
 
 /* Master, when it reaps worker slot `owner`: gives back every parallel slot and budget
- * reservation still held by it (its admissions stay counted in the windows). */
-void limit_release_owner(struct limit_region *r, uint32_t owner);
+ * reservation still held by it (its admissions stay counted in the windows). Like every master
+ * call it waits LIMIT_MASTER_WAIT_MS at most for a limiter's lock: -EBUSY when one could not be
+ * had (a live process stopped while holding it); what that limiter holds for the owner stays,
+ * for a later call (the slot must not run a new worker before). 0 when all was given back. */
+int limit_release_owner(struct limit_region *r, uint32_t owner);
 
 /* A limiter's state for `show keys`. -EINVAL for a bad id; -EBUSY when its lock was not had
  * within LIMIT_MASTER_WAIT_MS (a worker stopped while holding it): then only out->spec is set,
@@ -157,11 +160,13 @@ struct limit_carry {
  * budget, when both count the same kind of period), and sets the share of owner slot `owner` of
  * `to` to what `from` holds in flight (parallel slots, reserved money): in-flight requests of the
  * old generation settle in the old region, and the new one sees them until they have. The first
- * sync copies the whole window and spent. 0 or -EINVAL. */
+ * sync copies the whole window and spent. 0, -EINVAL, or -EBUSY when a lock was not had within
+ * LIMIT_MASTER_WAIT_MS (nothing changed: the next sync copies it). */
 int limit_carry_sync(struct limit_region *dst, struct limit_region *src, uint32_t owner,
                      struct limit_carry *c, uint64_t now_ms);
-/* The old generation is gone: owner `owner`'s share of `to` is given back. */
-void limit_carry_end(struct limit_region *dst, uint32_t owner, const struct limit_carry *c);
+/* The old generation is gone: owner `owner`'s share of `to` is given back. 0, -EINVAL, or
+ * -EBUSY (the lock was not had within LIMIT_MASTER_WAIT_MS: call again later). */
+int limit_carry_end(struct limit_region *dst, uint32_t owner, const struct limit_carry *c);
 
 /* Start of the budget period containing wall_s, and of the next one (INT64_MAX for total). */
 int64_t limit_period_start(enum limit_period p, int64_t wall_s);

@@ -558,10 +558,11 @@ void shm_backend_stats(const struct shm *shm, uint32_t b, struct shm_backend_sta
     }
 }
 
-void shm_worker_reset(struct shm *shm, uint32_t w)
+int shm_worker_reset(struct shm *shm, uint32_t w)
 {
     struct shm_worker *sw = shm_worker(shm, w);
     uint32_t b;
+    int rc = 0;
 
     /* The dead worker's in-flight requests are gone with it: its shares are zeroed (under its
      * claim counter, which it may have left odd), and the shared counts follow them. */
@@ -579,11 +580,12 @@ void shm_worker_reset(struct shm *shm, uint32_t w)
     }
     /* Its rate-limit slots and budget reservations too; its usage totals stay. */
     if (shm_limits(shm))
-        limit_release_owner(shm_limits(shm), w);
+        rc = limit_release_owner(shm_limits(shm), w);
     if (shm_acct(shm))
         acct_release_owner(shm_acct(shm), w);
     atomic_store_explicit(&sw->conns, 0, memory_order_relaxed);
     atomic_store_explicit(&sw->pid, 0, memory_order_relaxed);
+    return rc;
 }
 
 const char *shm_state_str(enum backend_state st)

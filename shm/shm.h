@@ -505,8 +505,10 @@ void shm_backend_stats(const struct shm *shm, uint32_t b, struct shm_backend_sta
 
 /* Master: zero a dead worker's slot and gauges, and give its in-flight claims back (its
  * backend claims, and its parallel slots and budget reservations in the limiters).
- * Cumulative counters (requests, failures, bytes, usage totals) are kept. */
-void shm_worker_reset(struct shm *shm, uint32_t w);
+ * Cumulative counters (requests, failures, bytes, usage totals) are kept. -EBUSY when a
+ * limiter's lock could not be had in time (see limit_release_owner): call it again before the
+ * slot runs a new worker. Else 0. */
+int shm_worker_reset(struct shm *shm, uint32_t w);
 
 const char *shm_state_str(enum backend_state st);
 const char *shm_admin_str(enum backend_admin a);

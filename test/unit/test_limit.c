@@ -374,16 +374,19 @@ static void test_budget_set_period_change(void **state)
  * LIMIT_MASTER_WAIT_MS with -EBUSY instead of hanging, and get it again once it is gone. */
 static void test_master_bounded_wait(void **state)
 {
-    struct limit_spec s = {.rpm = 10, .budget_nano = 1000};
+    struct limit_spec s = {.rpm = 10, .max_parallel = 5, .budget_nano = 1000};
     struct limit_info info;
     struct limit_budget b;
-    size_t size;
-    struct limit_region *r = region_new(&s, 1, 2, &size);
+    size_t size, so;
+    struct limit_region *r = region_new(&s, 1, 2, &size), *o = region_new(&s, 1, 1, &so);
+    struct limit_carry c = {.from = 0, .to = 0};
     struct timespec t0, t1;
     pid_t pid;
     int st;
 
-    assert_int_equal(admit1(r, 0, 3, 0, NULL, NULL), 0);
+    assert_int_equal(admit1(r, 0, 3, 0, NULL, NULL), 0); /* owner 0 holds a parallel slot */
+    assert_int_equal(admit1(o, 0, 0, 0, NULL, NULL), 0);
+    assert_int_equal(limit_carry_sync(r, o, 1, &c, 1), 0); /* owner 1: the old one's slot */
     pid = fork();
     assert_true(pid >= 0);
     if (pid == 0) {
@@ -400,17 +403,29 @@ static void test_master_bounded_wait(void **state)
     assert_int_equal(info.spec.rpm, 10); /* the spec is still there, the counts are 0 */
     assert_int_equal(info.requests, 0);
     assert_int_equal(limit_budget_get(r, 0, &b), -EBUSY);
+    /* a reaped worker's shares and a reload's carry wait as long, and are kept for later */
+    assert_int_equal(limit_release_owner(r, 0), -EBUSY);
+    assert_int_equal(limit_carry_sync(r, o, 1, &c, 2), -EBUSY);
+    assert_int_equal(limit_carry_end(r, 1, &c), -EBUSY);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     alarm(0);
     int64_t ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
-    assert_true(ms >= 2 * (int64_t)LIMIT_MASTER_WAIT_MS - 5 && ms < 1000);
+    assert_true(ms >= 5 * (int64_t)LIMIT_MASTER_WAIT_MS - 5 && ms < 2000);
+    assert_int_equal(owner_of(r, 0, 0)->parallel, 1);
+    assert_int_equal(owner_of(r, 0, 1)->parallel, 1);
     /* it goes on and dies with the lock held: the next reader repairs and reads */
     kill(pid, SIGKILL);
     assert_int_equal(waitpid(pid, &st, 0), pid);
     assert_int_equal(limit_info(r, 0, 1, WALL_MAR15_23H, &info), 0);
-    assert_int_equal(info.requests, 1);
+    assert_int_equal(info.requests, 2); /* its own, and the one carried */
     assert_int_equal(limit_budget_get(r, 0, &b), 0);
+    assert_int_equal(info.parallel, 2);
+    assert_int_equal(limit_release_owner(r, 0), 0);
+    assert_int_equal(limit_carry_end(r, 1, &c), 0);
+    assert_int_equal(limit_info(r, 0, 1, WALL_MAR15_23H, &info), 0);
+    assert_int_equal(info.parallel, 0);
     region_free(r, size);
+    region_free(o, so);
 }
 
 /* The same arrivals admitted by an exact reference that keeps every admission. */
@@ -649,7 +664,7 @@ static void test_carry(void **state)
     assert_int_equal(v.dim, LIMIT_REQUESTS);
     /* the carried admissions leave the window at their own times */
     assert_int_equal(admit1(n, 61000 + 1, 0, 0, NULL, NULL), 0);
-    limit_carry_end(n, 1, &c);
+    assert_int_equal(limit_carry_end(n, 1, &c), 0);
     assert_int_equal(limit_info(n, 0, 61001, WALL_MAR15_23H, &in), 0);
     assert_int_equal(in.parallel, 5); /* the new ones' own, never settled here */
     region_free(o, so);
