@@ -1,4 +1,6 @@
 /* Reservations, costs and rate-limit headers (see core/meter.h). */
+#include <string.h>
+
 #include "core/meter.h"
 
 /* a * b, saturating */
@@ -151,25 +153,48 @@ static uint64_t media_tokens(uint64_t run)
     return t > METER_MEDIA_TOKENS ? t : METER_MEDIA_TOKENS;
 }
 
+static int is_space(unsigned char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/* Whether the run of base64 starting at s[st] is inline media: a data URL's payload
+ * ("data:image/png;base64,...", images and files) or an input_audio's "data" string. A long
+ * run of letters in a prompt is not. */
+static int media_start(const unsigned char *s, uint64_t st)
+{
+    uint64_t j;
+
+    if (st >= 8 && !memcmp(s + st - 8, ";base64,", 8))
+        return 1;
+    if (st < 7 || s[st - 1] != '"')
+        return 0;
+    j = st - 1; /* the string's quote: before it, `"data"` and ':' with any white space */
+    while (j > 0 && is_space(s[j - 1]))
+        j--;
+    if (j == 0 || s[j - 1] != ':')
+        return 0;
+    j--;
+    while (j > 0 && is_space(s[j - 1]))
+        j--;
+    return j >= 6 && !memcmp(s + j - 6, "\"data\"", 6);
+}
+
 uint64_t meter_prompt_estimate_scan(const char *body, uint64_t len)
 {
     const unsigned char *s = (const unsigned char *)body;
     uint64_t run = 0, media = 0, tokens = 0;
 
-    for (uint64_t i = 0; i < len; i++) {
-        if (meter_b64[s[i]]) {
+    for (uint64_t i = 0; i <= len; i++) {
+        if (i < len && meter_b64[s[i]]) {
             run++;
             continue;
         }
-        if (run >= METER_MEDIA_RUN_MIN) {
+        if (run >= METER_MEDIA_RUN_MIN && media_start(s, i - run)) {
             media += run;
             tokens += media_tokens(run);
         }
         run = 0;
-    }
-    if (run >= METER_MEDIA_RUN_MIN) {
-        media += run;
-        tokens += media_tokens(run);
     }
     return tokens + (len - media + 2) / 3;
 }

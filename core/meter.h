@@ -11,7 +11,8 @@
 
 /* Bodies this long or longer are scanned for inline media (base64 images and audio). */
 #define METER_MEDIA_SCAN_MIN 2048u
-/* A run of this many base64 characters (JSON's \/ included) is taken for inline media... */
+/* A run of this many base64 characters (JSON's \/ included) after ";base64," (a data URL) or
+ * as a "data" string (input_audio) is taken for inline media... */
 #define METER_MEDIA_RUN_MIN 1024u
 /* ...and reserved as this many tokens, or one per METER_MEDIA_BYTES_PER_TOKEN of it if more. */
 #define METER_MEDIA_TOKENS          765u
@@ -22,8 +23,9 @@
  * rounded up (English runs ~4 bytes a token, CJK text ~3; the JSON around it only adds bytes).
  * An image or audio clip sent inline as base64 is not text: a model counts it by its pixels
  * or seconds, not its bytes (an image is 85 to ~1,500 tokens on gpt-4o whatever its size), so a
- * body of METER_MEDIA_SCAN_MIN bytes or more is scanned, and each run of base64 of
- * METER_MEDIA_RUN_MIN or more counts as max(METER_MEDIA_TOKENS, bytes / 256) tokens instead. */
+ * body of METER_MEDIA_SCAN_MIN bytes or more is scanned, and each data URL's or "data" string's
+ * base64 of METER_MEDIA_RUN_MIN bytes or more counts as max(METER_MEDIA_TOKENS, bytes / 256)
+ * tokens instead. */
 uint64_t meter_prompt_estimate_scan(const char *body, uint64_t len);
 static inline uint64_t meter_prompt_estimate(const char *body, uint64_t len)
 {

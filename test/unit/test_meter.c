@@ -36,7 +36,7 @@ static void test_output_max(void **state)
 /* Inline base64 media count as images and audio do, not as text of that many bytes. */
 static void test_prompt_media(void **state)
 {
-    static char body[400000];
+    static char body[600000];
     const char *head = "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\","
                        "\"image_url\":{\"url\":\"data:image/png;base64,";
     const char *tail = "\"}}]}]}";
@@ -59,11 +59,28 @@ static void test_prompt_media(void **state)
     for (size_t i = 0; i < 3000; i++)
         body[i] = "hello world "[i % 12];
     assert_int_equal(meter_prompt_estimate(body, 3000), 1000);
-    /* a run just under the floor's length is text */
-    memset(body, 'A', 1023);
-    body[1023] = ' ';
-    memset(body + 1024, ' ', 2000);
-    assert_int_equal(meter_prompt_estimate(body, 3024), 1008);
+    /* a data URL's run just under the floor's length is text */
+    n = h + 1023 + t;
+    memset(body + h, 'A', 1023);
+    memcpy(body + h + 1023, tail, t);
+    memset(body + n, ' ', 2000);
+    assert_int_equal(meter_prompt_estimate(body, n + 2000), (n + 2000 + 2) / 3);
+    /* a long run of letters in a prompt is text too: only data URLs and "data" are media */
+    const char *text = "{\"messages\":[{\"role\":\"user\",\"content\":\"";
+    h = strlen(text);
+    memcpy(body, text, h);
+    memset(body + h, 'x', 3000);
+    memcpy(body + h + 3000, "\"}]}", 4);
+    n = h + 3004;
+    assert_int_equal(meter_prompt_estimate(body, n), (n + 2) / 3);
+    /* input_audio's "data" (white space around the ':' allowed) is media */
+    const char *audio = "{\"input_audio\":{\"format\":\"wav\",\"data\" : \"";
+    h = strlen(audio);
+    memcpy(body, audio, h);
+    memset(body + h, 'Q', 512000);
+    memcpy(body + h + 512000, "\"}}", 3);
+    n = h + 512003;
+    assert_int_equal(meter_prompt_estimate(body, n), 2000 + (h + 3 + 2) / 3);
 }
 
 static void test_cost(void **state)
