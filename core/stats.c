@@ -48,6 +48,7 @@ static struct {
     const struct conf *conf;
     struct shm *shm;
     int (*procs)(struct admin_proc *procs, int max);
+    void (*refresh)(void);
     int max_procs;
     uint64_t started_ms;
     llhttp_settings_t settings;
@@ -167,6 +168,8 @@ static void conn_answer(struct stats_conn *c)
     plen = strcspn(c->url, "?#");
     c->url[plen] = '\0';
 
+    if (S.refresh)
+        S.refresh(); /* what draining generations counted, up to now */
     m.conf = S.conf;
     m.shm = S.shm;
     m.procs = procs;
@@ -301,7 +304,8 @@ static void stats_on_connection(uv_stream_t *server, int status)
 }
 
 int stats_start(uv_loop_t *loop, const struct conf *conf, struct shm *shm,
-                int (*procs)(struct admin_proc *procs, int max), int max_procs, uint64_t started_ms)
+                int (*procs)(struct admin_proc *procs, int max), void (*refresh)(void),
+                int max_procs, uint64_t started_ms)
 {
     int rc;
 
@@ -310,6 +314,7 @@ int stats_start(uv_loop_t *loop, const struct conf *conf, struct shm *shm,
     S.conf = conf;
     S.shm = shm;
     S.procs = procs;
+    S.refresh = refresh;
     S.max_procs = max_procs;
     S.started_ms = started_ms;
     S.stopping = 0;
