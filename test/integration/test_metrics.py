@@ -392,3 +392,38 @@ def test_metrics_monotonic_across_reload_and_upgrade(env):
     wrong = {k: v for k, v in figures.items() if v[0] != v[1]}
     check(not wrong, f"/metrics (got, sent) after a reload and an upgrade: {wrong}")
 
+
+def test_stats_idle_connections_do_not_lock_out(env):
+    """100 connections that never send a request (more than the listener keeps open) do not
+    shut out a scrape nor /healthz: the oldest one without a request makes room, and one that
+    sends nothing is closed after the head timeout (2 s), well before the 5 s of a whole
+    exchange."""
+    m = env.mock("m1")
+    gw = _gateway(env, [m])
+    idle = []
+    for i in range(100):
+        s = socket.create_connection(("127.0.0.1", gw.stats_port), timeout=5)
+        if i % 2:
+            s.sendall(b"GET /metr")  # a head that never ends
+        idle.append(s)
+    time.sleep(0.3)
+    try:
+        for path in ("/metrics", "/healthz"):
+            t0 = time.monotonic()
+            r = request(gw.stats_port, "GET", path, [("Connection", "close")], timeout=3)
+            took = time.monotonic() - t0
+            check(r.status == 200, f"{path} with 100 idle connections open: {r!r}")
+            check(took < 1.0, f"{path} took {took:.2f} s with 100 idle connections open")
+        # the idle ones are closed by the head timeout
+        t0 = time.monotonic()
+        idle[-1].settimeout(4)
+        try:
+            got = idle[-1].recv(100)
+        except (ConnectionResetError, socket.timeout) as e:
+            got = e
+        took = time.monotonic() - t0
+        check(got == b"", f"an idle stats connection got {got!r} rather than a close")
+        check(took < 2.5, f"an idle stats connection stayed open {took + 0.3:.1f} s")
+    finally:
+        for s in idle:
+            s.close()
