@@ -1203,6 +1203,28 @@ static int master_access_log_check(const struct conf *conf)
 static void gens_sync_counters(void);
 static void gen_sync_counters(struct gen *g);
 static void gen_restarts_carry(struct gen *g, const struct gen *o);
+/* As nginx does: the access log file is created by the privileged side, and given to the user
+ * the workers run as, so that a directory only root may write to (/var/log) works. The workers
+ * open it themselves (SIGUSR1 reopens it as that user: see README). Nothing when aigw does not
+ * switch users. */
+static void master_access_log_prepare(const struct conf *conf)
+{
+    struct stat st;
+    int fd;
+
+    if (conf->global.access_log != ALOG_FILE || conf->global.uid < 0 || geteuid() != 0)
+        return;
+    fd = open(conf->global.access_log_path,
+              O_WRONLY | O_APPEND | O_CREAT | O_NONBLOCK | O_CLOEXEC | O_NOFOLLOW, 0640);
+    if (fd == -1)
+        return; /* master_access_log_check says why, as the user */
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid != (uid_t)conf->global.uid &&
+        fchown(fd, (uid_t)conf->global.uid, (gid_t)-1) == -1)
+        log_warn("access_log: cannot give %s to uid %d: %s", conf->global.access_log_path,
+                 (int)conf->global.uid, strerror(errno));
+    close(fd);
+}
+
 static int master_upgrade_inherit(struct conf *conf);
 static int master_upgrade_carry(void);
 static int master_upgrade_ready(void);
@@ -1281,7 +1303,8 @@ static int master_setup(struct conf *conf)
     if (M.upfrom && (rc = master_upgrade_carry()) < 0)
         return rc;
 
-    /* Everything that needs root is done: listeners, admin socket, shm, state file. */
+    master_access_log_prepare(conf);
+    /* Everything that needs root is done: listeners, admin socket, shm, state file, log file. */
     rc = daemon_drop_privileges(&conf->global);
     if (rc < 0)
         return rc;
