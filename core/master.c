@@ -1325,8 +1325,8 @@ static int master_setup(struct conf *conf)
         return rc;
     }
     /* after the children's table: /healthz reads it */
-    rc = stats_start(&M.loop, conf, &M.g->shm, admin_procs, gens_sync_counters,
-                     M.g->n_children + 1, M.started_ms);
+    rc = stats_start(&M.loop, conf, &M.g->shm, admin_procs, gens_sync_counters, M.g->n_children + 1,
+                     M.started_ms);
     if (rc < 0)
         return rc;
 

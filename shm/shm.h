@@ -257,10 +257,10 @@ struct shm_header {
     uint64_t size;
     uint64_t off_backends; /* byte offsets from the segment start */
     uint64_t off_workers;
-    uint64_t off_wb;     /* n_workers * n_backends shm_wb, worker-major */
-    uint64_t created_ns; /* monotonic time of creation: every counter was 0 then */
-    uint64_t off_limits; /* shm/limit.h region, 0 = none */
-    uint64_t off_acct;   /* shm/acct.h region, 0 = none */
+    uint64_t off_wb;                 /* n_workers * n_backends shm_wb, worker-major */
+    uint64_t created_ns;             /* monotonic time of creation: every counter was 0 then */
+    uint64_t off_limits;             /* shm/limit.h region, 0 = none */
+    uint64_t off_acct;               /* shm/acct.h region, 0 = none */
     struct shm_carried_proc carried; /* writer: the master */
 };
 
