@@ -91,8 +91,10 @@ struct gen {
     struct limit_carry *carry;
     uint32_t n_carry;
     int32_t *acct_from[3]; /* per enum acct_kind */
+    int32_t *be_from;      /* per backend: the one of `prev` whose counters it carries, or -1 */
     uint64_t req_seen;     /* its workers' requests at the last rate sample */
     uint64_t kill_at;      /* draining: monotonic ms after which what is left gets SIGKILL */
+    int exited;            /* its processes are all gone (it waits for its own carry to end) */
     struct gen *next;      /* on M.old */
 };
 
@@ -872,6 +874,35 @@ static void workers_signal(int sig)
 static void reload_fail(const char *msg);
 static void gen_reap_old(void);
 
+/* A child's restarts, also in its generation's segment: the next generation (a reload's, or a
+ * binary upgrade's new master) goes on counting from there. */
+static void gen_restarts_note(const struct child *c)
+{
+    if (!c->g->shm_ready)
+        return;
+    if (c->slot >= 0)
+        atomic_store_explicit(&shm_worker(&c->g->shm, (uint32_t)c->slot)->restarts, c->restarts,
+                              memory_order_relaxed);
+    else
+        atomic_store_explicit(&c->g->shm.hdr->carried.health_restarts, c->restarts,
+                              memory_order_relaxed);
+}
+
+/* g's children start with the restarts of o's in the same role and slot. */
+static void gen_restarts_carry(struct gen *g, const struct gen *o)
+{
+    for (int i = 0; o->shm_ready && i < g->n_children; i++) {
+        struct child *c = &g->children[i];
+        if (c->slot < 0)
+            c->restarts = (unsigned)atomic_load_explicit(&o->shm.hdr->carried.health_restarts,
+                                                         memory_order_relaxed);
+        else if ((uint32_t)c->slot < shm_n_workers(&o->shm))
+            c->restarts = atomic_load_explicit(&shm_worker(&o->shm, (uint32_t)c->slot)->restarts,
+                                               memory_order_relaxed);
+        gen_restarts_note(c);
+    }
+}
+
 /* Logs a child's end and, unless stopping, schedules its restart: at once the first time, with
  * a doubling delay while it keeps dying soon after starting. */
 static void child_exited(struct child *c, int status)
@@ -923,6 +954,7 @@ static void child_exited(struct child *c, int status)
     else
         log_warn("%s (pid %d) %s; restarting", name, (int)pid, how);
     c->restarts++;
+    gen_restarts_note(c);
     c->pending = 1;
     c->restart_at = now + delay;
     uv_stop(&M.loop);
@@ -1168,6 +1200,31 @@ static int master_access_log_check(const struct conf *conf)
     return 0;
 }
 
+static void gens_sync_counters(void);
+static void gen_sync_counters(struct gen *g);
+static void gen_restarts_carry(struct gen *g, const struct gen *o);
+/* As nginx does: the access log file is created by the privileged side, and given to the user
+ * the workers run as, so that a directory only root may write to (/var/log) works. The workers
+ * open it themselves (SIGUSR1 reopens it as that user: see README). Nothing when aigw does not
+ * switch users. */
+static void master_access_log_prepare(const struct conf *conf)
+{
+    struct stat st;
+    int fd;
+
+    if (conf->global.access_log != ALOG_FILE || conf->global.uid < 0 || geteuid() != 0)
+        return;
+    fd = open(conf->global.access_log_path,
+              O_WRONLY | O_APPEND | O_CREAT | O_NONBLOCK | O_CLOEXEC | O_NOFOLLOW, 0640);
+    if (fd == -1)
+        return; /* master_access_log_check says why, as the user */
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid != (uid_t)conf->global.uid &&
+        fchown(fd, (uid_t)conf->global.uid, (gid_t)-1) == -1)
+        log_warn("access_log: cannot give %s to uid %d: %s", conf->global.access_log_path,
+                 (int)conf->global.uid, strerror(errno));
+    close(fd);
+}
+
 static int master_upgrade_inherit(struct conf *conf);
 static int master_upgrade_carry(void);
 static int master_upgrade_ready(void);
@@ -1246,7 +1303,8 @@ static int master_setup(struct conf *conf)
     if (M.upfrom && (rc = master_upgrade_carry()) < 0)
         return rc;
 
-    /* Everything that needs root is done: listeners, admin socket, shm, state file. */
+    master_access_log_prepare(conf);
+    /* Everything that needs root is done: listeners, admin socket, shm, state file, log file. */
     rc = daemon_drop_privileges(&conf->global);
     if (rc < 0)
         return rc;
@@ -1258,6 +1316,8 @@ static int master_setup(struct conf *conf)
     rc = gen_children(M.g);
     if (rc < 0)
         return rc;
+    if (M.upfrom && M.upfrom->shm_ready)
+        gen_restarts_carry(M.g, M.upfrom);
 
     if (M.upfrom && (rc = upgrade_child_start(&M.loop, master_upgrade_ready, master_upgrade_go,
                                               master_upgrade_gone, M.g->id)) < 0) {
@@ -1265,7 +1325,8 @@ static int master_setup(struct conf *conf)
         return rc;
     }
     /* after the children's table: /healthz reads it */
-    rc = stats_start(&M.loop, conf, &M.g->shm, admin_procs, M.g->n_children + 1, M.started_ms);
+    rc = stats_start(&M.loop, conf, &M.g->shm, admin_procs, gens_sync_counters, M.g->n_children + 1,
+                     M.started_ms);
     if (rc < 0)
         return rc;
 
@@ -1435,19 +1496,19 @@ static int gen_children(struct gen *g)
     return 0;
 }
 
-/* One step of what carries from g->prev into g: the limiters' admissions, spent money and
- * in-flight holds (limit_carry_sync), and the usage totals (the old generation's totals are
- * g's base, to which g's workers add). */
-static void gen_sync(struct gen *g)
+/* The counters /metrics shows and the usage totals carry from g->prev into g: the old
+ * generation's totals (what it carried itself and what its workers counted, draining ones too)
+ * are g's carried counters and usage base, to which g's workers add. */
+static void gen_sync_counters(struct gen *g)
 {
     struct gen *o = g->prev;
-    uint64_t now = time_mono_ms();
 
-    if (!o || !o->shm_ready)
+    if (!o || !o->shm_ready || !g->shm_ready)
         return;
-    for (uint32_t i = 0; i < g->n_carry; i++) /* a busy one (-EBUSY) catches up next time */
-        limit_carry_sync(shm_limits(&g->shm), shm_limits(&o->shm), (uint32_t)g->workers,
-                         &g->carry[i], now);
+    for (int b = 0; g->be_from && b < g->conf->n_backends; b++)
+        if (g->be_from[b] >= 0)
+            shm_carry_counters(&g->shm, (uint32_t)b, &o->shm, (uint32_t)g->be_from[b]);
+    shm_carry_proc(&g->shm, &o->shm);
     for (int k = ACCT_KEY; k <= ACCT_BACKEND; k++) {
         uint32_t n = acct_count(shm_acct(&g->shm), (enum acct_kind)k);
         for (uint32_t i = 0; g->acct_from[k] && i < n; i++) {
@@ -1457,6 +1518,35 @@ static void gen_sync(struct gen *g)
                 acct_base_set(shm_acct(&g->shm), (enum acct_kind)k, i, &u);
         }
     }
+}
+
+/* Every generation's carried counters brought up to date, oldest first so that what the oldest
+ * counted reaches the serving one in one pass: a scrape sees the draining workers' traffic. */
+static void gens_sync_counters(void)
+{
+    struct gen *chain[GEN_MAX];
+    int n = 0;
+
+    for (struct gen *o = M.old; o && n < GEN_MAX; o = o->next)
+        chain[n++] = o;
+    for (int i = n - 1; i >= 0; i--)
+        gen_sync_counters(chain[i]);
+    gen_sync_counters(M.g);
+}
+
+/* One step of what carries from g->prev into g: the limiters' admissions, spent money and
+ * in-flight holds (limit_carry_sync), and the counters and usage totals. */
+static void gen_sync(struct gen *g)
+{
+    struct gen *o = g->prev;
+    uint64_t now = time_mono_ms();
+
+    if (!o || !o->shm_ready)
+        return;
+    gen_sync_counters(g);
+    for (uint32_t i = 0; i < g->n_carry; i++) /* a busy one (-EBUSY) catches up next time */
+        limit_carry_sync(shm_limits(&g->shm), shm_limits(&o->shm), (uint32_t)g->workers,
+                         &g->carry[i], now);
 }
 
 /* g->prev is going away: a last sync, then g no longer holds its in-flight shares. */
@@ -1490,32 +1580,46 @@ static void gen_free(struct gen *g)
     free(g->carry);
     for (int k = 0; k < 3; k++)
         free(g->acct_from[k]);
+    free(g->be_from);
     if (g->conf)
         conf_free(g->conf);
     free(g);
 }
 
 /* Frees the old generations whose last process has exited; kills what outlived
- * hard_stop_after; stops the sync timer when none is left. */
+ * hard_stop_after; stops the sync timer when none is left. One whose own carry from an older
+ * generation still runs (that one drains longer) is kept, segment and all, until it ends: the
+ * newer ones carry through it what the older one still counts. */
 static void gen_reap_old(void)
 {
     uint64_t now = time_mono_ms();
 
-    for (struct gen **p = &M.old; *p;) {
-        struct gen *o = *p;
-        if (gen_alive(o) == 0) {
-            *p = o->next;
-            log_info("generation %u: all its processes have exited", o->id);
-            gen_free(o);
-            continue;
+    for (int again = 1; again;) {
+        again = 0;
+        for (struct gen **p = &M.old; *p;) {
+            struct gen *o = *p;
+            if (gen_alive(o) == 0 && !o->prev) {
+                *p = o->next;
+                if (!o->exited)
+                    log_info("generation %u: all its processes have exited", o->id);
+                gen_free(o); /* may end a newer one's carry: look again */
+                again = 1;
+                continue;
+            }
+            if (gen_alive(o) == 0 && !o->exited) {
+                o->exited = 1;
+                log_info("generation %u: all its processes have exited", o->id);
+            }
+            p = &o->next;
         }
-        if (o->kill_at && now >= o->kill_at) {
+    }
+    for (struct gen *o = M.old; o; o = o->next) {
+        if (o->kill_at && now >= o->kill_at && gen_alive(o)) {
             log_warn("generation %u: %d processes still running after hard_stop_after: killing",
                      o->id, gen_alive(o));
             gen_signal(o, SIGKILL);
             o->kill_at = 0;
         }
-        p = &o->next;
     }
     if (!M.old && !M.upfrom)
         uv_timer_stop(&M.sync_timer);
@@ -1658,6 +1762,17 @@ static int gen_carry_setup(struct gen *g, const struct gen *o)
         shm_backend_carry(&g->shm, (uint32_t)b, &o->shm, (uint32_t)ob, keep);
     }
     g->carry = calloc(n ? n : 1, sizeof(*g->carry));
+    g->be_from = malloc(sizeof(int32_t) * (size_t)(nc->n_backends ? nc->n_backends : 1));
+    if (!g->be_from)
+        return -ENOMEM;
+    for (int b = 0; b < nc->n_backends; b++) {
+        const struct conf_backend *cb = &nc->backends[b];
+        g->be_from[b] = -1; /* a series by pool and backend: carried when both are the same */
+        for (int i = 0; i < oc->n_backends; i++)
+            if (!strcmp(oc->backends[i].name, cb->name) &&
+                !strcmp(oc->pools[oc->backends[i].pool].name, nc->pools[cb->pool].name))
+                g->be_from[b] = i;
+    }
     for (int k = 0; k < 3; k++) {
         int cnt = k == ACCT_KEY ? nc->n_keys : k == ACCT_MODEL ? nc->n_models : nc->n_backends;
         g->acct_from[k] = malloc(sizeof(int32_t) * (size_t)(cnt ? cnt : 1));
@@ -1758,6 +1873,8 @@ static int master_reload(char **err)
     for (int s = 0; s < g->workers; s++)
         atomic_store_explicit(&shm_worker(&g->shm, (uint32_t)s)->hold, 1, memory_order_release);
     g->prev = M.g;
+    gen_sync_counters(g); /* before the fork: the new checker starts from these counts */
+    gen_restarts_carry(g, M.g);
     M.next = g;
     M.next_deadline = time_mono_ms() + RELOAD_READY_MS;
     uv_timer_start(&M.reload_timer, reload_timer_fired, ADMIN_POLL_MS, ADMIN_POLL_MS);
@@ -1922,6 +2039,7 @@ static int master_upgrade_carry(void)
         if (gen_carry_setup(M.g, M.upfrom) < 0)
             return -ENOMEM;
         M.g->prev = M.upfrom;
+        gen_sync_counters(M.g); /* before the fork: the new checker starts from these counts */
     }
     for (int s = 0; s < M.g->workers; s++)
         atomic_store_explicit(&shm_worker(&M.g->shm, (uint32_t)s)->hold, 1, memory_order_release);

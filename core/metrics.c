@@ -356,33 +356,24 @@ static void prom_budgets(const struct metrics_ctx *m, struct mbuf *b)
 
 static void prom_process(const struct metrics_ctx *m, struct mbuf *b)
 {
-    uint32_t nw = shm_n_workers(m->shm);
-    uint64_t lim[3][4] = {{0}}, reqs = 0, conns = 0, drops = 0;
+    struct shm_proc_totals t;
     int workers = 0;
 
-    for (uint32_t w = 0; w < nw; w++) {
-        const struct shm_worker *sw = shm_worker(m->shm, w);
-        for (int s = 0; s < 3; s++)
-            for (int d = 0; d < 4; d++)
-                lim[s][d] += atomic_load_explicit(&sw->limited[s][d], memory_order_relaxed);
-        reqs += atomic_load_explicit(&sw->requests, memory_order_relaxed);
-        conns += atomic_load_explicit(&sw->conns, memory_order_relaxed);
-        drops += atomic_load_explicit(&sw->alog_drops, memory_order_relaxed);
-    }
+    shm_proc_totals(m->shm, &t); /* earlier generations' counts included */
     help(b, "aigw_ratelimit_rejections_total", "counter",
          "Requests a limiter refused with 429, by the limiter's scope and the limit hit.");
     for (int s = 0; s < 3; s++)
         for (int d = 0; d < 4; d++)
             mbuf_printf(b, "aigw_ratelimit_rejections_total{scope=\"%s\",limit=\"%s\"} %llu\n",
-                        scope_names[s], limit_names[d], (unsigned long long)lim[s][d]);
+                        scope_names[s], limit_names[d], (unsigned long long)t.limited[s][d]);
     help(b, "aigw_client_requests_total", "counter",
          "Client requests answered (the gateway's own answers too).");
-    mbuf_printf(b, "aigw_client_requests_total %llu\n", (unsigned long long)reqs);
+    mbuf_printf(b, "aigw_client_requests_total %llu\n", (unsigned long long)t.requests);
     help(b, "aigw_client_connections", "gauge", "Open client connections.");
-    mbuf_printf(b, "aigw_client_connections %llu\n", (unsigned long long)conns);
+    mbuf_printf(b, "aigw_client_connections %llu\n", (unsigned long long)t.conns);
     help(b, "aigw_access_log_dropped_total", "counter",
          "Access log lines dropped (buffer full or write failed) rather than block a worker.");
-    mbuf_printf(b, "aigw_access_log_dropped_total %llu\n", (unsigned long long)drops);
+    mbuf_printf(b, "aigw_access_log_dropped_total %llu\n", (unsigned long long)t.alog_drops);
 
     help(b, "aigw_process_restarts_total", "counter",
          "Times the master restarted a child after it died.");

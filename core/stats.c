@@ -1,5 +1,6 @@
 /* The [stats] listener on the master's loop: one GET or HEAD per connection (Connection:
- * close), a bounded head, a deadline for the whole exchange, a bounded number of connections.
+ * close), a bounded head, a deadline for the head and one for the whole exchange, a bounded
+ * number of connections (when full, the oldest one still without a whole request makes room).
  * A scrape every few seconds is all it serves, so it favours being unable to hurt the master
  * over speed: nothing it is sent can block the loop or make it allocate without bound. */
 #include <errno.h>
@@ -16,7 +17,8 @@
 #define STATS_HEAD_MAX   8192 /* request line and headers; more is answered 431 */
 #define STATS_URL_MAX    256  /* longer paths are none of ours: 404 */
 #define STATS_TIMEOUT_MS 5000 /* the whole exchange, from accept to the last byte written */
-#define STATS_CONNS_MAX  64   /* open at once; more are closed at accept */
+#define STATS_HEAD_MS    2000 /* the request head, from accept: a scraper sends it at once */
+#define STATS_CONNS_MAX  64   /* open at once (see stats_make_room) */
 #define STATS_PROCS_MAX  (1 + 1 + 64)
 
 struct stats_conn {
@@ -30,6 +32,7 @@ struct stats_conn {
     char head[512];
     int open_handles; /* freed when both handles have closed */
     int answered;     /* the answer is on its way: input is ignored */
+    int closing;      /* conn_close was called: no longer counted in S.n_conns */
     int head_done;    /* the request head is complete */
     size_t len;       /* bytes of the request read so far */
     size_t url_len;
@@ -43,11 +46,12 @@ static struct {
     int listening;
     int inherited; /* fd + 1 of a listening socket to take instead of binding; 0 = none */
     int stopping;
-    int n_conns;
+    int n_conns; /* open and not closing */
     struct stats_conn *conns;
     const struct conf *conf;
     struct shm *shm;
     int (*procs)(struct admin_proc *procs, int max);
+    void (*refresh)(void);
     int max_procs;
     uint64_t started_ms;
     llhttp_settings_t settings;
@@ -65,13 +69,16 @@ static void conn_closed(uv_handle_t *h)
         S.conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
-    S.n_conns--;
     mbuf_free(&c->body);
     free(c);
 }
 
 static void conn_close(struct stats_conn *c)
 {
+    if (!c->closing) {
+        c->closing = 1;
+        S.n_conns--;
+    }
     if (!uv_is_closing((uv_handle_t *)&c->tcp))
         uv_close((uv_handle_t *)&c->tcp, conn_closed);
     if (!uv_is_closing((uv_handle_t *)&c->timer))
@@ -167,6 +174,8 @@ static void conn_answer(struct stats_conn *c)
     plen = strcspn(c->url, "?#");
     c->url[plen] = '\0';
 
+    if (S.refresh)
+        S.refresh(); /* what draining generations counted, up to now */
     m.conf = S.conf;
     m.shm = S.shm;
     m.procs = procs;
@@ -246,6 +255,8 @@ static void conn_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     err = llhttp_execute(&c->parser, buf->base, (size_t)nread);
     c->len += (size_t)nread;
     if (err == HPE_PAUSED && c->head_done) {
+        /* the answer gets what is left of the whole exchange's time */
+        uv_timer_start(&c->timer, conn_timeout, STATS_TIMEOUT_MS - STATS_HEAD_MS, 0);
         conn_answer(c);
     } else if (err != HPE_OK) {
         log_debug("stats: bad request: %s", llhttp_errno_name(err));
@@ -260,12 +271,32 @@ static void handle_free(uv_handle_t *h)
     free(h);
 }
 
+/* All STATS_CONNS_MAX places are taken: the oldest connection that has not sent a whole request
+ * yet goes, so that idle or slow clients can never lock a scraper (or a load balancer's
+ * /healthz) out. 0, or -EBUSY when every one is being answered. */
+static int stats_make_room(void)
+{
+    struct stats_conn *victim = NULL;
+
+    for (struct stats_conn *c = S.conns; c; c = c->next) /* newest first: the last found */
+        if (!c->closing && !c->answered && !c->head_done)
+            victim = c;
+    if (!victim)
+        return -EBUSY;
+    log_debug("stats: %d connections open: closing the oldest one without a request",
+              STATS_CONNS_MAX);
+    conn_close(victim);
+    return 0;
+}
+
 static void stats_on_connection(uv_stream_t *server, int status)
 {
     struct stats_conn *c;
 
     if (status < 0)
         return;
+    if (S.n_conns >= STATS_CONNS_MAX)
+        stats_make_room(); /* none to close: the new one is closed below */
     c = calloc(1, sizeof(*c));
     if (!c) {
         /* still take the connection off the queue, or libuv would call again at once */
@@ -297,11 +328,12 @@ static void stats_on_connection(uv_stream_t *server, int status)
         conn_close(c);
         return;
     }
-    uv_timer_start(&c->timer, conn_timeout, STATS_TIMEOUT_MS, 0);
+    uv_timer_start(&c->timer, conn_timeout, STATS_HEAD_MS, 0);
 }
 
 int stats_start(uv_loop_t *loop, const struct conf *conf, struct shm *shm,
-                int (*procs)(struct admin_proc *procs, int max), int max_procs, uint64_t started_ms)
+                int (*procs)(struct admin_proc *procs, int max), void (*refresh)(void),
+                int max_procs, uint64_t started_ms)
 {
     int rc;
 
@@ -310,6 +342,7 @@ int stats_start(uv_loop_t *loop, const struct conf *conf, struct shm *shm,
     S.conf = conf;
     S.shm = shm;
     S.procs = procs;
+    S.refresh = refresh;
     S.max_procs = max_procs;
     S.started_ms = started_ms;
     S.stopping = 0;

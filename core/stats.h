@@ -11,10 +11,11 @@
 
 /* Binds conf->stats (when enabled) on loop; logs and returns -errno when it cannot. procs fills
  * in the master's process list (as show proc has it, master first, at most max) and returns
- * its length. */
+ * its length; refresh (NULL = none) brings the segment's carried counters up to date before
+ * an answer is built from it. */
 int stats_start(uv_loop_t *loop, const struct conf *conf, struct shm *shm,
-                int (*procs)(struct admin_proc *procs, int max), int max_procs,
-                uint64_t started_ms);
+                int (*procs)(struct admin_proc *procs, int max), void (*refresh)(void),
+                int max_procs, uint64_t started_ms);
 /* A reload made a new generation current: figures come from its config and segment (the
  * [stats] listener itself stays where it was bound at start). */
 void stats_set_gen(const struct conf *conf, struct shm *shm, int max_procs);

@@ -11,6 +11,7 @@
  * that kept the socket) has exited: from then on nothing writes to the old segment. */
 #include "core/upgrade.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -29,6 +30,7 @@
 
 #define UPGRADE_LINE_MAX 512
 #define UPGRADE_POLL_MS  5
+#define UPGRADE_TREE_MAX 512 /* processes of a hung new master killed at most */
 
 extern char **environ;
 
@@ -151,6 +153,76 @@ static void upgrade_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf)
 
 /* ---- the old master ---- */
 
+/* The parent of pid as /proc says, or -1. */
+static pid_t proc_ppid(pid_t pid)
+{
+    char path[64], buf[512];
+    ssize_t n;
+    int fd;
+
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    if ((fd = open(path, O_RDONLY | O_CLOEXEC)) == -1)
+        return -1;
+    n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    /* "pid (comm) state ppid ...": comm may hold anything, the last ')' ends it */
+    char *p = strrchr(buf, ')');
+    int ppid;
+    if (!p || sscanf(p + 1, " %*c %d", &ppid) != 1)
+        return -1;
+    return (pid_t)ppid;
+}
+
+/* Kills root and every process under it (what a new master that hangs has forked: its workers,
+ * or whatever a wrapper script started), so that a failed upgrade leaves nothing behind. Each
+ * one found is stopped first, so none can fork another between two looks at /proc. */
+static void upgrade_kill_tree(pid_t root)
+{
+    pid_t tree[UPGRADE_TREE_MAX];
+    int n = 0, found = 1;
+
+    tree[n++] = root;
+    kill(root, SIGSTOP);
+    while (found && n < UPGRADE_TREE_MAX) {
+        DIR *d = opendir("/proc");
+        struct dirent *e;
+
+        found = 0;
+        if (!d)
+            break;
+        while ((e = readdir(d)) && n < UPGRADE_TREE_MAX) {
+            char *end;
+            long v = strtol(e->d_name, &end, 10);
+            pid_t pid = (pid_t)v, ppid;
+            int known = 0;
+
+            if (*end || v <= 0)
+                continue;
+            for (int i = 0; i < n && !known; i++)
+                known = tree[i] == pid;
+            if (known || (ppid = proc_ppid(pid)) <= 0)
+                continue;
+            for (int i = 0; i < n; i++) {
+                if (tree[i] == ppid) {
+                    kill(pid, SIGSTOP);
+                    tree[n++] = pid;
+                    found = 1;
+                    break;
+                }
+            }
+        }
+        closedir(d);
+    }
+    for (int i = 0; i < n; i++)
+        kill(tree[i], SIGKILL);
+    if (n > 1)
+        log_info("upgrade: killed the new master (pid %d) and %d processes under it", (int)root,
+                 n - 1);
+}
+
 /* The upgrade will not happen: the new master (if alive) is killed, aigwctl hears why. */
 static void upgrade_fail(const char *why)
 {
@@ -161,7 +233,7 @@ static void upgrade_fail(const char *why)
     U.busy = 0;
     upgrade_close();
     if (U.pid > 0) {
-        kill(U.pid, SIGKILL);
+        upgrade_kill_tree(U.pid);
         unlink(U.admin_tmp); /* its admin socket under the temporary name, if it got that far */
     }
     log_err("upgrade failed: %s%s", why, U.ready ? " (after the handover: not serving)" : "");

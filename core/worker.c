@@ -109,17 +109,14 @@ static void on_signal(uv_signal_t *s, int signum)
     w->draining = 1;
     worker_close_listeners(w);
     upstream_drain(&w->up);
-    for (struct client *c = w->clients, *next; c; c = next) {
-        next = c->next;
-        /* An idle keep-alive connection closes now (a client may race it with a request, as
-         * HTTP allows for). One accepted but with no request yet is owed its first answer: its
-         * client sent the request already, or is about to (a reload's old workers stop while
-         * connections they just accepted are in this state). */
-        if (c->state == CS_IDLE && c->len == 0 && !c->fresh)
-            client_close(c);
-        else
-            c->close_after = 1;
-    }
+    /* No connection is closed here, idle keep-alive ones included (as HAProxy's
+     * idle-close-on-response): a client may be sending its next request on one right now, and
+     * a POST that meets a close is not retried. Each gets its next answer with
+     * "Connection: close" and closes after it; one that stays idle closes when its
+     * keepalive_timeout (or, still fresh, its client_header_timeout) passes, and
+     * hard_stop_after bounds the whole. */
+    for (struct client *c = w->clients; c; c = c->next)
+        c->close_after = 1;
     if (w->conf->global.hard_stop_after_ms)
         uv_timer_start(&w->hard_stop, on_hard_stop, w->conf->global.hard_stop_after_ms, 0);
     worker_check_exit(w);

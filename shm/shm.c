@@ -308,27 +308,14 @@ void shm_backend_carry(struct shm *dst, uint32_t b, const struct shm *src, uint3
     health_write(be, &h);
     for (uint32_t w = 0; w < src->hdr->n_workers; w++) {
         const struct shm_wb *f = shm_wb(src, w, sb);
-#define CARRY_ADD(x)                                                                               \
-    atomic_store_explicit(&to->x,                                                                  \
-                          atomic_load_explicit(&to->x, memory_order_relaxed) +                     \
-                              atomic_load_explicit(&f->x, memory_order_relaxed),                   \
-                          memory_order_relaxed)
 #define CARRY_MAX(x)                                                                               \
     atomic_store_explicit(&to->x,                                                                  \
                           max_u64(atomic_load_explicit(&to->x, memory_order_relaxed),              \
                                   atomic_load_explicit(&f->x, memory_order_relaxed)),              \
                           memory_order_relaxed)
-        CARRY_ADD(requests);
-        CARRY_ADD(failures);
-        CARRY_ADD(bytes_in);
-        CARRY_ADD(bytes_out);
-        CARRY_ADD(ok);
-        CARRY_ADD(retries);
-        CARRY_ADD(auth_failures);
         CARRY_MAX(last_ok_ns);
         CARRY_MAX(cool_until_ns);
         CARRY_MAX(ewma_at_ns);
-#undef CARRY_ADD
 #undef CARRY_MAX
         if (atomic_load_explicit(&f->ewma_ns, memory_order_relaxed)) {
             ewma += atomic_load_explicit(&f->ewma_ns, memory_order_relaxed);
@@ -344,6 +331,69 @@ void shm_backend_carry(struct shm *dst, uint32_t b, const struct shm *src, uint3
     if (n_ewma)
         atomic_store_explicit(&to->ewma_ns, ewma / n_ewma, memory_order_relaxed);
     atomic_store_explicit(&to->fail_pos, pos % SHM_FAIL_RING, memory_order_relaxed);
+}
+
+void shm_carry_counters(struct shm *dst, uint32_t b, const struct shm *src, uint32_t sb)
+{
+    struct shm_carried *to = &shm_backend(dst, b)->carried;
+    struct shm_backend_totals t;
+    struct shm_backend_stats st;
+    uint64_t ok, failed;
+
+    shm_backend_totals(src, sb, &t);
+    shm_backend_stats(src, sb, &st);
+    shm_backend_outcomes(src, sb, &ok, &failed);
+#define SET(f, v) atomic_store_explicit(&to->f, (v), memory_order_relaxed)
+    SET(requests, t.requests);
+    SET(failures, failed);
+    SET(ok, ok);
+    SET(retries, t.retries);
+    SET(auth_failures, shm_backend_auth_failures(src, sb));
+    SET(bytes_in, t.bytes_in);
+    SET(bytes_out, t.bytes_out);
+    for (int i = 0; i < 5; i++)
+        SET(status[i], st.status[i]);
+    for (int i = 0; i < SHM_HIST_BUCKETS; i++) {
+        SET(lat_bkt[i], st.lat_bkt[i]);
+        SET(ttft_bkt[i], st.ttft_bkt[i]);
+    }
+    SET(lat_sum_us, st.lat_sum_us);
+    SET(ttft_sum_us, st.ttft_sum_us);
+#undef SET
+}
+
+void shm_proc_totals(const struct shm *shm, struct shm_proc_totals *t)
+{
+    const struct shm_carried_proc *c = &shm->hdr->carried;
+
+    memset(t, 0, sizeof(*t));
+    t->requests = atomic_load_explicit(&c->requests, memory_order_relaxed);
+    t->alog_drops = atomic_load_explicit(&c->alog_drops, memory_order_relaxed);
+    for (int s = 0; s < 3; s++)
+        for (int d = 0; d < 4; d++)
+            t->limited[s][d] = atomic_load_explicit(&c->limited[s][d], memory_order_relaxed);
+    for (uint32_t w = 0; w < shm->hdr->n_workers; w++) {
+        const struct shm_worker *sw = shm_worker(shm, w);
+        for (int s = 0; s < 3; s++)
+            for (int d = 0; d < 4; d++)
+                t->limited[s][d] += atomic_load_explicit(&sw->limited[s][d], memory_order_relaxed);
+        t->requests += atomic_load_explicit(&sw->requests, memory_order_relaxed);
+        t->conns += atomic_load_explicit(&sw->conns, memory_order_relaxed);
+        t->alog_drops += atomic_load_explicit(&sw->alog_drops, memory_order_relaxed);
+    }
+}
+
+void shm_carry_proc(struct shm *dst, const struct shm *src)
+{
+    struct shm_carried_proc *to = &dst->hdr->carried;
+    struct shm_proc_totals t;
+
+    shm_proc_totals(src, &t);
+    atomic_store_explicit(&to->requests, t.requests, memory_order_relaxed);
+    atomic_store_explicit(&to->alog_drops, t.alog_drops, memory_order_relaxed);
+    for (int s = 0; s < 3; s++)
+        for (int d = 0; d < 4; d++)
+            atomic_store_explicit(&to->limited[s][d], t.limited[s][d], memory_order_relaxed);
 }
 
 uint32_t shm_backend_set_weight_cfg(struct shm *shm, uint32_t b, uint32_t weight)
@@ -503,7 +553,14 @@ void shm_backend_totals(const struct shm *shm, uint32_t b, struct shm_backend_to
 {
     uint32_t w;
 
+    const struct shm_carried *c = &shm_backend(shm, b)->carried;
+
     memset(t, 0, sizeof(*t));
+    t->requests = atomic_load_explicit(&c->requests, memory_order_relaxed);
+    t->failures = atomic_load_explicit(&c->failures, memory_order_relaxed);
+    t->bytes_in = atomic_load_explicit(&c->bytes_in, memory_order_relaxed);
+    t->bytes_out = atomic_load_explicit(&c->bytes_out, memory_order_relaxed);
+    t->retries = atomic_load_explicit(&c->retries, memory_order_relaxed);
     for (w = 0; w < shm->hdr->n_workers; w++) {
         const struct shm_wb *wb = shm_wb(shm, w, b);
 
@@ -543,7 +600,17 @@ void shm_worker_note_limited(struct shm *shm, uint32_t w, int kind, int dim)
 
 void shm_backend_stats(const struct shm *shm, uint32_t b, struct shm_backend_stats *s)
 {
+    const struct shm_carried *c = &shm_backend(shm, b)->carried;
+
     memset(s, 0, sizeof(*s));
+    for (int i = 0; i < 5; i++)
+        s->status[i] = atomic_load_explicit(&c->status[i], memory_order_relaxed);
+    for (int i = 0; i < SHM_HIST_BUCKETS; i++) {
+        s->lat_bkt[i] = atomic_load_explicit(&c->lat_bkt[i], memory_order_relaxed);
+        s->ttft_bkt[i] = atomic_load_explicit(&c->ttft_bkt[i], memory_order_relaxed);
+    }
+    s->lat_sum_us = atomic_load_explicit(&c->lat_sum_us, memory_order_relaxed);
+    s->ttft_sum_us = atomic_load_explicit(&c->ttft_sum_us, memory_order_relaxed);
     for (uint32_t w = 0; w < shm->hdr->n_workers; w++) {
         const struct shm_wb *wb = shm_wb(shm, w, b);
 
@@ -812,7 +879,8 @@ void shm_backend_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint6
 {
     uint32_t w;
 
-    *ok = *failed = 0;
+    *ok = atomic_load_explicit(&shm_backend(shm, b)->carried.ok, memory_order_relaxed);
+    *failed = atomic_load_explicit(&shm_backend(shm, b)->carried.failures, memory_order_relaxed);
     for (w = 0; w < shm->hdr->n_workers; w++) {
         *ok += atomic_load_explicit(&shm_wb(shm, w, b)->ok, memory_order_relaxed);
         *failed += atomic_load_explicit(&shm_wb(shm, w, b)->failures, memory_order_relaxed);
@@ -821,7 +889,8 @@ void shm_backend_outcomes(const struct shm *shm, uint32_t b, uint64_t *ok, uint6
 
 uint64_t shm_backend_auth_failures(const struct shm *shm, uint32_t b)
 {
-    uint64_t n = 0;
+    uint64_t n =
+        atomic_load_explicit(&shm_backend(shm, b)->carried.auth_failures, memory_order_relaxed);
 
     for (uint32_t w = 0; w < shm->hdr->n_workers; w++)
         n += atomic_load_explicit(&shm_wb(shm, w, b)->auth_failures, memory_order_relaxed);

@@ -13,7 +13,7 @@
 #include "shm/limit.h"
 
 #define SHM_MAGIC          0x31304d5357474941ULL /* "AIGWSM01" little-endian */
-#define SHM_LAYOUT_VERSION 5
+#define SHM_LAYOUT_VERSION 6
 #define SHM_CACHELINE      64
 
 /* Health state, written only by the health checker. */
@@ -138,6 +138,26 @@ struct shm_health_rec {
     _Atomic uint64_t w[SHM_HEALTH_WORDS];
 };
 
+/* A backend's cumulative counters as earlier generations left them (reload, binary upgrade):
+ * writer: the master (shm_carry_counters), which keeps them equal to the generation before's
+ * totals while it drains; readers add them to the workers' own. */
+struct shm_carried {
+    _Atomic uint64_t requests, failures, ok, retries, auth_failures, bytes_in, bytes_out;
+    _Atomic uint64_t status[5];
+    _Atomic uint64_t lat_bkt[SHM_HIST_BUCKETS];
+    _Atomic uint64_t lat_sum_us;
+    _Atomic uint64_t ttft_bkt[SHM_HIST_BUCKETS];
+    _Atomic uint64_t ttft_sum_us;
+};
+
+/* The same for the per-worker counters, summed (writer: the master). */
+struct shm_carried_proc {
+    _Atomic uint64_t requests;
+    _Atomic uint64_t limited[3][4];
+    _Atomic uint64_t alog_drops;
+    _Atomic uint64_t health_restarts; /* of the health checker: written by the master */
+};
+
 /* One per backend, indexed like conf.backends. */
 struct shm_backend {
     /* writer: health. It writes the copy not in use, then points `cur` at it: a checker
@@ -175,6 +195,7 @@ struct shm_backend {
         _Atomic int32_t active; /* only kept for a backend with max_conns */
         _Atomic int32_t trials;
     } __attribute__((aligned(SHM_CACHELINE))) inflight;
+    struct shm_carried carried __attribute__((aligned(SHM_CACHELINE)));
 } __attribute__((aligned(SHM_CACHELINE)));
 
 /* Per-(worker, backend) counters; writer: that worker only. */
@@ -224,6 +245,7 @@ struct shm_worker {
     /* requests a limiter refused (429): [key, model, pool][enum limit_dim - 1] */
     _Atomic uint64_t limited[3][4];
     _Atomic uint64_t alog_drops; /* access log lines dropped (buffer full, write failed) */
+    _Atomic uint32_t restarts;   /* writer: the master: times the slot's worker was restarted */
 } __attribute__((aligned(SHM_CACHELINE)));
 
 struct shm_header {
@@ -235,10 +257,11 @@ struct shm_header {
     uint64_t size;
     uint64_t off_backends; /* byte offsets from the segment start */
     uint64_t off_workers;
-    uint64_t off_wb;     /* n_workers * n_backends shm_wb, worker-major */
-    uint64_t created_ns; /* monotonic time of creation: every counter was 0 then */
-    uint64_t off_limits; /* shm/limit.h region, 0 = none */
-    uint64_t off_acct;   /* shm/acct.h region, 0 = none */
+    uint64_t off_wb;                 /* n_workers * n_backends shm_wb, worker-major */
+    uint64_t created_ns;             /* monotonic time of creation: every counter was 0 then */
+    uint64_t off_limits;             /* shm/limit.h region, 0 = none */
+    uint64_t off_acct;               /* shm/acct.h region, 0 = none */
+    struct shm_carried_proc carried; /* writer: the master */
 };
 
 struct shm_health_cache;
@@ -465,13 +488,29 @@ int shm_backend_check_result(const struct shm *shm, uint32_t b, uint32_t seq,
 
 /* Master, before forking a new generation: backend b of `dst` takes the runtime state of backend
  * sb of `src` (the old generation's segment): the health and breaker record, the operator state
- * (and the weight, when weight >= 0: the operator's own), and the workers' counters, cooling,
- * latency and failure times summed into dst's worker slot 0, which no worker of dst has written
- * yet. */
+ * (and the weight, when weight >= 0: the operator's own), and the workers' cooling, latency and
+ * failure times merged into dst's worker slot 0, which no worker of dst has written yet (the
+ * counters are shm_carry_counters'). */
 void shm_backend_carry(struct shm *dst, uint32_t b, const struct shm *src, uint32_t sb,
                        int64_t weight);
 
-/* Sums of the per-worker counters of one backend. */
+/* Master: backend b of dst carries sb of src (the generation before, still draining or just
+ * exited): b's carried counters become src's totals of sb (its carried ones and its workers'),
+ * and dst's process-wide carried counters src's. Called again and again while src drains, and
+ * once more when it is gone: the figures only grow. */
+void shm_carry_counters(struct shm *dst, uint32_t b, const struct shm *src, uint32_t sb);
+/* Master: dst's process-wide carried counters (client requests, limiter refusals, access log
+ * drops, restarts) become src's totals. */
+void shm_carry_proc(struct shm *dst, const struct shm *src);
+
+/* Process-wide totals over the workers, carried ones included. */
+struct shm_proc_totals {
+    uint64_t requests, conns, alog_drops;
+    uint64_t limited[3][4];
+};
+void shm_proc_totals(const struct shm *shm, struct shm_proc_totals *t);
+
+/* Sums of the per-worker counters of one backend (carried ones included). */
 struct shm_backend_totals {
     int64_t active;
     uint64_t requests, failures, bytes_in, bytes_out, retries;
@@ -495,7 +534,7 @@ void shm_wb_observe(struct shm *shm, uint32_t w, uint32_t b, int ttft, uint64_t 
 /* Worker w: a limiter refused a request: kind 0 key, 1 model, 2 pool; dim enum limit_dim. */
 void shm_worker_note_limited(struct shm *shm, uint32_t w, int kind, int dim);
 
-/* Sums over the workers of what /metrics shows of one backend. */
+/* Sums over the workers of what /metrics shows of one backend (carried ones included). */
 struct shm_backend_stats {
     uint64_t status[5];
     uint64_t lat_bkt[SHM_HIST_BUCKETS], lat_sum_us;

@@ -12,7 +12,7 @@ import socket
 import time
 from decimal import Decimal
 
-from harness import build_request, chat_body, check, key_sha256, wait_for
+from harness import Skip, build_request, chat_body, check, key_sha256, wait_for
 
 KEY_A = "sk-aigw-alog-key-a-0123456789abcdef"
 KEY_B = "sk-aigw-alog-key-b-fedcba9876543210"
@@ -305,3 +305,41 @@ def test_access_log_full_buffer_drops(env):
         check(time.monotonic() - t0 < 5, "the gateway took long to stop")
     finally:
         os.close(rfd)
+
+
+def test_access_log_root_owned_dir_with_user(env):
+    """[global] user: the access log in a directory only root may write to works, as with nginx
+    (the master creates the file while still root and gives it to the user); SIGUSR1 reopens it
+    as the user, a file logrotate created for that user (create 0640 USER GROUP)."""
+    if os.geteuid() != 0:
+        raise Skip("needs root to switch users")
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    os.chmod(env.dir, 0o755)  # the user may look up paths under it, not write there
+    logdir = os.path.join(env.dir, "logs")
+    os.mkdir(logdir, 0o755)
+    log = os.path.join(logdir, "access.log")
+    m = env.mock("m1")
+    gw = env.gateway([("b1", m, {})], workers=2, pool={"models": "gpt-*", "check": "no"},
+                     keys={"a": {"key_sha256": key_sha256(KEY_A)}}, models=MODELS,
+                     glob={"access_log": log, "user": "nobody"})
+    st = os.stat(log)
+    check(st.st_uid == nobody.pw_uid, f"the access log is owned by uid {st.st_uid}, not nobody")
+    auth = [("Content-Type", "application/json"), ("Authorization", f"Bearer {KEY_A}")]
+    _raw(gw.port, "POST", "/v1/chat/completions", auth + [("X-Request-Id", "as-nobody")],
+         chat_body("one", model="gpt-a"))
+    _by_rid(log, "as-nobody")
+    # logrotate, create mode: the new file is made for the user, then SIGUSR1
+    os.rename(log, log + ".1")
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o640)
+    os.fchown(fd, nobody.pw_uid, nobody.pw_gid)
+    os.close(fd)
+    gw.proc.signal(signal.SIGUSR1)
+    time.sleep(0.3)
+    for i in range(6):
+        _raw(gw.port, "POST", "/v1/chat/completions", auth + [("X-Request-Id", f"rot-{i}")],
+             chat_body("two", model="gpt-a"))
+    for i in range(6):
+        _by_rid(log, f"rot-{i}")
+    check([l["request_id"] for l in _lines(log + ".1")] == ["as-nobody"],
+          "the rotated file got lines after SIGUSR1")

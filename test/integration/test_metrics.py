@@ -5,6 +5,7 @@ a key, rate-limit rejections, process restarts, backend gauges), /healthz (200 w
 ever hurting the master."""
 
 import json
+import os
 import re
 import signal
 import socket
@@ -273,3 +274,156 @@ def test_stats_conf(env):
         r = subprocess.run([AIGW, "-t", "-c", path], capture_output=True, text=True, timeout=10)
         check(r.returncode == rc and msg in r.stderr + r.stdout,
               f"{extra!r}: exit {r.returncode}, {r.stderr.strip()!r}")
+
+
+def _counters(metrics):
+    """The samples that may never go down: every _total counter and every histogram series."""
+    return {k: v for k, v in metrics.items()
+            if k[0].endswith(("_total", "_bucket", "_sum", "_count"))}
+
+
+def test_metrics_monotonic_across_reload_and_upgrade(env):
+    """Every counter and histogram carries over a reload and a binary upgrade, the requests the
+    old generation serves while it drains included: the totals equal what was sent, and no
+    scrape ever shows one lower than a scrape before it."""
+    import threading
+
+    from harness import Conn
+
+    m = env.mock("m1")
+    gw = _gateway(env, [m], glob={"hard_stop_after": "30s"})
+    auth = _bearer(KEY)
+    sent = {"2xx": 0, "4xx": 0}
+    stream_hdrs = [("x-mock-chunks", "8"), ("x-mock-chunk-interval", "200ms")]
+
+    def short(n, status=200):
+        for _ in range(n):
+            h = dict(auth)
+            if status != 200:
+                h["x-mock-status"] = str(status)
+            r = chat(gw.port, chat_body("hi"), headers=h)
+            check(r.status == status, f"a request answered {r.status}, not {status}: {r!r}")
+            sent["2xx" if status == 200 else "4xx"] += 1
+
+    def start_streams(n):
+        conns = []
+        for _ in range(n):
+            c = Conn(gw.port, timeout=20)
+            c.send(build_request("POST", "/v1/chat/completions",
+                                 [("Content-Type", "application/json")] + list(auth.items())
+                                 + stream_hdrs, chat_body("long", stream=True)))
+            conns.append(c)
+        heads = [c.read_head() for c in conns]  # every stream is under way on this generation
+        sent["2xx"] += n
+        return conns, heads
+
+    def end_streams(conns, heads):
+        for c, h in zip(conns, heads):
+            c.read_body(h)
+            check(h.status == 200 and h.body.decode().rstrip().endswith("[DONE]"),
+                  f"stream cut: {h.body[-200:]!r}")
+            c.close()
+
+    stop = threading.Event()
+    drops, scrapes = [], [0]
+
+    def watch():
+        last = {}
+        while not stop.is_set():
+            try:
+                now = _counters(scrape(gw))
+            except Exception:  # noqa: BLE001 - the master may be between two during an upgrade
+                time.sleep(0.02)
+                continue
+            scrapes[0] += 1
+            for k, v in now.items():
+                if k in last and v < last[k]:
+                    drops.append(f"{k[0]}{dict(k[1])}: {last[k]} -> {v}")
+            last.update(now)
+            time.sleep(0.03)
+
+    # a worker restart: aigw_process_restarts_total carries over too
+    w0 = gw.worker_pids()[0]
+    os.kill(w0, signal.SIGKILL)
+    wait_for(lambda: gw.worker_pids().get(0) not in (None, w0), 10, "worker 0 restarted")
+    gw.wait_ready()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        short(6)
+        short(2, status=400)
+        conns, heads = start_streams(3)  # they end on the old generation, after the reload
+        r = gw.ctl("reload", timeout=45)
+        check(r.returncode == 0, f"aigwctl reload: {r.stdout!r} {r.stderr!r}")
+        short(5)
+        end_streams(conns, heads)
+        conns, heads = start_streams(2)  # these end on the old master, after the upgrade
+        r = gw.ctl("upgrade", timeout=40)
+        check(r.returncode == 0, f"aigwctl upgrade: {r.stdout!r} {r.stderr!r}")
+        short(4)
+        short(1, status=400)
+        end_streams(conns, heads)
+        # the old generation and the old master exit; then the figures are final
+        wait_for(lambda: len([p for p in gw.procs() if p.get("role") == "worker"]) == 2, 10,
+                 "only the new workers left")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        watcher.join(10)
+    check(scrapes[0] > 10, f"only {scrapes[0]} scrapes")
+    check(not drops, f"counters went down between two scrapes: {drops[:8]}")
+    got = scrape(gw)
+    total = sent["2xx"] + sent["4xx"]
+    figures = {
+        "2xx responses": (val(got, "aigw_requests_total", backend="m1", code_class="2xx"),
+                          sent["2xx"]),
+        "4xx responses": (val(got, "aigw_requests_total", backend="m1", code_class="4xx"),
+                          sent["4xx"]),
+        "backend attempts": (val(got, "aigw_backend_attempts_total", backend="m1"), total),
+        "client requests": (val(got, "aigw_client_requests_total"), total),
+        "key requests": (val(got, "aigw_key_requests_total", key="k"), total),
+        "latency histogram": (val(got, "aigw_request_duration_seconds_count", backend="m1"),
+                              total),
+        "ttft histogram": (val(got, "aigw_time_to_first_token_seconds_count", backend="m1"),
+                           total),
+    }
+    figures["worker 0 restarts"] = (val(got, "aigw_process_restarts_total", role="worker",
+                                        slot=0), 1)
+    wrong = {k: v for k, v in figures.items() if v[0] != v[1]}
+    check(not wrong, f"/metrics (got, sent) after a reload and an upgrade: {wrong}")
+
+
+def test_stats_idle_connections_do_not_lock_out(env):
+    """100 connections that never send a request (more than the listener keeps open) do not
+    shut out a scrape nor /healthz: the oldest one without a request makes room, and one that
+    sends nothing is closed after the head timeout (2 s), well before the 5 s of a whole
+    exchange."""
+    m = env.mock("m1")
+    gw = _gateway(env, [m])
+    idle = []
+    for i in range(100):
+        s = socket.create_connection(("127.0.0.1", gw.stats_port), timeout=5)
+        if i % 2:
+            s.sendall(b"GET /metr")  # a head that never ends
+        idle.append(s)
+    time.sleep(0.3)
+    try:
+        for path in ("/metrics", "/healthz"):
+            t0 = time.monotonic()
+            r = request(gw.stats_port, "GET", path, [("Connection", "close")], timeout=3)
+            took = time.monotonic() - t0
+            check(r.status == 200, f"{path} with 100 idle connections open: {r!r}")
+            check(took < 1.0, f"{path} took {took:.2f} s with 100 idle connections open")
+        # the idle ones are closed by the head timeout
+        t0 = time.monotonic()
+        idle[-1].settimeout(4)
+        try:
+            got = idle[-1].recv(100)
+        except (ConnectionResetError, socket.timeout) as e:
+            got = e
+        took = time.monotonic() - t0
+        check(got == b"", f"an idle stats connection got {got!r} rather than a close")
+        check(took < 2.5, f"an idle stats connection stayed open {took + 0.3:.1f} s")
+    finally:
+        for s in idle:
+            s.close()

@@ -200,3 +200,90 @@ def test_reload_under_load(env):
                                                    f"{len(streams)} streams in {took:.1f} s")
     print(f"{n_reloads} reloads in {took:.1f} s: {len(short)} short requests, "
           f"{len(streams)} streams, 0 failed")
+
+
+def _keepalive_client(port, stop, results):
+    """POSTs back to back on ONE keep-alive connection, a new one only after an answer said
+    Connection: close (what a client such as the OpenAI SDK's pool does)."""
+    c = None
+    while not stop.is_set():
+        try:
+            if c is None:
+                c = Conn(port, timeout=10)
+            c.send(build_request("POST", "/v1/chat/completions",
+                                 [("Content-Type", "application/json")] + list(AUTH.items()),
+                                 chat_body("keep-alive")))
+            r = c.read_response()
+            ok = r.status == 200 and r.json().get("choices")
+            results.append("ok" if ok else f"{r.status} {r.body[-120:]!r}")
+            if (r.header("connection") or "").lower() == "close":
+                c.close()
+                c = None
+        except Exception as e:  # noqa: BLE001 - every failure is a result
+            results.append(f"exception {e!r}")
+            if c is not None:
+                c.close()
+            c = None
+    if c is not None:
+        c.close()
+
+
+def test_reload_keepalive_clients_lose_nothing(env):
+    """An old generation's worker does not close an idle keep-alive connection when it drains:
+    a client may be sending its next request on it at that moment (a POST is not retried). It
+    answers that request with Connection: close, then closes; and it exits as soon as its last
+    connection is gone."""
+    n_reloads = 12
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=2, keys={"k": {"key_sha256": key_sha256(KEY)}},
+                     glob={"hard_stop_after": "30s"})
+    stop = threading.Event()
+    results = [[] for _ in range(6)]
+    threads = [threading.Thread(target=_keepalive_client, args=(gw.port, stop, results[i]))
+               for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        for i in range(n_reloads):
+            _generation(_reload(gw))
+            time.sleep(0.15)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(20)
+    flat = [r for rs in results for r in rs]
+    bad = [r for r in flat if r != "ok"]
+    check(not bad, f"{len(bad)} of {len(flat)} keep-alive requests failed across {n_reloads} "
+                   f"reloads: {bad[:5]}")
+    check(all(len(rs) > 20 for rs in results), f"too little load: {[len(rs) for rs in results]}")
+    # the clients are gone: every old generation exits now, not at its keepalive_timeout (75 s)
+    wait_for(lambda: gw.proc.log_text().count("all its processes have exited") >= n_reloads, 5,
+             f"the {n_reloads} old generations to exit once their clients left")
+
+
+def test_graceful_stop_answers_idle_keepalive(env):
+    """SIGTERM: an idle keep-alive connection stays open; a request sent on it is answered with
+    Connection: close, and the gateway exits once that connection is closed."""
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1, glob={"hard_stop_after": "30s"})
+    c = Conn(gw.port, timeout=10)
+    req = build_request("POST", "/v1/chat/completions", [("Content-Type", "application/json")],
+                        chat_body("one"))
+    c.send(req)
+    r = c.read_response()
+    check(r.status == 200 and (r.header("connection") or "").lower() != "close",
+          f"first answer: {r!r}")
+    gw.proc.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    check(gw.proc.alive(), "the master exited with a keep-alive connection open")
+    c.send(req)
+    r = c.read_response()
+    check(r.status == 200 and r.json().get("choices"), f"request on the idle connection: {r!r}")
+    check((r.header("connection") or "").lower() == "close",
+          f"the answer during the stop has no Connection: close: {r.headers}")
+    check(c.wait_closed(3), "the connection stayed open after the Connection: close answer")
+    c.close()
+    rc = gw.proc.wait(5)
+    check(rc == 0, f"master exit status {rc} after the last connection closed")

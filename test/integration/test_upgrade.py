@@ -143,8 +143,8 @@ def test_upgrade_failing_binary(env):
           "the old master or its workers changed after a failed upgrade")
     check(all(chat(gw.port, chat_body("hi")).status == 200 for _ in range(5)),
           "traffic failed after a failed upgrade")
-    # a binary that hangs is given up after the deadline is not what is tested here (15 s);
-    # one that cannot be executed at all is refused at once
+    # (a binary that hangs: test_upgrade_hanging_binary_leaves_nothing); one that cannot be
+    # executed at all is refused at once
     os.chmod(exe, 0o644)
     r = gw.ctl("upgrade", timeout=40)
     check(r.returncode == 1 and "cannot execute" in r.stderr,
@@ -157,3 +157,50 @@ def test_upgrade_failing_binary(env):
     check(chat(gw.port, chat_body("hi")).status == 200, "traffic after the upgrade")
     wait_for(lambda: not pid_alive(old), 15, "the old master to exit")
     _stop_master(new)
+
+
+def test_upgrade_hanging_binary_leaves_nothing(env):
+    """A new binary that never says ready: at the deadline (15 s) the old master kills it and
+    everything it started, and serves on."""
+    m = env.mock("m1")
+    exe = os.path.join(env.dir, "aigw-copy")
+    shutil.copy(harness.AIGW, exe)
+    saved = harness.AIGW
+    harness.AIGW = exe
+    try:
+        gw = env.gateway([m], workers=2)
+    finally:
+        harness.AIGW = saved
+    old = _master_pid(gw)
+    workers = gw.worker_pids()
+    pids = os.path.join(env.dir, "hang.pids")
+    tmp = exe + ".new"
+    with open(tmp, "w") as f:  # a wrapper that hangs, with processes of its own
+        f.write("#!/bin/sh\n"
+                f"sleep 300 & echo $! >> {pids}\n"
+                f"sh -c 'sleep 300' & echo $! >> {pids}\n"
+                f"echo $$ >> {pids}\n"
+                "wait\n")
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, exe)
+    t0 = time.monotonic()
+    r = gw.ctl("upgrade", timeout=40)
+    took = time.monotonic() - t0
+    check(r.returncode == 1, f"aigwctl upgrade with a hanging binary exited {r.returncode}: "
+                             f"{r.stdout!r} {r.stderr!r}")
+    check("not ready within" in r.stderr, f"aigwctl upgrade did not say why: {r.stderr!r}")
+    check(took < 25, f"aigwctl upgrade took {took:.1f} s")
+    with open(pids) as f:
+        started = [int(x) for x in f.read().split()]
+    check(len(started) == 3, f"the wrapper did not start: {started}")
+    # the grandchild `sleep` under `sh -c` too
+    wait_for(lambda: not any(pid_alive(p) for p in started), 3,
+             "the hung new master and its processes to be gone")
+    leftovers = [p for p in harness.group_pids(os.getpgid(old))
+                 if p != old and p not in gw.worker_pids().values()
+                 and p not in [x["pid"] for x in gw.procs()]]
+    check(not leftovers, f"processes left behind by the failed upgrade: {leftovers}")
+    check(_master_pid(gw) == old and gw.worker_pids() == workers,
+          "the old master or its workers changed after a failed upgrade")
+    check(all(chat(gw.port, chat_body("hi")).status == 200 for _ in range(5)),
+          "traffic failed after a failed upgrade")

@@ -221,6 +221,63 @@ static void test_totals_and_worker_reset(void **state)
     shm_destroy(&shm);
 }
 
+/* Reload: the new segment's carried counters follow the old one's totals (its own carried ones
+ * and its workers') each time they are carried, the old workers' later traffic included; the
+ * new workers' counts add to them, and nothing is counted twice. */
+static void test_carry_counters(void **state)
+{
+    struct shm old, cur, next;
+    struct shm_backend_totals t;
+    struct shm_backend_stats st;
+    struct shm_proc_totals pt;
+    uint64_t ok, failed;
+
+    assert_int_equal(shm_create(&old, 2, 2, 1), 0);
+    assert_int_equal(shm_create(&cur, 3, 1, 2), 0);
+    assert_int_equal(shm_create(&next, 1, 1, 3), 0);
+    shm_counter_add(&shm_wb(&old, 0, 1)->requests, 5);
+    shm_counter_add(&shm_wb(&old, 1, 1)->requests, 2);
+    shm_wb_note_status(&old, 1, 1, 503);
+    shm_wb_observe(&old, 0, 1, 0, 7000000);
+    shm_wb_record_fail(&old, 0, 1, 1000);
+    shm_counter_add(&shm_worker(&old, 1)->requests, 7);
+    /* old backend 1 is cur's backend 2 */
+    shm_carry_counters(&cur, 2, &old, 1);
+    shm_carry_proc(&cur, &old);
+    shm_counter_add(&shm_wb(&cur, 0, 2)->requests, 1); /* cur's own worker */
+    shm_backend_totals(&cur, 2, &t);
+    assert_int_equal(t.requests, 8);
+    shm_backend_totals(&cur, 0, &t);
+    assert_int_equal(t.requests, 0);
+    /* the old workers go on while they drain: carried again, set to the new totals */
+    shm_counter_add(&shm_wb(&old, 1, 1)->requests, 3);
+    shm_counter_add(&shm_worker(&old, 0)->requests, 1);
+    shm_worker_note_limited(&old, 0, 0, 1);
+    shm_carry_counters(&cur, 2, &old, 1);
+    shm_carry_proc(&cur, &old);
+    shm_backend_totals(&cur, 2, &t);
+    assert_int_equal(t.requests, 11);
+    shm_backend_stats(&cur, 2, &st);
+    assert_int_equal(st.status[4], 1);
+    assert_int_equal(st.lat_bkt[1], 1); /* 7 ms: the 10 ms bucket */
+    assert_int_equal(st.lat_sum_us, 7000);
+    shm_backend_outcomes(&cur, 2, &ok, &failed);
+    assert_int_equal(failed, 1);
+    shm_proc_totals(&cur, &pt);
+    assert_int_equal(pt.requests, 8);
+    assert_int_equal(pt.limited[0][0], 1);
+    /* and on through a second reload: cur's carried and own counts both reach next */
+    shm_carry_counters(&next, 0, &cur, 2);
+    shm_carry_proc(&next, &cur);
+    shm_backend_totals(&next, 0, &t);
+    assert_int_equal(t.requests, 11);
+    shm_proc_totals(&next, &pt);
+    assert_int_equal(pt.requests, 8);
+    shm_destroy(&old);
+    shm_destroy(&cur);
+    shm_destroy(&next);
+}
+
 /* The record is published whole and read whole; the master's fields apart. */
 static void test_record_and_admin(void **state)
 {
@@ -842,6 +899,7 @@ int main(void)
         cmocka_unit_test(test_ai_regions),
         cmocka_unit_test(test_shared_across_fork),
         cmocka_unit_test(test_totals_and_worker_reset),
+        cmocka_unit_test(test_carry_counters),
         cmocka_unit_test(test_record_and_admin),
         cmocka_unit_test(test_record_writer_dies_midway),
         cmocka_unit_test(test_admit_logic),
