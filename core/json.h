@@ -108,6 +108,7 @@ struct json_parser {
     uint8_t closed;  /* the top-level object has ended, at `end` */
     uint8_t failed;  /* the body is not one JSON object */
     uint64_t end;
+    uint64_t fast; /* bodies json_req_parse read without yajl, ever (tests) */
 };
 
 /* A JSON number (or a numeric string's contents) as a count of tokens or choices: rounded up
