@@ -488,16 +488,18 @@ static void uv_ws(struct uv *v)
         v->p++;
 }
 
+/* The bytes uv_str stops at: the closing quote, and what it leaves to yajl. */
+static const uint8_t uv_stop[256] = {
+    [0x00 ... 0x1f] = 1, ['"'] = 1, ['\\'] = 1, [0x7f ... 0xff] = 1,
+};
+
 /* A string without escapes or bytes outside printable ASCII (yajl checks the rest). */
 static int uv_str(struct uv *v, const char **s, size_t *n)
 {
     const char *a = ++v->p;
-    while (v->p < v->end && *v->p != '"') {
-        if (*v->p < 0x20 || *v->p > 0x7e || *v->p == '\\')
-            return -1;
+    while (v->p < v->end && !uv_stop[(unsigned char)*v->p])
         v->p++;
-    }
-    if (v->p == v->end)
+    if (v->p == v->end || *v->p != '"')
         return -1;
     *s = a;
     *n = (size_t)(v->p++ - a);
