@@ -90,20 +90,21 @@ void meter_duration(struct out *o, uint64_t ms)
     OUT_LIT(o, "s");
 }
 
-static void trio(struct out *o, const struct meter_trio *t, const char *what)
+/* what: "requests" or "tokens", n its length (no strlen a line) */
+static void trio(struct out *o, const struct meter_trio *t, const char *what, size_t n)
 {
     if (!t->set)
         return;
     OUT_LIT(o, "x-ratelimit-limit-");
-    out_str(o, what);
+    out_mem(o, what, n);
     OUT_LIT(o, ": ");
     out_u64(o, t->limit);
     OUT_LIT(o, "\r\nx-ratelimit-remaining-");
-    out_str(o, what);
+    out_mem(o, what, n);
     OUT_LIT(o, ": ");
     out_u64(o, t->remaining);
     OUT_LIT(o, "\r\nx-ratelimit-reset-");
-    out_str(o, what);
+    out_mem(o, what, n);
     OUT_LIT(o, ": ");
     meter_duration(o, t->reset_ms);
     OUT_LIT(o, "\r\n");
@@ -112,8 +113,8 @@ static void trio(struct out *o, const struct meter_trio *t, const char *what)
 void meter_ratelimit_headers(struct out *o, const struct meter_trio *req,
                              const struct meter_trio *tok)
 {
-    trio(o, req, "requests");
-    trio(o, tok, "tokens");
+    trio(o, req, "requests", 8);
+    trio(o, tok, "tokens", 6);
 }
 
 void meter_usd(struct out *o, uint64_t nano)

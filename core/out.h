@@ -32,14 +32,28 @@ static inline void out_str(struct out *o, const char *s)
 /* A string literal: its length is known at compile time. */
 #define OUT_LIT(o, lit) out_mem(o, lit, sizeof(lit) - 1)
 
+/* "00" .. "99": two digits per division when numbers are written */
+static const char out_digit_pairs[201] = "00010203040506070809101112131415161718192021222324"
+                                         "25262728293031323334353637383940414243444546474849"
+                                         "50515253545556575859606162636465666768697071727374"
+                                         "75767778798081828384858687888990919293949596979899";
+
 static inline void out_u64(struct out *o, uint64_t v)
 {
     char tmp[24];
     size_t i = sizeof(tmp);
-    do {
-        tmp[--i] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
+    while (v >= 100) {
+        const char *d = out_digit_pairs + 2 * (v % 100);
+        v /= 100;
+        tmp[--i] = d[1];
+        tmp[--i] = d[0];
+    }
+    if (v >= 10) {
+        tmp[--i] = out_digit_pairs[2 * v + 1];
+        tmp[--i] = out_digit_pairs[2 * v];
+    } else {
+        tmp[--i] = (char)('0' + v);
+    }
     out_mem(o, tmp + i, sizeof(tmp) - i);
 }
 
