@@ -672,7 +672,10 @@ static void json_scan(struct usage_rd *rd, const char *p, size_t n)
             rd->jkeypos = 1;
             rd->js = J_OUT;
             continue;
-        case J_OUT: {
+        /* J_OUT, J_STR and J_KEY go from one to the other by goto, not through the switch:
+         * an answer is mostly short strings and the bytes between them */
+        case J_OUT:
+        out: {
             while (i < n && !json_stop[(unsigned char)p[i]])
                 i++;
             if (i == n)
@@ -684,10 +687,11 @@ static void json_scan(struct usage_rd *rd, const char *p, size_t n)
                     rd->jkeypos = 0;
                     rd->jkey = 0;
                     rd->js = J_KEY;
-                } else {
-                    rd->jesc = 0;
-                    rd->js = J_STR;
+                    goto key;
                 }
+                rd->jesc = 0;
+                rd->js = J_STR;
+                goto str;
             } else if (c == ',') {
                 if (d == 1) {
                     if (rd->jkeypos) { /* "{," or ",," */
@@ -720,9 +724,12 @@ static void json_scan(struct usage_rd *rd, const char *p, size_t n)
                 }
                 rd->jdepth = d - 1;
             }
+            if (rd->js == J_OUT)
+                goto out;
             continue;
         }
-        case J_STR: {
+        case J_STR:
+        str: {
             /* the string ends at a quote after an even run of backslashes */
             const char *q = memchr(p + i, '"', n - i);
             size_t e = q ? (size_t)(q - p) : n, k = e;
@@ -738,33 +745,43 @@ static void json_scan(struct usage_rd *rd, const char *p, size_t n)
             }
             rd->jesc = 0;
             i = e + 1;
-            if (!odd)
-                rd->js = J_OUT;
-            continue;
+            if (odd)
+                goto str;
+            rd->js = J_OUT;
+            goto out;
         }
-        case J_KEY: {
-            char c = p[i];
-            if (c == '"') {
+        case J_KEY:
+        key:
+            /* the bytes of "usage" it starts with */
+            while (i < n && rd->jkey < 5 && p[i] == "usage"[rd->jkey]) {
+                rd->jkey++;
                 i++;
-                rd->js = rd->jkey == 5 ? J_COLON : J_OUT;
-            } else if (c == '\\') {
+            }
+            if (i == n)
+                break;
+            if (p[i] == '"') {
+                i++;
+                if (rd->jkey == 5) {
+                    rd->js = J_COLON;
+                    continue;
+                }
+                rd->js = J_OUT;
+                goto out;
+            }
+            if (p[i] == '\\') {
                 /* an escape in what may still be "usage": yajl reads the rest, from this key
                  * on (its bytes so far were the first jkey of "usage") */
                 rd->js = J_YAJL;
                 text_restart(rd);
                 text_feed(rd, "{\"", 2);
                 text_feed(rd, "usage", rd->jkey);
-            } else if (rd->jkey < 5 && c == "usage"[rd->jkey]) {
-                rd->jkey++;
-                i++;
-            } else {
-                /* another key: the rest of it is any string */
-                rd->jesc = 0;
-                rd->js = J_STR;
-                i++;
+                continue;
             }
-            continue;
-        }
+            /* another key: the rest of it is any string */
+            rd->jesc = 0;
+            rd->js = J_STR;
+            i++;
+            goto str;
         case J_COLON:
             while (i < n && is_ws((unsigned char)p[i]))
                 i++;
