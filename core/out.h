@@ -38,23 +38,64 @@ static const char out_digit_pairs[201] = "00010203040506070809101112131415161718
                                          "50515253545556575859606162636465666768697071727374"
                                          "75767778798081828384858687888990919293949596979899";
 
-static inline void out_u64(struct out *o, uint64_t v)
+/* Digits of v in decimal. */
+static inline size_t out_u64_len(uint64_t v)
 {
-    char tmp[24];
-    size_t i = sizeof(tmp);
+    static const uint64_t pow10[20] = {
+        1ull,
+        10ull,
+        100ull,
+        1000ull,
+        10000ull,
+        100000ull,
+        1000000ull,
+        10000000ull,
+        100000000ull,
+        1000000000ull,
+        10000000000ull,
+        100000000000ull,
+        1000000000000ull,
+        10000000000000ull,
+        100000000000000ull,
+        1000000000000000ull,
+        10000000000000000ull,
+        100000000000000000ull,
+        1000000000000000000ull,
+        10000000000000000000ull,
+    };
+    size_t n = 1;
+    while (n < 20 && v >= pow10[n])
+        n++;
+    return n;
+}
+
+/* Writes the n = out_u64_len(v) digits of v at dst. */
+static inline void out_u64_put(char *dst, uint64_t v, size_t n)
+{
+    char *p = dst + n;
     while (v >= 100) {
         const char *d = out_digit_pairs + 2 * (v % 100);
         v /= 100;
-        tmp[--i] = d[1];
-        tmp[--i] = d[0];
+        *--p = d[1];
+        *--p = d[0];
     }
     if (v >= 10) {
-        tmp[--i] = out_digit_pairs[2 * v + 1];
-        tmp[--i] = out_digit_pairs[2 * v];
+        *--p = out_digit_pairs[2 * v + 1];
+        *--p = out_digit_pairs[2 * v];
     } else {
-        tmp[--i] = (char)('0' + v);
+        *--p = (char)('0' + v);
     }
-    out_mem(o, tmp + i, sizeof(tmp) - i);
+}
+
+static inline void out_u64(struct out *o, uint64_t v)
+{
+    size_t n = out_u64_len(v);
+    if (o->over || n > o->cap - o->len) {
+        o->over = 1;
+        return;
+    }
+    out_u64_put(o->p + o->len, v, n);
+    o->len += n;
 }
 
 static inline void out_hdr(struct out *o, const char *name, const char *v, size_t vlen)
