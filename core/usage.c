@@ -482,7 +482,8 @@ struct uv {
     const char *p, *end;
 };
 
-static void uv_ws(struct uv *v)
+/* Inline: it is called around every key and value, where there is mostly no white space. */
+static inline __attribute__((always_inline)) void uv_ws(struct uv *v)
 {
     while (v->p < v->end && is_ws((unsigned char)*v->p))
         v->p++;
@@ -494,7 +495,7 @@ static const uint8_t uv_stop[256] = {
 };
 
 /* A string without escapes or bytes outside printable ASCII (yajl checks the rest). */
-static int uv_str(struct uv *v, const char **s, size_t *n)
+static inline __attribute__((always_inline)) int uv_str(struct uv *v, const char **s, size_t *n)
 {
     const char *a = ++v->p;
     while (v->p < v->end && !uv_stop[(unsigned char)*v->p])
