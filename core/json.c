@@ -581,7 +581,8 @@ static const uint8_t fast_hex[256] = {
     ['0' ... '9'] = 1, ['a' ... 'f'] = 1, ['A' ... 'F'] = 1,
 };
 
-static size_t fast_ws(const unsigned char *b, size_t i, size_t n)
+static inline __attribute__((always_inline)) size_t fast_ws(const unsigned char *b, size_t i,
+                                                             size_t n)
 {
     while (i < n && (b[i] == ' ' || b[i] == '\n' || b[i] == '\r' || b[i] == '\t'))
         i++;
@@ -591,10 +592,25 @@ static size_t fast_ws(const unsigned char *b, size_t i, size_t n)
 /* The string whose opening quote is at b[i]: the index past its closing quote, or 0 when it is
  * not one yajl takes (its checks: no control byte, escapes \" \\ \/ \b \f \n \r \t \uXXXX,
  * UTF-8 lead bytes followed by their continuation bytes). *esc: it holds an escape. */
-static size_t fast_str(const unsigned char *b, size_t i, size_t n, int *esc)
+static inline __attribute__((always_inline)) size_t fast_str(const unsigned char *b, size_t i,
+                                                              size_t n, int *esc)
 {
+    const uint64_t ones = 0x0101010101010101ull, high = 0x8080808080808080ull;
+
     *esc = 0;
     for (i++;;) {
+        /* 8 bytes at a time while none of them is a stop byte: a high bit for a byte below
+         * 0x20, a '"', a '\\' or a byte from 0x80 (one found, or a false alarm above one, and
+         * the bytes are looked at one by one) */
+        while (n - i >= 8) {
+            uint64_t x, q, s;
+            memcpy(&x, b + i, 8);
+            q = x ^ (ones * '"');
+            s = x ^ (ones * '\\');
+            if ((((x - ones * 0x20) & ~x) | ((q - ones) & ~q) | ((s - ones) & ~s) | x) & high)
+                break;
+            i += 8;
+        }
         while (i < n && !fast_str_stop[b[i]])
             i++;
         if (i >= n)
