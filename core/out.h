@@ -63,10 +63,11 @@ static inline size_t out_u64_len(uint64_t v)
         1000000000000000000ull,
         10000000000000000000ull,
     };
-    size_t n = 1;
-    while (n < 20 && v >= pow10[n])
-        n++;
-    return n;
+    if (v < 10)
+        return 1;
+    /* bits of v * log10(2) (1233 / 4096) is the digit count or one less */
+    size_t n = (size_t)((64 - __builtin_clzll(v)) * 1233) >> 12;
+    return n + (n < 20 && v >= pow10[n]);
 }
 
 /* Writes the n = out_u64_len(v) digits of v at dst. */

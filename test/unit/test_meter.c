@@ -169,6 +169,18 @@ static void test_numbers(void **state)
                 break;
         }
     }
+    /* both sides of every power of ten (the digit count) */
+    for (uint64_t p = 10;; p *= 10) {
+        for (uint64_t x = p - 1; x <= p + 1; x++) {
+            struct out o = {buf, 0, sizeof(buf) - 1, 0};
+            out_u64(&o, x);
+            buf[o.len] = '\0';
+            snprintf(want, sizeof(want), "%llu", (unsigned long long)x);
+            assert_string_equal(buf, want);
+        }
+        if (p > UINT64_MAX / 10)
+            break;
+    }
     /* a line that does not fit sets the flag, writes nothing past the end */
     struct out small = {buf, 0, 3, 0};
     volatile uint64_t four = 1234; /* not a constant: gcc would check a path never taken */
