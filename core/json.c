@@ -600,15 +600,20 @@ static inline __attribute__((always_inline)) size_t fast_str(const unsigned char
     *esc = 0;
     for (i++;;) {
         /* 8 bytes at a time while none of them is a stop byte: a high bit for a byte below
-         * 0x20, a '"', a '\\' or a byte from 0x80 (one found, or a false alarm above one, and
-         * the bytes are looked at one by one) */
+         * 0x20, a '"', a '\\' or a byte from 0x80. The lowest one flagged is the first stop
+         * byte (a borrow can only flag bytes above a real one) */
         while (n - i >= 8) {
-            uint64_t x, q, s;
+            uint64_t x, q, s, m;
             memcpy(&x, b + i, 8);
             q = x ^ (ones * '"');
             s = x ^ (ones * '\\');
-            if ((((x - ones * 0x20) & ~x) | ((q - ones) & ~q) | ((s - ones) & ~s) | x) & high)
+            m = (((x - ones * 0x20) & ~x) | ((q - ones) & ~q) | ((s - ones) & ~s) | x) & high;
+            if (m) {
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+                i += (size_t)__builtin_ctzll(m) >> 3; /* b[i] is the lowest byte of x */
+#endif
                 break;
+            }
             i += 8;
         }
         while (i < n && !fast_str_stop[b[i]])
