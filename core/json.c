@@ -574,15 +574,20 @@ int json_req_end(struct json_parser *p)
 
 /* string bytes the scan stops at: '"', '\\', control bytes, and the lead bytes of UTF-8 */
 static const uint8_t fast_str_stop[256] = {
-    [0x00 ... 0x1f] = 1, ['"'] = 1, ['\\'] = 1, [0x80 ... 0xff] = 1,
+    [0x00 ... 0x1f] = 1,
+    ['"'] = 1,
+    ['\\'] = 1,
+    [0x80 ... 0xff] = 1,
 };
 
 static const uint8_t fast_hex[256] = {
-    ['0' ... '9'] = 1, ['a' ... 'f'] = 1, ['A' ... 'F'] = 1,
+    ['0' ... '9'] = 1,
+    ['a' ... 'f'] = 1,
+    ['A' ... 'F'] = 1,
 };
 
 static inline __attribute__((always_inline)) size_t fast_ws(const unsigned char *b, size_t i,
-                                                             size_t n)
+                                                            size_t n)
 {
     while (i < n && (b[i] == ' ' || b[i] == '\n' || b[i] == '\r' || b[i] == '\t'))
         i++;
@@ -593,7 +598,7 @@ static inline __attribute__((always_inline)) size_t fast_ws(const unsigned char 
  * not one yajl takes (its checks: no control byte, escapes \" \\ \/ \b \f \n \r \t \uXXXX,
  * UTF-8 lead bytes followed by their continuation bytes). *esc: it holds an escape. */
 static inline __attribute__((always_inline)) size_t fast_str(const unsigned char *b, size_t i,
-                                                              size_t n, int *esc)
+                                                             size_t n, int *esc)
 {
     const uint64_t ones = 0x0101010101010101ull, high = 0x8080808080808080ull;
 
@@ -846,7 +851,7 @@ key:
             p->is_key = p->key && kn == p->key_len && memcmp(k, p->key, kn) == 0;
         } else {
             f = kn == 13 && memcmp(k, "include_usage", 13) == 0 ? JSON_F_INCLUDE_USAGE
-                                                                 : JSON_F_NONE;
+                                                                : JSON_F_NONE;
             p->sub = (uint8_t)f;
         }
         i = fast_ws(b, e, n);

@@ -58,7 +58,8 @@ void route_keys_free(struct route_keys *t)
 }
 
 /* The cache slot of a token: its 8-byte words (the last one zero-padded) mixed in turn
- * (splitmix64's finaliser) from a per-worker random seed (the slot is a hint; the whole token is compared). */
+ * (splitmix64's finaliser) from a per-worker random seed (the slot is a hint; the whole token is
+ * compared). */
 static struct route_kcache *kcache_slot(const struct route_keys *t, const char *token, size_t len)
 {
     uint64_t h = t->seed ^ 0xcbf29ce484222325ull ^ len, w;

@@ -491,7 +491,10 @@ static inline __attribute__((always_inline)) void uv_ws(struct uv *v)
 
 /* The bytes uv_str stops at: the closing quote, and what it leaves to yajl. */
 static const uint8_t uv_stop[256] = {
-    [0x00 ... 0x1f] = 1, ['"'] = 1, ['\\'] = 1, [0x7f ... 0xff] = 1,
+    [0x00 ... 0x1f] = 1,
+    ['"'] = 1,
+    ['\\'] = 1,
+    [0x7f ... 0xff] = 1,
 };
 
 /* A string without escapes or bytes outside printable ASCII (yajl checks the rest). */
@@ -656,6 +659,11 @@ static void json_cap_end(struct usage_rd *rd, const char *p, size_t from, size_t
 static void json_scan(struct usage_rd *rd, const char *p, size_t n)
 {
     size_t i = 0, cap = 0; /* cap: where the usage value's bytes in p start (rd->jcap) */
+    size_t e, k;           /* J_STR: the quote found, the start of the backslashes before it */
+    const char *q;
+    uint8_t odd;
+    uint32_t d;
+    char c;
 
     while (i < n) {
         switch (rd->js) {
@@ -676,13 +684,13 @@ static void json_scan(struct usage_rd *rd, const char *p, size_t n)
         /* J_OUT, J_STR and J_KEY go from one to the other by goto, not through the switch:
          * an answer is mostly short strings and the bytes between them */
         case J_OUT:
-        out: {
+        out:
             while (i < n && !json_stop[(unsigned char)p[i]])
                 i++;
             if (i == n)
                 break;
-            char c = p[i++];
-            uint32_t d = rd->jdepth;
+            c = p[i++];
+            d = rd->jdepth;
             if (c == '"') {
                 if (d == 1 && rd->jkeypos) {
                     rd->jkeypos = 0;
@@ -728,15 +736,15 @@ static void json_scan(struct usage_rd *rd, const char *p, size_t n)
             if (rd->js == J_OUT)
                 goto out;
             continue;
-        }
         case J_STR:
-        str: {
+        str:
             /* the string ends at a quote after an even run of backslashes */
-            const char *q = memchr(p + i, '"', n - i);
-            size_t e = q ? (size_t)(q - p) : n, k = e;
+            q = memchr(p + i, '"', n - i);
+            e = q ? (size_t)(q - p) : n;
+            k = e;
             while (k > i && p[k - 1] == '\\')
                 k--;
-            uint8_t odd = (uint8_t)((e - k) & 1);
+            odd = (uint8_t)((e - k) & 1);
             if (k == i)
                 odd ^= rd->jesc; /* the run goes on from the last piece */
             if (!q) {
@@ -750,7 +758,6 @@ static void json_scan(struct usage_rd *rd, const char *p, size_t n)
                 goto str;
             rd->js = J_OUT;
             goto out;
-        }
         case J_KEY:
         key:
             /* the bytes of "usage" it starts with */

@@ -1331,8 +1331,8 @@ static void test_list_match(void **state)
     char *items[] = {i0, i1, i2, i3, i4, i5};
     struct conf_list l = {items, 6};
     static const char *const names[] = {"gpt-4o", "gpt-4o-mini", "gpt-4", "o1-pro", "o2-pro",
-                                        "demo1", "demo", "a*b", "axb", "a\\*b", "x", "xx", "",
-                                        "ef", "e\\f"};
+                                        "demo1",  "demo",        "a*b",   "axb",    "a\\*b",
+                                        "x",      "xx",          "",      "ef",     "e\\f"};
 
     (void)state;
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {

@@ -150,10 +150,9 @@ static void test_headers(void **state)
 /* Numbers are written two digits a division: every length, and the edges of each pair. */
 static void test_numbers(void **state)
 {
-    static const uint64_t v[] = {0,    1,     9,      10,     11,         99,
-                                 100,  101,   109,    110,    999,        1000,
-                                 1009, 12345, 100000, 999999, 1000000000, 4000000000,
-                                 UINT64_MAX};
+    static const uint64_t v[] = {0,      1,      9,          10,         11,        99,   100,
+                                 101,    109,    110,        999,        1000,      1009, 12345,
+                                 100000, 999999, 1000000000, 4000000000, UINT64_MAX};
     char buf[64], want[64];
 
     (void)state;
