@@ -79,9 +79,14 @@ static void client_take_buf(struct client *c)
     if (!p)
         return;
     c->buf = p + c->w->data_off;
-    /* a new request state: the buffer may come from another connection */
+    /* a new request state: the buffer may come from another connection. All of it zeroed
+     * but the bytes nothing reads before writing them: the rewrite's (at the end) and the
+     * model name's (info.model_len says there is none) */
     struct creq *r = client_creq(c);
-    memset(r, 0, sizeof(*r));
+    size_t model_at = offsetof(struct creq, info) + offsetof(struct json_req, model);
+    size_t model_end = model_at + sizeof(r->info.model);
+    memset(r, 0, model_at);
+    memset((char *)r + model_end, 0, offsetof(struct creq, rw) - model_end);
     /* llhttp_init leaves every lenient flag off: what llhttp still takes that RFC 9112 does not
      * (bare LF at some line ends, white space in names, other versions) client_validate refuses */
     llhttp_init(&r->parser, HTTP_REQUEST, &req_settings);

@@ -2234,14 +2234,27 @@ int conf_model_find(const struct conf *conf, const char *name)
 int conf_list_match(const struct conf_list *l, const char *name, size_t len)
 {
     char buf[CONF_NAME_MAX * 4];
+    int nul = 0; /* buf holds the name, NUL-terminated */
 
     if (len >= sizeof(buf) || memchr(name, '\0', len))
         return 0;
-    memcpy(buf, name, len);
-    buf[len] = '\0';
-    for (int i = 0; i < l->n; i++)
+    for (int i = 0; i < l->n; i++) {
+        /* an item without fnmatch's special characters (flags 0: * ? [ and the escape \)
+         * matches only itself: compared as bytes, without fnmatch (a request's model against
+         * a pool's `models` on every request) */
+        if (!strpbrk(l->items[i], "*?[\\")) {
+            if (strlen(l->items[i]) == len && memcmp(l->items[i], name, len) == 0)
+                return 1;
+            continue;
+        }
+        if (!nul) {
+            memcpy(buf, name, len);
+            buf[len] = '\0';
+            nul = 1;
+        }
         if (fnmatch(l->items[i], buf, 0) == 0)
             return 1;
+    }
     return 0;
 }
 

@@ -564,9 +564,332 @@ int json_req_end(struct json_parser *p)
     return ok ? 0 : -EINVAL;
 }
 
+/* ---- a whole body at once, without yajl ---- */
+
+/* A body in one piece is first read by the scan below, which takes only plain JSON (RFC 8259
+ * white space, nesting up to FAST_DEPTH, no escape in a string whose text is used) and records
+ * exactly what the yajl callbacks above record for it. Whatever it does not take, valid or
+ * not, goes through yajl, which then decides: a body is refused exactly as before. */
+#define FAST_DEPTH 63 /* bits of the scan's container stack, minus depth 0 */
+
+/* string bytes the scan stops at: '"', '\\', control bytes, and the lead bytes of UTF-8 */
+static const uint8_t fast_str_stop[256] = {
+    [0x00 ... 0x1f] = 1,
+    ['"'] = 1,
+    ['\\'] = 1,
+    [0x80 ... 0xff] = 1,
+};
+
+static const uint8_t fast_hex[256] = {
+    ['0' ... '9'] = 1,
+    ['a' ... 'f'] = 1,
+    ['A' ... 'F'] = 1,
+};
+
+static inline __attribute__((always_inline)) size_t fast_ws(const unsigned char *b, size_t i,
+                                                            size_t n)
+{
+    while (i < n && (b[i] == ' ' || b[i] == '\n' || b[i] == '\r' || b[i] == '\t'))
+        i++;
+    return i;
+}
+
+/* The string whose opening quote is at b[i]: the index past its closing quote, or 0 when it is
+ * not one yajl takes (its checks: no control byte, escapes \" \\ \/ \b \f \n \r \t \uXXXX,
+ * UTF-8 lead bytes followed by their continuation bytes). *esc: it holds an escape. */
+static inline __attribute__((always_inline)) size_t fast_str(const unsigned char *b, size_t i,
+                                                             size_t n, int *esc)
+{
+    const uint64_t ones = 0x0101010101010101ull, high = 0x8080808080808080ull;
+
+    *esc = 0;
+    for (i++;;) {
+        /* 8 bytes at a time while none of them is a stop byte: a high bit for a byte below
+         * 0x20, a '"', a '\\' or a byte from 0x80. The lowest one flagged is the first stop
+         * byte (a borrow can only flag bytes above a real one) */
+        while (n - i >= 8) {
+            uint64_t x, q, s, m;
+            memcpy(&x, b + i, 8);
+            q = x ^ (ones * '"');
+            s = x ^ (ones * '\\');
+            m = (((x - ones * 0x20) & ~x) | ((q - ones) & ~q) | ((s - ones) & ~s) | x) & high;
+            if (m) {
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+                i += (size_t)__builtin_ctzll(m) >> 3; /* b[i] is the lowest byte of x */
+#endif
+                break;
+            }
+            i += 8;
+        }
+        while (i < n && !fast_str_stop[b[i]])
+            i++;
+        if (i >= n)
+            return 0;
+        unsigned char c = b[i];
+        if (c == '"')
+            return i + 1;
+        if (c < 0x20)
+            return 0;
+        if (c == '\\') {
+            *esc = 1;
+            if (i + 1 >= n)
+                return 0;
+            c = b[i + 1];
+            if (c == 'u') {
+                if (i + 5 >= n || !fast_hex[b[i + 2]] || !fast_hex[b[i + 3]] ||
+                    !fast_hex[b[i + 4]] || !fast_hex[b[i + 5]])
+                    return 0;
+                i += 6;
+            } else if (c == '"' || c == '\\' || c == '/' || c == 'b' || c == 'f' || c == 'n' ||
+                       c == 'r' || c == 't') {
+                i += 2;
+            } else {
+                return 0;
+            }
+            continue;
+        }
+        /* c >= 0x80 */
+        size_t more = (c >> 5) == 0x6 ? 1 : (c >> 4) == 0xe ? 2 : (c >> 3) == 0x1e ? 3 : 0;
+        if (!more || i + more >= n)
+            return 0;
+        for (size_t k = 1; k <= more; k++)
+            if ((b[i + k] >> 6) != 0x2)
+                return 0;
+        i += more + 1;
+    }
+}
+
+/* The number at b[i] (RFC 8259's grammar): the index past it, or 0. */
+static size_t fast_num(const unsigned char *b, size_t i, size_t n)
+{
+    if (i < n && b[i] == '-')
+        i++;
+    if (i >= n)
+        return 0;
+    if (b[i] == '0') {
+        i++;
+    } else if (b[i] >= '1' && b[i] <= '9') {
+        while (i < n && b[i] >= '0' && b[i] <= '9')
+            i++;
+    } else {
+        return 0;
+    }
+    if (i < n && b[i] == '.') {
+        size_t d = ++i;
+        while (i < n && b[i] >= '0' && b[i] <= '9')
+            i++;
+        if (i == d)
+            return 0;
+    }
+    if (i < n && (b[i] == 'e' || b[i] == 'E')) {
+        i++;
+        if (i < n && (b[i] == '+' || b[i] == '-'))
+            i++;
+        size_t d = i;
+        while (i < n && b[i] >= '0' && b[i] <= '9')
+            i++;
+        if (i == d)
+            return 0;
+    }
+    return i; /* what follows (a digit after "0" too) is checked as what follows a value */
+}
+
+/* A value of the field the callbacks would see at this depth ended at `end`. */
+static void fast_value_end(struct json_parser *p, uint64_t end)
+{
+    enum json_req_field f = req_cur(p);
+    if (f != JSON_F_NONE)
+        p->out->span[f].end = end;
+}
+
+/* Reads body b[0, n) into p->out as the yajl callbacks would: 0 when it is one object read in
+ * full, 1 when yajl must read it (p->out is then reset by json_req_begin). */
+static int fast_parse(struct json_parser *p, const unsigned char *b, size_t n)
+{
+    struct json_req *o = p->out;
+    uint64_t arr = 0; /* bit d: the container at depth d is an array */
+    size_t i = fast_ws(b, 0, n), e;
+    int esc;
+
+    if (i >= n || b[i] != '{')
+        return 1;
+    i = fast_ws(b, i + 1, n);
+    p->depth = 1;
+    if (i < n && b[i] == '}')
+        goto close;
+    goto key;
+
+value:
+    /* b[i] starts a value at p->depth (after a key, or in an array) */
+    if (i >= n)
+        return 1;
+    switch (b[i]) {
+    case '{':
+    case '[':
+        if (p->depth >= FAST_DEPTH)
+            return 1;
+        req_value_begin(p, req_cur(p));
+        p->depth++;
+        if (p->depth == 2) {
+            p->so_obj = b[i] == '{' && p->top == JSON_F_STREAM_OPTIONS;
+            p->sub = JSON_F_NONE;
+        }
+        if (b[i] == '[') {
+            arr |= 1ull << p->depth;
+            i = fast_ws(b, i + 1, n);
+            if (i < n && b[i] == ']')
+                goto close;
+            goto value;
+        }
+        arr &= ~(1ull << p->depth);
+        i = fast_ws(b, i + 1, n);
+        if (i < n && b[i] == '}')
+            goto close;
+        goto key;
+    case '"': {
+        enum json_req_field f = req_cur(p);
+        int key = p->depth == 1 && p->is_key;
+        if (!(e = fast_str(b, i, n, &esc)))
+            return 1;
+        if ((f != JSON_F_NONE || key) && esc)
+            return 1; /* its text is used: yajl decodes it */
+        req_value_begin(p, f);
+        if (f != JSON_F_NONE)
+            o->span[f].end = e;
+        const unsigned char *s = b + i + 1;
+        size_t sn = e - i - 2;
+        if (f >= JSON_F_MAX_TOKENS)
+            o->max_tokens[f - JSON_F_MAX_TOKENS] = json_count((const char *)s, sn);
+        if (f == JSON_F_MODEL) {
+            o->flags |= JSON_REQ_MODEL;
+            o->model_len = sn > UINT32_MAX ? UINT32_MAX : (uint32_t)sn;
+            memcpy(o->model, s, sn < JSON_MODEL_MAX ? sn : JSON_MODEL_MAX);
+        }
+        if (key) {
+            o->flags |= JSON_REQ_KEY;
+            o->key_hash = balancer_hash(s, sn);
+        }
+        i = e;
+        goto next;
+    }
+    case 't':
+    case 'f':
+    case 'n': {
+        enum json_req_field f = req_cur(p);
+        size_t l = b[i] == 'f' ? 5 : 4;
+        const char *lit = b[i] == 't' ? "true" : b[i] == 'f' ? "false" : "null";
+        if (n - i < l || memcmp(b + i, lit, l) != 0)
+            return 1;
+        req_value_begin(p, f);
+        i += l;
+        if (f != JSON_F_NONE)
+            o->span[f].end = i;
+        if (b[i - l] == 't' && f == JSON_F_STREAM)
+            o->flags |= JSON_REQ_STREAM;
+        else if (b[i - l] == 't' && f == JSON_F_INCLUDE_USAGE)
+            o->flags |= JSON_REQ_INCLUDE_USAGE;
+        goto next;
+    }
+    default: {
+        enum json_req_field f = req_cur(p);
+        if (!(e = fast_num(b, i, n)))
+            return 1;
+        req_value_begin(p, f);
+        if (f != JSON_F_NONE)
+            o->span[f].end = e;
+        if (f >= JSON_F_MAX_TOKENS)
+            o->max_tokens[f - JSON_F_MAX_TOKENS] = json_count((const char *)b + i, e - i);
+        i = e;
+        goto next;
+    }
+    }
+
+close:
+    /* b[i] is the '}' or ']' that closes the container at p->depth */
+    if ((b[i] == ']') != (int)(arr >> p->depth & 1))
+        return 1;
+    i++;
+    if (--p->depth == 0) {
+        p->closed = 1;
+        p->end = i;
+        return fast_ws(b, i, n) == n ? 0 : 1;
+    }
+    fast_value_end(p, i);
+    if (p->depth == 1 && p->so_obj) {
+        o->flags |= JSON_REQ_STREAM_OPTS;
+        p->so_obj = 0;
+    }
+    /* fall through to what follows a value */
+
+next:
+    i = fast_ws(b, i, n);
+    if (i >= n)
+        return 1;
+    if (b[i] == ',') {
+        i = fast_ws(b, i + 1, n);
+        if (arr >> p->depth & 1)
+            goto value;
+        goto key;
+    }
+    if (b[i] == '}' || b[i] == ']')
+        goto close;
+    return 1;
+
+key:
+    /* b[i] should start a key in the object at p->depth */
+    if (i >= n || b[i] != '"' || !(e = fast_str(b, i, n, &esc)))
+        return 1;
+    if (p->depth == 1 || (p->depth == 2 && p->so_obj)) {
+        const unsigned char *k = b + i + 1;
+        size_t kn = e - i - 2;
+        enum json_req_field f;
+        if (esc)
+            return 1; /* yajl compares its unescaped text */
+        if (p->depth == 1) {
+            f = req_field(k, kn);
+            p->top = (uint8_t)f;
+            p->is_key = p->key && kn == p->key_len && memcmp(k, p->key, kn) == 0;
+        } else {
+            f = kn == 13 && memcmp(k, "include_usage", 13) == 0 ? JSON_F_INCLUDE_USAGE
+                                                                : JSON_F_NONE;
+            p->sub = (uint8_t)f;
+        }
+        i = fast_ws(b, e, n);
+        if (i >= n || b[i] != ':')
+            return 1;
+        i = fast_ws(b, i + 1, n);
+        if (f != JSON_F_NONE) {
+            if (o->span[f].end) /* given before: the last one counts */
+                o->dup |= (uint16_t)(1u << f);
+            o->span[f].off = i;
+            o->span[f].end = 0;
+        }
+        goto value;
+    }
+    i = fast_ws(b, e, n);
+    if (i >= n || b[i] != ':')
+        return 1;
+    i = fast_ws(b, i + 1, n);
+    goto value;
+}
+
 int json_req_parse(struct json_parser *p, struct json_req *out, const char *key_field,
                    const char *body, size_t len)
 {
+    if (p->active) /* the last parse was left unfinished: its handle is mid-body */
+        req_drop(p);
+    p->active = 0;
+    json_req_reset(out);
+    p->out = out;
+    p->key = key_field;
+    p->key_len = key_field ? strlen(key_field) : 0;
+    p->depth = 0;
+    p->top = p->sub = p->is_key = p->so_obj = 0;
+    p->closed = 0;
+    if (fast_parse(p, (const unsigned char *)body, len) == 0) {
+        p->fast++;
+        return 0;
+    }
     int r = json_req_begin(p, out, key_field);
     if (r == 0)
         json_req_feed(p, body, len);

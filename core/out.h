@@ -32,15 +32,71 @@ static inline void out_str(struct out *o, const char *s)
 /* A string literal: its length is known at compile time. */
 #define OUT_LIT(o, lit) out_mem(o, lit, sizeof(lit) - 1)
 
+/* "00" .. "99": two digits per division when numbers are written */
+static const char out_digit_pairs[201] = "00010203040506070809101112131415161718192021222324"
+                                         "25262728293031323334353637383940414243444546474849"
+                                         "50515253545556575859606162636465666768697071727374"
+                                         "75767778798081828384858687888990919293949596979899";
+
+/* Digits of v in decimal. */
+static inline size_t out_u64_len(uint64_t v)
+{
+    static const uint64_t pow10[20] = {
+        1ull,
+        10ull,
+        100ull,
+        1000ull,
+        10000ull,
+        100000ull,
+        1000000ull,
+        10000000ull,
+        100000000ull,
+        1000000000ull,
+        10000000000ull,
+        100000000000ull,
+        1000000000000ull,
+        10000000000000ull,
+        100000000000000ull,
+        1000000000000000ull,
+        10000000000000000ull,
+        100000000000000000ull,
+        1000000000000000000ull,
+        10000000000000000000ull,
+    };
+    if (v < 10)
+        return 1;
+    /* bits of v * log10(2) (1233 / 4096) is the digit count or one less */
+    size_t n = (size_t)((64 - __builtin_clzll(v)) * 1233) >> 12;
+    return n + (n < 20 && v >= pow10[n]);
+}
+
+/* Writes the n = out_u64_len(v) digits of v at dst. */
+static inline void out_u64_put(char *dst, uint64_t v, size_t n)
+{
+    char *p = dst + n;
+    while (v >= 100) {
+        const char *d = out_digit_pairs + 2 * (v % 100);
+        v /= 100;
+        *--p = d[1];
+        *--p = d[0];
+    }
+    if (v >= 10) {
+        *--p = out_digit_pairs[2 * v + 1];
+        *--p = out_digit_pairs[2 * v];
+    } else {
+        *--p = (char)('0' + v);
+    }
+}
+
 static inline void out_u64(struct out *o, uint64_t v)
 {
-    char tmp[24];
-    size_t i = sizeof(tmp);
-    do {
-        tmp[--i] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    out_mem(o, tmp + i, sizeof(tmp) - i);
+    size_t n = out_u64_len(v);
+    if (o->over || n > o->cap - o->len) {
+        o->over = 1;
+        return;
+    }
+    out_u64_put(o->p + o->len, v, n);
+    o->len += n;
 }
 
 static inline void out_hdr(struct out *o, const char *name, const char *v, size_t vlen)

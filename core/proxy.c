@@ -20,14 +20,27 @@ static int pct_is(const char *p, size_t len, size_t i, char x, char y)
     return i + 2 < len && p[i] == '%' && p[i + 1] == x && (p[i + 2] | 0x20) == (y | 0x20);
 }
 
+/* The bytes a path is checked further at: '.', '%' and '\\' may make it unsafe, '?' and '#'
+ * end it. */
+static const unsigned char path_stop[256] = {
+    ['.'] = 1, ['%'] = 1, ['\\'] = 1, ['?'] = 1, ['#'] = 1,
+};
+
 int proxy_path_safe(const char *path, size_t len)
 {
     size_t end = 0, seg = 0, dots = 0, other = 0;
 
+    /* the usual path has none of them before its query: safe, in one pass */
+    while (end < len && !path_stop[(unsigned char)path[end]])
+        end++;
+    if (end == len || path[end] == '?' || path[end] == '#')
+        return 1;
+    end = 0;
     while (end < len && path[end] != '?' && path[end] != '#')
         end++;
     for (size_t i = 0; i <= end; i++) {
-        if (i == end || path[i] == '/') {
+        char ch = i < end ? path[i] : '/';
+        if (ch == '/') {
             /* a segment of only one or two dots, each raw or %2e, is a dot-segment */
             if (i > seg && !other && (dots == 1 || dots == 2))
                 return 0;
@@ -35,16 +48,22 @@ int proxy_path_safe(const char *path, size_t len)
             dots = other = 0;
             continue;
         }
-        if (path[i] == '\\' || pct_is(path, end, i, '5', 'C') || pct_is(path, end, i, '2', 'F'))
-            return 0;
-        if (path[i] == '.') {
+        if (ch == '.') {
             dots++;
-        } else if (pct_is(path, end, i, '2', 'E')) {
-            dots++;
-            i += 2;
-        } else {
-            other = 1;
+            continue;
         }
+        if (ch == '\\')
+            return 0;
+        if (ch == '%') { /* only a '%' can start %5C, %2F or %2E */
+            if (pct_is(path, end, i, '5', 'C') || pct_is(path, end, i, '2', 'F'))
+                return 0;
+            if (pct_is(path, end, i, '2', 'E')) {
+                dots++;
+                i += 2;
+                continue;
+            }
+        }
+        other = 1;
     }
     return 1;
 }

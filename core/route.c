@@ -13,6 +13,7 @@
 #include "core/json.h"
 
 #include "core/out.h"
+#include "core/util.h"
 
 static const struct conf *sort_conf; /* qsort has no context argument */
 
@@ -56,26 +57,40 @@ void route_keys_free(struct route_keys *t)
     t->n = 0;
 }
 
-/* The cache slot of a token: FNV-1a from a per-worker random seed (the slot is a hint; the
- * whole token is compared). */
+/* The cache slot of a token: its 8-byte words (the last one zero-padded) mixed in turn
+ * (splitmix64's finaliser) from a per-worker random seed (the slot is a hint; the whole token is
+ * compared). */
 static struct route_kcache *kcache_slot(const struct route_keys *t, const char *token, size_t len)
 {
-    uint64_t h = t->seed ^ 0xcbf29ce484222325ull;
+    uint64_t h = t->seed ^ 0xcbf29ce484222325ull ^ len, w;
+    size_t i = 0;
 
-    for (size_t i = 0; i < len; i++)
-        h = (h ^ (unsigned char)token[i]) * 0x100000001b3ull;
-    h ^= h >> 29;
+    for (; len - i >= 8; i += 8) {
+        memcpy(&w, token + i, 8);
+        h = util_mix64(h ^ w);
+    }
+    if (i < len) {
+        w = 0;
+        memcpy(&w, token + i, len - i);
+        h = util_mix64(h ^ w);
+    }
     return &t->cache[h % ROUTE_KCACHE];
 }
 
-/* Whether the slot holds token: every byte compared, whatever matches first. */
+/* Whether the slot holds token: every byte compared (8 at a time), whatever matches first. */
 static int kcache_has(const struct route_kcache *e, const char *token, size_t len)
 {
-    unsigned char d = 0;
+    uint64_t d = 0, a, b;
+    size_t i = 0;
 
     if (e->len != len)
         return 0;
-    for (size_t i = 0; i < len; i++)
+    for (; len - i >= 8; i += 8) {
+        memcpy(&a, e->tok + i, 8);
+        memcpy(&b, token + i, 8);
+        d |= a ^ b;
+    }
+    for (; i < len; i++)
         d |= (unsigned char)(e->tok[i] ^ (unsigned char)token[i]);
     return d == 0;
 }

@@ -482,22 +482,28 @@ struct uv {
     const char *p, *end;
 };
 
-static void uv_ws(struct uv *v)
+/* Inline: it is called around every key and value, where there is mostly no white space. */
+static inline __attribute__((always_inline)) void uv_ws(struct uv *v)
 {
     while (v->p < v->end && is_ws((unsigned char)*v->p))
         v->p++;
 }
 
+/* The bytes uv_str stops at: the closing quote, and what it leaves to yajl. */
+static const uint8_t uv_stop[256] = {
+    [0x00 ... 0x1f] = 1,
+    ['"'] = 1,
+    ['\\'] = 1,
+    [0x7f ... 0xff] = 1,
+};
+
 /* A string without escapes or bytes outside printable ASCII (yajl checks the rest). */
-static int uv_str(struct uv *v, const char **s, size_t *n)
+static inline __attribute__((always_inline)) int uv_str(struct uv *v, const char **s, size_t *n)
 {
     const char *a = ++v->p;
-    while (v->p < v->end && *v->p != '"') {
-        if (*v->p < 0x20 || *v->p > 0x7e || *v->p == '\\')
-            return -1;
+    while (v->p < v->end && !uv_stop[(unsigned char)*v->p])
         v->p++;
-    }
-    if (v->p == v->end)
+    if (v->p == v->end || *v->p != '"')
         return -1;
     *s = a;
     *n = (size_t)(v->p++ - a);
@@ -653,6 +659,11 @@ static void json_cap_end(struct usage_rd *rd, const char *p, size_t from, size_t
 static void json_scan(struct usage_rd *rd, const char *p, size_t n)
 {
     size_t i = 0, cap = 0; /* cap: where the usage value's bytes in p start (rd->jcap) */
+    size_t e, k;           /* J_STR: the quote found, the start of the backslashes before it */
+    const char *q;
+    uint8_t odd;
+    uint32_t d;
+    char c;
 
     while (i < n) {
         switch (rd->js) {
@@ -670,22 +681,26 @@ static void json_scan(struct usage_rd *rd, const char *p, size_t n)
             rd->jkeypos = 1;
             rd->js = J_OUT;
             continue;
-        case J_OUT: {
+        /* J_OUT, J_STR and J_KEY go from one to the other by goto, not through the switch:
+         * an answer is mostly short strings and the bytes between them */
+        case J_OUT:
+        out:
             while (i < n && !json_stop[(unsigned char)p[i]])
                 i++;
             if (i == n)
                 break;
-            char c = p[i++];
-            uint32_t d = rd->jdepth;
+            c = p[i++];
+            d = rd->jdepth;
             if (c == '"') {
                 if (d == 1 && rd->jkeypos) {
                     rd->jkeypos = 0;
                     rd->jkey = 0;
                     rd->js = J_KEY;
-                } else {
-                    rd->jesc = 0;
-                    rd->js = J_STR;
+                    goto key;
                 }
+                rd->jesc = 0;
+                rd->js = J_STR;
+                goto str;
             } else if (c == ',') {
                 if (d == 1) {
                     if (rd->jkeypos) { /* "{," or ",," */
@@ -718,15 +733,18 @@ static void json_scan(struct usage_rd *rd, const char *p, size_t n)
                 }
                 rd->jdepth = d - 1;
             }
+            if (rd->js == J_OUT)
+                goto out;
             continue;
-        }
-        case J_STR: {
+        case J_STR:
+        str:
             /* the string ends at a quote after an even run of backslashes */
-            const char *q = memchr(p + i, '"', n - i);
-            size_t e = q ? (size_t)(q - p) : n, k = e;
+            q = memchr(p + i, '"', n - i);
+            e = q ? (size_t)(q - p) : n;
+            k = e;
             while (k > i && p[k - 1] == '\\')
                 k--;
-            uint8_t odd = (uint8_t)((e - k) & 1);
+            odd = (uint8_t)((e - k) & 1);
             if (k == i)
                 odd ^= rd->jesc; /* the run goes on from the last piece */
             if (!q) {
@@ -736,33 +754,42 @@ static void json_scan(struct usage_rd *rd, const char *p, size_t n)
             }
             rd->jesc = 0;
             i = e + 1;
-            if (!odd)
-                rd->js = J_OUT;
-            continue;
-        }
-        case J_KEY: {
-            char c = p[i];
-            if (c == '"') {
+            if (odd)
+                goto str;
+            rd->js = J_OUT;
+            goto out;
+        case J_KEY:
+        key:
+            /* the bytes of "usage" it starts with */
+            while (i < n && rd->jkey < 5 && p[i] == "usage"[rd->jkey]) {
+                rd->jkey++;
                 i++;
-                rd->js = rd->jkey == 5 ? J_COLON : J_OUT;
-            } else if (c == '\\') {
+            }
+            if (i == n)
+                break;
+            if (p[i] == '"') {
+                i++;
+                if (rd->jkey == 5) {
+                    rd->js = J_COLON;
+                    continue;
+                }
+                rd->js = J_OUT;
+                goto out;
+            }
+            if (p[i] == '\\') {
                 /* an escape in what may still be "usage": yajl reads the rest, from this key
                  * on (its bytes so far were the first jkey of "usage") */
                 rd->js = J_YAJL;
                 text_restart(rd);
                 text_feed(rd, "{\"", 2);
                 text_feed(rd, "usage", rd->jkey);
-            } else if (rd->jkey < 5 && c == "usage"[rd->jkey]) {
-                rd->jkey++;
-                i++;
-            } else {
-                /* another key: the rest of it is any string */
-                rd->jesc = 0;
-                rd->js = J_STR;
-                i++;
+                continue;
             }
-            continue;
-        }
+            /* another key: the rest of it is any string */
+            rd->jesc = 0;
+            rd->js = J_STR;
+            i++;
+            goto str;
         case J_COLON:
             while (i < n && is_ws((unsigned char)p[i]))
                 i++;

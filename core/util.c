@@ -252,13 +252,6 @@ int util_parse_backoff(const char *s, uint64_t *base_ms, uint64_t *max_ms, uint3
     return 0;
 }
 
-int util_span_ieq(const char *p, size_t len, const char *s)
-{
-    size_t n = strlen(s);
-
-    return n == len && strncasecmp(p, s, len) == 0;
-}
-
 int util_parse_decimal(const char *s, unsigned digits, uint64_t *out)
 {
     uint64_t v = 0;

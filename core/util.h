@@ -4,6 +4,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
+#include <strings.h>
 
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
@@ -47,8 +49,13 @@ int util_parse_utc_end(const char *s, int64_t *out);
  * there are more. */
 int util_split_list(char *s, char **items, int max, int *n);
 
-/* Case-insensitive compare of a (ptr, len) span with a NUL-terminated string. */
-int util_span_ieq(const char *p, size_t len, const char *s);
+/* Case-insensitive compare of a (ptr, len) span with a NUL-terminated string. Inline: the
+ * request path compares header names with literals, whose length is then known at compile
+ * time, and most names differ in length. */
+static inline int util_span_ieq(const char *p, size_t len, const char *s)
+{
+    return __builtin_strlen(s) == len && strncasecmp(p, s, len) == 0;
+}
 
 /* splitmix64's finaliser: a bijection of 64-bit numbers that mixes every input bit into every
  * output bit (request ids, hash keys, jitter). */

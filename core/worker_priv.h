@@ -150,12 +150,13 @@ struct creq {
     uint8_t usage_read;    /* read the answer's usage (forward_start decides) */
     uint8_t usage_inject;  /* stream_options.include_usage added upstream: its chunk is removed */
     uint8_t usage_sse;     /* urd reads an event stream */
-    struct rewrite rw;     /* the upstream body of the current try when it differs */
     struct usage usage;    /* what the answer said it used (client_on_usage) */
     uint8_t usage_got;     /* usage holds the answer's figures */
     uint8_t upstream_saw;  /* a try's whole request reached an upstream (see rq.written) */
     uint8_t usage_partial; /* the answer was cut: billed from what was delivered */
     struct alog_req alog;  /* what its access log line needs (core/alog.c) */
+    /* not zeroed when a buffer is taken (client_take_buf): rewrite_body sets all it reads */
+    struct rewrite rw; /* the upstream body of the current try when it differs */
 };
 
 /* One worker process: its loop, listeners, clients, buffers and the balancers of its pools. */

@@ -438,6 +438,13 @@ static struct limit_entry *cell_find(struct limit_region *r, struct limit_cell *
     struct limit_entry *log = cell_log(r, c);
     uint64_t lo = c->head, hi = c->tail;
 
+    /* the first entry whose seq_hi reaches seq holds it. A request is mostly settled soon
+     * after its admission, its entry among the last few: they are looked at from the tail
+     * first, the rest of the log searched by halves */
+    while (hi > lo && c->tail - hi < 8 && log[(hi - 1) % c->cap].seq_hi >= seq)
+        hi--;
+    if (hi > lo && c->tail - hi < 8)
+        lo = hi; /* log[hi - 1] is before seq: hi is the entry */
     while (lo < hi) {
         uint64_t mid = lo + (hi - lo) / 2;
 

@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <errno.h>
+#include <fnmatch.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdint.h>
@@ -1321,6 +1322,30 @@ static void test_deploy_keys(void **state)
     load_bad(BASE "[global]\nadmin_group = \n", 7, "key 'admin_group'", NULL);
 }
 
+/* A list's items match a name as fnmatch(item, name, 0) says, literal items (compared as bytes)
+ * and patterns alike, whatever their order. */
+static void test_list_match(void **state)
+{
+    static char i0[] = "gpt-4o", i1[] = "o[13]-*", i2[] = "demo?", i3[] = "a\\*b", i4[] = "x",
+                i5[] = "e\\f";
+    char *items[] = {i0, i1, i2, i3, i4, i5};
+    struct conf_list l = {items, 6};
+    static const char *const names[] = {"gpt-4o", "gpt-4o-mini", "gpt-4", "o1-pro", "o2-pro",
+                                        "demo1",  "demo",        "a*b",   "axb",    "a\\*b",
+                                        "x",      "xx",          "",      "ef",     "e\\f"};
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        int want = 0;
+        for (int k = 0; k < l.n; k++)
+            want |= fnmatch(items[k], names[i], 0) == 0;
+        if (conf_list_match(&l, names[i], strlen(names[i])) != want)
+            fail_msg("'%s': expected %d", names[i], want);
+    }
+    assert_int_equal(conf_list_match(&l, "gpt-4o\0x", 8), 0); /* a NUL is no name's */
+    assert_int_equal(conf_list_match(&l, "gpt-4o", 5), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1360,6 +1385,7 @@ int main(void)
         cmocka_unit_test(test_util_ai_values),
         cmocka_unit_test(test_deploy_keys),
         cmocka_unit_test(test_stats_section),
+        cmocka_unit_test(test_list_match),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -518,6 +518,80 @@ static void test_memory(void **state)
     json_parser_free(&p); /* twice is harmless */
 }
 
+/* The body read whole (a scan without yajl where it can) and through yajl alone (the same
+ * body fed to json_req_begin/feed/end): the same answer and the same fields, for plain bodies
+ * and for every one-byte change of them (replaced, removed, doubled), valid or not. */
+static void diff_one(const char *b, size_t n, uint64_t *fast)
+{
+    struct json_req whole, yajl;
+    uint64_t before = jp.fast;
+    int want, got = json_req_parse(&jp, &whole, "prompt_cache_key", b, n);
+
+    *fast += jp.fast - before;
+    assert_int_equal(json_req_begin(&jp, &yajl, "prompt_cache_key"), 0);
+    json_req_feed(&jp, b, n);
+    want = json_req_end(&jp);
+    if (got != want)
+        fail_msg("'%.*s': %d read whole, %d through yajl", (int)n, b, got, want);
+    if (jp.fast != before && got != 0)
+        fail_msg("'%.*s': the scan took a body yajl refuses", (int)n, b);
+    assert_req_equal(&whole, &yajl);
+}
+
+static void test_scan_as_yajl(void **state)
+{
+    static const char *const bodies[] = {
+        "{\"model\":\"demo\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
+        " {\"model\" : \"gpt-4o\" ,\"stream\":true,\"stream_options\":{\"include_usage\":false,"
+        "\"x\":[1,{\"include_usage\":true}]},\"max_tokens\":12.5,\"n\":\"3\",\"best_of\":-1}\n",
+        "{\"prompt_cache_key\":\"k1\",\"model\":\"m\",\"model\":\"caf\xc3\xa9\",\"prompt\":"
+        "\"a\\nb\\u00e9\",\"max_output_tokens\":1e3,\"stream_options\":[true],\"stream\":null}",
+        "{\"max_completion_tokens\":0,\"stream_options\":{\"include_usage\":true},"
+        "\"stream_options\":{},\"a\":[[],{},[[null]],\"\xe2\x82\xac\xf0\x9f\x98\x80\"],"
+        "\"prompt_cache_key\":{\"x\":1},\"stream\":false}",
+        "{\"stream_options\":{\"include_usage\":{\"a\":[]},\"include_usage\":true},\"n\":-0}",
+        "{}",
+    };
+    static const char subst[] = "{}[]\",:\\ \t\n\x0b\x01-+.0159eEtfnu\xc3\x80\xff";
+    uint64_t fast = 0;
+    char m[512];
+
+    for (size_t k = 0; k < sizeof(bodies) / sizeof(bodies[0]); k++) {
+        const char *b = bodies[k];
+        size_t n = strlen(b);
+        uint64_t before = fast;
+        diff_one(b, n, &fast);
+        assert_true(fast == before + 1); /* a plain body is read without yajl */
+        for (size_t i = 0; i <= n; i++) {
+            diff_one(b, i, &fast); /* cut */
+            if (i == n)
+                break;
+            memcpy(m, b, i);
+            memcpy(m + i, b + i + 1, n - i - 1);
+            diff_one(m, n - 1, &fast); /* removed */
+            memcpy(m, b, i + 1);
+            memcpy(m + i + 1, b + i, n - i);
+            diff_one(m, n + 1, &fast); /* doubled */
+            memcpy(m, b, n);
+            for (size_t s = 0; s < sizeof(subst) - 1; s++) {
+                m[i] = subst[s];
+                diff_one(m, n, &fast); /* replaced */
+            }
+        }
+    }
+    /* deeper than the scan's stack: yajl reads it */
+    char deep[300];
+    size_t d = (size_t)sprintf(deep, "{\"model\":\"m\",\"a\":");
+    for (int i = 0; i < 100; i++)
+        deep[d++] = '[';
+    for (int i = 0; i < 100; i++)
+        deep[d++] = ']';
+    deep[d++] = '}';
+    uint64_t before = fast;
+    diff_one(deep, d, &fast);
+    assert_true(fast == before);
+}
+
 static int teardown(void **state)
 {
     json_parser_free(&jp);
@@ -531,7 +605,7 @@ int main(void)
         cmocka_unit_test(test_nested_ignored), cmocka_unit_test(test_duplicate_keys),
         cmocka_unit_test(test_huge_numbers),   cmocka_unit_test(test_deep_nesting),
         cmocka_unit_test(test_invalid),        cmocka_unit_test(test_split_everywhere),
-        cmocka_unit_test(test_memory),
+        cmocka_unit_test(test_memory),         cmocka_unit_test(test_scan_as_yajl),
     };
     return cmocka_run_group_tests(tests, NULL, teardown);
 }

@@ -167,6 +167,38 @@ static void test_settle_tokens(void **state)
     region_free(r, size);
 }
 
+/* Each settlement corrects its own admission's entry, whether it is among the last few of the
+ * log (looked at from the tail) or further back (searched by halves): 30 admissions of 1..30
+ * tokens, settled to 0 newest first, then oldest first, each taking back exactly its own. */
+static void test_settle_finds_its_entry(void **state)
+{
+    struct limit_spec s = {.rpm = 1000, .tpm = 100000};
+    struct limit_ticket t[30];
+    struct limit_verdict v;
+    struct limit_info info;
+    size_t size;
+    struct limit_region *r = region_new(&s, 1, 1, &size);
+    uint64_t sum = 0;
+    static const int order[2][5] = {{29, 28, 27, 20, 21}, {0, 1, 2, 10, 15}};
+
+    for (int i = 0; i < 30; i++) {
+        assert_int_equal(admit1(r, (uint64_t)i, (uint64_t)i + 1, 0, &t[i], &v), 0);
+        sum += (uint64_t)i + 1;
+    }
+    for (int k = 0; k < 2; k++) {
+        for (int j = 0; j < 5; j++) {
+            int i = order[k][j];
+            limit_settle(r, &t[i], 40, WALL_MAR15_23H, 0, 0);
+            sum -= (uint64_t)i + 1;
+            assert_int_equal(limit_info(r, 0, 40, WALL_MAR15_23H, &info), 0);
+            if (info.tokens != sum)
+                fail_msg("after settling admission %d: %llu tokens, expected %llu", i,
+                         (unsigned long long)info.tokens, (unsigned long long)sum);
+        }
+    }
+    region_free(r, size);
+}
+
 static void test_all_or_nothing(void **state)
 {
     struct limit_spec s[3] = {{.rpm = 10, .tpm = 1000}, {.rpm = 1}, {.max_parallel = 5}};
@@ -700,6 +732,7 @@ int main(void)
         cmocka_unit_test(test_rpm_exact_and_sliding),
         cmocka_unit_test(test_retry_after_exact),
         cmocka_unit_test(test_settle_tokens),
+        cmocka_unit_test(test_settle_finds_its_entry),
         cmocka_unit_test(test_all_or_nothing),
         cmocka_unit_test(test_parallel_release_owner),
         cmocka_unit_test(test_budget_periods),

@@ -4,6 +4,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -146,6 +147,47 @@ static void test_headers(void **state)
                              "x-ratelimit-reset-requests: 600ms\r\n");
 }
 
+/* Numbers are written two digits a division: every length, and the edges of each pair. */
+static void test_numbers(void **state)
+{
+    static const uint64_t v[] = {0,      1,      9,          10,         11,        99,   100,
+                                 101,    109,    110,        999,        1000,      1009, 12345,
+                                 100000, 999999, 1000000000, 4000000000, UINT64_MAX};
+    char buf[64], want[64];
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++) {
+        uint64_t lo = v[i] > 2 ? v[i] - 2 : 0, hi = v[i] < UINT64_MAX - 2 ? v[i] + 2 : UINT64_MAX;
+        for (uint64_t x = lo;; x++) {
+            struct out o = {buf, 0, sizeof(buf) - 1, 0};
+            out_u64(&o, x);
+            buf[o.len] = '\0';
+            snprintf(want, sizeof(want), "%llu", (unsigned long long)x);
+            assert_string_equal(buf, want);
+            if (x == hi)
+                break;
+        }
+    }
+    /* both sides of every power of ten (the digit count) */
+    for (uint64_t p = 10;; p *= 10) {
+        for (uint64_t x = p - 1; x <= p + 1; x++) {
+            struct out o = {buf, 0, sizeof(buf) - 1, 0};
+            out_u64(&o, x);
+            buf[o.len] = '\0';
+            snprintf(want, sizeof(want), "%llu", (unsigned long long)x);
+            assert_string_equal(buf, want);
+        }
+        if (p > UINT64_MAX / 10)
+            break;
+    }
+    /* a line that does not fit sets the flag, writes nothing past the end */
+    struct out small = {buf, 0, 3, 0};
+    volatile uint64_t four = 1234; /* not a constant: gcc would check a path never taken */
+    out_u64(&small, four);
+    assert_int_equal(small.over, 1);
+    assert_int_equal(small.len, 0);
+}
+
 static void check_usd(uint64_t nano, const char *want)
 {
     char buf[64];
@@ -172,6 +214,7 @@ int main(void)
         cmocka_unit_test(test_output_max), cmocka_unit_test(test_prompt_media),
         cmocka_unit_test(test_cost),       cmocka_unit_test(test_duration),
         cmocka_unit_test(test_headers),    cmocka_unit_test(test_usd),
+        cmocka_unit_test(test_numbers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
