@@ -181,7 +181,12 @@ static int daemon_pidfile_put(const char *path, pid_t allow)
         log_err("cannot write pidfile %s: path too long", path);
         return -ENAMETOOLONG;
     }
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    /* The master is still root here and the directory may be the user's (/run/aigw): a link
+     * planted at the temporary name must not make it truncate another file. A stale one (or a
+     * link) goes, and the name is created anew, never followed. */
+    if (unlink(tmp) == -1 && errno != ENOENT)
+        log_warn("pidfile %s: cannot remove %s: %s", path, tmp, strerror(errno));
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
     if (fd == -1) {
         rc = -errno;
         log_err("cannot write pidfile %s: %s", path, strerror(-rc));
