@@ -22,7 +22,7 @@ static void usage(FILE *f)
 {
     fprintf(
         f, "usage: aigwctl [-s SOCKET | -c CONFIG] [--json] COMMAND\n"
-           "commands (--json: the answer as JSON, for those that show something):\n"
+           "commands (--json: the answer as JSON, for those that show or change something):\n"
            "  show info               version, pid, uptime, generation, workers, client\n"
            "                          connections, requests/s (last 10 s), access log drops,\n"
            "                          config file\n"

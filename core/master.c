@@ -110,6 +110,7 @@ struct admin_client {
     struct admin_client *next_waiter; /* reload: on M.waiters until the new generation runs */
     uint64_t wait_until;              /* monotonic ms: answer anyway after this */
     uint32_t gen_id;                  /* the generation whose segment the command went to */
+    int json;                         /* reload, upgrade: the answer in JSON */
     int open_handles;                 /* freed when both handles have closed */
     char line[ADMIN_LINE_MAX + 1];
 };
@@ -485,8 +486,10 @@ static void admin_client_answer(struct admin_client *c, const char *error)
 
     uv_read_stop((uv_stream_t *)&c->pipe);
     c->pending.backend = -1;
-    if (!error && (admin_is_reload(c->line) || admin_is_upgrade(c->line))) {
-        int up = admin_is_upgrade(c->line);
+    int rjson = 0, ujson = 0, reload = !error && admin_is_reload(c->line, &rjson);
+    if (reload || (!error && admin_is_upgrade(c->line, &ujson))) {
+        int up = !reload;
+        c->json = rjson || ujson;
         char *err = NULL;
         free(procs);
         if ((up ? master_upgrade(&err) : master_reload(&err)) == 0) {
@@ -1640,12 +1643,14 @@ static void sync_timer_fired(uv_timer_t *t)
     gen_reap_old();
 }
 
-static void reload_answer(const char *msg)
+/* Answers every aigwctl waiting for the reload or upgrade: `msg`, or `json` (NULL for an error,
+ * which is text for all) to those that asked for JSON. */
+static void reload_answer(const char *msg, const char *json)
 {
     while (M.waiters) {
         struct admin_client *c = M.waiters;
         M.waiters = c->next_waiter;
-        c->out = strdup(msg);
+        c->out = strdup(c->json && json ? json : msg);
         c->out_len = c->out ? strlen(c->out) : 0;
         uv_timer_start(&c->timer, admin_client_timeout, ADMIN_IDLE_MS, 0);
         if (c->out)
@@ -1677,7 +1682,7 @@ static void reload_fail(const char *msg)
     M.old = g;
     uv_timer_start(&M.sync_timer, sync_timer_fired, SYNC_MS, SYNC_MS);
     snprintf(out, sizeof(out), "error: reload failed: %s\n", msg);
-    reload_answer(out);
+    reload_answer(out, NULL);
 }
 
 /* M.next's workers are all ready: the old generation stops accepting and drains, its limiters'
@@ -1712,8 +1717,11 @@ static void reload_handover(void)
     uv_timer_start(&M.sync_timer, sync_timer_fired, SYNC_MS, SYNC_MS);
     log_info("reload: generation %u serves (%d workers); generation %u drains", g->id, g->workers,
              o->id);
+    char json[96];
     snprintf(out, sizeof(out), "reloaded: generation %u (%d workers)\n", g->id, g->workers);
-    reload_answer(out);
+    snprintf(json, sizeof(json), "{\"ok\":true,\"generation\":%u,\"workers\":%d}\n", g->id,
+             g->workers);
+    reload_answer(out, json);
 }
 
 static void reload_timer_fired(uv_timer_t *t)
@@ -1942,7 +1950,7 @@ static void master_upgrade_event(enum upgrade_event ev, const char *msg)
         master_upgrade_handover();
         return;
     }
-    reload_answer(msg);
+    reload_answer(msg, ev == UPGRADE_EV_SERVING ? upgrade_answer_json() : NULL);
     if (M.stopping && children_alive() == 0) {
         M.done = 1;
         uv_stop(&M.loop);

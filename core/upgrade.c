@@ -55,6 +55,7 @@ static struct {
     char reason[256];
     char admin_tmp[sizeof(((struct conf_global *)0)->admin_socket) + 16];
     char new_version[64];
+    char answer_json[160]; /* the SERVING answer for aigwctl --json upgrade */
     /* new master */
     int (*child_ready)(void);
     void (*child_go)(void);
@@ -265,8 +266,17 @@ static void upgrade_old_line(char *line)
         U.cb(UPGRADE_EV_READY, NULL);
     } else if (!strncmp(line, "serving ", 8)) {
         char msg[256];
+        char ver[sizeof(U.new_version)];
+        size_t k = 0;
         snprintf(msg, sizeof(msg), "upgraded: master pid %d (aigw %s), generation %.32s\n",
                  (int)U.pid, U.new_version, line + 8);
+        /* the version is the new binary's word: kept a JSON string whatever it holds */
+        for (const char *v = U.new_version; *v && k < sizeof(ver) - 1; v++)
+            ver[k++] = *v >= 0x20 && *v < 0x7f && *v != '"' && *v != '\\' ? *v : '?';
+        ver[k] = '\0';
+        snprintf(U.answer_json, sizeof(U.answer_json),
+                 "{\"ok\":true,\"pid\":%d,\"version\":\"%s\",\"generation\":%lu}\n", (int)U.pid,
+                 ver, strtoul(line + 8, NULL, 10));
         U.busy = 0;
         /* the socket stays open until this process exits: its end of file tells the new master
          * that nothing writes to the old segment any more */
@@ -341,6 +351,11 @@ int upgrade_reap(pid_t pid, int status)
     else
         log_warn("%s", why);
     return 1;
+}
+
+const char *upgrade_answer_json(void)
+{
+    return U.answer_json;
 }
 
 void upgrade_go(void)

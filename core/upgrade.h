@@ -50,6 +50,10 @@ enum upgrade_event {
 int upgrade_start(uv_loop_t *loop, const struct upgrade_offer *o,
                   void (*cb)(enum upgrade_event ev, const char *msg), char **err);
 
+/* After UPGRADE_EV_SERVING: its answer as JSON for aigwctl --json upgrade
+ * ({"ok":true,"pid":N,"version":"V","generation":G}). */
+const char *upgrade_answer_json(void);
+
 /* An upgrade is under way (started, not yet serving or failed). */
 int upgrade_busy(void);
 
