@@ -224,3 +224,28 @@ def test_reload_and_upgrade_json(env):
         f.write(good)
     check(r.returncode == 1 and f"{gw.conf_path}:" in r.stderr and not r.stdout,
           f"--json reload of a bad file: {r.returncode} {r.stdout!r} {r.stderr!r}")
+
+
+def test_ctl_with_config_being_edited(env):
+    """aigwctl -c FILE while FILE has an error: show and set commands still reach the master (it
+    runs what it loaded before), with the FILE:LINE as a warning; reload is refused with it."""
+    m = env.mock("m")
+    gw = env.gateway([m], workers=1)
+    good = gw.conf_text
+    with open(gw.conf_path, "w") as f:
+        f.write(good + "\n[pool extra]\nbogus_key = 1\n")
+    line = len((good + "\n").splitlines()) + 2
+    try:
+        r = gw.ctl("show", "info", use_conf=True)
+        check(r.returncode == 0 and "generation:" in r.stdout,
+              f"show info with a broken file: {r.returncode} {r.stdout!r} {r.stderr!r}")
+        check(f"{gw.conf_path}:{line}" in r.stderr, f"no FILE:LINE warning in {r.stderr!r}")
+        r = gw.ctl("set", "backend", "m", "drain", use_conf=True)
+        check(r.returncode == 0 and gw.backend("m")["admin"] == "DRAIN",
+              f"set backend with a broken file: {r.returncode} {r.stderr!r}")
+        r = gw.ctl("reload", use_conf=True)
+        check(r.returncode == 1 and f"{gw.conf_path}:{line}" in r.stderr,
+              f"reload of the broken file: {r.returncode} {r.stderr!r}")
+    finally:
+        with open(gw.conf_path, "w") as f:
+            f.write(good)
