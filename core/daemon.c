@@ -257,9 +257,14 @@ int daemon_admin_perms(const char *path, const struct conf_global *g)
 
     if ((uid != (uid_t)-1 || gid != (gid_t)-1) && chown(path, uid, gid) == -1) {
         int err = errno;
-        log_err("cannot give admin socket %s to %s%s%s: %s", path, uid != (uid_t)-1 ? "user " : "",
-                uid != (uid_t)-1 ? g->user : "", gid != (gid_t)-1 ? " admin_group" : "",
-                strerror(err));
+        log_err("cannot give admin socket %s to %s%s%s%s%s: %s%s", path,
+                uid != (uid_t)-1 ? "user " : "", uid != (uid_t)-1 ? g->user : "",
+                uid != (uid_t)-1 && gid != (gid_t)-1 ? ", " : "",
+                gid != (gid_t)-1 ? "admin_group " : "", gid != (gid_t)-1 ? g->admin_group : "",
+                strerror(err),
+                err == EPERM && geteuid() != 0
+                    ? " (aigw is not root: it must be a member of admin_group)"
+                    : "");
         return -err;
     }
     if (gid != (gid_t)-1 && chmod(path, 0660) == -1) {

@@ -136,6 +136,10 @@ static struct master {
     struct gen *upfrom;
     pid_t upfrom_pid;
     int upgraded; /* old master: handed over to a new master, draining */
+    /* new master: fd + 1 of the old master's listening admin socket, taken at the go (0 = none):
+     * owner, group and mode stay as they are, which an unprivileged master could not set for an
+     * admin_group it is not a member of */
+    int admin_inherited;
     enum master_stop stopping;
     int done;
     uint64_t started_ms;
@@ -606,6 +610,24 @@ static void admin_on_connection(uv_stream_t *server, int status)
     uv_timer_start(&c->timer, admin_client_timeout, ADMIN_IDLE_MS, 0);
 }
 
+/* Listens on fd, the admin socket bound at path (the handle owns fd, even on failure). */
+static int admin_start(int fd, const char *path)
+{
+    int rc;
+
+    snprintf(M.admin_path, sizeof(M.admin_path), "%s", path);
+    uv_pipe_init(&M.loop, &M.admin, 0); /* cannot fail: it only initialises the handle */
+    rc = uv_pipe_open(&M.admin, fd);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    rc = uv_listen((uv_stream_t *)&M.admin, 16, admin_on_connection);
+    if (rc < 0)
+        log_err("cannot listen on admin socket %s: %s", path, uv_strerror(rc));
+    return rc;
+}
+
 /* Binds the admin socket (mode 0600). A live master already answering there is an error; a
  * stale socket file left by a killed master is replaced. The socket is made by hand and
  * handed to libuv with uv_pipe_open so that closing the handle (in children too) never
@@ -662,17 +684,7 @@ static int admin_listen(const char *path)
         log_err("cannot chmod admin socket %s: %s", path, strerror(-rc));
         goto fail;
     }
-    uv_pipe_init(&M.loop, &M.admin, 0); /* cannot fail: it only initialises the handle */
-    rc = uv_pipe_open(&M.admin, fd);
-    if (rc < 0)
-        goto fail;
-    fd = -1; /* the handle owns it now */
-    rc = uv_listen((uv_stream_t *)&M.admin, 16, admin_on_connection);
-    if (rc < 0) {
-        log_err("cannot listen on admin socket %s: %s", path, uv_strerror(rc));
-        goto fail;
-    }
-    return 0;
+    return admin_start(fd, path);
 fail:
     if (fd >= 0)
         close(fd);
@@ -1280,12 +1292,14 @@ static int master_setup(struct conf *conf)
         return rc;
     char admin_tmp[sizeof(M.admin_path) + 16];
     snprintf(admin_tmp, sizeof(admin_tmp), "%s.%d", conf->global.admin_socket, (int)getpid());
-    rc = admin_listen(M.upfrom ? admin_tmp : conf->global.admin_socket);
-    if (rc < 0)
-        return rc;
-    rc = daemon_admin_perms(M.admin_path, &conf->global);
-    if (rc < 0)
-        return rc;
+    if (!M.admin_inherited) { /* else the old master's, taken at the go */
+        rc = admin_listen(M.upfrom ? admin_tmp : conf->global.admin_socket);
+        if (rc < 0)
+            return rc;
+        rc = daemon_admin_perms(M.admin_path, &conf->global);
+        if (rc < 0)
+            return rc;
+    }
     rc = listeners_bind(M.g, M.upfrom);
     gen_close_fds(M.upfrom); /* what M.g keeps it has dup'ed */
     if (rc < 0)
@@ -1937,7 +1951,8 @@ static void master_upgrade_handover(void)
     M.upgraded = 1;
     daemon_pidfile_forget();
     if (M.admin_path[0] && !uv_is_closing((uv_handle_t *)&M.admin))
-        uv_close((uv_handle_t *)&M.admin, NULL); /* the new master renames its own over it */
+        uv_close((uv_handle_t *)&M.admin, NULL); /* the new master listens on it, or renames
+                                                  * its own over it */
     M.admin_path[0] = '\0';
     stats_stop();
     master_stop(STOP_GRACEFUL);
@@ -1981,8 +1996,16 @@ static int master_upgrade(char **err)
     }
     /* a new binary whose segment layout differs starts from the state file: make it current */
     master_state_save();
-    o = (struct upgrade_offer){M.g->conf,         M.g->workers, M.g->fds,
-                               stats_listen_fd(), M.g->shm.fd,  M.g->id};
+    uv_os_fd_t admin_fd = -1;
+    if (!M.admin_path[0] || uv_fileno((uv_handle_t *)&M.admin, &admin_fd) < 0)
+        admin_fd = -1;
+    o = (struct upgrade_offer){.conf = M.g->conf,
+                               .workers = M.g->workers,
+                               .fds = M.g->fds,
+                               .stats_fd = stats_listen_fd(),
+                               .admin_fd = admin_fd,
+                               .shm_fd = M.g->shm.fd,
+                               .gen = M.g->id};
     return upgrade_start(&M.loop, &o, master_upgrade_event, err);
 }
 
@@ -2000,6 +2023,8 @@ static int master_upgrade_inherit(struct conf *conf)
     if (rc < 0) {
         log_err("upgrade: %s", err ? err : strerror(-rc));
         free(err);
+        if (in.admin_fd >= 0)
+            close(in.admin_fd);
         for (int i = 0; i < in.n_fds; i++)
             close(in.fds[i]);
         free(in.fds);
@@ -2021,6 +2046,18 @@ static int master_upgrade_inherit(struct conf *conf)
                      rc == -EPROTO ? "another layout version" : strerror(-rc));
             close(in.shm_fd);
         }
+    }
+    if (in.admin_fd >= 0) {
+        /* the same path: listen on the old master's socket from the go on; another path gets
+         * a socket of its own, bound now under a temporary name and renamed at the go */
+        struct sockaddr_un got;
+        socklen_t len = sizeof(got);
+        if (getsockname(in.admin_fd, (struct sockaddr *)&got, &len) == 0 &&
+            len > offsetof(struct sockaddr_un, sun_path) &&
+            !strncmp(got.sun_path, conf->global.admin_socket, sizeof(got.sun_path)))
+            M.admin_inherited = in.admin_fd + 1;
+        else
+            close(in.admin_fd);
     }
     if (in.stats_fd >= 0) {
         struct sockaddr_storage got;
@@ -2069,11 +2106,17 @@ static void master_upgrade_go(void)
 {
     const struct conf_global *cg = &M.g->conf->global;
 
-    if (rename(M.admin_path, cg->admin_socket) == -1)
+    if (M.admin_inherited) {
+        int fd = M.admin_inherited - 1;
+        M.admin_inherited = 0;
+        if (admin_start(fd, cg->admin_socket) < 0)
+            log_err("upgrade: cannot take over the admin socket %s", cg->admin_socket);
+    } else if (rename(M.admin_path, cg->admin_socket) == -1) {
         log_err("upgrade: cannot move the admin socket %s to %s: %s", M.admin_path,
                 cg->admin_socket, strerror(errno));
-    else
+    } else {
         snprintf(M.admin_path, sizeof(M.admin_path), "%s", cg->admin_socket);
+    }
     if (cg->pidfile[0])
         daemon_pidfile_replace(cg->pidfile, M.upfrom_pid);
     gen_sync(M.g); /* the windows as the old workers leave them */

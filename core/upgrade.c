@@ -462,7 +462,7 @@ static char **upgrade_env(const struct upgrade_offer *o, int sock, int names, si
         ub_printf(&l, "%sstats=%d", c->n_listens ? ";" : "", o->stats_fd);
     while (environ[n])
         n++;
-    env = calloc(n + 5, sizeof(*env));
+    env = calloc(n + 6, sizeof(*env));
     if (!env || l.oom) {
         free(env);
         free(l.p);
@@ -477,6 +477,8 @@ static char **upgrade_env(const struct upgrade_offer *o, int sock, int names, si
     env[k++] = env_int(UPGRADE_ENV_FD, sock);
     env[k++] = env_int(UPGRADE_ENV_SHM, o->shm_fd);
     env[k++] = env_int(UPGRADE_ENV_NAMES, names);
+    if (o->admin_fd >= 0)
+        env[k++] = env_int(UPGRADE_ENV_ADMIN, o->admin_fd);
     for (size_t i = *owned; i < k; i++)
         bad |= !env[i];
     if (bad) {
@@ -510,6 +512,8 @@ upgrade_exec(const struct upgrade_offer *o, int sock, int names, char **env)
     fcntl(o->shm_fd, F_SETFD, 0);
     if (o->stats_fd >= 0)
         fcntl(o->stats_fd, F_SETFD, 0);
+    if (o->admin_fd >= 0)
+        fcntl(o->admin_fd, F_SETFD, 0);
     for (int i = 0; i < o->conf->n_listens * o->workers; i++)
         fcntl(o->fds[i], F_SETFD, 0);
     execve(U.exe, U.argv, env);
@@ -792,6 +796,7 @@ int upgrade_inherit(struct upgrade_inherited *in, char **err)
 
     memset(in, 0, sizeof(*in));
     in->stats_fd = -1;
+    in->admin_fd = env_fd(UPGRADE_ENV_ADMIN);
     in->shm_fd = env_fd(UPGRADE_ENV_SHM);
     in->old_pid = getppid();
     in->conf = calloc(1, sizeof(*in->conf));
@@ -803,6 +808,7 @@ int upgrade_inherit(struct upgrade_inherited *in, char **err)
     unsetenv(UPGRADE_ENV_LISTEN);
     unsetenv(UPGRADE_ENV_SHM);
     unsetenv(UPGRADE_ENV_NAMES);
+    unsetenv(UPGRADE_ENV_ADMIN);
     return rc;
 }
 

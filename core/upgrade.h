@@ -16,6 +16,7 @@
 #define UPGRADE_ENV_LISTEN "AIGW_LISTEN_FDS"    /* BIND=fd,fd;BIND=fd,fd;stats=fd (slot order) */
 #define UPGRADE_ENV_SHM    "AIGW_UPGRADE_SHM"   /* the old serving segment's memfd */
 #define UPGRADE_ENV_NAMES  "AIGW_UPGRADE_NAMES" /* memfd: the old generation's section names */
+#define UPGRADE_ENV_ADMIN  "AIGW_UPGRADE_ADMIN" /* its listening admin socket */
 
 /* A new master must say it is ready within this (else it is killed, the old one serves on). */
 #define UPGRADE_READY_MS 15000
@@ -36,6 +37,7 @@ struct upgrade_offer {
     int workers;
     const int *fds; /* listening sockets, [slot * conf->n_listens + listen] */
     int stats_fd;   /* [stats] listener, -1 = none */
+    int admin_fd;   /* listening admin socket, -1 = none */
     int shm_fd;     /* its segment */
     uint32_t gen;   /* its generation */
 };
@@ -72,6 +74,7 @@ struct upgrade_inherited {
     int *fds;          /* [slot * conf->n_listens + listen]: malloc'd, the caller's to close */
     int n_fds;
     int stats_fd; /* -1 = none */
+    int admin_fd; /* -1 = none */
     int shm_fd;   /* -1 = none */
     uint32_t gen;
     pid_t old_pid;

@@ -204,3 +204,41 @@ def test_upgrade_hanging_binary_leaves_nothing(env):
           "the old master or its workers changed after a failed upgrade")
     check(all(chat(gw.port, chat_body("hi")).status == 200 for _ in range(5)),
           "traffic failed after a failed upgrade")
+
+
+def test_upgrade_as_user_keeps_admin_group(env):
+    """[global] user and admin_group (a group the user is not in, as an operators' group is): the
+    master runs unprivileged, and an upgrade's new master, which may not give a socket of its own
+    to that group, takes over the old master's admin socket, group and mode 0660 kept."""
+    if os.geteuid() != 0:
+        raise harness.Skip("needs root to switch users")
+    import grp
+    import pwd
+    import stat
+    nobody = pwd.getpwnam("nobody")
+    try:
+        adm = grp.getgrnam("adm")
+    except KeyError:
+        raise harness.Skip("no group adm")
+    if "nobody" in adm.gr_mem or adm.gr_gid == nobody.pw_gid:
+        raise harness.Skip("nobody is in adm")
+    os.chown(env.dir, nobody.pw_uid, -1)  # the admin socket's directory is the user's (README)
+    os.chmod(env.dir, 0o755)
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1, glob={"user": "nobody", "admin_group": "adm"})
+    st = os.stat(gw.sock_path)
+    check(st.st_gid == adm.gr_gid and stat.S_IMODE(st.st_mode) == 0o660,
+          f"before: admin socket gid {st.st_gid} mode {oct(stat.S_IMODE(st.st_mode))}")
+    old = _master_pid(gw)
+    new, out = _upgrade(gw)
+    check(new != old and _master_pid(gw) == new, f"upgrade printed {out!r}; old master {old}")
+    st = os.stat(gw.sock_path)
+    check(st.st_uid == nobody.pw_uid and st.st_gid == adm.gr_gid and
+          stat.S_IMODE(st.st_mode) == 0o660,
+          f"after: admin socket uid {st.st_uid} gid {st.st_gid} "
+          f"mode {oct(stat.S_IMODE(st.st_mode))}")
+    check(chat(gw.port, chat_body("after")).status == 200, "request after the upgrade")
+    # and once more: the socket the new master took over is handed on again
+    new2, out = _upgrade(gw)
+    check(new2 != new and _master_pid(gw) == new2, f"second upgrade printed {out!r}")
+    check(gw.stop() == 0, "aigw did not exit 0")
