@@ -1478,13 +1478,19 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
         if (pending)
             pending->stop = 1;
     } else {
-        /* Echo at most a short, printable prefix of what was sent. */
+        /* Echo at most a short, printable prefix of what was sent, without the json word
+         * aigwctl --json appends (the operator did not type it there). */
         char echo[64];
         size_t k = 0;
         const char *usage = usage_of(w, set);
         for (const char *p = line; *p && *p != '\n' && *p != '\r' && k < sizeof(echo) - 1; p++)
             echo[k++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
         echo[k] = '\0';
+        if (json && k < sizeof(echo) - 1) {
+            char *last = strrchr(echo, ' ');
+            if (last && is_json(last + 1))
+                *last = '\0';
+        }
         if (usage)
             abuf_printf(&b, ADMIN_ERR_USAGE " %s\n", usage);
         else
