@@ -628,6 +628,24 @@ static int admin_start(int fd, const char *path)
     return rc;
 }
 
+/* 1 when something answers on the unix socket at path, 0 when connecting fails (a socket file
+ * nobody listens on: stale), -errno when it cannot be tried. */
+static int admin_socket_probe(const char *path)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    int fd, rc;
+
+    if (strlen(path) >= sizeof(sa.sun_path))
+        return -ENAMETOOLONG;
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd == -1)
+        return -errno;
+    rc = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+    close(fd);
+    return rc;
+}
+
 /* Binds the admin socket (mode 0600). A live master already answering there is an error; a
  * stale socket file left by a killed master is replaced. The socket is made by hand and
  * handed to libuv with uv_pipe_open so that closing the handle (in children too) never
@@ -649,13 +667,10 @@ static int admin_listen(const char *path)
             log_err("admin socket %s exists and is not a socket", path);
             return -EEXIST;
         }
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd == -1)
-            return -errno;
-        rc = connect(fd, (struct sockaddr *)&sa, sizeof(sa));
-        close(fd);
-        fd = -1;
-        if (rc == 0) {
+        rc = admin_socket_probe(path);
+        if (rc < 0)
+            return rc;
+        if (rc == 1) {
             log_err("another aigw is running on %s", path);
             return -EADDRINUSE;
         }
@@ -1946,10 +1961,13 @@ int master_run(struct conf *conf)
 /* Old master: the new one's workers are ready. This generation stops accepting and drains, as
  * on a stop, except that the admin socket, the pidfile, the state file and the [stats] listener
  * are the new master's now (none is removed), and systemd is not told we stop. */
+static char upgrade_admin_path[sizeof(M.admin_path)]; /* old master: the socket it handed over */
+
 static void master_upgrade_handover(void)
 {
     M.upgraded = 1;
     daemon_pidfile_forget();
+    snprintf(upgrade_admin_path, sizeof(upgrade_admin_path), "%s", M.admin_path);
     if (M.admin_path[0] && !uv_is_closing((uv_handle_t *)&M.admin))
         uv_close((uv_handle_t *)&M.admin, NULL); /* the new master listens on it, or renames
                                                   * its own over it */
@@ -1966,6 +1984,13 @@ static void master_upgrade_event(enum upgrade_event ev, const char *msg)
         return;
     }
     reload_answer(msg, ev == UPGRADE_EV_SERVING ? upgrade_answer_json() : NULL);
+    if (ev == UPGRADE_EV_SERVING && upgrade_admin_path[0] &&
+        admin_socket_probe(upgrade_admin_path) == 0) {
+        /* the new master's admin_socket is another path: nobody answers on ours any more */
+        log_info("upgrade: removing %s (the new master's admin socket is elsewhere)",
+                 upgrade_admin_path);
+        unlink(upgrade_admin_path);
+    }
     if (M.stopping && children_alive() == 0) {
         M.done = 1;
         uv_stop(&M.loop);

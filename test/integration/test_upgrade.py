@@ -242,3 +242,23 @@ def test_upgrade_as_user_keeps_admin_group(env):
     new2, out = _upgrade(gw)
     check(new2 != new and _master_pid(gw) == new2, f"second upgrade printed {out!r}")
     check(gw.stop() == 0, "aigw did not exit 0")
+
+
+def test_upgrade_to_another_admin_socket(env):
+    """The new file names another admin_socket: the new master answers there and the old path,
+    which nobody answers on any more, is removed (not left as a stale socket file)."""
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1)
+    old_sock = gw.sock_path
+    new_sock = os.path.join(env.dir, "moved.sock")
+    with open(gw.conf_path, "w") as f:
+        f.write(gw.conf_text.replace(f"admin_socket = {old_sock}", f"admin_socket = {new_sock}"))
+    old = _master_pid(gw)
+    new, out = _upgrade(gw)
+    gw.sock_path = new_sock
+    check(_master_pid(gw) == new, f"the new master does not answer on {new_sock}: {out!r}")
+    wait_for(lambda: not pid_alive(old), 15, "the old master to drain and exit")
+    check(not os.path.exists(old_sock), f"{old_sock} is left behind")
+    check(chat(gw.port, chat_body("after")).status == 200, "a request after the upgrade")
+    _stop_master(new)
+    check(not os.path.exists(new_sock), f"{new_sock} is left behind at the stop")
