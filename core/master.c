@@ -2134,8 +2134,18 @@ static void master_upgrade_go(void)
     if (M.admin_inherited) {
         int fd = M.admin_inherited - 1;
         M.admin_inherited = 0;
+        struct stat st;
         if (admin_start(fd, cg->admin_socket) < 0)
             log_err("upgrade: cannot take over the admin socket %s", cg->admin_socket);
+        else if (stat(cg->admin_socket, &st) == 0) {
+            /* the new file's admin_group where it changed (not fatal: the socket serves on) */
+            if (cg->admin_gid >= 0) {
+                if (st.st_gid != (gid_t)cg->admin_gid || (st.st_mode & 0777) != 0660)
+                    daemon_admin_perms(cg->admin_socket, cg);
+            } else if ((st.st_mode & 0777) != 0600 && chmod(cg->admin_socket, 0600) == -1) {
+                log_warn("cannot chmod admin socket %s: %s", cg->admin_socket, strerror(errno));
+            }
+        }
     } else if (rename(M.admin_path, cg->admin_socket) == -1) {
         log_err("upgrade: cannot move the admin socket %s to %s: %s", M.admin_path,
                 cg->admin_socket, strerror(errno));

@@ -262,3 +262,27 @@ def test_upgrade_to_another_admin_socket(env):
     check(chat(gw.port, chat_body("after")).status == 200, "a request after the upgrade")
     _stop_master(new)
     check(not os.path.exists(new_sock), f"{new_sock} is left behind at the stop")
+
+
+def test_upgrade_applies_admin_group_change(env):
+    """The admin socket carries over an upgrade, and so does what the new file says of it: an
+    admin_group added gives it that group and mode 0660, one removed takes it back to 0600."""
+    import grp
+    import stat
+    group = grp.getgrgid(os.getegid()).gr_name
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1)
+    check(stat.S_IMODE(os.stat(gw.sock_path).st_mode) == 0o600, "the admin socket is not 0600")
+    base = gw.conf_text
+    with open(gw.conf_path, "w") as f:
+        f.write(base.replace("[global]\n", f"[global]\nadmin_group = {group}\n", 1))
+    _upgrade(gw)
+    st = os.stat(gw.sock_path)
+    check(stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == os.getegid(),
+          f"admin_group added: mode {oct(stat.S_IMODE(st.st_mode))} gid {st.st_gid}")
+    with open(gw.conf_path, "w") as f:
+        f.write(base)
+    _upgrade(gw)
+    check(stat.S_IMODE(os.stat(gw.sock_path).st_mode) == 0o600,
+          "admin_group removed: the admin socket is not 0600 again")
+    check(gw.ctl("show", "proc").returncode == 0, "aigwctl after the upgrades")
