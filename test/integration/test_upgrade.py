@@ -238,7 +238,9 @@ def test_upgrade_as_user_keeps_admin_group(env):
           f"after: admin socket uid {st.st_uid} gid {st.st_gid} "
           f"mode {oct(stat.S_IMODE(st.st_mode))}")
     check(chat(gw.port, chat_body("after")).status == 200, "request after the upgrade")
-    # and once more: the socket the new master took over is handed on again
+    # and once more (one upgrade at a time: the old master first drains and exits): the socket
+    # the new master took over is handed on again
+    wait_for(lambda: not pid_alive(old), 15, "the old master to drain and exit")
     new2, out = _upgrade(gw)
     check(new2 != new and _master_pid(gw) == new2, f"second upgrade printed {out!r}")
     check(gw.stop() == 0, "aigw did not exit 0")
@@ -276,12 +278,14 @@ def test_upgrade_applies_admin_group_change(env):
     base = gw.conf_text
     with open(gw.conf_path, "w") as f:
         f.write(base.replace("[global]\n", f"[global]\nadmin_group = {group}\n", 1))
+    old = _master_pid(gw)
     _upgrade(gw)
     st = os.stat(gw.sock_path)
     check(stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == os.getegid(),
           f"admin_group added: mode {oct(stat.S_IMODE(st.st_mode))} gid {st.st_gid}")
     with open(gw.conf_path, "w") as f:
         f.write(base)
+    wait_for(lambda: not pid_alive(old), 15, "the old master to drain and exit")
     _upgrade(gw)
     check(stat.S_IMODE(os.stat(gw.sock_path).st_mode) == 0o600,
           "admin_group removed: the admin socket is not 0600 again")
