@@ -8,6 +8,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <ini.h>
 #include <mbedtls/sha256.h>
 
 #include "core/admin.h"
@@ -22,7 +23,7 @@ static void usage(FILE *f)
 {
     fprintf(
         f, "usage: aigwctl [-s SOCKET | -c CONFIG] [--json] COMMAND\n"
-           "commands (--json: the answer as JSON, for those that show something):\n"
+           "commands (--json: the answer as JSON, for those that show or change something):\n"
            "  show info               version, pid, uptime, generation, workers, client\n"
            "                          connections, requests/s (last 10 s), access log drops,\n"
            "                          config file\n"
@@ -178,6 +179,17 @@ static int key_hash(void)
     return 0;
 }
 
+/* inih handler: [global] admin_socket of a file conf_load refused (the last one wins, as in
+ * conf_load). */
+static int ctl_socket_line(void *user, const char *section, const char *name, const char *value)
+{
+    char *sock = user;
+
+    if (!strcmp(section, "global") && !strcmp(name, "admin_socket"))
+        snprintf(sock, sizeof(((struct conf_global *)0)->admin_socket), "%s", value);
+    return 1; /* go on: the rest of the file is not ours to judge */
+}
+
 int main(int argc, char **argv)
 {
     const char *sock = NULL, *config = NULL, *by = NULL;
@@ -241,16 +253,30 @@ int main(int argc, char **argv)
     if (json)
         strcat(line, " json");
 
+    static char file_sock[sizeof(((struct conf_global *)0)->admin_socket)] = DEFAULT_SOCKET;
     if (config) {
         char *err = NULL;
         /* Only admin_socket matters here: the operator running aigwctl may not be allowed to
          * read the backends' API keys. */
         if (conf_load_flags(config, CONF_LOAD_NO_SECRETS, &conf, &err) < 0) {
-            fprintf(stderr, "aigwctl: %s\n", err ? err : "cannot read the configuration");
+            /* reload and upgrade would be refused for it: its FILE:LINE is the answer. Any other
+             * command goes to the master, which still runs the file it loaded before: an
+             * operator in the middle of an edit can still see and steer it. */
+            int refuse = !strncmp(line, "reload", 6) || !strncmp(line, "upgrade", 7) ||
+                         ini_parse(config, ctl_socket_line, file_sock) < 0;
+            fprintf(stderr, "aigwctl: %s%s\n",
+                    refuse ? "" : "warning: ", err ? err : "cannot read the configuration");
             free(err);
-            return 1;
+            if (refuse)
+                return 1;
+            fprintf(stderr,
+                    "aigwctl: warning: the master runs the configuration it loaded "
+                    "before; admin socket %s\n",
+                    file_sock);
+        } else {
+            snprintf(file_sock, sizeof(file_sock), "%s", conf->global.admin_socket);
         }
-        sock = conf->global.admin_socket;
+        sock = file_sock;
     }
     if (!sock)
         sock = DEFAULT_SOCKET;

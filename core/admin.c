@@ -412,9 +412,9 @@ static const char admin_help[] =
     "  check BACKEND            run a health check of BACKEND now and print its result\n"
     "  breaker reset BACKEND    force the circuit breaker of BACKEND (NAME or POOL/NAME) closed\n"
     "  breaker open BACKEND     force it open for the pool's breaker_open_for\n"
-    "  reload                   check the config file and start a new generation on it; the\n"
+    "  reload [json]            check the config file and start a new generation on it; the\n"
     "                           old one drains once the new workers are ready\n"
-    "  upgrade                  start the binary on disk as a new master on the same sockets,\n"
+    "  upgrade [json]           start the binary on disk as a new master on the same sockets,\n"
     "                           carrying the state; the old one drains once it is ready\n"
     "  stop                     graceful stop (as SIGTERM): in-flight requests finish\n"
     "  help                     this list\n";
@@ -1404,7 +1404,8 @@ static const char *usage_of(char w[][WORD_MAX], int set)
         {"check", NULL, "check BACKEND [json]"},
         {"stop", NULL, "stop"},
         {"help", NULL, "help"},
-        {"reload", NULL, "reload"},
+        {"reload", NULL, "reload [json]"},
+        {"upgrade", NULL, "upgrade [json]"},
     };
 
     for (size_t i = 0; i < sizeof(u) / sizeof(u[0]); i++)
@@ -1477,13 +1478,19 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
         if (pending)
             pending->stop = 1;
     } else {
-        /* Echo at most a short, printable prefix of what was sent. */
+        /* Echo at most a short, printable prefix of what was sent, without the json word
+         * aigwctl --json appends (the operator did not type it there). */
         char echo[64];
         size_t k = 0;
         const char *usage = usage_of(w, set);
         for (const char *p = line; *p && *p != '\n' && *p != '\r' && k < sizeof(echo) - 1; p++)
             echo[k++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
         echo[k] = '\0';
+        if (json && k < sizeof(echo) - 1) {
+            char *last = strrchr(echo, ' ');
+            if (last && is_json(last + 1))
+                *last = '\0';
+        }
         if (usage)
             abuf_printf(&b, ADMIN_ERR_USAGE " %s\n", usage);
         else
@@ -1502,27 +1509,27 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
     return rc;
 }
 
-/* The line is the one word `word`, blanks around it aside. */
-static int admin_is_word(const char *line, const char *word)
+/* The line is the word `word`, alone or followed by json / --json (*json says which). */
+static int admin_is_word(const char *line, const char *word, int *json)
 {
-    size_t n = strlen(word);
+    char w[WORDS_MAX][WORD_MAX];
+    int set, n = split_words(line, w, &set);
 
-    while (*line == ' ' || *line == '\t')
-        line++;
-    if (strncmp(line, word, n))
+    *json = 0;
+    if (n < 1 || n > 2 || set != n || strcmp(w[0], word))
         return 0;
-    line += n;
-    while (*line == ' ' || *line == '\t' || *line == '\r')
-        line++;
-    return *line == '\0';
+    if (n == 2 && !is_json(w[1]))
+        return 0;
+    *json = n == 2;
+    return 1;
 }
 
-int admin_is_reload(const char *line)
+int admin_is_reload(const char *line, int *json)
 {
-    return admin_is_word(line, "reload");
+    return admin_is_word(line, "reload", json);
 }
 
-int admin_is_upgrade(const char *line)
+int admin_is_upgrade(const char *line, int *json)
 {
-    return admin_is_word(line, "upgrade");
+    return admin_is_word(line, "upgrade", json);
 }

@@ -89,12 +89,14 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
 int admin_check_answer(const struct conf *conf, const struct shm *shm,
                        const struct admin_pending *p, char **out, size_t *out_len);
 
-/* 1 when the line is `reload`: the master answers it itself, once the new generation serves
- * ("reloaded: generation N (W workers)") or failed ("error: ..."). */
-int admin_is_reload(const char *line);
-/* 1 when the line is `upgrade`: answered by the master once the new master serves ("upgraded:
- * master pid N (aigw VERSION), generation G") or failed ("error: ..."). */
-int admin_is_upgrade(const char *line);
+/* 1 when the line is `reload` (*json: followed by json or --json): the master answers it
+ * itself, once the new generation serves ("reloaded: generation N (W workers)", or
+ * {"ok":true,"generation":N,"workers":W}) or failed ("error: ..."). */
+int admin_is_reload(const char *line, int *json);
+/* 1 when the line is `upgrade` (*json as for reload): answered by the master once the new master
+ * serves ("upgraded: master pid N (aigw VERSION), generation G", or
+ * {"ok":true,"pid":N,"version":"V","generation":G}) or failed ("error: ..."). */
+int admin_is_upgrade(const char *line, int *json);
 
 /* 1 when the health checker has carried out the pending command (BREAKER: its seq is done and
  * the breaker is in the state the command leads to; CHECK: the check ran), else 0. */

@@ -37,7 +37,7 @@ struct alog_req {
     uint64_t first_ns;  /* monotonic: the first byte of the answer went to the socket */
     uint64_t bytes_out; /* answer bytes handed to the socket */
     const char *err;    /* the gateway's error code (a static string) when aigw answered one */
-    uint16_t status;    /* status line of the answer, 0 = none sent */
+    uint16_t status;    /* status line of the answer, 0 = none sent (set with the log off too) */
 };
 
 /* One request as the formatter sees it: plain values, so it is unit-testable. Strings are
@@ -122,13 +122,13 @@ static inline void alog_req_begin(struct alog_req *q, int on)
  * client got whoever built the head. */
 static inline void alog_req_sent(struct alog_req *q, const char *head, size_t hl, size_t n)
 {
+    /* the status with the access log off too: /metrics counts answers by status class */
+    if (!q->status && hl >= 12 && !memcmp(head, "HTTP/1.", 7) && head[8] == ' ')
+        q->status = (uint16_t)((head[9] - '0') * 100 + (head[10] - '0') * 10 + head[11] - '0');
     if (!q->t0_ns)
         return;
-    if (!q->first_ns) {
+    if (!q->first_ns)
         q->first_ns = time_mono_ns();
-        if (hl >= 12 && !memcmp(head, "HTTP/1.", 7) && head[8] == ' ')
-            q->status = (uint16_t)((head[9] - '0') * 100 + (head[10] - '0') * 10 + head[11] - '0');
-    }
     q->bytes_out += n;
 }
 

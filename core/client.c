@@ -935,7 +935,11 @@ void client_request_done(struct client *c)
     alog_request(c, 0);
     stages_settle(c);
     c->tries_on = 0;
-    shm_counter_add(&shm_worker(w->shm, (uint32_t)w->slot)->requests, 1);
+    struct shm_worker *sw = shm_worker(w->shm, (uint32_t)w->slot);
+    unsigned cls = client_creq(c)->alog.status / 100u;
+    shm_counter_add(&sw->requests, 1);
+    if (cls >= 1 && cls <= 5)
+        shm_counter_add(&sw->answered[cls - 1], 1);
     client_free_body(c);
     c->fresh = 0;
     if (client_creq(c)->resp_close || c->close_after || w->draining) {

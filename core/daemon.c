@@ -181,7 +181,12 @@ static int daemon_pidfile_put(const char *path, pid_t allow)
         log_err("cannot write pidfile %s: path too long", path);
         return -ENAMETOOLONG;
     }
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    /* The master is still root here and the directory may be the user's (/run/aigw): a link
+     * planted at the temporary name must not make it truncate another file. A stale one (or a
+     * link) goes, and the name is created anew, never followed. */
+    if (unlink(tmp) == -1 && errno != ENOENT)
+        log_warn("pidfile %s: cannot remove %s: %s", path, tmp, strerror(errno));
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
     if (fd == -1) {
         rc = -errno;
         log_err("cannot write pidfile %s: %s", path, strerror(-rc));
@@ -252,9 +257,14 @@ int daemon_admin_perms(const char *path, const struct conf_global *g)
 
     if ((uid != (uid_t)-1 || gid != (gid_t)-1) && chown(path, uid, gid) == -1) {
         int err = errno;
-        log_err("cannot give admin socket %s to %s%s%s: %s", path, uid != (uid_t)-1 ? "user " : "",
-                uid != (uid_t)-1 ? g->user : "", gid != (gid_t)-1 ? " admin_group" : "",
-                strerror(err));
+        log_err("cannot give admin socket %s to %s%s%s%s%s: %s%s", path,
+                uid != (uid_t)-1 ? "user " : "", uid != (uid_t)-1 ? g->user : "",
+                uid != (uid_t)-1 && gid != (gid_t)-1 ? ", " : "",
+                gid != (gid_t)-1 ? "admin_group " : "", gid != (gid_t)-1 ? g->admin_group : "",
+                strerror(err),
+                err == EPERM && geteuid() != 0
+                    ? " (aigw is not root: it must be a member of admin_group)"
+                    : "");
         return -err;
     }
     if (gid != (gid_t)-1 && chmod(path, 0660) == -1) {

@@ -4,7 +4,9 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -15,6 +17,29 @@ enum log_level log_level_cur = LOG_LVL_INFO;
 static char log_role[16] = "aigw";
 static pid_t log_pid;
 static char log_last[256]; /* the last error message, without its prefix */
+/* stderr is journald's stream: each line starts with its syslog priority ("<3>" for err), which
+ * journald takes as the entry's priority (journalctl -p err), and no time (journald stamps it).
+ * -1 = not looked at yet. */
+static int log_journal = -1;
+
+/* systemd sets JOURNAL_STREAM=DEV:INODE to what it connected stderr to; a stderr redirected
+ * elsewhere since (aigw -D 2>file) no longer matches. */
+static int log_journal_detect(void)
+{
+    const char *js = getenv("JOURNAL_STREAM");
+    unsigned long long dev, ino;
+    struct stat st;
+
+    return js && sscanf(js, "%llu:%llu", &dev, &ino) == 2 && fstat(STDERR_FILENO, &st) == 0 &&
+           (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
+}
+
+static const int log_syslog_prio[] = {
+    [LOG_LVL_ERR] = 3,
+    [LOG_LVL_WARN] = 4,
+    [LOG_LVL_INFO] = 6,
+    [LOG_LVL_DEBUG] = 7,
+};
 
 static const char *const log_level_names[] = {
     [LOG_LVL_ERR] = "err",
@@ -27,6 +52,7 @@ void log_init(const char *role, enum log_level level)
 {
     log_level_cur = level;
     log_set_role(role);
+    log_journal = log_journal_detect();
 }
 
 /* Also refreshes the cached pid: children call this right after fork. */
@@ -50,15 +76,21 @@ void log_msg(enum log_level level, const char *fmt, ...)
         return;
     if (!log_pid)
         log_pid = getpid();
-    clock_gettime(CLOCK_REALTIME, &ts);
-    gmtime_r(&ts.tv_sec, &tm);
-    n = snprintf(buf, sizeof(buf),
-                 "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ aigw[%d] %s %s: ", tm.tm_year + 1900,
-                 tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
-                 (int)log_pid, log_role,
-                 (unsigned)level < sizeof(log_level_names) / sizeof(log_level_names[0])
-                     ? log_level_names[level]
-                     : "?");
+    if (log_journal < 0)
+        log_journal = log_journal_detect();
+    int known = (unsigned)level < sizeof(log_level_names) / sizeof(log_level_names[0]);
+    if (log_journal) {
+        n = snprintf(buf, sizeof(buf), "<%d>aigw[%d] %s %s: ", known ? log_syslog_prio[level] : 6,
+                     (int)log_pid, log_role, known ? log_level_names[level] : "?");
+    } else {
+        clock_gettime(CLOCK_REALTIME, &ts);
+        gmtime_r(&ts.tv_sec, &tm);
+        n = snprintf(buf, sizeof(buf),
+                     "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ aigw[%d] %s %s: ", tm.tm_year + 1900,
+                     tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                     ts.tv_nsec / 1000000, (int)log_pid, log_role,
+                     known ? log_level_names[level] : "?");
+    }
     len = n > 0 ? (size_t)n : 0;
     head = len;
 

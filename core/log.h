@@ -1,4 +1,5 @@
-/* Logging to stderr: "2026-11-26T05:54:12.345Z aigw[pid] role: level: message". */
+/* Logging to stderr: "2026-11-26T05:54:12.345Z aigw[pid] role level: message", or under
+ * journald (stderr is JOURNAL_STREAM) "<3>aigw[pid] role err: message". */
 #ifndef AIGW_CORE_LOG_H
 #define AIGW_CORE_LOG_H
 

@@ -110,6 +110,7 @@ struct admin_client {
     struct admin_client *next_waiter; /* reload: on M.waiters until the new generation runs */
     uint64_t wait_until;              /* monotonic ms: answer anyway after this */
     uint32_t gen_id;                  /* the generation whose segment the command went to */
+    int json;                         /* reload, upgrade: the answer in JSON */
     int open_handles;                 /* freed when both handles have closed */
     char line[ADMIN_LINE_MAX + 1];
 };
@@ -135,6 +136,10 @@ static struct master {
     struct gen *upfrom;
     pid_t upfrom_pid;
     int upgraded; /* old master: handed over to a new master, draining */
+    /* new master: fd + 1 of the old master's listening admin socket, taken at the go (0 = none):
+     * owner, group and mode stay as they are, which an unprivileged master could not set for an
+     * admin_group it is not a member of */
+    int admin_inherited;
     enum master_stop stopping;
     int done;
     uint64_t started_ms;
@@ -485,8 +490,10 @@ static void admin_client_answer(struct admin_client *c, const char *error)
 
     uv_read_stop((uv_stream_t *)&c->pipe);
     c->pending.backend = -1;
-    if (!error && (admin_is_reload(c->line) || admin_is_upgrade(c->line))) {
-        int up = admin_is_upgrade(c->line);
+    int rjson = 0, ujson = 0, reload = !error && admin_is_reload(c->line, &rjson);
+    if (reload || (!error && admin_is_upgrade(c->line, &ujson))) {
+        int up = !reload;
+        c->json = rjson || ujson;
         char *err = NULL;
         free(procs);
         if ((up ? master_upgrade(&err) : master_reload(&err)) == 0) {
@@ -603,6 +610,42 @@ static void admin_on_connection(uv_stream_t *server, int status)
     uv_timer_start(&c->timer, admin_client_timeout, ADMIN_IDLE_MS, 0);
 }
 
+/* Listens on fd, the admin socket bound at path (the handle owns fd, even on failure). */
+static int admin_start(int fd, const char *path)
+{
+    int rc;
+
+    snprintf(M.admin_path, sizeof(M.admin_path), "%s", path);
+    uv_pipe_init(&M.loop, &M.admin, 0); /* cannot fail: it only initialises the handle */
+    rc = uv_pipe_open(&M.admin, fd);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    rc = uv_listen((uv_stream_t *)&M.admin, 16, admin_on_connection);
+    if (rc < 0)
+        log_err("cannot listen on admin socket %s: %s", path, uv_strerror(rc));
+    return rc;
+}
+
+/* 1 when something answers on the unix socket at path, 0 when connecting fails (a socket file
+ * nobody listens on: stale), -errno when it cannot be tried. */
+static int admin_socket_probe(const char *path)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    int fd, rc;
+
+    if (strlen(path) >= sizeof(sa.sun_path))
+        return -ENAMETOOLONG;
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd == -1)
+        return -errno;
+    rc = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+    close(fd);
+    return rc;
+}
+
 /* Binds the admin socket (mode 0600). A live master already answering there is an error; a
  * stale socket file left by a killed master is replaced. The socket is made by hand and
  * handed to libuv with uv_pipe_open so that closing the handle (in children too) never
@@ -624,13 +667,10 @@ static int admin_listen(const char *path)
             log_err("admin socket %s exists and is not a socket", path);
             return -EEXIST;
         }
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd == -1)
-            return -errno;
-        rc = connect(fd, (struct sockaddr *)&sa, sizeof(sa));
-        close(fd);
-        fd = -1;
-        if (rc == 0) {
+        rc = admin_socket_probe(path);
+        if (rc < 0)
+            return rc;
+        if (rc == 1) {
             log_err("another aigw is running on %s", path);
             return -EADDRINUSE;
         }
@@ -659,17 +699,7 @@ static int admin_listen(const char *path)
         log_err("cannot chmod admin socket %s: %s", path, strerror(-rc));
         goto fail;
     }
-    uv_pipe_init(&M.loop, &M.admin, 0); /* cannot fail: it only initialises the handle */
-    rc = uv_pipe_open(&M.admin, fd);
-    if (rc < 0)
-        goto fail;
-    fd = -1; /* the handle owns it now */
-    rc = uv_listen((uv_stream_t *)&M.admin, 16, admin_on_connection);
-    if (rc < 0) {
-        log_err("cannot listen on admin socket %s: %s", path, uv_strerror(rc));
-        goto fail;
-    }
-    return 0;
+    return admin_start(fd, path);
 fail:
     if (fd >= 0)
         close(fd);
@@ -1277,12 +1307,14 @@ static int master_setup(struct conf *conf)
         return rc;
     char admin_tmp[sizeof(M.admin_path) + 16];
     snprintf(admin_tmp, sizeof(admin_tmp), "%s.%d", conf->global.admin_socket, (int)getpid());
-    rc = admin_listen(M.upfrom ? admin_tmp : conf->global.admin_socket);
-    if (rc < 0)
-        return rc;
-    rc = daemon_admin_perms(M.admin_path, &conf->global);
-    if (rc < 0)
-        return rc;
+    if (!M.admin_inherited) { /* else the old master's, taken at the go */
+        rc = admin_listen(M.upfrom ? admin_tmp : conf->global.admin_socket);
+        if (rc < 0)
+            return rc;
+        rc = daemon_admin_perms(M.admin_path, &conf->global);
+        if (rc < 0)
+            return rc;
+    }
     rc = listeners_bind(M.g, M.upfrom);
     gen_close_fds(M.upfrom); /* what M.g keeps it has dup'ed */
     if (rc < 0)
@@ -1640,12 +1672,14 @@ static void sync_timer_fired(uv_timer_t *t)
     gen_reap_old();
 }
 
-static void reload_answer(const char *msg)
+/* Answers every aigwctl waiting for the reload or upgrade: `msg`, or `json` (NULL for an error,
+ * which is text for all) to those that asked for JSON. */
+static void reload_answer(const char *msg, const char *json)
 {
     while (M.waiters) {
         struct admin_client *c = M.waiters;
         M.waiters = c->next_waiter;
-        c->out = strdup(msg);
+        c->out = strdup(c->json && json ? json : msg);
         c->out_len = c->out ? strlen(c->out) : 0;
         uv_timer_start(&c->timer, admin_client_timeout, ADMIN_IDLE_MS, 0);
         if (c->out)
@@ -1677,7 +1711,7 @@ static void reload_fail(const char *msg)
     M.old = g;
     uv_timer_start(&M.sync_timer, sync_timer_fired, SYNC_MS, SYNC_MS);
     snprintf(out, sizeof(out), "error: reload failed: %s\n", msg);
-    reload_answer(out);
+    reload_answer(out, NULL);
 }
 
 /* M.next's workers are all ready: the old generation stops accepting and drains, its limiters'
@@ -1712,8 +1746,11 @@ static void reload_handover(void)
     uv_timer_start(&M.sync_timer, sync_timer_fired, SYNC_MS, SYNC_MS);
     log_info("reload: generation %u serves (%d workers); generation %u drains", g->id, g->workers,
              o->id);
+    char json[96];
     snprintf(out, sizeof(out), "reloaded: generation %u (%d workers)\n", g->id, g->workers);
-    reload_answer(out);
+    snprintf(json, sizeof(json), "{\"ok\":true,\"generation\":%u,\"workers\":%d}\n", g->id,
+             g->workers);
+    reload_answer(out, json);
 }
 
 static void reload_timer_fired(uv_timer_t *t)
@@ -1924,12 +1961,16 @@ int master_run(struct conf *conf)
 /* Old master: the new one's workers are ready. This generation stops accepting and drains, as
  * on a stop, except that the admin socket, the pidfile, the state file and the [stats] listener
  * are the new master's now (none is removed), and systemd is not told we stop. */
+static char upgrade_admin_path[sizeof(M.admin_path)]; /* old master: the socket it handed over */
+
 static void master_upgrade_handover(void)
 {
     M.upgraded = 1;
     daemon_pidfile_forget();
+    snprintf(upgrade_admin_path, sizeof(upgrade_admin_path), "%s", M.admin_path);
     if (M.admin_path[0] && !uv_is_closing((uv_handle_t *)&M.admin))
-        uv_close((uv_handle_t *)&M.admin, NULL); /* the new master renames its own over it */
+        uv_close((uv_handle_t *)&M.admin, NULL); /* the new master listens on it, or renames
+                                                  * its own over it */
     M.admin_path[0] = '\0';
     stats_stop();
     master_stop(STOP_GRACEFUL);
@@ -1942,7 +1983,14 @@ static void master_upgrade_event(enum upgrade_event ev, const char *msg)
         master_upgrade_handover();
         return;
     }
-    reload_answer(msg);
+    reload_answer(msg, ev == UPGRADE_EV_SERVING ? upgrade_answer_json() : NULL);
+    if (ev == UPGRADE_EV_SERVING && upgrade_admin_path[0] &&
+        admin_socket_probe(upgrade_admin_path) == 0) {
+        /* the new master's admin_socket is another path: nobody answers on ours any more */
+        log_info("upgrade: removing %s (the new master's admin socket is elsewhere)",
+                 upgrade_admin_path);
+        unlink(upgrade_admin_path);
+    }
     if (M.stopping && children_alive() == 0) {
         M.done = 1;
         uv_stop(&M.loop);
@@ -1973,8 +2021,16 @@ static int master_upgrade(char **err)
     }
     /* a new binary whose segment layout differs starts from the state file: make it current */
     master_state_save();
-    o = (struct upgrade_offer){M.g->conf,         M.g->workers, M.g->fds,
-                               stats_listen_fd(), M.g->shm.fd,  M.g->id};
+    uv_os_fd_t admin_fd = -1;
+    if (!M.admin_path[0] || uv_fileno((uv_handle_t *)&M.admin, &admin_fd) < 0)
+        admin_fd = -1;
+    o = (struct upgrade_offer){.conf = M.g->conf,
+                               .workers = M.g->workers,
+                               .fds = M.g->fds,
+                               .stats_fd = stats_listen_fd(),
+                               .admin_fd = admin_fd,
+                               .shm_fd = M.g->shm.fd,
+                               .gen = M.g->id};
     return upgrade_start(&M.loop, &o, master_upgrade_event, err);
 }
 
@@ -1992,6 +2048,8 @@ static int master_upgrade_inherit(struct conf *conf)
     if (rc < 0) {
         log_err("upgrade: %s", err ? err : strerror(-rc));
         free(err);
+        if (in.admin_fd >= 0)
+            close(in.admin_fd);
         for (int i = 0; i < in.n_fds; i++)
             close(in.fds[i]);
         free(in.fds);
@@ -2013,6 +2071,18 @@ static int master_upgrade_inherit(struct conf *conf)
                      rc == -EPROTO ? "another layout version" : strerror(-rc));
             close(in.shm_fd);
         }
+    }
+    if (in.admin_fd >= 0) {
+        /* the same path: listen on the old master's socket from the go on; another path gets
+         * a socket of its own, bound now under a temporary name and renamed at the go */
+        struct sockaddr_un got;
+        socklen_t len = sizeof(got);
+        if (getsockname(in.admin_fd, (struct sockaddr *)&got, &len) == 0 &&
+            len > offsetof(struct sockaddr_un, sun_path) &&
+            !strncmp(got.sun_path, conf->global.admin_socket, sizeof(got.sun_path)))
+            M.admin_inherited = in.admin_fd + 1;
+        else
+            close(in.admin_fd);
     }
     if (in.stats_fd >= 0) {
         struct sockaddr_storage got;
@@ -2061,11 +2131,27 @@ static void master_upgrade_go(void)
 {
     const struct conf_global *cg = &M.g->conf->global;
 
-    if (rename(M.admin_path, cg->admin_socket) == -1)
+    if (M.admin_inherited) {
+        int fd = M.admin_inherited - 1;
+        M.admin_inherited = 0;
+        struct stat st;
+        if (admin_start(fd, cg->admin_socket) < 0)
+            log_err("upgrade: cannot take over the admin socket %s", cg->admin_socket);
+        else if (stat(cg->admin_socket, &st) == 0) {
+            /* the new file's admin_group where it changed (not fatal: the socket serves on) */
+            if (cg->admin_gid >= 0) {
+                if (st.st_gid != (gid_t)cg->admin_gid || (st.st_mode & 0777) != 0660)
+                    daemon_admin_perms(cg->admin_socket, cg);
+            } else if ((st.st_mode & 0777) != 0600 && chmod(cg->admin_socket, 0600) == -1) {
+                log_warn("cannot chmod admin socket %s: %s", cg->admin_socket, strerror(errno));
+            }
+        }
+    } else if (rename(M.admin_path, cg->admin_socket) == -1) {
         log_err("upgrade: cannot move the admin socket %s to %s: %s", M.admin_path,
                 cg->admin_socket, strerror(errno));
-    else
+    } else {
         snprintf(M.admin_path, sizeof(M.admin_path), "%s", cg->admin_socket);
+    }
     if (cg->pidfile[0])
         daemon_pidfile_replace(cg->pidfile, M.upfrom_pid);
     gen_sync(M.g); /* the windows as the old workers leave them */

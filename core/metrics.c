@@ -369,6 +369,12 @@ static void prom_process(const struct metrics_ctx *m, struct mbuf *b)
     help(b, "aigw_client_requests_total", "counter",
          "Client requests answered (the gateway's own answers too).");
     mbuf_printf(b, "aigw_client_requests_total %llu\n", (unsigned long long)t.requests);
+    help(b, "aigw_client_responses_total", "counter",
+         "Answers to clients by status class: the backends' relayed and the gateway's own "
+         "(401, 429, 503...).");
+    for (int k = 0; k < 5; k++)
+        mbuf_printf(b, "aigw_client_responses_total{code_class=\"%dxx\"} %llu\n", k + 1,
+                    (unsigned long long)t.answered[k]);
     help(b, "aigw_client_connections", "gauge", "Open client connections.");
     mbuf_printf(b, "aigw_client_connections %llu\n", (unsigned long long)t.conns);
     help(b, "aigw_access_log_dropped_total", "counter",

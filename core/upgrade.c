@@ -55,6 +55,7 @@ static struct {
     char reason[256];
     char admin_tmp[sizeof(((struct conf_global *)0)->admin_socket) + 16];
     char new_version[64];
+    char answer_json[160]; /* the SERVING answer for aigwctl --json upgrade */
     /* new master */
     int (*child_ready)(void);
     void (*child_go)(void);
@@ -265,8 +266,17 @@ static void upgrade_old_line(char *line)
         U.cb(UPGRADE_EV_READY, NULL);
     } else if (!strncmp(line, "serving ", 8)) {
         char msg[256];
+        char ver[sizeof(U.new_version)];
+        size_t k = 0;
         snprintf(msg, sizeof(msg), "upgraded: master pid %d (aigw %s), generation %.32s\n",
                  (int)U.pid, U.new_version, line + 8);
+        /* the version is the new binary's word: kept a JSON string whatever it holds */
+        for (const char *v = U.new_version; *v && k < sizeof(ver) - 1; v++)
+            ver[k++] = *v >= 0x20 && *v < 0x7f && *v != '"' && *v != '\\' ? *v : '?';
+        ver[k] = '\0';
+        snprintf(U.answer_json, sizeof(U.answer_json),
+                 "{\"ok\":true,\"pid\":%d,\"version\":\"%s\",\"generation\":%lu}\n", (int)U.pid,
+                 ver, strtoul(line + 8, NULL, 10));
         U.busy = 0;
         /* the socket stays open until this process exits: its end of file tells the new master
          * that nothing writes to the old segment any more */
@@ -341,6 +351,11 @@ int upgrade_reap(pid_t pid, int status)
     else
         log_warn("%s", why);
     return 1;
+}
+
+const char *upgrade_answer_json(void)
+{
+    return U.answer_json;
 }
 
 void upgrade_go(void)
@@ -447,7 +462,7 @@ static char **upgrade_env(const struct upgrade_offer *o, int sock, int names, si
         ub_printf(&l, "%sstats=%d", c->n_listens ? ";" : "", o->stats_fd);
     while (environ[n])
         n++;
-    env = calloc(n + 5, sizeof(*env));
+    env = calloc(n + 6, sizeof(*env));
     if (!env || l.oom) {
         free(env);
         free(l.p);
@@ -462,6 +477,8 @@ static char **upgrade_env(const struct upgrade_offer *o, int sock, int names, si
     env[k++] = env_int(UPGRADE_ENV_FD, sock);
     env[k++] = env_int(UPGRADE_ENV_SHM, o->shm_fd);
     env[k++] = env_int(UPGRADE_ENV_NAMES, names);
+    if (o->admin_fd >= 0)
+        env[k++] = env_int(UPGRADE_ENV_ADMIN, o->admin_fd);
     for (size_t i = *owned; i < k; i++)
         bad |= !env[i];
     if (bad) {
@@ -495,6 +512,8 @@ upgrade_exec(const struct upgrade_offer *o, int sock, int names, char **env)
     fcntl(o->shm_fd, F_SETFD, 0);
     if (o->stats_fd >= 0)
         fcntl(o->stats_fd, F_SETFD, 0);
+    if (o->admin_fd >= 0)
+        fcntl(o->admin_fd, F_SETFD, 0);
     for (int i = 0; i < o->conf->n_listens * o->workers; i++)
         fcntl(o->fds[i], F_SETFD, 0);
     execve(U.exe, U.argv, env);
@@ -777,6 +796,7 @@ int upgrade_inherit(struct upgrade_inherited *in, char **err)
 
     memset(in, 0, sizeof(*in));
     in->stats_fd = -1;
+    in->admin_fd = env_fd(UPGRADE_ENV_ADMIN);
     in->shm_fd = env_fd(UPGRADE_ENV_SHM);
     in->old_pid = getppid();
     in->conf = calloc(1, sizeof(*in->conf));
@@ -788,6 +808,7 @@ int upgrade_inherit(struct upgrade_inherited *in, char **err)
     unsetenv(UPGRADE_ENV_LISTEN);
     unsetenv(UPGRADE_ENV_SHM);
     unsetenv(UPGRADE_ENV_NAMES);
+    unsetenv(UPGRADE_ENV_ADMIN);
     return rc;
 }
 

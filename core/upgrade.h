@@ -16,6 +16,7 @@
 #define UPGRADE_ENV_LISTEN "AIGW_LISTEN_FDS"    /* BIND=fd,fd;BIND=fd,fd;stats=fd (slot order) */
 #define UPGRADE_ENV_SHM    "AIGW_UPGRADE_SHM"   /* the old serving segment's memfd */
 #define UPGRADE_ENV_NAMES  "AIGW_UPGRADE_NAMES" /* memfd: the old generation's section names */
+#define UPGRADE_ENV_ADMIN  "AIGW_UPGRADE_ADMIN" /* its listening admin socket */
 
 /* A new master must say it is ready within this (else it is killed, the old one serves on). */
 #define UPGRADE_READY_MS 15000
@@ -36,6 +37,7 @@ struct upgrade_offer {
     int workers;
     const int *fds; /* listening sockets, [slot * conf->n_listens + listen] */
     int stats_fd;   /* [stats] listener, -1 = none */
+    int admin_fd;   /* listening admin socket, -1 = none */
     int shm_fd;     /* its segment */
     uint32_t gen;   /* its generation */
 };
@@ -49,6 +51,10 @@ enum upgrade_event {
 /* Forks and executes the binary; cb reports how it goes. 0, or -errno with *err (malloc'd). */
 int upgrade_start(uv_loop_t *loop, const struct upgrade_offer *o,
                   void (*cb)(enum upgrade_event ev, const char *msg), char **err);
+
+/* After UPGRADE_EV_SERVING: its answer as JSON for aigwctl --json upgrade
+ * ({"ok":true,"pid":N,"version":"V","generation":G}). */
+const char *upgrade_answer_json(void);
 
 /* An upgrade is under way (started, not yet serving or failed). */
 int upgrade_busy(void);
@@ -68,6 +74,7 @@ struct upgrade_inherited {
     int *fds;          /* [slot * conf->n_listens + listen]: malloc'd, the caller's to close */
     int n_fds;
     int stats_fd; /* -1 = none */
+    int admin_fd; /* -1 = none */
     int shm_fd;   /* -1 = none */
     uint32_t gen;
     pid_t old_pid;

@@ -369,6 +369,8 @@ void shm_proc_totals(const struct shm *shm, struct shm_proc_totals *t)
     memset(t, 0, sizeof(*t));
     t->requests = atomic_load_explicit(&c->requests, memory_order_relaxed);
     t->alog_drops = atomic_load_explicit(&c->alog_drops, memory_order_relaxed);
+    for (int k = 0; k < 5; k++)
+        t->answered[k] = atomic_load_explicit(&c->answered[k], memory_order_relaxed);
     for (int s = 0; s < 3; s++)
         for (int d = 0; d < 4; d++)
             t->limited[s][d] = atomic_load_explicit(&c->limited[s][d], memory_order_relaxed);
@@ -378,6 +380,8 @@ void shm_proc_totals(const struct shm *shm, struct shm_proc_totals *t)
             for (int d = 0; d < 4; d++)
                 t->limited[s][d] += atomic_load_explicit(&sw->limited[s][d], memory_order_relaxed);
         t->requests += atomic_load_explicit(&sw->requests, memory_order_relaxed);
+        for (int k = 0; k < 5; k++)
+            t->answered[k] += atomic_load_explicit(&sw->answered[k], memory_order_relaxed);
         t->conns += atomic_load_explicit(&sw->conns, memory_order_relaxed);
         t->alog_drops += atomic_load_explicit(&sw->alog_drops, memory_order_relaxed);
     }
@@ -391,6 +395,8 @@ void shm_carry_proc(struct shm *dst, const struct shm *src)
     shm_proc_totals(src, &t);
     atomic_store_explicit(&to->requests, t.requests, memory_order_relaxed);
     atomic_store_explicit(&to->alog_drops, t.alog_drops, memory_order_relaxed);
+    for (int k = 0; k < 5; k++)
+        atomic_store_explicit(&to->answered[k], t.answered[k], memory_order_relaxed);
     for (int s = 0; s < 3; s++)
         for (int d = 0; d < 4; d++)
             atomic_store_explicit(&to->limited[s][d], t.limited[s][d], memory_order_relaxed);

@@ -13,7 +13,7 @@
 #include "shm/limit.h"
 
 #define SHM_MAGIC          0x31304d5357474941ULL /* "AIGWSM01" little-endian */
-#define SHM_LAYOUT_VERSION 6
+#define SHM_LAYOUT_VERSION 7
 #define SHM_CACHELINE      64
 
 /* Health state, written only by the health checker. */
@@ -153,6 +153,7 @@ struct shm_carried {
 /* The same for the per-worker counters, summed (writer: the master). */
 struct shm_carried_proc {
     _Atomic uint64_t requests;
+    _Atomic uint64_t answered[5];
     _Atomic uint64_t limited[3][4];
     _Atomic uint64_t alog_drops;
     _Atomic uint64_t health_restarts; /* of the health checker: written by the master */
@@ -235,8 +236,9 @@ struct shm_wb {
 /* Per-worker slot header; writer: that worker (pid etc. by the master before fork). */
 struct shm_worker {
     _Atomic int32_t pid;
-    _Atomic uint32_t conns;    /* open client connections */
-    _Atomic uint64_t requests; /* client requests answered */
+    _Atomic uint32_t conns;       /* open client connections */
+    _Atomic uint64_t requests;    /* client requests answered */
+    _Atomic uint64_t answered[5]; /* the same by the status class of the answer, 1xx..5xx */
     /* reload: the worker sets ready once set up; while hold (set by the master before the fork)
      * it does not accept, until the master clears it and sends SIGUSR2 (the old generation has
      * stopped accepting by then, and its rate-limit windows are in this segment) */
@@ -506,6 +508,7 @@ void shm_carry_proc(struct shm *dst, const struct shm *src);
 /* Process-wide totals over the workers, carried ones included. */
 struct shm_proc_totals {
     uint64_t requests, conns, alog_drops;
+    uint64_t answered[5]; /* client answers by status class, 1xx..5xx */
     uint64_t limited[3][4];
 };
 void shm_proc_totals(const struct shm *shm, struct shm_proc_totals *t);

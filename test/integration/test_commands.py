@@ -185,3 +185,67 @@ def test_stop_command(env):
     check(rc == 0, f"the master exited with {rc} after aigwctl stop")
     check(not os.path.exists(gw.sock_path), "the admin socket is still there")
     check("graceful stop requested" in gw.proc.log_text(), "no log line for the stop")
+
+
+def test_reload_and_upgrade_json(env):
+    """reload and upgrade take --json like every other command (a script reads the generation and
+    the new master's pid from JSON); a bad file is still the FILE:LINE error, exit 1."""
+    m = env.mock("m")
+    gw = env.gateway([m], workers=1)
+    r = gw.ctl("--json", "reload", timeout=40)
+    check(r.returncode == 0, f"aigwctl --json reload exited {r.returncode}: {r.stderr.strip()!r}")
+    try:
+        out = json.loads(r.stdout)
+    except ValueError:
+        raise AssertionError(f"aigwctl --json reload printed no JSON: {r.stdout!r}")
+    check(out == {"ok": True, "generation": 2, "workers": 1}, f"reload answered {out!r}")
+
+    r = gw.ctl("--json", "upgrade", timeout=40)
+    check(r.returncode == 0, f"aigwctl --json upgrade exited {r.returncode}: {r.stderr.strip()!r}")
+    try:
+        out = json.loads(r.stdout)
+    except ValueError:
+        raise AssertionError(f"aigwctl --json upgrade printed no JSON: {r.stdout!r}")
+    masters = [p["pid"] for p in gw.procs() if p.get("role") == "master"]
+    check(out.get("ok") is True and out.get("generation") == 3 and out.get("version") and
+          masters == [out.get("pid")], f"upgrade answered {out!r}, show proc has masters {masters}")
+
+    # words after reload / upgrade other than json: usage, exit 2
+    for cmd in ("reload", "upgrade"):
+        r = gw.ctl(cmd, "now")
+        check(r.returncode == 2 and f"usage: {cmd} [json]" in r.stderr,
+              f"aigwctl {cmd} now: {r.returncode} {r.stderr[:200]!r}")
+
+    good = gw.conf_text
+    with open(gw.conf_path, "w") as f:
+        f.write(good + "\n[pool extra]\nbogus_key = 1\n")
+    r = gw.ctl("--json", "reload", timeout=40)
+    with open(gw.conf_path, "w") as f:
+        f.write(good)
+    check(r.returncode == 1 and f"{gw.conf_path}:" in r.stderr and not r.stdout,
+          f"--json reload of a bad file: {r.returncode} {r.stdout!r} {r.stderr!r}")
+
+
+def test_ctl_with_config_being_edited(env):
+    """aigwctl -c FILE while FILE has an error: show and set commands still reach the master (it
+    runs what it loaded before), with the FILE:LINE as a warning; reload is refused with it."""
+    m = env.mock("m")
+    gw = env.gateway([m], workers=1)
+    good = gw.conf_text
+    with open(gw.conf_path, "w") as f:
+        f.write(good + "\n[pool extra]\nbogus_key = 1\n")
+    line = len((good + "\n").splitlines()) + 2
+    try:
+        r = gw.ctl("show", "info", use_conf=True)
+        check(r.returncode == 0 and "generation:" in r.stdout,
+              f"show info with a broken file: {r.returncode} {r.stdout!r} {r.stderr!r}")
+        check(f"{gw.conf_path}:{line}" in r.stderr, f"no FILE:LINE warning in {r.stderr!r}")
+        r = gw.ctl("set", "backend", "m", "drain", use_conf=True)
+        check(r.returncode == 0 and gw.backend("m")["admin"] == "DRAIN",
+              f"set backend with a broken file: {r.returncode} {r.stderr!r}")
+        r = gw.ctl("reload", use_conf=True)
+        check(r.returncode == 1 and f"{gw.conf_path}:{line}" in r.stderr,
+              f"reload of the broken file: {r.returncode} {r.stderr!r}")
+    finally:
+        with open(gw.conf_path, "w") as f:
+            f.write(good)

@@ -76,6 +76,11 @@ def test_install_files(env):
     r = subprocess.run([AIGW, "-t", "-c", ini], capture_output=True, text=True, timeout=30,
                        env=dict(os.environ, OPENAI_API_KEY="sk-test"))
     check(r.returncode == 0, f"aigw -t on the installed aigw.ini: {r.stdout} {r.stderr}")
+    # ...and lets no client in with the demo's key, which the README publishes
+    import hashlib
+    demo_hash = hashlib.sha256(b"sk-aigw-demo").hexdigest()
+    with open(ini) as f:
+        check(demo_hash not in f.read(), "the installed aigw.ini accepts the public demo key")
 
     # aigw.ini(5) names every key of every section
     with open(mans[2]) as f:

@@ -427,3 +427,32 @@ def test_stats_idle_connections_do_not_lock_out(env):
     finally:
         for s in idle:
             s.close()
+
+
+def test_client_responses_by_status_class(env):
+    """What the clients got, by status class, the gateway's own answers included (a bad key's 401,
+    a body that is not JSON's 400, a key over its rpm's 429): a backend's counters alone never show them
+    (an operator alerts on clients' 5xx and 4xx). The access log is off: the count does not
+    depend on it."""
+    m = env.mock("m1")
+    gw = _gateway(env, [m])
+    ok = [chat(gw.port, chat_body("hi"), headers=_bearer(KEY)).status for _ in range(3)]
+    r5 = chat(gw.port, chat_body("hi"), headers=dict(_bearer(KEY), **{"x-mock-status": "502"}))
+    bad_key = chat(gw.port, chat_body("hi"), headers=_bearer("sk-not-a-key-at-all-000000"))
+    no_json = chat(gw.port, b"{not json", headers=_bearer(KEY))
+    lim = [chat(gw.port, chat_body("hi"), headers=_bearer(KEY_LIM)).status for _ in range(2)]
+    check(ok == [200] * 3 and r5.status == 502 and bad_key.status == 401 and
+          no_json.status == 400 and lim == [200, 429],
+          f"statuses {ok} {r5.status} {bad_key.status} {no_json.status} {lim}")
+    m1 = scrape(gw)
+    got = {c: val(m1, "aigw_client_responses_total", code_class=c)
+           for c in ("1xx", "2xx", "3xx", "4xx", "5xx")}
+    want = {"1xx": 0, "2xx": 4, "3xx": 0, "4xx": 3, "5xx": 1}
+    check(got == want, f"aigw_client_responses_total {got}, want {want}")
+    check(val(m1, "aigw_client_requests_total") == sum(want.values()),
+          "aigw_client_requests_total is not the sum of the classes")
+    # a reload carries them
+    r = gw.ctl("reload", timeout=40)
+    check(r.returncode == 0, f"reload: {r.stderr!r}")
+    got = {c: val(scrape(gw), "aigw_client_responses_total", code_class=c) for c in want}
+    check(got == want, f"after a reload: {got}, want {want}")

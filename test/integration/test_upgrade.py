@@ -204,3 +204,89 @@ def test_upgrade_hanging_binary_leaves_nothing(env):
           "the old master or its workers changed after a failed upgrade")
     check(all(chat(gw.port, chat_body("hi")).status == 200 for _ in range(5)),
           "traffic failed after a failed upgrade")
+
+
+def test_upgrade_as_user_keeps_admin_group(env):
+    """[global] user and admin_group (a group the user is not in, as an operators' group is): the
+    master runs unprivileged, and an upgrade's new master, which may not give a socket of its own
+    to that group, takes over the old master's admin socket, group and mode 0660 kept."""
+    if os.geteuid() != 0:
+        raise harness.Skip("needs root to switch users")
+    import grp
+    import pwd
+    import stat
+    nobody = pwd.getpwnam("nobody")
+    try:
+        adm = grp.getgrnam("adm")
+    except KeyError:
+        raise harness.Skip("no group adm")
+    if "nobody" in adm.gr_mem or adm.gr_gid == nobody.pw_gid:
+        raise harness.Skip("nobody is in adm")
+    os.chown(env.dir, nobody.pw_uid, -1)  # the admin socket's directory is the user's (README)
+    os.chmod(env.dir, 0o755)
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1, glob={"user": "nobody", "admin_group": "adm"})
+    st = os.stat(gw.sock_path)
+    check(st.st_gid == adm.gr_gid and stat.S_IMODE(st.st_mode) == 0o660,
+          f"before: admin socket gid {st.st_gid} mode {oct(stat.S_IMODE(st.st_mode))}")
+    old = _master_pid(gw)
+    new, out = _upgrade(gw)
+    check(new != old and _master_pid(gw) == new, f"upgrade printed {out!r}; old master {old}")
+    st = os.stat(gw.sock_path)
+    check(st.st_uid == nobody.pw_uid and st.st_gid == adm.gr_gid and
+          stat.S_IMODE(st.st_mode) == 0o660,
+          f"after: admin socket uid {st.st_uid} gid {st.st_gid} "
+          f"mode {oct(stat.S_IMODE(st.st_mode))}")
+    check(chat(gw.port, chat_body("after")).status == 200, "request after the upgrade")
+    # and once more (one upgrade at a time: the old master first drains and exits): the socket
+    # the new master took over is handed on again
+    wait_for(lambda: not pid_alive(old), 15, "the old master to drain and exit")
+    new2, out = _upgrade(gw)
+    check(new2 != new and _master_pid(gw) == new2, f"second upgrade printed {out!r}")
+    check(gw.stop() == 0, "aigw did not exit 0")
+
+
+def test_upgrade_to_another_admin_socket(env):
+    """The new file names another admin_socket: the new master answers there and the old path,
+    which nobody answers on any more, is removed (not left as a stale socket file)."""
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1)
+    old_sock = gw.sock_path
+    new_sock = os.path.join(env.dir, "moved.sock")
+    with open(gw.conf_path, "w") as f:
+        f.write(gw.conf_text.replace(f"admin_socket = {old_sock}", f"admin_socket = {new_sock}"))
+    old = _master_pid(gw)
+    new, out = _upgrade(gw)
+    gw.sock_path = new_sock
+    check(_master_pid(gw) == new, f"the new master does not answer on {new_sock}: {out!r}")
+    wait_for(lambda: not pid_alive(old), 15, "the old master to drain and exit")
+    check(not os.path.exists(old_sock), f"{old_sock} is left behind")
+    check(chat(gw.port, chat_body("after")).status == 200, "a request after the upgrade")
+    _stop_master(new)
+    check(not os.path.exists(new_sock), f"{new_sock} is left behind at the stop")
+
+
+def test_upgrade_applies_admin_group_change(env):
+    """The admin socket carries over an upgrade, and so does what the new file says of it: an
+    admin_group added gives it that group and mode 0660, one removed takes it back to 0600."""
+    import grp
+    import stat
+    group = grp.getgrgid(os.getegid()).gr_name
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1)
+    check(stat.S_IMODE(os.stat(gw.sock_path).st_mode) == 0o600, "the admin socket is not 0600")
+    base = gw.conf_text
+    with open(gw.conf_path, "w") as f:
+        f.write(base.replace("[global]\n", f"[global]\nadmin_group = {group}\n", 1))
+    old = _master_pid(gw)
+    _upgrade(gw)
+    st = os.stat(gw.sock_path)
+    check(stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == os.getegid(),
+          f"admin_group added: mode {oct(stat.S_IMODE(st.st_mode))} gid {st.st_gid}")
+    with open(gw.conf_path, "w") as f:
+        f.write(base)
+    wait_for(lambda: not pid_alive(old), 15, "the old master to drain and exit")
+    _upgrade(gw)
+    check(stat.S_IMODE(os.stat(gw.sock_path).st_mode) == 0o600,
+          "admin_group removed: the admin socket is not 0600 again")
+    check(gw.ctl("show", "proc").returncode == 0, "aigwctl after the upgrades")

@@ -53,4 +53,16 @@ Try (sk-aigw-demo is the demo's client key, [key demo] in etc/demo.ini):
 Ctrl-C stops the demo.
 
 MSG
-wait "$aigw_pid"
+# `aigwctl upgrade` (or SIGUSR2) replaces the master by a new process that is not our child:
+# follow it through the admin socket, so that the demo neither ends at an upgrade nor leaves
+# the new master running after Ctrl-C.
+while :; do
+    if ! wait "$aigw_pid" 2>/dev/null; then
+        while kill -0 "$aigw_pid" 2>/dev/null; do sleep 0.5; done
+    fi
+    new=$("$build/cmd/aigwctl" -c etc/demo.ini --json show info 2>/dev/null |
+          sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
+    { [ -n "$new" ] && [ "$new" != "$aigw_pid" ]; } || break
+    echo "demo: the aigw master is now pid $new (binary upgrade)"
+    aigw_pid=$new
+done

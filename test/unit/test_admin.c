@@ -399,6 +399,9 @@ static void test_split_words(void **state)
         {"set", "error: usage: set weight BACKEND N|N% | set backend BACKEND ready|drain|maint\n"},
         {"set backend a1 ready json x", "error: usage: set backend BACKEND ready|drain|maint\n"},
         {"\x01\xff help", "error: unknown command '?? help'; try 'help'\n"},
+        /* aigwctl --json frobnicate: the json word is aigwctl's, not the operator's */
+        {"frobnicate json", "error: unknown command 'frobnicate'; try 'help'\n"},
+        {"frob nicate --json", "error: unknown command 'frob nicate'; try 'help'\n"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         stack_fill_breaker();
