@@ -164,6 +164,34 @@ void acceptor_hold(struct acceptor *a, int on)
     accept_update(a);
 }
 
+void acceptor_sweep(struct acceptor *a)
+{
+    if (a->closed || a->held)
+        return; /* a held worker never took these sockets: their queues are its successors' */
+    for (int i = 0; i < a->n; i++) {
+        struct accept_listener *l = &a->ls[i];
+
+        for (int k = 0; l->fd >= 0 && k < ACCEPT_SWEEP_MAX; k++) {
+            struct sockaddr_storage ss;
+            socklen_t len = sizeof(ss);
+            int fd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+
+            if (fd == -1) {
+                if (errno == ECONNABORTED || errno == EINTR)
+                    continue;
+                break; /* EAGAIN: empty; a local resource error: what is left waits */
+            }
+            a->conns++;
+            l->conns++;
+            if (a->cb(a->ctx, l->idx, fd, (struct sockaddr *)&ss, len) < 0) {
+                close(fd);
+                a->conns--;
+                l->conns--;
+            }
+        }
+    }
+}
+
 void acceptor_close(struct acceptor *a)
 {
     if (a->closed)

@@ -13,8 +13,9 @@
 
 #include "core/log.h"
 
-#define ACCEPT_BATCH    64  /* connections taken per wake-up of one listener: the rest next turn */
-#define ACCEPT_RETRY_MS 100 /* after a local resource error: try accepting again after this */
+#define ACCEPT_BATCH     64 /* connections taken per wake-up of one listener: the rest next turn */
+#define ACCEPT_SWEEP_MAX 4096 /* connections acceptor_sweep takes from one listener at most */
+#define ACCEPT_RETRY_MS  100  /* after a local resource error: try accepting again after this */
 
 /* A new connection on listener li: fd is non-blocking and close-on-exec. Returns 0 when the
  * callee took fd, or < 0 (the acceptor then closes fd and does not count it). */
@@ -60,6 +61,11 @@ void acceptor_closed(struct acceptor *a, int li);
 /* on = 1: stop accepting for now (new connections wait in the backlog), 0: accept again. A
  * reloaded generation's worker is held until the old one has stopped accepting. */
 void acceptor_hold(struct acceptor *a, int on);
+
+/* Before a graceful acceptor_close: takes every connection already queued on the listening
+ * sockets, over maxconn too (up to ACCEPT_SWEEP_MAX each). A socket a reload drops is closed by
+ * everyone once its last worker closes it, and the kernel resets what is still queued there. */
+void acceptor_sweep(struct acceptor *a);
 
 /* Stops accepting for good and closes the listening sockets (graceful stop). */
 void acceptor_close(struct acceptor *a);

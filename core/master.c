@@ -3,6 +3,7 @@
  * (fast), sets RLIMIT_NOFILE from maxconn, answers aigwctl. */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/filter.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
@@ -95,6 +96,7 @@ struct gen {
     uint64_t req_seen;     /* its workers' requests at the last rate sample */
     uint64_t kill_at;      /* draining: monotonic ms after which what is left gets SIGKILL */
     int exited;            /* its processes are all gone (it waits for its own carry to end) */
+    int steered;           /* its listeners' reuseport groups steer to its sockets (reload_steer) */
     struct gen *next;      /* on M.old */
 };
 
@@ -903,6 +905,7 @@ static void workers_signal(int sig)
 
 static void reload_fail(const char *msg);
 static void gen_reap_old(void);
+static void reload_unsteer(struct gen *g);
 
 /* A child's restarts, also in its generation's segment: the next generation (a reload's, or a
  * binary upgrade's new master) goes on counting from there. */
@@ -1655,6 +1658,7 @@ static void gen_reap_old(void)
     }
     if (!M.old && !M.upfrom)
         uv_timer_stop(&M.sync_timer);
+    reload_unsteer(M.g);
 }
 
 static void sync_timer_fired(uv_timer_t *t)
@@ -1714,6 +1718,62 @@ static void reload_fail(const char *msg)
     reload_answer(out, NULL);
 }
 
+#ifndef SO_DETACH_REUSEPORT_BPF
+#define SO_DETACH_REUSEPORT_BPF 68
+#endif
+
+/* A reload to fewer workers drops the old generation's sockets of slots g->workers and up: the
+ * kernel would go on spreading new connections over them until their last copy closes, and
+ * then reset what is queued there. Each listen's reuseport group numbers its sockets in the
+ * order they joined, which is slot order while no older generation drains (slots are opened in
+ * order, and only the top ones are ever dropped), so a filter sending each connection to
+ * socket rxhash % g->workers keeps new ones on the kept sockets, and the old workers take what
+ * was queued before (acceptor_sweep) as they stop. Lifted once the old generation is gone
+ * (reload_unsteer), so that the kernel's own spreading is back. */
+static void reload_steer(struct gen *g, const struct gen *o)
+{
+    if (o->workers <= g->workers)
+        return;
+    if (M.old || M.upfrom) {
+        log_info("reload: generation %u drops sockets while an older generation still drains: "
+                 "connections queued on them may be reset",
+                 g->id);
+        return; /* the numbering may not be slot order */
+    }
+    for (int li = 0; li < g->conf->n_listens; li++) {
+        struct sock_filter code[] = {
+            {BPF_LD | BPF_W | BPF_ABS, 0, 0, (uint32_t)(SKF_AD_OFF + SKF_AD_RXHASH)},
+            {BPF_ALU | BPF_MOD | BPF_K, 0, 0, (uint32_t)g->workers},
+            {BPF_RET | BPF_A, 0, 0, 0},
+        };
+        struct sock_fprog prog = {(unsigned short)(sizeof(code) / sizeof(code[0])), code};
+
+        if (listen_match(o, &g->conf->listens[li]) < 0 || g->fds[li] < 0)
+            continue; /* a new listen: its group is g's alone */
+        if (setsockopt(g->fds[li], SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof(prog)))
+            log_warn("listen %s: cannot steer new connections to the kept sockets (%s): some "
+                     "queued on the dropped ones may be reset",
+                     g->conf->listens[li].name, strerror(errno));
+        else
+            g->steered = 1;
+    }
+}
+
+static void reload_unsteer(struct gen *g)
+{
+    int one = 1;
+
+    if (!g || !g->steered || M.old)
+        return;
+    g->steered = 0;
+    for (int li = 0; li < g->conf->n_listens; li++)
+        if (g->fds[li] >= 0 &&
+            setsockopt(g->fds[li], SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, &one, sizeof(one)) &&
+            errno != ENOENT)
+            log_warn("listen %s: cannot lift the steering of new connections: %s",
+                     g->conf->listens[li].name, strerror(errno));
+}
+
 /* M.next's workers are all ready: the old generation stops accepting and drains, its limiters'
  * windows are copied, and the new workers start accepting. Between the two, new connections
  * wait in the listening sockets' backlogs. */
@@ -1728,6 +1788,7 @@ static void reload_handover(void)
     stats_set_gen(g->conf, &g->shm, g->n_children + 1);
     for (int i = 0; i < o->n_children; i++)
         o->children[i].pending = 0;
+    reload_steer(g, o); /* before the old workers stop: nothing new lands on a dropped socket */
     gen_signal(o, SIGTERM);
     if (o->conf->global.hard_stop_after_ms)
         o->kill_at = time_mono_ms() + o->conf->global.hard_stop_after_ms + HARD_STOP_GRACE_MS;

@@ -121,6 +121,47 @@ def test_reload_while_signals_arrive(env):
     check(_ok(gw.port) == 200, "traffic failed after the reloads")
 
 
+def _short_load(port, stop, results):
+    """Short requests one after another, each on a new connection, until stop."""
+    while not stop.is_set():
+        try:
+            r = chat(port, chat_body("hi"), timeout=10)
+            results.append("ok" if r.status == 200 else f"{r.status} {r.body[-120:]!r}")
+        except Exception as e:  # noqa: BLE001 - every failure is a result
+            results.append(f"exception {e!r}")
+
+
+def test_reload_fewer_workers_loses_nothing(env):
+    """A reload to fewer workers drops listening sockets: connections queued on them are taken
+    by the old workers as they stop, and new ones go to the kept sockets (regression: the
+    kernel reset what was queued on a dropped socket, a few per reload under load)."""
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=3)
+    stop = threading.Event()
+    results = []
+    threads = [threading.Thread(target=_short_load, args=(gw.port, stop, results))
+               for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        for i in range(8):
+            gw.sections[0][1]["workers"] = 1 if i % 2 == 0 else 3
+            gw._write_conf()
+            _generation(_reload(gw))
+            time.sleep(0.4)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+    bad = [r for r in results if r != "ok"]
+    check(len(results) > 200, f"too little load: {len(results)} requests")
+    # Before the fix 5 or 6 of ~23,000 failed in every run; a rarer loss remains (0 to 2 a run,
+    # not understood yet: see the closing note of 2026-12-04), so this bounds it, not zero.
+    check(len(bad) <= 3, f"{len(bad)} of {len(results)} requests failed across 8 reloads "
+                         f"between 3 and 1 workers: {bad[:5]}")
+
+
 def test_reload_keeps_drain_and_rpm(env):
     a = env.mock("a")
     b = env.mock("b")
