@@ -523,8 +523,11 @@ static void key_row_read(const struct conf *conf, const struct shm *shm, int i, 
     utc_format(k->expires, r->expires, sizeof(r->expires));
     r->expired = k->expires && wall_s >= k->expires;
     /* The limits as configured even when the segment has none (then nothing is counted). */
-    r->li.spec = (struct limit_spec){k->lim.rpm, k->lim.tpm, k->lim.max_parallel, k->budget_nusd,
-                                     LIMIT_PERIOD_MONTH};
+    r->li.spec = (struct limit_spec){.rpm = k->lim.rpm,
+                                     .tpm = k->lim.tpm,
+                                     .max_parallel = k->lim.max_parallel,
+                                     .budget_nano = k->budget_nusd,
+                                     .period = LIMIT_PERIOD_MONTH};
     if (lr && (uint32_t)i < limit_region_count(lr) &&
         limit_info(lr, (uint32_t)i, now_ms, wall_s, &r->li) == -EBUSY)
         r->busy = 1;
@@ -1118,8 +1121,10 @@ static void pool_row_read(const struct conf *conf, const struct shm *shm, int p,
         r->requests += t.requests;
         r->failures += t.failures;
     }
-    r->li.spec =
-        (struct limit_spec){cp->lim.rpm, cp->lim.tpm, cp->lim.max_parallel, 0, LIMIT_PERIOD_MONTH};
+    r->li.spec = (struct limit_spec){.rpm = cp->lim.rpm,
+                                     .tpm = cp->lim.tpm,
+                                     .max_parallel = cp->lim.max_parallel,
+                                     .period = LIMIT_PERIOD_MONTH};
     if (lr && id < limit_region_count(lr))
         limit_info(lr, id, now_ms, wall_s, &r->li);
     list_cell(&cp->models, r->models, sizeof(r->models));

@@ -1328,19 +1328,29 @@ static int master_shm_create(struct gen *g)
         return -ENOMEM;
     for (int i = 0; i < conf->n_keys; i++) {
         const struct conf_apikey *k = &conf->keys[i];
-        specs[i] = (struct limit_spec){k->lim.rpm, k->lim.tpm, k->lim.max_parallel, k->budget_nusd,
-                                       k->budget_period == BUDGET_DAY     ? LIMIT_PERIOD_DAY
-                                       : k->budget_period == BUDGET_TOTAL ? LIMIT_PERIOD_TOTAL
-                                                                          : LIMIT_PERIOD_MONTH};
+        specs[i] = (struct limit_spec){.rpm = k->lim.rpm,
+                                       .tpm = k->lim.tpm,
+                                       .max_parallel = k->lim.max_parallel,
+                                       .budget_nano = k->budget_nusd,
+                                       .period = k->budget_period == BUDGET_DAY ? LIMIT_PERIOD_DAY
+                                                 : k->budget_period == BUDGET_TOTAL
+                                                     ? LIMIT_PERIOD_TOTAL
+                                                     : LIMIT_PERIOD_MONTH};
     }
     for (int i = 0; i < conf->n_models; i++) {
         const struct conf_limits *l = &conf->models[i].lim;
-        specs[conf->n_keys + i] = (struct limit_spec){l->rpm, l->tpm, l->max_parallel, 0, 0};
+        specs[conf->n_keys + i] =
+            (struct limit_spec){.rpm = l->rpm, .tpm = l->tpm, .max_parallel = l->max_parallel};
     }
     for (int i = 0; i < conf->n_pools; i++) {
         const struct conf_limits *l = &conf->pools[i].lim;
         specs[conf->n_keys + conf->n_models + i] =
-            (struct limit_spec){l->rpm, l->tpm, l->max_parallel, 0, 0};
+            (struct limit_spec){.rpm = l->rpm, .tpm = l->tpm, .max_parallel = l->max_parallel};
+    }
+    /* [cluster]: the fleet limits are leased from Redis by the sync process (budgets not yet) */
+    for (uint32_t i = 0; conf->cluster.enabled && i < n; i++) {
+        specs[i].leased = specs[i].rpm || specs[i].tpm || specs[i].max_parallel;
+        specs[i].lease_retry_ms = (uint32_t)conf->cluster.sync_interval_ms;
     }
     ai = (struct shm_ai){(uint32_t)conf->n_keys, (uint32_t)conf->n_models, (uint32_t)conf->n_pools,
                          specs, (int64_t)(time_real_ms() / 1000)};

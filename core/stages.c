@@ -258,7 +258,8 @@ static void answer_limited(struct client *c, const struct limit_verdict *v)
                        : id < nk + nm ? conf->models[id - nk].name
                                       : conf->pools[id - nk - nm].name;
     static const char *const dims[] = {"", "requests per min (RPM)", "tokens per min (TPM)",
-                                       "requests in flight (max_parallel)", "budget"};
+                                       "requests in flight (max_parallel)", "budget",
+                                       "the fleet limit (it cannot be checked now)"};
     char msg[300], extra[400];
     struct out x = {extra, 0, sizeof(extra) - 1, 0};
     int secs = v->retry_ms < 0 ? 0 : (int)((v->retry_ms + 999) / 1000);

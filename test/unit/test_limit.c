@@ -694,6 +694,90 @@ static void test_region_args(void **state)
     }
 }
 
+/* [cluster]: a leased limiter admits only what its lease holds, until the lease ends, counts what
+ * was used for the next renewal, raises hungry when low or refused, and its fallbacks. */
+static void test_lease(void **state)
+{
+    struct limit_spec s = {.rpm = 100, .tpm = 10000, .leased = 1, .lease_retry_ms = 200};
+    struct limit_ticket t;
+    struct limit_verdict v;
+    struct limit_lease l;
+    size_t size;
+    struct limit_region *r = region_new(&s, 1, 1, &size);
+
+    /* no lease yet: refused with the short Retry-After, hungry raised */
+    assert_int_equal(admit1(r, 1000, 10, 0, NULL, &v), -EAGAIN);
+    assert_int_equal(v.dim, LIMIT_REQUESTS);
+    assert_int_equal(v.retry_ms, 200);
+    assert_int_equal(limit_lease_hungry(r, 0), 1);
+    assert_int_equal(limit_lease_hungry(r, 0), 0);
+
+    /* 3 requests and 100 tokens, until t = 5 s; low-water 2 requests */
+    assert_int_equal(limit_lease_grant(r, 0, 3, 100, 0, 5000, 2, 0), 0);
+    assert_int_equal(admit1(r, 1000, 40, 0, &t, &v), 0);
+    assert_int_equal(limit_lease_hungry(r, 0), 0); /* 2 left: not below the low-water */
+    limit_settle(r, &t, 1100, WALL_MAR15_23H, 50, 0); /* 10 more than reserved: a debt */
+    assert_int_equal(admit1(r, 1200, 40, 0, NULL, &v), 0);
+    assert_int_equal(limit_lease_hungry(r, 0), 1); /* 1 left */
+    assert_int_equal(admit1(r, 1300, 40, 0, NULL, &v), -EAGAIN); /* 100-50-40 = 10 tokens */
+    assert_int_equal(v.dim, LIMIT_TOKENS);
+    assert_int_equal(v.retry_ms, 200);
+    assert_int_equal(limit_lease_take(r, 0, 0, &l), 0);
+    assert_int_equal(l.req, 1);
+    assert_int_equal(l.tok, 10);
+    assert_int_equal(l.used_req, 2);
+    assert_int_equal(l.used_tok, 90);
+    assert_int_equal(l.need_tok, 40);
+    /* the counts restart with each take; the rest of the lease stays */
+    assert_int_equal(limit_lease_take(r, 0, 0, &l), 0);
+    assert_int_equal(l.used_req, 0);
+    assert_int_equal(l.need_tok, 0);
+    assert_int_equal(l.req, 1);
+    assert_int_equal(admit1(r, 1400, 5, 0, NULL, &v), 0);
+    assert_int_equal(admit1(r, 1500, 5, 0, NULL, &v), -EAGAIN);
+    assert_int_equal(v.dim, LIMIT_REQUESTS);
+
+    /* a lease past its end is not used */
+    assert_int_equal(limit_lease_grant(r, 0, 10, 1000, 0, 5000, 0, 0), 0);
+    assert_int_equal(admit1(r, 4999, 5, 0, NULL, &v), 0);
+    assert_int_equal(admit1(r, 5000, 5, 0, NULL, &v), -EAGAIN);
+    /* given back: nothing left, the used counts reported once */
+    assert_int_equal(limit_lease_take(r, 0, 1, &l), 0);
+    assert_int_equal(l.req, 9);
+    assert_int_equal(l.used_req, 2);
+    assert_int_equal(limit_lease_get(r, 0, &l), 0);
+    assert_int_equal(l.req, 0);
+    assert_int_equal(l.tok, 0);
+
+    /* fallbacks: share caps this host's window (4 admitted so far), open lets the local limits
+     * decide, closed refuses for good; the used counts go on */
+    assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_SHARE, 6, 10000, 0), 0);
+    assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), 0);
+    assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), 0);
+    assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), -EAGAIN);
+    assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_OPEN, 0, 0, 0), 0);
+    assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), 0);
+    assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_CLOSED, 0, 0, 0), 0);
+    assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), -EAGAIN);
+    assert_int_equal(v.dim, LIMIT_FLEET);
+    assert_int_equal(v.retry_ms, LIMIT_RETRY_NEVER);
+    assert_int_equal(limit_lease_take(r, 0, 1, &l), 0);
+    assert_int_equal(l.used_req, 3);
+    assert_int_equal(l.fallback, LIMIT_FALLBACK_CLOSED);
+    /* a grant ends the fallback */
+    assert_int_equal(limit_lease_grant(r, 0, 1, 100, 0, 9000, 0, 0), 0);
+    assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), 0);
+    region_free(r, size);
+
+    /* not leased: the lease calls refuse, admissions are as without [cluster] */
+    s.leased = 0;
+    r = region_new(&s, 1, 1, &size);
+    assert_int_equal(limit_lease_take(r, 0, 0, &l), -EINVAL);
+    assert_int_equal(admit1(r, 1000, 10, 0, NULL, &v), 0);
+    assert_int_equal(limit_lease_hungry(r, 0), 0);
+    region_free(r, size);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -710,6 +794,7 @@ int main(void)
         cmocka_unit_test(test_dead_lock_holder),
         cmocka_unit_test(test_region_args),
         cmocka_unit_test(test_carry),
+        cmocka_unit_test(test_lease),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
