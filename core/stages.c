@@ -257,8 +257,11 @@ static void answer_limited(struct client *c, const struct limit_verdict *v)
     const char *name = id < nk        ? conf->keys[id].name
                        : id < nk + nm ? conf->models[id - nk].name
                                       : conf->pools[id - nk - nm].name;
-    static const char *const dims[] = {"", "requests per min (RPM)", "tokens per min (TPM)",
-                                       "requests in flight (max_parallel)", "budget",
+    static const char *const dims[] = {"",
+                                       "requests per min (RPM)",
+                                       "tokens per min (TPM)",
+                                       "requests in flight (max_parallel)",
+                                       "budget",
                                        "the fleet limit (it cannot be checked now)"};
     char msg[300], extra[400];
     struct out x = {extra, 0, sizeof(extra) - 1, 0};

@@ -52,10 +52,10 @@ struct limit_cell {
     uint32_t lease_fb; /* enum limit_fallback */
     uint64_t lease_until_ms;
     int64_t used_req, used_tok;
-    int64_t low_req, low_tok;        /* an admission leaving less raises hungry */
-    uint32_t cap_req, cap_tok;       /* LIMIT_FALLBACK_SHARE: this host's share of the limits */
-    uint32_t cap_par, need_tok;      /* need_tok: largest request refused by the lease's tokens */
-    _Atomic uint32_t hungry;         /* set by workers, cleared by the sync process */
+    int64_t low_req, low_tok;   /* an admission leaving less raises hungry */
+    uint32_t cap_req, cap_tok;  /* LIMIT_FALLBACK_SHARE: this host's share of the limits */
+    uint32_t cap_par, need_tok; /* need_tok: largest request refused by the lease's tokens */
+    _Atomic uint32_t hungry;    /* set by workers, cleared by the sync process */
 } __attribute__((aligned(LIMIT_ALIGN)));
 
 struct limit_region {
@@ -412,7 +412,7 @@ static enum limit_dim cell_check(struct limit_region *r, struct limit_cell *c, u
             /* a top-up may come within a round trip to Redis: ask for one */
             atomic_store_explicit(&c->hungry, 1, memory_order_relaxed);
             dim = d;
-            *retry = d == LIMIT_FLEET ? LIMIT_RETRY_NEVER : (int64_t)s->lease_retry_ms;
+            *retry = (int64_t)s->lease_retry_ms;
         }
     }
     if (s->budget_nano) {
@@ -901,7 +901,8 @@ static void lease_copy(const struct limit_cell *c, struct limit_lease *out)
     out->need_tok = c->need_tok;
 }
 
-int limit_lease_take(struct limit_region *r, uint32_t id, int give_back, struct limit_lease *out)
+int limit_lease_take(struct limit_region *r, uint32_t id, int64_t keep_req, int64_t keep_tok,
+                     struct limit_lease *out)
 {
     struct limit_cell *c;
 
@@ -913,11 +914,10 @@ int limit_lease_take(struct limit_region *r, uint32_t id, int give_back, struct 
     lease_copy(c, out);
     c->used_req = c->used_tok = 0;
     c->need_tok = 0;
-    if (give_back) {
-        c->lease_req = 0;
-        if (c->lease_tok > 0)
-            c->lease_tok = 0;
-    }
+    if (c->lease_req > keep_req)
+        c->lease_req = keep_req;
+    if (c->lease_tok > keep_tok)
+        c->lease_tok = keep_tok;
     cell_unlock(r, id);
     return 0;
 }

@@ -220,10 +220,11 @@ struct limit_fleet *limit_fleet(struct limit_region *r);
 /* Whether limiter id is leased (its spec). */
 int limit_leased(const struct limit_region *r, uint32_t id);
 /* Takes a limiter's lease under its lock (waiting LIMIT_MASTER_WAIT_MS at most: -EBUSY): *out
- * gets it, and the used counts restart from 0 (they are reported with the renewal). give_back:
- * the remaining requests and tokens are given up as well (req and tok become 0, a debt stays):
- * the caller returns them to the fleet. 0, -EINVAL, -EBUSY. */
-int limit_lease_take(struct limit_region *r, uint32_t id, int give_back, struct limit_lease *out);
+ * gets it, and the used counts restart from 0 (they are reported with the renewal). What remains
+ * is cut to keep_req requests and keep_tok tokens (INT64_MAX: all kept; a debt stays): the caller
+ * returns the rest to the fleet. 0, -EINVAL, -EBUSY. */
+int limit_lease_take(struct limit_region *r, uint32_t id, int64_t keep_req, int64_t keep_tok,
+                     struct limit_lease *out);
 /* Adds a grant to the lease: req and tok added, par set, valid until until_ms; an admission
  * that leaves less than low_req requests or low_tok tokens raises the hungry flag. */
 int limit_lease_grant(struct limit_region *r, uint32_t id, int64_t add_req, int64_t add_tok,

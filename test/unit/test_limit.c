@@ -715,21 +715,21 @@ static void test_lease(void **state)
     /* 3 requests and 100 tokens, until t = 5 s; low-water 2 requests */
     assert_int_equal(limit_lease_grant(r, 0, 3, 100, 0, 5000, 2, 0), 0);
     assert_int_equal(admit1(r, 1000, 40, 0, &t, &v), 0);
-    assert_int_equal(limit_lease_hungry(r, 0), 0); /* 2 left: not below the low-water */
+    assert_int_equal(limit_lease_hungry(r, 0), 0);    /* 2 left: not below the low-water */
     limit_settle(r, &t, 1100, WALL_MAR15_23H, 50, 0); /* 10 more than reserved: a debt */
     assert_int_equal(admit1(r, 1200, 40, 0, NULL, &v), 0);
-    assert_int_equal(limit_lease_hungry(r, 0), 1); /* 1 left */
+    assert_int_equal(limit_lease_hungry(r, 0), 1);               /* 1 left */
     assert_int_equal(admit1(r, 1300, 40, 0, NULL, &v), -EAGAIN); /* 100-50-40 = 10 tokens */
     assert_int_equal(v.dim, LIMIT_TOKENS);
     assert_int_equal(v.retry_ms, 200);
-    assert_int_equal(limit_lease_take(r, 0, 0, &l), 0);
+    assert_int_equal(limit_lease_take(r, 0, INT64_MAX, INT64_MAX, &l), 0);
     assert_int_equal(l.req, 1);
     assert_int_equal(l.tok, 10);
     assert_int_equal(l.used_req, 2);
     assert_int_equal(l.used_tok, 90);
     assert_int_equal(l.need_tok, 40);
     /* the counts restart with each take; the rest of the lease stays */
-    assert_int_equal(limit_lease_take(r, 0, 0, &l), 0);
+    assert_int_equal(limit_lease_take(r, 0, INT64_MAX, INT64_MAX, &l), 0);
     assert_int_equal(l.used_req, 0);
     assert_int_equal(l.need_tok, 0);
     assert_int_equal(l.req, 1);
@@ -741,10 +741,16 @@ static void test_lease(void **state)
     assert_int_equal(limit_lease_grant(r, 0, 10, 1000, 0, 5000, 0, 0), 0);
     assert_int_equal(admit1(r, 4999, 5, 0, NULL, &v), 0);
     assert_int_equal(admit1(r, 5000, 5, 0, NULL, &v), -EAGAIN);
-    /* given back: nothing left, the used counts reported once */
-    assert_int_equal(limit_lease_take(r, 0, 1, &l), 0);
+    /* cut to what is kept, then given back whole: the used counts reported once */
+    assert_int_equal(limit_lease_take(r, 0, 8, 400, &l), 0);
     assert_int_equal(l.req, 9);
+    assert_int_equal(l.tok, 1000);
     assert_int_equal(l.used_req, 2);
+    assert_int_equal(l.used_tok, 10);
+    assert_int_equal(limit_lease_take(r, 0, 0, 0, &l), 0);
+    assert_int_equal(l.req, 8);
+    assert_int_equal(l.tok, 400);
+    assert_int_equal(l.used_req, 0);
     assert_int_equal(limit_lease_get(r, 0, &l), 0);
     assert_int_equal(l.req, 0);
     assert_int_equal(l.tok, 0);
@@ -760,8 +766,8 @@ static void test_lease(void **state)
     assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_CLOSED, 0, 0, 0), 0);
     assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), -EAGAIN);
     assert_int_equal(v.dim, LIMIT_FLEET);
-    assert_int_equal(v.retry_ms, LIMIT_RETRY_NEVER);
-    assert_int_equal(limit_lease_take(r, 0, 1, &l), 0);
+    assert_int_equal(v.retry_ms, 200);
+    assert_int_equal(limit_lease_take(r, 0, 0, 0, &l), 0);
     assert_int_equal(l.used_req, 3);
     assert_int_equal(l.fallback, LIMIT_FALLBACK_CLOSED);
     /* a grant ends the fallback */
@@ -772,7 +778,7 @@ static void test_lease(void **state)
     /* not leased: the lease calls refuse, admissions are as without [cluster] */
     s.leased = 0;
     r = region_new(&s, 1, 1, &size);
-    assert_int_equal(limit_lease_take(r, 0, 0, &l), -EINVAL);
+    assert_int_equal(limit_lease_take(r, 0, INT64_MAX, INT64_MAX, &l), -EINVAL);
     assert_int_equal(admit1(r, 1000, 10, 0, NULL, &v), 0);
     assert_int_equal(limit_lease_hungry(r, 0), 0);
     region_free(r, size);

@@ -1,0 +1,185 @@
+"""A fleet of aigw hosts sharing keys' limits through Redis (issue 9): a real redis-server on
+loopback, two aigw instances with their own ports and node names; the sync process of each is
+the only one talking to Redis (shown in show proc), a key's rpm holds for the fleet, and Redis
+going away is not an outage.
+
+redis-server (Debian's) is a dependency of `make test` (the Makefile's DEPS): it is not skipped."""
+
+import concurrent.futures as cf
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+from harness import Proc, chat, check, free_port, key_sha256, wait_for
+
+KEY = "sk-aigw-cluster-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+class Redis:
+    """A redis-server on a free loopback port, nothing saved; stop() kills it, start() again."""
+
+    def __init__(self, env, password=None):
+        self.env = env
+        self.password = password
+        self.port = free_port()
+        self.proc = None
+        self.n = 0
+        self.start()
+
+    def start(self):
+        exe = shutil.which("redis-server")
+        check(exe is not None, "redis-server is not installed (make deps installs it)")
+        argv = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--daemonize", "no"]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        self.n += 1
+        self.proc = Proc("redis", argv, os.path.join(self.env.dir, f"redis{self.n}.log"),
+                         cwd=self.env.dir)
+        self.env.procs.append(self.proc)
+        wait_for(lambda: "Ready to accept connections" in self.proc.log_text(), 10,
+                 "redis-server to start")
+
+    def kill(self):
+        self.proc.signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+    def cli(self, *args):
+        argv = ["redis-cli", "-p", str(self.port)]
+        if self.password:
+            argv += ["--no-auth-warning", "-a", self.password]
+        r = subprocess.run(argv + list(args), capture_output=True, text=True, timeout=10)
+        return r.stdout.strip()
+
+
+def _fleet(env, redis, n=2, lim=None, cluster=None, workers=2, mock=None):
+    """n gateways sharing one mock upstream and redis; they are returned once connected."""
+    m = mock or env.mock("m1")
+    key = {"key_sha256": key_sha256(KEY)}
+    key.update({k: str(v) for k, v in (lim or {}).items()})
+    gws = []
+    for i in range(n):
+        cl = {"redis": f"redis://127.0.0.1:{redis.port}/2", "node_name": f"host{i}",
+              "sync_interval": "200ms", "lease_ttl": "2s"}
+        cl.update(cluster or {})
+        gws.append(env.gateway([m], workers=workers, keys={"k": key}, name=f"gw{i}",
+                               sections=[("cluster", cl)]))
+    for g in gws:
+        wait_for(lambda g=g: "cluster: connected to Redis" in g.proc.log_text(), 10,
+                 f"{g.name} to connect to Redis")
+    return m, gws
+
+
+def _spread(gws, n, threads=8):
+    """n chat requests spread round robin over the gateways; [(gateway index, status)]."""
+    def one(i):
+        return i % len(gws), chat(gws[i % len(gws)].port, headers=AUTH, timeout=15).status
+
+    with cf.ThreadPoolExecutor(max_workers=threads) as ex:
+        return list(ex.map(one, range(n)))
+
+
+def test_sync_process_supervised(env):
+    redis = Redis(env)
+    _, (gw,) = _fleet(env, redis, n=1, lim={"rpm": 50})
+    procs = gw.procs()
+    sync = [p for p in procs if p.get("role") == "sync"]
+    check(len(sync) == 1 and sync[0].get("pid"), f"show proc has no running sync: {procs}")
+    # the heartbeat: this node is in the fleet's ZSET (db 2, as configured)
+    wait_for(lambda: "host0" in redis.cli("-n", "2", "ZRANGE", "aigw:nodes", "0", "-1"), 5,
+             "the heartbeat of host0 in Redis")
+    # killed, it is restarted like the health checker, and connects again
+    pid = sync[0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: any(p.get("role") == "sync" and p.get("pid") not in (None, 0, pid)
+                         for p in gw.procs()), 10, "the sync process to be restarted")
+    wait_for(lambda: gw.proc.log_text().count("cluster: connected to Redis") >= 2, 10,
+             "the new sync process to connect")
+    check(chat(gw.port, headers=AUTH).status == 200, "a request after the restart")
+
+
+def test_no_cluster_no_sync(env):
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1)
+    check(not [p for p in gw.procs() if p.get("role") == "sync"], "a sync process without "
+          "[cluster]")
+
+
+def test_auth_and_db(env):
+    redis = Redis(env, password="pw-0123")
+    os.environ["AIGW_TEST_REDIS_PW"] = "pw-0123"
+    try:
+        _, (gw,) = _fleet(env, redis, n=1, lim={"rpm": 20},
+                          cluster={"redis_password": "env:AIGW_TEST_REDIS_PW"})
+    finally:
+        del os.environ["AIGW_TEST_REDIS_PW"]
+    check(chat(gw.port, headers=AUTH).status == 200, "a request through the leased key")
+    keys = redis.cli("-n", "2", "KEYS", "aigw:*")
+    check("aigw:{key:k}:win" in keys, f"no lease window of key k in db 2: {keys!r}")
+
+
+def test_rpm_shared_by_the_fleet(env):
+    N = 100
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"rpm": N})
+    statuses = []
+    deadline = time.monotonic() + 20
+    # keep asking both hosts until the fleet refuses steadily: what one host holds unused is
+    # used by its own next requests, so the whole rpm is reached
+    while time.monotonic() < deadline:
+        statuses += _spread(gws, 40)
+        ok = sum(1 for _, st in statuses if st == 200)
+        check(ok <= N, f"the fleet admitted {ok} > rpm {N}")
+        if ok == N:
+            break
+        time.sleep(0.3)
+    ok = sum(1 for _, st in statuses if st == 200)
+    check({st for _, st in statuses} <= {200, 429}, f"statuses {sorted({st for _, st in statuses})}")
+    check(ok == N, f"the fleet admitted {ok} of rpm {N} in 20 s ({len(statuses)} sent)")
+    check(m.stats()["chat_completions"] == N, f"the upstream saw {m.stats()['chat_completions']}")
+    per_host = [sum(1 for h, st in statuses if h == i and st == 200) for i in range(len(gws))]
+    check(min(per_host) >= 10, f"admitted per host {per_host}: the fleet was not shared")
+    # still refused a moment later, on each host, with the short Retry-After of a lease
+    time.sleep(0.5)
+    got = _spread(gws, 10)
+    check(all(st == 429 for _, st in got), f"after the fleet's rpm: {got}")
+    r = chat(gws[0].port, headers=AUTH)
+    check(r.status == 429 and r.header("retry-after") == "1", f"429 of a spent lease: {r!r}")
+
+
+def test_redis_killed_under_load(env):
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"rpm": 100000})
+    stop = time.monotonic() + 6
+    statuses = []
+
+    def load(i):
+        out = []
+        while time.monotonic() < stop:
+            out.append(chat(gws[i % 2].port, headers=AUTH, timeout=15).status)
+        return out
+
+    with cf.ThreadPoolExecutor(max_workers=6) as ex:
+        futs = [ex.submit(load, i) for i in range(6)]
+        time.sleep(1.5)
+        redis.kill()
+        for g in gws:
+            wait_for(lambda g=g: "fall back to local_share" in g.proc.log_text(), 5,
+                     f"{g.name} to log the fallback")
+        time.sleep(1.5)
+        redis.start()
+        for g in gws:
+            wait_for(lambda g=g: "is back" in g.proc.log_text(), 10,
+                     f"{g.name} to log Redis back")
+        for f in futs:
+            statuses += f.result()
+    bad = [s for s in statuses if s != 200]
+    check(len(statuses) > 100 and not bad,
+          f"{len(bad)} of {len(statuses)} requests failed across the outage: {sorted(set(bad))}")
+    for g in gws:
+        text = g.proc.log_text()
+        check(text.count("fall back to local_share") == 1, f"{g.name}: fallback logged "
+              f"{text.count('fall back to local_share')} times")
