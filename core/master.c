@@ -56,7 +56,7 @@ enum master_stop {
 
 struct gen;
 
-/* One supervised child: the health checker or a worker slot. */
+/* One supervised child: the health checker, the sync process ([cluster]) or a worker slot. */
 struct child {
     struct gen *g;         /* its generation */
     const char *role;      /* "health", "worker" or "sync" */

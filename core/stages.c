@@ -257,12 +257,8 @@ static void answer_limited(struct client *c, const struct limit_verdict *v)
     const char *name = id < nk        ? conf->keys[id].name
                        : id < nk + nm ? conf->models[id - nk].name
                                       : conf->pools[id - nk - nm].name;
-    static const char *const dims[] = {"",
-                                       "requests per min (RPM)",
-                                       "tokens per min (TPM)",
-                                       "requests in flight (max_parallel)",
-                                       "budget",
-                                       "the fleet limit (it cannot be checked now)"};
+    static const char *const dims[] = {"", "requests per min (RPM)", "tokens per min (TPM)",
+                                       "requests in flight (max_parallel)", "budget"};
     char msg[300], extra[400];
     struct out x = {extra, 0, sizeof(extra) - 1, 0};
     int secs = v->retry_ms < 0 ? 0 : (int)((v->retry_ms + 999) / 1000);
@@ -280,6 +276,15 @@ static void answer_limited(struct client *c, const struct limit_verdict *v)
                  "is in flight)",
                  kind, name);
         client_error_extra(c, 429, "insufficient_quota", "insufficient_quota", msg, secs, extra);
+        return;
+    }
+    if (v->dim == LIMIT_FLEET) { /* [cluster], cluster_fallback = closed, Redis away */
+        snprintf(msg, sizeof(msg),
+                 "The fleet limits of %s %s cannot be checked now (the gateways cannot reach "
+                 "their shared store). Please try again in %d.%03ds.",
+                 kind, name, (int)(v->retry_ms / 1000), (int)(v->retry_ms % 1000));
+        client_error_extra(c, 429, "requests", "rate_limit_exceeded", msg, secs < 1 ? 1 : secs,
+                           extra);
         return;
     }
     if (v->retry_ms >= 0)

@@ -13,11 +13,11 @@
 #include "core/stats.h"
 #include "core/util.h"
 
-#define STATS_HEAD_MAX   8192         /* request line and headers; more is answered 431 */
-#define STATS_URL_MAX    256          /* longer paths are none of ours: 404 */
-#define STATS_TIMEOUT_MS 5000         /* the whole exchange, from accept to the last byte written */
-#define STATS_CONNS_MAX  64           /* open at once; more are closed at accept */
-#define STATS_PROCS_MAX  (1 + 2 + 64) /* master, health, sync, workers */
+#define STATS_HEAD_MAX   8192 /* request line and headers; more is answered 431 */
+#define STATS_URL_MAX    256  /* longer paths are none of ours: 404 */
+#define STATS_TIMEOUT_MS 5000 /* the whole exchange, from accept to the last byte written */
+#define STATS_CONNS_MAX  64   /* open at once; more are closed at accept */
+#define STATS_PROCS_MAX  (1 + 2 + 64)
 
 struct stats_conn {
     uv_tcp_t tcp;
