@@ -3,6 +3,7 @@
  * away. Workers never wait on it: they admit against what it last put in shm. */
 #include <errno.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,10 +29,11 @@
 /* RENEW. KEYS: the window (ZSET lease id -> grant time), the lease request and token counts
  * (HASHes). ARGV: old lease id ("-" none), its final used requests and tokens, what carries into
  * the new lease (requests, tokens), wanted requests and tokens, rpm, tpm (0: none), horizon
- * (60 s + lease_ttl), new lease id. The old lease's counts become what it used (the rest is free
- * at once); when it is gone its use is counted with the new lease (later: the strict side).
+ * (60 s + lease_ttl), new lease id, lease_ttl. The old lease's counts become what it used (the rest
+ * is free at once); when it is gone its use is counted with the new lease (later: the strict side).
  * Leases older than the horizon leave; the grant is what the limit leaves of the rest. Returns
- * {granted requests, granted tokens, fleet requests, fleet tokens} (the sums after it). */
+ * {granted requests, granted tokens, fleet requests, fleet tokens (the sums after it), requests
+ * and tokens of the leases granted within lease_ttl (what may still be admitted unseen)}. */
 static const char SYNC_LUA_RENEW[] =
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
@@ -75,7 +77,13 @@ static const char SYNC_LUA_RENEW[] =
     "  redis.call('HSET', KEYS[3], ARGV[11], nt)\n"
     "end\n"
     "for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], 2 * horizon) end\n"
-    "return {gr, gt, sr + nr, st + nt}\n";
+    "local open = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[12]), '+inf')\n"
+    "local orr, ort = 0, 0\n"
+    "for i = 1, #open do\n"
+    "  orr = orr + (tonumber(redis.call('HGET', KEYS[2], open[i])) or 0)\n"
+    "  ort = ort + (tonumber(redis.call('HGET', KEYS[3], open[i])) or 0)\n"
+    "end\n"
+    "return {gr, gt, sr + nr, st + nt, orr, ort}\n";
 
 /* HEARTBEAT. KEYS: the nodes (ZSET node -> last seen). ARGV: node, alive_ms. Returns the number
  * of nodes seen within alive_ms (this one included). */
@@ -173,6 +181,20 @@ int64_t sync_want(uint32_t limit, uint32_t nodes, int64_t recent, int64_t held, 
     if (want < 0)
         want = 0;
     return want > (int64_t)limit ? (int64_t)limit : want;
+}
+
+/* redisAsyncCommand, with the compiler checking its arguments against the format (hiredis takes
+ * printf's conversions and makes each space-separated word one argument). */
+__attribute__((format(printf, 4, 5))) static int
+sync_cmd(redisAsyncContext *ac, redisCallbackFn *fn, void *priv, const char *fmt, ...)
+{
+    va_list ap;
+    int rc;
+
+    va_start(ap, fmt);
+    rc = redisvAsyncCommand(ac, fn, priv, fmt, ap);
+    va_end(ap);
+    return rc;
 }
 
 /* ---- hiredis on our uv_poll_t ---- */
@@ -325,10 +347,11 @@ static void sync_renew_done(redisAsyncContext *ac, void *r, void *priv)
     struct sync *s = &S;
     redisReply *rep = r;
     uint64_t now = time_mono_ms();
-    int64_t g[4];
+    struct limit_grant gr;
+    int64_t g[6];
 
     l->busy = 0;
-    if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 4) {
+    if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 6) {
         if (rep && rep->type == REDIS_REPLY_ERROR) {
             log_warn("cluster: lease of %s %s: Redis: %.*s", l->kind, l->name, (int)rep->len,
                      rep->str);
@@ -338,7 +361,7 @@ static void sync_renew_done(redisAsyncContext *ac, void *r, void *priv)
         atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
         return; /* what was not reported is kept for the next renewal */
     }
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 6; i++)
         g[i] = rep->element[i]->type == REDIS_REPLY_INTEGER ? rep->element[i]->integer : 0;
     l->unrep_req = l->unrep_tok = 0;
     l->extra_req = l->extra_tok = 0;
@@ -352,8 +375,17 @@ static void sync_renew_done(redisAsyncContext *ac, void *r, void *priv)
     l->fleet_tok = g[3];
     l->in_fallback = 0;
     /* valid from when it was asked for: the grant happened after that, in any clock */
-    limit_lease_grant(s->lr, l->id, g[0], g[1], l->par, l->sent_ms + s->conf->cluster.lease_ttl_ms,
-                      l->rpm ? (g[0] + 3) / 4 : 0, l->tpm ? (g[1] + 3) / 4 : 0);
+    gr = (struct limit_grant){.add_req = g[0],
+                              .add_tok = g[1],
+                              .par = l->par,
+                              .until_ms = l->sent_ms + s->conf->cluster.lease_ttl_ms,
+                              .low_req = l->rpm ? (g[0] + 3) / 4 : 0,
+                              .low_tok = l->tpm ? (g[1] + 3) / 4 : 0,
+                              .fleet_req = g[2],
+                              .fleet_tok = g[3],
+                              .out_req = g[4],
+                              .out_tok = g[5]};
+    limit_lease_grant(s->lr, l->id, &gr);
     atomic_fetch_add_explicit(&s->fleet->renewals, 1, memory_order_relaxed);
     atomic_store_explicit(&s->fleet->rtt_us, (now - l->sent_ms) * 1000, memory_order_relaxed);
     (void)ac;
@@ -419,14 +451,14 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
     snprintf(l->new_id, sizeof(l->new_id), "%s:%d:%llu", s->conf->cluster.node_name, (int)getpid(),
              (unsigned long long)++l->seq);
     l->sent_ms = time_mono_ms();
-    if (redisAsyncCommand(
-            s->conn->ac, sync_renew_done, l,
-            "EVALSHA %s 3 %s %s %s %s %lld %lld %lld %lld %lld %lld %u %u %llu %s", s->sha_renew,
-            l->k_win, l->k_req, l->k_tok, l->lease_id, (long long)l->unrep_req,
-            (long long)l->unrep_tok, (long long)(carry_req + l->extra_req),
-            (long long)(carry_tok + l->extra_tok), (long long)want_req, (long long)want_tok, l->rpm,
-            l->tpm, (unsigned long long)(SYNC_WINDOW_MS + s->conf->cluster.lease_ttl_ms),
-            l->new_id) != REDIS_OK) {
+    if (sync_cmd(s->conn->ac, sync_renew_done, l,
+                 "EVALSHA %s 3 %s %s %s %s %lld %lld %lld %lld %lld %lld %u %u %llu %s %llu",
+                 s->sha_renew, l->k_win, l->k_req, l->k_tok, l->lease_id, (long long)l->unrep_req,
+                 (long long)l->unrep_tok, (long long)(carry_req + l->extra_req),
+                 (long long)(carry_tok + l->extra_tok), (long long)want_req, (long long)want_tok,
+                 l->rpm, l->tpm,
+                 (unsigned long long)(SYNC_WINDOW_MS + s->conf->cluster.lease_ttl_ms), l->new_id,
+                 (unsigned long long)s->conf->cluster.lease_ttl_ms) != REDIS_OK) {
         atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
         return;
     }
@@ -452,10 +484,9 @@ static void sync_heartbeat(struct sync *s)
 {
     if (s->state != SYNC_READY || s->hb_busy)
         return;
-    if (redisAsyncCommand(s->conn->ac, sync_hb_done, s, "EVALSHA %s 1 %s %s %llu", s->sha_hb,
-                          s->k_nodes, s->conf->cluster.node_name,
-                          (unsigned long long)(3 * s->conf->cluster.sync_interval_ms)) ==
-        REDIS_OK) {
+    if (sync_cmd(s->conn->ac, sync_hb_done, s, "EVALSHA %s 1 %s %s %llu", s->sha_hb, s->k_nodes,
+                 s->conf->cluster.node_name,
+                 (unsigned long long)(3 * s->conf->cluster.sync_interval_ms)) == REDIS_OK) {
         s->hb_busy = 1;
         s->hb_sent_ms = time_mono_ms();
     }
@@ -559,17 +590,15 @@ static void sync_connect(struct sync *s)
     s->handshake_ms = time_mono_ms();
     s->handshake_left = 2;
     if (cl->redis_password) {
-        redisAsyncCommand(ac, sync_handshake_done, "AUTH", "AUTH %s", cl->redis_password);
+        sync_cmd(ac, sync_handshake_done, "AUTH", "AUTH %s", cl->redis_password);
         s->handshake_left++;
     }
     if (cl->redis_db) {
-        redisAsyncCommand(ac, sync_handshake_done, "SELECT", "SELECT %u", cl->redis_db);
+        sync_cmd(ac, sync_handshake_done, "SELECT", "SELECT %u", cl->redis_db);
         s->handshake_left++;
     }
-    redisAsyncCommand(ac, sync_handshake_done, "SCRIPT LOAD renew", "SCRIPT LOAD %s",
-                      SYNC_LUA_RENEW);
-    redisAsyncCommand(ac, sync_handshake_done, "SCRIPT LOAD heartbeat", "SCRIPT LOAD %s",
-                      SYNC_LUA_HB);
+    sync_cmd(ac, sync_handshake_done, "SCRIPT LOAD renew", "SCRIPT LOAD %s", SYNC_LUA_RENEW);
+    sync_cmd(ac, sync_handshake_done, "SCRIPT LOAD heartbeat", "SCRIPT LOAD %s", SYNC_LUA_HB);
 }
 
 /* ---- timers ---- */

@@ -56,6 +56,7 @@ struct limit_cell {
     uint32_t cap_req, cap_tok;  /* LIMIT_FALLBACK_SHARE: this host's share of the limits */
     uint32_t cap_par, need_tok; /* need_tok: largest request refused by the lease's tokens */
     _Atomic uint32_t hungry;    /* set by workers, cleared by the sync process */
+    int64_t fleet_req, fleet_tok, out_req, out_tok; /* for show cluster */
 } __attribute__((aligned(LIMIT_ALIGN)));
 
 struct limit_region {
@@ -899,6 +900,10 @@ static void lease_copy(const struct limit_cell *c, struct limit_lease *out)
     out->used_tok = c->used_tok;
     out->parallel = (uint32_t)c->parallel;
     out->need_tok = c->need_tok;
+    out->fleet_req = c->fleet_req;
+    out->fleet_tok = c->fleet_tok;
+    out->out_req = c->out_req;
+    out->out_tok = c->out_tok;
 }
 
 int limit_lease_take(struct limit_region *r, uint32_t id, int64_t keep_req, int64_t keep_tok,
@@ -922,8 +927,7 @@ int limit_lease_take(struct limit_region *r, uint32_t id, int64_t keep_req, int6
     return 0;
 }
 
-int limit_lease_grant(struct limit_region *r, uint32_t id, int64_t add_req, int64_t add_tok,
-                      uint32_t par, uint64_t until_ms, int64_t low_req, int64_t low_tok)
+int limit_lease_grant(struct limit_region *r, uint32_t id, const struct limit_grant *g)
 {
     struct limit_cell *c;
 
@@ -932,12 +936,16 @@ int limit_lease_grant(struct limit_region *r, uint32_t id, int64_t add_req, int6
     c = cell(r, id);
     if (cell_lock_master(r, id) < 0)
         return -EBUSY;
-    c->lease_req += add_req;
-    c->lease_tok += add_tok;
-    c->lease_par = par;
-    c->lease_until_ms = until_ms;
-    c->low_req = low_req;
-    c->low_tok = low_tok;
+    c->lease_req += g->add_req;
+    c->lease_tok += g->add_tok;
+    c->lease_par = g->par;
+    c->lease_until_ms = g->until_ms;
+    c->low_req = g->low_req;
+    c->low_tok = g->low_tok;
+    c->fleet_req = g->fleet_req;
+    c->fleet_tok = g->fleet_tok;
+    c->out_req = g->out_req;
+    c->out_tok = g->out_tok;
     c->lease_fb = LIMIT_FALLBACK_NONE;
     cell_unlock(r, id);
     return 0;

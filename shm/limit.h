@@ -105,6 +105,10 @@ struct limit_lease {
     int64_t used_req;  /* admitted since the last limit_lease_take */
     int64_t used_tok;  /* tokens since the last take (settle corrections included) */
     uint32_t parallel; /* in flight on this host now (read only) */
+    /* the fleet at the last renewal: what Redis counts in the window (used and leased), and the
+     * leases granted within lease_ttl (what hosts may still admit unseen: the bound of how many
+     * fewer than the limit the fleet may admit) */
+    int64_t fleet_req, fleet_tok, out_req, out_tok;
     uint32_t need_tok; /* largest request the lease's tokens refused since the last take */
 };
 
@@ -225,10 +229,16 @@ int limit_leased(const struct limit_region *r, uint32_t id);
  * returns the rest to the fleet. 0, -EINVAL, -EBUSY. */
 int limit_lease_take(struct limit_region *r, uint32_t id, int64_t keep_req, int64_t keep_tok,
                      struct limit_lease *out);
-/* Adds a grant to the lease: req and tok added, par set, valid until until_ms; an admission
- * that leaves less than low_req requests or low_tok tokens raises the hungry flag. */
-int limit_lease_grant(struct limit_region *r, uint32_t id, int64_t add_req, int64_t add_tok,
-                      uint32_t par, uint64_t until_ms, int64_t low_req, int64_t low_tok);
+/* A renewal's answer, for limit_lease_grant. */
+struct limit_grant {
+    int64_t add_req, add_tok; /* granted: added to the lease */
+    uint32_t par;             /* parallel slots the host may hold from now */
+    uint64_t until_ms;        /* the lease is valid until then (CLOCK_MONOTONIC) */
+    int64_t low_req, low_tok; /* an admission leaving less raises the hungry flag */
+    int64_t fleet_req, fleet_tok, out_req, out_tok; /* see struct limit_lease */
+};
+/* Adds a grant to the lease and ends a fallback. 0, -EINVAL, -EBUSY. */
+int limit_lease_grant(struct limit_region *r, uint32_t id, const struct limit_grant *g);
 /* Sets the fallback mode (LIMIT_FALLBACK_SHARE: with the caps of this host's window). */
 int limit_lease_fallback(struct limit_region *r, uint32_t id, enum limit_fallback f,
                          uint32_t cap_req, uint32_t cap_tok, uint32_t cap_par);

@@ -82,6 +82,14 @@ def _spread(gws, n, threads=8):
         return list(ex.map(one, range(n)))
 
 
+def _limiter(gw, name="k"):
+    c = gw.ctl_json("show", "cluster", "--json")
+    for lim in c["limiters"]:
+        if lim["kind"] == "key" and lim["name"] == name:
+            return lim
+    raise AssertionError(f"key {name} not in show cluster: {c}")
+
+
 def test_sync_process_supervised(env):
     redis = Redis(env)
     _, (gw,) = _fleet(env, redis, n=1, lim={"rpm": 50})
@@ -106,6 +114,7 @@ def test_no_cluster_no_sync(env):
     gw = env.gateway([m], workers=1)
     check(not [p for p in gw.procs() if p.get("role") == "sync"], "a sync process without "
           "[cluster]")
+    check(gw.ctl_json("show", "cluster", "--json") == {"enabled": False}, "show cluster is on")
 
 
 def test_auth_and_db(env):
@@ -148,6 +157,18 @@ def test_rpm_shared_by_the_fleet(env):
     check(all(st == 429 for _, st in got), f"after the fleet's rpm: {got}")
     r = chat(gws[0].port, headers=AUTH)
     check(r.status == 429 and r.header("retry-after") == "1", f"429 of a spent lease: {r!r}")
+    # show cluster: both hosts alive, and Redis counts the whole rpm in the window
+    for g in gws:
+        wait_for(lambda g=g: _limiter(g)["fleet"]["requests"] == N, 5,
+                 f"show cluster of {g.name} to count {N} requests in the fleet")
+        c = g.ctl_json("show", "cluster", "--json")
+        check(c["state"] == "connected" and c["nodes_alive"] == 2 and c["node"] == g.name.replace(
+            "gw", "host"), f"show cluster: {c}")
+        lim = _limiter(g)
+        check(lim["rpm"] == N and lim["mode"] == "lease" and lim["lease"]["requests"] >= 0
+              and 0 <= lim["bound"]["requests"] <= N, f"show cluster limiter: {lim}")
+    text = gws[0].ctl("show", "cluster").stdout
+    check("state connected" in text and "key k" in text, f"show cluster: {text!r}")
 
 
 def test_redis_killed_under_load(env):
@@ -169,11 +190,17 @@ def test_redis_killed_under_load(env):
         for g in gws:
             wait_for(lambda g=g: "fall back to local_share" in g.proc.log_text(), 5,
                      f"{g.name} to log the fallback")
+            c = g.ctl_json("show", "cluster", "--json")
+            check(c["state"] == "fallback" and _limiter(g)["mode"] == "local_share",
+                  f"show cluster during the outage: {c}")
         time.sleep(1.5)
         redis.start()
         for g in gws:
             wait_for(lambda g=g: "is back" in g.proc.log_text(), 10,
                      f"{g.name} to log Redis back")
+            wait_for(lambda g=g: _limiter(g)["mode"] == "lease", 5, f"{g.name} to lease again")
+            check(g.ctl_json("show", "cluster", "--json")["state"] == "connected",
+                  "show cluster after Redis came back")
         for f in futs:
             statuses += f.result()
     bad = [s for s in statuses if s != 200]

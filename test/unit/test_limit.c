@@ -694,6 +694,19 @@ static void test_region_args(void **state)
     }
 }
 
+static int lease_grant1(struct limit_region *r, int64_t req, int64_t tok, uint32_t par,
+                        uint64_t until, int64_t low_req, int64_t low_tok)
+{
+    struct limit_grant g = {.add_req = req,
+                            .add_tok = tok,
+                            .par = par,
+                            .until_ms = until,
+                            .low_req = low_req,
+                            .low_tok = low_tok};
+
+    return limit_lease_grant(r, 0, &g);
+}
+
 /* [cluster]: a leased limiter admits only what its lease holds, until the lease ends, counts what
  * was used for the next renewal, raises hungry when low or refused, and its fallbacks. */
 static void test_lease(void **state)
@@ -713,7 +726,7 @@ static void test_lease(void **state)
     assert_int_equal(limit_lease_hungry(r, 0), 0);
 
     /* 3 requests and 100 tokens, until t = 5 s; low-water 2 requests */
-    assert_int_equal(limit_lease_grant(r, 0, 3, 100, 0, 5000, 2, 0), 0);
+    assert_int_equal(lease_grant1(r, 3, 100, 0, 5000, 2, 0), 0);
     assert_int_equal(admit1(r, 1000, 40, 0, &t, &v), 0);
     assert_int_equal(limit_lease_hungry(r, 0), 0);    /* 2 left: not below the low-water */
     limit_settle(r, &t, 1100, WALL_MAR15_23H, 50, 0); /* 10 more than reserved: a debt */
@@ -738,7 +751,7 @@ static void test_lease(void **state)
     assert_int_equal(v.dim, LIMIT_REQUESTS);
 
     /* a lease past its end is not used */
-    assert_int_equal(limit_lease_grant(r, 0, 10, 1000, 0, 5000, 0, 0), 0);
+    assert_int_equal(lease_grant1(r, 10, 1000, 0, 5000, 0, 0), 0);
     assert_int_equal(admit1(r, 4999, 5, 0, NULL, &v), 0);
     assert_int_equal(admit1(r, 5000, 5, 0, NULL, &v), -EAGAIN);
     /* cut to what is kept, then given back whole: the used counts reported once */
@@ -771,7 +784,7 @@ static void test_lease(void **state)
     assert_int_equal(l.used_req, 3);
     assert_int_equal(l.fallback, LIMIT_FALLBACK_CLOSED);
     /* a grant ends the fallback */
-    assert_int_equal(limit_lease_grant(r, 0, 1, 100, 0, 9000, 0, 0), 0);
+    assert_int_equal(lease_grant1(r, 1, 100, 0, 9000, 0, 0), 0);
     assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), 0);
     region_free(r, size);
 
