@@ -12,7 +12,7 @@ import signal
 import subprocess
 import time
 
-from harness import Proc, chat, check, free_port, key_sha256, wait_for
+from harness import Proc, chat, check, free_port, key_sha256, request, wait_for
 
 KEY = "sk-aigw-cluster-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -55,8 +55,9 @@ class Redis:
         return r.stdout.strip()
 
 
-def _fleet(env, redis, n=2, lim=None, cluster=None, workers=2, mock=None):
-    """n gateways sharing one mock upstream and redis; they are returned once connected."""
+def _fleet(env, redis, n=2, lim=None, cluster=None, workers=2, mock=None, stats=False):
+    """n gateways sharing one mock upstream and redis; they are returned once connected. stats:
+    each has a [stats] listener on g.stats_port."""
     m = mock or env.mock("m1")
     key = {"key_sha256": key_sha256(KEY)}
     key.update({k: str(v) for k, v in (lim or {}).items()})
@@ -65,8 +66,13 @@ def _fleet(env, redis, n=2, lim=None, cluster=None, workers=2, mock=None):
         cl = {"redis": f"redis://127.0.0.1:{redis.port}/2", "node_name": f"host{i}",
               "sync_interval": "200ms", "lease_ttl": "2s"}
         cl.update(cluster or {})
+        sections = [("cluster", cl)]
+        sport = free_port()
+        if stats:
+            sections.append(("stats", {"bind": f"127.0.0.1:{sport}"}))
         gws.append(env.gateway([m], workers=workers, keys={"k": key}, name=f"gw{i}",
-                               sections=[("cluster", cl)]))
+                               sections=sections))
+        gws[-1].stats_port = sport
     for g in gws:
         wait_for(lambda g=g: "cluster: connected to Redis" in g.proc.log_text(), 10,
                  f"{g.name} to connect to Redis")
@@ -80,6 +86,12 @@ def _spread(gws, n, threads=8):
 
     with cf.ThreadPoolExecutor(max_workers=threads) as ex:
         return list(ex.map(one, range(n)))
+
+
+def _metrics(gw):
+    r = request(gw.stats_port, "GET", "/metrics")
+    check(r.status == 200, f"/metrics: {r!r}")
+    return r.body.decode()
 
 
 def _limiter(gw, name="k"):
@@ -173,7 +185,7 @@ def test_rpm_shared_by_the_fleet(env):
 
 def test_redis_killed_under_load(env):
     redis = Redis(env)
-    m, gws = _fleet(env, redis, n=2, lim={"rpm": 100000})
+    m, gws = _fleet(env, redis, n=2, lim={"rpm": 100000}, stats=True)
     stop = time.monotonic() + 6
     statuses = []
 
@@ -193,6 +205,11 @@ def test_redis_killed_under_load(env):
             c = g.ctl_json("show", "cluster", "--json")
             check(c["state"] == "fallback" and _limiter(g)["mode"] == "local_share",
                   f"show cluster during the outage: {c}")
+            mt = _metrics(g)
+            check("aigw_cluster_redis_up 0" in mt
+                  and 'aigw_cluster_fallback{mode="local_share"} 1' in mt
+                  and 'aigw_cluster_fallback{mode="closed"} 0' in mt,
+                  f"/metrics during the outage: {[ln for ln in mt.splitlines() if 'cluster' in ln]}")
         time.sleep(1.5)
         redis.start()
         for g in gws:
@@ -201,6 +218,10 @@ def test_redis_killed_under_load(env):
             wait_for(lambda g=g: _limiter(g)["mode"] == "lease", 5, f"{g.name} to lease again")
             check(g.ctl_json("show", "cluster", "--json")["state"] == "connected",
                   "show cluster after Redis came back")
+            mt = _metrics(g)
+            check("aigw_cluster_redis_up 1" in mt
+                  and 'aigw_cluster_fallback{mode="local_share"} 0' in mt,
+                  f"/metrics after: {[ln for ln in mt.splitlines() if 'cluster' in ln]}")
         for f in futs:
             statuses += f.result()
     bad = [s for s in statuses if s != 200]
