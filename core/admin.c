@@ -491,7 +491,7 @@ static void show_cluster(struct abuf *b, const struct conf *conf, struct shm *sh
                     (unsigned long long)atomic_load(&f->rtt_us),
                     (unsigned long long)cl->sync_interval_ms, (unsigned long long)cl->lease_ttl_ms);
         abuf_printf(b, "%-24s  %-11s  %9s  %9s  %6s  %9s  %21s  %21s  %s\n", "LIMITER", "MODE",
-                    "RPM", "TPM", "PAR", "LEFT_MS", "LEASE_REQ/TOK/PAR", "FLEET_REQ/TOK",
+                    "RPM", "TPM", "PAR", "LEFT_MS", "LEASE_REQ/TOK/PAR", "FLEET_REQ/TOK/PAR",
                     "BOUND_REQ/TOK");
     }
     for (uint32_t id = 0; id < n; id++) {
@@ -513,25 +513,26 @@ static void show_cluster(struct abuf *b, const struct conf *conf, struct shm *sh
         if (json) {
             abuf_printf(b, "%s\n  {\"kind\":\"%s\",\"name\":", first ? "" : ",", kind);
             abuf_json_str(b, name);
-            abuf_printf(b,
-                        ",\"mode\":\"%s\",\"busy\":%s,\"rpm\":%u,\"tpm\":%u,\"max_parallel\":%u,"
-                        "\"lease\":{\"requests\":%lld,\"tokens\":%lld,\"parallel\":%u,"
-                        "\"left_ms\":%llu},\"used_since_renewal\":{\"requests\":%lld,"
-                        "\"tokens\":%lld},\"window\":{\"requests\":%u,\"tokens\":%llu},"
-                        "\"in_flight\":%u,\"fleet\":{\"requests\":%lld,\"tokens\":%lld},"
-                        "\"bound\":{\"requests\":%lld,\"tokens\":%lld}}",
-                        lease_modes[le.fallback], busy ? "true" : "false", li.spec.rpm, li.spec.tpm,
-                        li.spec.max_parallel, (long long)le.req, (long long)le.tok, le.par,
-                        (unsigned long long)left, (long long)le.used_req, (long long)le.used_tok,
-                        li.requests, (unsigned long long)li.tokens, le.parallel,
-                        (long long)le.fleet_req, (long long)le.fleet_tok, (long long)le.out_req,
-                        (long long)le.out_tok);
+            abuf_printf(
+                b,
+                ",\"mode\":\"%s\",\"busy\":%s,\"rpm\":%u,\"tpm\":%u,\"max_parallel\":%u,"
+                "\"lease\":{\"requests\":%lld,\"tokens\":%lld,\"parallel\":%u,"
+                "\"left_ms\":%llu},\"used_since_renewal\":{\"requests\":%lld,"
+                "\"tokens\":%lld},\"window\":{\"requests\":%u,\"tokens\":%llu},"
+                "\"in_flight\":%u,\"fleet\":{\"requests\":%lld,\"tokens\":%lld,\"parallel\":%lld},"
+                "\"bound\":{\"requests\":%lld,\"tokens\":%lld}}",
+                lease_modes[le.fallback], busy ? "true" : "false", li.spec.rpm, li.spec.tpm,
+                li.spec.max_parallel, (long long)le.req, (long long)le.tok, le.par,
+                (unsigned long long)left, (long long)le.used_req, (long long)le.used_tok,
+                li.requests, (unsigned long long)li.tokens, le.parallel, (long long)le.fleet_req,
+                (long long)le.fleet_tok, (long long)le.fleet_par, (long long)le.out_req,
+                (long long)le.out_tok);
         } else {
             snprintf(who, sizeof(who), "%s %s", kind, name);
             snprintf(lease, sizeof(lease), "%lld/%lld/%u", (long long)le.req, (long long)le.tok,
                      le.par);
-            snprintf(fleet, sizeof(fleet), "%lld/%lld", (long long)le.fleet_req,
-                     (long long)le.fleet_tok);
+            snprintf(fleet, sizeof(fleet), "%lld/%lld/%lld", (long long)le.fleet_req,
+                     (long long)le.fleet_tok, (long long)le.fleet_par);
             snprintf(bound, sizeof(bound), "%lld/%lld", (long long)le.out_req,
                      (long long)le.out_tok);
             abuf_printf(b, "%-24s  %-11s  %9u  %9u  %6u  %9llu  %21s  %21s  %s%s\n", who,

@@ -27,13 +27,17 @@
 #define SYNC_ID_MAX      (CONF_NAME_MAX + 48)
 
 /* RENEW. KEYS: the window (ZSET lease id -> grant time), the lease request and token counts
- * (HASHes). ARGV: old lease id ("-" none), its final used requests and tokens, what carries into
- * the new lease (requests, tokens), wanted requests and tokens, rpm, tpm (0: none), horizon
- * (60 s + lease_ttl), new lease id, lease_ttl. The old lease's counts become what it used (the rest
+ * (HASHes), the parallel slots (HASH node -> slots) and their expiry (ZSET node -> until). ARGV:
+ * old lease id ("-" none), its final used requests and tokens, what carries into the new lease
+ * (requests, tokens), wanted requests and tokens, rpm, tpm (0: none), horizon (60 s + lease_ttl),
+ * new lease id, lease_ttl, wanted slots (-1: no max_parallel), max_parallel, this process's node
+ * id. Slots: another node's count until it expires; this node's becomes what it wants as far as
+ * the others leave room, valid lease_ttl. The old lease's counts become what it used (the rest
  * is free at once); when it is gone its use is counted with the new lease (later: the strict side).
  * Leases older than the horizon leave; the grant is what the limit leaves of the rest. Returns
  * {granted requests, granted tokens, fleet requests, fleet tokens (the sums after it), requests
- * and tokens of the leases granted within lease_ttl (what may still be admitted unseen)}. */
+ * and tokens of the leases granted within lease_ttl (what may still be admitted unseen), slots
+ * granted, slots held in the fleet}. */
 static const char SYNC_LUA_RENEW[] =
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
@@ -83,7 +87,29 @@ static const char SYNC_LUA_RENEW[] =
     "  orr = orr + (tonumber(redis.call('HGET', KEYS[2], open[i])) or 0)\n"
     "  ort = ort + (tonumber(redis.call('HGET', KEYS[3], open[i])) or 0)\n"
     "end\n"
-    "return {gr, gt, sr + nr, st + nt, orr, ort}\n";
+    "local gp, sp, wp = 0, 0, tonumber(ARGV[13])\n"
+    "if wp >= 0 then\n"
+    "  local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)\n"
+    "  for i = 1, #gone do\n"
+    "    redis.call('ZREM', KEYS[5], gone[i])\n"
+    "    redis.call('HDEL', KEYS[4], gone[i])\n"
+    "  end\n"
+    "  local all = redis.call('HGETALL', KEYS[4])\n"
+    "  for i = 1, #all, 2 do\n"
+    "    if all[i] ~= ARGV[15] then sp = sp + tonumber(all[i + 1]) end\n"
+    "  end\n"
+    "  gp = math.max(0, math.min(wp, tonumber(ARGV[14]) - sp))\n"
+    "  if gp > 0 then\n"
+    "    redis.call('HSET', KEYS[4], ARGV[15], gp)\n"
+    "    redis.call('ZADD', KEYS[5], now + tonumber(ARGV[12]), ARGV[15])\n"
+    "  else\n"
+    "    redis.call('HDEL', KEYS[4], ARGV[15])\n"
+    "    redis.call('ZREM', KEYS[5], ARGV[15])\n"
+    "  end\n"
+    "  sp = sp + gp\n"
+    "  for i = 4, 5 do redis.call('PEXPIRE', KEYS[i], 2 * horizon) end\n"
+    "end\n"
+    "return {gr, gt, sr + nr, st + nt, orr, ort, gp, sp}\n";
 
 /* HEARTBEAT. KEYS: the nodes (ZSET node -> last seen). ARGV: node, alive_ms. Returns the number
  * of nodes seen within alive_ms (this one included). */
@@ -108,8 +134,9 @@ struct sync_lim {
     const char *kind, *name;
     uint32_t rpm, tpm, par;
     char k_win[SYNC_KEY_MAX], k_req[SYNC_KEY_MAX], k_tok[SYNC_KEY_MAX];
-    char lease_id[SYNC_ID_MAX]; /* the open lease in Redis, "-" when none */
-    char new_id[SYNC_ID_MAX];   /* of the RENEW in flight */
+    char k_par[SYNC_KEY_MAX], k_parx[SYNC_KEY_MAX]; /* slots per node, and their expiry */
+    char lease_id[SYNC_ID_MAX];                     /* the open lease in Redis, "-" when none */
+    char new_id[SYNC_ID_MAX];                       /* of the RENEW in flight */
     uint64_t seq;
     int busy;          /* a RENEW in flight */
     uint64_t sent_ms;  /* monotonic, of the RENEW in flight */
@@ -307,7 +334,7 @@ static void sync_fallback_enter(struct sync *s, const char *why)
         uint32_t cr = l->rpm / nodes, ct = l->tpm / nodes, cp = l->par / nodes;
 
         /* what was used under the open lease is reported to it when Redis is back */
-        if (limit_lease_take(s->lr, l->id, INT64_MAX, INT64_MAX, &le) == 0) {
+        if (limit_lease_take(s->lr, l->id, INT64_MAX, INT64_MAX, UINT32_MAX, &le) == 0) {
             l->unrep_req += le.used_req;
             l->unrep_tok += le.used_tok;
         }
@@ -348,10 +375,10 @@ static void sync_renew_done(redisAsyncContext *ac, void *r, void *priv)
     redisReply *rep = r;
     uint64_t now = time_mono_ms();
     struct limit_grant gr;
-    int64_t g[6];
+    int64_t g[8];
 
     l->busy = 0;
-    if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 6) {
+    if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 8) {
         if (rep && rep->type == REDIS_REPLY_ERROR) {
             log_warn("cluster: lease of %s %s: Redis: %.*s", l->kind, l->name, (int)rep->len,
                      rep->str);
@@ -361,7 +388,7 @@ static void sync_renew_done(redisAsyncContext *ac, void *r, void *priv)
         atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
         return; /* what was not reported is kept for the next renewal */
     }
-    for (int i = 0; i < 6; i++)
+    for (int i = 0; i < 8; i++)
         g[i] = rep->element[i]->type == REDIS_REPLY_INTEGER ? rep->element[i]->integer : 0;
     l->unrep_req = l->unrep_tok = 0;
     l->extra_req = l->extra_tok = 0;
@@ -377,14 +404,15 @@ static void sync_renew_done(redisAsyncContext *ac, void *r, void *priv)
     /* valid from when it was asked for: the grant happened after that, in any clock */
     gr = (struct limit_grant){.add_req = g[0],
                               .add_tok = g[1],
-                              .par = l->par,
+                              .par = (uint32_t)g[6],
                               .until_ms = l->sent_ms + s->conf->cluster.lease_ttl_ms,
                               .low_req = l->rpm ? (g[0] + 3) / 4 : 0,
                               .low_tok = l->tpm ? (g[1] + 3) / 4 : 0,
                               .fleet_req = g[2],
                               .fleet_tok = g[3],
                               .out_req = g[4],
-                              .out_tok = g[5]};
+                              .out_tok = g[5],
+                              .fleet_par = g[7]};
     limit_lease_grant(s->lr, l->id, &gr);
     atomic_fetch_add_explicit(&s->fleet->renewals, 1, memory_order_relaxed);
     atomic_store_explicit(&s->fleet->rtt_us, (now - l->sent_ms) * 1000, memory_order_relaxed);
@@ -408,6 +436,7 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
     int64_t carry_req, carry_tok, want_req, want_tok, used_req, used_tok, keep_req, keep_tok;
     int64_t base_req = sync_base(l->rpm, s->nodes_alive),
             base_tok = sync_base(l->tpm, s->nodes_alive);
+    uint32_t base_par = (uint32_t)sync_base(l->par, s->nodes_alive), keep_par, want_par = 0;
     int idle;
 
     if (l->busy || s->state != SYNC_READY)
@@ -415,14 +444,19 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
     if (limit_lease_get(s->lr, l->id, &le) < 0)
         return;
     idle = !hungry && !l->in_fallback && le.used_req == 0 && le.used_tok == 0 && le.parallel == 0;
-    if (idle && le.req <= 0 && le.tok <= 0 && !l->unrep_req && !l->unrep_tok &&
+    if (idle && le.req <= 0 && le.tok <= 0 && le.par == 0 && !l->unrep_req && !l->unrep_tok &&
         !strcmp(l->lease_id, "-"))
         return; /* nothing held, nothing to report */
+    /* parallel slots: what is in flight and a base more (two when it ran out), a base when
+     * idle; cut here before Redis hears of it */
+    keep_par = l->in_fallback ? 0 : idle ? base_par : le.parallel + base_par * (hungry ? 2 : 1);
     /* back from a fallback: what is left of the old lease goes back whole */
     keep_req = l->in_fallback ? 0 : idle ? base_req : INT64_MAX;
     keep_tok = l->in_fallback ? 0 : idle ? base_tok : INT64_MAX;
-    if (limit_lease_take(s->lr, l->id, keep_req, keep_tok, &le) < 0)
+    if (limit_lease_take(s->lr, l->id, keep_req, keep_tok, keep_par, &le) < 0)
         return;
+    if (l->par)
+        want_par = keep_par > le.parallel ? keep_par : le.parallel;
     used_req = le.used_req;
     used_tok = le.used_tok;
     carry_req = le.req < keep_req ? le.req : keep_req;
@@ -452,13 +486,15 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
              (unsigned long long)++l->seq);
     l->sent_ms = time_mono_ms();
     if (sync_cmd(s->conn->ac, sync_renew_done, l,
-                 "EVALSHA %s 3 %s %s %s %s %lld %lld %lld %lld %lld %lld %u %u %llu %s %llu",
-                 s->sha_renew, l->k_win, l->k_req, l->k_tok, l->lease_id, (long long)l->unrep_req,
-                 (long long)l->unrep_tok, (long long)(carry_req + l->extra_req),
-                 (long long)(carry_tok + l->extra_tok), (long long)want_req, (long long)want_tok,
-                 l->rpm, l->tpm,
+                 "EVALSHA %s 5 %s %s %s %s %s %s %lld %lld %lld %lld %lld %lld %u %u %llu %s %llu "
+                 "%d %u %s:%d",
+                 s->sha_renew, l->k_win, l->k_req, l->k_tok, l->k_par, l->k_parx, l->lease_id,
+                 (long long)l->unrep_req, (long long)l->unrep_tok,
+                 (long long)(carry_req + l->extra_req), (long long)(carry_tok + l->extra_tok),
+                 (long long)want_req, (long long)want_tok, l->rpm, l->tpm,
                  (unsigned long long)(SYNC_WINDOW_MS + s->conf->cluster.lease_ttl_ms), l->new_id,
-                 (unsigned long long)s->conf->cluster.lease_ttl_ms) != REDIS_OK) {
+                 (unsigned long long)s->conf->cluster.lease_ttl_ms, l->par ? (int)want_par : -1,
+                 l->par, s->conf->cluster.node_name, (int)getpid()) != REDIS_OK) {
         atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
         return;
     }
@@ -704,11 +740,13 @@ static int sync_setup(struct sync *s)
         }
         l->rpm = lim->rpm;
         l->tpm = lim->tpm;
-        l->par = lim->max_parallel; /* not shared through the fleet yet: each host's own */
+        l->par = lim->max_parallel;
         /* {kind:name}: one hash slot, so the script's keys may live in a Redis Cluster too */
         snprintf(l->k_win, sizeof(l->k_win), "%s{%s:%s}:win", pfx, l->kind, l->name);
         snprintf(l->k_req, sizeof(l->k_req), "%s{%s:%s}:req", pfx, l->kind, l->name);
         snprintf(l->k_tok, sizeof(l->k_tok), "%s{%s:%s}:tok", pfx, l->kind, l->name);
+        snprintf(l->k_par, sizeof(l->k_par), "%s{%s:%s}:par", pfx, l->kind, l->name);
+        snprintf(l->k_parx, sizeof(l->k_parx), "%s{%s:%s}:parx", pfx, l->kind, l->name);
         snprintf(l->lease_id, sizeof(l->lease_id), "-");
     }
     snprintf(s->k_nodes, sizeof(s->k_nodes), "%snodes", pfx);

@@ -56,7 +56,7 @@ struct limit_cell {
     uint32_t cap_req, cap_tok;  /* LIMIT_FALLBACK_SHARE: this host's share of the limits */
     uint32_t cap_par, need_tok; /* need_tok: largest request refused by the lease's tokens */
     _Atomic uint32_t hungry;    /* set by workers, cleared by the sync process */
-    int64_t fleet_req, fleet_tok, out_req, out_tok; /* for show cluster */
+    int64_t fleet_req, fleet_tok, out_req, out_tok, fleet_par; /* for show cluster */
 } __attribute__((aligned(LIMIT_ALIGN)));
 
 struct limit_region {
@@ -904,10 +904,11 @@ static void lease_copy(const struct limit_cell *c, struct limit_lease *out)
     out->fleet_tok = c->fleet_tok;
     out->out_req = c->out_req;
     out->out_tok = c->out_tok;
+    out->fleet_par = c->fleet_par;
 }
 
 int limit_lease_take(struct limit_region *r, uint32_t id, int64_t keep_req, int64_t keep_tok,
-                     struct limit_lease *out)
+                     uint32_t keep_par, struct limit_lease *out)
 {
     struct limit_cell *c;
 
@@ -923,6 +924,10 @@ int limit_lease_take(struct limit_region *r, uint32_t id, int64_t keep_req, int6
         c->lease_req = keep_req;
     if (c->lease_tok > keep_tok)
         c->lease_tok = keep_tok;
+    if (keep_par < c->parallel)
+        keep_par = (uint32_t)c->parallel;
+    if (c->lease_par > keep_par)
+        c->lease_par = keep_par;
     cell_unlock(r, id);
     return 0;
 }
@@ -946,6 +951,7 @@ int limit_lease_grant(struct limit_region *r, uint32_t id, const struct limit_gr
     c->fleet_tok = g->fleet_tok;
     c->out_req = g->out_req;
     c->out_tok = g->out_tok;
+    c->fleet_par = g->fleet_par;
     c->lease_fb = LIMIT_FALLBACK_NONE;
     cell_unlock(r, id);
     return 0;

@@ -9,10 +9,12 @@ import concurrent.futures as cf
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
-from harness import Proc, chat, check, free_port, key_sha256, request, wait_for
+from harness import (Proc, build_request, chat, chat_body, check, free_port, key_sha256, request,
+                     wait_for)
 
 KEY = "sk-aigw-cluster-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -231,3 +233,72 @@ def test_redis_killed_under_load(env):
         text = g.proc.log_text()
         check(text.count("fall back to local_share") == 1, f"{g.name}: fallback logged "
               f"{text.count('fall back to local_share')} times")
+
+
+def _hold(gw, n, delay):
+    """n requests sent to gw and left in flight (the mock answers after `delay`); their sockets."""
+    socks = []
+    body = chat_body()
+    h = dict(AUTH)
+    h.update({"x-mock-delay": delay, "Content-Type": "application/json"})
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=20)
+        s.sendall(build_request("POST", "/v1/chat/completions", headers=h, body=body))
+        socks.append(s)
+    return socks
+
+
+def test_max_parallel_shared_by_the_fleet(env):
+    P = 4
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"max_parallel": P})
+    slow = dict(AUTH)
+    slow["x-mock-delay"] = "1200ms"
+
+    def one(i):
+        return chat(gws[i % 2].port, headers=slow, timeout=15).status
+
+    # waves of 12 slow requests at once over both hosts: never more than P at the upstream,
+    # and the hosts top their slots up from each other as they finish
+    ok = 0
+    for _ in range(3):
+        with cf.ThreadPoolExecutor(max_workers=12) as ex:
+            got = list(ex.map(one, range(12)))
+        check(set(got) <= {200, 429}, f"statuses {got}")
+        ok += got.count(200)
+        time.sleep(0.4)
+    check(m.stats()["in_flight_max"] <= P,
+          f"the upstream saw {m.stats()['in_flight_max']} > max_parallel {P} at once")
+    check(ok >= P, f"only {ok} admitted in 3 waves")
+    # what the fleet holds never passes P
+    for g in gws:
+        lim = _limiter(g)
+        check(lim["fleet"]["parallel"] <= P, f"show cluster: {lim}")
+
+
+def test_killed_host_slots_free_after_lease_ttl(env):
+    P = 2
+    redis = Redis(env)
+    m, (a, b) = _fleet(env, redis, n=2, lim={"max_parallel": P},
+                       cluster={"lease_ttl": "1s", "sync_interval": "100ms"})
+    # host a holds both slots with requests in flight, then dies without a word
+    # (a starts with a base chunk of slots and tops up when one is refused: hold until it has 2)
+    held = []
+
+    def a_holds_two():
+        if m.stats()["in_flight"] >= 2:
+            return True
+        held.extend(_hold(a, 1, "20s"))
+        return False
+
+    wait_for(a_holds_two, 8, "2 requests of host a at the upstream", interval=0.3)
+    check(chat(b.port, headers=AUTH).status == 429, "host b got a slot host a holds")
+    a.proc.kill_group()
+    for s in held:
+        s.close()
+    t0 = time.monotonic()
+    # its slots come back after lease_ttl (1 s) and b's next top-up
+    wait_for(lambda: chat(b.port, headers=AUTH).status == 200, 5,
+             "host b to get the dead host's slots")
+    took = time.monotonic() - t0
+    check(took >= 0.5, f"the dead host's slots came back after {took:.2f} s, before lease_ttl")
