@@ -302,3 +302,60 @@ def test_killed_host_slots_free_after_lease_ttl(env):
              "host b to get the dead host's slots")
     took = time.monotonic() - t0
     check(took >= 0.5, f"the dead host's slots came back after {took:.2f} s, before lease_ttl")
+
+
+def test_tpm_shared_by_the_fleet(env):
+    body = chat_body("Tell me a long story. " * 20, max_tokens=1000)
+    reserve = -(-len(body) // 3) + 1000
+    T = 6 * reserve + reserve // 2  # 6 reservations fit in the fleet
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"tpm": T})
+    slow = dict(AUTH)
+    slow["x-mock-delay"] = "4s"
+
+    def one(i):
+        return chat(gws[i % 2].port, body=body, headers=slow, timeout=20).status
+
+    # waves of 8 at once while nothing settles (the upstream answers after 4 s): the hosts top
+    # their token leases up from the fleet, and together never hold more than T reserved
+    with cf.ThreadPoolExecutor(max_workers=48) as ex:
+        futs = []
+        for _ in range(6):
+            futs += [ex.submit(one, i) for i in range(8)]
+            time.sleep(0.3)
+        got = [f.result() for f in futs]
+    ok = got.count(200)
+    check(set(got) <= {200, 429}, f"statuses {sorted(set(got))}")
+    check(m.stats()["in_flight_max"] <= 6, f"{m.stats()['in_flight_max']} reservations of "
+          f"{reserve} at once at the upstream under tpm {T}")
+    # at most one reservation's worth may sit unusable in each host's lease (the bound)
+    check(6 - len(gws) <= ok <= 6, f"the fleet admitted {ok} reservations of {reserve} under "
+          f"tpm {T}")
+
+
+def test_fallback_closed(env):
+    redis = Redis(env)
+    m, (c,) = _fleet(env, redis, n=1, lim={"rpm": 1000}, cluster={"cluster_fallback": "closed"})
+    check(chat(c.port, headers=AUTH).status == 200, "before the outage")
+    redis.kill()
+    wait_for(lambda: "fall back to closed" in c.proc.log_text(), 5, "the closed fallback")
+    r = chat(c.port, headers=AUTH)
+    check(r.status == 429, f"closed fallback: {r!r}")
+    err = r.json()["error"]
+    check("cannot be checked" in err["message"] and err["code"] == "rate_limit_exceeded",
+          f"closed fallback's error: {err}")
+    check(r.header("retry-after") is not None, f"no Retry-After: {r.headers}")
+    check(_limiter(c)["mode"] == "closed", f"show cluster: {_limiter(c)}")
+    redis.start()
+    wait_for(lambda: chat(c.port, headers=AUTH).status == 200, 10,
+             "requests admitted again once Redis is back")
+
+
+def test_fallback_open(env):
+    redis = Redis(env)
+    m, (g,) = _fleet(env, redis, n=1, lim={"rpm": 5}, cluster={"cluster_fallback": "open"})
+    redis.kill()
+    wait_for(lambda: "fall back to open" in g.proc.log_text(), 5, "the open fallback")
+    # open: this host's own limiter still applies the full rpm
+    got = [chat(g.port, headers=AUTH).status for _ in range(8)]
+    check(got.count(200) == 5, f"open fallback with rpm 5 on one host: {got}")
