@@ -26,23 +26,28 @@
 #define SYNC_KEY_MAX     (CONF_NAME_MAX * 2 + 32)
 #define SYNC_ID_MAX      (CONF_NAME_MAX + 48)
 
-/* RENEW. KEYS: the window (ZSET lease id -> grant time), the lease request and token counts
- * (HASHes), the parallel slots (HASH node -> slots) and their expiry (ZSET node -> until). ARGV:
- * old lease id ("-" none), its final used requests and tokens, what carries into the new lease
- * (requests, tokens), wanted requests and tokens, rpm, tpm (0: none), horizon (60 s + lease_ttl),
- * new lease id, lease_ttl, wanted slots (-1: no max_parallel), max_parallel, this process's node
- * id. Slots: another node's count until it expires; this node's becomes what it wants as far as
- * the others leave room, valid lease_ttl. The old lease's counts become what it used (the rest
- * is free at once); when it is gone its use is counted with the new lease (later: the strict side).
- * Leases older than the horizon leave; the grant is what the limit leaves of the rest. Returns
- * {granted requests, granted tokens, fleet requests, fleet tokens (the sums after it), requests
- * and tokens of the leases granted within lease_ttl (what may still be admitted unseen), slots
- * granted, slots held in the fleet}. */
+/* RENEW. KEYS: the window (ZSET record id -> time), the records' request and token counts
+ * (HASHes), the parallel slots (HASH node -> slots) and their expiry (ZSET node -> until).
+ * ARGV: 1 old lease id ("-" none), 2-3 what it used (requests, tokens), 4-5 the unused part of
+ * it this host keeps (carried into the new lease), 6-7 wanted requests and tokens, 8-9 rpm, tpm
+ * (0: none), 10 horizon (60 s + lease_ttl), 11 new lease id, 12 lease_ttl, 13 wanted slots (-1:
+ * no max_parallel), 14 max_parallel, 15 this process's node id, 16-17 this host's window less
+ * 18-19, 18-19 what was used while Redis was away.
+ * The old lease's record becomes what it used (the rest is free at once). When it is gone from
+ * Redis (Redis lost its data, or it expired), this host's own window is counted instead when it is
+ * more: no use of the last minute is forgotten. Uses that belong to no lease (while Redis was
+ * away, or that one) get a record of their own, timed now (the strict side). Records older than
+ * the horizon leave; the new lease holds the carried part and is granted what the limits leave
+ * of the rest. Slots: another node's count until it expires; this node's becomes what it wants
+ * as far as the others leave room, valid lease_ttl. Returns {granted requests, granted tokens,
+ * fleet requests, fleet tokens (the sums after it), requests and tokens of the records within
+ * lease_ttl (what may still be admitted unseen), slots granted, slots held in the fleet}. */
 static const char SYNC_LUA_RENEW[] =
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
     "local horizon = tonumber(ARGV[10])\n"
     "local cr, ct = tonumber(ARGV[4]), tonumber(ARGV[5])\n"
+    "local pr, pt = tonumber(ARGV[18]), tonumber(ARGV[19])\n"
     "if ARGV[1] ~= '-' then\n"
     "  if redis.call('ZSCORE', KEYS[1], ARGV[1]) then\n"
     "    if tonumber(ARGV[2]) == 0 and tonumber(ARGV[3]) == 0 then\n"
@@ -54,9 +59,14 @@ static const char SYNC_LUA_RENEW[] =
     "      redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])\n"
     "    end\n"
     "  else\n"
-    "    cr = cr + math.max(0, tonumber(ARGV[2]))\n"
-    "    ct = ct + math.max(0, tonumber(ARGV[3]))\n"
+    "    pr = pr + math.max(0, tonumber(ARGV[2]), tonumber(ARGV[16]))\n"
+    "    pt = pt + math.max(0, tonumber(ARGV[3]), tonumber(ARGV[17]))\n"
     "  end\n"
+    "end\n"
+    "if pr > 0 or pt > 0 then\n"
+    "  redis.call('ZADD', KEYS[1], now, ARGV[11] .. ':u')\n"
+    "  redis.call('HSET', KEYS[2], ARGV[11] .. ':u', pr)\n"
+    "  redis.call('HSET', KEYS[3], ARGV[11] .. ':u', pt)\n"
     "end\n"
     "local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - horizon)\n"
     "for i = 1, #dead do\n"
@@ -148,6 +158,8 @@ struct sync_lim {
     int64_t held_req, held_tok;           /* granted into shm and not yet reported used */
     int64_t fleet_req, fleet_tok;         /* the fleet's sums at the last renewal */
     int in_fallback;
+    int quiet;        /* nothing used nor refused since the renewal before */
+    int64_t need_max; /* the largest request the tokens refused lately (decays by 1/16 a renewal) */
 };
 
 struct sync {
@@ -334,7 +346,8 @@ static void sync_fallback_enter(struct sync *s, const char *why)
         uint32_t cr = l->rpm / nodes, ct = l->tpm / nodes, cp = l->par / nodes;
 
         /* what was used under the open lease is reported to it when Redis is back */
-        if (limit_lease_take(s->lr, l->id, INT64_MAX, INT64_MAX, UINT32_MAX, &le) == 0) {
+        if (limit_lease_take(s->lr, l->id, time_mono_ms(), INT64_MAX, INT64_MAX, UINT32_MAX, &le) ==
+            0) {
             l->unrep_req += le.used_req;
             l->unrep_tok += le.used_tok;
         }
@@ -427,6 +440,14 @@ static int64_t sync_base(uint32_t limit, uint32_t nodes)
     return limit ? (b > 0 ? b : 1) : 0;
 }
 
+/* What an idle host keeps of a lease: its base chunk, so that a sporadic request is not refused,
+ * when the limit is large enough for every host to keep one at no more than 1/8 of it; nothing
+ * otherwise (rpm 5 on 4 hosts: idle hosts would hold 4 of the 5). */
+static int64_t sync_idle_keep(uint32_t limit, uint32_t nodes, int64_t base)
+{
+    return (int64_t)limit >= 8 * (int64_t)(nodes ? nodes : 1) ? base : 0;
+}
+
 /* Reports what limiter l used and asks for its next chunk (hungry: it ran low). Every interval,
  * so that the lease is extended; idle for an interval, it keeps a base chunk at most (sporadic
  * requests are not refused) and returns the rest to the fleet. */
@@ -437,23 +458,40 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
     int64_t base_req = sync_base(l->rpm, s->nodes_alive),
             base_tok = sync_base(l->tpm, s->nodes_alive);
     uint32_t base_par = (uint32_t)sync_base(l->par, s->nodes_alive), keep_par, want_par = 0;
-    int idle;
+    int idle, quiet;
 
     if (l->busy || s->state != SYNC_READY)
         return;
     if (limit_lease_get(s->lr, l->id, &le) < 0)
         return;
-    idle = !hungry && !l->in_fallback && le.used_req == 0 && le.used_tok == 0 && le.parallel == 0;
+    /* idle: nothing used, in flight or refused (need_tok) for two renewals in a row, so that a
+     * top-up for traffic coming every little more than sync_interval is not given back before
+     * it is used */
+    quiet = !hungry && !l->in_fallback && le.used_req == 0 && le.used_tok == 0 &&
+            le.parallel == 0 && le.need_tok == 0;
+    idle = quiet && l->quiet;
+    l->quiet = quiet;
+    l->need_max -= l->need_max / 16;
+    if ((int64_t)le.need_tok > l->need_max)
+        l->need_max = le.need_tok;
+    if (base_tok && l->need_max > base_tok)
+        base_tok = l->need_max > (int64_t)l->tpm ? (int64_t)l->tpm : l->need_max;
     if (idle && le.req <= 0 && le.tok <= 0 && le.par == 0 && !l->unrep_req && !l->unrep_tok &&
         !strcmp(l->lease_id, "-"))
         return; /* nothing held, nothing to report */
     /* parallel slots: what is in flight and a base more (two when it ran out), a base when
      * idle; cut here before Redis hears of it */
-    keep_par = l->in_fallback ? 0 : idle ? base_par : le.parallel + base_par * (hungry ? 2 : 1);
+    keep_par = l->in_fallback ? 0
+               : idle         ? (uint32_t)sync_idle_keep(l->par, s->nodes_alive, base_par)
+                              : le.parallel + base_par * (hungry ? 2 : 1);
     /* back from a fallback: what is left of the old lease goes back whole */
-    keep_req = l->in_fallback ? 0 : idle ? base_req : INT64_MAX;
-    keep_tok = l->in_fallback ? 0 : idle ? base_tok : INT64_MAX;
-    if (limit_lease_take(s->lr, l->id, keep_req, keep_tok, keep_par, &le) < 0)
+    keep_req = l->in_fallback ? 0
+               : idle         ? sync_idle_keep(l->rpm, s->nodes_alive, base_req)
+                              : INT64_MAX;
+    keep_tok = l->in_fallback ? 0
+               : idle         ? sync_idle_keep(l->tpm, s->nodes_alive, base_tok)
+                              : INT64_MAX;
+    if (limit_lease_take(s->lr, l->id, time_mono_ms(), keep_req, keep_tok, keep_par, &le) < 0)
         return;
     if (l->par)
         want_par = keep_par > le.parallel ? keep_par : le.parallel;
@@ -477,9 +515,10 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
     want_req = idle ? 0
                     : sync_want(l->rpm, s->nodes_alive, l->recent_req[0] + l->recent_req[1],
                                 carry_req, 0, hungry || carry_req < 1);
-    want_tok = idle ? 0
-                    : sync_want(l->tpm, s->nodes_alive, l->recent_tok[0] + l->recent_tok[1],
-                                carry_tok, le.need_tok, hungry);
+    want_tok =
+        idle ? 0
+             : sync_want(l->tpm, s->nodes_alive, l->recent_tok[0] + l->recent_tok[1], carry_tok,
+                         (int64_t)le.need_tok > base_tok ? le.need_tok : base_tok, hungry);
     l->held_req = carry_req;
     l->held_tok = carry_tok;
     snprintf(l->new_id, sizeof(l->new_id), "%s:%d:%llu", s->conf->cluster.node_name, (int)getpid(),
@@ -487,14 +526,18 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
     l->sent_ms = time_mono_ms();
     if (sync_cmd(s->conn->ac, sync_renew_done, l,
                  "EVALSHA %s 5 %s %s %s %s %s %s %lld %lld %lld %lld %lld %lld %u %u %llu %s %llu "
-                 "%d %u %s:%d",
+                 "%d %u %s:%d %lld %lld %lld %lld",
                  s->sha_renew, l->k_win, l->k_req, l->k_tok, l->k_par, l->k_parx, l->lease_id,
-                 (long long)l->unrep_req, (long long)l->unrep_tok,
-                 (long long)(carry_req + l->extra_req), (long long)(carry_tok + l->extra_tok),
-                 (long long)want_req, (long long)want_tok, l->rpm, l->tpm,
+                 (long long)l->unrep_req, (long long)l->unrep_tok, (long long)carry_req,
+                 (long long)carry_tok, (long long)want_req, (long long)want_tok, l->rpm, l->tpm,
                  (unsigned long long)(SYNC_WINDOW_MS + s->conf->cluster.lease_ttl_ms), l->new_id,
                  (unsigned long long)s->conf->cluster.lease_ttl_ms, l->par ? (int)want_par : -1,
-                 l->par, s->conf->cluster.node_name, (int)getpid()) != REDIS_OK) {
+                 l->par, s->conf->cluster.node_name, (int)getpid(),
+                 (long long)((int64_t)le.win_req > l->extra_req ? (int64_t)le.win_req - l->extra_req
+                                                                : 0),
+                 (long long)((int64_t)le.win_tok > l->extra_tok ? (int64_t)le.win_tok - l->extra_tok
+                                                                : 0),
+                 (long long)l->extra_req, (long long)l->extra_tok) != REDIS_OK) {
         atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
         return;
     }
@@ -667,8 +710,9 @@ static void sync_fast(uv_timer_t *t)
         sync_connect(s);
         return;
     }
+    /* a renewal in flight: the flag waits for its answer (it is read when not busy only) */
     for (uint32_t i = 0; s->state == SYNC_READY && i < s->n_lims; i++)
-        if (limit_lease_hungry(s->lr, s->lims[i].id))
+        if (!s->lims[i].busy && limit_lease_hungry(s->lr, s->lims[i].id))
             sync_renew(s, &s->lims[i], 1);
 }
 
@@ -680,7 +724,8 @@ static void sync_tick(uv_timer_t *t)
         return;
     sync_heartbeat(s);
     for (uint32_t i = 0; i < s->n_lims; i++)
-        sync_renew(s, &s->lims[i], limit_lease_hungry(s->lr, s->lims[i].id));
+        if (!s->lims[i].busy)
+            sync_renew(s, &s->lims[i], limit_lease_hungry(s->lr, s->lims[i].id));
 }
 
 static void sync_close_walk(uv_handle_t *h, void *arg)

@@ -907,8 +907,8 @@ static void lease_copy(const struct limit_cell *c, struct limit_lease *out)
     out->fleet_par = c->fleet_par;
 }
 
-int limit_lease_take(struct limit_region *r, uint32_t id, int64_t keep_req, int64_t keep_tok,
-                     uint32_t keep_par, struct limit_lease *out)
+int limit_lease_take(struct limit_region *r, uint32_t id, uint64_t now_ms, int64_t keep_req,
+                     int64_t keep_tok, uint32_t keep_par, struct limit_lease *out)
 {
     struct limit_cell *c;
 
@@ -918,6 +918,10 @@ int limit_lease_take(struct limit_region *r, uint32_t id, int64_t keep_req, int6
     if (cell_lock_master(r, id) < 0)
         return -EBUSY;
     lease_copy(c, out);
+    if (c->cap)
+        cell_expire(r, c, now_ms);
+    out->win_req = c->sum_req;
+    out->win_tok = c->sum_tok;
     c->used_req = c->used_tok = 0;
     c->need_tok = 0;
     if (c->lease_req > keep_req)

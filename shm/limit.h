@@ -109,8 +109,9 @@ struct limit_lease {
      * leases granted within lease_ttl (what hosts may still admit unseen: the bound of how many
      * fewer than the limit the fleet may admit) */
     int64_t fleet_req, fleet_tok, out_req, out_tok;
-    int64_t fleet_par; /* parallel slots held by the fleet's hosts */
-    uint32_t need_tok; /* largest request the lease's tokens refused since the last take */
+    int64_t fleet_par;         /* parallel slots held by the fleet's hosts */
+    uint64_t win_req, win_tok; /* this host's window (limit_lease_take only) */
+    uint32_t need_tok;         /* largest request the lease's tokens refused since the last take */
 };
 
 /* While the fleet cannot be asked (Redis away): what a leased limiter admits against. */
@@ -229,9 +230,10 @@ int limit_leased(const struct limit_region *r, uint32_t id);
  * is cut to keep_req requests and keep_tok tokens (INT64_MAX: all kept; a debt stays), and the
  * parallel slots to max(keep_par, in flight): the caller returns the rest to the fleet (slots are
  * cut here first, so that none is used while Redis already lets another host have it). *out has
- * the lease before the cuts, and the slots in flight when they were made. 0, -EINVAL, -EBUSY. */
-int limit_lease_take(struct limit_region *r, uint32_t id, int64_t keep_req, int64_t keep_tok,
-                     uint32_t keep_par, struct limit_lease *out);
+ * the lease before the cuts, the slots in flight when they were made, and this host's window
+ * at now_ms (CLOCK_MONOTONIC). 0, -EINVAL, -EBUSY. */
+int limit_lease_take(struct limit_region *r, uint32_t id, uint64_t now_ms, int64_t keep_req,
+                     int64_t keep_tok, uint32_t keep_par, struct limit_lease *out);
 
 /* A renewal's answer, for limit_lease_grant. */
 struct limit_grant {
@@ -240,7 +242,9 @@ struct limit_grant {
     uint64_t until_ms;        /* the lease is valid until then (CLOCK_MONOTONIC) */
     int64_t low_req, low_tok; /* an admission leaving less raises the hungry flag */
     int64_t fleet_req, fleet_tok, out_req, out_tok;
-    int64_t fleet_par; /* parallel slots held by the fleet's hosts */ /* see struct limit_lease */
+    int64_t fleet_par; /* parallel slots held by the fleet's hosts */
+    uint64_t win_req, win_tok;
+        /* this host's window (limit_lease_take only) */ /* see struct limit_lease */
 };
 /* Adds a grant to the lease and ends a fallback. 0, -EINVAL, -EBUSY. */
 int limit_lease_grant(struct limit_region *r, uint32_t id, const struct limit_grant *g);

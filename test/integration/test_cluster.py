@@ -359,3 +359,30 @@ def test_fallback_open(env):
     # open: this host's own limiter still applies the full rpm
     got = [chat(g.port, headers=AUTH).status for _ in range(8)]
     check(got.count(200) == 5, f"open fallback with rpm 5 on one host: {got}")
+
+
+def test_usage_during_outage_counted_when_redis_is_back(env):
+    N = 40
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"rpm": N})
+    before = sum(1 for _, st in _spread(gws, 10) if st == 200)
+    check(before == 10, f"before the outage: {before} of 10")
+    redis.kill()  # its data goes with it: nothing saved
+    for g in gws:
+        wait_for(lambda g=g: "fall back to local_share" in g.proc.log_text(), 5, "the fallback")
+    during = sum(1 for _, st in _spread(gws, 10) if st == 200)
+    check(during == 10, f"during the outage (local_share, 20 a host): {during} of 10")
+    redis.start()
+    for g in gws:
+        wait_for(lambda g=g: _limiter(g)["mode"] == "lease", 10, f"{g.name} to lease again")
+    # the new Redis was told what both hosts admitted: 20 of the 40 are gone for this minute
+    wait_for(lambda: _limiter(gws[0])["fleet"]["requests"] >= 20, 5,
+             "the fleet's count to include what was used before and during the outage")
+    after = 0
+    for _ in range(6):
+        after += sum(1 for _, st in _spread(gws, 10) if st == 200)
+        time.sleep(0.3)
+    total = before + during + after
+    check(total <= N, f"{total} admitted in the minute under rpm {N} (after Redis came back: "
+          f"{after})")
+    check(total >= N - 4, f"only {total} of rpm {N} admitted")

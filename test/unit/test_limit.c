@@ -735,14 +735,16 @@ static void test_lease(void **state)
     assert_int_equal(admit1(r, 1300, 40, 0, NULL, &v), -EAGAIN); /* 100-50-40 = 10 tokens */
     assert_int_equal(v.dim, LIMIT_TOKENS);
     assert_int_equal(v.retry_ms, 200);
-    assert_int_equal(limit_lease_take(r, 0, INT64_MAX, INT64_MAX, UINT32_MAX, &l), 0);
+    assert_int_equal(limit_lease_take(r, 0, 0, INT64_MAX, INT64_MAX, UINT32_MAX, &l), 0);
     assert_int_equal(l.req, 1);
     assert_int_equal(l.tok, 10);
     assert_int_equal(l.used_req, 2);
     assert_int_equal(l.used_tok, 90);
     assert_int_equal(l.need_tok, 40);
+    assert_int_equal(l.win_req, 2);
+    assert_int_equal(l.win_tok, 90);
     /* the counts restart with each take; the rest of the lease stays */
-    assert_int_equal(limit_lease_take(r, 0, INT64_MAX, INT64_MAX, UINT32_MAX, &l), 0);
+    assert_int_equal(limit_lease_take(r, 0, 0, INT64_MAX, INT64_MAX, UINT32_MAX, &l), 0);
     assert_int_equal(l.used_req, 0);
     assert_int_equal(l.need_tok, 0);
     assert_int_equal(l.req, 1);
@@ -755,12 +757,12 @@ static void test_lease(void **state)
     assert_int_equal(admit1(r, 4999, 5, 0, NULL, &v), 0);
     assert_int_equal(admit1(r, 5000, 5, 0, NULL, &v), -EAGAIN);
     /* cut to what is kept, then given back whole: the used counts reported once */
-    assert_int_equal(limit_lease_take(r, 0, 8, 400, 0, &l), 0);
+    assert_int_equal(limit_lease_take(r, 0, 0, 8, 400, 0, &l), 0);
     assert_int_equal(l.req, 9);
     assert_int_equal(l.tok, 1000);
     assert_int_equal(l.used_req, 2);
     assert_int_equal(l.used_tok, 10);
-    assert_int_equal(limit_lease_take(r, 0, 0, 0, 0, &l), 0);
+    assert_int_equal(limit_lease_take(r, 0, 0, 0, 0, 0, &l), 0);
     assert_int_equal(l.req, 8);
     assert_int_equal(l.tok, 400);
     assert_int_equal(l.used_req, 0);
@@ -780,7 +782,7 @@ static void test_lease(void **state)
     assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), -EAGAIN);
     assert_int_equal(v.dim, LIMIT_FLEET);
     assert_int_equal(v.retry_ms, 200);
-    assert_int_equal(limit_lease_take(r, 0, 0, 0, 0, &l), 0);
+    assert_int_equal(limit_lease_take(r, 0, 0, 0, 0, 0, &l), 0);
     assert_int_equal(l.used_req, 3);
     assert_int_equal(l.fallback, LIMIT_FALLBACK_CLOSED);
     /* a grant ends the fallback */
@@ -800,13 +802,13 @@ static void test_lease(void **state)
         assert_int_equal(admit1(r, 1000, 0, 0, NULL, &v), -EAGAIN);
         assert_int_equal(v.dim, LIMIT_PARALLEL);
         assert_int_equal(v.retry_ms, 100);
-        assert_int_equal(limit_lease_take(r, 0, INT64_MAX, INT64_MAX, 0, &l), 0);
+        assert_int_equal(limit_lease_take(r, 0, 0, INT64_MAX, INT64_MAX, 0, &l), 0);
         assert_int_equal(l.par, 2);
         assert_int_equal(l.parallel, 2);
         assert_int_equal(limit_lease_get(r, 0, &l), 0);
         assert_int_equal(l.par, 2); /* not below what is in flight */
         limit_settle(r, &t2, 1100, WALL_MAR15_23H, 0, 0);
-        assert_int_equal(limit_lease_take(r, 0, INT64_MAX, INT64_MAX, 0, &l), 0);
+        assert_int_equal(limit_lease_take(r, 0, 0, INT64_MAX, INT64_MAX, 0, &l), 0);
         assert_int_equal(limit_lease_get(r, 0, &l), 0);
         assert_int_equal(l.par, 1);
         assert_int_equal(admit1(r, 1200, 0, 0, NULL, &v), -EAGAIN);
@@ -817,7 +819,7 @@ static void test_lease(void **state)
     /* not leased: the lease calls refuse, admissions are as without [cluster] */
     s = (struct limit_spec){.rpm = 100, .tpm = 10000};
     r = region_new(&s, 1, 1, &size);
-    assert_int_equal(limit_lease_take(r, 0, INT64_MAX, INT64_MAX, UINT32_MAX, &l), -EINVAL);
+    assert_int_equal(limit_lease_take(r, 0, 0, INT64_MAX, INT64_MAX, UINT32_MAX, &l), -EINVAL);
     assert_int_equal(admit1(r, 1000, 10, 0, NULL, &v), 0);
     assert_int_equal(limit_lease_hungry(r, 0), 0);
     region_free(r, size);
