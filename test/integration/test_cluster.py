@@ -386,3 +386,17 @@ def test_usage_during_outage_counted_when_redis_is_back(env):
     check(total <= N, f"{total} admitted in the minute under rpm {N} (after Redis came back: "
           f"{after})")
     check(total >= N - 4, f"only {total} of rpm {N} admitted")
+
+
+def test_reload_starts_a_new_sync(env):
+    redis = Redis(env)
+    m, (g,) = _fleet(env, redis, n=1, lim={"rpm": 1000})
+    old = [p["pid"] for p in g.procs() if p.get("role") == "sync"]
+    r = g.ctl("reload", timeout=40)
+    check(r.returncode == 0, f"reload: {r.stdout} {r.stderr}")
+    wait_for(lambda: g.proc.log_text().count("cluster: connected to Redis") >= 2, 10,
+             "the new generation's sync process to connect")
+    new = [p["pid"] for p in g.procs() if p.get("role") == "sync"]
+    check(len(new) == 1 and new != old, f"sync processes before {old}, after {new}")
+    got = [chat(g.port, headers=AUTH).status for _ in range(5)]
+    check(got == [200] * 5, f"after the reload: {got}")
