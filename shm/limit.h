@@ -241,10 +241,7 @@ struct limit_grant {
     uint32_t par;             /* parallel slots the host may hold from now */
     uint64_t until_ms;        /* the lease is valid until then (CLOCK_MONOTONIC) */
     int64_t low_req, low_tok; /* an admission leaving less raises the hungry flag */
-    int64_t fleet_req, fleet_tok, out_req, out_tok;
-    int64_t fleet_par; /* parallel slots held by the fleet's hosts */
-    uint64_t win_req, win_tok;
-        /* this host's window (limit_lease_take only) */ /* see struct limit_lease */
+    int64_t fleet_req, fleet_tok, out_req, out_tok, fleet_par; /* see struct limit_lease */
 };
 /* Adds a grant to the lease and ends a fallback. 0, -EINVAL, -EBUSY. */
 int limit_lease_grant(struct limit_region *r, uint32_t id, const struct limit_grant *g);
