@@ -520,13 +520,15 @@ static void show_cluster(struct abuf *b, const struct conf *conf, struct shm *sh
                 "\"left_ms\":%llu},\"used_since_renewal\":{\"requests\":%lld,"
                 "\"tokens\":%lld},\"window\":{\"requests\":%u,\"tokens\":%llu},"
                 "\"in_flight\":%u,\"fleet\":{\"requests\":%lld,\"tokens\":%lld,\"parallel\":%lld},"
-                "\"bound\":{\"requests\":%lld,\"tokens\":%lld}}",
+                "\"bound\":{\"requests\":%lld,\"tokens\":%lld},\"budget\":{\"lease_nano\":%lld,"
+                "\"used_nano\":%lld,\"reserved_nano\":%llu,\"fleet_spent_nano\":%lld}}",
                 lease_modes[le.fallback], busy ? "true" : "false", li.spec.rpm, li.spec.tpm,
                 li.spec.max_parallel, (long long)le.req, (long long)le.tok, le.par,
                 (unsigned long long)left, (long long)le.used_req, (long long)le.used_tok,
                 li.requests, (unsigned long long)li.tokens, le.parallel, (long long)le.fleet_req,
                 (long long)le.fleet_tok, (long long)le.fleet_par, (long long)le.out_req,
-                (long long)le.out_tok);
+                (long long)le.out_tok, (long long)le.nano, (long long)le.used_nano,
+                (unsigned long long)le.reserved_nano, (long long)le.fleet_spent);
         } else {
             snprintf(who, sizeof(who), "%s %s", kind, name);
             snprintf(lease, sizeof(lease), "%lld/%lld/%u", (long long)le.req, (long long)le.tok,

@@ -1350,9 +1350,10 @@ static int master_shm_create(struct gen *g)
         specs[conf->n_keys + conf->n_models + i] =
             (struct limit_spec){.rpm = l->rpm, .tpm = l->tpm, .max_parallel = l->max_parallel};
     }
-    /* [cluster]: the fleet limits are leased from Redis by the sync process (budgets not yet) */
+    /* [cluster]: the fleet limits and budgets are leased from Redis by the sync process */
     for (uint32_t i = 0; conf->cluster.enabled && i < n; i++) {
-        specs[i].leased = specs[i].rpm || specs[i].tpm || specs[i].max_parallel;
+        specs[i].leased =
+            specs[i].rpm || specs[i].tpm || specs[i].max_parallel || specs[i].budget_nano;
         specs[i].lease_retry_ms = (uint32_t)conf->cluster.sync_interval_ms;
     }
     ai = (struct shm_ai){(uint32_t)conf->n_keys, (uint32_t)conf->n_models, (uint32_t)conf->n_pools,

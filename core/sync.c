@@ -121,6 +121,44 @@ static const char SYNC_LUA_RENEW[] =
     "end\n"
     "return {gr, gt, sr + nr, st + nt, orr, ort, gp, sp}\n";
 
+/* BUDGET. KEYS: the period's HASH (field spent, and n:NODE -> the node's open lease: what it may
+ * still reserve plus what its requests in flight reserved) and the open leases' expiry (ZSET
+ * node -> until). ARGV: node id, spent since the last report (nano-USD), this node's open part
+ * kept, wanted, budget_usd (nano), lease_ttl, how long the period's keys live (0: for ever).
+ * Spent only grows; an open lease of a node that stopped renewing is dropped after lease_ttl.
+ * Returns {granted, spent in the period, open leases of the fleet}. */
+static const char SYNC_LUA_BUDGET[] =
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    "redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])\n"
+    "local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)\n"
+    "for i = 1, #gone do\n"
+    "  redis.call('ZREM', KEYS[2], gone[i])\n"
+    "  redis.call('HDEL', KEYS[1], 'n:' .. gone[i])\n"
+    "end\n"
+    "local spent = tonumber(redis.call('HGET', KEYS[1], 'spent') or '0')\n"
+    "local others = 0\n"
+    "local all = redis.call('HGETALL', KEYS[1])\n"
+    "for i = 1, #all, 2 do\n"
+    "  if all[i] ~= 'spent' and all[i] ~= 'n:' .. ARGV[1] then\n"
+    "    others = others + tonumber(all[i + 1])\n"
+    "  end\n"
+    "end\n"
+    "local open = tonumber(ARGV[3])\n"
+    "local g = math.max(0, math.min(tonumber(ARGV[4]), tonumber(ARGV[5]) - spent - others - "
+    "open))\n"
+    "if open + g > 0 then\n"
+    "  redis.call('HSET', KEYS[1], 'n:' .. ARGV[1], open + g)\n"
+    "  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[1])\n"
+    "else\n"
+    "  redis.call('HDEL', KEYS[1], 'n:' .. ARGV[1])\n"
+    "  redis.call('ZREM', KEYS[2], ARGV[1])\n"
+    "end\n"
+    "if tonumber(ARGV[7]) > 0 then\n"
+    "  for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ARGV[7]) end\n"
+    "end\n"
+    "return {g, spent, others + open + g}\n";
+
 /* HEARTBEAT. KEYS: the nodes (ZSET node -> last seen). ARGV: node, alive_ms. Returns the number
  * of nodes seen within alive_ms (this one included). */
 static const char SYNC_LUA_HB[] =
@@ -158,8 +196,18 @@ struct sync_lim {
     int64_t held_req, held_tok;           /* granted into shm and not yet reported used */
     int64_t fleet_req, fleet_tok;         /* the fleet's sums at the last renewal */
     int in_fallback;
+    /* budget_usd (0: none) and its lease, renewed by its own script */
+    uint64_t budget;
+    enum limit_period period;
+    int b_busy, b_quiet;
+    uint64_t b_sent_ms;
+    int64_t b_unrep;  /* spent not yet reported (of period b_period) */
+    int64_t b_period; /* the period b_unrep belongs to */
+    int64_t b_need_max;
+    int64_t b_recent[2];
     int quiet;        /* nothing used nor refused since the renewal before */
-    int64_t need_max; /* the largest request the tokens refused lately (decays by 1/16 a renewal) */
+    int64_t need_max; /* the largest request the tokens refused lately (see sync_need) */
+    unsigned need_age, b_need_age;
 };
 
 struct sync {
@@ -180,7 +228,7 @@ struct sync {
     uint32_t nodes_alive;
     int fallback; /* the fallback applies (entered once Redis was found away) */
     int stopping;
-    char sha_renew[48], sha_hb[48];
+    char sha_renew[48], sha_hb[48], sha_budget[48];
     char k_nodes[SYNC_KEY_MAX];
     struct sync_lim *lims;
     uint32_t n_lims;
@@ -351,7 +399,14 @@ static void sync_fallback_enter(struct sync *s, const char *why)
             l->unrep_req += le.used_req;
             l->unrep_tok += le.used_tok;
         }
-        limit_lease_fallback(s->lr, l->id, m, cr ? cr : 1, ct ? ct : 1, cp ? cp : 1);
+        if (l->budget && limit_lease_take_budget(s->lr, l->id, (int64_t)(time_real_ms() / 1000),
+                                                 INT64_MAX, &le) == 0) {
+            if (le.period_start != l->b_period)
+                l->b_unrep = 0, l->b_period = le.period_start;
+            l->b_unrep += le.used_nano;
+        }
+        limit_lease_fallback(s->lr, l->id, m, cr ? cr : 1, ct ? ct : 1, cp ? cp : 1,
+                             l->budget / nodes ? l->budget / nodes : 1);
         l->in_fallback = 1;
     }
     fleet_state(s, LIMIT_FLEET_FALLBACK);
@@ -440,6 +495,22 @@ static int64_t sync_base(uint32_t limit, uint32_t nodes)
     return limit ? (b > 0 ? b : 1) : 0;
 }
 
+#define SYNC_NEED_RENEWALS 64 /* how long the largest refused request is remembered */
+
+/* Remembers the largest request a lease refused for SYNC_NEED_RENEWALS renewals after the last
+ * refusal: an idle host keeps that much (a request costing more than the base chunk would be
+ * refused every time the host went idle between two of them). */
+static void sync_need(int64_t *max, unsigned *age, int64_t need)
+{
+    if (need > 0) {
+        *max = need > *max ? need : *max;
+        *age = 0;
+    } else if (++*age >= SYNC_NEED_RENEWALS) {
+        *max = 0;
+        *age = 0;
+    }
+}
+
 /* What an idle host keeps of a lease: its base chunk, so that a sporadic request is not refused,
  * when the limit is large enough for every host to keep one at no more than 1/8 of it; nothing
  * otherwise (rpm 5 on 4 hosts: idle hosts would hold 4 of the 5). */
@@ -460,7 +531,7 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
     uint32_t base_par = (uint32_t)sync_base(l->par, s->nodes_alive), keep_par, want_par = 0;
     int idle, quiet;
 
-    if (l->busy || s->state != SYNC_READY)
+    if (l->busy || s->state != SYNC_READY || (!l->rpm && !l->tpm && !l->par))
         return;
     if (limit_lease_get(s->lr, l->id, &le) < 0)
         return;
@@ -471,9 +542,7 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
             le.parallel == 0 && le.need_tok == 0;
     idle = quiet && l->quiet;
     l->quiet = quiet;
-    l->need_max -= l->need_max / 16;
-    if ((int64_t)le.need_tok > l->need_max)
-        l->need_max = le.need_tok;
+    sync_need(&l->need_max, &l->need_age, (int64_t)le.need_tok);
     if (base_tok && l->need_max > base_tok)
         base_tok = l->need_max > (int64_t)l->tpm ? (int64_t)l->tpm : l->need_max;
     if (idle && le.req <= 0 && le.tok <= 0 && le.par == 0 && !l->unrep_req && !l->unrep_tok &&
@@ -544,6 +613,104 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
     l->busy = 1;
 }
 
+/* ---- budget ---- */
+
+static void sync_budget_done(redisAsyncContext *ac, void *r, void *priv)
+{
+    struct sync_lim *l = priv;
+    struct sync *s = &S;
+    redisReply *rep = r;
+    int64_t g[3];
+
+    l->b_busy = 0;
+    if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 3) {
+        if (rep && rep->type == REDIS_REPLY_ERROR) {
+            log_warn("cluster: budget lease of %s %s: Redis: %.*s", l->kind, l->name, (int)rep->len,
+                     rep->str);
+            if (!strncmp(rep->str, "NOSCRIPT", 8) && s->state == SYNC_READY)
+                sync_drop(s, "scripts lost");
+        }
+        atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
+        return; /* the spent not reported is kept for the next renewal */
+    }
+    for (int i = 0; i < 3; i++)
+        g[i] = rep->element[i]->type == REDIS_REPLY_INTEGER ? rep->element[i]->integer : 0;
+    l->b_unrep = 0;
+    if (!l->rpm && !l->tpm && !l->par)
+        l->in_fallback = 0;
+    limit_lease_grant_budget(s->lr, l->id, g[0], l->b_sent_ms + s->conf->cluster.lease_ttl_ms,
+                             g[1]);
+    (void)ac;
+}
+
+/* The budget's lease, like sync_renew's: what was spent is added to the period's total in Redis
+ * (spent only grows: no window), and this host holds what it may still reserve plus what its
+ * requests in flight reserved. */
+static void sync_renew_budget(struct sync *s, struct sync_lim *l, int hungry)
+{
+    struct limit_lease le;
+    int64_t base, keep, carry, open, want, target;
+    uint64_t nodes = s->nodes_alive ? s->nodes_alive : 1, life_ms;
+    int64_t wall_s = (int64_t)(time_real_ms() / 1000);
+    char k_b[SYNC_KEY_MAX + 32], k_bx[SYNC_KEY_MAX + 32];
+    int quiet, idle;
+
+    if (!l->budget || l->b_busy || s->state != SYNC_READY)
+        return;
+    if (limit_lease_get(s->lr, l->id, &le) < 0)
+        return;
+    quiet = !hungry && !l->in_fallback && le.used_nano == 0 && le.reserved_nano == 0 &&
+            le.need_nano == 0;
+    idle = quiet && l->b_quiet;
+    l->b_quiet = quiet;
+    if (idle && le.nano <= 0 && !l->b_unrep)
+        return;
+    base = (int64_t)(l->budget / (8 * nodes));
+    base = base > 0 ? base : 1;
+    sync_need(&l->b_need_max, &l->b_need_age, (int64_t)le.need_nano);
+    /* idle: a base chunk, or the dearest recent request, is kept when the budget is large */
+    keep = l->in_fallback ? 0
+           : idle ? (l->budget >= 8 * nodes ? (base > l->b_need_max ? base : l->b_need_max) : 0)
+                  : INT64_MAX;
+    if (limit_lease_take_budget(s->lr, l->id, wall_s, keep, &le) < 0)
+        return;
+    if (le.period_start != l->b_period) { /* a new period: the old one's total is done */
+        l->b_unrep = 0;
+        l->b_period = le.period_start;
+    }
+    l->b_unrep += le.used_nano;
+    l->b_recent[1] = l->b_recent[0];
+    l->b_recent[0] = le.used_nano + (int64_t)le.reserved_nano;
+    carry = le.nano < keep ? le.nano : keep;
+    carry = carry > 0 ? carry : 0;
+    open = carry + (int64_t)le.reserved_nano;
+    target = l->b_recent[0] + l->b_recent[1];
+    target = target > base ? target : base;
+    target = target > l->b_need_max ? target : l->b_need_max;
+    want = idle ? 0 : target - carry;
+    if (!idle && hungry && want < base)
+        want = base;
+    want = want < 0 ? 0 : want > (int64_t)l->budget ? (int64_t)l->budget : want;
+    snprintf(k_b, sizeof(k_b), "%s{key:%s}:budget:%lld", s->conf->cluster.key_prefix, l->name,
+             (long long)le.period_start);
+    snprintf(k_bx, sizeof(k_bx), "%s{key:%s}:budgetx:%lld", s->conf->cluster.key_prefix, l->name,
+             (long long)le.period_start);
+    life_ms = l->period == LIMIT_PERIOD_DAY     ? 2ull * 86400 * 1000
+              : l->period == LIMIT_PERIOD_MONTH ? 40ull * 86400 * 1000
+                                                : 0;
+    l->b_sent_ms = time_mono_ms();
+    if (sync_cmd(s->conn->ac, sync_budget_done, l,
+                 "EVALSHA %s 2 %s %s %s:%d %lld %lld %lld %llu %llu %llu", s->sha_budget, k_b, k_bx,
+                 s->conf->cluster.node_name, (int)getpid(), (long long)l->b_unrep, (long long)open,
+                 (long long)want, (unsigned long long)l->budget,
+                 (unsigned long long)s->conf->cluster.lease_ttl_ms,
+                 (unsigned long long)life_ms) != REDIS_OK) {
+        atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
+        return;
+    }
+    l->b_busy = 1;
+}
+
 /* ---- heartbeat and handshake ---- */
 
 static void sync_hb_done(redisAsyncContext *ac, void *r, void *priv)
@@ -583,8 +750,10 @@ static void sync_ready(struct sync *s)
                  s->conf->cluster.node_name);
     s->fallback = 0;
     sync_heartbeat(s);
-    for (uint32_t i = 0; i < s->n_lims; i++) /* resynchronise: report and lease at once */
+    for (uint32_t i = 0; i < s->n_lims; i++) { /* resynchronise: report and lease at once */
         sync_renew(s, &s->lims[i], 1);
+        sync_renew_budget(s, &s->lims[i], 1);
+    }
 }
 
 /* One reply of the handshake (AUTH, SELECT, SCRIPT LOAD x2); priv names which. */
@@ -607,6 +776,8 @@ static void sync_handshake_done(redisAsyncContext *ac, void *r, void *priv)
     }
     if (!strcmp(what, "SCRIPT LOAD renew") && rep->type == REDIS_REPLY_STRING)
         snprintf(s->sha_renew, sizeof(s->sha_renew), "%.*s", (int)rep->len, rep->str);
+    if (!strcmp(what, "SCRIPT LOAD budget") && rep->type == REDIS_REPLY_STRING)
+        snprintf(s->sha_budget, sizeof(s->sha_budget), "%.*s", (int)rep->len, rep->str);
     if (!strcmp(what, "SCRIPT LOAD heartbeat") && rep->type == REDIS_REPLY_STRING)
         snprintf(s->sha_hb, sizeof(s->sha_hb), "%.*s", (int)rep->len, rep->str);
     if (--s->handshake_left == 0)
@@ -667,7 +838,7 @@ static void sync_connect(struct sync *s)
     s->conn = c;
     s->state = SYNC_HANDSHAKE;
     s->handshake_ms = time_mono_ms();
-    s->handshake_left = 2;
+    s->handshake_left = 3;
     if (cl->redis_password) {
         sync_cmd(ac, sync_handshake_done, "AUTH", "AUTH %s", cl->redis_password);
         s->handshake_left++;
@@ -678,6 +849,7 @@ static void sync_connect(struct sync *s)
     }
     sync_cmd(ac, sync_handshake_done, "SCRIPT LOAD renew", "SCRIPT LOAD %s", SYNC_LUA_RENEW);
     sync_cmd(ac, sync_handshake_done, "SCRIPT LOAD heartbeat", "SCRIPT LOAD %s", SYNC_LUA_HB);
+    sync_cmd(ac, sync_handshake_done, "SCRIPT LOAD budget", "SCRIPT LOAD %s", SYNC_LUA_BUDGET);
 }
 
 /* ---- timers ---- */
@@ -692,7 +864,8 @@ static int sync_too_slow(struct sync *s, uint64_t now)
     if (s->hb_busy && now - s->hb_sent_ms > s->slow_ms)
         return 1;
     for (uint32_t i = 0; i < s->n_lims; i++)
-        if (s->lims[i].busy && now - s->lims[i].sent_ms > s->slow_ms)
+        if ((s->lims[i].busy && now - s->lims[i].sent_ms > s->slow_ms) ||
+            (s->lims[i].b_busy && now - s->lims[i].b_sent_ms > s->slow_ms))
             return 1;
     return 0;
 }
@@ -712,8 +885,10 @@ static void sync_fast(uv_timer_t *t)
     }
     /* a renewal in flight: the flag waits for its answer (it is read when not busy only) */
     for (uint32_t i = 0; s->state == SYNC_READY && i < s->n_lims; i++)
-        if (!s->lims[i].busy && limit_lease_hungry(s->lr, s->lims[i].id))
+        if (!s->lims[i].busy && !s->lims[i].b_busy && limit_lease_hungry(s->lr, s->lims[i].id)) {
             sync_renew(s, &s->lims[i], 1);
+            sync_renew_budget(s, &s->lims[i], 1);
+        }
 }
 
 static void sync_tick(uv_timer_t *t)
@@ -723,9 +898,14 @@ static void sync_tick(uv_timer_t *t)
     if (s->state != SYNC_READY)
         return;
     sync_heartbeat(s);
-    for (uint32_t i = 0; i < s->n_lims; i++)
-        if (!s->lims[i].busy)
-            sync_renew(s, &s->lims[i], limit_lease_hungry(s->lr, s->lims[i].id));
+    for (uint32_t i = 0; i < s->n_lims; i++) {
+        if (!s->lims[i].busy && !s->lims[i].b_busy) {
+            int hungry = limit_lease_hungry(s->lr, s->lims[i].id);
+
+            sync_renew(s, &s->lims[i], hungry);
+            sync_renew_budget(s, &s->lims[i], hungry);
+        }
+    }
 }
 
 static void sync_close_walk(uv_handle_t *h, void *arg)
@@ -786,6 +966,12 @@ static int sync_setup(struct sync *s)
         l->rpm = lim->rpm;
         l->tpm = lim->tpm;
         l->par = lim->max_parallel;
+        if (id < nk) {
+            l->budget = conf->keys[id].budget_nusd;
+            l->period = conf->keys[id].budget_period == BUDGET_DAY     ? LIMIT_PERIOD_DAY
+                        : conf->keys[id].budget_period == BUDGET_TOTAL ? LIMIT_PERIOD_TOTAL
+                                                                       : LIMIT_PERIOD_MONTH;
+        }
         /* {kind:name}: one hash slot, so the script's keys may live in a Redis Cluster too */
         snprintf(l->k_win, sizeof(l->k_win), "%s{%s:%s}:win", pfx, l->kind, l->name);
         snprintf(l->k_req, sizeof(l->k_req), "%s{%s:%s}:req", pfx, l->kind, l->name);

@@ -57,6 +57,11 @@ struct limit_cell {
     uint32_t cap_par, need_tok; /* need_tok: largest request refused by the lease's tokens */
     _Atomic uint32_t hungry;    /* set by workers, cleared by the sync process */
     int64_t fleet_req, fleet_tok, out_req, out_tok, fleet_par; /* for show cluster */
+    /* budget_usd lease: what may still be reserved, spent since the last take, the largest
+     * cost refused, valid until, the share cap (fallback), the fleet's spent */
+    int64_t lease_nano, used_nano;
+    uint64_t need_nano, nano_until_ms, cap_nano;
+    int64_t fleet_spent;
 } __attribute__((aligned(LIMIT_ALIGN)));
 
 struct limit_region {
@@ -163,6 +168,9 @@ static void period_roll(struct limit_cell *c, int64_t wall_s)
     if (wall_s >= c->period_end) {
         period_set(c, limit_period_start(c->spec.period, wall_s));
         c->spent_nano = 0;
+        /* [cluster]: a new period's budget is leased afresh; what the old one spent is done */
+        c->lease_nano = 0;
+        c->used_nano = 0;
     }
 }
 
@@ -336,6 +344,8 @@ static enum limit_dim lease_check(struct limit_cell *c, uint64_t now_ms, uint64_
 {
     const struct limit_spec *s = &c->spec;
 
+    if (!s->rpm && !s->tpm && !s->max_parallel)
+        return LIMIT_OK; /* leased for its budget only (budget_check) */
     switch ((enum limit_fallback)c->lease_fb) {
     case LIMIT_FALLBACK_OPEN:
         return LIMIT_OK;
@@ -366,9 +376,33 @@ static enum limit_dim lease_check(struct limit_cell *c, uint64_t now_ms, uint64_
     return LIMIT_OK;
 }
 
-/* An admission drew on the lease. */
-static void lease_draw(struct limit_cell *c, uint64_t tokens)
+/* Whether this host's budget lease admits a request reserving `cost` (the local budget
+ * admitted it already: spent_nano is this host's own). */
+static enum limit_dim lease_check_budget(struct limit_cell *c, uint64_t now_ms, uint64_t cost)
 {
+    switch ((enum limit_fallback)c->lease_fb) {
+    case LIMIT_FALLBACK_OPEN:
+        return LIMIT_OK;
+    case LIMIT_FALLBACK_CLOSED:
+        return LIMIT_FLEET;
+    case LIMIT_FALLBACK_SHARE:
+        return c->spent_nano + c->reserved_nano + cost > c->cap_nano ? LIMIT_BUDGET : LIMIT_OK;
+    case LIMIT_FALLBACK_NONE:
+        break;
+    }
+    if (now_ms >= c->nano_until_ms || c->lease_nano < (int64_t)cost) {
+        if (cost > c->need_nano)
+            c->need_nano = cost;
+        return LIMIT_BUDGET;
+    }
+    return LIMIT_OK;
+}
+
+/* An admission drew on the lease. */
+static void lease_draw(struct limit_cell *c, uint64_t tokens, uint64_t cost)
+{
+    if (c->spec.budget_nano && c->lease_fb == LIMIT_FALLBACK_NONE)
+        c->lease_nano -= (int64_t)cost;
     c->used_req += 1;
     c->used_tok += (int64_t)tokens;
     if (c->lease_fb != LIMIT_FALLBACK_NONE)
@@ -426,6 +460,15 @@ static enum limit_dim cell_check(struct limit_region *r, struct limit_cell *c, u
                 w = (c->period_end - wall_s) * 1000;
             if (dim == LIMIT_OK || wait_longer(w, *retry))
                 dim = LIMIT_BUDGET, *retry = w;
+        }
+    }
+    if (s->leased && s->budget_nano && dim == LIMIT_OK) {
+        enum limit_dim d = lease_check_budget(c, now_ms, cost);
+
+        if (d != LIMIT_OK) {
+            atomic_store_explicit(&c->hungry, 1, memory_order_relaxed);
+            dim = d;
+            *retry = (int64_t)s->lease_retry_ms;
         }
     }
     return dim;
@@ -620,7 +663,7 @@ int limit_admit(struct limit_region *r, const uint32_t *ids, uint32_t n, uint64_
             t->ids[i] = u[i];
             t->seq[i] = cell_append(r, c, now_ms, tokens);
             if (c->spec.leased)
-                lease_draw(c, tokens);
+                lease_draw(c, tokens, cost_nano);
             o->parallel++;
             o->reserved_nano += cost_nano;
             c->parallel++;
@@ -670,6 +713,11 @@ void limit_settle(struct limit_region *r, struct limit_ticket *t, uint64_t now_m
             c->used_tok += d;
             if (c->lease_fb == LIMIT_FALLBACK_NONE)
                 c->lease_tok -= d;
+            if (c->spec.budget_nano) { /* spent is reported; the reservation's rest is back */
+                c->used_nano += (int64_t)real_cost_nano;
+                if (c->lease_fb == LIMIT_FALLBACK_NONE)
+                    c->lease_nano += (int64_t)t->cost_nano - (int64_t)real_cost_nano;
+            }
         }
         /* The owner's share first: it is what a repair counts from. A share already given
          * back (limit_release_owner) is not given back twice. */
@@ -905,6 +953,12 @@ static void lease_copy(const struct limit_cell *c, struct limit_lease *out)
     out->out_req = c->out_req;
     out->out_tok = c->out_tok;
     out->fleet_par = c->fleet_par;
+    out->nano = c->lease_nano;
+    out->used_nano = c->used_nano;
+    out->reserved_nano = c->reserved_nano;
+    out->need_nano = c->need_nano;
+    out->period_start = c->period_start;
+    out->fleet_spent = c->fleet_spent;
 }
 
 int limit_lease_take(struct limit_region *r, uint32_t id, uint64_t now_ms, int64_t keep_req,
@@ -961,8 +1015,46 @@ int limit_lease_grant(struct limit_region *r, uint32_t id, const struct limit_gr
     return 0;
 }
 
+int limit_lease_take_budget(struct limit_region *r, uint32_t id, int64_t wall_s, int64_t keep_nano,
+                            struct limit_lease *out)
+{
+    struct limit_cell *c;
+
+    if (id >= r->n || !cell(r, id)->spec.leased || !cell(r, id)->spec.budget_nano)
+        return -EINVAL;
+    c = cell(r, id);
+    if (cell_lock_master(r, id) < 0)
+        return -EBUSY;
+    period_roll(c, wall_s);
+    lease_copy(c, out);
+    c->used_nano = 0;
+    c->need_nano = 0;
+    if (c->lease_nano > keep_nano)
+        c->lease_nano = keep_nano;
+    cell_unlock(r, id);
+    return 0;
+}
+
+int limit_lease_grant_budget(struct limit_region *r, uint32_t id, int64_t add_nano,
+                             uint64_t until_ms, int64_t fleet_spent)
+{
+    struct limit_cell *c;
+
+    if (id >= r->n || !cell(r, id)->spec.leased || !cell(r, id)->spec.budget_nano)
+        return -EINVAL;
+    c = cell(r, id);
+    if (cell_lock_master(r, id) < 0)
+        return -EBUSY;
+    c->lease_nano += add_nano;
+    c->nano_until_ms = until_ms;
+    c->fleet_spent = fleet_spent;
+    c->lease_fb = LIMIT_FALLBACK_NONE;
+    cell_unlock(r, id);
+    return 0;
+}
+
 int limit_lease_fallback(struct limit_region *r, uint32_t id, enum limit_fallback f,
-                         uint32_t cap_req, uint32_t cap_tok, uint32_t cap_par)
+                         uint32_t cap_req, uint32_t cap_tok, uint32_t cap_par, uint64_t cap_nano)
 {
     struct limit_cell *c;
 
@@ -975,6 +1067,7 @@ int limit_lease_fallback(struct limit_region *r, uint32_t id, enum limit_fallbac
     c->cap_req = cap_req;
     c->cap_tok = cap_tok;
     c->cap_par = cap_par;
+    c->cap_nano = cap_nano;
     cell_unlock(r, id);
     return 0;
 }

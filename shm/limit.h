@@ -112,6 +112,12 @@ struct limit_lease {
     int64_t fleet_par;         /* parallel slots held by the fleet's hosts */
     uint64_t win_req, win_tok; /* this host's window (limit_lease_take only) */
     uint32_t need_tok;         /* largest request the lease's tokens refused since the last take */
+    /* budget_usd: nano-USD this host may still reserve, spent since the last take (settled),
+     * reserved by requests in flight, the largest cost the lease refused, the period's start,
+     * and the fleet's spent at the last renewal */
+    int64_t nano, used_nano;
+    uint64_t reserved_nano, need_nano;
+    int64_t period_start, fleet_spent;
 };
 
 /* While the fleet cannot be asked (Redis away): what a leased limiter admits against. */
@@ -234,6 +240,10 @@ int limit_leased(const struct limit_region *r, uint32_t id);
  * at now_ms (CLOCK_MONOTONIC). 0, -EINVAL, -EBUSY. */
 int limit_lease_take(struct limit_region *r, uint32_t id, uint64_t now_ms, int64_t keep_req,
                      int64_t keep_tok, uint32_t keep_par, struct limit_lease *out);
+/* The same for the budget lease: spent since the last take restarts from 0, what remains is cut
+ * to keep_nano. */
+int limit_lease_take_budget(struct limit_region *r, uint32_t id, int64_t wall_s, int64_t keep_nano,
+                            struct limit_lease *out);
 
 /* A renewal's answer, for limit_lease_grant. */
 struct limit_grant {
@@ -243,11 +253,16 @@ struct limit_grant {
     int64_t low_req, low_tok; /* an admission leaving less raises the hungry flag */
     int64_t fleet_req, fleet_tok, out_req, out_tok, fleet_par; /* see struct limit_lease */
 };
+
+/* A budget renewal's answer: nano-USD added to the lease (valid until until_ms), the fleet's
+ * spent in the period. */
+int limit_lease_grant_budget(struct limit_region *r, uint32_t id, int64_t add_nano,
+                             uint64_t until_ms, int64_t fleet_spent);
 /* Adds a grant to the lease and ends a fallback. 0, -EINVAL, -EBUSY. */
 int limit_lease_grant(struct limit_region *r, uint32_t id, const struct limit_grant *g);
 /* Sets the fallback mode (LIMIT_FALLBACK_SHARE: with the caps of this host's window). */
 int limit_lease_fallback(struct limit_region *r, uint32_t id, enum limit_fallback f,
-                         uint32_t cap_req, uint32_t cap_tok, uint32_t cap_par);
+                         uint32_t cap_req, uint32_t cap_tok, uint32_t cap_par, uint64_t cap_nano);
 /* Reads and clears the hungry flag (a worker found the lease low or spent). No lock. */
 int limit_lease_hungry(struct limit_region *r, uint32_t id);
 /* The lease as it is now, for show cluster (-EBUSY as limit_info). */

@@ -6,6 +6,7 @@ going away is not an outage.
 redis-server (Debian's) is a dependency of `make test` (the Makefile's DEPS): it is not skipped."""
 
 import concurrent.futures as cf
+from decimal import Decimal
 import os
 import shutil
 import signal
@@ -57,7 +58,7 @@ class Redis:
         return r.stdout.strip()
 
 
-def _fleet(env, redis, n=2, lim=None, cluster=None, workers=2, mock=None, stats=False):
+def _fleet(env, redis, n=2, lim=None, cluster=None, workers=2, mock=None, stats=False, **gw_kw):
     """n gateways sharing one mock upstream and redis; they are returned once connected. stats:
     each has a [stats] listener on g.stats_port."""
     m = mock or env.mock("m1")
@@ -73,7 +74,7 @@ def _fleet(env, redis, n=2, lim=None, cluster=None, workers=2, mock=None, stats=
         if stats:
             sections.append(("stats", {"bind": f"127.0.0.1:{sport}"}))
         gws.append(env.gateway([m], workers=workers, keys={"k": key}, name=f"gw{i}",
-                               sections=sections))
+                               sections=sections, **gw_kw))
         gws[-1].stats_port = sport
     for g in gws:
         wait_for(lambda g=g: "cluster: connected to Redis" in g.proc.log_text(), 10,
@@ -400,3 +401,46 @@ def test_reload_starts_a_new_sync(env):
     check(len(new) == 1 and new != old, f"sync processes before {old}, after {new}")
     got = [chat(g.port, headers=AUTH).status for _ in range(5)]
     check(got == [200] * 5, f"after the reload: {got}")
+
+
+def test_budget_shared_by_the_fleet(env):
+    budget = Decimal("0.5")
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"budget_usd": str(budget), "budget_period": "day"},
+                    pool={"models": "gpt-*", "check": "no"},
+                    models={"gpt-a": {"price_input": "1000", "price_output": "1000"}})
+    cost = Decimal(0)
+    ok = refused_in_a_row = 0
+    deadline = time.monotonic() + 25
+    i = 0
+    while refused_in_a_row < 6 and time.monotonic() < deadline:
+        r = chat(gws[i % 2].port, chat_body(f"budget {i}", model="gpt-a", max_tokens=16),
+                 headers=AUTH)
+        i += 1
+        if r.status == 200:
+            u = r.json()["usage"]
+            cost += Decimal(u["prompt_tokens"] + u["completion_tokens"]) / 1000
+            ok += 1
+            refused_in_a_row = 0
+            continue
+        check(r.status == 429 and r.json()["error"]["type"] == "insufficient_quota", f"{r!r}")
+        refused_in_a_row += 1
+        time.sleep(0.25)  # a top-up from the fleet may come
+    check(refused_in_a_row >= 6, f"budget {budget} never ran out: {ok} passed, {cost} USD")
+    check(cost <= budget, f"the fleet spent {cost} USD of a {budget} USD budget ({ok} requests)")
+    check(cost >= budget * Decimal("0.7"), f"only {cost} of {budget} USD spent ({ok} requests)")
+    per_host = [Decimal(str(_key_row(g)["spent_usd"])) for g in gws]
+    check(all(h > 0 for h in per_host), f"spent per host {per_host}: not shared")
+    # Redis holds the period's total: what both hosts spent
+    spent = [v for v in redis.cli("-n", "2", "--scan", "--pattern", "aigw:{key:k}:budget:*")
+             .split()]
+    check(len(spent) == 1, f"budget keys in Redis: {spent}")
+    total = Decimal(redis.cli("-n", "2", "HGET", spent[0], "spent")) / 10**9
+    check(total == sum(per_host), f"Redis spent {total}, hosts {per_host}")
+
+
+def _key_row(gw, name="k"):
+    for k in gw.ctl_json("show", "keys", "--json"):
+        if k["name"] == name:
+            return k
+    raise AssertionError(f"no key {name}")

@@ -772,13 +772,13 @@ static void test_lease(void **state)
 
     /* fallbacks: share caps this host's window (4 admitted so far), open lets the local limits
      * decide, closed refuses for good; the used counts go on */
-    assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_SHARE, 6, 10000, 0), 0);
+    assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_SHARE, 6, 10000, 0, 0), 0);
     assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), 0);
     assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), 0);
     assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), -EAGAIN);
-    assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_OPEN, 0, 0, 0), 0);
+    assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_OPEN, 0, 0, 0, 0), 0);
     assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), 0);
-    assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_CLOSED, 0, 0, 0), 0);
+    assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_CLOSED, 0, 0, 0, 0), 0);
     assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), -EAGAIN);
     assert_int_equal(v.dim, LIMIT_FLEET);
     assert_int_equal(v.retry_ms, 200);
@@ -814,6 +814,32 @@ static void test_lease(void **state)
         assert_int_equal(admit1(r, 1200, 0, 0, NULL, &v), -EAGAIN);
         limit_settle(r, &t, 1300, WALL_MAR15_23H, 0, 0);
     }
+    region_free(r, size);
+
+    /* a budget lease: reservations drawn, the settled cost reported as spent, the rest back */
+    s = (struct limit_spec){.budget_nano = 1000, .leased = 1, .lease_retry_ms = 100};
+    r = region_new(&s, 1, 1, &size);
+    assert_int_equal(admit1(r, 1000, 0, 100, NULL, &v), -EAGAIN); /* no lease yet */
+    assert_int_equal(v.dim, LIMIT_BUDGET);
+    assert_int_equal(v.retry_ms, 100);
+    assert_int_equal(limit_lease_hungry(r, 0), 1);
+    assert_int_equal(limit_lease_grant_budget(r, 0, 250, 5000, 0), 0);
+    assert_int_equal(admit1(r, 1000, 0, 100, &t, &v), 0);
+    assert_int_equal(admit1(r, 1000, 0, 200, NULL, &v), -EAGAIN); /* 150 left */
+    assert_int_equal(v.dim, LIMIT_BUDGET);
+    limit_settle(r, &t, 1100, WALL_MAR15_23H, 0, 60);
+    assert_int_equal(limit_lease_take_budget(r, 0, WALL_MAR15_23H, INT64_MAX, &l), 0);
+    assert_int_equal(l.nano, 190);
+    assert_int_equal(l.used_nano, 60);
+    assert_int_equal(l.need_nano, 200);
+    assert_int_equal(limit_lease_take_budget(r, 0, WALL_MAR15_23H, 50, &l), 0);
+    assert_int_equal(l.used_nano, 0);
+    assert_int_equal(limit_lease_get(r, 0, &l), 0);
+    assert_int_equal(l.nano, 50);
+    /* share: this host's own spent against its cap */
+    assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_SHARE, 0, 0, 0, 100), 0);
+    assert_int_equal(admit1(r, 1200, 0, 40, NULL, &v), 0); /* 60 spent + 40 */
+    assert_int_equal(admit1(r, 1200, 0, 1, NULL, &v), -EAGAIN);
     region_free(r, size);
 
     /* not leased: the lease calls refuse, admissions are as without [cluster] */
