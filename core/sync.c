@@ -196,6 +196,7 @@ struct sync_lim {
     int64_t held_req, held_tok;           /* granted into shm and not yet reported used */
     int64_t fleet_req, fleet_tok;         /* the fleet's sums at the last renewal */
     int in_fallback;
+    int fin, b_fin; /* the last renewal (everything given back) was sent */
     /* budget_usd (0: none) and its lease, renewed by its own script */
     uint64_t budget;
     enum limit_period period;
@@ -226,8 +227,11 @@ struct sync {
     int hb_busy;
     uint64_t hb_sent_ms;
     uint32_t nodes_alive;
-    int fallback; /* the fallback applies (entered once Redis was found away) */
-    int stopping;
+    int fallback;        /* the fallback applies (entered once Redis was found away) */
+    int stopping;        /* SIGTERM/SIGQUIT: no reconnect; the generation's workers finish */
+    int final;           /* they have: everything is given back, then the process exits */
+    uint64_t stop_by_ms; /* the workers are not waited for longer than this */
+    uint64_t final_ms;   /* when the last renewals were sent: their answers are waited for 1 s */
     char sha_renew[48], sha_hb[48], sha_budget[48];
     char k_nodes[SYNC_KEY_MAX];
     struct sync_lim *lims;
@@ -540,7 +544,7 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
      * it is used */
     quiet = !hungry && !l->in_fallback && le.used_req == 0 && le.used_tok == 0 &&
             le.parallel == 0 && le.need_tok == 0;
-    idle = quiet && l->quiet;
+    idle = (quiet && l->quiet) || s->final; /* stopping: everything goes back */
     l->quiet = quiet;
     sync_need(&l->need_max, &l->need_age, (int64_t)le.need_tok);
     if (base_tok && l->need_max > base_tok)
@@ -550,16 +554,16 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
         return; /* nothing held, nothing to report */
     /* parallel slots: what is in flight and a base more (two when it ran out), a base when
      * idle; cut here before Redis hears of it */
-    keep_par = l->in_fallback ? 0
-               : idle         ? (uint32_t)sync_idle_keep(l->par, s->nodes_alive, base_par)
-                              : le.parallel + base_par * (hungry ? 2 : 1);
+    keep_par = l->in_fallback || s->final ? 0
+               : idle ? (uint32_t)sync_idle_keep(l->par, s->nodes_alive, base_par)
+                      : le.parallel + base_par * (hungry ? 2 : 1);
     /* back from a fallback: what is left of the old lease goes back whole */
-    keep_req = l->in_fallback ? 0
-               : idle         ? sync_idle_keep(l->rpm, s->nodes_alive, base_req)
-                              : INT64_MAX;
-    keep_tok = l->in_fallback ? 0
-               : idle         ? sync_idle_keep(l->tpm, s->nodes_alive, base_tok)
-                              : INT64_MAX;
+    keep_req = l->in_fallback || s->final ? 0
+               : idle                     ? sync_idle_keep(l->rpm, s->nodes_alive, base_req)
+                                          : INT64_MAX;
+    keep_tok = l->in_fallback || s->final ? 0
+               : idle                     ? sync_idle_keep(l->tpm, s->nodes_alive, base_tok)
+                                          : INT64_MAX;
     if (limit_lease_take(s->lr, l->id, time_mono_ms(), keep_req, keep_tok, keep_par, &le) < 0)
         return;
     if (l->par)
@@ -661,7 +665,7 @@ static void sync_renew_budget(struct sync *s, struct sync_lim *l, int hungry)
         return;
     quiet = !hungry && !l->in_fallback && le.used_nano == 0 && le.reserved_nano == 0 &&
             le.need_nano == 0;
-    idle = quiet && l->b_quiet;
+    idle = (quiet && l->b_quiet) || s->final;
     l->b_quiet = quiet;
     if (idle && le.nano <= 0 && !l->b_unrep)
         return;
@@ -669,7 +673,7 @@ static void sync_renew_budget(struct sync *s, struct sync_lim *l, int hungry)
     base = base > 0 ? base : 1;
     sync_need(&l->b_need_max, &l->b_need_age, (int64_t)le.need_nano);
     /* idle: a base chunk, or the dearest recent request, is kept when the budget is large */
-    keep = l->in_fallback ? 0
+    keep = l->in_fallback || s->final ? 0
            : idle ? (l->budget >= 8 * nodes ? (base > l->b_need_max ? base : l->b_need_max) : 0)
                   : INT64_MAX;
     if (limit_lease_take_budget(s->lr, l->id, wall_s, keep, &le) < 0)
@@ -870,11 +874,18 @@ static int sync_too_slow(struct sync *s, uint64_t now)
     return 0;
 }
 
+static void sync_stop_step(struct sync *s, uint64_t now);
+
 static void sync_fast(uv_timer_t *t)
 {
     struct sync *s = t->data;
     uint64_t now = time_mono_ms();
 
+    if (s->stopping) {
+        sync_stop_step(s, now);
+        if (s->final)
+            return;
+    }
     if (sync_too_slow(s, now)) {
         sync_drop(s, "a call took too long");
         return;
@@ -895,7 +906,7 @@ static void sync_tick(uv_timer_t *t)
 {
     struct sync *s = t->data;
 
-    if (s->state != SYNC_READY)
+    if (s->state != SYNC_READY || s->final)
         return;
     sync_heartbeat(s);
     for (uint32_t i = 0; i < s->n_lims; i++) {
@@ -914,14 +925,9 @@ static void sync_close_walk(uv_handle_t *h, void *arg)
         uv_close(h, NULL);
 }
 
-static void sync_on_signal(uv_signal_t *h, int sig)
+/* The process ends: the connection and every handle close, the loop returns. */
+static void sync_shutdown(struct sync *s)
 {
-    struct sync *s = h->data;
-
-    if (s->stopping)
-        return;
-    s->stopping = 1;
-    /* the leases this host holds lapse after lease_ttl; nothing more to send */
     if (s->conn && s->conn->ac) {
         redisAsyncContext *ac = s->conn->ac;
 
@@ -929,6 +935,68 @@ static void sync_on_signal(uv_signal_t *h, int sig)
         redisAsyncFree(ac);
     }
     uv_walk(&s->loop, sync_close_walk, NULL);
+}
+
+/* Whether a worker of this generation still runs (the master reaps them: no zombie stays). */
+static int sync_workers_alive(struct sync *s)
+{
+    for (uint32_t w = 0; w < shm_n_workers(s->shm); w++) {
+        pid_t pid = atomic_load_explicit(&shm_worker(s->shm, w)->pid, memory_order_acquire);
+
+        if (pid > 0 && (kill(pid, 0) == 0 || errno != ESRCH))
+            return 1;
+    }
+    return 0;
+}
+
+/* Stopping gracefully: once the generation's workers are gone (what they settled reported), one
+ * last renewal of each limiter gives everything back to the fleet, and the process exits when
+ * they are answered. */
+static void sync_stop_step(struct sync *s, uint64_t now)
+{
+    int pending = 0;
+
+    if (!s->final) {
+        if (sync_workers_alive(s) && now < s->stop_by_ms)
+            return;
+        if (s->state != SYNC_READY) {
+            sync_shutdown(s);
+            return;
+        }
+        s->final = 1;
+        s->final_ms = now;
+    }
+    for (uint32_t i = 0; i < s->n_lims; i++) {
+        struct sync_lim *l = &s->lims[i];
+
+        if (!l->fin && !l->busy) {
+            sync_renew(s, l, 0);
+            l->fin = 1;
+        }
+        if (!l->b_fin && !l->b_busy) {
+            sync_renew_budget(s, l, 0);
+            l->b_fin = 1;
+        }
+        pending += !l->fin || !l->b_fin || l->busy || l->b_busy;
+    }
+    if (!pending || s->state != SYNC_READY || now - s->final_ms > 1000)
+        sync_shutdown(s);
+}
+
+static void sync_on_signal(uv_signal_t *h, int sig)
+{
+    struct sync *s = h->data;
+    uint64_t hard = s->conf->global.hard_stop_after_ms;
+
+    if (sig == SIGINT) { /* fast stop: the leases lapse after lease_ttl */
+        s->stopping = s->final = 1;
+        sync_shutdown(s);
+        return;
+    }
+    if (s->stopping)
+        return;
+    s->stopping = 1;
+    s->stop_by_ms = time_mono_ms() + (hard ? hard : 30000) + 1000;
 }
 
 /* The leased limiters, in the ids the master gave them (keys, models, pools). */

@@ -444,3 +444,21 @@ def _key_row(gw, name="k"):
         if k["name"] == name:
             return k
     raise AssertionError(f"no key {name}")
+
+
+def test_graceful_stop_gives_leases_back(env):
+    redis = Redis(env)
+    m, (g,) = _fleet(env, redis, n=1, lim={"rpm": 100, "max_parallel": 50})
+    got = [chat(g.port, headers=AUTH).status for _ in range(3)]
+    check(got == [200] * 3, f"{got}")
+
+    def counted():
+        vals = redis.cli("-n", "2", "HVALS", "aigw:{key:k}:req").split()
+        return sum(int(float(v)) for v in vals)
+
+    check(counted() > 3, f"the host holds no lease beyond what it used: {counted()}")
+    check(g.stop() == 0, "aigw did not stop cleanly")
+    # what it used stays counted (the window), what it held unused went back, slots too
+    check(counted() == 3, f"after a graceful stop Redis counts {counted()} requests, not 3")
+    par = redis.cli("-n", "2", "HGETALL", "aigw:{key:k}:par")
+    check(par == "", f"slots still held after the stop: {par!r}")
