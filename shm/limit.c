@@ -393,7 +393,10 @@ static enum limit_dim lease_check_budget(struct limit_cell *c, uint64_t now_ms, 
     if (now_ms >= c->nano_until_ms || c->lease_nano < (int64_t)cost) {
         if (cost > c->need_nano)
             c->need_nano = cost;
-        return LIMIT_BUDGET;
+        /* the fleet's budget spent as of the last renewal: the quota is gone; else this host
+         * waits for its share to be topped up */
+        return c->fleet_spent + (int64_t)cost > (int64_t)c->spec.budget_nano ? LIMIT_BUDGET
+                                                                             : LIMIT_FLEET_WAIT;
     }
     return LIMIT_OK;
 }
@@ -1109,6 +1112,8 @@ const char *limit_dim_str(enum limit_dim d)
         return "budget";
     case LIMIT_FLEET:
         return "fleet";
+    case LIMIT_FLEET_WAIT:
+        return "fleet_wait";
     }
     return "?";
 }

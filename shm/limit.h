@@ -43,7 +43,9 @@ enum limit_dim {
     LIMIT_TOKENS = 2,
     LIMIT_PARALLEL = 3,
     LIMIT_BUDGET = 4,
-    LIMIT_FLEET = 5, /* [cluster] with cluster_fallback = closed while Redis is away */
+    LIMIT_FLEET = 5,      /* [cluster] with cluster_fallback = closed while Redis is away */
+    LIMIT_FLEET_WAIT = 6, /* [cluster]: this host's budget share is spent, the fleet's is not:
+                           * a top-up is on its way */
 };
 
 /* One OpenAI x-ratelimit-* trio. set = 0: no limiter of the request has this limit. */

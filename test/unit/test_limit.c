@@ -820,12 +820,16 @@ static void test_lease(void **state)
     s = (struct limit_spec){.budget_nano = 1000, .leased = 1, .lease_retry_ms = 100};
     r = region_new(&s, 1, 1, &size);
     assert_int_equal(admit1(r, 1000, 0, 100, NULL, &v), -EAGAIN); /* no lease yet */
-    assert_int_equal(v.dim, LIMIT_BUDGET);
+    assert_int_equal(v.dim, LIMIT_FLEET_WAIT);
     assert_int_equal(v.retry_ms, 100);
     assert_int_equal(limit_lease_hungry(r, 0), 1);
     assert_int_equal(limit_lease_grant_budget(r, 0, 250, 5000, 0), 0);
     assert_int_equal(admit1(r, 1000, 0, 100, &t, &v), 0);
     assert_int_equal(admit1(r, 1000, 0, 200, NULL, &v), -EAGAIN); /* 150 left */
+    assert_int_equal(v.dim, LIMIT_FLEET_WAIT);
+    /* the fleet's budget spent (as of the last renewal): the quota is gone */
+    assert_int_equal(limit_lease_grant_budget(r, 0, 0, 5000, 900), 0);
+    assert_int_equal(admit1(r, 1000, 0, 200, NULL, &v), -EAGAIN);
     assert_int_equal(v.dim, LIMIT_BUDGET);
     limit_settle(r, &t, 1100, WALL_MAR15_23H, 0, 60);
     assert_int_equal(limit_lease_take_budget(r, 0, WALL_MAR15_23H, INT64_MAX, &l), 0);
