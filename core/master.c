@@ -1639,6 +1639,11 @@ static void reload_timer_fired(uv_timer_t *t)
         ready +=
             g->children[1 + s].pid > 0 &&
             atomic_load_explicit(&shm_worker(&g->shm, (uint32_t)s)->ready, memory_order_acquire);
+    /* [cluster]: not before its sync process put the first leases in shm (or fell back): its
+     * workers would refuse leased keys until then */
+    if (g->conf->cluster.enabled && shm_limits(&g->shm) &&
+        !atomic_load_explicit(&limit_fleet(shm_limits(&g->shm))->primed, memory_order_acquire))
+        ready = -1;
     if (ready == g->workers) {
         reload_handover();
     } else if (time_mono_ms() >= M.next_deadline) {

@@ -414,6 +414,7 @@ static void sync_fallback_enter(struct sync *s, const char *why)
         l->in_fallback = 1;
     }
     fleet_state(s, LIMIT_FLEET_FALLBACK);
+    atomic_store_explicit(&s->fleet->primed, 1, memory_order_release);
 }
 
 /* Drops the connection (hiredis answers what is in flight with NULL) and plans a reconnect. */
@@ -893,6 +894,14 @@ static void sync_fast(uv_timer_t *t)
     if (s->state == SYNC_DOWN && now >= s->next_connect_ms && !s->stopping) {
         sync_connect(s);
         return;
+    }
+    if (s->state == SYNC_READY && !atomic_load_explicit(&s->fleet->primed, memory_order_relaxed)) {
+        int busy = 0;
+
+        for (uint32_t i = 0; i < s->n_lims; i++)
+            busy += s->lims[i].busy || s->lims[i].b_busy;
+        if (!busy) /* the first leases are in shm */
+            atomic_store_explicit(&s->fleet->primed, 1, memory_order_release);
     }
     /* a renewal in flight: the flag waits for its answer (it is read when not busy only) */
     for (uint32_t i = 0; s->state == SYNC_READY && i < s->n_lims; i++)

@@ -139,6 +139,8 @@ struct limit_fleet {
     _Atomic uint64_t renewals;    /* leases renewed */
     _Atomic uint64_t errors;      /* Redis calls failed or timed out */
     _Atomic uint64_t rtt_us;      /* the last renewal's round trip */
+    _Atomic uint32_t primed;      /* every leased limiter had its first answer, or the fallback
+                                   * applies: a new generation may serve (reload) */
 };
 
 enum limit_fleet_state {

@@ -391,16 +391,33 @@ def test_usage_during_outage_counted_when_redis_is_back(env):
 
 def test_reload_starts_a_new_sync(env):
     redis = Redis(env)
-    m, (g,) = _fleet(env, redis, n=1, lim={"rpm": 1000})
+    m, (g,) = _fleet(env, redis, n=1, lim={"rpm": 1000000})
     old = [p["pid"] for p in g.procs() if p.get("role") == "sync"]
-    r = g.ctl("reload", timeout=40)
-    check(r.returncode == 0, f"reload: {r.stdout} {r.stderr}")
-    wait_for(lambda: g.proc.log_text().count("cluster: connected to Redis") >= 2, 10,
-             "the new generation's sync process to connect")
+    stop = [False]
+
+    def load():
+        out = []
+        while not stop[0]:
+            out.append(chat(g.port, headers=AUTH, timeout=15).status)
+        return out
+
+    # under load: a new generation serves once its sync process has leased (its workers would
+    # refuse the leased key until then)
+    with cf.ThreadPoolExecutor(max_workers=4) as ex:
+        futs = [ex.submit(load) for _ in range(4)]
+        time.sleep(0.5)
+        for n in range(4):
+            r = g.ctl("reload", timeout=40)
+            check(r.returncode == 0, f"reload: {r.stdout} {r.stderr}")
+            time.sleep(0.5)
+        stop[0] = True
+        st = [x for f in futs for x in f.result()]
+    bad = [x for x in st if x != 200]
+    check(len(st) > 100 and not bad, f"{len(bad)} of {len(st)} failed across 4 reloads: "
+          f"{sorted(set(bad))}")
     new = [p["pid"] for p in g.procs() if p.get("role") == "sync"]
     check(len(new) == 1 and new != old, f"sync processes before {old}, after {new}")
-    got = [chat(g.port, headers=AUTH).status for _ in range(5)]
-    check(got == [200] * 5, f"after the reload: {got}")
+    check(g.proc.log_text().count("cluster: connected to Redis") >= 5, "a sync did not connect")
 
 
 def test_budget_shared_by_the_fleet(env):
