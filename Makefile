@@ -4,7 +4,7 @@
 
 DEPS := meson ninja-build pkg-config gcc libc6-dev libuv1-dev libmbedtls-dev libinih-dev \
         node-llhttp libcmocka-dev libjsmn-dev libyajl-dev python3 openssl curl clang-format \
-        libnss-wrapper libsystemd-dev
+        libnss-wrapper libsystemd-dev libhiredis-dev redis-server
 BENCH_DEPS := wrk haproxy nginx-light
 # headless Chromium renders the status page in test_status_page.py (only `make test` needs it)
 TEST_DEPS := chromium

@@ -34,6 +34,8 @@ static void usage(FILE *f)
            "                          backend (of POOL only)\n"
            "  show keys               client keys: limits and their current use, budget\n"
            "                          (spent, reserved, remaining), totals; never the key\n"
+           "  show cluster            [cluster]: node, Redis, state, hosts alive, and each fleet\n"
+           "                          limit's lease, the fleet's counts and the lease bound\n"
            "  show usage [--by key|model|backend]\n"
            "                          requests, tokens, cost, list-price cost and saved per\n"
            "                          key (default), model or backend, with a total\n"

@@ -401,6 +401,8 @@ static const char admin_help[] =
     "                           state, breaker, weights, latency and counters of each backend\n"
     "                           (of POOL only)\n"
     "  show keys [json]         client keys: limits, current window use, budget, totals\n"
+    "  show cluster [json]      [cluster]: node, Redis, state, hosts alive and the lease of\n"
+    "                           each fleet limit with the fleet's counts and the lease bound\n"
     "  show usage [--by key|model|backend] [json]\n"
     "                           tokens, requests and cost per key (default), model or\n"
     "                           backend, with a total\n"
@@ -418,6 +420,135 @@ static const char admin_help[] =
     "                           carrying the state; the old one drains once it is ready\n"
     "  stop                     graceful stop (as SIGTERM): in-flight requests finish\n"
     "  help                     this list\n";
+
+/* ---- show cluster ---- */
+
+/* The kind and name of limiter id (ids: keys, models, pools, as the master made them). */
+static void limiter_name(const struct conf *conf, uint32_t id, const char **kind, const char **name)
+{
+    uint32_t nk = (uint32_t)conf->n_keys, nm = (uint32_t)conf->n_models;
+
+    if (id < nk) {
+        *kind = "key";
+        *name = conf->keys[id].name;
+    } else if (id < nk + nm) {
+        *kind = "model";
+        *name = conf->models[id - nk].name;
+    } else {
+        *kind = "pool";
+        *name = conf->pools[id - nk - nm].name;
+    }
+}
+
+static const char *const fleet_states[] = {"connecting", "connected", "fallback"};
+static const char *const lease_modes[] = {"lease", "local_share", "open", "closed"};
+
+/* [cluster]: this node, Redis, the state, and each leased limiter's lease (read from shm: the
+ * sync process writes it). */
+static void show_cluster(struct abuf *b, const struct conf *conf, struct shm *shm, int json)
+{
+    const struct conf_cluster *cl = &conf->cluster;
+    struct limit_region *lr = shm_limits(shm);
+    struct limit_fleet *f = lr ? limit_fleet(lr) : NULL;
+    uint64_t now = time_mono_ms();
+    uint32_t st, n = lr ? limit_region_count(lr) : 0;
+    int first = 1;
+
+    if (!cl->enabled || !f) {
+        if (json)
+            abuf_printf(b, "{\"enabled\":false}\n");
+        else
+            abuf_printf(b, "cluster: off (no [cluster] section): every limit is this host's\n");
+        return;
+    }
+    st = atomic_load_explicit(&f->state, memory_order_relaxed);
+    if (st > LIMIT_FLEET_FALLBACK)
+        st = LIMIT_FLEET_CONNECTING;
+    if (json) {
+        abuf_printf(b, "{\"enabled\":true,\"node\":");
+        abuf_json_str(b, cl->node_name);
+        abuf_printf(b, ",\"redis\":");
+        abuf_json_str(b, cl->redis);
+        abuf_printf(b,
+                    ",\"state\":\"%s\",\"fallback_policy\":\"%s\",\"since_ms\":%llu,"
+                    "\"nodes_alive\":%u,\"renewals\":%llu,\"errors\":%llu,\"rtt_us\":%llu,"
+                    "\"sync_interval_ms\":%llu,\"lease_ttl_ms\":%llu,\"limiters\":[",
+                    fleet_states[st], conf_cluster_fallback_str(cl->fallback),
+                    (unsigned long long)atomic_load(&f->since_ms), atomic_load(&f->nodes_alive),
+                    (unsigned long long)atomic_load(&f->renewals),
+                    (unsigned long long)atomic_load(&f->errors),
+                    (unsigned long long)atomic_load(&f->rtt_us),
+                    (unsigned long long)cl->sync_interval_ms, (unsigned long long)cl->lease_ttl_ms);
+    } else {
+        abuf_printf(b,
+                    "node %s  redis %s  state %s  fallback policy %s  nodes alive %u\n"
+                    "renewals %llu  errors %llu  last rtt %llu us  sync_interval %llu ms  "
+                    "lease_ttl %llu ms\n",
+                    cl->node_name, cl->redis, fleet_states[st],
+                    conf_cluster_fallback_str(cl->fallback), atomic_load(&f->nodes_alive),
+                    (unsigned long long)atomic_load(&f->renewals),
+                    (unsigned long long)atomic_load(&f->errors),
+                    (unsigned long long)atomic_load(&f->rtt_us),
+                    (unsigned long long)cl->sync_interval_ms, (unsigned long long)cl->lease_ttl_ms);
+        abuf_printf(b, "%-24s  %-11s  %9s  %9s  %6s  %9s  %21s  %21s  %s\n", "LIMITER", "MODE",
+                    "RPM", "TPM", "PAR", "LEFT_MS", "LEASE_REQ/TOK/PAR", "FLEET_REQ/TOK/PAR",
+                    "BOUND_REQ/TOK");
+    }
+    for (uint32_t id = 0; id < n; id++) {
+        const char *kind, *name;
+        struct limit_lease le;
+        struct limit_info li;
+        char who[CONF_NAME_MAX + 8], lease[64], fleet[48], bound[48];
+        int busy;
+        uint64_t left;
+
+        if (!limit_leased(lr, id))
+            continue;
+        limiter_name(conf, id, &kind, &name);
+        busy = limit_lease_get(lr, id, &le) < 0;
+        limit_info(lr, id, now, (int64_t)(time_real_ms() / 1000), &li);
+        left = le.until_ms > now ? le.until_ms - now : 0;
+        if (le.fallback > LIMIT_FALLBACK_CLOSED)
+            le.fallback = LIMIT_FALLBACK_NONE;
+        if (json) {
+            abuf_printf(b, "%s\n  {\"kind\":\"%s\",\"name\":", first ? "" : ",", kind);
+            abuf_json_str(b, name);
+            abuf_printf(
+                b,
+                ",\"mode\":\"%s\",\"busy\":%s,\"rpm\":%u,\"tpm\":%u,\"max_parallel\":%u,"
+                "\"lease\":{\"requests\":%lld,\"tokens\":%lld,\"parallel\":%u,"
+                "\"left_ms\":%llu},\"used_since_renewal\":{\"requests\":%lld,"
+                "\"tokens\":%lld},\"window\":{\"requests\":%u,\"tokens\":%llu},"
+                "\"in_flight\":%u,\"fleet\":{\"requests\":%lld,\"tokens\":%lld,\"parallel\":%lld},"
+                "\"bound\":{\"requests\":%lld,\"tokens\":%lld},\"budget\":{\"lease_nano\":%lld,"
+                "\"used_nano\":%lld,\"reserved_nano\":%llu,\"fleet_spent_nano\":%lld}}",
+                lease_modes[le.fallback], busy ? "true" : "false", li.spec.rpm, li.spec.tpm,
+                li.spec.max_parallel, (long long)le.req, (long long)le.tok, le.par,
+                (unsigned long long)left, (long long)le.used_req, (long long)le.used_tok,
+                li.requests, (unsigned long long)li.tokens, le.parallel, (long long)le.fleet_req,
+                (long long)le.fleet_tok, (long long)le.fleet_par, (long long)le.out_req,
+                (long long)le.out_tok, (long long)le.nano, (long long)le.used_nano,
+                (unsigned long long)le.reserved_nano, (long long)le.fleet_spent);
+        } else {
+            snprintf(who, sizeof(who), "%s %s", kind, name);
+            snprintf(lease, sizeof(lease), "%lld/%lld/%u", (long long)le.req, (long long)le.tok,
+                     le.par);
+            snprintf(fleet, sizeof(fleet), "%lld/%lld/%lld", (long long)le.fleet_req,
+                     (long long)le.fleet_tok, (long long)le.fleet_par);
+            snprintf(bound, sizeof(bound), "%lld/%lld", (long long)le.out_req,
+                     (long long)le.out_tok);
+            abuf_printf(b, "%-24s  %-11s  %9u  %9u  %6u  %9llu  %21s  %21s  %s%s\n", who,
+                        lease_modes[le.fallback], li.spec.rpm, li.spec.tpm, li.spec.max_parallel,
+                        (unsigned long long)left, lease, fleet, bound, busy ? "  (busy)" : "");
+        }
+        first = 0;
+    }
+    if (json)
+        abuf_printf(b, "%s]}\n", first ? "" : "\n");
+    else
+        abuf_printf(b, "FLEET: what Redis counts in the window (used and leased); BOUND: leases "
+                       "granted within lease_ttl, the most the fleet may admit below a limit\n");
+}
 
 #define WORD_MAX (2 * CONF_NAME_MAX + 2) /* room for POOL/NAME */
 
@@ -523,8 +654,11 @@ static void key_row_read(const struct conf *conf, const struct shm *shm, int i, 
     utc_format(k->expires, r->expires, sizeof(r->expires));
     r->expired = k->expires && wall_s >= k->expires;
     /* The limits as configured even when the segment has none (then nothing is counted). */
-    r->li.spec = (struct limit_spec){k->lim.rpm, k->lim.tpm, k->lim.max_parallel, k->budget_nusd,
-                                     LIMIT_PERIOD_MONTH};
+    r->li.spec = (struct limit_spec){.rpm = k->lim.rpm,
+                                     .tpm = k->lim.tpm,
+                                     .max_parallel = k->lim.max_parallel,
+                                     .budget_nano = k->budget_nusd,
+                                     .period = LIMIT_PERIOD_MONTH};
     if (lr && (uint32_t)i < limit_region_count(lr) &&
         limit_info(lr, (uint32_t)i, now_ms, wall_s, &r->li) == -EBUSY)
         r->busy = 1;
@@ -1118,8 +1252,10 @@ static void pool_row_read(const struct conf *conf, const struct shm *shm, int p,
         r->requests += t.requests;
         r->failures += t.failures;
     }
-    r->li.spec =
-        (struct limit_spec){cp->lim.rpm, cp->lim.tpm, cp->lim.max_parallel, 0, LIMIT_PERIOD_MONTH};
+    r->li.spec = (struct limit_spec){.rpm = cp->lim.rpm,
+                                     .tpm = cp->lim.tpm,
+                                     .max_parallel = cp->lim.max_parallel,
+                                     .period = LIMIT_PERIOD_MONTH};
     if (lr && id < limit_region_count(lr))
         limit_info(lr, id, now_ms, wall_s, &r->li);
     list_cell(&cp->models, r->models, sizeof(r->models));
@@ -1396,6 +1532,7 @@ static const char *usage_of(char w[][WORD_MAX], int set)
         {"show", "pools", "show pools [json]"},
         {"show", "backends", "show backends [POOL] [json]"},
         {"show", "keys", "show keys [json]"},
+        {"show", "cluster", "show cluster [json]"},
         {"show", "usage", "show usage [--by key|model|backend] [json]"},
         {"set", "weight", "set weight BACKEND N|N%"},
         {"set", "backend", "set backend BACKEND ready|drain|maint"},
@@ -1455,6 +1592,8 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
             show_keys_json(&b, conf, shm);
         else
             show_keys(&b, conf, shm);
+    } else if (m == 2 && !strcmp(w[0], "show") && !strcmp(w[1], "cluster")) {
+        show_cluster(&b, conf, shm, json);
     } else if (n >= 2 && n <= WORDS_MAX && !strcmp(w[0], "show") && !strcmp(w[1], "usage") &&
                !usage_args(w, 2, n, &kind, &ujson)) {
         if (ujson)

@@ -46,12 +46,13 @@ enum conf_kind {
     CONF_KIND_KEY,
     CONF_KIND_MODEL,
     CONF_KIND_STATS,
+    CONF_KIND_CLUSTER,
 };
 
 static const char *const conf_kind_names[] = {
     [CONF_KIND_NONE] = "",       [CONF_KIND_GLOBAL] = "global",   [CONF_KIND_LISTEN] = "listen",
     [CONF_KIND_POOL] = "pool",   [CONF_KIND_BACKEND] = "backend", [CONF_KIND_KEY] = "key",
-    [CONF_KIND_MODEL] = "model", [CONF_KIND_STATS] = "stats",
+    [CONF_KIND_MODEL] = "model", [CONF_KIND_STATS] = "stats",     [CONF_KIND_CLUSTER] = "cluster",
 };
 
 /* A pool reference by name, resolved once every pool is known (a backend may precede its pool). */
@@ -295,6 +296,17 @@ static const struct conf_key conf_stats_keys[] = {
     {NULL, 0, 0, 0, 0},
 };
 
+static const struct conf_key conf_cluster_keys[] = {
+    KEY_CUSTOM("redis"),
+    KEY_CUSTOM("redis_password"),
+    KEY_CUSTOM("node_name"),
+    KEY_DUR(conf_cluster, sync_interval, 50, 60 * 1000),
+    KEY_DUR(conf_cluster, lease_ttl, 1000, 3600 * 1000),
+    KEY_CUSTOM("cluster_fallback"),
+    KEY_CUSTOM("key_prefix"),
+    {NULL, 0, 0, 0, 0},
+};
+
 /* key_line has a slot for every key of a table (the NULL terminator counts one too many). */
 _Static_assert(ARRAY_SIZE(conf_pool_keys) <= CONF_KEYS_MAX + 1, "raise CONF_KEYS_MAX");
 _Static_assert(ARRAY_SIZE(conf_backend_keys) <= CONF_KEYS_MAX + 1, "raise CONF_KEYS_MAX");
@@ -309,6 +321,7 @@ static const struct conf_key *const conf_kind_keys[] = {
     [CONF_KIND_KEY] = conf_apikey_keys,
     [CONF_KIND_MODEL] = conf_model_keys,
     [CONF_KIND_STATS] = conf_stats_keys,
+    [CONF_KIND_CLUSTER] = conf_cluster_keys,
 };
 
 /* "1500" -> "1500ms", "60000" -> "1m": ranges in messages read like the values users write. */
@@ -1296,6 +1309,194 @@ static int conf_name_ok(const char *s, int model)
 }
 
 /* Makes room for element n in *a (and in the parallel array *b when given); zeroes it. */
+/* ---- [cluster] ---- */
+
+const char *conf_cluster_fallback_str(enum conf_cluster_fallback f)
+{
+    switch (f) {
+    case CLUSTER_FALLBACK_LOCAL_SHARE:
+        return "local_share";
+    case CLUSTER_FALLBACK_OPEN:
+        return "open";
+    case CLUSTER_FALLBACK_CLOSED:
+        return "closed";
+    }
+    return "?";
+}
+
+/* redis = redis://HOST[:PORT][/DB] | unix:PATH[?db=N]. A password in the URL is refused: it would
+ * be shown wherever the address is (logs, show cluster); redis_password reads it from elsewhere. */
+static void conf_set_redis(struct conf_parse *p, struct conf_cluster *cl, const char *val)
+{
+    const char *expect = "expected redis://HOST:PORT[/DB] or unix:PATH[?db=N]";
+    long n;
+
+    if (strlen(val) >= sizeof(cl->redis)) {
+        conf_err(p, p->line, "redis", "too long (at most %zu characters)", sizeof(cl->redis) - 1);
+        return;
+    }
+    if (strchr(val, '@')) {
+        conf_err(p, p->line, "redis",
+                 "a password in the address is not accepted (it would show in logs; "
+                 "expected redis_password = env:VAR or file:PATH)");
+        return;
+    }
+    snprintf(cl->redis, sizeof(cl->redis), "%s", val);
+    cl->redis_port = 6379;
+    cl->redis_db = 0;
+    if (!strncmp(val, "unix:", 5)) {
+        const char *path = val + 5, *q = strchr(path, '?');
+        size_t len = q ? (size_t)(q - path) : strlen(path);
+        char *abs;
+
+        cl->redis_unix = 1;
+        if (!len) {
+            conf_err(p, p->line, "redis", "'unix:' names no socket (%s)", expect);
+            return;
+        }
+        if (q) {
+            if (strncmp(q, "?db=", 4) || util_parse_int(q + 4, 0, 1000000, &n) < 0) {
+                conf_err(p, p->line, "redis", "'%s' after the path is not ?db=N (%s)", q, expect);
+                return;
+            }
+            cl->redis_db = (uint32_t)n;
+        }
+        {
+            char rel[CONF_HOST_MAX];
+
+            if (len >= sizeof(rel)) {
+                conf_err(p, p->line, "redis", "socket path is too long");
+                return;
+            }
+            memcpy(rel, path, len);
+            rel[len] = '\0';
+            abs = conf_path_resolve(p, rel);
+        }
+        if (!abs) {
+            conf_err(p, p->line, "redis", "out of memory");
+            return;
+        }
+        conf_copy_str(p, "redis", cl->redis_host, sizeof(cl->redis_host), abs, "a socket path");
+        free(abs);
+        return;
+    }
+    if (strncmp(val, "redis://", 8)) {
+        conf_err(p, p->line, "redis", "'%s' is not a Redis address (%s)", val, expect);
+        return;
+    }
+    {
+        const char *h = val + 8, *hend, *rest;
+        size_t hlen;
+
+        cl->redis_unix = 0;
+        if (*h == '[') {
+            hend = strchr(h, ']');
+            if (!hend) {
+                conf_err(p, p->line, "redis", "'[' without ']' (%s)", expect);
+                return;
+            }
+            h++;
+            rest = hend + 1;
+        } else {
+            hend = h + strcspn(h, ":/");
+            rest = hend;
+        }
+        hlen = (size_t)(hend - h);
+        if (!hlen || hlen >= sizeof(cl->redis_host)) {
+            conf_err(p, p->line, "redis", "'%s' has %s host (%s)", val, hlen ? "too long a" : "no",
+                     expect);
+            return;
+        }
+        memcpy(cl->redis_host, h, hlen);
+        cl->redis_host[hlen] = '\0';
+        if (*rest == ':') {
+            char port[8];
+            size_t plen = strcspn(rest + 1, "/");
+
+            if (!plen || plen >= sizeof(port)) {
+                conf_err(p, p->line, "redis", "'%s' has a bad port (%s)", val, expect);
+                return;
+            }
+            memcpy(port, rest + 1, plen);
+            port[plen] = '\0';
+            if (util_parse_int(port, 1, 65535, &n) < 0) {
+                conf_err(p, p->line, "redis", "port '%s' is not 1..65535", port);
+                return;
+            }
+            cl->redis_port = (uint16_t)n;
+            rest += 1 + plen;
+        }
+        if (*rest == '/' && rest[1]) {
+            if (util_parse_int(rest + 1, 0, 1000000, &n) < 0) {
+                conf_err(p, p->line, "redis", "database '%s' is not a number (%s)", rest + 1,
+                         expect);
+                return;
+            }
+            cl->redis_db = (uint32_t)n;
+        } else if (*rest && strcmp(rest, "/")) {
+            conf_err(p, p->line, "redis", "unexpected '%s' (%s)", rest, expect);
+        }
+    }
+}
+
+static void conf_cluster_custom(struct conf_parse *p, const char *key, const char *val)
+{
+    struct conf_cluster *cl = &p->conf->cluster;
+
+    if (!strcmp(key, "redis")) {
+        conf_set_redis(p, cl, val);
+    } else if (!strcmp(key, "redis_password")) {
+        if (p->flags & CONF_LOAD_NO_SECRETS)
+            return;
+        if (strncmp(val, "env:", 4) && strncmp(val, "file:", 5)) {
+            conf_err(p, p->line, key,
+                     "a password is not written in the file (expected env:VAR or file:PATH)");
+            return;
+        }
+        free(cl->redis_password);
+        cl->redis_password = conf_secret(p, key, val, 0);
+    } else if (!strcmp(key, "node_name")) {
+        if (!conf_name_ok(val, 0))
+            conf_err(p, p->line, key,
+                     "invalid name '%s' (expected 1..%d characters of A-Z a-z 0-9 _ . -)", val,
+                     CONF_NAME_MAX - 1);
+        else
+            snprintf(cl->node_name, sizeof(cl->node_name), "%s", val);
+    } else if (!strcmp(key, "cluster_fallback")) {
+        for (int f = CLUSTER_FALLBACK_LOCAL_SHARE; f <= CLUSTER_FALLBACK_CLOSED; f++) {
+            if (!strcmp(val, conf_cluster_fallback_str((enum conf_cluster_fallback)f))) {
+                cl->fallback = (enum conf_cluster_fallback)f;
+                return;
+            }
+        }
+        conf_err(p, p->line, key, "unknown policy '%s' (expected local_share, open or closed)",
+                 val);
+    } else if (!strcmp(key, "key_prefix")) {
+        if (!*val || !conf_secret_ok(val))
+            conf_err(p, p->line, key, "'%s' is empty or has a space or control character", val);
+        else
+            conf_copy_str(p, key, cl->key_prefix, sizeof(cl->key_prefix), val, "a short prefix");
+    }
+}
+
+static void conf_cluster_defaults(struct conf_cluster *cl)
+{
+    char host[256];
+
+    memset(cl, 0, sizeof(*cl));
+    cl->sync_interval_ms = 1000;
+    cl->lease_ttl_ms = 10 * 1000;
+    cl->fallback = CLUSTER_FALLBACK_LOCAL_SHARE;
+    snprintf(cl->key_prefix, sizeof(cl->key_prefix), "aigw:");
+    /* node_name defaults to the host name, cut at the first character a name may not hold */
+    if (gethostname(host, sizeof(host)) == -1)
+        host[0] = '\0';
+    host[sizeof(host) - 1] = '\0';
+    host[strspn(host, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")] = '\0';
+    snprintf(cl->node_name, sizeof(cl->node_name), "%.*s", CONF_NAME_MAX - 1,
+             host[0] ? host : "aigw");
+}
+
 static int conf_grow(void **a, size_t ea, void **b, size_t eb, int *cap, int n)
 {
     if (n == *cap) {
@@ -1407,6 +1608,26 @@ static void conf_section_end(struct conf_parse *p)
                  !conf_key_line(p, conf_apikey_keys, "budget_usd"))
             conf_err(p, conf_key_line(p, conf_apikey_keys, "budget_period"), "budget_period",
                      "given without budget_usd");
+        break;
+    }
+    case CONF_KIND_CLUSTER: {
+        struct conf_cluster *cl = &p->conf->cluster;
+
+        if (!conf_key_line(p, conf_cluster_keys, "redis"))
+            conf_err(p, p->sect_line, "redis",
+                     "missing (required, e.g. redis = redis://127.0.0.1:6379/0)");
+        else if (cl->lease_ttl_ms < 2 * cl->sync_interval_ms)
+            conf_err(
+                p,
+                conf_key_line(p, conf_cluster_keys, "lease_ttl")
+                    ? conf_key_line(p, conf_cluster_keys, "lease_ttl")
+                    : conf_key_line(p, conf_cluster_keys, "sync_interval"),
+                conf_key_line(p, conf_cluster_keys, "lease_ttl") ? "lease_ttl" : "sync_interval",
+                "lease_ttl (%llu ms) must be at least twice sync_interval (%llu ms): a lease "
+                "is renewed every sync_interval",
+                (unsigned long long)cl->lease_ttl_ms, (unsigned long long)cl->sync_interval_ms);
+        else
+            cl->enabled = 1;
         break;
     }
     case CONF_KIND_STATS:
@@ -1530,14 +1751,30 @@ static void conf_section_begin(struct conf_parse *p, char *s)
         for (char *t = name + strlen(name); t > name && (t[-1] == ' ' || t[-1] == '\t');)
             *--t = '\0';
     }
-    for (int i = CONF_KIND_GLOBAL; i <= CONF_KIND_STATS; i++)
+    for (int i = CONF_KIND_GLOBAL; i <= CONF_KIND_CLUSTER; i++)
         if (!strcmp(kind, conf_kind_names[i]))
             k = (enum conf_kind)i;
     if (k == CONF_KIND_NONE) {
         conf_err(p, p->line, NULL,
                  "unknown section [%s%s%s] (expected [global], [listen NAME], [pool NAME], "
-                 "[backend NAME], [key NAME], [model NAME] or [stats])",
+                 "[backend NAME], [key NAME], [model NAME], [stats] or [cluster])",
                  kind, *name ? " " : "", name);
+        return;
+    }
+    if (k == CONF_KIND_CLUSTER) {
+        snprintf(p->sect, sizeof(p->sect), "cluster");
+        if (*name) {
+            conf_err(p, p->line, NULL, "takes no name (expected [cluster])");
+            return;
+        }
+        if (p->conf->cluster.file_line) {
+            conf_err(p, p->line, NULL, "appears twice (first at line %d)",
+                     p->conf->cluster.file_line);
+            return;
+        }
+        conf_cluster_defaults(&p->conf->cluster);
+        p->conf->cluster.file_line = p->line;
+        p->kind = k;
         return;
     }
     if (k == CONF_KIND_STATS) {
@@ -1680,7 +1917,7 @@ static int conf_handler(void *user, const char *section, const char *key, const 
     if (!p->sect[0]) {
         conf_err(p, p->line, key,
                  "outside any section (expected [global], [listen NAME], [pool NAME], "
-                 "[backend NAME], [key NAME], [model NAME] or [stats] before it)");
+                 "[backend NAME], [key NAME], [model NAME], [stats] or [cluster] before it)");
         return 0;
     }
     if (!keys) /* the section itself was bad: already reported */
@@ -1739,6 +1976,11 @@ static int conf_handler(void *user, const char *section, const char *key, const 
         break;
     case CONF_KIND_STATS:
         conf_stats_custom(p, key, val);
+        break;
+    case CONF_KIND_CLUSTER:
+        obj = &p->conf->cluster;
+        if (k->type == CONF_T_CUSTOM)
+            conf_cluster_custom(p, key, val);
         break;
     default:
         break;
@@ -2193,6 +2435,10 @@ void conf_free(struct conf *conf)
         conf_list_free(&conf->keys[i].models);
     free(conf->keys);
     free(conf->models);
+    if (conf->cluster.redis_password) {
+        memset(conf->cluster.redis_password, 0, strlen(conf->cluster.redis_password));
+        free(conf->cluster.redis_password);
+    }
     free(conf->pools);
     free(conf->listens);
     free(conf->path);

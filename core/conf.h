@@ -238,6 +238,29 @@ struct conf_stats {
     int file_line;
 };
 
+enum conf_cluster_fallback {
+    CLUSTER_FALLBACK_LOCAL_SHARE = 0, /* the fleet limit / hosts last seen alive (the default) */
+    CLUSTER_FALLBACK_OPEN,            /* only this host's own limiter applies */
+    CLUSTER_FALLBACK_CLOSED,          /* leased limits refuse every request */
+};
+
+/* [cluster]: several hosts share keys' limits through Redis (the sync process talks to it). */
+struct conf_cluster {
+    int enabled;                    /* a [cluster] section was given */
+    char redis[CONF_PATH_MAX + 32]; /* as written, for logs and show cluster */
+    int redis_unix;                 /* unix:PATH rather than redis://HOST:PORT */
+    char redis_host[CONF_HOST_MAX]; /* or the socket path when redis_unix */
+    uint16_t redis_port;
+    uint32_t redis_db;
+    char *redis_password; /* NULL = no AUTH; never logged */
+    char node_name[CONF_NAME_MAX];
+    uint64_t sync_interval_ms;
+    uint64_t lease_ttl_ms; /* a lease is used at most this long after its grant */
+    enum conf_cluster_fallback fallback;
+    char key_prefix[CONF_NAME_MAX]; /* of every Redis key: several fleets may share a Redis */
+    int file_line;
+};
+
 struct conf {
     char *path; /* the file it was read from */
     struct conf_global global;
@@ -253,6 +276,7 @@ struct conf {
     int n_models;
     int route_by_model; /* some pool has models =: the body's model picks the pool */
     struct conf_stats stats;
+    struct conf_cluster cluster;
 };
 
 /* Reads and checks a config file. On error returns -EINVAL (or -errno for I/O) and sets *err
@@ -277,6 +301,9 @@ int conf_model_find(const struct conf *conf, const char *name);
 int conf_list_match(const struct conf_list *l, const char *name, size_t len);
 /* The pool serving model name: the first pool in file order whose models match; -1 if none. */
 int conf_model_pool(const struct conf *conf, const char *name, size_t len);
+
+/* "local_share" / "open" / "closed". */
+const char *conf_cluster_fallback_str(enum conf_cluster_fallback f);
 
 /* Calls fn with each warning about a config that loads but is likely not what was meant
  * (a listener with auth on and no [key]); aigw -t prints them, the master logs them. */

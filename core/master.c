@@ -27,6 +27,7 @@
 #include "core/sig.h"
 #include "core/state.h"
 #include "core/stats.h"
+#include "core/sync.h"
 #include "core/upgrade.h"
 #include "core/util.h"
 #include "core/worker.h"
@@ -56,11 +57,11 @@ enum master_stop {
 
 struct gen;
 
-/* One supervised child: the health checker or a worker slot. */
+/* One supervised child: the health checker, the sync process ([cluster]) or a worker slot. */
 struct child {
     struct gen *g;         /* its generation */
-    const char *role;      /* "health" or "worker" */
-    int slot;              /* worker slot, -1 for the health checker */
+    const char *role;      /* "health", "worker" or "sync" */
+    int slot;              /* worker slot, -1 for the health checker and the sync process */
     pid_t pid;             /* 0 while not running */
     uint64_t started_ms;   /* wall clock of the last fork, for show proc */
     uint64_t started_mono; /* monotonic ms of the last fork, to spot crash loops */
@@ -82,7 +83,7 @@ struct gen {
     int *fds; /* listening sockets, fds[slot * n_listens + listen]; its own (dup) copies */
     int n_fds;
     int workers;
-    struct child *children; /* [0] health, [1 + slot] workers */
+    struct child *children; /* [0] health, [1 + slot] workers, then sync with [cluster] */
     int n_children;
     struct state_names names; /* of keys, models, backends: the state file's */
     const char **name_ptrs;
@@ -782,6 +783,8 @@ static void __attribute__((noreturn)) child_run(struct child *c, pid_t master)
     master_child_after_fork();
     if (c->slot >= 0)
         rc = worker_main(g->conf, &g->shm, c->slot, &g->fds[c->slot * g->conf->n_listens]);
+    else if (!strcmp(c->role, "sync"))
+        rc = sync_main(g->conf, &g->shm);
     else
         rc = health_main(g->conf, &g->shm);
     exit(rc); /* not _exit: sanitizers in the child report at exit */
@@ -1424,19 +1427,30 @@ static int master_shm_create(struct gen *g)
         return -ENOMEM;
     for (int i = 0; i < conf->n_keys; i++) {
         const struct conf_apikey *k = &conf->keys[i];
-        specs[i] = (struct limit_spec){k->lim.rpm, k->lim.tpm, k->lim.max_parallel, k->budget_nusd,
-                                       k->budget_period == BUDGET_DAY     ? LIMIT_PERIOD_DAY
-                                       : k->budget_period == BUDGET_TOTAL ? LIMIT_PERIOD_TOTAL
-                                                                          : LIMIT_PERIOD_MONTH};
+        specs[i] =
+            (struct limit_spec){.rpm = k->lim.rpm,
+                                .tpm = k->lim.tpm,
+                                .max_parallel = k->lim.max_parallel,
+                                .budget_nano = k->budget_nusd,
+                                .period = k->budget_period == BUDGET_DAY     ? LIMIT_PERIOD_DAY
+                                          : k->budget_period == BUDGET_TOTAL ? LIMIT_PERIOD_TOTAL
+                                                                             : LIMIT_PERIOD_MONTH};
     }
     for (int i = 0; i < conf->n_models; i++) {
         const struct conf_limits *l = &conf->models[i].lim;
-        specs[conf->n_keys + i] = (struct limit_spec){l->rpm, l->tpm, l->max_parallel, 0, 0};
+        specs[conf->n_keys + i] =
+            (struct limit_spec){.rpm = l->rpm, .tpm = l->tpm, .max_parallel = l->max_parallel};
     }
     for (int i = 0; i < conf->n_pools; i++) {
         const struct conf_limits *l = &conf->pools[i].lim;
         specs[conf->n_keys + conf->n_models + i] =
-            (struct limit_spec){l->rpm, l->tpm, l->max_parallel, 0, 0};
+            (struct limit_spec){.rpm = l->rpm, .tpm = l->tpm, .max_parallel = l->max_parallel};
+    }
+    /* [cluster]: the fleet limits and budgets are leased from Redis by the sync process */
+    for (uint32_t i = 0; conf->cluster.enabled && i < n; i++) {
+        specs[i].leased =
+            specs[i].rpm || specs[i].tpm || specs[i].max_parallel || specs[i].budget_nano;
+        specs[i].lease_retry_ms = (uint32_t)conf->cluster.sync_interval_ms;
     }
     ai = (struct shm_ai){(uint32_t)conf->n_keys, (uint32_t)conf->n_models, (uint32_t)conf->n_pools,
                          specs, (int64_t)(time_real_ms() / 1000)};
@@ -1516,15 +1530,16 @@ static int gen_children(struct gen *g)
 {
     uint64_t now = time_mono_ms();
 
-    g->n_children = 1 + g->workers;
+    /* [cluster]: the sync process comes last, so workers keep their [1 + slot] */
+    g->n_children = 1 + g->workers + (g->conf->cluster.enabled ? 1 : 0);
     g->children = calloc((size_t)g->n_children, sizeof(*g->children));
     if (!g->children)
         return -ENOMEM;
     for (int i = 0; i < g->n_children; i++) {
         struct child *c = &g->children[i];
         c->g = g;
-        c->role = i == 0 ? "health" : "worker";
-        c->slot = i - 1;
+        c->role = i == 0 ? "health" : i <= g->workers ? "worker" : "sync";
+        c->slot = i == 0 || i > g->workers ? -1 : i - 1;
         c->pending = 1;
         c->restart_at = now;
     }
@@ -1826,6 +1841,11 @@ static void reload_timer_fired(uv_timer_t *t)
         ready +=
             g->children[1 + s].pid > 0 &&
             atomic_load_explicit(&shm_worker(&g->shm, (uint32_t)s)->ready, memory_order_acquire);
+    /* [cluster]: not before its sync process put the first leases in shm (or fell back): its
+     * workers would refuse leased keys until then */
+    if (g->conf->cluster.enabled && shm_limits(&g->shm) &&
+        !atomic_load_explicit(&limit_fleet(shm_limits(&g->shm))->primed, memory_order_acquire))
+        ready = -1;
     if (ready == g->workers) {
         reload_handover();
     } else if (time_mono_ms() >= M.next_deadline) {

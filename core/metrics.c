@@ -412,6 +412,37 @@ static void prom_process(const struct metrics_ctx *m, struct mbuf *b)
     mbuf_printf(b, "aigw_start_time_seconds %llu\n", (unsigned long long)(m->started_ms / 1000));
 }
 
+/* [cluster]: whether Redis answers, and which fallback applies (only with [cluster]). */
+static void prom_cluster(const struct metrics_ctx *m, struct mbuf *b)
+{
+    static const char *const modes[] = {"local_share", "open", "closed"};
+    struct limit_region *lr = shm_limits(m->shm);
+    struct limit_fleet *f;
+    uint32_t st;
+
+    if (!m->conf->cluster.enabled || !lr)
+        return;
+    f = limit_fleet(lr);
+    st = atomic_load_explicit(&f->state, memory_order_relaxed);
+    help(b, "aigw_cluster_redis_up", "gauge",
+         "1 while the sync process is connected to Redis ([cluster]).");
+    mbuf_printf(b, "aigw_cluster_redis_up %d\n", st == LIMIT_FLEET_CONNECTED);
+    help(b, "aigw_cluster_fallback", "gauge",
+         "1 for the cluster_fallback policy applying now (Redis away), 0 otherwise.");
+    for (int i = 0; i < 3; i++)
+        mbuf_printf(b, "aigw_cluster_fallback{mode=\"%s\"} %d\n", modes[i],
+                    st == LIMIT_FLEET_FALLBACK && (int)m->conf->cluster.fallback == i);
+    help(b, "aigw_cluster_nodes_alive", "gauge", "Hosts of the fleet seen alive by Redis.");
+    mbuf_printf(b, "aigw_cluster_nodes_alive %u\n",
+                atomic_load_explicit(&f->nodes_alive, memory_order_relaxed));
+    help(b, "aigw_cluster_renewals_total", "counter", "Leases renewed from Redis.");
+    mbuf_printf(b, "aigw_cluster_renewals_total %llu\n",
+                (unsigned long long)atomic_load_explicit(&f->renewals, memory_order_relaxed));
+    help(b, "aigw_cluster_errors_total", "counter", "Redis calls failed or timed out.");
+    mbuf_printf(b, "aigw_cluster_errors_total %llu\n",
+                (unsigned long long)atomic_load_explicit(&f->errors, memory_order_relaxed));
+}
+
 int metrics_prometheus(const struct metrics_ctx *m, struct mbuf *out)
 {
     prom_backends(m, out, time_mono_ns());
@@ -419,6 +450,7 @@ int metrics_prometheus(const struct metrics_ctx *m, struct mbuf *out)
     prom_usage(m, out, ACCT_MODEL);
     prom_usage(m, out, ACCT_BACKEND);
     prom_budgets(m, out);
+    prom_cluster(m, out);
     prom_process(m, out);
     return out->failed ? -ENOMEM : 0;
 }

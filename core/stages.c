@@ -278,6 +278,21 @@ static void answer_limited(struct client *c, const struct limit_verdict *v)
         client_error_extra(c, 429, "insufficient_quota", "insufficient_quota", msg, secs, extra);
         return;
     }
+    if (v->dim == LIMIT_FLEET || v->dim == LIMIT_FLEET_WAIT) { /* [cluster] */
+        if (v->dim == LIMIT_FLEET) /* cluster_fallback = closed, Redis away */
+            snprintf(msg, sizeof(msg),
+                     "The fleet limits of %s %s cannot be checked now (the gateways cannot reach "
+                     "their shared store). Please try again in %d.%03ds.",
+                     kind, name, (int)(v->retry_ms / 1000), (int)(v->retry_ms % 1000));
+        else /* this gateway's share of the budget is being topped up */
+            snprintf(msg, sizeof(msg),
+                     "Rate limit reached for %s %s on this gateway's share of its budget. Please "
+                     "try again in %d.%03ds.",
+                     kind, name, (int)(v->retry_ms / 1000), (int)(v->retry_ms % 1000));
+        client_error_extra(c, 429, "requests", "rate_limit_exceeded", msg, secs < 1 ? 1 : secs,
+                           extra);
+        return;
+    }
     if (v->retry_ms >= 0)
         snprintf(msg, sizeof(msg),
                  "Rate limit reached for %s %s on %s. Please try again in %d.%03ds.", kind, name,

@@ -19,7 +19,7 @@
 #define STATS_TIMEOUT_MS 5000 /* the whole exchange, from accept to the last byte written */
 #define STATS_HEAD_MS    2000 /* the request head, from accept: a scraper sends it at once */
 #define STATS_CONNS_MAX  64   /* open at once (see stats_make_room) */
-#define STATS_PROCS_MAX  (1 + 1 + 64)
+#define STATS_PROCS_MAX  (1 + 2 + 64)
 
 struct stats_conn {
     uv_tcp_t tcp;

@@ -1,6 +1,7 @@
 /* Exact shared rate limits and budgets: sliding-window logs, parallel slots, budget periods. */
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <string.h>
 #include <time.h>
 
@@ -45,6 +46,22 @@ struct limit_cell {
     uint64_t spent_nano;
     int64_t period_start;
     int64_t period_end; /* INT64_MAX for total */
+    /* [cluster] (spec.leased): this host's lease, see struct limit_lease */
+    int64_t lease_req, lease_tok;
+    uint32_t lease_par;
+    uint32_t lease_fb; /* enum limit_fallback */
+    uint64_t lease_until_ms;
+    int64_t used_req, used_tok;
+    int64_t low_req, low_tok;   /* an admission leaving less raises hungry */
+    uint32_t cap_req, cap_tok;  /* LIMIT_FALLBACK_SHARE: this host's share of the limits */
+    uint32_t cap_par, need_tok; /* need_tok: largest request refused by the lease's tokens */
+    _Atomic uint32_t hungry;    /* set by workers, cleared by the sync process */
+    int64_t fleet_req, fleet_tok, out_req, out_tok, fleet_par; /* for show cluster */
+    /* budget_usd lease: what may still be reserved, spent since the last take, the largest
+     * cost refused, valid until, the share cap (fallback), the fleet's spent */
+    int64_t lease_nano, used_nano;
+    uint64_t need_nano, nano_until_ms, cap_nano;
+    int64_t fleet_spent;
 } __attribute__((aligned(LIMIT_ALIGN)));
 
 struct limit_region {
@@ -54,6 +71,7 @@ struct limit_region {
     uint64_t size;
     uint64_t off_cells;
     uint64_t off_owners; /* n * n_owners limit_owner, limiter-major */
+    struct limit_fleet fleet __attribute__((aligned(LIMIT_ALIGN)));
 };
 
 static size_t align_up(size_t n)
@@ -150,6 +168,9 @@ static void period_roll(struct limit_cell *c, int64_t wall_s)
     if (wall_s >= c->period_end) {
         period_set(c, limit_period_start(c->spec.period, wall_s));
         c->spent_nano = 0;
+        /* [cluster]: a new period's budget is leased afresh; what the old one spent is done */
+        c->lease_nano = 0;
+        c->used_nano = 0;
     }
 }
 
@@ -318,6 +339,83 @@ static int wait_longer(int64_t a, int64_t b)
     return b != LIMIT_RETRY_NEVER && a > b;
 }
 
+/* Whether this host's lease of the fleet limits admits the request (its cell is leased). */
+static enum limit_dim lease_check(struct limit_cell *c, uint64_t now_ms, uint64_t tokens)
+{
+    const struct limit_spec *s = &c->spec;
+
+    if (!s->rpm && !s->tpm && !s->max_parallel)
+        return LIMIT_OK; /* leased for its budget only (budget_check) */
+    switch ((enum limit_fallback)c->lease_fb) {
+    case LIMIT_FALLBACK_OPEN:
+        return LIMIT_OK;
+    case LIMIT_FALLBACK_CLOSED:
+        return LIMIT_FLEET;
+    case LIMIT_FALLBACK_SHARE:
+        if (s->rpm && c->sum_req + 1 > c->cap_req)
+            return LIMIT_REQUESTS;
+        if (s->tpm && c->sum_tok + tokens > c->cap_tok)
+            return LIMIT_TOKENS;
+        if (s->max_parallel && c->parallel + 1 > c->cap_par)
+            return LIMIT_PARALLEL;
+        return LIMIT_OK;
+    case LIMIT_FALLBACK_NONE:
+        break;
+    }
+    if (now_ms >= c->lease_until_ms)
+        return s->rpm ? LIMIT_REQUESTS : s->tpm ? LIMIT_TOKENS : LIMIT_PARALLEL;
+    if (s->rpm && c->lease_req < 1)
+        return LIMIT_REQUESTS;
+    if (s->tpm && c->lease_tok < (int64_t)tokens) {
+        if (tokens > c->need_tok)
+            c->need_tok = tokens > UINT32_MAX ? UINT32_MAX : (uint32_t)tokens;
+        return LIMIT_TOKENS;
+    }
+    if (s->max_parallel && c->parallel + 1 > c->lease_par)
+        return LIMIT_PARALLEL;
+    return LIMIT_OK;
+}
+
+/* Whether this host's budget lease admits a request reserving `cost` (the local budget
+ * admitted it already: spent_nano is this host's own). */
+static enum limit_dim lease_check_budget(struct limit_cell *c, uint64_t now_ms, uint64_t cost)
+{
+    switch ((enum limit_fallback)c->lease_fb) {
+    case LIMIT_FALLBACK_OPEN:
+        return LIMIT_OK;
+    case LIMIT_FALLBACK_CLOSED:
+        return LIMIT_FLEET;
+    case LIMIT_FALLBACK_SHARE:
+        return c->spent_nano + c->reserved_nano + cost > c->cap_nano ? LIMIT_BUDGET : LIMIT_OK;
+    case LIMIT_FALLBACK_NONE:
+        break;
+    }
+    if (now_ms >= c->nano_until_ms || c->lease_nano < (int64_t)cost) {
+        if (cost > c->need_nano)
+            c->need_nano = cost;
+        /* the fleet's budget spent as of the last renewal: the quota is gone; else this host
+         * waits for its share to be topped up */
+        return c->fleet_spent + (int64_t)cost > (int64_t)c->spec.budget_nano ? LIMIT_BUDGET
+                                                                             : LIMIT_FLEET_WAIT;
+    }
+    return LIMIT_OK;
+}
+
+/* An admission drew on the lease. */
+static void lease_draw(struct limit_cell *c, uint64_t tokens, uint64_t cost)
+{
+    if (c->spec.budget_nano && c->lease_fb == LIMIT_FALLBACK_NONE)
+        c->lease_nano -= (int64_t)cost;
+    c->used_req += 1;
+    c->used_tok += (int64_t)tokens;
+    if (c->lease_fb != LIMIT_FALLBACK_NONE)
+        return;
+    c->lease_req -= 1;
+    c->lease_tok -= (int64_t)tokens;
+    if ((c->spec.rpm && c->lease_req < c->low_req) || (c->spec.tpm && c->lease_tok < c->low_tok))
+        atomic_store_explicit(&c->hungry, 1, memory_order_relaxed);
+}
+
 /* Would this limiter admit the request? LIMIT_OK, or the dimension with the longest wait and
  * that wait in *retry. */
 static enum limit_dim cell_check(struct limit_region *r, struct limit_cell *c, uint64_t now_ms,
@@ -345,6 +443,16 @@ static enum limit_dim cell_check(struct limit_region *r, struct limit_cell *c, u
         if (dim == LIMIT_OK || wait_longer(w, *retry))
             dim = LIMIT_PARALLEL, *retry = w;
     }
+    if (s->leased && dim == LIMIT_OK) {
+        enum limit_dim d = lease_check(c, now_ms, tokens);
+
+        if (d != LIMIT_OK) {
+            /* a top-up may come within a round trip to Redis: ask for one */
+            atomic_store_explicit(&c->hungry, 1, memory_order_relaxed);
+            dim = d;
+            *retry = (int64_t)s->lease_retry_ms;
+        }
+    }
     if (s->budget_nano) {
         period_roll(c, wall_s);
         if (c->spent_nano + c->reserved_nano + cost > s->budget_nano) {
@@ -355,6 +463,15 @@ static enum limit_dim cell_check(struct limit_region *r, struct limit_cell *c, u
                 w = (c->period_end - wall_s) * 1000;
             if (dim == LIMIT_OK || wait_longer(w, *retry))
                 dim = LIMIT_BUDGET, *retry = w;
+        }
+    }
+    if (s->leased && s->budget_nano && dim == LIMIT_OK) {
+        enum limit_dim d = lease_check_budget(c, now_ms, cost);
+
+        if (d != LIMIT_OK) {
+            atomic_store_explicit(&c->hungry, 1, memory_order_relaxed);
+            dim = d;
+            *retry = (int64_t)s->lease_retry_ms;
         }
     }
     return dim;
@@ -555,6 +672,8 @@ int limit_admit(struct limit_region *r, const uint32_t *ids, uint32_t n, uint64_
 
             t->ids[i] = u[i];
             t->seq[i] = cell_append(r, c, now_ms, tokens);
+            if (c->spec.leased)
+                lease_draw(c, tokens, cost_nano);
             o->parallel++;
             o->reserved_nano += cost_nano;
             c->parallel++;
@@ -596,6 +715,18 @@ void limit_settle(struct limit_region *r, struct limit_ticket *t, uint64_t now_m
                 d = d < e->tokens ? d : e->tokens;
                 e->tokens -= d;
                 c->sum_tok -= d < c->sum_tok ? d : c->sum_tok;
+            }
+        }
+        if (c->spec.leased) { /* the lease pays the correction too (a debt when it grew) */
+            int64_t d = (int64_t)real_tokens - (int64_t)t->tokens;
+
+            c->used_tok += d;
+            if (c->lease_fb == LIMIT_FALLBACK_NONE)
+                c->lease_tok -= d;
+            if (c->spec.budget_nano) { /* spent is reported; the reservation's rest is back */
+                c->used_nano += (int64_t)real_cost_nano;
+                if (c->lease_fb == LIMIT_FALLBACK_NONE)
+                    c->lease_nano += (int64_t)t->cost_nano - (int64_t)real_cost_nano;
             }
         }
         /* The owner's share first: it is what a repair counts from. A share already given
@@ -804,6 +935,175 @@ int limit_carry_end(struct limit_region *dst, uint32_t owner, const struct limit
     return 0;
 }
 
+/* ---- [cluster] leases ------------------------------------------------------------------------ */
+
+struct limit_fleet *limit_fleet(struct limit_region *r)
+{
+    return &r->fleet;
+}
+
+int limit_leased(const struct limit_region *r, uint32_t id)
+{
+    return id < r->n && cell(r, id)->spec.leased;
+}
+
+static void lease_copy(const struct limit_cell *c, struct limit_lease *out)
+{
+    out->req = c->lease_req;
+    out->tok = c->lease_tok;
+    out->par = c->lease_par;
+    out->fallback = c->lease_fb;
+    out->until_ms = c->lease_until_ms;
+    out->used_req = c->used_req;
+    out->used_tok = c->used_tok;
+    out->parallel = (uint32_t)c->parallel;
+    out->need_tok = c->need_tok;
+    out->fleet_req = c->fleet_req;
+    out->fleet_tok = c->fleet_tok;
+    out->out_req = c->out_req;
+    out->out_tok = c->out_tok;
+    out->fleet_par = c->fleet_par;
+    out->nano = c->lease_nano;
+    out->used_nano = c->used_nano;
+    out->reserved_nano = c->reserved_nano;
+    out->need_nano = c->need_nano;
+    out->period_start = c->period_start;
+    out->fleet_spent = c->fleet_spent;
+}
+
+int limit_lease_take(struct limit_region *r, uint32_t id, uint64_t now_ms, int64_t keep_req,
+                     int64_t keep_tok, uint32_t keep_par, struct limit_lease *out)
+{
+    struct limit_cell *c;
+
+    if (id >= r->n || !cell(r, id)->spec.leased)
+        return -EINVAL;
+    c = cell(r, id);
+    if (cell_lock_master(r, id) < 0)
+        return -EBUSY;
+    lease_copy(c, out);
+    if (c->cap)
+        cell_expire(r, c, now_ms);
+    out->win_req = c->sum_req;
+    out->win_tok = c->sum_tok;
+    c->used_req = c->used_tok = 0;
+    c->need_tok = 0;
+    if (c->lease_req > keep_req)
+        c->lease_req = keep_req;
+    if (c->lease_tok > keep_tok)
+        c->lease_tok = keep_tok;
+    if (keep_par < c->parallel)
+        keep_par = (uint32_t)c->parallel;
+    if (c->lease_par > keep_par)
+        c->lease_par = keep_par;
+    cell_unlock(r, id);
+    return 0;
+}
+
+int limit_lease_grant(struct limit_region *r, uint32_t id, const struct limit_grant *g)
+{
+    struct limit_cell *c;
+
+    if (id >= r->n || !cell(r, id)->spec.leased)
+        return -EINVAL;
+    c = cell(r, id);
+    if (cell_lock_master(r, id) < 0)
+        return -EBUSY;
+    c->lease_req += g->add_req;
+    c->lease_tok += g->add_tok;
+    c->lease_par = g->par;
+    c->lease_until_ms = g->until_ms;
+    c->low_req = g->low_req;
+    c->low_tok = g->low_tok;
+    c->fleet_req = g->fleet_req;
+    c->fleet_tok = g->fleet_tok;
+    c->out_req = g->out_req;
+    c->out_tok = g->out_tok;
+    c->fleet_par = g->fleet_par;
+    c->lease_fb = LIMIT_FALLBACK_NONE;
+    cell_unlock(r, id);
+    return 0;
+}
+
+int limit_lease_take_budget(struct limit_region *r, uint32_t id, int64_t wall_s, int64_t keep_nano,
+                            struct limit_lease *out)
+{
+    struct limit_cell *c;
+
+    if (id >= r->n || !cell(r, id)->spec.leased || !cell(r, id)->spec.budget_nano)
+        return -EINVAL;
+    c = cell(r, id);
+    if (cell_lock_master(r, id) < 0)
+        return -EBUSY;
+    period_roll(c, wall_s);
+    lease_copy(c, out);
+    c->used_nano = 0;
+    c->need_nano = 0;
+    if (c->lease_nano > keep_nano)
+        c->lease_nano = keep_nano;
+    cell_unlock(r, id);
+    return 0;
+}
+
+int limit_lease_grant_budget(struct limit_region *r, uint32_t id, int64_t add_nano,
+                             uint64_t until_ms, int64_t fleet_spent)
+{
+    struct limit_cell *c;
+
+    if (id >= r->n || !cell(r, id)->spec.leased || !cell(r, id)->spec.budget_nano)
+        return -EINVAL;
+    c = cell(r, id);
+    if (cell_lock_master(r, id) < 0)
+        return -EBUSY;
+    c->lease_nano += add_nano;
+    c->nano_until_ms = until_ms;
+    c->fleet_spent = fleet_spent;
+    c->lease_fb = LIMIT_FALLBACK_NONE;
+    cell_unlock(r, id);
+    return 0;
+}
+
+int limit_lease_fallback(struct limit_region *r, uint32_t id, enum limit_fallback f,
+                         uint32_t cap_req, uint32_t cap_tok, uint32_t cap_par, uint64_t cap_nano)
+{
+    struct limit_cell *c;
+
+    if (id >= r->n || !cell(r, id)->spec.leased || (unsigned)f > LIMIT_FALLBACK_CLOSED)
+        return -EINVAL;
+    c = cell(r, id);
+    if (cell_lock_master(r, id) < 0)
+        return -EBUSY;
+    c->lease_fb = (uint32_t)f;
+    c->cap_req = cap_req;
+    c->cap_tok = cap_tok;
+    c->cap_par = cap_par;
+    c->cap_nano = cap_nano;
+    cell_unlock(r, id);
+    return 0;
+}
+
+int limit_lease_hungry(struct limit_region *r, uint32_t id)
+{
+    if (id >= r->n)
+        return 0;
+    return (int)atomic_exchange_explicit(&cell(r, id)->hungry, 0, memory_order_relaxed);
+}
+
+int limit_lease_get(struct limit_region *r, uint32_t id, struct limit_lease *out)
+{
+    struct limit_cell *c;
+
+    if (id >= r->n)
+        return -EINVAL;
+    c = cell(r, id);
+    memset(out, 0, sizeof(*out));
+    if (cell_lock_master(r, id) < 0)
+        return -EBUSY;
+    lease_copy(c, out);
+    cell_unlock(r, id);
+    return 0;
+}
+
 const char *limit_dim_str(enum limit_dim d)
 {
     switch (d) {
@@ -817,6 +1117,10 @@ const char *limit_dim_str(enum limit_dim d)
         return "parallel";
     case LIMIT_BUDGET:
         return "budget";
+    case LIMIT_FLEET:
+        return "fleet";
+    case LIMIT_FLEET_WAIT:
+        return "fleet_wait";
     }
     return "?";
 }

@@ -4,6 +4,7 @@
 #ifndef AIGW_SHM_LIMIT_H
 #define AIGW_SHM_LIMIT_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -29,6 +30,10 @@ struct limit_spec {
     uint32_t max_parallel;
     uint64_t budget_nano; /* nano-USD per period */
     enum limit_period period;
+    /* [cluster]: rpm, tpm and max_parallel are fleet limits: admissions also draw on the lease
+     * the sync process holds for this host (struct limit_lease); 0 without [cluster] */
+    uint32_t leased;
+    uint32_t lease_retry_ms; /* Retry-After of a refusal by the lease: a top-up may come soon */
 };
 
 /* Which dimension refused an admission. */
@@ -38,6 +43,9 @@ enum limit_dim {
     LIMIT_TOKENS = 2,
     LIMIT_PARALLEL = 3,
     LIMIT_BUDGET = 4,
+    LIMIT_FLEET = 5,      /* [cluster] with cluster_fallback = closed while Redis is away */
+    LIMIT_FLEET_WAIT = 6, /* [cluster]: this host's budget share is spent, the fleet's is not:
+                           * a top-up is on its way */
 };
 
 /* One OpenAI x-ratelimit-* trio. set = 0: no limiter of the request has this limit. */
@@ -87,6 +95,59 @@ struct limit_info {
 };
 
 struct limit_region;
+
+/* A host's lease of a fleet limiter ([cluster]), read and written by the sync process, drawn on
+ * by admissions. A limiter is leased when its spec says so. */
+struct limit_lease {
+    int64_t req;       /* requests this host may still admit */
+    int64_t tok;       /* tokens it may still reserve; below 0: a debt (settle corrected up) */
+    uint32_t par;      /* parallel slots this host may hold */
+    uint32_t fallback; /* enum limit_fallback: how the lease is made while Redis is away */
+    uint64_t until_ms; /* CLOCK_MONOTONIC: the lease is not used from then on */
+    int64_t used_req;  /* admitted since the last limit_lease_take */
+    int64_t used_tok;  /* tokens since the last take (settle corrections included) */
+    uint32_t parallel; /* in flight on this host now (read only) */
+    /* the fleet at the last renewal: what Redis counts in the window (used and leased), and the
+     * leases granted within lease_ttl (what hosts may still admit unseen: the bound of how many
+     * fewer than the limit the fleet may admit) */
+    int64_t fleet_req, fleet_tok, out_req, out_tok;
+    int64_t fleet_par;         /* parallel slots held by the fleet's hosts */
+    uint64_t win_req, win_tok; /* this host's window (limit_lease_take only) */
+    uint32_t need_tok;         /* largest request the lease's tokens refused since the last take */
+    /* budget_usd: nano-USD this host may still reserve, spent since the last take (settled),
+     * reserved by requests in flight, the largest cost the lease refused, the period's start,
+     * and the fleet's spent at the last renewal */
+    int64_t nano, used_nano;
+    uint64_t reserved_nano, need_nano;
+    int64_t period_start, fleet_spent;
+};
+
+/* While the fleet cannot be asked (Redis away): what a leased limiter admits against. */
+enum limit_fallback {
+    LIMIT_FALLBACK_NONE = 0,  /* the lease pool (req, tok, par) applies */
+    LIMIT_FALLBACK_SHARE = 1, /* this host's window holds at most the caps (limit / hosts) */
+    LIMIT_FALLBACK_OPEN = 2,  /* only the local limits apply */
+    LIMIT_FALLBACK_CLOSED = 3 /* every request is refused (dim LIMIT_FLEET) */
+};
+
+/* The fleet as the sync process last saw it, for show cluster and /metrics (atomics: one
+ * writer, the sync process). */
+struct limit_fleet {
+    _Atomic uint32_t state;       /* enum limit_fleet_state */
+    _Atomic uint32_t nodes_alive; /* hosts whose heartbeat is recent, this one included */
+    _Atomic uint64_t since_ms;    /* wall clock of the last state change */
+    _Atomic uint64_t renewals;    /* leases renewed */
+    _Atomic uint64_t errors;      /* Redis calls failed or timed out */
+    _Atomic uint64_t rtt_us;      /* the last renewal's round trip */
+    _Atomic uint32_t primed;      /* every leased limiter had its first answer, or the fallback
+                                   * applies: a new generation may serve (reload) */
+};
+
+enum limit_fleet_state {
+    LIMIT_FLEET_CONNECTING = 0, /* no answer from Redis yet since start */
+    LIMIT_FLEET_CONNECTED = 1,
+    LIMIT_FLEET_FALLBACK = 2, /* Redis unreachable or slow: the fallback policy applies */
+};
 
 /* Bytes a region of n limiters with these specs and n_owners owner slots needs (a multiple of
  * 64). Owners are the worker slots that admit (limit_admit's owner, < n_owners). */
@@ -167,6 +228,49 @@ int limit_carry_sync(struct limit_region *dst, struct limit_region *src, uint32_
 /* The old generation is gone: owner `owner`'s share of `to` is given back. 0, -EINVAL, or
  * -EBUSY (the lock was not had within LIMIT_MASTER_WAIT_MS: call again later). */
 int limit_carry_end(struct limit_region *dst, uint32_t owner, const struct limit_carry *c);
+
+/* ---- [cluster] leases: the sync process's side --------------------------------------------- */
+
+/* The fleet's status block of the region. */
+struct limit_fleet *limit_fleet(struct limit_region *r);
+/* Whether limiter id is leased (its spec). */
+int limit_leased(const struct limit_region *r, uint32_t id);
+/* Takes a limiter's lease under its lock (waiting LIMIT_MASTER_WAIT_MS at most: -EBUSY): *out
+ * gets it, and the used counts restart from 0 (they are reported with the renewal). What remains
+ * is cut to keep_req requests and keep_tok tokens (INT64_MAX: all kept; a debt stays), and the
+ * parallel slots to max(keep_par, in flight): the caller returns the rest to the fleet (slots are
+ * cut here first, so that none is used while Redis already lets another host have it). *out has
+ * the lease before the cuts, the slots in flight when they were made, and this host's window
+ * at now_ms (CLOCK_MONOTONIC). 0, -EINVAL, -EBUSY. */
+int limit_lease_take(struct limit_region *r, uint32_t id, uint64_t now_ms, int64_t keep_req,
+                     int64_t keep_tok, uint32_t keep_par, struct limit_lease *out);
+/* The same for the budget lease: spent since the last take restarts from 0, what remains is cut
+ * to keep_nano. */
+int limit_lease_take_budget(struct limit_region *r, uint32_t id, int64_t wall_s, int64_t keep_nano,
+                            struct limit_lease *out);
+
+/* A renewal's answer, for limit_lease_grant. */
+struct limit_grant {
+    int64_t add_req, add_tok; /* granted: added to the lease */
+    uint32_t par;             /* parallel slots the host may hold from now */
+    uint64_t until_ms;        /* the lease is valid until then (CLOCK_MONOTONIC) */
+    int64_t low_req, low_tok; /* an admission leaving less raises the hungry flag */
+    int64_t fleet_req, fleet_tok, out_req, out_tok, fleet_par; /* see struct limit_lease */
+};
+
+/* A budget renewal's answer: nano-USD added to the lease (valid until until_ms), the fleet's
+ * spent in the period. */
+int limit_lease_grant_budget(struct limit_region *r, uint32_t id, int64_t add_nano,
+                             uint64_t until_ms, int64_t fleet_spent);
+/* Adds a grant to the lease and ends a fallback. 0, -EINVAL, -EBUSY. */
+int limit_lease_grant(struct limit_region *r, uint32_t id, const struct limit_grant *g);
+/* Sets the fallback mode (LIMIT_FALLBACK_SHARE: with the caps of this host's window). */
+int limit_lease_fallback(struct limit_region *r, uint32_t id, enum limit_fallback f,
+                         uint32_t cap_req, uint32_t cap_tok, uint32_t cap_par, uint64_t cap_nano);
+/* Reads and clears the hungry flag (a worker found the lease low or spent). No lock. */
+int limit_lease_hungry(struct limit_region *r, uint32_t id);
+/* The lease as it is now, for show cluster (-EBUSY as limit_info). */
+int limit_lease_get(struct limit_region *r, uint32_t id, struct limit_lease *out);
 
 /* Start of the budget period containing wall_s, and of the next one (INT64_MAX for total). */
 int64_t limit_period_start(enum limit_period p, int64_t wall_s);

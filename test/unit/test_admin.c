@@ -803,7 +803,11 @@ static int setup_ai(void **state)
     f->conf.n_models = 2;
 
     struct limit_spec specs[6] = {
-        {100, 10000, 4, 12500000000ull, LIMIT_PERIOD_DAY},
+        {.rpm = 100,
+         .tpm = 10000,
+         .max_parallel = 4,
+         .budget_nano = 12500000000ull,
+         .period = LIMIT_PERIOD_DAY},
     };
     struct shm_ai ai = {2, 2, 2, specs, (int64_t)(time_real_ms() / 1000)};
     assert_int_equal(shm_create_ai(&f->shm, 3, 2, 1, &ai), 0);

@@ -468,6 +468,98 @@ static void test_err_duplicates(void **state)
     load_bad(BASE "[listen b]\nbind = 127.0.0.1:8080\n", 7, "[listen b] key 'bind'", NULL);
 }
 
+/* [cluster]: defaults, both address forms, the password from env:, FILE:LINE errors. */
+static void test_cluster_section(void **state)
+{
+    struct conf *c = load_ok(BASE);
+
+    assert_int_equal(c->cluster.enabled, 0); /* no section: no cluster */
+    conf_free(c);
+
+    c = load_ok(BASE "[cluster]\nredis = redis://127.0.0.1:6390/3\n");
+    assert_int_equal(c->cluster.enabled, 1);
+    assert_int_equal(c->cluster.redis_unix, 0);
+    assert_string_equal(c->cluster.redis_host, "127.0.0.1");
+    assert_int_equal(c->cluster.redis_port, 6390);
+    assert_int_equal(c->cluster.redis_db, 3);
+    assert_null(c->cluster.redis_password);
+    assert_int_equal(c->cluster.sync_interval_ms, 1000);
+    assert_int_equal(c->cluster.lease_ttl_ms, 10000);
+    assert_int_equal(c->cluster.fallback, CLUSTER_FALLBACK_LOCAL_SHARE);
+    assert_string_equal(c->cluster.key_prefix, "aigw:");
+    assert_true(c->cluster.node_name[0] != '\0'); /* the host name */
+    conf_free(c);
+
+    setenv("AIGW_TEST_REDIS_PW", "s3cret", 1);
+    c = load_ok(BASE "[cluster]\nredis = redis://[::1]\nredis_password = env:AIGW_TEST_REDIS_PW\n"
+                     "node_name = host-a\nsync_interval = 200ms\nlease_ttl = 5s\n"
+                     "cluster_fallback = closed\nkey_prefix = fleet1:\n");
+    assert_string_equal(c->cluster.redis_host, "::1");
+    assert_int_equal(c->cluster.redis_port, 6379);
+    assert_int_equal(c->cluster.redis_db, 0);
+    assert_string_equal(c->cluster.redis_password, "s3cret");
+    assert_string_equal(c->cluster.node_name, "host-a");
+    assert_int_equal(c->cluster.sync_interval_ms, 200);
+    assert_int_equal(c->cluster.lease_ttl_ms, 5000);
+    assert_int_equal(c->cluster.fallback, CLUSTER_FALLBACK_CLOSED);
+    assert_string_equal(c->cluster.key_prefix, "fleet1:");
+    conf_free(c);
+
+    c = load_ok(BASE "[cluster]\nredis = unix:/run/redis.sock?db=2\ncluster_fallback = open\n");
+    assert_int_equal(c->cluster.redis_unix, 1);
+    assert_string_equal(c->cluster.redis_host, "/run/redis.sock");
+    assert_int_equal(c->cluster.redis_db, 2);
+    assert_int_equal(c->cluster.fallback, CLUSTER_FALLBACK_OPEN);
+    conf_free(c);
+
+    load_bad(BASE "[cluster]\n", 6, "[cluster] key 'redis': missing", NULL);
+    load_bad(BASE "[cluster c]\nredis = redis://h\n", 6, "[cluster]: takes no name", NULL);
+    load_bad(BASE "[cluster]\nredis = redis://h\n[cluster]\n", 8, "appears twice (first at line 6)",
+             NULL);
+    load_bad(BASE "[cluster]\nredis = http://h:6379\n", 7, "[cluster] key 'redis'",
+             "redis://HOST:PORT", NULL);
+    load_bad(BASE "[cluster]\nredis = redis://h:70000\n", 7, "key 'redis'", "1..65535", NULL);
+    load_bad(BASE "[cluster]\nredis = redis://h:6379/x\n", 7, "key 'redis'", "database 'x'", NULL);
+    load_bad(BASE "[cluster]\nredis = unix:\n", 7, "key 'redis'", "names no socket", NULL);
+    load_bad(BASE "[cluster]\nredis = unix:/s?dbx=1\n", 7, "key 'redis'", "?db=N", NULL);
+    load_bad(BASE "[cluster]\nredis = redis://h\nsync_interval = 10ms\n", 8, "key 'sync_interval'",
+             "out of range 50ms..1m", NULL);
+    load_bad(BASE "[cluster]\nredis = redis://h\nsync_interval = 2s\nlease_ttl = 3s\n", 9,
+             "key 'lease_ttl'", "at least twice sync_interval", NULL);
+    load_bad(BASE "[cluster]\nredis = redis://h\ncluster_fallback = maybe\n", 8,
+             "key 'cluster_fallback'", "local_share, open or closed", NULL);
+    load_bad(BASE "[cluster]\nredis = redis://h\nnode_name = a b\n", 8, "key 'node_name'",
+             "invalid name", NULL);
+    load_bad(BASE "[cluster]\nredis = redis://h\nkey_prefix = \n", 8, "key 'key_prefix'", NULL);
+    load_bad(BASE "[cluster]\nredis = redis://h\nttl = 1s\n", 8, "key 'ttl': unknown key",
+             "lease_ttl", NULL);
+    unsetenv("AIGW_TEST_UNSET_VAR");
+    load_bad(BASE "[cluster]\nredis = redis://h\nredis_password = env:AIGW_TEST_UNSET_VAR\n", 8,
+             "key 'redis_password'", "AIGW_TEST_UNSET_VAR is not set", NULL);
+}
+
+/* A password is never taken from the file itself, nor echoed from the address. */
+static void test_cluster_secret_not_printed(void **state)
+{
+    struct conf *c = NULL;
+    char *err = NULL;
+
+    load_bad(BASE "[cluster]\nredis = redis://h\nredis_password = hunter2\n", 8,
+             "key 'redis_password'", "env:VAR or file:PATH", NULL);
+    write_file(ini_path, BASE "[cluster]\nredis = redis://u:hunter2@h:6379\n");
+    assert_int_equal(conf_load(ini_path, &c, &err), -EINVAL);
+    assert_non_null(strstr(err, ":7: [cluster] key 'redis'"));
+    assert_null(strstr(err, "hunter2"));
+    free(err);
+    /* aigwctl -c reads no secret */
+    unsetenv("AIGW_TEST_UNSET_VAR");
+    write_file(ini_path, BASE "[cluster]\nredis = redis://h\n"
+                              "redis_password = env:AIGW_TEST_UNSET_VAR\n");
+    assert_int_equal(conf_load_flags(ini_path, CONF_LOAD_NO_SECRETS, &c, &err), 0);
+    assert_null(c->cluster.redis_password);
+    conf_free(c);
+}
+
 /* [stats]: no name, at most once, bind required and numeric, not on a [listen]'s address. */
 static void test_stats_section(void **state)
 {
@@ -1386,6 +1478,8 @@ int main(void)
         cmocka_unit_test(test_deploy_keys),
         cmocka_unit_test(test_stats_section),
         cmocka_unit_test(test_list_match),
+        cmocka_unit_test(test_cluster_section),
+        cmocka_unit_test(test_cluster_secret_not_printed),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

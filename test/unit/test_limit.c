@@ -726,6 +726,167 @@ static void test_region_args(void **state)
     }
 }
 
+static int lease_grant1(struct limit_region *r, int64_t req, int64_t tok, uint32_t par,
+                        uint64_t until, int64_t low_req, int64_t low_tok)
+{
+    struct limit_grant g = {.add_req = req,
+                            .add_tok = tok,
+                            .par = par,
+                            .until_ms = until,
+                            .low_req = low_req,
+                            .low_tok = low_tok};
+
+    return limit_lease_grant(r, 0, &g);
+}
+
+/* [cluster]: a leased limiter admits only what its lease holds, until the lease ends, counts what
+ * was used for the next renewal, raises hungry when low or refused, and its fallbacks. */
+static void test_lease(void **state)
+{
+    struct limit_spec s = {.rpm = 100, .tpm = 10000, .leased = 1, .lease_retry_ms = 200};
+    struct limit_ticket t;
+    struct limit_verdict v;
+    struct limit_lease l;
+    size_t size;
+    struct limit_region *r = region_new(&s, 1, 1, &size);
+
+    /* no lease yet: refused with the short Retry-After, hungry raised */
+    assert_int_equal(admit1(r, 1000, 10, 0, NULL, &v), -EAGAIN);
+    assert_int_equal(v.dim, LIMIT_REQUESTS);
+    assert_int_equal(v.retry_ms, 200);
+    assert_int_equal(limit_lease_hungry(r, 0), 1);
+    assert_int_equal(limit_lease_hungry(r, 0), 0);
+
+    /* 3 requests and 100 tokens, until t = 5 s; low-water 2 requests */
+    assert_int_equal(lease_grant1(r, 3, 100, 0, 5000, 2, 0), 0);
+    assert_int_equal(admit1(r, 1000, 40, 0, &t, &v), 0);
+    assert_int_equal(limit_lease_hungry(r, 0), 0);    /* 2 left: not below the low-water */
+    limit_settle(r, &t, 1100, WALL_MAR15_23H, 50, 0); /* 10 more than reserved: a debt */
+    assert_int_equal(admit1(r, 1200, 40, 0, NULL, &v), 0);
+    assert_int_equal(limit_lease_hungry(r, 0), 1);               /* 1 left */
+    assert_int_equal(admit1(r, 1300, 40, 0, NULL, &v), -EAGAIN); /* 100-50-40 = 10 tokens */
+    assert_int_equal(v.dim, LIMIT_TOKENS);
+    assert_int_equal(v.retry_ms, 200);
+    assert_int_equal(limit_lease_take(r, 0, 0, INT64_MAX, INT64_MAX, UINT32_MAX, &l), 0);
+    assert_int_equal(l.req, 1);
+    assert_int_equal(l.tok, 10);
+    assert_int_equal(l.used_req, 2);
+    assert_int_equal(l.used_tok, 90);
+    assert_int_equal(l.need_tok, 40);
+    assert_int_equal(l.win_req, 2);
+    assert_int_equal(l.win_tok, 90);
+    /* the counts restart with each take; the rest of the lease stays */
+    assert_int_equal(limit_lease_take(r, 0, 0, INT64_MAX, INT64_MAX, UINT32_MAX, &l), 0);
+    assert_int_equal(l.used_req, 0);
+    assert_int_equal(l.need_tok, 0);
+    assert_int_equal(l.req, 1);
+    assert_int_equal(admit1(r, 1400, 5, 0, NULL, &v), 0);
+    assert_int_equal(admit1(r, 1500, 5, 0, NULL, &v), -EAGAIN);
+    assert_int_equal(v.dim, LIMIT_REQUESTS);
+
+    /* a lease past its end is not used */
+    assert_int_equal(lease_grant1(r, 10, 1000, 0, 5000, 0, 0), 0);
+    assert_int_equal(admit1(r, 4999, 5, 0, NULL, &v), 0);
+    assert_int_equal(admit1(r, 5000, 5, 0, NULL, &v), -EAGAIN);
+    /* cut to what is kept, then given back whole: the used counts reported once */
+    assert_int_equal(limit_lease_take(r, 0, 0, 8, 400, 0, &l), 0);
+    assert_int_equal(l.req, 9);
+    assert_int_equal(l.tok, 1000);
+    assert_int_equal(l.used_req, 2);
+    assert_int_equal(l.used_tok, 10);
+    assert_int_equal(limit_lease_take(r, 0, 0, 0, 0, 0, &l), 0);
+    assert_int_equal(l.req, 8);
+    assert_int_equal(l.tok, 400);
+    assert_int_equal(l.used_req, 0);
+    assert_int_equal(limit_lease_get(r, 0, &l), 0);
+    assert_int_equal(l.req, 0);
+    assert_int_equal(l.tok, 0);
+
+    /* fallbacks: share caps this host's window (4 admitted so far), open lets the local limits
+     * decide, closed refuses for good; the used counts go on */
+    assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_SHARE, 6, 10000, 0, 0), 0);
+    assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), 0);
+    assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), 0);
+    assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), -EAGAIN);
+    assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_OPEN, 0, 0, 0, 0), 0);
+    assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), 0);
+    assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_CLOSED, 0, 0, 0, 0), 0);
+    assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), -EAGAIN);
+    assert_int_equal(v.dim, LIMIT_FLEET);
+    assert_int_equal(v.retry_ms, 200);
+    assert_int_equal(limit_lease_take(r, 0, 0, 0, 0, 0, &l), 0);
+    assert_int_equal(l.used_req, 3);
+    assert_int_equal(l.fallback, LIMIT_FALLBACK_CLOSED);
+    /* a grant ends the fallback */
+    assert_int_equal(lease_grant1(r, 1, 100, 0, 9000, 0, 0), 0);
+    assert_int_equal(admit1(r, 6000, 5, 0, NULL, &v), 0);
+    region_free(r, size);
+
+    /* parallel slots: the lease's, cut to what is in flight at most */
+    s = (struct limit_spec){.max_parallel = 5, .leased = 1, .lease_retry_ms = 100};
+    r = region_new(&s, 1, 1, &size);
+    assert_int_equal(lease_grant1(r, 0, 0, 2, 5000, 0, 0), 0);
+    {
+        struct limit_ticket t2;
+
+        assert_int_equal(admit1(r, 1000, 0, 0, &t, &v), 0);
+        assert_int_equal(admit1(r, 1000, 0, 0, &t2, &v), 0);
+        assert_int_equal(admit1(r, 1000, 0, 0, NULL, &v), -EAGAIN);
+        assert_int_equal(v.dim, LIMIT_PARALLEL);
+        assert_int_equal(v.retry_ms, 100);
+        assert_int_equal(limit_lease_take(r, 0, 0, INT64_MAX, INT64_MAX, 0, &l), 0);
+        assert_int_equal(l.par, 2);
+        assert_int_equal(l.parallel, 2);
+        assert_int_equal(limit_lease_get(r, 0, &l), 0);
+        assert_int_equal(l.par, 2); /* not below what is in flight */
+        limit_settle(r, &t2, 1100, WALL_MAR15_23H, 0, 0);
+        assert_int_equal(limit_lease_take(r, 0, 0, INT64_MAX, INT64_MAX, 0, &l), 0);
+        assert_int_equal(limit_lease_get(r, 0, &l), 0);
+        assert_int_equal(l.par, 1);
+        assert_int_equal(admit1(r, 1200, 0, 0, NULL, &v), -EAGAIN);
+        limit_settle(r, &t, 1300, WALL_MAR15_23H, 0, 0);
+    }
+    region_free(r, size);
+
+    /* a budget lease: reservations drawn, the settled cost reported as spent, the rest back */
+    s = (struct limit_spec){.budget_nano = 1000, .leased = 1, .lease_retry_ms = 100};
+    r = region_new(&s, 1, 1, &size);
+    assert_int_equal(admit1(r, 1000, 0, 100, NULL, &v), -EAGAIN); /* no lease yet */
+    assert_int_equal(v.dim, LIMIT_FLEET_WAIT);
+    assert_int_equal(v.retry_ms, 100);
+    assert_int_equal(limit_lease_hungry(r, 0), 1);
+    assert_int_equal(limit_lease_grant_budget(r, 0, 250, 5000, 0), 0);
+    assert_int_equal(admit1(r, 1000, 0, 100, &t, &v), 0);
+    assert_int_equal(admit1(r, 1000, 0, 200, NULL, &v), -EAGAIN); /* 150 left */
+    assert_int_equal(v.dim, LIMIT_FLEET_WAIT);
+    /* the fleet's budget spent (as of the last renewal): the quota is gone */
+    assert_int_equal(limit_lease_grant_budget(r, 0, 0, 5000, 900), 0);
+    assert_int_equal(admit1(r, 1000, 0, 200, NULL, &v), -EAGAIN);
+    assert_int_equal(v.dim, LIMIT_BUDGET);
+    limit_settle(r, &t, 1100, WALL_MAR15_23H, 0, 60);
+    assert_int_equal(limit_lease_take_budget(r, 0, WALL_MAR15_23H, INT64_MAX, &l), 0);
+    assert_int_equal(l.nano, 190);
+    assert_int_equal(l.used_nano, 60);
+    assert_int_equal(l.need_nano, 200);
+    assert_int_equal(limit_lease_take_budget(r, 0, WALL_MAR15_23H, 50, &l), 0);
+    assert_int_equal(l.used_nano, 0);
+    assert_int_equal(limit_lease_get(r, 0, &l), 0);
+    assert_int_equal(l.nano, 50);
+    /* share: this host's own spent against its cap */
+    assert_int_equal(limit_lease_fallback(r, 0, LIMIT_FALLBACK_SHARE, 0, 0, 0, 100), 0);
+    assert_int_equal(admit1(r, 1200, 0, 40, NULL, &v), 0); /* 60 spent + 40 */
+    assert_int_equal(admit1(r, 1200, 0, 1, NULL, &v), -EAGAIN);
+    region_free(r, size);
+
+    /* not leased: the lease calls refuse, admissions are as without [cluster] */
+    s = (struct limit_spec){.rpm = 100, .tpm = 10000};
+    r = region_new(&s, 1, 1, &size);
+    assert_int_equal(limit_lease_take(r, 0, 0, INT64_MAX, INT64_MAX, UINT32_MAX, &l), -EINVAL);
+    assert_int_equal(admit1(r, 1000, 10, 0, NULL, &v), 0);
+    assert_int_equal(limit_lease_hungry(r, 0), 0);
+    region_free(r, size);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -743,6 +904,7 @@ int main(void)
         cmocka_unit_test(test_dead_lock_holder),
         cmocka_unit_test(test_region_args),
         cmocka_unit_test(test_carry),
+        cmocka_unit_test(test_lease),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1,0 +1,489 @@
+"""A fleet of aigw hosts sharing keys' limits through Redis (issue 9): a real redis-server on
+loopback, two aigw instances with their own ports and node names; the sync process of each is
+the only one talking to Redis (shown in show proc), a key's rpm holds for the fleet, and Redis
+going away is not an outage.
+
+redis-server (Debian's) is a dependency of `make test` (the Makefile's DEPS): it is not skipped."""
+
+import concurrent.futures as cf
+from decimal import Decimal
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+from harness import (Proc, build_request, chat, chat_body, check, free_port, key_sha256, request,
+                     wait_for)
+
+KEY = "sk-aigw-cluster-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+class Redis:
+    """A redis-server on a free loopback port, nothing saved; stop() kills it, start() again."""
+
+    def __init__(self, env, password=None):
+        self.env = env
+        self.password = password
+        self.port = free_port()
+        self.proc = None
+        self.n = 0
+        self.start()
+
+    def start(self):
+        exe = shutil.which("redis-server")
+        check(exe is not None, "redis-server is not installed (make deps installs it)")
+        argv = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--daemonize", "no"]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        self.n += 1
+        self.proc = Proc("redis", argv, os.path.join(self.env.dir, f"redis{self.n}.log"),
+                         cwd=self.env.dir)
+        self.env.procs.append(self.proc)
+        wait_for(lambda: "Ready to accept connections" in self.proc.log_text(), 10,
+                 "redis-server to start")
+
+    def kill(self):
+        self.proc.signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+    def cli(self, *args):
+        argv = ["redis-cli", "-p", str(self.port)]
+        if self.password:
+            argv += ["--no-auth-warning", "-a", self.password]
+        r = subprocess.run(argv + list(args), capture_output=True, text=True, timeout=10)
+        return r.stdout.strip()
+
+
+def _fleet(env, redis, n=2, lim=None, cluster=None, workers=2, mock=None, stats=False, **gw_kw):
+    """n gateways sharing one mock upstream and redis; they are returned once connected. stats:
+    each has a [stats] listener on g.stats_port."""
+    m = mock or env.mock("m1")
+    key = {"key_sha256": key_sha256(KEY)}
+    key.update({k: str(v) for k, v in (lim or {}).items()})
+    gws = []
+    for i in range(n):
+        cl = {"redis": f"redis://127.0.0.1:{redis.port}/2", "node_name": f"host{i}",
+              "sync_interval": "200ms", "lease_ttl": "2s"}
+        cl.update(cluster or {})
+        sections = [("cluster", cl)]
+        sport = free_port()
+        if stats:
+            sections.append(("stats", {"bind": f"127.0.0.1:{sport}"}))
+        gws.append(env.gateway([m], workers=workers, keys={"k": key}, name=f"gw{i}",
+                               sections=sections, **gw_kw))
+        gws[-1].stats_port = sport
+    for g in gws:
+        wait_for(lambda g=g: "cluster: connected to Redis" in g.proc.log_text(), 10,
+                 f"{g.name} to connect to Redis")
+    return m, gws
+
+
+def _spread(gws, n, threads=8):
+    """n chat requests spread round robin over the gateways; [(gateway index, status)]."""
+    def one(i):
+        return i % len(gws), chat(gws[i % len(gws)].port, headers=AUTH, timeout=15).status
+
+    with cf.ThreadPoolExecutor(max_workers=threads) as ex:
+        return list(ex.map(one, range(n)))
+
+
+def _metrics(gw):
+    r = request(gw.stats_port, "GET", "/metrics")
+    check(r.status == 200, f"/metrics: {r!r}")
+    return r.body.decode()
+
+
+def _limiter(gw, name="k"):
+    c = gw.ctl_json("show", "cluster", "--json")
+    for lim in c["limiters"]:
+        if lim["kind"] == "key" and lim["name"] == name:
+            return lim
+    raise AssertionError(f"key {name} not in show cluster: {c}")
+
+
+def test_sync_process_supervised(env):
+    redis = Redis(env)
+    _, (gw,) = _fleet(env, redis, n=1, lim={"rpm": 50})
+    procs = gw.procs()
+    sync = [p for p in procs if p.get("role") == "sync"]
+    check(len(sync) == 1 and sync[0].get("pid"), f"show proc has no running sync: {procs}")
+    # the heartbeat: this node is in the fleet's ZSET (db 2, as configured)
+    wait_for(lambda: "host0" in redis.cli("-n", "2", "ZRANGE", "aigw:nodes", "0", "-1"), 5,
+             "the heartbeat of host0 in Redis")
+    # killed, it is restarted like the health checker, and connects again
+    pid = sync[0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: any(p.get("role") == "sync" and p.get("pid") not in (None, 0, pid)
+                         for p in gw.procs()), 10, "the sync process to be restarted")
+    wait_for(lambda: gw.proc.log_text().count("cluster: connected to Redis") >= 2, 10,
+             "the new sync process to connect")
+    check(chat(gw.port, headers=AUTH).status == 200, "a request after the restart")
+
+
+def test_no_cluster_no_sync(env):
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1)
+    check(not [p for p in gw.procs() if p.get("role") == "sync"], "a sync process without "
+          "[cluster]")
+    check(gw.ctl_json("show", "cluster", "--json") == {"enabled": False}, "show cluster is on")
+
+
+def test_auth_and_db(env):
+    redis = Redis(env, password="pw-0123")
+    os.environ["AIGW_TEST_REDIS_PW"] = "pw-0123"
+    try:
+        _, (gw,) = _fleet(env, redis, n=1, lim={"rpm": 20},
+                          cluster={"redis_password": "env:AIGW_TEST_REDIS_PW"})
+    finally:
+        del os.environ["AIGW_TEST_REDIS_PW"]
+    check(chat(gw.port, headers=AUTH).status == 200, "a request through the leased key")
+    keys = redis.cli("-n", "2", "KEYS", "aigw:*")
+    check("aigw:{key:k}:win" in keys, f"no lease window of key k in db 2: {keys!r}")
+
+
+def test_rpm_shared_by_the_fleet(env):
+    N = 100
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"rpm": N})
+    statuses = []
+    deadline = time.monotonic() + 20
+    # keep asking both hosts until the fleet refuses steadily: what one host holds unused is
+    # used by its own next requests, so the whole rpm is reached
+    while time.monotonic() < deadline:
+        statuses += _spread(gws, 40)
+        ok = sum(1 for _, st in statuses if st == 200)
+        check(ok <= N, f"the fleet admitted {ok} > rpm {N}")
+        if ok == N:
+            break
+        time.sleep(0.3)
+    ok = sum(1 for _, st in statuses if st == 200)
+    check({st for _, st in statuses} <= {200, 429}, f"statuses {sorted({st for _, st in statuses})}")
+    check(ok == N, f"the fleet admitted {ok} of rpm {N} in 20 s ({len(statuses)} sent)")
+    check(m.stats()["chat_completions"] == N, f"the upstream saw {m.stats()['chat_completions']}")
+    per_host = [sum(1 for h, st in statuses if h == i and st == 200) for i in range(len(gws))]
+    check(min(per_host) >= 10, f"admitted per host {per_host}: the fleet was not shared")
+    # still refused a moment later, on each host, with the short Retry-After of a lease
+    time.sleep(0.5)
+    got = _spread(gws, 10)
+    check(all(st == 429 for _, st in got), f"after the fleet's rpm: {got}")
+    r = chat(gws[0].port, headers=AUTH)
+    check(r.status == 429 and r.header("retry-after") == "1", f"429 of a spent lease: {r!r}")
+    # show cluster: both hosts alive, and Redis counts the whole rpm in the window
+    for g in gws:
+        wait_for(lambda g=g: _limiter(g)["fleet"]["requests"] == N, 5,
+                 f"show cluster of {g.name} to count {N} requests in the fleet")
+        c = g.ctl_json("show", "cluster", "--json")
+        check(c["state"] == "connected" and c["nodes_alive"] == 2 and c["node"] == g.name.replace(
+            "gw", "host"), f"show cluster: {c}")
+        lim = _limiter(g)
+        check(lim["rpm"] == N and lim["mode"] == "lease" and lim["lease"]["requests"] >= 0
+              and 0 <= lim["bound"]["requests"] <= N, f"show cluster limiter: {lim}")
+    text = gws[0].ctl("show", "cluster").stdout
+    check("state connected" in text and "key k" in text, f"show cluster: {text!r}")
+
+
+def test_redis_killed_under_load(env):
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"rpm": 100000}, stats=True)
+    stop = time.monotonic() + 6
+    statuses = []
+
+    def load(i):
+        out = []
+        while time.monotonic() < stop:
+            out.append(chat(gws[i % 2].port, headers=AUTH, timeout=15).status)
+        return out
+
+    with cf.ThreadPoolExecutor(max_workers=6) as ex:
+        futs = [ex.submit(load, i) for i in range(6)]
+        time.sleep(1.5)
+        redis.kill()
+        for g in gws:
+            wait_for(lambda g=g: "fall back to local_share" in g.proc.log_text(), 5,
+                     f"{g.name} to log the fallback")
+            c = g.ctl_json("show", "cluster", "--json")
+            check(c["state"] == "fallback" and _limiter(g)["mode"] == "local_share",
+                  f"show cluster during the outage: {c}")
+            mt = _metrics(g)
+            check("aigw_cluster_redis_up 0" in mt
+                  and 'aigw_cluster_fallback{mode="local_share"} 1' in mt
+                  and 'aigw_cluster_fallback{mode="closed"} 0' in mt,
+                  f"/metrics during the outage: {[ln for ln in mt.splitlines() if 'cluster' in ln]}")
+        time.sleep(1.5)
+        redis.start()
+        for g in gws:
+            wait_for(lambda g=g: "is back" in g.proc.log_text(), 10,
+                     f"{g.name} to log Redis back")
+            wait_for(lambda g=g: _limiter(g)["mode"] == "lease", 5, f"{g.name} to lease again")
+            check(g.ctl_json("show", "cluster", "--json")["state"] == "connected",
+                  "show cluster after Redis came back")
+            mt = _metrics(g)
+            check("aigw_cluster_redis_up 1" in mt
+                  and 'aigw_cluster_fallback{mode="local_share"} 0' in mt,
+                  f"/metrics after: {[ln for ln in mt.splitlines() if 'cluster' in ln]}")
+        for f in futs:
+            statuses += f.result()
+    bad = [s for s in statuses if s != 200]
+    check(len(statuses) > 100 and not bad,
+          f"{len(bad)} of {len(statuses)} requests failed across the outage: {sorted(set(bad))}")
+    for g in gws:
+        text = g.proc.log_text()
+        check(text.count("fall back to local_share") == 1, f"{g.name}: fallback logged "
+              f"{text.count('fall back to local_share')} times")
+
+
+def _hold(gw, n, delay):
+    """n requests sent to gw and left in flight (the mock answers after `delay`); their sockets."""
+    socks = []
+    body = chat_body()
+    h = dict(AUTH)
+    h.update({"x-mock-delay": delay, "Content-Type": "application/json"})
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=20)
+        s.sendall(build_request("POST", "/v1/chat/completions", headers=h, body=body))
+        socks.append(s)
+    return socks
+
+
+def test_max_parallel_shared_by_the_fleet(env):
+    P = 4
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"max_parallel": P})
+    slow = dict(AUTH)
+    slow["x-mock-delay"] = "1200ms"
+
+    def one(i):
+        return chat(gws[i % 2].port, headers=slow, timeout=15).status
+
+    # waves of 12 slow requests at once over both hosts: never more than P at the upstream,
+    # and the hosts top their slots up from each other as they finish
+    ok = 0
+    for _ in range(3):
+        with cf.ThreadPoolExecutor(max_workers=12) as ex:
+            got = list(ex.map(one, range(12)))
+        check(set(got) <= {200, 429}, f"statuses {got}")
+        ok += got.count(200)
+        time.sleep(0.4)
+    check(m.stats()["in_flight_max"] <= P,
+          f"the upstream saw {m.stats()['in_flight_max']} > max_parallel {P} at once")
+    check(ok >= P, f"only {ok} admitted in 3 waves")
+    # what the fleet holds never passes P
+    for g in gws:
+        lim = _limiter(g)
+        check(lim["fleet"]["parallel"] <= P, f"show cluster: {lim}")
+
+
+def test_killed_host_slots_free_after_lease_ttl(env):
+    P = 2
+    redis = Redis(env)
+    m, (a, b) = _fleet(env, redis, n=2, lim={"max_parallel": P},
+                       cluster={"lease_ttl": "1s", "sync_interval": "100ms"})
+    # host a holds both slots with requests in flight, then dies without a word
+    # (a starts with a base chunk of slots and tops up when one is refused: hold until it has 2)
+    held = []
+
+    def a_holds_two():
+        if m.stats()["in_flight"] >= 2:
+            return True
+        held.extend(_hold(a, 1, "20s"))
+        return False
+
+    wait_for(a_holds_two, 8, "2 requests of host a at the upstream", interval=0.3)
+    check(chat(b.port, headers=AUTH).status == 429, "host b got a slot host a holds")
+    a.proc.kill_group()
+    for s in held:
+        s.close()
+    t0 = time.monotonic()
+    # its slots come back after lease_ttl (1 s) and b's next top-up
+    wait_for(lambda: chat(b.port, headers=AUTH).status == 200, 5,
+             "host b to get the dead host's slots")
+    took = time.monotonic() - t0
+    check(took >= 0.5, f"the dead host's slots came back after {took:.2f} s, before lease_ttl")
+
+
+def test_tpm_shared_by_the_fleet(env):
+    body = chat_body("Tell me a long story. " * 20, max_tokens=1000)
+    reserve = -(-len(body) // 3) + 1000
+    T = 6 * reserve + reserve // 2  # 6 reservations fit in the fleet
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"tpm": T})
+    slow = dict(AUTH)
+    slow["x-mock-delay"] = "4s"
+
+    def one(i):
+        return chat(gws[i % 2].port, body=body, headers=slow, timeout=20).status
+
+    # waves of 8 at once while nothing settles (the upstream answers after 4 s): the hosts top
+    # their token leases up from the fleet, and together never hold more than T reserved
+    with cf.ThreadPoolExecutor(max_workers=48) as ex:
+        futs = []
+        for _ in range(6):
+            futs += [ex.submit(one, i) for i in range(8)]
+            time.sleep(0.3)
+        got = [f.result() for f in futs]
+    ok = got.count(200)
+    check(set(got) <= {200, 429}, f"statuses {sorted(set(got))}")
+    check(m.stats()["in_flight_max"] <= 6, f"{m.stats()['in_flight_max']} reservations of "
+          f"{reserve} at once at the upstream under tpm {T}")
+    # at most one reservation's worth may sit unusable in each host's lease (the bound)
+    check(6 - len(gws) <= ok <= 6, f"the fleet admitted {ok} reservations of {reserve} under "
+          f"tpm {T}")
+
+
+def test_fallback_closed(env):
+    redis = Redis(env)
+    m, (c,) = _fleet(env, redis, n=1, lim={"rpm": 1000}, cluster={"cluster_fallback": "closed"})
+    check(chat(c.port, headers=AUTH).status == 200, "before the outage")
+    redis.kill()
+    wait_for(lambda: "fall back to closed" in c.proc.log_text(), 5, "the closed fallback")
+    r = chat(c.port, headers=AUTH)
+    check(r.status == 429, f"closed fallback: {r!r}")
+    err = r.json()["error"]
+    check("cannot be checked" in err["message"] and err["code"] == "rate_limit_exceeded",
+          f"closed fallback's error: {err}")
+    check(r.header("retry-after") is not None, f"no Retry-After: {r.headers}")
+    check(_limiter(c)["mode"] == "closed", f"show cluster: {_limiter(c)}")
+    redis.start()
+    wait_for(lambda: chat(c.port, headers=AUTH).status == 200, 10,
+             "requests admitted again once Redis is back")
+
+
+def test_fallback_open(env):
+    redis = Redis(env)
+    m, (g,) = _fleet(env, redis, n=1, lim={"rpm": 5}, cluster={"cluster_fallback": "open"})
+    redis.kill()
+    wait_for(lambda: "fall back to open" in g.proc.log_text(), 5, "the open fallback")
+    # open: this host's own limiter still applies the full rpm
+    got = [chat(g.port, headers=AUTH).status for _ in range(8)]
+    check(got.count(200) == 5, f"open fallback with rpm 5 on one host: {got}")
+
+
+def test_usage_during_outage_counted_when_redis_is_back(env):
+    N = 40
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"rpm": N})
+    before = sum(1 for _, st in _spread(gws, 10) if st == 200)
+    check(before == 10, f"before the outage: {before} of 10")
+    redis.kill()  # its data goes with it: nothing saved
+    for g in gws:
+        wait_for(lambda g=g: "fall back to local_share" in g.proc.log_text(), 5, "the fallback")
+    during = sum(1 for _, st in _spread(gws, 10) if st == 200)
+    check(during == 10, f"during the outage (local_share, 20 a host): {during} of 10")
+    redis.start()
+    for g in gws:
+        wait_for(lambda g=g: _limiter(g)["mode"] == "lease", 10, f"{g.name} to lease again")
+    # the new Redis was told what both hosts admitted: 20 of the 40 are gone for this minute
+    wait_for(lambda: _limiter(gws[0])["fleet"]["requests"] >= 20, 5,
+             "the fleet's count to include what was used before and during the outage")
+    after = 0
+    for _ in range(6):
+        after += sum(1 for _, st in _spread(gws, 10) if st == 200)
+        time.sleep(0.3)
+    total = before + during + after
+    check(total <= N, f"{total} admitted in the minute under rpm {N} (after Redis came back: "
+          f"{after})")
+    check(total >= N - 4, f"only {total} of rpm {N} admitted")
+
+
+def test_reload_starts_a_new_sync(env):
+    redis = Redis(env)
+    m, (g,) = _fleet(env, redis, n=1, lim={"rpm": 1000000})
+    old = [p["pid"] for p in g.procs() if p.get("role") == "sync"]
+    stop = [False]
+
+    def load():
+        out = []
+        while not stop[0]:
+            out.append(chat(g.port, headers=AUTH, timeout=15).status)
+        return out
+
+    # under load: a new generation serves once its sync process has leased (its workers would
+    # refuse the leased key until then)
+    with cf.ThreadPoolExecutor(max_workers=4) as ex:
+        futs = [ex.submit(load) for _ in range(4)]
+        time.sleep(0.5)
+        for n in range(4):
+            r = g.ctl("reload", timeout=40)
+            check(r.returncode == 0, f"reload: {r.stdout} {r.stderr}")
+            time.sleep(0.5)
+        stop[0] = True
+        st = [x for f in futs for x in f.result()]
+    bad = [x for x in st if x != 200]
+    check(len(st) > 100 and not bad, f"{len(bad)} of {len(st)} failed across 4 reloads: "
+          f"{sorted(set(bad))}")
+    new = [p["pid"] for p in g.procs() if p.get("role") == "sync"]
+    check(len(new) == 1 and new != old, f"sync processes before {old}, after {new}")
+    check(g.proc.log_text().count("cluster: connected to Redis") >= 5, "a sync did not connect")
+
+
+def test_budget_shared_by_the_fleet(env):
+    budget = Decimal("0.5")
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"budget_usd": str(budget), "budget_period": "day"},
+                    pool={"models": "gpt-*", "check": "no"},
+                    models={"gpt-a": {"price_input": "1000", "price_output": "1000"}})
+    cost = Decimal(0)
+    ok = refused_in_a_row = waits = 0
+    deadline = time.monotonic() + 25
+    i = 0
+    while refused_in_a_row < 6 and time.monotonic() < deadline:
+        r = chat(gws[i % 2].port, chat_body(f"budget {i}", model="gpt-a", max_tokens=16),
+                 headers=AUTH)
+        i += 1
+        if r.status == 200:
+            u = r.json()["usage"]
+            cost += Decimal(u["prompt_tokens"] + u["completion_tokens"]) / 1000
+            ok += 1
+            refused_in_a_row = 0
+            continue
+        check(r.status == 429, f"{r!r}")
+        err = r.json()["error"]
+        if err["type"] == "requests":  # this host's share is being topped up: not the quota
+            check(err["code"] == "rate_limit_exceeded" and "share of its budget" in err["message"]
+                  and r.header("retry-after") == "1", f"a budget share's refusal: {r!r}")
+            waits += 1
+            time.sleep(0.25)
+            continue
+        check(err["type"] == "insufficient_quota", f"{r!r}")
+        refused_in_a_row += 1
+        time.sleep(0.25)  # the quota is gone as far as the last renewal knew
+    check(refused_in_a_row >= 6, f"budget {budget} never ran out: {ok} passed, {cost} USD")
+    check(cost <= budget, f"the fleet spent {cost} USD of a {budget} USD budget ({ok} requests)")
+    check(cost >= budget * Decimal("0.7"), f"only {cost} of {budget} USD spent ({ok} requests)")
+    per_host = [Decimal(str(_key_row(g)["spent_usd"])) for g in gws]
+    check(all(h > 0 for h in per_host), f"spent per host {per_host}: not shared")
+    # Redis holds the period's total: what both hosts spent
+    spent = [v for v in redis.cli("-n", "2", "--scan", "--pattern", "aigw:{key:k}:budget:*")
+             .split()]
+    check(len(spent) == 1, f"budget keys in Redis: {spent}")
+    total = Decimal(redis.cli("-n", "2", "HGET", spent[0], "spent")) / 10**9
+    check(total == sum(per_host), f"Redis spent {total}, hosts {per_host}")
+
+
+def _key_row(gw, name="k"):
+    for k in gw.ctl_json("show", "keys", "--json"):
+        if k["name"] == name:
+            return k
+    raise AssertionError(f"no key {name}")
+
+
+def test_graceful_stop_gives_leases_back(env):
+    redis = Redis(env)
+    m, (g,) = _fleet(env, redis, n=1, lim={"rpm": 100, "max_parallel": 50})
+    got = [chat(g.port, headers=AUTH).status for _ in range(3)]
+    check(got == [200] * 3, f"{got}")
+
+    def counted():
+        vals = redis.cli("-n", "2", "HVALS", "aigw:{key:k}:req").split()
+        return sum(int(float(v)) for v in vals)
+
+    check(counted() > 3, f"the host holds no lease beyond what it used: {counted()}")
+    check(g.stop() == 0, "aigw did not stop cleanly")
+    # what it used stays counted (the window), what it held unused went back, slots too
+    check(counted() == 3, f"after a graceful stop Redis counts {counted()} requests, not 3")
+    par = redis.cli("-n", "2", "HGETALL", "aigw:{key:k}:par")
+    check(par == "", f"slots still held after the stop: {par!r}")
