@@ -16,7 +16,7 @@ ASAN_OPTS := --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false
 
 SRC_DIRS := cmd core balancer health shm test/unit test/mock test/fuzz test/bench
 
-.PHONY: all deps bench-deps sdk-deps build asan run test unit integration bench bench-tls \
+.PHONY: all deps bench-deps sdk-deps build asan run test unit integration bench bench-tls bench-cluster \
         bench-streams soak fuzz fmt fmt-check clean
 
 all: build
@@ -60,6 +60,9 @@ test: build asan
 # over HTTPS, non-stream and SSE answers. bench-streams: 10,000 SSE streams through 2 workers.
 bench: bench-deps build
 	./test/bench/bench.sh $(BUILD)
+
+bench-cluster: bench-deps build
+	BENCH_CLUSTER=1 ./test/bench/bench.sh $(BUILD)
 
 bench-tls: bench-deps build
 	BENCH_TLS=1 BENCH_KINDS="$${BENCH_KINDS:-json sse sse-rec}" ./test/bench/bench.sh $(BUILD)

@@ -106,9 +106,10 @@ static void on_signal(uv_signal_t *s, int signum)
     }
     if (w->draining)
         return;
+    /* what is queued is this worker's to serve (a reload may drop the socket: closing it would
+     * reset them); taken before draining starts, which refuses new connections */
+    acceptor_sweep(&w->acc);
     w->draining = 1;
-    acceptor_sweep(&w->acc); /* what is queued is this worker's to serve (a reload may drop the
-                              * socket: closing it would reset them) */
     worker_close_listeners(w);
     upstream_drain(&w->up);
     /* No connection is closed here, idle keep-alive ones included (as HAProxy's

@@ -15,6 +15,9 @@
 #        BENCH_REQUIRE_AIGW=1  fail instead of skipping the aigw leg when aigw does not answer
 #        BENCH_AIGW_BASE=PATH  another aigw binary (e.g. of the main branch) measured as target
 #                            "base" in the same run, for before/after comparisons
+#        BENCH_CLUSTER=1     also target "cluster": aigw with the same configuration plus a
+#                            [cluster] section sharing the key's limits through a redis-server
+#                            on loopback (on the load CPU), in the same run (make bench-cluster)
 #        BENCH_TLS=1         the upstream speaks HTTPS (test certificate, verified by every proxy;
 #                            keep-alive and session reuse on every side); wrk still speaks HTTP
 #        BENCH_KINDS="json"  request kinds, one table each: json (non-stream chat.completion),
@@ -38,6 +41,7 @@ REPEAT=${BENCH_REPEAT:-3}
 WANT=" ${BENCH_TARGETS:-haproxy nginx aigw} "
 BASE_AIGW=${BENCH_AIGW_BASE:-}
 [ -n "$BASE_AIGW" ] && WANT="$WANT base "
+[ "${BENCH_CLUSTER:-0}" = 1 ] && WANT="$WANT cluster "
 PORT0=${BENCH_PORT:-18400}
 BODY_BYTES=${BENCH_BODY_BYTES:-600}
 MOCK=${BENCH_MOCK:-$BUILD/test/mock/aigw-mock}
@@ -50,6 +54,8 @@ AIGW_PORT=$((PORT0 + 1))
 HAPROXY_PORT=$((PORT0 + 2))
 NGINX_PORT=$((PORT0 + 3))
 BASE_PORT=$((PORT0 + 4))
+REDIS_PORT=$((PORT0 + 5))
+CLUSTER_PORT=$((PORT0 + 6))
 
 TLS=${BENCH_TLS:-0}
 KINDS=${BENCH_KINDS:-json}
@@ -375,6 +381,26 @@ base_leg() {
     check_kinds "$BASE_PORT" || die "base aigw does not proxy: $CHECK_MSG"
     TARGETS+=(base)
 }
+# The "cluster" leg: the aigw configuration with [cluster] on (issue 9): the key's limits are
+# leased from a redis-server, none of it on the request path.
+cluster_leg() {
+    command -v redis-server >/dev/null || die "BENCH_CLUSTER: redis-server is not installed"
+    port_free "$REDIS_PORT" || die "BENCH_CLUSTER: port $REDIS_PORT is taken"
+    start redis $PIN_LOAD redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' \
+        --appendonly no
+    wait_port "$START_PID" "$REDIS_PORT" || die "redis-server did not start: $(tail -n 3 "$TMP/redis.log")"
+    fill aigw.ini "$CLUSTER_PORT" cluster.ini
+    sed -i "s|aigw.sock|cluster.sock|" "$TMP/cluster.ini"
+    printf '\n[cluster]\nredis = redis://127.0.0.1:%s/0\nnode_name = bench\n' "$REDIS_PORT" \
+        >>"$TMP/cluster.ini"
+    start cluster bash -c "cd '$TMP' && exec $PIN_PROXY '$(realpath "$AIGW")' -c '$TMP/cluster.ini'"
+    PROXY_PID[cluster]=$START_PID
+    PROXY_PORT[cluster]=$CLUSTER_PORT
+    wait_port "$START_PID" "$CLUSTER_PORT" || die "aigw with [cluster] did not start: $(tail -n 3 "$TMP/cluster.log")"
+    sleep 1 # the first leases
+    check_kinds "$CLUSTER_PORT" || die "aigw with [cluster] does not proxy: $CHECK_MSG"
+    TARGETS+=(cluster)
+}
 [[ $WANT == *" haproxy "* ]] && haproxy_leg
 [[ $WANT == *" nginx "* ]] && nginx_leg
 if [[ $WANT == *" aigw "* ]] && ! aigw_leg; then
@@ -383,6 +409,7 @@ if [[ $WANT == *" aigw "* ]] && ! aigw_leg; then
     [ -n "${PROXY_PID[aigw]:-}" ] && stop_pid "${PROXY_PID[aigw]}"
 fi
 [[ $WANT == *" base "* ]] && base_leg
+[[ $WANT == *" cluster "* ]] && cluster_leg
 
 # --- load ----------------------------------------------------------------------------------------
 
@@ -538,7 +565,7 @@ for KIND in $KINDS; do
         vs-haproxy cpu core req/core-s us/req errors
     for c in $CONNS; do
         hr=$(median_run "$KIND/haproxy" "$c")
-        for t in mock haproxy nginx aigw base; do
+        for t in mock haproxy nginx aigw base cluster; do
             [[ $t == mock || $WANT == *" $t "* ]] || continue
             if [ "$t" = aigw ] && [ -n "$AIGW_SKIP" ]; then
                 printf '%-8s %6s %s\n' aigw "$c" "skipped: aigw not working (figures pending)"

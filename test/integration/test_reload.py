@@ -156,10 +156,8 @@ def test_reload_fewer_workers_loses_nothing(env):
             t.join(15)
     bad = [r for r in results if r != "ok"]
     check(len(results) > 200, f"too little load: {len(results)} requests")
-    # Before the fix 5 or 6 of ~23,000 failed in every run; a rarer loss remains (0 to 2 a run,
-    # not understood yet: see the closing note of 2026-12-04), so this bounds it, not zero.
-    check(len(bad) <= 3, f"{len(bad)} of {len(results)} requests failed across 8 reloads "
-                         f"between 3 and 1 workers: {bad[:5]}")
+    check(not bad, f"{len(bad)} of {len(results)} requests failed across 8 reloads between 3 "
+                   f"and 1 workers: {bad[:5]}")
 
 
 def test_reload_keeps_drain_and_rpm(env):
