@@ -65,6 +65,21 @@ static void accept_pause_err(struct acceptor *a, struct accept_listener *l, int 
         uv_timer_start(&a->retry, accept_on_retry, ACCEPT_RETRY_MS, 0);
 }
 
+/* Counts the accepted fd and hands it to the callback; one it refused is closed: -1. */
+static int accept_hand(struct acceptor *a, struct accept_listener *l, int fd,
+                       const struct sockaddr_storage *ss, socklen_t len)
+{
+    a->conns++;
+    l->conns++;
+    if (a->cb(a->ctx, l->idx, fd, (const struct sockaddr *)ss, len) < 0) {
+        close(fd);
+        a->conns--;
+        l->conns--;
+        return -1;
+    }
+    return 0;
+}
+
 static void accept_on_poll(uv_poll_t *p, int status, int events)
 {
     struct accept_listener *l = p->data;
@@ -91,14 +106,8 @@ static void accept_on_poll(uv_poll_t *p, int status, int events)
              * on for the next connection: that one is gone, try the next */
             continue;
         }
-        a->conns++;
-        l->conns++;
-        if (a->cb(a->ctx, l->idx, fd, (struct sockaddr *)&ss, len) < 0) {
-            close(fd);
-            a->conns--;
-            l->conns--;
+        if (accept_hand(a, l, fd, &ss, len) < 0)
             continue;
-        }
         if (!accept_room(a, l)) {
             uint64_t skipped;
             char note[LOG_RATE_NOTE];
@@ -181,13 +190,7 @@ void acceptor_sweep(struct acceptor *a)
                     continue;
                 break; /* EAGAIN: empty; a local resource error: what is left waits */
             }
-            a->conns++;
-            l->conns++;
-            if (a->cb(a->ctx, l->idx, fd, (struct sockaddr *)&ss, len) < 0) {
-                close(fd);
-                a->conns--;
-                l->conns--;
-            }
+            accept_hand(a, l, fd, &ss, len);
         }
     }
 }
