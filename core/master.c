@@ -108,13 +108,14 @@ struct admin_client {
     uv_write_t wr;
     char *out;
     size_t out_len;
-    size_t len;                       /* of line */
-    struct admin_pending pending;     /* breaker command the answer waits for */
-    struct admin_client *next_waiter; /* reload: on M.waiters until the new generation runs */
-    uint64_t wait_until;              /* monotonic ms: answer anyway after this */
-    uint32_t gen_id;                  /* the generation whose segment the command went to */
-    int json;                         /* reload, upgrade: the answer in JSON */
-    int open_handles;                 /* freed when both handles have closed */
+    size_t len;                         /* of line */
+    struct admin_pending pending;       /* breaker command the answer waits for */
+    struct admin_client *next_waiter;   /* reload: on M.waiters until the new generation runs */
+    uint64_t wait_until;                /* monotonic ms: answer anyway after this */
+    uint32_t gen_id;                    /* the generation whose segment the command went to */
+    int json;                           /* reload, upgrade: the answer in JSON */
+    int open_handles;                   /* freed when both handles have closed */
+    struct admin_client *next, **pprev; /* on M.clients while it lives */
     char line[ADMIN_LINE_MAX + 1];
 };
 
@@ -126,6 +127,7 @@ static struct master {
     struct gen *next;             /* being started by a reload, NULL when none */
     struct gen *old;              /* draining after a reload */
     struct admin_client *waiters; /* aigwctl reload: answered when M.next runs or fails */
+    struct admin_client *clients; /* every open admin connection */
     uint64_t next_deadline;       /* monotonic ms: M.next must be ready by then */
     uv_timer_t reload_timer, sync_timer;
     uv_signal_t sig_chld, sig_term, sig_int, sig_quit, sig_hup, sig_usr1, sig_usr2;
@@ -331,6 +333,9 @@ static void admin_client_closed(uv_handle_t *h)
 {
     struct admin_client *c = h->data;
     if (--c->open_handles == 0) {
+        if (c->next)
+            c->next->pprev = c->pprev;
+        *c->pprev = c->next;
         free(c->out);
         free(c);
     }
@@ -605,6 +610,11 @@ static void admin_on_connection(uv_stream_t *server, int status)
     uv_timer_init(&M.loop, &c->timer);
     c->pipe.data = c->timer.data = c;
     c->open_handles = 2;
+    c->next = M.clients;
+    if (c->next)
+        c->next->pprev = &c->next;
+    c->pprev = &M.clients;
+    M.clients = c;
     if (uv_accept(server, (uv_stream_t *)&c->pipe) < 0 ||
         uv_read_start((uv_stream_t *)&c->pipe, admin_client_alloc, admin_client_read) < 0) {
         admin_client_close(c);
@@ -736,6 +746,12 @@ void master_child_after_fork(void)
          * below replace the master's handlers anyway. */
         int rc = uv_loop_fork(&M.loop);
         if (rc == 0) {
+            /* admin clients are closed their own way, which frees them (a child's sanitizer
+             * reported the one open at the fork as leaked) */
+            for (struct admin_client *c = M.clients; c; c = c->next) {
+                c->pending.stop = 0; /* its cancelled write must not stop this process */
+                admin_client_close(c);
+            }
             uv_walk(&M.loop, child_after_fork_walk, NULL);
             uv_run(&M.loop, UV_RUN_DEFAULT);
             uv_loop_close(&M.loop);

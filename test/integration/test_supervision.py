@@ -52,3 +52,22 @@ def test_dead_worker_slots_released_when_reaped(env):
     # and the replacement serves, the slot usable again
     wait_for(lambda: (_worker0(gw) or {}).get("pid"), 5, "worker 0 to be restarted")
     wait_for(lambda: gw.backend("m1").get("active") == 0, 2, "active back to 0")
+
+
+def test_worker_forked_while_admin_connected(env):
+    """A worker forked while an aigwctl connection is open releases the master's copy of it
+    (regression: the sanitizer build's worker reported the connection's memory as leaked)."""
+    import socket
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(gw.sock_path)  # open, no command yet: the master holds it when it forks
+    w = wait_for(lambda: (_worker0(gw) or {}).get("pid") or None, 5, "worker 0")
+    time.sleep(0.1)
+    os.kill(w, signal.SIGKILL)
+    wait_for(lambda: (_worker0(gw) or {}).get("pid") not in (None, 0, w), 5,
+             "worker 0 to be restarted")
+    s.close()
+    check(gw.stop() == 0, "aigw did not stop cleanly")
+    reports = env.sanitizer_reports()
+    check(not reports, "\n".join(reports[:8]))
