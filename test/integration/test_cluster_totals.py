@@ -6,12 +6,14 @@ count, and a host that joins later sees the fleet's totals and budget at once.
 
 Real redis-server and aigw hosts on loopback, as in test_cluster.py (whose helpers this reuses)."""
 
+import concurrent.futures as cf
 from decimal import Decimal
 import json
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 from harness import Proc, chat, chat_body, check, free_port, key_sha256, wait_for
@@ -182,6 +184,85 @@ def test_fleet_usage_whole_across_redis_trouble(env):
     _traffic(gws, 3, "back")
     fleet = _fleet_is_sum(gws, timeout=10)
     check(fleet["k"]["requests"] == 6 + 3 * 6 + 5 + 3 + 5 + 4 + 3, f"fleet {fleet['k']}")
+
+
+def _sync_pid(gw):
+    pids = [p.get("pid") for p in gw.procs() if p.get("role") == "sync" and p.get("pid")]
+    return pids[0] if pids else None
+
+
+def test_killed_sync_process_resends_its_flush_once(env):
+    """A sync process killed while its flush waits in a sleeping Redis (which applies it when it
+    wakes): the restarted one finds the flush in shm and resends it under the same number, which
+    Redis knows it applied."""
+    redis = Redis(env)
+    m = env.mock("m1")
+    gws = [_host(env, redis, m, i) for i in range(2)]
+    _traffic(gws, 6, "before")
+    _fleet_is_sum(gws)
+    for n in range(2):
+        _traffic(gws, 4, f"killed{n}")
+        old = _sync_pid(gws[0])
+        t = threading.Thread(target=redis.cli, args=("DEBUG", "SLEEP", "1.5"))
+        t.start()
+        time.sleep(0.5)  # a flush (every 200 ms) waits in Redis' socket
+        os.kill(old, signal.SIGKILL)
+        t.join()
+        wait_for(lambda: _sync_pid(gws[0]) not in (None, old), 10, "the sync process's restart")
+        _traffic(gws, 2, f"restarted{n}")
+        _fleet_is_sum(gws)
+
+
+def test_fleet_usage_whole_across_reloads(env):
+    """Reloads under load: each generation's sync process flushes what its own workers counted
+    (the old one until its draining workers are gone), so nothing is sent twice nor forgotten."""
+    redis = Redis(env)
+    m = env.mock("m1")
+    gws = [_host(env, redis, m, i) for i in range(2)]
+    stop = [False]
+
+    def load(i):
+        out = []
+        while not stop[0]:
+            out.append(chat(gws[i % 2].port, chat_body(f"reload {i} {len(out)}", model="gpt-a"),
+                            headers=AUTH, timeout=15).status)
+        return out
+
+    with cf.ThreadPoolExecutor(max_workers=4) as ex:
+        futs = [ex.submit(load, i) for i in range(4)]
+        time.sleep(0.5)
+        for n in range(3):
+            r = gws[0].ctl("reload", timeout=40)
+            check(r.returncode == 0, f"reload: {r.stdout} {r.stderr}")
+            time.sleep(0.4)
+        stop[0] = True
+        st = [x for f in futs for x in f.result()]
+    check(len(st) > 20 and all(x == 200 for x in st), f"statuses {sorted(set(st))}")
+    wait_for(lambda: len([p for p in gws[0].procs() if p.get("role") == "sync"]) == 1, 15,
+             "the old generations to be gone")
+    fleet = _fleet_is_sum(gws)
+    check(fleet["k"]["requests"] == len(st), f"fleet {fleet['k']['requests']} of {len(st)}")
+
+
+def test_restarted_host_keeps_its_totals_counted_once(env):
+    """A host stopped and started again loads its totals from its state_file (its show usage
+    goes on from them) and flushes only what it counts from then on: Redis has the rest."""
+    redis = Redis(env)
+    m = env.mock("m1")
+    gws = [_host(env, redis, m, i, glob={"state_file": os.path.join(env.dir, f"state{i}")})
+           for i in range(2)]
+    _traffic(gws, 8, "before")
+    _fleet_is_sum(gws)
+    _traffic(gws[:1], 2, "last")  # flushed by the stopping sync process's last flush
+    check(gws[0].stop() == 0, "gw0 did not stop cleanly")
+    _traffic(gws[1:], 3, "alone")
+    gws[0].start()
+    wait_for(lambda: gws[0].proc.log_text().count("cluster: connected to Redis") >= 1, 10,
+             "gw0 to connect again")
+    check(_usage(gws[0], "key")["k"]["requests"] == 6, "gw0 did not load its state_file")
+    _traffic(gws, 4, "after")
+    fleet = _fleet_is_sum(gws)
+    check(fleet["k"]["requests"] == 17, f"fleet {fleet['k']}")
 
 
 def test_joining_host_sees_fleet_totals_and_budget(env):
