@@ -186,7 +186,8 @@ static const char SYNC_LUA_USAGE[] =
     "  redis.call('SET', KEYS[2], e)\n"
     "end\n"
     "if ARGV[2] ~= '-' and ARGV[2] ~= e and ARGV[3] ~= '1' then return {-1, e} end\n"
-    "local f = {'requests', 'prompt', 'completion', 'cached', 'reasoning', 'partial', 'cost_nano',\n"
+    "local f = {'requests', 'prompt', 'completion', 'cached', 'reasoning', 'partial', "
+    "'cost_nano',\n"
     "  'list_cost_nano'}\n"
     "local applied = 0\n"
     "if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then\n"
@@ -794,8 +795,7 @@ static void sync_usage_done(redisAsyncContext *ac, void *r, void *priv)
         }
         return;
     }
-    snprintf(as->epoch, sizeof(as->epoch), "%.*s", (int)rep->element[1]->len,
-             rep->element[1]->str);
+    snprintf(as->epoch, sizeof(as->epoch), "%.*s", (int)rep->element[1]->len, rep->element[1]->str);
     if (rep->element[0]->integer < 0) {
         /* Redis lost the totals: this generation's flush carries all this host counted (a
          * stopping generation's counts are in its successor's: it resends its deltas only) */
@@ -875,7 +875,7 @@ static void sync_usage(struct sync *s)
         goto out;
     p = num;
 #define ARG_STR(str) (argv[argc] = (str), lens[argc] = strlen(argv[argc]), argc++)
-#define ARG_NUM(fmt, v)                                                                           \
+#define ARG_NUM(fmt, v)                                                                            \
     (argv[argc] = p, lens[argc] = (size_t)snprintf(p, 24, fmt, v), p += 24, argc++)
     ARG_STR("EVALSHA");
     ARG_STR(s->sha_usage);

@@ -72,11 +72,11 @@ enum acct_slice {
 
 /* The sync process's flush state (one writer: the sync process; fleet_ms read by the master). */
 struct acct_sync {
-    uint64_t inc;     /* this generation's flushing identity (0: none yet) */
-    uint64_t seq;     /* sequence number of the last flush built */
-    uint32_t pending; /* the flush seq is in flight (its slices hold it) */
-    uint32_t full;    /* it carries whole totals (Redis lost its data), not deltas */
-    char epoch[40];   /* Redis' usage epoch this generation flushes into ("" unknown) */
+    uint64_t inc;              /* this generation's flushing identity (0: none yet) */
+    uint64_t seq;              /* sequence number of the last flush built */
+    uint32_t pending;          /* the flush seq is in flight (its slices hold it) */
+    uint32_t full;             /* it carries whole totals (Redis lost its data), not deltas */
+    char epoch[40];            /* Redis' usage epoch this generation flushes into ("" unknown) */
     _Atomic uint64_t fleet_ms; /* wall-clock ms of the last fleet read, 0: never */
 };
 
