@@ -204,6 +204,25 @@ struct acct_sync *acct_sync(struct acct_region *a)
     return &a->sync;
 }
 
+void acct_sync_inherit(struct acct_region *dst, const struct acct_region *src,
+                       const int32_t *const from[3])
+{
+    if (dst->sync.seq || dst->sync.epoch[0]) /* its sync process flushed already */
+        return;
+    memcpy(dst->sync.epoch, src->sync.epoch, sizeof(dst->sync.epoch));
+    for (int k = ACCT_KEY; k <= ACCT_BACKEND; k++)
+        for (uint32_t i = 0; from[k] && i < dst->n[k]; i++) {
+            struct acct_usage u;
+
+            if (from[k][i] >= 0 &&
+                acct_slice_get(src, ACCT_FLEET, (enum acct_kind)k, (uint32_t)from[k][i], &u) == 0)
+                acct_slice_set(dst, ACCT_FLEET, (enum acct_kind)k, i, &u);
+        }
+    atomic_store_explicit(&dst->sync.fleet_ms,
+                          atomic_load_explicit(&src->sync.fleet_ms, memory_order_acquire),
+                          memory_order_release);
+}
+
 int acct_own_get(const struct acct_region *a, enum acct_kind k, uint32_t i, struct acct_usage *out)
 {
     uint64_t sum[ACCT_WORDS] = {0}, v[ACCT_WORDS];

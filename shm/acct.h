@@ -81,6 +81,11 @@ struct acct_sync {
 };
 
 struct acct_sync *acct_sync(struct acct_region *a);
+/* Master, before a new generation's sync process starts (reload, upgrade): it goes on in the
+ * usage epoch the old one knew (so that Redis losing its data in between is noticed) and shows
+ * the fleet's totals last read, entry by entry as from[] maps them (-1: new). */
+void acct_sync_inherit(struct acct_region *dst, const struct acct_region *src,
+                       const int32_t *const from[3]);
 /* What this generation's workers counted (their slices; the base left out). */
 int acct_own_get(const struct acct_region *a, enum acct_kind k, uint32_t i, struct acct_usage *out);
 int acct_slice_get(const struct acct_region *a, enum acct_slice s, enum acct_kind k, uint32_t i,

@@ -244,6 +244,26 @@ def test_fleet_usage_whole_across_reloads(env):
     check(fleet["k"]["requests"] == len(st), f"fleet {fleet['k']['requests']} of {len(st)}")
 
 
+def test_reload_while_redis_lost_its_data(env):
+    """Redis restarted empty while a reload replaces a host's generation: the new generation's
+    sync process knows the epoch the old one flushed into, so it sends the host's whole totals
+    to the new Redis (instead of starting from nothing there)."""
+    redis = Redis(env)
+    m = env.mock("m1")
+    gws = [_host(env, redis, m, i) for i in range(2)]
+    _traffic(gws, 8, "before")
+    _fleet_is_sum(gws)
+    redis.kill()
+    r = gws[0].ctl("reload", timeout=40)
+    check(r.returncode == 0, f"reload: {r.stdout} {r.stderr}")
+    wait_for(lambda: len([p for p in gws[0].procs() if p.get("role") == "sync"]) == 1, 15,
+             "the old generation to be gone")
+    _traffic(gws, 2, "away")
+    redis.restart(keep_data=False)
+    fleet = _fleet_is_sum(gws, timeout=10)
+    check(fleet["k"]["requests"] == 10, f"fleet {fleet['k']}")
+
+
 def test_restarted_host_keeps_its_totals_counted_once(env):
     """A host stopped and started again loads its totals from its state_file (its show usage
     goes on from them) and flushes only what it counts from then on: Redis has the rest."""

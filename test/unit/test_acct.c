@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <errno.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -212,6 +213,35 @@ static void test_sync_slices(void **state)
     munmap(a, size);
 }
 
+/* A new generation inherits the old one's epoch and fleet totals (mapped by name), once. */
+static void test_sync_inherit(void **state)
+{
+    size_t so, sn;
+    struct acct_region *o = region_new(2, 0, 0, 1, &so), *n = region_new(3, 0, 0, 1, &sn);
+    struct acct_usage f = {.requests = 9}, got;
+    int32_t keys[3] = {1, -1, 0};
+    const int32_t *from[3] = {keys, NULL, NULL};
+
+    (void)state;
+    snprintf(acct_sync(o)->epoch, sizeof(acct_sync(o)->epoch), "123.456");
+    acct_slice_set(o, ACCT_FLEET, ACCT_KEY, 1, &f);
+    atomic_store(&acct_sync(o)->fleet_ms, 77);
+    acct_sync_inherit(n, o, from);
+    assert_string_equal(acct_sync(n)->epoch, "123.456");
+    assert_int_equal(atomic_load(&acct_sync(n)->fleet_ms), 77);
+    acct_slice_get(n, ACCT_FLEET, ACCT_KEY, 0, &got);
+    assert_int_equal(got.requests, 9);
+    acct_slice_get(n, ACCT_FLEET, ACCT_KEY, 1, &got);
+    assert_int_equal(got.requests, 0);
+    /* once its sync process flushed, the new generation keeps what it knows */
+    acct_sync(n)->seq = 1;
+    snprintf(acct_sync(o)->epoch, sizeof(acct_sync(o)->epoch), "999.1");
+    acct_sync_inherit(n, o, from);
+    assert_string_equal(acct_sync(n)->epoch, "123.456");
+    munmap(o, so);
+    munmap(n, sn);
+}
+
 static void test_region_args(void **state)
 {
     size_t size = acct_region_size(1, 1, 1, 1);
@@ -227,9 +257,10 @@ static void test_region_args(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_add_get),     cmocka_unit_test(test_processes),
-        cmocka_unit_test(test_dead_writer), cmocka_unit_test(test_saturate),
-        cmocka_unit_test(test_region_args), cmocka_unit_test(test_sync_slices),
+        cmocka_unit_test(test_add_get),      cmocka_unit_test(test_processes),
+        cmocka_unit_test(test_dead_writer),  cmocka_unit_test(test_saturate),
+        cmocka_unit_test(test_region_args),  cmocka_unit_test(test_sync_slices),
+        cmocka_unit_test(test_sync_inherit),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
