@@ -33,12 +33,16 @@ static void usage(FILE *f)
            "  show backends [POOL]    state, breaker, weights, latency and counters of each\n"
            "                          backend (of POOL only)\n"
            "  show keys               client keys: limits and their current use, budget\n"
-           "                          (spent, reserved, remaining), totals; never the key\n"
+           "                          (spent, reserved, remaining), totals; never the key;\n"
+           "                          with [cluster] also the fleet's spent, remaining budget\n"
+           "                          and totals (FLEET_* columns)\n"
            "  show cluster            [cluster]: node, Redis, state, hosts alive, and each fleet\n"
            "                          limit's lease, the fleet's counts and the lease bound\n"
-           "  show usage [--by key|model|backend]\n"
+           "  show usage [--by key|model|backend] [--fleet]\n"
            "                          requests, tokens, cost, list-price cost and saved per\n"
-           "                          key (default), model or backend, with a total\n"
+           "                          key (default), model or backend, with a total; --fleet:\n"
+           "                          the whole fleet's totals ([cluster], read from Redis\n"
+           "                          every sync_interval) instead of this host's\n"
            "  set weight BACKEND N|N%%\n"
            "                          weight 0..256, or a percentage of the configured one;\n"
            "                          a reload keeps it\n"
@@ -196,7 +200,7 @@ int main(int argc, char **argv)
 {
     const char *sock = NULL, *config = NULL, *by = NULL;
     char line[256] = "";
-    int json = 0, nwords = 0, rc;
+    int json = 0, fleet = 0, nwords = 0, rc;
     struct conf *conf = NULL;
 
     for (int i = 1; i < argc; i++) {
@@ -208,6 +212,8 @@ int main(int argc, char **argv)
                 config = argv[++i];
         } else if (!strcmp(a, "--json") || !strcmp(a, "-j")) {
             json = 1;
+        } else if (!strcmp(a, "--fleet")) {
+            fleet = 1; /* show usage --fleet: passed on like --by */
         } else if (!strcmp(a, "--by") || !strncmp(a, "--by=", 5)) {
             /* show usage --by KIND: passed on to the master after the command words. */
             by = a[4] == '=' ? a + 5 : i + 1 < argc ? argv[++i] : NULL;
@@ -224,7 +230,8 @@ int main(int argc, char **argv)
             return 2;
         } else {
             /* Command words are joined into the one line the master reads. */
-            if (strlen(line) + strlen(a) + 2 + sizeof(" --by ") + 16 + sizeof(" json") >
+            if (strlen(line) + strlen(a) + 2 + sizeof(" --by ") + 16 + sizeof(" --fleet") +
+                    sizeof(" json") >
                 sizeof(line)) {
                 fprintf(stderr, "aigwctl: command too long\n");
                 return 1;
@@ -252,6 +259,8 @@ int main(int argc, char **argv)
         strcat(line, " --by "); /* fits: the word loop keeps room for it and for " json" */
         strcat(line, by);
     }
+    if (fleet)
+        strcat(line, " --fleet");
     if (json)
         strcat(line, " json");
 

@@ -403,9 +403,9 @@ static const char admin_help[] =
     "  show keys [json]         client keys: limits, current window use, budget, totals\n"
     "  show cluster [json]      [cluster]: node, Redis, state, hosts alive and the lease of\n"
     "                           each fleet limit with the fleet's counts and the lease bound\n"
-    "  show usage [--by key|model|backend] [json]\n"
+    "  show usage [--by key|model|backend] [--fleet] [json]\n"
     "                           tokens, requests and cost per key (default), model or\n"
-    "                           backend, with a total\n"
+    "                           backend, with a total; --fleet: the fleet's ([cluster])\n"
     "  set weight BACKEND N|N%  the backend's weight: 0..256, or a percentage of the\n"
     "                           configured one; a reload keeps it\n"
     "  set backend BACKEND ready|drain|maint\n"
@@ -552,7 +552,7 @@ static void show_cluster(struct abuf *b, const struct conf *conf, struct shm *sh
 
 #define WORD_MAX (2 * CONF_NAME_MAX + 2) /* room for POOL/NAME */
 
-#define WORDS_MAX 5
+#define WORDS_MAX 6 /* show usage --by KIND --fleet json */
 
 /* Splits the line into words separated by blanks. Fills words[0, *n_set) (at most WORDS_MAX)
  * and returns the word count, or WORDS_MAX + 1 when there are more words or one is longer than
@@ -625,6 +625,8 @@ static uint64_t add_sat(uint64_t a, uint64_t b)
     return a > UINT64_MAX - b ? UINT64_MAX : a + b;
 }
 
+static int64_t fleet_age_ms(const struct shm *shm);
+
 /* Everything one `show keys` row shows, read once from shm. */
 struct key_row {
     const char *name;
@@ -636,6 +638,11 @@ struct key_row {
                * counts and the budget's figures are unknown */
     uint64_t budget, spent, reserved, remaining; /* nano-USD; budget 0 = none */
     struct acct_usage u;
+    /* [cluster]: the fleet's totals and (budget_known) its spent in the budget's period, as the
+     * sync process last read them from Redis */
+    int fleet, budget_known;
+    uint64_t fleet_spent, fleet_remaining;
+    struct acct_usage fu;
 };
 
 static void key_row_read(const struct conf *conf, const struct shm *shm, int i, uint64_t now_ms,
@@ -671,6 +678,21 @@ static void key_row_read(const struct conf *conf, const struct shm *shm, int i, 
     }
     if (ar && (uint32_t)i < acct_count(ar, ACCT_KEY))
         acct_get(ar, ACCT_KEY, (uint32_t)i, &r->u);
+    r->fleet = conf->cluster.enabled && ar;
+    if (r->fleet) {
+        struct limit_lease le;
+
+        acct_slice_get(ar, ACCT_FLEET, ACCT_KEY, (uint32_t)i, &r->fu);
+        /* the fleet's spent as of the last renewal, and what this host spent since */
+        if (r->budget && fleet_age_ms(shm) >= 0 && lr && limit_leased(lr, (uint32_t)i) &&
+            limit_lease_get(lr, (uint32_t)i, &le) == 0) {
+            int64_t sp = le.fleet_spent + (le.used_nano > 0 ? le.used_nano : 0);
+
+            r->budget_known = 1;
+            r->fleet_spent = sp > 0 ? (uint64_t)sp : 0;
+            r->fleet_remaining = r->fleet_spent < r->budget ? r->budget - r->fleet_spent : 0;
+        }
+    }
 }
 
 static const char *budget_period_str(enum conf_budget_period p)
@@ -690,6 +712,7 @@ static void used_format(uint64_t used, uint32_t limit, char *out, size_t size)
 struct key_cells {
     char rpm[32], tpm[48], parallel[32];
     char budget[32], spent[32], reserved[32], remaining[32], cost[32];
+    char fspent[32], fremaining[32], fcost[32];
     const char *period;
 };
 
@@ -728,6 +751,13 @@ static void key_cells_format(const struct conf *conf, int i, const struct key_ro
         c->period = "-";
     }
     usd_format(r->u.cost_nano, c->cost, sizeof(c->cost));
+    snprintf(c->fspent, sizeof(c->fspent), "-");
+    snprintf(c->fremaining, sizeof(c->fremaining), "-");
+    if (r->budget_known) {
+        usd_format(r->fleet_spent, c->fspent, sizeof(c->fspent));
+        usd_format(r->fleet_remaining, c->fremaining, sizeof(c->fremaining));
+    }
+    usd_format(r->fu.cost_nano, c->fcost, sizeof(c->fcost));
 }
 
 static void show_keys(struct abuf *b, const struct conf *conf, const struct shm *shm)
@@ -744,6 +774,7 @@ static void show_keys(struct abuf *b, const struct conf *conf, const struct shm 
     }
     int wname = 4, wmodels = 6, wexp = 7, wrpm = 3, wtpm = 3, wpar = 8, wbud = 10, wper = 6;
     int wspent = 9, wres = 12, wrem = 13, wcost = 8, busy = 0;
+    int wfspent = 15, wfrem = 19, wfcost = 14, fleet = conf->cluster.enabled && shm_acct(shm);
     for (int i = 0; i < n; i++) {
         struct key_row *r = &rows[i];
         struct key_cells *c = &cells[i];
@@ -765,6 +796,9 @@ static void show_keys(struct abuf *b, const struct conf *conf, const struct shm 
         wres = width(wres, c->reserved);
         wrem = width(wrem, c->remaining);
         wcost = width(wcost, c->cost);
+        wfspent = width(wfspent, c->fspent);
+        wfrem = width(wfrem, c->fremaining);
+        wfcost = width(wfcost, c->fcost);
     }
     abuf_printf(b, "%-*s  %*s  %*s  %*s  %*s  %-*s  %*s  %*s  %*s  %10s  %12s  %*s  %-*s  %s\n",
                 wname, "NAME", wrpm, "RPM", wtpm, "TPM", wpar, "PARALLEL", wbud, "BUDGET_USD", wper,
@@ -787,6 +821,30 @@ static void show_keys(struct abuf *b, const struct conf *conf, const struct shm 
                     "busy: %d key(s) not read, their limiter was locked for over %u ms (a worker "
                     "stopped while holding it?)\n",
                     busy, LIMIT_MASTER_WAIT_MS);
+    if (fleet) { /* the fleet's figures apart, under their own heading: the ones above are
+                  * this host's */
+        int64_t age = fleet_age_ms(shm);
+
+        if (age < 0)
+            abuf_printf(b, "\nfleet (all hosts; the columns above are this host's): not read "
+                           "from Redis yet\n");
+        else
+            abuf_printf(b,
+                        "\nfleet (all hosts; the columns above are this host's), read from Redis "
+                        "%lld ms ago\n",
+                        (long long)age);
+        abuf_printf(b, "%-*s  %*s  %*s  %14s  %14s  %*s\n", wname, "NAME", wfspent,
+                    "FLEET_SPENT_USD", wfrem, "FLEET_REMAINING_USD", "FLEET_REQUESTS",
+                    "FLEET_TOKENS", wfcost, "FLEET_COST_USD");
+        for (int i = 0; i < n; i++) {
+            const struct key_row *r = &rows[i];
+            const struct key_cells *c = &cells[i];
+            abuf_printf(b, "%-*s  %*s  %*s  %14llu  %14llu  %*s\n", wname, r->name, wfspent,
+                        c->fspent, wfrem, c->fremaining, (unsigned long long)r->fu.requests,
+                        (unsigned long long)add_sat(r->fu.prompt, r->fu.completion), wfcost,
+                        c->fcost);
+        }
+    }
 out:
     free(rows);
     free(cells);
@@ -875,10 +933,37 @@ static void show_keys_json(struct abuf *b, const struct conf *conf, const struct
         usd_format(r.u.cost_nano, usd, sizeof(usd));
         abuf_printf(b,
                     ",\"requests\":%llu,\"prompt_tokens\":%llu,\"completion_tokens\":%llu,"
-                    "\"tokens\":%llu,\"cost_usd\":%s}",
+                    "\"tokens\":%llu,\"cost_usd\":%s",
                     (unsigned long long)r.u.requests, (unsigned long long)r.u.prompt,
                     (unsigned long long)r.u.completion,
                     (unsigned long long)add_sat(r.u.prompt, r.u.completion), usd);
+        /* the fleet's figures apart: the ones above are this host's */
+        if (r.fleet) {
+            int64_t age = fleet_age_ms(shm);
+
+            abuf_printf(b, ",\"fleet\":{\"age_ms\":");
+            if (age < 0)
+                abuf_printf(b, "null");
+            else
+                abuf_printf(b, "%lld", (long long)age);
+            if (r.budget_known) {
+                usd_format(r.fleet_spent, usd, sizeof(usd));
+                abuf_printf(b, ",\"spent_usd\":%s", usd);
+                usd_format(r.fleet_remaining, usd, sizeof(usd));
+                abuf_printf(b, ",\"remaining_usd\":%s", usd);
+            } else {
+                abuf_printf(b, ",\"spent_usd\":null,\"remaining_usd\":null");
+            }
+            usd_format(r.fu.cost_nano, usd, sizeof(usd));
+            abuf_printf(b,
+                        ",\"requests\":%llu,\"prompt_tokens\":%llu,\"completion_tokens\":%llu,"
+                        "\"tokens\":%llu,\"cost_usd\":%s}}",
+                        (unsigned long long)r.fu.requests, (unsigned long long)r.fu.prompt,
+                        (unsigned long long)r.fu.completion,
+                        (unsigned long long)add_sat(r.fu.prompt, r.fu.completion), usd);
+        } else {
+            abuf_printf(b, ",\"fleet\":null}");
+        }
     }
     abuf_printf(b, "%s]\n", conf->n_keys ? "\n" : "");
 }
@@ -896,14 +981,30 @@ static const char *usage_name(const struct conf *conf, enum acct_kind k, int i)
                              : conf->backends[i].name;
 }
 
-/* The totals of entry i (zero when the segment has no usage region or no such entry). */
-static void usage_read(const struct shm *shm, enum acct_kind k, int i, struct acct_usage *u)
+/* The totals of entry i (zero when the segment has no usage region or no such entry): this
+ * host's, or (fleet) the fleet's as the sync process last read them from Redis. */
+static void usage_read(const struct shm *shm, enum acct_kind k, int i, struct acct_usage *u,
+                       int fleet)
 {
     struct acct_region *ar = shm_acct(shm);
 
     memset(u, 0, sizeof(*u));
-    if (ar && (uint32_t)i < acct_count(ar, k))
-        acct_get(ar, k, (uint32_t)i, u);
+    if (ar && (uint32_t)i < acct_count(ar, k)) {
+        if (fleet)
+            acct_slice_get(ar, ACCT_FLEET, k, (uint32_t)i, u);
+        else
+            acct_get(ar, k, (uint32_t)i, u);
+    }
+}
+
+/* How long ago the sync process last read the fleet's totals (ms), or -1: never. */
+static int64_t fleet_age_ms(const struct shm *shm)
+{
+    struct acct_region *ar = shm_acct(shm);
+    uint64_t at = ar ? atomic_load_explicit(&acct_sync(ar)->fleet_ms, memory_order_acquire) : 0;
+    uint64_t now = time_real_ms();
+
+    return !at ? -1 : now > at ? (int64_t)(now - at) : 0;
 }
 
 static void usage_sum(struct acct_usage *t, const struct acct_usage *u)
@@ -932,7 +1033,7 @@ static void usage_cells_format(const struct acct_usage *u, struct usage_cells *c
 }
 
 static void show_usage(struct abuf *b, const struct conf *conf, const struct shm *shm,
-                       enum acct_kind k)
+                       enum acct_kind k, int fleet)
 {
     static const char *const heads[] = {
         [ACCT_KEY] = "KEY", [ACCT_MODEL] = "MODEL", [ACCT_BACKEND] = "BACKEND"};
@@ -948,7 +1049,7 @@ static void show_usage(struct abuf *b, const struct conf *conf, const struct shm
     int wname = width(5, heads[k]), wcost = 8, wlist = 8, wsaved = 9;
     for (int i = 0; i <= n; i++) {
         if (i < n) {
-            usage_read(shm, k, i, &rows[i]);
+            usage_read(shm, k, i, &rows[i], fleet);
             usage_sum(&rows[n], &rows[i]);
             wname = width(wname, usage_name(conf, k, i));
         }
@@ -958,6 +1059,15 @@ static void show_usage(struct abuf *b, const struct conf *conf, const struct shm
         wcost = width(wcost, cells[i].cost);
         wlist = width(wlist, cells[i].list);
         wsaved = width(wsaved, cells[i].saved);
+    }
+    if (fleet) {
+        int64_t age = fleet_age_ms(shm);
+
+        if (age < 0)
+            abuf_printf(b, "fleet totals (all hosts): not read from Redis yet\n");
+        else
+            abuf_printf(b, "fleet totals (all hosts), read from Redis %lld ms ago\n",
+                        (long long)age);
     }
     abuf_printf(b, "%-*s  %10s  %12s  %12s  %12s  %12s  %8s  %*s  %*s  %*s\n", wname, heads[k],
                 "REQUESTS", "PROMPT", "COMPLETION", "CACHED", "REASONING", "PARTIAL", wcost,
@@ -996,15 +1106,24 @@ static void usage_json(struct abuf *b, const struct acct_usage *u)
 }
 
 static void show_usage_json(struct abuf *b, const struct conf *conf, const struct shm *shm,
-                            enum acct_kind k)
+                            enum acct_kind k, int fleet)
 {
     int n = usage_count(conf, k);
     struct acct_usage total = {0};
 
-    abuf_printf(b, "{\"by\":\"%s\",\"entries\":[", acct_kind_str(k));
+    abuf_printf(b, "{\"by\":\"%s\",", acct_kind_str(k));
+    if (fleet) {
+        int64_t age = fleet_age_ms(shm);
+
+        if (age < 0)
+            abuf_printf(b, "\"scope\":\"fleet\",\"age_ms\":null,");
+        else
+            abuf_printf(b, "\"scope\":\"fleet\",\"age_ms\":%lld,", (long long)age);
+    }
+    abuf_printf(b, "\"entries\":[");
     for (int i = 0; i < n; i++) {
         struct acct_usage u;
-        usage_read(shm, k, i, &u);
+        usage_read(shm, k, i, &u, fleet);
         usage_sum(&total, &u);
         abuf_printf(b, "%s\n  {\"name\":", i ? "," : "");
         abuf_json_str(b, usage_name(conf, k, i));
@@ -1022,16 +1141,21 @@ static void show_usage_json(struct abuf *b, const struct conf *conf, const struc
     abuf_printf(b, "}}\n");
 }
 
-/* "show usage [--by key|model|backend] [json]" from word 2 on: 0 and *kind / *json, or -EINVAL. */
-static int usage_args(char w[][WORD_MAX], int from, int n, enum acct_kind *kind, int *json)
+/* "show usage [--by key|model|backend] [--fleet] [json]" from word 2 on: 0 and *kind / *fleet /
+ * *json, or -EINVAL. */
+static int usage_args(char w[][WORD_MAX], int from, int n, enum acct_kind *kind, int *fleet,
+                      int *json)
 {
     int by_set = 0;
 
     *kind = ACCT_KEY;
     *json = 0;
+    *fleet = 0;
     for (int i = from; i < n; i++) {
         if (is_json(w[i]) && !*json) {
             *json = 1;
+        } else if (!strcmp(w[i], "--fleet") && !*fleet) {
+            *fleet = 1;
         } else if (!strcmp(w[i], "--by") && i + 1 < n && !by_set) {
             i++;
             if (!strcmp(w[i], "key"))
@@ -1533,7 +1657,7 @@ static const char *usage_of(char w[][WORD_MAX], int set)
         {"show", "backends", "show backends [POOL] [json]"},
         {"show", "keys", "show keys [json]"},
         {"show", "cluster", "show cluster [json]"},
-        {"show", "usage", "show usage [--by key|model|backend] [json]"},
+        {"show", "usage", "show usage [--by key|model|backend] [--fleet] [json]"},
         {"set", "weight", "set weight BACKEND N|N%"},
         {"set", "backend", "set backend BACKEND ready|drain|maint"},
         {"set", NULL, "set weight BACKEND N|N% | set backend BACKEND ready|drain|maint"},
@@ -1558,7 +1682,7 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
 {
     struct abuf b = {0};
     char w[WORDS_MAX][WORD_MAX];
-    int rc = 0, set, ujson;
+    int rc = 0, set, ujson, ufleet;
     enum acct_kind kind;
     int n = split_words(line, w, &set);
     int json = n >= 2 && n <= WORDS_MAX && is_json(w[n - 1]); /* the last word asks for JSON */
@@ -1595,11 +1719,16 @@ int admin_exec(const char *line, const struct conf *conf, struct shm *shm,
     } else if (m == 2 && !strcmp(w[0], "show") && !strcmp(w[1], "cluster")) {
         show_cluster(&b, conf, shm, json);
     } else if (n >= 2 && n <= WORDS_MAX && !strcmp(w[0], "show") && !strcmp(w[1], "usage") &&
-               !usage_args(w, 2, n, &kind, &ujson)) {
-        if (ujson)
-            show_usage_json(&b, conf, shm, kind);
-        else
-            show_usage(&b, conf, shm, kind);
+               !usage_args(w, 2, n, &kind, &ufleet, &ujson)) {
+        if (ufleet && !conf->cluster.enabled) {
+            abuf_printf(&b, "error: no fleet totals: this host has no [cluster] section (show "
+                            "usage without --fleet shows its own)\n");
+            rc = -ENOENT;
+        } else if (ujson) {
+            show_usage_json(&b, conf, shm, kind, ufleet);
+        } else {
+            show_usage(&b, conf, shm, kind, ufleet);
+        }
     } else if (m == 3 && !strcmp(w[0], "breaker") &&
                (!strcmp(w[1], "reset") || !strcmp(w[1], "open"))) {
         rc = breaker_command(&b, conf, shm, w[1], w[2], json, pending);

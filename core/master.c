@@ -1586,6 +1586,15 @@ static void gen_sync_counters(struct gen *g)
     }
 }
 
+/* [cluster]: g's sync process goes on with the usage epoch and fleet totals g->prev's knew. */
+static void gen_sync_inherit(struct gen *g)
+{
+    if (g->conf->cluster.enabled && g->prev && g->prev->shm_ready && g->shm_ready &&
+        shm_acct(&g->shm) && shm_acct(&g->prev->shm))
+        acct_sync_inherit(shm_acct(&g->shm), shm_acct(&g->prev->shm),
+                          (const int32_t *const *)g->acct_from);
+}
+
 /* Every generation's carried counters brought up to date, oldest first so that what the oldest
  * counted reaches the serving one in one pass: a scrape sees the draining workers' traffic. */
 static void gens_sync_counters(void)
@@ -2008,6 +2017,7 @@ static int master_reload(char **err)
         atomic_store_explicit(&shm_worker(&g->shm, (uint32_t)s)->hold, 1, memory_order_release);
     g->prev = M.g;
     gen_sync_counters(g); /* before the fork: the new checker starts from these counts */
+    gen_sync_inherit(g);
     gen_restarts_carry(g, M.g);
     M.next = g;
     M.next_deadline = time_mono_ms() + RELOAD_READY_MS;
@@ -2207,6 +2217,7 @@ static int master_upgrade_carry(void)
             return -ENOMEM;
         M.g->prev = M.upfrom;
         gen_sync_counters(M.g); /* before the fork: the new checker starts from these counts */
+        gen_sync_inherit(M.g);
     }
     for (int s = 0; s < M.g->workers; s++)
         atomic_store_explicit(&shm_worker(&M.g->shm, (uint32_t)s)->hold, 1, memory_order_release);

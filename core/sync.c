@@ -170,6 +170,42 @@ static const char SYNC_LUA_HB[] =
     "redis.call('PEXPIRE', KEYS[1], 100 * alive + 60000)\n"
     "return redis.call('ZCOUNT', KEYS[1], now - alive, '+inf')\n";
 
+/* USAGE. KEYS: 1 this flusher's last applied sequence number (a string, expires after a week),
+ * 2 the usage epoch (made when missing: Redis lost or never had the totals), 3.. one HASH of
+ * totals per entry (key, model, backend). ARGV: 1 sequence number, 2 the epoch the flusher knows
+ * ("-": none yet), 3 full (1: the values are whole totals, sent after Redis lost its data), then
+ * groups of 9: the entry's KEYS index and its 8 figures to add. A flush is applied once: one
+ * whose number is not above the last applied one is a resend of an applied one. Deltas meant for
+ * an epoch Redis no longer has are refused ({-1, epoch}): the flusher sends its whole totals.
+ * Returns {1 applied / 0 a resend, epoch, the 8 totals of every entry in KEYS order}. */
+static const char SYNC_LUA_USAGE[] =
+    "local e = redis.call('GET', KEYS[2])\n"
+    "if not e then\n"
+    "  local t = redis.call('TIME')\n"
+    "  e = t[1] .. '.' .. t[2]\n"
+    "  redis.call('SET', KEYS[2], e)\n"
+    "end\n"
+    "if ARGV[2] ~= '-' and ARGV[2] ~= e and ARGV[3] ~= '1' then return {-1, e} end\n"
+    "local f = {'requests', 'prompt', 'completion', 'cached', 'reasoning', 'partial',\n"
+    "  'cost_nano', 'list_cost_nano'}\n"
+    "local applied = 0\n"
+    "if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then\n"
+    "  for i = 4, #ARGV, 9 do\n"
+    "    local k = KEYS[tonumber(ARGV[i])]\n"
+    "    for j = 1, 8 do\n"
+    "      if ARGV[i + j] ~= '0' then redis.call('HINCRBY', k, f[j], ARGV[i + j]) end\n"
+    "    end\n"
+    "  end\n"
+    "  applied = 1\n"
+    "end\n"
+    "redis.call('SET', KEYS[1], ARGV[1], 'PX', 604800000)\n"
+    "local out = {applied, e}\n"
+    "for i = 3, #KEYS do\n"
+    "  local v = redis.call('HMGET', KEYS[i], unpack(f))\n"
+    "  for j = 1, 8 do out[#out + 1] = v[j] or '0' end\n"
+    "end\n"
+    "return out\n";
+
 enum sync_conn_state {
     SYNC_DOWN = 0,  /* no connection; reconnect at next_connect_ms */
     SYNC_HANDSHAKE, /* connecting, AUTH, SELECT, SCRIPT LOAD in flight */
@@ -237,6 +273,16 @@ struct sync {
     struct sync_lim *lims;
     uint32_t n_lims;
     uint64_t slow_ms;
+    /* usage totals flushed to Redis (see SYNC_LUA_USAGE) */
+    struct acct_region *acct;
+    struct acct_sync *as;
+    char sha_usage[48];
+    char **u_keys;      /* Redis key of each entry: keys, models, backends (acct's order) */
+    uint32_t u_n[3];    /* entries of each kind */
+    uint32_t u_entries; /* their sum */
+    int u_busy, u_fin;
+    uint64_t u_sent_ms;
+    char k_useq[SYNC_KEY_MAX], k_uepoch[SYNC_KEY_MAX];
 };
 
 /* The uv_poll_t driving one hiredis connection; freed when both are done with it. */
@@ -716,6 +762,161 @@ static void sync_renew_budget(struct sync *s, struct sync_lim *l, int hungry)
     l->b_busy = 1;
 }
 
+/* ---- USAGE ---- */
+
+/* d = a - b, word by word (0 where b is ahead: it never is, the counts only grow). */
+static void usage_diff(struct acct_usage *d, const struct acct_usage *a, const struct acct_usage *b)
+{
+    const uint64_t *aw = (const uint64_t *)a, *bw = (const uint64_t *)b;
+    uint64_t *dw = (uint64_t *)d;
+
+    for (size_t w = 0; w < ACCT_WORDS; w++)
+        dw[w] = aw[w] > bw[w] ? aw[w] - bw[w] : 0;
+}
+
+static void sync_usage_done(redisAsyncContext *ac, void *r, void *priv)
+{
+    struct sync *s = priv;
+    struct acct_sync *as = s->as;
+    redisReply *rep = r;
+
+    s->u_busy = 0;
+    (void)ac;
+    if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements < 2 ||
+        rep->element[0]->type != REDIS_REPLY_INTEGER ||
+        rep->element[1]->type != REDIS_REPLY_STRING) {
+        /* the flush stays pending in shm: resent as it is, Redis applies it once */
+        if (rep && rep->type == REDIS_REPLY_ERROR) {
+            log_warn("cluster: usage flush: Redis: %.*s", (int)rep->len, rep->str);
+            atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
+            if (!strncmp(rep->str, "NOSCRIPT", 8) && s->state == SYNC_READY)
+                sync_drop(s, "scripts lost");
+        }
+        return;
+    }
+    snprintf(as->epoch, sizeof(as->epoch), "%.*s", (int)rep->element[1]->len, rep->element[1]->str);
+    if (rep->element[0]->integer < 0) {
+        /* Redis lost the totals: this generation's flush carries all this host counted (a
+         * stopping generation's counts are in its successor's: it resends its deltas only) */
+        if (!s->stopping) {
+            log_warn("cluster: Redis %s lost the fleet's usage totals: sending this host's whole "
+                     "totals again",
+                     s->conf->cluster.redis);
+            as->pending = 0;
+            as->full = 1;
+        }
+        return;
+    }
+    for (int k = ACCT_KEY; k <= ACCT_BACKEND; k++)
+        for (uint32_t i = 0; i < s->u_n[k]; i++) {
+            struct acct_usage u;
+
+            if (acct_slice_get(s->acct, ACCT_PEND_OWN, (enum acct_kind)k, i, &u) == 0)
+                acct_slice_set(s->acct, ACCT_ACKED, (enum acct_kind)k, i, &u);
+        }
+    as->pending = 0;
+    as->full = 0;
+    if (rep->elements != 2 + (size_t)ACCT_WORDS * s->u_entries)
+        return;
+    for (uint32_t e = 0, k = ACCT_KEY, i = 0; e < s->u_entries; e++, i++) {
+        uint64_t v[ACCT_WORDS];
+
+        while (i >= s->u_n[k])
+            i = 0, k++;
+        for (size_t w = 0; w < ACCT_WORDS; w++) {
+            const redisReply *x = rep->element[2 + e * ACCT_WORDS + w];
+
+            v[w] = x->type == REDIS_REPLY_STRING ? strtoull(x->str, NULL, 10) : 0;
+        }
+        acct_slice_set(s->acct, ACCT_FLEET, (enum acct_kind)k, i, (const struct acct_usage *)v);
+    }
+    atomic_store_explicit(&as->fleet_ms, time_real_ms(), memory_order_release);
+}
+
+/* Flushes what this generation's workers counted since Redis last acknowledged it (or, after
+ * Redis lost its data, everything this host counted), and reads the fleet's totals back. The
+ * flush is built in shm once and resent unchanged until Redis answers: a lost answer, a lost
+ * connection or a restarted sync process never loses nor doubles a count. */
+static void sync_usage(struct sync *s)
+{
+    struct acct_sync *as = s->as;
+    uint32_t argc = 0, cap;
+    const char **argv;
+    size_t *lens;
+    char *num, *p;
+    int rc;
+
+    if (!s->acct || !s->u_entries || s->state != SYNC_READY || s->u_busy)
+        return;
+    if (!as->pending) {
+        for (int k = ACCT_KEY; k <= ACCT_BACKEND; k++)
+            for (uint32_t i = 0; i < s->u_n[k]; i++) {
+                struct acct_usage own, base, sent;
+
+                acct_own_get(s->acct, (enum acct_kind)k, i, &own);
+                if (as->full)
+                    acct_get(s->acct, (enum acct_kind)k, i, &sent);
+                else {
+                    acct_slice_get(s->acct, ACCT_ACKED, (enum acct_kind)k, i, &base);
+                    usage_diff(&sent, &own, &base);
+                }
+                acct_slice_set(s->acct, ACCT_PEND_SENT, (enum acct_kind)k, i, &sent);
+                acct_slice_set(s->acct, ACCT_PEND_OWN, (enum acct_kind)k, i, &own);
+            }
+        as->seq++;
+        as->pending = 1;
+    }
+    cap = 8 + s->u_entries * (1 + 1 + (uint32_t)ACCT_WORDS); /* see the ARG_ calls below */
+    argv = calloc(cap, sizeof(*argv));
+    lens = calloc(cap, sizeof(*lens));
+    num = malloc((size_t)cap * 24);
+    if (!argv || !lens || !num)
+        goto out;
+    p = num;
+#define ARG_STR(str) (argv[argc] = (str), lens[argc] = strlen(argv[argc]), argc++)
+#define ARG_NUM(fmt, v)                                                                            \
+    (argv[argc] = p, lens[argc] = (size_t)snprintf(p, 24, fmt, v), p += 24, argc++)
+    ARG_STR("EVALSHA");
+    ARG_STR(s->sha_usage);
+    ARG_NUM("%u", 2 + s->u_entries);
+    ARG_STR(s->k_useq);
+    ARG_STR(s->k_uepoch);
+    for (uint32_t e = 0; e < s->u_entries; e++)
+        ARG_STR(s->u_keys[e]);
+    ARG_NUM("%llu", (unsigned long long)as->seq);
+    ARG_STR(as->epoch[0] ? as->epoch : "-");
+    ARG_STR(as->full ? "1" : "0");
+    for (uint32_t e = 0, k = ACCT_KEY, i = 0; e < s->u_entries; e++, i++) {
+        struct acct_usage u;
+        const uint64_t *w = (const uint64_t *)&u;
+        int zero = 1;
+
+        while (i >= s->u_n[k])
+            i = 0, k++;
+        acct_slice_get(s->acct, ACCT_PEND_SENT, (enum acct_kind)k, i, &u);
+        for (size_t j = 0; j < ACCT_WORDS; j++)
+            zero &= !w[j];
+        if (zero)
+            continue;
+        ARG_NUM("%u", 3 + e);
+        for (size_t j = 0; j < ACCT_WORDS; j++) /* HINCRBY takes a signed 64-bit number */
+            ARG_NUM("%llu", (unsigned long long)(w[j] > INT64_MAX ? INT64_MAX : w[j]));
+    }
+#undef ARG_STR
+#undef ARG_NUM
+    rc = redisAsyncCommandArgv(s->conn->ac, sync_usage_done, s, (int)argc, argv, lens);
+    if (rc == REDIS_OK) {
+        s->u_busy = 1;
+        s->u_sent_ms = time_mono_ms();
+    } else {
+        atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
+    }
+out:
+    free(argv);
+    free(lens);
+    free(num);
+}
+
 /* ---- heartbeat and handshake ---- */
 
 static void sync_hb_done(redisAsyncContext *ac, void *r, void *priv)
@@ -755,6 +956,7 @@ static void sync_ready(struct sync *s)
                  s->conf->cluster.node_name);
     s->fallback = 0;
     sync_heartbeat(s);
+    sync_usage(s);
     for (uint32_t i = 0; i < s->n_lims; i++) { /* resynchronise: report and lease at once */
         sync_renew(s, &s->lims[i], 1);
         sync_renew_budget(s, &s->lims[i], 1);
@@ -783,6 +985,8 @@ static void sync_handshake_done(redisAsyncContext *ac, void *r, void *priv)
         snprintf(s->sha_renew, sizeof(s->sha_renew), "%.*s", (int)rep->len, rep->str);
     if (!strcmp(what, "SCRIPT LOAD budget") && rep->type == REDIS_REPLY_STRING)
         snprintf(s->sha_budget, sizeof(s->sha_budget), "%.*s", (int)rep->len, rep->str);
+    if (!strcmp(what, "SCRIPT LOAD usage") && rep->type == REDIS_REPLY_STRING)
+        snprintf(s->sha_usage, sizeof(s->sha_usage), "%.*s", (int)rep->len, rep->str);
     if (!strcmp(what, "SCRIPT LOAD heartbeat") && rep->type == REDIS_REPLY_STRING)
         snprintf(s->sha_hb, sizeof(s->sha_hb), "%.*s", (int)rep->len, rep->str);
     if (--s->handshake_left == 0)
@@ -843,7 +1047,7 @@ static void sync_connect(struct sync *s)
     s->conn = c;
     s->state = SYNC_HANDSHAKE;
     s->handshake_ms = time_mono_ms();
-    s->handshake_left = 3;
+    s->handshake_left = 4;
     if (cl->redis_password) {
         sync_cmd(ac, sync_handshake_done, "AUTH", "AUTH %s", cl->redis_password);
         s->handshake_left++;
@@ -855,6 +1059,7 @@ static void sync_connect(struct sync *s)
     sync_cmd(ac, sync_handshake_done, "SCRIPT LOAD renew", "SCRIPT LOAD %s", SYNC_LUA_RENEW);
     sync_cmd(ac, sync_handshake_done, "SCRIPT LOAD heartbeat", "SCRIPT LOAD %s", SYNC_LUA_HB);
     sync_cmd(ac, sync_handshake_done, "SCRIPT LOAD budget", "SCRIPT LOAD %s", SYNC_LUA_BUDGET);
+    sync_cmd(ac, sync_handshake_done, "SCRIPT LOAD usage", "SCRIPT LOAD %s", SYNC_LUA_USAGE);
 }
 
 /* ---- timers ---- */
@@ -867,6 +1072,8 @@ static int sync_too_slow(struct sync *s, uint64_t now)
     if (s->state != SYNC_READY)
         return 0;
     if (s->hb_busy && now - s->hb_sent_ms > s->slow_ms)
+        return 1;
+    if (s->u_busy && now - s->u_sent_ms > s->slow_ms)
         return 1;
     for (uint32_t i = 0; i < s->n_lims; i++)
         if ((s->lims[i].busy && now - s->lims[i].sent_ms > s->slow_ms) ||
@@ -918,6 +1125,7 @@ static void sync_tick(uv_timer_t *t)
     if (s->state != SYNC_READY || s->final)
         return;
     sync_heartbeat(s);
+    sync_usage(s);
     for (uint32_t i = 0; i < s->n_lims; i++) {
         if (!s->lims[i].busy && !s->lims[i].b_busy) {
             int hungry = limit_lease_hungry(s->lr, s->lims[i].id);
@@ -988,6 +1196,11 @@ static void sync_stop_step(struct sync *s, uint64_t now)
         }
         pending += !l->fin || !l->b_fin || l->busy || l->b_busy;
     }
+    if (!s->u_fin && !s->u_busy) { /* what the workers counted last */
+        sync_usage(s);
+        s->u_fin = 1;
+    }
+    pending += s->u_busy;
     if (!pending || s->state != SYNC_READY || now - s->final_ms > 1000)
         sync_shutdown(s);
 }
@@ -1006,6 +1219,52 @@ static void sync_on_signal(uv_signal_t *h, int sig)
         return;
     s->stopping = 1;
     s->stop_by_ms = time_mono_ms() + (hard ? hard : 30000) + 1000;
+}
+
+/* The usage entries' Redis keys ({usage}: one hash slot for the script), and this generation's
+ * flushing identity (kept in shm: a restarted sync process goes on with it). */
+static int sync_setup_usage(struct sync *s)
+{
+    const struct conf *conf = s->conf;
+    const char *pfx = conf->cluster.key_prefix;
+    struct acct_sync *as;
+    uint32_t e = 0;
+
+    s->acct = shm_acct(s->shm);
+    if (!s->acct)
+        return 0;
+    as = s->as = acct_sync(s->acct);
+    for (int k = ACCT_KEY; k <= ACCT_BACKEND; k++)
+        s->u_entries += s->u_n[k] = acct_count(s->acct, (enum acct_kind)k);
+    s->u_keys = calloc(s->u_entries ? s->u_entries : 1, sizeof(*s->u_keys));
+    if (!s->u_keys)
+        return -ENOMEM;
+    for (int k = ACCT_KEY; k <= ACCT_BACKEND; k++)
+        for (uint32_t i = 0; i < s->u_n[k]; i++, e++) {
+            char buf[SYNC_KEY_MAX + CONF_NAME_MAX];
+
+            if (k == ACCT_KEY && (int)i < conf->n_keys)
+                snprintf(buf, sizeof(buf), "%s{usage}:key:%s", pfx, conf->keys[i].name);
+            else if (k == ACCT_MODEL && (int)i < conf->n_models)
+                snprintf(buf, sizeof(buf), "%s{usage}:model:%s", pfx, conf->models[i].name);
+            else if (k == ACCT_BACKEND && (int)i < conf->n_backends)
+                snprintf(buf, sizeof(buf), "%s{usage}:backend:%s/%s", pfx,
+                         conf->backends[i].pool >= 0 && conf->backends[i].pool < conf->n_pools
+                             ? conf->pools[conf->backends[i].pool].name
+                             : "-",
+                         conf->backends[i].name);
+            else
+                snprintf(buf, sizeof(buf), "%s{usage}:%s:#%u", pfx, acct_kind_str(k), i);
+            s->u_keys[e] = strdup(buf);
+            if (!s->u_keys[e])
+                return -ENOMEM;
+        }
+    if (!as->inc)
+        as->inc = (time_real_ms() << 16) ^ (uint64_t)getpid();
+    snprintf(s->k_useq, sizeof(s->k_useq), "%s{usage}:seq:%s:%llx", pfx, conf->cluster.node_name,
+             (unsigned long long)as->inc);
+    snprintf(s->k_uepoch, sizeof(s->k_uepoch), "%s{usage}:epoch", pfx);
+    return 0;
 }
 
 /* The leased limiters, in the ids the master gave them (keys, models, pools). */
@@ -1058,7 +1317,7 @@ static int sync_setup(struct sync *s)
         snprintf(l->lease_id, sizeof(l->lease_id), "-");
     }
     snprintf(s->k_nodes, sizeof(s->k_nodes), "%snodes", pfx);
-    return 0;
+    return sync_setup_usage(s);
 }
 
 int sync_main(struct conf *conf, struct shm *shm)
@@ -1108,5 +1367,8 @@ int sync_main(struct conf *conf, struct shm *shm)
     uv_run(&s->loop, UV_RUN_DEFAULT);
     uv_loop_close(&s->loop);
     free(s->lims);
+    for (uint32_t e = 0; s->u_keys && e < s->u_entries; e++)
+        free(s->u_keys[e]);
+    free(s->u_keys);
     return 0;
 }

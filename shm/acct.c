@@ -21,8 +21,8 @@ struct acct_cell {
     _Atomic uint64_t w[ACCT_WORDS];
 };
 
-/* Slices: n_owners worker slices then the master's base slice, each n_entries cells (keys,
- * then models, then backends). */
+/* Slices: n_owners worker slices, the master's base slice, then the sync process's
+ * ACCT_SLICES, each n_entries cells (keys, then models, then backends). */
 struct acct_region {
     uint64_t magic;
     uint32_t n[3];
@@ -31,6 +31,7 @@ struct acct_region {
     uint32_t pad_;
     uint64_t size;
     uint64_t off_cells;
+    struct acct_sync sync;
 };
 
 /* Totals saturate at UINT64_MAX instead of wrapping to a small number. */
@@ -49,7 +50,7 @@ size_t acct_region_size(uint32_t n_keys, uint32_t n_models, uint32_t n_backends,
     size_t entries = (size_t)n_keys + n_models + n_backends;
 
     return align_up(sizeof(struct acct_region)) +
-           align_up(sizeof(struct acct_cell) * entries * (n_owners + 1));
+           align_up(sizeof(struct acct_cell) * entries * (n_owners + 1 + ACCT_SLICES));
 }
 
 int acct_region_init(void *mem, size_t size, uint32_t n_keys, uint32_t n_models,
@@ -196,6 +197,65 @@ void acct_release_owner(struct acct_region *a, uint32_t owner)
         if (s & 1)
             atomic_store_explicit(&c->seq, s + 1, memory_order_release);
     }
+}
+
+struct acct_sync *acct_sync(struct acct_region *a)
+{
+    return &a->sync;
+}
+
+void acct_sync_inherit(struct acct_region *dst, const struct acct_region *src,
+                       const int32_t *const from[3])
+{
+    if (dst->sync.seq || dst->sync.epoch[0]) /* its sync process flushed already */
+        return;
+    memcpy(dst->sync.epoch, src->sync.epoch, sizeof(dst->sync.epoch));
+    for (int k = ACCT_KEY; k <= ACCT_BACKEND; k++)
+        for (uint32_t i = 0; from[k] && i < dst->n[k]; i++) {
+            struct acct_usage u;
+
+            if (from[k][i] >= 0 &&
+                acct_slice_get(src, ACCT_FLEET, (enum acct_kind)k, (uint32_t)from[k][i], &u) == 0)
+                acct_slice_set(dst, ACCT_FLEET, (enum acct_kind)k, i, &u);
+        }
+    atomic_store_explicit(&dst->sync.fleet_ms,
+                          atomic_load_explicit(&src->sync.fleet_ms, memory_order_acquire),
+                          memory_order_release);
+}
+
+int acct_own_get(const struct acct_region *a, enum acct_kind k, uint32_t i, struct acct_usage *out)
+{
+    uint64_t sum[ACCT_WORDS] = {0}, v[ACCT_WORDS];
+    uint32_t e;
+
+    if ((unsigned)k > ACCT_BACKEND || i >= a->n[k])
+        return -EINVAL;
+    e = entry_of(a, k, i);
+    for (uint32_t s = 0; s < a->n_owners; s++) {
+        cell_read(cell_at(a, s, e), v);
+        for (size_t w = 0; w < ACCT_WORDS; w++)
+            sum[w] = add_sat(sum[w], v[w]);
+    }
+    memcpy(out, sum, sizeof(*out));
+    return 0;
+}
+
+int acct_slice_get(const struct acct_region *a, enum acct_slice s, enum acct_kind k, uint32_t i,
+                   struct acct_usage *out)
+{
+    if ((unsigned)k > ACCT_BACKEND || i >= a->n[k] || (unsigned)s >= ACCT_SLICES)
+        return -EINVAL;
+    cell_read(cell_at(a, a->n_owners + 1 + s, entry_of(a, k, i)), (uint64_t *)out);
+    return 0;
+}
+
+int acct_slice_set(struct acct_region *a, enum acct_slice s, enum acct_kind k, uint32_t i,
+                   const struct acct_usage *u)
+{
+    if ((unsigned)k > ACCT_BACKEND || i >= a->n[k] || (unsigned)s >= ACCT_SLICES)
+        return -EINVAL;
+    cell_write(cell_at(a, a->n_owners + 1 + s, entry_of(a, k, i)), u, 1);
+    return 0;
 }
 
 const char *acct_kind_str(enum acct_kind k)

@@ -56,4 +56,41 @@ void acct_release_owner(struct acct_region *a, uint32_t owner);
 
 const char *acct_kind_str(enum acct_kind k);
 
+/* ---- [cluster]: the sync process's slices (it is their only writer) ------------------------ */
+
+/* Slices beside the workers' and the base: the fleet's totals as last read from Redis, what
+ * Redis acknowledged of this generation's workers' counts, and the flush in flight (what was
+ * sent, and what "acknowledged" becomes once it is). They live in shm so that a restarted sync
+ * process resends the same flush under the same sequence number: Redis applies it once. */
+enum acct_slice {
+    ACCT_FLEET = 0,
+    ACCT_ACKED = 1,
+    ACCT_PEND_SENT = 2,
+    ACCT_PEND_OWN = 3,
+};
+#define ACCT_SLICES 4
+
+/* The sync process's flush state (one writer: the sync process; fleet_ms read by the master). */
+struct acct_sync {
+    uint64_t inc;              /* this generation's flushing identity (0: none yet) */
+    uint64_t seq;              /* sequence number of the last flush built */
+    uint32_t pending;          /* the flush seq is in flight (its slices hold it) */
+    uint32_t full;             /* it carries whole totals (Redis lost its data), not deltas */
+    char epoch[40];            /* Redis' usage epoch this generation flushes into ("" unknown) */
+    _Atomic uint64_t fleet_ms; /* wall-clock ms of the last fleet read, 0: never */
+};
+
+struct acct_sync *acct_sync(struct acct_region *a);
+/* Master, before a new generation's sync process starts (reload, upgrade): it goes on in the
+ * usage epoch the old one knew (so that Redis losing its data in between is noticed) and shows
+ * the fleet's totals last read, entry by entry as from[] maps them (-1: new). */
+void acct_sync_inherit(struct acct_region *dst, const struct acct_region *src,
+                       const int32_t *const from[3]);
+/* What this generation's workers counted (their slices; the base left out). */
+int acct_own_get(const struct acct_region *a, enum acct_kind k, uint32_t i, struct acct_usage *out);
+int acct_slice_get(const struct acct_region *a, enum acct_slice s, enum acct_kind k, uint32_t i,
+                   struct acct_usage *out);
+int acct_slice_set(struct acct_region *a, enum acct_slice s, enum acct_kind k, uint32_t i,
+                   const struct acct_usage *u);
+
 #endif

@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <errno.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -180,6 +181,67 @@ static void test_saturate(void **state)
     munmap(a, size);
 }
 
+/* The sync process's slices: the workers' own counts leave the base out, and the fleet, acked
+ * and pending slices are stored apart from the totals (acct_get never adds them). */
+static void test_sync_slices(void **state)
+{
+    size_t size;
+    struct acct_region *a = region_new(2, 1, 1, 2, &size);
+    struct acct_usage u = one(10), base = one(100), got, fleet = {.requests = 42, .cost_nano = 7};
+
+    (void)state;
+    acct_add(a, 0, 1, 0, 0, &u);
+    acct_add(a, 1, 1, -1, -1, &u);
+    acct_base_set(a, ACCT_KEY, 1, &base);
+    assert_int_equal(acct_own_get(a, ACCT_KEY, 1, &got), 0);
+    assert_int_equal(got.requests, 2);
+    assert_int_equal(got.prompt, 20);
+    assert_int_equal(acct_slice_set(a, ACCT_FLEET, ACCT_KEY, 1, &fleet), 0);
+    assert_int_equal(acct_slice_set(a, ACCT_ACKED, ACCT_KEY, 1, &u), 0);
+    assert_int_equal(acct_get(a, ACCT_KEY, 1, &got), 0);
+    assert_int_equal(got.requests, 3); /* base + two workers, no slice of the sync process */
+    assert_int_equal(acct_slice_get(a, ACCT_FLEET, ACCT_KEY, 1, &got), 0);
+    assert_int_equal(got.requests, 42);
+    assert_int_equal(got.cost_nano, 7);
+    assert_int_equal(acct_slice_get(a, ACCT_ACKED, ACCT_KEY, 1, &got), 0);
+    assert_int_equal(got.prompt, 10);
+    assert_int_equal(acct_slice_get(a, ACCT_FLEET, ACCT_KEY, 0, &got), 0);
+    assert_int_equal(got.requests, 0);
+    assert_int_equal(acct_slice_get(a, ACCT_FLEET, ACCT_BACKEND, 1, &got), -EINVAL);
+    assert_int_equal(acct_slice_get(a, (enum acct_slice)ACCT_SLICES, ACCT_KEY, 0, &got), -EINVAL);
+    assert_int_equal(acct_sync(a)->inc, 0); /* a new region: no flush identity yet */
+    munmap(a, size);
+}
+
+/* A new generation inherits the old one's epoch and fleet totals (mapped by name), once. */
+static void test_sync_inherit(void **state)
+{
+    size_t so, sn;
+    struct acct_region *o = region_new(2, 0, 0, 1, &so), *n = region_new(3, 0, 0, 1, &sn);
+    struct acct_usage f = {.requests = 9}, got;
+    int32_t keys[3] = {1, -1, 0};
+    const int32_t *from[3] = {keys, NULL, NULL};
+
+    (void)state;
+    snprintf(acct_sync(o)->epoch, sizeof(acct_sync(o)->epoch), "123.456");
+    acct_slice_set(o, ACCT_FLEET, ACCT_KEY, 1, &f);
+    atomic_store(&acct_sync(o)->fleet_ms, 77);
+    acct_sync_inherit(n, o, from);
+    assert_string_equal(acct_sync(n)->epoch, "123.456");
+    assert_int_equal(atomic_load(&acct_sync(n)->fleet_ms), 77);
+    acct_slice_get(n, ACCT_FLEET, ACCT_KEY, 0, &got);
+    assert_int_equal(got.requests, 9);
+    acct_slice_get(n, ACCT_FLEET, ACCT_KEY, 1, &got);
+    assert_int_equal(got.requests, 0);
+    /* once its sync process flushed, the new generation keeps what it knows */
+    acct_sync(n)->seq = 1;
+    snprintf(acct_sync(o)->epoch, sizeof(acct_sync(o)->epoch), "999.1");
+    acct_sync_inherit(n, o, from);
+    assert_string_equal(acct_sync(n)->epoch, "123.456");
+    munmap(o, so);
+    munmap(n, sn);
+}
+
 static void test_region_args(void **state)
 {
     size_t size = acct_region_size(1, 1, 1, 1);
@@ -195,9 +257,10 @@ static void test_region_args(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_add_get),     cmocka_unit_test(test_processes),
-        cmocka_unit_test(test_dead_writer), cmocka_unit_test(test_saturate),
-        cmocka_unit_test(test_region_args),
+        cmocka_unit_test(test_add_get),      cmocka_unit_test(test_processes),
+        cmocka_unit_test(test_dead_writer),  cmocka_unit_test(test_saturate),
+        cmocka_unit_test(test_region_args),  cmocka_unit_test(test_sync_slices),
+        cmocka_unit_test(test_sync_inherit),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1144,14 +1144,19 @@ static void test_keys_usage_errors(void **state)
     } cases[] = {
         {"show keys xml", "error: usage: show keys [json]\n"},
         {"show keys json json", "error: usage: show keys [json]\n"},
-        {"show usage --by", "error: usage: show usage [--by key|model|backend] [json]\n"},
-        {"show usage --by pool", "error: usage: show usage [--by key|model|backend] [json]\n"},
-        {"show usage by key", "error: usage: show usage [--by key|model|backend] [json]\n"},
+        {"show usage --by", "error: usage: show usage [--by key|model|backend] [--fleet] [json]\n"},
+        {"show usage --by pool",
+         "error: usage: show usage [--by key|model|backend] [--fleet] [json]\n"},
+        {"show usage by key",
+         "error: usage: show usage [--by key|model|backend] [--fleet] [json]\n"},
         {"show usage --by key --by model",
-         "error: usage: show usage [--by key|model|backend] [json]\n"},
-        {"show usage json json", "error: usage: show usage [--by key|model|backend] [json]\n"},
+         "error: usage: show usage [--by key|model|backend] [--fleet] [json]\n"},
+        {"show usage json json",
+         "error: usage: show usage [--by key|model|backend] [--fleet] [json]\n"},
         {"show usage --by key json x",
-         "error: usage: show usage [--by key|model|backend] [json]\n"},
+         "error: usage: show usage [--by key|model|backend] [--fleet] [json]\n"},
+        {"show usage --fleet --fleet",
+         "error: usage: show usage [--by key|model|backend] [--fleet] [json]\n"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         char *out = run(f, cases[i].line, NULL, 0, -EINVAL);
@@ -1161,6 +1166,10 @@ static void test_keys_usage_errors(void **state)
     char *out = run(f, "help", NULL, 0, 0);
     assert_non_null(strstr(out, "show keys"));
     assert_non_null(strstr(out, "show usage [--by key|model|backend]"));
+    free(out);
+    /* the fleet's totals need [cluster]: without it, said so (not this host's as the fleet's) */
+    out = run(f, "show usage --fleet", NULL, 0, -ENOENT);
+    assert_non_null(strstr(out, "no [cluster] section"));
     free(out);
 }
 
