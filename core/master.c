@@ -45,6 +45,9 @@
 /* SIGTERM: at hard_stop_after the workers end their streams themselves (an SSE error event, the
  * last chunk, a short linger); only children alive this much later get SIGKILL */
 #define HARD_STOP_GRACE_MS 3000
+/* [cluster] start: the workers wait this long at most for the sync process's first leases (or
+ * its fallback, within a second when Redis does not answer) before they accept anyway */
+#define START_HOLD_MS 3000
 /* fds a process needs besides connections: stdio, epoll, signal pipe, resolver threads, shm,
  * TLS files, admin clients */
 #define FD_RESERVE 64
@@ -133,7 +136,11 @@ static struct master {
     uv_signal_t sig_chld, sig_term, sig_int, sig_quit, sig_hup, sig_usr1, sig_usr2;
     uv_pipe_t admin;
     uv_timer_t restart_timer, stop_timer, state_timer;
-    uv_timer_t rate_timer;  /* samples the requests answered once a second, for show info */
+    uv_timer_t rate_timer; /* samples the requests answered once a second, for show info */
+    /* [cluster] start: the workers hold (do not accept) until the fleet block is primed, and
+     * systemd hears READY then; monotonic ms after which they accept anyway (0: not held) */
+    uv_timer_t start_timer;
+    uint64_t start_hold_until;
     struct admin_rate rate; /* requests answered since start (every generation), per second */
     uint64_t requests;
     /* binary upgrade, new master: the old master's generation (its segment mapped, no process of
@@ -152,6 +159,7 @@ static struct master {
 } M;
 
 static void master_reload_signal(void);
+static void master_start_hold(struct gen *g);
 static int master_reload(char **err);
 static int master_upgrade(char **err);
 static void admin_client_timeout(uv_timer_t *t);
@@ -1062,6 +1070,8 @@ static void master_stop(enum master_stop how)
     stats_set_stopping();
     listeners_close(); /* the workers keep theirs until they exit */
     uv_timer_stop(&M.restart_timer);
+    uv_timer_stop(&M.start_timer);
+    M.start_hold_until = 0;
     for (int i = 0; i < M.g->n_children; i++)
         M.g->children[i].pending = 0;
     uv_timer_stop(&M.stop_timer);
@@ -1308,6 +1318,7 @@ static int master_setup(struct conf *conf)
     uv_timer_init(&M.loop, &M.reload_timer);
     uv_timer_init(&M.loop, &M.sync_timer);
     uv_timer_init(&M.loop, &M.rate_timer);
+    uv_timer_init(&M.loop, &M.start_timer);
     uv_timer_start(&M.rate_timer, rate_timer_fired, 1000, 1000);
     admin_rate_push(&M.rate, 0);
     rc = master_signals();
@@ -1383,6 +1394,7 @@ static int master_setup(struct conf *conf)
                      M.started_ms);
     if (rc < 0)
         return rc;
+    master_start_hold(M.g);
 
     log_info("aigw master started (pid %d): %d workers, %d listeners, admin socket %s",
              (int)getpid(), workers, conf->n_listens, conf->global.admin_socket);
@@ -1467,6 +1479,11 @@ static int master_shm_create(struct gen *g)
         specs[i].leased =
             specs[i].rpm || specs[i].tpm || specs[i].max_parallel || specs[i].budget_nano;
         specs[i].lease_retry_ms = (uint32_t)conf->cluster.sync_interval_ms;
+        /* until the first grant: the fallback, with no other host seen (see lease_start) */
+        specs[i].lease_start = conf->cluster.fallback == CLUSTER_FALLBACK_OPEN ? LIMIT_FALLBACK_OPEN
+                               : conf->cluster.fallback == CLUSTER_FALLBACK_CLOSED
+                                   ? LIMIT_FALLBACK_CLOSED
+                                   : LIMIT_FALLBACK_SHARE;
     }
     ai = (struct shm_ai){(uint32_t)conf->n_keys, (uint32_t)conf->n_models, (uint32_t)conf->n_pools,
                          specs, (int64_t)(time_real_ms() / 1000)};
@@ -1541,6 +1558,62 @@ static int master_state_load(const struct conf *conf)
     25000          /* a new generation's workers must be ready within this (slow                   \
                       starts: sanitizer builds on a loaded host) */
 #define SYNC_MS 20 /* while an old generation drains: how often its limiters carry */
+
+/* [cluster]: whether g's sync process has put the first leases in shm, or fallen back (1
+ * without [cluster]). */
+static int gen_primed(struct gen *g)
+{
+    return !g->conf->cluster.enabled || !shm_limits(&g->shm) ||
+           atomic_load_explicit(&limit_fleet(shm_limits(&g->shm))->primed, memory_order_acquire);
+}
+
+/* The start's hold ends: g's workers accept (a worker not set up yet sees hold cleared itself,
+ * worker_setup), and systemd hears READY. */
+static void start_release(struct gen *g, int primed)
+{
+    uv_timer_stop(&M.start_timer);
+    M.start_hold_until = 0;
+    for (int s = 0; s < g->workers; s++)
+        atomic_store_explicit(&shm_worker(&g->shm, (uint32_t)s)->hold, 0, memory_order_seq_cst);
+    for (int s = 0; s < g->workers; s++) {
+        struct child *c = &g->children[1 + s];
+
+        if (c->pid > 0 &&
+            atomic_load_explicit(&shm_worker(&g->shm, (uint32_t)s)->ready, memory_order_seq_cst))
+            kill(c->pid, SIGUSR2);
+    }
+    stats_set_starting(0);
+    if (!primed)
+        log_warn("cluster: the sync process has no answer from Redis after %d ms: serving with "
+                 "the fallback's share (cluster_fallback)",
+                 START_HOLD_MS);
+    if (!upgrade_is_child())
+        daemon_ready();
+}
+
+static void start_timer_fired(uv_timer_t *t)
+{
+    int primed = gen_primed(M.g);
+
+    (void)t;
+    if (primed || time_mono_ms() >= M.start_hold_until)
+        start_release(M.g, primed);
+}
+
+/* [cluster] start (not an upgrade's, which waits for primed before its go): the workers hold
+ * until the sync process's first leases are in shm or it fell back, so that a gateway that just
+ * started refuses nothing it would admit a moment later. Connections wait in the listening
+ * sockets' backlogs meanwhile (a few ms; about a second when Redis does not answer). */
+static void master_start_hold(struct gen *g)
+{
+    if (!g->conf->cluster.enabled || M.upfrom)
+        return;
+    for (int s = 0; s < g->workers; s++)
+        atomic_store_explicit(&shm_worker(&g->shm, (uint32_t)s)->hold, 1, memory_order_release);
+    M.start_hold_until = time_mono_ms() + START_HOLD_MS;
+    stats_set_starting(1);
+    uv_timer_start(&M.start_timer, start_timer_fired, ADMIN_POLL_MS, ADMIN_POLL_MS);
+}
 
 static int gen_children(struct gen *g)
 {
@@ -1867,9 +1940,8 @@ static void reload_timer_fired(uv_timer_t *t)
             g->children[1 + s].pid > 0 &&
             atomic_load_explicit(&shm_worker(&g->shm, (uint32_t)s)->ready, memory_order_acquire);
     /* [cluster]: not before its sync process put the first leases in shm (or fell back): its
-     * workers would refuse leased keys until then */
-    if (g->conf->cluster.enabled && shm_limits(&g->shm) &&
-        !atomic_load_explicit(&limit_fleet(shm_limits(&g->shm))->primed, memory_order_acquire))
+     * workers would admit the leased keys against the fallback's share until then */
+    if (!gen_primed(g))
         ready = -1;
     if (ready == g->workers) {
         reload_handover();
@@ -2052,8 +2124,10 @@ int master_run(struct conf *conf)
     }
     for (int ready = 0;; ready = 1) {
         children_spawn_due();
-        if (!ready && !upgrade_is_child())
-            daemon_ready(); /* listeners bound, children forked (an upgrade's: at its go) */
+        /* listeners bound, children forked (an upgrade's: at its go; [cluster]: once the first
+         * leases are in shm, start_timer_fired) */
+        if (!ready && !upgrade_is_child() && !M.start_hold_until)
+            daemon_ready();
         if (M.done)
             break;
         uv_run(&M.loop, UV_RUN_DEFAULT);
@@ -2230,7 +2304,7 @@ static int master_upgrade_ready(void)
         if (M.g->children[1 + s].pid <= 0 ||
             !atomic_load_explicit(&shm_worker(&M.g->shm, (uint32_t)s)->ready, memory_order_acquire))
             return 0;
-    return 1;
+    return gen_primed(M.g); /* as a reload's: its workers would refuse leased keys until then */
 }
 
 /* New master: the old generation stopped accepting. The admin socket is renamed over the old

@@ -84,7 +84,10 @@ static void usd(struct mbuf *b, uint64_t nano)
                 (unsigned long long)(nano % 1000000000ull));
 }
 
-static const char *const limit_names[4] = {"rpm", "tpm", "max_parallel", "budget"};
+/* enum limit_dim - 1. fleet: cluster_fallback = closed refused it while Redis is away; fleet_wait:
+ * this host's share of the fleet's budget was being topped up */
+static const char *const limit_names[LIMIT_DIMS] = {"rpm",    "tpm",   "max_parallel",
+                                                    "budget", "fleet", "fleet_wait"};
 static const char *const scope_names[3] = {"key", "model", "pool"};
 static const char *const tok_kinds[4] = {"prompt", "completion", "cached", "reasoning"};
 
@@ -361,11 +364,26 @@ static void prom_process(const struct metrics_ctx *m, struct mbuf *b)
 
     shm_proc_totals(m->shm, &t); /* earlier generations' counts included */
     help(b, "aigw_ratelimit_rejections_total", "counter",
-         "Requests a limiter refused with 429, by the limiter's scope and the limit hit.");
+         "Requests a limiter refused with 429, by the limiter's scope and the limit hit "
+         "(fleet: [cluster] closed fallback; fleet_wait: this host's budget share was being "
+         "topped up).");
     for (int s = 0; s < 3; s++)
-        for (int d = 0; d < 4; d++)
+        for (int d = 0; d < LIMIT_DIMS; d++)
             mbuf_printf(b, "aigw_ratelimit_rejections_total{scope=\"%s\",limit=\"%s\"} %llu\n",
                         scope_names[s], limit_names[d], (unsigned long long)t.limited[s][d]);
+    if (m->conf->cluster.enabled) {
+        help(b, "aigw_cluster_lease_rejections_total", "counter",
+             "Of aigw_ratelimit_rejections_total, those refused by this host's lease of a fleet "
+             "limit (the fleet's quota leased out, or a top-up on its way) or by the fallback, "
+             "not by this host's own window.");
+        for (int s = 0; s < 3; s++)
+            for (int d = 0; d < LIMIT_DIMS; d++)
+                mbuf_printf(b,
+                            "aigw_cluster_lease_rejections_total{scope=\"%s\",limit=\"%s\"} "
+                            "%llu\n",
+                            scope_names[s], limit_names[d],
+                            (unsigned long long)t.lease_limited[s][d]);
+    }
     help(b, "aigw_client_requests_total", "counter",
          "Client requests answered (the gateway's own answers too).");
     mbuf_printf(b, "aigw_client_requests_total %llu\n", (unsigned long long)t.requests);

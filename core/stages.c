@@ -253,7 +253,7 @@ static void answer_limited(struct client *c, const struct limit_verdict *v)
                             id < nk        ? 0
                             : id < nk + nm ? 1
                                            : 2,
-                            (int)v->dim);
+                            (int)v->dim, v->lease);
     const char *name = id < nk        ? conf->keys[id].name
                        : id < nk + nm ? conf->models[id - nk].name
                                       : conf->pools[id - nk - nm].name;

@@ -46,7 +46,8 @@ static struct {
     int listening;
     int inherited; /* fd + 1 of a listening socket to take instead of binding; 0 = none */
     int stopping;
-    int n_conns; /* open and not closing */
+    int starting; /* [cluster]: the workers wait for the first leases */
+    int n_conns;  /* open and not closing */
     struct stats_conn *conns;
     const struct conf *conf;
     struct shm *shm;
@@ -135,8 +136,8 @@ static void conn_error(struct stats_conn *c, int status, const char *reason)
     conn_send(c, status, reason, "text/plain; charset=utf-8", NULL, 0);
 }
 
-/* /healthz: the gateway can serve: the health checker and at least one worker run, and the
- * master is not stopping. */
+/* /healthz: the gateway can serve: the health checker and at least one worker run, the master
+ * is not stopping, and ([cluster]) its workers no longer wait for the first leases. */
 static int stats_healthy(const struct admin_proc *p, int n)
 {
     int health = 0, workers = 0;
@@ -147,7 +148,7 @@ static int stats_healthy(const struct admin_proc *p, int n)
         else if (p[i].slot >= 0)
             workers += p[i].pid > 0;
     }
-    return !S.stopping && health && workers > 0;
+    return !S.stopping && !S.starting && health && workers > 0;
 }
 
 /* Answers the request whose head is complete. */
@@ -384,6 +385,11 @@ int stats_listen_fd(void)
 void stats_set_stopping(void)
 {
     S.stopping = 1;
+}
+
+void stats_set_starting(int on)
+{
+    S.starting = on;
 }
 
 void stats_stop(void)

@@ -22,6 +22,8 @@ void stats_set_gen(const struct conf *conf, struct shm *shm, int max_procs);
 /* The master is stopping: /healthz answers 503 from now on (a load balancer in front takes the
  * host out while it drains). */
 void stats_set_stopping(void);
+/* [cluster] start: /healthz answers 503 while the workers wait for the first leases (on = 1). */
+void stats_set_starting(int on);
 /* Closes the listener and every open stats connection (the loop then finishes the closes). */
 void stats_stop(void);
 

@@ -20,11 +20,14 @@
 
 #define SYNC_FAST_MS     20  /* how often hungry flags are read (shm only) */
 #define SYNC_SLOW_MIN_MS 500 /* a call slower than max(this, 2 x sync_interval): Redis is away */
+/* before the first leases (the workers wait for them at start): a call slower than this */
+#define SYNC_PRIME_MS    1000
 #define SYNC_BACKOFF_MIN 100 /* first reconnect delay; doubles up to SYNC_BACKOFF_MAX */
 #define SYNC_BACKOFF_MAX 5000
 #define SYNC_WINDOW_MS   60000 /* the rpm/tpm window (LIMIT_WINDOW_MS) */
 #define SYNC_KEY_MAX     (CONF_NAME_MAX * 2 + 32)
 #define SYNC_ID_MAX      (CONF_NAME_MAX + 48)
+#define SYNC_LOST_MAX    64 /* most lost renewals a limiter remembers (see lost_lo) */
 
 /* RENEW. KEYS: the window (ZSET record id -> time), the records' request and token counts
  * (HASHes), the parallel slots (HASH node -> slots) and their expiry (ZSET node -> until).
@@ -32,7 +35,10 @@
  * it this host keeps (carried into the new lease), 6-7 wanted requests and tokens, 8-9 rpm, tpm
  * (0: none), 10 horizon (60 s + lease_ttl), 11 new lease id, 12 lease_ttl, 13 wanted slots (-1:
  * no max_parallel), 14 max_parallel, 15 this process's node id, 16-17 this host's window less
- * 18-19, 18-19 what was used while Redis was away.
+ * 18-19, 18-19 what was used while Redis was away, 20 "NODE:PID:" and 21-22 the first and last
+ * number of this process's renewals whose answers were lost (1 0: none): Redis may have run them
+ * after this host gave up on them; their leases (which it never had) are deleted, and when one of
+ * them ran, it is what finalised an old lease found gone (not a Redis that lost its data).
  * The old lease's record becomes what it used (the rest is free at once). When it is gone from
  * Redis (Redis lost its data, or it expired), this host's own window is counted instead when it is
  * more: no use of the last minute is forgotten. Uses that belong to no lease (while Redis was
@@ -46,6 +52,13 @@ static const char SYNC_LUA_RENEW[] =
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
     "local horizon = tonumber(ARGV[10])\n"
+    "local ran = false\n"
+    "for n = tonumber(ARGV[21]), tonumber(ARGV[22]) do\n"
+    "  local id = ARGV[20] .. n\n"
+    "  if redis.call('ZREM', KEYS[1], id, id .. ':u') > 0 then ran = true end\n"
+    "  redis.call('HDEL', KEYS[2], id, id .. ':u')\n"
+    "  redis.call('HDEL', KEYS[3], id, id .. ':u')\n"
+    "end\n"
     "local cr, ct = tonumber(ARGV[4]), tonumber(ARGV[5])\n"
     "local pr, pt = tonumber(ARGV[18]), tonumber(ARGV[19])\n"
     "if ARGV[1] ~= '-' then\n"
@@ -58,6 +71,9 @@ static const char SYNC_LUA_RENEW[] =
     "      redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])\n"
     "      redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])\n"
     "    end\n"
+    "  elseif ran then\n"
+    "    pr = pr + math.max(0, tonumber(ARGV[2]))\n"
+    "    pt = pt + math.max(0, tonumber(ARGV[3]))\n"
     "  else\n"
     "    pr = pr + math.max(0, tonumber(ARGV[2]), tonumber(ARGV[16]))\n"
     "    pt = pt + math.max(0, tonumber(ARGV[3]), tonumber(ARGV[17]))\n"
@@ -222,6 +238,10 @@ struct sync_lim {
     char lease_id[SYNC_ID_MAX];                     /* the open lease in Redis, "-" when none */
     char new_id[SYNC_ID_MAX];                       /* of the RENEW in flight */
     uint64_t seq;
+    /* renewals (by seq) whose answers were lost with the connection: Redis may still run them
+     * (a paused or slow Redis runs what was sent before it hears of the close), so the next
+     * renewal deletes the leases they made, which this host never had. 0 0: none */
+    uint64_t lost_lo, lost_hi;
     int busy;          /* a RENEW in flight */
     uint64_t sent_ms;  /* monotonic, of the RENEW in flight */
     int64_t unrep_req; /* used under lease_id, not yet reported */
@@ -497,6 +517,12 @@ static void sync_renew_done(redisAsyncContext *ac, void *r, void *priv)
     int64_t g[8];
 
     l->busy = 0;
+    if (!rep) { /* the connection went with it: Redis may have run it, or may still */
+        l->lost_lo = l->lost_lo ? l->lost_lo : l->seq;
+        l->lost_hi = l->seq;
+        if (l->lost_hi - l->lost_lo > SYNC_LOST_MAX)
+            l->lost_lo = l->lost_hi - SYNC_LOST_MAX;
+    }
     if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 8) {
         if (rep && rep->type == REDIS_REPLY_ERROR) {
             log_warn("cluster: lease of %s %s: Redis: %.*s", l->kind, l->name, (int)rep->len,
@@ -511,6 +537,7 @@ static void sync_renew_done(redisAsyncContext *ac, void *r, void *priv)
         g[i] = rep->element[i]->type == REDIS_REPLY_INTEGER ? rep->element[i]->integer : 0;
     l->unrep_req = l->unrep_tok = 0;
     l->extra_req = l->extra_tok = 0;
+    l->lost_lo = l->lost_hi = 0; /* this renewal deleted them */
     if (g[0] || g[1] || l->held_req > 0 || l->held_tok > 0)
         snprintf(l->lease_id, sizeof(l->lease_id), "%s", l->new_id);
     else
@@ -621,7 +648,9 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
     carry_tok = le.tok < keep_tok ? le.tok : keep_tok;
     carry_req = carry_req > 0 ? carry_req : 0;
     carry_tok = carry_tok > 0 ? carry_tok : 0;
-    if (l->in_fallback) { /* used while Redis was away: counted with the new lease */
+    /* used while Redis was away, or before the first grant (the cells start in the fallback):
+     * counted with the new lease */
+    if (l->in_fallback || le.fallback != LIMIT_FALLBACK_NONE) {
         l->extra_req += used_req;
         l->extra_tok += used_tok;
     } else {
@@ -646,7 +675,7 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
     l->sent_ms = time_mono_ms();
     if (sync_cmd(s->conn->ac, sync_renew_done, l,
                  "EVALSHA %s 5 %s %s %s %s %s %s %lld %lld %lld %lld %lld %lld %u %u %llu %s %llu "
-                 "%d %u %s:%d %lld %lld %lld %lld",
+                 "%d %u %s:%d %lld %lld %lld %lld %s:%d: %llu %llu",
                  s->sha_renew, l->k_win, l->k_req, l->k_tok, l->k_par, l->k_parx, l->lease_id,
                  (long long)l->unrep_req, (long long)l->unrep_tok, (long long)carry_req,
                  (long long)carry_tok, (long long)want_req, (long long)want_tok, l->rpm, l->tpm,
@@ -657,7 +686,9 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
                                                                 : 0),
                  (long long)((int64_t)le.win_tok > l->extra_tok ? (int64_t)le.win_tok - l->extra_tok
                                                                 : 0),
-                 (long long)l->extra_req, (long long)l->extra_tok) != REDIS_OK) {
+                 (long long)l->extra_req, (long long)l->extra_tok, s->conf->cluster.node_name,
+                 (int)getpid(), (unsigned long long)(l->lost_lo ? l->lost_lo : 1),
+                 (unsigned long long)l->lost_hi) != REDIS_OK) {
         atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
         return;
     }
@@ -1064,20 +1095,25 @@ static void sync_connect(struct sync *s)
 
 /* ---- timers ---- */
 
-/* A call (or the handshake) older than slow_ms: Redis is slow or gone. */
+/* A call (or the handshake) older than slow_ms: Redis is slow or gone. Before the first leases
+ * (the master holds the workers until then) SYNC_PRIME_MS at most: the fallback serves. */
 static int sync_too_slow(struct sync *s, uint64_t now)
 {
+    uint64_t slow = s->slow_ms;
+
+    if (slow > SYNC_PRIME_MS && !atomic_load_explicit(&s->fleet->primed, memory_order_relaxed))
+        slow = SYNC_PRIME_MS;
     if (s->state == SYNC_HANDSHAKE)
-        return now - s->handshake_ms > s->slow_ms;
+        return now - s->handshake_ms > slow;
     if (s->state != SYNC_READY)
         return 0;
-    if (s->hb_busy && now - s->hb_sent_ms > s->slow_ms)
+    if (s->hb_busy && now - s->hb_sent_ms > slow)
         return 1;
     if (s->u_busy && now - s->u_sent_ms > s->slow_ms)
         return 1;
     for (uint32_t i = 0; i < s->n_lims; i++)
-        if ((s->lims[i].busy && now - s->lims[i].sent_ms > s->slow_ms) ||
-            (s->lims[i].b_busy && now - s->lims[i].b_sent_ms > s->slow_ms))
+        if ((s->lims[i].busy && now - s->lims[i].sent_ms > slow) ||
+            (s->lims[i].b_busy && now - s->lims[i].b_sent_ms > slow))
             return 1;
     return 0;
 }

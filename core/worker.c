@@ -291,8 +291,15 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     if (r < 0)
         return r;
     /* Nothing was accepted yet (that happens in the loop): a held worker waits for SIGUSR2. */
-    if (atomic_load_explicit(&shm_worker(shm, (uint32_t)slot)->hold, memory_order_acquire))
+    if (atomic_load_explicit(&shm_worker(shm, (uint32_t)slot)->hold, memory_order_acquire)) {
         acceptor_hold(&w->acc, 1);
+        atomic_store_explicit(&shm_worker(shm, (uint32_t)slot)->ready, 1, memory_order_seq_cst);
+        /* the master may have cleared hold before it saw ready (a [cluster] start's hold ends
+         * on a timer): then no SIGUSR2 comes, and the worker lets itself go */
+        if (!atomic_load_explicit(&shm_worker(shm, (uint32_t)slot)->hold, memory_order_seq_cst))
+            acceptor_hold(&w->acc, 0);
+        return 0;
+    }
     atomic_store_explicit(&shm_worker(shm, (uint32_t)slot)->ready, 1, memory_order_release);
     return 0;
 }

@@ -217,6 +217,14 @@ int limit_region_init(void *mem, size_t size, uint32_t n, const struct limit_spe
         c->next_seq = 1;
         off += align_up(sizeof(struct limit_entry) * c->cap);
         period_set(c, limit_period_start(c->spec.period, wall_s));
+        if (c->spec.leased) {
+            c->lease_fb = specs[i].lease_start <= LIMIT_FALLBACK_CLOSED ? specs[i].lease_start
+                                                                        : LIMIT_FALLBACK_NONE;
+            c->cap_req = specs[i].rpm;
+            c->cap_tok = specs[i].tpm;
+            c->cap_par = specs[i].max_parallel;
+            c->cap_nano = specs[i].budget_nano;
+        }
     }
 out:
     pthread_mutexattr_destroy(&attr);
@@ -419,7 +427,8 @@ static void lease_draw(struct limit_cell *c, uint64_t tokens, uint64_t cost)
 /* Would this limiter admit the request? LIMIT_OK, or the dimension with the longest wait and
  * that wait in *retry. */
 static enum limit_dim cell_check(struct limit_region *r, struct limit_cell *c, uint64_t now_ms,
-                                 int64_t wall_s, uint64_t tokens, uint64_t cost, int64_t *retry)
+                                 int64_t wall_s, uint64_t tokens, uint64_t cost, int64_t *retry,
+                                 int *lease)
 {
     const struct limit_spec *s = &c->spec;
     enum limit_dim dim = LIMIT_OK;
@@ -451,6 +460,7 @@ static enum limit_dim cell_check(struct limit_region *r, struct limit_cell *c, u
             atomic_store_explicit(&c->hungry, 1, memory_order_relaxed);
             dim = d;
             *retry = (int64_t)s->lease_retry_ms;
+            *lease = 1;
         }
     }
     if (s->budget_nano) {
@@ -462,7 +472,7 @@ static enum limit_dim cell_check(struct limit_region *r, struct limit_cell *c, u
             else
                 w = (c->period_end - wall_s) * 1000;
             if (dim == LIMIT_OK || wait_longer(w, *retry))
-                dim = LIMIT_BUDGET, *retry = w;
+                dim = LIMIT_BUDGET, *retry = w, *lease = 0;
         }
     }
     if (s->leased && s->budget_nano && dim == LIMIT_OK) {
@@ -472,6 +482,7 @@ static enum limit_dim cell_check(struct limit_region *r, struct limit_cell *c, u
             atomic_store_explicit(&c->hungry, 1, memory_order_relaxed);
             dim = d;
             *retry = (int64_t)s->lease_retry_ms;
+            *lease = 1;
         }
     }
     return dim;
@@ -653,11 +664,14 @@ int limit_admit(struct limit_region *r, const uint32_t *ids, uint32_t n, uint64_
         cell_lock(r, u[i]);
     for (uint32_t i = 0; i < m; i++) {
         int64_t w = 0;
-        enum limit_dim d = cell_check(r, cell(r, u[i]), now_ms, wall_s, tokens, cost_nano, &w);
+        int lease = 0;
+        enum limit_dim d =
+            cell_check(r, cell(r, u[i]), now_ms, wall_s, tokens, cost_nano, &w, &lease);
 
         if (d != LIMIT_OK && (v->dim == LIMIT_OK || wait_longer(w, retry))) {
             v->dim = d;
             v->limiter = (int32_t)u[i];
+            v->lease = lease;
             retry = w;
         }
     }

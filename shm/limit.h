@@ -34,6 +34,11 @@ struct limit_spec {
      * the sync process holds for this host (struct limit_lease); 0 without [cluster] */
     uint32_t leased;
     uint32_t lease_retry_ms; /* Retry-After of a refusal by the lease: a top-up may come soon */
+    /* enum limit_fallback the lease starts in, until the sync process's first grant or fallback:
+     * as if Redis were away with no other host seen (SHARE: this host's window holds the whole
+     * limits). The master holds the workers until then (a few ms); this applies when that wait
+     * ran out (the sync process did not come up) */
+    uint32_t lease_start;
 };
 
 /* Which dimension refused an admission. */
@@ -47,6 +52,7 @@ enum limit_dim {
     LIMIT_FLEET_WAIT = 6, /* [cluster]: this host's budget share is spent, the fleet's is not:
                            * a top-up is on its way */
 };
+#define LIMIT_DIMS 6 /* the refusing dims, LIMIT_REQUESTS..LIMIT_FLEET_WAIT */
 
 /* One OpenAI x-ratelimit-* trio. set = 0: no limiter of the request has this limit. */
 struct limit_trio {
@@ -62,6 +68,8 @@ struct limit_verdict {
     int32_t limiter;    /* the limiter id that refused (-1 when admitted) */
     int64_t retry_ms;   /* refused: ms until this request would be admitted (as far as the
                          * refusing limiters go, with no other traffic), or LIMIT_RETRY_NEVER */
+    int lease;          /* refused by this host's lease of a fleet limit or the fallback's share
+                         * ([cluster]), not by its own window */
     /* The headers, from the most constraining limiter of each kind: the one with the fewest
      * remaining (ties: the smaller limit). Requests and tokens may come from different ones. */
     struct limit_trio req, tok;

@@ -372,13 +372,19 @@ void shm_proc_totals(const struct shm *shm, struct shm_proc_totals *t)
     for (int k = 0; k < 5; k++)
         t->answered[k] = atomic_load_explicit(&c->answered[k], memory_order_relaxed);
     for (int s = 0; s < 3; s++)
-        for (int d = 0; d < 4; d++)
+        for (int d = 0; d < LIMIT_DIMS; d++) {
             t->limited[s][d] = atomic_load_explicit(&c->limited[s][d], memory_order_relaxed);
+            t->lease_limited[s][d] =
+                atomic_load_explicit(&c->lease_limited[s][d], memory_order_relaxed);
+        }
     for (uint32_t w = 0; w < shm->hdr->n_workers; w++) {
         const struct shm_worker *sw = shm_worker(shm, w);
         for (int s = 0; s < 3; s++)
-            for (int d = 0; d < 4; d++)
+            for (int d = 0; d < LIMIT_DIMS; d++) {
                 t->limited[s][d] += atomic_load_explicit(&sw->limited[s][d], memory_order_relaxed);
+                t->lease_limited[s][d] +=
+                    atomic_load_explicit(&sw->lease_limited[s][d], memory_order_relaxed);
+            }
         t->requests += atomic_load_explicit(&sw->requests, memory_order_relaxed);
         for (int k = 0; k < 5; k++)
             t->answered[k] += atomic_load_explicit(&sw->answered[k], memory_order_relaxed);
@@ -398,8 +404,11 @@ void shm_carry_proc(struct shm *dst, const struct shm *src)
     for (int k = 0; k < 5; k++)
         atomic_store_explicit(&to->answered[k], t.answered[k], memory_order_relaxed);
     for (int s = 0; s < 3; s++)
-        for (int d = 0; d < 4; d++)
+        for (int d = 0; d < LIMIT_DIMS; d++) {
             atomic_store_explicit(&to->limited[s][d], t.limited[s][d], memory_order_relaxed);
+            atomic_store_explicit(&to->lease_limited[s][d], t.lease_limited[s][d],
+                                  memory_order_relaxed);
+        }
 }
 
 uint32_t shm_backend_set_weight_cfg(struct shm *shm, uint32_t b, uint32_t weight)
@@ -598,10 +607,13 @@ void shm_wb_observe(struct shm *shm, uint32_t w, uint32_t b, int ttft, uint64_t 
     shm_counter_add(ttft ? &wb->ttft_sum_us : &wb->lat_sum_us, us);
 }
 
-void shm_worker_note_limited(struct shm *shm, uint32_t w, int kind, int dim)
+void shm_worker_note_limited(struct shm *shm, uint32_t w, int kind, int dim, int lease)
 {
-    if (kind >= 0 && kind < 3 && dim >= 1 && dim <= 4)
-        shm_counter_add(&shm_worker(shm, w)->limited[kind][dim - 1], 1);
+    if (kind < 0 || kind >= 3 || dim < 1 || dim > LIMIT_DIMS)
+        return;
+    shm_counter_add(&shm_worker(shm, w)->limited[kind][dim - 1], 1);
+    if (lease)
+        shm_counter_add(&shm_worker(shm, w)->lease_limited[kind][dim - 1], 1);
 }
 
 void shm_backend_stats(const struct shm *shm, uint32_t b, struct shm_backend_stats *s)

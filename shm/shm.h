@@ -154,7 +154,8 @@ struct shm_carried {
 struct shm_carried_proc {
     _Atomic uint64_t requests;
     _Atomic uint64_t answered[5];
-    _Atomic uint64_t limited[3][4];
+    _Atomic uint64_t limited[3][LIMIT_DIMS];
+    _Atomic uint64_t lease_limited[3][LIMIT_DIMS];
     _Atomic uint64_t alog_drops;
     _Atomic uint64_t health_restarts; /* of the health checker: written by the master */
 };
@@ -244,8 +245,10 @@ struct shm_worker {
      * stopped accepting by then, and its rate-limit windows are in this segment) */
     _Atomic uint32_t ready;
     _Atomic uint32_t hold;
-    /* requests a limiter refused (429): [key, model, pool][enum limit_dim - 1] */
-    _Atomic uint64_t limited[3][4];
+    /* requests a limiter refused (429): [key, model, pool][enum limit_dim - 1]; lease_limited:
+     * those of them refused by the host's lease or the fallback ([cluster], verdict.lease) */
+    _Atomic uint64_t limited[3][LIMIT_DIMS];
+    _Atomic uint64_t lease_limited[3][LIMIT_DIMS];
     _Atomic uint64_t alog_drops; /* access log lines dropped (buffer full, write failed) */
     _Atomic uint32_t restarts;   /* writer: the master: times the slot's worker was restarted */
 } __attribute__((aligned(SHM_CACHELINE)));
@@ -509,7 +512,8 @@ void shm_carry_proc(struct shm *dst, const struct shm *src);
 struct shm_proc_totals {
     uint64_t requests, conns, alog_drops;
     uint64_t answered[5]; /* client answers by status class, 1xx..5xx */
-    uint64_t limited[3][4];
+    uint64_t limited[3][LIMIT_DIMS];
+    uint64_t lease_limited[3][LIMIT_DIMS];
 };
 void shm_proc_totals(const struct shm *shm, struct shm_proc_totals *t);
 
@@ -534,8 +538,9 @@ static inline void shm_wb_note_status(struct shm *shm, uint32_t w, uint32_t b, i
 /* Worker w: one sample of b's response duration (lat) or time to the first body byte (ttft):
  * one bucket and the sum. */
 void shm_wb_observe(struct shm *shm, uint32_t w, uint32_t b, int ttft, uint64_t ns);
-/* Worker w: a limiter refused a request: kind 0 key, 1 model, 2 pool; dim enum limit_dim. */
-void shm_worker_note_limited(struct shm *shm, uint32_t w, int kind, int dim);
+/* Worker w: a limiter refused a request: kind 0 key, 1 model, 2 pool; dim enum limit_dim; lease:
+ * the refusal was the host's lease's or the fallback's (limit_verdict.lease). */
+void shm_worker_note_limited(struct shm *shm, uint32_t w, int kind, int dim, int lease);
 
 /* Sums over the workers of what /metrics shows of one backend (carried ones included). */
 struct shm_backend_stats {

@@ -58,9 +58,10 @@ class Redis:
         return r.stdout.strip()
 
 
-def _fleet(env, redis, n=2, lim=None, cluster=None, workers=2, mock=None, stats=False, **gw_kw):
-    """n gateways sharing one mock upstream and redis; they are returned once connected. stats:
-    each has a [stats] listener on g.stats_port."""
+def _fleet(env, redis, n=2, lim=None, cluster=None, workers=2, mock=None, stats=False,
+           connected=True, **gw_kw):
+    """n gateways sharing one mock upstream and redis; they are returned once connected (once
+    started: connected=False). stats: each has a [stats] listener on g.stats_port."""
     m = mock or env.mock("m1")
     key = {"key_sha256": key_sha256(KEY)}
     key.update({k: str(v) for k, v in (lim or {}).items()})
@@ -76,7 +77,7 @@ def _fleet(env, redis, n=2, lim=None, cluster=None, workers=2, mock=None, stats=
         gws.append(env.gateway([m], workers=workers, keys={"k": key}, name=f"gw{i}",
                                sections=sections, **gw_kw))
         gws[-1].stats_port = sport
-    for g in gws:
+    for g in gws if connected else []:
         wait_for(lambda g=g: "cluster: connected to Redis" in g.proc.log_text(), 10,
                  f"{g.name} to connect to Redis")
     return m, gws
@@ -487,3 +488,210 @@ def test_graceful_stop_gives_leases_back(env):
     check(counted() == 3, f"after a graceful stop Redis counts {counted()} requests, not 3")
     par = redis.cli("-n", "2", "HGETALL", "aigw:{key:k}:par")
     check(par == "", f"slots still held after the stop: {par!r}")
+
+
+def _load(gws, seconds, threads=4, headers=None):
+    """Chat requests from `threads` threads over the gateways, round robin, for `seconds`;
+    [(gateway index, status, seconds it took)]."""
+    stop = time.monotonic() + seconds
+
+    def one(i):
+        out = []
+        while time.monotonic() < stop:
+            t0 = time.monotonic()
+            st = chat(gws[i % len(gws)].port, headers=headers or AUTH, timeout=15).status
+            out.append((i % len(gws), st, time.monotonic() - t0))
+        return out
+
+    with cf.ThreadPoolExecutor(max_workers=threads) as ex:
+        return [x for f in [ex.submit(one, i) for i in range(threads)] for x in f.result()]
+
+
+def test_start_refuses_nothing_before_the_first_lease(env):
+    # Redis paused while the host starts: its first grant waits until Redis resumes. Requests
+    # sent at once wait for it (the workers hold until the first leases are in shm) instead of
+    # getting 429 (before: refused until the first grant or the fallback, 2 s here)
+    redis = Redis(env)
+    redis.proc.signal(signal.SIGSTOP)
+    try:
+        m, (g,) = _fleet(env, redis, n=1, lim={"rpm": 100000}, connected=False,
+                         cluster={"sync_interval": "1s", "lease_ttl": "5s"})
+        with cf.ThreadPoolExecutor(max_workers=1) as ex:
+            fut = ex.submit(_load, [g], 1.2)
+            time.sleep(0.4)
+            redis.proc.signal(signal.SIGCONT)
+            got = fut.result()
+    finally:
+        redis.proc.signal(signal.SIGCONT)
+    bad = [st for _, st, _ in got if st != 200]
+    check(len(got) > 10 and not bad, f"{len(bad)} of {len(got)} requests refused or failed "
+          f"while the host started: {sorted(set(bad))}")
+    wait_for(lambda: "cluster: connected to Redis" in g.proc.log_text()
+             or "is back" in g.proc.log_text(), 10, "the host to connect to Redis")
+    wait_for(lambda: g.ctl_json("show", "cluster", "--json")["state"] == "connected", 10,
+             "show cluster to say connected")
+
+
+def test_start_with_redis_away_serves(env):
+    # Redis not answering at all (paused for the whole start): the host serves with the fallback
+    # within about a second, /healthz says 503 until then; Redis down (nothing listens): at once
+    redis = Redis(env)
+    redis.proc.signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        m, (g,) = _fleet(env, redis, n=1, lim={"rpm": 100000}, connected=False, stats=True,
+                         cluster={"sync_interval": "1s", "lease_ttl": "5s"})
+        health = [request(g.stats_port, "GET", "/healthz").status]
+        r = chat(g.port, headers=AUTH, timeout=15)
+        took = time.monotonic() - t0
+        check(r.status == 200, f"the first request with Redis paused: {r!r}")
+        check(took < 4, f"the first request was answered {took:.1f} s after the start")
+        check("fall back to local_share" in g.proc.log_text(), "no fallback logged")
+        check(g.ctl_json("show", "cluster", "--json")["state"] == "fallback", "show cluster")
+        health.append(request(g.stats_port, "GET", "/healthz").status)
+        check(health[-1] == 200, f"/healthz once serving: {health}")
+        if took > 0.8:  # the host held at least that long: /healthz was sampled while it did
+            check(health[0] == 503, f"/healthz while the workers wait for the leases: {health}")
+    finally:
+        redis.proc.signal(signal.SIGCONT)
+    wait_for(lambda: "is back" in g.proc.log_text(), 10, "Redis back")
+    redis.kill()
+    g.stop()
+    t0 = time.monotonic()
+    g.start()
+    r = chat(g.port, headers=AUTH, timeout=15)
+    took = time.monotonic() - t0
+    check(r.status == 200 and took < 4, f"a start with Redis down: {r!r} after {took:.1f} s")
+
+
+def _metric(text, name, **labels):
+    """The value of one sample of /metrics text (0 when absent)."""
+    want = name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+    for ln in text.splitlines():
+        if ln.startswith(want + " "):
+            return float(ln.split()[-1])
+    return 0
+
+
+def test_fleet_refusals_in_metrics(env):
+    # 429s a host's lease gave (the fleet's rpm leased out) are counted, and told apart from the
+    # host's own window; the closed fallback's too (limit="fleet": they were not counted)
+    N = 20
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"rpm": N}, stats=True,
+                    cluster={"cluster_fallback": "closed"})
+    got = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and sum(1 for _, st in got if st == 200) < N:
+        got += _spread(gws, 20)
+        time.sleep(0.3)
+    ok = sum(1 for _, st in got if st == 200)
+    check(ok == N, f"the fleet admitted {ok} of rpm {N}")
+    for i, g in enumerate(gws):
+        refused = sum(1 for h, st in got if h == i and st == 429)
+        mine = sum(1 for h, st in got if h == i and st == 200)
+        mt = _metrics(g)
+        total = _metric(mt, "aigw_ratelimit_rejections_total", scope="key", limit="rpm")
+        lease = _metric(mt, "aigw_cluster_lease_rejections_total", scope="key", limit="rpm")
+        check(total == refused, f"{g.name}: {refused} refused, rejections_total says {total}")
+        # this host admitted fewer than rpm itself: every refusal was its lease's
+        check(mine < N and lease == refused, f"{g.name}: {refused} refused ({mine} admitted), "
+              f"lease rejections {lease}")
+    redis.kill()
+    g = gws[0]
+    wait_for(lambda: "fall back to closed" in g.proc.log_text(), 5, "the closed fallback")
+    before = _metric(_metrics(g), "aigw_ratelimit_rejections_total", scope="key", limit="rpm")
+    closed = [chat(g.port, headers=AUTH).status for _ in range(5)]
+    check(closed == [429] * 5, f"closed fallback: {closed}")
+    mt = _metrics(g)
+    check(_metric(mt, "aigw_ratelimit_rejections_total", scope="key", limit="fleet") == 5
+          and _metric(mt, "aigw_cluster_lease_rejections_total", scope="key", limit="fleet") == 5
+          and _metric(mt, "aigw_ratelimit_rejections_total", scope="key", limit="rpm") == before,
+          f"/metrics after 5 refused by the closed fallback: "
+          f"{[ln for ln in mt.splitlines() if 'rejections' in ln and 'key' in ln]}")
+
+
+def _redis_counted(redis, name="k"):
+    """Requests Redis counts in key `name`'s window (used, and leased unused)."""
+    vals = redis.cli("-n", "2", "HVALS", "aigw:{key:%s}:req" % name).split()
+    return sum(int(float(v)) for v in vals)
+
+
+def test_slow_redis_under_load(env):
+    # Redis alive but not answering (SIGSTOP, as a long DEBUG SLEEP or a saturated link would
+    # look): the hosts fall back at the first call slower than max(2 x sync_interval, 500 ms),
+    # nothing fails, and when Redis answers again they lease again and report what they admitted
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"rpm": 100000}, stats=True)
+    with cf.ThreadPoolExecutor(max_workers=1) as ex:
+        fut = ex.submit(_load, gws, 6, 6)
+        time.sleep(1.5)
+        redis.proc.signal(signal.SIGSTOP)
+        try:
+            for g in gws:
+                wait_for(lambda g=g: "fall back to local_share" in g.proc.log_text(), 5,
+                         f"{g.name} to log the fallback")
+                c = g.ctl_json("show", "cluster", "--json")
+                check(c["state"] == "fallback" and _limiter(g)["mode"] == "local_share",
+                      f"show cluster while Redis is paused: {c}")
+                mt = _metrics(g)
+                check("aigw_cluster_redis_up 0" in mt
+                      and 'aigw_cluster_fallback{mode="local_share"} 1' in mt,
+                      f"/metrics while Redis is paused: "
+                      f"{[ln for ln in mt.splitlines() if 'cluster' in ln]}")
+            time.sleep(1)
+        finally:
+            redis.proc.signal(signal.SIGCONT)
+        for g in gws:
+            wait_for(lambda g=g: "is back" in g.proc.log_text(), 10, f"{g.name}: Redis back")
+            wait_for(lambda g=g: _limiter(g)["mode"] == "lease", 5, f"{g.name} to lease again")
+            check(g.ctl_json("show", "cluster", "--json")["state"] == "connected",
+                  "show cluster once Redis answers")
+            check("aigw_cluster_redis_up 1" in _metrics(g), "/metrics once Redis answers")
+        got = fut.result()
+    bad = [st for _, st, _ in got if st != 200]
+    check(len(got) > 100 and not bad,
+          f"{len(bad)} of {len(got)} requests failed while Redis was slow: {sorted(set(bad))}")
+    # the usage is whole: once the hosts stopped (a graceful stop gives unused leases back),
+    # Redis counts every request admitted, before, during and after the pause, and no more (the
+    # renewals in flight at the pause ran once Redis resumed, after the hosts had given up on
+    # them: the leases they made, which no host had, were counted too: 49,493 for 32,097)
+    for g in gws:
+        check(g.stop() == 0, f"{g.name} did not stop cleanly")
+    counted = _redis_counted(redis)
+    check(counted == len(got), f"Redis counts {counted} requests for {len(got)}")
+
+
+def test_three_hosts_rpm_and_bound(env):
+    N = 90
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=3, lim={"rpm": N})
+    first = _spread(gws, 45, threads=6)
+    ok1 = sum(1 for _, st in first if st == 200)
+    check({st for _, st in first} <= {200, 429} and ok1 >= 30, f"first 45: {ok1} admitted")
+    time.sleep(0.6)  # a few renewals: every host's report is in
+    # what Redis counts is what was admitted plus what leases hold unused, and the leases still
+    # open (show cluster's BOUND) cover all of that unused part
+    for g in gws:
+        c = g.ctl_json("show", "cluster", "--json")
+        lim = _limiter(g)
+        fleet, bound = lim["fleet"]["requests"], lim["bound"]["requests"]
+        check(c["nodes_alive"] == 3, f"{g.name}: show cluster: {c}")
+        check(fleet - bound <= ok1 <= fleet <= N,
+              f"{g.name}: {ok1} admitted; show cluster: fleet {fleet}, bound {bound}")
+    statuses = list(first)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        statuses += _spread(gws, 30, threads=6)
+        ok = sum(1 for _, st in statuses if st == 200)
+        check(ok <= N, f"the fleet of 3 admitted {ok} > rpm {N}")
+        if ok == N:
+            break
+        time.sleep(0.3)
+    ok = sum(1 for _, st in statuses if st == 200)
+    check(ok == N, f"the fleet of 3 admitted {ok} of rpm {N} in 20 s ({len(statuses)} sent)")
+    check(m.stats()["chat_completions"] == N, f"the upstream saw {m.stats()['chat_completions']}")
+    per_host = [sum(1 for h, st in statuses if h == i and st == 200) for i in range(3)]
+    check(min(per_host) >= 10, f"admitted per host {per_host}: the fleet was not shared")
+    time.sleep(0.5)
+    check(all(st == 429 for _, st in _spread(gws, 9)), "admitted after the fleet's rpm")

@@ -754,6 +754,7 @@ static void test_lease(void **state)
     assert_int_equal(admit1(r, 1000, 10, 0, NULL, &v), -EAGAIN);
     assert_int_equal(v.dim, LIMIT_REQUESTS);
     assert_int_equal(v.retry_ms, 200);
+    assert_int_equal(v.lease, 1); /* the lease's refusal (/metrics tells it apart) */
     assert_int_equal(limit_lease_hungry(r, 0), 1);
     assert_int_equal(limit_lease_hungry(r, 0), 0);
 
@@ -878,6 +879,16 @@ static void test_lease(void **state)
     assert_int_equal(admit1(r, 1200, 0, 1, NULL, &v), -EAGAIN);
     region_free(r, size);
 
+    /* a refusal by the limit itself is not the lease's */
+    s = (struct limit_spec){.rpm = 1, .leased = 1, .lease_retry_ms = 100};
+    r = region_new(&s, 1, 1, &size);
+    assert_int_equal(lease_grant1(r, 5, 0, 0, 5000, 0, 0), 0);
+    assert_int_equal(admit1(r, 1000, 0, 0, NULL, &v), 0);
+    assert_int_equal(admit1(r, 1000, 0, 0, NULL, &v), -EAGAIN);
+    assert_int_equal(v.dim, LIMIT_REQUESTS);
+    assert_int_equal(v.lease, 0);
+    region_free(r, size);
+
     /* not leased: the lease calls refuse, admissions are as without [cluster] */
     s = (struct limit_spec){.rpm = 100, .tpm = 10000};
     r = region_new(&s, 1, 1, &size);
@@ -885,6 +896,45 @@ static void test_lease(void **state)
     assert_int_equal(admit1(r, 1000, 10, 0, NULL, &v), 0);
     assert_int_equal(limit_lease_hungry(r, 0), 0);
     region_free(r, size);
+}
+
+/* [cluster] start: a leased limiter starts in its lease_start mode with the whole limits as its
+ * share (no other host seen), until the first grant puts it on its lease. */
+static void test_lease_start(void **state)
+{
+    struct limit_spec s = {.rpm = 3,
+                           .max_parallel = 10,
+                           .leased = 1,
+                           .lease_retry_ms = 100,
+                           .lease_start = LIMIT_FALLBACK_SHARE};
+    struct limit_verdict v;
+    struct limit_lease l;
+    size_t size;
+    struct limit_region *r = region_new(&s, 1, 1, &size);
+
+    assert_int_equal(limit_lease_get(r, 0, &l), 0);
+    assert_int_equal(l.fallback, LIMIT_FALLBACK_SHARE);
+    assert_int_equal(admit1(r, 1000, 0, 0, NULL, &v), 0);
+    assert_int_equal(admit1(r, 1000, 0, 0, NULL, &v), 0);
+    /* the first renewal reports them as used under no lease */
+    assert_int_equal(limit_lease_take(r, 0, 1000, INT64_MAX, INT64_MAX, UINT32_MAX, &l), 0);
+    assert_int_equal(l.used_req, 2);
+    assert_int_equal(l.fallback, LIMIT_FALLBACK_SHARE);
+    /* the grant: the lease decides from now on */
+    assert_int_equal(lease_grant1(r, 0, 0, 10, 5000, 0, 0), 0);
+    assert_int_equal(admit1(r, 1000, 0, 0, NULL, &v), -EAGAIN);
+    assert_int_equal(v.dim, LIMIT_REQUESTS);
+    assert_int_equal(v.lease, 1);
+    region_free(r, size);
+
+    /* closed: nothing before the first grant */
+    s.lease_start = LIMIT_FALLBACK_CLOSED;
+    r = region_new(&s, 1, 1, &size);
+    assert_int_equal(admit1(r, 1000, 0, 0, NULL, &v), -EAGAIN);
+    assert_int_equal(v.dim, LIMIT_FLEET);
+    assert_int_equal(v.lease, 1);
+    region_free(r, size);
+    (void)state;
 }
 
 int main(void)
@@ -905,6 +955,7 @@ int main(void)
         cmocka_unit_test(test_region_args),
         cmocka_unit_test(test_carry),
         cmocka_unit_test(test_lease),
+        cmocka_unit_test(test_lease_start),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

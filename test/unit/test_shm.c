@@ -252,7 +252,7 @@ static void test_carry_counters(void **state)
     /* the old workers go on while they drain: carried again, set to the new totals */
     shm_counter_add(&shm_wb(&old, 1, 1)->requests, 3);
     shm_counter_add(&shm_worker(&old, 0)->requests, 1);
-    shm_worker_note_limited(&old, 0, 0, 1);
+    shm_worker_note_limited(&old, 0, 0, 1, 0);
     shm_carry_counters(&cur, 2, &old, 1);
     shm_carry_proc(&cur, &old);
     shm_backend_totals(&cur, 2, &t);
