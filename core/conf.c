@@ -473,11 +473,22 @@ static int conf_secret_ok(const char *s)
 static int conf_copy_str(struct conf_parse *p, const char *key, char *dst, size_t len,
                          const char *val, const char *expect);
 
+/* What the secret of `key` is, for messages: "the API key", "the Redis password"... */
+static const char *conf_secret_what(const char *key)
+{
+    if (!strcmp(key, "redis_password"))
+        return "the Redis password";
+    if (!strcmp(key, "key"))
+        return "the client key";
+    return "the API key";
+}
+
 /* Resolves KEY = env:VAR | file:PATH | literal (when `literal`) into a malloc'd secret, NULL
  * after an error. The secret never appears in a message. */
 static char *conf_secret(struct conf_parse *p, const char *key, const char *val, int literal)
 {
     char *secret = NULL, *path = NULL, *ret = NULL;
+    const char *what = conf_secret_what(key);
     int fd = -1;
 
     if (!strncmp(val, "env:", 4)) {
@@ -489,8 +500,8 @@ static char *conf_secret(struct conf_parse *p, const char *key, const char *val,
         }
         env = getenv(var);
         if (!env || !env[0]) {
-            conf_err(p, p->line, key, "environment variable %s is %s (expected the API key in it)",
-                     var, env ? "empty" : "not set");
+            conf_err(p, p->line, key, "environment variable %s is %s (expected %s in it)", var,
+                     env ? "empty" : "not set", what);
             goto out;
         }
         secret = strdup(env);
@@ -526,8 +537,8 @@ static char *conf_secret(struct conf_parse *p, const char *key, const char *val,
             len += (size_t)n;
         }
         if (len == sizeof(buf) - 1) {
-            conf_err(p, p->line, key, "%s is larger than %d bytes (expected just the API key)",
-                     path, CONF_SECRET_MAX - 1);
+            conf_err(p, p->line, key, "%s is larger than %d bytes (expected just %s)", path,
+                     CONF_SECRET_MAX - 1, what);
             goto out;
         }
         /* Editors add a final newline; keys never end in whitespace. */
@@ -536,8 +547,8 @@ static char *conf_secret(struct conf_parse *p, const char *key, const char *val,
             len--;
         buf[len] = '\0';
         if (len == 0 || memchr(buf, '\0', len)) {
-            conf_err(p, p->line, key, "%s %s (expected the API key on one line)", path,
-                     len ? "contains a NUL byte" : "is empty");
+            conf_err(p, p->line, key, "%s %s (expected %s on one line)", path,
+                     len ? "contains a NUL byte" : "is empty", what);
             goto out;
         }
         secret = strdup(buf);
@@ -560,7 +571,9 @@ static char *conf_secret(struct conf_parse *p, const char *key, const char *val,
     }
     if (!conf_secret_ok(secret)) {
         conf_err(p, p->line, key,
-                 "the key contains a space or control character (expected a single token)");
+                 "%s contains a space or control character (expected a single "
+                 "token)",
+                 what);
         goto out;
     }
     ret = secret;

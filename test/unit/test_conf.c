@@ -535,7 +535,36 @@ static void test_cluster_section(void **state)
              "lease_ttl", NULL);
     unsetenv("AIGW_TEST_UNSET_VAR");
     load_bad(BASE "[cluster]\nredis = redis://h\nredis_password = env:AIGW_TEST_UNSET_VAR\n", 8,
-             "key 'redis_password'", "AIGW_TEST_UNSET_VAR is not set", NULL);
+             "key 'redis_password'", "AIGW_TEST_UNSET_VAR is not set",
+             "expected the Redis password in it", NULL);
+}
+
+/* conf_secret's messages name the secret they read: not "the API key" for a Redis password. */
+static void test_secret_messages_name_the_secret(void **state)
+{
+    char path[300], text[600];
+
+    snprintf(path, sizeof(path), "%s.pw", ini_path);
+    write_file(path, "\n");
+    snprintf(text, sizeof(text), BASE "[cluster]\nredis = redis://h\nredis_password = file:%s\n",
+             path);
+    load_bad(text, 8, "key 'redis_password'", "is empty (expected the Redis password on one line)",
+             NULL);
+    write_file(path, "two words\n");
+    load_bad(text, 8, "the Redis password contains a space", NULL);
+    setenv("AIGW_TEST_EMPTY_VAR", "", 1);
+    load_bad(BASE "[cluster]\nredis = redis://h\nredis_password = env:AIGW_TEST_EMPTY_VAR\n", 8,
+             "AIGW_TEST_EMPTY_VAR is empty (expected the Redis password in it)", NULL);
+    unsetenv("AIGW_TEST_EMPTY_VAR");
+    /* a backend's api_key: the API key */
+    write_file(path, "\n");
+    snprintf(text, sizeof(text),
+             "[listen l]\nbind = 127.0.0.1:1\n[pool p]\n[backend b]\npool = p\n"
+             "url = http://127.0.0.1:2\napi_key = file:%s\n",
+             path);
+    load_bad(text, 7, "key 'api_key'", "expected the API key on one line", NULL);
+    unlink(path);
+    (void)state;
 }
 
 /* A password is never taken from the file itself, nor echoed from the address. */
@@ -1480,6 +1509,7 @@ int main(void)
         cmocka_unit_test(test_list_match),
         cmocka_unit_test(test_cluster_section),
         cmocka_unit_test(test_cluster_secret_not_printed),
+        cmocka_unit_test(test_secret_messages_name_the_secret),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
