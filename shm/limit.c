@@ -985,16 +985,34 @@ static void lease_copy(const struct limit_cell *c, struct limit_lease *out)
     out->fleet_spent = c->fleet_spent;
 }
 
-int limit_lease_take(struct limit_region *r, uint32_t id, uint64_t now_ms, int64_t keep_req,
-                     int64_t keep_tok, uint32_t keep_par, struct limit_lease *out)
+/* The way into limiter id's lease for the sync process and the master: the cell, locked within
+ * LIMIT_MASTER_WAIT_MS; NULL with *rc -EINVAL (no such leased limiter, or it has no budget when
+ * `budget`) or -EBUSY (the lock was not had). */
+static struct limit_cell *lease_lock(struct limit_region *r, uint32_t id, int budget, int *rc)
 {
     struct limit_cell *c;
 
-    if (id >= r->n || !cell(r, id)->spec.leased)
-        return -EINVAL;
+    if (id >= r->n || !cell(r, id)->spec.leased || (budget && !cell(r, id)->spec.budget_nano)) {
+        *rc = -EINVAL;
+        return NULL;
+    }
     c = cell(r, id);
-    if (cell_lock_master(r, id) < 0)
-        return -EBUSY;
+    if (cell_lock_master(r, id) < 0) {
+        *rc = -EBUSY;
+        return NULL;
+    }
+    *rc = 0;
+    return c;
+}
+
+int limit_lease_take(struct limit_region *r, uint32_t id, uint64_t now_ms, int64_t keep_req,
+                     int64_t keep_tok, uint32_t keep_par, struct limit_lease *out)
+{
+    int rc;
+    struct limit_cell *c = lease_lock(r, id, 0, &rc);
+
+    if (!c)
+        return rc;
     lease_copy(c, out);
     if (c->cap)
         cell_expire(r, c, now_ms);
@@ -1016,13 +1034,11 @@ int limit_lease_take(struct limit_region *r, uint32_t id, uint64_t now_ms, int64
 
 int limit_lease_grant(struct limit_region *r, uint32_t id, const struct limit_grant *g)
 {
-    struct limit_cell *c;
+    int rc;
+    struct limit_cell *c = lease_lock(r, id, 0, &rc);
 
-    if (id >= r->n || !cell(r, id)->spec.leased)
-        return -EINVAL;
-    c = cell(r, id);
-    if (cell_lock_master(r, id) < 0)
-        return -EBUSY;
+    if (!c)
+        return rc;
     c->lease_req += g->add_req;
     c->lease_tok += g->add_tok;
     c->lease_par = g->par;
@@ -1042,13 +1058,11 @@ int limit_lease_grant(struct limit_region *r, uint32_t id, const struct limit_gr
 int limit_lease_take_budget(struct limit_region *r, uint32_t id, int64_t wall_s, int64_t keep_nano,
                             struct limit_lease *out)
 {
-    struct limit_cell *c;
+    int rc;
+    struct limit_cell *c = lease_lock(r, id, 1, &rc);
 
-    if (id >= r->n || !cell(r, id)->spec.leased || !cell(r, id)->spec.budget_nano)
-        return -EINVAL;
-    c = cell(r, id);
-    if (cell_lock_master(r, id) < 0)
-        return -EBUSY;
+    if (!c)
+        return rc;
     period_roll(c, wall_s);
     lease_copy(c, out);
     c->used_nano = 0;
@@ -1062,13 +1076,11 @@ int limit_lease_take_budget(struct limit_region *r, uint32_t id, int64_t wall_s,
 int limit_lease_grant_budget(struct limit_region *r, uint32_t id, int64_t add_nano,
                              uint64_t until_ms, int64_t fleet_spent)
 {
-    struct limit_cell *c;
+    int rc;
+    struct limit_cell *c = lease_lock(r, id, 1, &rc);
 
-    if (id >= r->n || !cell(r, id)->spec.leased || !cell(r, id)->spec.budget_nano)
-        return -EINVAL;
-    c = cell(r, id);
-    if (cell_lock_master(r, id) < 0)
-        return -EBUSY;
+    if (!c)
+        return rc;
     c->lease_nano += add_nano;
     c->nano_until_ms = until_ms;
     c->fleet_spent = fleet_spent;
@@ -1080,13 +1092,13 @@ int limit_lease_grant_budget(struct limit_region *r, uint32_t id, int64_t add_na
 int limit_lease_fallback(struct limit_region *r, uint32_t id, enum limit_fallback f,
                          uint32_t cap_req, uint32_t cap_tok, uint32_t cap_par, uint64_t cap_nano)
 {
+    int rc;
     struct limit_cell *c;
 
-    if (id >= r->n || !cell(r, id)->spec.leased || (unsigned)f > LIMIT_FALLBACK_CLOSED)
+    if ((unsigned)f > LIMIT_FALLBACK_CLOSED)
         return -EINVAL;
-    c = cell(r, id);
-    if (cell_lock_master(r, id) < 0)
-        return -EBUSY;
+    if (!(c = lease_lock(r, id, 0, &rc)))
+        return rc;
     c->lease_fb = (uint32_t)f;
     c->cap_req = cap_req;
     c->cap_tok = cap_tok;
