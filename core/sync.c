@@ -137,16 +137,23 @@ static const char SYNC_LUA_RENEW[] =
     "end\n"
     "return {gr, gt, sr + nr, st + nt, orr, ort, gp, sp}\n";
 
-/* BUDGET. KEYS: the period's HASH (field spent, and n:NODE -> the node's open lease: what it may
- * still reserve plus what its requests in flight reserved) and the open leases' expiry (ZSET
- * node -> until). ARGV: node id, spent since the last report (nano-USD), this node's open part
- * kept, wanted, budget_usd (nano), lease_ttl, how long the period's keys live (0: for ever).
- * Spent only grows; an open lease of a node that stopped renewing is dropped after lease_ttl.
+/* BUDGET. KEYS: the period's HASH (field spent, n:NODE -> the node's open lease: what it may
+ * still reserve plus what its requests in flight reserved, c:NODE -> what the node reported in
+ * the period) and the open leases' expiry (ZSET node -> until). ARGV: node id, what this node
+ * has spent in the period as far as it reported or reports now (nano-USD: it only grows, and a
+ * report Redis ran after the node gave up on its answer is not added twice), this node's open
+ * part kept, wanted, budget_usd (nano), lease_ttl, how long the period's keys live (0: for
+ * ever). Spent only grows; an open lease of a node that stopped renewing is dropped after
+ * lease_ttl.
  * Returns {granted, spent in the period, open leases of the fleet}. */
 static const char SYNC_LUA_BUDGET[] =
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
-    "redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])\n"
+    "local rep = tonumber(redis.call('HGET', KEYS[1], 'c:' .. ARGV[1]) or '0')\n"
+    "if tonumber(ARGV[2]) > rep then\n"
+    "  redis.call('HINCRBY', KEYS[1], 'spent', tonumber(ARGV[2]) - rep)\n"
+    "  redis.call('HSET', KEYS[1], 'c:' .. ARGV[1], ARGV[2])\n"
+    "end\n"
     "local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)\n"
     "for i = 1, #gone do\n"
     "  redis.call('ZREM', KEYS[2], gone[i])\n"
@@ -156,7 +163,7 @@ static const char SYNC_LUA_BUDGET[] =
     "local others = 0\n"
     "local all = redis.call('HGETALL', KEYS[1])\n"
     "for i = 1, #all, 2 do\n"
-    "  if all[i] ~= 'spent' and all[i] ~= 'n:' .. ARGV[1] then\n"
+    "  if string.sub(all[i], 1, 2) == 'n:' and all[i] ~= 'n:' .. ARGV[1] then\n"
     "    others = others + tonumber(all[i + 1])\n"
     "  end\n"
     "end\n"
@@ -259,6 +266,7 @@ struct sync_lim {
     int b_busy, b_quiet;
     uint64_t b_sent_ms;
     int64_t b_unrep;  /* spent not yet reported (of period b_period) */
+    int64_t b_acked;  /* spent in period b_period whose report Redis answered */
     int64_t b_period; /* the period b_unrep belongs to */
     int64_t b_need_max;
     int64_t b_recent[2];
@@ -472,7 +480,7 @@ static void sync_fallback_enter(struct sync *s, const char *why)
         if (l->budget && limit_lease_take_budget(s->lr, l->id, (int64_t)(time_real_ms() / 1000),
                                                  INT64_MAX, &le) == 0) {
             if (le.period_start != l->b_period)
-                l->b_unrep = 0, l->b_period = le.period_start;
+                l->b_unrep = l->b_acked = 0, l->b_period = le.period_start;
             l->b_unrep += le.used_nano;
         }
         limit_lease_fallback(s->lr, l->id, m, cr ? cr : 1, ct ? ct : 1, cp ? cp : 1,
@@ -717,6 +725,7 @@ static void sync_budget_done(redisAsyncContext *ac, void *r, void *priv)
     }
     for (int i = 0; i < 3; i++)
         g[i] = rep->element[i]->type == REDIS_REPLY_INTEGER ? rep->element[i]->integer : 0;
+    l->b_acked += l->b_unrep; /* b_unrep is what was sent: it changes only when not busy */
     l->b_unrep = 0;
     if (!l->rpm && !l->tpm && !l->par)
         l->in_fallback = 0;
@@ -757,7 +766,7 @@ static void sync_renew_budget(struct sync *s, struct sync_lim *l, int hungry)
     if (limit_lease_take_budget(s->lr, l->id, wall_s, keep, &le) < 0)
         return;
     if (le.period_start != l->b_period) { /* a new period: the old one's total is done */
-        l->b_unrep = 0;
+        l->b_unrep = l->b_acked = 0;
         l->b_period = le.period_start;
     }
     l->b_unrep += le.used_nano;
@@ -783,8 +792,8 @@ static void sync_renew_budget(struct sync *s, struct sync_lim *l, int hungry)
     l->b_sent_ms = time_mono_ms();
     if (sync_cmd(s->conn->ac, sync_budget_done, l,
                  "EVALSHA %s 2 %s %s %s:%d %lld %lld %lld %llu %llu %llu", s->sha_budget, k_b, k_bx,
-                 s->conf->cluster.node_name, (int)getpid(), (long long)l->b_unrep, (long long)open,
-                 (long long)want, (unsigned long long)l->budget,
+                 s->conf->cluster.node_name, (int)getpid(), (long long)(l->b_acked + l->b_unrep),
+                 (long long)open, (long long)want, (unsigned long long)l->budget,
                  (unsigned long long)s->conf->cluster.lease_ttl_ms,
                  (unsigned long long)life_ms) != REDIS_OK) {
         atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);

@@ -695,3 +695,42 @@ def test_three_hosts_rpm_and_bound(env):
     check(min(per_host) >= 10, f"admitted per host {per_host}: the fleet was not shared")
     time.sleep(0.5)
     check(all(st == 429 for _, st in _spread(gws, 9)), "admitted after the fleet's rpm")
+
+
+def test_slow_redis_budget_spent_counted_once(env):
+    # a budget report Redis runs after the host gave up on its answer (paused Redis) is not added
+    # again by the next report: Redis' spent is what the hosts spent (before: more)
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"budget_usd": "1000", "budget_period": "day"},
+                    pool={"models": "gpt-*", "check": "no"},
+                    models={"gpt-a": {"price_input": "1", "price_output": "1"}})
+    body = chat_body("budget under a paused Redis", model="gpt-a", max_tokens=16)
+    stop = time.monotonic() + 4
+    got = []
+
+    def load(i):
+        while time.monotonic() < stop:
+            got.append(chat(gws[i % 2].port, body, headers=AUTH, timeout=15).status)
+
+    with cf.ThreadPoolExecutor(max_workers=4) as ex:
+        futs = [ex.submit(load, i) for i in range(4)]
+        time.sleep(1)
+        redis.proc.signal(signal.SIGSTOP)
+        try:
+            for g in gws:
+                wait_for(lambda g=g: "fall back to local_share" in g.proc.log_text(), 5,
+                         f"{g.name} to fall back")
+            time.sleep(0.5)
+        finally:
+            redis.proc.signal(signal.SIGCONT)
+        for f in futs:
+            f.result()
+    check(len(got) > 50 and set(got) == {200}, f"statuses {sorted(set(got))} of {len(got)}")
+    for g in gws:
+        wait_for(lambda g=g: _limiter(g)["mode"] == "lease", 10, f"{g.name} to lease again")
+    per_host = [Decimal(str(_key_row(g)["spent_usd"])) for g in gws]
+    for g in gws:
+        check(g.stop() == 0, f"{g.name} did not stop cleanly")
+    spent = redis.cli("-n", "2", "--scan", "--pattern", "aigw:{key:k}:budget:*").split()
+    total = Decimal(redis.cli("-n", "2", "HGET", spent[0], "spent")) / 10**9
+    check(total == sum(per_host), f"Redis spent {total}, the hosts {per_host}")
