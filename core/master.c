@@ -2087,6 +2087,11 @@ static int master_reload(char **err)
     }
     for (int s = 0; s < g->workers; s++)
         atomic_store_explicit(&shm_worker(&g->shm, (uint32_t)s)->hold, 1, memory_order_release);
+    if (shm_limits(&g->shm) && shm_limits(&M.g->shm)) /* the fallback's share, if it needs one */
+        atomic_store_explicit(&limit_fleet(shm_limits(&g->shm))->nodes_alive,
+                              atomic_load_explicit(&limit_fleet(shm_limits(&M.g->shm))->nodes_alive,
+                                                   memory_order_relaxed),
+                              memory_order_relaxed);
     g->prev = M.g;
     gen_sync_counters(g); /* before the fork: the new checker starts from these counts */
     gen_sync_inherit(g);

@@ -1379,7 +1379,10 @@ int sync_main(struct conf *conf, struct shm *shm)
         return 1;
     }
     s->fleet = limit_fleet(s->lr);
-    s->nodes_alive = 1;
+    /* the hosts the sync process before this one saw (it was restarted, or a reload carried
+     * them): the fallback's share if Redis does not answer now */
+    s->nodes_alive = atomic_load_explicit(&s->fleet->nodes_alive, memory_order_relaxed);
+    s->nodes_alive = s->nodes_alive ? s->nodes_alive : 1;
     s->slow_ms = 2 * conf->cluster.sync_interval_ms;
     if (s->slow_ms < SYNC_SLOW_MIN_MS)
         s->slow_ms = SYNC_SLOW_MIN_MS;

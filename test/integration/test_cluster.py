@@ -734,3 +734,23 @@ def test_slow_redis_budget_spent_counted_once(env):
     spent = redis.cli("-n", "2", "--scan", "--pattern", "aigw:{key:k}:budget:*").split()
     total = Decimal(redis.cli("-n", "2", "HGET", spent[0], "spent")) / 10**9
     check(total == sum(per_host), f"Redis spent {total}, the hosts {per_host}")
+
+
+def test_restarted_sync_keeps_the_hosts_seen(env):
+    # a sync process restarted while Redis is away falls back with the hosts its predecessor
+    # saw (local_share: rpm / 2 here), not as if it were alone (the whole rpm)
+    N = 20
+    redis = Redis(env)
+    m, (a, b) = _fleet(env, redis, n=2, lim={"rpm": N})
+    wait_for(lambda: a.ctl_json("show", "cluster", "--json")["nodes_alive"] == 2, 5,
+             "host0 to see 2 hosts")
+    redis.kill()
+    wait_for(lambda: "fall back to local_share" in a.proc.log_text(), 5, "the fallback")
+    pid = [p["pid"] for p in a.procs() if p.get("role") == "sync"][0]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: a.proc.log_text().count("fall back to local_share") >= 2, 10,
+             "the new sync process to fall back")
+    got = [chat(a.port, headers=AUTH).status for _ in range(N + 5)]
+    check(got.count(200) == N // 2, f"host0 alone while Redis is away admitted {got.count(200)} "
+          f"of rpm {N} (its share of 2 hosts: {N // 2})")
+    check(a.proc.log_text().count("(2 hosts last seen)") >= 2, "the new sync's fallback log")
