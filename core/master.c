@@ -1584,8 +1584,8 @@ static void start_release(struct gen *g, int primed)
     }
     stats_set_starting(0);
     if (!primed)
-        log_warn("cluster: the sync process has no answer from Redis after %d ms: serving with "
-                 "the fallback's share (cluster_fallback)",
+        log_warn("cluster: no first leases after %d ms (is the sync process up?): serving on "
+                 "cluster_fallback's terms with no other host seen",
                  START_HOLD_MS);
     if (!upgrade_is_child())
         daemon_ready();

@@ -737,8 +737,8 @@ def test_slow_redis_budget_spent_counted_once(env):
 
 
 def test_restarted_sync_keeps_the_hosts_seen(env):
-    # a sync process restarted while Redis is away falls back with the hosts its predecessor
-    # saw (local_share: rpm / 2 here), not as if it were alone (the whole rpm)
+    # a sync process restarted (or a reload's) while Redis is away falls back with the hosts its
+    # predecessor saw (local_share: rpm / 2 here), not as if it were alone (the whole rpm)
     N = 20
     redis = Redis(env)
     m, (a, b) = _fleet(env, redis, n=2, lim={"rpm": N})
@@ -754,3 +754,11 @@ def test_restarted_sync_keeps_the_hosts_seen(env):
     check(got.count(200) == N // 2, f"host0 alone while Redis is away admitted {got.count(200)} "
           f"of rpm {N} (its share of 2 hosts: {N // 2})")
     check(a.proc.log_text().count("(2 hosts last seen)") >= 2, "the new sync's fallback log")
+    # a reload's new generation too (host1: nothing admitted there yet)
+    r = b.ctl("reload", timeout=30)
+    check(r.returncode == 0, f"reload: {r.stdout} {r.stderr}")
+    got = [chat(b.port, headers=AUTH).status for _ in range(N + 5)]
+    # (+2: an old worker that has not yet seen its SIGTERM may still take a connection, which
+    # the new generation's window learns of only after it admitted it)
+    check(N // 2 <= got.count(200) <= N // 2 + 2, f"host1 after a reload while Redis is away "
+          f"admitted {got.count(200)} of rpm {N} (its share of 2 hosts: {N // 2})")
