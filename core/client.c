@@ -5,7 +5,10 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <llhttp.h>
 #include <uv.h>
@@ -26,6 +29,7 @@ static llhttp_settings_t req_settings;
 
 static void client_process(struct client *c);
 static void client_read_start(struct client *c);
+static void client_poll(struct client *c);
 static void client_dispatch(struct client *c);
 
 static void conns_add(struct worker *w, int d)
@@ -131,6 +135,7 @@ static void client_handle_closed(uv_handle_t *h)
     struct worker *w = c->w;
     if (--c->handles > 0)
         return;
+    close(c->fd); /* the poll handle does not own it */
     client_free_body(c);
     if (c->buf)
         bufpool_put(&w->bufs, c->buf - w->data_off);
@@ -169,19 +174,18 @@ void client_close(struct client *c)
     w->n_clients--;
     conns_add(w, -1);
     client_timer_stop(c);
-    uv_close((uv_handle_t *)&c->tcp, client_handle_closed);
+    uv_close((uv_handle_t *)&c->poll, client_handle_closed);
 }
 
 /* Closes after a response: shut the write side, then read and drop what the client still
  * sends for a moment, so that closing with unread input does not reset the response away. */
 static void client_linger(struct client *c)
 {
-    uv_os_fd_t fd;
-    if (c->eof || uv_fileno((uv_handle_t *)&c->tcp, &fd) != 0) {
+    if (c->eof) {
         client_close(c);
         return;
     }
-    shutdown(fd, SHUT_WR);
+    shutdown(c->fd, SHUT_WR);
     c->state = CS_LINGER;
     client_free_body(c);
     client_drop_buf(c);
@@ -190,10 +194,11 @@ static void client_linger(struct client *c)
 
 /* ---- writing ---- */
 
-static void on_written(uv_write_t *req, int status)
+/* The write that waited ended: all sent (status 0) or failed. */
+static void client_write_done(struct client *c, int status)
 {
-    struct client *c = req->data;
     c->writing = 0;
+    client_poll(c);
     if (c->tn.q == &c->w->tqs[c->li * T_KINDS + T_SEND])
         client_timer_stop(c);
     bufpool_put(&c->w->bufs, c->wbuf);
@@ -209,6 +214,73 @@ static void on_written(uv_write_t *req, int status)
     else
         client_request_done(c); /* a response aigw made itself */
 }
+
+/* One send(2) (sendmsg(2) for pieces) on the socket: the bytes taken, or -errno. A socket is
+ * written here rather than by libuv's stream, whose write(v)/read(2) cost the kernel more per
+ * call than send/recv (the vfs layer), twice per request. */
+static ssize_t client_send(int fd, const struct iovec *iov, unsigned n)
+{
+    ssize_t r;
+    do {
+        if (n == 1) {
+            r = send(fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL);
+        } else {
+            struct msghdr mh = {.msg_iov = (struct iovec *)iov, .msg_iovlen = n};
+            r = sendmsg(fd, &mh, MSG_NOSIGNAL);
+        }
+    } while (r == -1 && errno == EINTR);
+    return r == -1 ? -errno : r;
+}
+
+/* The first pieces of a waiting write the socket took: what is left moves up. */
+static void cwrite_advance(struct cwrite *q, size_t done)
+{
+    while (q->i < q->n && done >= q->iov[q->i].iov_len)
+        done -= q->iov[q->i++].iov_len;
+    if (q->i < q->n) {
+        q->iov[q->i].iov_base = (char *)q->iov[q->i].iov_base + done;
+        q->iov[q->i].iov_len -= done;
+    }
+}
+
+static const char cont_line[] = "HTTP/1.1 100 Continue\r\n\r\n";
+
+/* The socket takes bytes again: first the rest of a 100 Continue, then the waiting write. */
+static void client_on_writable(struct client *c)
+{
+    if (c->cont_left) {
+        struct iovec v = {(char *)cont_line + sizeof(cont_line) - 1 - c->cont_left, c->cont_left};
+        ssize_t r = client_send(c->fd, &v, 1);
+        if (r < 0 && r != -EAGAIN) {
+            client_close(c);
+            return;
+        }
+        if (r > 0)
+            c->cont_left = (uint8_t)(c->cont_left - r);
+        if (c->cont_left)
+            return;
+    }
+    if (!c->writing) {
+        client_poll(c);
+        return;
+    }
+    struct cwrite *q = (struct cwrite *)c->wbuf;
+    ssize_t r = client_send(c->fd, q->iov + q->i, q->n - q->i);
+    if (r == -EAGAIN)
+        return;
+    if (r < 0) {
+        client_write_done(c, -1);
+        return;
+    }
+    cwrite_advance(q, (size_t)r);
+    if (q->i == q->n)
+        client_write_done(c, 0);
+}
+
+/* Most answers are one head and a body piece of a few hundred bytes: they go out as one
+ * buffer (a head is built in the scratch buffer, with room behind it), which costs the kernel
+ * less than the pieces. */
+#define COALESCE_MAX 4096
 
 /* Writes head and tail (copied if they must wait; tail at most WTAIL_MAX bytes) around
  * data (kept by the caller until the write ends), in one system call where the socket takes
@@ -227,16 +299,35 @@ int client_write3(struct client *c, const char *head, size_t hl, const char *dat
     if (!n)
         return 0;
     alog_req_sent(&client_creq(c)->alog, hl ? head : data, hl ? hl : dl, hl + dl + tl);
-    int r = uv_try_write((uv_stream_t *)&c->tcp, b, n);
-    if (r == (int)(hl + dl + tl))
+    if (c->writing)
+        return -1; /* callers wait for on_written's continuation: never two writes */
+    size_t total = hl + dl + tl;
+    ssize_t r = -EAGAIN;
+    if (!c->cont_left) {
+        struct iovec one;
+        const char *sc = c->w->scratch, *at = head + hl, *end = head + total;
+        if (n > 1 && hl && total <= COALESCE_MAX && head >= sc && end <= sc + c->w->bufs.size &&
+            (!dl || data + dl <= at || data >= end) && (!tl || tail + tl <= at || tail >= end)) {
+            if (dl)
+                memcpy((char *)at, data, dl);
+            if (tl)
+                memcpy((char *)at + dl, tail, tl);
+            one.iov_base = (char *)head;
+            one.iov_len = total;
+            r = client_send(c->fd, &one, 1);
+        } else {
+            r = client_send(c->fd, (const struct iovec *)b, n);
+        }
+    }
+    if (r == (ssize_t)total)
         return 0;
-    if (r < 0 && r != UV_EAGAIN)
+    if (r < 0 && r != -EAGAIN)
         return -1;
     size_t done = r > 0 ? (size_t)r : 0;
     n = 0;
     if (!(c->wbuf = bufpool_get(&c->w->bufs)))
         return -1;
-    uv_write_t *req = (uv_write_t *)c->wbuf;
+    struct cwrite *q = (struct cwrite *)c->wbuf;
     char *copy = c->wbuf + WHEAD_OFF;
     if (done < hl) {
         memcpy(copy, head + done, hl - done);
@@ -256,10 +347,11 @@ int client_write3(struct client *c, const char *head, size_t hl, const char *dat
         memcpy(copy, tail + done, tl - done);
         b[n++] = uv_buf_init(copy, (unsigned)(tl - done));
     }
-    req->data = c;
-    if (uv_write(req, (uv_stream_t *)&c->tcp, b, n, on_written) != 0)
-        return -1;
+    memcpy(q->iov, b, n * sizeof(b[0])); /* uv_buf_t is laid out as struct iovec on Unix */
+    q->n = n;
+    q->i = 0;
     c->writing = 1;
+    client_poll(c);
     if (c->w->tqs[c->li * T_KINDS + T_SEND].ms)
         client_timer(c, T_SEND);
     return 1;
@@ -541,13 +633,6 @@ static int rid_ok(const char *s, size_t n)
     return 1;
 }
 
-static void on_cont_written(uv_write_t *req, int status)
-{
-    struct client *c = req->data;
-    if (status < 0 && c->state != CS_CLOSED)
-        client_close(c);
-}
-
 /* 1 when the request line and the head end in CRLF: llhttp takes a bare LF there, where a
  * front proxy may see something else (a header, the rest of the head), so the two would not
  * agree on where the head ends. Lines in between are checked by llhttp. */
@@ -708,26 +793,18 @@ static int client_on_head(struct client *c)
             client_path_error(c, 1);
             return -1;
         }
-        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
-        uv_buf_t b = uv_buf_init((char *)cont, sizeof(cont) - 1);
+        struct iovec b = {(char *)cont_line, sizeof(cont_line) - 1};
         /* a client that did not wait for it already sent body bytes: no need */
-        int r = c->pos == c->len ? uv_try_write((uv_stream_t *)&c->tcp, &b, 1) : (int)b.len;
-        if (r < 0 && r != UV_EAGAIN) {
+        ssize_t r = c->pos == c->len ? client_send(c->fd, &b, 1) : (ssize_t)b.iov_len;
+        if (r < 0 && r != -EAGAIN) {
             client_close(c);
             return -1;
         }
-        if (r < (int)b.len) {
-            /* the socket took part of it (a slow reader of an earlier answer): queue the rest;
-             * libuv keeps writes in order, so the answer cannot overtake it. The request lives
-             * in the buffer, which outlives the write (closing cancels it first). */
-            size_t done = r > 0 ? (size_t)r : 0;
-            uv_buf_t rest = uv_buf_init((char *)cont + done, (unsigned)(b.len - done));
-            client_creq(c)->cont_req.data = c;
-            if (uv_write(&client_creq(c)->cont_req, (uv_stream_t *)&c->tcp, &rest, 1,
-                         on_cont_written) != 0) {
-                client_close(c);
-                return -1;
-            }
+        if (r < (ssize_t)b.iov_len) {
+            /* the socket took part of it (a slow reader of an earlier answer): the rest goes
+             * when it takes bytes again, before any answer (client_write3 waits for it) */
+            c->cont_left = (uint8_t)(b.iov_len - (size_t)(r > 0 ? r : 0));
+            client_poll(c);
         }
     }
 
@@ -970,20 +1047,23 @@ void client_request_done(struct client *c)
 
 /* ---- reading ---- */
 
-static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
+/* Where the next read goes (len 0: no room, or no buffer to be had). */
+static void read_room(struct client *c, char **p, size_t *len)
 {
-    struct client *c = h->data;
     struct worker *w = c->w;
     if (c->state == CS_LINGER) {
-        *b = uv_buf_init(w->scratch, (unsigned)w->data_size);
+        *p = w->scratch;
+        *len = w->data_size;
         return;
     }
     client_take_buf(c);
     if (!c->buf) {
-        *b = uv_buf_init(NULL, 0);
+        *p = NULL;
+        *len = 0;
         return;
     }
-    *b = uv_buf_init(c->buf + c->len, (unsigned)(w->data_size - c->len));
+    *p = c->buf + c->len;
+    *len = w->data_size - c->len;
 }
 
 /* A request of the client is with an upstream, or waits out a retry back-off. */
@@ -993,10 +1073,9 @@ static int client_forwarding(const struct client *c)
            (client_creq(c)->rq.conn || c->tn.q == &c->w->retry_q);
 }
 
-static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
+/* What a read brought: n bytes, 0 (nothing now), UV_EOF, UV_ENOBUFS (no room) or an error. */
+static void on_read(struct client *c, ssize_t n)
 {
-    struct client *c = s->data;
-
     if (c->state == CS_CLOSED)
         return;
     if (c->state == CS_LINGER) {
@@ -1024,8 +1103,8 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
         }
         if (n == UV_ENOBUFS) {
             /* buffer full while a request is in flight: wait until it is answered */
-            uv_read_stop(s);
             c->reading = 0;
+            client_poll(c);
             if (c->state == CS_HEAD)
                 client_error(c, 431, "invalid_request_error", "request_header_too_large",
                              "request header too large", 1, 0);
@@ -1034,6 +1113,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
         if (n == UV_EOF) {
             c->eof = 1;
             c->reading = 0;
+            client_poll(c);
             /* an answer of aigw's own still goes out to a half-closed client; a forwarded
              * request is cancelled, as nginx does (proxy_ignore_client_abort off): the upstream
              * must not keep generating, and holding an in-flight slot, for nobody */
@@ -1058,8 +1138,8 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
     case CS_WAIT:
         /* pipelined bytes wait in the buffer; stop reading once it is full */
         if (c->len >= c->w->data_size) {
-            uv_read_stop(s);
             c->reading = 0;
+            client_poll(c);
         }
         return;
     default:
@@ -1068,25 +1148,73 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
     client_process(c);
 }
 
+/* The socket is readable: one recv(2) (level-triggered: more data polls again). */
+static void client_on_readable(struct client *c)
+{
+    char *p;
+    size_t len;
+    read_room(c, &p, &len);
+    if (!len) {
+        on_read(c, UV_ENOBUFS);
+        return;
+    }
+    ssize_t n;
+    do
+        n = recv(c->fd, p, len, 0);
+    while (n == -1 && errno == EINTR);
+    if (n > 0)
+        on_read(c, n);
+    else if (n == 0)
+        on_read(c, UV_EOF);
+    else if (errno == EAGAIN || errno == EWOULDBLOCK)
+        on_read(c, 0);
+    else
+        on_read(c, -errno);
+}
+
+static void on_client_poll(uv_poll_t *h, int status, int events)
+{
+    struct client *c = h->data;
+    if (c->state == CS_CLOSED)
+        return;
+    if (status < 0) {
+        /* an error on the socket (libuv stopped polling it): the connection is gone */
+        c->events = 0;
+        on_read(c, status == UV_EBADF ? UV_ECONNRESET : status);
+        return;
+    }
+    if (events & UV_WRITABLE)
+        client_on_writable(c);
+    if ((events & UV_READABLE) && c->reading && c->state != CS_CLOSED)
+        client_on_readable(c);
+}
+
+/* Polls for what the connection waits for now: reading (c->reading), the rest of a write (c->
+ * writing, or a 100 Continue). Cannot fail: the handle is open (uv_poll_start fails only for a
+ * closing one; uv_poll_stop never). */
+static void client_poll(struct client *c)
+{
+    if (c->state == CS_CLOSED)
+        return;
+    int ev = (c->reading ? UV_READABLE : 0) | (c->writing || c->cont_left ? UV_WRITABLE : 0);
+    if (ev == c->events)
+        return;
+    c->events = (uint8_t)ev;
+    if (ev)
+        uv_poll_start(&c->poll, ev, on_client_poll);
+    else
+        uv_poll_stop(&c->poll);
+}
+
 static void client_read_start(struct client *c)
 {
     if (c->reading || c->eof || c->state == CS_CLOSED)
         return;
     c->reading = 1;
-    /* cannot fail: the handle is open and not reading (c->reading), and one that had a read
-     * error (UV_HANDLE_READABLE cleared) was closed by on_read */
-    uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    client_poll(c);
 }
 
 /* ---- accepting ---- */
-
-/* A client whose socket could not be opened: it was never counted. */
-static void client_unopened_closed(uv_handle_t *h)
-{
-    struct client *c = h->data;
-    c->next = c->w->free_clients;
-    c->w->free_clients = c;
-}
 
 /* The acceptor (core/accept.c) hands over a new connection on listener li. */
 int client_accept(void *ctx, int li, int fd, const struct sockaddr *peer, socklen_t len)
@@ -1105,17 +1233,19 @@ int client_accept(void *ctx, int li, int fd, const struct sockaddr *peer, sockle
     memset(c, 0, sizeof(*c));
     c->w = w;
     c->ln = &w->conf->listens[li];
-    uv_tcp_init(&w->loop, &c->tcp); /* cannot fail without a socket to create (AF_UNSPEC) */
-    c->tcp.data = c;
-    c->li = (uint16_t)li;
-    c->handles = 1;
-    if ((rc = uv_tcp_open(&c->tcp, fd)) != 0) {
+    if ((rc = uv_poll_init(&w->loop, &c->poll, fd)) != 0) {
+        /* nothing set up: the acceptor closes fd */
         log_warn("client connection: cannot set it up: %s", uv_strerror(rc));
-        c->state = CS_CLOSED; /* the handle does not own fd: the acceptor closes it */
-        uv_close((uv_handle_t *)&c->tcp, client_unopened_closed);
+        c->next = w->free_clients;
+        w->free_clients = c;
         return rc;
     }
-    uv_tcp_nodelay(&c->tcp, 1); /* without it only small writes wait a little: not fatal */
+    c->poll.data = c;
+    c->fd = fd;
+    c->li = (uint16_t)li;
+    c->handles = 1;
+    int one = 1; /* without it only small writes wait a little: not fatal */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 
     strcpy(c->ip, "unknown");
     if (peer->sa_family == AF_INET && len >= sizeof(struct sockaddr_in))
@@ -1132,9 +1262,7 @@ int client_accept(void *ctx, int li, int fd, const struct sockaddr *peer, sockle
     w->n_clients++;
     conns_add(w, 1);
     client_timer(c, T_HEADER);
-    c->reading = 1;
-    /* cannot fail: the handle is open, readable and not reading yet */
-    uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    client_read_start(c);
     return 0;
 }
 

@@ -6,6 +6,7 @@
 
 #include <arpa/inet.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #include <llhttp.h>
 #include <uv.h>
@@ -58,7 +59,8 @@ enum tkind {
  * of a request (parser, spans, body, upstream request, tries) is a struct creq in the tail of
  * the pool buffer the connection holds while a request is active. */
 struct client {
-    uv_tcp_t tcp;
+    uv_poll_t poll; /* the socket, read and written with recv/send(2) here (see client.c) */
+    int fd;
     struct worker *w;
     const struct conf_listen *ln;
     struct tq_node tn;          /* in the timeout (or retry back-off) queue the client waits in */
@@ -73,7 +75,9 @@ struct client {
     uint8_t eof;         /* the client shut its write side */
     uint8_t close_after; /* close once the current response is sent (graceful stop) */
     uint8_t reading, writing;
-    uint8_t tries_on; /* a request is being forwarded: its struct tries is live */
+    uint8_t events;    /* what poll watches now (UV_READABLE, UV_WRITABLE) */
+    uint8_t cont_left; /* bytes of a "100 Continue" the socket did not take yet */
+    uint8_t tries_on;  /* a request is being forwarded: its struct tries is live */
     char ip[INET6_ADDRSTRLEN];
 };
 
@@ -140,7 +144,6 @@ struct creq {
     uint8_t metered;            /* admitted by the limit stage: settled when the request ends */
     uint8_t fb_used;            /* the model's fallback took over */
     uint8_t fb_attempts;        /* sends made before the fallback (they count in x-aigw-attempts) */
-    uv_write_t cont_req;        /* the rest of a "100 Continue" the socket did not take at once */
     struct limit_ticket ticket; /* what the limit stage holds for it (limit_settle) */
     struct meter_trio rl_req, rl_tok; /* the x-ratelimit-* of its answer */
     uint64_t res_prompt, res_tokens;  /* tokens reserved: the prompt's estimate, in all */
@@ -243,9 +246,13 @@ static inline void client_body_deadline_stop(struct client *c)
         tq_remove(&client_creq(c)->bn);
 }
 
-/* A write that must wait keeps its uv_write_t and the unsent head bytes in a pool buffer, so
- * that an idle connection carries neither. */
-#define WHEAD_OFF ((sizeof(uv_write_t) + 15) & ~(size_t)15)
+/* A write that must wait: what is left of it, in the pool buffer that also holds its unsent
+ * head and tail bytes, so that an idle connection carries neither. */
+struct cwrite {
+    struct iovec iov[3];
+    unsigned n, i; /* pieces, and the first one not sent in full */
+};
+#define WHEAD_OFF ((sizeof(struct cwrite) + 15) & ~(size_t)15)
 
 /* Room for a head built in the scratch buffer: it must fit behind a pending write's request,
  * with a chunk-size line after it and the few bytes that may follow a body piece. */

@@ -97,6 +97,30 @@ def test_upstream_keepalive_reuse(env):
           f"expected 1 (keep-alive reuse)")
 
 
+def test_request_bodies_sent_once_whole(env):
+    """Bodies around the size aigw copies behind the request head (4 KB) reach the upstream
+    byte for byte, once each, on one kept-alive connection: the mock sees exactly the
+    requests sent, no stray bytes between them."""
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1, pool={"check": "no"})
+    overhead = len(chat_body(""))
+    sizes = [1, 100, 4096 - overhead - 1, 4096 - overhead, 4096 - overhead + 1, 9000]
+    before = m.stats()
+    for i, size in enumerate(sizes * 3):
+        body = chat_body("x" * size)
+        r = chat(gw.port, body)
+        check(r.status == 200, f"request {i} ({len(body)} bytes): {r!r}")
+        got = m.last()["body"]
+        check(got == body.decode(), f"request {i}: {len(body)}-byte body arrived as {len(got)} bytes")
+    after = m.stats()
+    n = len(sizes) * 3
+    # each stats or last call is one connection of its own (not counted as a request)
+    conns = after["connections"] - before["connections"] - 1 - n
+    reqs = after["requests"] - before["requests"]
+    check(reqs == n, f"mock saw {reqs} requests for {n} sent")
+    check(conns == 1, f"{n} requests used {conns} upstream connections, expected 1")
+
+
 def test_keepalive_zero_closes(env):
     """keepalive = 0 on the backend: every request opens its own upstream connection."""
     m = env.mock("m1")
