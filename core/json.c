@@ -195,18 +195,35 @@ static void req_value_begin(struct json_parser *p, enum json_req_field f)
 {
     static const uint32_t clear[JSON_F_COUNT] = {
         [JSON_F_MODEL] = JSON_REQ_MODEL,
-        [JSON_F_STREAM] = JSON_REQ_STREAM,
-        [JSON_F_STREAM_OPTIONS] = JSON_REQ_STREAM_OPTS | JSON_REQ_INCLUDE_USAGE,
-        [JSON_F_INCLUDE_USAGE] = JSON_REQ_INCLUDE_USAGE,
+        [JSON_F_STREAM] = JSON_REQ_STREAM | JSON_REQ_BAD_STREAM,
+        [JSON_F_STREAM_OPTIONS] =
+            JSON_REQ_STREAM_OPTS | JSON_REQ_INCLUDE_USAGE | JSON_REQ_BAD_USAGE,
+        [JSON_F_INCLUDE_USAGE] = JSON_REQ_INCLUDE_USAGE | JSON_REQ_BAD_USAGE,
+    };
+    /* set until the value turns out a boolean or null (req_typed): "true", 1 or {} are not
+     * what OpenAI takes (400), and an upstream that coerces them would stream an answer aigw
+     * does not expect */
+    static const uint32_t bad[JSON_F_COUNT] = {
+        [JSON_F_STREAM] = JSON_REQ_BAD_STREAM,
+        [JSON_F_INCLUDE_USAGE] = JSON_REQ_BAD_USAGE,
     };
 
     if (p->depth == 1 && p->is_key)
         p->out->flags &= ~JSON_REQ_KEY;
-    p->out->flags &= ~clear[f];
+    p->out->flags = (p->out->flags & ~clear[f]) | bad[f];
     if (f >= JSON_F_MAX_TOKENS)
         p->out->max_tokens[f - JSON_F_MAX_TOKENS] = -1;
     if (f == JSON_F_STREAM_OPTIONS)
         p->out->span[JSON_F_INCLUDE_USAGE].off = p->out->span[JSON_F_INCLUDE_USAGE].end = 0;
+}
+
+/* The value of field f just begun is a boolean or null: of the type its field takes. */
+static inline void req_typed(struct json_req *o, enum json_req_field f)
+{
+    if (f == JSON_F_STREAM)
+        o->flags &= ~(uint32_t)JSON_REQ_BAD_STREAM;
+    else if (f == JSON_F_INCLUDE_USAGE)
+        o->flags &= ~(uint32_t)JSON_REQ_BAD_USAGE;
 }
 
 /* A value of field f ended (the piece being parsed holds its last byte): record where. */
@@ -231,9 +248,13 @@ static int req_scalar(struct json_parser *p, enum json_req_field *f, int *key)
 
 static int req_null(void *ctx)
 {
+    struct json_parser *p = ctx;
     enum json_req_field f;
     int key;
-    return req_scalar(ctx, &f, &key);
+    if (!req_scalar(p, &f, &key))
+        return 0;
+    req_typed(p->out, f);
+    return 1;
 }
 
 static int req_boolean(void *ctx, int v)
@@ -244,6 +265,7 @@ static int req_boolean(void *ctx, int v)
 
     if (!req_scalar(p, &f, &key))
         return 0;
+    req_typed(p->out, f);
     if (v && f == JSON_F_STREAM)
         p->out->flags |= JSON_REQ_STREAM;
     else if (v && f == JSON_F_INCLUDE_USAGE)
@@ -781,6 +803,7 @@ value:
         if (n - i < l || memcmp(b + i, lit, l) != 0)
             return 1;
         req_value_begin(p, f);
+        req_typed(o, f);
         i += l;
         if (f != JSON_F_NONE)
             o->span[f].end = i;

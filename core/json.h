@@ -36,6 +36,8 @@ enum json_req_field {
 #define JSON_REQ_STREAM_OPTS   0x04 /* "stream_options" is an object */
 #define JSON_REQ_INCLUDE_USAGE 0x08 /* "stream_options": {"include_usage": true} */
 #define JSON_REQ_KEY           0x10 /* the json:FIELD hash key is a string: key_hash */
+#define JSON_REQ_BAD_STREAM    0x20 /* "stream" is neither a boolean nor null */
+#define JSON_REQ_BAD_USAGE     0x40 /* "stream_options": {"include_usage"} is neither */
 
 #define JSON_NUM_BAD (-2)
 

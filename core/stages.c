@@ -191,6 +191,17 @@ static int stage_route(struct client *c)
             r->pool = p;
         return 0;
     }
+    if (r->info.flags & (JSON_REQ_BAD_STREAM | JSON_REQ_BAD_USAGE)) {
+        /* as OpenAI answers it; forwarded, an upstream that coerces "true" or 1 would stream
+         * an answer read, billed and filtered as a JSON one */
+        client_error_extra(c, 400, "invalid_request_error", "invalid_type",
+                           r->info.flags & JSON_REQ_BAD_STREAM
+                               ? "Invalid type for 'stream': expected a boolean."
+                               : "Invalid type for 'stream_options.include_usage': expected a "
+                                 "boolean.",
+                           0, NULL);
+        return -1;
+    }
     if (!(r->info.flags & JSON_REQ_MODEL)) {
         if (conf->route_by_model && r->parser.method == HTTP_POST) {
             client_error_extra(c, 400, "invalid_request_error", "missing_model",

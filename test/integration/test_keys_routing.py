@@ -181,3 +181,26 @@ def test_model_fallback(env):
     check(r.status == 502, f"no fallback: {r!r}")
     r = chat(gw.port, chat_body(model="llama-3"))
     check(r.status == 200 and r.header("x-aigw-model") == "llama-3", f"llama-3: {r!r}")
+
+
+def test_stream_must_be_boolean(env):
+    """"stream": "true" or 1 (and include_usage likewise) get OpenAI's 400 invalid_type, and
+    nothing goes upstream: forwarded, an upstream that coerces it would stream an answer aigw
+    reads, bills and filters as a JSON one. null and booleans pass."""
+    m = env.mock("m1")
+    gw = env.gateway([m], workers=1, pool={"check": "no"})
+    before = m.stats()["requests"]
+    for body in (b'{"model":"gpt-4o","messages":[],"stream":"true"}',
+                 b'{"model":"gpt-4o","messages":[],"stream":1}',
+                 b'{"model":"gpt-4o","messages":[],"stream":false,"stream":{}}',
+                 b'{"model":"gpt-4o","messages":[],"stream":true,'
+                 b'"stream_options":{"include_usage":"yes"}}'):
+        err = _error(chat(gw.port, body), 400, "invalid_type")
+        field = "include_usage" if b"include_usage" in body else "'stream'"
+        check(field in err["message"], f"{body!r}: message does not name the field: {err!r}")
+    check(m.stats()["requests"] == before, "a request with a bad stream type went upstream")
+    r = chat(gw.port, b'{"model":"gpt-4o","messages":[{"role":"user","content":"x"}],'
+                      b'"stream":null}')
+    check(r.status == 200 and r.json().get("object") == "chat.completion", f"stream null: {r!r}")
+    r = chat(gw.port, chat_body("s", stream=True))
+    check(r.status == 200 and b"[DONE]" in r.body, f"stream true: {r!r}")

@@ -100,7 +100,7 @@ static void test_fields(void **state)
     b = "{\"model\":7,\"stream\":\"true\",\"prompt_cache_key\":42,\"stream_options\":[true],"
         "\"max_tokens\":1.5,\"max_completion_tokens\":-3,\"max_output_tokens\":\"9\"}";
     assert_int_equal(parse(b, &r), 0);
-    assert_int_equal(r.flags, 0);
+    assert_int_equal(r.flags, JSON_REQ_BAD_STREAM);
     assert_span(b, &r, JSON_F_MODEL, "7");
     assert_span(b, &r, JSON_F_STREAM_OPTIONS, "[true]");
     assert_int_equal(r.max_tokens[0], 2);
@@ -178,6 +178,41 @@ static void test_nested_ignored(void **state)
 
 /* A field given twice counts with its last value (as the upstreams' parsers take it), and says
  * it came twice. */
+/* "stream" and include_usage take a boolean or null; any other type is flagged (a 400), and
+ * the last value of the field decides. */
+static void test_stream_types(void **state)
+{
+    (void)state;
+    struct json_req r;
+    static const struct {
+        const char *body;
+        uint32_t flags;
+    } cases[] = {
+        {"{\"stream\":true}", JSON_REQ_STREAM},
+        {"{\"stream\":false}", 0},
+        {"{\"stream\":null}", 0},
+        {"{\"stream\":1}", JSON_REQ_BAD_STREAM},
+        {"{\"stream\":\"true\"}", JSON_REQ_BAD_STREAM},
+        {"{\"stream\":{}}", JSON_REQ_BAD_STREAM},
+        {"{\"stream\":\"x\",\"stream\":true}", JSON_REQ_STREAM},
+        {"{\"stream\":true,\"stream\":0}", JSON_REQ_BAD_STREAM},
+        {"{\"a\":{\"stream\":1}}", 0},
+        {"{\"stream_options\":{\"include_usage\":true}}",
+         JSON_REQ_STREAM_OPTS | JSON_REQ_INCLUDE_USAGE},
+        {"{\"stream_options\":{\"include_usage\":\"yes\"}}",
+         JSON_REQ_STREAM_OPTS | JSON_REQ_BAD_USAGE},
+        {"{\"stream_options\":{\"include_usage\":null}}", JSON_REQ_STREAM_OPTS},
+        {"{\"stream_options\":{\"include_usage\":[1]},\"stream_options\":{}}",
+         JSON_REQ_STREAM_OPTS},
+        {"{\"stream_options\":{\"x\":{\"include_usage\":1}}}", JSON_REQ_STREAM_OPTS},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        assert_int_equal(parse(cases[i].body, &r), 0);
+        if (r.flags != cases[i].flags)
+            fail_msg("%s: flags 0x%x, expected 0x%x", cases[i].body, r.flags, cases[i].flags);
+    }
+}
+
 static void test_duplicate_keys(void **state)
 {
     struct json_req r;
@@ -197,7 +232,7 @@ static void test_duplicate_keys(void **state)
     b = "{\"model\":\"a\",\"prompt_cache_key\":\"k\",\"stream\":true,\"model\":null,"
         "\"prompt_cache_key\":{\"x\":\"y\"},\"stream\":[true]}";
     assert_int_equal(parse(b, &r), 0);
-    assert_int_equal(r.flags, 0);
+    assert_int_equal(r.flags, JSON_REQ_BAD_STREAM);
     assert_span(b, &r, JSON_F_MODEL, "null");
     assert_span(b, &r, JSON_F_STREAM, "[true]");
 
@@ -606,6 +641,7 @@ int main(void)
         cmocka_unit_test(test_huge_numbers),   cmocka_unit_test(test_deep_nesting),
         cmocka_unit_test(test_invalid),        cmocka_unit_test(test_split_everywhere),
         cmocka_unit_test(test_memory),         cmocka_unit_test(test_scan_as_yajl),
+        cmocka_unit_test(test_stream_types),
     };
     return cmocka_run_group_tests(tests, NULL, teardown);
 }
