@@ -182,16 +182,27 @@ static const char SYNC_LUA_BUDGET[] =
     "end\n"
     "return {g, spent, others + open + g}\n";
 
-/* HEARTBEAT. KEYS: the nodes (ZSET node -> last seen). ARGV: node, alive_ms. Returns the number
- * of nodes seen within alive_ms (this one included). */
+/* HEARTBEAT. KEYS: the nodes (ZSET node -> last seen), their owners (HASH node -> the instance
+ * token of the aigw that last heartbeat under that name). ARGV: node, alive_ms, this instance's
+ * token. Two instances sharing a node_name (a copied config) would mix up their leases, slots
+ * and budget reports and be counted as one host: a name last seen within alive_ms from another
+ * token is a clash. Returns {the number of nodes seen within alive_ms (this one included),
+ * 1 for a clash}. */
 static const char SYNC_LUA_HB[] =
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
     "local alive = tonumber(ARGV[2])\n"
+    "local prev = redis.call('HGET', KEYS[2], ARGV[1])\n"
+    "local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])\n"
+    "local clash = 0\n"
+    "if prev and prev ~= ARGV[3] and seen and tonumber(seen) >= now - alive then clash = 1 end\n"
     "redis.call('ZADD', KEYS[1], now, ARGV[1])\n"
+    "redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])\n"
+    "local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - 100 * alive)\n"
+    "for i = 1, #gone do redis.call('HDEL', KEYS[2], gone[i]) end\n"
     "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 100 * alive)\n"
-    "redis.call('PEXPIRE', KEYS[1], 100 * alive + 60000)\n"
-    "return redis.call('ZCOUNT', KEYS[1], now - alive, '+inf')\n";
+    "for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], 100 * alive + 60000) end\n"
+    "return {redis.call('ZCOUNT', KEYS[1], now - alive, '+inf'), clash}\n";
 
 /* USAGE. KEYS: 1 this flusher's last applied sequence number (a string, expires after a week),
  * 2 the usage epoch (made when missing: Redis lost or never had the totals), 3.. one HASH of
@@ -297,7 +308,9 @@ struct sync {
     uint64_t stop_by_ms; /* the workers are not waited for longer than this */
     uint64_t final_ms;   /* when the last renewals were sent: their answers are waited for 1 s */
     char sha_renew[48], sha_hb[48], sha_budget[48];
-    char k_nodes[SYNC_KEY_MAX];
+    char k_nodes[SYNC_KEY_MAX], k_owners[SYNC_KEY_MAX];
+    char token[24];     /* this aigw instance (see sync_token) */
+    int clash, clashes; /* the heartbeat saw another instance under node_name; in a row */
     struct sync_lim *lims;
     uint32_t n_lims;
     uint64_t slow_ms;
@@ -963,22 +976,43 @@ static void sync_hb_done(redisAsyncContext *ac, void *r, void *priv)
 {
     struct sync *s = priv;
     redisReply *rep = r;
+    int clash;
 
     s->hb_busy = 0;
-    if (rep && rep->type == REDIS_REPLY_INTEGER) {
-        s->nodes_alive = rep->integer > 0 ? (uint32_t)rep->integer : 1;
-        atomic_store_explicit(&s->fleet->nodes_alive, s->nodes_alive, memory_order_relaxed);
-    }
     (void)ac;
+    if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 2 ||
+        rep->element[0]->type != REDIS_REPLY_INTEGER ||
+        rep->element[1]->type != REDIS_REPLY_INTEGER)
+        return;
+    s->nodes_alive = rep->element[0]->integer > 0 && rep->element[0]->integer <= UINT32_MAX
+                         ? (uint32_t)rep->element[0]->integer
+                         : 1;
+    atomic_store_explicit(&s->fleet->nodes_alive, s->nodes_alive, memory_order_relaxed);
+    /* two clean heartbeats in a row end it: the other instance stopped (or was renamed) */
+    clash = rep->element[1]->integer == 1;
+    s->clashes = clash ? 0 : s->clashes + 1;
+    if (clash && !s->clash) {
+        s->clash = 1;
+        atomic_store_explicit(&s->fleet->node_clash, 1, memory_order_relaxed);
+        log_err("cluster: another aigw instance heartbeats as node %s: node_name must be unique "
+                "per host (their leases, parallel slots and budget reports get mixed up, and the "
+                "fleet counts them as one host)",
+                s->conf->cluster.node_name);
+    } else if (s->clash && s->clashes >= 2) {
+        s->clash = 0;
+        atomic_store_explicit(&s->fleet->node_clash, 0, memory_order_relaxed);
+        log_info("cluster: node %s is this instance's alone again", s->conf->cluster.node_name);
+    }
 }
 
 static void sync_heartbeat(struct sync *s)
 {
     if (s->state != SYNC_READY || s->hb_busy)
         return;
-    if (sync_cmd(s->conn->ac, sync_hb_done, s, "EVALSHA %s 1 %s %s %llu", s->sha_hb, s->k_nodes,
-                 s->conf->cluster.node_name,
-                 (unsigned long long)(3 * s->conf->cluster.sync_interval_ms)) == REDIS_OK) {
+    if (sync_cmd(s->conn->ac, sync_hb_done, s, "EVALSHA %s 2 %s %s %s %llu %s", s->sha_hb,
+                 s->k_nodes, s->k_owners, s->conf->cluster.node_name,
+                 (unsigned long long)(3 * s->conf->cluster.sync_interval_ms),
+                 s->token) == REDIS_OK) {
         s->hb_busy = 1;
         s->hb_sent_ms = time_mono_ms();
     }
@@ -1312,6 +1346,35 @@ static int sync_setup_usage(struct sync *s)
     return 0;
 }
 
+/* This aigw instance's token for the heartbeat's clash check: the same for every sync process
+ * of one instance (restarts, reloads and binary upgrades keep the host, its boot and its admin
+ * socket's path), different for two instances on one machine (their admin sockets) or on two. */
+static void sync_token(struct sync *s)
+{
+    char host[256] = "", boot[64] = "", cwd[4096] = "";
+    uint64_t h = 1469598103934665603ull; /* FNV-1a 64 */
+    const char *sock = s->conf->global.admin_socket;
+    const char *parts[4] = {host, boot, cwd, sock};
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+
+    if (f) {
+        if (!fgets(boot, sizeof(boot), f))
+            boot[0] = 0;
+        fclose(f);
+    }
+    if (gethostname(host, sizeof(host) - 1) < 0)
+        host[0] = 0;
+    if (sock[0] != '/' && !getcwd(cwd, sizeof(cwd))) /* a relative socket: where it is */
+        cwd[0] = 0;
+    for (int i = 0; i < 4; i++)
+        for (const char *c = parts[i];; c++) {
+            h = (h ^ (unsigned char)*c) * 1099511628211ull;
+            if (!*c)
+                break;
+        }
+    snprintf(s->token, sizeof(s->token), "%016llx", (unsigned long long)h);
+}
+
 /* The leased limiters, in the ids the master gave them (keys, models, pools). */
 static int sync_setup(struct sync *s)
 {
@@ -1362,6 +1425,8 @@ static int sync_setup(struct sync *s)
         snprintf(l->lease_id, sizeof(l->lease_id), "-");
     }
     snprintf(s->k_nodes, sizeof(s->k_nodes), "%snodes", pfx);
+    snprintf(s->k_owners, sizeof(s->k_owners), "%snodes:owner", pfx);
+    sync_token(s);
     return sync_setup_usage(s);
 }
 

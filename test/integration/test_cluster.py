@@ -123,6 +123,32 @@ def test_sync_process_supervised(env):
     wait_for(lambda: gw.proc.log_text().count("cluster: connected to Redis") >= 2, 10,
              "the new sync process to connect")
     check(chat(gw.port, headers=AUTH).status == 200, "a request after the restart")
+    # the restarted sync process is the same aigw instance: no node_name clash
+    time.sleep(1.0)
+    check("another aigw instance" not in gw.proc.log_text()
+          and gw.ctl_json("show", "cluster", "--json")["node_clash"] is False,
+          f"a restarted sync process taken for another host: {gw.proc.log_text()[-600:]}")
+
+
+def test_node_name_clash_shown(env):
+    """Two hosts given the same node_name (a config copied to both) would mix their leases, slots
+    and budget reports up and be counted as one host: each says so (log, show cluster,
+    /metrics), until the other is gone."""
+    redis = Redis(env)
+    _, gws = _fleet(env, redis, n=2, lim={"rpm": 50}, cluster={"node_name": "same"}, stats=True)
+    for g in gws:
+        wait_for(lambda g=g: "another aigw instance heartbeats as node same" in g.proc.log_text(),
+                 5, f"{g.name} to log the node_name clash")
+        c = g.ctl_json("show", "cluster", "--json")
+        check(c["node_clash"] is True, f"{g.name}: show cluster: {c}")
+        check("WARNING: another aigw instance uses node_name same" in g.ctl("show", "cluster").stdout,
+              f"{g.name}: show cluster text")
+        check("aigw_cluster_node_clash 1" in _metrics(g), f"{g.name}: /metrics")
+    gws[1].stop()
+    wait_for(lambda: gws[0].ctl_json("show", "cluster", "--json")["node_clash"] is False, 5,
+             "the clash to end once the other host stopped")
+    check("node same is this instance's alone again" in gws[0].proc.log_text(), "log")
+    check("aigw_cluster_node_clash 0" in _metrics(gws[0]), "/metrics after")
 
 
 def test_no_cluster_no_sync(env):
