@@ -143,8 +143,10 @@ static const char SYNC_LUA_RENEW[] =
  * has spent in the period as far as it reported or reports now (nano-USD: it only grows, and a
  * report Redis ran after the node gave up on its answer is not added twice), this node's open
  * part kept, wanted, budget_usd (nano), lease_ttl, how long the period's keys live (0: for
- * ever). Spent only grows; an open lease of a node that stopped renewing is dropped after
- * lease_ttl.
+ * ever), 1 for the node's last report (it stops, and none of its reports can still run late:
+ * its c:NODE field goes, else one per sync process would pile up in a total budget's key for
+ * ever, and every call reads them all). Spent only grows; an open lease of a node that stopped
+ * renewing is dropped after lease_ttl.
  * Returns {granted, spent in the period, open leases of the fleet}. */
 static const char SYNC_LUA_BUDGET[] =
     "local t = redis.call('TIME')\n"
@@ -154,6 +156,7 @@ static const char SYNC_LUA_BUDGET[] =
     "  redis.call('HINCRBY', KEYS[1], 'spent', tonumber(ARGV[2]) - rep)\n"
     "  redis.call('HSET', KEYS[1], 'c:' .. ARGV[1], ARGV[2])\n"
     "end\n"
+    "if ARGV[8] == '1' then redis.call('HDEL', KEYS[1], 'c:' .. ARGV[1]) end\n"
     "local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)\n"
     "for i = 1, #gone do\n"
     "  redis.call('ZREM', KEYS[2], gone[i])\n"
@@ -271,6 +274,7 @@ struct sync_lim {
     int64_t fleet_req, fleet_tok;         /* the fleet's sums at the last renewal */
     int in_fallback;
     int fin, b_fin; /* the last renewal (everything given back) was sent */
+    int b_lost;     /* a budget report's answer was lost: Redis may run it late */
     /* budget_usd (0: none) and its lease, renewed by its own script */
     uint64_t budget;
     enum limit_period period;
@@ -726,6 +730,8 @@ static void sync_budget_done(redisAsyncContext *ac, void *r, void *priv)
     int64_t g[3];
 
     l->b_busy = 0;
+    if (!rep)
+        l->b_lost = 1;
     if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 3) {
         if (rep && rep->type == REDIS_REPLY_ERROR) {
             log_warn("cluster: budget lease of %s %s: Redis: %.*s", l->kind, l->name, (int)rep->len,
@@ -804,11 +810,11 @@ static void sync_renew_budget(struct sync *s, struct sync_lim *l, int hungry)
                                                 : 0;
     l->b_sent_ms = time_mono_ms();
     if (sync_cmd(s->conn->ac, sync_budget_done, l,
-                 "EVALSHA %s 2 %s %s %s:%d %lld %lld %lld %llu %llu %llu", s->sha_budget, k_b, k_bx,
-                 s->conf->cluster.node_name, (int)getpid(), (long long)(l->b_acked + l->b_unrep),
-                 (long long)open, (long long)want, (unsigned long long)l->budget,
-                 (unsigned long long)s->conf->cluster.lease_ttl_ms,
-                 (unsigned long long)life_ms) != REDIS_OK) {
+                 "EVALSHA %s 2 %s %s %s:%d %lld %lld %lld %llu %llu %llu %d", s->sha_budget, k_b,
+                 k_bx, s->conf->cluster.node_name, (int)getpid(),
+                 (long long)(l->b_acked + l->b_unrep), (long long)open, (long long)want,
+                 (unsigned long long)l->budget, (unsigned long long)s->conf->cluster.lease_ttl_ms,
+                 (unsigned long long)life_ms, s->final && !l->b_lost) != REDIS_OK) {
         atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
         return;
     }

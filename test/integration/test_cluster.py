@@ -516,6 +516,45 @@ def test_graceful_stop_gives_leases_back(env):
     check(par == "", f"slots still held after the stop: {par!r}")
 
 
+def test_budget_key_does_not_grow_with_reloads(env):
+    # each sync process reports its spent under its own c:NODE:PID field of the period's key; a
+    # total budget's key never expires, so a field left by every reload's old sync process would
+    # pile up for ever (and the script reads them all at every renewal). One that stops cleanly
+    # takes its field with it; the spent stays whole.
+    redis = Redis(env)
+    m, (g,) = _fleet(env, redis, n=1, lim={"budget_usd": "100", "budget_period": "total"},
+                     pool={"models": "gpt-*", "check": "no"},
+                     models={"gpt-a": {"price_input": "1000", "price_output": "1000"}})
+
+    def spend(n):
+        for i in range(n):
+            r = chat(g.port, chat_body(f"b {i}", model="gpt-a", max_tokens=8), headers=AUTH)
+            check(r.status == 200, f"{r!r}")
+
+    def fields():
+        keys = redis.cli("-n", "2", "--scan", "--pattern", "aigw:{key:k}:budget:*").split()
+        check(len(keys) == 1, f"budget keys: {keys}")
+        flat = redis.cli("-n", "2", "HGETALL", keys[0]).split()
+        return dict(zip(flat[0::2], flat[1::2]))
+
+    spend(3)
+    for _ in range(3):
+        r = g.ctl("reload", timeout=40)
+        check(r.returncode == 0, f"reload: {r.stdout} {r.stderr}")
+        spend(2)
+    wait_for(lambda: len([p for p in g.procs() if p.get("role") == "sync"]) == 1, 10,
+             "the old generations' sync processes to exit")
+    host = Decimal(str(_key_row(g)["spent_usd"]))
+    wait_for(lambda: Decimal(fields().get("spent", "0")) / 10**9 == host, 5,
+             f"Redis to count the host's {host} USD")
+    c = [k for k in fields() if k.startswith("c:")]
+    check(len(c) <= 1, f"reported-spent fields left by stopped sync processes: {fields()}")
+    check(g.stop() == 0, "aigw did not stop cleanly")
+    f = fields()
+    check(not [k for k in f if k.startswith(("c:", "n:"))], f"fields after the stop: {f}")
+    check(Decimal(f["spent"]) / 10**9 == host, f"Redis spent {f}, host {host}")
+
+
 def _load(gws, seconds, threads=4, headers=None):
     """Chat requests from `threads` threads over the gateways, round robin, for `seconds`;
     [(gateway index, status, seconds it took)]."""
@@ -788,3 +827,4 @@ def test_restarted_sync_keeps_the_hosts_seen(env):
     # the new generation's window learns of only after it admitted it)
     check(N // 2 <= got.count(200) <= N // 2 + 2, f"host1 after a reload while Redis is away "
           f"admitted {got.count(200)} of rpm {N} (its share of 2 hosts: {N // 2})")
+
