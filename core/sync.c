@@ -21,13 +21,15 @@
 #define SYNC_FAST_MS     20  /* how often hungry flags are read (shm only) */
 #define SYNC_SLOW_MIN_MS 500 /* a call slower than max(this, 2 x sync_interval): Redis is away */
 /* before the first leases (the workers wait for them at start): a call slower than this */
-#define SYNC_PRIME_MS    1000
-#define SYNC_BACKOFF_MIN 100 /* first reconnect delay; doubles up to SYNC_BACKOFF_MAX */
-#define SYNC_BACKOFF_MAX 5000
-#define SYNC_WINDOW_MS   60000 /* the rpm/tpm window (LIMIT_WINDOW_MS) */
-#define SYNC_KEY_MAX     (CONF_NAME_MAX * 2 + 32)
-#define SYNC_ID_MAX      (CONF_NAME_MAX + 48)
-#define SYNC_LOST_MAX    64 /* most lost renewals a limiter remembers (see lost_lo) */
+#define SYNC_PRIME_MS       1000
+#define SYNC_BACKOFF_MIN    100 /* first reconnect delay; doubles up to SYNC_BACKOFF_MAX */
+#define SYNC_BACKOFF_MAX    5000
+#define SYNC_WINDOW_MS      60000 /* the rpm/tpm window (LIMIT_WINDOW_MS) */
+#define SYNC_KEY_MAX        (CONF_NAME_MAX * 2 + 32)
+#define SYNC_ID_MAX         (CONF_NAME_MAX + 48)
+#define SYNC_LOST_MAX       64 /* most lost renewals a limiter remembers (see lost_lo) */
+#define SYNC_RENEW_REFUSED  1
+#define SYNC_BUDGET_REFUSED 2
 
 /* RENEW. KEYS: the window (ZSET record id -> time), the records' request and token counts
  * (HASHes), the parallel slots (HASH node -> slots) and their expiry (ZSET node -> until).
@@ -275,6 +277,8 @@ struct sync_lim {
     int in_fallback;
     int fin, b_fin; /* the last renewal (everything given back) was sent */
     int b_lost;     /* a budget report's answer was lost: Redis may run it late */
+    int refused;    /* SYNC_RENEW_REFUSED, SYNC_BUDGET_REFUSED: Redis answered that script of it
+                     * with an error: in the fallback (sync_refused) */
     /* budget_usd (0: none) and its lease, renewed by its own script */
     uint64_t budget;
     enum limit_period period;
@@ -307,6 +311,7 @@ struct sync {
     uint64_t hb_sent_ms;
     uint32_t nodes_alive;
     int fallback;        /* the fallback applies (entered once Redis was found away) */
+    int refused;         /* errors answered to scripts since the last success (sync_refused) */
     int stopping;        /* SIGTERM/SIGQUIT: no reconnect; the generation's workers finish */
     int final;           /* they have: everything is given back, then the process exits */
     uint64_t stop_by_ms; /* the workers are not waited for longer than this */
@@ -326,6 +331,7 @@ struct sync {
     uint32_t u_n[3];    /* entries of each kind */
     uint32_t u_entries; /* their sum */
     int u_busy, u_fin;
+    unsigned u_refused; /* flushes answered with an error since the last applied one */
     uint64_t u_sent_ms;
     char k_useq[SYNC_KEY_MAX], k_uepoch[SYNC_KEY_MAX];
 };
@@ -467,6 +473,34 @@ static void fleet_state(struct sync *s, enum limit_fleet_state st)
     atomic_store_explicit(&s->fleet->state, st, memory_order_relaxed);
 }
 
+/* Limiter l follows cluster_fallback (Redis away, or refusing its scripts). */
+static void sync_lim_fallback(struct sync *s, struct sync_lim *l)
+{
+    enum conf_cluster_fallback f = s->conf->cluster.fallback;
+    uint32_t nodes = s->nodes_alive ? s->nodes_alive : 1;
+    struct limit_lease le;
+    enum limit_fallback m = f == CLUSTER_FALLBACK_OPEN     ? LIMIT_FALLBACK_OPEN
+                            : f == CLUSTER_FALLBACK_CLOSED ? LIMIT_FALLBACK_CLOSED
+                                                           : LIMIT_FALLBACK_SHARE;
+    uint32_t cr = l->rpm / nodes, ct = l->tpm / nodes, cp = l->par / nodes;
+
+    /* what was used under the open lease is reported to it when Redis is back */
+    if (limit_lease_take(s->lr, l->id, time_mono_ms(), INT64_MAX, INT64_MAX, UINT32_MAX, &le) ==
+        0) {
+        l->unrep_req += le.used_req;
+        l->unrep_tok += le.used_tok;
+    }
+    if (l->budget && limit_lease_take_budget(s->lr, l->id, (int64_t)(time_real_ms() / 1000),
+                                             INT64_MAX, &le) == 0) {
+        if (le.period_start != l->b_period)
+            l->b_unrep = l->b_acked = 0, l->b_period = le.period_start;
+        l->b_unrep += le.used_nano;
+    }
+    limit_lease_fallback(s->lr, l->id, m, cr ? cr : 1, ct ? ct : 1, cp ? cp : 1,
+                         l->budget / nodes ? l->budget / nodes : 1);
+    l->in_fallback = 1;
+}
+
 /* Redis is away: each leased limiter follows cluster_fallback. Logged once per outage. */
 static void sync_fallback_enter(struct sync *s, const char *why)
 {
@@ -480,32 +514,49 @@ static void sync_fallback_enter(struct sync *s, const char *why)
     log_warn("cluster: Redis %s is away (%s): limits fall back to %s (%u host%s last seen)",
              s->conf->cluster.redis, why, conf_cluster_fallback_str(f), nodes,
              nodes == 1 ? "" : "s");
-    for (uint32_t i = 0; i < s->n_lims; i++) {
-        struct sync_lim *l = &s->lims[i];
-        struct limit_lease le;
-        enum limit_fallback m = f == CLUSTER_FALLBACK_OPEN     ? LIMIT_FALLBACK_OPEN
-                                : f == CLUSTER_FALLBACK_CLOSED ? LIMIT_FALLBACK_CLOSED
-                                                               : LIMIT_FALLBACK_SHARE;
-        uint32_t cr = l->rpm / nodes, ct = l->tpm / nodes, cp = l->par / nodes;
-
-        /* what was used under the open lease is reported to it when Redis is back */
-        if (limit_lease_take(s->lr, l->id, time_mono_ms(), INT64_MAX, INT64_MAX, UINT32_MAX, &le) ==
-            0) {
-            l->unrep_req += le.used_req;
-            l->unrep_tok += le.used_tok;
-        }
-        if (l->budget && limit_lease_take_budget(s->lr, l->id, (int64_t)(time_real_ms() / 1000),
-                                                 INT64_MAX, &le) == 0) {
-            if (le.period_start != l->b_period)
-                l->b_unrep = l->b_acked = 0, l->b_period = le.period_start;
-            l->b_unrep += le.used_nano;
-        }
-        limit_lease_fallback(s->lr, l->id, m, cr ? cr : 1, ct ? ct : 1, cp ? cp : 1,
-                             l->budget / nodes ? l->budget / nodes : 1);
-        l->in_fallback = 1;
-    }
+    for (uint32_t i = 0; i < s->n_lims; i++)
+        sync_lim_fallback(s, &s->lims[i]);
     fleet_state(s, LIMIT_FLEET_FALLBACK);
     atomic_store_explicit(&s->fleet->primed, 1, memory_order_release);
+}
+
+/* Redis answered limiter l's script with an error (maxmemory reached with noeviction, a replica
+ * that turned read-only, a key of the wrong type): its lease cannot be renewed and would run
+ * out, so l follows cluster_fallback until a script of it succeeds. Logged once per episode. */
+static void sync_refused(struct sync *s, struct sync_lim *l, int which, const redisReply *rep)
+{
+    if (!l->in_fallback)
+        sync_lim_fallback(s, l);
+    l->refused |= which;
+    fleet_state(s, LIMIT_FLEET_FALLBACK);
+    atomic_store_explicit(&s->fleet->primed, 1, memory_order_release);
+    if (s->refused++)
+        return;
+    log_warn("cluster: Redis %s refuses the fleet's scripts (%.*s): limits fall back to %s until "
+             "it takes them again",
+             s->conf->cluster.redis, (int)rep->len, rep->str,
+             conf_cluster_fallback_str(s->conf->cluster.fallback));
+}
+
+/* Script `which` of l succeeded (its grant ended the cell's fallback): while l's other script
+ * is still refused, l stays in the fallback; when none is, the fleet is leased again. */
+static void sync_accepted(struct sync *s, struct sync_lim *l, int which)
+{
+    if (!l->refused)
+        return;
+    l->refused &= ~which;
+    if (l->refused) {
+        sync_lim_fallback(s, l);
+        return;
+    }
+    for (uint32_t i = 0; i < s->n_lims; i++)
+        if (s->lims[i].refused)
+            return;
+    s->refused = 0;
+    log_info("cluster: Redis %s takes the fleet's scripts again: leasing from the fleet again",
+             s->conf->cluster.redis);
+    if (s->state == SYNC_READY)
+        fleet_state(s, LIMIT_FLEET_CONNECTED);
 }
 
 /* Drops the connection (hiredis answers what is in flight with NULL) and plans a reconnect. */
@@ -550,10 +601,13 @@ static void sync_renew_done(redisAsyncContext *ac, void *r, void *priv)
     }
     if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 8) {
         if (rep && rep->type == REDIS_REPLY_ERROR) {
-            log_warn("cluster: lease of %s %s: Redis: %.*s", l->kind, l->name, (int)rep->len,
-                     rep->str);
+            if (!l->refused) /* once per limiter and episode, not every interval */
+                log_warn("cluster: lease of %s %s: Redis: %.*s", l->kind, l->name, (int)rep->len,
+                         rep->str);
             if (!strncmp(rep->str, "NOSCRIPT", 8) && s->state == SYNC_READY)
                 sync_drop(s, "scripts lost"); /* the reconnect loads them again */
+            else if (!s->stopping)
+                sync_refused(s, l, SYNC_RENEW_REFUSED, rep);
         }
         atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
         return; /* what was not reported is kept for the next renewal */
@@ -586,6 +640,7 @@ static void sync_renew_done(redisAsyncContext *ac, void *r, void *priv)
                               .fleet_par = g[7]};
     limit_lease_grant(s->lr, l->id, &gr);
     atomic_fetch_add_explicit(&s->fleet->renewals, 1, memory_order_relaxed);
+    sync_accepted(s, l, SYNC_RENEW_REFUSED);
     atomic_store_explicit(&s->fleet->rtt_us, (now - l->sent_ms) * 1000, memory_order_relaxed);
     (void)ac;
 }
@@ -734,10 +789,13 @@ static void sync_budget_done(redisAsyncContext *ac, void *r, void *priv)
         l->b_lost = 1;
     if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 3) {
         if (rep && rep->type == REDIS_REPLY_ERROR) {
-            log_warn("cluster: budget lease of %s %s: Redis: %.*s", l->kind, l->name, (int)rep->len,
-                     rep->str);
+            if (!l->refused)
+                log_warn("cluster: budget lease of %s %s: Redis: %.*s", l->kind, l->name,
+                         (int)rep->len, rep->str);
             if (!strncmp(rep->str, "NOSCRIPT", 8) && s->state == SYNC_READY)
                 sync_drop(s, "scripts lost");
+            else if (!s->stopping)
+                sync_refused(s, l, SYNC_BUDGET_REFUSED, rep);
         }
         atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
         return; /* the spent not reported is kept for the next renewal */
@@ -750,6 +808,7 @@ static void sync_budget_done(redisAsyncContext *ac, void *r, void *priv)
         l->in_fallback = 0;
     limit_lease_grant_budget(s->lr, l->id, g[0], l->b_sent_ms + s->conf->cluster.lease_ttl_ms,
                              g[1]);
+    sync_accepted(s, l, SYNC_BUDGET_REFUSED);
     (void)ac;
 }
 
@@ -846,7 +905,8 @@ static void sync_usage_done(redisAsyncContext *ac, void *r, void *priv)
         rep->element[1]->type != REDIS_REPLY_STRING) {
         /* the flush stays pending in shm: resent as it is, Redis applies it once */
         if (rep && rep->type == REDIS_REPLY_ERROR) {
-            log_warn("cluster: usage flush: Redis: %.*s", (int)rep->len, rep->str);
+            if (!s->u_refused++) /* once until a flush succeeds */
+                log_warn("cluster: usage flush: Redis: %.*s", (int)rep->len, rep->str);
             atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
             if (!strncmp(rep->str, "NOSCRIPT", 8) && s->state == SYNC_READY)
                 sync_drop(s, "scripts lost");
@@ -875,6 +935,7 @@ static void sync_usage_done(redisAsyncContext *ac, void *r, void *priv)
         }
     as->pending = 0;
     as->full = 0;
+    s->u_refused = 0;
     if (rep->elements != 2 + (size_t)ACCT_WORDS * s->u_entries)
         return;
     for (uint32_t e = 0, k = ACCT_KEY, i = 0; e < s->u_entries; e++, i++) {

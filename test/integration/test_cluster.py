@@ -555,6 +555,36 @@ def test_budget_key_does_not_grow_with_reloads(env):
     check(Decimal(f["spent"]) / 10**9 == host, f"Redis spent {f}, host {host}")
 
 
+def test_redis_refusing_writes_falls_back(env):
+    # Redis up but refusing the scripts' writes (maxmemory reached with noeviction; a replica
+    # that became read-only after a failover): the leases cannot be renewed. That is Redis
+    # trouble like an outage: the fallback applies (before: the leases ran out after lease_ttl
+    # and every request under the key got 429 while show cluster said "connected").
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"rpm": 1000}, stats=True)
+    check(all(st == 200 for _, st in _spread(gws, 10)), "before")
+    redis.cli("CONFIG", "SET", "maxmemory", "1")
+    for g in gws:
+        wait_for(lambda g=g: "refuses the fleet's scripts" in g.proc.log_text(), 5,
+                 f"{g.name} to log that Redis refuses the scripts")
+        wait_for(lambda g=g: g.ctl_json("show", "cluster", "--json")["state"] == "fallback", 5,
+                 f"{g.name}: show cluster to say fallback")
+        check('aigw_cluster_fallback{mode="local_share"} 1' in _metrics(g), "/metrics")
+    time.sleep(2.5)  # past lease_ttl: the last leases are gone
+    st = [st for _, st in _spread(gws, 40)]
+    check(st.count(200) == 40, f"with Redis refusing writes: {st}")
+    check(gws[0].proc.log_text().count("refuses the fleet's scripts") == 1, "logged once")
+    redis.cli("CONFIG", "SET", "maxmemory", "0")
+    for g in gws:
+        wait_for(lambda g=g: g.ctl_json("show", "cluster", "--json")["state"] == "connected", 5,
+                 f"{g.name}: show cluster to say connected again")
+        wait_for(lambda g=g: _limiter(g)["mode"] == "lease", 5, f"{g.name}: leasing again")
+    check(all(st == 200 for _, st in _spread(gws, 10)), "after")
+    # what was admitted meanwhile is counted by the fleet once Redis takes writes again
+    wait_for(lambda: _limiter(gws[0])["fleet"]["requests"] >= 60, 5,
+             "the fleet to count what was admitted while Redis refused writes")
+
+
 def _load(gws, seconds, threads=4, headers=None):
     """Chat requests from `threads` threads over the gateways, round robin, for `seconds`;
     [(gateway index, status, seconds it took)]."""
