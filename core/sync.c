@@ -277,8 +277,13 @@ struct sync_lim {
     int in_fallback;
     int fin, b_fin; /* the last renewal (everything given back) was sent */
     int b_lost;     /* a budget report's answer was lost: Redis may run it late */
-    int refused;    /* SYNC_RENEW_REFUSED, SYNC_BUDGET_REFUSED: Redis answered that script of it
-                     * with an error: in the fallback (sync_refused) */
+    /* what the renewal (budget's) in flight asks for; dry: the last answer granted none of it
+     * (the fleet's quota is spent): hungry flags wait for the next tick, as refused clients
+     * do (Retry-After), instead of a script every SYNC_FAST_MS */
+    int64_t asked_req, asked_tok, b_asked;
+    int dry, b_dry;
+    int refused; /* SYNC_RENEW_REFUSED, SYNC_BUDGET_REFUSED: Redis answered that script of it
+                  * with an error: in the fallback (sync_refused) */
     /* budget_usd (0: none) and its lease, renewed by its own script */
     uint64_t budget;
     enum limit_period period;
@@ -621,6 +626,7 @@ static void sync_renew_done(redisAsyncContext *ac, void *r, void *priv)
         snprintf(l->lease_id, sizeof(l->lease_id), "%s", l->new_id);
     else
         snprintf(l->lease_id, sizeof(l->lease_id), "-");
+    l->dry = (l->asked_req > 0 && g[0] == 0) || (l->asked_tok > 0 && g[1] == 0);
     l->held_req += g[0];
     l->held_tok += g[1];
     l->fleet_req = g[2];
@@ -749,6 +755,8 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
              : sync_want(l->tpm, s->nodes_alive, l->recent_tok[0] + l->recent_tok[1], carry_tok,
                          (int64_t)le.need_tok > base_tok ? le.need_tok : base_tok, hungry);
     l->held_req = carry_req;
+    l->asked_req = want_req;
+    l->asked_tok = want_tok;
     l->held_tok = carry_tok;
     snprintf(l->new_id, sizeof(l->new_id), "%s:%d:%llu", s->conf->cluster.node_name, (int)getpid(),
              (unsigned long long)++l->seq);
@@ -802,6 +810,7 @@ static void sync_budget_done(redisAsyncContext *ac, void *r, void *priv)
     }
     for (int i = 0; i < 3; i++)
         g[i] = rep->element[i]->type == REDIS_REPLY_INTEGER ? rep->element[i]->integer : 0;
+    l->b_dry = l->b_asked > 0 && g[0] == 0;
     l->b_acked += l->b_unrep; /* b_unrep is what was sent: it changes only when not busy */
     l->b_unrep = 0;
     if (!l->rpm && !l->tpm && !l->par)
@@ -860,6 +869,7 @@ static void sync_renew_budget(struct sync *s, struct sync_lim *l, int hungry)
     if (!idle && hungry && want < base)
         want = base;
     want = want < 0 ? 0 : want > (int64_t)l->budget ? (int64_t)l->budget : want;
+    l->b_asked = want;
     snprintf(k_b, sizeof(k_b), "%s{key:%s}:budget:%lld", s->conf->cluster.key_prefix, l->name,
              (long long)le.period_start);
     snprintf(k_bx, sizeof(k_bx), "%s{key:%s}:budgetx:%lld", s->conf->cluster.key_prefix, l->name,
@@ -1256,9 +1266,11 @@ static void sync_fast(uv_timer_t *t)
         if (!busy) /* the first leases are in shm */
             atomic_store_explicit(&s->fleet->primed, 1, memory_order_release);
     }
-    /* a renewal in flight: the flag waits for its answer (it is read when not busy only) */
+    /* a renewal in flight: the flag waits for its answer (it is read when not busy only); the
+     * fleet's quota spent (dry): it waits for the next tick */
     for (uint32_t i = 0; s->state == SYNC_READY && i < s->n_lims; i++)
-        if (!s->lims[i].busy && !s->lims[i].b_busy && limit_lease_hungry(s->lr, s->lims[i].id)) {
+        if (!s->lims[i].busy && !s->lims[i].b_busy && !s->lims[i].dry && !s->lims[i].b_dry &&
+            limit_lease_hungry(s->lr, s->lims[i].id)) {
             sync_renew(s, &s->lims[i], 1);
             sync_renew_budget(s, &s->lims[i], 1);
         }

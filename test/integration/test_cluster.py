@@ -585,6 +585,38 @@ def test_redis_refusing_writes_falls_back(env):
              "the fleet to count what was admitted while Redis refused writes")
 
 
+def test_spent_key_hammered_does_not_hammer_redis(env):
+    # once the fleet's rpm is spent, every refused request raises its host's hungry flag; a
+    # renewal that Redis answers with nothing is not asked again at the next 20 ms poll, only at
+    # the next sync_interval (the Retry-After clients are given): a client hammering a spent key
+    # (or everyone hitting a spent model or pool limit) costs Redis one script per host and
+    # interval, not fifty a second
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"rpm": 20})
+    deadline = time.monotonic() + 15
+    ok = refused = 0
+    while refused < 10 and time.monotonic() < deadline:  # gw0 takes what the fleet leaves it
+        if chat(gws[0].port, headers=AUTH).status == 200:
+            ok, refused = ok + 1, 0
+        else:
+            refused += 1
+            time.sleep(0.1)
+    check(ok >= 15, f"gw0 got {ok} of the fleet's rpm 20")
+    for _ in range(5):  # what gw1 kept
+        chat(gws[1].port, headers=AUTH)
+    time.sleep(0.5)
+    before = gws[1].ctl_json("show", "cluster", "--json")["renewals"]
+    t0 = time.monotonic()
+    st = []
+    while time.monotonic() - t0 < 2.0:
+        st.append(chat(gws[1].port, headers=AUTH).status)
+    after = gws[1].ctl_json("show", "cluster", "--json")["renewals"]
+    check(st.count(200) <= 1 and len(st) > 50, f"gw1 while the fleet's rpm is spent: {len(st)} "
+          f"requests, {sorted(set(st))}")
+    # 2 s of sync_interval 200 ms: about 10 renewals (and a few more for the hungry flag)
+    check(after - before <= 20, f"{after - before} renewals in 2 s for {len(st)} refused requests")
+
+
 def _load(gws, seconds, threads=4, headers=None):
     """Chat requests from `threads` threads over the gateways, round robin, for `seconds`;
     [(gateway index, status, seconds it took)]."""
