@@ -662,8 +662,8 @@ static int64_t sync_base(uint32_t limit, uint32_t nodes)
 #define SYNC_NEED_RENEWALS 64 /* how long the largest refused request is remembered */
 
 /* Remembers the largest request a lease refused for SYNC_NEED_RENEWALS renewals after the last
- * refusal: an idle host keeps that much (a request costing more than the base chunk would be
- * refused every time the host went idle between two of them). */
+ * refusal: an idle host keeps that much, up to its fair share (a request costing more than the
+ * base chunk would be refused every time the host went idle between two of them). */
 static void sync_need(int64_t *max, unsigned *age, int64_t need)
 {
     if (need > 0) {
@@ -707,8 +707,15 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
     idle = (quiet && l->quiet) || s->final; /* stopping: everything goes back */
     l->quiet = quiet;
     sync_need(&l->need_max, &l->need_age, (int64_t)le.need_tok);
-    if (base_tok && l->need_max > base_tok)
-        base_tok = l->need_max > (int64_t)l->tpm ? (int64_t)l->tpm : l->need_max;
+    /* the largest recent request is kept up to this host's fair share (tpm / hosts): one client
+     * sending a request of nearly the whole tpm of a model or pool must not make this host hold
+     * it idle for SYNC_NEED_RENEWALS while the other hosts refuse; a larger one is topped up
+     * when it comes (hungry: its whole need is asked for) */
+    if (base_tok && l->need_max > base_tok) {
+        int64_t fair = (int64_t)l->tpm / (s->nodes_alive ? s->nodes_alive : 1);
+
+        base_tok = l->need_max < fair ? l->need_max : fair > base_tok ? fair : base_tok;
+    }
     if (idle && le.req <= 0 && le.tok <= 0 && le.par == 0 && !l->unrep_req && !l->unrep_tok &&
         !strcmp(l->lease_id, "-"))
         return; /* nothing held, nothing to report */

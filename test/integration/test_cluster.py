@@ -617,6 +617,30 @@ def test_spent_key_hammered_does_not_hammer_redis(env):
     check(after - before <= 20, f"{after - before} renewals in 2 s for {len(st)} refused requests")
 
 
+def test_one_big_request_does_not_starve_other_hosts(env):
+    # a request reserving most of a tpm (a model's or a pool's: any key's client may send it) (a large max_tokens) is remembered by its host so that
+    # it is not refused each time the host goes idle; the host keeps at most its fair share
+    # (tpm / hosts) for it while idle, not the whole tpm: one client's big request must not leave
+    # the other hosts refusing everything under that limit for a minute
+    T = 4000
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"tpm": T})
+    deadline = time.monotonic() + 5
+    big = None
+    while time.monotonic() < deadline:
+        big = chat(gws[0].port, chat_body("big", max_tokens=3500), headers=AUTH)
+        if big.status == 200:
+            break
+        time.sleep(0.2)
+    check(big.status == 200, f"the big request: {big!r}")
+    time.sleep(1.5)  # gw0 idle for several intervals
+    st = []
+    for i in range(30):
+        st.append(chat(gws[1].port, chat_body(f"small {i}", max_tokens=100), headers=AUTH).status)
+        time.sleep(0.05)
+    check(st.count(200) >= 25, f"small requests on gw1 after gw0's big one: {st}; gw0 holds "
+          f"{_limiter(gws[0])['lease']}")
+
 def _load(gws, seconds, threads=4, headers=None):
     """Chat requests from `threads` threads over the gateways, round robin, for `seconds`;
     [(gateway index, status, seconds it took)]."""
