@@ -613,6 +613,11 @@ def test_spent_key_hammered_does_not_hammer_redis(env):
     after = gws[1].ctl_json("show", "cluster", "--json")["renewals"]
     check(st.count(200) <= 1 and len(st) > 50, f"gw1 while the fleet's rpm is spent: {len(st)} "
           f"requests, {sorted(set(st))}")
+    # the 429 says it is this host's share of a fleet limit (the key is not at rpm on this host)
+    r = chat(gws[1].port, headers=AUTH)
+    msg = r.json()["error"]["message"]
+    check(r.status == 429 and "on this gateway's share of its requests per min (RPM)" in msg
+          and r.json()["error"]["code"] == "rate_limit_exceeded", f"{r!r}")
     # 2 s of sync_interval 200 ms: about 10 renewals (and a few more for the hungry flag)
     check(after - before <= 20, f"{after - before} renewals in 2 s for {len(st)} refused requests")
 
