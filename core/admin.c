@@ -471,10 +471,12 @@ static void show_cluster(struct abuf *b, const struct conf *conf, struct shm *sh
         abuf_json_str(b, cl->redis);
         abuf_printf(b,
                     ",\"state\":\"%s\",\"fallback_policy\":\"%s\",\"since_ms\":%llu,"
-                    "\"nodes_alive\":%u,\"renewals\":%llu,\"errors\":%llu,\"rtt_us\":%llu,"
-                    "\"sync_interval_ms\":%llu,\"lease_ttl_ms\":%llu,\"limiters\":[",
+                    "\"nodes_alive\":%u,\"node_clash\":%s,\"renewals\":%llu,\"errors\":%llu,"
+                    "\"rtt_us\":%llu,\"sync_interval_ms\":%llu,\"lease_ttl_ms\":%llu,"
+                    "\"limiters\":[",
                     fleet_states[st], conf_cluster_fallback_str(cl->fallback),
                     (unsigned long long)atomic_load(&f->since_ms), atomic_load(&f->nodes_alive),
+                    atomic_load(&f->node_clash) ? "true" : "false",
                     (unsigned long long)atomic_load(&f->renewals),
                     (unsigned long long)atomic_load(&f->errors),
                     (unsigned long long)atomic_load(&f->rtt_us),
@@ -490,6 +492,11 @@ static void show_cluster(struct abuf *b, const struct conf *conf, struct shm *sh
                     (unsigned long long)atomic_load(&f->errors),
                     (unsigned long long)atomic_load(&f->rtt_us),
                     (unsigned long long)cl->sync_interval_ms, (unsigned long long)cl->lease_ttl_ms);
+        if (atomic_load(&f->node_clash))
+            abuf_printf(b,
+                        "WARNING: another aigw instance uses node_name %s: give each host its "
+                        "own (leases, slots and budget reports of the two get mixed up)\n",
+                        cl->node_name);
         abuf_printf(b, "%-24s  %-11s  %9s  %9s  %6s  %9s  %21s  %21s  %s\n", "LIMITER", "MODE",
                     "RPM", "TPM", "PAR", "LEFT_MS", "LEASE_REQ/TOK/PAR", "FLEET_REQ/TOK/PAR",
                     "BOUND_REQ/TOK");

@@ -453,6 +453,10 @@ static void prom_cluster(const struct metrics_ctx *m, struct mbuf *b)
     help(b, "aigw_cluster_nodes_alive", "gauge", "Hosts of the fleet seen alive by Redis.");
     mbuf_printf(b, "aigw_cluster_nodes_alive %u\n",
                 atomic_load_explicit(&f->nodes_alive, memory_order_relaxed));
+    help(b, "aigw_cluster_node_clash", "gauge",
+         "1 while another aigw instance heartbeats under this host's node_name (a config error).");
+    mbuf_printf(b, "aigw_cluster_node_clash %u\n",
+                atomic_load_explicit(&f->node_clash, memory_order_relaxed));
     help(b, "aigw_cluster_renewals_total", "counter", "Leases renewed from Redis.");
     mbuf_printf(b, "aigw_cluster_renewals_total %llu\n",
                 (unsigned long long)atomic_load_explicit(&f->renewals, memory_order_relaxed));

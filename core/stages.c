@@ -304,7 +304,12 @@ static void answer_limited(struct client *c, const struct limit_verdict *v)
                            extra);
         return;
     }
-    if (v->retry_ms >= 0)
+    if (v->retry_ms >= 0 && v->lease) /* [cluster]: this host's lease, not the fleet's limit */
+        snprintf(msg, sizeof(msg),
+                 "Rate limit reached for %s %s on this gateway's share of its %s (the limit is "
+                 "shared by a fleet of gateways). Please try again in %d.%03ds.",
+                 kind, name, dims[v->dim], (int)(v->retry_ms / 1000), (int)(v->retry_ms % 1000));
+    else if (v->retry_ms >= 0)
         snprintf(msg, sizeof(msg),
                  "Rate limit reached for %s %s on %s. Please try again in %d.%03ds.", kind, name,
                  dims[v->dim], (int)(v->retry_ms / 1000), (int)(v->retry_ms % 1000));

@@ -21,13 +21,15 @@
 #define SYNC_FAST_MS     20  /* how often hungry flags are read (shm only) */
 #define SYNC_SLOW_MIN_MS 500 /* a call slower than max(this, 2 x sync_interval): Redis is away */
 /* before the first leases (the workers wait for them at start): a call slower than this */
-#define SYNC_PRIME_MS    1000
-#define SYNC_BACKOFF_MIN 100 /* first reconnect delay; doubles up to SYNC_BACKOFF_MAX */
-#define SYNC_BACKOFF_MAX 5000
-#define SYNC_WINDOW_MS   60000 /* the rpm/tpm window (LIMIT_WINDOW_MS) */
-#define SYNC_KEY_MAX     (CONF_NAME_MAX * 2 + 32)
-#define SYNC_ID_MAX      (CONF_NAME_MAX + 48)
-#define SYNC_LOST_MAX    64 /* most lost renewals a limiter remembers (see lost_lo) */
+#define SYNC_PRIME_MS       1000
+#define SYNC_BACKOFF_MIN    100 /* first reconnect delay; doubles up to SYNC_BACKOFF_MAX */
+#define SYNC_BACKOFF_MAX    5000
+#define SYNC_WINDOW_MS      60000 /* the rpm/tpm window (LIMIT_WINDOW_MS) */
+#define SYNC_KEY_MAX        (CONF_NAME_MAX * 2 + 32)
+#define SYNC_ID_MAX         (CONF_NAME_MAX + 48)
+#define SYNC_LOST_MAX       64 /* most lost renewals a limiter remembers (see lost_lo) */
+#define SYNC_RENEW_REFUSED  1
+#define SYNC_BUDGET_REFUSED 2
 
 /* RENEW. KEYS: the window (ZSET record id -> time), the records' request and token counts
  * (HASHes), the parallel slots (HASH node -> slots) and their expiry (ZSET node -> until).
@@ -143,8 +145,10 @@ static const char SYNC_LUA_RENEW[] =
  * has spent in the period as far as it reported or reports now (nano-USD: it only grows, and a
  * report Redis ran after the node gave up on its answer is not added twice), this node's open
  * part kept, wanted, budget_usd (nano), lease_ttl, how long the period's keys live (0: for
- * ever). Spent only grows; an open lease of a node that stopped renewing is dropped after
- * lease_ttl.
+ * ever), 1 for the node's last report (it stops, and none of its reports can still run late:
+ * its c:NODE field goes, else one per sync process would pile up in a total budget's key for
+ * ever, and every call reads them all). Spent only grows; an open lease of a node that stopped
+ * renewing is dropped after lease_ttl.
  * Returns {granted, spent in the period, open leases of the fleet}. */
 static const char SYNC_LUA_BUDGET[] =
     "local t = redis.call('TIME')\n"
@@ -154,6 +158,7 @@ static const char SYNC_LUA_BUDGET[] =
     "  redis.call('HINCRBY', KEYS[1], 'spent', tonumber(ARGV[2]) - rep)\n"
     "  redis.call('HSET', KEYS[1], 'c:' .. ARGV[1], ARGV[2])\n"
     "end\n"
+    "if ARGV[8] == '1' then redis.call('HDEL', KEYS[1], 'c:' .. ARGV[1]) end\n"
     "local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)\n"
     "for i = 1, #gone do\n"
     "  redis.call('ZREM', KEYS[2], gone[i])\n"
@@ -182,16 +187,27 @@ static const char SYNC_LUA_BUDGET[] =
     "end\n"
     "return {g, spent, others + open + g}\n";
 
-/* HEARTBEAT. KEYS: the nodes (ZSET node -> last seen). ARGV: node, alive_ms. Returns the number
- * of nodes seen within alive_ms (this one included). */
+/* HEARTBEAT. KEYS: the nodes (ZSET node -> last seen), their owners (HASH node -> the instance
+ * token of the aigw that last heartbeat under that name). ARGV: node, alive_ms, this instance's
+ * token. Two instances sharing a node_name (a copied config) would mix up their leases, slots
+ * and budget reports and be counted as one host: a name last seen within alive_ms from another
+ * token is a clash. Returns {the number of nodes seen within alive_ms (this one included),
+ * 1 for a clash}. */
 static const char SYNC_LUA_HB[] =
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
     "local alive = tonumber(ARGV[2])\n"
+    "local prev = redis.call('HGET', KEYS[2], ARGV[1])\n"
+    "local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])\n"
+    "local clash = 0\n"
+    "if prev and prev ~= ARGV[3] and seen and tonumber(seen) >= now - alive then clash = 1 end\n"
     "redis.call('ZADD', KEYS[1], now, ARGV[1])\n"
+    "redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])\n"
+    "local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - 100 * alive)\n"
+    "for i = 1, #gone do redis.call('HDEL', KEYS[2], gone[i]) end\n"
     "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 100 * alive)\n"
-    "redis.call('PEXPIRE', KEYS[1], 100 * alive + 60000)\n"
-    "return redis.call('ZCOUNT', KEYS[1], now - alive, '+inf')\n";
+    "for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], 100 * alive + 60000) end\n"
+    "return {redis.call('ZCOUNT', KEYS[1], now - alive, '+inf'), clash}\n";
 
 /* USAGE. KEYS: 1 this flusher's last applied sequence number (a string, expires after a week),
  * 2 the usage epoch (made when missing: Redis lost or never had the totals), 3.. one HASH of
@@ -260,6 +276,14 @@ struct sync_lim {
     int64_t fleet_req, fleet_tok;         /* the fleet's sums at the last renewal */
     int in_fallback;
     int fin, b_fin; /* the last renewal (everything given back) was sent */
+    int b_lost;     /* a budget report's answer was lost: Redis may run it late */
+    /* what the renewal (budget's) in flight asks for; dry: the last answer granted none of it
+     * (the fleet's quota is spent): hungry flags wait for the next tick, as refused clients
+     * do (Retry-After), instead of a script every SYNC_FAST_MS */
+    int64_t asked_req, asked_tok, b_asked;
+    int dry, b_dry;
+    int refused; /* SYNC_RENEW_REFUSED, SYNC_BUDGET_REFUSED: Redis answered that script of it
+                  * with an error: in the fallback (sync_refused) */
     /* budget_usd (0: none) and its lease, renewed by its own script */
     uint64_t budget;
     enum limit_period period;
@@ -292,12 +316,15 @@ struct sync {
     uint64_t hb_sent_ms;
     uint32_t nodes_alive;
     int fallback;        /* the fallback applies (entered once Redis was found away) */
+    int refused;         /* errors answered to scripts since the last success (sync_refused) */
     int stopping;        /* SIGTERM/SIGQUIT: no reconnect; the generation's workers finish */
     int final;           /* they have: everything is given back, then the process exits */
     uint64_t stop_by_ms; /* the workers are not waited for longer than this */
     uint64_t final_ms;   /* when the last renewals were sent: their answers are waited for 1 s */
     char sha_renew[48], sha_hb[48], sha_budget[48];
-    char k_nodes[SYNC_KEY_MAX];
+    char k_nodes[SYNC_KEY_MAX], k_owners[SYNC_KEY_MAX];
+    char token[24];     /* this aigw instance (see sync_token) */
+    int clash, clashes; /* the heartbeat saw another instance under node_name; in a row */
     struct sync_lim *lims;
     uint32_t n_lims;
     uint64_t slow_ms;
@@ -309,6 +336,7 @@ struct sync {
     uint32_t u_n[3];    /* entries of each kind */
     uint32_t u_entries; /* their sum */
     int u_busy, u_fin;
+    unsigned u_refused; /* flushes answered with an error since the last applied one */
     uint64_t u_sent_ms;
     char k_useq[SYNC_KEY_MAX], k_uepoch[SYNC_KEY_MAX];
 };
@@ -450,6 +478,34 @@ static void fleet_state(struct sync *s, enum limit_fleet_state st)
     atomic_store_explicit(&s->fleet->state, st, memory_order_relaxed);
 }
 
+/* Limiter l follows cluster_fallback (Redis away, or refusing its scripts). */
+static void sync_lim_fallback(struct sync *s, struct sync_lim *l)
+{
+    enum conf_cluster_fallback f = s->conf->cluster.fallback;
+    uint32_t nodes = s->nodes_alive ? s->nodes_alive : 1;
+    struct limit_lease le;
+    enum limit_fallback m = f == CLUSTER_FALLBACK_OPEN     ? LIMIT_FALLBACK_OPEN
+                            : f == CLUSTER_FALLBACK_CLOSED ? LIMIT_FALLBACK_CLOSED
+                                                           : LIMIT_FALLBACK_SHARE;
+    uint32_t cr = l->rpm / nodes, ct = l->tpm / nodes, cp = l->par / nodes;
+
+    /* what was used under the open lease is reported to it when Redis is back */
+    if (limit_lease_take(s->lr, l->id, time_mono_ms(), INT64_MAX, INT64_MAX, UINT32_MAX, &le) ==
+        0) {
+        l->unrep_req += le.used_req;
+        l->unrep_tok += le.used_tok;
+    }
+    if (l->budget && limit_lease_take_budget(s->lr, l->id, (int64_t)(time_real_ms() / 1000),
+                                             INT64_MAX, &le) == 0) {
+        if (le.period_start != l->b_period)
+            l->b_unrep = l->b_acked = 0, l->b_period = le.period_start;
+        l->b_unrep += le.used_nano;
+    }
+    limit_lease_fallback(s->lr, l->id, m, cr ? cr : 1, ct ? ct : 1, cp ? cp : 1,
+                         l->budget / nodes ? l->budget / nodes : 1);
+    l->in_fallback = 1;
+}
+
 /* Redis is away: each leased limiter follows cluster_fallback. Logged once per outage. */
 static void sync_fallback_enter(struct sync *s, const char *why)
 {
@@ -463,32 +519,49 @@ static void sync_fallback_enter(struct sync *s, const char *why)
     log_warn("cluster: Redis %s is away (%s): limits fall back to %s (%u host%s last seen)",
              s->conf->cluster.redis, why, conf_cluster_fallback_str(f), nodes,
              nodes == 1 ? "" : "s");
-    for (uint32_t i = 0; i < s->n_lims; i++) {
-        struct sync_lim *l = &s->lims[i];
-        struct limit_lease le;
-        enum limit_fallback m = f == CLUSTER_FALLBACK_OPEN     ? LIMIT_FALLBACK_OPEN
-                                : f == CLUSTER_FALLBACK_CLOSED ? LIMIT_FALLBACK_CLOSED
-                                                               : LIMIT_FALLBACK_SHARE;
-        uint32_t cr = l->rpm / nodes, ct = l->tpm / nodes, cp = l->par / nodes;
-
-        /* what was used under the open lease is reported to it when Redis is back */
-        if (limit_lease_take(s->lr, l->id, time_mono_ms(), INT64_MAX, INT64_MAX, UINT32_MAX, &le) ==
-            0) {
-            l->unrep_req += le.used_req;
-            l->unrep_tok += le.used_tok;
-        }
-        if (l->budget && limit_lease_take_budget(s->lr, l->id, (int64_t)(time_real_ms() / 1000),
-                                                 INT64_MAX, &le) == 0) {
-            if (le.period_start != l->b_period)
-                l->b_unrep = l->b_acked = 0, l->b_period = le.period_start;
-            l->b_unrep += le.used_nano;
-        }
-        limit_lease_fallback(s->lr, l->id, m, cr ? cr : 1, ct ? ct : 1, cp ? cp : 1,
-                             l->budget / nodes ? l->budget / nodes : 1);
-        l->in_fallback = 1;
-    }
+    for (uint32_t i = 0; i < s->n_lims; i++)
+        sync_lim_fallback(s, &s->lims[i]);
     fleet_state(s, LIMIT_FLEET_FALLBACK);
     atomic_store_explicit(&s->fleet->primed, 1, memory_order_release);
+}
+
+/* Redis answered limiter l's script with an error (maxmemory reached with noeviction, a replica
+ * that turned read-only, a key of the wrong type): its lease cannot be renewed and would run
+ * out, so l follows cluster_fallback until a script of it succeeds. Logged once per episode. */
+static void sync_refused(struct sync *s, struct sync_lim *l, int which, const redisReply *rep)
+{
+    if (!l->in_fallback)
+        sync_lim_fallback(s, l);
+    l->refused |= which;
+    fleet_state(s, LIMIT_FLEET_FALLBACK);
+    atomic_store_explicit(&s->fleet->primed, 1, memory_order_release);
+    if (s->refused++)
+        return;
+    log_warn("cluster: Redis %s refuses the fleet's scripts (%.*s): limits fall back to %s until "
+             "it takes them again",
+             s->conf->cluster.redis, (int)rep->len, rep->str,
+             conf_cluster_fallback_str(s->conf->cluster.fallback));
+}
+
+/* Script `which` of l succeeded (its grant ended the cell's fallback): while l's other script
+ * is still refused, l stays in the fallback; when none is, the fleet is leased again. */
+static void sync_accepted(struct sync *s, struct sync_lim *l, int which)
+{
+    if (!l->refused)
+        return;
+    l->refused &= ~which;
+    if (l->refused) {
+        sync_lim_fallback(s, l);
+        return;
+    }
+    for (uint32_t i = 0; i < s->n_lims; i++)
+        if (s->lims[i].refused)
+            return;
+    s->refused = 0;
+    log_info("cluster: Redis %s takes the fleet's scripts again: leasing from the fleet again",
+             s->conf->cluster.redis);
+    if (s->state == SYNC_READY)
+        fleet_state(s, LIMIT_FLEET_CONNECTED);
 }
 
 /* Drops the connection (hiredis answers what is in flight with NULL) and plans a reconnect. */
@@ -533,10 +606,13 @@ static void sync_renew_done(redisAsyncContext *ac, void *r, void *priv)
     }
     if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 8) {
         if (rep && rep->type == REDIS_REPLY_ERROR) {
-            log_warn("cluster: lease of %s %s: Redis: %.*s", l->kind, l->name, (int)rep->len,
-                     rep->str);
+            if (!l->refused) /* once per limiter and episode, not every interval */
+                log_warn("cluster: lease of %s %s: Redis: %.*s", l->kind, l->name, (int)rep->len,
+                         rep->str);
             if (!strncmp(rep->str, "NOSCRIPT", 8) && s->state == SYNC_READY)
                 sync_drop(s, "scripts lost"); /* the reconnect loads them again */
+            else if (!s->stopping)
+                sync_refused(s, l, SYNC_RENEW_REFUSED, rep);
         }
         atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
         return; /* what was not reported is kept for the next renewal */
@@ -550,6 +626,7 @@ static void sync_renew_done(redisAsyncContext *ac, void *r, void *priv)
         snprintf(l->lease_id, sizeof(l->lease_id), "%s", l->new_id);
     else
         snprintf(l->lease_id, sizeof(l->lease_id), "-");
+    l->dry = (l->asked_req > 0 && g[0] == 0) || (l->asked_tok > 0 && g[1] == 0);
     l->held_req += g[0];
     l->held_tok += g[1];
     l->fleet_req = g[2];
@@ -569,6 +646,7 @@ static void sync_renew_done(redisAsyncContext *ac, void *r, void *priv)
                               .fleet_par = g[7]};
     limit_lease_grant(s->lr, l->id, &gr);
     atomic_fetch_add_explicit(&s->fleet->renewals, 1, memory_order_relaxed);
+    sync_accepted(s, l, SYNC_RENEW_REFUSED);
     atomic_store_explicit(&s->fleet->rtt_us, (now - l->sent_ms) * 1000, memory_order_relaxed);
     (void)ac;
 }
@@ -584,8 +662,8 @@ static int64_t sync_base(uint32_t limit, uint32_t nodes)
 #define SYNC_NEED_RENEWALS 64 /* how long the largest refused request is remembered */
 
 /* Remembers the largest request a lease refused for SYNC_NEED_RENEWALS renewals after the last
- * refusal: an idle host keeps that much (a request costing more than the base chunk would be
- * refused every time the host went idle between two of them). */
+ * refusal: an idle host keeps that much, up to its fair share (a request costing more than the
+ * base chunk would be refused every time the host went idle between two of them). */
 static void sync_need(int64_t *max, unsigned *age, int64_t need)
 {
     if (need > 0) {
@@ -629,8 +707,15 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
     idle = (quiet && l->quiet) || s->final; /* stopping: everything goes back */
     l->quiet = quiet;
     sync_need(&l->need_max, &l->need_age, (int64_t)le.need_tok);
-    if (base_tok && l->need_max > base_tok)
-        base_tok = l->need_max > (int64_t)l->tpm ? (int64_t)l->tpm : l->need_max;
+    /* the largest recent request is kept up to this host's fair share (tpm / hosts): one client
+     * sending a request of nearly the whole tpm of a model or pool must not make this host hold
+     * it idle for SYNC_NEED_RENEWALS while the other hosts refuse; a larger one is topped up
+     * when it comes (hungry: its whole need is asked for) */
+    if (base_tok && l->need_max > base_tok) {
+        int64_t fair = (int64_t)l->tpm / (s->nodes_alive ? s->nodes_alive : 1);
+
+        base_tok = l->need_max < fair ? l->need_max : fair > base_tok ? fair : base_tok;
+    }
     if (idle && le.req <= 0 && le.tok <= 0 && le.par == 0 && !l->unrep_req && !l->unrep_tok &&
         !strcmp(l->lease_id, "-"))
         return; /* nothing held, nothing to report */
@@ -677,6 +762,8 @@ static void sync_renew(struct sync *s, struct sync_lim *l, int hungry)
              : sync_want(l->tpm, s->nodes_alive, l->recent_tok[0] + l->recent_tok[1], carry_tok,
                          (int64_t)le.need_tok > base_tok ? le.need_tok : base_tok, hungry);
     l->held_req = carry_req;
+    l->asked_req = want_req;
+    l->asked_tok = want_tok;
     l->held_tok = carry_tok;
     snprintf(l->new_id, sizeof(l->new_id), "%s:%d:%llu", s->conf->cluster.node_name, (int)getpid(),
              (unsigned long long)++l->seq);
@@ -713,24 +800,31 @@ static void sync_budget_done(redisAsyncContext *ac, void *r, void *priv)
     int64_t g[3];
 
     l->b_busy = 0;
+    if (!rep)
+        l->b_lost = 1;
     if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 3) {
         if (rep && rep->type == REDIS_REPLY_ERROR) {
-            log_warn("cluster: budget lease of %s %s: Redis: %.*s", l->kind, l->name, (int)rep->len,
-                     rep->str);
+            if (!l->refused)
+                log_warn("cluster: budget lease of %s %s: Redis: %.*s", l->kind, l->name,
+                         (int)rep->len, rep->str);
             if (!strncmp(rep->str, "NOSCRIPT", 8) && s->state == SYNC_READY)
                 sync_drop(s, "scripts lost");
+            else if (!s->stopping)
+                sync_refused(s, l, SYNC_BUDGET_REFUSED, rep);
         }
         atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
         return; /* the spent not reported is kept for the next renewal */
     }
     for (int i = 0; i < 3; i++)
         g[i] = rep->element[i]->type == REDIS_REPLY_INTEGER ? rep->element[i]->integer : 0;
+    l->b_dry = l->b_asked > 0 && g[0] == 0;
     l->b_acked += l->b_unrep; /* b_unrep is what was sent: it changes only when not busy */
     l->b_unrep = 0;
     if (!l->rpm && !l->tpm && !l->par)
         l->in_fallback = 0;
     limit_lease_grant_budget(s->lr, l->id, g[0], l->b_sent_ms + s->conf->cluster.lease_ttl_ms,
                              g[1]);
+    sync_accepted(s, l, SYNC_BUDGET_REFUSED);
     (void)ac;
 }
 
@@ -782,6 +876,7 @@ static void sync_renew_budget(struct sync *s, struct sync_lim *l, int hungry)
     if (!idle && hungry && want < base)
         want = base;
     want = want < 0 ? 0 : want > (int64_t)l->budget ? (int64_t)l->budget : want;
+    l->b_asked = want;
     snprintf(k_b, sizeof(k_b), "%s{key:%s}:budget:%lld", s->conf->cluster.key_prefix, l->name,
              (long long)le.period_start);
     snprintf(k_bx, sizeof(k_bx), "%s{key:%s}:budgetx:%lld", s->conf->cluster.key_prefix, l->name,
@@ -791,11 +886,11 @@ static void sync_renew_budget(struct sync *s, struct sync_lim *l, int hungry)
                                                 : 0;
     l->b_sent_ms = time_mono_ms();
     if (sync_cmd(s->conn->ac, sync_budget_done, l,
-                 "EVALSHA %s 2 %s %s %s:%d %lld %lld %lld %llu %llu %llu", s->sha_budget, k_b, k_bx,
-                 s->conf->cluster.node_name, (int)getpid(), (long long)(l->b_acked + l->b_unrep),
-                 (long long)open, (long long)want, (unsigned long long)l->budget,
-                 (unsigned long long)s->conf->cluster.lease_ttl_ms,
-                 (unsigned long long)life_ms) != REDIS_OK) {
+                 "EVALSHA %s 2 %s %s %s:%d %lld %lld %lld %llu %llu %llu %d", s->sha_budget, k_b,
+                 k_bx, s->conf->cluster.node_name, (int)getpid(),
+                 (long long)(l->b_acked + l->b_unrep), (long long)open, (long long)want,
+                 (unsigned long long)l->budget, (unsigned long long)s->conf->cluster.lease_ttl_ms,
+                 (unsigned long long)life_ms, s->final && !l->b_lost) != REDIS_OK) {
         atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
         return;
     }
@@ -827,7 +922,8 @@ static void sync_usage_done(redisAsyncContext *ac, void *r, void *priv)
         rep->element[1]->type != REDIS_REPLY_STRING) {
         /* the flush stays pending in shm: resent as it is, Redis applies it once */
         if (rep && rep->type == REDIS_REPLY_ERROR) {
-            log_warn("cluster: usage flush: Redis: %.*s", (int)rep->len, rep->str);
+            if (!s->u_refused++) /* once until a flush succeeds */
+                log_warn("cluster: usage flush: Redis: %.*s", (int)rep->len, rep->str);
             atomic_fetch_add_explicit(&s->fleet->errors, 1, memory_order_relaxed);
             if (!strncmp(rep->str, "NOSCRIPT", 8) && s->state == SYNC_READY)
                 sync_drop(s, "scripts lost");
@@ -856,6 +952,7 @@ static void sync_usage_done(redisAsyncContext *ac, void *r, void *priv)
         }
     as->pending = 0;
     as->full = 0;
+    s->u_refused = 0;
     if (rep->elements != 2 + (size_t)ACCT_WORDS * s->u_entries)
         return;
     for (uint32_t e = 0, k = ACCT_KEY, i = 0; e < s->u_entries; e++, i++) {
@@ -963,22 +1060,43 @@ static void sync_hb_done(redisAsyncContext *ac, void *r, void *priv)
 {
     struct sync *s = priv;
     redisReply *rep = r;
+    int clash;
 
     s->hb_busy = 0;
-    if (rep && rep->type == REDIS_REPLY_INTEGER) {
-        s->nodes_alive = rep->integer > 0 ? (uint32_t)rep->integer : 1;
-        atomic_store_explicit(&s->fleet->nodes_alive, s->nodes_alive, memory_order_relaxed);
-    }
     (void)ac;
+    if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 2 ||
+        rep->element[0]->type != REDIS_REPLY_INTEGER ||
+        rep->element[1]->type != REDIS_REPLY_INTEGER)
+        return;
+    s->nodes_alive = rep->element[0]->integer > 0 && rep->element[0]->integer <= UINT32_MAX
+                         ? (uint32_t)rep->element[0]->integer
+                         : 1;
+    atomic_store_explicit(&s->fleet->nodes_alive, s->nodes_alive, memory_order_relaxed);
+    /* two clean heartbeats in a row end it: the other instance stopped (or was renamed) */
+    clash = rep->element[1]->integer == 1;
+    s->clashes = clash ? 0 : s->clashes + 1;
+    if (clash && !s->clash) {
+        s->clash = 1;
+        atomic_store_explicit(&s->fleet->node_clash, 1, memory_order_relaxed);
+        log_err("cluster: another aigw instance heartbeats as node %s: node_name must be unique "
+                "per host (their leases, parallel slots and budget reports get mixed up, and the "
+                "fleet counts them as one host)",
+                s->conf->cluster.node_name);
+    } else if (s->clash && s->clashes >= 2) {
+        s->clash = 0;
+        atomic_store_explicit(&s->fleet->node_clash, 0, memory_order_relaxed);
+        log_info("cluster: node %s is this instance's alone again", s->conf->cluster.node_name);
+    }
 }
 
 static void sync_heartbeat(struct sync *s)
 {
     if (s->state != SYNC_READY || s->hb_busy)
         return;
-    if (sync_cmd(s->conn->ac, sync_hb_done, s, "EVALSHA %s 1 %s %s %llu", s->sha_hb, s->k_nodes,
-                 s->conf->cluster.node_name,
-                 (unsigned long long)(3 * s->conf->cluster.sync_interval_ms)) == REDIS_OK) {
+    if (sync_cmd(s->conn->ac, sync_hb_done, s, "EVALSHA %s 2 %s %s %s %llu %s", s->sha_hb,
+                 s->k_nodes, s->k_owners, s->conf->cluster.node_name,
+                 (unsigned long long)(3 * s->conf->cluster.sync_interval_ms),
+                 s->token) == REDIS_OK) {
         s->hb_busy = 1;
         s->hb_sent_ms = time_mono_ms();
     }
@@ -1155,9 +1273,11 @@ static void sync_fast(uv_timer_t *t)
         if (!busy) /* the first leases are in shm */
             atomic_store_explicit(&s->fleet->primed, 1, memory_order_release);
     }
-    /* a renewal in flight: the flag waits for its answer (it is read when not busy only) */
+    /* a renewal in flight: the flag waits for its answer (it is read when not busy only); the
+     * fleet's quota spent (dry): it waits for the next tick */
     for (uint32_t i = 0; s->state == SYNC_READY && i < s->n_lims; i++)
-        if (!s->lims[i].busy && !s->lims[i].b_busy && limit_lease_hungry(s->lr, s->lims[i].id)) {
+        if (!s->lims[i].busy && !s->lims[i].b_busy && !s->lims[i].dry && !s->lims[i].b_dry &&
+            limit_lease_hungry(s->lr, s->lims[i].id)) {
             sync_renew(s, &s->lims[i], 1);
             sync_renew_budget(s, &s->lims[i], 1);
         }
@@ -1312,6 +1432,35 @@ static int sync_setup_usage(struct sync *s)
     return 0;
 }
 
+/* This aigw instance's token for the heartbeat's clash check: the same for every sync process
+ * of one instance (restarts, reloads and binary upgrades keep the host, its boot and its admin
+ * socket's path), different for two instances on one machine (their admin sockets) or on two. */
+static void sync_token(struct sync *s)
+{
+    char host[256] = "", boot[64] = "", cwd[4096] = "";
+    uint64_t h = 1469598103934665603ull; /* FNV-1a 64 */
+    const char *sock = s->conf->global.admin_socket;
+    const char *parts[4] = {host, boot, cwd, sock};
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+
+    if (f) {
+        if (!fgets(boot, sizeof(boot), f))
+            boot[0] = 0;
+        fclose(f);
+    }
+    if (gethostname(host, sizeof(host) - 1) < 0)
+        host[0] = 0;
+    if (sock[0] != '/' && !getcwd(cwd, sizeof(cwd))) /* a relative socket: where it is */
+        cwd[0] = 0;
+    for (int i = 0; i < 4; i++)
+        for (const char *c = parts[i];; c++) {
+            h = (h ^ (unsigned char)*c) * 1099511628211ull;
+            if (!*c)
+                break;
+        }
+    snprintf(s->token, sizeof(s->token), "%016llx", (unsigned long long)h);
+}
+
 /* The leased limiters, in the ids the master gave them (keys, models, pools). */
 static int sync_setup(struct sync *s)
 {
@@ -1362,6 +1511,8 @@ static int sync_setup(struct sync *s)
         snprintf(l->lease_id, sizeof(l->lease_id), "-");
     }
     snprintf(s->k_nodes, sizeof(s->k_nodes), "%snodes", pfx);
+    snprintf(s->k_owners, sizeof(s->k_owners), "%snodes:owner", pfx);
+    sync_token(s);
     return sync_setup_usage(s);
 }
 

@@ -149,6 +149,8 @@ struct limit_fleet {
     _Atomic uint64_t rtt_us;      /* the last renewal's round trip */
     _Atomic uint32_t primed;      /* every leased limiter had its first answer, or the fallback
                                    * applies: a new generation may serve (reload) */
+    _Atomic uint32_t node_clash;  /* another aigw instance heartbeats under this node_name (the
+                                   * fleet's leases and counts of the two get mixed up) */
 };
 
 enum limit_fleet_state {

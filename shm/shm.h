@@ -13,7 +13,7 @@
 #include "shm/limit.h"
 
 #define SHM_MAGIC          0x31304d5357474941ULL /* "AIGWSM01" little-endian */
-#define SHM_LAYOUT_VERSION 9
+#define SHM_LAYOUT_VERSION 10
 #define SHM_CACHELINE      64
 
 /* Health state, written only by the health checker. */

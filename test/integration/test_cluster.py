@@ -123,6 +123,32 @@ def test_sync_process_supervised(env):
     wait_for(lambda: gw.proc.log_text().count("cluster: connected to Redis") >= 2, 10,
              "the new sync process to connect")
     check(chat(gw.port, headers=AUTH).status == 200, "a request after the restart")
+    # the restarted sync process is the same aigw instance: no node_name clash
+    time.sleep(1.0)
+    check("another aigw instance" not in gw.proc.log_text()
+          and gw.ctl_json("show", "cluster", "--json")["node_clash"] is False,
+          f"a restarted sync process taken for another host: {gw.proc.log_text()[-600:]}")
+
+
+def test_node_name_clash_shown(env):
+    """Two hosts given the same node_name (a config copied to both) would mix their leases, slots
+    and budget reports up and be counted as one host: each says so (log, show cluster,
+    /metrics), until the other is gone."""
+    redis = Redis(env)
+    _, gws = _fleet(env, redis, n=2, lim={"rpm": 50}, cluster={"node_name": "same"}, stats=True)
+    for g in gws:
+        wait_for(lambda g=g: "another aigw instance heartbeats as node same" in g.proc.log_text(),
+                 5, f"{g.name} to log the node_name clash")
+        c = g.ctl_json("show", "cluster", "--json")
+        check(c["node_clash"] is True, f"{g.name}: show cluster: {c}")
+        check("WARNING: another aigw instance uses node_name same" in g.ctl("show", "cluster").stdout,
+              f"{g.name}: show cluster text")
+        check("aigw_cluster_node_clash 1" in _metrics(g), f"{g.name}: /metrics")
+    gws[1].stop()
+    wait_for(lambda: gws[0].ctl_json("show", "cluster", "--json")["node_clash"] is False, 5,
+             "the clash to end once the other host stopped")
+    check("node same is this instance's alone again" in gws[0].proc.log_text(), "log")
+    check("aigw_cluster_node_clash 0" in _metrics(gws[0]), "/metrics after")
 
 
 def test_no_cluster_no_sync(env):
@@ -490,6 +516,136 @@ def test_graceful_stop_gives_leases_back(env):
     check(par == "", f"slots still held after the stop: {par!r}")
 
 
+def test_budget_key_does_not_grow_with_reloads(env):
+    # each sync process reports its spent under its own c:NODE:PID field of the period's key; a
+    # total budget's key never expires, so a field left by every reload's old sync process would
+    # pile up for ever (and the script reads them all at every renewal). One that stops cleanly
+    # takes its field with it; the spent stays whole.
+    redis = Redis(env)
+    m, (g,) = _fleet(env, redis, n=1, lim={"budget_usd": "100", "budget_period": "total"},
+                     pool={"models": "gpt-*", "check": "no"},
+                     models={"gpt-a": {"price_input": "1000", "price_output": "1000"}})
+
+    def spend(n):
+        for i in range(n):
+            r = chat(g.port, chat_body(f"b {i}", model="gpt-a", max_tokens=8), headers=AUTH)
+            check(r.status == 200, f"{r!r}")
+
+    def fields():
+        keys = redis.cli("-n", "2", "--scan", "--pattern", "aigw:{key:k}:budget:*").split()
+        check(len(keys) == 1, f"budget keys: {keys}")
+        flat = redis.cli("-n", "2", "HGETALL", keys[0]).split()
+        return dict(zip(flat[0::2], flat[1::2]))
+
+    spend(3)
+    for _ in range(3):
+        r = g.ctl("reload", timeout=40)
+        check(r.returncode == 0, f"reload: {r.stdout} {r.stderr}")
+        spend(2)
+    wait_for(lambda: len([p for p in g.procs() if p.get("role") == "sync"]) == 1, 10,
+             "the old generations' sync processes to exit")
+    host = Decimal(str(_key_row(g)["spent_usd"]))
+    wait_for(lambda: Decimal(fields().get("spent", "0")) / 10**9 == host, 5,
+             f"Redis to count the host's {host} USD")
+    c = [k for k in fields() if k.startswith("c:")]
+    check(len(c) <= 1, f"reported-spent fields left by stopped sync processes: {fields()}")
+    check(g.stop() == 0, "aigw did not stop cleanly")
+    f = fields()
+    check(not [k for k in f if k.startswith(("c:", "n:"))], f"fields after the stop: {f}")
+    check(Decimal(f["spent"]) / 10**9 == host, f"Redis spent {f}, host {host}")
+
+
+def test_redis_refusing_writes_falls_back(env):
+    # Redis up but refusing the scripts' writes (maxmemory reached with noeviction; a replica
+    # that became read-only after a failover): the leases cannot be renewed. That is Redis
+    # trouble like an outage: the fallback applies (before: the leases ran out after lease_ttl
+    # and every request under the key got 429 while show cluster said "connected").
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"rpm": 1000}, stats=True)
+    check(all(st == 200 for _, st in _spread(gws, 10)), "before")
+    redis.cli("CONFIG", "SET", "maxmemory", "1")
+    for g in gws:
+        wait_for(lambda g=g: "refuses the fleet's scripts" in g.proc.log_text(), 5,
+                 f"{g.name} to log that Redis refuses the scripts")
+        wait_for(lambda g=g: g.ctl_json("show", "cluster", "--json")["state"] == "fallback", 5,
+                 f"{g.name}: show cluster to say fallback")
+        check('aigw_cluster_fallback{mode="local_share"} 1' in _metrics(g), "/metrics")
+    time.sleep(2.5)  # past lease_ttl: the last leases are gone
+    st = [st for _, st in _spread(gws, 40)]
+    check(st.count(200) == 40, f"with Redis refusing writes: {st}")
+    check(gws[0].proc.log_text().count("refuses the fleet's scripts") == 1, "logged once")
+    redis.cli("CONFIG", "SET", "maxmemory", "0")
+    for g in gws:
+        wait_for(lambda g=g: g.ctl_json("show", "cluster", "--json")["state"] == "connected", 5,
+                 f"{g.name}: show cluster to say connected again")
+        wait_for(lambda g=g: _limiter(g)["mode"] == "lease", 5, f"{g.name}: leasing again")
+    check(all(st == 200 for _, st in _spread(gws, 10)), "after")
+    # what was admitted meanwhile is counted by the fleet once Redis takes writes again
+    wait_for(lambda: _limiter(gws[0])["fleet"]["requests"] >= 60, 5,
+             "the fleet to count what was admitted while Redis refused writes")
+
+
+def test_spent_key_hammered_does_not_hammer_redis(env):
+    # once the fleet's rpm is spent, every refused request raises its host's hungry flag; a
+    # renewal that Redis answers with nothing is not asked again at the next 20 ms poll, only at
+    # the next sync_interval (the Retry-After clients are given): a client hammering a spent key
+    # (or everyone hitting a spent model or pool limit) costs Redis one script per host and
+    # interval, not fifty a second
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"rpm": 20})
+    deadline = time.monotonic() + 15
+    ok = refused = 0
+    while refused < 10 and time.monotonic() < deadline:  # gw0 takes what the fleet leaves it
+        if chat(gws[0].port, headers=AUTH).status == 200:
+            ok, refused = ok + 1, 0
+        else:
+            refused += 1
+            time.sleep(0.1)
+    check(ok >= 15, f"gw0 got {ok} of the fleet's rpm 20")
+    for _ in range(5):  # what gw1 kept
+        chat(gws[1].port, headers=AUTH)
+    time.sleep(0.5)
+    before = gws[1].ctl_json("show", "cluster", "--json")["renewals"]
+    t0 = time.monotonic()
+    st = []
+    while time.monotonic() - t0 < 2.0:
+        st.append(chat(gws[1].port, headers=AUTH).status)
+    after = gws[1].ctl_json("show", "cluster", "--json")["renewals"]
+    check(st.count(200) <= 1 and len(st) > 50, f"gw1 while the fleet's rpm is spent: {len(st)} "
+          f"requests, {sorted(set(st))}")
+    # the 429 says it is this host's share of a fleet limit (the key is not at rpm on this host)
+    r = chat(gws[1].port, headers=AUTH)
+    msg = r.json()["error"]["message"]
+    check(r.status == 429 and "on this gateway's share of its requests per min (RPM)" in msg
+          and r.json()["error"]["code"] == "rate_limit_exceeded", f"{r!r}")
+    # 2 s of sync_interval 200 ms: about 10 renewals (and a few more for the hungry flag)
+    check(after - before <= 20, f"{after - before} renewals in 2 s for {len(st)} refused requests")
+
+
+def test_one_big_request_does_not_starve_other_hosts(env):
+    # a request reserving most of a tpm (a model's or a pool's: any key's client may send it) (a large max_tokens) is remembered by its host so that
+    # it is not refused each time the host goes idle; the host keeps at most its fair share
+    # (tpm / hosts) for it while idle, not the whole tpm: one client's big request must not leave
+    # the other hosts refusing everything under that limit for a minute
+    T = 4000
+    redis = Redis(env)
+    m, gws = _fleet(env, redis, n=2, lim={"tpm": T})
+    deadline = time.monotonic() + 5
+    big = None
+    while time.monotonic() < deadline:
+        big = chat(gws[0].port, chat_body("big", max_tokens=3500), headers=AUTH)
+        if big.status == 200:
+            break
+        time.sleep(0.2)
+    check(big.status == 200, f"the big request: {big!r}")
+    time.sleep(1.5)  # gw0 idle for several intervals
+    st = []
+    for i in range(30):
+        st.append(chat(gws[1].port, chat_body(f"small {i}", max_tokens=100), headers=AUTH).status)
+        time.sleep(0.05)
+    check(st.count(200) >= 25, f"small requests on gw1 after gw0's big one: {st}; gw0 holds "
+          f"{_limiter(gws[0])['lease']}")
+
 def _load(gws, seconds, threads=4, headers=None):
     """Chat requests from `threads` threads over the gateways, round robin, for `seconds`;
     [(gateway index, status, seconds it took)]."""
@@ -762,3 +918,4 @@ def test_restarted_sync_keeps_the_hosts_seen(env):
     # the new generation's window learns of only after it admitted it)
     check(N // 2 <= got.count(200) <= N // 2 + 2, f"host1 after a reload while Redis is away "
           f"admitted {got.count(200)} of rpm {N} (its share of 2 hosts: {N // 2})")
+
