@@ -1070,7 +1070,7 @@ static void read_room(struct client *c, char **p, size_t *len)
 static int client_forwarding(const struct client *c)
 {
     return c->state == CS_WAIT && c->tries_on &&
-           (client_creq(c)->rq.conn || c->tn.q == &c->w->retry_q);
+           (client_creq(c)->rq.conn || c->tn.q == &c->w->retry_q || c->tn.q == &c->w->lease_q);
 }
 
 /* What a read brought: n bytes, 0 (nothing now), UV_EOF, UV_ENOBUFS (no room) or an error. */

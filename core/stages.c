@@ -381,10 +381,35 @@ static int stage_limit(struct client *c)
     r->rl_tok = (struct meter_trio){v.tok.set, v.tok.limit, v.tok.remaining, v.tok.reset_ms};
     if (rc == -EAGAIN) {
         r->metered = 0;
+        if (v.lease == 2) {
+            /* [cluster]: this host's lease ran out while the fleet had room: the sync process
+             * tops it up within a few ms of the worker raising the hungry flag. Waiting for
+             * that, rather than refusing, keeps a burst through one host from getting 429s
+             * below the fleet's limit; bounded, after which the 429 goes out as it would. */
+            uint64_t now = uv_now(&w->loop), max = conf->cluster.sync_interval_ms;
+            max = max < 100 ? 100 : max > 1000 ? 1000 : max;
+            if (!r->lease_wait_from)
+                r->lease_wait_from = now ? now : 1;
+            if (now - r->lease_wait_from < max) {
+                tq_add(&w->lease_q, &c->tn);
+                return -1;
+            }
+        }
+        r->lease_wait_from = 0;
         answer_limited(c, &v);
         return -1;
     }
+    r->lease_wait_from = 0;
     return 0;
+}
+
+void stages_on_lease_due(struct tq_node *n)
+{
+    struct client *c = tq_entry(n, struct client, tn);
+
+    if (stage_limit(c) < 0)
+        return;
+    forward_start(c);
 }
 
 /* A model fallback serves the request through another model and pool: their limits apply too,

@@ -18,7 +18,9 @@
 #include "core/sync.h"
 #include "core/util.h"
 
-#define SYNC_FAST_MS     20  /* how often hungry flags are read (shm only) */
+#define SYNC_FAST_MS                                                                               \
+    5                        /* how often hungry flags are read (shm only): requests that          \
+                              * ran out of lease wait for the top-up (core/stages.c) */
 #define SYNC_SLOW_MIN_MS 500 /* a call slower than max(this, 2 x sync_interval): Redis is away */
 /* before the first leases (the workers wait for them at start): a call slower than this */
 #define SYNC_PRIME_MS       1000

@@ -49,6 +49,7 @@ void worker_check_exit(struct worker *w)
         signal(SIGQUIT, SIG_IGN);
         uv_close((uv_handle_t *)&w->hard_stop, on_handle_closed_noop);
         tq_close(&w->retry_q, on_handle_closed_noop);
+        tq_close(&w->lease_q, on_handle_closed_noop);
         for (int i = 0; i < w->n_tqs; i++)
             tq_close(&w->tqs[i], on_handle_closed_noop);
         for (int i = 0; w->bdqs && i < w->conf->n_listens; i++)
@@ -180,6 +181,7 @@ static int worker_setup(struct worker *w, struct conf *conf, struct shm *shm, in
     uv_signal_init(&w->loop, &w->sigusr2);
     uv_timer_init(&w->loop, &w->hard_stop);
     tq_init(&w->retry_q, &w->loop, 0, forward_on_retry_due);
+    tq_init(&w->lease_q, &w->loop, STAGES_LEASE_POLL_MS, stages_on_lease_due);
     w->handles_ok = 1;
     w->sigterm.data = w->sigint.data = w->sigquit.data = w->sigusr2.data = w->hard_stop.data = w;
     /* SIGQUIT is a graceful stop, as SIGTERM (and as nginx's QUIT) */

@@ -147,6 +147,7 @@ struct creq {
     struct limit_ticket ticket; /* what the limit stage holds for it (limit_settle) */
     struct meter_trio rl_req, rl_tok; /* the x-ratelimit-* of its answer */
     uint64_t res_prompt, res_tokens;  /* tokens reserved: the prompt's estimate, in all */
+    uint64_t lease_wait_from;         /* loop time it began waiting for a lease top-up, or 0 */
     struct tries tries;
     /* usage (core/forward.c): the answer of an AI endpoint is read for its token usage */
     struct usage_rd *urd;  /* reading the current answer, or NULL */
@@ -188,6 +189,7 @@ struct worker {
     uint32_t *cand_epoch;  /* per candidate: the admission epoch its trial counts in */
     uint64_t *auth_log_ns; /* per backend: the last "api_key is bad" warning */
     struct tq retry_q;     /* clients waiting out a retry back-off, by due time */
+    struct tq lease_q;     /* [cluster]: clients waiting for their host's lease to be topped up */
     /* A pool buffer: struct creq, a generated request id, header spans, then data (c->buf and
      * u->buf point at the data). What a request touches is together at the start, so a
      * request dirties a page or two of its buffer rather than both ends of it. */
@@ -339,6 +341,10 @@ void forward_start(struct client *c);
 void client_try_end(struct client *c);
 /* Fire callback of the retry back-off queue: the next try is due. */
 void forward_on_retry_due(struct tq_node *n);
+/* [cluster]: a request refused by its host's lease while the fleet had room waits for the
+ * top-up in the worker's lease_q, its admission tried again every STAGES_LEASE_POLL_MS. */
+#define STAGES_LEASE_POLL_MS 5
+void stages_on_lease_due(struct tq_node *n);
 /* The hard stop of one client: a stream under way ends with an `event: error`. */
 void client_hard_stop(struct client *c);
 /* The answer whose usage is being read is over: client_on_usage gets what was read, once

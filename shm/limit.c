@@ -409,6 +409,26 @@ static enum limit_dim lease_check_budget(struct limit_cell *c, uint64_t now_ms, 
     return LIMIT_OK;
 }
 
+/* A refusal by the lease (dimension d) while the fleet, as Redis counted it at the last
+ * renewal, had room for the request: the host is waiting for a top-up, not at the limit. */
+static int lease_room(const struct limit_cell *c, enum limit_dim d, uint64_t tokens)
+{
+    const struct limit_spec *s = &c->spec;
+
+    if (c->lease_fb != LIMIT_FALLBACK_NONE)
+        return 0;
+    switch (d) {
+    case LIMIT_REQUESTS:
+        return c->fleet_req + 1 <= (int64_t)s->rpm;
+    case LIMIT_TOKENS:
+        return c->fleet_tok + (int64_t)tokens <= (int64_t)s->tpm;
+    case LIMIT_PARALLEL:
+        return c->fleet_par + 1 <= (int64_t)s->max_parallel;
+    default:
+        return 0;
+    }
+}
+
 /* An admission drew on the lease. */
 static void lease_draw(struct limit_cell *c, uint64_t tokens, uint64_t cost)
 {
@@ -460,7 +480,7 @@ static enum limit_dim cell_check(struct limit_region *r, struct limit_cell *c, u
             atomic_store_explicit(&c->hungry, 1, memory_order_relaxed);
             dim = d;
             *retry = (int64_t)s->lease_retry_ms;
-            *lease = 1;
+            *lease = lease_room(c, d, tokens) ? 2 : 1;
         }
     }
     if (s->budget_nano) {
@@ -482,6 +502,8 @@ static enum limit_dim cell_check(struct limit_region *r, struct limit_cell *c, u
             atomic_store_explicit(&c->hungry, 1, memory_order_relaxed);
             dim = d;
             *retry = (int64_t)s->lease_retry_ms;
+            /* not worth a wait: the rest of a budget mostly sits in another host's open share,
+             * which it gives back only after two quiet renewals */
             *lease = 1;
         }
     }
@@ -1111,6 +1133,9 @@ int limit_lease_fallback(struct limit_region *r, uint32_t id, enum limit_fallbac
 int limit_lease_hungry(struct limit_region *r, uint32_t id)
 {
     if (id >= r->n)
+        return 0;
+    /* read first: polled every few ms, a flag that is not set costs no cache-line write */
+    if (!atomic_load_explicit(&cell(r, id)->hungry, memory_order_relaxed))
         return 0;
     return (int)atomic_exchange_explicit(&cell(r, id)->hungry, 0, memory_order_relaxed);
 }

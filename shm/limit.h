@@ -69,7 +69,8 @@ struct limit_verdict {
     int64_t retry_ms;   /* refused: ms until this request would be admitted (as far as the
                          * refusing limiters go, with no other traffic), or LIMIT_RETRY_NEVER */
     int lease;          /* refused by this host's lease of a fleet limit or the fallback's share
-                         * ([cluster]), not by its own window */
+                         * ([cluster]), not by its own window: 1; 2 when the fleet had room at
+                         * the last renewal (a top-up is due: the request may wait for it) */
     /* The headers, from the most constraining limiter of each kind: the one with the fewest
      * remaining (ties: the smaller limit). Requests and tokens may come from different ones. */
     struct limit_trio req, tok;

@@ -754,9 +754,25 @@ static void test_lease(void **state)
     assert_int_equal(admit1(r, 1000, 10, 0, NULL, &v), -EAGAIN);
     assert_int_equal(v.dim, LIMIT_REQUESTS);
     assert_int_equal(v.retry_ms, 200);
-    assert_int_equal(v.lease, 1); /* the lease's refusal (/metrics tells it apart) */
+    /* the lease's refusal (/metrics tells it apart); the fleet counted nothing at the last
+     * renewal (none yet): a top-up may come, the request may wait for it (2) */
+    assert_int_equal(v.lease, 2);
     assert_int_equal(limit_lease_hungry(r, 0), 1);
     assert_int_equal(limit_lease_hungry(r, 0), 0);
+    {
+        /* the fleet at its rpm at the last renewal: nothing to wait for (1) */
+        struct limit_grant g = {.until_ms = 5000, .fleet_req = 100, .fleet_tok = 10};
+        assert_int_equal(limit_lease_grant(r, 0, &g), 0);
+        assert_int_equal(admit1(r, 1000, 10, 0, NULL, &v), -EAGAIN);
+        assert_int_equal(v.lease, 1);
+        g.fleet_req = 99; /* room for one: worth waiting for */
+        assert_int_equal(limit_lease_grant(r, 0, &g), 0);
+        assert_int_equal(admit1(r, 1000, 10, 0, NULL, &v), -EAGAIN);
+        assert_int_equal(v.lease, 2);
+        g.fleet_req = 0;
+        assert_int_equal(limit_lease_grant(r, 0, &g), 0);
+        limit_lease_hungry(r, 0);
+    }
 
     /* 3 requests and 100 tokens, until t = 5 s; low-water 2 requests */
     assert_int_equal(lease_grant1(r, 3, 100, 0, 5000, 2, 0), 0);
@@ -898,6 +914,29 @@ static void test_lease(void **state)
     region_free(r, size);
 }
 
+/* [cluster]: a refusal by the lease's tokens is worth waiting for only while the fleet's tpm
+ * (as Redis counted it at the last renewal) has room for the request. */
+static void test_lease_wait_tokens(void **state)
+{
+    struct limit_spec s = {.tpm = 1000, .leased = 1, .lease_retry_ms = 200};
+    struct limit_verdict v;
+    size_t size;
+    struct limit_region *r = region_new(&s, 1, 1, &size);
+    struct limit_grant g = {.add_tok = 5, .until_ms = 5000, .fleet_tok = 990};
+
+    (void)state;
+    assert_int_equal(limit_lease_grant(r, 0, &g), 0);
+    assert_int_equal(admit1(r, 1000, 10, 0, NULL, &v), -EAGAIN);
+    assert_int_equal(v.dim, LIMIT_TOKENS);
+    assert_int_equal(v.lease, 2); /* 990 + 10 fits the fleet's 1000 */
+    g.add_tok = 0;
+    g.fleet_tok = 991;
+    assert_int_equal(limit_lease_grant(r, 0, &g), 0);
+    assert_int_equal(admit1(r, 1000, 10, 0, NULL, &v), -EAGAIN);
+    assert_int_equal(v.lease, 1); /* it does not */
+    region_free(r, size);
+}
+
 /* [cluster] start: a leased limiter starts in its lease_start mode with the whole limits as its
  * share (no other host seen), until the first grant puts it on its lease. */
 static void test_lease_start(void **state)
@@ -924,7 +963,7 @@ static void test_lease_start(void **state)
     assert_int_equal(lease_grant1(r, 0, 0, 10, 5000, 0, 0), 0);
     assert_int_equal(admit1(r, 1000, 0, 0, NULL, &v), -EAGAIN);
     assert_int_equal(v.dim, LIMIT_REQUESTS);
-    assert_int_equal(v.lease, 1);
+    assert_int_equal(v.lease, 2); /* the fleet had room (it counted nothing): a top-up is due */
     region_free(r, size);
 
     /* closed: nothing before the first grant */
@@ -956,6 +995,7 @@ int main(void)
         cmocka_unit_test(test_carry),
         cmocka_unit_test(test_lease),
         cmocka_unit_test(test_lease_start),
+        cmocka_unit_test(test_lease_wait_tokens),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
