@@ -39,12 +39,17 @@ class Redis:
                 "--appendonly", "no", "--daemonize", "no"]
         if self.password:
             argv += ["--requirepass", self.password]
+        argv += self.more_args(exe)
         self.n += 1
         self.proc = Proc("redis", argv, os.path.join(self.env.dir, f"redis{self.n}.log"),
                          cwd=self.env.dir)
         self.env.procs.append(self.proc)
         wait_for(lambda: "Ready to accept connections" in self.proc.log_text(), 10,
                  "redis-server to start")
+
+    def more_args(self, exe):
+        """More redis-server arguments (for a subclass)."""
+        return []
 
     def kill(self):
         self.proc.signal(signal.SIGKILL)
@@ -104,6 +109,21 @@ def _limiter(gw, name="k"):
         if lim["kind"] == "key" and lim["name"] == name:
             return lim
     raise AssertionError(f"key {name} not in show cluster: {c}")
+
+
+def _shows_fallback(gws, when):
+    """Each host logged the local_share fallback and shows it in show cluster and /metrics."""
+    for g in gws:
+        wait_for(lambda g=g: "fall back to local_share" in g.proc.log_text(), 5,
+                 f"{g.name} to log the fallback")
+        c = g.ctl_json("show", "cluster", "--json")
+        check(c["state"] == "fallback" and _limiter(g)["mode"] == "local_share",
+              f"show cluster {when}: {c}")
+        mt = _metrics(g)
+        check("aigw_cluster_redis_up 0" in mt
+              and 'aigw_cluster_fallback{mode="local_share"} 1' in mt
+              and 'aigw_cluster_fallback{mode="closed"} 0' in mt,
+              f"/metrics {when}: {[ln for ln in mt.splitlines() if 'cluster' in ln]}")
 
 
 def test_sync_process_supervised(env):
@@ -229,17 +249,7 @@ def test_redis_killed_under_load(env):
         futs = [ex.submit(load, i) for i in range(6)]
         time.sleep(1.5)
         redis.kill()
-        for g in gws:
-            wait_for(lambda g=g: "fall back to local_share" in g.proc.log_text(), 5,
-                     f"{g.name} to log the fallback")
-            c = g.ctl_json("show", "cluster", "--json")
-            check(c["state"] == "fallback" and _limiter(g)["mode"] == "local_share",
-                  f"show cluster during the outage: {c}")
-            mt = _metrics(g)
-            check("aigw_cluster_redis_up 0" in mt
-                  and 'aigw_cluster_fallback{mode="local_share"} 1' in mt
-                  and 'aigw_cluster_fallback{mode="closed"} 0' in mt,
-                  f"/metrics during the outage: {[ln for ln in mt.splitlines() if 'cluster' in ln]}")
+        _shows_fallback(gws, "during the outage")
         time.sleep(1.5)
         redis.start()
         for g in gws:
@@ -784,17 +794,7 @@ def test_slow_redis_under_load(env):
         time.sleep(1.5)
         redis.proc.signal(signal.SIGSTOP)
         try:
-            for g in gws:
-                wait_for(lambda g=g: "fall back to local_share" in g.proc.log_text(), 5,
-                         f"{g.name} to log the fallback")
-                c = g.ctl_json("show", "cluster", "--json")
-                check(c["state"] == "fallback" and _limiter(g)["mode"] == "local_share",
-                      f"show cluster while Redis is paused: {c}")
-                mt = _metrics(g)
-                check("aigw_cluster_redis_up 0" in mt
-                      and 'aigw_cluster_fallback{mode="local_share"} 1' in mt,
-                      f"/metrics while Redis is paused: "
-                      f"{[ln for ln in mt.splitlines() if 'cluster' in ln]}")
+            _shows_fallback(gws, "while Redis is paused")
             time.sleep(1)
         finally:
             redis.proc.signal(signal.SIGCONT)

@@ -10,13 +10,12 @@ import concurrent.futures as cf
 from decimal import Decimal
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
 import time
 
-from harness import Proc, chat, chat_body, check, free_port, key_sha256, wait_for
+from harness import chat, chat_body, check, key_sha256, wait_for
 import test_cluster as tc
 
 AUTH = tc.AUTH
@@ -32,20 +31,12 @@ class Redis(tc.Redis):
     writes dump.rdb in the test's directory, the next start loads it) and slowed down (DEBUG
     SLEEP: Redis runs the commands already sent once it wakes, after their sender gave up)."""
 
-    def start(self):
-        exe = shutil.which("redis-server")
-        check(exe is not None, "redis-server is not installed (make deps installs it)")
-        argv = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--daemonize", "no", "--dbfilename", "fleet.rdb"]
+    def more_args(self, exe):
+        argv = ["--dbfilename", "fleet.rdb"]
         if subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.find(
                 "v=6.") < 0:
             argv += ["--enable-debug-command", "yes"]
-        self.n += 1
-        self.proc = Proc("redis", argv, os.path.join(self.env.dir, f"redis{self.n}.log"),
-                         cwd=self.env.dir)
-        self.env.procs.append(self.proc)
-        wait_for(lambda: "Ready to accept connections" in self.proc.log_text(), 10,
-                 "redis-server to start")
+        return argv
 
     def restart(self, keep_data):
         if keep_data:
