@@ -875,6 +875,20 @@ static void json_limit(struct abuf *b, const char *name, uint32_t v)
         abuf_printf(b, ",\"%s\":null", name);
 }
 
+/* A key's usage in show keys --json: requests, tokens and cost (this host's or the fleet's). */
+static void keys_usage_json(struct abuf *b, const struct acct_usage *u)
+{
+    char usd[32];
+
+    usd_format(u->cost_nano, usd, sizeof(usd));
+    abuf_printf(b,
+                ",\"requests\":%llu,\"prompt_tokens\":%llu,\"completion_tokens\":%llu,"
+                "\"tokens\":%llu,\"cost_usd\":%s",
+                (unsigned long long)u->requests, (unsigned long long)u->prompt,
+                (unsigned long long)u->completion,
+                (unsigned long long)add_sat(u->prompt, u->completion), usd);
+}
+
 static void show_keys_json(struct abuf *b, const struct conf *conf, const struct shm *shm)
 {
     uint64_t now_ms = time_mono_ms();
@@ -937,13 +951,7 @@ static void show_keys_json(struct abuf *b, const struct conf *conf, const struct
             abuf_printf(b, ",\"budget_usd\":null,\"budget_period\":null,\"period_start\":null,"
                            "\"spent_usd\":null,\"reserved_usd\":null,\"remaining_usd\":null");
         }
-        usd_format(r.u.cost_nano, usd, sizeof(usd));
-        abuf_printf(b,
-                    ",\"requests\":%llu,\"prompt_tokens\":%llu,\"completion_tokens\":%llu,"
-                    "\"tokens\":%llu,\"cost_usd\":%s",
-                    (unsigned long long)r.u.requests, (unsigned long long)r.u.prompt,
-                    (unsigned long long)r.u.completion,
-                    (unsigned long long)add_sat(r.u.prompt, r.u.completion), usd);
+        keys_usage_json(b, &r.u);
         /* the fleet's figures apart: the ones above are this host's */
         if (r.fleet) {
             int64_t age = fleet_age_ms(shm);
@@ -961,13 +969,8 @@ static void show_keys_json(struct abuf *b, const struct conf *conf, const struct
             } else {
                 abuf_printf(b, ",\"spent_usd\":null,\"remaining_usd\":null");
             }
-            usd_format(r.fu.cost_nano, usd, sizeof(usd));
-            abuf_printf(b,
-                        ",\"requests\":%llu,\"prompt_tokens\":%llu,\"completion_tokens\":%llu,"
-                        "\"tokens\":%llu,\"cost_usd\":%s}}",
-                        (unsigned long long)r.fu.requests, (unsigned long long)r.fu.prompt,
-                        (unsigned long long)r.fu.completion,
-                        (unsigned long long)add_sat(r.fu.prompt, r.fu.completion), usd);
+            keys_usage_json(b, &r.fu);
+            abuf_printf(b, "}}");
         } else {
             abuf_printf(b, ",\"fleet\":null}");
         }

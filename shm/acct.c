@@ -161,7 +161,10 @@ void acct_add(struct acct_region *a, uint32_t owner, int32_t key, int32_t model,
         cell_write(cell_at(a, owner, entry_of(a, ACCT_BACKEND, (uint32_t)backend)), u, 0);
 }
 
-int acct_get(const struct acct_region *a, enum acct_kind k, uint32_t i, struct acct_usage *out)
+/* The sum of entry i of kind k over slots [0, slots): the owners, and the carried base when
+ * slots is n_owners + 1. */
+static int acct_sum(const struct acct_region *a, enum acct_kind k, uint32_t i, uint32_t slots,
+                    struct acct_usage *out)
 {
     uint64_t sum[ACCT_WORDS] = {0}, v[ACCT_WORDS];
     uint32_t e;
@@ -169,13 +172,18 @@ int acct_get(const struct acct_region *a, enum acct_kind k, uint32_t i, struct a
     if ((unsigned)k > ACCT_BACKEND || i >= a->n[k])
         return -EINVAL;
     e = entry_of(a, k, i);
-    for (uint32_t s = 0; s <= a->n_owners; s++) {
+    for (uint32_t s = 0; s < slots; s++) {
         cell_read(cell_at(a, s, e), v);
         for (size_t w = 0; w < ACCT_WORDS; w++)
             sum[w] = add_sat(sum[w], v[w]);
     }
     memcpy(out, sum, sizeof(*out));
     return 0;
+}
+
+int acct_get(const struct acct_region *a, enum acct_kind k, uint32_t i, struct acct_usage *out)
+{
+    return acct_sum(a, k, i, a->n_owners + 1, out);
 }
 
 int acct_base_set(struct acct_region *a, enum acct_kind k, uint32_t i, const struct acct_usage *u)
@@ -225,19 +233,7 @@ void acct_sync_inherit(struct acct_region *dst, const struct acct_region *src,
 
 int acct_own_get(const struct acct_region *a, enum acct_kind k, uint32_t i, struct acct_usage *out)
 {
-    uint64_t sum[ACCT_WORDS] = {0}, v[ACCT_WORDS];
-    uint32_t e;
-
-    if ((unsigned)k > ACCT_BACKEND || i >= a->n[k])
-        return -EINVAL;
-    e = entry_of(a, k, i);
-    for (uint32_t s = 0; s < a->n_owners; s++) {
-        cell_read(cell_at(a, s, e), v);
-        for (size_t w = 0; w < ACCT_WORDS; w++)
-            sum[w] = add_sat(sum[w], v[w]);
-    }
-    memcpy(out, sum, sizeof(*out));
-    return 0;
+    return acct_sum(a, k, i, a->n_owners, out);
 }
 
 int acct_slice_get(const struct acct_region *a, enum acct_slice s, enum acct_kind k, uint32_t i,
